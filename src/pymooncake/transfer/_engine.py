@@ -1,0 +1,903 @@
+"""The transfer engine: memory, segments, transports, batches, notifications.
+
+Theory of operation
+-------------------
+An engine owns: a :class:`MemoryRegistry` (what peers may touch), an RPC
+listener (descriptor exchange, Notify, Probe) on a private event loop, one
+listener per transport, a :class:`SegmentDirectory` resolving peer names, and
+a small thread pool for asynchronous batches.
+
+A transfer resolves its target segment to a :class:`Peer`, picks the first
+installed transport that can reach it (``local`` for our own segment, ``tcp``
+for peers whose descriptor says ``protocol: tcp``), turns requests into
+slices over local memoryviews, and lets the transport run them -- in the
+caller's thread for synchronous calls, on the pool for batches.  Waiting is
+done on locks and condition variables, which release the GIL.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from .._loop import LoopThread
+from .._net import (
+    bind_listener,
+    first_non_loopback_ipv4,
+    is_loopback,
+    join_host_port,
+    resolve_host,
+    split_host_port,
+)
+from ..config import EngineConfig
+from ..errors import (
+    AddressNotRegistered,
+    ClosedError,
+    HandshakeRejected,
+    InvalidArgument,
+    MetadataError,
+    MooncakeError,
+    NotSupported,
+    PeerSocketError,
+    TransferFailed,
+)
+from ..wire import (
+    BufferDesc,
+    MessageType,
+    NotifyMessage,
+    RpcMeta,
+    SegmentDesc,
+    decode_segment,
+    encode_notify,
+    encode_segment,
+)
+from ._batch import Batch, BatchTable
+from ._memory import MemoryRegistry, Region, address_of, allocate_anonymous, view_at
+from ._request import TransferOpcode, TransferRequest, TransferStatus
+from ._rpc import RpcServer, rpc_call
+from ._segments import SegmentDirectory
+from .metadata import MetadataStore, connect_metadata, parse_metadata_target
+from .transports import Peer, Slice, Transport, TransportContext, create_transport
+from .transports import unavailable_reason as _unavailable_reason
+
+__all__ = ["LOCAL_SEGMENT_ID", "TransferEngine"]
+
+log = logging.getLogger("pymooncake.engine")
+
+#: reference: the engine's own segment always has id 0
+LOCAL_SEGMENT_ID = 0
+_warned_loopback: set[str] = set()
+
+
+class TransferEngine:
+    """A Mooncake transfer engine (native, exception-raising API).
+
+    Args:
+        local_hostname: this engine's name/address.  In P2P mode its host part
+            is advertised and the segment name becomes ``host:rpc_port``;
+            with a metadata server it is the segment name.
+        metadata_server: ``"P2PHANDSHAKE"``, ``"http://host:port/metadata"``,
+            ``"memory://name"``, or a :class:`MetadataStore` instance.
+        config: engine settings (``EngineConfig.from_env()`` for MC_* variables).
+
+    Raises:
+        ConfigError / NotSupported: unusable metadata string or settings.
+        PortInUse / PeerSocketError / DnsError: listeners cannot be opened on
+            the advertised address.
+        MetadataError / MetadataUnreachable: publishing to the metadata server failed.
+    """
+
+    def __init__(
+        self,
+        local_hostname: str,
+        metadata_server: str | MetadataStore = "P2PHANDSHAKE",
+        *,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.config = cfg = config or EngineConfig()
+        self._closed = False
+        self._registry = MemoryRegistry()
+        self._batches = BatchTable()
+        self._notifies: collections.deque[NotifyMessage] = collections.deque()
+        self._handles: dict[str, int] = {}
+        self._handle_names: dict[int, str] = {}
+        self._handle_lock = threading.Lock()
+        self._next_handle = 1
+        self._publish_lock = threading.Lock()
+        self._cleanup: list[Callable[[], None]] = []
+        self._loop: LoopThread | None = None
+        self._rpc: RpcServer | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._transports: list[Transport] = []
+
+        if isinstance(metadata_server, MetadataStore):
+            store: MetadataStore | None = metadata_server
+            owns_store = False
+        else:
+            store = connect_metadata(parse_metadata_target(metadata_server), cfg)
+            owns_store = True
+        try:
+            self._start(local_hostname, store)
+        except BaseException:
+            self.close()
+            if owns_store and store is not None:
+                store.close()
+            raise
+        if owns_store and store is not None:
+            self._cleanup.append(store.close)
+
+    # ------------------------------------------------------------------------------
+    # start-up
+    # ------------------------------------------------------------------------------
+
+    def _start(self, local_hostname: str, store: MetadataStore | None) -> None:
+        cfg = self.config
+        host, name_port = split_host_port(local_hostname)
+        p2p = store is None
+        if cfg.legacy_rpc_port_binding:
+            adv_host = host
+            rpc_port = name_port or cfg.handshake_port
+        elif p2p:
+            adv_host, rpc_port = host, cfg.rpc_port
+        else:
+            adv_host = cfg.tcp_bind_address or (
+                host if _is_ip(host) else (first_non_loopback_ipv4() or host)
+            )
+            rpc_port = cfg.rpc_port
+        bind_ip = resolve_host(adv_host, what="local_hostname")
+        self._warn_loopback(local_hostname, bind_ip)
+        rpc_sock = bind_listener(
+            bind_ip,
+            port=rpc_port,
+            port_range=None if rpc_port else (cfg.rpc_port_min, cfg.rpc_port_max),
+            backlog=cfg.listen_backlog,
+            what="transfer engine RPC/handshake listener",
+        )
+        self.rpc_port: int = rpc_sock.getsockname()[1]
+        self.advertised_host = adv_host
+        self.segment_name = join_host_port(host, self.rpc_port) if p2p else local_hostname
+        self.local_hostname = local_hostname
+
+        ctx = TransportContext(
+            config=cfg,
+            registry=self._registry,
+            advertised_host=adv_host,
+            bind_host=bind_ip,
+            log=log,
+        )
+        for name in ("local", "tcp"):
+            transport = create_transport(name, ctx)
+            self._transports.append(transport)
+            transport.start()
+        self._directory = SegmentDirectory(store, cfg, own_descriptor=self.local_descriptor)
+
+        self._loop = LoopThread(f"mc-engine-loop:{self.segment_name}")
+        self._rpc = RpcServer(
+            rpc_sock,
+            descriptor=(self.local_descriptor if p2p else lambda: None),
+            on_notify=self._notifies.append,
+            max_frame=cfg.handshake_max_length,
+            timeout_s=cfg.rpc_server_timeout_s,
+        )
+        self._loop.run(self._rpc.start())
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=cfg.async_workers, thread_name_prefix=f"mc-batch:{self.segment_name}"
+        )
+        if p2p:
+            log.info(
+                "Transfer Engine RPC using P2P handshake, listening on %s",
+                join_host_port(adv_host, self.rpc_port),
+            )
+        else:
+            self._claim_rpc_meta(RpcMeta(adv_host, self.rpc_port))
+            self._publish()
+            log.info(
+                "Transfer Engine RPC using new RPC mapping, listening on %s (segment %r, "
+                "metadata %s)",
+                join_host_port(adv_host, self.rpc_port),
+                self.segment_name,
+                store.url if store else "",
+            )
+
+    @staticmethod
+    def _warn_loopback(local_hostname: str, ip: str) -> None:
+        if is_loopback(ip) and local_hostname not in _warned_loopback:
+            _warned_loopback.add(local_hostname)
+            log.warning(
+                "local_hostname %r resolves to the loopback address %s: peers on other machines "
+                "cannot reach this engine (connectable_name must be a non-loopback IP address of "
+                "this node, or a hostname with a DNS or /etc/hosts record). Fine for single-host "
+                "use.",
+                local_hostname,
+                ip,
+            )
+
+    def _claim_rpc_meta(self, meta: RpcMeta) -> None:
+        """Publish our rpc_meta entry, replacing a stale one left by a dead engine."""
+        existing = self._directory.read_rpc_meta(self.segment_name)
+        if existing is not None and existing != meta:
+            alive = True
+            try:
+                rpc_call(
+                    existing.ip_or_host_name,
+                    existing.rpc_port,
+                    MessageType.PROBE,
+                    {},
+                    connect_timeout_s=min(1.0, self.config.connect_timeout_s),
+                    timeout_s=2.0,
+                    max_frame=self.config.handshake_max_length,
+                    what="previous owner of this segment name",
+                )
+            except MooncakeError:
+                alive = False
+            if alive:
+                raise MetadataError(
+                    f"segment name {self.segment_name!r} is already registered by a live engine at "
+                    f"{join_host_port(existing.ip_or_host_name, existing.rpc_port)}; every engine "
+                    "needs a unique local_hostname (add a port, e.g. 'host:12345')"
+                )
+            log.warning(
+                "replacing stale rpc_meta of %r (%s did not answer a probe; its process exited "
+                "without unregistering)",
+                self.segment_name,
+                join_host_port(existing.ip_or_host_name, existing.rpc_port),
+            )
+            self._directory.unpublish(self.segment_name)
+        self._directory.publish_rpc_meta(self.segment_name, meta)
+        self._published_rpc_meta = True
+
+    # ------------------------------------------------------------------------------
+    # descriptor
+    # ------------------------------------------------------------------------------
+
+    def local_descriptor(self) -> dict[str, Any]:
+        """The JSON object peers receive for our segment."""
+        fields: dict[str, Any] = {}
+        for t in self._transports:
+            fields.update(t.descriptor_fields())
+        buffers = tuple(
+            BufferDesc(self.segment_name, r.addr, r.length)
+            for r in self._registry.regions()
+            if r.remote_accessible
+        )
+        desc = SegmentDesc(
+            name=self.segment_name,
+            protocol="tcp",
+            buffers=buffers,
+            tcp_data_port=int(fields.get("tcp_data_port", 0)),
+            tcp_proto_version=int(fields.get("tcp_proto_version", 2)),
+            rdma_server_name="",
+            tcp_data_host=fields.get("tcp_data_host"),
+        )
+        return encode_segment(desc)
+
+    def _publish(self) -> None:
+        if self._directory.p2p:
+            return
+        with self._publish_lock:
+            self._directory.publish_segment(self.segment_name, self.local_descriptor())
+
+    # ------------------------------------------------------------------------------
+    # memory
+    # ------------------------------------------------------------------------------
+
+    def register(
+        self,
+        memory: object,
+        length: int | None = None,
+        *,
+        location: str = "*",
+        remote_accessible: bool = True,
+        publish: bool = True,
+    ) -> Region:
+        """Register memory that peers may read and write.
+
+        Args:
+            memory: a raw address (int) with ``length``, or a writable buffer
+                (bytearray, mmap, numpy array, memoryview; a CPU torch tensor).
+            location: ``cpu:N``, ``cuda:N`` or ``*`` (resolved to ``cpu:0``).
+            remote_accessible: False keeps it out of the published descriptor
+                and out of reach of peers.
+            publish: re-publish the descriptor (metadata-server mode).
+
+        Raises:
+            InvalidArgument: zero length/address.
+            AddressOverlapped: overlaps a registered buffer.
+            NotSupported: a ``cuda:`` location (GPU memory is not supported yet).
+            MetadataError: re-publishing failed (the registration is rolled back).
+        """
+        self._check_open()
+        if location.startswith(("cuda", "musa", "hip", "npu", "maca")):
+            raise NotSupported(
+                f"registering {location} memory needs GPU support, which this pymooncake "
+                "build does not have; register host memory"
+            )
+        if isinstance(memory, int):
+            if length is None:
+                raise InvalidArgument("registering a raw address needs a length")
+            if length <= 0 or memory <= 0:
+                raise InvalidArgument(
+                    f"cannot register {length} bytes at {memory:#x}: address and length must be "
+                    "positive"
+                )
+            addr, view, owner = memory, view_at(memory, length), None
+        else:
+            addr, nbytes = address_of(memory)
+            if length is not None:
+                if not 0 < length <= nbytes:
+                    raise InvalidArgument(
+                        f"length {length} exceeds the {nbytes}-byte buffer (or is not positive)"
+                    )
+                nbytes = length
+            if nbytes == 0:
+                raise InvalidArgument("cannot register an empty buffer")
+            view = (
+                memoryview(memory).cast("B")[:nbytes]  # type: ignore[arg-type]
+                if not hasattr(memory, "data_ptr")
+                else view_at(addr, nbytes)
+            )
+            owner = memory
+        region = Region(
+            addr=addr,
+            length=view.nbytes,
+            location="cpu:0" if location == "*" else location,
+            remote_accessible=remote_accessible,
+            view=view,
+            owner=owner,
+        )
+        return self._add_regions([region], publish)[0]
+
+    def _add_regions(self, regions: list[Region], publish: bool) -> list[Region]:
+        added: list[Region] = []
+        try:
+            for r in regions:
+                added.append(self._registry.add(r))
+            if publish:
+                self._publish()
+        except BaseException:
+            for r in added:
+                self._registry.remove(r.addr)
+            raise
+        return added
+
+    def register_many(
+        self, items: Sequence[tuple[int, int]], *, location: str = "*"
+    ) -> list[Region]:
+        """Register several ``(address, length)`` ranges, publishing once; all or nothing."""
+        self._check_open()
+        regions = []
+        for addr, length in items:
+            if length <= 0 or addr <= 0:
+                raise InvalidArgument(
+                    f"cannot register {length} bytes at {addr:#x}: address and length must "
+                    "be positive"
+                )
+            regions.append(
+                Region(
+                    addr,
+                    length,
+                    "cpu:0" if location == "*" else location,
+                    True,
+                    view_at(addr, length),
+                )
+            )
+        return self._add_regions(regions, True)
+
+    def unregister(self, memory: object, *, publish: bool = True) -> Region:
+        """Unregister the buffer registered at this address (int) or object.
+
+        Raises:
+            AddressNotRegistered: nothing is registered there.
+        """
+        self._check_open()
+        addr = memory if isinstance(memory, int) else address_of(memory)[0]
+        region = self._registry.remove(addr)
+        if publish:
+            self._publish()
+        return region
+
+    def unregister_many(self, addrs: Iterable[int]) -> None:
+        """Unregister each address, publishing once.
+
+        Raises:
+            AddressNotRegistered: for the first address that was not registered
+                (the others are still unregistered).
+        """
+        self._check_open()
+        first: MooncakeError | None = None
+        for a in addrs:
+            try:
+                self._registry.remove(a)
+            except AddressNotRegistered as exc:
+                first = first or exc
+        self._publish()
+        if first is not None:
+            raise first
+
+    def allocate(self, length: int, *, publish: bool = True) -> Region:
+        """Allocate and register ``length`` bytes of page-aligned memory we own."""
+        self._check_open()
+        if length <= 0:
+            raise InvalidArgument(f"cannot allocate a managed buffer of {length} bytes")
+        mm, view, addr = allocate_anonymous(length)
+        region = Region(addr, length, "cpu:0", True, view, owner=mm, managed=True)
+        return self._add_regions([region], publish)[0]
+
+    def free(self, addr: int) -> None:
+        """Unregister and release a buffer from :meth:`allocate`.
+
+        Raises:
+            AddressNotRegistered: ``addr`` is not a managed buffer of this engine.
+        """
+        self._check_open()
+        region = self._registry.find(addr, 1)
+        if region is None or region.addr != addr or not region.managed:
+            raise AddressNotRegistered(
+                f"{addr:#x} is not the start of a managed buffer of this engine "
+                "(free only what allocate_managed_buffer returned)"
+            )
+        self._registry.remove(addr)
+        self._publish()
+        _release(region)
+
+    @property
+    def registry(self) -> MemoryRegistry:
+        return self._registry
+
+    def local_view(self, local: object, length: int | None, *, writable: bool) -> memoryview:
+        """A byte view of local memory for a transfer.
+
+        Ints are addresses: inside a registered region the region's view is used,
+        otherwise (like the reference's TCP transport) the raw address is viewed
+        directly -- the caller vouches that it is mapped.
+        """
+        if isinstance(local, int):
+            if length is None:
+                raise InvalidArgument("a raw local address needs a length")
+            if length < 0:
+                raise InvalidArgument(f"negative length {length}")
+            if length == 0:
+                return memoryview(bytearray(0))
+            region = self._registry.find(local, length)
+            if region is not None:
+                return region.slice(local, length)
+            if local <= 0:
+                raise InvalidArgument(f"local address {local:#x} is not valid")
+            return view_at(local, length)
+        try:
+            view = memoryview(local)  # type: ignore[arg-type]
+        except TypeError:
+            if hasattr(local, "data_ptr") and hasattr(local, "nbytes"):
+                n = int(local.nbytes)
+                return self.local_view(
+                    int(local.data_ptr()), n if length is None else length, writable=writable
+                )
+            raise InvalidArgument(
+                f"local buffer of type {type(local).__name__} is neither an address nor a buffer"
+            ) from None
+        if writable and view.readonly:
+            raise InvalidArgument("a READ needs a writable local buffer; got a read-only one")
+        if not view.c_contiguous:
+            raise InvalidArgument("local buffer must be C-contiguous")
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        if length is not None:
+            if length < 0 or length > len(view):
+                raise InvalidArgument(f"length {length} exceeds the {len(view)}-byte local buffer")
+            view = view[:length]
+        return view
+
+    # ------------------------------------------------------------------------------
+    # segments
+    # ------------------------------------------------------------------------------
+
+    def open_segment(self, name: str) -> int:
+        """A handle for segment ``name`` (0 for our own segment).
+
+        Raises:
+            SegmentNotFound and the errors of :meth:`segment`.
+        """
+        name = name.lstrip("/")
+        if name == self.segment_name:
+            return LOCAL_SEGMENT_ID
+        self.segment(name)
+        with self._handle_lock:
+            handle = self._handles.get(name)
+            if handle is None:
+                handle = self._next_handle
+                self._next_handle += 1
+                self._handles[name] = handle
+                self._handle_names[handle] = name
+        return handle
+
+    def segment_name_of(self, target: str | int) -> str:
+        if isinstance(target, str):
+            return target.lstrip("/")
+        if target == LOCAL_SEGMENT_ID:
+            return self.segment_name
+        with self._handle_lock:
+            name = self._handle_names.get(target)
+        if name is None:
+            raise InvalidArgument(f"segment handle {target} was never opened")
+        return name
+
+    def segment(self, target: str | int, *, refresh: bool = False) -> Peer:
+        """Resolve a segment name or handle to a :class:`Peer`."""
+        self._check_open()
+        name = self.segment_name_of(target)
+        if name == self.segment_name:
+            desc_obj = self.local_descriptor()
+            return Peer(
+                name=name,
+                desc=decode_segment(desc_obj, name),
+                rpc_host=self.advertised_host,
+                rpc_port=self.rpc_port,
+                data_host=self.advertised_host,
+                local=True,
+            )
+        return self._directory.lookup(name, refresh=refresh)
+
+    def sync_segment_cache(self, name: str | None = None) -> None:
+        """Forget cached peer descriptors (all, or one)."""
+        self._directory.invalidate(name)
+
+    def first_buffer_address(self, name: str) -> int:
+        """Address of ``buffers[0]`` of a segment's descriptor, 0 if it has none."""
+        peer = self.segment(name, refresh=True)
+        return peer.desc.buffers[0].addr if peer.desc.buffers else 0
+
+    def _transport_for(self, peer: Peer) -> Transport:
+        for t in self._transports:
+            if t.can_reach(peer):
+                return t
+        raise NotSupported(
+            f"segment {peer.name!r} uses protocol {peer.desc.protocol!r}: "
+            f"{_unavailable_reason(peer.desc.protocol)}"
+        )
+
+    # ------------------------------------------------------------------------------
+    # transfers
+    # ------------------------------------------------------------------------------
+
+    def _slices(
+        self, segment: str | int | None, requests: Sequence[TransferRequest], base: int = 0
+    ) -> tuple[list[tuple[Peer, Transport, list[Slice]]], int]:
+        groups: dict[str, tuple[Peer, Transport, list[Slice]]] = {}
+        total = 0
+        for i, req in enumerate(requests):
+            target = req.segment if req.segment is not None else segment
+            if target is None:
+                raise InvalidArgument(f"request {i} names no target segment")
+            if req.remote_addr < 0:
+                raise InvalidArgument(f"request {i}: negative remote address")
+            name = self.segment_name_of(target)
+            group = groups.get(name)
+            if group is None:
+                peer = self.segment(name)
+                group = groups[name] = (peer, self._transport_for(peer), [])
+            is_write = req.opcode == TransferOpcode.WRITE
+            view = self.local_view(req.local, req.length, writable=not is_write)
+            total += len(view)
+            group[2].append(Slice(base + i, is_write, view, req.remote_addr))
+        return list(groups.values()), total
+
+    def _deadline(self, total_bytes: int, timeout_s: float | None) -> float:
+        budget = self.config.transfer_timeout_s if timeout_s is None else timeout_s
+        # reference: MC_TRANSFER_TIMEOUT seconds plus one nanosecond per byte
+        return time.monotonic() + budget + total_bytes * 1e-9
+
+    def transfer(
+        self,
+        segment: str | int | None,
+        requests: Sequence[TransferRequest],
+        *,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Run ``requests`` and return when all completed.
+
+        Raises:
+            TransferFailed: one or more requests failed; ``errors[i]`` says why.
+            SegmentNotFound / NotSupported / InvalidArgument: before any I/O.
+        """
+        self._check_open()
+        groups, total = self._slices(segment, requests)
+        deadline = self._deadline(total, timeout_s)
+        errors: list[BaseException | None] = [None] * len(requests)
+
+        def done(s: Slice, err: BaseException | None) -> None:
+            errors[s.index] = err
+
+        for peer, transport, slices in groups:
+            transport.execute(peer, slices, deadline, done)
+            if not peer.local and any(isinstance(errors[s.index], PeerSocketError) for s in slices):
+                self._retry_after_refresh(peer, slices, errors, deadline, done)
+        failed = [e for e in errors if e is not None]
+        if failed:
+            raise TransferFailed(
+                f"{len(failed)} of {len(requests)} transfer request(s) failed; first: {failed[0]}",
+                errors,
+            )
+
+    def _retry_after_refresh(
+        self,
+        peer: Peer,
+        slices: list[Slice],
+        errors: list[BaseException | None],
+        deadline: float,
+        done: Callable[[Slice, BaseException | None], None],
+    ) -> None:
+        """A peer that restarted publishes a new data address; re-resolve and retry once."""
+        try:
+            fresh = self._directory.lookup(peer.name, refresh=True)
+        except MooncakeError:
+            return
+        if (fresh.data_host, fresh.data_port) == (peer.data_host, peer.data_port):
+            return
+        log.info(
+            "segment %r moved to %s; retrying",
+            peer.name,
+            join_host_port(fresh.data_host, fresh.data_port),
+        )
+        for t in self._transports:
+            t.forget_peer(peer)
+        retry = [s for s in slices if isinstance(errors[s.index], PeerSocketError)]
+        self._transport_for(fresh).execute(fresh, retry, deadline, done)
+
+    def write(
+        self, segment: str | int, local: object, remote_addr: int, length: int | None = None
+    ) -> None:
+        """Copy local bytes to ``remote_addr`` in ``segment`` (sync)."""
+        self.transfer(segment, [TransferRequest(TransferOpcode.WRITE, local, remote_addr, length)])
+
+    def read(
+        self, segment: str | int, local: object, remote_addr: int, length: int | None = None
+    ) -> None:
+        """Copy bytes at ``remote_addr`` in ``segment`` into local memory (sync)."""
+        self.transfer(segment, [TransferRequest(TransferOpcode.READ, local, remote_addr, length)])
+
+    def submit_transfer(
+        self,
+        segment: str | int | None,
+        requests: Sequence[TransferRequest],
+        *,
+        timeout_s: float | None = None,
+    ) -> concurrent.futures.Future[None]:
+        """Run :meth:`transfer` on the engine's pool; the future raises what it raises."""
+        self._check_open()
+        assert self._executor is not None
+        return self._executor.submit(self.transfer, segment, list(requests), timeout_s=timeout_s)
+
+    # --- batches ------------------------------------------------------------------------
+
+    def allocate_batch(self, capacity: int) -> int:
+        self._check_open()
+        return self._batches.allocate(capacity, self.config.slice_timeout_s).id
+
+    def batch(self, batch_id: int) -> Batch:
+        return self._batches.get(batch_id)
+
+    def submit(
+        self,
+        batch_id: int,
+        requests: Sequence[TransferRequest],
+        *,
+        segment: str | int | None = None,
+        notify: tuple[str | int, NotifyMessage] | None = None,
+    ) -> range:
+        """Start ``requests`` asynchronously in batch ``batch_id``.
+
+        Returns the task indices.  With ``notify`` = (segment, message) the
+        message is sent to that segment once the whole batch completed
+        without failure.
+
+        Raises:
+            TooManyRequests: the batch's capacity would be exceeded.
+            SegmentNotFound / NotSupported / InvalidArgument: nothing was started.
+        """
+        self._check_open()
+        batch = self._batches.get(batch_id)
+        base = len(batch.tasks)
+        groups, total = self._slices(segment, requests, base)
+        indices = batch.add([len(s.local) for s in _ordered(groups, len(requests), base)])
+        if notify is not None:
+            target, msg = notify
+            batch.notify = (self.segment_name_of(target), msg)
+            batch.on_complete = self._batch_completed
+        deadline = self._deadline(total, None)
+        assert self._executor is not None
+        for peer, transport, slices in groups:
+            self._executor.submit(self._run_group, batch, peer, transport, slices, deadline)
+        return indices
+
+    def _run_group(
+        self, batch: Batch, peer: Peer, transport: Transport, slices: list[Slice], deadline: float
+    ) -> None:
+        pending = {s.index for s in slices}
+
+        def done(s: Slice, err: BaseException | None) -> None:
+            pending.discard(s.index)
+            batch.complete(s.index, err)
+
+        try:
+            transport.execute(peer, slices, deadline, done)
+        except BaseException as exc:  # a bug must not leave tasks pending forever
+            log.exception("transport %s failed unexpectedly", transport.name)
+            for i in list(pending):
+                batch.complete(i, exc)
+
+    def _batch_completed(self, batch: Batch) -> None:
+        if batch.notify is None or batch.status().state.name != "COMPLETED":
+            return
+        name, msg = batch.notify
+        try:
+            self.send_notify(name, msg)
+        except MooncakeError as exc:
+            log.warning("notify to %r after batch %d failed: %s", name, batch.id, exc)
+
+    def task_status(self, batch_id: int, task_id: int) -> TransferStatus:
+        return self._batches.get(batch_id).task_status(task_id)
+
+    def batch_status(self, batch_id: int) -> TransferStatus:
+        return self._batches.get(batch_id).status()
+
+    def wait_batch(self, batch_id: int, timeout_s: float | None = None) -> bool:
+        return self._batches.get(batch_id).wait(timeout_s)
+
+    def free_batch(self, batch_id: int) -> None:
+        self._batches.free(batch_id)
+
+    # ------------------------------------------------------------------------------
+    # notifications and probes
+    # ------------------------------------------------------------------------------
+
+    def _rpc_target(self, target: str | int) -> tuple[str, int, str]:
+        peer = self.segment(target)
+        if not peer.rpc_port:
+            raise MetadataError(
+                f"segment {peer.name!r} has no rpc_meta entry, so its RPC port is unknown"
+            )
+        return peer.rpc_host, peer.rpc_port, peer.name
+
+    def send_notify(self, target: str | int, message: NotifyMessage) -> None:
+        """Deliver a notification to a peer's :meth:`get_notifies` queue.
+
+        Raises:
+            HandshakeRejected: the peer answered with an empty acknowledgement.
+            SegmentNotFound / PeerSocketError / DnsError: the peer is unreachable.
+        """
+        host, port, name = self._rpc_target(target)
+        reply = rpc_call(
+            host,
+            port,
+            MessageType.NOTIFY,
+            encode_notify(message),
+            connect_timeout_s=self.config.connect_timeout_s,
+            timeout_s=self.config.rpc_io_timeout_s,
+            max_frame=self.config.handshake_max_length,
+            what=f"RPC port of segment {name!r}",
+        )
+        if not isinstance(reply, dict) or not reply.get("notify_msg"):
+            raise HandshakeRejected(f"segment {name!r} rejected the notification {message.name!r}")
+
+    def get_notifies(self) -> list[NotifyMessage]:
+        """Drain and return the notifications received so far."""
+        out = []
+        while True:
+            try:
+                out.append(self._notifies.popleft())
+            except IndexError:
+                return out
+
+    def probe(self, target: str | int) -> None:
+        """Check that a peer's RPC port answers.
+
+        Raises:
+            SegmentNotFound / PeerSocketError / DnsError / MalformedMessage.
+        """
+        host, port, name = self._rpc_target(target)
+        rpc_call(
+            host,
+            port,
+            MessageType.PROBE,
+            {},
+            connect_timeout_s=self.config.connect_timeout_s,
+            timeout_s=min(10.0, self.config.rpc_io_timeout_s),
+            max_frame=self.config.handshake_max_length,
+            what=f"RPC port of segment {name!r}",
+        )
+
+    # ------------------------------------------------------------------------------
+    # lifecycle
+    # ------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def transport(self, name: str) -> Transport:
+        for t in self._transports:
+            if t.name == name:
+                return t
+        raise NotSupported(f"transport {name!r} is not installed")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the transfer engine is closed")
+
+    def close(self) -> None:
+        """Unpublish, stop listeners and workers, release memory.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        directory = getattr(self, "_directory", None)
+        if directory is not None and not directory.p2p and hasattr(self, "segment_name"):
+            try:
+                directory.unpublish(self.segment_name)
+            except MooncakeError as exc:
+                log.warning(
+                    "Failed to unregister segment descriptor of %r: %s (stop engines before the "
+                    "metadata server)",
+                    self.segment_name,
+                    exc,
+                )
+        if self._loop is not None:
+            if self._rpc is not None:
+                try:
+                    self._loop.run(self._rpc.close(), timeout=10)
+                except Exception:
+                    log.debug("RPC server close failed", exc_info=True)
+            self._loop.close()
+        for t in self._transports:
+            t.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        for region in self._registry.clear():
+            if region.managed:
+                _release(region)
+        for fn in self._cleanup:
+            fn()
+
+    def __enter__(self) -> TransferEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        name = getattr(self, "segment_name", "?")
+        return f"<TransferEngine segment={name!r} closed={self._closed}>"
+
+
+def _release(region: Region) -> None:
+    """Unmap a managed buffer; if an in-flight transfer still holds a view, the
+    mapping goes when that view is released."""
+    region.view.release()
+    close = getattr(region.owner, "close", None)
+    if close is not None:
+        try:
+            close()
+        except BufferError:
+            pass
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _ordered(groups: list[tuple[Peer, Transport, list[Slice]]], n: int, base: int) -> list[Slice]:
+    out: list[Slice | None] = [None] * n
+    for _, _, slices in groups:
+        for s in slices:
+            out[s.index - base] = s
+    assert all(s is not None for s in out)
+    return [s for s in out if s is not None]

@@ -1,0 +1,235 @@
+"""Registered memory: address ranges <-> memoryviews, and bounds checks.
+
+Theory of operation
+-------------------
+The reference addresses remote memory by *virtual address* in the target
+process.  A registration is therefore a range ``[addr, addr+length)`` of this
+process plus a writable ``memoryview`` over exactly those bytes, from which the
+transports read and into which they ``recv_into``.
+
+Lookups run on every incoming request, from many threads, so the registry is
+copy-on-write: writers build a new immutable snapshot under a lock, readers
+use whatever snapshot is current without locking.
+
+A view over a raw address is made with ctypes; nothing keeps memory that the
+caller frees alive (the same contract as the reference).  Memory we allocate
+ourselves (managed buffers) is owned by the region and unmapped when the last
+view of it goes away.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ..errors import AddressNotRegistered, AddressOverlapped, InvalidArgument
+
+__all__ = [
+    "MemoryRegistry",
+    "Region",
+    "address_of",
+    "allocate_anonymous",
+    "view_at",
+]
+
+_U64_MAX: Final = (1 << 64) - 1
+
+
+def view_at(addr: int, length: int) -> memoryview:
+    """A writable byte view of ``length`` bytes at raw address ``addr``.
+
+    The caller guarantees the memory is mapped for as long as the view is used.
+    """
+    if addr <= 0 or length < 0 or addr + length > _U64_MAX:
+        raise InvalidArgument(f"cannot view {length} bytes at address {addr:#x}")
+    if length == 0:
+        return memoryview(bytearray(0))
+    return memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
+
+
+def address_of(obj: Any) -> tuple[int, int]:
+    """Address and byte length of a writable, C-contiguous buffer object.
+
+    Accepts anything exporting the buffer protocol (bytearray, mmap, numpy
+    arrays, memoryviews), plus objects with ``data_ptr()`` and ``nbytes``
+    (CPU torch tensors).
+
+    Raises:
+        InvalidArgument: read-only, non-contiguous, or not a buffer.
+    """
+    if hasattr(obj, "data_ptr") and hasattr(obj, "nbytes") and not isinstance(obj, memoryview):
+        return int(obj.data_ptr()), int(obj.nbytes)
+    try:
+        mv = memoryview(obj)
+    except TypeError:
+        raise InvalidArgument(
+            f"{type(obj).__name__} is neither a buffer nor an (address, length) pair"
+        ) from None
+    if mv.readonly:
+        raise InvalidArgument(
+            f"{type(obj).__name__} is read-only; registered memory must be writable"
+        )
+    if not mv.c_contiguous:
+        raise InvalidArgument(f"{type(obj).__name__} is not C-contiguous")
+    if mv.nbytes == 0:
+        return 0, 0
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mv))
+    return addr, mv.nbytes
+
+
+def allocate_anonymous(length: int) -> tuple[mmap.mmap, memoryview, int]:
+    """Page-aligned private anonymous memory: (mapping, byte view, address)."""
+    if length <= 0:
+        raise InvalidArgument(f"cannot allocate {length} bytes")
+    mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = memoryview(mm)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    return mm, view, addr
+
+
+@dataclass(frozen=True, eq=False)
+class Region:
+    """One registered range.  ``view`` covers exactly ``[addr, addr+length)``."""
+
+    addr: int
+    length: int
+    location: str
+    remote_accessible: bool
+    view: memoryview = field(repr=False)
+    #: keeps owned memory (an mmap, a bytearray ...) alive while registered
+    owner: object | None = field(default=None, repr=False)
+    managed: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.length
+
+    def contains(self, addr: int, length: int) -> bool:
+        return self.addr <= addr and addr + length <= self.end
+
+    def slice(self, addr: int, length: int) -> memoryview:
+        off = addr - self.addr
+        return self.view[off : off + length]
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    starts: tuple[int, ...] = ()
+    regions: tuple[Region, ...] = ()  # sorted by addr
+    ordered: tuple[Region, ...] = ()  # registration order (descriptor order)
+
+
+class MemoryRegistry:
+    """Thread-safe set of non-overlapping registered regions."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snap = _Snapshot()
+
+    # --- queries (lock-free) -----------------------------------------------
+
+    def regions(self) -> tuple[Region, ...]:
+        """Registered regions in registration order."""
+        return self._snap.ordered
+
+    def find(self, addr: int, length: int) -> Region | None:
+        """The region wholly containing ``[addr, addr+length)``, or None."""
+        snap = self._snap
+        i = bisect.bisect_right(snap.starts, addr) - 1
+        if i < 0:
+            return None
+        region = snap.regions[i]
+        return region if addr + length <= region.end else None
+
+    def find_remote(self, addr: int, length: int) -> Region | None:
+        """Like :meth:`find`, for requests from peers: also requires
+        ``length > 0``, no 64-bit overflow and a remote-accessible region."""
+        if length <= 0 or addr < 0 or addr + length > _U64_MAX:
+            return None
+        region = self.find(addr, length)
+        return region if region is not None and region.remote_accessible else None
+
+    def resolve(self, addr: int, length: int) -> memoryview:
+        """View of registered bytes.
+
+        Raises:
+            AddressNotRegistered: the range is not inside one registered region.
+        """
+        region = self.find(addr, length)
+        if region is None:
+            raise AddressNotRegistered(
+                f"address range [{addr:#x}, +{length}) is not inside one registered buffer; "
+                "register it first (register_memory) or check the address arithmetic"
+            )
+        return region.slice(addr, length)
+
+    # --- updates ---------------------------------------------------------------
+
+    def add(self, region: Region) -> Region:
+        """Insert a region.
+
+        Raises:
+            InvalidArgument: zero length or address.
+            AddressOverlapped: it overlaps a registered region.
+        """
+        if region.length <= 0 or region.addr <= 0:
+            raise InvalidArgument(
+                f"cannot register {region.length} bytes at {region.addr:#x}: "
+                "address and length must be positive"
+            )
+        with self._lock:
+            snap = self._snap
+            i = bisect.bisect_right(snap.starts, region.addr)
+            neighbours = []
+            if i > 0:
+                neighbours.append(snap.regions[i - 1])
+            if i < len(snap.regions):
+                neighbours.append(snap.regions[i])
+            for other in neighbours:
+                if region.addr < other.end and other.addr < region.end:
+                    raise AddressOverlapped(
+                        f"buffer [{region.addr:#x}, +{region.length}) overlaps the registered "
+                        f"buffer [{other.addr:#x}, +{other.length}); Transfer Engine does not "
+                        "support overlapped memory regions: unregister the old one first or "
+                        "register the union once"
+                    )
+            regions = (*snap.regions[:i], region, *snap.regions[i:])
+            self._snap = _Snapshot(tuple(r.addr for r in regions), regions, (*snap.ordered, region))
+        return region
+
+    def remove(self, addr: int) -> Region:
+        """Remove the region starting exactly at ``addr``.
+
+        Raises:
+            AddressNotRegistered: no region starts there.
+        """
+        with self._lock:
+            snap = self._snap
+            i = bisect.bisect_left(snap.starts, addr)
+            if i >= len(snap.starts) or snap.starts[i] != addr:
+                raise AddressNotRegistered(
+                    f"no registered buffer starts at {addr:#x}; unregister with the same "
+                    "address that was registered"
+                )
+            region = snap.regions[i]
+            regions = snap.regions[:i] + snap.regions[i + 1 :]
+            self._snap = _Snapshot(
+                tuple(r.addr for r in regions),
+                regions,
+                tuple(r for r in snap.ordered if r is not region),
+            )
+        return region
+
+    def remove_many(self, addrs: Iterable[int]) -> list[Region]:
+        return [self.remove(a) for a in addrs]
+
+    def clear(self) -> tuple[Region, ...]:
+        with self._lock:
+            old = self._snap.ordered
+            self._snap = _Snapshot()
+        return old

@@ -1,0 +1,153 @@
+"""Zero-copy socket helpers shared by the data-path transports.
+
+``SocketReader`` keeps one receive buffer per connection.  Small items
+(headers, status frames, small payloads) are served from it, so a single
+``recv_into`` can deliver many pipelined requests; large payloads bypass it
+and are received straight into the destination view.  Before any call that
+may block, the reader runs ``before_block`` -- the server uses that hook to
+flush replies it has batched up ("flush before you would wait").
+
+``sendmsg_all`` sends a list of buffers with ``sendmsg`` (scatter/gather), in
+groups of at most ``IOV_MAX`` and resuming after partial sends, without ever
+joining payloads.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Final
+
+__all__ = ["IOV_MAX", "PeerClosed", "SocketReader", "sendmsg_all"]
+
+#: Linux UIO_MAXIOV
+IOV_MAX: Final = 1024
+#: payloads below this are pulled through the receive buffer (one recv may
+#: then carry several requests); larger ones are received in place.
+_DIRECT_THRESHOLD: Final = 64 * 1024
+_DEFAULT_BUFFER: Final = 256 * 1024
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection (EOF) while more bytes were expected."""
+
+
+Buffer = bytes | bytearray | memoryview
+
+
+def sendmsg_all(sock: socket.socket, bufs: list[Buffer]) -> int:
+    """Send every buffer of ``bufs`` in order; returns the bytes sent.
+
+    ``bufs`` may be modified (partially sent items are replaced by their tails).
+
+    Raises:
+        OSError: the socket failed; some prefix of the data may have been sent.
+    """
+    total = 0
+    i, n = 0, len(bufs)
+    sendmsg = sock.sendmsg
+    while i < n:
+        sent = sendmsg(bufs[i : i + IOV_MAX])
+        total += sent
+        while sent:
+            size = len(bufs[i])
+            if sent >= size:
+                sent -= size
+                i += 1
+            else:
+                bufs[i] = memoryview(bufs[i])[sent:]
+                sent = 0
+        while i < n and not len(bufs[i]):
+            i += 1
+    return total
+
+
+class SocketReader:
+    """Buffered reader over a blocking socket.
+
+    Args:
+        sock: a connected blocking socket.
+        before_block: called before every ``recv`` that may block.
+        size: receive buffer size.
+    """
+
+    __slots__ = ("_before_block", "_buf", "_end", "_mv", "_recv_into", "_start", "sock")
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        before_block: Callable[[], None] | None = None,
+        size: int = _DEFAULT_BUFFER,
+    ) -> None:
+        self.sock = sock
+        self._buf = bytearray(size)
+        self._mv = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._before_block = before_block
+        self._recv_into = sock.recv_into
+
+    @property
+    def buffer(self) -> bytearray:
+        return self._buf
+
+    @property
+    def buffered(self) -> int:
+        return self._end - self._start
+
+    def _fill(self, need: int) -> None:
+        """Receive until at least ``need`` bytes are buffered."""
+        if self._start and (len(self._buf) - self._start) < need:
+            # compact: move the unread tail to the front
+            n = self._end - self._start
+            self._mv[:n] = self._mv[self._start : self._end]
+            self._start, self._end = 0, n
+        while self._end - self._start < need:
+            if self._before_block is not None:
+                self._before_block()
+            got = self._recv_into(self._mv[self._end :])
+            if not got:
+                raise PeerClosed("peer closed the connection")
+            self._end += got
+
+    def take(self, n: int) -> int:
+        """Make ``n`` bytes available and consume them; returns their offset
+        in :attr:`buffer` (valid until the next call)."""
+        if self._end - self._start < n:
+            self._fill(n)
+        off = self._start
+        self._start += n
+        return off
+
+    def at_boundary_with(self, n: int) -> bool:
+        """True if at least ``n`` bytes are already buffered (no blocking needed)."""
+        return self._end - self._start >= n
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` completely from the connection."""
+        need = len(view)
+        pos = 0
+        avail = self._end - self._start
+        if avail:
+            k = avail if avail < need else need
+            view[:k] = self._mv[self._start : self._start + k]
+            self._start += k
+            pos = k
+            if self._start == self._end:
+                self._start = self._end = 0
+        remaining = need - pos
+        if not remaining:
+            return
+        if remaining < _DIRECT_THRESHOLD:
+            self._fill(remaining)
+            view[pos:] = self._mv[self._start : self._start + remaining]
+            self._start += remaining
+            return
+        if self._before_block is not None:
+            self._before_block()
+        recv_into = self._recv_into
+        while pos < need:
+            got = recv_into(view[pos:])
+            if not got:
+                raise PeerClosed("peer closed the connection in the middle of a payload")
+            pos += got

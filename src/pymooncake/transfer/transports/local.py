@@ -1,0 +1,57 @@
+"""Loopback transport for the engine's own segment: a bounds-checked memcpy.
+
+The reference routes transfers to its own segment through its network
+transport; the result is the same bytes, so we copy directly, with the same
+registry check a remote target would apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ...errors import PeerRejected
+from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
+
+__all__ = ["LocalTransport"]
+
+
+class LocalTransport(Transport):
+    name = "local"
+
+    def __init__(self, ctx: TransportContext) -> None:
+        self._registry = ctx.registry
+
+    def start(self) -> None:
+        pass
+
+    def can_reach(self, peer: Peer) -> bool:
+        return peer.local
+
+    def execute(
+        self, peer: Peer, slices: Sequence[Slice], deadline: float, on_done: SliceCallback
+    ) -> None:
+        find = self._registry.find_remote
+        for s in slices:
+            n = s.length
+            if n == 0:
+                on_done(s, None)
+                continue
+            region = find(s.remote_addr, n)
+            if region is None:
+                on_done(
+                    s,
+                    PeerRejected(
+                        f"address {s.remote_addr:#x} with size {n} is not within any buffer "
+                        f"registered in the local segment {peer.name!r}"
+                    ),
+                )
+                continue
+            off = s.remote_addr - region.addr
+            if s.is_write:
+                region.view[off : off + n] = s.local
+            else:
+                s.local[:] = region.view[off : off + n]
+            on_done(s, None)
+
+    def close(self) -> None:
+        pass
