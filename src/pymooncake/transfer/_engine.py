@@ -419,12 +419,15 @@ class TransferEngine:
         if first is not None:
             raise first
 
-    def allocate(self, length: int, *, publish: bool = True) -> Region:
-        """Allocate and register ``length`` bytes of page-aligned memory we own."""
+    def allocate(self, length: int, *, publish: bool = True, populate: bool = False) -> Region:
+        """Allocate and register ``length`` bytes of page-aligned memory we own.
+
+        ``populate`` pre-faults the pages now instead of on first use.
+        """
         self._check_open()
         if length <= 0:
             raise InvalidArgument(f"cannot allocate a managed buffer of {length} bytes")
-        mm, view, addr = allocate_anonymous(length)
+        mm, view, addr = allocate_anonymous(length, populate)
         region = Region(addr, length, "cpu:0", True, view, owner=mm, managed=True)
         return self._add_regions([region], publish)[0]
 

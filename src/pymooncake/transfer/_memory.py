@@ -82,11 +82,18 @@ def address_of(obj: Any) -> tuple[int, int]:
     return addr, mv.nbytes
 
 
-def allocate_anonymous(length: int) -> tuple[mmap.mmap, memoryview, int]:
-    """Page-aligned private anonymous memory: (mapping, byte view, address)."""
+def allocate_anonymous(length: int, populate: bool = False) -> tuple[mmap.mmap, memoryview, int]:
+    """Page-aligned private anonymous memory: (mapping, byte view, address).
+
+    ``populate`` pre-faults every page (MAP_POPULATE) so that the first
+    transfers into it do not pay for page faults (about 1 GB/s on small VMs).
+    """
     if length <= 0:
         raise InvalidArgument(f"cannot allocate {length} bytes")
-    mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if populate:
+        flags |= getattr(mmap, "MAP_POPULATE", 0)
+    mm = mmap.mmap(-1, length, flags=flags)
     view = memoryview(mm)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
     return mm, view, addr

@@ -95,8 +95,10 @@ class SocketReader:
     def buffered(self) -> int:
         return self._end - self._start
 
-    def _fill(self, need: int) -> None:
-        """Receive until at least ``need`` bytes are buffered."""
+    def _fill(self, need: int, greedy: bool = True) -> None:
+        """Receive until at least ``need`` bytes are buffered.  Non-greedy fills
+        ask the kernel for exactly the missing bytes, so a large payload that
+        follows stays in the socket for a zero-copy ``recv_into``."""
         if self._start and (len(self._buf) - self._start) < need:
             # compact: move the unread tail to the front
             n = self._end - self._start
@@ -105,16 +107,20 @@ class SocketReader:
         while self._end - self._start < need:
             if self._before_block is not None:
                 self._before_block()
-            got = self._recv_into(self._mv[self._end :])
+            if greedy:
+                got = self._recv_into(self._mv[self._end :])
+            else:
+                got = self._recv_into(self._mv[self._end : self._start + need])
             if not got:
                 raise PeerClosed("peer closed the connection")
             self._end += got
 
-    def take(self, n: int) -> int:
+    def take(self, n: int, greedy: bool = True) -> int:
         """Make ``n`` bytes available and consume them; returns their offset
-        in :attr:`buffer` (valid until the next call)."""
+        in :attr:`buffer` (valid until the next call).  ``greedy=False`` when a
+        large payload is expected right after these bytes."""
         if self._end - self._start < n:
-            self._fill(n)
+            self._fill(n, greedy)
         off = self._start
         self._start += n
         return off

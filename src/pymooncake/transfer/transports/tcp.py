@@ -51,6 +51,8 @@ _U64_MAX: Final = (1 << 64) - 1
 _READ_WINDOW: Final = 256
 #: WRITE requests per send window (status frames are read after each window)
 _WRITE_WINDOW: Final = 512
+#: payloads from this size on are received in place (headers read exactly)
+_GREEDY_LIMIT: Final = 64 * 1024
 #: server flushes gathered replies beyond this many bytes / iovecs
 _FLUSH_BYTES: Final = 8 << 20
 _FLUSH_IOVECS: Final = 512
@@ -143,9 +145,10 @@ class _Server:
         buf = reader.buffer
         find = self._registry.find_remote
         served = 0
+        greedy = True
         try:
             while True:
-                off = reader.take(24)
+                off = reader.take(24, greedy)
                 size, raddr, opcode = _unpack_header(buf, off)
                 v2 = opcode & V2_FLAG
                 region = find(raddr, size)
@@ -171,6 +174,9 @@ class _Server:
                     reader.readinto(view)
                     if v2:
                         out.append(_OK_BYTES)
+                    # after a large WRITE the next one is likely large too: read
+                    # its header alone so its payload can land in place
+                    greedy = size < _GREEDY_LIMIT
                 else:
                     if v2:
                         out.append(_OK_BYTES)
@@ -492,7 +498,7 @@ class TcpTransport(Transport):
             s = pending[k]
             try:
                 if flag:
-                    off = reader.take(8)
+                    off = reader.take(8, s.length < _GREEDY_LIMIT)
                     (status,) = _unpack_status(buf, off)
                     if status != STATUS_OK:
                         if (status >> 32) == (STATUS_MAGIC >> 32):

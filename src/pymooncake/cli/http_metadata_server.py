@@ -1,0 +1,120 @@
+"""``mooncake_http_metadata_server``: run the HTTP metadata server in the foreground.
+
+Usage: ``mooncake_http_metadata_server [--host 0.0.0.0] [--port 8080] [--log-level INFO]``
+(the reference's flags and defaults).  Once listening it prints one line to
+stdout, ``HTTP metadata server listening on http://HOST:PORT/metadata``, with
+the real port when ``--port 0`` was given.  SIGINT/SIGTERM stop it with exit
+status 0; a port that cannot be bound is reported on one stderr line and exit
+status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from .._net import first_non_loopback_ipv4
+from ..errors import MooncakeError, PortInUse
+from ..transfer.metadata.server import MetadataServer
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("pymooncake.cli.http_metadata_server")
+
+PROG: Final = "mooncake_http_metadata_server"
+#: reference defaults (mooncake-wheel/mooncake/http_metadata_server.py)
+DEFAULT_HOST: Final = "0.0.0.0"
+DEFAULT_PORT: Final = 8080
+_LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0..65535 (0 = any free port)")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="HTTP metadata server for Mooncake (an alternative to etcd). Engines use "
+        "metadata_server='http://HOST:PORT/metadata'.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="port to listen on")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind to")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=_LOG_LEVELS,
+        default="INFO",
+        help="logging level",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM.
+
+    Returns:
+        0 after a signal, 1 if the server could not start (message on stderr).
+    """
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(_serve(args.host, args.port))
+    except KeyboardInterrupt:  # a signal that arrived before the handlers were installed
+        return 0
+
+
+async def _serve(host: str, port: int) -> int:
+    metadata = MetadataServer()
+    server = metadata.http_server(host, port)
+    try:
+        await server.start()
+    except PortInUse as exc:
+        print(f"{PROG}: {exc}; or pass --port 0 for any free port", file=sys.stderr)
+        return 1
+    except MooncakeError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (ValueError, RuntimeError, NotImplementedError):
+            break  # not the main thread (or no Unix signals): run until cancelled
+        installed.append(sig)
+    try:
+        print(f"HTTP metadata server listening on {metadata.url(server)}", flush=True)
+        if host in ("0.0.0.0", "::"):
+            lan = first_non_loopback_ipv4()
+            if lan is not None:
+                log.info("other nodes reach it as http://%s:%d%s", lan, server.port, metadata.path)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

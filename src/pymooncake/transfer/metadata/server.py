@@ -1,0 +1,200 @@
+"""The HTTP metadata server: a key-value store that engines reach over HTTP.
+
+Protocol (the reference's ``HTTPStoragePlugin`` client, and the behaviour of its
+Python and C++ servers)::
+
+    GET    /metadata?key=K   200 + stored bytes (application/json) | 404 metadata not found
+    PUT    /metadata?key=K   body stored, 200 metadata updated
+    DELETE /metadata?key=K   200 metadata deleted | 404 metadata not found
+    GET    /health           200 OK
+
+The key is percent-decoded and stripped of surrounding whitespace; a missing or
+blank key is 400 ``metadata key is required`` whatever the method.  Other
+methods on ``/metadata`` get 405.  A key containing ``rpc_meta`` may be
+written once: re-PUTting the same bytes is 200 ``metadata unchanged``,
+different bytes 400 ``Duplicate rpc_meta key not allowed`` (two engines
+claiming one segment name).  Every ``/metadata`` response is
+``application/json``, as the reference Python server sends.
+
+:meth:`MetadataServer.handle_metadata` makes the decisions without any I/O;
+:meth:`MetadataServer.handle` routes an :class:`HttpRequest` to it and is the
+handler given to :class:`~pymooncake._httpd.HttpServer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Final
+
+from ..._httpd import HttpLimits, HttpRequest, HttpResponse, HttpServer, ThreadedHttpServer
+
+__all__ = ["DEFAULT_METADATA_PATH", "MetadataServer"]
+
+log = logging.getLogger("pymooncake.metadata.server")
+
+#: the path the reference servers and documentation use
+DEFAULT_METADATA_PATH: Final = "/metadata"
+#: the C++ reference server's health-check path
+DEFAULT_HEALTH_PATH: Final = "/health"
+
+_JSON: Final = "application/json"
+
+
+def _reply(status: int, text: str) -> HttpResponse:
+    return HttpResponse(status, text.encode(), _JSON)
+
+
+class MetadataServer:
+    """The metadata store and its HTTP request logic.
+
+    Thread-safe: the store is guarded by a lock, so the server may be used from
+    several event loops or threads at once.
+
+    Args:
+        path: the metadata endpoint's path.
+        health_path: the health-check path.
+        store: the dict holding key -> bytes; pass one to share it (the
+            ``mooncake`` compatibility edge exposes it as ``store``).
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str = DEFAULT_METADATA_PATH,
+        health_path: str = DEFAULT_HEALTH_PATH,
+        store: dict[str, bytes] | None = None,
+    ) -> None:
+        for what, value in (("path", path), ("health_path", health_path)):
+            if not value.startswith("/"):
+                raise ValueError(f"metadata server {what} {value!r} must start with '/'")
+        self._path = path
+        self._health_path = health_path
+        self._store: dict[str, bytes] = {} if store is None else store
+        self._lock = threading.Lock()
+        self._methods: dict[str, Callable[[str, bytes], HttpResponse]] = {
+            "GET": self._get,
+            "PUT": self._put,
+            "DELETE": self._delete,
+        }
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def store(self) -> dict[str, bytes]:
+        """The live key -> bytes dict (mutate it only while no request runs)."""
+        return self._store
+
+    # --- direct access ----------------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        """The bytes under ``key``, or None."""
+        with self._lock:
+            return self._store.get(key)
+
+    def keys(self) -> list[str]:
+        """A snapshot of the stored keys."""
+        with self._lock:
+            return list(self._store)
+
+    # --- request logic ------------------------------------------------------------
+
+    def handle_metadata(self, method: str, key: str | None, body: bytes = b"") -> HttpResponse:
+        """Decide one ``/metadata`` request.
+
+        Args:
+            method: the HTTP method.
+            key: the ``key`` query parameter, percent-decoded (None if absent).
+            body: the request body (used by PUT).
+
+        Returns:
+            The response; never raises for bad input.
+        """
+        key = (key or "").strip()
+        if not key:
+            return _reply(400, "metadata key is required")
+        action = self._methods.get(method)
+        if action is None:
+            return HttpResponse(
+                405,
+                f"Method not allowed: {method}; use GET, PUT or DELETE".encode(),
+                _JSON,
+                headers=(("Allow", "GET, PUT, DELETE"),),
+            )
+        return action(key, body)
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        """Route one HTTP request (the handler for :class:`HttpServer`)."""
+        if request.path == self._path:
+            return self.handle_metadata(request.method, request.query.get("key"), request.body)
+        if request.path == self._health_path:
+            if request.method in ("GET", "HEAD"):
+                return HttpResponse.of_text(200, "OK")
+            return HttpResponse.of_text(405, f"Method not allowed: {request.method}; use GET")
+        return HttpResponse.of_text(
+            404, f"not found: {request.path}; the metadata endpoint is {self._path}?key=<key>"
+        )
+
+    def _get(self, key: str, _body: bytes) -> HttpResponse:
+        with self._lock:
+            value = self._store.get(key)
+        if value is None:
+            return _reply(404, "metadata not found")
+        return HttpResponse(200, value, _JSON)
+
+    def _put(self, key: str, body: bytes) -> HttpResponse:
+        with self._lock:
+            old = self._store.get(key) if "rpc_meta" in key else None
+            if old is None:
+                self._store[key] = body
+        if old is None:
+            return _reply(200, "metadata updated")
+        if old == body:
+            return _reply(200, "metadata unchanged")
+        log.warning(
+            "refused PUT of %s: the key exists with a different value. Two engines use the same "
+            "local_hostname, or an engine restarted before its old entry was removed; delete it "
+            "with DELETE %s?key=%s or give each engine a unique name",
+            key,
+            self._path,
+            key,
+        )
+        return _reply(400, "Duplicate rpc_meta key not allowed")
+
+    def _delete(self, key: str, _body: bytes) -> HttpResponse:
+        with self._lock:
+            found = self._store.pop(key, None) is not None
+        if not found:
+            return _reply(404, "metadata not found")
+        return _reply(200, "metadata deleted")
+
+    # --- running ------------------------------------------------------------------
+
+    def http_server(
+        self, host: str = "127.0.0.1", port: int = 0, *, limits: HttpLimits | None = None
+    ) -> HttpServer:
+        """An (unstarted) :class:`HttpServer` serving this store on the current loop."""
+        return HttpServer(self.handle, host, port, limits=limits, name="HTTP metadata server")
+
+    def serve(
+        self, host: str = "127.0.0.1", port: int = 0, *, limits: HttpLimits | None = None
+    ) -> ThreadedHttpServer:
+        """Serve this store from a background thread; returns once listening.
+
+        ``with MetadataServer().serve() as http: url = http.url + "/metadata"``
+
+        Raises:
+            PortInUse: the port is taken ("bind address already in use: port N ...").
+            PeerSocketError / DnsError: ``host`` is not usable.
+        """
+        server = ThreadedHttpServer(
+            self.handle, host, port, limits=limits, name="HTTP metadata server"
+        )
+        return server.start()
+
+    def url(self, server: HttpServer | ThreadedHttpServer) -> str:
+        """The metadata URL engines use for ``server``, e.g. ``http://127.0.0.1:8080/metadata``."""
+        return server.url + self._path

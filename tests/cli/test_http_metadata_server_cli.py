@@ -1,0 +1,144 @@
+"""The mooncake_http_metadata_server command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from pymooncake.cli.http_metadata_server import build_parser
+
+LISTENING = re.compile(rb"HTTP metadata server listening on http://([0-9.]+):([0-9]+)/metadata\n")
+
+
+def script_command() -> list[str]:
+    """The installed console script, or the module when it is not installed."""
+    script = Path(sys.executable).with_name("mooncake_http_metadata_server")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "pymooncake.cli.http_metadata_server"]
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> bytes:
+    """The first stdout line of ``proc`` (unbuffered reads, with a deadline)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    line = bytearray()
+    deadline = time.monotonic() + timeout_s
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no complete line within {timeout_s} s: {bytes(line)!r}"
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 1)
+            assert chunk, f"stdout closed (exit {proc.poll()}) after {bytes(line)!r}"
+            line += chunk
+    return bytes(line)
+
+
+class Running:
+    def __init__(self, proc: subprocess.Popen[bytes], host: str, port: int) -> None:
+        self.proc = proc
+        self.host = host
+        self.port = port
+
+    def call(self, method: str, target: str, body: bytes | None = None) -> tuple[int, bytes]:
+        c = http.client.HTTPConnection(self.host, self.port, timeout=5)
+        try:
+            c.request(method, target, body=body)
+            resp = c.getresponse()
+            return resp.status, resp.read()
+        finally:
+            c.close()
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> tuple[int, bytes, bytes]:
+        self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=10)
+        return self.proc.returncode, out, err
+
+
+def start(argv: Sequence[str]) -> Iterator[Running]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with subprocess.Popen(
+        [*argv, "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as proc:
+        try:
+            match = LISTENING.fullmatch(read_line(proc))
+            assert match is not None
+            yield Running(proc, match.group(1).decode(), int(match.group(2)))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def server() -> Iterator[Running]:
+    yield from start(script_command())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serves_and_stops_cleanly_on_a_signal(server: Running, sig: signal.Signals) -> None:
+    assert server.host == "127.0.0.1"
+    assert server.port != 0
+    key = "/metadata?key=mooncake%2Fram%2Fcli"
+    assert server.call("PUT", key, b'{"x":1}') == (200, b"metadata updated")
+    assert server.call("GET", key) == (200, b'{"x":1}')
+    assert server.call("DELETE", key) == (200, b"metadata deleted")
+    assert server.call("GET", key) == (404, b"metadata not found")
+    assert server.call("GET", "/health") == (200, b"OK")
+    code, out, err = server.stop(sig)
+    assert code == 0, err.decode()
+    assert out == b""
+    assert b"Traceback" not in err
+
+
+def test_a_second_instance_on_the_same_port_exits_1(server: Running) -> None:
+    proc = subprocess.run(
+        [*script_command(), "--host", "127.0.0.1", "--port", str(server.port)],
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == b""
+    message = proc.stderr.decode()
+    assert "Traceback" not in message
+    assert message.count("\n") == 1, message
+    assert f"port {server.port}" in message
+    assert "--port" in message
+    assert message.startswith("mooncake_http_metadata_server: bind address already in use")
+    assert server.call("GET", "/health") == (200, b"OK")
+
+
+def test_python_m_compat_module() -> None:
+    for running in start([sys.executable, "-m", "mooncake.http_metadata_server"]):
+        assert running.call("PUT", "/metadata?key=k", b"v") == (200, b"metadata updated")
+        code, _, err = running.stop()
+        assert code == 0, err.decode()
+
+
+def test_reference_flags_and_defaults() -> None:
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.log_level) == ("0.0.0.0", 8080, "INFO")
+    args = build_parser().parse_args(["--port", "0", "--log-level", "debug"])
+    assert (args.port, args.log_level) == (0, "DEBUG")
+
+
+@pytest.mark.parametrize("bad", [["--port", "70000"], ["--port", "x"], ["--log-level", "LOUD"]])
+def test_bad_arguments_exit_2(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(bad)
+    assert info.value.code == 2
+    assert "mooncake_http_metadata_server" in capsys.readouterr().err

@@ -1,0 +1,202 @@
+"""pymooncake._httpd: the asyncio HTTP server and its thread runner."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+from pymooncake._httpd import (
+    HttpLimits,
+    HttpRequest,
+    HttpResponse,
+    HttpServer,
+    ThreadedHttpServer,
+)
+from pymooncake.errors import ClosedError, PeerSocketError, PortInUse
+
+
+async def echo(request: HttpRequest) -> HttpResponse:
+    text = f"{request.method} {request.path} {sorted(request.query.items())} {request.body!r}"
+    return HttpResponse.of_text(200, text)
+
+
+def get(port: int, target: str, method: str = "GET") -> tuple[int, str]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        c.request(method, target)
+        resp = c.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        c.close()
+
+
+def test_threaded_server_lifecycle() -> None:
+    server = ThreadedHttpServer(echo, name="echo server")
+    assert (server.thread, server.running) == (None, False)
+    with pytest.raises(RuntimeError, match="echo server is not started; call start"):
+        _ = server.port
+    assert server.start() is server
+    try:
+        assert server.running
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        assert get(server.port, "/a?x=1&y=%2F") == (200, "GET /a [('x', '1'), ('y', '/')] b''")
+        with pytest.raises(RuntimeError, match="already started"):
+            server.start()
+    finally:
+        server.close()
+    thread = server.thread
+    assert thread is not None
+    assert (thread.is_alive(), server.running) == (False, False)
+    server.close()  # idempotent
+    with pytest.raises(ClosedError):
+        server.start()
+
+
+def test_context_manager_starts_and_closes() -> None:
+    with ThreadedHttpServer(echo) as server:
+        assert get(server.port, "/")[0] == 200
+        port = server.port
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        pass
+
+
+def test_port_in_use_names_the_port() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        before = set(threading.enumerate())
+        server = ThreadedHttpServer(echo, "127.0.0.1", port, name="HTTP metadata server")
+        with pytest.raises(PortInUse) as info:
+            server.start()
+        assert f"bind address already in use: port {port}" in str(info.value)
+        assert "HTTP metadata server" in str(info.value)
+        assert set(threading.enumerate()) <= before
+        assert not server.running
+        server.close()
+
+
+def test_host_that_is_not_local_is_a_clear_error() -> None:
+    # 192.0.2.0/24 is TEST-NET-1: never an address of this machine
+    with pytest.raises(PeerSocketError, match=r"192\.0\.2\.1 is not an address of this machine"):
+        ThreadedHttpServer(echo, "192.0.2.1", 0).start()
+
+
+def test_close_drops_idle_keep_alive_connections() -> None:
+    server = ThreadedHttpServer(echo).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    except BaseException:
+        server.close()
+        raise
+    with sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        started = time.monotonic()
+        server.close()
+        try:
+            assert sock.recv(65536) == b""
+        except ConnectionResetError:
+            pass  # an abort may reset instead of a clean FIN
+        assert time.monotonic() - started < 3
+
+
+def test_close_cancels_a_hanging_handler() -> None:
+    entered = threading.Event()
+
+    async def hang(request: HttpRequest) -> HttpResponse:
+        entered.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("not reached")
+
+    server = ThreadedHttpServer(hang).start()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert entered.wait(5)
+        server.close()
+        thread = server.thread
+        assert thread is not None and not thread.is_alive()
+
+
+def test_handler_exception_is_500_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(request: HttpRequest) -> HttpResponse:
+        if request.path == "/boom":
+            raise KeyError("boom")
+        return HttpResponse.of_text(200, "fine")
+
+    with ThreadedHttpServer(broken, name="test server") as server:
+        with caplog.at_level(logging.ERROR, logger="pymooncake.httpd"):
+            status, body = get(server.port, "/boom")
+        assert status == 500
+        assert "internal error in test server: KeyError('boom')" in body
+        assert get(server.port, "/ok") == (200, "fine")
+    assert "handler failed on GET /boom" in caplog.text
+
+
+def test_idle_connections_time_out() -> None:
+    limits = HttpLimits(keepalive_timeout_s=0.2)
+    with (
+        ThreadedHttpServer(echo, limits=limits) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock,
+    ):
+        started = time.monotonic()
+        sock.sendall(b"GET / HTT")  # a stalled, partial request
+        assert sock.recv(100) == b""
+        assert time.monotonic() - started < 3
+
+
+def test_http_1_0_closes_after_the_response() -> None:
+    with (
+        ThreadedHttpServer(echo) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock,
+    ):
+        sock.sendall(b"GET /x HTTP/1.0\r\n\r\n")
+        data = bytearray()
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Connection: close\r\n" in data
+
+
+def test_http_server_on_the_callers_event_loop() -> None:
+    async def scenario() -> None:
+        server = HttpServer(echo)
+        await server.start()
+        try:
+            with pytest.raises(RuntimeError, match="already started"):
+                await server.start()
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"PUT /p HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+            await server.close()
+            assert await reader.read() == b"PUT /p [] b'hi'"
+            writer.close()
+            await writer.wait_closed()
+        finally:
+            await server.close()
+        with pytest.raises(ClosedError):
+            await server.start()
+
+    asyncio.run(scenario())
+
+
+def test_an_unusable_response_becomes_500(caplog: pytest.LogCaptureFixture) -> None:
+    async def bad(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, b"", headers=(("X-Bad", "a\r\nInjected: yes"),))
+
+    with (
+        ThreadedHttpServer(bad, name="test server") as server,
+        caplog.at_level(logging.ERROR, logger="pymooncake.httpd"),
+    ):
+        status, body = get(server.port, "/")
+    assert status == 500
+    assert "unusable response" in body
+    assert "contains CR or LF" in caplog.text
