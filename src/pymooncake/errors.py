@@ -37,6 +37,18 @@ __all__ = [
     "TransferError",
     "TransferFailed",
     "TransferTimeout",
+    "StoreError",
+    "ObjectNotFound",
+    "ObjectExists",
+    "ObjectHasLease",
+    "LeaseExpired",
+    "ReplicaNotReady",
+    "NoAvailableHandle",
+    "InvalidParams",
+    "StoreTransferFailed",
+    "RpcFailed",
+    "RpcTimeout",
+    "store_error",
 ]
 
 
@@ -196,3 +208,88 @@ class TransferFailed(TransferError):
         first = next((e for e in errors if e is not None), None)
         super().__init__(message, code=getattr(first, "code", ErrCode.SOCKET))
         self.errors = errors
+
+
+# --- store ------------------------------------------------------------------------
+
+
+class StoreError(MooncakeError):
+    """A store operation failed; ``code`` is the reference ``ErrorCode`` value."""
+
+    code = -1  # INTERNAL_ERROR
+
+    @property
+    def name(self) -> str:
+        from .store._types import ErrorCode
+
+        try:
+            return ErrorCode(self.code).name
+        except ValueError:
+            return str(self.code)
+
+
+class ObjectNotFound(StoreError):
+    code = -704
+
+
+class ObjectExists(StoreError):
+    code = -705
+
+
+class ObjectHasLease(StoreError):
+    code = -706
+
+
+class LeaseExpired(StoreError):
+    code = -707
+
+
+class ReplicaNotReady(StoreError):
+    code = -703
+
+
+class NoAvailableHandle(StoreError):
+    """No segment has room for the object, even after eviction."""
+
+    code = -200
+
+
+class InvalidParams(StoreError):
+    code = -600
+
+
+class StoreTransferFailed(StoreError):
+    code = -800
+
+
+class RpcFailed(StoreError):
+    """The master could not be reached or did not answer."""
+
+    code = -900
+
+
+class RpcTimeout(RpcFailed):
+    code = -901
+
+
+_STORE_ERRORS: dict[int, type[StoreError]] = {
+    cls.code: cls
+    for cls in (
+        ObjectNotFound,
+        ObjectExists,
+        ObjectHasLease,
+        LeaseExpired,
+        ReplicaNotReady,
+        NoAvailableHandle,
+        InvalidParams,
+        StoreTransferFailed,
+        RpcFailed,
+        RpcTimeout,
+    )
+}
+
+
+def store_error(code: int, message: str) -> StoreError:
+    """The exception class for a store ``ErrorCode`` value."""
+    cls = _STORE_ERRORS.get(code, StoreError)
+    return cls(message, code=code)
