@@ -512,14 +512,14 @@ class TransferEngine:
             total = sum(t.length for t in batch.tasks)
             started = min((t.submitted_at for t in batch.tasks), default=time.monotonic())
             deadline = started + eng.config.transfer_timeout_s + total * 1e-9
-            if failed or not batch.wait(max(0.0, deadline - time.monotonic())):
-                if not failed:
-                    log.error(
-                        "Sync batch data transfer timeout: batch %d not done within %.1f s "
-                        "(MC_TRANSFER_TIMEOUT)",
-                        batch_id,
-                        eng.config.transfer_timeout_s,
-                    )
+            # every batch is waited for (bounded by its deadline) so all can be freed
+            if not batch.wait(max(0.0, deadline - time.monotonic())):
+                log.error(
+                    "Sync batch data transfer timeout: batch %d not done within %.1f s "
+                    "(MC_TRANSFER_TIMEOUT)",
+                    batch_id,
+                    eng.config.transfer_timeout_s,
+                )
                 failed = True
                 continue
             errors = [e for e in batch.errors() if e is not None]
@@ -546,12 +546,13 @@ class TransferEngine:
             log.error("transfer_check_status(%d): %s", batch_id, exc)
             return -1
         name = status.state.name
-        if name == "COMPLETED":
-            eng.free_batch(batch_id)
-            return 1
-        if name == "FAILED":
-            eng.free_batch(batch_id)
-            return -1
+        if name in ("COMPLETED", "FAILED"):
+            # the reference looks at task 0 only; free the batch when it can be freed
+            try:
+                eng.free_batch(batch_id)
+            except MooncakeError:
+                pass
+            return 1 if name == "COMPLETED" else -1
         if name == "TIMEOUT":
             return -2
         return 0

@@ -17,7 +17,13 @@ from pymooncake.errors import (
     StoreError,
 )
 from pymooncake.store._config import MasterConfig
-from pymooncake.store._types import ClientStatus, ErrorCode, ReplicaStatus, ReplicateConfig, SegmentInfo
+from pymooncake.store._types import (
+    ClientStatus,
+    ErrorCode,
+    ReplicaStatus,
+    ReplicateConfig,
+    SegmentInfo,
+)
 from pymooncake.store.master._allocator import OffsetAllocator
 from pymooncake.store.master._state import MasterState
 

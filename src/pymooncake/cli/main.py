@@ -82,9 +82,8 @@ def _demo(args: argparse.Namespace) -> int:
                             break
                     ok = bytes(local.view[: len(pattern)]) == pattern
                     gbps = n * batch * block / elapsed / 1e9
-                    print(
-                        f"| {op:5} | {_human(block):>8} | {batch:>5} | {gbps:6.2f} | {'ok' if ok else 'BAD':5} |"
-                    )
+                    check = "ok" if ok else "BAD"
+                    print(f"| {op:5} | {_human(block):>8} | {batch:>5} | {gbps:6.2f} | {check:5} |")
                     if not ok:
                         return 1
         return 0

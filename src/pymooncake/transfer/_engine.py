@@ -114,6 +114,9 @@ class TransferEngine:
         self._rpc: RpcServer | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._transports: list[Transport] = []
+        #: managed buffers stay mapped until free(), even if unregistered
+        self._managed: dict[int, Region] = {}
+        self._published = False
 
         if isinstance(metadata_server, MetadataStore):
             store: MetadataStore | None = metadata_server
@@ -194,6 +197,7 @@ class TransferEngine:
                 join_host_port(adv_host, self.rpc_port),
             )
         else:
+            self._published = True  # from here on, close() unpublishes
             self._claim_rpc_meta(RpcMeta(adv_host, self.rpc_port))
             self._publish()
             log.info(
@@ -429,7 +433,9 @@ class TransferEngine:
             raise InvalidArgument(f"cannot allocate a managed buffer of {length} bytes")
         mm, view, addr = allocate_anonymous(length, populate)
         region = Region(addr, length, "cpu:0", True, view, owner=mm, managed=True)
-        return self._add_regions([region], publish)[0]
+        self._add_regions([region], publish)
+        self._managed[addr] = region
+        return region
 
     def free(self, addr: int) -> None:
         """Unregister and release a buffer from :meth:`allocate`.
@@ -438,14 +444,16 @@ class TransferEngine:
             AddressNotRegistered: ``addr`` is not a managed buffer of this engine.
         """
         self._check_open()
-        region = self._registry.find(addr, 1)
-        if region is None or region.addr != addr or not region.managed:
+        region = self._managed.pop(addr, None)
+        if region is None:
             raise AddressNotRegistered(
                 f"{addr:#x} is not the start of a managed buffer of this engine "
                 "(free only what allocate_managed_buffer returned)"
             )
-        self._registry.remove(addr)
-        self._publish()
+        current = self._registry.find(addr, 1)
+        if current is region:
+            self._registry.remove(addr)
+            self._publish()
         _release(region)
 
     @property
@@ -837,7 +845,7 @@ class TransferEngine:
             return
         self._closed = True
         directory = getattr(self, "_directory", None)
-        if directory is not None and not directory.p2p and hasattr(self, "segment_name"):
+        if directory is not None and not directory.p2p and self._published:
             try:
                 directory.unpublish(self.segment_name)
             except MooncakeError as exc:
@@ -858,9 +866,10 @@ class TransferEngine:
             t.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        for region in self._registry.clear():
-            if region.managed:
-                _release(region)
+        self._registry.clear()
+        for region in self._managed.values():
+            _release(region)
+        self._managed.clear()
         for fn in self._cleanup:
             fn()
 

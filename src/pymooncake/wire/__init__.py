@@ -4,6 +4,8 @@
 * :mod:`._tcp` -- the TCP transport's 24-byte session header and v2 status frames.
 * :mod:`._descriptor` -- segment descriptors, rpc_meta entries and their metadata keys.
 * :mod:`._handshake` -- Notify / Probe / Connection bodies.
+* :mod:`._master` -- the store master's RPC frames (pymooncake's own protocol).
+* :mod:`._http` -- HTTP/1.1 request parsing and response encoding.
 """
 
 from ._descriptor import (
@@ -28,6 +30,16 @@ from ._handshake import (
     NotifyMessage,
     decode_notify,
     encode_notify,
+)
+from ._master import (
+    DEFAULT_MAX_MASTER_FRAME,
+    PROTOCOL_VERSION,
+    MasterFrameDecoder,
+    MasterMethod,
+    MasterReply,
+    MasterRequest,
+    encode_reply,
+    encode_request,
 )
 from ._rpc import (
     DEFAULT_MAX_FRAME_LENGTH,
@@ -61,6 +73,7 @@ from ._tcp import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME_LENGTH",
+    "DEFAULT_MAX_MASTER_FRAME",
     "EMPTY_CONNECTION_REPLY",
     "HEADER",
     "LENGTH",
@@ -70,6 +83,7 @@ __all__ = [
     "OPCODE_WRITE",
     "PROBE_REPLY",
     "PROBE_REQUEST",
+    "PROTOCOL_VERSION",
     "STATUS",
     "STATUS_ADDR_REJECTED",
     "STATUS_MAGIC",
@@ -80,6 +94,10 @@ __all__ = [
     "Frame",
     "FrameDecoder",
     "HeaderDecoder",
+    "MasterFrameDecoder",
+    "MasterMethod",
+    "MasterReply",
+    "MasterRequest",
     "MessageType",
     "NeedData",
     "NotifyMessage",
@@ -98,6 +116,8 @@ __all__ = [
     "encode_frame_json",
     "encode_header",
     "encode_notify",
+    "encode_reply",
+    "encode_request",
     "encode_rpc_meta",
     "encode_segment",
     "encode_status",
