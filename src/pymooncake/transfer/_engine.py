@@ -84,6 +84,8 @@ class TransferEngine:
         metadata_server: ``"P2PHANDSHAKE"``, ``"http://host:port/metadata"``,
             ``"memory://name"``, or a :class:`MetadataStore` instance.
         config: engine settings (``EngineConfig.from_env()`` for MC_* variables).
+        append_rpc_port: with a metadata server, name the segment
+            ``<local_hostname>:<rpc_port>`` (unique per process, like P2P names).
 
     Raises:
         ConfigError / NotSupported: unusable metadata string or settings.
@@ -98,8 +100,10 @@ class TransferEngine:
         metadata_server: str | MetadataStore = "P2PHANDSHAKE",
         *,
         config: EngineConfig | None = None,
+        append_rpc_port: bool = False,
     ) -> None:
         self.config = cfg = config or EngineConfig()
+        self._append_rpc_port = append_rpc_port
         self._closed = False
         self._registry = MemoryRegistry()
         self._batches = BatchTable()
@@ -163,7 +167,10 @@ class TransferEngine:
         )
         self.rpc_port: int = rpc_sock.getsockname()[1]
         self.advertised_host = adv_host
-        self.segment_name = join_host_port(host, self.rpc_port) if p2p else local_hostname
+        if p2p or self._append_rpc_port:
+            self.segment_name = join_host_port(host, self.rpc_port)
+        else:
+            self.segment_name = local_hostname
         self.local_hostname = local_hostname
 
         ctx = TransportContext(
