@@ -23,6 +23,7 @@ from pymooncake.store._types import (
     ReplicaStatus,
     ReplicateConfig,
     SegmentInfo,
+    SoftPinAction,
 )
 from pymooncake.store.master._allocator import OffsetAllocator
 from pymooncake.store.master._state import MasterState
@@ -31,18 +32,26 @@ MiB = 1 << 20
 ONE = ReplicateConfig()
 
 
-def seg(name: str, size: int = 16 * MiB, base: int = 0x10000000, sid: str | None = None) -> SegmentInfo:
-    return SegmentInfo(id=sid or f"seg-{name}", name=name, base=base, size=size, host_id=name.split(":")[0])
+def seg(
+    name: str, size: int = 16 * MiB, base: int = 0x10000000, sid: str | None = None
+) -> SegmentInfo:
+    return SegmentInfo(
+        id=sid or f"seg-{name}", name=name, base=base, size=size, host_id=name.split(":")[0]
+    )
 
 
 @pytest.fixture
 def state() -> Iterator[MasterState]:
-    st = MasterState(MasterConfig(default_kv_lease_ttl_ms=1000, client_ttl_s=10), rng=random.Random(1))
+    st = MasterState(
+        MasterConfig(default_kv_lease_ttl_ms=1000, client_ttl_s=10), rng=random.Random(1)
+    )
     yield st
     st.validate()
 
 
-def put(st: MasterState, key: str, size: int, now: float, client: str = "c1", cfg: ReplicateConfig = ONE) -> None:
+def put(
+    st: MasterState, key: str, size: int, now: float, client: str = "c1", cfg: ReplicateConfig = ONE
+) -> None:
     st.put_start(client, key, size, cfg, now)
     st.put_end(client, key, now)
 
@@ -153,7 +162,19 @@ def test_invalid_puts(state: MasterState) -> None:
         with pytest.raises(InvalidParams):
             state.put_start("c1", key, size, cfg, 0)
     with pytest.raises(InvalidParams, match="max_kv_soft_pin_ttl"):
-        state.put_start("c1", "k", 1, ReplicateConfig(with_soft_pin=True, soft_pin_ttl_ms=10**12), 0)
+        state.put_start(
+            "c1", "k", 1, ReplicateConfig(with_soft_pin=True, soft_pin_ttl_ms=10**12), 0
+        )
+    with pytest.raises(InvalidParams, match="only valid with soft_pin_action ENABLE"):
+        state.put_start("c1", "k", 1, ReplicateConfig(soft_pin_ttl_ms=1000), 0)
+    with pytest.raises(InvalidParams, match="only valid with soft_pin_action ENABLE"):
+        state.put_start(
+            "c1",
+            "k",
+            1,
+            ReplicateConfig(soft_pin_action=SoftPinAction.DISABLE, soft_pin_ttl_ms=1000),
+            0,
+        )
 
 
 def test_no_segment_no_handle(state: MasterState) -> None:
@@ -179,7 +200,9 @@ def test_preferred_segment(state: MasterState) -> None:
     for i in range(4):
         state.mount_segment(f"c{i}", seg(f"n{i}:1", sid=f"s{i}"), 0)
     for k in range(10):
-        descs = state.put_start("c0", f"k{k}", 100, ReplicateConfig(preferred_segments=("n2:1",)), 0)
+        descs = state.put_start(
+            "c0", f"k{k}", 100, ReplicateConfig(preferred_segments=("n2:1",)), 0
+        )
         assert descs[0].endpoint == "n2:1"
 
 

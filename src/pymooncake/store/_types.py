@@ -93,8 +93,11 @@ class ReplicateConfig:
 
     Attributes:
         replica_num: memory replicas, each in a distinct segment (>= 1).
-        with_soft_pin / soft_pin_ttl_ms: soft-pinned objects are evicted last;
-            the pin lasts ``soft_pin_ttl_ms`` (master default if None).
+        soft_pin_action: ENABLE pins the object (evicted last) for
+            ``soft_pin_ttl_ms`` (master default if None); on upsert PRESERVE
+            keeps the current pin and DISABLE drops it.  A TTL is only valid
+            with ENABLE (reference rule).
+        with_soft_pin: shorthand for ``soft_pin_action=ENABLE``.
         with_hard_pin: never evicted.
         preferred_segments: segment names tried first, in order.
     """
@@ -104,11 +107,16 @@ class ReplicateConfig:
     soft_pin_ttl_ms: int | None = None
     with_hard_pin: bool = False
     preferred_segments: tuple[str, ...] = ()
+    soft_pin_action: SoftPinAction = SoftPinAction.PRESERVE
+
+    @property
+    def pin_action(self) -> SoftPinAction:
+        return SoftPinAction.ENABLE if self.with_soft_pin else self.soft_pin_action
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "replica_num": self.replica_num,
-            "with_soft_pin": self.with_soft_pin,
+            "soft_pin_action": int(self.pin_action),
             "soft_pin_ttl_ms": self.soft_pin_ttl_ms,
             "with_hard_pin": self.with_hard_pin,
             "preferred_segments": list(self.preferred_segments),
@@ -123,7 +131,7 @@ class ReplicateConfig:
         ttl = obj.get("soft_pin_ttl_ms")
         return cls(
             replica_num=int(obj.get("replica_num", 1)),
-            with_soft_pin=bool(obj.get("with_soft_pin", False)),
+            soft_pin_action=SoftPinAction(int(obj.get("soft_pin_action", 0))),
             soft_pin_ttl_ms=None if ttl is None else int(ttl),
             with_hard_pin=bool(obj.get("with_hard_pin", False)),
             preferred_segments=tuple(str(s) for s in obj.get("preferred_segments", ()) or ()),

@@ -40,6 +40,8 @@ class ObjectRecord:
     last_access: float = 0.0
     soft_pin_until: float | None = None
     soft_pin_ttl_s: float | None = None  # applied when the put completes
+    #: the pending upsert (re)enables the soft pin when it completes
+    repin: bool = True
     hard_pinned: bool = False
 
     @property

@@ -50,6 +50,7 @@ from .._types import (
     ReplicaStatus,
     ReplicateConfig,
     SegmentInfo,
+    SoftPinAction,
 )
 from ._allocator import OffsetAllocator
 from ._objects import ClientRecord, ObjectRecord, Replica, SegmentRecord
@@ -321,7 +322,14 @@ class MasterState:
                 ErrorCode.INVALID_PARAMS,
                 f"replica_num must be at least 1, got {config.replica_num}",
             )
-        if config.with_soft_pin:
+        action = config.pin_action
+        if config.soft_pin_ttl_ms is not None and action is not SoftPinAction.ENABLE:
+            raise _err(
+                ErrorCode.INVALID_PARAMS,
+                f"soft_pin_ttl_ms is only valid with soft_pin_action ENABLE (got {action.name}) "
+                f"for {key!r}",
+            )
+        if action is SoftPinAction.ENABLE:
             ttl_ms = (
                 self.config.default_kv_soft_pin_ttl_ms
                 if config.soft_pin_ttl_ms is None
@@ -454,7 +462,12 @@ class MasterState:
         obj.pending_size = size
         obj.writer = client_id
         obj.started_at = now
-        obj.soft_pin_ttl_s = pin_ttl if pin_ttl is not None else obj.soft_pin_ttl_s
+        obj.repin = config.pin_action is SoftPinAction.ENABLE
+        if obj.repin:
+            obj.soft_pin_ttl_s = pin_ttl
+        elif config.pin_action is SoftPinAction.DISABLE:
+            obj.soft_pin_ttl_s = None
+            obj.soft_pin_until = None
         obj.hard_pinned = obj.hard_pinned or config.with_hard_pin
         return [r.desc() for r in obj.pending]
 
@@ -467,7 +480,7 @@ class MasterState:
         obj.replicas, obj.pending = obj.pending, []
         obj.size, obj.pending_size = obj.pending_size, 0
         obj.last_access = now
-        if obj.soft_pin_ttl_s is not None:
+        if obj.repin and obj.soft_pin_ttl_s is not None:
             obj.soft_pin_until = now + obj.soft_pin_ttl_s
 
     upsert_end = put_end
