@@ -20,10 +20,10 @@ def call_code(what: str, fn: Callable[[], object], *, failure: int | None = None
     try:
         fn()
     except MooncakeError as exc:
-        log.error("%s failed: %s", what, exc)
+        log.error("%s failed: %s", what, str(exc))
         return exc.code if failure is None else failure
     except (ValueError, TypeError, OverflowError) as exc:
-        log.error("%s failed: invalid argument: %s", what, exc)
+        log.error("%s failed: invalid argument: %s", what, str(exc))
         return -1
     return 0
 
@@ -33,7 +33,7 @@ def call_value(what: str, fn: Callable[[], T], failure: T) -> T:
     try:
         return fn()
     except MooncakeError as exc:
-        log.error("%s failed: %s", what, exc)
+        log.error("%s failed: %s", what, str(exc))
     except (ValueError, TypeError, OverflowError) as exc:
-        log.error("%s failed: invalid argument: %s", what, exc)
+        log.error("%s failed: invalid argument: %s", what, str(exc))
     return failure

@@ -506,7 +506,7 @@ class TransferEngine:
             try:
                 batch = eng.batch(batch_id)
             except MooncakeError as exc:
-                log.error("get_batch_transfer_status: %s", exc)
+                log.error("get_batch_transfer_status: %s", str(exc))
                 failed = True
                 continue
             total = sum(t.length for t in batch.tasks)
@@ -524,7 +524,7 @@ class TransferEngine:
                 continue
             errors = [e for e in batch.errors() if e is not None]
             if errors:
-                log.error("batch %d failed: %s", batch_id, errors[0])
+                log.error("batch %d failed: %s", batch_id, str(errors[0]))
                 failed = True
         for batch_id in batch_ids:
             try:
@@ -543,7 +543,7 @@ class TransferEngine:
         try:
             status = eng.task_status(batch_id, 0)
         except MooncakeError as exc:
-            log.error("transfer_check_status(%d): %s", batch_id, exc)
+            log.error("transfer_check_status(%d): %s", batch_id, str(exc))
             return -1
         name = status.state.name
         if name in ("COMPLETED", "FAILED"):

@@ -52,11 +52,20 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
 
 
+#: the reference's mooncake.engine is a C++ extension; ours (the compat package,
+#: also named ``mooncake``) is pure Python and must not pass for it
+_REF_IMPORT_CHECK = (
+    "import mooncake.engine as e, sys; "
+    "sys.exit(0 if e.__file__.endswith(('.so', '.pyd')) else "
+    "'mooncake.engine at ' + e.__file__ + ' is not the reference extension module')"
+)
+
+
 def _import_error(python: str) -> str | None:
     """None if ``python`` can import the reference's ``mooncake.engine``, else why not."""
     try:
         proc = subprocess.run(
-            [python, "-c", "import mooncake.engine"],
+            [python, "-c", _REF_IMPORT_CHECK],
             capture_output=True,
             timeout=IMPORT_TIMEOUT_S,
             env=_clean_env(),
@@ -117,18 +126,50 @@ def _build_ref_venv() -> tuple[str | None, str]:
     return str(python), ""
 
 
+_resolved: list[tuple[str | None, str]] = []
+
+
+def _resolve_ref_python() -> tuple[str | None, str]:
+    """(interpreter, "") or (None, why not); computed once per session."""
+    if not _resolved:
+        explicit = os.environ.get("PYMOONCAKE_REF_PYTHON")
+        if explicit:
+            explicit = os.path.abspath(shutil.which(explicit) or explicit)
+            err = _import_error(explicit)
+            _resolved.append(
+                (None, f"PYMOONCAKE_REF_PYTHON={explicit}: {err}") if err else (explicit, "")
+            )
+        else:
+            python, why = _build_ref_venv()
+            _resolved.append(
+                (python, "") if python else (None, f"could not build {REF_VENV}: {why}")
+            )
+    return _resolved[0]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Prepare the reference environment before any test runs, outside the
+    per-test timeout (a first ``pip install`` may take minutes)."""
+    if session.config.option.collectonly:
+        return
+    if not any(item.get_closest_marker("interop") for item in session.items):
+        return
+    if not os.environ.get("PYMOONCAKE_REF_PYTHON") and not (REF_VENV / "bin" / "python").exists():
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"interop: creating {REF_VENV} with {REF_PACKAGE}=={REF_PACKAGE_VERSION} "
+                f"(once; pip may take up to {PIP_TIMEOUT_S} s)"
+            )
+    _resolve_ref_python()
+
+
 @pytest.fixture(scope="session")
 def ref_python() -> str:
     """An interpreter that imports the reference ``mooncake.engine``."""
-    explicit = os.environ.get("PYMOONCAKE_REF_PYTHON")
-    if explicit:
-        err = _import_error(explicit)
-        if err is not None:
-            _unavailable(f"PYMOONCAKE_REF_PYTHON={explicit}: {err}")
-        return explicit
-    python, why = _build_ref_venv()
+    python, why = _resolve_ref_python()
     if python is None:
-        _unavailable(f"could not build {REF_VENV} with {REF_PACKAGE}: {why}")
+        _unavailable(why)
     assert python is not None
     return python
 
@@ -154,19 +195,44 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 # ---------------------------------------------------------------------------------
 
 
+def _open_fds() -> set[tuple[int, str]]:
+    """(fd, what it points to) of this process; sockets and pipes name their inode,
+    so a number reused for something new counts as new."""
+    out = set()
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # not Linux
+        return out
+    for name in names:
+        try:
+            out.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            pass
+    return out
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _no_leaked_threads() -> Iterator[None]:
-    """Every engine, peer and server a module starts is gone when it ends."""
-    before = set(threading.enumerate())
+def _no_leaks_per_module() -> Iterator[None]:
+    """Every engine, peer and server a module starts is gone when it ends.
+
+    (tests/conftest.py checks each test; interop tests share module-scoped
+    engines and processes, so they are checked per module instead.)
+    """
+    threads_before = set(threading.enumerate())
+    fds_before = _open_fds()
     yield
     deadline = time.monotonic() + 5.0
-    leaked: list[threading.Thread] = []
+    threads: list[threading.Thread] = []
+    fds: set[tuple[int, str]] = set()
     for _ in range(500):
-        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not leaked or time.monotonic() > deadline:
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        fds = _open_fds() - fds_before
+        if (not threads and not fds) or time.monotonic() > deadline:
             break
         time.sleep(0.01)
-    assert not leaked, f"threads left behind: {leaked}"
+    assert not threads, f"threads left behind: {threads}"
+    assert not fds, f"file descriptors left open: {sorted(fds)}"
+    assert not RefPeer.live, f"reference peers left running: {RefPeer.live}"
 
 
 @pytest.fixture(scope="module")

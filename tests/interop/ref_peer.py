@@ -113,7 +113,11 @@ def cmd_transfer_sync(a: dict[str, Any]) -> Any:
 
 def cmd_batch_transfer_sync(a: dict[str, Any]) -> Any:
     return engine.batch_transfer_sync(
-        a["segment"], a["locals"], a["remotes"], a["lengths"], _opcode(a["opcode"]),
+        a["segment"],
+        a["locals"],
+        a["remotes"],
+        a["lengths"],
+        _opcode(a["opcode"]),
         _notify(a.get("notify")),
     )
 

@@ -250,8 +250,9 @@ def test_ref_read_from_ours(pair: Pair, rng: random.Random, size: int) -> None:
     assert_same(pair.ref.read_bytes(pair.ref_local, size + 64), data + guard, "reference local")
 
 
-def _ref_batch(pair: Pair, opcode: str, how: str, locals_: list[int], remotes: list[int],
-               lengths: list[int]) -> None:
+def _ref_batch(
+    pair: Pair, opcode: str, how: str, locals_: list[int], remotes: list[int], lengths: list[int]
+) -> None:
     args = {"segment": pair.our_seg, "locals": locals_, "remotes": remotes, "lengths": lengths}
     if how == "sync":
         assert pair.ref.call(f"batch_transfer_sync_{opcode}", **args) == 0

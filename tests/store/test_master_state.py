@@ -390,3 +390,15 @@ def test_upsert_of_absent_key_is_a_put_and_revoke_restores(state: MasterState) -
     state.upsert_start("c1", "k", 10, ONE, 1)
     state.upsert_revoke("c1", "k", 1)
     assert state.exist_key("k", 1)  # old value untouched
+
+
+def test_restarted_process_replaces_its_dead_predecessor(state: MasterState) -> None:
+    # the old process (client c-old) crashed; a new one starts under the same segment
+    # name before client_ttl expired the old one: the old segment must go at once
+    state.mount_segment("c-old", seg("node:1", sid="old"), 0)
+    put(state, "lost", 10, 0, "c-old")
+    state.mount_segment("c-new", seg("node:1", sid="new", base=0x20000000), 1)
+    assert "old" not in state.segments and "c-old" not in state.clients
+    assert "lost" not in state.objects
+    descs = state.put_start("c-new", "k", 10, ONE, 2)
+    assert descs[0].segment_id == "new"

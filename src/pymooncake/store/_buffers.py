@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 import weakref
 from typing import Any
 
 from ..transfer._memory import view_at
 from .master._allocator import OffsetAllocator
 
-__all__ = ["BufferHandle", "LocalBuffer", "make_handle", "new_bytes"]
+__all__ = ["BufferHandle", "Lease", "LeasePool", "LocalBuffer", "make_handle", "new_bytes"]
 
 try:
     _from_size = ctypes.pythonapi.PyBytes_FromStringAndSize
@@ -70,6 +71,13 @@ class LocalBuffer:
             return None
         start = got[0] - self.addr
         return got[0], self.view[start : start + n]
+
+    def size_of(self, addr: int) -> int:
+        """Bytes reserved for the live range at ``addr`` (rounded up)."""
+        if self._alloc is None:
+            return 0
+        with self._lock:
+            return self._alloc.reserved(addr)
 
     def give_back(self, addr: int) -> None:
         if self._alloc is not None:
@@ -130,3 +138,110 @@ def make_handle(owner: LocalBuffer, addr: int, size: int) -> BufferHandle:
     handle: BufferHandle = cls.from_address(addr)  # type: ignore[attr-defined]
     handle._finalizer = weakref.finalize(handle, owner.give_back, addr)
     return handle
+
+
+class Lease:
+    """A range of the local buffer leased from a :class:`LeasePool`.
+
+    ``ptr`` and ``size`` describe it, ``buffer`` is a writable memoryview of it;
+    usable as a context manager.  :meth:`release` (idempotent) returns it.
+    """
+
+    def __init__(self, pool: LeasePool, addr: int, view: memoryview) -> None:
+        self._pool = pool
+        self.ptr = addr
+        self.size = len(view)
+        self.buffer = view
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._pool._give_back(self.ptr)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<Lease ptr={self.ptr:#x} size={self.size}{' released' if self._released else ''}>"
+
+
+class LeasePool:
+    """Hands out registered scratch buffers from a client's local buffer.
+
+    Args:
+        local: the client's local buffer.
+        max_bytes: cap on bytes leased at once (0 = the whole local buffer).
+        block: wait for space by default (else fail at once).
+        timeout_s: default wait limit (None = forever).
+    """
+
+    def __init__(
+        self,
+        local: LocalBuffer,
+        *,
+        max_bytes: int = 0,
+        block: bool = True,
+        timeout_s: float | None = None,
+    ) -> None:
+        self._local = local
+        self._max = max_bytes or local.size
+        self._block = block
+        self._timeout = timeout_s
+        self._leased = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def acquire(
+        self, size: int, block: bool | None = None, timeout_s: float | None = None
+    ) -> Lease:
+        """Lease ``size`` bytes.
+
+        Raises:
+            ValueError: size not positive or larger than the pool.
+            TimeoutError: no room within the timeout (or at once when not blocking).
+        """
+        if size <= 0 or size > self._max:
+            raise ValueError(f"cannot lease {size} bytes from a pool of {self._max}")
+        block = self._block if block is None else block
+        timeout = self._timeout if timeout_s is None else timeout_s
+
+        def attempt() -> tuple[int, memoryview] | None:
+            if self._closed:
+                raise ValueError("the buffer pool is closed")
+            if self._leased + size > self._max:
+                return None
+            return self._local.take(size)
+
+        with self._cond:
+            got = attempt()
+            if got is None and block:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while got is None:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._cond.wait(left)
+                    got = attempt()
+            if got is None:
+                raise TimeoutError(
+                    f"no {size}-byte range free in the local buffer ({self._leased} of {self._max} "
+                    "bytes leased); release leases or raise local_buffer_size"
+                )
+            self._leased += self._local.size_of(got[0])
+        return Lease(self, got[0], got[1])
+
+    def _give_back(self, addr: int) -> None:
+        with self._cond:
+            size = self._local.size_of(addr)
+            self._local.give_back(addr)
+            self._leased -= size
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

@@ -21,11 +21,14 @@ pipelined stream.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +37,12 @@ from .._logging import RepeatLimiter
 from .._net import split_host_port
 from ..config import EngineConfig
 from ..errors import (
+    DnsError,
     InvalidParams,
     LeaseExpired,
     MooncakeError,
+    PeerSocketError,
+    SegmentNotFound,
     StoreError,
     StoreTransferFailed,
     TransferFailed,
@@ -49,7 +55,7 @@ from ._buffers import BufferHandle, LocalBuffer, make_handle, new_bytes
 from ._master_client import MasterClient
 from ._types import ClientStatus, ErrorCode, ReplicaDesc, ReplicateConfig, SegmentInfo
 
-__all__ = ["StoreClient", "StoreClientConfig"]
+__all__ = ["ObjectLocation", "StoreClient", "StoreClientConfig"]
 
 log = logging.getLogger("pymooncake.store")
 M = MasterMethod
@@ -79,11 +85,37 @@ class StoreClientConfig:
             raise InvalidParams("segment and buffer sizes must not be negative")
 
 
+@dataclass(frozen=True)
+class ObjectLocation:
+    """Where an object's readable replicas are, and until when its read lease holds."""
+
+    key: str
+    size: int
+    replicas: tuple[ReplicaDesc, ...]
+    lease_deadline: float  # time.monotonic() seconds
+
+
 def _as_view(obj: Any) -> memoryview:
     view = memoryview(obj)
     if not view.c_contiguous:
         raise InvalidParams("buffers must be C-contiguous")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+_live_clients: weakref.WeakSet[StoreClient] = weakref.WeakSet()
+
+
+def _close_live_clients() -> None:
+    """At interpreter exit, unmount what is still mounted (as the reference's
+    destructors do), so the master does not place objects in dead memory."""
+    for client in list(_live_clients):
+        try:
+            client.close()
+        except Exception:
+            pass
+
+
+atexit.register(_close_live_clients)
 
 
 class StoreClient:
@@ -145,6 +177,7 @@ class StoreClient:
             target=self._ping_loop, name=f"mc-store-ping:{self.hostname}", daemon=True
         )
         self._ping_thread.start()
+        _live_clients.add(self)
 
     # ------------------------------------------------------------------------------
     # identity, segments, liveness
@@ -230,8 +263,10 @@ class StoreClient:
         self,
         per_endpoint: dict[str, list[tuple[int, TransferRequest]]],
         errors: list[BaseException | None],
+        unreachable: set[str] | None = None,
     ) -> None:
-        """Run grouped transfers; the first failure of each item lands in ``errors``."""
+        """Run grouped transfers; the first failure of each item lands in ``errors``;
+        endpoints that could not be reached at all are added to ``unreachable``."""
 
         def job(endpoint: str, items: list[tuple[int, TransferRequest]]) -> Callable[[], None]:
             def run() -> None:
@@ -241,10 +276,16 @@ class StoreClient:
                     for (idx, _), err in zip(items, exc.errors, strict=True):
                         if err is not None and errors[idx] is None:
                             errors[idx] = err
+                        if unreachable is not None and isinstance(err, (PeerSocketError, DnsError)):
+                            unreachable.add(endpoint)
                 except MooncakeError as exc:
                     for idx, _ in items:
                         if errors[idx] is None:
                             errors[idx] = exc
+                    if unreachable is not None and isinstance(
+                        exc, (PeerSocketError, DnsError, SegmentNotFound)
+                    ):
+                        unreachable.add(endpoint)
 
             return run
 
@@ -261,8 +302,39 @@ class StoreClient:
         config: ReplicateConfig,
         upsert: bool,
     ) -> list[bool | StoreError]:
-        """Two-phase write of many objects; True stored, False already existed."""
+        """Two-phase write of many objects; True stored, False already existed.
+
+        Objects whose replica landed on a peer that turned out to be unreachable
+        (crashed, not yet expired by the master) are written once more, elsewhere.
+        """
         self._check_open()
+        unreachable: set[str] = set()
+        results = self._write_once(keys, parts, config, upsert, unreachable)
+        retry = [i for i, r in enumerate(results) if isinstance(r, StoreTransferFailed)]
+        if retry and unreachable:
+            log.warning(
+                "segment(s) %s unreachable; writing %d object(s) elsewhere",
+                sorted(unreachable),
+                len(retry),
+            )
+            again = dataclasses.replace(
+                config, excluded_segments=(*config.excluded_segments, *sorted(unreachable))
+            )
+            sub = self._write_once(
+                [keys[i] for i in retry], [parts[i] for i in retry], again, upsert, set()
+            )
+            for i, r in zip(retry, sub, strict=True):
+                results[i] = r
+        return results
+
+    def _write_once(
+        self,
+        keys: Sequence[str],
+        parts: Sequence[Parts],
+        config: ReplicateConfig,
+        upsert: bool,
+        unreachable: set[str],
+    ) -> list[bool | StoreError]:
         n = len(keys)
         results: list[bool | StoreError] = [True] * n
         sizes = [sum(len(p) for p in ps) for ps in parts]
@@ -320,7 +392,7 @@ class StoreClient:
                         )
                     off += len(part)
         errors: list[BaseException | None] = [None] * n
-        self._run_transfers(per_endpoint, errors)
+        self._run_transfers(per_endpoint, errors, unreachable)
         good = [i for i in writing if errors[i] is None]
         bad = [i for i in writing if errors[i] is not None]
         finish: list[tuple[MasterMethod, dict[str, Any]]] = []
@@ -588,6 +660,86 @@ class StoreClient:
             return out
 
         return self._read_batch(keys, dest)
+
+    def locate(self, keys: Sequence[str]) -> list[ObjectLocation | StoreError]:
+        """Replica locations of many keys in one RPC; each granted a read lease."""
+        self._check_open()
+        found, t0 = self._query(keys)
+        out: list[ObjectLocation | StoreError] = []
+        for key, (code, value) in zip(keys, found, strict=True):
+            if code != 0:
+                out.append(store_error(code, f"{key!r}: {value}"))
+            else:
+                out.append(
+                    ObjectLocation(
+                        key,
+                        int(value["size"]),
+                        tuple(ReplicaDesc.from_wire(r) for r in value["replicas"]),
+                        t0 + value["lease_ttl_ms"] / 1000.0,
+                    )
+                )
+        return out
+
+    def read_ranges(
+        self,
+        locations: Sequence[ObjectLocation],
+        ranges: Sequence[Sequence[tuple[memoryview, int]]],
+    ) -> list[list[int | StoreError]]:
+        """Read byte ranges of located objects without asking the master again.
+
+        ``ranges[i]`` lists ``(destination view, source offset)`` pairs for
+        ``locations[i]``; each fragment reads ``len(view)`` bytes.  Results per
+        fragment: bytes read, or the error (source range outside the object,
+        lease expired before the read finished, transfer failure).
+        """
+        self._check_open()
+        results: list[list[int | StoreError]] = [[0] * len(r) for r in ranges]
+        flat: list[tuple[int, int]] = []  # (location index, fragment index)
+        for i, (loc, frags) in enumerate(zip(locations, ranges, strict=True)):
+            for j, (view, src) in enumerate(frags):
+                if src < 0 or src + len(view) > loc.size:
+                    results[i][j] = InvalidParams(
+                        f"range [{src}, +{len(view)}) is outside {loc.key!r} ({loc.size} bytes)"
+                    )
+                else:
+                    results[i][j] = len(view)
+                    flat.append((i, j))
+        attempt = 0
+        pending = flat
+        while pending:
+            per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
+            for n, (i, j) in enumerate(pending):
+                loc = locations[i]
+                view, src = ranges[i][j]
+                if not len(view):
+                    continue
+                rep = self._pick(list(loc.replicas), attempt)
+                per_endpoint.setdefault(rep.endpoint, []).append(
+                    (n, TransferRequest.read(view, rep.address + src, segment=rep.endpoint))
+                )
+            errors: list[BaseException | None] = [None] * len(pending)
+            self._run_transfers(per_endpoint, errors)
+            attempt += 1
+            retry = []
+            for n, (i, j) in enumerate(pending):
+                if errors[n] is None:
+                    continue
+                if attempt < len(locations[i].replicas):
+                    retry.append((i, j))
+                else:
+                    results[i][j] = StoreTransferFailed(
+                        f"reading {locations[i].key!r} failed: {errors[n]}"
+                    )
+            pending = retry
+        now = time.monotonic()
+        for i, loc in enumerate(locations):
+            if now > loc.lease_deadline:
+                for j, r in enumerate(results[i]):
+                    if not isinstance(r, StoreError):
+                        results[i][j] = LeaseExpired(
+                            f"the read lease of {loc.key!r} ran out before the read finished; retry"
+                        )
+        return results
 
     def get_buffer(self, key: str) -> BufferHandle:
         """The object's bytes in the local buffer, as a :class:`BufferHandle`.

@@ -108,6 +108,8 @@ class ReplicateConfig:
     with_hard_pin: bool = False
     preferred_segments: tuple[str, ...] = ()
     soft_pin_action: SoftPinAction = SoftPinAction.PRESERVE
+    #: segment names never to use (e.g. peers found unreachable)
+    excluded_segments: tuple[str, ...] = ()
 
     @property
     def pin_action(self) -> SoftPinAction:
@@ -120,6 +122,7 @@ class ReplicateConfig:
             "soft_pin_ttl_ms": self.soft_pin_ttl_ms,
             "with_hard_pin": self.with_hard_pin,
             "preferred_segments": list(self.preferred_segments),
+            "excluded_segments": list(self.excluded_segments),
         }
 
     @classmethod
@@ -135,6 +138,7 @@ class ReplicateConfig:
             soft_pin_ttl_ms=None if ttl is None else int(ttl),
             with_hard_pin=bool(obj.get("with_hard_pin", False)),
             preferred_segments=tuple(str(s) for s in obj.get("preferred_segments", ()) or ()),
+            excluded_segments=tuple(str(s) for s in obj.get("excluded_segments", ()) or ()),
         )
 
 

@@ -82,6 +82,10 @@ class OffsetAllocator:
         self.allocated += need
         return start, need
 
+    def reserved(self, start: int) -> int:
+        """Bytes reserved for the live allocation at ``start``."""
+        return self._live[start]
+
     def free(self, start: int) -> None:
         """Release the range that :meth:`allocate` returned at ``start``.
 

@@ -90,6 +90,7 @@ class Metrics:
     evicted_bytes: int = 0
     eviction_rounds: int = 0
     expired_clients: int = 0
+    replaced_clients: int = 0
     alloc_failures: int = 0
     discarded_puts: int = 0
     reclaimed_puts: int = 0
@@ -159,6 +160,18 @@ class MasterState:
                     f"segment id {info.id} is already mounted by client {existing.client_id}",
                 )
             return
+        # A transfer-engine segment name belongs to one live engine at a time (the
+        # engine claims it at start-up). Another client's segment under the same name
+        # is therefore a crashed predecessor that has not expired yet: drop it now,
+        # or new objects would be placed in memory that no longer exists.
+        stale = {
+            s.client_id
+            for s in self.segments.values()
+            if s.name == info.name and s.client_id != client_id
+        }
+        for old_client in stale:
+            self.expire_client(old_client, now)
+            self.metrics.replaced_clients += 1
         for seg in self.segments.values():
             if (
                 seg.name == info.name
@@ -234,7 +247,8 @@ class MasterState:
     # ------------------------------------------------------------------------------
 
     def _candidates(self, config: ReplicateConfig, writer_host: str) -> list[SegmentRecord]:
-        live = [s for s in self.segments.values() if not s.draining]
+        excluded = set(config.excluded_segments)
+        live = [s for s in self.segments.values() if not s.draining and s.name not in excluded]
         preferred: list[SegmentRecord] = []
         for name in config.preferred_segments:
             preferred += [s for s in live if s.name == name and s not in preferred]

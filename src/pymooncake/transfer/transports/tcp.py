@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -56,6 +57,8 @@ _GREEDY_LIMIT: Final = 64 * 1024
 #: server flushes gathered replies beyond this many bytes / iovecs
 _FLUSH_BYTES: Final = 8 << 20
 _FLUSH_IOVECS: Final = 512
+#: SO_LINGER on with a zero timeout: close() sends RST
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 _unpack_status = STATUS.unpack_from
@@ -167,6 +170,11 @@ class _Server:
                     if v2:
                         out.append(_REJECT_BYTES)
                         flush()
+                    if (opcode & 0x7F) == 1:
+                        # The payload of a refused WRITE is never consumed; end with a
+                        # reset (as the reference does) so a pipelining v1 peer cannot
+                        # mistake later writes on this connection for delivered ones.
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                     return
                 off = raddr - region.addr
                 view = region.view[off : off + size]

@@ -1,0 +1,242 @@
+"""``mooncake_client``: a storage node that contributes memory to a Mooncake Store.
+
+Takes the reference's flags and defaults (``mooncake-store/src/real_client_main.cpp``),
+starts a :class:`~pymooncake.store.StoreClient` that mounts
+``--global_segment_size`` bytes at the master, and prints one line to stdout
+once the segment is mounted::
+
+    mooncake_client ready: segment 10.0.0.5:15123 contributes 4294967296 bytes to the master at 127.0.0.1:50051
+
+SIGINT/SIGTERM unmount the segment (objects stored in it disappear), close
+the client and exit with status 0.  A failing setup (master unreachable, bad
+size, port in use ...) is reported on one stderr line with exit status 1.
+
+Deviation from the reference: the dummy-client RPC service on ``--port``
+(used by ``setup_dummy`` clients that share this node's memory) is not
+provided; ``--port`` and ``--threads`` are accepted and have no effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, Final
+
+from .. import __version__
+from .._httpd import HttpRequest, HttpResponse, ThreadedHttpServer
+from .._net import first_non_loopback_ipv4, join_host_port, split_host_port
+from ..errors import MooncakeError, PortInUse
+from ..store import StoreClient, StoreClientConfig
+from ..store._config import parse_size
+from ._gflags import Flag, FlagError, parse_flags, usage
+from ._logsetup import setup_logging
+
+__all__ = ["FLAGS", "main"]
+
+log = logging.getLogger("pymooncake.cli.store_client")
+
+PROG: Final = "mooncake_client"
+#: reference health codes (pyclient.h HC_*)
+_HC_HEALTHY: Final = 0
+_HC_MASTER_UNREACHABLE: Final = 2
+
+# Defaults are the reference's (real_client_main.cpp DEFINE_*, client HTTP port 9300).
+FLAGS: Final[tuple[Flag, ...]] = (
+    Flag(
+        "host",
+        str,
+        "0.0.0.0",
+        "this node's address as other nodes reach it; ip:port also fixes the transfer "
+        "engine's port; 0.0.0.0 = this host's first non-loopback IPv4 address",
+    ),
+    Flag(
+        "port",
+        int,
+        50052,
+        "dummy-client RPC port: accepted but unused, pymooncake does not serve dummy clients "
+        "(setup_dummy)",
+    ),
+    Flag("metadata_server", str, "http://127.0.0.1:8080/metadata", "metadata server"),
+    Flag("master_server_address", str, "127.0.0.1:50051", "the master's host:port"),
+    Flag("protocol", str, "tcp", "transfer protocol"),
+    Flag("device_names", str, "", "RDMA device names (unused with tcp)"),
+    Flag("global_segment_size", str, "4 GB", "memory contributed to the pool (e.g. 64 MB, 4 GB)"),
+    Flag("local_buffer_size", str, "0", "local buffer size (e.g. 16MB, 1GB)"),
+    Flag("threads", int, 1, "dummy-client RPC threads: accepted but unused"),
+    Flag("tenant_id", str, "default", "tenant identifier (multi-tenancy is not available)"),
+    Flag("enable_offload", bool, False, "SSD offload (not available in pymooncake)"),
+    Flag("start_offload_rpc_server", bool, True, "SSD offload only"),
+    Flag("enable_http_server", bool, False, "serve /health and /metrics on --http_port"),
+    Flag("http_port", int, 9300, "port of the client HTTP server (0 = any free port)"),
+    Flag("version", bool, False, "print the version and exit"),
+)
+
+
+class _Refused(Exception):
+    """A setting that stops the node from starting (one line for stderr)."""
+
+
+def _local_hostname(host_flag: str) -> str:
+    """``--host`` as the engine's local hostname (0.0.0.0 -> this host's LAN address)."""
+    try:
+        host, port = split_host_port(host_flag)
+    except MooncakeError as exc:
+        raise _Refused(f"--host={host_flag}: {exc}") from exc
+    if host in ("0.0.0.0", "::"):
+        host = first_non_loopback_ipv4() or "127.0.0.1"
+        log.info("--host=%s: advertising this host as %s", host_flag, host)
+    return join_host_port(host, port) if port else host
+
+
+def _config(values: dict[str, Any]) -> StoreClientConfig:
+    if values["enable_offload"]:
+        raise _Refused(
+            "--enable_offload=true: SSD offload is not available in pymooncake; leave "
+            "--enable_offload at its default (false)"
+        )
+    if values["enable_http_server"] and not 0 <= values["http_port"] <= 65535:
+        raise _Refused(
+            f"Invalid client HTTP server port: {values['http_port']} (0..65535, 0 = any free port)"
+        )
+    try:
+        segment = parse_size(values["global_segment_size"], what="--global_segment_size")
+        buffer = parse_size(values["local_buffer_size"], what="--local_buffer_size")
+    except MooncakeError as exc:
+        raise _Refused(str(exc)) from exc
+    if values["tenant_id"] != "default":
+        log.warning(
+            "--tenant_id=%s has no effect: multi-tenancy is not available", values["tenant_id"]
+        )
+    if values["device_names"]:
+        log.info(
+            "--device_names=%s is unused with protocol %s",
+            values["device_names"],
+            values["protocol"],
+        )
+    log.info(
+        "--port=%d: the dummy-client RPC service is not provided by pymooncake; nothing listens "
+        "there",
+        values["port"],
+    )
+    return StoreClientConfig(
+        local_hostname=_local_hostname(values["host"]),
+        metadata_server=values["metadata_server"],
+        master_server_addr=values["master_server_address"],
+        global_segment_size=segment,
+        local_buffer_size=buffer,
+        protocol=values["protocol"],
+    )
+
+
+def _http_server(client: StoreClient, port: int) -> ThreadedHttpServer | None:
+    """The client HTTP endpoints (reference: RealClient::start_http_server)."""
+
+    async def handle(request: HttpRequest) -> HttpResponse:
+        if request.method != "GET":
+            return HttpResponse(405, b"use GET")
+        path = request.path.rstrip("/")
+        if path == "/health":
+            healthy = client.health()
+            code = _HC_HEALTHY if healthy else _HC_MASTER_UNREACHABLE
+            status = "healthy" if healthy else "master_unreachable"
+            body = f'{{"status":"{status}","code":{code}}}'.encode()
+            return HttpResponse(200 if healthy else 503, body, "application/json")
+        segment_bytes = sum(s.size for s in client.segments)
+        if path == "/metrics":
+            text = (
+                "# HELP client_segment_bytes memory this client contributes to the pool\n"
+                "# TYPE client_segment_bytes gauge\n"
+                f"client_segment_bytes {segment_bytes}\n"
+                "# HELP client_segment_count segments this client mounted\n"
+                "# TYPE client_segment_count gauge\n"
+                f"client_segment_count {len(client.segments)}\n"
+            )
+            return HttpResponse(200, text.encode(), "text/plain; version=0.0.4")
+        if path == "/metrics/summary":
+            text = f"Segment {client.hostname}: {segment_bytes} bytes in {len(client.segments)} segment(s)\n"
+            return HttpResponse(200, text.encode())
+        return HttpResponse(404, b"not found")
+
+    server = ThreadedHttpServer(handle, "0.0.0.0", port, name="client HTTP server")
+    try:
+        server.start()
+    except MooncakeError as exc:  # reference: a warning, the node keeps running
+        log.warning(
+            "Failed to start client HTTP server on port %d (%s); continuing without HTTP endpoints",
+            port,
+            exc,
+        )
+        server.close()
+        return None
+    print(f"client HTTP server listening on {server.url} (/health, /metrics)", flush=True)
+    return server
+
+
+def _run(values: dict[str, Any]) -> int:
+    """Set up, wait for SIGINT/SIGTERM, tear down.  Signals are blocked meanwhile
+    (also in the client's threads, which inherit the mask) and taken with sigwait."""
+    try:
+        config = _config(values)
+    except _Refused as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        client = StoreClient(config)
+    except PortInUse as exc:
+        print(f"{PROG}: {exc}; or choose another port in --host=ip:port", file=sys.stderr)
+        return 1
+    except MooncakeError as exc:
+        text = " ".join(str(exc).split())
+        print(f"{PROG}: failed to set up the client: {text}", file=sys.stderr)
+        return 1
+    http: ThreadedHttpServer | None = None
+    try:
+        if values["enable_http_server"]:
+            http = _http_server(client, values["http_port"])
+        size = sum(s.size for s in client.segments)
+        print(
+            f"{PROG} ready: segment {client.hostname} contributes {size} bytes to the master at "
+            f"{config.master_server_addr}",
+            flush=True,
+        )
+        sig = signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        log.info("%s received: unmounting the segment and exiting", signal.Signals(sig).name)
+    finally:
+        if http is not None:
+            http.close()
+        client.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the storage node until SIGINT/SIGTERM.
+
+    Returns:
+        0 after a signal (or ``--help``/``--version``), 1 when setup fails
+        (one line on stderr says why).
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("--help", "-help", "-h", "--helpfull", "--helpshort") for a in args):
+        print(usage(PROG, "Mooncake Store storage node (pymooncake)", FLAGS))
+        return 0
+    try:
+        values = parse_flags(FLAGS, args)
+    except FlagError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if values["version"]:
+        print(f"{PROG} version {__version__} (pymooncake)")
+        return 0
+    setup_logging(values["minloglevel"], values["v"])
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        return _run(values)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
