@@ -1,4 +1,8 @@
-"""``pymooncake``: the project's own command (demo, doctor, version).
+"""``pymooncake``: the project's own command (cluster, demo, version).
+
+``pymooncake cluster`` (the default) runs a local Mooncake Store cluster: a
+master with its embedded HTTP metadata server and a storage node contributing
+memory, on 127.0.0.1, and prints how to connect to it.
 
 ``pymooncake demo`` starts a target engine in a child process and an
 initiator here, both on 127.0.0.1 in P2P handshake mode, moves data both ways
@@ -101,6 +105,104 @@ def _demo(args: argparse.Namespace) -> int:
             proc.join()
 
 
+def _pick_port(wanted: int) -> int:
+    """``wanted`` if it is free on 127.0.0.1, else 0 (any free port)."""
+    import socket
+
+    if wanted == 0:
+        return 0
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", wanted))
+        except OSError:
+            return 0
+    return wanted
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ..store import MasterConfig, StoreClient, StoreClientConfig, parse_size
+    from ..store.master import ThreadedMaster
+
+    segment = parse_size(args.segment, what="--segment")
+    ports = {
+        name: _pick_port(p)
+        for name, p in (
+            ("rpc", args.port),
+            ("metadata", args.metadata_port),
+            ("metrics", args.metrics_port),
+        )
+    }
+    master = ThreadedMaster(
+        MasterConfig(default_kv_lease_ttl_ms=args.lease_ttl_ms),
+        host=args.host,
+        port=ports["rpc"],
+        metadata_host=args.host,
+        metadata_port=ports["metadata"],
+        metrics_host=args.host,
+        metrics_port=ports["metrics"],
+    )
+    node: StoreClient | None = None
+    try:
+        meta_url = master.metadata_url or ""
+        engine = EngineConfig.from_env().replace(tcp_bind_address=args.host)
+        node = StoreClient(
+            StoreClientConfig(
+                args.host, meta_url, master.rpc_address, segment, 16 << 20, engine=engine
+            )
+        )
+        # self-check: one object through the whole path
+        probe = os.urandom(4096)
+        node.put("pymooncake-cluster-self-check", probe)
+        ok = node.get("pymooncake-cluster-self-check") == probe
+        node.remove("pymooncake-cluster-self-check", force=True)
+        moved = [
+            f"{n} (wanted {w})"
+            for n, w in (
+                ("rpc", args.port),
+                ("metadata", args.metadata_port),
+                ("metrics", args.metrics_port),
+            )
+            if ports[n] != w
+        ]
+        print("pymooncake local cluster is up" + ("" if ok else " (SELF-CHECK FAILED)"))
+        print(f"  master:          {master.rpc_address}    (master_server_addr / MOONCAKE_MASTER)")
+        print(f"  metadata server: {meta_url}    (metadata_server / MOONCAKE_TE_META_DATA_SERVER)")
+        print(
+            f"  metrics:         {master.metrics_url}/metrics    (/health, /get_all_keys, /get_all_segments)"
+        )
+        print(f"  storage node:    segment {node.hostname} contributing {_human(segment)}")
+        if moved:
+            print(f"  note: ports in use, picked free ones for: {', '.join(moved)}")
+        print("Connect from Python (another process):")
+        print("  from mooncake.store import MooncakeDistributedStore")
+        print("  store = MooncakeDistributedStore()")
+        print(
+            f'  store.setup("127.0.0.1", "{meta_url}", 0, 64 << 20, "tcp", "", "{master.rpc_address}")'
+        )
+        print('  store.put("key", b"value"); store.get("key")')
+        print("Press Ctrl-C to stop.", flush=True)
+        if not ok:
+            return 1
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(args.run_seconds if args.run_seconds else 3600):
+            if args.run_seconds:
+                break
+        print("stopping", flush=True)
+        return 0
+    except MooncakeError as exc:
+        print(f"pymooncake cluster: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if node is not None:
+            node.close()
+        master.close()
+
+
 def _version(args: argparse.Namespace) -> int:
     print(f"pymooncake {__version__}")
     return 0
@@ -110,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pymooncake", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pymooncake {__version__}")
     sub = parser.add_subparsers(dest="command")
+    cluster = sub.add_parser(
+        "cluster", help="local store cluster: master + metadata server + storage node"
+    )
+    cluster.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    cluster.add_argument(
+        "--port", type=int, default=50051, help="master RPC port (busy: any free one)"
+    )
+    cluster.add_argument(
+        "--metadata-port", type=int, default=8080, help="HTTP metadata server port"
+    )
+    cluster.add_argument("--metrics-port", type=int, default=9003, help="metrics/admin HTTP port")
+    cluster.add_argument("--segment", default="1 GiB", help="memory the storage node contributes")
+    cluster.add_argument(
+        "--lease-ttl-ms", type=int, default=10_000, help="read lease (--default_kv_lease_ttl)"
+    )
+    cluster.add_argument(
+        "--run-seconds", type=float, default=0, help="stop after this long (0 = until Ctrl-C)"
+    )
+    cluster.set_defaults(func=_cluster)
     demo = sub.add_parser("demo", help="local transfer demo: target + initiator on 127.0.0.1")
     demo.add_argument(
         "--blocks", default="4096,65536,1048576,16777216", help="block sizes, comma-separated"
@@ -126,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        args = parser.parse_args(["demo", *(argv or [])])
+        args = parser.parse_args(["cluster", *(argv or [])])
     setup_logging(2)  # the demo runs on loopback on purpose: no loopback warnings
     return int(args.func(args))
 

@@ -1,0 +1,264 @@
+"""Local store clusters on 127.0.0.1 for tests, demos and the ``pymooncake cluster`` command.
+
+* :class:`LocalCluster` -- a master (with its embedded HTTP metadata server)
+  on a private event-loop thread plus any number of :class:`StoreClient`s,
+  all in this process.
+* :class:`ProcessCluster` -- the same as separate processes: ``mooncake_master``
+  and ``mooncake_client`` nodes started with ``sys.executable -m ...``, so
+  tests can kill them (SIGKILL) and restart them.
+
+Everything listens on 127.0.0.1 on ports chosen at run time; ``close()``
+stops what was started, in reverse order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from ..config import EngineConfig
+from ..store import MasterConfig, StoreClient, StoreClientConfig
+from ..store.master import ThreadedMaster
+
+__all__ = ["LocalCluster", "NodeProcess", "ProcessCluster", "free_port"]
+
+LOCAL = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for commands that need one up front)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalCluster:
+    """Master + clients in this process.
+
+    Args:
+        master: master settings (defaults: reference defaults).
+        engine: engine settings for the clients (default: loopback, short timeouts).
+    """
+
+    def __init__(
+        self, master: MasterConfig | None = None, *, engine: EngineConfig | None = None
+    ) -> None:
+        self.master = ThreadedMaster(master, metadata_port=0, metrics_port=0)
+        self.engine_config = engine or EngineConfig(
+            tcp_bind_address=LOCAL,
+            transfer_timeout_s=10.0,
+            connect_timeout_s=2.0,
+            rpc_io_timeout_s=5.0,
+        )
+        self.clients: list[StoreClient] = []
+
+    @property
+    def master_address(self) -> str:
+        return self.master.rpc_address
+
+    @property
+    def metadata_url(self) -> str:
+        url = self.master.metadata_url
+        assert url is not None
+        return url
+
+    @property
+    def metrics_url(self) -> str:
+        url = self.master.metrics_url
+        assert url is not None
+        return url
+
+    def client(
+        self,
+        segment_bytes: int = 64 << 20,
+        local_buffer_bytes: int = 16 << 20,
+        *,
+        p2p: bool = False,
+        **kw: Any,
+    ) -> StoreClient:
+        """Start a client contributing ``segment_bytes`` (0 = pure client)."""
+        cfg = StoreClientConfig(
+            local_hostname=LOCAL,
+            metadata_server="P2PHANDSHAKE" if p2p else self.metadata_url,
+            master_server_addr=self.master_address,
+            global_segment_size=segment_bytes,
+            local_buffer_size=local_buffer_bytes,
+            engine=self.engine_config,
+            **kw,
+        )
+        client = StoreClient(cfg)
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for c in reversed(self.clients):
+            c.close()
+        self.clients.clear()
+        self.master.close()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class NodeProcess:
+    """A started subprocess and the lines it printed."""
+
+    proc: subprocess.Popen[str]
+    name: str
+    lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def wait_for(self, pattern: str, timeout_s: float = 30.0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while time.monotonic() < deadline:
+            while seen < len(self.lines):
+                m = rx.search(self.lines[seen])
+                seen += 1
+                if m:
+                    return m
+            if self.proc.poll() is not None and seen >= len(self.lines):
+                break
+            time.sleep(0.02)
+        tail = "".join(self.lines[-20:])
+        raise RuntimeError(
+            f"{self.name} did not print /{pattern}/ within {timeout_s:g} s; output:\n{tail}"
+        )
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(15)
+        if self._reader is not None:
+            self._reader.join(5)
+
+    def stop(self) -> int:
+        """SIGTERM, wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)
+        return int(self.proc.returncode)
+
+
+def _spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None) -> NodeProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=full_env,
+        start_new_session=True,
+    )
+    node = NodeProcess(proc, name)
+
+    def pump(stream: IO[str]) -> None:
+        for line in stream:
+            node.lines.append(line)
+        stream.close()
+
+    assert proc.stdout is not None
+    node._reader = threading.Thread(
+        target=pump, args=(proc.stdout,), name=f"pump:{name}", daemon=True
+    )
+    node._reader.start()
+    return node
+
+
+class ProcessCluster:
+    """``mooncake_master`` and ``mooncake_client`` nodes as subprocesses on 127.0.0.1."""
+
+    def __init__(
+        self, master_flags: Sequence[str] = (), *, env: dict[str, str] | None = None
+    ) -> None:
+        self._env = {"MC_TCP_BIND_ADDRESS": LOCAL, **(env or {})}
+        self.nodes: list[NodeProcess] = []
+        self.master = self._start_master(master_flags)
+
+    def _start_master(self, flags: Sequence[str]) -> NodeProcess:
+        master = _spawn(
+            "mooncake_master",
+            [
+                "-m",
+                "pymooncake.cli.master",
+                f"--rpc_address={LOCAL}",
+                "--port=0",
+                f"--metrics_host={LOCAL}",
+                "--metrics_port=0",
+                "--enable_http_metadata_server=true",
+                f"--http_metadata_server_host={LOCAL}",
+                "--http_metadata_server_port=0",
+                *flags,
+            ],
+            self._env,
+        )
+        try:
+            metrics = master.wait_for(r"admin HTTP server listening on (http://\S+)")
+            meta = master.wait_for(r"HTTP metadata server listening on (\S+)")
+            rpc = master.wait_for(r"Master service started on (\S+)")
+        except BaseException:
+            master.stop()
+            raise
+        self.metrics_url = metrics.group(1)
+        self.metadata_url = meta.group(1)
+        self.master_address = rpc.group(1)
+        return master
+
+    def node(self, segment: str = "64 MB", *, name: str = "") -> tuple[NodeProcess, str]:
+        """Start a storage node (mooncake_client); returns it and its segment name."""
+        host = f"{LOCAL}:{free_port()}" if name == "" else name
+        node = _spawn(
+            "mooncake_client",
+            [
+                "-m",
+                "pymooncake.cli.store_client",
+                f"--host={host}",
+                f"--master_server_address={self.master_address}",
+                f"--metadata_server={self.metadata_url}",
+                f"--global_segment_size={segment}",
+            ],
+            self._env,
+        )
+        try:
+            m = node.wait_for(r"ready: segment (\S+)")
+        except BaseException:
+            node.stop()
+            raise
+        self.nodes.append(node)
+        return node, m.group(1)
+
+    def close(self) -> None:
+        for n in reversed(self.nodes):
+            n.stop()
+        self.nodes.clear()
+        self.master.stop()
+
+    def __enter__(self) -> ProcessCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
