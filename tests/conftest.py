@@ -6,6 +6,7 @@ memfds, pipes): what a test starts, it must stop.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -41,6 +42,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     fds_before = _fds()
     yield
     deadline = time.monotonic() + 5.0
+    gc.collect()  # objects in reference cycles (e.g. exception tracebacks) hold mappings
     while True:
         extra_threads = [
             t for t in threading.enumerate() if t not in threads_before and t.is_alive()

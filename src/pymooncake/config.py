@@ -107,6 +107,9 @@ class EngineConfig:
     metadata_connect_timeout_s: float = 1.5
     #: worker threads running asynchronous batches
     async_workers: int = 8
+    #: PYMOONCAKE_SAME_HOST (default on): same-host peers copy through shared
+    #: memory / process_vm_* instead of TCP
+    same_host_transport: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.rpc_port_min <= self.rpc_port_max < 65536:
@@ -168,4 +171,7 @@ class EngineConfig:
             transfer_timeout_s=max(5.0, timeout),
             slice_timeout_s=_float_env(env, "MC_SLICE_TIMEOUT", -1.0, -1.0),
             disable_metacache="MC_DISABLE_METACACHE" in env,
+            same_host_transport=parse_bool_env(
+                "PYMOONCAKE_SAME_HOST", env.get("PYMOONCAKE_SAME_HOST", "1")
+            ),
         )

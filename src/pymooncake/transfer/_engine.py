@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -57,7 +58,14 @@ from ..wire import (
     encode_segment,
 )
 from ._batch import Batch, BatchTable
-from ._memory import MemoryRegistry, Region, address_of, allocate_anonymous, view_at
+from ._memory import (
+    MemoryRegistry,
+    Region,
+    address_of,
+    allocate_anonymous,
+    allocate_shared,
+    view_at,
+)
 from ._request import TransferOpcode, TransferRequest, TransferStatus
 from ._rpc import RpcServer, rpc_call
 from ._segments import SegmentDirectory
@@ -180,10 +188,12 @@ class TransferEngine:
             bind_host=bind_ip,
             log=log,
         )
-        for name in ("local", "tcp"):
+        for name in ("local", "shm", "tcp"):
             transport = create_transport(name, ctx)
             self._transports.append(transport)
             transport.start()
+        shm, tcp = self._transports[1], self._transports[2]
+        shm.set_fallback(tcp)  # type: ignore[attr-defined]
         self._directory = SegmentDirectory(store, cfg, own_descriptor=self.local_descriptor)
 
         self._loop = LoopThread(f"mc-engine-loop:{self.segment_name}")
@@ -276,6 +286,7 @@ class TransferEngine:
             for r in self._registry.regions()
             if r.remote_accessible
         )
+        tcp_keys = ("tcp_data_port", "tcp_proto_version", "tcp_data_host")
         desc = SegmentDesc(
             name=self.segment_name,
             protocol="tcp",
@@ -284,10 +295,17 @@ class TransferEngine:
             tcp_proto_version=int(fields.get("tcp_proto_version", 2)),
             rdma_server_name="",
             tcp_data_host=fields.get("tcp_data_host"),
+            # extensions (e.g. the same-host transport's); reference peers ignore them
+            extra={k: v for k, v in fields.items() if k not in tcp_keys},
         )
         return encode_segment(desc)
 
+    def _registry_changed(self) -> None:
+        for t in self._transports:
+            t.registry_changed()
+
     def _publish(self) -> None:
+        self._registry_changed()
         if self._directory.p2p:
             return
         with self._publish_lock:
@@ -370,6 +388,8 @@ class TransferEngine:
                 added.append(self._registry.add(r))
             if publish:
                 self._publish()
+            else:
+                self._registry_changed()
         except BaseException:
             for r in added:
                 self._registry.remove(r.addr)
@@ -410,6 +430,8 @@ class TransferEngine:
         region = self._registry.remove(addr)
         if publish:
             self._publish()
+        else:
+            self._registry_changed()
         return region
 
     def unregister_many(self, addrs: Iterable[int]) -> None:
@@ -438,8 +460,15 @@ class TransferEngine:
         self._check_open()
         if length <= 0:
             raise InvalidArgument(f"cannot allocate a managed buffer of {length} bytes")
-        mm, view, addr = allocate_anonymous(length, populate)
-        region = Region(addr, length, "cpu:0", True, view, owner=mm, managed=True)
+        fd = -1
+        if self.config.same_host_transport:
+            try:  # shareable, so same-host peers copy straight into it
+                mm, view, addr, fd = allocate_shared(length, populate)
+            except (OSError, AttributeError):
+                mm, view, addr = allocate_anonymous(length, populate)
+        else:
+            mm, view, addr = allocate_anonymous(length, populate)
+        region = Region(addr, length, "cpu:0", True, view, owner=mm, managed=True, fd=fd)
         self._add_regions([region], publish)
         self._managed[addr] = region
         return region
@@ -901,6 +930,8 @@ def _release(region: Region) -> None:
             close()
         except BufferError:
             pass
+    if region.fd >= 0:
+        os.close(region.fd)
 
 
 def _is_ip(host: str) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ __all__ = [
     "Region",
     "address_of",
     "allocate_anonymous",
+    "allocate_shared",
+    "buffer_address",
     "view_at",
 ]
 
@@ -50,6 +53,54 @@ def view_at(addr: int, length: int) -> memoryview:
     if length == 0:
         return memoryview(bytearray(0))
     return memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = (
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.py_object),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    )
+
+
+_get_buffer: Any
+try:
+    _get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+    _get_buffer.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
+    _get_buffer.restype = ctypes.c_int
+    _release_buffer = ctypes.pythonapi.PyBuffer_Release
+    _release_buffer.argtypes = (ctypes.POINTER(_PyBuffer),)
+    _release_buffer.restype = None
+except AttributeError:  # pragma: no cover - not CPython
+    _get_buffer = None
+
+
+def buffer_address(view: memoryview) -> int:
+    """Address of the first byte of a contiguous (possibly read-only) buffer.
+
+    Valid while ``view`` (which holds its own export) is alive.
+    """
+    if not len(view):
+        return 0
+    if not view.readonly:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    if _get_buffer is None:  # pragma: no cover
+        raise InvalidArgument("cannot take the address of a read-only buffer on this Python")
+    pb = _PyBuffer()
+    if _get_buffer(view, ctypes.byref(pb), 0) != 0:  # PyBUF_SIMPLE
+        raise InvalidArgument("buffer does not export a contiguous memory block")
+    try:
+        return int(pb.buf or 0)
+    finally:
+        _release_buffer(ctypes.byref(pb))
 
 
 def address_of(obj: Any) -> tuple[int, int]:
@@ -99,6 +150,35 @@ def allocate_anonymous(length: int, populate: bool = False) -> tuple[mmap.mmap, 
     return mm, view, addr
 
 
+def allocate_shared(
+    length: int, populate: bool = False, name: str = "pymooncake"
+) -> tuple[mmap.mmap, memoryview, int, int]:
+    """Shareable memory: a memfd mapped MAP_SHARED, (mapping, view, address, fd).
+
+    Peers on the same host map the same pages through ``/proc/<pid>/fd/<fd>``,
+    so a transfer between processes is one copy.  The fd stays open (it is
+    what peers open); close it with ``os.close`` when the region is released.
+
+    Raises:
+        OSError: memfd_create is unavailable (the caller falls back to anonymous memory).
+    """
+    if length <= 0:
+        raise InvalidArgument(f"cannot allocate {length} bytes")
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, length)
+        flags = mmap.MAP_SHARED
+        if populate:
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(fd, length, flags=flags)
+    except BaseException:
+        os.close(fd)
+        raise
+    view = memoryview(mm)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    return mm, view, addr, fd
+
+
 @dataclass(frozen=True, eq=False)
 class Region:
     """One registered range.  ``view`` covers exactly ``[addr, addr+length)``."""
@@ -111,6 +191,8 @@ class Region:
     #: keeps owned memory (an mmap, a bytearray ...) alive while registered
     owner: object | None = field(default=None, repr=False)
     managed: bool = False
+    #: memfd backing the region (shareable with same-host peers), -1 if none
+    fd: int = -1
 
     @property
     def end(self) -> int:

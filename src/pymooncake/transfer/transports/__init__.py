@@ -26,6 +26,7 @@ __all__ = [
 TRANSPORTS: dict[str, str] = {
     "tcp": "pymooncake.transfer.transports.tcp:TcpTransport",
     "local": "pymooncake.transfer.transports.local:LocalTransport",
+    "shm": "pymooncake.transfer.transports.shm:ShmTransport",
 }
 
 #: names the reference knows but this build cannot serve, with the reason

@@ -104,6 +104,9 @@ class Transport(abc.ABC):
         through ``on_done``).  May raise only for programming errors.
         """
 
+    def registry_changed(self) -> None:  # noqa: B027 - optional hook
+        """The engine's registered memory changed (see ``TransportContext.registry``)."""
+
     def forget_peer(self, peer: Peer) -> None:  # noqa: B027 - optional hook
         """Drop cached connections/mappings of ``peer`` (it restarted or left)."""
 

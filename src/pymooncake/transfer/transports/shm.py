@@ -1,0 +1,547 @@
+"""Same-host transport: one copy between processes, never through a socket.
+
+Theory of operation
+-------------------
+Each engine keeps a small shared *registry page* (a memfd) listing its
+registered, remote-accessible ranges as ``(addr, length, memfd)`` entries,
+guarded by a sequence counter (seqlock), and advertises it in its segment
+descriptor::
+
+    "pymooncake_shm": {"host": <boot id>, "pid": <pid>, "fd": <page fd>, "token": <hex>}
+
+Reference peers ignore the field.  A pymooncake peer on the same host (same
+boot id) opens ``/proc/<pid>/fd/<fd>``, maps the page and checks the token
+(this also proves both see the same pid namespace).  Then, per request:
+
+* the range is checked against the owner's *live* registry page, exactly the
+  check a TCP target applies (inside one remote-accessible buffer);
+* buffers backed by a memfd (managed buffers, store segments) are mapped once
+  and copied with ``memmove`` (GIL released);
+* other registered memory is reached with ``process_vm_readv``/``writev``;
+  when the kernel refuses (ptrace restrictions) those requests go over TCP,
+  and one log line says why.
+
+Mappings are cached per peer and dropped when the owner unregisters the
+buffer (its fd leaves the page) or the process exits (a ``pidfd`` becomes
+readable); a peer that died during a transfer fails it instead of reporting
+success for bytes nobody will ever read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import mmap
+import os
+import secrets
+import select
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ..._logging import RepeatLimiter
+from ...errors import PeerRejected, PeerSocketError
+from .._memory import Region, buffer_address
+from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
+
+__all__ = ["RegistryPage", "ShmTransport", "host_identity"]
+
+log = logging.getLogger("pymooncake.transport.shm")
+
+_MAGIC: Final = 0x31304D4853434D50  # "PMCSHM01"
+_HEADER: Final = struct.Struct("<QQII16s")  # magic, seq, count, overflow, token
+_ENTRY: Final = struct.Struct("<QQiI")  # addr, length, fd, flags
+#: entries the page can list; beyond that peers fall back to TCP
+_CAPACITY: Final = 16384
+_PAGE_BYTES: Final = _HEADER.size + _CAPACITY * _ENTRY.size
+_FIELD: Final = "pymooncake_shm"
+
+
+def host_identity() -> str:
+    """This boot of this machine (equal for processes that can share memory)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------------
+# the registry page
+# --------------------------------------------------------------------------------
+
+
+class RegistryPage:
+    """Owner side: publishes the registered ranges to same-host peers."""
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("pymooncake-registry", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, _PAGE_BYTES)
+        self._mm = mmap.mmap(self.fd, _PAGE_BYTES)
+        self._token = secrets.token_bytes(16)
+        self.token = self._token.hex()
+        self._seq = 0
+        self._lock = threading.Lock()
+        _HEADER.pack_into(self._mm, 0, _MAGIC, 0, 0, 0, self._token)
+
+    def publish(self, regions: Sequence[Region]) -> None:
+        shared = [r for r in regions if r.remote_accessible]
+        with self._lock:
+            mm = self._mm
+            self._seq += 1  # odd: writing
+            struct.pack_into("<Q", mm, 8, self._seq)
+            overflow = len(shared) > _CAPACITY
+            for i, r in enumerate(shared[:_CAPACITY]):
+                _ENTRY.pack_into(mm, _HEADER.size + i * _ENTRY.size, r.addr, r.length, r.fd, 1)
+            self._seq += 1  # even: stable
+            _HEADER.pack_into(
+                mm, 0, _MAGIC, self._seq, min(len(shared), _CAPACITY), int(overflow), self._token
+            )
+
+    def close(self) -> None:
+        self._mm.close()
+        os.close(self.fd)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    addr: int
+    length: int
+    fd: int
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.length
+
+
+class _PeerPage:
+    """Reader side: a mapped registry page of one peer, parsed on change."""
+
+    def __init__(self, pid: int, fd: int) -> None:
+        path = f"/proc/{pid}/fd/{fd}"
+        rfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._mm = mmap.mmap(rfd, _PAGE_BYTES, prot=mmap.PROT_READ)
+        finally:
+            os.close(rfd)
+        self._seq = -1
+        self.entries: list[_Entry] = []
+        self.overflow = False
+        self.token = _HEADER.unpack_from(self._mm, 0)[4].hex()
+
+    def refresh(self) -> list[_Entry]:
+        for _ in range(1000):
+            magic, seq, count, overflow, _ = _HEADER.unpack_from(self._mm, 0)
+            if magic != _MAGIC:
+                raise PeerSocketError("peer registry page is corrupt")
+            if seq == self._seq:
+                return self.entries
+            if seq & 1:
+                continue
+            raw = self._mm[_HEADER.size : _HEADER.size + count * _ENTRY.size]
+            if struct.unpack_from("<Q", self._mm, 8)[0] != seq:
+                continue
+            self.entries = [_Entry(a, n, f) for a, n, f, _ in _ENTRY.iter_unpack(raw)]
+            self.overflow = bool(overflow)
+            self._seq = seq
+            return self.entries
+        raise PeerSocketError("peer registry page kept changing; retry")
+
+    def find(self, addr: int, length: int) -> _Entry | None:
+        if length <= 0 or addr < 0 or addr + length > (1 << 64) - 1:
+            return None
+        for e in self.refresh():
+            if e.addr <= addr and addr + length <= e.end:
+                return e
+        return None
+
+    def close(self) -> None:
+        self._mm.close()
+
+
+# --------------------------------------------------------------------------------
+# process_vm_readv / writev
+# --------------------------------------------------------------------------------
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_pvm_read = getattr(_libc, "process_vm_readv", None)
+_pvm_write = getattr(_libc, "process_vm_writev", None)
+for _fn in (_pvm_read, _pvm_write):
+    if _fn is not None:
+        _fn.argtypes = (
+            ctypes.c_int,
+            ctypes.POINTER(_IoVec),
+            ctypes.c_ulong,
+            ctypes.POINTER(_IoVec),
+            ctypes.c_ulong,
+            ctypes.c_ulong,
+        )
+        _fn.restype = ctypes.c_ssize_t
+_memmove = ctypes.memmove
+_libc.mmap.argtypes = (
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.munmap.restype = ctypes.c_int
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+
+def _map_shared(fd: int, length: int) -> int:
+    """mmap(fd) read-write shared; returns the address.  Unlike ``mmap.mmap`` this
+    keeps no duplicate of ``fd`` open, so mapping many peer buffers costs no fds."""
+    addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of a peer buffer failed: {os.strerror(err)}")
+    return int(addr)
+
+
+def _pvm(pid: int, local_addr: int, remote_addr: int, n: int, write: bool) -> None:
+    """Copy ``n`` bytes between our ``local_addr`` and the peer's ``remote_addr``.
+
+    Raises:
+        OSError: the kernel refused or the peer is gone.
+    """
+    fn = _pvm_write if write else _pvm_read
+    if fn is None:
+        raise OSError(errno.ENOSYS, "process_vm_readv/writev unavailable")
+    done = 0
+    while done < n:
+        local = _IoVec(local_addr + done, n - done)
+        remote = _IoVec(remote_addr + done, n - done)
+        got = fn(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        if got == 0:
+            raise OSError(errno.EFAULT, "no progress")
+        done += got
+
+
+# --------------------------------------------------------------------------------
+# the transport
+# --------------------------------------------------------------------------------
+
+
+@dataclass
+class _PeerState:
+    page: _PeerPage
+    pidfd: int
+    maps: dict[tuple[int, int], int]  # (fd, length) -> mapped address
+    pvm_ok: bool = True
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: executes in flight; mappings are unmapped only when it drops to zero
+    users: int = 0
+    closing: bool = False
+    stale: list[tuple[int, int]] = field(default_factory=list)  # (address, length)
+
+    def alive(self) -> bool:
+        if self.pidfd < 0:
+            return True
+        readable, _, _ = select.select([self.pidfd], [], [], 0)
+        return not readable
+
+
+class ShmTransport(Transport):
+    """Same-host transport (memfd mappings + process_vm_*), TCP as fallback."""
+
+    name = "shm"
+
+    def __init__(self, ctx: TransportContext) -> None:
+        self._ctx = ctx
+        self._page: RegistryPage | None = None
+        self._host = host_identity()
+        self._pid = os.getpid()
+        self._peers: dict[tuple[int, str], _PeerState | None] = {}
+        self._lock = threading.Lock()
+        self._fallback: Transport | None = None
+        self._notes = RepeatLimiter(log, every=1_000_000)
+        self.enabled = ctx.config.same_host_transport
+        #: counters, for tests and operators
+        self.slices_mapped = 0
+        self.slices_pvm = 0
+        self.slices_fallback = 0
+
+    def set_fallback(self, transport: Transport) -> None:
+        self._fallback = transport
+
+    def start(self) -> None:
+        if not self.enabled or not self._host:
+            self.enabled = False
+            return
+        try:
+            self._page = RegistryPage()
+        except OSError as exc:
+            self.enabled = False
+            log.info("same-host transport disabled: cannot create a memfd (%s); using TCP", exc)
+
+    def registry_changed(self) -> None:
+        if self._page is not None:
+            self._page.publish(self._ctx.registry.regions())
+
+    def descriptor_fields(self) -> dict[str, Any]:
+        if self._page is None:
+            return {}
+        return {
+            _FIELD: {
+                "host": self._host,
+                "pid": self._pid,
+                "fd": self._page.fd,
+                "token": self._page.token,
+            }
+        }
+
+    # --- peers -------------------------------------------------------------------
+
+    def _attach(self, info: dict[str, Any]) -> _PeerState | None:
+        pid, token = int(info["pid"]), str(info["token"])
+        key = (pid, token)
+        with self._lock:
+            if key in self._peers:
+                return self._peers[key]
+        state: _PeerState | None = None
+        try:
+            page = _PeerPage(pid, int(info["fd"]))
+            # the page must carry the token of the descriptor: same process, same
+            # pid namespace (a recycled pid or another container would not)
+            if bytes(page._mm[:8]) != struct.pack("<Q", _MAGIC) or page.token != token:
+                page.close()
+                raise OSError("the registry page at that pid/fd belongs to another process")
+            pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else -1
+            state = _PeerState(page, pidfd, {})
+        except (OSError, ValueError) as exc:
+            self._notes(
+                f"attach:{pid}",
+                logging.INFO,
+                "same-host peer pid %d: cannot map its registry (%s); using TCP (different "
+                "container/pid namespace or no permission to open /proc/%d/fd)",
+                pid,
+                exc,
+                pid,
+            )
+            state = None
+        with self._lock:
+            self._peers[key] = state
+        return state
+
+    def _peer(self, peer: Peer) -> _PeerState | None:
+        info = peer.desc.extra.get(_FIELD)
+        if not isinstance(info, dict) or info.get("host") != self._host or not self._host:
+            return None
+        try:
+            if int(info.get("pid", -1)) == self._pid:
+                return None
+        except (TypeError, ValueError):
+            return None
+        return self._attach(info)
+
+    def can_reach(self, peer: Peer) -> bool:
+        if not self.enabled or peer.local:
+            return False
+        state = self._peer(peer)
+        return state is not None and state.alive() and not state.page.overflow
+
+    def forget_peer(self, peer: Peer) -> None:
+        info = peer.desc.extra.get(_FIELD)
+        if isinstance(info, dict):
+            with self._lock:
+                state = self._peers.pop((int(info.get("pid", -1)), str(info.get("token"))), None)
+            if state is not None:
+                self._release(state)
+
+    @staticmethod
+    def _release(state: _PeerState) -> None:
+        """Drop a peer: unmap everything once no transfer is using the mappings."""
+        with state.lock:
+            state.closing = True
+            if state.users:
+                return  # the last user finishes the job
+        ShmTransport._unmap_all(state)
+
+    @staticmethod
+    def _unmap_all(state: _PeerState) -> None:
+        for (_, length), addr in state.maps.items():
+            _libc.munmap(addr, length)
+        state.maps.clear()
+        for addr, length in state.stale:
+            _libc.munmap(addr, length)
+        state.stale.clear()
+        state.page.close()
+        if state.pidfd >= 0:
+            os.close(state.pidfd)
+            state.pidfd = -1
+
+    def _enter(self, state: _PeerState) -> bool:
+        with state.lock:
+            if state.closing:
+                return False
+            state.users += 1
+            return True
+
+    def _leave(self, state: _PeerState) -> None:
+        with state.lock:
+            state.users -= 1
+            last = state.users == 0
+            if last and state.stale:  # buffers the owner unregistered meanwhile
+                for addr, length in state.stale:
+                    _libc.munmap(addr, length)
+                state.stale.clear()
+            finish = last and state.closing
+        if finish:
+            self._unmap_all(state)
+
+    def _mapping(self, state: _PeerState, pid: int, entry: _Entry) -> int:
+        """Address at which the peer's buffer ``entry`` is mapped here."""
+        key = (entry.fd, entry.length)
+        with state.lock:
+            got = state.maps.get(key)
+            if got is not None:
+                return got
+            live = {(e.fd, e.length) for e in state.page.entries}
+            for gone in [k for k in state.maps if k not in live]:  # owner unregistered them
+                state.stale.append((state.maps.pop(gone), gone[1]))
+            fd = os.open(f"/proc/{pid}/fd/{entry.fd}", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                addr = _map_shared(fd, entry.length)
+            finally:
+                os.close(fd)
+            state.maps[key] = addr
+            return addr
+
+    # --- transfers -------------------------------------------------------------------
+
+    def execute(
+        self, peer: Peer, slices: Sequence[Slice], deadline: float, on_done: SliceCallback
+    ) -> None:
+        state = self._peer(peer)
+        if state is None or not self._enter(state):
+            self._to_fallback(peer, list(slices), deadline, on_done)
+            return
+        try:
+            self._execute(state, peer, slices, deadline, on_done)
+        finally:
+            self._leave(state)
+
+    def _execute(
+        self,
+        state: _PeerState,
+        peer: Peer,
+        slices: Sequence[Slice],
+        deadline: float,
+        on_done: SliceCallback,
+    ) -> None:
+        pid = int(peer.desc.extra[_FIELD]["pid"])
+        fallback: list[Slice] = []
+        finished: list[tuple[Slice, BaseException | None]] = []
+        for s in slices:
+            n = s.length
+            if n == 0:
+                finished.append((s, None))
+                continue
+            try:
+                entry = state.page.find(s.remote_addr, n)
+            except PeerSocketError as exc:
+                finished.append((s, exc))
+                continue
+            if entry is None:
+                finished.append(
+                    (
+                        s,
+                        PeerRejected(
+                            f"WRITE/READ rejected by segment {peer.name!r}: remote address "
+                            f"{s.remote_addr:#x} with size {n} is not within any buffer the peer "
+                            "registered (stale descriptor, wrong address arithmetic, or the peer "
+                            "unregistered it)"
+                        ),
+                    )
+                )
+                continue
+            local = buffer_address(s.local)
+            try:
+                if entry.fd >= 0:
+                    base = self._mapping(state, pid, entry)
+                    remote = base + (s.remote_addr - entry.addr)
+                    if s.is_write:
+                        _memmove(remote, local, n)
+                    else:
+                        _memmove(local, remote, n)
+                    self.slices_mapped += 1
+                elif state.pvm_ok:
+                    _pvm(pid, local, s.remote_addr, n, s.is_write)
+                    self.slices_pvm += 1
+                else:
+                    fallback.append(s)
+                    continue
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.EACCES, errno.ENOSYS) and entry.fd < 0:
+                    state.pvm_ok = False
+                    self._notes(
+                        f"pvm:{pid}",
+                        logging.WARNING,
+                        "process_vm_readv/writev to pid %d refused (%s: ptrace restrictions such as "
+                        "kernel.yama.ptrace_scope); memory that is not shareable goes over TCP",
+                        pid,
+                        exc.strerror,
+                    )
+                    fallback.append(s)
+                    continue
+                finished.append(
+                    (s, PeerSocketError(f"same-host copy with segment {peer.name!r} failed: {exc}"))
+                )
+                continue
+            finished.append((s, None))
+        if not state.alive():
+            # the owner exited: what we "wrote" went to memory nobody owns any more
+            gone = PeerSocketError(
+                f"segment {peer.name!r} (pid {pid}) exited during the transfer; its memory is gone"
+            )
+            finished = [(s, gone if e is None else e) for s, e in finished]
+            self.forget_peer(peer)
+        for s, e in finished:
+            on_done(s, e)
+        if fallback:
+            self._to_fallback(peer, fallback, deadline, on_done)
+
+    def _to_fallback(
+        self, peer: Peer, slices: list[Slice], deadline: float, on_done: SliceCallback
+    ) -> None:
+        if self._fallback is None:
+            err = PeerSocketError(f"no transport can reach segment {peer.name!r}")
+            for s in slices:
+                on_done(s, err)
+            return
+        self.slices_fallback += len(slices)
+        self._fallback.execute(peer, slices, deadline, on_done)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {
+            "slices_mapped": self.slices_mapped,
+            "slices_pvm": self.slices_pvm,
+            "slices_fallback": self.slices_fallback,
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            peers = [p for p in self._peers.values() if p is not None]
+            self._peers.clear()
+        for state in peers:
+            self._release(state)
+        if self._page is not None:
+            self._page.close()
+            self._page = None
