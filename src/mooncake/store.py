@@ -141,8 +141,10 @@ class ReplicateConfig:
             value = _check_int(name, value)
         elif name == "soft_pin_action":
             value = SoftPinAction(value)
-        elif name in ("with_hard_pin", "prefer_alloc_in_same_node") and not isinstance(value, bool):
-            raise TypeError(f"ReplicateConfig.{name}: expected a bool, got {value!r}")
+        elif name in ("with_hard_pin", "prefer_alloc_in_same_node"):
+            if not isinstance(value, (bool, int)):  # pybind's bool caster takes ints too
+                raise TypeError(f"ReplicateConfig.{name}: expected a bool, got {value!r}")
+            value = bool(value)
         elif name in ("preferred_segments", "preferred_nof_segments"):
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise TypeError(f"ReplicateConfig.{name}: expected a list of str")
@@ -844,7 +846,7 @@ class MooncakeDistributedStore:
         for key, loc in zip(keys, locs, strict=True):
             if isinstance(loc, ObjectLocation):
                 self._sessions[key] = loc
-                out.append(loc.size)
+                out.append(0)  # reference: 0 per started key
             else:
                 out.append(_code(loc))
         return out

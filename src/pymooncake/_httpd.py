@@ -170,11 +170,17 @@ class HttpServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        # Abort the connections first: their handlers then end on their own.
+        # (Cancelling the tasks directly makes asyncio's stream callback log a
+        # CancelledError traceback on Python 3.11.)
+        for writer in list(self._connections.values()):
+            writer.transport.abort()
         tasks = list(self._connections)
-        for task in tasks:
-            task.cancel()
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, pending = await asyncio.wait(tasks, timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
 

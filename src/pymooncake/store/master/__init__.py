@@ -29,6 +29,7 @@ class ThreadedMaster:
     """
 
     def __init__(self, config: MasterConfig | None = None, **service_kwargs: Any) -> None:
+        self._closed = False
         self._loop = LoopThread("mc-master")
         self.service = MasterService(config, **service_kwargs)
         try:
@@ -58,6 +59,10 @@ class ThreadedMaster:
         return self._loop.run(run(), timeout=30)
 
     def close(self) -> None:
+        """Stop the master; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._loop.run(self.service.close(), timeout=30)
         finally:

@@ -103,6 +103,7 @@ class MasterService:
         self.metadata_server: MetadataServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self._bad = RepeatLimiter(log)
         self._max_frame = max_frame
         self.started_at = time.time()
@@ -152,10 +153,14 @@ class MasterService:
             self._ticker = None
         if self._server is not None:
             self._server.close()
-            for task in list(self._conns):
-                task.cancel()
+            # abort the connections (cancelling their tasks makes asyncio log noise)
+            for writer in list(self._writers):
+                writer.transport.abort()
             if self._conns:
-                await asyncio.gather(*self._conns, return_exceptions=True)
+                _, pending = await asyncio.wait(list(self._conns), timeout=5)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
         for http in (self._admin, self._metadata_http):
@@ -190,6 +195,7 @@ class MasterService:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
+        self._writers.add(writer)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -227,6 +233,7 @@ class MasterService:
             pass
         finally:
             self._conns.discard(task)
+            self._writers.discard(writer)
             writer.close()
             try:
                 await writer.wait_closed()
