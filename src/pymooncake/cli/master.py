@@ -97,6 +97,18 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("ha_backend_connstring", str, "", "HA backend connection string (HA only)"),
     Flag("etcd_endpoints", str, "", "etcd endpoints (HA only)"),
     Flag("cluster_id", str, "mooncake_cluster", "cluster id"),
+    Flag(
+        "journal_path",
+        str,
+        "",
+        "pymooncake: journal file; acknowledged puts survive a master crash/restart (empty = off)",
+    ),
+    Flag(
+        "journal_fsync",
+        bool,
+        False,
+        "pymooncake: fsync the journal on every change (host crashes too)",
+    ),
     Flag("enable_oplog", bool, False, "HA oplog replication (unavailable)"),
     Flag("oplog_poll_interval_ms", int, 1000, "HA only"),
     Flag("oplog_batch_max_entries", int, 1024, "HA only"),
@@ -504,6 +516,8 @@ async def _serve(values: dict[str, Any], config: MasterConfig) -> int:
         metrics_port=values["metrics_port"],
         metadata_host=values["http_metadata_server_host"],
         metadata_port=values["http_metadata_server_port"] if metadata else None,
+        journal_path=values["journal_path"] or None,
+        journal_fsync=values["journal_fsync"],
     )
     reporter: asyncio.Task[None] | None = None
     try:

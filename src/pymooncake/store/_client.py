@@ -137,6 +137,7 @@ class StoreClient:
         self._closed = False
         self._owns_engine = engine is None
         self._stop = threading.Event()
+        self._master_instance = ""
         self._segments: list[SegmentInfo] = []
         self._segment_regions: list[int] = []
         self._ping_thread: threading.Thread | None = None
@@ -161,6 +162,7 @@ class StoreClient:
                 )
             self.engine = engine
             self.master.call(M.REMOUNT_SEGMENTS, {"client_id": self.client_id, "segments": []})
+            self._master_instance = self.master.call(M.PING, {"client_id": self.client_id}).get("instance", "")
             if config.global_segment_size > 0:
                 self.mount(config.global_segment_size)
             if config.local_buffer_size > 0:
@@ -213,6 +215,17 @@ class StoreClient:
         while not self._stop.wait(self.config.ping_interval_s):
             try:
                 res = self.master.call(M.PING, {"client_id": self.client_id})
+                instance = res.get("instance", "")
+                if self._master_instance and instance != self._master_instance:
+                    # the master restarted: an embedded metadata server lost our
+                    # descriptor, so publish it again before anyone needs it
+                    log.warning(
+                        "master at %s restarted; re-publishing segment %r",
+                        self.master.address,
+                        self.hostname,
+                    )
+                    self.engine.republish()
+                self._master_instance = instance
                 if res["status"] == ClientStatus.NEED_REMOUNT:
                     log.warning(
                         "master at %s does not know this client (it restarted or expired us); "

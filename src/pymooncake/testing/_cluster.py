@@ -197,7 +197,14 @@ class ProcessCluster:
     ) -> None:
         self._env = {"MC_TCP_BIND_ADDRESS": LOCAL, **(env or {})}
         self.nodes: list[NodeProcess] = []
+        self.master_flags = list(master_flags)
         self.master = self._start_master(master_flags)
+
+    def restart_master(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the master (SIGKILL by default) and start it again with the same
+        flags (pin its ports with --port/--http_metadata_server_port to keep them)."""
+        self.master.kill(sig)
+        self.master = self._start_master(self.master_flags)
 
     def _start_master(self, flags: Sequence[str]) -> NodeProcess:
         master = _spawn(

@@ -304,6 +304,15 @@ class TransferEngine:
         for t in self._transports:
             t.registry_changed()
 
+    def republish(self) -> None:
+        """Write our rpc_meta and descriptor to the metadata server again (it
+        restarted and lost them, e.g. the one embedded in a store master)."""
+        self._check_open()
+        if self._directory.p2p:
+            return
+        self._claim_rpc_meta(RpcMeta(self.advertised_host, self.rpc_port))
+        self._publish()
+
     def _publish(self) -> None:
         self._registry_changed()
         if self._directory.p2p:

@@ -82,6 +82,32 @@ class OffsetAllocator:
         self.allocated += need
         return start, need
 
+    def rebuild(self, live: list[tuple[int, int]]) -> None:
+        """Reset to exactly the allocations ``[(start, reserved size), ...]``
+        (used when a master restores its state from a journal).
+
+        Raises:
+            ValueError: a range is outside the segment or overlaps another.
+        """
+        live = sorted(live)
+        self._free.clear()
+        self._by_start.clear()
+        self._by_end.clear()
+        self._live = {}
+        self.allocated = 0
+        pos = self.base
+        end = self.base + self.capacity
+        for start, size in live:
+            if start < pos or start + size > end or size <= 0:
+                raise ValueError(f"range {start:#x}+{size} overlaps another or leaves the segment")
+            if start > pos:
+                self._add_free(pos, start - pos)
+            self._live[start] = size
+            self.allocated += size
+            pos = start + size
+        if pos < end:
+            self._add_free(pos, end - pos)
+
     def reserved(self, start: int) -> int:
         """Bytes reserved for the live allocation at ``start``."""
         return self._live[start]

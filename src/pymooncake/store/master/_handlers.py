@@ -92,7 +92,11 @@ def build_handlers(st: MasterState) -> dict[MasterMethod, Handler]:
 
     def ping(p: dict[str, Any], now: float) -> Any:
         res = st.ping(p["client_id"], now)
-        return {"view_version": res.view_version, "status": int(res.status)}
+        return {
+            "view_version": res.view_version,
+            "status": int(res.status),
+            "instance": res.instance,
+        }
 
     return {
         M.SERVICE_READY: lambda p, now: PROTOCOL_VERSION,

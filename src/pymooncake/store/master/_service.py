@@ -31,6 +31,7 @@ from .._config import MasterConfig
 from .._types import ErrorCode
 from ._admin import AdminHttp
 from ._handlers import build_handlers
+from ._journal import Journal
 from ._state import MasterState
 
 __all__ = ["MasterService", "ServiceAddresses"]
@@ -88,6 +89,8 @@ class MasterService:
         clock: Callable[[], float] = time.monotonic,
         tick_interval_s: float = 0.1,
         max_frame: int | None = None,
+        journal_path: str | None = None,
+        journal_fsync: bool = False,
     ) -> None:
         self.config = config or MasterConfig()
         self.state = MasterState(self.config)
@@ -108,6 +111,7 @@ class MasterService:
         self._max_frame = max_frame
         self.started_at = time.time()
         self.addresses: ServiceAddresses | None = None
+        self.journal = Journal(journal_path, fsync=journal_fsync) if journal_path else None
 
     def now(self) -> float:
         return self._clock()
@@ -118,6 +122,19 @@ class MasterService:
         Raises:
             PortInUse / PeerSocketError: a port cannot be bound (message names it).
         """
+        if self.journal is not None:
+            events = self.journal.load()
+            if events:
+                self.state.replay(events, self._clock())
+                log.info(
+                    "journal %s: restored %d segment(s) and %d object(s); clients have "
+                    "client_ttl to come back",
+                    self.journal.path,
+                    len(self.state.segments),
+                    len(self.state.objects),
+                )
+            self.journal.rewrite(self.state.snapshot_events())
+            self.state.events = []
         sock = bind_listener(self._host, port=self._port, backlog=1024, what="master RPC listener")
         try:
             self._server = await asyncio.start_server(self._serve, sock=sock)
@@ -167,14 +184,25 @@ class MasterService:
             if http is not None:
                 await http.close()
         self._admin = self._metadata_http = None
+        if self.journal is not None:
+            self._persist()
+            self.journal.close()
 
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self._tick_interval)
             try:
                 self.state.tick(self._clock())
+                self._persist()
+                if self.journal is not None and self.journal.needs_compaction():
+                    self.journal.rewrite(self.state.snapshot_events())
             except Exception:  # a bug here must not stop expiry for good
                 log.exception("master tick failed")
+
+    def _persist(self) -> None:
+        """Journal the state changes before acknowledging them."""
+        if self.journal is not None:
+            self.journal.append(self.state.drain_events())
 
     def dispatch(self, req: MasterRequest) -> tuple[int, Any]:
         """Run one request against the state; returns (code, value or message)."""
@@ -219,6 +247,7 @@ class MasterService:
                     code, value = self.dispatch(frame)
                     out.append(encode_reply(frame.id, code, value))
                 if out:
+                    self._persist()
                     writer.write(b"".join(out))
                     await writer.drain()
         except MalformedMessage as exc:

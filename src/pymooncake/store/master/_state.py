@@ -37,6 +37,7 @@ import heapq
 import math
 import random
 import re
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,8 @@ def _err(code: ErrorCode, message: str) -> StoreError:
 class PingResult:
     view_version: int
     status: ClientStatus
+    #: changes whenever the master process restarts
+    instance: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,11 @@ class MasterState:
         self._discards: list[_Discard] = []
         self._next_replica = 1
         self.view_version = 1
+        self.instance = uuid.uuid4().hex
         self.metrics = Metrics()
+        #: durable changes since the last drain_events() (see _journal.py):
+        #: ("mount", segment, client) / ("unmount", id) / ("commit", key, ...) / ("delete", key)
+        self.events: list[list[Any]] | None = None
         self._last_tick: float | None = None
         self.stall_grace_count = 0
 
@@ -131,9 +138,9 @@ class MasterState:
         """Record liveness.  Unknown clients are told to remount."""
         client = self.clients.get(client_id)
         if client is None:
-            return PingResult(self.view_version, ClientStatus.NEED_REMOUNT)
+            return PingResult(self.view_version, ClientStatus.NEED_REMOUNT, self.instance)
         client.last_seen = now
-        return PingResult(self.view_version, ClientStatus.OK)
+        return PingResult(self.view_version, ClientStatus.OK, self.instance)
 
     def mount_segment(self, client_id: str, info: SegmentInfo, now: float) -> None:
         """Offer a segment to the store.  Idempotent for the same client and id.
@@ -182,6 +189,8 @@ class MasterState:
                     ErrorCode.INVALID_PARAMS,
                     f"segment {info.id} overlaps segment {seg.id} of {info.name!r}",
                 )
+        if self.events is not None:
+            self.events.append(["mount", info.to_wire(), client_id])
         self.segments[info.id] = SegmentRecord(
             info, client_id, OffsetAllocator(info.base, info.size)
         )
@@ -208,6 +217,8 @@ class MasterState:
         return self._drop_segment(seg)
 
     def _drop_segment(self, seg: SegmentRecord) -> int:
+        if self.events is not None:
+            self.events.append(["unmount", seg.id])
         del self.segments[seg.id]
         client = self.clients.get(seg.client_id)
         if client is not None:
@@ -430,6 +441,7 @@ class MasterState:
         if obj.soft_pin_ttl_s is not None:
             obj.soft_pin_until = now + obj.soft_pin_ttl_s
         self._touch(client_id, now)
+        self._committed(obj)
 
     def put_revoke(self, client_id: str, key: str, now: float) -> None:
         """Abort a put: its buffers are freed (the writer says it stopped writing)."""
@@ -496,6 +508,19 @@ class MasterState:
         obj.last_access = now
         if obj.repin and obj.soft_pin_ttl_s is not None:
             obj.soft_pin_until = now + obj.soft_pin_ttl_s
+        self._committed(obj)
+
+    def _committed(self, obj: ObjectRecord) -> None:
+        if self.events is not None:
+            self.events.append(
+                [
+                    "commit",
+                    obj.key,
+                    obj.size,
+                    [[r.id, r.segment_id, r.addr, r.size, r.reserved] for r in obj.replicas],
+                    obj.hard_pinned,
+                ]
+            )
 
     upsert_end = put_end
     upsert_revoke = put_revoke
@@ -566,6 +591,8 @@ class MasterState:
         self._delete(key, obj)
 
     def _delete(self, key: str, obj: ObjectRecord) -> None:
+        if self.events is not None:
+            self.events.append(["delete", key])
         for r in obj.replicas:
             self._free_replica(r)
         del self.objects[key]
@@ -680,6 +707,98 @@ class MasterState:
                     used - (hw - self.config.eviction_ratio) * capacity,
                 )
                 self._evict(now, math.ceil(target))
+
+    # ------------------------------------------------------------------------------
+    # durability: replaying a journal
+    # ------------------------------------------------------------------------------
+
+    def drain_events(self) -> list[list[Any]]:
+        events = self.events or []
+        if self.events is not None:
+            self.events = []
+        return events
+
+    def replay(self, events: Iterable[list[Any]], now: float) -> None:
+        """Rebuild segments and readable objects from journal events.
+
+        Restored clients count as seen ``now``: they have ``client_ttl`` to
+        ping (and keep their segments and objects) before they expire.
+        Leases, soft pins and unfinished puts are not restored.
+        """
+        recording, self.events = self.events, None
+        try:
+            for ev in events:
+                kind = ev[0]
+                if kind == "mount":
+                    info = SegmentInfo.from_wire(ev[1])
+                    if info.id not in self.segments:
+                        client = self._touch(ev[2], now)
+                        self.segments[info.id] = SegmentRecord(
+                            info, ev[2], OffsetAllocator(info.base, info.size)
+                        )
+                        client.segments.add(info.id)
+                elif kind == "unmount":
+                    seg = self.segments.get(ev[1])
+                    if seg is not None:
+                        self._drop_segment(seg)
+                elif kind == "commit":
+                    _, key, size, reps, hard = ev
+                    old = self.objects.pop(key, None)
+                    if old is not None:
+                        for r in old.replicas:
+                            seg = self.segments.get(r.segment_id)
+                            if seg is not None:
+                                seg.replicas.pop(r.id, None)
+                    replicas = []
+                    for rid, seg_id, addr, rsize, reserved in reps:
+                        seg = self.segments.get(seg_id)
+                        if seg is None:
+                            continue
+                        replicas.append(
+                            Replica(
+                                rid, seg_id, seg.name, addr, rsize, reserved, ReplicaStatus.COMPLETE
+                            )
+                        )
+                        seg.replicas[rid] = key
+                        self._next_replica = max(self._next_replica, rid + 1)
+                    if replicas:
+                        self.objects[key] = ObjectRecord(
+                            key, size, "", now, replicas, last_access=now, hard_pinned=bool(hard)
+                        )
+                elif kind == "delete":
+                    obj = self.objects.pop(ev[1], None)
+                    if obj is not None:
+                        for r in obj.replicas:
+                            seg = self.segments.get(r.segment_id)
+                            if seg is not None:
+                                seg.replicas.pop(r.id, None)
+            # allocators: exactly the ranges of the restored replicas
+            live: dict[str, list[tuple[int, int]]] = {sid: [] for sid in self.segments}
+            for obj in self.objects.values():
+                for r in obj.replicas:
+                    live[r.segment_id].append((r.addr, r.reserved))
+            for sid, seg in self.segments.items():
+                seg.allocator.rebuild(live[sid])
+        finally:
+            self.events = recording
+
+    def snapshot_events(self) -> list[list[Any]]:
+        """The current durable state as a minimal event list (for compaction)."""
+        out: list[list[Any]] = []
+        for seg in self.segments.values():
+            out.append(["mount", seg.info.to_wire(), seg.client_id])
+        for obj in self.objects.values():
+            if obj.readable:
+                out.append(
+                    [
+                        "commit",
+                        obj.key,
+                        obj.size,
+                        [[r.id, r.segment_id, r.addr, r.size, r.reserved] for r in obj.replicas],
+                        obj.hard_pinned,
+                    ]
+                )
+        return out
 
     # ------------------------------------------------------------------------------
     # introspection
