@@ -136,6 +136,10 @@ def make_handle(owner: LocalBuffer, addr: int, size: int) -> BufferHandle:
                 "BufferHandle", (BufferHandle, ctypes.c_ubyte * size), {}
             )
     handle: BufferHandle = cls.from_address(addr)  # type: ignore[attr-defined]
+    # A slice of the local buffer's view is an export of its mapping: while the
+    # handle lives, closing the client cannot unmap the bytes it points at.
+    start = addr - owner.addr
+    handle._pin = owner.view[start : start + size]  # type: ignore[attr-defined]
     handle._finalizer = weakref.finalize(handle, owner.give_back, addr)
     return handle
 

@@ -162,7 +162,9 @@ class StoreClient:
                 )
             self.engine = engine
             self.master.call(M.REMOUNT_SEGMENTS, {"client_id": self.client_id, "segments": []})
-            self._master_instance = self.master.call(M.PING, {"client_id": self.client_id}).get("instance", "")
+            self._master_instance = self.master.call(M.PING, {"client_id": self.client_id}).get(
+                "instance", ""
+            )
             if config.global_segment_size > 0:
                 self.mount(config.global_segment_size)
             if config.local_buffer_size > 0:

@@ -24,6 +24,7 @@ from ...errors import MalformedMessage, StoreError
 from ...transfer.metadata.server import MetadataServer
 from ...wire import (
     MasterFrameDecoder,
+    MasterReply,
     MasterRequest,
     encode_reply,
 )
@@ -105,8 +106,7 @@ class MasterService:
         self._metadata_http: HttpServer | None = None
         self.metadata_server: MetadataServer | None = None
         self._ticker: asyncio.Task[None] | None = None
-        self._conns: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._transports: set[asyncio.Transport] = set()
         self._bad = RepeatLimiter(log)
         self._max_frame = max_frame
         self.started_at = time.time()
@@ -137,7 +137,8 @@ class MasterService:
             self.state.events = []
         sock = bind_listener(self._host, port=self._port, backlog=1024, what="master RPC listener")
         try:
-            self._server = await asyncio.start_server(self._serve, sock=sock)
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(self._protocol, sock=sock)
         except BaseException:
             sock.close()
             raise
@@ -170,14 +171,9 @@ class MasterService:
             self._ticker = None
         if self._server is not None:
             self._server.close()
-            # abort the connections (cancelling their tasks makes asyncio log noise)
-            for writer in list(self._writers):
-                writer.transport.abort()
-            if self._conns:
-                _, pending = await asyncio.wait(list(self._conns), timeout=5)
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+            for transport in list(self._transports):
+                transport.abort()
+            self._transports.clear()
             await self._server.wait_closed()
             self._server = None
         for http in (self._admin, self._metadata_http):
@@ -219,52 +215,75 @@ class MasterService:
             counters.failures[name] = counters.failures.get(name, 0) + 1
             return int(ErrorCode.INVALID_PARAMS), f"bad parameters for {name}: {exc!r}"
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns.add(task)
-        self._writers.add(writer)
-        sock = writer.get_extra_info("socket")
+    def _protocol(self) -> _RpcProtocol:
+        return _RpcProtocol(self)
+
+
+class _RpcProtocol(asyncio.Protocol):
+    """One client connection: frames in, replies out, in order.
+
+    A plain Protocol (no StreamReader/Task per connection): requests are
+    decoded and answered straight from ``data_received``, which saves tens of
+    microseconds per round trip on the master's single event loop.
+    """
+
+    def __init__(self, service: MasterService) -> None:
+        self._svc = service
+        self._decoder = (
+            MasterFrameDecoder()
+            if service._max_frame is None
+            else MasterFrameDecoder(service._max_frame)
+        )
+        self._transport: asyncio.Transport | None = None
+        self._peer: object = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = writer.get_extra_info("peername")
-        decoder = (
-            MasterFrameDecoder() if self._max_frame is None else MasterFrameDecoder(self._max_frame)
-        )
+        self._svc._transports.add(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._svc._transports.discard(self._transport)
+
+    def pause_writing(self) -> None:
+        # a client pipelining without reading its replies: stop reading its requests
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        assert transport is not None
+        decoder = self._decoder
+        decoder.feed(data)
+        out = []
         try:
             while True:
-                data = await reader.read(1 << 16)
-                if not data:
-                    return
-                decoder.feed(data)
-                out = []
-                while True:
-                    frame = decoder.next_frame()
-                    if not isinstance(frame, MasterRequest):
-                        if frame.__class__.__name__ == "MasterReply":
-                            raise MalformedMessage("a client sent a reply frame")
-                        break
-                    code, value = self.dispatch(frame)
-                    out.append(encode_reply(frame.id, code, value))
-                if out:
-                    self._persist()
-                    writer.write(b"".join(out))
-                    await writer.drain()
+                frame = decoder.next_frame()
+                if not isinstance(frame, MasterRequest):
+                    if isinstance(frame, MasterReply):
+                        raise MalformedMessage("a client sent a reply frame")
+                    break
+                code, value = self._svc.dispatch(frame)
+                out.append(encode_reply(frame.id, code, value))
         except MalformedMessage as exc:
-            self._bad(
+            self._svc._bad(
                 "bad-frame",
                 logging.WARNING,
                 "master RPC: closing connection from %s: %s",
-                peer,
+                self._peer,
                 exc,
             )
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._conns.discard(task)
-            self._writers.discard(writer)
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
+            transport.abort()
+            return
+        if out:
+            self._svc._persist()  # journal before acknowledging
+            transport.write(out[0] if len(out) == 1 else b"".join(out))

@@ -53,7 +53,7 @@ from .._types import (
     SegmentInfo,
     SoftPinAction,
 )
-from ._allocator import OffsetAllocator
+from ._allocator import OffsetAllocator, align_up
 from ._objects import ClientRecord, ObjectRecord, Replica, SegmentRecord
 
 __all__ = ["GetReplicaListResult", "MasterState", "PingResult"]
@@ -302,10 +302,21 @@ class MasterState:
         replicas = self._allocate(size, config, writer_host, key)
         if not replicas:
             self.metrics.alloc_failures += 1
-        chunk = max(size, int(self._capacity() * self.config.eviction_ratio))
-        # free room synchronously, round by round, while something can be evicted
-        while not replicas and self._evict(now, need_bytes=chunk, protect=key):
-            replicas = self._allocate(size, config, writer_host, key)
+            # Evict only from segments the object could fit in at all: an object
+            # larger than every segment must not wipe the cache before failing.
+            need = align_up(size)
+            excluded = set(config.excluded_segments)
+            fits = {
+                s.id
+                for s in self.segments.values()
+                if not s.draining and s.name not in excluded and s.allocator.capacity >= need
+            }
+            chunk = max(size, int(self._capacity() * self.config.eviction_ratio))
+            # free room synchronously, round by round, while something can be evicted
+            while fits and self._evict(now, need_bytes=chunk, protect=key, segments=fits):
+                replicas = self._allocate(size, config, writer_host, key)
+                if replicas:
+                    break
         if not replicas:
             total = len(self.segments)
             largest = max((s.allocator.largest_free for s in self.segments.values()), default=0)
@@ -636,13 +647,18 @@ class MasterState:
     def _used(self) -> int:
         return sum(s.allocator.allocated for s in self.segments.values())
 
-    def _evictable(self, now: float, protect: str | None) -> list[tuple[int, float, str]]:
-        """(tier, last access, key) of objects eviction may drop."""
+    def _evictable(
+        self, now: float, protect: str | None, segments: set[str] | None = None
+    ) -> list[tuple[int, float, str]]:
+        """(tier, last access, key) of objects eviction may drop (only those with a
+        replica in ``segments``, when given)."""
         out = []
         for key, obj in self.objects.items():
             if key == protect or obj.hard_pinned or obj.in_flight or obj.lease_until > now:
                 continue
             if not obj.replicas:
+                continue
+            if segments is not None and not any(r.segment_id in segments for r in obj.replicas):
                 continue
             pinned = obj.soft_pin_until is not None and obj.soft_pin_until > now
             if pinned and not self.config.allow_evict_soft_pinned_objects:
@@ -650,9 +666,15 @@ class MasterState:
             out.append((1 if pinned else 0, obj.last_access, key))
         return out
 
-    def _evict(self, now: float, need_bytes: int, protect: str | None = None) -> int:
+    def _evict(
+        self,
+        now: float,
+        need_bytes: int,
+        protect: str | None = None,
+        segments: set[str] | None = None,
+    ) -> int:
         """Drop LRU objects until ``need_bytes`` are freed; returns bytes freed."""
-        candidates = self._evictable(now, protect)
+        candidates = self._evictable(now, protect, segments)
         if not candidates:
             return 0
         heapq.heapify(candidates)
