@@ -632,8 +632,8 @@ class StoreClient:
     def get_into(self, key: str, buffer: Any, size: int | None = None) -> int:
         """Read ``key`` into local memory (an address with ``size``, or a writable buffer).
 
-        Returns the object size.  Raises InvalidParams (BUFFER_OVERFLOW code) if the
-        destination is smaller than the object.
+        Returns the object size.  Raises InvalidParams if the destination is
+        smaller than the object.
         """
         (res,) = self.get_many_into([key], [[self._dest_part(buffer, size)]])
         if isinstance(res, StoreError):
@@ -779,7 +779,9 @@ class StoreClient:
         (res,) = self._read_batch([key], dest)
         if isinstance(res, StoreError):
             if 0 in got:
-                self.local.give_back(got[0][0])
+                taken_addr, taken_view = got.pop(0)
+                taken_view.release()  # the traceback must not pin the local buffer
+                self.local.give_back(taken_addr)
             raise res
         addr, view = got[0]
         return make_handle(self.local, addr, len(view))
