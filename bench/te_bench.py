@@ -60,6 +60,16 @@ RESULT_RE = re.compile(
 )
 
 
+def _tcp_env(impl: str) -> dict[str, str]:
+    """This benchmark measures TCP loopback: pymooncake's same-host transport (which
+    would otherwise be chosen between two local processes) is switched off here;
+    bench/samehost_bench.py measures that path."""
+    env = C.env_for(impl)
+    if impl != "ref":
+        env["PYMOONCAKE_SAME_HOST"] = "0"
+    return env
+
+
 def batch_for(block: int) -> int:
     """128 requests per batch, 32 for 16 MiB blocks (as the anchor)."""
     return 32 if block >= 16 * C.MiB else 128
@@ -168,7 +178,7 @@ class Target:
         self.starts += 1
         argv = [self.bench, "--mode=target", *common_flags()]
         self.child = C.Child(
-            argv, env=C.env_for(self.impl), log_stem=self.tmp / f"target-{self.impl}-{self.starts}"
+            argv, env=_tcp_env(self.impl), log_stem=self.tmp / f"target-{self.impl}-{self.starts}"
         )
         m = self.child.wait_for(READY_RE[self.impl], 60)
         if not m:
@@ -204,7 +214,7 @@ def run_initiator(
         f"--threads={threads}",
         f"--duration={duration}",
     ]
-    child = C.Child(argv, env=C.env_for(target.impl), log_stem=target.tmp / tag)
+    child = C.Child(argv, env=_tcp_env(target.impl), log_stem=target.tmp / tag)
     t0 = time.monotonic()
     try:
         # a run ends after its workers finish their last batch: allow for slow batches

@@ -56,6 +56,16 @@ BUFFER_SIZE = C.GiB
 HOST = "127.0.0.1"
 
 
+def _tcp_env(impl: str) -> dict[str, str]:
+    """This benchmark measures TCP loopback: pymooncake's same-host transport (which
+    would otherwise be chosen between two local processes) is switched off here;
+    bench/samehost_bench.py measures that path."""
+    env = C.env_for(impl)
+    if impl != "ref":
+        env["PYMOONCAKE_SAME_HOST"] = "0"
+    return env
+
+
 def slots_for(block: int) -> int:
     """Blocks per call in batch mode: 128, 32 for 16 MiB (anchor); sync cycles over as many."""
     return 32 if block >= 16 * C.MiB else 128
@@ -372,7 +382,7 @@ def driver_main(a: argparse.Namespace) -> int:
                             f"--out={out}",
                             *worker_args,
                         ],
-                        env=C.env_for(impl),
+                        env=_tcp_env(impl),
                         log_stem=tmp / f"{impl}-{r}",
                     )
                     try:

@@ -467,3 +467,17 @@ def test_numpy_and_torch_like_local_buffers(engine_pair: Pair) -> None:
     assert (dst == src).all()
     with pytest.raises(InvalidArgument, match="writable"):
         a.read(b.segment_name, b"readonly", region.addr)
+
+
+def test_bad_pointers_are_errors_not_crashes(engine_pair: Pair) -> None:
+    a, b = engine_pair
+    bogus = 0x7F0000000000  # not mapped in this process (like a GPU pointer without CUDA)
+    with pytest.raises(InvalidArgument, match="not readable host memory"):
+        a.register(bogus, 4096)
+    with pytest.raises(InvalidArgument, match="GPU"):
+        a.register_many([(bogus, 4096)])
+    target = b.allocate(4096)
+    with pytest.raises(InvalidArgument, match="not readable host memory"):
+        a.write(b.segment_name, bogus, target.addr, 16)
+    with pytest.raises(InvalidArgument, match="not readable host memory"):
+        a.read(b.segment_name, bogus, target.addr, 16)

@@ -64,6 +64,7 @@ from ._memory import (
     address_of,
     allocate_anonymous,
     allocate_shared,
+    is_host_memory,
     view_at,
 )
 from ._request import TransferOpcode, TransferRequest, TransferStatus
@@ -363,6 +364,7 @@ class TransferEngine:
                     f"cannot register {length} bytes at {memory:#x}: address and length must be "
                     "positive"
                 )
+            _require_host_memory(memory, length)
             addr, view, owner = memory, view_at(memory, length), None
         else:
             addr, nbytes = address_of(memory)
@@ -417,6 +419,12 @@ class TransferEngine:
                     f"cannot register {length} bytes at {addr:#x}: address and length must "
                     "be positive"
                 )
+            if location.startswith(("cuda", "musa", "hip", "npu", "maca")):
+                raise NotSupported(
+                    f"registering {location} memory needs GPU support, which this pymooncake "
+                    "build does not have; register host memory"
+                )
+            _require_host_memory(addr, length)
             regions.append(
                 Region(
                     addr,
@@ -524,6 +532,7 @@ class TransferEngine:
                 return region.slice(local, length)
             if local <= 0:
                 raise InvalidArgument(f"local address {local:#x} is not valid")
+            _require_host_memory(local, length)  # a bad pointer: an error, not a crash
             return view_at(local, length)
         try:
             view = memoryview(local)  # type: ignore[arg-type]
@@ -927,6 +936,15 @@ class TransferEngine:
     def __repr__(self) -> str:
         name = getattr(self, "segment_name", "?")
         return f"<TransferEngine segment={name!r} closed={self._closed}>"
+
+
+def _require_host_memory(addr: int, length: int) -> None:
+    if not is_host_memory(addr, length):
+        raise InvalidArgument(
+            f"address range [{addr:#x}, +{length}) is not readable host memory of this process: "
+            "a stale or wrong pointer, or GPU (device) memory. GPU buffers need CUDA support, "
+            "which this pymooncake build does not have; register host memory instead"
+        )
 
 
 def _release(region: Region) -> None:
