@@ -44,32 +44,24 @@ __all__ = [
 _U64_MAX: Final = (1 << 64) - 1
 
 
-_self_mem_fd: int | None = None
-_self_mem_lock = threading.Lock()
-
-
 def is_host_memory(addr: int, length: int) -> bool:
     """Whether the first and last byte of ``[addr, addr+length)`` are readable
     memory of this process (read through /proc/self/mem, so a bad pointer gives
     False instead of a crash).  Device pointers (GPU memory) are not readable
     this way.  True when /proc is unavailable (nothing to check with).
     """
-    global _self_mem_fd
     if length <= 0:
         return True
-    with _self_mem_lock:
-        if _self_mem_fd is None:
-            try:
-                _self_mem_fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                _self_mem_fd = -1
-        fd = _self_mem_fd
-    if fd < 0:
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         return True
     try:
         return len(os.pread(fd, 1, addr)) == 1 and len(os.pread(fd, 1, addr + length - 1)) == 1
     except (OSError, OverflowError, ValueError):
         return False
+    finally:
+        os.close(fd)
 
 
 def view_at(addr: int, length: int) -> memoryview:
