@@ -54,6 +54,7 @@ class MasterClient:
         timeout_s: float = 30.0,
         connect_timeout_s: float = 5.0,
         max_idle: int = 8,
+        same_host_rpc: bool = True,
     ) -> None:
         if "://" in address:
             raise InvalidParams(
@@ -73,6 +74,7 @@ class MasterClient:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
+        self._unix_ok = same_host_rpc
 
     # --- connections ----------------------------------------------------------------
 
@@ -82,10 +84,12 @@ class MasterClient:
                 raise RpcFailed(f"master client for {self.address} is closed")
             if self._idle:
                 return self._idle.pop(), True
+        sock = self._connect_same_host()
         try:
-            sock = connect_tcp(
-                self._host, self._port, timeout_s=self._connect_timeout, what="store master"
-            )
+            if sock is None:
+                sock = connect_tcp(
+                    self._host, self._port, timeout_s=self._connect_timeout, what="store master"
+                )
         except MooncakeError as exc:
             raise RpcFailed(
                 f"cannot reach the master at {self.address}: {exc}. Check that mooncake_master is "
@@ -93,6 +97,21 @@ class MasterClient:
             ) from exc
         set_io_timeout(sock, self._timeout)
         return _Conn(sock), False
+
+    def _connect_same_host(self) -> socket.socket | None:
+        """The master's abstract UNIX socket when it runs on this host (same
+        protocol, shorter round trip); None to use TCP."""
+        if not self._unix_ok:
+            return None
+        for host in (self._host, "0.0.0.0", "::"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(f"\0pymooncake-master:{host}:{self._port}")
+                return s
+            except OSError:
+                s.close()
+        self._unix_ok = False  # not on this host (or an older master): stop trying
+        return None
 
     def _checkin(self, conn: _Conn) -> None:
         with self._lock:

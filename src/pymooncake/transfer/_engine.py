@@ -130,6 +130,7 @@ class TransferEngine:
         #: managed buffers stay mapped until free(), even if unregistered
         self._managed: dict[int, Region] = {}
         self._published = False
+        self._local_peer: Peer | None = None
 
         if isinstance(metadata_server, MetadataStore):
             store: MetadataStore | None = metadata_server
@@ -302,6 +303,7 @@ class TransferEngine:
         return encode_segment(desc)
 
     def _registry_changed(self) -> None:
+        self._local_peer = None  # its descriptor lists the buffers
         for t in self._transports:
             t.registry_changed()
 
@@ -595,15 +597,17 @@ class TransferEngine:
         self._check_open()
         name = self.segment_name_of(target)
         if name == self.segment_name:
-            desc_obj = self.local_descriptor()
-            return Peer(
-                name=name,
-                desc=decode_segment(desc_obj, name),
-                rpc_host=self.advertised_host,
-                rpc_port=self.rpc_port,
-                data_host=self.advertised_host,
-                local=True,
-            )
+            peer = self._local_peer
+            if peer is None or refresh:
+                peer = self._local_peer = Peer(
+                    name=name,
+                    desc=decode_segment(self.local_descriptor(), name),
+                    rpc_host=self.advertised_host,
+                    rpc_port=self.rpc_port,
+                    data_host=self.advertised_host,
+                    local=True,
+                )
+            return peer
         return self._directory.lookup(name, refresh=refresh)
 
     def sync_segment_cache(self, name: str | None = None) -> None:
