@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import ctypes
 import dataclasses
 import logging
 import threading
@@ -41,6 +42,7 @@ from ..errors import (
     InvalidParams,
     LeaseExpired,
     MooncakeError,
+    PeerRejected,
     PeerSocketError,
     SegmentNotFound,
     StoreError,
@@ -48,7 +50,8 @@ from ..errors import (
     TransferFailed,
     store_error,
 )
-from ..transfer import TransferEngine, TransferRequest
+from ..transfer import TransferEngine, TransferOpcode, TransferRequest
+from ..transfer._memory import buffer_address
 from ..transfer.metadata import parse_metadata_target
 from ..wire import MasterMethod
 from ._buffers import BufferHandle, LocalBuffer, make_handle, new_bytes
@@ -58,6 +61,8 @@ from ._types import ClientStatus, ErrorCode, ReplicaDesc, ReplicateConfig, Segme
 __all__ = ["ObjectLocation", "StoreClient", "StoreClientConfig"]
 
 log = logging.getLogger("pymooncake.store")
+#: local copies from this size on use ctypes.memmove, which releases the GIL
+_MEMMOVE_FROM = 256 * 1024
 M = MasterMethod
 Parts = list[memoryview]
 
@@ -283,6 +288,11 @@ class StoreClient:
         """Run grouped transfers; the first failure of each item lands in ``errors``;
         endpoints that could not be reached at all are added to ``unreachable``."""
 
+        own = self.engine.segment_name
+        local_items = per_endpoint.pop(own, None)
+        if local_items:
+            self._copy_local(local_items, errors)
+
         def job(endpoint: str, items: list[tuple[int, TransferRequest]]) -> Callable[[], None]:
             def run() -> None:
                 try:
@@ -305,6 +315,36 @@ class StoreClient:
             return run
 
         self._parallel([job(ep, items) for ep, items in per_endpoint.items()])
+
+    def _copy_local(
+        self, items: list[tuple[int, TransferRequest]], errors: list[BaseException | None]
+    ) -> None:
+        """Replicas in our own segment: a bounds-checked memcpy, no engine round trip."""
+        find = self.engine.registry.find_remote
+        for idx, req in items:
+            view = req.local
+            assert isinstance(view, memoryview)
+            n = len(view)
+            region = find(req.remote_addr, n)
+            if region is None:
+                if errors[idx] is None:
+                    errors[idx] = PeerRejected(
+                        f"address {req.remote_addr:#x}+{n} is not inside this client's own segment"
+                    )
+                continue
+            if n >= _MEMMOVE_FROM:  # large: copy with the GIL released
+                remote = region.addr + (req.remote_addr - region.addr)
+                local = buffer_address(view)
+                if req.opcode == TransferOpcode.WRITE:
+                    ctypes.memmove(remote, local, n)
+                else:
+                    ctypes.memmove(local, remote, n)
+            else:
+                off = req.remote_addr - region.addr
+                if req.opcode == TransferOpcode.WRITE:
+                    region.view[off : off + n] = view
+                else:
+                    view[:] = region.view[off : off + n]
 
     # ------------------------------------------------------------------------------
     # writes

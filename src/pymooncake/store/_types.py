@@ -75,6 +75,9 @@ class ReplicaStatus(IntEnum):
     FAILED = 5
 
 
+_STATUS = tuple(ReplicaStatus)  # index -> member, faster than ReplicaStatus(n)
+
+
 class SoftPinAction(IntEnum):
     PRESERVE = 0
     ENABLE = 1
@@ -196,6 +199,4 @@ class ReplicaDesc:
     @classmethod
     def from_wire(cls, obj: Any) -> ReplicaDesc:
         rid, endpoint, address, size, status, segment_id = obj
-        return cls(
-            int(rid), str(endpoint), int(address), int(size), ReplicaStatus(status), str(segment_id)
-        )
+        return cls(rid, endpoint, address, size, _STATUS[status], segment_id)
