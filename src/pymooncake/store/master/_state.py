@@ -114,6 +114,7 @@ class MasterState:
         self.clients: dict[str, ClientRecord] = {}
         self._discards: list[_Discard] = []
         self._next_replica = 1
+        self._live_cache: list[SegmentRecord] | None = None
         self.view_version = 1
         self.instance = uuid.uuid4().hex
         self.metrics = Metrics()
@@ -194,6 +195,7 @@ class MasterState:
         self.segments[info.id] = SegmentRecord(
             info, client_id, OffsetAllocator(info.base, info.size)
         )
+        self._live_cache = None
         client.segments.add(info.id)
 
     def remount_segments(self, client_id: str, infos: Iterable[SegmentInfo], now: float) -> None:
@@ -217,6 +219,7 @@ class MasterState:
         return self._drop_segment(seg)
 
     def _drop_segment(self, seg: SegmentRecord) -> int:
+        self._live_cache = None
         if self.events is not None:
             self.events.append(["unmount", seg.id])
         del self.segments[seg.id]
@@ -257,14 +260,27 @@ class MasterState:
     # allocation
     # ------------------------------------------------------------------------------
 
+    def _live(self) -> list[SegmentRecord]:
+        """Segments open for allocation (cached; the segment set rarely changes)."""
+        live = self._live_cache
+        if live is None:
+            live = self._live_cache = [s for s in self.segments.values() if not s.draining]
+        return live
+
     def _candidates(self, config: ReplicateConfig, writer_host: str) -> list[SegmentRecord]:
+        strategy = self.config.allocation_strategy
+        if not config.preferred_segments and not config.excluded_segments and strategy == "random":
+            live = self._live()  # the common case: a random rotation of every segment
+            if len(live) <= 1:
+                return live
+            start = self._rng.randrange(len(live))
+            return live[start:] + live[:start]
         excluded = set(config.excluded_segments)
-        live = [s for s in self.segments.values() if not s.draining and s.name not in excluded]
+        live = [s for s in self._live() if s.name not in excluded]
         preferred: list[SegmentRecord] = []
         for name in config.preferred_segments:
             preferred += [s for s in live if s.name == name and s not in preferred]
         rest = [s for s in live if s not in preferred]
-        strategy = self.config.allocation_strategy
         if strategy == "free_ratio_first":
             rest.sort(key=lambda s: s.allocator.free_bytes / s.allocator.capacity, reverse=True)
         else:
@@ -758,6 +774,7 @@ class MasterState:
                         self.segments[info.id] = SegmentRecord(
                             info, ev[2], OffsetAllocator(info.base, info.size)
                         )
+                        self._live_cache = None
                         client.segments.add(info.id)
                 elif kind == "unmount":
                     seg = self.segments.get(ev[1])
