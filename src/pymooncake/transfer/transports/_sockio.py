@@ -26,6 +26,8 @@ IOV_MAX: Final = 1024
 #: then carry several requests); larger ones are received in place.
 _DIRECT_THRESHOLD: Final = 64 * 1024
 _DEFAULT_BUFFER: Final = 256 * 1024
+_DONTWAIT: Final = socket.MSG_DONTWAIT
+_SEND_CHUNK: Final = 1 << 20
 
 
 class PeerClosed(ConnectionError):
@@ -47,7 +49,17 @@ def sendmsg_all(sock: socket.socket, bufs: list[Buffer]) -> int:
     i, n = 0, len(bufs)
     sendmsg = sock.sendmsg
     while i < n:
-        sent = sendmsg(bufs[i : i + IOV_MAX])
+        # at most ~_SEND_CHUNK bytes per call: the kernel copies a huge sendmsg in
+        # one go while the receiver waits for the first bytes
+        j = i + 1
+        size = len(bufs[i])
+        while j < n and j - i < IOV_MAX and size < _SEND_CHUNK:
+            size += len(bufs[j])
+            j += 1
+        if size > 2 * _SEND_CHUNK and j == i + 1:  # one big buffer: send it in pieces
+            sent = sendmsg([memoryview(bufs[i])[:_SEND_CHUNK]])
+        else:
+            sent = sendmsg(bufs[i:j])
         total += sent
         while sent:
             size = len(bufs[i])
@@ -105,15 +117,27 @@ class SocketReader:
             self._mv[:n] = self._mv[self._start : self._end]
             self._start, self._end = 0, n
         while self._end - self._start < need:
-            if self._before_block is not None:
-                self._before_block()
             if greedy:
-                got = self._recv_into(self._mv[self._end :])
+                got = self._recv(self._mv[self._end :])
             else:
-                got = self._recv_into(self._mv[self._end : self._start + need])
+                got = self._recv(self._mv[self._end : self._start + need])
             if not got:
                 raise PeerClosed("peer closed the connection")
             self._end += got
+
+    def _recv(self, view: memoryview) -> int:
+        """recv_into; ``before_block`` runs only when the call would actually wait.
+
+        A non-blocking attempt comes first: while the peer keeps streaming, replies
+        gathered by the caller are not flushed one by one but in one later batch.
+        """
+        if self._before_block is None:
+            return self._recv_into(view)
+        try:
+            return self._recv_into(view, 0, _DONTWAIT)
+        except BlockingIOError:
+            self._before_block()
+            return self._recv_into(view)
 
     def take(self, n: int, greedy: bool = True) -> int:
         """Make ``n`` bytes available and consume them; returns their offset
@@ -149,11 +173,9 @@ class SocketReader:
             view[pos:] = self._mv[self._start : self._start + remaining]
             self._start += remaining
             return
-        if self._before_block is not None:
-            self._before_block()
-        recv_into = self._recv_into
+        recv = self._recv
         while pos < need:
-            got = recv_into(view[pos:])
+            got = recv(view[pos:])
             if not got:
                 raise PeerClosed("peer closed the connection in the middle of a payload")
             pos += got
