@@ -79,17 +79,20 @@ class SocketReader:
 
     Args:
         sock: a connected blocking socket.
-        before_block: called before every ``recv`` that may block.
+        before_block: called before a ``recv`` that would block.
+        pending: if given, ``before_block`` is only considered while it returns True
+            (nothing to flush: no extra non-blocking attempt).
         size: receive buffer size.
     """
 
-    __slots__ = ("_before_block", "_buf", "_end", "_mv", "_recv_into", "_start", "sock")
+    __slots__ = ("_before_block", "_buf", "_end", "_mv", "_pending", "_recv_into", "_start", "sock")
 
     def __init__(
         self,
         sock: socket.socket,
         before_block: Callable[[], None] | None = None,
         size: int = _DEFAULT_BUFFER,
+        pending: Callable[[], bool] | None = None,
     ) -> None:
         self.sock = sock
         self._buf = bytearray(size)
@@ -97,6 +100,7 @@ class SocketReader:
         self._start = 0
         self._end = 0
         self._before_block = before_block
+        self._pending = pending
         self._recv_into = sock.recv_into
 
     @property
@@ -131,7 +135,7 @@ class SocketReader:
         A non-blocking attempt comes first: while the peer keeps streaming, replies
         gathered by the caller are not flushed one by one but in one later batch.
         """
-        if self._before_block is None:
+        if self._before_block is None or (self._pending is not None and not self._pending()):
             return self._recv_into(view)
         try:
             return self._recv_into(view, 0, _DONTWAIT)

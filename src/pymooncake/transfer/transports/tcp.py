@@ -144,7 +144,7 @@ class _Server:
                 out.clear()
                 out_bytes = 0
 
-        reader = SocketReader(conn, before_block=flush)
+        reader = SocketReader(conn, before_block=flush, pending=lambda: bool(out))
         buf = reader.buffer
         find = self._registry.find_remote
         served = 0
@@ -238,13 +238,14 @@ class _Server:
 
 
 class _Conn:
-    __slots__ = ("key", "reader", "reused", "sock")
+    __slots__ = ("key", "reader", "reused", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
         self.sock = sock
         self.key = key
         self.reader = SocketReader(sock)
         self.reused = False
+        self.timeout: float | None = None
 
     def close(self) -> None:
         try:
@@ -379,7 +380,10 @@ class TcpTransport(Transport):
                 for s in pending:
                     on_done(s, exc)
                 return
-            set_io_timeout(conn.sock, min(cfg.tcp_status_timeout_s, remaining))
+            timeout = min(cfg.tcp_status_timeout_s, remaining)
+            if conn.timeout is None or abs(conn.timeout - timeout) > 1.0:
+                set_io_timeout(conn.sock, timeout)  # two syscalls: only when it changes
+                conn.timeout = timeout
             try:
                 self._pipeline(conn, pending, v2, on_done)
             except _Rejected as rej:
