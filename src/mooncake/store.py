@@ -9,13 +9,10 @@ cause before the integer goes back.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
 import os
 import threading
 from collections.abc import Callable, Sequence
-from enum import IntEnum
 from typing import Any, TypeVar
 
 from pymooncake._net import split_host_port
@@ -24,7 +21,6 @@ from pymooncake.errors import ConfigError, InvalidParams, MooncakeError, StoreEr
 from pymooncake.store import (
     BufferHandle,
     ErrorCode,
-    ReplicaDesc,
     ReplicaStatus,
     SoftPinAction,
     StoreClient,
@@ -32,9 +28,38 @@ from pymooncake.store import (
     parse_size,
 )
 from pymooncake.store import ReplicateConfig as _NativeConfig
-from pymooncake.store._buffers import Lease, LeasePool
 from pymooncake.store._client import ObjectLocation
 from pymooncake.transfer import TransferEngine as _NativeEngine
+
+from ._store_ranges import RangeReads
+from ._store_types import (
+    ACTIVATION,
+    COMPLETE,
+    FAILED,
+    GENERAL,
+    GRADIENT,
+    INITIALIZED,
+    KVCACHE,
+    METADATA,
+    OPTIMIZER_STATE,
+    PROCESSING,
+    REMOVED,
+    SAMPLE,
+    TENSOR,
+    UNDEFINED,
+    UNKNOWN,
+    WEIGHT,
+    BufferLease,
+    BufferPool,
+    Descriptor,
+    MemoryDescriptor,
+    MooncakeHostMemAllocator,
+    ObjectDataType,
+    RegisteredBufferLease,
+    RegisteredBufferPool,
+    ReplicaDescriptor,
+    ReplicateConfig,
+)
 
 __all__ = [
     "ACTIVATION",
@@ -71,253 +96,6 @@ __all__ = [
 
 log = logging.getLogger("mooncake.store")
 T = TypeVar("T")
-_U64 = 1 << 64
-
-UNDEFINED = ReplicaStatus.UNDEFINED
-INITIALIZED = ReplicaStatus.INITIALIZED
-PROCESSING = ReplicaStatus.PROCESSING
-COMPLETE = ReplicaStatus.COMPLETE
-REMOVED = ReplicaStatus.REMOVED
-FAILED = ReplicaStatus.FAILED
-
-
-class ObjectDataType(IntEnum):
-    UNKNOWN = 0
-    KVCACHE = 1
-    TENSOR = 2
-    WEIGHT = 3
-    SAMPLE = 4
-    ACTIVATION = 5
-    GRADIENT = 6
-    OPTIMIZER_STATE = 7
-    METADATA = 8
-    GENERAL = 9
-
-
-UNKNOWN, KVCACHE, TENSOR, WEIGHT, SAMPLE = (ObjectDataType(i) for i in range(5))
-ACTIVATION, GRADIENT, OPTIMIZER_STATE, METADATA, GENERAL = (ObjectDataType(i) for i in range(5, 10))
-
-
-# --------------------------------------------------------------------------------
-# ReplicateConfig (mutable, type-checked attributes like the pybind class)
-# --------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: Any, lo: int = 0, hi: int = _U64) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value < hi:
-        raise TypeError(
-            f"ReplicateConfig.{name}: expected an integer in [{lo}, {hi}), got {value!r}"
-        )
-    return value
-
-
-class ReplicateConfig:
-    """Replication settings (reference ``ReplicateConfig``)."""
-
-    def __init__(self) -> None:
-        self.replica_num = 1
-        self.nof_replica_num = 0
-        self.dfs_replica_num = 0
-        self.soft_pin_action = SoftPinAction.PRESERVE
-        self._soft_pin_ttl_ms: int | None = None
-        self.with_hard_pin = False
-        self.preferred_segment = ""
-        self.preferred_segments: list[str] = []
-        self.preferred_nof_segments: list[str] = []
-        self.prefer_alloc_in_same_node = False
-        self.data_type = ObjectDataType.UNKNOWN
-        self.group_ids: list[str] | None = None
-
-    @property
-    def soft_pin_ttl_ms(self) -> int | None:
-        return self._soft_pin_ttl_ms
-
-    @soft_pin_ttl_ms.setter
-    def soft_pin_ttl_ms(self, value: int | None) -> None:
-        self._soft_pin_ttl_ms = None if value is None else _check_int("soft_pin_ttl_ms", value)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("replica_num", "nof_replica_num", "dfs_replica_num"):
-            value = _check_int(name, value)
-        elif name == "soft_pin_action":
-            value = SoftPinAction(value)
-        elif name in ("with_hard_pin", "prefer_alloc_in_same_node"):
-            if not isinstance(value, (bool, int)):  # pybind's bool caster takes ints too
-                raise TypeError(f"ReplicateConfig.{name}: expected a bool, got {value!r}")
-            value = bool(value)
-        elif name in ("preferred_segments", "preferred_nof_segments"):
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise TypeError(f"ReplicateConfig.{name}: expected a list of str")
-            value = list(value)
-        elif name == "preferred_segment" and not isinstance(value, str):
-            raise TypeError("ReplicateConfig.preferred_segment: expected a str")
-        object.__setattr__(self, name, value)
-
-    def to_native(self) -> _NativeConfig:
-        preferred = ([self.preferred_segment] if self.preferred_segment else []) + list(
-            self.preferred_segments
-        )
-        return _NativeConfig(
-            replica_num=self.replica_num,
-            soft_pin_ttl_ms=self.soft_pin_ttl_ms,
-            with_hard_pin=self.with_hard_pin,
-            preferred_segments=tuple(preferred),
-            soft_pin_action=self.soft_pin_action,
-        )
-
-    def __str__(self) -> str:
-        ttl = "default" if self.soft_pin_ttl_ms is None else str(self.soft_pin_ttl_ms)
-        return (
-            f"ReplicateConfig: {{ replica_num: {self.replica_num}, nof_replica_num: {self.nof_replica_num}, "
-            f"dfs_replica_num: {self.dfs_replica_num}, soft_pin_action: {self.soft_pin_action.name}, "
-            f"soft_pin_ttl_ms: {ttl}, with_hard_pin: {int(self.with_hard_pin)}, "
-            f"preferred_segments: {self.preferred_segments}, "
-            f"preferred_nof_segments: {self.preferred_nof_segments}, "
-            f"prefer_alloc_in_same_node: {int(self.prefer_alloc_in_same_node)}, "
-            f"data_type: {self.data_type.name} }}"
-        )
-
-    __repr__ = __str__
-
-
-# --------------------------------------------------------------------------------
-# replica descriptors
-# --------------------------------------------------------------------------------
-
-
-class Descriptor:
-    """A memory buffer of a replica: ``size``, ``buffer_address``, ``transport_endpoint``."""
-
-    def __init__(self, size: int, buffer_address: int, transport_endpoint: str) -> None:
-        self.size = size
-        self.buffer_address = buffer_address
-        self.transport_endpoint = transport_endpoint
-        self.protocol = "tcp"
-
-    def __repr__(self) -> str:
-        return f"Descriptor(size={self.size}, buffer_address={self.buffer_address:#x}, transport_endpoint={self.transport_endpoint!r})"
-
-
-class MemoryDescriptor:
-    def __init__(self, buffer_descriptor: Descriptor) -> None:
-        self.buffer_descriptor = buffer_descriptor
-
-
-class ReplicaDescriptor:
-    """One replica (reference ``ReplicaDescriptor``); all pymooncake replicas are in memory."""
-
-    def __init__(self, desc: ReplicaDesc) -> None:
-        self.status = desc.status
-        self._mem = MemoryDescriptor(Descriptor(desc.size, desc.address, desc.endpoint))
-
-    def is_memory_replica(self) -> bool:
-        return True
-
-    def is_disk_replica(self) -> bool:
-        return False
-
-    def is_local_disk_replica(self) -> bool:
-        return False
-
-    def get_memory_descriptor(self) -> MemoryDescriptor:
-        return self._mem
-
-    def get_disk_descriptor(self) -> None:
-        raise RuntimeError("not a disk replica")
-
-    def __repr__(self) -> str:
-        d = self._mem.buffer_descriptor
-        return f"ReplicaDescriptor(memory, {d.transport_endpoint}, {d.buffer_address:#x}, {d.size}, {self.status.name})"
-
-
-# --------------------------------------------------------------------------------
-# host memory allocator (memfd shared memory)
-# --------------------------------------------------------------------------------
-
-
-class MooncakeHostMemAllocator:
-    """``alloc(size) -> address`` of shared (memfd) memory, ``free(ptr) -> 0``."""
-
-    def __init__(self) -> None:
-        self._maps: dict[int, mmap.mmap] = {}
-        self._lock = threading.Lock()
-
-    def alloc(self, size: int) -> int:
-        if size <= 0:
-            return 0
-        try:
-            fd = os.memfd_create("mooncake_host_mem", os.MFD_CLOEXEC)
-            try:
-                os.ftruncate(fd, size)
-                mm = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-        except (AttributeError, OSError):
-            mm = mmap.mmap(-1, size)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-        with self._lock:
-            self._maps[addr] = mm
-        return addr
-
-    def free(self, ptr: int) -> int:
-        with self._lock:
-            mm = self._maps.pop(ptr, None)
-        if mm is None:
-            return -1
-        try:
-            mm.close()
-        except BufferError:
-            pass
-        return 0
-
-
-# --------------------------------------------------------------------------------
-# buffer pool (leases from a store's local buffer)
-# --------------------------------------------------------------------------------
-
-BufferLease = Lease
-
-
-class BufferPool:
-    """Registered scratch buffers leased from a store's local buffer (reference
-    ``mooncake.store.BufferPool``).  ``acquire``/``buffer`` return a lease with
-    ``ptr``, ``size``, ``buffer`` (writable memoryview) and ``release()``."""
-
-    def __init__(
-        self,
-        store: MooncakeDistributedStore,
-        max_bytes: int = 0,
-        min_size_class: int = 65536,
-        max_size_class: int | None = None,
-        alignment: int = 8 << 20,
-        block_on_exhaustion: bool = True,
-        default_timeout: float | None = None,
-        max_regions: int | None = None,
-        prewarm_size: int | None = None,
-        prewarm_count: int = 0,
-    ) -> None:
-        client = store._client
-        if client is None:
-            raise RuntimeError("BufferPool needs a store that is set up (call setup() first)")
-        self._pool = LeasePool(
-            client.local, max_bytes=max_bytes, block=block_on_exhaustion, timeout_s=default_timeout
-        )
-
-    def acquire(self, size: int, block: bool | None = None, timeout: float | None = None) -> Lease:
-        return self._pool.acquire(size, block, timeout)
-
-    buffer = acquire
-
-    def prewarm(self, size: int, count: int) -> None:
-        """Nothing to do: the local buffer is registered up front."""
-
-    def close(self) -> None:
-        self._pool.close()
-
-
-RegisteredBufferPool = BufferPool
-RegisteredBufferLease = Lease
-
 
 # --------------------------------------------------------------------------------
 # the store
@@ -349,7 +127,7 @@ def _code(exc: BaseException) -> int:
     return int(ErrorCode.INVALID_PARAMS)
 
 
-class MooncakeDistributedStore:
+class MooncakeDistributedStore(RangeReads):
     """Reference-compatible store client.  Construct, then :meth:`setup`."""
 
     def __init__(self) -> None:
@@ -765,138 +543,6 @@ class MooncakeDistributedStore:
         return self._batch(
             "batch_get_into_multi_buffers", keys, lambda c: c.get_many_into(keys, dests)
         )
-
-    def get_into_ranges(
-        self,
-        buffer_ptrs: list[int],
-        all_keys: list[list[str]],
-        all_dst_offsets: list[list[list[int]]],
-        all_src_offsets: list[list[list[int]]],
-        all_sizes: list[list[list[int]]],
-    ) -> list[list[list[int]]]:
-        """Read byte ranges of several objects into several registered buffers."""
-        n = len(buffer_ptrs)
-        if not n == len(all_keys) == len(all_dst_offsets) == len(all_src_offsets) == len(all_sizes):
-            log.error("get_into_ranges: the per-buffer lists differ in length")
-            return [[[int(ErrorCode.INVALID_PARAMS)] for _ in keys] for keys in all_keys]
-        try:
-            client = self._c()
-        except MooncakeError as exc:
-            return [[[_code(exc)] for _ in keys] for keys in all_keys]
-        out: list[list[list[int]]] = []
-        flat_keys: list[str] = []
-        flat_ranges: list[list[tuple[memoryview, int]]] = []
-        slots: list[tuple[int, int]] = []
-        for b, ptr in enumerate(buffer_ptrs):
-            row: list[list[int]] = []
-            region = client.engine.registry.find(ptr, 1)
-            limit = region.end - ptr if region is not None else None
-            for k, key in enumerate(all_keys[b]):
-                dst, src, sizes = all_dst_offsets[b][k], all_src_offsets[b][k], all_sizes[b][k]
-                if not len(dst) == len(src) == len(sizes):
-                    row.append([int(ErrorCode.INVALID_PARAMS)])
-                    continue
-                if not sizes:
-                    row.append([])
-                    continue
-                if limit is None:
-                    row.append([int(ErrorCode.INVALID_PARAMS)] * len(sizes))
-                    continue
-                ranges = []
-                bad = False
-                for d, s_, z in zip(dst, src, sizes, strict=True):
-                    if d < 0 or z < 0 or d + z > limit:
-                        bad = True
-                        break
-                    ranges.append((client.engine.local_view(ptr + d, z, writable=True), s_))
-                if bad:
-                    row.append([int(ErrorCode.INVALID_PARAMS)] * len(sizes))
-                    continue
-                row.append([0] * len(sizes))
-                slots.append((b, k))
-                flat_keys.append(key)
-                flat_ranges.append(ranges)
-            out.append(row)
-        if flat_keys:
-            try:
-                locs = client.locate(flat_keys)
-            except MooncakeError as exc:
-                for b, k in slots:
-                    out[b][k] = [_code(exc)] * len(out[b][k])
-                return out
-            ok = [i for i, loc in enumerate(locs) if isinstance(loc, ObjectLocation)]
-            for i, loc in enumerate(locs):
-                if not isinstance(loc, ObjectLocation):
-                    b, k = slots[i]
-                    out[b][k] = [_code(loc)] * len(out[b][k])
-            results = client.read_ranges([locs[i] for i in ok], [flat_ranges[i] for i in ok])  # type: ignore[misc]
-            for i, res in zip(ok, results, strict=True):
-                b, k = slots[i]
-                out[b][k] = self._codes(res, "get_into_ranges")
-        return out
-
-    # --- sessions (SGLang direct linker) -------------------------------------------------
-
-    def batch_get_session_start(self, keys: list[str]) -> list[int]:
-        try:
-            locs = self._c().locate(keys)
-        except MooncakeError as exc:
-            return [_code(exc)] * len(keys)
-        out = []
-        for key, loc in zip(keys, locs, strict=True):
-            if isinstance(loc, ObjectLocation):
-                self._sessions[key] = loc
-                out.append(0)  # reference: 0 per started key
-            else:
-                out.append(_code(loc))
-        return out
-
-    def batch_get_into_multi_buffer_ranges(
-        self,
-        keys: list[str],
-        all_buffer_ptrs: list[list[int]],
-        all_sizes: list[list[int]],
-        all_src_offsets: list[list[int]],
-    ) -> list[int]:
-        try:
-            client = self._c()
-        except MooncakeError as exc:
-            return [_code(exc)] * len(keys)
-        out = [0] * len(keys)
-        locs: list[ObjectLocation] = []
-        ranges: list[list[tuple[memoryview, int]]] = []
-        idx = []
-        for i, key in enumerate(keys):
-            loc = self._sessions.get(key)
-            if loc is None:
-                out[i] = int(ErrorCode.INVALID_PARAMS)
-                log.error(
-                    "batch_get_into_multi_buffer_ranges: no session for %r (call batch_get_session_start)",
-                    key,
-                )
-                continue
-            try:
-                frags = [
-                    (client.engine.local_view(p, n, writable=True), s)
-                    for p, n, s in zip(
-                        all_buffer_ptrs[i], all_sizes[i], all_src_offsets[i], strict=True
-                    )
-                ]
-            except (MooncakeError, ValueError) as exc:
-                out[i] = _code(exc)
-                continue
-            locs.append(loc)
-            ranges.append(frags)
-            idx.append(i)
-        for i, res in zip(idx, client.read_ranges(locs, ranges), strict=True):
-            bad = [r for r in res if isinstance(r, BaseException)]
-            out[i] = _code(bad[0]) if bad else sum(r for r in res if isinstance(r, int))
-        return out
-
-    def batch_get_session_end(self, keys: list[str]) -> int:
-        for key in keys:
-            self._sessions.pop(key, None)
-        return 0
 
     # --- queries and removal ----------------------------------------------------------------
 
