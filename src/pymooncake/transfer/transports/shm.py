@@ -336,8 +336,13 @@ class ShmTransport(Transport):
             )
             state = None
         with self._lock:
-            self._peers[key] = state
-        return state
+            if key in self._peers:  # another thread attached meanwhile: keep its state
+                winner = self._peers[key]
+            else:
+                self._peers[key] = winner = state
+        if state is not None and winner is not state:
+            self._release(state)
+        return winner
 
     def _peer(self, peer: Peer) -> _PeerState | None:
         info = peer.desc.extra.get(_FIELD)
