@@ -1,0 +1,166 @@
+"""Shared machinery of the store client: grouped transfers and local copies.
+
+Base of the :class:`StoreClient` mixins (``_writes.py``, ``_reads.py``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    DnsError,
+    InvalidParams,
+    MooncakeError,
+    PeerRejected,
+    PeerSocketError,
+    SegmentNotFound,
+    TransferFailed,
+    store_error,
+)
+from ..transfer import TransferEngine, TransferOpcode, TransferRequest
+from ..transfer._memory import buffer_address
+from ..wire import MasterMethod
+from ._buffers import LocalBuffer
+from ._master_client import MasterClient
+from ._types import ErrorCode, ReplicaDesc
+
+if TYPE_CHECKING:
+    from ._client import StoreClientConfig
+
+__all__ = ["ClientIO", "ObjectLocation", "Parts"]
+
+log = logging.getLogger("pymooncake.store")
+#: local copies from this size on use ctypes.memmove, which releases the GIL
+_MEMMOVE_FROM = 256 * 1024
+M = MasterMethod
+Parts = list[memoryview]
+
+
+@dataclass(frozen=True)
+class ObjectLocation:
+    """Where an object's readable replicas are, and until when its read lease holds."""
+
+    key: str
+    size: int
+    replicas: tuple[ReplicaDesc, ...]
+    lease_deadline: float  # time.monotonic() seconds
+
+
+def _as_view(obj: Any) -> memoryview:
+    view = memoryview(obj)
+    if not view.c_contiguous:
+        raise InvalidParams("buffers must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class ClientIO:
+    """State every store-client mixin relies on (set up by StoreClient.__init__)."""
+
+    config: StoreClientConfig
+    engine: TransferEngine
+    master: MasterClient
+    client_id: str
+    local: LocalBuffer
+    _closed: bool
+    _pool: concurrent.futures.ThreadPoolExecutor | None
+
+    # ------------------------------------------------------------------------------
+    # helpers
+    # ------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise store_error(int(ErrorCode.INVALID_PARAMS), "the store client is closed")
+
+    def _bytes_api_limit(self, size: int, what: str) -> None:
+        if size > self.config.local_buffer_size:
+            raise InvalidParams(
+                f"{what}: {size} bytes exceed local_buffer_size ({self.config.local_buffer_size}); "
+                "bytes-API values are bounded by the local buffer as in the reference: raise "
+                "local_buffer_size or use put_from/get_into with registered memory"
+            )
+
+    def _parallel(self, jobs: list[Callable[[], None]]) -> None:
+        """Run jobs (one per peer) concurrently: the first inline, others on a pool."""
+        if len(jobs) <= 1:
+            for job in jobs:
+                job()
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="mc-store-io")
+        futures = [self._pool.submit(job) for job in jobs[1:]]
+        jobs[0]()
+        for f in futures:
+            f.result()
+
+    def _run_transfers(
+        self,
+        per_endpoint: dict[str, list[tuple[int, TransferRequest]]],
+        errors: list[BaseException | None],
+        unreachable: set[str] | None = None,
+    ) -> None:
+        """Run grouped transfers; the first failure of each item lands in ``errors``;
+        endpoints that could not be reached at all are added to ``unreachable``."""
+
+        own = self.engine.segment_name
+        local_items = per_endpoint.pop(own, None)
+        if local_items:
+            self._copy_local(local_items, errors)
+
+        def job(endpoint: str, items: list[tuple[int, TransferRequest]]) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    self.engine.transfer(endpoint, [req for _, req in items])
+                except TransferFailed as exc:
+                    for (idx, _), err in zip(items, exc.errors, strict=True):
+                        if err is not None and errors[idx] is None:
+                            errors[idx] = err
+                        if unreachable is not None and isinstance(err, (PeerSocketError, DnsError)):
+                            unreachable.add(endpoint)
+                except MooncakeError as exc:
+                    for idx, _ in items:
+                        if errors[idx] is None:
+                            errors[idx] = exc
+                    if unreachable is not None and isinstance(
+                        exc, (PeerSocketError, DnsError, SegmentNotFound)
+                    ):
+                        unreachable.add(endpoint)
+
+            return run
+
+        self._parallel([job(ep, items) for ep, items in per_endpoint.items()])
+
+    def _copy_local(
+        self, items: list[tuple[int, TransferRequest]], errors: list[BaseException | None]
+    ) -> None:
+        """Replicas in our own segment: a bounds-checked memcpy, no engine round trip."""
+        find = self.engine.registry.find_remote
+        for idx, req in items:
+            view = req.local
+            assert isinstance(view, memoryview)
+            n = len(view)
+            region = find(req.remote_addr, n)
+            if region is None:
+                if errors[idx] is None:
+                    errors[idx] = PeerRejected(
+                        f"address {req.remote_addr:#x}+{n} is not inside this client's own segment"
+                    )
+                continue
+            if n >= _MEMMOVE_FROM:  # large: copy with the GIL released
+                remote = region.addr + (req.remote_addr - region.addr)
+                local = buffer_address(view)
+                if req.opcode == TransferOpcode.WRITE:
+                    ctypes.memmove(remote, local, n)
+                else:
+                    ctypes.memmove(local, remote, n)
+            else:
+                off = req.remote_addr - region.addr
+                if req.opcode == TransferOpcode.WRITE:
+                    region.view[off : off + n] = view
+                else:
+                    view[:] = region.view[off : off + n]

@@ -1,0 +1,304 @@
+"""Reads of the store client: replica lookup, lease-checked reads into caller memory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import (
+    InvalidParams,
+    LeaseExpired,
+    StoreError,
+    StoreTransferFailed,
+    store_error,
+)
+from ..transfer import TransferRequest
+from ._buffers import BufferHandle, make_handle, new_bytes
+from ._client_io import ClientIO, M, ObjectLocation, Parts
+from ._types import ErrorCode, ReplicaDesc
+
+__all__ = ["ReadOps"]
+
+
+class ReadOps(ClientIO):
+    """get / get_many / get_into / get_many_into / get_buffer / locate / read_ranges."""
+
+    # ------------------------------------------------------------------------------
+    # reads
+    # ------------------------------------------------------------------------------
+
+    def _query(self, keys: Sequence[str]) -> tuple[list[Any], float]:
+        """Replica lists (or errors) per key, and when the leases started."""
+        t0 = time.monotonic()
+        if len(keys) == 1:
+            try:
+                return [[0, self.master.call(M.GET_REPLICA_LIST, {"key": keys[0]})]], t0
+            except StoreError as exc:
+                return [[exc.code, exc.message]], t0
+        return self.master.call(M.BATCH_GET_REPLICA_LIST, {"keys": list(keys)}), t0
+
+    def _pick(self, replicas: list[ReplicaDesc], attempt: int) -> ReplicaDesc:
+        own = self.engine.segment_name
+        ordered = sorted(replicas, key=lambda r: r.endpoint != own)  # local replica first
+        return ordered[attempt % len(ordered)]
+
+    def _read_batch(
+        self, keys: Sequence[str], dests: Callable[[int, int], Parts | StoreError]
+    ) -> list[int | StoreError]:
+        """Read many objects.  ``dests(i, size)`` gives the views to fill for key i
+        (whose total must equal ``size``) or an error to report instead."""
+        self._check_open()
+        n = len(keys)
+        results: list[int | StoreError] = [0] * n
+        found, t0 = self._query(keys)
+        replicas: dict[int, list[ReplicaDesc]] = {}
+        views: dict[int, Parts] = {}
+        lease_ttl = 0.0
+        for i, (code, value) in enumerate(found):
+            if code != 0:
+                results[i] = store_error(code, f"{keys[i]!r}: {value}")
+                continue
+            size = int(value["size"])
+            lease_ttl = max(lease_ttl, value["lease_ttl_ms"] / 1000.0)
+            target = dests(i, size)
+            if isinstance(target, StoreError):
+                results[i] = target
+                continue
+            replicas[i] = [ReplicaDesc.from_wire(r) for r in value["replicas"]]
+            views[i] = target
+            results[i] = size
+        pending = list(replicas)
+        attempt = 0
+        while pending:
+            per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
+            for i in pending:
+                rep = self._pick(replicas[i], attempt)
+                off = 0
+                for v in views[i]:
+                    if len(v):
+                        per_endpoint.setdefault(rep.endpoint, []).append(
+                            (i, TransferRequest.read(v, rep.address + off, segment=rep.endpoint))
+                        )
+                    off += len(v)
+            errors: list[BaseException | None] = [None] * n
+            self._run_transfers(per_endpoint, errors)
+            attempt += 1
+            failed = [i for i in pending if errors[i] is not None]
+            for i in failed:
+                if attempt >= len(replicas[i]):
+                    results[i] = StoreTransferFailed(
+                        f"reading {keys[i]!r} failed on every replica: {errors[i]}"
+                    )
+            pending = [i for i in failed if attempt < len(replicas[i])]
+        if replicas and time.monotonic() > t0 + lease_ttl:
+            for i in replicas:
+                if not isinstance(results[i], StoreError):
+                    results[i] = LeaseExpired(
+                        f"reading {keys[i]!r} took longer than its {lease_ttl:g} s read lease "
+                        "(lease_expired_before_data_transfer_completed); the space may have been "
+                        "reused, retry the read (or raise --default_kv_lease_ttl)"
+                    )
+        return results
+
+    def get(self, key: str) -> bytes:
+        """The value of ``key``.
+
+        Raises:
+            ObjectNotFound, ReplicaNotReady, LeaseExpired, StoreTransferFailed, RpcFailed,
+            InvalidParams (larger than local_buffer_size).
+        """
+        holder: list[bytes | bytearray] = []
+
+        def dest(i: int, size: int) -> Parts | StoreError:
+            try:
+                self._bytes_api_limit(size, f"get {key!r}")
+            except StoreError as exc:
+                return exc
+            obj, view = new_bytes(size)
+            holder.append(obj)
+            return [view]
+
+        (res,) = self._read_batch([key], dest)
+        if isinstance(res, StoreError):
+            raise res
+        out = holder[0]
+        return out if isinstance(out, bytes) else bytes(out)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | StoreError]:
+        holders: dict[int, bytes | bytearray] = {}
+
+        def dest(i: int, size: int) -> Parts | StoreError:
+            try:
+                self._bytes_api_limit(size, f"get {keys[i]!r}")
+            except StoreError as exc:
+                return exc
+            obj, view = new_bytes(size)
+            holders[i] = obj
+            return [view]
+
+        out: list[bytes | StoreError] = []
+        for i, res in enumerate(self._read_batch(keys, dest)):
+            if isinstance(res, StoreError):
+                out.append(res)
+            else:
+                obj = holders[i]
+                out.append(obj if isinstance(obj, bytes) else bytes(obj))
+        return out
+
+    def get_into(self, key: str, buffer: Any, size: int | None = None) -> int:
+        """Read ``key`` into local memory (an address with ``size``, or a writable buffer).
+
+        Returns the object size.  Raises InvalidParams if the destination is
+        smaller than the object.
+        """
+        (res,) = self.get_many_into([key], [[self._dest_part(buffer, size)]])
+        if isinstance(res, StoreError):
+            raise res
+        return res
+
+    def _dest_part(self, buffer: Any, size: int | None) -> memoryview:
+        if isinstance(buffer, tuple):
+            buffer, size = buffer
+        return self.engine.local_view(buffer, size, writable=True)
+
+    def get_many_into(
+        self, keys: Sequence[str], dests: Sequence[Sequence[Any]]
+    ) -> list[int | StoreError]:
+        """Read each key into its destination parts (filled in order); results are
+        byte counts or errors."""
+        if len(keys) != len(dests):
+            raise InvalidParams(f"{len(keys)} keys but {len(dests)} destinations")
+        parts = [
+            [p if isinstance(p, memoryview) else self._dest_part(p, None) for p in ds]
+            for ds in dests
+        ]
+
+        def dest(i: int, size: int) -> Parts | StoreError:
+            room = sum(len(p) for p in parts[i])
+            if room < size:
+                return store_error(
+                    int(ErrorCode.INVALID_PARAMS),
+                    f"{keys[i]!r} is {size} bytes but the destination holds only {room}",
+                )
+            out: Parts = []
+            left = size
+            for p in parts[i]:
+                take = min(len(p), left)
+                out.append(p[:take])
+                left -= take
+                if not left:
+                    break
+            return out
+
+        return self._read_batch(keys, dest)
+
+    def locate(self, keys: Sequence[str]) -> list[ObjectLocation | StoreError]:
+        """Replica locations of many keys in one RPC; each granted a read lease."""
+        self._check_open()
+        found, t0 = self._query(keys)
+        out: list[ObjectLocation | StoreError] = []
+        for key, (code, value) in zip(keys, found, strict=True):
+            if code != 0:
+                out.append(store_error(code, f"{key!r}: {value}"))
+            else:
+                out.append(
+                    ObjectLocation(
+                        key,
+                        int(value["size"]),
+                        tuple(ReplicaDesc.from_wire(r) for r in value["replicas"]),
+                        t0 + value["lease_ttl_ms"] / 1000.0,
+                    )
+                )
+        return out
+
+    def read_ranges(
+        self,
+        locations: Sequence[ObjectLocation],
+        ranges: Sequence[Sequence[tuple[memoryview, int]]],
+    ) -> list[list[int | StoreError]]:
+        """Read byte ranges of located objects without asking the master again.
+
+        ``ranges[i]`` lists ``(destination view, source offset)`` pairs for
+        ``locations[i]``; each fragment reads ``len(view)`` bytes.  Results per
+        fragment: bytes read, or the error (source range outside the object,
+        lease expired before the read finished, transfer failure).
+        """
+        self._check_open()
+        results: list[list[int | StoreError]] = [[0] * len(r) for r in ranges]
+        flat: list[tuple[int, int]] = []  # (location index, fragment index)
+        for i, (loc, frags) in enumerate(zip(locations, ranges, strict=True)):
+            for j, (view, src) in enumerate(frags):
+                if src < 0 or src + len(view) > loc.size:
+                    results[i][j] = InvalidParams(
+                        f"range [{src}, +{len(view)}) is outside {loc.key!r} ({loc.size} bytes)"
+                    )
+                else:
+                    results[i][j] = len(view)
+                    flat.append((i, j))
+        attempt = 0
+        pending = flat
+        while pending:
+            per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
+            for n, (i, j) in enumerate(pending):
+                loc = locations[i]
+                view, src = ranges[i][j]
+                if not len(view):
+                    continue
+                rep = self._pick(list(loc.replicas), attempt)
+                per_endpoint.setdefault(rep.endpoint, []).append(
+                    (n, TransferRequest.read(view, rep.address + src, segment=rep.endpoint))
+                )
+            errors: list[BaseException | None] = [None] * len(pending)
+            self._run_transfers(per_endpoint, errors)
+            attempt += 1
+            retry = []
+            for n, (i, j) in enumerate(pending):
+                if errors[n] is None:
+                    continue
+                if attempt < len(locations[i].replicas):
+                    retry.append((i, j))
+                else:
+                    results[i][j] = StoreTransferFailed(
+                        f"reading {locations[i].key!r} failed: {errors[n]}"
+                    )
+            pending = retry
+        now = time.monotonic()
+        for i, loc in enumerate(locations):
+            if now > loc.lease_deadline:
+                for j, r in enumerate(results[i]):
+                    if not isinstance(r, StoreError):
+                        results[i][j] = LeaseExpired(
+                            f"the read lease of {loc.key!r} ran out before the read finished; retry"
+                        )
+        return results
+
+    def get_buffer(self, key: str) -> BufferHandle:
+        """The object's bytes in the local buffer, as a :class:`BufferHandle`.
+
+        Raises:
+            NoAvailableHandle: the local buffer has no room (release older handles).
+        """
+        got: dict[int, tuple[int, memoryview]] = {}
+
+        def dest(i: int, size: int) -> Parts | StoreError:
+            taken = self.local.take(size)
+            if taken is None:
+                return store_error(
+                    int(ErrorCode.NO_AVAILABLE_HANDLE),
+                    f"local buffer ({self.config.local_buffer_size} bytes, {self.local.free_bytes} "
+                    f"free) cannot hold {key!r} ({size} bytes); release BufferHandles or raise "
+                    "local_buffer_size",
+                )
+            got[i] = taken
+            return [taken[1]]
+
+        (res,) = self._read_batch([key], dest)
+        if isinstance(res, StoreError):
+            if 0 in got:
+                taken_addr, taken_view = got.pop(0)
+                taken_view.release()  # the traceback must not pin the local buffer
+                self.local.give_back(taken_addr)
+            raise res
+        addr, view = got[0]
+        return make_handle(self.local, addr, len(view))

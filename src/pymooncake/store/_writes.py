@@ -1,0 +1,232 @@
+"""Writes of the store client: two-phase puts and upserts, grouped per peer."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import (
+    InvalidParams,
+    StoreError,
+    StoreTransferFailed,
+    store_error,
+)
+from ..transfer import TransferRequest
+from ..wire import MasterMethod
+from ._client_io import ClientIO, M, Parts, _as_view, log
+from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
+
+__all__ = ["WriteOps"]
+
+
+class WriteOps(ClientIO):
+    """put / put_parts / put_from / put_many / upsert / upsert_many."""
+
+    # ------------------------------------------------------------------------------
+    # writes
+    # ------------------------------------------------------------------------------
+
+    def _write_batch(
+        self,
+        keys: Sequence[str],
+        parts: Sequence[Parts],
+        config: ReplicateConfig,
+        upsert: bool,
+    ) -> list[bool | StoreError]:
+        """Two-phase write of many objects; True stored, False already existed.
+
+        Objects whose replica landed on a peer that turned out to be unreachable
+        (crashed, not yet expired by the master) are written once more, elsewhere.
+        """
+        self._check_open()
+        unreachable: set[str] = set()
+        results = self._write_once(keys, parts, config, upsert, unreachable)
+        retry = [i for i, r in enumerate(results) if isinstance(r, StoreTransferFailed)]
+        if retry and unreachable:
+            log.warning(
+                "segment(s) %s unreachable; writing %d object(s) elsewhere",
+                sorted(unreachable),
+                len(retry),
+            )
+            again = dataclasses.replace(
+                config, excluded_segments=(*config.excluded_segments, *sorted(unreachable))
+            )
+            sub = self._write_once(
+                [keys[i] for i in retry], [parts[i] for i in retry], again, upsert, set()
+            )
+            for i, r in zip(retry, sub, strict=True):
+                results[i] = r
+        return results
+
+    def _write_once(
+        self,
+        keys: Sequence[str],
+        parts: Sequence[Parts],
+        config: ReplicateConfig,
+        upsert: bool,
+        unreachable: set[str],
+    ) -> list[bool | StoreError]:
+        n = len(keys)
+        results: list[bool | StoreError] = [True] * n
+        sizes = [sum(len(p) for p in ps) for ps in parts]
+        start, end, revoke = (
+            (M.BATCH_UPSERT_START, M.BATCH_UPSERT_END, M.BATCH_UPSERT_REVOKE)
+            if upsert
+            else (M.BATCH_PUT_START, M.BATCH_PUT_END, M.BATCH_PUT_REVOKE)
+        )
+        if n == 1:  # the single-key RPCs are cheaper to encode
+            single = M.UPSERT_START if upsert else M.PUT_START
+            try:
+                reps = self.master.call(
+                    single,
+                    {
+                        "client_id": self.client_id,
+                        "key": keys[0],
+                        "size": sizes[0],
+                        "config": config.to_wire(),
+                    },
+                )
+                started: list[list[Any]] = [[0, reps]]
+            except StoreError as exc:
+                started = [[exc.code, exc.message]]
+        else:
+            started = self.master.call(
+                start,
+                {
+                    "client_id": self.client_id,
+                    "keys": list(keys),
+                    "sizes": sizes,
+                    "config": config.to_wire(),
+                },
+            )
+        per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
+        writing: list[int] = []
+        for i, (code, value) in enumerate(started):
+            if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
+                results[i] = False
+                continue
+            if code != 0:
+                results[i] = store_error(code, f"{keys[i]!r}: {value}")
+                continue
+            writing.append(i)
+            for rep in (ReplicaDesc.from_wire(r) for r in value):
+                off = 0
+                for part in parts[i]:
+                    if len(part):
+                        per_endpoint.setdefault(rep.endpoint, []).append(
+                            (
+                                i,
+                                TransferRequest.write(
+                                    part, rep.address + off, segment=rep.endpoint
+                                ),
+                            )
+                        )
+                    off += len(part)
+        errors: list[BaseException | None] = [None] * n
+        self._run_transfers(per_endpoint, errors, unreachable)
+        good = [i for i in writing if errors[i] is None]
+        bad = [i for i in writing if errors[i] is not None]
+        if n == 1 and good:  # the common single put: the plain RPC is cheapest
+            single_end = M.UPSERT_END if upsert else M.PUT_END
+            try:
+                self.master.call(single_end, {"client_id": self.client_id, "key": keys[0]})
+            except StoreError as exc:
+                results[0] = exc
+            return results
+        finish: list[tuple[MasterMethod, dict[str, Any]]] = []
+        if good:
+            finish.append((end, {"client_id": self.client_id, "keys": [keys[i] for i in good]}))
+        if bad:
+            finish.append((revoke, {"client_id": self.client_id, "keys": [keys[i] for i in bad]}))
+        replies = self.master.call_many(finish)
+        if good:
+            code, value = replies[0]
+            if code != 0:
+                raise store_error(code, str(value))
+            for i, (c, v) in zip(good, value, strict=True):
+                if c != 0:
+                    results[i] = store_error(c, f"{keys[i]!r}: {v}")
+        for i in bad:
+            results[i] = StoreTransferFailed(f"writing {keys[i]!r} failed: {errors[i]}")
+        return results
+
+    @staticmethod
+    def _raise_or(result: bool | StoreError) -> bool:
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    def put(self, key: str, value: Any, config: ReplicateConfig | None = None) -> bool:
+        """Store ``value`` (any buffer) under ``key``.
+
+        Returns:
+            True if stored, False if the key already existed (it is never overwritten).
+
+        Raises:
+            InvalidParams: empty key/value, or larger than local_buffer_size.
+            NoAvailableHandle: no room in the pool, even after eviction.
+            StoreTransferFailed: a replica's owner could not be written.
+            RpcFailed: the master is unreachable.
+        """
+        return self.put_parts(key, [value], config)
+
+    def put_parts(
+        self, key: str, parts: Sequence[Any], config: ReplicateConfig | None = None
+    ) -> bool:
+        """Store the concatenation of ``parts`` (each a buffer) without joining them."""
+        views = [_as_view(p) for p in parts]
+        self._bytes_api_limit(sum(len(v) for v in views), f"put {key!r}")
+        return self._raise_or(
+            self._write_batch([key], [views], config or ReplicateConfig(), False)[0]
+        )
+
+    def put_from(
+        self, key: str, buffer: Any, size: int | None = None, config: ReplicateConfig | None = None
+    ) -> bool:
+        """Store ``size`` bytes from registered memory (an address or a buffer) without staging."""
+        view = self.engine.local_view(buffer, size, writable=False)
+        return self._raise_or(
+            self._write_batch([key], [[view]], config or ReplicateConfig(), False)[0]
+        )
+
+    def put_many(
+        self,
+        keys: Sequence[str],
+        values: Sequence[Sequence[Any]],
+        config: ReplicateConfig | None = None,
+        *,
+        bytes_api: bool = False,
+    ) -> list[bool | StoreError]:
+        """Store many objects; each value is a sequence of parts (buffers or
+        ``(address, size)`` pairs).  Results per key: True, False (existed) or the error."""
+        if len(keys) != len(values):
+            raise InvalidParams(f"{len(keys)} keys but {len(values)} values")
+        parts = [[self._part(p) for p in ps] for ps in values]
+        if bytes_api:
+            for k, ps in zip(keys, parts, strict=True):
+                self._bytes_api_limit(sum(len(p) for p in ps), f"put {k!r}")
+        return self._write_batch(keys, parts, config or ReplicateConfig(), False)
+
+    def _part(self, p: Any) -> memoryview:
+        if isinstance(p, tuple):
+            addr, size = p
+            return self.engine.local_view(int(addr), int(size), writable=False)
+        return _as_view(p)
+
+    def upsert(self, key: str, value: Any, config: ReplicateConfig | None = None) -> None:
+        """Insert or replace; readers see the old value until the new one is complete."""
+        views = [_as_view(value)]
+        self._bytes_api_limit(len(views[0]), f"upsert {key!r}")
+        self._raise_or(self._write_batch([key], [views], config or ReplicateConfig(), True)[0])
+
+    def upsert_many(
+        self,
+        keys: Sequence[str],
+        values: Sequence[Sequence[Any]],
+        config: ReplicateConfig | None = None,
+    ) -> list[bool | StoreError]:
+        if len(keys) != len(values):
+            raise InvalidParams(f"{len(keys)} keys but {len(values)} values")
+        parts = [[self._part(p) for p in ps] for ps in values]
+        return self._write_batch(keys, parts, config or ReplicateConfig(), True)
