@@ -1108,6 +1108,43 @@ def test_mount_adds_capacity(cluster: LocalCluster) -> None:
     assert a.get("big") == value
 
 
+def _resident_kib(addr: int) -> int:
+    """Rss of the mapping of this process that starts at ``addr`` (from smaps)."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        start = line.split("-", 1)[0]
+        if "-" in line.split(" ", 1)[0] and int(start, 16) == addr:
+            for follow in lines[i + 1 :]:
+                if follow.startswith("Rss:"):
+                    return int(follow.split()[1])
+    raise AssertionError(f"no mapping starts at {addr:#x}")
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_segments_and_local_buffer_are_prefaulted(cluster: LocalCluster, prefault: bool) -> None:
+    """As the reference (MAP_POPULATE), the segment and the local buffer are backed
+    by memory at setup, so the first put into a page does not fault; prefault=False
+    (PYMOONCAKE_PREFAULT=0) leaves them lazy."""
+    a = cluster.client(8 * MiB, 4 * MiB, prefault=prefault)
+    seg_kib = _resident_kib(a.segments[0].base)
+    local_kib = _resident_kib(a.local.addr)
+    if prefault:
+        assert seg_kib == 8 * 1024 and local_kib == 4 * 1024
+    else:
+        assert seg_kib == 0 and local_kib == 0
+    assert a.put("k", b"x" * 5000) is True and a.get("k") == b"x" * 5000
+
+
+def test_prefault_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymooncake.store import StoreClientConfig
+
+    monkeypatch.setenv("PYMOONCAKE_PREFAULT", "0")
+    assert StoreClientConfig("127.0.0.1").prefault is False
+    monkeypatch.setenv("PYMOONCAKE_PREFAULT", "1")
+    assert StoreClientConfig("127.0.0.1").prefault is True
+
+
 def test_an_expired_client_remounts_on_its_next_heartbeat() -> None:
     with LocalCluster(_config()) as cluster:
         a = cluster.client(16 * MiB, ping_interval_s=0.1)

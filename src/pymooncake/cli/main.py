@@ -124,7 +124,7 @@ def _cluster(args: argparse.Namespace) -> int:
     import threading
 
     from ..store import MasterConfig, StoreClient, StoreClientConfig, parse_size
-    from ..store.master import ThreadedMaster
+    from ..store.master import ThreadedMaster, tune_gc_for_master
 
     segment = parse_size(args.segment, what="--segment")
     ports = {
@@ -135,6 +135,7 @@ def _cluster(args: argparse.Namespace) -> int:
             ("metrics", args.metrics_port),
         )
     }
+    tune_gc_for_master()
     master = ThreadedMaster(
         MasterConfig(default_kv_lease_ttl_ms=args.lease_ttl_ms),
         host=args.host,

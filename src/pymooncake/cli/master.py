@@ -42,7 +42,7 @@ from .._net import first_non_loopback_ipv4
 from ..errors import ConfigError, MooncakeError, PortInUse
 from ..store import MasterConfig
 from ..store._config import parse_duration_ms
-from ..store.master import MasterService
+from ..store.master import MasterService, tune_gc_for_master
 from ._gflags import Flag, FlagError, parse_flags, usage
 from ._logsetup import setup_logging
 
@@ -627,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         values["memory_allocator"],
         config.cluster_id,
     )
+    tune_gc_for_master()
     with contextlib.suppress(KeyboardInterrupt):  # a signal before the handlers were set
         return asyncio.run(_serve(values, config))
     return 0

