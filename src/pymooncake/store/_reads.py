@@ -39,6 +39,8 @@ class ReadOps(ClientIO):
         return self.master.call(M.BATCH_GET_REPLICA_LIST, {"keys": list(keys)}), t0
 
     def _pick(self, replicas: list[ReplicaDesc], attempt: int) -> ReplicaDesc:
+        if len(replicas) == 1:
+            return replicas[0]
         own = self.engine.segment_name
         ordered = sorted(replicas, key=lambda r: r.endpoint != own)  # local replica first
         return ordered[attempt % len(ordered)]
