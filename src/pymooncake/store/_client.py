@@ -73,10 +73,11 @@ class StoreClientConfig:
     rpc_connect_timeout_s: float = 5.0
     ping_interval_s: float = 1.0
     engine: EngineConfig | None = None
-    #: fault in the segment and local buffer at setup (the reference maps them with
+    #: fault in segments when they are mounted (the reference maps them with
     #: MAP_POPULATE), so the first write into each page does not pay a page fault
-    #: (~3.5 us per 4 KiB page, most of the cost of storing a small object);
-    #: PYMOONCAKE_PREFAULT=0 turns it off for a faster start
+    #: (~3.5 us per 4 KiB page, most of the cost of storing a small object); the
+    #: local buffer stays lazy (puts and gets do not stage through it).
+    #: PYMOONCAKE_PREFAULT=0 turns it off for a faster start.
     prefault: bool = field(
         default_factory=lambda: os.environ.get("PYMOONCAKE_PREFAULT", "1") != "0"
     )
@@ -152,7 +153,7 @@ class StoreClient(WriteOps, ReadOps):
             if config.global_segment_size > 0:
                 self.mount(config.global_segment_size)
             if config.local_buffer_size > 0:
-                region = engine.allocate(config.local_buffer_size, populate=config.prefault)
+                region = engine.allocate(config.local_buffer_size)
                 self._local_addr: int | None = region.addr
                 self.local = LocalBuffer(region.view, region.addr)
             else:

@@ -139,28 +139,38 @@ class ClientIO:
         self, items: list[tuple[int, TransferRequest]], errors: list[BaseException | None]
     ) -> None:
         """Replicas in our own segment: a bounds-checked memcpy, no engine round trip."""
-        find = self.engine.registry.find_remote
         for idx, req in items:
             view = req.local
             assert isinstance(view, memoryview)
-            n = len(view)
-            region = find(req.remote_addr, n)
-            if region is None:
-                if errors[idx] is None:
-                    errors[idx] = PeerRejected(
-                        f"address {req.remote_addr:#x}+{n} is not inside this client's own segment"
-                    )
-                continue
-            if n >= _MEMMOVE_FROM:  # large: copy with the GIL released
-                remote = region.addr + (req.remote_addr - region.addr)
-                local = buffer_address(view)
-                if req.opcode == TransferOpcode.WRITE:
-                    ctypes.memmove(remote, local, n)
-                else:
-                    ctypes.memmove(local, remote, n)
+            self._copy_own(idx, view, req.remote_addr, req.opcode == TransferOpcode.WRITE, errors)
+
+    def _copy_own(
+        self,
+        idx: int,
+        view: memoryview,
+        addr: int,
+        write: bool,
+        errors: list[BaseException | None],
+    ) -> None:
+        """Copy between ``view`` and ``addr`` in this client's own segment (write:
+        into the segment); a range outside it lands in ``errors[idx]``."""
+        n = len(view)
+        region = self.engine.registry.find_remote(addr, n)
+        if region is None:
+            if errors[idx] is None:
+                errors[idx] = PeerRejected(
+                    f"address {addr:#x}+{n} is not inside this client's own segment"
+                )
+            return
+        if n >= _MEMMOVE_FROM:  # large: copy with the GIL released
+            local = buffer_address(view)
+            if write:
+                ctypes.memmove(addr, local, n)
             else:
-                off = req.remote_addr - region.addr
-                if req.opcode == TransferOpcode.WRITE:
-                    region.view[off : off + n] = view
-                else:
-                    view[:] = region.view[off : off + n]
+                ctypes.memmove(local, addr, n)
+        else:
+            off = addr - region.addr
+            if write:
+                region.view[off : off + n] = view
+            else:
+                view[:] = region.view[off : off + n]

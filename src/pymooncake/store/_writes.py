@@ -101,6 +101,8 @@ class WriteOps(ClientIO):
                 },
             )
         per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
+        errors: list[BaseException | None] = [None] * n
+        own = self.engine.segment_name
         writing: list[int] = []
         for i, (code, value) in enumerate(started):
             if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
@@ -113,7 +115,11 @@ class WriteOps(ClientIO):
             for rep in (ReplicaDesc.from_wire(r) for r in value):
                 off = 0
                 for part in parts[i]:
-                    if len(part):
+                    if not len(part):
+                        continue
+                    if rep.endpoint == own:  # our own segment: copy right here
+                        self._copy_own(i, part, rep.address + off, True, errors)
+                    else:
                         per_endpoint.setdefault(rep.endpoint, []).append(
                             (
                                 i,
@@ -123,7 +129,6 @@ class WriteOps(ClientIO):
                             )
                         )
                     off += len(part)
-        errors: list[BaseException | None] = [None] * n
         self._run_transfers(per_endpoint, errors, unreachable)
         good = [i for i in writing if errors[i] is None]
         bad = [i for i in writing if errors[i] is not None]
