@@ -17,6 +17,7 @@ __all__ = ["ALIGNMENT", "OffsetAllocator"]
 
 #: allocation granularity in bytes (one cache line)
 ALIGNMENT: Final = 64
+_MASK: Final = ALIGNMENT - 1
 
 
 def align_up(n: int) -> int:
@@ -70,14 +71,23 @@ class OffsetAllocator:
         """Reserve at least ``size`` bytes; returns (address, reserved size) or None."""
         if size <= 0:
             raise ValueError(f"allocation size must be positive, got {size}")
-        need = align_up(size)
-        i = bisect.bisect_left(self._free, (need, -1))
-        if i >= len(self._free):
+        need = (size + _MASK) & ~_MASK
+        free = self._free
+        i = bisect.bisect_left(free, (need, -1))
+        if i >= len(free):
             return None
-        block_size, start = self._free[i]
-        self._remove_free(start, block_size)
+        block_size, start = free[i]
+        # (_remove_free/_add_free inlined: this runs once per replica of every put)
+        del free[i]
+        del self._by_start[start]
+        end = start + block_size
         if block_size > need:
-            self._add_free(start + need, block_size - need)
+            rest = start + need
+            bisect.insort(free, (block_size - need, rest))
+            self._by_start[rest] = block_size - need
+            self._by_end[end] = rest
+        else:
+            del self._by_end[end]
         self._live[start] = need
         self.allocated += need
         return start, need
