@@ -135,6 +135,32 @@ class ClientIO:
 
         self._parallel([job(ep, items) for ep, items in per_endpoint.items()])
 
+    def _route_parts(
+        self,
+        idx: int,
+        rep: ReplicaDesc,
+        parts: Parts,
+        write: bool,
+        per_endpoint: dict[str, list[tuple[int, TransferRequest]]],
+        errors: list[BaseException | None],
+    ) -> None:
+        """Plan object ``idx``'s parts against replica ``rep`` (laid out back to
+        back from its address): parts in our own segment are copied right here,
+        the others are grouped per peer for :meth:`_run_transfers`."""
+        own = rep.endpoint == self.engine.segment_name
+        make = TransferRequest.write if write else TransferRequest.read
+        addr = rep.address
+        for part in parts:
+            n = len(part)
+            if n:
+                if own:
+                    self._copy_own(idx, part, addr, write, errors)
+                else:
+                    per_endpoint.setdefault(rep.endpoint, []).append(
+                        (idx, make(part, addr, segment=rep.endpoint))
+                    )
+            addr += n
+
     def _copy_local(
         self, items: list[tuple[int, TransferRequest]], errors: list[BaseException | None]
     ) -> None:

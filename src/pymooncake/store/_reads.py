@@ -72,23 +72,13 @@ class ReadOps(ClientIO):
             results[i] = size
         pending = list(replicas)
         attempt = 0
-        own = self.engine.segment_name
         while pending:
             errors: list[BaseException | None] = [None] * n
             per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
             for i in pending:
-                rep = self._pick(replicas[i], attempt)
-                off = 0
-                for v in views[i]:
-                    if not len(v):
-                        continue
-                    if rep.endpoint == own:  # our own segment: copy right here
-                        self._copy_own(i, v, rep.address + off, False, errors)
-                    else:
-                        per_endpoint.setdefault(rep.endpoint, []).append(
-                            (i, TransferRequest.read(v, rep.address + off, segment=rep.endpoint))
-                        )
-                    off += len(v)
+                self._route_parts(
+                    i, self._pick(replicas[i], attempt), views[i], False, per_endpoint, errors
+                )
             self._run_transfers(per_endpoint, errors)
             attempt += 1
             failed = [i for i in pending if errors[i] is not None]

@@ -102,7 +102,6 @@ class WriteOps(ClientIO):
             )
         per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
         errors: list[BaseException | None] = [None] * n
-        own = self.engine.segment_name
         writing: list[int] = []
         for i, (code, value) in enumerate(started):
             if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
@@ -112,23 +111,8 @@ class WriteOps(ClientIO):
                 results[i] = store_error(code, f"{keys[i]!r}: {value}")
                 continue
             writing.append(i)
-            for rep in (ReplicaDesc.from_wire(r) for r in value):
-                off = 0
-                for part in parts[i]:
-                    if not len(part):
-                        continue
-                    if rep.endpoint == own:  # our own segment: copy right here
-                        self._copy_own(i, part, rep.address + off, True, errors)
-                    else:
-                        per_endpoint.setdefault(rep.endpoint, []).append(
-                            (
-                                i,
-                                TransferRequest.write(
-                                    part, rep.address + off, segment=rep.endpoint
-                                ),
-                            )
-                        )
-                    off += len(part)
+            for r in value:
+                self._route_parts(i, ReplicaDesc.from_wire(r), parts[i], True, per_endpoint, errors)
         self._run_transfers(per_endpoint, errors, unreachable)
         good = [i for i in writing if errors[i] is None]
         bad = [i for i in writing if errors[i] is not None]
