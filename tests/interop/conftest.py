@@ -298,3 +298,21 @@ def pair_factory(
         )
 
     return make
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test module's ``MODES`` list parametrizes its ``pair`` fixture: one pair
+    per mode, shared by the module's tests."""
+    modes = getattr(metafunc.module, "MODES", None)
+    if modes is not None and "pair" in metafunc.fixturenames:
+        metafunc.parametrize("pair", modes, indirect=True, ids=str, scope="module")
+
+
+@pytest.fixture(scope="module")
+def pair(
+    request: pytest.FixtureRequest, pair_factory: Callable[[Mode], AbstractContextManager[Pair]]
+) -> Iterator[Pair]:
+    """A reference/pymooncake pair in the mode the module's ``MODES`` gives
+    (P2PHANDSHAKE over TCP v2 where the module has none)."""
+    with pair_factory(getattr(request, "param", Mode("p2p"))) as p:
+        yield p

@@ -14,8 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 
 import pytest
 from interop_support import (
@@ -56,14 +55,6 @@ def _address(case: str, start: int, size: int) -> tuple[int, int]:
     base, off, length = CASES[case]
     origin = {"start": start, "end": start + size, "abs": 0}[base]
     return origin + off, length
-
-
-@pytest.fixture(scope="module", params=MODES, ids=str)
-def pair(
-    request: pytest.FixtureRequest, pair_factory: Callable[[Mode], AbstractContextManager[Pair]]
-) -> Iterator[Pair]:
-    with pair_factory(request.param) as p:
-        yield p
 
 
 def _ours_roundtrip(pair: Pair, seed: int) -> None:

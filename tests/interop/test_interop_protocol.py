@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 
 import pytest
 from interop_support import (
@@ -39,14 +38,6 @@ MODES = [
     Mode("http-ref", ref_v1=True, ours_v1=True),
 ]
 SIZES = [1, 64 * KiB + 5]
-
-
-@pytest.fixture(scope="module", params=MODES, ids=str)
-def pair(
-    request: pytest.FixtureRequest, pair_factory: Callable[[Mode], AbstractContextManager[Pair]]
-) -> Iterator[Pair]:
-    with pair_factory(request.param) as p:
-        yield p
 
 
 @pytest.fixture

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 
 import pytest
-from interop_support import SESSION_HEADER, TARGET_BYTES, Mode, Pair
+from interop_support import SESSION_HEADER, TARGET_BYTES, Pair
 
 pytestmark = pytest.mark.interop
 
@@ -29,12 +27,6 @@ REQUESTS = {
     "v1-read": (0x00, 0),
     "v2-read": (0x80, 0),
 }
-
-
-@pytest.fixture(scope="module")
-def pair(pair_factory: Callable[[Mode], AbstractContextManager[Pair]]) -> Iterator[Pair]:
-    with pair_factory(Mode("p2p")) as p:
-        yield p
 
 
 def _ending(port: int, addr: int, opcode: int, payload: int) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 
 import pytest
 from interop_support import (
@@ -37,14 +36,6 @@ MESSAGES = [
     ("", ""),
     ("big", "x" * 100_000),
 ]
-
-
-@pytest.fixture(scope="module", params=MODES, ids=str)
-def pair(
-    request: pytest.FixtureRequest, pair_factory: Callable[[Mode], AbstractContextManager[Pair]]
-) -> Iterator[Pair]:
-    with pair_factory(request.param) as p:
-        yield p
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,6 @@ and checked byte for byte, including the bytes around each destination.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 
 import pytest
 from interop_support import (
@@ -38,14 +36,6 @@ MODES = [
 ]
 SIZES = [1, 4 * KiB, MiB + 17, 16 * MiB]
 BATCH = 100
-
-
-@pytest.fixture(scope="module", params=MODES, ids=str)
-def pair(
-    request: pytest.FixtureRequest, pair_factory: Callable[[Mode], AbstractContextManager[Pair]]
-) -> Iterator[Pair]:
-    with pair_factory(request.param) as p:
-        yield p
 
 
 @pytest.fixture
