@@ -5,44 +5,21 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pytest
 
 from pymooncake.cli.http_metadata_server import build_parser
+from pymooncake.testing import console_command, read_stdout_until
 
-LISTENING = re.compile(rb"HTTP metadata server listening on http://([0-9.]+):([0-9]+)/metadata\n")
+LISTENING = re.compile(r"HTTP metadata server listening on http://([0-9.]+):([0-9]+)/metadata")
 
 
 def script_command() -> list[str]:
-    """The installed console script, or the module when it is not installed."""
-    script = Path(sys.executable).with_name("mooncake_http_metadata_server")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "pymooncake.cli.http_metadata_server"]
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> bytes:
-    """The first stdout line of ``proc`` (unbuffered reads, with a deadline)."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    line = bytearray()
-    deadline = time.monotonic() + timeout_s
-    while not line.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no complete line within {timeout_s} s: {bytes(line)!r}"
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            chunk = os.read(fd, 1)
-            assert chunk, f"stdout closed (exit {proc.poll()}) after {bytes(line)!r}"
-            line += chunk
-    return bytes(line)
+    return console_command("mooncake_http_metadata_server", "pymooncake.cli.http_metadata_server")
 
 
 class Running:
@@ -75,9 +52,10 @@ def start(argv: Sequence[str]) -> Iterator[Running]:
         env=env,
     ) as proc:
         try:
-            match = LISTENING.fullmatch(read_line(proc))
+            (line,) = read_stdout_until(proc, timeout_s=10.0)
+            match = LISTENING.fullmatch(line)
             assert match is not None
-            yield Running(proc, match.group(1).decode(), int(match.group(2)))
+            yield Running(proc, match.group(1), int(match.group(2)))
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -7,18 +7,17 @@ import importlib.util
 import json
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from pymooncake.store import StoreClient, StoreClientConfig
+from pymooncake.testing import console_command, free_port, read_stdout_until
 
 LOCAL = "127.0.0.1"
 READY = re.compile(r"Master service started on ([0-9.]+):([0-9]+)")
@@ -27,18 +26,7 @@ METADATA = re.compile(r"HTTP metadata server listening on (http://([0-9.]+):([0-
 
 
 def master_command() -> list[str]:
-    """The installed console script, or the module when it is not installed."""
-    script = Path(sys.executable).with_name("mooncake_master")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "pymooncake.cli.master"]
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (bind, read the number, close)."""
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return int(s.getsockname()[1])
+    return console_command("mooncake_master", "pymooncake.cli.master")
 
 
 def bench_flags(rpc_port: int) -> list[str]:
@@ -54,28 +42,6 @@ def bench_flags(rpc_port: int) -> list[str]:
         f"--http_metadata_server_host={LOCAL}",
         "--http_metadata_server_port=0",
     ]
-
-
-def read_until_ready(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> list[str]:
-    """stdout lines up to and including the ready line (unbuffered, with a deadline)."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    buf = bytearray()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        lines = buf.decode().splitlines()
-        if buf.endswith(b"\n") and lines and READY.match(lines[-1]):
-            return lines
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no ready line within {timeout_s} s: {bytes(buf)!r}"
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                assert proc.stderr is not None
-                err = proc.stderr.read().decode()
-                pytest.fail(f"stdout closed (exit {proc.wait(10)}) after {bytes(buf)!r}: {err}")
-            buf += chunk
 
 
 class Master:
@@ -124,7 +90,7 @@ def start_master(argv: Sequence[str], cmd: Sequence[str] | None = None) -> Itera
         env=env,
     ) as proc:
         try:
-            yield Master(proc, read_until_ready(proc))
+            yield Master(proc, read_stdout_until(proc, READY))
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -7,18 +7,14 @@ import http.client
 import json
 import os
 import re
-import select
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pytest
 
 from pymooncake.store import StoreClient, StoreClientConfig
+from pymooncake.testing import console_command, free_port, read_stdout_until
 
 LOCAL = "127.0.0.1"
 MASTER_READY = re.compile(r"Master service started on ([0-9.]+:[0-9]+)")
@@ -32,52 +28,13 @@ NODE_READY = re.compile(
 NODE_HTTP = re.compile(r"client HTTP server listening on http://[0-9.]+:([0-9]+) ")
 
 
-def command(name: str, module: str) -> list[str]:
-    """The installed console script, or the module when it is not installed."""
-    script = Path(sys.executable).with_name(name)
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", module]
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (bind, read the number, close)."""
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return int(s.getsockname()[1])
-
-
-def read_until(
-    proc: subprocess.Popen[bytes], ready: re.Pattern[str], timeout_s: float = 15.0
-) -> list[str]:
-    """stdout lines up to and including the first that matches ``ready``."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    buf = bytearray()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        lines = buf.decode().splitlines()
-        if buf.endswith(b"\n") and lines and ready.match(lines[-1]):
-            return lines
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no ready line within {timeout_s} s: {bytes(buf)!r}"
-        got, _, _ = select.select([fd], [], [], remaining)
-        if got:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                assert proc.stderr is not None
-                err = proc.stderr.read().decode()
-                pytest.fail(f"stdout closed (exit {proc.wait(10)}) after {bytes(buf)!r}: {err}")
-            buf += chunk
-
-
 def spawn(
     argv: Sequence[str], ready: re.Pattern[str]
 ) -> Iterator[tuple[subprocess.Popen[bytes], list[str]]]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
         try:
-            yield proc, read_until(proc, ready)
+            yield proc, read_stdout_until(proc, ready)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -120,7 +77,7 @@ class Master:
 @pytest.fixture
 def master() -> Iterator[Master]:
     argv = [
-        *command("mooncake_master", "pymooncake.cli.master"),
+        *console_command("mooncake_master", "pymooncake.cli.master"),
         f"--rpc_address={LOCAL}",
         f"--rpc_port={free_port()}",
         f"--metrics_host={LOCAL}",
@@ -138,7 +95,7 @@ def master() -> Iterator[Master]:
 
 
 def node_command(*argv: str) -> list[str]:
-    return [*command("mooncake_client", "pymooncake.cli.store_client"), *argv]
+    return [*console_command("mooncake_client", "pymooncake.cli.store_client"), *argv]
 
 
 def test_node_contributes_its_segment_and_unmounts_on_sigterm(master: Master) -> None:

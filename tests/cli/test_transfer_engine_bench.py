@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from pymooncake.testing import console_command, read_stdout_until
 
 LOCAL = "127.0.0.1"
 BUFFER_BYTES = 64 << 20
@@ -33,11 +32,7 @@ COMMON = (
 
 
 def bench_command() -> list[str]:
-    """The installed console script, or the module when it is not installed."""
-    script = Path(sys.executable).with_name("transfer_engine_bench")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "pymooncake.cli.transfer_engine_bench"]
+    return console_command("transfer_engine_bench", "pymooncake.cli.transfer_engine_bench")
 
 
 def clean_env() -> dict[str, str]:
@@ -53,25 +48,6 @@ def run_bench(args: Sequence[str], timeout_s: float = 30) -> subprocess.Complete
         env=clean_env(),
         check=False,
     )
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
-    """The next stdout line of ``proc``, without blocking past ``timeout_s``."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    line = bytearray()
-    deadline = time.monotonic() + timeout_s
-    while not line.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no complete line within {timeout_s} s: {bytes(line)!r}")
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise EOFError(f"stdout closed (exit {proc.poll()}) after {bytes(line)!r}")
-            line += chunk
-    return line.decode()
 
 
 @dataclass
@@ -114,7 +90,7 @@ def start_target(log_path: Path) -> Target:
         )
     target = Target(proc, "", log_path)
     try:
-        line = read_line(proc, timeout_s=30)
+        (line,) = read_stdout_until(proc, timeout_s=30)
         match = READY.match(line)
         assert match, line
     except BaseException:

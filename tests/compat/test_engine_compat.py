@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import select
 import signal
 import socket
 import string
@@ -37,6 +36,7 @@ import mooncake.engine as mc
 from mooncake.engine import TransferEngine, TransferNotify, TransferOpcode
 from pymooncake import EngineConfig
 from pymooncake import TransferEngine as NativeEngine
+from pymooncake.testing import free_port, read_stdout_until
 from pymooncake.transfer.metadata.server import MetadataServer
 
 LOCAL = "127.0.0.1"
@@ -56,36 +56,9 @@ ERR_ADDRESS_OVERLAPPED = -7
 # ----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for unique segment names)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOCAL, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def random_text(rng: random.Random, n: int) -> bytes:
     chars = string.ascii_letters + string.digits + string.punctuation
     return "".join(rng.choices(chars, k=n)).encode()
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
-    """The next stdout line of ``proc``, read without blocking past ``timeout_s``."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    line = bytearray()
-    deadline = time.monotonic() + timeout_s
-    while not line.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no complete line within {timeout_s} s: {bytes(line)!r}")
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise EOFError(f"stdout closed (exit {proc.poll()}) after {bytes(line)!r}")
-            line += chunk
-    return line.decode().strip()
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -145,7 +118,7 @@ def start_target(local_hostname: str, metadata: str, log_path: Path) -> RemoteTa
         )
     target = RemoteTarget(proc, "", 0, metadata, log_path)
     try:
-        line = read_line(proc, timeout_s=30)
+        (line,) = read_stdout_until(proc, timeout_s=30)
         fields = line.split()
         assert fields[:1] == ["READY"] and len(fields) == 3, line
     except BaseException:
