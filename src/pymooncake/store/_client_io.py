@@ -6,7 +6,6 @@ Base of the :class:`StoreClient` mixins (``_writes.py``, ``_reads.py``).
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +21,7 @@ from ..errors import (
     TransferFailed,
     store_error,
 )
-from ..transfer import TransferEngine, TransferOpcode, TransferRequest
-from ..transfer._memory import buffer_address
+from ..transfer import TransferEngine, TransferRequest
 from ..wire import MasterMethod
 from ._buffers import LocalBuffer
 from ._master_client import MasterClient
@@ -35,8 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["ClientIO", "ObjectLocation", "Parts"]
 
 log = logging.getLogger("pymooncake.store")
-#: local copies from this size on use ctypes.memmove, which releases the GIL
-_MEMMOVE_FROM = 256 * 1024
 M = MasterMethod
 Parts = list[memoryview]
 
@@ -107,11 +103,6 @@ class ClientIO:
         """Run grouped transfers; the first failure of each item lands in ``errors``;
         endpoints that could not be reached at all are added to ``unreachable``."""
 
-        own = self.engine.segment_name
-        local_items = per_endpoint.pop(own, None)
-        if local_items:
-            self._copy_local(local_items, errors)
-
         def job(endpoint: str, items: list[tuple[int, TransferRequest]]) -> Callable[[], None]:
             def run() -> None:
                 try:
@@ -138,37 +129,28 @@ class ClientIO:
     def _route_parts(
         self,
         idx: int,
-        rep: ReplicaDesc,
+        endpoint: str,
+        addr: int,
         parts: Parts,
         write: bool,
         per_endpoint: dict[str, list[tuple[int, TransferRequest]]],
         errors: list[BaseException | None],
     ) -> None:
-        """Plan object ``idx``'s parts against replica ``rep`` (laid out back to
-        back from its address): parts in our own segment are copied right here,
-        the others are grouped per peer for :meth:`_run_transfers`."""
-        own = rep.endpoint == self.engine.segment_name
+        """Plan item ``idx``'s parts, laid out back to back from ``addr`` in segment
+        ``endpoint``: parts in our own segment are copied right here, the others
+        are grouped per peer for :meth:`_run_transfers`."""
+        own = endpoint == self.engine.segment_name
         make = TransferRequest.write if write else TransferRequest.read
-        addr = rep.address
         for part in parts:
             n = len(part)
             if n:
                 if own:
                     self._copy_own(idx, part, addr, write, errors)
                 else:
-                    per_endpoint.setdefault(rep.endpoint, []).append(
-                        (idx, make(part, addr, segment=rep.endpoint))
+                    per_endpoint.setdefault(endpoint, []).append(
+                        (idx, make(part, addr, segment=endpoint))
                     )
             addr += n
-
-    def _copy_local(
-        self, items: list[tuple[int, TransferRequest]], errors: list[BaseException | None]
-    ) -> None:
-        """Replicas in our own segment: a bounds-checked memcpy, no engine round trip."""
-        for idx, req in items:
-            view = req.local
-            assert isinstance(view, memoryview)
-            self._copy_own(idx, view, req.remote_addr, req.opcode == TransferOpcode.WRITE, errors)
 
     def _copy_own(
         self,
@@ -188,15 +170,4 @@ class ClientIO:
                     f"address {addr:#x}+{n} is not inside this client's own segment"
                 )
             return
-        if n >= _MEMMOVE_FROM:  # large: copy with the GIL released
-            local = buffer_address(view)
-            if write:
-                ctypes.memmove(addr, local, n)
-            else:
-                ctypes.memmove(local, addr, n)
-        else:
-            off = addr - region.addr
-            if write:
-                region.view[off : off + n] = view
-            else:
-                view[:] = region.view[off : off + n]
+        region.copy(addr, view, write)

@@ -38,7 +38,7 @@ class ReadOps(ClientIO):
                 return [[exc.code, exc.message]], t0
         return self.master.call(M.BATCH_GET_REPLICA_LIST, {"keys": list(keys)}), t0
 
-    def _pick(self, replicas: list[ReplicaDesc], attempt: int) -> ReplicaDesc:
+    def _pick(self, replicas: Sequence[ReplicaDesc], attempt: int) -> ReplicaDesc:
         if len(replicas) == 1:
             return replicas[0]
         own = self.engine.segment_name
@@ -76,8 +76,9 @@ class ReadOps(ClientIO):
             errors: list[BaseException | None] = [None] * n
             per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
             for i in pending:
+                rep = self._pick(replicas[i], attempt)
                 self._route_parts(
-                    i, self._pick(replicas[i], attempt), views[i], False, per_endpoint, errors
+                    i, rep.endpoint, rep.address, views[i], False, per_endpoint, errors
                 )
             self._run_transfers(per_endpoint, errors)
             attempt += 1
@@ -237,16 +238,16 @@ class ReadOps(ClientIO):
         pending = flat
         while pending:
             per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
-            for n, (i, j) in enumerate(pending):
-                loc = locations[i]
-                view, src = ranges[i][j]
-                if not len(view):
-                    continue
-                rep = self._pick(list(loc.replicas), attempt)
-                per_endpoint.setdefault(rep.endpoint, []).append(
-                    (n, TransferRequest.read(view, rep.address + src, segment=rep.endpoint))
-                )
             errors: list[BaseException | None] = [None] * len(pending)
+            picked: dict[int, ReplicaDesc] = {}  # per location, for this attempt
+            for n, (i, j) in enumerate(pending):
+                rep = picked.get(i)
+                if rep is None:
+                    rep = picked[i] = self._pick(locations[i].replicas, attempt)
+                view, src = ranges[i][j]
+                self._route_parts(
+                    n, rep.endpoint, rep.address + src, [view], False, per_endpoint, errors
+                )
             self._run_transfers(per_endpoint, errors)
             attempt += 1
             retry = []

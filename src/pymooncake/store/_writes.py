@@ -112,7 +112,10 @@ class WriteOps(ClientIO):
                 continue
             writing.append(i)
             for r in value:
-                self._route_parts(i, ReplicaDesc.from_wire(r), parts[i], True, per_endpoint, errors)
+                rep = ReplicaDesc.from_wire(r)
+                self._route_parts(
+                    i, rep.endpoint, rep.address, parts[i], True, per_endpoint, errors
+                )
         self._run_transfers(per_endpoint, errors, unreachable)
         good = [i for i in writing if errors[i] is None]
         bad = [i for i in writing if errors[i] is not None]

@@ -200,6 +200,11 @@ def allocate_shared(
     return mm, view, addr, fd
 
 
+#: in-process copies from this size on use ctypes.memmove, which releases the GIL
+#: (below it, slice assignment is cheaper than the ctypes call)
+MEMMOVE_FROM: Final = 256 * 1024
+
+
 @dataclass(frozen=True, eq=False)
 class Region:
     """One registered range.  ``view`` covers exactly ``[addr, addr+length)``."""
@@ -219,12 +224,25 @@ class Region:
     def end(self) -> int:
         return self.addr + self.length
 
-    def contains(self, addr: int, length: int) -> bool:
-        return self.addr <= addr and addr + length <= self.end
-
     def slice(self, addr: int, length: int) -> memoryview:
         off = addr - self.addr
         return self.view[off : off + length]
+
+    def copy(self, addr: int, view: memoryview, write: bool) -> None:
+        """Copy between ``view`` and ``[addr, addr + len(view))`` of this region
+        (``write``: into the region); the caller has checked the range.  Large
+        copies use memmove, which runs without the GIL."""
+        n = len(view)
+        if n >= MEMMOVE_FROM:
+            local = buffer_address(view)
+            if write:
+                ctypes.memmove(addr, local, n)
+            else:
+                ctypes.memmove(local, addr, n)
+        elif write:
+            self.slice(addr, n)[:] = view
+        else:
+            view[:] = self.slice(addr, n)
 
 
 @dataclass(frozen=True)

@@ -46,11 +46,7 @@ class LocalTransport(Transport):
                     ),
                 )
                 continue
-            off = s.remote_addr - region.addr
-            if s.is_write:
-                region.view[off : off + n] = s.local
-            else:
-                s.local[:] = region.view[off : off + n]
+            region.copy(s.remote_addr, s.local, s.is_write)
             on_done(s, None)
 
     def close(self) -> None:
