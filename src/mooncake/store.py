@@ -96,6 +96,8 @@ __all__ = [
 
 log = logging.getLogger("mooncake.store")
 T = TypeVar("T")
+#: the native ReplicateConfig is immutable: one default serves every call
+_DEFAULT_NATIVE_CONFIG = _NativeConfig()
 
 # --------------------------------------------------------------------------------
 # the store
@@ -314,7 +316,7 @@ class MooncakeDistributedStore(RangeReads):
 
     @staticmethod
     def _cfg(config: ReplicateConfig | None) -> _NativeConfig:
-        return config.to_native() if config is not None else _NativeConfig()
+        return config.to_native() if config is not None else _DEFAULT_NATIVE_CONFIG
 
     @staticmethod
     def _codes(results: Sequence[Any], what: str) -> list[int]:

@@ -124,7 +124,6 @@ class StoreClient(WriteOps, ReadOps):
         self._stop = threading.Event()
         self._master_instance = ""
         self._segments: list[SegmentInfo] = []
-        self._segment_regions: list[int] = []
         self._ping_thread: threading.Thread | None = None
         self._ping_log = RepeatLimiter(log, every=60)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -154,10 +153,8 @@ class StoreClient(WriteOps, ReadOps):
                 self.mount(config.global_segment_size)
             if config.local_buffer_size > 0:
                 region = engine.allocate(config.local_buffer_size)
-                self._local_addr: int | None = region.addr
                 self.local = LocalBuffer(region.view, region.addr)
             else:
-                self._local_addr = None
                 self.local = LocalBuffer(memoryview(bytearray(0)), 0)
         except BaseException:
             self._teardown(unmount=True)
@@ -191,7 +188,6 @@ class StoreClient(WriteOps, ReadOps):
             self.engine.free(region.addr)
             raise
         self._segments.append(info)
-        self._segment_regions.append(region.addr)
         return info
 
     @property
@@ -321,9 +317,10 @@ class StoreClient(WriteOps, ReadOps):
             if self._owns_engine:
                 engine.close()
             else:  # give the borrowed engine its memory back
+                local = getattr(self, "local", None)  # absent if setup failed early
                 for addr in [
-                    *self._segment_regions,
-                    *([self._local_addr] if getattr(self, "_local_addr", None) else []),
+                    *(info.base for info in self._segments),
+                    *([local.addr] if local is not None and local.addr else []),
                 ]:
                     try:
                         engine.free(addr)

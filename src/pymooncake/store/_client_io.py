@@ -19,13 +19,12 @@ from ..errors import (
     PeerSocketError,
     SegmentNotFound,
     TransferFailed,
-    store_error,
 )
 from ..transfer import TransferEngine, TransferRequest
 from ..wire import MasterMethod
 from ._buffers import LocalBuffer
 from ._master_client import MasterClient
-from ._types import ErrorCode, ReplicaDesc
+from ._types import ReplicaDesc
 
 if TYPE_CHECKING:
     from ._client import StoreClientConfig
@@ -71,7 +70,7 @@ class ClientIO:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise store_error(int(ErrorCode.INVALID_PARAMS), "the store client is closed")
+            raise InvalidParams("the store client is closed")
 
     def _bytes_api_limit(self, size: int, what: str) -> None:
         if size > self.config.local_buffer_size:

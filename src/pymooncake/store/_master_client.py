@@ -24,7 +24,16 @@ from ..errors import (
     RpcTimeout,
     store_error,
 )
-from ..wire import PROTOCOL_VERSION, MasterFrameDecoder, MasterMethod, MasterReply, encode_request
+from ..wire import (
+    PROTOCOL_VERSION,
+    MasterFrameDecoder,
+    MasterMethod,
+    MasterReply,
+    MasterRequest,
+    encode_request,
+    master_unix_name,
+)
+from ._types import ErrorCode
 
 __all__ = ["MasterClient"]
 
@@ -106,7 +115,7 @@ class MasterClient:
         for host in (self._host, "0.0.0.0", "::"):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                s.connect(f"\0pymooncake-master:{host}:{self._port}")
+                s.connect(master_unix_name(host, self._port))
                 return s
             except OSError:
                 s.close()
@@ -132,7 +141,7 @@ class MasterClient:
                     )
                 replies.append(frame)
                 continue
-            if frame.__class__.__name__ == "MasterRequest":
+            if isinstance(frame, MasterRequest):
                 raise MalformedMessage("the master sent a request frame")
             data = conn.sock.recv(1 << 16)
             if not data:
@@ -194,7 +203,7 @@ class MasterClient:
         version = self.call(MasterMethod.SERVICE_READY)
         if version != PROTOCOL_VERSION:
             raise store_error(
-                -300,
+                int(ErrorCode.INVALID_VERSION),
                 f"the master at {self.address} speaks {version!r}, this client {PROTOCOL_VERSION!r}; "
                 "run the same pymooncake version on both",
             )

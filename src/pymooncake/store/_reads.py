@@ -106,22 +106,10 @@ class ReadOps(ClientIO):
             ObjectNotFound, ReplicaNotReady, LeaseExpired, StoreTransferFailed, RpcFailed,
             InvalidParams (larger than local_buffer_size).
         """
-        holder: list[bytes | bytearray] = []
-
-        def dest(i: int, size: int) -> Parts | StoreError:
-            try:
-                self._bytes_api_limit(size, f"get {key!r}")
-            except StoreError as exc:
-                return exc
-            obj, view = new_bytes(size)
-            holder.append(obj)
-            return [view]
-
-        (res,) = self._read_batch([key], dest)
+        (res,) = self.get_many([key])
         if isinstance(res, StoreError):
             raise res
-        out = holder[0]
-        return out if isinstance(out, bytes) else bytes(out)
+        return res
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | StoreError]:
         holders: dict[int, bytes | bytearray] = {}

@@ -19,6 +19,9 @@ from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
 
 __all__ = ["WriteOps"]
 
+#: ReplicateConfig is immutable: one default serves every call
+_DEFAULT_CONFIG = ReplicateConfig()
+
 
 class WriteOps(ClientIO):
     """put / put_parts / put_from / put_many / upsert / upsert_many."""
@@ -170,7 +173,7 @@ class WriteOps(ClientIO):
         views = [_as_view(p) for p in parts]
         self._bytes_api_limit(sum(len(v) for v in views), f"put {key!r}")
         return self._raise_or(
-            self._write_batch([key], [views], config or ReplicateConfig(), False)[0]
+            self._write_batch([key], [views], config or _DEFAULT_CONFIG, False)[0]
         )
 
     def put_from(
@@ -179,7 +182,7 @@ class WriteOps(ClientIO):
         """Store ``size`` bytes from registered memory (an address or a buffer) without staging."""
         view = self.engine.local_view(buffer, size, writable=False)
         return self._raise_or(
-            self._write_batch([key], [[view]], config or ReplicateConfig(), False)[0]
+            self._write_batch([key], [[view]], config or _DEFAULT_CONFIG, False)[0]
         )
 
     def put_many(
@@ -198,7 +201,7 @@ class WriteOps(ClientIO):
         if bytes_api:
             for k, ps in zip(keys, parts, strict=True):
                 self._bytes_api_limit(sum(len(p) for p in ps), f"put {k!r}")
-        return self._write_batch(keys, parts, config or ReplicateConfig(), False)
+        return self._write_batch(keys, parts, config or _DEFAULT_CONFIG, False)
 
     def _part(self, p: Any) -> memoryview:
         if isinstance(p, tuple):
@@ -210,7 +213,7 @@ class WriteOps(ClientIO):
         """Insert or replace; readers see the old value until the new one is complete."""
         views = [_as_view(value)]
         self._bytes_api_limit(len(views[0]), f"upsert {key!r}")
-        self._raise_or(self._write_batch([key], [views], config or ReplicateConfig(), True)[0])
+        self._raise_or(self._write_batch([key], [views], config or _DEFAULT_CONFIG, True)[0])
 
     def upsert_many(
         self,
@@ -221,4 +224,4 @@ class WriteOps(ClientIO):
         if len(keys) != len(values):
             raise InvalidParams(f"{len(keys)} keys but {len(values)} values")
         parts = [[self._part(p) for p in ps] for ps in values]
-        return self._write_batch(keys, parts, config or ReplicateConfig(), True)
+        return self._write_batch(keys, parts, config or _DEFAULT_CONFIG, True)

@@ -40,6 +40,7 @@ from ._master import (
     MasterRequest,
     encode_reply,
     encode_request,
+    master_unix_name,
 )
 from ._rpc import (
     DEFAULT_MAX_FRAME_LENGTH,
@@ -121,6 +122,7 @@ __all__ = [
     "encode_rpc_meta",
     "encode_segment",
     "encode_status",
+    "master_unix_name",
     "metadata_key",
     "rpc_meta_key",
     "segment_key",

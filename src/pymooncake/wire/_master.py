@@ -36,6 +36,7 @@ __all__ = [
     "MasterRequest",
     "encode_reply",
     "encode_request",
+    "master_unix_name",
 ]
 
 PREFIX: Final = struct.Struct("<IBI")
@@ -43,6 +44,13 @@ PREFIX: Final = struct.Struct("<IBI")
 DEFAULT_MAX_MASTER_FRAME: Final = 64 << 20
 #: bumped on incompatible changes; ServiceReady returns it
 PROTOCOL_VERSION: Final = "pymooncake-master/1"
+
+
+def master_unix_name(host: str, port: int) -> str:
+    """Abstract UNIX socket name of the master listening on ``host:port`` (it
+    serves the same frames there, for clients on its host)."""
+    return f"\0pymooncake-master:{host}:{port}"
+
 
 _REQUEST: Final = 0
 _REPLY: Final = 1

@@ -74,12 +74,10 @@ class AdminHttp:
         key = request.query.get("key", "")
         st = self._svc.state
         try:
-            st.get_replica_list(key, self._svc.now())
+            _, complete = st.replicas_for_read(key, self._svc.now())
         except StoreError as exc:
             return _json(404, {"success": False, "error_code": exc.code, "error_message": exc.name})
-        obj = st.objects[key]
-        data = [self._descriptor(r) for r in obj.replicas if r.status is ReplicaStatus.COMPLETE]
-        return _json(200, {"success": True, "data": data})
+        return _json(200, {"success": True, "data": [self._descriptor(r) for r in complete]})
 
     def batch_query_keys(self, request: HttpRequest) -> HttpResponse:
         keys = [k for k in request.query.get("keys", "").split(",") if k]

@@ -54,13 +54,9 @@ def build_handlers(st: MasterState) -> dict[MasterMethod, Handler]:
                 raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
             cfg = ReplicateConfig.from_wire(p.get("config"))
             client = p["client_id"]
-            out: list[list[Any]] = []
-            for key, size in zip(keys, sizes, strict=True):
-                try:
-                    out.append([0, [r.wire() for r in start(client, key, int(size), cfg, now)]])
-                except StoreError as exc:
-                    out.append([exc.code, exc.message])
-            return out
+            return _each(
+                keys, lambda i, k: [r.wire() for r in start(client, k, int(sizes[i]), cfg, now)]
+            )
 
         return handler
 
@@ -80,13 +76,7 @@ def build_handlers(st: MasterState) -> dict[MasterMethod, Handler]:
         }
 
     def batch_get_replica_list(p: dict[str, Any], now: float) -> Any:
-        out: list[list[Any]] = []
-        for key in _keys(p):
-            try:
-                out.append([0, read_reply(key, now)])
-            except StoreError as exc:
-                out.append([exc.code, exc.message])
-        return out
+        return _each(_keys(p), lambda i, k: read_reply(k, now))
 
     def ping(p: dict[str, Any], now: float) -> Any:
         res = st.ping(p["client_id"], now)

@@ -29,6 +29,20 @@ __all__ = ["Journal"]
 log = logging.getLogger("pymooncake.master.journal")
 
 
+#: built once (json.dumps with options builds an encoder per call); ASCII output
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _lines(events: Iterable[list[Any]]) -> bytes:
+    return b"".join(_ENCODE(ev).encode() + b"\n" for ev in events)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class Journal:
     """Append-only JSON-lines file.
 
@@ -67,12 +81,10 @@ class Journal:
     def rewrite(self, events: Iterable[list[Any]]) -> None:
         """Replace the file atomically with ``events`` and append from there."""
         tmp = f"{self.path}.tmp"
-        data = b"".join(json.dumps(ev, separators=(",", ":")).encode() + b"\n" for ev in events)
+        data = _lines(events)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -86,10 +98,8 @@ class Journal:
         """Write ``events``; returns once the kernel has them (and the disk, with fsync)."""
         if not events or self._fd < 0:
             return
-        data = b"".join(json.dumps(ev, separators=(",", ":")).encode() + b"\n" for ev in events)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        data = _lines(events)
+        _write_all(self._fd, data)
         if self._fsync:
             os.fsync(self._fd)
         self.appended_bytes += len(data)

@@ -27,6 +27,7 @@ from ...wire import (
     MasterReply,
     MasterRequest,
     encode_reply,
+    master_unix_name,
 )
 from .._config import MasterConfig
 from .._types import ErrorCode
@@ -35,12 +36,7 @@ from ._handlers import build_handlers
 from ._journal import Journal
 from ._state import MasterState
 
-__all__ = ["MasterService", "ServiceAddresses", "master_unix_name"]
-
-
-def master_unix_name(host: str, port: int) -> str:
-    """Abstract UNIX socket name of the master listening on ``host:port``."""
-    return f"\0pymooncake-master:{host}:{port}"
+__all__ = ["MasterService", "ServiceAddresses"]
 
 
 log = logging.getLogger("pymooncake.master")

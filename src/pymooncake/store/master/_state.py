@@ -192,11 +192,21 @@ class MasterState:
                 )
         if self.events is not None:
             self.events.append(["mount", info.to_wire(), client_id])
+        self._add_segment(info, client)
+
+    def _add_segment(self, info: SegmentInfo, client: ClientRecord) -> None:
         self.segments[info.id] = SegmentRecord(
-            info, client_id, OffsetAllocator(info.base, info.size)
+            info, client.id, OffsetAllocator(info.base, info.size)
         )
         self._live_cache = None
         client.segments.add(info.id)
+
+    def _unindex(self, obj: ObjectRecord) -> None:
+        """Take ``obj``'s replicas out of their segments' replica index."""
+        for r in obj.replicas:
+            seg = self.segments.get(r.segment_id)
+            if seg is not None:
+                seg.replicas.pop(r.id, None)
 
     def remount_segments(self, client_id: str, infos: Iterable[SegmentInfo], now: float) -> None:
         """Re-register a client and all its segments (after NEED_REMOUNT)."""
@@ -236,9 +246,6 @@ class MasterState:
             obj.pending = [r for r in obj.pending if r.segment_id != seg.id]
             if not obj.replicas and not obj.pending:
                 del self.objects[key]
-            elif not obj.replicas and obj.pending:
-                # a fresh upsert/put whose only target vanished: nothing readable left
-                pass
         self.view_version += 1
         return len(keys)
 
@@ -464,7 +471,7 @@ class MasterState:
         )
         return replicas
 
-    def _writer_object(self, client_id: str, key: str, upsert: bool = False) -> ObjectRecord:
+    def _writer_object(self, client_id: str, key: str) -> ObjectRecord:
         obj = self.objects.get(key)
         if obj is None or not obj.in_flight:
             raise _err(
@@ -574,17 +581,20 @@ class MasterState:
             obj.soft_pin_until = now + obj.soft_pin_ttl_s
         self._committed(obj)
 
+    @staticmethod
+    def _commit_event(obj: ObjectRecord) -> list[Any]:
+        """The journal record of a completed object (replayed by :meth:`replay`)."""
+        return [
+            "commit",
+            obj.key,
+            obj.size,
+            [[r.id, r.segment_id, r.addr, r.size, r.reserved] for r in obj.replicas],
+            obj.hard_pinned,
+        ]
+
     def _committed(self, obj: ObjectRecord) -> None:
         if self.events is not None:
-            self.events.append(
-                [
-                    "commit",
-                    obj.key,
-                    obj.size,
-                    [[r.id, r.segment_id, r.addr, r.size, r.reserved] for r in obj.replicas],
-                    obj.hard_pinned,
-                ]
-            )
+            self.events.append(self._commit_event(obj))
 
     upsert_end = put_end
     upsert_revoke = put_revoke
@@ -815,12 +825,7 @@ class MasterState:
                 if kind == "mount":
                     info = SegmentInfo.from_wire(ev[1])
                     if info.id not in self.segments:
-                        client = self._touch(ev[2], now)
-                        self.segments[info.id] = SegmentRecord(
-                            info, ev[2], OffsetAllocator(info.base, info.size)
-                        )
-                        self._live_cache = None
-                        client.segments.add(info.id)
+                        self._add_segment(info, self._touch(ev[2], now))
                 elif kind == "unmount":
                     seg = self.segments.get(ev[1])
                     if seg is not None:
@@ -829,10 +834,7 @@ class MasterState:
                     _, key, size, reps, hard = ev
                     old = self.objects.pop(key, None)
                     if old is not None:
-                        for r in old.replicas:
-                            seg = self.segments.get(r.segment_id)
-                            if seg is not None:
-                                seg.replicas.pop(r.id, None)
+                        self._unindex(old)
                     replicas = []
                     for rid, seg_id, addr, rsize, reserved in reps:
                         seg = self.segments.get(seg_id)
@@ -852,10 +854,7 @@ class MasterState:
                 elif kind == "delete":
                     obj = self.objects.pop(ev[1], None)
                     if obj is not None:
-                        for r in obj.replicas:
-                            seg = self.segments.get(r.segment_id)
-                            if seg is not None:
-                                seg.replicas.pop(r.id, None)
+                        self._unindex(obj)
             # allocators: exactly the ranges of the restored replicas
             live: dict[str, list[tuple[int, int]]] = {sid: [] for sid in self.segments}
             for obj in self.objects.values():
@@ -871,17 +870,7 @@ class MasterState:
         out: list[list[Any]] = []
         for seg in self.segments.values():
             out.append(["mount", seg.info.to_wire(), seg.client_id])
-        for obj in self.objects.values():
-            if obj.readable:
-                out.append(
-                    [
-                        "commit",
-                        obj.key,
-                        obj.size,
-                        [[r.id, r.segment_id, r.addr, r.size, r.reserved] for r in obj.replicas],
-                        obj.hard_pinned,
-                    ]
-                )
+        out += [self._commit_event(obj) for obj in self.objects.values() if obj.readable]
         return out
 
     # ------------------------------------------------------------------------------
