@@ -96,6 +96,20 @@ __all__ = [
 
 log = logging.getLogger("mooncake.store")
 T = TypeVar("T")
+
+
+def _pointer_parts(
+    all_ptrs: Sequence[Sequence[int]], all_sizes: Sequence[Sequence[int]]
+) -> list[list[tuple[int, int]]]:
+    """Each key's (pointer, size) parts.
+
+    Raises:
+        ValueError: a key's pointer and size lists differ in length (the batch
+            call turns it into INVALID_PARAMS for every key).
+    """
+    return [list(zip(ps, ns, strict=True)) for ps, ns in zip(all_ptrs, all_sizes, strict=True)]
+
+
 #: the native ReplicateConfig is immutable: one default serves every call
 _DEFAULT_NATIVE_CONFIG = _NativeConfig()
 
@@ -422,14 +436,12 @@ class MooncakeDistributedStore(RangeReads):
         if not len(keys) == len(all_buffer_ptrs) == len(all_sizes):
             log.error("batch_put_from_multi_buffers: argument lists differ in length")
             return [int(ErrorCode.INVALID_PARAMS)] * len(keys)
-        parts = [
-            list(zip(ps, ns, strict=True))
-            for ps, ns in zip(all_buffer_ptrs, all_sizes, strict=True)
-        ]
         return self._batch(
             "batch_put_from_multi_buffers",
             keys,
-            lambda c: c.put_many(keys, parts, self._cfg(config)),
+            lambda c: c.put_many(
+                keys, _pointer_parts(all_buffer_ptrs, all_sizes), self._cfg(config)
+            ),
         )
 
     def _batch(
@@ -538,12 +550,10 @@ class MooncakeDistributedStore(RangeReads):
         if not len(keys) == len(all_buffer_ptrs) == len(all_sizes):
             log.error("batch_get_into_multi_buffers: argument lists differ in length")
             return [int(ErrorCode.INVALID_PARAMS)] * len(keys)
-        dests = [
-            list(zip(ps, ns, strict=True))
-            for ps, ns in zip(all_buffer_ptrs, all_sizes, strict=True)
-        ]
         return self._batch(
-            "batch_get_into_multi_buffers", keys, lambda c: c.get_many_into(keys, dests)
+            "batch_get_into_multi_buffers",
+            keys,
+            lambda c: c.get_many_into(keys, _pointer_parts(all_buffer_ptrs, all_sizes)),
         )
 
     # --- queries and removal ----------------------------------------------------------------

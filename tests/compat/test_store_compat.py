@@ -616,6 +616,13 @@ def test_multi_buffer_batches(store: MooncakeDistributedStore) -> None:
     mismatched = store.batch_put_from_multi_buffers(keys, src_ptrs[:1], src_sizes[:1])
     assert len(mismatched) == 2
     assert all(r < 0 for r in mismatched)
+    # one key's pointer and size lists differ in length: codes, not an exception
+    assert store.batch_put_from_multi_buffers(["multi_x"], [[base, base + 10]], [[10]]) == [
+        INVALID_PARAMS
+    ]
+    assert store.batch_get_into_multi_buffers(["multi_k0"], [[d, d + 10]], [[10]]) == [
+        INVALID_PARAMS
+    ]
 
     assert store.unregister_buffer(addr(src)) == 0
     assert store.unregister_buffer(addr(dst)) == 0
