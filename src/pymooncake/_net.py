@@ -115,17 +115,23 @@ def first_non_loopback_ipv4() -> str | None:
     return None
 
 
+def is_ip(host: str) -> bool:
+    """``host`` is an IPv4/IPv6 address literal (not a name)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def resolve_host(host: str, *, what: str) -> str:
     """Resolve to one IP address string.
 
     Raises:
         DnsError: the name does not resolve; ``what`` says whose name it is.
     """
-    try:
-        ipaddress.ip_address(host)
+    if is_ip(host):
         return host
-    except ValueError:
-        pass
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:

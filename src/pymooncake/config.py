@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .errors import ConfigError
+from .wire._rpc import DEFAULT_MAX_FRAME_LENGTH, MAX_FRAME_LENGTH_LIMIT
 
 __all__ = ["EngineConfig", "parse_bool_env"]
 
@@ -77,7 +78,7 @@ class EngineConfig:
     #: MC_HANDSHAKE_PORT: port used by legacy binding when the name has none
     handshake_port: int = 12001
     #: MC_HANDSHAKE_MAX_LENGTH: largest accepted RPC frame
-    handshake_max_length: int = 1 << 20
+    handshake_max_length: int = DEFAULT_MAX_FRAME_LENGTH
     #: MC_HANDSHAKE_CONNECT_TIMEOUT (s): connect timeout for RPC and data connections
     connect_timeout_s: float = 5.0
     #: reference SO_RCVTIMEO of an RPC client (60 s) -- bounded further by each call
@@ -153,7 +154,9 @@ class EngineConfig:
             rpc_port_max=hi,
             legacy_rpc_port_binding="MC_LEGACY_RPC_PORT_BINDING" in env,
             handshake_port=_int_env(env, "MC_HANDSHAKE_PORT", 12001, 1, 65535),
-            handshake_max_length=_int_env(env, "MC_HANDSHAKE_MAX_LENGTH", 1 << 20, 1, 128 << 20),
+            handshake_max_length=_int_env(
+                env, "MC_HANDSHAKE_MAX_LENGTH", DEFAULT_MAX_FRAME_LENGTH, 1, MAX_FRAME_LENGTH_LIMIT
+            ),
             connect_timeout_s=_float_env(env, "MC_HANDSHAKE_CONNECT_TIMEOUT", 5.0, 0.001),
             listen_backlog=_int_env(env, "MC_HANDSHAKE_LISTEN_BACKLOG", 128, 1, 65535),
             tcp_bind_address=bind,

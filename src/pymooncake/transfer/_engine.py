@@ -29,6 +29,7 @@ from .._loop import LoopThread
 from .._net import (
     bind_listener,
     first_non_loopback_ipv4,
+    is_ip,
     is_loopback,
     join_host_port,
     resolve_host,
@@ -67,6 +68,7 @@ from ._segments import SegmentDirectory
 from .metadata import MetadataStore, connect_metadata, parse_metadata_target
 from .transports import Peer, Slice, Transport, TransportContext, create_transport
 from .transports import unavailable_reason as _unavailable_reason
+from .transports.shm import ShmTransport
 
 __all__ = ["LOCAL_SEGMENT_ID", "TransferEngine"]
 
@@ -157,7 +159,7 @@ class TransferEngine(MemoryOps):
             adv_host, rpc_port = host, cfg.rpc_port
         else:
             adv_host = cfg.tcp_bind_address or (
-                host if _is_ip(host) else (first_non_loopback_ipv4() or host)
+                host if is_ip(host) else (first_non_loopback_ipv4() or host)
             )
             rpc_port = cfg.rpc_port
         bind_ip = resolve_host(adv_host, what="local_hostname")
@@ -182,14 +184,14 @@ class TransferEngine(MemoryOps):
             registry=self._registry,
             advertised_host=adv_host,
             bind_host=bind_ip,
-            log=log,
         )
         for name in ("local", "shm", "tcp"):
             transport = create_transport(name, ctx)
             self._transports.append(transport)
             transport.start()
-        shm, tcp = self._transports[1], self._transports[2]
-        shm.set_fallback(tcp)  # type: ignore[attr-defined]
+        shm = self.transport("shm")
+        assert isinstance(shm, ShmTransport)
+        shm.set_fallback(self.transport("tcp"))
         self._directory = SegmentDirectory(store, cfg, own_descriptor=self.local_descriptor)
 
         self._loop = LoopThread(f"mc-engine-loop:{self.segment_name}")
@@ -266,7 +268,6 @@ class TransferEngine(MemoryOps):
             )
             self._directory.unpublish(self.segment_name)
         self._directory.publish_rpc_meta(self.segment_name, meta)
-        self._published_rpc_meta = True
 
     # ------------------------------------------------------------------------------
     # descriptor
@@ -393,9 +394,10 @@ class TransferEngine(MemoryOps):
 
     def _slices(
         self, segment: str | int | None, requests: Sequence[TransferRequest], base: int = 0
-    ) -> tuple[list[tuple[Peer, Transport, list[Slice]]], int]:
+    ) -> tuple[list[tuple[Peer, Transport, list[Slice]]], list[int]]:
+        """Requests grouped per peer, and each request's length (in request order)."""
         groups: dict[str, tuple[Peer, Transport, list[Slice]]] = {}
-        total = 0
+        lengths: list[int] = []
         for i, req in enumerate(requests):
             target = req.segment if req.segment is not None else segment
             if target is None:
@@ -409,9 +411,9 @@ class TransferEngine(MemoryOps):
                 group = groups[name] = (peer, self._transport_for(peer), [])
             is_write = req.opcode == TransferOpcode.WRITE
             view = self.local_view(req.local, req.length, writable=not is_write)
-            total += len(view)
+            lengths.append(len(view))
             group[2].append(Slice(base + i, is_write, view, req.remote_addr))
-        return list(groups.values()), total
+        return list(groups.values()), lengths
 
     def _deadline(self, total_bytes: int, timeout_s: float | None) -> float:
         budget = self.config.transfer_timeout_s if timeout_s is None else timeout_s
@@ -432,8 +434,8 @@ class TransferEngine(MemoryOps):
             SegmentNotFound / NotSupported / InvalidArgument: before any I/O.
         """
         self._check_open()
-        groups, total = self._slices(segment, requests)
-        deadline = self._deadline(total, timeout_s)
+        groups, lengths = self._slices(segment, requests)
+        deadline = self._deadline(sum(lengths), timeout_s)
         errors: list[BaseException | None] = [None] * len(requests)
 
         def done(s: Slice, err: BaseException | None) -> None:
@@ -529,13 +531,13 @@ class TransferEngine(MemoryOps):
         self._check_open()
         batch = self._batches.get(batch_id)
         base = len(batch.tasks)
-        groups, total = self._slices(segment, requests, base)
-        indices = batch.add([len(s.local) for s in _ordered(groups, len(requests), base)])
+        groups, lengths = self._slices(segment, requests, base)
+        indices = batch.add(lengths)
         if notify is not None:
             target, msg = notify
             batch.notify = (self.segment_name_of(target), msg)
             batch.on_complete = self._batch_completed
-        deadline = self._deadline(total, None)
+        deadline = self._deadline(sum(lengths), None)
         assert self._executor is not None
         for peer, transport, slices in groups:
             self._executor.submit(self._run_group, batch, peer, transport, slices, deadline)
@@ -544,18 +546,12 @@ class TransferEngine(MemoryOps):
     def _run_group(
         self, batch: Batch, peer: Peer, transport: Transport, slices: list[Slice], deadline: float
     ) -> None:
-        pending = {s.index for s in slices}
-
-        def done(s: Slice, err: BaseException | None) -> None:
-            pending.discard(s.index)
-            batch.complete(s.index, err)
-
         try:
-            transport.execute(peer, slices, deadline, done)
+            transport.execute(peer, slices, deadline, lambda s, err: batch.complete(s.index, err))
         except BaseException as exc:  # a bug must not leave tasks pending forever
             log.exception("transport %s failed unexpectedly", transport.name)
-            for i in list(pending):
-                batch.complete(i, exc)
+            for s in slices:  # (tasks already finished ignore this)
+                batch.complete(s.index, exc)
 
     def _batch_completed(self, batch: Batch) -> None:
         if batch.notify is None or batch.status().state.name != "COMPLETED":
@@ -699,22 +695,3 @@ class TransferEngine(MemoryOps):
     def __repr__(self) -> str:
         name = getattr(self, "segment_name", "?")
         return f"<TransferEngine segment={name!r} closed={self._closed}>"
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
-def _ordered(groups: list[tuple[Peer, Transport, list[Slice]]], n: int, base: int) -> list[Slice]:
-    out: list[Slice | None] = [None] * n
-    for _, _, slices in groups:
-        for s in slices:
-            out[s.index - base] = s
-    assert all(s is not None for s in out)
-    return [s for s in out if s is not None]

@@ -70,20 +70,11 @@ class MemoryOps:
             MetadataError: re-publishing failed (the registration is rolled back).
         """
         self._check_open()
-        if location.startswith(("cuda", "musa", "hip", "npu", "maca")):
-            raise NotSupported(
-                f"registering {location} memory needs GPU support, which this pymooncake "
-                "build does not have; register host memory"
-            )
+        _check_location(location)
         if isinstance(memory, int):
             if length is None:
                 raise InvalidArgument("registering a raw address needs a length")
-            if length <= 0 or memory <= 0:
-                raise InvalidArgument(
-                    f"cannot register {length} bytes at {memory:#x}: address and length must be "
-                    "positive"
-                )
-            _require_host_memory(memory, length)
+            _check_raw_range(memory, length)
             addr, view, owner = memory, view_at(memory, length), None
         else:
             addr, nbytes = address_of(memory)
@@ -132,18 +123,9 @@ class MemoryOps:
         """Register several ``(address, length)`` ranges, publishing once; all or nothing."""
         self._check_open()
         regions = []
+        _check_location(location)
         for addr, length in items:
-            if length <= 0 or addr <= 0:
-                raise InvalidArgument(
-                    f"cannot register {length} bytes at {addr:#x}: address and length must "
-                    "be positive"
-                )
-            if location.startswith(("cuda", "musa", "hip", "npu", "maca")):
-                raise NotSupported(
-                    f"registering {location} memory needs GPU support, which this pymooncake "
-                    "build does not have; register host memory"
-                )
-            _require_host_memory(addr, length)
+            _check_raw_range(addr, length)
             regions.append(
                 Region(
                     addr,
@@ -274,6 +256,23 @@ class MemoryOps:
                 raise InvalidArgument(f"length {length} exceeds the {len(view)}-byte local buffer")
             view = view[:length]
         return view
+
+
+def _check_location(location: str) -> None:
+    if location.startswith(("cuda", "musa", "hip", "npu", "maca")):
+        raise NotSupported(
+            f"registering {location} memory needs GPU support, which this pymooncake "
+            "build does not have; register host memory"
+        )
+
+
+def _check_raw_range(addr: int, length: int) -> None:
+    """A raw ``(address, length)`` to register: positive, and this process's host memory."""
+    if length <= 0 or addr <= 0:
+        raise InvalidArgument(
+            f"cannot register {length} bytes at {addr:#x}: address and length must be positive"
+        )
+    _require_host_memory(addr, length)
 
 
 def _require_host_memory(addr: int, length: int) -> None:

@@ -24,7 +24,6 @@ import ctypes
 import mmap
 import os
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -352,9 +351,6 @@ class MemoryRegistry:
                 tuple(r for r in snap.ordered if r is not region),
             )
         return region
-
-    def remove_many(self, addrs: Iterable[int]) -> list[Region]:
-        return [self.remove(a) for a in addrs]
 
     def clear(self) -> tuple[Region, ...]:
         with self._lock:

@@ -28,12 +28,10 @@ from ..errors import (
 from ..wire import (
     MessageType,
     RpcMeta,
-    SegmentDesc,
     decode_rpc_meta,
     decode_segment,
     dumps_json,
     encode_rpc_meta,
-    encode_segment,
     rpc_meta_key,
     segment_key,
 )
@@ -80,10 +78,6 @@ class SegmentDirectory:
     @property
     def p2p(self) -> bool:
         return self._store is None
-
-    @property
-    def store(self) -> MetadataStore | None:
-        return self._store
 
     # --- our own entries ------------------------------------------------------
 
@@ -218,7 +212,3 @@ class SegmentDirectory:
             rpc_port=meta.rpc_port if meta else 0,
             data_host=data_host,
         )
-
-    @staticmethod
-    def descriptor_of(desc: SegmentDesc) -> dict[str, Any]:
-        return encode_segment(desc)

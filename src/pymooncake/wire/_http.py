@@ -37,7 +37,7 @@ from http import HTTPStatus
 from typing import Final
 
 from ..errors import MalformedMessage
-from ._rpc import NEED_DATA, NeedData
+from ._rpc import NEED_DATA, NeedData, take_bytes
 
 __all__ = [
     "CONTINUE_RESPONSE",
@@ -280,7 +280,7 @@ class RequestParser:
         head = self._head
         if len(self._buf) < head.body_bytes:
             return NEED_DATA
-        body = bytes(self._buf[: head.body_bytes])
+        body = take_bytes(self._buf, 0, head.body_bytes)
         del self._buf[: head.body_bytes]
         self._head = None
         self._continue_due = False
@@ -311,7 +311,7 @@ class RequestParser:
             return NEED_DATA
         if match.end() > self._max_header:
             raise self._too_large_header()
-        block = bytes(buf[: match.start()])
+        block = take_bytes(buf, 0, match.start())
         del buf[: match.end()]
         self._scanned = 0
         lines = [line[:-1] if line.endswith(b"\r") else line for line in block.split(b"\n")]

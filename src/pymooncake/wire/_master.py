@@ -152,7 +152,7 @@ class MasterFrameDecoder:
         end = 4 + length
         if len(buf) < end:
             return NEED_DATA
-        body = bytes(buf[PREFIX.size : end])
+        body = buf[PREFIX.size : end]  # (one copy; decode makes the text)
         del buf[:end]
         try:
             head, value = _DECODE(body.decode())

@@ -72,6 +72,15 @@ class NeedData:
 NEED_DATA: Final = NeedData()
 
 
+def take_bytes(buf: bytearray, start: int, end: int) -> bytes:
+    """``bytes(buf[start:end])`` in one copy (slicing a bytearray copies too).
+
+    The decoders call it before ``del buf[:n]``, which needs every view of
+    ``buf`` released: the views here are, when this returns."""
+    with memoryview(buf) as mv, mv[start:end] as part:
+        return bytes(part)
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One decoded frame.  ``body`` is the JSON text including its newline."""
@@ -156,8 +165,8 @@ class FrameDecoder:
         first = buf[LENGTH.size]
         if first > MessageType.PROBE:
             # Old protocol: no type byte, the whole payload is a Connection body.
-            frame = Frame(MessageType.CONNECTION, bytes(buf[LENGTH.size : end]))
+            frame = Frame(MessageType.CONNECTION, take_bytes(buf, LENGTH.size, end))
         else:
-            frame = Frame(MessageType(first), bytes(buf[LENGTH.size + 1 : end]))
+            frame = Frame(MessageType(first), take_bytes(buf, LENGTH.size + 1, end))
         del buf[:end]
         return frame

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..errors import MalformedMessage
-from ._rpc import NEED_DATA, NeedData
+from ._rpc import NEED_DATA, NeedData, take_bytes
 
 __all__ = [
     "HEADER",
@@ -119,7 +119,7 @@ class _FixedDecoder:
     def _take(self) -> bytes | None:
         if len(self._buf) < self._size:
             return None
-        out = bytes(self._buf[: self._size])
+        out = take_bytes(self._buf, 0, self._size)
         del self._buf[: self._size]
         return out
 

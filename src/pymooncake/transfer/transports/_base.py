@@ -12,9 +12,8 @@ raises for per-slice failures.
 from __future__ import annotations
 
 import abc
-import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ...config import EngineConfig
@@ -24,9 +23,13 @@ from .._memory import MemoryRegistry
 __all__ = ["Peer", "Slice", "SliceCallback", "Transport", "TransportContext"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Slice:
-    """One request as a transport sees it.  ``local`` has exactly the length."""
+    """One request as a transport sees it.  ``local`` has exactly the length.
+
+    Not frozen: one is built per request, and a frozen dataclass pays an
+    ``object.__setattr__`` per field; nothing changes a slice after it is built.
+    """
 
     index: int
     is_write: bool
@@ -53,7 +56,6 @@ class Peer:
     data_host: str
     #: True when the segment is this engine's own
     local: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def data_port(self) -> int:
@@ -69,7 +71,6 @@ class TransportContext:
     #: address the engine advertises to peers (and binds its listeners to)
     advertised_host: str
     bind_host: str
-    log: logging.Logger
 
 
 class Transport(abc.ABC):

@@ -107,10 +107,6 @@ class SocketReader:
     def buffer(self) -> bytearray:
         return self._buf
 
-    @property
-    def buffered(self) -> int:
-        return self._end - self._start
-
     def _fill(self, need: int, greedy: bool = True) -> None:
         """Receive until at least ``need`` bytes are buffered.  Non-greedy fills
         ask the kernel for exactly the missing bytes, so a large payload that
@@ -152,10 +148,6 @@ class SocketReader:
         off = self._start
         self._start += n
         return off
-
-    def at_boundary_with(self, n: int) -> bool:
-        """True if at least ``n`` bytes are already buffered (no blocking needed)."""
-        return self._end - self._start >= n
 
     def readinto(self, view: memoryview) -> None:
         """Fill ``view`` completely from the connection."""

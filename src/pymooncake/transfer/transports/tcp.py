@@ -37,7 +37,15 @@ from typing import Any, Final
 from ..._logging import RepeatLimiter
 from ..._net import bind_listener, connect_tcp, join_host_port, set_io_timeout
 from ...errors import MooncakeError, PeerRejected, PeerSocketError, TransferTimeout
-from ...wire import HEADER, STATUS, STATUS_ADDR_REJECTED, STATUS_MAGIC, STATUS_OK, V2_FLAG
+from ...wire import (
+    HEADER,
+    OPCODE_WRITE,
+    STATUS,
+    STATUS_ADDR_REJECTED,
+    STATUS_MAGIC,
+    STATUS_OK,
+    V2_FLAG,
+)
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
 from ._sockio import PeerClosed, SocketReader, sendmsg_all
 
@@ -47,7 +55,6 @@ log = logging.getLogger("pymooncake.transport.tcp")
 
 _OK_BYTES: Final = STATUS.pack(STATUS_OK)
 _REJECT_BYTES: Final = STATUS.pack(STATUS_ADDR_REJECTED)
-_U64_MAX: Final = (1 << 64) - 1
 #: READ headers sent ahead of replies; 256 * 24 B = 6 KiB always fits socket buffers
 _READ_WINDOW: Final = 256
 #: WRITE requests per send window (status frames are read after each window)
@@ -154,6 +161,7 @@ class _Server:
                 off = reader.take(24, greedy)
                 size, raddr, opcode = _unpack_header(buf, off)
                 v2 = opcode & V2_FLAG
+                is_write = (opcode & ~V2_FLAG) == OPCODE_WRITE
                 region = find(raddr, size)
                 if region is None:
                     self.requests_rejected += 1
@@ -170,15 +178,14 @@ class _Server:
                     if v2:
                         out.append(_REJECT_BYTES)
                         flush()
-                    if (opcode & 0x7F) == 1:
+                    if is_write:
                         # The payload of a refused WRITE is never consumed; end with a
                         # reset (as the reference does) so a pipelining v1 peer cannot
                         # mistake later writes on this connection for delivered ones.
                         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                     return
-                off = raddr - region.addr
-                view = region.view[off : off + size]
-                if (opcode & 0x7F) == 1:
+                view = region.slice(raddr, size)
+                if is_write:
                     reader.readinto(view)
                     if v2:
                         out.append(_OK_BYTES)
@@ -300,7 +307,21 @@ class _Pool:
             c.close()
 
 
-def _timeout_error(peer: Peer, cause: BaseException | None = None) -> TransferTimeout:
+def _check_status(buf: bytearray, off: int, k: int) -> None:
+    """The v2 status frame of request ``k`` at ``buf[off:]``: returns on OK.
+
+    Raises:
+        _Rejected: the target refused the address.
+        _Broken: not a status frame (the stream is out of step).
+    """
+    (status,) = _unpack_status(buf, off)
+    if status != STATUS_OK:
+        if (status >> 32) == (STATUS_MAGIC >> 32):
+            raise _Rejected(k)
+        raise _Broken(k, PeerClosed(f"invalid status frame {status:#x}"))
+
+
+def _timeout_error(peer: Peer) -> TransferTimeout:
     return TransferTimeout(
         f"Sync batch data transfer timeout: no progress from segment {peer.name!r} at "
         f"{join_host_port(peer.data_host, peer.data_port)} before the deadline "
@@ -405,7 +426,7 @@ class TcpTransport(Transport):
                 pending = pending[broken.done :]
                 cause = broken.cause
                 if isinstance(cause, (BlockingIOError, TimeoutError, socket.timeout)):
-                    timeout_err = _timeout_error(peer, cause)
+                    timeout_err = _timeout_error(peer)
                     for s in pending:
                         on_done(s, timeout_err)
                     return
@@ -481,11 +502,7 @@ class TcpTransport(Transport):
                 off = reader.take(8)
             except OSError as exc:
                 raise _Broken(k, send_error or exc) from None
-            (status,) = _unpack_status(buf, off)
-            if status != STATUS_OK:
-                if (status >> 32) == (STATUS_MAGIC >> 32):
-                    raise _Rejected(k)
-                raise _Broken(k, PeerClosed(f"invalid status frame {status:#x}"))
+            _check_status(buf, off, k)
             on_done(pending[k], None)
 
     def _read_window(
@@ -510,12 +527,7 @@ class TcpTransport(Transport):
             s = pending[k]
             try:
                 if flag:
-                    off = reader.take(8, s.length < _GREEDY_LIMIT)
-                    (status,) = _unpack_status(buf, off)
-                    if status != STATUS_OK:
-                        if (status >> 32) == (STATUS_MAGIC >> 32):
-                            raise _Rejected(k)
-                        raise _Broken(k, PeerClosed(f"invalid status frame {status:#x}"))
+                    _check_status(buf, reader.take(8, s.length < _GREEDY_LIMIT), k)
                 reader.readinto(s.local)
             except OSError as exc:
                 raise _Broken(k, exc) from None
