@@ -4,34 +4,24 @@ and SGLang's ``batch_get_session_*`` / ``batch_get_into_multi_buffer_ranges``)."
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
 
 from pymooncake.errors import MooncakeError
 from pymooncake.store import ErrorCode, StoreClient
 from pymooncake.store._client import ObjectLocation
+
+from ._store_codes import store_code, store_codes
 
 __all__ = ["RangeReads"]
 
 log = logging.getLogger("mooncake.store")
 
 
-def _code(exc: BaseException) -> int:
-    if isinstance(exc, MooncakeError):
-        return exc.code if exc.code < 0 else int(ErrorCode.INTERNAL_ERROR)
-    return int(ErrorCode.INVALID_PARAMS)
-
-
 class RangeReads:
-    """Mixin: needs ``_c()`` (the live client), ``_codes`` and ``_sessions``."""
+    """Mixin: needs ``_c()`` (the live client) and ``_sessions``."""
 
     _sessions: dict[str, ObjectLocation]
 
     def _c(self) -> StoreClient:
-        raise NotImplementedError
-
-    @staticmethod
-    def _codes(results: Sequence[Any], what: str) -> list[int]:
         raise NotImplementedError
 
     def get_into_ranges(
@@ -50,7 +40,7 @@ class RangeReads:
         try:
             client = self._c()
         except MooncakeError as exc:
-            return [[[_code(exc)] for _ in keys] for keys in all_keys]
+            return [[[store_code(exc)] for _ in keys] for keys in all_keys]
         out: list[list[list[int]]] = []
         flat_keys: list[str] = []
         flat_ranges: list[list[tuple[memoryview, int]]] = []
@@ -90,17 +80,17 @@ class RangeReads:
                 locs = client.locate(flat_keys)
             except MooncakeError as exc:
                 for b, k in slots:
-                    out[b][k] = [_code(exc)] * len(out[b][k])
+                    out[b][k] = [store_code(exc)] * len(out[b][k])
                 return out
             ok = [i for i, loc in enumerate(locs) if isinstance(loc, ObjectLocation)]
             for i, loc in enumerate(locs):
                 if not isinstance(loc, ObjectLocation):
                     b, k = slots[i]
-                    out[b][k] = [_code(loc)] * len(out[b][k])
+                    out[b][k] = [store_code(loc)] * len(out[b][k])
             results = client.read_ranges([locs[i] for i in ok], [flat_ranges[i] for i in ok])  # type: ignore[misc]
             for i, res in zip(ok, results, strict=True):
                 b, k = slots[i]
-                out[b][k] = self._codes(res, "get_into_ranges")
+                out[b][k] = store_codes(res, "get_into_ranges")
         return out
 
     # --- sessions (SGLang direct linker) -------------------------------------------------
@@ -109,14 +99,14 @@ class RangeReads:
         try:
             locs = self._c().locate(keys)
         except MooncakeError as exc:
-            return [_code(exc)] * len(keys)
+            return [store_code(exc)] * len(keys)
         out = []
         for key, loc in zip(keys, locs, strict=True):
             if isinstance(loc, ObjectLocation):
                 self._sessions[key] = loc
                 out.append(0)  # reference: 0 per started key
             else:
-                out.append(_code(loc))
+                out.append(store_code(loc))
         return out
 
     def batch_get_into_multi_buffer_ranges(
@@ -129,7 +119,7 @@ class RangeReads:
         try:
             client = self._c()
         except MooncakeError as exc:
-            return [_code(exc)] * len(keys)
+            return [store_code(exc)] * len(keys)
         out = [0] * len(keys)
         locs: list[ObjectLocation] = []
         ranges: list[list[tuple[memoryview, int]]] = []
@@ -151,14 +141,14 @@ class RangeReads:
                     )
                 ]
             except (MooncakeError, ValueError) as exc:
-                out[i] = _code(exc)
+                out[i] = store_code(exc)
                 continue
             locs.append(loc)
             ranges.append(frags)
             idx.append(i)
         for i, res in zip(idx, client.read_ranges(locs, ranges), strict=True):
             bad = [r for r in res if isinstance(r, BaseException)]
-            out[i] = _code(bad[0]) if bad else sum(r for r in res if isinstance(r, int))
+            out[i] = store_code(bad[0]) if bad else sum(r for r in res if isinstance(r, int))
         return out
 
     def batch_get_session_end(self, keys: list[str]) -> int:

@@ -106,9 +106,6 @@ class InnerTransferEngine:
         return f"<mooncake.engine.InnerTransferEngine {self.native.segment_name!r}>"
 
 
-_handles: dict[int, InnerTransferEngine] = {}
-
-
 def _connection_string(metadata_server: str) -> str:
     text = metadata_server.strip()
     if text.upper() == P2P_HANDSHAKE or "://" in text:
@@ -133,7 +130,6 @@ class TransferEngine:
     def __init__(self) -> None:
         self._engine: _NativeEngine | None = None
         self._lock = threading.Lock()
-        self._managed: dict[int, int] = {}
         self._finalizer: weakref.finalize[[], TransferEngine] | None = None
 
     # --- set-up -----------------------------------------------------------------
@@ -196,13 +192,10 @@ class TransferEngine:
     def get_engine(self) -> InnerTransferEngine | None:
         if self._engine is None:
             return None
-        inner = InnerTransferEngine(self._engine)
-        _handles[id(self._engine)] = inner
-        return inner
+        return InnerTransferEngine(self._engine)
 
     def get_engine_ptr(self) -> int:
-        inner = self.get_engine()
-        return id(inner.native) if inner is not None else 0
+        return id(self._engine) if self._engine is not None else 0
 
     def get_local_topology(self, device_name: str | None = None) -> str:
         return _topology_json()
@@ -216,16 +209,13 @@ class TransferEngine:
         """Address of ``length`` fresh registered bytes, or 0."""
 
         def alloc() -> int:
-            region = self._native().allocate(length)
-            self._managed[region.addr] = length
-            return region.addr
+            return self._native().allocate(length).addr
 
         return call_value(f"allocate_managed_buffer({length})", alloc, 0)
 
     def free_managed_buffer(self, buffer_addr: int, length: int, /) -> int:
         def free() -> None:
             self._native().free(buffer_addr)
-            self._managed.pop(buffer_addr, None)
 
         rc = call_code(f"free_managed_buffer({buffer_addr:#x})", free)
         return 0 if rc == 0 else -1

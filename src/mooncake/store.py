@@ -31,6 +31,7 @@ from pymooncake.store import ReplicateConfig as _NativeConfig
 from pymooncake.store._client import ObjectLocation
 from pymooncake.transfer import TransferEngine as _NativeEngine
 
+from ._store_codes import store_code, store_codes
 from ._store_ranges import RangeReads
 from ._store_types import (
     ACTIVATION,
@@ -98,6 +99,22 @@ log = logging.getLogger("mooncake.store")
 T = TypeVar("T")
 
 
+def _raise_first(results: Sequence[object]) -> None:
+    """Raise the first error among a native call's per-key results."""
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
+def _one_part_each(ptrs: Sequence[int], sizes: Sequence[int]) -> list[list[tuple[int, int]]]:
+    """One (pointer, size) part per key.
+
+    Raises:
+        ValueError: the lists differ in length.
+    """
+    return [[(p, n)] for p, n in zip(ptrs, sizes, strict=True)]
+
+
 def _pointer_parts(
     all_ptrs: Sequence[Sequence[int]], all_sizes: Sequence[Sequence[int]]
 ) -> list[list[tuple[int, int]]]:
@@ -137,19 +154,12 @@ _POSITIONAL = (
 _DICT_KEYS = set(_POSITIONAL) | {"ipc_socket_path", *_SETUP_KEYWORDS}
 
 
-def _code(exc: BaseException) -> int:
-    if isinstance(exc, MooncakeError):
-        return exc.code if exc.code < 0 else int(ErrorCode.INTERNAL_ERROR)
-    return int(ErrorCode.INVALID_PARAMS)
-
-
 class MooncakeDistributedStore(RangeReads):
     """Reference-compatible store client.  Construct, then :meth:`setup`."""
 
     def __init__(self) -> None:
         self._client: StoreClient | None = None
         self._lock = threading.Lock()
-        self._registered: dict[int, _NativeEngine] = {}
         self._sessions: dict[str, ObjectLocation] = {}
 
     # --- set-up -------------------------------------------------------------------
@@ -247,7 +257,7 @@ class MooncakeDistributedStore(RangeReads):
             )
         except (MooncakeError, ValueError) as exc:
             log.error("setup failed: %s", str(exc))
-            return _code(exc)
+            return store_code(exc)
         with self._lock:
             if self._client is not None:
                 self._client.close()
@@ -261,7 +271,7 @@ class MooncakeDistributedStore(RangeReads):
                     config.master_server_addr,
                     exc,
                 )
-                return _code(exc)
+                return store_code(exc)
         return 0
 
     def setup_dummy(self, mem_pool_size: int, local_buffer_size: int, server_address: str) -> int:
@@ -289,7 +299,6 @@ class MooncakeDistributedStore(RangeReads):
         self._sessions.clear()
         if client is not None:
             client.close()
-        self._registered.clear()
         return 0
 
     def health_check(self) -> int:
@@ -316,7 +325,7 @@ class MooncakeDistributedStore(RangeReads):
             return 0
         except (MooncakeError, ValueError, TypeError) as exc:
             log.error("%s failed: %s", what, str(exc))
-            return _code(exc)
+            return store_code(exc)
 
     def _value(
         self, what: str, fn: Callable[[StoreClient], T], failure: T, quiet: tuple[int, ...] = ()
@@ -331,19 +340,6 @@ class MooncakeDistributedStore(RangeReads):
     @staticmethod
     def _cfg(config: ReplicateConfig | None) -> _NativeConfig:
         return config.to_native() if config is not None else _DEFAULT_NATIVE_CONFIG
-
-    @staticmethod
-    def _codes(results: Sequence[Any], what: str) -> list[int]:
-        out = []
-        for r in results:
-            if isinstance(r, BaseException):
-                log.debug("%s: %s", what, str(r))
-                out.append(_code(r))
-            elif isinstance(r, bool):
-                out.append(0)
-            else:
-                out.append(int(r))
-        return out
 
     # --- memory registration ----------------------------------------------------------
 
@@ -374,12 +370,12 @@ class MooncakeDistributedStore(RangeReads):
     def put_batch(
         self, keys: list[str], values: list[Any], config: ReplicateConfig | None = None
     ) -> int:
-        def run(c: StoreClient) -> None:
-            for r in c.put_many(keys, [[v] for v in values], self._cfg(config), bytes_api=True):
-                if isinstance(r, BaseException):
-                    raise r
-
-        return self._int("put_batch", run)
+        return self._int(
+            "put_batch",
+            lambda c: _raise_first(
+                c.put_many(keys, [[v] for v in values], self._cfg(config), bytes_api=True)
+            ),
+        )
 
     def put_from(
         self, key: str, buffer_ptr: int, size: int, config: ReplicateConfig | None = None
@@ -397,16 +393,11 @@ class MooncakeDistributedStore(RangeReads):
         metadata_size: int,
         config: ReplicateConfig | None = None,
     ) -> int:
-        def run(c: StoreClient) -> None:
-            (r,) = c.put_many(
-                [key],
-                [[(buffer_ptr, size), (metadata_buffer_ptr, metadata_size)]],
-                self._cfg(config),
-            )
-            if isinstance(r, BaseException):
-                raise r
-
-        return self._int(f"put_from_with_metadata({key!r})", run)
+        parts = [(buffer_ptr, size), (metadata_buffer_ptr, metadata_size)]
+        return self._int(
+            f"put_from_with_metadata({key!r})",
+            lambda c: _raise_first(c.put_many([key], [parts], self._cfg(config))),
+        )
 
     def batch_put_from(
         self,
@@ -421,9 +412,7 @@ class MooncakeDistributedStore(RangeReads):
         return self._batch(
             "batch_put_from",
             keys,
-            lambda c: c.put_many(
-                keys, [[(p, n)] for p, n in zip(buffer_ptrs, sizes, strict=True)], self._cfg(config)
-            ),
+            lambda c: c.put_many(keys, _one_part_each(buffer_ptrs, sizes), self._cfg(config)),
         )
 
     def batch_put_from_multi_buffers(
@@ -448,41 +437,35 @@ class MooncakeDistributedStore(RangeReads):
         self, what: str, keys: Sequence[str], fn: Callable[[StoreClient], Sequence[Any]]
     ) -> list[int]:
         try:
-            return self._codes(fn(self._c()), what)
+            return store_codes(fn(self._c()), what)
         except (MooncakeError, ValueError, TypeError) as exc:
             log.error("%s failed: %s", what, str(exc))
-            return [_code(exc)] * len(keys)
+            return [store_code(exc)] * len(keys)
 
     def upsert(self, key: str, value: Any, config: ReplicateConfig | None = None) -> int:
         return self._int(f"upsert({key!r})", lambda c: c.upsert(key, value, self._cfg(config)))
 
     def upsert_parts(self, key: str, *parts: Any, config: ReplicateConfig | None = None) -> int:
-        def run(c: StoreClient) -> None:
-            (r,) = c.upsert_many([key], [list(parts)], self._cfg(config))
-            if isinstance(r, BaseException):
-                raise r
-
-        return self._int(f"upsert_parts({key!r})", run)
+        return self._int(
+            f"upsert_parts({key!r})",
+            lambda c: _raise_first(c.upsert_many([key], [list(parts)], self._cfg(config))),
+        )
 
     def upsert_batch(
         self, keys: list[str], values: list[Any], config: ReplicateConfig | None = None
     ) -> int:
-        def run(c: StoreClient) -> None:
-            for r in c.upsert_many(keys, [[v] for v in values], self._cfg(config)):
-                if isinstance(r, BaseException):
-                    raise r
-
-        return self._int("upsert_batch", run)
+        return self._int(
+            "upsert_batch",
+            lambda c: _raise_first(c.upsert_many(keys, [[v] for v in values], self._cfg(config))),
+        )
 
     def upsert_from(
         self, key: str, buffer_ptr: int, size: int, config: ReplicateConfig | None = None
     ) -> int:
-        def run(c: StoreClient) -> None:
-            (r,) = c.upsert_many([key], [[(buffer_ptr, size)]], self._cfg(config))
-            if isinstance(r, BaseException):
-                raise r
-
-        return self._int(f"upsert_from({key!r})", run)
+        return self._int(
+            f"upsert_from({key!r})",
+            lambda c: _raise_first(c.upsert_many([key], [[(buffer_ptr, size)]], self._cfg(config))),
+        )
 
     def batch_upsert_from(
         self,
@@ -494,9 +477,7 @@ class MooncakeDistributedStore(RangeReads):
         return self._batch(
             "batch_upsert_from",
             keys,
-            lambda c: c.upsert_many(
-                keys, [[(p, n)] for p, n in zip(buffer_ptrs, sizes, strict=True)], self._cfg(config)
-            ),
+            lambda c: c.upsert_many(keys, _one_part_each(buffer_ptrs, sizes), self._cfg(config)),
         )
 
     # --- reads ---------------------------------------------------------------------------
@@ -524,7 +505,7 @@ class MooncakeDistributedStore(RangeReads):
         except (MooncakeError, ValueError, TypeError) as exc:
             if not (isinstance(exc, StoreError) and exc.code in self._MISS):
                 log.error("get_into(%r) failed: %s", key, str(exc))
-            return _code(exc)
+            return store_code(exc)
 
     def batch_get_into(
         self, keys: list[str], buffer_ptrs: list[int], sizes: list[int]
@@ -535,9 +516,7 @@ class MooncakeDistributedStore(RangeReads):
         return self._batch(
             "batch_get_into",
             keys,
-            lambda c: c.get_many_into(
-                keys, [[(p, n)] for p, n in zip(buffer_ptrs, sizes, strict=True)]
-            ),
+            lambda c: c.get_many_into(keys, _one_part_each(buffer_ptrs, sizes)),
         )
 
     def batch_get_into_multi_buffers(
@@ -563,7 +542,7 @@ class MooncakeDistributedStore(RangeReads):
             return 1 if self._c().exists(key) else 0
         except (MooncakeError, ValueError) as exc:
             log.error("is_exist(%r) failed: %s", key, str(exc))
-            return _code(exc)
+            return store_code(exc)
 
     def batch_is_exist(self, keys: list[str]) -> list[int]:
         if not keys:
@@ -572,7 +551,7 @@ class MooncakeDistributedStore(RangeReads):
             return [1 if x else 0 for x in self._c().exists_many(keys)]
         except (MooncakeError, ValueError) as exc:
             log.error("batch_is_exist failed: %s", str(exc))
-            return [_code(exc)] * len(keys)
+            return [store_code(exc)] * len(keys)
 
     def get_size(self, key: str) -> int:
         try:
@@ -580,7 +559,7 @@ class MooncakeDistributedStore(RangeReads):
         except (MooncakeError, ValueError) as exc:
             if not (isinstance(exc, StoreError) and exc.code in self._MISS):
                 log.error("get_size(%r) failed: %s", key, str(exc))
-            return _code(exc)
+            return store_code(exc)
 
     def remove(self, key: str, force: bool = False) -> int:
         try:
@@ -588,7 +567,7 @@ class MooncakeDistributedStore(RangeReads):
             return 0
         except (MooncakeError, ValueError) as exc:
             log.debug("remove(%r): %s", key, str(exc))
-            return _code(exc)
+            return store_code(exc)
 
     def batch_remove(self, keys: list[str], force: bool = False) -> list[int]:
         return self._batch(
@@ -602,14 +581,14 @@ class MooncakeDistributedStore(RangeReads):
             return self._c().remove_by_regex(regex_pattern, force)
         except (MooncakeError, ValueError) as exc:
             log.error("remove_by_regex(%r) failed: %s", regex_pattern, str(exc))
-            return _code(exc)
+            return store_code(exc)
 
     def remove_all(self, force: bool = False) -> int:
         try:
             return self._c().remove_all(force)
         except (MooncakeError, ValueError) as exc:
             log.error("remove_all failed: %s", str(exc))
-            return _code(exc)
+            return store_code(exc)
 
     def get_replica_desc(self, key: str) -> list[ReplicaDescriptor]:
         return self._value(

@@ -9,7 +9,6 @@ accepted everywhere and returned in the result like any other flag.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,8 +113,3 @@ def usage(prog: str, summary: str, flags: Sequence[Flag]) -> str:
         )
         lines.append(f"    --{f.name} ({f.help}) type: {f.type.__name__} default: {default}")
     return "\n".join(lines)
-
-
-def fail(msg: str) -> int:
-    print(msg, file=sys.stderr)
-    return 1

@@ -54,10 +54,6 @@ def _serve() -> int:
             )
         elif cmd == "fill":
             regions[req["which"]].view[:] = bytes([req["byte"]]) * BUFFER_BYTES
-        elif cmd == "write":
-            r = regions[req["which"]]
-            data = bytes.fromhex(req["hex"])
-            r.view[req["offset"] : req["offset"] + len(data)] = data
         elif cmd == "digest":
             r = regions[req["which"]]
             o, n = req["offset"], req["length"]
