@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pymooncake.errors import ConfigError
+from pymooncake.store._config import SIZE_UNITS
 
 __all__ = [
     "DEFAULT_GLOBAL_SEGMENT_SIZE",
@@ -98,24 +99,8 @@ _KNOWN_PROTOCOLS = frozenset(
 #: Fields a config file must contain and that may never be blank.
 _REQUIRED_NON_EMPTY_FIELDS = ("local_hostname", "metadata_server", "master_server_address")
 
-# Binary multiples, as in the reference (which knows b/k/kb/m/mb/g/gb/t/tb);
-# the *ib spellings are accepted too, as pymooncake.store.parse_size does.
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1 << 10,
-    "kb": 1 << 10,
-    "kib": 1 << 10,
-    "m": 1 << 20,
-    "mb": 1 << 20,
-    "mib": 1 << 20,
-    "g": 1 << 30,
-    "gb": 1 << 30,
-    "gib": 1 << 30,
-    "t": 1 << 40,
-    "tb": 1 << 40,
-    "tib": 1 << 40,
-}
+# Binary multiples, as in the reference (which knows b/k/kb/m/mb/g/gb/t/tb); the
+# *ib spellings are accepted too: the table is pymooncake.store's SIZE_UNITS.
 # "<number><spaces><letters>"; the number part is whatever float() accepts,
 # so "1.5", ".5" and "1e9" work like in the reference.
 _SIZE_RE = re.compile(r"(?P<number>.*?)\s*(?P<unit>[a-z]*)", re.DOTALL)
@@ -157,7 +142,7 @@ def _parse_segment_size(value: Any, *, what: str = "size") -> int:
         raise ConfigError(f"{what}: the size is an empty string; {_SIZE_HINT}")
     match = _SIZE_RE.fullmatch(text)
     number_text, unit = (match.group("number"), match.group("unit")) if match else (text, "")
-    if unit not in _SIZE_UNITS:
+    if unit not in SIZE_UNITS:
         raise ConfigError(f"{what}: unknown unit {unit!r} in {value!r}; {_SIZE_HINT}")
     if not number_text:
         raise ConfigError(f"{what}: missing number before {unit!r} in {value!r}; {_SIZE_HINT}")
@@ -167,7 +152,7 @@ def _parse_segment_size(value: Any, *, what: str = "size") -> int:
         raise ConfigError(f"{what}: {value!r} is not a size; {_SIZE_HINT}") from None
     if not math.isfinite(number):
         raise ConfigError(f"{what}: {value!r} is not a finite size")
-    return int(number * _SIZE_UNITS[unit])
+    return int(number * SIZE_UNITS[unit])
 
 
 def _parse_bool(value: Any, *, what: str = "flag") -> bool:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Final
 
-from .._net import first_non_loopback_ipv4
 from ..errors import MooncakeError, PortInUse
 from ..transfer.metadata.server import MetadataServer
+from ._serve import lan_hint, stop_on_signals
 
 __all__ = ["build_parser", "main"]
 
@@ -92,27 +91,20 @@ async def _serve(host: str, port: int) -> int:
     except MooncakeError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    with stop_on_signals() as stop:
         try:
-            loop.add_signal_handler(sig, stop.set)
-        except (ValueError, RuntimeError, NotImplementedError):
-            break  # not the main thread (or no Unix signals): run until cancelled
-        installed.append(sig)
-    try:
-        print(f"HTTP metadata server listening on {metadata.url(server)}", flush=True)
-        if host in ("0.0.0.0", "::"):
-            lan = first_non_loopback_ipv4()
-            if lan is not None:
-                log.info("other nodes reach it as http://%s:%d%s", lan, server.port, metadata.path)
-        await stop.wait()
-        log.info("shutting down")
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        await server.close()
+            print(f"HTTP metadata server listening on {metadata.url(server)}", flush=True)
+            lan_hint(
+                log,
+                host,
+                server.port,
+                "HTTP metadata server",
+                lambda h, p: f"http://{h}:{p}{metadata.path}",
+            )
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await server.close()
     return 0
 
 

@@ -29,22 +29,21 @@ import importlib
 import json
 import logging
 import os
-import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from .. import __version__
-from .._net import first_non_loopback_ipv4
 from ..errors import ConfigError, MooncakeError, PortInUse
 from ..store import MasterConfig
 from ..store._config import parse_duration_ms
 from ..store.master import MasterService, tune_gc_for_master
 from ._gflags import Flag, FlagError, parse_flags, usage
 from ._logsetup import setup_logging
+from ._serve import lan_hint, stop_on_signals
 
 __all__ = ["FLAGS", "main"]
 
@@ -490,23 +489,12 @@ async def _report(service: MasterService) -> None:
         )
 
 
-def _lan_hint(host: str, port: int, what: str, fmt: Callable[[str, int], str]) -> None:
-    if host in ("0.0.0.0", "::", ""):
-        lan = first_non_loopback_ipv4()
-        if lan is not None:
-            log.info("other hosts reach the %s at %s", what, fmt(lan, port))
-
-
 async def _serve(values: dict[str, Any], config: MasterConfig) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (ValueError, RuntimeError, NotImplementedError):
-            break  # not the main thread: run until cancelled
-        installed.append(sig)
+    with stop_on_signals() as stop:
+        return await _run(values, config, stop)
+
+
+async def _run(values: dict[str, Any], config: MasterConfig, stop: asyncio.Event) -> int:
     metadata = values["enable_http_metadata_server"]
     service = MasterService(
         config,
@@ -536,17 +524,18 @@ async def _serve(values: dict[str, Any], config: MasterConfig) -> int:
                 f"Metrics and admin HTTP server listening on {addrs.metrics_url} (/metrics, /health)",
                 flush=True,
             )
-            _lan_hint(mh, mp, "metrics server", lambda h, p: f"http://{h}:{p}/metrics")
+            lan_hint(log, mh, mp, "metrics server", lambda h, p: f"http://{h}:{p}/metrics")
         if addrs.metadata is not None:
             print(f"HTTP metadata server listening on {addrs.metadata_url}", flush=True)
-            _lan_hint(
+            lan_hint(
+                log,
                 addrs.metadata[0],
                 addrs.metadata[1],
                 "HTTP metadata server",
                 lambda h, p: f"http://{h}:{p}/metadata",
             )
         print(f"Master service started on {addrs.rpc_address}", flush=True)
-        _lan_hint(addrs.rpc[0], addrs.rpc[1], "master", lambda h, p: f"{h}:{p}")
+        lan_hint(log, addrs.rpc[0], addrs.rpc[1], "master", lambda h, p: f"{h}:{p}")
         if values["enable_metric_reporting"]:
             reporter = asyncio.create_task(_report(service))
         await stop.wait()
@@ -557,8 +546,6 @@ async def _serve(values: dict[str, Any], config: MasterConfig) -> int:
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
         await service.close()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,9 +9,10 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["MasterConfig", "parse_duration_ms", "parse_size"]
+__all__ = ["SIZE_UNITS", "MasterConfig", "parse_duration_ms", "parse_size"]
 
-_SIZE_UNITS = {
+#: size suffixes (lower case) -> bytes; binary multiples, as in the reference
+SIZE_UNITS = {
     "": 1,
     "b": 1,
     "k": 1 << 10,
@@ -48,12 +49,12 @@ def parse_size(value: Any, *, what: str = "size") -> int:
     if not isinstance(value, str):
         raise ConfigError(f"{what}: {value!r} is not a size")
     m = _SIZE_RE.match(value)
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
+    if not m or m.group(2).lower() not in SIZE_UNITS:
         raise ConfigError(
             f"{what}: {value!r} is not a size; use bytes or a number with B/KB/MB/GB/TB "
             "(percentages are not supported)"
         )
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
 
 
 def parse_duration_ms(value: Any, *, what: str = "duration") -> int:
