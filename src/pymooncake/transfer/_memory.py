@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..errors import AddressNotRegistered, AddressOverlapped, InvalidArgument
+from ..wire import U64_MAX
 
 __all__ = [
     "MemoryRegistry",
@@ -39,8 +40,6 @@ __all__ = [
     "is_host_memory",
     "view_at",
 ]
-
-_U64_MAX: Final = (1 << 64) - 1
 
 
 def is_host_memory(addr: int, length: int) -> bool:
@@ -68,7 +67,7 @@ def view_at(addr: int, length: int) -> memoryview:
 
     The caller guarantees the memory is mapped for as long as the view is used.
     """
-    if addr <= 0 or length < 0 or addr + length > _U64_MAX:
+    if addr <= 0 or length < 0 or addr + length > U64_MAX:
         raise InvalidArgument(f"cannot view {length} bytes at address {addr:#x}")
     if length == 0:
         return memoryview(bytearray(0))
@@ -276,7 +275,7 @@ class MemoryRegistry:
     def find_remote(self, addr: int, length: int) -> Region | None:
         """Like :meth:`find`, for requests from peers: also requires
         ``length > 0``, no 64-bit overflow and a remote-accessible region."""
-        if length <= 0 or addr < 0 or addr + length > _U64_MAX:
+        if length <= 0 or addr < 0 or addr + length > U64_MAX:
             return None
         region = self.find(addr, length)
         return region if region is not None and region.remote_accessible else None

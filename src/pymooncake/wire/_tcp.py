@@ -35,6 +35,7 @@ __all__ = [
     "STATUS_ADDR_REJECTED",
     "STATUS_MAGIC",
     "STATUS_OK",
+    "U64_MAX",
     "V2_FLAG",
     "HeaderDecoder",
     "SessionHeader",
@@ -56,7 +57,8 @@ STATUS_MAGIC: Final = 0x4D435456 << 32  # "MCTV"
 STATUS_OK: Final = STATUS_MAGIC | 0
 STATUS_ADDR_REJECTED: Final = STATUS_MAGIC | 1
 
-_U64_MAX: Final = (1 << 64) - 1
+#: largest value of the header's u64 fields (and of an address range's end)
+U64_MAX: Final = (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,7 @@ class SessionHeader:
 
 def encode_header(size: int, addr: int, is_write: bool, v2: bool) -> bytes:
     """Return the 24 header bytes for one request."""
-    if not 0 <= size <= _U64_MAX or not 0 <= addr <= _U64_MAX:
+    if not 0 <= size <= U64_MAX or not 0 <= addr <= U64_MAX:
         raise ValueError(f"size {size} / addr {addr:#x} do not fit in 64 bits")
     opcode = (OPCODE_WRITE if is_write else OPCODE_READ) | (V2_FLAG if v2 else 0)
     return HEADER.pack(size, addr, opcode)

@@ -29,6 +29,7 @@ success for bytes nobody will ever read.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import errno
@@ -45,6 +46,7 @@ from typing import Any, Final
 
 from ..._logging import RepeatLimiter
 from ...errors import PeerRejected, PeerSocketError
+from ...wire import U64_MAX
 from .._memory import Region, buffer_address
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
 
@@ -130,8 +132,13 @@ class _PeerPage:
             os.close(rfd)
         self._seq = -1
         self.entries: list[_Entry] = []
+        self._starts: list[int] = []
         self.overflow = False
-        self.token = _HEADER.unpack_from(self._mm, 0)[4].hex()
+        magic, _, _, _, token = _HEADER.unpack_from(self._mm, 0)
+        if magic != _MAGIC:
+            self._mm.close()
+            raise OSError(f"{path} is not a pymooncake registry page")
+        self.token = token.hex()
 
     def refresh(self) -> list[_Entry]:
         for _ in range(1000):
@@ -145,18 +152,26 @@ class _PeerPage:
             raw = self._mm[_HEADER.size : _HEADER.size + count * _ENTRY.size]
             if struct.unpack_from("<Q", self._mm, 8)[0] != seq:
                 continue
-            self.entries = [_Entry(a, n, f) for a, n, f, _ in _ENTRY.iter_unpack(raw)]
+            # sorted by address (regions never overlap): find() bisects
+            self.entries = sorted(
+                (_Entry(a, n, f) for a, n, f, _ in _ENTRY.iter_unpack(raw)),
+                key=lambda e: e.addr,
+            )
+            self._starts = [e.addr for e in self.entries]
             self.overflow = bool(overflow)
             self._seq = seq
             return self.entries
         raise PeerSocketError("peer registry page kept changing; retry")
 
     def find(self, addr: int, length: int) -> _Entry | None:
-        if length <= 0 or addr < 0 or addr + length > (1 << 64) - 1:
+        """The shared region holding ``[addr, addr + length)``, with the bounds
+        rules of :meth:`MemoryRegistry.find_remote`."""
+        if length <= 0 or addr < 0 or addr + length > U64_MAX:
             return None
-        for e in self.refresh():
-            if e.addr <= addr and addr + length <= e.end:
-                return e
+        entries = self.refresh()
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr + length <= entries[i].end:
+            return entries[i]
         return None
 
     def close(self) -> None:
@@ -240,6 +255,7 @@ def _pvm(pid: int, local_addr: int, remote_addr: int, n: int, write: bool) -> No
 
 @dataclass
 class _PeerState:
+    pid: int
     page: _PeerPage
     pidfd: int
     maps: dict[tuple[int, int], int]  # (fd, length) -> mapped address
@@ -319,11 +335,11 @@ class ShmTransport(Transport):
             page = _PeerPage(pid, int(info["fd"]))
             # the page must carry the token of the descriptor: same process, same
             # pid namespace (a recycled pid or another container would not)
-            if bytes(page._mm[:8]) != struct.pack("<Q", _MAGIC) or page.token != token:
+            if page.token != token:
                 page.close()
                 raise OSError("the registry page at that pid/fd belongs to another process")
             pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else -1
-            state = _PeerState(page, pidfd, {})
+            state = _PeerState(pid, page, pidfd, {})
         except (OSError, ValueError) as exc:
             self._notes(
                 f"attach:{pid}",
@@ -379,13 +395,18 @@ class ShmTransport(Transport):
         ShmTransport._unmap_all(state)
 
     @staticmethod
+    def _unmap_stale(state: _PeerState) -> None:
+        """Unmap buffers the owner unregistered (only while no transfer uses them)."""
+        for addr, length in state.stale:
+            _libc.munmap(addr, length)
+        state.stale.clear()
+
+    @staticmethod
     def _unmap_all(state: _PeerState) -> None:
         for (_, length), addr in state.maps.items():
             _libc.munmap(addr, length)
         state.maps.clear()
-        for addr, length in state.stale:
-            _libc.munmap(addr, length)
-        state.stale.clear()
+        ShmTransport._unmap_stale(state)
         state.page.close()
         if state.pidfd >= 0:
             os.close(state.pidfd)
@@ -402,15 +423,13 @@ class ShmTransport(Transport):
         with state.lock:
             state.users -= 1
             last = state.users == 0
-            if last and state.stale:  # buffers the owner unregistered meanwhile
-                for addr, length in state.stale:
-                    _libc.munmap(addr, length)
-                state.stale.clear()
+            if last:
+                self._unmap_stale(state)
             finish = last and state.closing
         if finish:
             self._unmap_all(state)
 
-    def _mapping(self, state: _PeerState, pid: int, entry: _Entry) -> int:
+    def _mapping(self, state: _PeerState, entry: _Entry) -> int:
         """Address at which the peer's buffer ``entry`` is mapped here."""
         key = (entry.fd, entry.length)
         with state.lock:
@@ -420,7 +439,7 @@ class ShmTransport(Transport):
             live = {(e.fd, e.length) for e in state.page.entries}
             for gone in [k for k in state.maps if k not in live]:  # owner unregistered them
                 state.stale.append((state.maps.pop(gone), gone[1]))
-            fd = os.open(f"/proc/{pid}/fd/{entry.fd}", os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(f"/proc/{state.pid}/fd/{entry.fd}", os.O_RDWR | os.O_CLOEXEC)
             try:
                 addr = _map_shared(fd, entry.length)
             finally:
@@ -450,7 +469,7 @@ class ShmTransport(Transport):
         deadline: float,
         on_done: SliceCallback,
     ) -> None:
-        pid = int(peer.desc.extra[_FIELD]["pid"])
+        pid = state.pid
         fallback: list[Slice] = []
         finished: list[tuple[Slice, BaseException | None]] = []
         for s in slices:
@@ -479,7 +498,7 @@ class ShmTransport(Transport):
             local = buffer_address(s.local)
             try:
                 if entry.fd >= 0:
-                    base = self._mapping(state, pid, entry)
+                    base = self._mapping(state, entry)
                     remote = base + (s.remote_addr - entry.addr)
                     if s.is_write:
                         _memmove(remote, local, n)
