@@ -79,10 +79,14 @@ class LocalBuffer:
         with self._lock:
             return self._alloc.reserved(addr)
 
-    def give_back(self, addr: int) -> None:
-        if self._alloc is not None:
-            with self._lock:
-                self._alloc.free(addr)
+    def give_back(self, addr: int) -> int:
+        """Release the range at ``addr``; returns the bytes it had reserved."""
+        if self._alloc is None:
+            return 0
+        with self._lock:
+            size = self._alloc.reserved(addr)
+            self._alloc.free(addr)
+            return size
 
     @property
     def free_bytes(self) -> int:
@@ -240,9 +244,7 @@ class LeasePool:
 
     def _give_back(self, addr: int) -> None:
         with self._cond:
-            size = self._local.size_of(addr)
-            self._local.give_back(addr)
-            self._leased -= size
+            self._leased -= self._local.give_back(addr)
             self._cond.notify_all()
 
     def close(self) -> None:
