@@ -1,9 +1,11 @@
 """Shared helpers of the ``bench/`` scripts (standard library only).
 
-Locating the two interpreters, starting and always stopping child process
-groups, statistics and table cells, machine facts and writing result JSON.
-Nothing here imports pymooncake or mooncake, so the scripts that use it run
-unchanged under the reference's venv as well as ours.
+Locating the two interpreters and their variants' environments, starting and
+always stopping child process groups, the Transfer Engine target handshake, the
+Store benches' master, JSON-line workers and value pattern, statistics and table
+cells, machine facts and writing result JSON. Nothing here imports pymooncake or
+mooncake, so the scripts that use it (their worker roles included) run unchanged
+under the reference's venv as well as ours.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import json
 import math
 import os
 import platform
+import random
 import re
+import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -36,6 +41,9 @@ REF_ENV = {"MC_FORCE_TCP": "1"}
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+
+#: every bench process binds and connects here
+HOST = "127.0.0.1"
 
 
 # ---------------------------------------------------------------- interpreters
@@ -96,6 +104,28 @@ def env_for(impl: str) -> dict[str, str]:
     if impl == "ref":
         env.update(REF_ENV)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def base_impl(variant: str) -> str:
+    """``ref`` or ``py``: whose interpreter and console scripts a variant uses."""
+    return "ref" if variant == "ref" else "py"
+
+
+def variant_env(variant: str, extra: Mapping[str, str]) -> dict[str, str]:
+    """:func:`env_for` of the variant's base implementation plus the variant's ``extra``."""
+    env = env_for(base_impl(variant))
+    env.update(extra)
+    return env
+
+
+def tcp_env(impl: str) -> dict[str, str]:
+    """:func:`env_for`, measuring TCP loopback: pymooncake's same-host transport (which
+    would otherwise be chosen between two local processes) is switched off here;
+    bench/samehost_bench.py measures that path."""
+    env = env_for(impl)
+    if impl != "ref":
+        env["PYMOONCAKE_SAME_HOST"] = "0"
     return env
 
 
@@ -256,6 +286,342 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def reply_channel() -> TextIO:
+    """In a worker role: the original stdout, for its replies only; fd 1 (C++ logs,
+    prints of any library) goes to stderr from now on."""
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return reply
+
+
+# ---------------------------------------------------------------- Transfer Engine
+
+
+def batch_for(block: int) -> int:
+    """Blocks per batch call: 128, 32 for 16 MiB (the anchor; 128 x 16 MiB would exceed
+    a 1 GiB buffer)."""
+    return 32 if block >= 16 * MiB else 128
+
+
+def spawn_target(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """A TE target child, pipes on its stdin and stdout, in this worker's process group
+    (the driver's killpg reaches it too); see :func:`read_ready` and :func:`stop_target`."""
+    return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def stop_target(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Close the target's stdin (it serves until then), wait ``grace`` s, else kill it."""
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def read_ready(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, int]:
+    """Wait (bounded) for a TE target child's ``READY <port> <addr>`` line on its stdout."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+            m = re.search(rb"READY (\d+) (\d+)\n", buf)
+            if m:
+                return int(m.group(1)), int(m.group(2))
+        elif proc.poll() is not None:
+            break
+    raise RuntimeError(f"te target did not print READY within {timeout} s (rc={proc.poll()})")
+
+
+# ---------------------------------------------------------------- Store: values
+
+
+OBJECT_NOT_FOUND = -704  # reference ErrorCode
+PAT_LEN = MiB + 4099  # not a divisor of any value size: a wrong offset shows
+PAT_SEED = 20261126
+MARKER_LEN = 64
+
+
+def pattern() -> bytes:
+    """The putter's buffer content, repeated: ``PAT_LEN`` seeded random bytes."""
+    return random.Random(PAT_SEED).randbytes(PAT_LEN)
+
+
+def expected_value(size: int, marker: str) -> bytes:
+    """The bytes of a phase's first key: the buffer pattern, with ``marker`` in front."""
+    pat = pattern()
+    data = (pat * (size // PAT_LEN + 1))[:size]
+    m = marker.encode()[:MARKER_LEN].ljust(MARKER_LEN, b"#")[:size]
+    return m + data[len(m) :]
+
+
+# ---------------------------------------------------------------- Store: processes
+
+
+#: extra environment of the store workers (not of the master)
+STORE_WORKER_ENV = {"MC_TCP_BIND_ADDRESS": HOST}
+MASTER_READY_RE = re.compile(r"Master service started on \S+:\d+")
+
+
+def free_ports(k: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(k):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+def phase_timeout(nbytes: int) -> float:
+    return 60.0 + nbytes / 5e7  # a floor of 50 MB/s, far below anything measured
+
+
+def serve_commands(
+    reply: TextIO, handlers: Mapping[str, Callable[..., Any]], close: Callable[[], None]
+) -> int:
+    """A worker's command loop: one JSON command a line on stdin, one JSON line on
+    ``reply`` each, until ``{"cmd": "exit"}`` or EOF; then ``close()`` and a last
+    ``{"closed": true}`` line."""
+    try:
+        for line in sys.stdin:
+            msg = json.loads(line)
+            cmd = msg.pop("cmd")
+            if cmd == "exit":
+                break
+            try:
+                res = handlers[cmd](**msg)
+            except Exception as exc:  # a bench worker reports, the driver decides
+                res = {"error": f"{cmd}: {type(exc).__name__}: {exc}"}
+            reply.write(json.dumps(res) + "\n")
+    finally:
+        close()
+        reply.write(json.dumps({"closed": True}) + "\n")
+    return 0
+
+
+class JsonWorker:
+    """A worker child (:func:`serve_commands`) in its own process group; :meth:`call` is
+    one bounded round trip of a JSON line."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "wb") as err:
+            self.popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+            )
+        self.pid = self.popen.pid
+        self._buf = b""
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + x for x in lines[-n:])
+
+    def _readline(self, deadline: float, what: str) -> dict[str, Any]:
+        assert self.popen.stdout is not None
+        fd = self.popen.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{self.name}: {what} did not answer in time\n{self.tail()}")
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    rc = self.popen.poll()
+                    raise RuntimeError(
+                        f"{self.name} exited (rc={rc}) during {what}; its log "
+                        f"{self.log_path}:\n{self.tail()}"
+                    )
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return dict(json.loads(line))
+
+    def call(self, cmd: str, limit_s: float, **kw: Any) -> dict[str, Any]:
+        assert self.popen.stdin is not None
+        try:
+            self.popen.stdin.write((json.dumps({"cmd": cmd, **kw}) + "\n").encode())
+            self.popen.stdin.flush()
+        except OSError as exc:
+            raise RuntimeError(f"{self.name} is gone ({exc}); log:\n{self.tail()}") from exc
+        res = self._readline(time.monotonic() + limit_s, cmd)
+        if "error" in res:
+            raise RuntimeError(f"{self.name}: {res['error']}\n{self.tail()}")
+        return res
+
+    def stop(self) -> None:
+        """Ask it to close its store (engine before master), then TERM/KILL its group."""
+        if self.popen.poll() is None and self.popen.stdin is not None:
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                self.popen.stdin.write(b'{"cmd": "exit"}\n')
+                self.popen.stdin.flush()
+                self._readline(time.monotonic() + 20, "exit")
+        if self.popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.popen.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=10)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=5)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+def start_master(
+    variant: str, python: str, env: Mapping[str, str], lease_ms: int, log_stem: Path
+) -> tuple[Child, int, int]:
+    """Start ``mooncake_master`` (HTTP metadata server embedded) on free ports; returns
+    (child, rpc port, metadata port).
+
+    Raises:
+        RuntimeError: it did not come up in three attempts.
+    """
+    exe = script_next_to(python, "mooncake_master")
+    last = ""
+    for _attempt in range(3):
+        rpc, metrics, meta = free_ports(3)
+        argv = [
+            exe,
+            f"--rpc_address={HOST}",
+            f"--port={rpc}",
+            f"--rpc_port={rpc}",
+            f"--metrics_host={HOST}",
+            f"--metrics_port={metrics}",
+            f"--default_kv_lease_ttl={lease_ms}",
+            "--logtostderr",
+            "--enable_http_metadata_server=true",
+            f"--http_metadata_server_host={HOST}",
+            f"--http_metadata_server_port={meta}",
+        ]
+        child = Child(argv, env=env, log_stem=log_stem)
+        ok = False
+        try:
+            deadline = time.monotonic() + 60
+            if variant != "ref":  # ours prints this line once every listener is up
+                ok = child.wait_for(MASTER_READY_RE, 60) is not None
+            while not ok and child.poll() is None and time.monotonic() < deadline:
+                ok = port_open(rpc) and port_open(meta)
+                if not ok:
+                    time.sleep(0.1)
+            ok = ok and child.poll() is None
+        finally:
+            if not ok:
+                last = child.tail()
+                child.stop()
+        if ok:
+            return child, rpc, meta
+        log(f"{variant} master did not come up (ports {rpc}/{meta}); retrying:\n{last}")
+    raise RuntimeError(f"{variant} mooncake_master ({exe}) did not start; last log:\n{last}")
+
+
+class StorePass:
+    """One pass of one variant: its ``mooncake_master`` and store workers A (the putter,
+    with a segment) and B (the getter, none), both with :data:`STORE_WORKER_ENV`.
+
+    The constructor starts the master (RuntimeError if it does not come up);
+    :meth:`start_workers` starts and sets up A and B; :meth:`stop` stops B, A, then
+    the master. Logs: ``<log_prefix>-master.{out,err}``, ``<log_prefix>-{A,B}.err``.
+    """
+
+    def __init__(
+        self,
+        variant: str,
+        run: int,
+        python: str,
+        extra_env: Mapping[str, str],
+        lease_ms: int,
+        log_prefix: Path,
+    ) -> None:
+        self.variant, self.run, self.python, self.lease_ms = variant, run, python, lease_ms
+        self.log_prefix = log_prefix
+        #: prefix of every key of this pass
+        self.tag = f"{variant}{run}p{os.getpid()}"
+        env = variant_env(variant, extra_env)
+        self.master, self.rpc, self.meta = start_master(
+            variant, python, env, lease_ms, Path(f"{log_prefix}-master")
+        )
+        self.worker_env = {**env, **STORE_WORKER_ENV}
+        self.workers: dict[str, JsonWorker] = {}
+
+    def start_workers(
+        self,
+        script_args: Sequence[str],
+        *,
+        label: str,
+        buffer_bytes: int,
+        batch: int,
+        segment_bytes: int,
+        local_buffer_bytes: int,
+        into: dict[str, Any],
+    ) -> tuple[JsonWorker, JsonWorker]:
+        """Start A and B (``python *script_args --buffer-bytes --lease-ms --batch``), send
+        each its ``setup``; the replies go into ``into["setup_A"]`` / ``["setup_B"]``."""
+        argv = [
+            self.python,
+            *script_args,
+            f"--buffer-bytes={buffer_bytes}",
+            f"--lease-ms={self.lease_ms}",
+            f"--batch={batch}",
+        ]
+        for role in ("A", "B"):
+            self.workers[role] = JsonWorker(
+                f"{self.variant} {label} {role} (run {self.run + 1})",
+                argv,
+                self.worker_env,
+                Path(f"{self.log_prefix}-{role}.err"),
+            )
+        metadata = f"http://{HOST}:{self.meta}/metadata"
+        for role, seg in (("A", segment_bytes), ("B", 0)):
+            into[f"setup_{role}"] = self.workers[role].call(
+                "setup",
+                180,
+                role=role,
+                segment=seg,
+                local_buffer=local_buffer_bytes,
+                metadata=metadata,
+                master=f"{HOST}:{self.rpc}",
+            )
+        return self.workers["A"], self.workers["B"]
+
+    def stop(self) -> None:
+        for role in ("B", "A"):
+            if role in self.workers:
+                self.workers[role].stop()
+        self.master.stop()
+        if self.master.poll() is None:
+            log(f"{self.variant} master pid {self.master.pid} did not stop")
+
+
 # ---------------------------------------------------------------- numbers
 
 
@@ -323,6 +689,15 @@ def check(ok: bool | None) -> str:
     return "-" if ok is None else ("✓" if ok else "✗")
 
 
+def machine_line(data: Mapping[str, Any]) -> str:
+    """The last line of every bench's tables: CPU, load before/after, wall time."""
+    m = data["machine"]
+    return (
+        f"Machine: {m.get('cpu', '?')}, nproc {m['nproc']}, load {m['loadavg_start'][0]:.2f} -> "
+        f"{m['loadavg_end'][0]:.2f}; wall {data['wall_s']:.0f} s"
+    )
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -366,6 +741,16 @@ def write_results(name: str, data: Mapping[str, Any], latest: bool = True) -> tu
     if latest:
         latest_path.write_text(text)
     return path, latest_path
+
+
+def publish(name: str, data: dict[str, Any], text: str) -> None:
+    """Put the tables ``text`` into ``data["table_md"]``, write the JSON (``-latest`` only
+    for a run that was not interrupted), print the tables and where the JSON went."""
+    data["table_md"] = text
+    done = not data.get("interrupted")
+    path, latest = write_results(name, data, latest=done)
+    print(text)
+    print(f"\nJSON: {path}" + (f" (and {latest.name})" if done else " (interrupted: latest kept)"))
 
 
 def log(msg: str, stream: TextIO | None = None) -> None:

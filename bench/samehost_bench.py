@@ -44,17 +44,13 @@ import mmap
 import os
 import random
 import re
-import select
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import _common as C
 
@@ -71,7 +67,6 @@ TE_MODES = ("managed", "plain")
 MODE_LABEL = {"managed": "memfd target", "plain": "plain target"}
 OPS = ("write", "read")
 GET_APIS = ("get_into", "batch_get_into", "get")
-HOST = "127.0.0.1"
 TE_BUFFER = C.GiB
 STORE_BUFFER = C.GiB
 LOCAL_BUFFER = 512 * C.MiB  # anchor: setup(..., local_buffer_size=512 MiB, ...)
@@ -79,11 +74,6 @@ WARM_OBJ = 32 * C.MiB
 WARM_FRACTION = 0.75  # of A's segment, written once (and read once by B) before timing
 #: pending + next phase may use this share of A's segment (master evicts at 90 %)
 SEGMENT_BUDGET = 0.8
-OBJECT_NOT_FOUND = -704  # reference ErrorCode
-PAT_LEN = C.MiB + 4099  # not a divisor of any size: a wrong offset shows
-PAT_SEED = 20261126
-MARKER_LEN = 64
-READY_RE = re.compile(r"Master service started on \S+:\d+")
 GOAL_MEMCPY = 0.7
 PROBE_KEYS = 256
 PROBE_APIS = ("is_exist", "get_into", "get")
@@ -91,33 +81,9 @@ FRESH_SIZES = (C.MiB, 32 * C.MiB)
 GOAL_STORE_X_REF = 5.0
 
 
-def base_impl(variant: str) -> str:
-    """``ref`` or ``py``: whose interpreter and console scripts a variant uses."""
-    return "ref" if variant == "ref" else "py"
-
-
-def variant_env(variant: str) -> dict[str, str]:
-    env = C.env_for(base_impl(variant))
-    env.update(VARIANT_ENV[variant])
-    return env
-
-
-def slots_for(block: int) -> int:
-    """Blocks per batch: 128, 32 for 16 MiB (anchor; 128 x 16 MiB exceeds the 1 GiB buffer)."""
-    return 32 if block >= 16 * C.MiB else 128
-
-
 def keys_for(size: int, a: argparse.Namespace) -> int:
     """n = min(512, max(32, 512 MiB / size)) (the anchor's rule with a 512-key cap)."""
     return min(a.max_keys, max(32, a.case_bytes // size))
-
-
-def _reply_channel() -> TextIO:
-    """The original stdout, for our JSON only; fd 1 (C++ logs, prints) goes to stderr."""
-    reply = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return reply
 
 
 def _addr_of(obj: Any, size: int) -> tuple[Any, int]:
@@ -163,7 +129,7 @@ def path_of(delta: dict[str, int] | None) -> str:
 
 
 def memcpy_main(a: argparse.Namespace) -> int:
-    reply = _reply_channel()
+    reply = C.reply_channel()
     import numpy as np
 
     n = a.memcpy_bytes
@@ -286,11 +252,11 @@ def _thp_of(addr: int) -> int | None:
 def te_target_main(a: argparse.Namespace) -> int:
     """``initialize`` (P2PHANDSHAKE), one pre-faulted buffer, ``READY <port> <addr>``,
     serve until stdin closes."""
-    reply = _reply_channel()
+    reply = C.reply_channel()
     from mooncake.engine import TransferEngine
 
     te = TransferEngine()
-    if te.initialize(HOST, "P2PHANDSHAKE", "tcp", "") != 0:
+    if te.initialize(C.HOST, "P2PHANDSHAKE", "tcp", "") != 0:
         print("te-target: initialize failed", file=sys.stderr, flush=True)
         return 1
     size = a.size
@@ -319,30 +285,10 @@ def te_target_main(a: argparse.Namespace) -> int:
     return 0
 
 
-def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, int]:
-    """Wait (bounded) for the target's ``READY <port> <addr>`` line."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            buf += chunk
-            m = re.search(rb"READY (\d+) (\d+)\n", buf)
-            if m:
-                return int(m.group(1)), int(m.group(2))
-        elif proc.poll() is not None:
-            break
-    raise RuntimeError(f"te target did not print READY within {timeout} s (rc={proc.poll()})")
-
-
 def _te_case(
     te: Any, seg: str, local: int, remote: int, op: str, block: int, a: argparse.Namespace
 ) -> dict[str, Any]:
-    slots = slots_for(block)
+    slots = C.batch_for(block)
     fn = te.batch_transfer_sync_write if op == "write" else te.batch_transfer_sync_read
     locs = [local + i * block for i in range(slots)]
     rems = [remote + i * block for i in range(slots)]
@@ -381,7 +327,7 @@ def _te_case(
 
 
 def te_worker_main(a: argparse.Namespace) -> int:
-    reply = _reply_channel()
+    reply = C.reply_channel()
     import mooncake.engine as me
 
     result: dict[str, Any] = {
@@ -391,27 +337,24 @@ def te_worker_main(a: argparse.Namespace) -> int:
         "cases": [],
     }
     t_setup = time.perf_counter()
-    target = subprocess.Popen(
+    target = C.spawn_target(
         [
             sys.executable,
             str(Path(__file__).resolve()),
             "--role=te-target",
             f"--target-mode={a.target_mode}",
             f"--size={a.size}",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        # same process group as this worker: the driver's killpg reaches it too
+        ]
     )
     te: Any = None
     local = 0
     mm: mmap.mmap | None = None
     keep: Any = None
     try:
-        port, target_addr = _read_ready(target, 90)
-        seg = f"{HOST}:{port}"
+        port, target_addr = C.read_ready(target, 90)
+        seg = f"{C.HOST}:{port}"
         te = me.TransferEngine()
-        if te.initialize(HOST, "P2PHANDSHAKE", "tcp", "") != 0:
+        if te.initialize(C.HOST, "P2PHANDSHAKE", "tcp", "") != 0:
             raise RuntimeError("initiator initialize failed")
         mm = mmap.mmap(-1, a.size)
         keep, local = _addr_of(mm, a.size)
@@ -432,7 +375,7 @@ def te_worker_main(a: argparse.Namespace) -> int:
                 raise RuntimeError(f"warm-up write returned {rc}")
         # byte-for-byte round trip: write a pattern, read it back elsewhere
         st0 = _shm_stats(te)
-        pattern = random.Random(PAT_SEED).randbytes(C.MiB)
+        pattern = random.Random(C.PAT_SEED).randbytes(C.MiB)
         ctypes.memmove(local, pattern, len(pattern))
         ok = te.transfer_sync_write(seg, local, remote + 4096, len(pattern)) == 0
         ctypes.memset(local + 2 * C.MiB, 0, len(pattern))
@@ -455,14 +398,7 @@ def te_worker_main(a: argparse.Namespace) -> int:
     except RuntimeError as exc:
         result["error"] = str(exc)
     finally:
-        if target.stdin is not None:
-            with contextlib.suppress(OSError):
-                target.stdin.close()
-        try:
-            target.wait(20)
-        except subprocess.TimeoutExpired:
-            target.kill()
-            target.wait(5)
+        C.stop_target(target, 20)
         if te is not None and local:
             te.unregister_memory(local)
         if te is not None and hasattr(te, "close"):  # pymooncake; the reference has none
@@ -476,18 +412,6 @@ def te_worker_main(a: argparse.Namespace) -> int:
 
 
 # ================================================================= store worker role
-
-
-def _pattern() -> bytes:
-    return random.Random(PAT_SEED).randbytes(PAT_LEN)
-
-
-def expected_value(size: int, marker: str) -> bytes:
-    """The first object of a phase: A's buffer pattern with ``marker`` in front."""
-    pat = _pattern()
-    data = (pat * (size // PAT_LEN + 1))[:size]
-    m = marker.encode()[:MARKER_LEN].ljust(MARKER_LEN, b"#")
-    return m + data[MARKER_LEN:]
 
 
 class StoreWorker:
@@ -510,13 +434,13 @@ class StoreWorker:
         self, role: str, segment: int, local_buffer: int, metadata: str, master: str
     ) -> dict[str, Any]:
         if role == "A":  # the source of every put; faulted in now
-            pat = _pattern()
-            for off in range(0, self.size, PAT_LEN):
-                ctypes.memmove(self.base + off, pat, min(PAT_LEN, self.size - off))
+            pat = C.pattern()
+            for off in range(0, self.size, C.PAT_LEN):
+                ctypes.memmove(self.base + off, pat, min(C.PAT_LEN, self.size - off))
         else:
             ctypes.memset(self.base, 0, self.size)
         t0 = time.perf_counter()
-        rc = self.store.setup(HOST, metadata, segment, local_buffer, "tcp", "", master)
+        rc = self.store.setup(C.HOST, metadata, segment, local_buffer, "tcp", "", master)
         if rc != 0:
             return {"error": f"setup(...) returned {rc} (master {master}, metadata {metadata})"}
         self.is_setup = True
@@ -535,7 +459,7 @@ class StoreWorker:
     def put(self, size: int, n: int, prefix: str) -> dict[str, Any]:
         """batch_put_from of ``n`` objects (object i from buffer slot i); object 0 marked."""
         ptrs = self._ptrs(n, size)
-        ctypes.memmove(self.base, expected_value(MARKER_LEN, prefix), MARKER_LEN)
+        ctypes.memmove(self.base, C.expected_value(C.MARKER_LEN, prefix), C.MARKER_LEN)
         keys = [f"{prefix}{i}" for i in range(n)]
         b = self.batch
         fails = first_rc = 0
@@ -623,7 +547,7 @@ class StoreWorker:
             "p99_us": C.percentile(sorted(lat), 99) / 1e3,
         }
         if verify:
-            res["verified"] = first == expected_value(size, prefix)
+            res["verified"] = first == C.expected_value(size, prefix)
         return res
 
     def shm_stats(self) -> dict[str, int] | None:
@@ -645,7 +569,7 @@ class StoreWorker:
             still = []
             for i in left:
                 rc = self.store.remove(f"{prefix}{i}")
-                if rc not in (0, OBJECT_NOT_FOUND):
+                if rc not in (0, C.OBJECT_NOT_FOUND):
                     still.append(i)
                     last_rc = rc
             left = still
@@ -693,7 +617,7 @@ class StoreWorker:
 
 
 def store_worker_main(a: argparse.Namespace) -> int:
-    reply = _reply_channel()
+    reply = C.reply_channel()
     w = StoreWorker(a.buffer_bytes, a.lease_ms, a.batch)
     handlers = {
         "setup": w.setup,
@@ -703,162 +627,10 @@ def store_worker_main(a: argparse.Namespace) -> int:
         "add_pending": w.add_pending,
         "cleanup": w.cleanup,
     }
-    try:
-        for line in sys.stdin:
-            msg = json.loads(line)
-            cmd = msg.pop("cmd")
-            if cmd == "exit":
-                break
-            try:
-                res = handlers[cmd](**msg)
-            except Exception as exc:  # a bench worker reports, the driver decides
-                res = {"error": f"{cmd}: {type(exc).__name__}: {exc}"}
-            reply.write(json.dumps(res) + "\n")
-    finally:
-        w.close()
-        reply.write(json.dumps({"closed": True}) + "\n")
-    return 0
+    return C.serve_commands(reply, handlers, w.close)
 
 
 # ================================================================= driver: processes
-
-
-def free_ports(k: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(k):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((HOST, port)) == 0
-
-
-class Worker:
-    """A ``--role store-worker`` child in its own process group; ``call`` is one bounded
-    round trip of a JSON line."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        with open(log_path, "wb") as err:
-            self.popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                env=env,
-                start_new_session=True,
-            )
-        self.pid = self.popen.pid
-        self._buf = b""
-
-    def tail(self, n: int = 15) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return "\n".join("    " + x for x in lines[-n:])
-
-    def _readline(self, deadline: float, what: str) -> dict[str, Any]:
-        assert self.popen.stdout is not None
-        fd = self.popen.stdout.fileno()
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{self.name}: {what} did not answer in time\n{self.tail()}")
-            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
-            if ready:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    raise RuntimeError(
-                        f"{self.name} exited (rc={self.popen.poll()}) during {what}:\n{self.tail()}"
-                    )
-                self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return dict(json.loads(line))
-
-    def call(self, cmd: str, limit_s: float, **kw: Any) -> dict[str, Any]:
-        assert self.popen.stdin is not None
-        try:
-            self.popen.stdin.write((json.dumps({"cmd": cmd, **kw}) + "\n").encode())
-            self.popen.stdin.flush()
-        except OSError as exc:
-            raise RuntimeError(f"{self.name} is gone ({exc}):\n{self.tail()}") from exc
-        res = self._readline(time.monotonic() + limit_s, cmd)
-        if "error" in res:
-            raise RuntimeError(f"{self.name}: {res['error']}\n{self.tail()}")
-        return res
-
-    def stop(self) -> None:
-        """Ask it to close its store (engine before master), then TERM/KILL its group."""
-        if self.popen.poll() is None and self.popen.stdin is not None:
-            with contextlib.suppress(OSError, RuntimeError, ValueError):
-                self.popen.stdin.write(b'{"cmd": "exit"}\n')
-                self.popen.stdin.flush()
-                self._readline(time.monotonic() + 20, "exit")
-        if self.popen.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.popen.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=5)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-
-
-def start_master(
-    variant: str, python: str, a: argparse.Namespace, log_stem: Path
-) -> tuple[C.Child, int, int]:
-    """``mooncake_master`` on free ports; (child, rpc port, HTTP metadata port)."""
-    exe = C.script_next_to(python, "mooncake_master")
-    last = ""
-    for _attempt in range(3):
-        rpc, metrics, meta = free_ports(3)
-        argv = [
-            exe,
-            f"--rpc_address={HOST}",
-            f"--port={rpc}",
-            f"--rpc_port={rpc}",
-            f"--metrics_host={HOST}",
-            f"--metrics_port={metrics}",
-            f"--default_kv_lease_ttl={a.lease_ms}",
-            "--logtostderr",
-            "--enable_http_metadata_server=true",
-            f"--http_metadata_server_host={HOST}",
-            f"--http_metadata_server_port={meta}",
-        ]
-        child = C.Child(argv, env=variant_env(variant), log_stem=log_stem)
-        ok = False
-        try:
-            deadline = time.monotonic() + 60
-            if variant != "ref":  # ours prints this once every listener is up
-                ok = child.wait_for(READY_RE, 60) is not None
-            while not ok and child.poll() is None and time.monotonic() < deadline:
-                ok = port_open(rpc) and port_open(meta)
-                if not ok:
-                    time.sleep(0.1)
-            ok = ok and child.poll() is None
-        finally:
-            if not ok:
-                last = child.tail()
-                child.stop()
-        if ok:
-            return child, rpc, meta
-        C.log(f"{variant} master did not come up (ports {rpc}/{meta}); retrying:\n{last}")
-    raise RuntimeError(f"{variant} mooncake_master ({exe}) did not start; last log:\n{last}")
 
 
 def _result_line(child: C.Child) -> dict[str, Any] | None:
@@ -875,7 +647,7 @@ def run_child_role(
     """Run one ``--role`` child to completion (bounded), return its RESULT dict."""
     child = C.Child(
         [python, str(Path(__file__).resolve()), *role_args],
-        env=variant_env(variant),
+        env=C.variant_env(variant, VARIANT_ENV[variant]),
         log_stem=log_stem,
     )
     try:
@@ -892,57 +664,34 @@ def run_child_role(
     return res
 
 
-def _phase_timeout(nbytes: int) -> float:
-    return 60.0 + nbytes / 5e7  # a floor of 50 MB/s, far below anything measured
-
-
 def run_store(
     variant: str, run: int, python: str, a: argparse.Namespace, tmp: Path
 ) -> dict[str, Any]:
     """One pass of one variant: master + A + B, every size and get API once."""
     res: dict[str, Any] = {"variant": variant, "run": run, "cases": []}
-    env = variant_env(variant)
-    env["MC_TCP_BIND_ADDRESS"] = HOST
-    tag = f"{variant}{run}p{os.getpid()}"
-    master, rpc, meta = start_master(variant, python, a, tmp / f"store-{variant}-{run}-master")
-    workers: dict[str, Worker] = {}
+    procs = C.StorePass(
+        variant, run, python, VARIANT_ENV[variant], a.lease_ms, tmp / f"store-{variant}-{run}"
+    )
+    tag = procs.tag
     try:
-        wargs = [
-            python,
-            str(Path(__file__).resolve()),
-            "--role=store-worker",
-            f"--buffer-bytes={STORE_BUFFER}",
-            f"--lease-ms={a.lease_ms}",
-            f"--batch={a.batch}",
-        ]
-        for role in ("A", "B"):
-            workers[role] = Worker(
-                f"{variant} store worker {role} (run {run + 1})",
-                wargs,
-                env,
-                tmp / f"store-{variant}-{run}-{role}.err",
-            )
-        A, B = workers["A"], workers["B"]
-        metadata = f"http://{HOST}:{meta}/metadata"
-        for role, seg in (("A", a.segment_bytes), ("B", 0)):
-            res[f"setup_{role}"] = workers[role].call(
-                "setup",
-                180,
-                role=role,
-                segment=seg,
-                local_buffer=LOCAL_BUFFER,
-                metadata=metadata,
-                master=f"{HOST}:{rpc}",
-            )
+        A, B = procs.start_workers(
+            [str(Path(__file__).resolve()), "--role=store-worker"],
+            label="store worker",
+            buffer_bytes=STORE_BUFFER,
+            batch=a.batch,
+            segment_bytes=a.segment_bytes,
+            local_buffer_bytes=LOCAL_BUFFER,
+            into=res,
+        )
         # warm-up: A fills most of its segment (first touch), B reads it all once (maps
         # A's segment / opens the connections), then A removes it once the leases expire
         count = int(a.segment_bytes * WARM_FRACTION) // WARM_OBJ
         wp = f"{tag}-warm-"
         t0 = time.monotonic()
-        wput = A.call("put", _phase_timeout(count * WARM_OBJ), size=WARM_OBJ, n=count, prefix=wp)
+        wput = A.call("put", C.phase_timeout(count * WARM_OBJ), size=WARM_OBJ, n=count, prefix=wp)
         wget = B.call(
             "get",
-            _phase_timeout(count * WARM_OBJ),
+            C.phase_timeout(count * WARM_OBJ),
             api="batch_get_into",
             size=WARM_OBJ,
             n=count,
@@ -979,10 +728,10 @@ def run_store(
             )
             if cl["leftover"] or cl["pending_bytes"] + n * size > budget:
                 C.log(f"  store {variant}: cleanup could not make room: {cl}")
-            put = A.call("put", _phase_timeout(n * size), size=size, n=n, prefix=prefix)
+            put = A.call("put", C.phase_timeout(n * size), size=size, n=n, prefix=prefix)
             case: dict[str, Any] = {"size": size, "keys": n, "put": put}
             for api in a.apis:
-                g = B.call("get", _phase_timeout(n * size), api=api, size=size, n=n, prefix=prefix)
+                g = B.call("get", C.phase_timeout(n * size), api=api, size=size, n=n, prefix=prefix)
                 case[api] = g
                 bad = (" FAILED CALLS" if g["fails"] else "") + (
                     "" if g["verified"] else " VERIFY MISMATCH"
@@ -997,10 +746,7 @@ def run_store(
         res["error"] = str(exc)
         C.log(f"store {variant} run {run + 1} failed: {exc}")
     finally:
-        for role in ("B", "A"):
-            if role in workers:
-                workers[role].stop()
-        master.stop()
+        procs.stop()
     return res
 
 
@@ -1020,7 +766,7 @@ def te_combos(a: argparse.Namespace, order: list[str]) -> list[tuple[str, str]]:
 
 
 def driver_main(a: argparse.Namespace) -> int:
-    pythons = {v: C.python_for(base_impl(v)) for v in a.impls}
+    pythons = {v: C.python_for(C.base_impl(v)) for v in a.impls}
     if "memcpy" in a.parts:
         pythons.setdefault("py", C.py_python())
     data: dict[str, Any] = {
@@ -1051,10 +797,10 @@ def driver_main(a: argparse.Namespace) -> int:
             "lease_ms": a.lease_ms,
             "variant_env": VARIANT_ENV,
             "ref_env": C.REF_ENV,
-            "store_env": {"MC_TCP_BIND_ADDRESS": HOST},
+            "store_env": C.STORE_WORKER_ENV,
             "argv": a.argv,
         },
-        "impls": {v: C.impl_version(base_impl(v), py) for v, py in pythons.items()},
+        "impls": {v: C.impl_version(C.base_impl(v), py) for v, py in pythons.items()},
         "memcpy": [],
         "te": [],
         "store": [],
@@ -1141,12 +887,7 @@ def driver_main(a: argparse.Namespace) -> int:
     data["wall_s"] = time.monotonic() - t_start
     data["machine"]["loadavg_end"] = os.getloadavg()
     summarize(data, a)
-    text = render(data, a)
-    data["table_md"] = text
-    done = not data.get("interrupted")
-    path, latest = C.write_results("samehost_bench", data, latest=done)
-    print(text)
-    print(f"\nJSON: {path}" + (f" (and {latest.name})" if done else " (interrupted: latest kept)"))
+    C.publish("samehost_bench", data, render(data, a))
     failed = any("error" in x for part in ("memcpy", "te", "store") for x in data[part])
     return 130 if data.get("interrupted") else (1 if failed else 0)
 
@@ -1177,7 +918,7 @@ def summarize(data: dict[str, Any], a: argparse.Namespace) -> None:
     te_rows = []
     for op in a.ops:
         for block in a.blocks:
-            row: dict[str, Any] = {"op": op, "block": block, "batch": slots_for(block)}
+            row: dict[str, Any] = {"op": op, "block": block, "batch": C.batch_for(block)}
             for w in data["te"]:
                 for c in w.get("cases", []):
                     if (c["op"], c["block"]) != (op, block):
@@ -1467,11 +1208,7 @@ def render(data: dict[str, Any], a: argparse.Namespace) -> str:
                 f"{C.check(g['bytes']['every'])} ({g['bytes']['met']})"
             )
         lines.append("")
-    m = data["machine"]
-    lines.append(
-        f"Machine: {m.get('cpu', '?')}, nproc {m['nproc']}, load {m['loadavg_start'][0]:.2f} -> "
-        f"{m['loadavg_end'][0]:.2f}; wall {data['wall_s']:.0f} s"
-    )
+    lines.append(C.machine_line(data))
     return "\n".join(lines)
 
 
@@ -1534,8 +1271,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.segment_bytes = int(a.segment_gib * C.GiB)
     if a.role is None:
         for b in a.blocks:
-            if b * slots_for(b) > TE_BUFFER:
-                p.error(f"block {b} x {slots_for(b)} exceeds the 1 GiB buffer")
+            if b * C.batch_for(b) > TE_BUFFER:
+                p.error(f"block {b} x {C.batch_for(b)} exceeds the 1 GiB buffer")
         for s in a.sizes:
             if keys_for(s, a) * s > STORE_BUFFER:
                 p.error(f"{keys_for(s, a)} x {s} bytes exceed the 1 GiB registered buffer")

@@ -35,17 +35,10 @@ GB/s = 10^9 payload bytes / wall time of the whole phase.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
-import json
 import mmap
 import os
-import random
-import re
-import select
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,7 +56,6 @@ APIS = ("bytes", "zcopy", "batch")
 LAT_OPS = ("put", "get", "is_exist", "remove")
 DEFAULT_SIZES = "4K,64K,1M,8M,32M"
 QUICK_SIZES = "4K,1M,32M"
-HOST = "127.0.0.1"
 #: warm-up: put_from 32 MiB objects over this share of A's segment, then remove them. The
 #: anchor used 96 x 32 MiB = 75 % of 4 GiB; measured here: with 75 % both implementations
 #: still hit untouched segment pages in the 2proc phase (put_from 32 MiB ~0.5 GB/s, first
@@ -73,22 +65,6 @@ WARM_FRACTION = 0.85
 #: pending (leased, not yet removable) bytes + the next phase may use this share of A's
 #: segment, so that live data stays inside the warmed part
 SEGMENT_BUDGET = 0.6
-OBJECT_NOT_FOUND = -704  # reference ErrorCode
-PAT_LEN = C.MiB + 4099  # not a divisor of any value size: a wrong offset shows
-PAT_SEED = 20261126
-MARKER_LEN = 64
-READY_RE = re.compile(r"Master service started on \S+:\d+")
-
-
-def base_impl(impl: str) -> str:
-    """``ref`` or ``py``: whose interpreter and console scripts a variant uses."""
-    return "ref" if impl == "ref" else "py"
-
-
-def impl_env(impl: str) -> dict[str, str]:
-    env = C.env_for(base_impl(impl))
-    env.update(IMPL_ENV[impl])
-    return env
 
 
 def keys_for(size: int, max_keys: int, case_bytes: int, min_keys: int) -> int:
@@ -97,18 +73,6 @@ def keys_for(size: int, max_keys: int, case_bytes: int, min_keys: int) -> int:
 
 
 # ================================================================= worker role
-
-
-def _pattern() -> bytes:
-    return random.Random(PAT_SEED).randbytes(PAT_LEN)
-
-
-def expected_value(size: int, marker: str) -> bytes:
-    """The bytes of a phase's first key: the buffer pattern, with ``marker`` in front."""
-    pat = _pattern()
-    data = (pat * (size // PAT_LEN + 1))[:size]
-    m = marker.encode()[:MARKER_LEN].ljust(MARKER_LEN, b"#")[:size]
-    return m + data[len(m) :]
 
 
 def _lat_stats(lat_ns: list[int], wall_s: float, n_ok: int) -> dict[str, Any]:
@@ -146,14 +110,14 @@ class StoreWorker:
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
         if role == "A":  # source of every put: the repeating pattern, faulted in now
-            pat = _pattern()
-            for off in range(0, self.size, PAT_LEN):
-                ctypes.memmove(self.base + off, pat, min(PAT_LEN, self.size - off))
+            pat = C.pattern()
+            for off in range(0, self.size, C.PAT_LEN):
+                ctypes.memmove(self.base + off, pat, min(C.PAT_LEN, self.size - off))
         else:
             ctypes.memset(self.base, 0, self.size)
         t_fill = time.perf_counter() - t0
         t1 = time.perf_counter()
-        rc = self.store.setup(HOST, metadata, segment, local_buffer, "tcp", "", master)
+        rc = self.store.setup(C.HOST, metadata, segment, local_buffer, "tcp", "", master)
         t_setup = time.perf_counter() - t1
         if rc != 0:
             return {"error": f"setup(...) returned {rc} (master {master}, metadata {metadata})"}
@@ -175,7 +139,7 @@ class StoreWorker:
             fails += self.store.put_from(f"{prefix}{i}", self.base + (i % slots) * size, size) != 0
         wall = time.perf_counter() - t0
         rm_fail = sum(
-            self.store.remove(f"{prefix}{i}") not in (0, OBJECT_NOT_FOUND) for i in range(count)
+            self.store.remove(f"{prefix}{i}") not in (0, C.OBJECT_NOT_FOUND) for i in range(count)
         )
         return {
             "wall_s": wall,
@@ -202,7 +166,7 @@ class StoreWorker:
 
     def put(self, api: str, size: int, n: int, prefix: str) -> dict[str, Any]:
         keys, ptrs = self._plan(prefix, n, size)
-        exp = expected_value(size, prefix)
+        exp = C.expected_value(size, prefix)
         ctypes.memmove(self.base, exp, size)  # slot 0 = the first key's value
         s = self.store
         fails = first_rc = 0
@@ -239,7 +203,7 @@ class StoreWorker:
 
     def get(self, api: str, size: int, n: int, prefix: str) -> dict[str, Any]:
         keys, ptrs = self._plan(prefix, n, size)
-        exp = expected_value(size, prefix)
+        exp = C.expected_value(size, prefix)
         ctypes.memset(self.base, 0, size)  # a get that writes nothing cannot pass the check
         s = self.store
         fails = first_rc = 0
@@ -296,7 +260,7 @@ class StoreWorker:
         """One call at a time, each timed; p50/p99 per call and ops/s over the loop."""
         s = self.store
         keys = [f"{prefix}{i}" for i in range(n)]
-        exp = expected_value(size, prefix)
+        exp = C.expected_value(size, prefix)
         lat: list[int] = []
         add = lat.append
         clock = time.perf_counter_ns
@@ -370,7 +334,7 @@ class StoreWorker:
                 still = []
                 for i in g["idx"]:
                     rc = self.store.remove(f"{g['prefix']}{i}")
-                    if rc in (0, OBJECT_NOT_FOUND):
+                    if rc in (0, C.OBJECT_NOT_FOUND):
                         removed += 1
                     else:
                         still.append(i)
@@ -412,10 +376,7 @@ class StoreWorker:
 
 
 def worker_main(a: argparse.Namespace) -> int:
-    # replies travel on the original stdout; anything a library prints goes to stderr
-    reply = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    reply = C.reply_channel()  # before the store's import: it may print
     w = StoreWorker(a.buffer_bytes, a.lease_ms, a.batch)
     handlers = {
         "setup": w.setup,
@@ -427,21 +388,7 @@ def worker_main(a: argparse.Namespace) -> int:
         "add_pending": w.add_pending,
         "cleanup": w.cleanup,
     }
-    try:
-        for line in sys.stdin:
-            msg = json.loads(line)
-            cmd = msg.pop("cmd")
-            if cmd == "exit":
-                break
-            try:
-                res = handlers[cmd](**msg)
-            except Exception as exc:  # a bench worker reports, the driver decides
-                res = {"error": f"{cmd}: {type(exc).__name__}: {exc}"}
-            reply.write(json.dumps(res) + "\n")
-    finally:
-        w.close()
-        reply.write(json.dumps({"closed": True}) + "\n")
-    return 0
+    return C.serve_commands(reply, handlers, w.close)
 
 
 # ================================================================= driver role
@@ -463,191 +410,25 @@ def read_mem_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def free_ports(k: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(k):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((HOST, port)) == 0
-
-
-class Worker:
-    """A ``--worker`` child in its own process group; :meth:`call` is one bounded round trip."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        with open(log_path, "wb") as err:
-            self.popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                env=env,
-                start_new_session=True,
-            )
-        self.pid = self.popen.pid
-        self._buf = b""
-
-    def tail(self, n: int = 15) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return "\n".join("    " + x for x in lines[-n:])
-
-    def _readline(self, deadline: float, what: str) -> dict[str, Any]:
-        assert self.popen.stdout is not None
-        fd = self.popen.stdout.fileno()
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{self.name}: {what} did not answer in time\n{self.tail()}")
-            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
-            if ready:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    rc = self.popen.poll()
-                    raise RuntimeError(
-                        f"{self.name} exited (rc={rc}) during {what}; its log "
-                        f"{self.log_path}:\n{self.tail()}"
-                    )
-                self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return dict(json.loads(line))
-
-    def call(self, cmd: str, limit_s: float, **kw: Any) -> dict[str, Any]:
-        assert self.popen.stdin is not None
-        try:
-            self.popen.stdin.write((json.dumps({"cmd": cmd, **kw}) + "\n").encode())
-            self.popen.stdin.flush()
-        except OSError as exc:
-            raise RuntimeError(f"{self.name} is gone ({exc}); log:\n{self.tail()}") from exc
-        res = self._readline(time.monotonic() + limit_s, cmd)
-        if "error" in res:
-            raise RuntimeError(f"{self.name}: {res['error']}\n{self.tail()}")
-        return res
-
-    def stop(self) -> None:
-        """Ask it to close its store (engine before master), then TERM/KILL its group."""
-        if self.popen.poll() is None and self.popen.stdin is not None:
-            with contextlib.suppress(OSError, RuntimeError, ValueError):
-                self.popen.stdin.write(b'{"cmd": "exit"}\n')
-                self.popen.stdin.flush()
-                self._readline(time.monotonic() + 20, "exit")
-        if self.popen.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.popen.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=5)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-
-
-def start_master(
-    impl: str, python: str, a: argparse.Namespace, log_stem: Path
-) -> tuple[C.Child, int, int]:
-    """Start ``mooncake_master`` on free ports; returns (child, rpc port, metadata port)."""
-    exe = C.script_next_to(python, "mooncake_master")
-    last = ""
-    for _attempt in range(3):
-        rpc, metrics, meta = free_ports(3)
-        argv = [
-            exe,
-            f"--rpc_address={HOST}",
-            f"--port={rpc}",
-            f"--rpc_port={rpc}",
-            f"--metrics_host={HOST}",
-            f"--metrics_port={metrics}",
-            f"--default_kv_lease_ttl={a.lease_ms}",
-            "--logtostderr",
-            "--enable_http_metadata_server=true",
-            f"--http_metadata_server_host={HOST}",
-            f"--http_metadata_server_port={meta}",
-        ]
-        child = C.Child(argv, env=impl_env(impl), log_stem=log_stem)
-        ok = False
-        try:
-            deadline = time.monotonic() + 60
-            if impl != "ref":  # ours prints this line once every listener is up
-                ok = child.wait_for(READY_RE, 60) is not None
-            while not ok and child.poll() is None and time.monotonic() < deadline:
-                ok = port_open(rpc) and port_open(meta)
-                if not ok:
-                    time.sleep(0.1)
-            ok = ok and child.poll() is None
-        finally:
-            if not ok:
-                last = child.tail()
-                child.stop()
-        if ok:
-            return child, rpc, meta
-        C.log(f"{impl} master did not come up (ports {rpc}/{meta}); retrying:\n{last}")
-    raise RuntimeError(f"{impl} mooncake_master ({exe}) did not start; last log:\n{last}")
-
-
-def _phase_timeout(nbytes: int) -> float:
-    return 60.0 + nbytes / 5e7  # a floor of 50 MB/s, far below anything measured
-
-
 def run_impl(impl: str, run: int, python: str, a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One complete pass of one implementation: master + A + B, every case once."""
     res: dict[str, Any] = {"impl": impl, "run": run, "cases": [], "latency": [], "cleanup": []}
-    env = impl_env(impl)
-    env["MC_TCP_BIND_ADDRESS"] = HOST
-    tag = f"{impl}{run}p{os.getpid()}"
-    master, rpc, meta = start_master(impl, python, a, tmp / f"{impl}-{run}-master")
-    workers: dict[str, Worker] = {}
+    procs = C.StorePass(impl, run, python, IMPL_ENV[impl], a.lease_ms, tmp / f"{impl}-{run}")
+    tag = procs.tag
     try:
-        wargs = [
-            python,
-            str(Path(__file__).resolve()),
-            "--worker",
-            f"--buffer-bytes={a.buffer_bytes}",
-            f"--lease-ms={a.lease_ms}",
-            f"--batch={a.batch}",
-        ]
-        for role in ("A", "B"):
-            workers[role] = Worker(
-                f"{impl} worker {role} (run {run + 1})",
-                wargs,
-                env,
-                tmp / f"{impl}-{run}-{role}.err",
-            )
-        A, B = workers["A"], workers["B"]
-        metadata = f"http://{HOST}:{meta}/metadata"
-        master_addr = f"{HOST}:{rpc}"
-        for role, seg in (("A", a.segment_bytes), ("B", 0)):
-            r = workers[role].call(
-                "setup",
-                180,
-                role=role,
-                segment=seg,
-                local_buffer=a.local_buffer_bytes,
-                metadata=metadata,
-                master=master_addr,
-            )
-            res[f"setup_{role}"] = r
+        A, B = procs.start_workers(
+            [str(Path(__file__).resolve()), "--worker"],
+            label="worker",
+            buffer_bytes=a.buffer_bytes,
+            batch=a.batch,
+            segment_bytes=a.segment_bytes,
+            local_buffer_bytes=a.local_buffer_bytes,
+            into=res,
+        )
         count = int(a.segment_bytes * WARM_FRACTION) // WARM_OBJ
         res["warmup"] = A.call(
             "warmup",
-            _phase_timeout(count * WARM_OBJ),
+            C.phase_timeout(count * WARM_OBJ),
             count=count,
             size=WARM_OBJ,
             prefix=f"{tag}-w",
@@ -685,10 +466,10 @@ def run_impl(impl: str, run: int, python: str, a: argparse.Namespace, tmp: Path)
                     prefix = f"{tag}-{scen}-{api}-{size}-"
                     cleanup(n * size)
                     put = A.call(
-                        "put", _phase_timeout(n * size), api=api, size=size, n=n, prefix=prefix
+                        "put", C.phase_timeout(n * size), api=api, size=size, n=n, prefix=prefix
                     )
                     get = getter.call(
-                        "get", _phase_timeout(n * size), api=api, size=size, n=n, prefix=prefix
+                        "get", C.phase_timeout(n * size), api=api, size=size, n=n, prefix=prefix
                     )
                     A.call("add_pending", 10, prefix=prefix, n=n, size=size, leased=True)
                     res["cases"].append(
@@ -730,7 +511,7 @@ def run_impl(impl: str, run: int, python: str, a: argparse.Namespace, tmp: Path)
             A.call("add_pending", 10, prefix=pk, n=n, size=size, leased=True)
         cleanup(0)
         res["mem_kib"] = {
-            "master": read_mem_kib(master.pid),
+            "master": read_mem_kib(procs.master.pid),
             "A": read_mem_kib(A.pid),
             "B": read_mem_kib(B.pid),
         }
@@ -738,12 +519,7 @@ def run_impl(impl: str, run: int, python: str, a: argparse.Namespace, tmp: Path)
         res["error"] = str(exc)
         C.log(f"{impl} run {run + 1} failed: {exc}")
     finally:
-        for role in ("B", "A"):
-            if role in workers:
-                workers[role].stop()
-        master.stop()
-        if master.poll() is None:
-            C.log(f"{impl} master pid {master.pid} did not stop")
+        procs.stop()
     return res
 
 
@@ -926,11 +702,7 @@ def render(data: dict[str, Any]) -> str:
     errs = [f"{r['impl']} run {r['run'] + 1}" for r in data["runs"] if "error" in r]
     if errs:
         lines.append(f"FAILED runs (see JSON `runs[].error`): {', '.join(errs)}")
-    m = data["machine"]
-    lines.append(
-        f"Machine: {m.get('cpu', '?')}, nproc {m['nproc']}, load {m['loadavg_start'][0]:.2f} -> "
-        f"{m['loadavg_end'][0]:.2f}; wall {data['wall_s']:.0f} s"
-    )
+    lines.append(C.machine_line(data))
     return "\n".join(lines)
 
 
@@ -943,7 +715,7 @@ def check_impl(impl: str, python: str) -> None:
             capture_output=True,
             text=True,
             timeout=120,
-            env=impl_env(impl),
+            env=C.variant_env(impl, IMPL_ENV[impl]),
         )
     except (subprocess.SubprocessError, OSError) as exc:
         raise RuntimeError(f"{impl}: cannot run {python}: {exc}") from exc
@@ -964,7 +736,7 @@ def driver_main(a: argparse.Namespace) -> int:
     pythons: dict[str, str] = {}
     for impl in a.impls:
         try:
-            pythons[impl] = C.python_for(base_impl(impl))
+            pythons[impl] = C.python_for(C.base_impl(impl))
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n(run with --impl py to measure pymooncake alone)") from exc
         check_impl(impl, pythons[impl])
@@ -995,11 +767,11 @@ def driver_main(a: argparse.Namespace) -> int:
             "lat_keys": a.lat_keys,
             "metadata": "http (master-embedded)",
             "ref_env": C.REF_ENV,
-            "worker_env": {"MC_TCP_BIND_ADDRESS": HOST},
+            "worker_env": C.STORE_WORKER_ENV,
             "quick": a.quick,
             "argv": a.argv,
         },
-        "impls": {impl: C.impl_version(base_impl(impl), py) for impl, py in pythons.items()},
+        "impls": {impl: C.impl_version(C.base_impl(impl), py) for impl, py in pythons.items()},
         "runs": [],
     }
     t_start = time.monotonic()
@@ -1027,12 +799,7 @@ def driver_main(a: argparse.Namespace) -> int:
     data["wall_s"] = time.monotonic() - t_start
     data["machine"]["loadavg_end"] = os.getloadavg()
     _summaries(data, a)
-    text = render(data)
-    data["table_md"] = text
-    done = not data.get("interrupted")
-    path, latest = C.write_results("store_bench", data, latest=done)
-    print(text)
-    print(f"\nJSON: {path}" + (f" (and {latest.name})" if done else " (interrupted: latest kept)"))
+    C.publish("store_bench", data, render(data))
     failed = any("error" in r for r in data["runs"])
     return 130 if data.get("interrupted") else (1 if failed else 0)
 

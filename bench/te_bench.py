@@ -60,21 +60,6 @@ RESULT_RE = re.compile(
 )
 
 
-def _tcp_env(impl: str) -> dict[str, str]:
-    """This benchmark measures TCP loopback: pymooncake's same-host transport (which
-    would otherwise be chosen between two local processes) is switched off here;
-    bench/samehost_bench.py measures that path."""
-    env = C.env_for(impl)
-    if impl != "ref":
-        env["PYMOONCAKE_SAME_HOST"] = "0"
-    return env
-
-
-def batch_for(block: int) -> int:
-    """128 requests per batch, 32 for 16 MiB blocks (as the anchor)."""
-    return 32 if block >= 16 * C.MiB else 128
-
-
 def common_flags() -> list[str]:
     return [
         "--local_server_name=127.0.0.1",
@@ -178,7 +163,7 @@ class Target:
         self.starts += 1
         argv = [self.bench, "--mode=target", *common_flags()]
         self.child = C.Child(
-            argv, env=_tcp_env(self.impl), log_stem=self.tmp / f"target-{self.impl}-{self.starts}"
+            argv, env=C.tcp_env(self.impl), log_stem=self.tmp / f"target-{self.impl}-{self.starts}"
         )
         m = self.child.wait_for(READY_RE[self.impl], 60)
         if not m:
@@ -202,7 +187,7 @@ def run_initiator(
     target: Target, op: str, block: int, threads: int, duration: int, tag: str
 ) -> dict[str, Any]:
     """One initiator run; returns its figures or ``{"error": ...}``. Always bounded."""
-    batch = batch_for(block)
+    batch = C.batch_for(block)
     argv = [
         target.bench,
         "--mode=initiator",
@@ -214,7 +199,7 @@ def run_initiator(
         f"--threads={threads}",
         f"--duration={duration}",
     ]
-    child = C.Child(argv, env=_tcp_env(target.impl), log_stem=target.tmp / tag)
+    child = C.Child(argv, env=C.tcp_env(target.impl), log_stem=target.tmp / tag)
     t0 = time.monotonic()
     try:
         # a run ends after its workers finish their last batch: allow for slow batches
@@ -308,8 +293,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("need at least one impl, --runs >= 1 and --duration >= 1")
     for b in a.blocks:
         for t in a.threads:
-            if b * batch_for(b) * t > BUFFER_SIZE:
-                p.error(f"block {b} x batch {batch_for(b)} x threads {t} exceeds the 1 GiB buffer")
+            if b * C.batch_for(b) * t > BUFFER_SIZE:
+                p.error(
+                    f"block {b} x batch {C.batch_for(b)} x threads {t} exceeds the 1 GiB buffer"
+                )
     return a
 
 
@@ -392,11 +379,7 @@ def render(data: dict[str, Any]) -> str:
     idle = data.get("targets_idle_cpu_pct")
     if idle:
         lines.append(f"Idle target CPU %: {idle}")
-    m = data["machine"]
-    lines.append(
-        f"Machine: {m.get('cpu', '?')}, nproc {m['nproc']}, load {m['loadavg_start'][0]:.2f} -> "
-        f"{m['loadavg_end'][0]:.2f}; wall {data['wall_s']:.0f} s"
-    )
+    lines.append(C.machine_line(data))
     return "\n".join(lines)
 
 
@@ -407,7 +390,7 @@ def main(argv: list[str]) -> int:
         return _sock_send(int(argv[1]), int(argv[2]), int(argv[3]))
     a = parse_args(argv)
     cases = [
-        {"op": op, "block": b, "threads": t, "batch": batch_for(b), "runs": {}}
+        {"op": op, "block": b, "threads": t, "batch": C.batch_for(b), "runs": {}}
         for op in a.ops
         for b in a.blocks
         for t in a.threads
@@ -498,12 +481,7 @@ def main(argv: list[str]) -> int:
     data["socket_pair"] = {"runs": sock_runs, "summary": sock_summary}
     data["cases"] = cases
     data["goals"] = summarize(cases, sock_summary)
-    text = render(data)
-    data["table_md"] = text
-    done = not data.get("interrupted")
-    path, latest = C.write_results("te_bench", data, latest=done)
-    print(text)
-    print(f"\nJSON: {path}" + (f" (and {latest.name})" if done else " (interrupted: latest kept)"))
+    C.publish("te_bench", data, render(data))
     return 130 if data.get("interrupted") else 0
 
 

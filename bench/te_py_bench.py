@@ -35,10 +35,7 @@ import ctypes
 import json
 import mmap
 import os
-import re
-import select
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -53,22 +50,6 @@ OPS = ("write", "read")
 MODES = ("sync", "batch")
 DEFAULT_BLOCKS = "4K,64K,1M,16M"
 BUFFER_SIZE = C.GiB
-HOST = "127.0.0.1"
-
-
-def _tcp_env(impl: str) -> dict[str, str]:
-    """This benchmark measures TCP loopback: pymooncake's same-host transport (which
-    would otherwise be chosen between two local processes) is switched off here;
-    bench/samehost_bench.py measures that path."""
-    env = C.env_for(impl)
-    if impl != "ref":
-        env["PYMOONCAKE_SAME_HOST"] = "0"
-    return env
-
-
-def slots_for(block: int) -> int:
-    """Blocks per call in batch mode: 128, 32 for 16 MiB (anchor); sync cycles over as many."""
-    return 32 if block >= 16 * C.MiB else 128
 
 
 # ---------------------------------------------------------------- target role
@@ -78,7 +59,7 @@ def target_main(size: int) -> int:
     from mooncake.engine import TransferEngine
 
     te = TransferEngine()
-    rc = te.initialize(HOST, "P2PHANDSHAKE", "tcp", "")
+    rc = te.initialize(C.HOST, "P2PHANDSHAKE", "tcp", "")
     if rc != 0:
         print(f"target: initialize returned {rc}", file=sys.stderr, flush=True)
         return 1
@@ -97,26 +78,6 @@ def target_main(size: int) -> int:
 # ---------------------------------------------------------------- worker role
 
 
-def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, int]:
-    """Wait (bounded) for the target's ``READY <port> <addr>`` line on its stdout."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            buf += chunk
-            m = re.search(rb"READY (\d+) (\d+)", buf)
-            if m:
-                return int(m.group(1)), int(m.group(2))
-        elif proc.poll() is not None:
-            break
-    raise RuntimeError(f"target did not print READY within {timeout} s (rc={proc.poll()})")
-
-
 def _run_case(
     te: Any,
     seg: str,
@@ -129,7 +90,7 @@ def _run_case(
     duration: float,
     max_calls: int,
 ) -> dict[str, Any]:
-    slots = slots_for(block)
+    slots = C.batch_for(block)  # blocks per call in batch mode; sync cycles over as many
     batch = slots if mode == "batch" else 1
     if mode == "sync":
         fn = te.transfer_sync_write if op == "write" else te.transfer_sync_read
@@ -227,20 +188,17 @@ def worker_main(a: argparse.Namespace) -> int:
         "alloc": a.alloc,
         "cases": [],
     }
-    target = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--target", "--size", str(a.size)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        # same process group as this worker: the driver's killpg reaches it too
+    target = C.spawn_target(
+        [sys.executable, str(Path(__file__).resolve()), "--target", "--size", str(a.size)]
     )
     te: Any = None
     local = 0
     mm: mmap.mmap | None = None
     try:
-        port, target_addr = _read_ready(target, 60)
-        seg = f"{HOST}:{port}"
+        port, target_addr = C.read_ready(target, 60)
+        seg = f"{C.HOST}:{port}"
         te = me.TransferEngine()
-        if te.initialize(HOST, "P2PHANDSHAKE", "tcp", "") != 0:
+        if te.initialize(C.HOST, "P2PHANDSHAKE", "tcp", "") != 0:
             raise RuntimeError("initiator initialize failed")
         if a.alloc == "managed":
             local = te.allocate_managed_buffer(a.size)
@@ -299,13 +257,7 @@ def worker_main(a: argparse.Namespace) -> int:
     except RuntimeError as exc:
         result["error"] = str(exc)
     finally:
-        if target.stdin is not None:
-            target.stdin.close()
-        try:
-            target.wait(15)
-        except subprocess.TimeoutExpired:
-            target.kill()
-            target.wait(5)
+        C.stop_target(target, 15)
         if te is not None and local:
             if a.alloc == "managed":
                 te.free_managed_buffer(local, a.size)
@@ -382,7 +334,7 @@ def driver_main(a: argparse.Namespace) -> int:
                             f"--out={out}",
                             *worker_args,
                         ],
-                        env=_tcp_env(impl),
+                        env=C.tcp_env(impl),
                         log_stem=tmp / f"{impl}-{r}",
                     )
                     try:
@@ -435,7 +387,7 @@ def driver_main(a: argparse.Namespace) -> int:
                             "mode": mode,
                             "block": block,
                             "threads": threads,
-                            "batch": slots_for(block) if mode == "batch" else 1,
+                            "batch": C.batch_for(block) if mode == "batch" else 1,
                             "runs": runs,
                             "summary": s,
                         }
@@ -447,12 +399,7 @@ def driver_main(a: argparse.Namespace) -> int:
         "py_ge_ref_every_case": all(goals) if goals else None,
         "py_ge_ref_cases": f"{sum(goals)}/{len(goals)}",
     }
-    text = render(data)
-    data["table_md"] = text
-    done = not data.get("interrupted")
-    path, latest = C.write_results("te_py_bench", data, latest=done)
-    print(text)
-    print(f"\nJSON: {path}" + (f" (and {latest.name})" if done else " (interrupted: latest kept)"))
+    C.publish("te_py_bench", data, render(data))
     failed = any("error" in w for w in data["workers"])
     return 130 if data.get("interrupted") else (1 if failed else 0)
 
@@ -495,11 +442,7 @@ def render(data: dict[str, Any]) -> str:
             "failed" if "error" in w else ("ok" if w.get("verified") else "MISMATCH")
         )
     lines.append(f"Round-trip byte check per worker: {checks}")
-    m = data["machine"]
-    lines.append(
-        f"Machine: {m.get('cpu', '?')}, nproc {m['nproc']}, load {m['loadavg_start'][0]:.2f} -> "
-        f"{m['loadavg_end'][0]:.2f}; wall {data['wall_s']:.0f} s"
-    )
+    lines.append(C.machine_line(data))
     return "\n".join(lines)
 
 
@@ -533,8 +476,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.impls = C.parse_list(a.impl, IMPLS)
     for b in a.blocks:
         for t in a.threads:
-            if b * slots_for(b) * t > a.size:
-                p.error(f"block {b} x {slots_for(b)} slots x threads {t} exceeds the buffer")
+            if b * C.batch_for(b) * t > a.size:
+                p.error(f"block {b} x {C.batch_for(b)} slots x threads {t} exceeds the buffer")
     return a
 
 
