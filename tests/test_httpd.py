@@ -139,16 +139,28 @@ def test_handler_exception_is_500_and_logged(caplog: pytest.LogCaptureFixture) -
     assert "handler failed on GET /boom" in caplog.text
 
 
-def test_idle_connections_time_out() -> None:
-    limits = HttpLimits(keepalive_timeout_s=0.2)
-    with (
-        ThreadedHttpServer(echo, limits=limits) as server,
-        socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock,
-    ):
-        started = time.monotonic()
-        sock.sendall(b"GET / HTT")  # a stalled, partial request
-        assert sock.recv(100) == b""
-        assert time.monotonic() - started < 3
+def _read_all(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while chunk := sock.recv(65536):
+        data += chunk
+    return bytes(data)
+
+
+def test_stalled_request_gets_408_and_idle_keepalive_closes() -> None:
+    limits = HttpLimits(keepalive_timeout_s=0.2, header_timeout_s=0.3)
+    with ThreadedHttpServer(echo, limits=limits) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(b"GET / HTT")  # a stalled, partial request
+            assert _read_all(sock).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+            assert time.monotonic() - started < 3
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /a HTTP/1.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+            started = time.monotonic()
+            assert sock.recv(100) == b""  # idle after a complete request: closed quietly
+            assert time.monotonic() - started < 3
+        assert server.server.timed_out == 1
 
 
 def test_http_1_0_closes_after_the_response() -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
+from ._authio import ClusterSecurity
 from .errors import ConfigError
 from .wire._rpc import DEFAULT_MAX_FRAME_LENGTH, MAX_FRAME_LENGTH_LIMIT
 
@@ -111,6 +112,32 @@ class EngineConfig:
     #: PYMOONCAKE_SAME_HOST (default on): same-host peers copy through shared
     #: memory / process_vm_* instead of TCP
     same_host_transport: bool = True
+    #: PYMOONCAKE_CLUSTER_TOKEN: the cluster's shared secret.  Set: the RPC and
+    #: data ports and the HTTP metadata client authenticate every connection
+    #: (reference engines cannot: leave it empty in mixed clusters).  Never shown by repr.
+    cluster_token: str = field(default="", repr=False)
+    #: PYMOONCAKE_TLS_CERT / _KEY / _CA (all three or none): TLS on the RPC port
+    #: and the HTTP metadata client; the data port stays plain TCP (zero-copy)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    #: RPC port: connections served at once (more are closed at once, counted)
+    rpc_max_connections: int = 256
+    #: RPC port: request bytes buffered by all its connections together
+    rpc_max_buffered_bytes: int = 64 << 20
+    #: notifications held until get_notifies() (count and bytes); beyond, the
+    #: sender's send_notify fails with a clear error
+    notify_queue_max: int = 65536
+    notify_queue_max_bytes: int = 64 << 20
+    #: TCP data port: open connections (beyond: refused, counted)
+    data_max_connections: int = 4096
+    #: TCP data port: worker threads serving readable connections (idle ones cost none)
+    data_workers: int = 32
+    #: handshake deadline on the RPC and data ports (authentication, first header)
+    auth_timeout_s: float = 5.0
+    #: unregister_memory(): how long in-flight requests on the region may finish
+    #: before their connections are cut
+    unregister_drain_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 < self.rpc_port_min <= self.rpc_port_max < 65536:
@@ -126,6 +153,31 @@ class EngineConfig:
             raise ConfigError("lanes_per_peer must be at least 1")
         if self.async_workers < 1:
             raise ConfigError("async_workers must be at least 1")
+        for name in (
+            "rpc_max_connections",
+            "rpc_max_buffered_bytes",
+            "notify_queue_max",
+            "notify_queue_max_bytes",
+            "data_max_connections",
+            "data_workers",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        self.security  # noqa: B018 - validates the token and TLS files now
+
+    @property
+    def security(self) -> ClusterSecurity:
+        """The token and TLS settings as one object (what servers and clients take).
+
+        Raises:
+            ConfigError: an unusable token or half-configured TLS.
+        """
+        return ClusterSecurity(
+            token=self.cluster_token,
+            tls_cert_file=self.tls_cert_file,
+            tls_key_file=self.tls_key_file,
+            tls_ca_file=self.tls_ca_file,
+        )
 
     def replace(self, **changes: object) -> EngineConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -148,7 +200,12 @@ class EngineConfig:
             raise ConfigError(f"MC_MIN_RPC_PORT={lo} is above MC_MAX_RPC_PORT={hi}")
         timeout = _float_env(env, "MC_TRANSFER_TIMEOUT", 30.0, 0.0)
         bind = env.get("MC_TCP_BIND_ADDRESS", "").strip() or None
+        sec = ClusterSecurity.from_env(env)
         return cls(
+            cluster_token=sec.token,
+            tls_cert_file=sec.tls_cert_file,
+            tls_key_file=sec.tls_key_file,
+            tls_ca_file=sec.tls_ca_file,
             metadata_cluster_id=env.get("MC_METADATA_CLUSTER_ID", "").strip(),
             rpc_port_min=lo,
             rpc_port_max=hi,

@@ -22,9 +22,11 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from .._authio import warn_open, warn_weak
+from .._logging import RepeatLimiter
 from .._loop import LoopThread
 from .._net import (
     bind_listener,
@@ -76,7 +78,20 @@ log = logging.getLogger("pymooncake.engine")
 
 #: reference: the engine's own segment always has id 0
 LOCAL_SEGMENT_ID = 0
+#: bytes charged per queued notification beyond its two strings (object overhead)
+_NOTIFY_OVERHEAD = 64
 _warned_loopback: set[str] = set()
+
+
+def _check_name(name: str, what: str) -> None:
+    """Names end up in JSON and URLs: refuse what cannot be encoded there."""
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgument(
+                f"{what} {name[:80]!r} contains a lone surrogate; names must be valid Unicode"
+            ) from None
 
 
 class TransferEngine(MemoryOps):
@@ -112,7 +127,17 @@ class TransferEngine(MemoryOps):
         self._closed = False
         self._registry = MemoryRegistry()
         self._batches = BatchTable()
-        self._notifies: collections.deque[NotifyMessage] = collections.deque()
+        self._notifies: collections.deque[tuple[NotifyMessage, int]] = collections.deque()
+        self._notify_lock = threading.Lock()
+        self._notify_bytes = 0
+        self._notify_log = RepeatLimiter(log)
+        #: notifications refused because the queue was full (count / bytes limit)
+        self.notifies_refused = 0
+        self._security = cfg.security
+        self._rpc_auth: dict[str, Any] = {
+            "key": self._security.key,
+            "ssl_context": self._security.client_ssl_context(),
+        }
         self._handles: dict[str, int] = {}
         self._handle_names: dict[int, str] = {}
         self._handle_lock = threading.Lock()
@@ -150,6 +175,7 @@ class TransferEngine(MemoryOps):
 
     def _start(self, local_hostname: str, store: MetadataStore | None) -> None:
         cfg = self.config
+        _check_name(local_hostname, "local_hostname")
         host, name_port = split_host_port(local_hostname)
         p2p = store is None
         if cfg.legacy_rpc_port_binding:
@@ -198,10 +224,18 @@ class TransferEngine(MemoryOps):
         self._rpc = RpcServer(
             rpc_sock,
             descriptor=(self.local_descriptor if p2p else lambda: None),
-            on_notify=self._notifies.append,
+            on_notify=self._queue_notify,
             max_frame=cfg.handshake_max_length,
             timeout_s=cfg.rpc_server_timeout_s,
+            key=self._security.key,
+            ssl=self._security.server_ssl_context(),
+            max_connections=cfg.rpc_max_connections,
+            max_buffered_bytes=cfg.rpc_max_buffered_bytes,
+            name=self.segment_name,
         )
+        if self._security.key is None:
+            warn_open("transfer engine RPC and TCP data ports")
+        warn_weak(self._security.key, "transfer engine")
         self._loop.run(self._rpc.start())
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=cfg.async_workers, thread_name_prefix=f"mc-batch:{self.segment_name}"
@@ -251,6 +285,7 @@ class TransferEngine(MemoryOps):
                     timeout_s=2.0,
                     max_frame=self.config.handshake_max_length,
                     what="previous owner of this segment name",
+                    **self._rpc_auth,
                 )
             except MooncakeError:
                 alive = False
@@ -302,6 +337,25 @@ class TransferEngine(MemoryOps):
         for t in self._transports:
             t.registry_changed()
 
+    def _quiesce(self, regions: Iterable[Region]) -> None:
+        """Wait until no transfer uses ``regions`` (already removed from the registry)."""
+        drain = self.config.unregister_drain_s
+        for region in regions:
+            what = f"of segment {self.segment_name!r}"
+            cut = self._registry.quiesce(region, drain_s=drain, what=what)
+            for t in self._transports:
+                t.quiesce(region, drain_s=drain)
+            if cut:
+                log.warning(
+                    "unregister [%#x, +%d) %s: %d transfer(s) did not finish within %.1f s; "
+                    "their connections were cut (the peers see the requests fail)",
+                    region.addr,
+                    region.length,
+                    what,
+                    cut,
+                    drain,
+                )
+
     def republish(self) -> None:
         """Write our rpc_meta and descriptor to the metadata server again (it
         restarted and lost them, e.g. the one embedded in a store master)."""
@@ -343,6 +397,7 @@ class TransferEngine(MemoryOps):
 
     def segment_name_of(self, target: str | int) -> str:
         if isinstance(target, str):
+            _check_name(target, "segment name")
             return target.lstrip("/")
         if target == LOCAL_SEGMENT_ID:
             return self.segment_name
@@ -603,18 +658,51 @@ class TransferEngine(MemoryOps):
             timeout_s=self.config.rpc_io_timeout_s,
             max_frame=self.config.handshake_max_length,
             what=f"RPC port of segment {name!r}",
+            **self._rpc_auth,
         )
         if not isinstance(reply, dict) or not reply.get("notify_msg"):
-            raise HandshakeRejected(f"segment {name!r} rejected the notification {message.name!r}")
+            why = reply.get("error") if isinstance(reply, dict) else None
+            raise HandshakeRejected(
+                f"segment {name!r} rejected the notification {message.name!r}"
+                + (f": {str(why)[:300]}" if why else "")
+            )
+
+    def _queue_notify(self, message: NotifyMessage) -> str | None:
+        """RPC server callback: queue a notification, or say why it is refused."""
+        size = len(message.name.encode()) + len(message.notify_msg.encode()) + _NOTIFY_OVERHEAD
+        cfg = self.config
+        with self._notify_lock:
+            count = len(self._notifies)
+            if (
+                count < cfg.notify_queue_max
+                and self._notify_bytes + size <= cfg.notify_queue_max_bytes
+            ):
+                self._notifies.append((message, size))
+                self._notify_bytes += size
+                return None
+            self.notifies_refused += 1
+            held = self._notify_bytes
+        reason = (
+            f"the notification queue of segment {self.segment_name!r} is full ({count} messages, "
+            f"{held} bytes; limits {cfg.notify_queue_max} / {cfg.notify_queue_max_bytes}): the "
+            "receiver does not call get_notifs() often enough"
+        )
+        self._notify_log(
+            "full",
+            logging.WARNING,
+            "refused a notification %r: %s",
+            message.name[:100],
+            reason,
+        )
+        return reason
 
     def get_notifies(self) -> list[NotifyMessage]:
         """Drain and return the notifications received so far."""
-        out = []
-        while True:
-            try:
-                out.append(self._notifies.popleft())
-            except IndexError:
-                return out
+        with self._notify_lock:
+            out = [m for m, _ in self._notifies]
+            self._notifies.clear()
+            self._notify_bytes = 0
+        return out
 
     def probe(self, target: str | int) -> None:
         """Check that a peer's RPC port answers.
@@ -632,6 +720,7 @@ class TransferEngine(MemoryOps):
             timeout_s=min(10.0, self.config.rpc_io_timeout_s),
             max_frame=self.config.handshake_max_length,
             what=f"RPC port of segment {name!r}",
+            **self._rpc_auth,
         )
 
     # ------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ class SegmentDirectory:
     ) -> None:
         self._store = store
         self._cfg = config
+        self._security = config.security
         self._own = own_descriptor
         self._lock = threading.Lock()
         self._cache: dict[str, Peer] = {}
@@ -151,6 +152,8 @@ class SegmentDirectory:
                 timeout_s=self._cfg.rpc_io_timeout_s,
                 max_frame=self._cfg.handshake_max_length,
                 what=f"RPC port of segment {name!r}",
+                key=self._security.key,
+                ssl_context=self._security.client_ssl_context(),
             )
         except MooncakeError as exc:
             exc.args = (not_found_message(name, str(exc), True),)

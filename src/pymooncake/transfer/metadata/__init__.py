@@ -89,6 +89,7 @@ def connect_metadata(target: MetadataTarget, config: EngineConfig) -> MetadataSt
             target.location,
             timeout_s=config.metadata_timeout_s,
             connect_timeout_s=config.metadata_connect_timeout_s,
+            security=config.security,
         )
     if target.scheme == "memory":
         return MemoryMetadataStore(target.location or "default")

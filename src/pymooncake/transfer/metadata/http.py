@@ -6,6 +6,11 @@ the reference's libcurl settings (3 s total, 1.5 s connect).  Proxies from the
 environment are deliberately *not* used: metadata servers live inside the
 cluster, and a stray ``http_proxy`` is a classic cause of failures with the
 reference (troubleshooting guide: "HTTP proxies need to be disabled").
+
+With a cluster token every request is signed (``Authorization: Mooncake-HMAC``)
+and every response's signature is checked, so neither side talks to anyone
+without the token; with TLS files an ``https://`` URL verifies the server
+against the cluster CA and presents this process's certificate.
 """
 
 from __future__ import annotations
@@ -15,8 +20,13 @@ import socket
 import threading
 import urllib.parse
 
-from ...errors import MetadataError, MetadataUnreachable
+from ..._authio import ClusterSecurity, HttpClientAuth
+from ...errors import AuthenticationError, MetadataError, MetadataUnreachable
+from ...wire._auth import HTTP_SIGNATURE_HEADER, HttpAuthError, SignedRequest
 from ._base import MetadataStore
+
+#: the HMAC context of the metadata service (the server uses the same)
+AUTH_CONTEXT = b"http-metadata"
 
 __all__ = ["HttpMetadataStore"]
 
@@ -28,9 +38,18 @@ class HttpMetadataStore(MetadataStore):
         url: ``http://host:port/path`` (``https://`` works too).
         timeout_s: per request.
         connect_timeout_s: for opening a connection.
+        security: the cluster token (sign requests, verify responses) and TLS
+            files (client certificate and CA for ``https://``).
     """
 
-    def __init__(self, url: str, *, timeout_s: float = 3.0, connect_timeout_s: float = 1.5) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 3.0,
+        connect_timeout_s: float = 1.5,
+        security: ClusterSecurity | None = None,
+    ) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise MetadataError(f"metadata server URL {url!r} is not http://host:port/path")
@@ -45,12 +64,22 @@ class HttpMetadataStore(MetadataStore):
         self._lock = threading.Lock()
         self._conns: list[http.client.HTTPConnection] = []
         self._closed = False
+        sec = security or ClusterSecurity()
+        key = sec.key
+        self._signer = HttpClientAuth(key, AUTH_CONTEXT) if key is not None else None
+        self._ssl = sec.client_ssl_context() if self._https else None
 
     def _conn(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            conn = cls(self._host, self._port, timeout=self._connect_timeout)
+            if self._https:
+                conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._connect_timeout, context=self._ssl
+                )
+            else:
+                conn = http.client.HTTPConnection(
+                    self._host, self._port, timeout=self._connect_timeout
+                )
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
@@ -72,20 +101,33 @@ class HttpMetadataStore(MetadataStore):
         if self._closed:
             raise MetadataError(f"metadata client for {self.url} is closed")
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        target = self._target(key)
         last: BaseException | None = None
         for attempt in range(2):  # one retry if a kept-alive connection went stale
             conn = self._conn()
+            signed = None
+            if self._signer is not None:  # a fresh nonce per attempt
+                signed = self._signer.sign(method, target, body or b"")
+                headers["Authorization"] = signed.authorization
             try:
                 if conn.sock is None:
                     conn.connect()
                     sock: socket.socket = conn.sock  # type: ignore[assignment]
                     sock.settimeout(self._timeout)
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                conn.request(method, self._target(key), body=body, headers=headers)
+                conn.request(method, target, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
                 if resp.will_close:
                     self._drop()
+                if signed is not None and self._signer is not None:
+                    self._check_signature(method, key, signed, resp, data)
+                elif resp.status == 401:
+                    raise AuthenticationError(
+                        f"metadata server {self.url} requires the cluster token ({method} {key}: "
+                        f"{data[:200].decode(errors='replace').strip()}); set the same "
+                        "PYMOONCAKE_CLUSTER_TOKEN here as on the server"
+                    )
                 return resp.status, data
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 self._drop()
@@ -103,6 +145,30 @@ class HttpMetadataStore(MetadataStore):
             "firewall blocks the port, and verify with `curl "
             f"'{self.url}?key=x'`. pymooncake does not use http_proxy/https_proxy for metadata"
         ) from last
+
+    def _check_signature(
+        self,
+        method: str,
+        key: str,
+        signed: SignedRequest,
+        resp: http.client.HTTPResponse,
+        data: bytes,
+    ) -> None:
+        assert self._signer is not None
+        header = resp.getheader(HTTP_SIGNATURE_HEADER)
+        if resp.status == 401 and header is None:
+            raise AuthenticationError(
+                f"metadata server {self.url} refused {method} {key}: "
+                f"{data[:300].decode(errors='replace').strip()}"
+            )
+        try:
+            self._signer.verify(signed, resp.status, data, header)
+        except HttpAuthError as exc:
+            raise AuthenticationError(
+                f"metadata server {self.url} ({method} {key}): {exc}. Fix: set the same "
+                "PYMOONCAKE_CLUSTER_TOKEN on the metadata server (mooncake_http_metadata_server, "
+                "or the master that embeds it) as on this engine"
+            ) from exc
 
     def get(self, key: str) -> bytes | None:
         status, data = self._request("GET", key)

@@ -8,8 +8,14 @@ Python and C++ servers)::
     DELETE /metadata?key=K   200 metadata deleted | 404 metadata not found
     GET    /health           200 OK
 
-The key is percent-decoded and stripped of surrounding whitespace; a missing or
-blank key is 400 ``metadata key is required`` whatever the method.  Other
+The key is percent-decoded (strict UTF-8) and stripped of surrounding
+whitespace; a missing or blank key is 400 ``metadata key is required`` whatever
+the method, a key longer than :data:`MAX_KEY_CHARS` or holding a lone
+surrogate is 400 too.  A PUT body stored under an engine key (``mooncake/...``:
+descriptors and rpc_meta entries, always JSON) must be strict JSON (no
+NaN/Infinity, at most 32 levels deep, no lone surrogates): otherwise 400 and
+nothing is stored, so one bad writer cannot plant a value that breaks the
+engines reading it.  Other keys hold any bytes, as on the reference servers.  Other
 methods on ``/metadata`` get 405.  A key containing ``rpc_meta`` may be
 written once: re-PUTting the same bytes is 200 ``metadata unchanged``,
 different bytes 400 ``Duplicate rpc_meta key not allowed`` (two engines
@@ -19,6 +25,12 @@ claiming one segment name).  Every ``/metadata`` response is
 :meth:`MetadataServer.handle_metadata` makes the decisions without any I/O;
 :meth:`MetadataServer.handle` routes an :class:`HttpRequest` to it and is the
 handler given to :class:`~pymooncake._httpd.HttpServer`.
+
+With a cluster token (``security=ClusterSecurity(token=...)`` given to
+:meth:`MetadataServer.http_server` / :meth:`MetadataServer.serve`) every request
+but ``/health`` needs a valid ``Mooncake-HMAC`` signature (context
+``b"http-metadata"``): nobody without the token can read, forge or delete a
+descriptor.
 """
 
 from __future__ import annotations
@@ -28,9 +40,12 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
+from ..._authio import ClusterSecurity, HttpAuth, warn_weak
 from ..._httpd import HttpLimits, HttpRequest, HttpResponse, HttpServer, ThreadedHttpServer
+from ...errors import MalformedMessage
+from ...wire._rpc import loads_json
 
-__all__ = ["DEFAULT_METADATA_PATH", "MetadataServer"]
+__all__ = ["AUTH_CONTEXT", "DEFAULT_METADATA_PATH", "MAX_KEY_CHARS", "MetadataServer"]
 
 log = logging.getLogger("pymooncake.metadata.server")
 
@@ -40,6 +55,12 @@ DEFAULT_METADATA_PATH: Final = "/metadata"
 DEFAULT_HEALTH_PATH: Final = "/health"
 
 _JSON: Final = "application/json"
+#: the HMAC context of metadata requests (clients sign with the same)
+AUTH_CONTEXT: Final = b"http-metadata"
+#: keys the engines write (descriptors, rpc_meta): their values must be JSON
+ENGINE_KEY_PREFIX: Final = "mooncake/"
+#: longest key accepted; real keys are ``mooncake/<cluster>/ram/<host:port>`` (< 300)
+MAX_KEY_CHARS: Final = 4096
 
 
 def _reply(status: int, text: str) -> HttpResponse:
@@ -116,6 +137,15 @@ class MetadataServer:
         key = (key or "").strip()
         if not key:
             return _reply(400, "metadata key is required")
+        problem = _key_problem(key)
+        if problem is not None:
+            return _reply(400, problem)
+        if method == "PUT" and key.startswith(ENGINE_KEY_PREFIX):
+            try:
+                loads_json(body, f"value of {key[:200]!r}")
+            except MalformedMessage as exc:
+                log.warning("refused PUT %s: %s", key[:200], exc)
+                return _reply(400, str(exc))
         action = self._methods.get(method)
         if action is None:
             return HttpResponse(
@@ -173,14 +203,48 @@ class MetadataServer:
 
     # --- running ------------------------------------------------------------------
 
+    def _auth(self, security: ClusterSecurity | None) -> HttpAuth:
+        key = security.key if security is not None else None
+        warn_weak(key, "HTTP metadata server")
+        return HttpAuth(
+            key, AUTH_CONTEXT, open_paths=(self._health_path,), name="HTTP metadata server"
+        )
+
     def http_server(
-        self, host: str = "127.0.0.1", port: int = 0, *, limits: HttpLimits | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        limits: HttpLimits | None = None,
+        security: ClusterSecurity | None = None,
     ) -> HttpServer:
-        """An (unstarted) :class:`HttpServer` serving this store on the current loop."""
-        return HttpServer(self.handle, host, port, limits=limits, name="HTTP metadata server")
+        """An (unstarted) :class:`HttpServer` serving this store on the current loop.
+
+        Args:
+            security: the cluster token (required on every request but
+                ``/health``) and TLS files (HTTPS); None or no token: open.
+
+        Raises:
+            ConfigError: unreadable TLS files.
+        """
+        sec = security or ClusterSecurity()
+        return HttpServer(
+            self.handle,
+            host,
+            port,
+            limits=limits,
+            name="HTTP metadata server",
+            auth=self._auth(security),
+            ssl=sec.server_ssl_context(),
+        )
 
     def serve(
-        self, host: str = "127.0.0.1", port: int = 0, *, limits: HttpLimits | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        limits: HttpLimits | None = None,
+        security: ClusterSecurity | None = None,
     ) -> ThreadedHttpServer:
         """Serve this store from a background thread; returns once listening.
 
@@ -189,12 +253,31 @@ class MetadataServer:
         Raises:
             PortInUse: the port is taken ("bind address already in use: port N ...").
             PeerSocketError / DnsError: ``host`` is not usable.
+            ConfigError: unreadable TLS files.
         """
+        sec = security or ClusterSecurity()
         server = ThreadedHttpServer(
-            self.handle, host, port, limits=limits, name="HTTP metadata server"
+            self.handle,
+            host,
+            port,
+            limits=limits,
+            name="HTTP metadata server",
+            auth=self._auth(security),
+            ssl=sec.server_ssl_context(),
         )
         return server.start()
 
     def url(self, server: HttpServer | ThreadedHttpServer) -> str:
         """The metadata URL engines use for ``server``, e.g. ``http://127.0.0.1:8080/metadata``."""
         return server.url + self._path
+
+
+def _key_problem(key: str) -> str | None:
+    if len(key) > MAX_KEY_CHARS:
+        return f"metadata key of {len(key)} characters exceeds the limit of {MAX_KEY_CHARS}"
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            return "metadata key contains a lone surrogate; keys must be valid Unicode"
+    return None

@@ -30,24 +30,31 @@ class LocalTransport(Transport):
     def execute(
         self, peer: Peer, slices: Sequence[Slice], deadline: float, on_done: SliceCallback
     ) -> None:
-        find = self._registry.find_remote
-        for s in slices:
-            n = s.length
-            if n == 0:
+        registry = self._registry
+        slot = registry.new_slot()  # unregister waits for the copy in progress
+        try:
+            for s in slices:
+                n = s.length
+                if n == 0:
+                    on_done(s, None)
+                    continue
+                region = registry.pin(slot, s.remote_addr, n)
+                if region is None:
+                    on_done(
+                        s,
+                        PeerRejected(
+                            f"address {s.remote_addr:#x} with size {n} is not within any buffer "
+                            f"registered in the local segment {peer.name!r}"
+                        ),
+                    )
+                    continue
+                try:
+                    region.copy(s.remote_addr, s.local, s.is_write)
+                finally:
+                    slot.region = None
                 on_done(s, None)
-                continue
-            region = find(s.remote_addr, n)
-            if region is None:
-                on_done(
-                    s,
-                    PeerRejected(
-                        f"address {s.remote_addr:#x} with size {n} is not within any buffer "
-                        f"registered in the local segment {peer.name!r}"
-                    ),
-                )
-                continue
-            region.copy(s.remote_addr, s.local, s.is_write)
-            on_done(s, None)
+        finally:
+            registry.drop_slot(slot)
 
     def close(self) -> None:
         pass

@@ -25,6 +25,15 @@ Mappings are cached per peer and dropped when the owner unregisters the
 buffer (its fd leaves the page) or the process exits (a ``pidfd`` becomes
 readable); a peer that died during a transfer fails it instead of reporting
 success for bytes nobody will ever read.
+
+Unregistering waits for copies in flight, across processes, with open-file-
+description locks (``F_OFD_SETLK``) on the owner's registry page, one byte per
+buffer (offset = the buffer's address): a peer holds a *shared* lock on that
+byte while it copies (taken before the copy, after which it checks the page
+again), and the owner, having removed the buffer from the page, takes an
+*exclusive* lock on it -- which it gets only once every copy that could still
+see the buffer is done.  Threads of one process share one lock per buffer
+(counted), since such locks belong to the open file, not the thread.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import bisect
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -40,6 +50,7 @@ import secrets
 import select
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -61,6 +72,27 @@ _ENTRY: Final = struct.Struct("<QQiI")  # addr, length, fd, flags
 _CAPACITY: Final = 16384
 _PAGE_BYTES: Final = _HEADER.size + _CAPACITY * _ENTRY.size
 _FIELD: Final = "pymooncake_shm"
+#: struct flock (x86-64 / aarch64): type, whence, start, len, pid (+ padding)
+_FLOCK: Final = struct.Struct("hhqqi4x")
+_OFD_SETLK: Final = getattr(fcntl, "F_OFD_SETLK", None)
+_OFD_SETLKW: Final = getattr(fcntl, "F_OFD_SETLKW", None)
+
+
+def _ofd_lock(fd: int, kind: int, start: int, *, wait: bool) -> bool:
+    """Lock (``F_RDLCK``/``F_WRLCK``) or unlock (``F_UNLCK``) byte ``start`` of ``fd``.
+
+    Returns False when ``wait`` is off and another lock conflicts.
+    """
+    if _OFD_SETLK is None or _OFD_SETLKW is None:  # pragma: no cover - not Linux
+        return True
+    data = _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0)
+    try:
+        fcntl.fcntl(fd, _OFD_SETLKW if wait else _OFD_SETLK, data)
+    except OSError as exc:
+        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def host_identity() -> str:
@@ -103,6 +135,18 @@ class RegistryPage:
             _HEADER.pack_into(
                 mm, 0, _MAGIC, self._seq, min(len(shared), _CAPACITY), int(overflow), self._token
             )
+
+    def quiesce(self, addr: int, deadline: float) -> bool:
+        """Wait until no peer copies to/from the buffer at ``addr`` (already gone
+        from the page); False if a peer still holds it at ``deadline``."""
+        delay = 0.0002
+        while not _ofd_lock(self.fd, fcntl.F_WRLCK, addr, wait=False):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+        _ofd_lock(self.fd, fcntl.F_UNLCK, addr, wait=False)
+        return True
 
     def close(self) -> None:
         self._mm.close()
@@ -259,6 +303,10 @@ class _PeerState:
     page: _PeerPage
     pidfd: int
     maps: dict[tuple[int, int], int]  # (fd, length) -> mapped address
+    #: our own open file of the peer's registry page, for the copy locks
+    lock_fd: int = -1
+    #: buffer address -> threads of this process copying to/from it (one OFD lock each)
+    shared: dict[int, int] = field(default_factory=dict)
     pvm_ok: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: executes in flight; mappings are unmapped only when it drops to zero
@@ -338,8 +386,13 @@ class ShmTransport(Transport):
             if page.token != token:
                 page.close()
                 raise OSError("the registry page at that pid/fd belongs to another process")
+            try:
+                lock_fd = os.open(f"/proc/{pid}/fd/{int(info['fd'])}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                page.close()
+                raise
             pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else -1
-            state = _PeerState(pid, page, pidfd, {})
+            state = _PeerState(pid, page, pidfd, {}, lock_fd)
         except (OSError, ValueError) as exc:
             self._notes(
                 f"attach:{pid}",
@@ -411,6 +464,9 @@ class ShmTransport(Transport):
         if state.pidfd >= 0:
             os.close(state.pidfd)
             state.pidfd = -1
+        if state.lock_fd >= 0:
+            os.close(state.lock_fd)  # drops any lock still held
+            state.lock_fd = -1
 
     def _enter(self, state: _PeerState) -> bool:
         with state.lock:
@@ -449,6 +505,37 @@ class ShmTransport(Transport):
 
     # --- transfers -------------------------------------------------------------------
 
+    def _share(self, state: _PeerState, addr: int) -> None:
+        """Hold the peer's buffer at ``addr`` against its unregistering (counted)."""
+        with state.lock:
+            n = state.shared.get(addr, 0)
+            if n == 0:
+                _ofd_lock(state.lock_fd, fcntl.F_RDLCK, addr, wait=True)
+            state.shared[addr] = n + 1
+
+    def _unshare(self, state: _PeerState, addr: int) -> None:
+        with state.lock:
+            n = state.shared[addr] - 1
+            if n:
+                state.shared[addr] = n
+                return
+            del state.shared[addr]
+            _ofd_lock(state.lock_fd, fcntl.F_UNLCK, addr, wait=False)
+
+    def quiesce(self, region: Region, *, drain_s: float) -> None:
+        """Wait for same-host peers copying to/from ``region`` (see the module docstring)."""
+        page = self._page
+        if page is None or not region.remote_accessible:
+            return
+        if not page.quiesce(region.addr, time.monotonic() + drain_s + 10.0):
+            log.error(
+                "unregister [%#x, +%d): a same-host peer process still copies to/from it after "
+                "%.0f s (is it stopped or hung?); continuing",
+                region.addr,
+                region.length,
+                drain_s + 10.0,
+            )
+
     def execute(
         self, peer: Peer, slices: Sequence[Slice], deadline: float, on_done: SliceCallback
     ) -> None:
@@ -456,9 +543,12 @@ class ShmTransport(Transport):
         if state is None or not self._enter(state):
             self._to_fallback(peer, list(slices), deadline, on_done)
             return
+        held: set[int] = set()
         try:
-            self._execute(state, peer, slices, deadline, on_done)
+            self._execute(state, peer, slices, deadline, on_done, held)
         finally:
+            for addr in held:
+                self._unshare(state, addr)
             self._leave(state)
 
     def _execute(
@@ -468,6 +558,7 @@ class ShmTransport(Transport):
         slices: Sequence[Slice],
         deadline: float,
         on_done: SliceCallback,
+        held: set[int],
     ) -> None:
         pid = state.pid
         fallback: list[Slice] = []
@@ -479,8 +570,14 @@ class ShmTransport(Transport):
                 continue
             try:
                 entry = state.page.find(s.remote_addr, n)
-            except PeerSocketError as exc:
-                finished.append((s, exc))
+                if entry is not None and entry.addr not in held:
+                    self._share(state, entry.addr)
+                    held.add(entry.addr)
+                    # the owner may have unregistered it before our lock: look again
+                    if state.page.find(s.remote_addr, n) != entry:
+                        entry = None
+            except (PeerSocketError, OSError) as exc:
+                finished.append((s, PeerSocketError(f"same-host peer pid {pid}: {exc}")))
                 continue
             if entry is None:
                 finished.append(
