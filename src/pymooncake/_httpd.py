@@ -80,6 +80,8 @@ _CLOSE_TIMEOUT_S: Final = 2.0
 #: after an error response: how long, and how many bytes, to read and discard
 _LINGER_S: Final = 2.0
 _LINGER_MAX_BYTES: Final = 4 << 20
+#: a connection refused at the cap is aborted this long after its 503 was sent
+_REFUSE_LINGER_S: Final = 0.5
 #: how long ThreadedHttpServer.close() waits for its thread
 _JOIN_TIMEOUT_S: Final = 10.0
 
@@ -155,6 +157,7 @@ class HttpServer:
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._closing = False
         self._buffered = 0
+        self._refusing: set[asyncio.StreamWriter] = set()
         self._log = RepeatLimiter(log)
         #: connections refused at the cap, requests refused for the buffer limit
         #: or a deadline (counters for tests and operators)
@@ -243,8 +246,9 @@ class HttpServer:
         # Abort the connections first: their handlers then end on their own.
         # (Cancelling the tasks directly makes asyncio's stream callback log a
         # CancelledError traceback on Python 3.11.)
-        for writer in list(self._connections.values()):
+        for writer in [*self._connections.values(), *self._refusing]:
             writer.transport.abort()
+        self._refusing.clear()
         tasks = list(self._connections)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=5)
@@ -275,9 +279,14 @@ class HttpServer:
                 len(self._connections),
             )
             busy = HttpResponse.of_text(503, f"{self._name} is at its connection limit; retry\n")
-            with contextlib.suppress(ConnectionError, OSError, ValueError):
+            with contextlib.suppress(ConnectionError, OSError, ValueError, RuntimeError):
                 writer.write(encode_response(busy, keep_alive=False))
-            await self._close_writer(writer)
+                if writer.can_write_eof():
+                    writer.write_eof()
+            # closing with the request unread would reset the connection and lose the
+            # 503: abort a moment later instead, without a task per refused client
+            self._refusing.add(writer)
+            asyncio.get_running_loop().call_later(_REFUSE_LINGER_S, self._drop_refused, writer)
             return
         self._connections[task] = writer
         try:
@@ -287,6 +296,10 @@ class HttpServer:
         finally:
             self._connections.pop(task, None)
             await self._close_writer(writer)
+
+    def _drop_refused(self, writer: asyncio.StreamWriter) -> None:
+        self._refusing.discard(writer)
+        writer.transport.abort()
 
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
