@@ -66,7 +66,7 @@ from ._memory import (
 )
 from ._request import TransferOpcode, TransferRequest, TransferStatus
 from ._rpc import RpcServer, rpc_call
-from ._segments import SegmentDirectory
+from ._segments import SegmentDirectory, check_name
 from .metadata import MetadataStore, connect_metadata, parse_metadata_target
 from .transports import Peer, Slice, Transport, TransportContext, create_transport
 from .transports import unavailable_reason as _unavailable_reason
@@ -81,17 +81,6 @@ LOCAL_SEGMENT_ID = 0
 #: bytes charged per queued notification beyond its two strings (object overhead)
 _NOTIFY_OVERHEAD = 64
 _warned_loopback: set[str] = set()
-
-
-def _check_name(name: str, what: str) -> None:
-    """Names end up in JSON and URLs: refuse what cannot be encoded there."""
-    if not name.isascii():
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidArgument(
-                f"{what} {name[:80]!r} contains a lone surrogate; names must be valid Unicode"
-            ) from None
 
 
 class TransferEngine(MemoryOps):
@@ -175,7 +164,7 @@ class TransferEngine(MemoryOps):
 
     def _start(self, local_hostname: str, store: MetadataStore | None) -> None:
         cfg = self.config
-        _check_name(local_hostname, "local_hostname")
+        check_name(local_hostname, "local_hostname")
         host, name_port = split_host_port(local_hostname)
         p2p = store is None
         if cfg.legacy_rpc_port_binding:
@@ -385,6 +374,7 @@ class TransferEngine(MemoryOps):
         name = name.lstrip("/")
         if name == self.segment_name:
             return LOCAL_SEGMENT_ID
+        check_name(name, "segment name")
         self.segment(name)
         with self._handle_lock:
             handle = self._handles.get(name)
@@ -397,7 +387,6 @@ class TransferEngine(MemoryOps):
 
     def segment_name_of(self, target: str | int) -> str:
         if isinstance(target, str):
-            _check_name(target, "segment name")
             return target.lstrip("/")
         if target == LOCAL_SEGMENT_ID:
             return self.segment_name

@@ -39,9 +39,24 @@ from ._rpc import rpc_call
 from .metadata import MetadataStore
 from .transports import Peer
 
-__all__ = ["SegmentDirectory", "not_found_message"]
+__all__ = ["SegmentDirectory", "check_name", "not_found_message"]
 
 log = logging.getLogger("pymooncake.segments")
+
+
+def check_name(name: str, what: str) -> None:
+    """Names end up in JSON and URLs: refuse what cannot be encoded there.
+
+    Raises:
+        InvalidArgument: the name holds a lone surrogate.
+    """
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgument(
+                f"{what} {name[:80]!r} contains a lone surrogate; names must be valid Unicode"
+            ) from None
 
 
 def not_found_message(name: str, detail: str, p2p: bool) -> str:
@@ -130,6 +145,7 @@ class SegmentDirectory:
                 peer = self._cache.get(name)
             if peer is not None:
                 return peer
+        check_name(name, "segment name")  # (a cached name was checked when it was fetched)
         peer = self._fetch_p2p(name) if self._store is None else self._fetch_store(name)
         with self._lock:
             self._cache[name] = peer

@@ -41,14 +41,13 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Final
 
 from ..._authio import describe_failure
 from ..._logging import RepeatLimiter
 from ..._net import bind_listener, set_io_timeout
 from ...wire import HEADER, OPCODE_WRITE, STATUS, STATUS_ADDR_REJECTED, STATUS_OK, V2_FLAG
-from ...wire._auth import MAGIC_U64, ClusterKey, ServerHandshake, no_token_reply
+from ...wire._auth import MAGIC_U64, ClusterKey, FailureKind, ServerHandshake, no_token_reply
 from ...wire._tcp import STATUS_AUTH_REQUIRED
 from .._memory import Region, UseSlot
 from ._base import TransportContext
@@ -91,7 +90,7 @@ _unpack_header = HEADER.unpack_from
 class _Conn:
     """One accepted connection (parked, in a handshake, or with a worker)."""
 
-    __slots__ = ("addr", "draining", "first", "handshake", "host", "leftover", "sock")
+    __slots__ = ("addr", "draining", "handshake", "host", "leftover", "sock")
 
     def __init__(self, sock: socket.socket, addr: Any) -> None:
         self.sock = sock
@@ -100,7 +99,6 @@ class _Conn:
         self.leftover = b""
         self.handshake: ServerHandshake | None = None
         self.draining = -1  # bytes discarded after a refusal; -1: not draining
-        self.first = True  # no request seen yet (without a key, a HELLO may come)
 
     def close(self) -> None:
         try:
@@ -281,7 +279,6 @@ class DataServer:
             set_io_timeout(sock, self._io_timeout)  # sends give up after this
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _LINGER_TV)
             if self._key is not None:
-                conn.first = False
                 conn.handshake = ServerHandshake(self._key, AUTH_CONTEXT)
                 deadlines[conn] = time.monotonic() + self._auth_timeout
             sel.register(sock, selectors.EVENT_READ, conn)
@@ -326,7 +323,7 @@ class DataServer:
                 describe_failure(hs.failed, port=f"data port {self.port}", peer=str(conn.addr)),
             )
             conn.handshake = None
-            if data and hs.failed.kind.value == "unauthenticated":
+            if data and hs.failed.kind is FailureKind.UNAUTHENTICATED:
                 # a peer without the token sent a request: say so in its own protocol
                 try:
                     conn.sock.send(_AUTH_REQUIRED_BYTES, socket.MSG_DONTWAIT)
@@ -467,24 +464,6 @@ class DataServer:
             with self._lock:
                 self._active.pop(me, None)
 
-    def _next_header(
-        self, reader: SocketReader, greedy: bool, served: int, flush: Callable[[], None]
-    ) -> bool:
-        """Wait a little for the next header: False when none came (park the
-        connection).  The wait is one blocking ``recv`` that the connection's short
-        receive timeout (:data:`_LINGER_S`) ends; no wait at all while other
-        connections are queued for a worker."""
-        if self._work:
-            return served < _FAIR_REQUESTS and reader.fill_nowait(_HEADER_SIZE, greedy)
-        reader.patience = None
-        try:
-            reader.ensure(_HEADER_SIZE, greedy)  # flushes (before_block) if it must wait
-        except BlockingIOError:
-            return False
-        finally:
-            reader.patience = self._io_timeout
-        return True
-
     def _serve(self, conn: _Conn, reader: SocketReader, slot: UseSlot) -> bool:
         """Serve requests on ``conn``; True when it went idle (park it), False when
         it ended (close it)."""
@@ -492,10 +471,14 @@ class DataServer:
         out: list[Buffer] = []
         out_bytes = 0
         out_region: Region | None = None  # region viewed by READ replies in ``out``
-        cur_region: Region | None = None  # region of the request in progress
-        find = self._registry.find_remote
         pin = self._registry.pin
+        work = self._work
+        no_key = self._key is None
 
+        # ``slot.region`` stays set between requests (cheaper than clearing it after
+        # each one); it is cleared when the connection parks, so an unregister waits
+        # at most one linger for an idle connection.  flush() leaves it alone: it
+        # also runs in the middle of a WRITE payload (before the reader waits).
         def flush() -> None:
             nonlocal out_bytes, out_region
             if out:
@@ -503,39 +486,49 @@ class DataServer:
                 out.clear()
                 out_bytes = 0
             out_region = None
-            slot.region = cur_region
+
+        def park() -> bool:
+            flush()
+            slot.region = None
+            conn.leftover = reader.detach()
+            return True
 
         reader.attach(sock, conn.leftover, flush, lambda: bool(out))
-        reader.patience = self._io_timeout
+        patience = reader.patience = self._io_timeout
         conn.leftover = b""
         buf = reader.buffer
         served = 0
         greedy = True
         try:
             while True:
-                if reader.available < _HEADER_SIZE and not self._next_header(
-                    reader, greedy, served, flush
-                ):
-                    flush()
-                    conn.leftover = reader.detach()
-                    return True
-                off = reader.take(_HEADER_SIZE, greedy)
+                if work:  # others wait for a worker: no lingering
+                    if served >= _FAIR_REQUESTS or not reader.fill_nowait(_HEADER_SIZE, greedy):
+                        return park()
+                    off = reader.take(_HEADER_SIZE, greedy)
+                else:
+                    # served from the buffer, or one blocking recv that the short
+                    # SO_RCVTIMEO (_LINGER_S) ends; replies are flushed before waiting
+                    reader.patience = None
+                    try:
+                        off = reader.take(_HEADER_SIZE, greedy)
+                    except BlockingIOError:
+                        return park()
+                    reader.patience = patience
                 size, raddr, opcode = _unpack_header(buf, off)
-                if conn.first:
-                    conn.first = False
-                    if size == MAGIC_U64:
-                        self._refuse_hello(conn)
-                        return False
                 v2 = opcode & V2_FLAG
                 is_write = (opcode & ~V2_FLAG) == OPCODE_WRITE
-                if out_region is not None and find(raddr, size) is not out_region:
+                if out_region is not None and not (
+                    out_region.addr <= raddr and raddr + size <= out_region.end
+                ):
                     flush()  # replies must leave before another region is pinned
                 region = pin(slot, raddr, size)
                 if region is None:
+                    if no_key and size == MAGIC_U64 and not served:
+                        self._refuse_hello(conn)  # a HELLO: the peer wants a token
+                        return False
                     self._reject(conn, sock, raddr, size, v2, is_write, out)
                     flush()
                     return False
-                cur_region = region
                 view = region.slice(raddr, size)
                 if is_write:
                     reader.readinto(view)
@@ -550,10 +543,8 @@ class DataServer:
                     out.append(view)
                     out_region = region
                     out_bytes += size
-                cur_region = None
-                slot.region = out_region
-                if out_bytes >= _FLUSH_BYTES or len(out) >= _FLUSH_IOVECS:
-                    flush()
+                    if out_bytes >= _FLUSH_BYTES or len(out) >= _FLUSH_IOVECS:
+                        flush()
                 served += 1
         except (PeerClosed, ConnectionError):
             return False
