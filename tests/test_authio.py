@@ -172,3 +172,20 @@ def test_security_config_from_env() -> None:
         ClusterSecurity(
             tls_cert_file="/nonexistent.pem", tls_key_file="/k.pem", tls_ca_file="/ca.pem"
         ).server_ssl_context()
+
+
+def test_first_request_pipelined_behind_proof() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        got: list[bytes] = []
+
+        def serve() -> None:
+            server_handshake(b, KEY, b"te-rpc", timeout_s=5, port="p", peer="a")
+            got.append(b.recv(100))  # read only after the proof checked out
+
+        t, errors = _in_thread(serve)
+        client_handshake(
+            a, KEY, b"te-rpc", timeout_s=5, port="p", peer="b", first_request=b"GET-ME"
+        )
+        t.join()
+        assert not errors and got == [b"GET-ME"]

@@ -350,12 +350,20 @@ def rpc_call(
                     f"TLS with {what} at {addr} failed: {exc}; both sides need certificates "
                     "from the same cluster CA (PYMOONCAKE_TLS_CERT/_KEY/_CA)"
                 ) from exc
+        request = encode_frame_json(msg_type, body)
         if key is not None:
             client_handshake(
-                sock, key, AUTH_CONTEXT, timeout_s=min(timeout_s, 30.0), port=what, peer=addr
+                sock,
+                key,
+                AUTH_CONTEXT,
+                timeout_s=min(timeout_s, 30.0),
+                port=what,
+                peer=addr,
+                first_request=request,
             )
         sock.settimeout(timeout_s)
-        sock.sendall(encode_frame_json(msg_type, body))
+        if key is None:
+            sock.sendall(request)
         decoder = FrameDecoder(max_frame)
         while True:
             frame = decoder.next_frame()
