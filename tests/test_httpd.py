@@ -307,3 +307,23 @@ def test_connection_cap_and_body_budget_on_the_generic_server() -> None:
             big.sendall(b"POST / HTTP/1.1\r\nContent-Length: 2000\r\n\r\n")
             assert _read_all(big).startswith(b"HTTP/1.1 503 ")
         assert server.server.refused_busy == 1 and server.server.buffered_bytes == 0
+
+
+def test_a_client_that_never_reads_its_response_is_dropped() -> None:
+    big = b"x" * (8 << 20)
+
+    async def large(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, big)
+
+    with ThreadedHttpServer(large, limits=HttpLimits(body_timeout_s=0.3)) as server:
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while server.server.timed_out == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.server.timed_out == 1
+            assert server.server.connections == 0
+        finally:
+            s.close()

@@ -104,7 +104,8 @@ class HttpLimits:
             opening) to the end of its headers; libcurl sends a request in one
             write, so 10 s only ever bites slow or hostile clients.
         body_timeout_s: from the end of the headers to the end of the body;
-            60 s lets a 64 MiB body arrive at ~1 MB/s.
+            60 s lets a 64 MiB body arrive at ~1 MB/s.  A response the client does
+            not read for this long ends the connection too.
         max_buffered_bytes: request bodies buffered by all connections
             together; a request that would exceed it gets 503 before its body
             is read.  256 MiB = four maximal bodies, or thousands of real
@@ -481,7 +482,15 @@ class HttpServer:
                 fallback, keep_alive=keep_alive, include_body=include_body, date=date
             )
         writer.write(payload)
-        await writer.drain()
+        if writer.transport.get_write_buffer_size():
+            # a client that does not read its response must not hold the connection
+            try:
+                await asyncio.wait_for(writer.drain(), self._limits.body_timeout_s)
+            except asyncio.TimeoutError:
+                self.timed_out += 1
+                raise ConnectionError(
+                    f"the client did not read its response within {self._limits.body_timeout_s:g} s"
+                ) from None
 
     async def _close_writer(self, writer: asyncio.StreamWriter) -> None:
         if self._closing:
