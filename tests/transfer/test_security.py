@@ -368,3 +368,24 @@ def test_surrogate_segment_names_are_refused(config: EngineConfig) -> None:
 def test_cluster_key_equality_is_what_the_engine_uses(config: EngineConfig) -> None:
     assert _cfg(config, TOKEN).security.key == ClusterKey(TOKEN)
     assert TOKEN not in repr(_cfg(config, TOKEN))
+
+
+def test_token_from_the_environment_of_another_process(config: EngineConfig) -> None:
+    """A peer process started with PYMOONCAKE_CLUSTER_TOKEN (EngineConfig.from_env)."""
+    import hashlib
+
+    from pymooncake.testing._target import spawn_target
+
+    proc = spawn_target({"PYMOONCAKE_CLUSTER_TOKEN": TOKEN, "PYMOONCAKE_SAME_HOST": "0"})
+    ok = TransferEngine(LOCAL, config=_cfg(config, TOKEN).replace(same_host_transport=False))
+    bad = TransferEngine(LOCAL, config=_cfg(config).replace(same_host_transport=False))
+    try:
+        ok.write(proc.segment, bytearray(b"q" * 4096), proc.plain)
+        assert proc.digest("plain", 0, 4096) == hashlib.sha256(b"q" * 4096).hexdigest()
+        with pytest.raises(MooncakeError, match="PYMOONCAKE_CLUSTER_TOKEN"):
+            bad.write(proc.segment, bytearray(b"z" * 4096), proc.plain)
+        assert proc.digest("plain", 0, 4096) == hashlib.sha256(b"q" * 4096).hexdigest()
+    finally:
+        ok.close()
+        bad.close()
+        proc.close()
