@@ -438,3 +438,33 @@ def test_metadata_aggregate_body_budget() -> None:
         finally:
             first.close()
         assert eventually(lambda: server.buffered_bytes == 0)
+
+
+def test_fair_turns_never_strand_buffered_requests(config: EngineConfig) -> None:
+    """One worker, two connections pipelining 1000 READs each: the worker takes turns
+    between them and every request is answered (a connection parked while its
+    requests sat in the worker's buffer would wait for its socket forever)."""
+    e = TransferEngine(LOCAL, config=config.replace(data_workers=1))
+    try:
+        region = e.allocate(1 << 16)
+        region.view[:8] = b"abcdefgh"
+        port = e.transport("tcp").data_port
+        n = 1000
+        burst = encode_header(8, region.addr, is_write=False, v2=True) * n
+        socks = [socket.create_connection((LOCAL, port), timeout=10) for _ in range(2)]
+        try:
+            for s in socks:
+                s.sendall(burst)
+            for s in socks:
+                want = n * 16
+                got = bytearray()
+                while len(got) < want:
+                    chunk = s.recv(65536)
+                    assert chunk, f"closed after {len(got)} of {want} bytes"
+                    got += chunk
+                assert bytes(got) == (STATUS.pack(STATUS_OK) + b"abcdefgh") * n
+        finally:
+            for s in socks:
+                s.close()
+    finally:
+        e.close()

@@ -388,6 +388,9 @@ class DataServer:
                 if not self._returned:
                     return
                 conn = self._returned.popleft()
+            if len(conn.leftover) >= _HEADER_SIZE:  # a whole request waits: serve it now
+                self._dispatch(conn)
+                continue
             if conn.leftover:
                 deadlines[conn] = time.monotonic() + self._io_timeout
             try:
@@ -501,8 +504,12 @@ class DataServer:
         greedy = True
         try:
             while True:
-                if work:  # others wait for a worker: no lingering
-                    if served >= _FAIR_REQUESTS or not reader.fill_nowait(_HEADER_SIZE, greedy):
+                if work:  # others wait for a worker: no lingering, and take turns
+                    # (yield only with nothing buffered: the reactor waits for the socket,
+                    # it would never see requests held in this reader)
+                    if (served >= _FAIR_REQUESTS and not reader.available) or not (
+                        reader.fill_nowait(_HEADER_SIZE, greedy)
+                    ):
                         return park()
                     off = reader.take(_HEADER_SIZE, greedy)
                 else:
