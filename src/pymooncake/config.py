@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from .errors import ConfigError
@@ -111,6 +111,11 @@ class EngineConfig:
     #: PYMOONCAKE_SAME_HOST (default on): same-host peers copy through shared
     #: memory / process_vm_* instead of TCP
     same_host_transport: bool = True
+    #: MC_REDIS_USERNAME / MC_REDIS_PASSWORD (AUTH) and MC_REDIS_DB_INDEX (SELECT,
+    #: 0-255) for a redis:// metadata server
+    redis_username: str = ""
+    redis_password: str = field(default="", repr=False)
+    redis_db_index: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.rpc_port_min <= self.rpc_port_max < 65536:
@@ -126,6 +131,8 @@ class EngineConfig:
             raise ConfigError("lanes_per_peer must be at least 1")
         if self.async_workers < 1:
             raise ConfigError("async_workers must be at least 1")
+        if not 0 <= self.redis_db_index <= 255:
+            raise ConfigError(f"redis_db_index {self.redis_db_index} is outside 0..255")
 
     def replace(self, **changes: object) -> EngineConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -177,4 +184,7 @@ class EngineConfig:
             same_host_transport=parse_bool_env(
                 "PYMOONCAKE_SAME_HOST", env.get("PYMOONCAKE_SAME_HOST", "1")
             ),
+            redis_username=env.get("MC_REDIS_USERNAME", ""),
+            redis_password=env.get("MC_REDIS_PASSWORD", ""),
+            redis_db_index=_int_env(env, "MC_REDIS_DB_INDEX", 0, 0, 255),
         )
