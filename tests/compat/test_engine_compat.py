@@ -355,7 +355,9 @@ def test_initialize_with_unreachable_etcd_says_error_from_etcd_client(
         finally:
             engine.close()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any("Error from etcd client" in m and server.split("//")[-1] in m for m in errors), errors
+    assert any("Error from etcd client" in m and server.split("//")[-1] in m for m in errors), (
+        errors
+    )
 
 
 def test_legacy_rpc_port_binding_with_port_in_use(

@@ -64,6 +64,11 @@ def _key(key: Key) -> bytes:
     return key.encode() if isinstance(key, str) else bytes(key)
 
 
+def _show(key: bytes | str) -> str:
+    """A key as text for messages."""
+    return key if isinstance(key, str) else key.decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True)
 class CreateResult:
     """Outcome of :meth:`EtcdClient.create`.
@@ -265,7 +270,9 @@ class EtcdClient:
             keys_only,
             count_only,
         )
-        reply = self.call("/v3/kv/range", op.to_json(), what=f"get {op.key!r}", timeout_s=timeout_s)
+        reply = self.call(
+            "/v3/kv/range", op.to_json(), what=f"get {_show(op.key)}", timeout_s=timeout_s
+        )
         return _decode(RangeResult.decode, reply, "range")
 
     def get(
@@ -292,7 +299,7 @@ class EtcdClient:
             EtcdLeaseNotFound: the lease expired or was revoked.
         """
         op = OpPut(_key(key), bytes(value), lease, prev_kv)
-        reply = self.call("/v3/kv/put", op.to_json(), what=f"put {op.key!r}")
+        reply = self.call("/v3/kv/put", op.to_json(), what=f"put {_show(op.key)}")
         return _decode(PutResult.decode, reply, "put")
 
     def delete(
@@ -300,7 +307,7 @@ class EtcdClient:
     ) -> DeleteResult:
         """Delete ``key`` (or ``[key, range_end)``); ``deleted`` counts the keys removed."""
         op = OpDelete(_key(key), None if range_end is None else _key(range_end), prev_kv)
-        reply = self.call("/v3/kv/deleterange", op.to_json(), what=f"delete {op.key!r}")
+        reply = self.call("/v3/kv/deleterange", op.to_json(), what=f"delete {_show(op.key)}")
         return _decode(DeleteResult.decode, reply, "delete")
 
     def delete_prefix(self, prefix: Key) -> DeleteResult:
@@ -345,7 +352,7 @@ class EtcdClient:
             [Compare.version(k, "==", 0)],
             [OpPut(k, bytes(value), lease)],
             [OpGet(k)],
-            what=f"create {k!r}",
+            what=f"create {_show(k)}",
         )
         if result.succeeded:
             return CreateResult(True, result.revision)
@@ -361,7 +368,7 @@ class EtcdClient:
         return self.txn(
             [Compare.value(k, "==", bytes(expected))],
             [OpPut(k, bytes(value), lease)],
-            what=f"compare-and-swap {k!r}",
+            what=f"compare-and-swap {_show(k)}",
         ).succeeded
 
     def compare_and_delete(
@@ -381,7 +388,7 @@ class EtcdClient:
             compare.append(Compare.mod_revision(k, "==", mod_revision))
         if not compare:
             raise InvalidArgument("compare_and_delete needs value= or mod_revision=")
-        result = self.txn(compare, [OpDelete(k)], what=f"compare-and-delete {k!r}")
+        result = self.txn(compare, [OpDelete(k)], what=f"compare-and-delete {_show(k)}")
         if not result.succeeded:
             return False
         first = result.responses[0] if result.responses else None

@@ -97,7 +97,11 @@ class Watch:
         self._lock = threading.Lock()
         self._conn: http.client.HTTPConnection | None = None
         self._streams = 0
-        self._thread = threading.Thread(target=self._run, name=f"etcd-watch-{key!r}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run,
+            name=f"etcd-watch-{key.decode('utf-8', 'backslashreplace')}",
+            daemon=True,
+        )
         self._thread.start()
 
     def __repr__(self) -> str:

@@ -151,8 +151,13 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
 # ---------------------------------------------------------------------------------
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+#: keys and values may be given as text (UTF-8) or bytes
+Bytes = bytes | str
+
+
+def _b64(data: Bytes) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.b64encode(raw).decode("ascii")
 
 
 def _unb64(obj: Mapping[str, Any], name: str) -> bytes:
@@ -366,33 +371,33 @@ class Compare:
     ``Compare.version(key, "==", 0)`` is "the key does not exist",
     ``Compare.value(key, "==", b"x")`` "it holds exactly x"."""
 
-    key: bytes
+    key: Bytes
     target: Literal["VERSION", "CREATE", "MOD", "VALUE", "LEASE"]
     op: CompareOp
-    operand: int | bytes
+    operand: int | Bytes
 
     def __post_init__(self) -> None:
         if self.op not in _CMP_RESULTS:
             raise InvalidArgument(f"etcd compare operator {self.op!r} is not one of ==, !=, >, <")
 
     @classmethod
-    def version(cls, key: bytes, op: CompareOp, version: int) -> Compare:
+    def version(cls, key: Bytes, op: CompareOp, version: int) -> Compare:
         return cls(key, "VERSION", op, version)
 
     @classmethod
-    def create_revision(cls, key: bytes, op: CompareOp, revision: int) -> Compare:
+    def create_revision(cls, key: Bytes, op: CompareOp, revision: int) -> Compare:
         return cls(key, "CREATE", op, revision)
 
     @classmethod
-    def mod_revision(cls, key: bytes, op: CompareOp, revision: int) -> Compare:
+    def mod_revision(cls, key: Bytes, op: CompareOp, revision: int) -> Compare:
         return cls(key, "MOD", op, revision)
 
     @classmethod
-    def value(cls, key: bytes, op: CompareOp, value: bytes) -> Compare:
+    def value(cls, key: Bytes, op: CompareOp, value: Bytes) -> Compare:
         return cls(key, "VALUE", op, value)
 
     @classmethod
-    def lease(cls, key: bytes, op: CompareOp, lease_id: int) -> Compare:
+    def lease(cls, key: Bytes, op: CompareOp, lease_id: int) -> Compare:
         return cls(key, "LEASE", op, lease_id)
 
     def to_json(self) -> dict[str, Any]:
@@ -410,8 +415,8 @@ class Compare:
 class OpGet:
     """A range read: one key, or ``[key, range_end)``, at ``revision`` (0: latest)."""
 
-    key: bytes
-    range_end: bytes | None = None
+    key: Bytes
+    range_end: Bytes | None = None
     revision: int = 0
     limit: int = 0
     keys_only: bool = False
@@ -439,8 +444,8 @@ class OpGet:
 class OpPut:
     """A write, attached to ``lease`` when it is not 0."""
 
-    key: bytes
-    value: bytes
+    key: Bytes
+    value: Bytes
     lease: int = 0
     prev_kv: bool = False
 
@@ -460,8 +465,8 @@ class OpPut:
 class OpDelete:
     """A delete of one key, or of ``[key, range_end)``."""
 
-    key: bytes
-    range_end: bytes | None = None
+    key: Bytes
+    range_end: Bytes | None = None
     prev_kv: bool = False
 
     def to_json(self) -> dict[str, Any]:

@@ -104,6 +104,7 @@ class RedisMetadataStore(MetadataStore):
             password=password or None,
             socket_timeout=timeout_s,
             socket_connect_timeout=connect_timeout_s,
+            protocol=2,  # RESP2, as the reference's hiredis speaks (no HELLO handshake)
         )
         self._cad = self._redis.register_script(_COMPARE_AND_DELETE)
 
@@ -124,7 +125,7 @@ class RedisMetadataStore(MetadataStore):
 
     def _auth_message(self, what: str, exc: BaseException) -> str:
         return (
-            f"Redis {self.url} refused {what}: {exc}. Set the password with MC_REDIS_PASSWORD "
+            f"Redis {self.url} refused {what}: {str(exc).rstrip('.')}. Set the password with MC_REDIS_PASSWORD "
             "(and MC_REDIS_USERNAME for an ACL user) in the environment of every Mooncake "
             "process; they must match the server's requirepass / ACL"
         )
