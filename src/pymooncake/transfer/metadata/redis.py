@@ -87,6 +87,8 @@ class RedisMetadataStore(MetadataStore):
         host, port = parse_redis_location(location)
         try:
             import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
         except ImportError:
             raise NotSupported(
                 f"metadata_server 'redis://{location}' needs the redis-py package: "
@@ -105,6 +107,9 @@ class RedisMetadataStore(MetadataStore):
             socket_timeout=timeout_s,
             socket_connect_timeout=connect_timeout_s,
             protocol=2,  # RESP2, as the reference's hiredis speaks (no HELLO handshake)
+            # one immediate retry (a pooled connection the server closed); redis-py's
+            # default backs off for seconds, which only delays the real error
+            retry=Retry(NoBackoff(), 1),
         )
         self._cad = self._redis.register_script(_COMPARE_AND_DELETE)
 
