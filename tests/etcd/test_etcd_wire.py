@@ -256,3 +256,13 @@ def test_watch_stream_errors() -> None:
         small.feed(b"x" * 11)
     err = decode_watch_message({"error": {"grpc_code": 14, "message": "no leader", "code": 14}})
     assert not isinstance(err, WatchResponse) and err.code == GrpcCode.UNAVAILABLE
+
+
+def test_the_wire_module_is_sans_io() -> None:
+    from pathlib import Path
+
+    import pymooncake._etcd._wire as wire
+
+    text = Path(wire.__file__).read_text()
+    for imp in ("import socket", "import http", "import threading", "import asyncio"):
+        assert imp not in text, imp
