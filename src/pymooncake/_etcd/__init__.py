@@ -22,12 +22,13 @@ Why the standard library and not a client package
 -------------------------------------------------
 * etcd 3.4+ serves its whole v3 API as JSON over HTTP on the client port
   (``/v3/kv/range``, ``/v3/kv/txn``, ``/v3/lease/*``, ``/v3/watch``), so a
-  client needs nothing beyond ``http.client``, ``json`` and ``base64``; this one
-  is about 1,000 lines with its tests' help, and pymooncake keeps zero runtime
-  dependencies, like the rest of the engine.
+  client needs nothing beyond ``http.client``, ``json`` and ``base64`` (this one
+  is about 1,500 lines with its docstrings), and pymooncake keeps zero runtime
+  dependencies.
 * Every gRPC client (``etcd3``, ``aetcd``, the forks) needs ``grpcio`` (a 7 MB
   wheel, 18 MB installed, built per platform) and ``protobuf``; the most used
-  one, ``etcd3`` 0.12, is unmaintained and fails to import with protobuf 4+.
+  one, ``etcd3`` 0.12, is unmaintained and fails to import with protobuf 4+;
+  ``aetcd``, the maintained one, is asyncio-only.
   ``etcd3gw`` (OpenStack) uses the same gateway but brings ``requests``,
   ``futurist`` and ``pbr``, and does not give the keep-alive deadline or the
   gap-free resumable watch that leader election needs.
@@ -38,6 +39,7 @@ Why the standard library and not a client package
 
 What it does not do: etcd authentication (user/password tokens) and client
 certificates; ``https://`` endpoints are verified with the system's CA store.
+See ``docs/metadata.md``.
 """
 
 from ._client import CreateResult, EtcdClient, Key
