@@ -23,7 +23,7 @@ Why the standard library and not a client package
 * etcd 3.4+ serves its whole v3 API as JSON over HTTP on the client port
   (``/v3/kv/range``, ``/v3/kv/txn``, ``/v3/lease/*``, ``/v3/watch``), so a
   client needs nothing beyond ``http.client``, ``json`` and ``base64`` (this one
-  is about 1,500 lines with its docstrings), and pymooncake keeps zero runtime
+  is about 2,000 lines with its docstrings), and pymooncake keeps zero runtime
   dependencies.
 * Every gRPC client (``etcd3``, ``aetcd``, the forks) needs ``grpcio`` (a 7 MB
   wheel, 18 MB installed, built per platform) and ``protobuf``; the most used
