@@ -292,22 +292,39 @@ class EtcdClient:
             p or b"\0", prefix_range_end(p), revision=revision, limit=limit, keys_only=keys_only
         )
 
-    def put(self, key: Key, value: bytes, *, lease: int = 0, prev_kv: bool = False) -> PutResult:
+    def put(
+        self,
+        key: Key,
+        value: bytes,
+        *,
+        lease: int = 0,
+        prev_kv: bool = False,
+        timeout_s: float | None = None,
+    ) -> PutResult:
         """Write ``value`` (attached to ``lease`` unless 0).
 
         Raises:
             EtcdLeaseNotFound: the lease expired or was revoked.
         """
         op = OpPut(_key(key), bytes(value), lease, prev_kv)
-        reply = self.call("/v3/kv/put", op.to_json(), what=f"put {_show(op.key)}")
+        reply = self.call(
+            "/v3/kv/put", op.to_json(), what=f"put {_show(op.key)}", timeout_s=timeout_s
+        )
         return _decode(PutResult.decode, reply, "put")
 
     def delete(
-        self, key: Key, *, range_end: Key | None = None, prev_kv: bool = False
+        self,
+        key: Key,
+        *,
+        range_end: Key | None = None,
+        prev_kv: bool = False,
+        timeout_s: float | None = None,
     ) -> DeleteResult:
         """Delete ``key`` (or ``[key, range_end)``); ``deleted`` counts the keys removed."""
         op = OpDelete(_key(key), None if range_end is None else _key(range_end), prev_kv)
-        reply = self.call("/v3/kv/deleterange", op.to_json(), what=f"delete {_show(op.key)}")
+        reply = self.call(
+            "/v3/kv/deleterange", op.to_json(), what=f"delete {_show(op.key)}", timeout_s=timeout_s
+        )
         return _decode(DeleteResult.decode, reply, "delete")
 
     def delete_prefix(self, prefix: Key) -> DeleteResult:
@@ -396,7 +413,9 @@ class EtcdClient:
 
     # --- leases -----------------------------------------------------------------
 
-    def lease_grant(self, ttl_s: int, *, lease_id: int = 0) -> LeaseGrant:
+    def lease_grant(
+        self, ttl_s: int, *, lease_id: int = 0, timeout_s: float | None = None
+    ) -> LeaseGrant:
         """A new lease of ``ttl_s`` seconds (etcd may raise it to its minimum).
 
         Not repeated once sent: a lost reply may leave an orphan lease, which
