@@ -398,12 +398,12 @@ def test_metadata_server_unreachable(config: EngineConfig) -> None:
 def test_unreachable_etcd_and_redis_are_explained(config: EngineConfig) -> None:
     import socket
 
-    pytest.importorskip("redis")
     with socket.socket() as closed:  # bound, never listening: connections are refused
         closed.bind((LOCAL, 0))
         port = closed.getsockname()[1]
         with pytest.raises(MetadataUnreachable, match=f"Error from etcd client.*{port}"):
             TransferEngine("n", f"127.0.0.1:{port}", config=config)
+        pytest.importorskip("redis")
         with pytest.raises(MetadataUnreachable, match=f"redis://127.0.0.1:{port}.*unreachable"):
             TransferEngine("n", f"redis://127.0.0.1:{port}", config=config)
 
