@@ -43,14 +43,14 @@ See ``docs/metadata.md``.
 """
 
 from ._client import CreateResult, EtcdClient, Key
+from ._endpoints import DEFAULT_PORT, Endpoint, parse_endpoints
 from ._errors import EtcdCompacted, EtcdError, EtcdLeaseNotFound, EtcdUnreachable
 from ._lease import KeepAlive
+from ._stream import WatchEvent, WatchResponse
 from ._watch import Watch
 from ._wire import (
-    DEFAULT_PORT,
     Compare,
     DeleteResult,
-    Endpoint,
     GrpcCode,
     KeyValue,
     LeaseGrant,
@@ -61,9 +61,6 @@ from ._wire import (
     PutResult,
     RangeResult,
     TxnResult,
-    WatchEvent,
-    WatchResponse,
-    parse_endpoints,
     prefix_range_end,
 )
 

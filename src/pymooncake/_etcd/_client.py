@@ -20,14 +20,15 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from ..errors import InvalidArgument, MalformedMessage
+from ._endpoints import Endpoint, parse_endpoints
 from ._errors import EtcdError, EtcdLeaseNotFound, EtcdUnreachable, error_from_gateway
 from ._http import ConnectionPool, NotSent, ReplyLost, describe_failure, warn_if_proxied
 from ._lease import KeepAlive
+from ._stream import WatchResponse
 from ._watch import Watch
 from ._wire import (
     Compare,
     DeleteResult,
-    Endpoint,
     GrpcCode,
     KeyValue,
     LeaseGrant,
@@ -39,9 +40,7 @@ from ._wire import (
     PutResult,
     RangeResult,
     TxnResult,
-    WatchResponse,
     decode_error,
-    parse_endpoints,
     prefix_range_end,
     txn_request,
 )

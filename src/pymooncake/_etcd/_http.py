@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Final
 
 from .._net import is_loopback
-from ._wire import Endpoint
+from ._endpoints import Endpoint
 
 __all__ = ["ConnectionPool", "NotSent", "ReplyLost", "describe_failure", "warn_if_proxied"]
 

@@ -26,17 +26,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
+from ._endpoints import Endpoint
 from ._errors import EtcdCompacted, EtcdError, error_from_gateway
 from ._http import NotSent, describe_failure
-from ._wire import (
-    Endpoint,
-    GatewayError,
-    StreamDecoder,
-    WatchResponse,
-    decode_error,
-    decode_watch_message,
-    watch_request,
-)
+from ._stream import StreamDecoder, WatchResponse, decode_watch_message, watch_request
+from ._wire import GatewayError, decode_error
 
 if TYPE_CHECKING:
     from ._client import EtcdClient

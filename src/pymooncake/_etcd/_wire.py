@@ -1,4 +1,4 @@
-"""etcd v3 over its HTTP/JSON gateway: endpoints, requests and replies as values.
+"""etcd v3 over its HTTP/JSON gateway: requests and replies as values.
 
 Theory of operation
 -------------------
@@ -13,10 +13,7 @@ gives a reply without ``kvs``.  The decoders here restore the defaults.
 Errors come back as a non-200 status with ``{"error", "message", "code"}``,
 ``code`` being the gRPC status code (:class:`GrpcCode`).
 
-``/v3/watch`` answers with a stream of JSON objects, one per line, each
-wrapped in ``{"result": ...}`` (or ``{"error": ...}``); :class:`StreamDecoder`
-cuts that stream into objects, whatever the chunk boundaries.
-
+The watch stream is in :mod:`._stream`, endpoint lists in :mod:`._endpoints`.
 Nothing here touches a socket.
 """
 
@@ -29,35 +26,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from .._net import split_host_port
 from ..errors import InvalidArgument, MalformedMessage
 
 __all__ = [
-    "DEFAULT_PORT",
     "Compare",
     "DeleteResult",
-    "Endpoint",
+    "GatewayError",
     "GrpcCode",
     "KeyValue",
     "LeaseGrant",
     "LeaseStatus",
+    "Op",
     "OpDelete",
     "OpGet",
     "OpPut",
     "PutResult",
     "RangeResult",
-    "StreamDecoder",
     "TxnResult",
-    "WatchEvent",
-    "WatchResponse",
     "decode_error",
-    "decode_watch_message",
-    "parse_endpoints",
     "prefix_range_end",
+    "txn_request",
 ]
-
-#: the client port etcd listens on by default (and the reference's examples use)
-DEFAULT_PORT: Final = 2379
 
 
 class GrpcCode(enum.IntEnum):
@@ -80,70 +69,6 @@ class GrpcCode(enum.IntEnum):
     UNAVAILABLE = 14
     DATA_LOSS = 15
     UNAUTHENTICATED = 16
-
-
-# ---------------------------------------------------------------------------------
-# endpoints
-# ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One etcd client URL."""
-
-    host: str
-    port: int
-    tls: bool = False
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{self}"
-
-
-def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
-    """Parse an endpoint list the way the reference's etcd wrapper does.
-
-    Entries are separated by ``;`` or ``,`` (mixed too); blanks around them and
-    empty entries are ignored.  Each entry is ``host:port``, ``[v6]:port``,
-    ``http://host:port`` or ``https://host:port`` (TLS); a missing port means
-    2379.  A trailing ``/`` after the port is ignored.
-
-    Raises:
-        InvalidArgument: no endpoint at all, or an entry that is not an address.
-    """
-    endpoints: list[Endpoint] = []
-    for raw in text.replace(",", ";").split(";"):
-        entry = raw.strip()
-        if not entry:
-            continue
-        tls = False
-        scheme, sep, rest = entry.partition("://")
-        if sep:
-            if scheme.lower() not in ("http", "https"):
-                raise InvalidArgument(
-                    f"etcd endpoint {entry!r}: scheme {scheme!r} is not http or https"
-                )
-            tls = scheme.lower() == "https"
-            entry = rest
-        entry = entry.rstrip("/")
-        if "/" in entry:
-            raise InvalidArgument(
-                f"etcd endpoint {raw.strip()!r} has a path; give host:port (etcd's client URL)"
-            )
-        try:
-            host, port = split_host_port(entry)
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"etcd endpoint {raw.strip()!r}: {exc}") from None
-        endpoints.append(Endpoint(host, DEFAULT_PORT if port is None else port, tls))
-    if not endpoints:
-        raise InvalidArgument(
-            f"no etcd endpoint in {text!r}; give 'host:2379' or 'h1:2379;h2:2379'"
-        )
-    return tuple(endpoints)
 
 
 # ---------------------------------------------------------------------------------
@@ -494,130 +419,6 @@ def txn_request(
     }
 
 
-def watch_request(
-    key: bytes,
-    range_end: bytes | None = None,
-    *,
-    start_revision: int = 0,
-    prev_kv: bool = False,
-    progress_notify: bool = False,
-) -> dict[str, Any]:
-    create: dict[str, Any] = {"key": _b64(key)}
-    if range_end is not None:
-        create["range_end"] = _b64(range_end)
-    if start_revision:
-        create["start_revision"] = str(start_revision)
-    if prev_kv:
-        create["prev_kv"] = True
-    if progress_notify:
-        create["progress_notify"] = True
-    return {"create_request": create}
-
-
-# ---------------------------------------------------------------------------------
-# watch stream
-# ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    """A change to one key: ``type`` is ``"PUT"`` or ``"DELETE"``; ``kv.mod_revision``
-    is the revision of the change (a DELETE's ``kv`` has the key and that revision
-    only).  ``prev_kv`` is set when the watch asked for it."""
-
-    type: Literal["PUT", "DELETE"]
-    kv: KeyValue
-    prev_kv: KeyValue | None = None
-
-    @classmethod
-    def decode(cls, obj: Any) -> WatchEvent:
-        event = _obj(obj, "watch event")
-        kind = event.get("type", "PUT")
-        if kind not in ("PUT", "DELETE"):
-            raise MalformedMessage(f"etcd watch event of unknown type {kind!r}")
-        prev = event.get("prev_kv")
-        return cls(
-            kind,
-            KeyValue.decode(event.get("kv", {})),
-            None if prev is None else KeyValue.decode(prev),
-        )
-
-
-@dataclass(frozen=True)
-class WatchResponse:
-    """One message of a watch stream.
-
-    ``revision``: the store revision the message was sent at -- every change up
-    to it has been reported.  ``created``: the first message of a (re)started
-    stream.  ``canceled`` with ``compact_revision``: the requested start revision
-    was compacted away; changes before ``compact_revision`` are lost.
-    """
-
-    revision: int
-    events: tuple[WatchEvent, ...] = ()
-    created: bool = False
-    canceled: bool = False
-    compact_revision: int = 0
-    cancel_reason: str = ""
-    watch_id: int = 0
-
-    @classmethod
-    def decode(cls, obj: Any) -> WatchResponse:
-        msg = _obj(obj, "watch message")
-        result = _obj(msg.get("result", msg), "watch result")
-        return cls(
-            revision=_header_revision(result),
-            events=tuple(WatchEvent.decode(e) for e in result.get("events", ())),
-            created=bool(result.get("created", False)),
-            canceled=bool(result.get("canceled", False)),
-            compact_revision=_int(result, "compact_revision"),
-            cancel_reason=str(result.get("cancel_reason", "")),
-            watch_id=_int(result, "watch_id"),
-        )
-
-
-class StreamDecoder:
-    """Cuts the gateway's stream of newline-terminated JSON objects into decoded
-    objects.  Feed bytes as they come; :meth:`next` returns one object, or None
-    when more bytes are needed.  (JSON text never holds a raw newline, so the
-    newline is an exact frame boundary.)
-
-    Raises:
-        MalformedMessage: a line that is not JSON, or one growing past
-            ``max_bytes`` without its newline (checked as bytes arrive).
-    """
-
-    def __init__(self, max_bytes: int = 64 << 20) -> None:
-        self._buf = bytearray()
-        self._max = max_bytes
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-        if len(self._buf) > self._max and b"\n" not in self._buf:
-            raise MalformedMessage(f"etcd stream message exceeds {self._max} bytes")
-
-    def next(self) -> Any | None:
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl < 0:
-                return None
-            line = bytes(self._buf[:nl])
-            del self._buf[: nl + 1]
-            if not line.strip():
-                continue
-            try:
-                return json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise MalformedMessage(
-                    f"etcd stream carries something that is not JSON: {line[:200]!r} ({exc})"
-                ) from None
-
-    @property
-    def buffered(self) -> int:
-        """Bytes of an unfinished message."""
-        return len(self._buf)
-
-
 # ---------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------
@@ -655,11 +456,3 @@ def decode_error(http_status: int, body: bytes) -> GatewayError:
     except (TypeError, ValueError):
         code = GrpcCode.UNKNOWN
     return GatewayError(code, message, http_status, obj)
-
-
-def decode_watch_message(obj: Any) -> WatchResponse | GatewayError:
-    """One object of a watch stream: a response, or the error that ended the stream."""
-    msg = _obj(obj, "watch message")
-    if "error" in msg:
-        return decode_error(0, json.dumps(msg["error"]).encode())
-    return WatchResponse.decode(msg)
