@@ -483,11 +483,21 @@ class HttpAuth:
                     f"notoken:{_host_of(peer)}",
                     logging.ERROR,
                     "%s: client %s sent cluster-token credentials but this server has no token: "
-                    "its requests are served unauthenticated and it will refuse the unsigned "
-                    "replies. Fix: %s",
+                    "its requests are refused (serving them would apply writes the client then "
+                    "cannot trust). Fix: %s",
                     self._name,
                     peer,
                     _FIX,
+                )
+                if request.path in self.open_paths:
+                    return None
+                return HttpResponse(
+                    401,
+                    (
+                        f"{self._name}: this server has no cluster token configured but the "
+                        f"request is signed with one. Fix: {_FIX}"
+                    ).encode(),
+                    "text/plain",
                 )
             return None
         if request.path in self.open_paths and not authorization:

@@ -138,6 +138,11 @@ class EngineConfig:
     #: unregister_memory(): how long in-flight requests on the region may finish
     #: before their connections are cut
     unregister_drain_s: float = 2.0
+    #: MC_REDIS_USERNAME / MC_REDIS_PASSWORD (AUTH) and MC_REDIS_DB_INDEX (SELECT,
+    #: 0-255) for a redis:// metadata server
+    redis_username: str = ""
+    redis_password: str = field(default="", repr=False)
+    redis_db_index: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.rpc_port_min <= self.rpc_port_max < 65536:
@@ -163,6 +168,8 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if not 0 <= self.redis_db_index <= 255:
+            raise ConfigError(f"redis_db_index {self.redis_db_index} is outside 0..255")
         self.security  # noqa: B018 - validates the token and TLS files now
 
     @property
@@ -234,4 +241,7 @@ class EngineConfig:
             same_host_transport=parse_bool_env(
                 "PYMOONCAKE_SAME_HOST", env.get("PYMOONCAKE_SAME_HOST", "1")
             ),
+            redis_username=env.get("MC_REDIS_USERNAME", ""),
+            redis_password=env.get("MC_REDIS_PASSWORD", ""),
+            redis_db_index=_int_env(env, "MC_REDIS_DB_INDEX", 0, 0, 255),
         )

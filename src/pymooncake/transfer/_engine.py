@@ -260,38 +260,27 @@ class TransferEngine(MemoryOps):
             )
 
     def _claim_rpc_meta(self, meta: RpcMeta) -> None:
-        """Publish our rpc_meta entry, replacing a stale one left by a dead engine."""
-        existing = self._directory.read_rpc_meta(self.segment_name)
-        if existing is not None and existing != meta:
-            alive = True
-            try:
-                rpc_call(
-                    existing.ip_or_host_name,
-                    existing.rpc_port,
-                    MessageType.PROBE,
-                    {},
-                    connect_timeout_s=min(1.0, self.config.connect_timeout_s),
-                    timeout_s=2.0,
-                    max_frame=self.config.handshake_max_length,
-                    what="previous owner of this segment name",
-                    **self._rpc_auth,
-                )
-            except MooncakeError:
-                alive = False
-            if alive:
-                raise MetadataError(
-                    f"segment name {self.segment_name!r} is already registered by a live engine at "
-                    f"{join_host_port(existing.ip_or_host_name, existing.rpc_port)}; every engine "
-                    "needs a unique local_hostname (add a port, e.g. 'host:12345')"
-                )
-            log.warning(
-                "replacing stale rpc_meta of %r (%s did not answer a probe; its process exited "
-                "without unregistering)",
-                self.segment_name,
-                join_host_port(existing.ip_or_host_name, existing.rpc_port),
+        """Publish our rpc_meta entry, replacing a stale one left by a dead engine
+        (the rule: :meth:`SegmentDirectory.claim_rpc_meta`)."""
+        self._directory.claim_rpc_meta(self.segment_name, meta, owner_alive=self._answers_probe)
+
+    def _answers_probe(self, meta: RpcMeta) -> bool:
+        """Whether an engine answers a Probe RPC at ``meta``'s address."""
+        try:
+            rpc_call(
+                meta.ip_or_host_name,
+                meta.rpc_port,
+                MessageType.PROBE,
+                {},
+                connect_timeout_s=min(1.0, self.config.connect_timeout_s),
+                timeout_s=2.0,
+                max_frame=self.config.handshake_max_length,
+                what="previous owner of this segment name",
+                **self._rpc_auth,
             )
-            self._directory.unpublish(self.segment_name)
-        self._directory.publish_rpc_meta(self.segment_name, meta)
+        except MooncakeError:
+            return False
+        return True
 
     # ------------------------------------------------------------------------------
     # descriptor

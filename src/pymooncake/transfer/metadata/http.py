@@ -11,11 +11,18 @@ With a cluster token every request is signed (``Authorization: Mooncake-HMAC``)
 and every response's signature is checked, so neither side talks to anyone
 without the token; with TLS files an ``https://`` URL verifies the server
 against the cluster CA and presents this process's certificate.
+:meth:`HttpMetadataStore.create` and :meth:`~HttpMetadataStore.compare_and_remove`
+use conditional requests (``If-None-Match: *``, ``If-Match: <etag>``) that
+pymooncake's server honours.  A server that ignores them (the reference's)
+answers without an ``ETag``: the write then happened unconditionally, which
+is logged once; for ``rpc_meta`` keys -- the only ones engines create -- those
+servers' own duplicate rule still makes the create exclusive.
 """
 
 from __future__ import annotations
 
 import http.client
+import logging
 import socket
 import threading
 import urllib.parse
@@ -23,12 +30,15 @@ import urllib.parse
 from ..._authio import ClusterSecurity, HttpClientAuth
 from ...errors import AuthenticationError, MetadataError, MetadataUnreachable
 from ...wire._auth import HTTP_SIGNATURE_HEADER, HttpAuthError, SignedRequest
-from ._base import MetadataStore
+from ._base import MetadataConflict, MetadataStore, duplicate_message
+from .server import etag
 
 #: the HMAC context of the metadata service (the server uses the same)
 AUTH_CONTEXT = b"http-metadata"
 
 __all__ = ["HttpMetadataStore"]
+
+log = logging.getLogger("pymooncake.metadata.http")
 
 
 class HttpMetadataStore(MetadataStore):
@@ -97,10 +107,28 @@ class HttpMetadataStore(MetadataStore):
     def _target(self, key: str) -> str:
         return f"{self._path}?key={urllib.parse.quote(key, safe='')}"
 
-    def _request(self, method: str, key: str, body: bytes | None = None) -> tuple[int, bytes]:
+    def _request(
+        self,
+        method: str,
+        key: str,
+        body: bytes | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        status, data, _ = self._request_full(method, key, body, extra_headers)
+        return status, data
+
+    def _request_full(
+        self,
+        method: str,
+        key: str,
+        body: bytes | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes, str | None]:
+        """(status, body, ETag header or None)."""
         if self._closed:
             raise MetadataError(f"metadata client for {self.url} is closed")
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers.update(extra_headers or {})
         target = self._target(key)
         last: BaseException | None = None
         for attempt in range(2):  # one retry if a kept-alive connection went stale
@@ -128,7 +156,7 @@ class HttpMetadataStore(MetadataStore):
                         f"{data[:200].decode(errors='replace').strip()}); set the same "
                         "PYMOONCAKE_CLUSTER_TOKEN here as on the server"
                     )
-                return resp.status, data
+                return resp.status, data, resp.getheader("ETag")
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 self._drop()
                 last = exc
@@ -182,12 +210,56 @@ class HttpMetadataStore(MetadataStore):
         )
 
     def set(self, key: str, value: bytes) -> None:
+        # the server applies the rpc_meta rule itself
         status, data = self._request("PUT", key, value)
+        if status == 400 and b"Duplicate rpc_meta" in data:
+            raise MetadataConflict(duplicate_message(key, self.url))
         if status != 200:
             raise MetadataError(
                 f"metadata server {self.url} refused PUT {key} with HTTP {status}: "
                 f"{data[:200].decode(errors='replace')}"
             )
+
+    def _write(self, key: str, value: bytes) -> None:
+        self.set(key, value)
+
+    def _warn_unconditional(self, what: str) -> None:
+        if not self._warned_unconditional:
+            self._warned_unconditional = True
+            log.warning(
+                "metadata server %s ignored a conditional %s (no ETag in its answer): it is "
+                "not pymooncake's server, so create/compare-and-remove are not atomic there",
+                self.url,
+                what,
+            )
+
+    _warned_unconditional = False
+
+    def create(self, key: str, value: bytes) -> bool:
+        status, data, tag = self._request_full("PUT", key, value, {"If-None-Match": "*"})
+        if status == 200:
+            if tag is None:
+                self._warn_unconditional("PUT")
+            return True
+        if status == 412 or (status == 400 and b"Duplicate rpc_meta" in data):
+            return False
+        raise MetadataError(
+            f"metadata server {self.url} refused PUT {key} with HTTP {status}: "
+            f"{data[:200].decode(errors='replace')}"
+        )
+
+    def compare_and_remove(self, key: str, expected: bytes) -> bool:
+        status, data, tag = self._request_full("DELETE", key, None, {"If-Match": etag(expected)})
+        if status == 200:
+            if tag is None:
+                self._warn_unconditional("DELETE")
+            return True
+        if status in (404, 412):
+            return False
+        raise MetadataError(
+            f"metadata server {self.url} answered DELETE {key} with HTTP {status}: "
+            f"{data[:200].decode(errors='replace')}"
+        )
 
     def remove(self, key: str) -> bool:
         status, data = self._request("DELETE", key)

@@ -22,6 +22,17 @@ different bytes 400 ``Duplicate rpc_meta key not allowed`` (two engines
 claiming one segment name).  Every ``/metadata`` response is
 ``application/json``, as the reference Python server sends.
 
+Conditional requests (pymooncake's extension; reference clients never send
+them, so they see the protocol above unchanged)::
+
+    PUT    /metadata?key=K   If-None-Match: *   create only if absent:
+                             200 metadata created | 412 metadata exists
+    DELETE /metadata?key=K   If-Match: "<etag>" delete only if unchanged:
+                             200 metadata deleted | 412 metadata changed | 404
+
+A value's ETag is :func:`etag` of its bytes; GET and successful PUTs send it,
+which also tells a client that this server honours the conditions.
+
 :meth:`MetadataServer.handle_metadata` makes the decisions without any I/O;
 :meth:`MetadataServer.handle` routes an :class:`HttpRequest` to it and is the
 handler given to :class:`~pymooncake._httpd.HttpServer`.
@@ -35,6 +46,7 @@ descriptor.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -45,7 +57,7 @@ from ..._httpd import HttpLimits, HttpRequest, HttpResponse, HttpServer, Threade
 from ...errors import MalformedMessage
 from ...wire._rpc import loads_json
 
-__all__ = ["AUTH_CONTEXT", "DEFAULT_METADATA_PATH", "MAX_KEY_CHARS", "MetadataServer"]
+__all__ = ["AUTH_CONTEXT", "DEFAULT_METADATA_PATH", "MAX_KEY_CHARS", "MetadataServer", "etag"]
 
 log = logging.getLogger("pymooncake.metadata.server")
 
@@ -63,8 +75,14 @@ ENGINE_KEY_PREFIX: Final = "mooncake/"
 MAX_KEY_CHARS: Final = 4096
 
 
-def _reply(status: int, text: str) -> HttpResponse:
-    return HttpResponse(status, text.encode(), _JSON)
+def _reply(status: int, text: str, value: bytes | None = None) -> HttpResponse:
+    headers = () if value is None else (("ETag", etag(value)),)
+    return HttpResponse(status, text.encode(), _JSON, headers=headers)
+
+
+def etag(value: bytes) -> str:
+    """The entity tag of a stored value (a quoted digest of its bytes)."""
+    return '"' + hashlib.sha256(value).hexdigest()[:40] + '"'
 
 
 class MetadataServer:
@@ -123,13 +141,22 @@ class MetadataServer:
 
     # --- request logic ------------------------------------------------------------
 
-    def handle_metadata(self, method: str, key: str | None, body: bytes = b"") -> HttpResponse:
+    def handle_metadata(
+        self,
+        method: str,
+        key: str | None,
+        body: bytes = b"",
+        *,
+        if_none_match: str | None = None,
+        if_match: str | None = None,
+    ) -> HttpResponse:
         """Decide one ``/metadata`` request.
 
         Args:
             method: the HTTP method.
             key: the ``key`` query parameter, percent-decoded (None if absent).
             body: the request body (used by PUT).
+            if_none_match / if_match: the conditional headers, if sent.
 
         Returns:
             The response; never raises for bad input.
@@ -154,12 +181,22 @@ class MetadataServer:
                 _JSON,
                 headers=(("Allow", "GET, PUT, DELETE"),),
             )
+        if method == "PUT" and if_none_match is not None and if_none_match.strip() == "*":
+            return self._create(key, body)
+        if method == "DELETE" and if_match is not None:
+            return self._delete_if(key, if_match)
         return action(key, body)
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         """Route one HTTP request (the handler for :class:`HttpServer`)."""
         if request.path == self._path:
-            return self.handle_metadata(request.method, request.query.get("key"), request.body)
+            return self.handle_metadata(
+                request.method,
+                request.query.get("key"),
+                request.body,
+                if_none_match=request.header("if-none-match"),
+                if_match=request.header("if-match"),
+            )
         if request.path == self._health_path:
             if request.method in ("GET", "HEAD"):
                 return HttpResponse.of_text(200, "OK")
@@ -173,7 +210,7 @@ class MetadataServer:
             value = self._store.get(key)
         if value is None:
             return _reply(404, "metadata not found")
-        return HttpResponse(200, value, _JSON)
+        return HttpResponse(200, value, _JSON, headers=(("ETag", etag(value)),))
 
     def _put(self, key: str, body: bytes) -> HttpResponse:
         with self._lock:
@@ -181,9 +218,9 @@ class MetadataServer:
             if old is None:
                 self._store[key] = body
         if old is None:
-            return _reply(200, "metadata updated")
+            return _reply(200, "metadata updated", body)
         if old == body:
-            return _reply(200, "metadata unchanged")
+            return _reply(200, "metadata unchanged", body)
         log.warning(
             "refused PUT of %s: the key exists with a different value. Two engines use the same "
             "local_hostname, or an engine restarted before its old entry was removed; delete it "
@@ -193,6 +230,28 @@ class MetadataServer:
             key,
         )
         return _reply(400, "Duplicate rpc_meta key not allowed")
+
+    def _create(self, key: str, body: bytes) -> HttpResponse:
+        with self._lock:
+            old = self._store.get(key)
+            if old is None:
+                self._store[key] = body
+        if old is None:
+            return _reply(200, "metadata created", body)
+        return _reply(412, "metadata exists", old)
+
+    def _delete_if(self, key: str, if_match: str) -> HttpResponse:
+        wanted = {t.strip() for t in if_match.split(",")}
+        with self._lock:
+            old = self._store.get(key)
+            match = old is not None and ("*" in wanted or etag(old) in wanted)
+            if match:
+                del self._store[key]
+        if old is None:
+            return _reply(404, "metadata not found")
+        if not match:
+            return _reply(412, "metadata changed", old)
+        return _reply(200, "metadata deleted", old)
 
     def _delete(self, key: str, _body: bytes) -> HttpResponse:
         with self._lock:
