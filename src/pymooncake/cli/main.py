@@ -1,4 +1,4 @@
-"""``pymooncake``: the project's own command (cluster, demo, version).
+"""``pymooncake``: the project's own command (cluster, demo, doctor, version).
 
 ``pymooncake cluster`` (the default) runs a local Mooncake Store cluster: a
 master with its embedded HTTP metadata server and a storage node contributing
@@ -24,6 +24,7 @@ from ..config import EngineConfig
 from ..errors import MooncakeError
 from ..transfer import TransferEngine, TransferRequest
 from ._logsetup import setup_logging
+from .doctor import add_parser as _add_doctor_parser
 
 __all__ = ["main"]
 
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=16, help="requests per transfer call")
     demo.add_argument("--seconds", type=float, default=1.0, help="time per case")
     demo.set_defaults(func=_demo)
+    _add_doctor_parser(sub)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)
     return parser
