@@ -14,6 +14,7 @@ import ipaddress
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from .._net import is_ip, is_loopback, join_host_port, split_host_port
 from ..errors import MooncakeError
@@ -277,10 +278,16 @@ def metadata_http_targets(metadata_server: str) -> list[tuple[str, str, int]]:
     return []
 
 
-#: which variables each client honours for a plain-HTTP target, in order
-_CURL_HTTP = ("http_proxy", "ALL_PROXY", "all_proxy")
-_CURL_HTTPS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-_GRPC = ("grpc_proxy", "https_proxy", "http_proxy")
+#: proxy variables some client honours for each kind of target, in precedence order:
+#: libcurl (the reference engine's HTTP metadata plugin, curl) reads lower-case
+#: http_proxy only; Python and Go tools also read HTTP_PROXY; gRPC (etcd clients)
+#: reads grpc_proxy, then https_proxy, then http_proxy
+_HTTP_VARS: Final = ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+_HTTPS_VARS: Final = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+_GRPC_VARS: Final = ("grpc_proxy", "https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+_NO_PROXY: Final = ("no_proxy", "NO_PROXY")
+_NO_GRPC_PROXY: Final = ("no_grpc_proxy", "NO_GRPC_PROXY", "no_proxy", "NO_PROXY")
+_ALL_VARS: Final = frozenset(v.lower() for v in (*_HTTP_VARS, *_HTTPS_VARS, *_GRPC_VARS))
 
 
 def _bypassed(host: str, env: Mapping[str, str], names: Sequence[str]) -> bool:
@@ -323,11 +330,7 @@ def check_proxy(inputs: DoctorInputs) -> CheckResult:
     proxies need to be disabled before starting the program")."""
     env = inputs.env
     targets = metadata_http_targets(inputs.metadata_server)
-    set_vars = {
-        k: v
-        for k, v in env.items()
-        if k.lower() in ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy") and v.strip()
-    }
+    set_vars = {k: v for k, v in env.items() if k.lower() in _ALL_VARS and v.strip()}
     if not targets:
         return CheckResult(
             "proxy",
@@ -338,37 +341,33 @@ def check_proxy(inputs: DoctorInputs) -> CheckResult:
         )
     intercepted: list[str] = []
     for kind, host, port in targets:
-        names: tuple[str, ...]
-        bypass: tuple[str, ...]
-        if kind == "etcd":
-            names = _GRPC
-            bypass = ("no_grpc_proxy", "NO_GRPC_PROXY", "no_proxy", "NO_PROXY")
-            client = "etcd clients (gRPC)"
-        else:
-            names = _CURL_HTTPS if kind == "https" else _CURL_HTTP
-            bypass = ("no_proxy", "NO_PROXY")
-            client = "the reference engine (libcurl) and curl"
-        var = next((n for n in names if env.get(n, "").strip()), None)
-        if var is None or _bypassed(host, env, bypass):
+        names, bypass = {
+            "etcd": (_GRPC_VARS, _NO_GRPC_PROXY),
+            "https": (_HTTPS_VARS, _NO_PROXY),
+        }.get(kind, (_HTTP_VARS, _NO_PROXY))
+        if _bypassed(host, env, bypass):
             continue
-        intercepted.append(
-            f"{var}={env[var].strip()} would send {client}'s requests for "
-            f"{join_host_port(host, port)} through a proxy"
-        )
+        hits = [n for n in names if env.get(n, "").strip()]
+        if hits:
+            shown = ", ".join(f"{n}={env[n].strip()}" for n in hits)
+            intercepted.append(
+                f"{shown} would route {'etcd (gRPC)' if kind == 'etcd' else kind.upper()} "
+                f"requests for {join_host_port(host, port)} through a proxy"
+            )
     if intercepted:
         return CheckResult(
             "proxy",
             Status.WARN,
             "; ".join(intercepted)
-            + " (pymooncake itself ignores proxy variables for metadata, reference peers on "
-            "this host do not)",
+            + " (pymooncake ignores proxy variables for metadata; the reference engine's "
+            "libcurl, curl, Python and Go tools and etcd clients honour them)",
             "unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY grpc_proxy before "
             "starting nodes, or add the metadata host to no_proxy",
             {"set": sorted(set_vars)},
         )
     note = (
-        f"proxy variables set ({', '.join(sorted(set_vars))}) but no_proxy exempts the "
-        "metadata server"
+        f"proxy variables set ({', '.join(sorted(set_vars))}), but none applies to the "
+        "metadata server (no_proxy exempts it, or they are for another scheme)"
         if set_vars
         else "no proxy variables set"
     )
