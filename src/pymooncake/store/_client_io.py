@@ -24,16 +24,22 @@ from ..transfer import TransferEngine, TransferRequest
 from ..wire import MasterMethod
 from ._buffers import LocalBuffer
 from ._master_client import MasterClient
+from ._metrics import ClientMetrics
 from ._types import ReplicaDesc
 
 if TYPE_CHECKING:
     from ._client import StoreClientConfig
 
-__all__ = ["ClientIO", "ObjectLocation", "Parts"]
+__all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Parts"]
 
 log = logging.getLogger("pymooncake.store")
 M = MasterMethod
 Parts = list[memoryview]
+#: op_name values of batch APIs: their transfers count as batch_put / batch_get latency
+BATCH_OPS = frozenset(
+    {"put_batch", "batch_put_from", "upsert_batch", "batch_upsert_from", "get_batch",
+     "batch_get_into", "get_into_ranges"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class ClientIO:
     master: MasterClient
     client_id: str
     local: LocalBuffer
+    metrics: ClientMetrics | None
     _closed: bool
     _pool: concurrent.futures.ThreadPoolExecutor | None
 

@@ -62,6 +62,7 @@ from ._memory import (
     MemoryRegistry,
     Region,
 )
+from ._metrics import EngineMetrics
 from ._request import TransferOpcode, TransferRequest, TransferStatus
 from ._rpc import RpcServer, rpc_call
 from ._segments import SegmentDirectory
@@ -127,6 +128,8 @@ class TransferEngine(MemoryOps):
         self._managed: dict[int, Region] = {}
         self._published = False
         self._local_peer: Peer | None = None
+        #: per-transport request counts, bytes, failures, latency and sizes (TENT names)
+        self.metrics = EngineMetrics()
 
         if isinstance(metadata_server, MetadataStore):
             store: MetadataStore | None = metadata_server
@@ -442,9 +445,13 @@ class TransferEngine(MemoryOps):
             errors[s.index] = err
 
         for peer, transport, slices in groups:
+            started = time.perf_counter_ns()
             transport.execute(peer, slices, deadline, done)
             if not peer.local and any(isinstance(errors[s.index], PeerSocketError) for s in slices):
                 self._retry_after_refresh(peer, slices, errors, deadline, done)
+            self.metrics.record(
+                transport.name, slices, errors, (time.perf_counter_ns() - started) // 1000
+            )
         failed = [e for e in errors if e is not None]
         if failed:
             raise TransferFailed(
@@ -546,12 +553,23 @@ class TransferEngine(MemoryOps):
     def _run_group(
         self, batch: Batch, peer: Peer, transport: Transport, slices: list[Slice], deadline: float
     ) -> None:
+        started = time.perf_counter_ns()
+        outcome: dict[int, BaseException | None] = dict.fromkeys(s.index for s in slices)
+
+        def done(s: Slice, err: BaseException | None) -> None:
+            outcome[s.index] = err
+            batch.complete(s.index, err)
+
         try:
-            transport.execute(peer, slices, deadline, lambda s, err: batch.complete(s.index, err))
+            transport.execute(peer, slices, deadline, done)
         except BaseException as exc:  # a bug must not leave tasks pending forever
             log.exception("transport %s failed unexpectedly", transport.name)
             for s in slices:  # (tasks already finished ignore this)
                 batch.complete(s.index, exc)
+                outcome[s.index] = exc
+        self.metrics.record(
+            transport.name, slices, outcome, (time.perf_counter_ns() - started) // 1000
+        )
 
     def _batch_completed(self, batch: Batch) -> None:
         if batch.notify is None or batch.status().state.name != "COMPLETED":
