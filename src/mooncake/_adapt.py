@@ -1,4 +1,9 @@
-"""Helpers of the compatibility edge: exceptions -> int codes, one log line each."""
+"""Helpers of the compatibility edge: exceptions -> int codes, logged once per cascade.
+
+A failure is logged with its cause the first time that cause is seen; repeats
+with the same root cause (a dead peer failing every call) are counted and
+reported in summary lines (:class:`pymooncake._cascade.CascadeLog`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,14 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from pymooncake._cascade import CascadeLog
 from pymooncake.errors import MooncakeError
 
-__all__ = ["call_code", "call_value", "log"]
+__all__ = ["call_code", "call_value", "failures", "log"]
 
 log = logging.getLogger("mooncake")
+#: failures of engine calls, grouped by root cause
+failures = CascadeLog(log)
 
 T = TypeVar("T")
 
@@ -20,7 +28,7 @@ def call_code(what: str, fn: Callable[[], object], *, failure: int | None = None
     try:
         fn()
     except MooncakeError as exc:
-        log.error("%s failed: %s", what, str(exc))
+        failures.failed(what, exc)
         return exc.code if failure is None else failure
     except (ValueError, TypeError, OverflowError) as exc:
         log.error("%s failed: invalid argument: %s", what, str(exc))
@@ -33,7 +41,7 @@ def call_value(what: str, fn: Callable[[], T], failure: T) -> T:
     try:
         return fn()
     except MooncakeError as exc:
-        log.error("%s failed: %s", what, str(exc))
+        failures.failed(what, exc)
     except (ValueError, TypeError, OverflowError) as exc:
         log.error("%s failed: invalid argument: %s", what, str(exc))
     return failure

@@ -26,7 +26,7 @@ from pymooncake.transfer import TransferRequest
 from pymooncake.transfer.metadata import P2P_HANDSHAKE
 from pymooncake.wire import NotifyMessage
 
-from ._adapt import call_code, call_value, log
+from ._adapt import call_code, call_value, failures, log
 
 __all__ = [
     "SUPPORT_CUDA",
@@ -573,3 +573,4 @@ class TransferEngine:
         if self._finalizer is not None:
             self._finalizer()
         self._engine = None
+        failures.flush()  # the counts of failure cascades not yet reported

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from pymooncake._cascade import CascadeLog
 from pymooncake._net import split_host_port
 from pymooncake.config import EngineConfig
 from pymooncake.errors import ConfigError, InvalidParams, MooncakeError, StoreError
@@ -98,6 +99,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("mooncake.store")
+#: failures of store calls, logged once per root cause (a dead peer, a stopped master)
+_failures = CascadeLog(log)
 T = TypeVar("T")
 
 
@@ -312,6 +315,7 @@ class MooncakeDistributedStore(RangeReads):
         with self._lock:
             self._close_locked()
         self._sessions.clear()
+        _failures.flush()  # the counts of failure cascades not yet reported
         return 0
 
     def health_check(self) -> int:
@@ -337,7 +341,7 @@ class MooncakeDistributedStore(RangeReads):
             fn(self._c())
             return 0
         except (MooncakeError, ValueError, TypeError) as exc:
-            log.error("%s failed: %s", what, str(exc))
+            _failures.failed(what, exc)
             return store_code(exc)
 
     def _value(
@@ -347,7 +351,7 @@ class MooncakeDistributedStore(RangeReads):
             return fn(self._c())
         except (MooncakeError, ValueError, TypeError) as exc:
             if not (isinstance(exc, StoreError) and exc.code in quiet):
-                log.error("%s failed: %s", what, str(exc))
+                _failures.failed(what, exc)
             return failure
 
     @staticmethod
@@ -452,7 +456,7 @@ class MooncakeDistributedStore(RangeReads):
         try:
             return store_codes(fn(self._c()), what)
         except (MooncakeError, ValueError, TypeError) as exc:
-            log.error("%s failed: %s", what, str(exc))
+            _failures.failed(what, exc)
             return [store_code(exc)] * len(keys)
 
     def upsert(self, key: str, value: Any, config: ReplicateConfig | None = None) -> int:

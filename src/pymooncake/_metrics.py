@@ -21,8 +21,8 @@ the reference (``ylt::metric`` histograms of ``int64``).
 
 from __future__ import annotations
 
-import bisect
 import threading
+from bisect import bisect_left as _bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, Generic, TypeVar
 
@@ -41,11 +41,12 @@ __all__ = [
 class _Cells:
     """Per-thread integer cells of ``width`` slots, summed on read."""
 
-    __slots__ = ("_cells", "_local", "_lock", "_retired", "_width")
+    __slots__ = ("_cells", "_lock", "_retired", "_width", "local")
 
     def __init__(self, width: int) -> None:
         self._width = width
-        self._local = threading.local()
+        #: ``local.cell`` is the calling thread's cell once it has written
+        self.local = threading.local()
         self._lock = threading.Lock()
         self._cells: list[tuple[threading.Thread, list[int]]] = []
         self._retired = [0] * width
@@ -53,12 +54,12 @@ class _Cells:
     def cell(self) -> list[int]:
         """The calling thread's cell (created on its first use)."""
         try:
-            cell: list[int] = self._local.cell
+            cell: list[int] = self.local.cell
         except AttributeError:
             cell = [0] * self._width
             with self._lock:
                 self._cells.append((threading.current_thread(), cell))
-            self._local.cell = cell
+            self.local.cell = cell
         return cell
 
     def total(self) -> list[int]:
@@ -94,13 +95,17 @@ def _escape(value: str) -> str:
 class Counter:
     """A monotonically increasing integer."""
 
-    __slots__ = ("_cells",)
+    __slots__ = ("_cells", "_local")
 
     def __init__(self) -> None:
         self._cells = _Cells(1)
+        self._local = self._cells.local
 
     def inc(self, n: int = 1) -> None:
-        self._cells.cell()[0] += n
+        try:
+            self._local.cell[0] += n
+        except AttributeError:  # this thread's first write
+            self._cells.cell()[0] += n
 
     @property
     def value(self) -> int:
@@ -114,13 +119,14 @@ class Histogram:
         bounds: ascending upper bounds (inclusive); +Inf is implied.
     """
 
-    __slots__ = ("_bounds", "_cells", "_n")
+    __slots__ = ("_bounds", "_cells", "_local", "_n")
 
     def __init__(self, bounds: Sequence[int | float]) -> None:
         self._bounds = tuple(bounds)
         self._n = len(self._bounds)
         # slots: one per bound, +Inf, then the sum
         self._cells = _Cells(self._n + 2)
+        self._local = self._cells.local
 
     @property
     def bounds(self) -> tuple[int | float, ...]:
@@ -128,8 +134,11 @@ class Histogram:
 
     def observe(self, value: int, times: int = 1) -> None:
         """Record ``value`` (``times`` observations of it)."""
-        cell = self._cells.cell()
-        cell[bisect.bisect_left(self._bounds, value)] += times
+        try:
+            cell: list[int] = self._local.cell
+        except AttributeError:  # this thread's first write
+            cell = self._cells.cell()
+        cell[_bisect_left(self._bounds, value)] += times
         cell[-1] += value * times
 
     def snapshot(self) -> tuple[list[int], int, int]:

@@ -18,6 +18,7 @@ from ..errors import (
     PeerRejected,
     PeerSocketError,
     SegmentNotFound,
+    StoreTransferFailed,
     TransferFailed,
 )
 from ..transfer import TransferEngine, TransferRequest
@@ -30,7 +31,7 @@ from ._types import ReplicaDesc
 if TYPE_CHECKING:
     from ._client import StoreClientConfig
 
-__all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Parts"]
+__all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Parts", "transfer_failed"]
 
 log = logging.getLogger("pymooncake.store")
 M = MasterMethod
@@ -50,6 +51,19 @@ class ObjectLocation:
     size: int
     replicas: tuple[ReplicaDesc, ...]
     lease_deadline: float  # time.monotonic() seconds
+
+
+def transfer_failed(message: str, cause: BaseException | None) -> StoreTransferFailed:
+    """A StoreTransferFailed chained to the transfer error behind it, so that
+    failure cascades are grouped by that cause (pymooncake._cascade)."""
+    if isinstance(cause, (PeerSocketError, DnsError)):
+        message += (
+            " (the segment's owner is down or unreachable; the master forgets a dead "
+            "client's segments after its --client_ttl, 10 s by default)"
+        )
+    err = StoreTransferFailed(message)
+    err.__cause__ = cause
+    return err
 
 
 def _as_view(obj: Any) -> memoryview:

@@ -10,12 +10,11 @@ from ..errors import (
     InvalidParams,
     LeaseExpired,
     StoreError,
-    StoreTransferFailed,
     store_error,
 )
 from ..transfer import TransferRequest
 from ._buffers import BufferHandle, make_handle, new_bytes
-from ._client_io import BATCH_OPS, ClientIO, M, ObjectLocation, Parts
+from ._client_io import BATCH_OPS, ClientIO, M, ObjectLocation, Parts, transfer_failed
 from ._types import ErrorCode, ReplicaDesc
 
 __all__ = ["ReadOps"]
@@ -91,8 +90,8 @@ class ReadOps(ClientIO):
             failed = [i for i in pending if errors[i] is not None]
             for i in failed:
                 if attempt >= len(replicas[i]):
-                    results[i] = StoreTransferFailed(
-                        f"reading {keys[i]!r} failed on every replica: {errors[i]}"
+                    results[i] = transfer_failed(
+                        f"reading {keys[i]!r} failed on every replica: {errors[i]}", errors[i]
                     )
             pending = [i for i in failed if attempt < len(replicas[i])]
         if replicas and time.monotonic() > t0 + lease_ttl:
@@ -267,8 +266,8 @@ class ReadOps(ClientIO):
                 if attempt < len(locations[i].replicas):
                     retry.append((i, j))
                 else:
-                    results[i][j] = StoreTransferFailed(
-                        f"reading {locations[i].key!r} failed: {errors[n]}"
+                    results[i][j] = transfer_failed(
+                        f"reading {locations[i].key!r} failed: {errors[n]}", errors[n]
                     )
             pending = retry
         now = time.monotonic()

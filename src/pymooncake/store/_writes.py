@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from .._logging import RepeatLimiter
 from ..errors import (
     InvalidParams,
     StoreError,
@@ -15,11 +17,13 @@ from ..errors import (
 )
 from ..transfer import TransferRequest
 from ..wire import MasterMethod
-from ._client_io import BATCH_OPS, ClientIO, M, Parts, _as_view, log
+from ._client_io import BATCH_OPS, ClientIO, M, Parts, _as_view, log, transfer_failed
 from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
 
 __all__ = ["WriteOps"]
 
+#: one line per set of unreachable segments, then every 100th repeat with the count
+_unreachable_log = RepeatLimiter(log, every=100)
 #: ReplicateConfig is immutable: one default serves every call
 _DEFAULT_CONFIG = ReplicateConfig()
 
@@ -51,8 +55,11 @@ class WriteOps(ClientIO):
         results = self._write_once(keys, parts, config, upsert, unreachable, op)
         retry = [i for i, r in enumerate(results) if isinstance(r, StoreTransferFailed)]
         if retry and unreachable:
-            log.warning(
-                "segment(s) %s unreachable; writing %d object(s) elsewhere",
+            _unreachable_log(
+                ",".join(sorted(unreachable)),
+                logging.WARNING,
+                "segment(s) %s unreachable (a peer died and the master has not expired it "
+                "yet); writing %d object(s) elsewhere",
                 sorted(unreachable),
                 len(retry),
             )
@@ -161,7 +168,7 @@ class WriteOps(ClientIO):
                 if c != 0:
                     results[i] = store_error(c, f"{keys[i]!r}: {v}")
         for i in bad:
-            results[i] = StoreTransferFailed(f"writing {keys[i]!r} failed: {errors[i]}")
+            results[i] = transfer_failed(f"writing {keys[i]!r} failed: {errors[i]}", errors[i])
         return results
 
     @staticmethod
