@@ -18,6 +18,7 @@ from mooncake import _adapt
 from mooncake.engine import TransferEngine as CompatEngine
 from mooncake.store import MooncakeDistributedStore
 from pymooncake._cascade import CascadeLog, root_cause
+from pymooncake._net import connect_tcp
 from pymooncake.config import EngineConfig
 from pymooncake.errors import (
     ErrCode,
@@ -187,6 +188,35 @@ def test_connection_refused_by_a_peer_that_exited() -> None:
             a.write(name, src.addr, dst.addr, 4096)
         assert str(first.value).startswith(f"Failed to get description of {name}")
         assert f"connection refused by {name} (RPC port of segment {name!r})" in str(first.value)
+
+
+def test_a_peer_whose_packets_are_dropped_times_out() -> None:
+    """A full accept queue drops SYNs, as a firewall would: connecting times out."""
+    with socket.socket() as listener:
+        listener.bind((LOCAL, 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        backlog = []
+        try:
+            for _ in range(3):
+                s = socket.socket()
+                s.setblocking(False)
+                backlog.append(s)
+                try:
+                    s.connect((LOCAL, port))
+                except BlockingIOError:
+                    pass
+            threading.Event().wait(0.2)
+            with pytest.raises(PeerSocketError) as info:
+                connect_tcp(LOCAL, port, timeout_s=0.3, what="TCP data port of segment 'x'")
+        finally:
+            for s in backlog:
+                s.close()
+    assert info.value.code == ErrCode.SOCKET
+    assert str(info.value) == (
+        f"connecting to 127.0.0.1:{port} (TCP data port of segment 'x') timed out after 0.3 s: "
+        "the host is unreachable or a firewall drops packets; check routing and whitelists"
+    )
 
 
 # --- stale or duplicate registrations ("clear the etcd database") ------------------------------------

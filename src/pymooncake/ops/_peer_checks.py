@@ -55,6 +55,15 @@ def _is_remote(probes: Probes, host: str) -> bool | None:
     return not (is_loopback(ips[0]) or probes.is_local_address(ips[0]))
 
 
+def _guessed(probes: Probes, name: str, result: CheckResult) -> PeerFacts:
+    """Facts from the name alone: its host part is the peer's local_hostname."""
+    try:
+        host: str | None = split_host_port(name)[0]
+    except MooncakeError:
+        host = None
+    return PeerFacts(name, host, _is_remote(probes, host) if host else None, result)
+
+
 def check_peer(inputs: DoctorInputs, probes: Probes, name: str) -> PeerFacts:
     """A peer's descriptor exists under the exact segment name, and its RPC and
     data ports answer."""
@@ -136,7 +145,7 @@ def check_peer(inputs: DoctorInputs, probes: Probes, name: str) -> PeerFacts:
                 "fix metadata_server first (see metadata_server)",
                 details,
             )
-            return PeerFacts(name, None, None, result)
+            return _guessed(probes, name, result)
         if raw is None:
             hint = (
                 " (store clients register '<local_hostname>:<rpc_port>'; the name has no port)"
@@ -153,12 +162,7 @@ def check_peer(inputs: DoctorInputs, probes: Probes, name: str) -> PeerFacts:
                 "start-up), the same metadata server and the same MC_METADATA_CLUSTER_ID",
                 {**details, "key": key},
             )
-            try:  # the name's host part is the peer's local_hostname
-                host_part: str | None = split_host_port(name)[0]
-            except MooncakeError:
-                host_part = None
-            remote_guess = _is_remote(probes, host_part) if host_part else None
-            return PeerFacts(name, host_part, remote_guess, result)
+            return _guessed(probes, name, result)
         desc_json = raw
         source = f"{key!r}"
         rpc_host = None
