@@ -1,8 +1,9 @@
 """What client and engine metrics cost: store put/get with metrics on and off.
 
 One process: a master and a storage node (``LocalCluster``), and two pure
-clients, one with ``ClientMetricsSettings(enabled=False)`` -- the engine's
-counters stay on, they cannot be turned off -- and one with the defaults.
+clients, one with ``ClientMetricsSettings(enabled=False)`` (no client metrics,
+and its engine records none) and one with the defaults (client metrics and the
+engine's ``tent_*``).
 Rounds alternate between the two clients; each round times ``--ops`` calls
 of put, get and put_from/get_into of ``--size`` bytes (2proc-like: the values
 live in the storage node's segment, reached over TCP with

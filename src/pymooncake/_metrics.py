@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, Generic, TypeVar
 
 __all__ = [
+    "Cells",
+    "CountOfFamily",
     "Counter",
     "CounterFamily",
     "Histogram",
@@ -34,11 +36,13 @@ __all__ = [
     "Summary",
     "SummaryFamily",
     "format_bytes",
+    "header",
+    "histogram_lines",
     "render",
 ]
 
 
-class _Cells:
+class Cells:
     """Per-thread integer cells of ``width`` slots, summed on read."""
 
     __slots__ = ("_cells", "_lock", "_retired", "_width", "local")
@@ -98,7 +102,7 @@ class Counter:
     __slots__ = ("_cells", "_local")
 
     def __init__(self) -> None:
-        self._cells = _Cells(1)
+        self._cells = Cells(1)
         self._local = self._cells.local
 
     def inc(self, n: int = 1) -> None:
@@ -125,7 +129,7 @@ class Histogram:
         self._bounds = tuple(bounds)
         self._n = len(self._bounds)
         # slots: one per bound, +Inf, then the sum
-        self._cells = _Cells(self._n + 2)
+        self._cells = Cells(self._n + 2)
         self._local = self._cells.local
 
     @property
@@ -154,7 +158,7 @@ class Summary:
     __slots__ = ("_cells",)
 
     def __init__(self) -> None:
-        self._cells = _Cells(2)
+        self._cells = Cells(2)
 
     def observe(self, value: int) -> None:
         cell = self._cells.cell()
@@ -186,6 +190,7 @@ class _Family(Generic[M]):
         self.name = name
         self.help = help_text
         self._const = dict(const_labels or {})
+        self.const_labels: Mapping[str, str] = self._const
         self.labelnames = (*self._const, *labelnames)
         self._children: dict[tuple[str, ...], M] = {}
         self._lock = threading.Lock()
@@ -231,6 +236,37 @@ class CounterFamily(_Family[Counter]):
 
     def _new(self) -> Counter:
         return Counter()
+
+
+class _Snapshot(Counter):
+    """A counter whose value was taken from elsewhere at read time."""
+
+    __slots__ = ("_fixed",)
+
+    def __init__(self, value: int) -> None:
+        super().__init__()
+        self._fixed = value
+
+    @property
+    def value(self) -> int:
+        return self._fixed
+
+
+class CountOfFamily(CounterFamily):
+    """A counter family that is the observation count of a histogram family
+    (the reference exports both; counting once saves an update per call)."""
+
+    def __init__(self, name: str, help_text: str, source: HistogramFamily) -> None:
+        super().__init__(name, help_text, source.labelnames[len(source.const_labels) :])
+        self._const = dict(source.const_labels)
+        self.labelnames = source.labelnames
+        self._source = source
+
+    def labels(self, *values: str) -> Counter:
+        raise TypeError(f"{self.name} is derived from {self._source.name}; observe that instead")
+
+    def children(self) -> list[tuple[tuple[str, ...], Counter]]:
+        return [(values, _Snapshot(hist.snapshot()[2])) for values, hist in self._source.children()]
 
 
 class HistogramFamily(_Family[Histogram]):
@@ -289,30 +325,48 @@ def _number(v: int | float) -> str:
     return str(v)
 
 
+def header(out: list[str], name: str, help_text: str, kind: str) -> None:
+    """The ``# HELP`` and ``# TYPE`` lines of a family."""
+    escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+    out.append(f"# HELP {name} {escaped}")
+    out.append(f"# TYPE {name} {kind}")
+
+
+def histogram_lines(
+    out: list[str],
+    name: str,
+    names: Sequence[str],
+    values: Sequence[str],
+    bounds: Sequence[int | float],
+    buckets: Sequence[int],
+    total: int,
+) -> None:
+    """``_bucket`` (cumulative), ``_sum`` and ``_count`` lines of one histogram child;
+    ``buckets`` are per-bucket counts, the last one +Inf."""
+    running = 0
+    le_names = (*names, "le")
+    for bound, n in zip((*bounds, _INF), buckets, strict=True):
+        running += n
+        le = bound if isinstance(bound, str) else _number(bound)
+        out.append(f"{name}_bucket{_labels_text(le_names, (*values, le))} {running}")
+    labels = _labels_text(names, values)
+    out.append(f"{name}_sum{labels} {total}")
+    out.append(f"{name}_count{labels} {running}")
+
+
 def render(families: Iterable[_Family[Counter] | _Family[Histogram] | _Family[Summary]]) -> str:
     """Prometheus text format 0.0.4 of ``families`` (children in label order)."""
     out: list[str] = []
     for fam in families:
-        help_text = fam.help.replace("\\", "\\\\").replace("\n", "\\n")
-        out.append(f"# HELP {fam.name} {help_text}")
-        out.append(f"# TYPE {fam.name} {fam.kind}")
+        header(out, fam.name, fam.help, fam.kind)
         names = fam.labelnames
         for values, child in fam.children():
             labels = _labels_text(names, values)
             if isinstance(child, Counter):
                 out.append(f"{fam.name}{labels} {child.value}")
             elif isinstance(child, Histogram):
-                buckets, total, count = child.snapshot()
-                running = 0
-                le_names = (*names, "le")
-                for bound, n in zip((*child.bounds, _INF), buckets, strict=True):
-                    running += n
-                    le = bound if isinstance(bound, str) else _number(bound)
-                    out.append(
-                        f"{fam.name}_bucket{_labels_text(le_names, (*values, le))} {running}"
-                    )
-                out.append(f"{fam.name}_sum{labels} {total}")
-                out.append(f"{fam.name}_count{labels} {count}")
+                buckets, total, _count = child.snapshot()
+                histogram_lines(out, fam.name, names, values, child.bounds, buckets, total)
             else:
                 count, total = child.snapshot()
                 out.append(f"{fam.name}_sum{labels} {total}")

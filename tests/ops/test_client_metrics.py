@@ -172,6 +172,7 @@ def test_store_client_records_rpcs_transfers_and_operations(cluster: LocalCluste
     assert value(fams, reads, op_name="get_batch") == 6000
     assert value(fams, reads, op_name="get_into") == 5000
     # the engine under it counted the same bytes, per transport
+    assert reader.engine.metrics is not None  # the store client turned them on
     efams = parse(reader.engine.metrics.render())
     assert total(efams, "tent_write_bytes_total") == 5000 + 2 * 3000
     assert total(efams, "tent_read_bytes_total") == 5000 + 2 * 3000 + 5000
@@ -210,6 +211,9 @@ def test_engine_metrics_count_bytes_requests_and_failures(config: EngineConfig) 
         TransferEngine(LOCAL, "P2PHANDSHAKE", config=cfg) as a,
         TransferEngine(LOCAL, "P2PHANDSHAKE", config=cfg) as b,
     ):
+        assert a.metrics is None  # off until someone exports them
+        metrics = a.enable_metrics()
+        assert a.enable_metrics() is metrics
         src = a.allocate(1 << 20)
         dst = b.allocate(1 << 20)
         a.transfer(b.segment_name, [TransferRequest.write(src.addr, dst.addr, 4096)] * 3)
@@ -230,7 +234,25 @@ def test_engine_metrics_count_bytes_requests_and_failures(config: EngineConfig) 
     sizes = "tent_write_size_bytes"
     assert value(fams, sizes, sizes + "_bucket", transport="tcp", le="1024") == 2  # 1000, 10
     assert value(fams, sizes, sizes + "_bucket", transport="tcp", le="4096") == 5
-    assert "tcp: Read: 64.00 KB (1 reqs, 0 fails)" in a.metrics.summary()
+    assert "tcp: Read: 64.00 KB (1 reqs, 0 fails)" in metrics.summary()
+
+
+def test_engine_metrics_split_a_mixed_group_by_direction() -> None:
+    from pymooncake.transfer._metrics import EngineMetrics
+    from pymooncake.transfer.transports import Slice
+
+    m = EngineMetrics()
+    view = memoryview(bytearray(100))
+    slices = [Slice(0, False, view[:10], 0), Slice(1, True, view[:20], 0), Slice(2, False, view, 0)]
+    m.record("tcp", slices, [None, RuntimeError("x"), None], 7)
+    fams = parse(m.render())
+    assert value(fams, "tent_read_requests_total", transport="tcp") == 2
+    assert value(fams, "tent_read_bytes_total", transport="tcp") == 110
+    assert value(fams, "tent_write_requests_total", transport="tcp") == 1
+    assert value(fams, "tent_write_failures_total", transport="tcp") == 1
+    assert value(fams, "tent_read_size_bytes", "tent_read_size_bytes_count", transport="tcp") == 2
+    assert value(fams, "tent_write_size_bytes", "tent_write_size_bytes_count", transport="tcp") == 1
+    assert value(fams, "tent_read_latency_us", "tent_read_latency_us_sum", transport="tcp") == 14
 
 
 # --- the HTTP server ---------------------------------------------------------------------------

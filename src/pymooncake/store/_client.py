@@ -152,6 +152,8 @@ class StoreClient(WriteOps, ReadOps):
                     append_rpc_port=not p2p and port is None,
                 )
             self.engine = engine
+            if self.metrics is not None:
+                engine.enable_metrics()  # exported next to the client's (tent_* names)
             self.master.call(M.REMOUNT_SEGMENTS, {"client_id": self.client_id, "segments": []})
             self._master_instance = self.master.call(M.PING, {"client_id": self.client_id}).get(
                 "instance", ""

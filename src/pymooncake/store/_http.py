@@ -137,15 +137,16 @@ class ClientHttpServer:
             if metrics is None:
                 return HttpResponse.of_text(503, "metrics not available")
             engine = getattr(client, "engine", None)
+            engine_metrics = engine.metrics if engine is not None else None
             if path == "/metrics":
                 text = metrics.render()
-                if engine is not None:
-                    text += engine.metrics.render()
+                if engine_metrics is not None:
+                    text += engine_metrics.render()
                 return HttpResponse.of_text(200, text, _PROMETHEUS)
             text = metrics.summary()
-            if engine is not None:
+            if engine_metrics is not None:
                 text += "\n=== Transfer Engine Summary ===\n" + (
-                    engine.metrics.summary() or "No data\n"
+                    engine_metrics.summary() or "No data\n"
                 )
             return HttpResponse.of_text(200, text)
         return HttpResponse.of_text(

@@ -160,7 +160,7 @@ class MasterClient:
         metrics = self._metrics
         if metrics is not None:  # reference: counted when sent, latency once answered
             for method, _ in requests:
-                metrics.rpc(method.value)[0].inc()
+                metrics.rpc(method)[0].inc()
             started = time.perf_counter_ns()
         for attempt in (0, 1):
             conn, reused = self._checkout()
@@ -187,7 +187,7 @@ class MasterClient:
             if metrics is not None:
                 latency_us = (time.perf_counter_ns() - started) // 1000
                 for method, _ in requests:
-                    metrics.rpc(method.value)[1].observe(latency_us)
+                    metrics.rpc(method)[1].observe(latency_us)
             return replies
         raise AssertionError("unreachable")
 

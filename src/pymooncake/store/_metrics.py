@@ -33,6 +33,7 @@ from typing import Final
 from .._metrics import (
     Counter,
     CounterFamily,
+    CountOfFamily,
     Histogram,
     HistogramFamily,
     SummaryFamily,
@@ -200,9 +201,6 @@ class ClientMetrics:
             ["rpc_name"],
         )
         op = ["op_name"]
-        self.read_op_count = counter(
-            "mooncake_transfer_read_operation_count", "Total read operations by interface type", op
-        )
         self.read_op_bytes = counter(
             "mooncake_transfer_read_operation_bytes", "Total read bytes by interface type", op
         )
@@ -211,10 +209,11 @@ class ClientMetrics:
             "Read operation latency by interface type (us)",
             op,
         )
-        self.write_op_count = counter(
-            "mooncake_transfer_write_operation_count",
-            "Total write operations by interface type",
-            op,
+        # an operation's count is its latency histogram's count: one update fewer per call
+        self.read_op_count = CountOfFamily(
+            "mooncake_transfer_read_operation_count",
+            "Total read operations by interface type",
+            self.read_op_latency,
         )
         self.write_op_bytes = counter(
             "mooncake_transfer_write_operation_bytes", "Total write bytes by interface type", op
@@ -223,6 +222,11 @@ class ClientMetrics:
             "mooncake_transfer_write_operation_latency",
             "Write operation latency by interface type (us)",
             op,
+        )
+        self.write_op_count = CountOfFamily(
+            "mooncake_transfer_write_operation_count",
+            "Total write operations by interface type",
+            self.write_op_latency,
         )
         self._ssd: list[CounterFamily | HistogramFamily | SummaryFamily] = [
             counter("mooncake_ssd_read_bytes_total", "Total bytes read from SSD"),
@@ -266,20 +270,19 @@ class ClientMetrics:
         self.batch_put_latency: Histogram = self.batch_put_family.labels()
         self.batch_get_latency: Histogram = self.batch_get_family.labels()
         self._rpc: dict[str, tuple[Counter, Histogram]] = {}
-        self._ops: dict[tuple[bool, str], tuple[Counter, Counter, Histogram]] = {}
+        self._ops: dict[tuple[bool, str], tuple[Counter, Histogram]] = {}
         self._reporter: threading.Thread | None = None
         self._stop = threading.Event()
 
     # --- recording ------------------------------------------------------------------
 
     def rpc(self, name: str) -> tuple[Counter, Histogram]:
-        """The (count, latency) children of RPC ``name``."""
+        """The (count, latency) children of RPC ``name`` (a ``MasterMethod`` works as
+        is: its value becomes the ``rpc_name`` label)."""
         pair = self._rpc.get(name)
         if pair is None:
-            pair = self._rpc[name] = (
-                self.rpc_count.labels(name),
-                self.rpc_latency.labels(name),
-            )
+            label = str(getattr(name, "value", name))
+            pair = self._rpc[name] = (self.rpc_count.labels(label), self.rpc_latency.labels(label))
         return pair
 
     def transfer(self, write: bool, nbytes: int, latency_us: int, batch: bool) -> None:
@@ -296,18 +299,12 @@ class ClientMetrics:
         children = self._ops.get((write, op))
         if children is None:
             if write:
-                fams = (self.write_op_count, self.write_op_bytes, self.write_op_latency)
+                bytes_f, latency_f = self.write_op_bytes, self.write_op_latency
             else:
-                fams = (self.read_op_count, self.read_op_bytes, self.read_op_latency)
-            children = self._ops[(write, op)] = (
-                fams[0].labels(op),
-                fams[1].labels(op),
-                fams[2].labels(op),
-            )
-        count, nbytes_c, latency = children
-        count.inc()
-        nbytes_c.inc(nbytes)
-        latency.observe(latency_us)
+                bytes_f, latency_f = self.read_op_bytes, self.read_op_latency
+            children = self._ops[(write, op)] = (bytes_f.labels(op), latency_f.labels(op))
+        children[0].inc(nbytes)
+        children[1].observe(latency_us)
 
     # --- reading ------------------------------------------------------------------------
 

@@ -128,8 +128,7 @@ class TransferEngine(MemoryOps):
         self._managed: dict[int, Region] = {}
         self._published = False
         self._local_peer: Peer | None = None
-        #: per-transport request counts, bytes, failures, latency and sizes (TENT names)
-        self.metrics = EngineMetrics()
+        self._metrics: EngineMetrics | None = None
 
         if isinstance(metadata_server, MetadataStore):
             store: MetadataStore | None = metadata_server
@@ -444,14 +443,15 @@ class TransferEngine(MemoryOps):
         def done(s: Slice, err: BaseException | None) -> None:
             errors[s.index] = err
 
+        metrics = self._metrics
         for peer, transport, slices in groups:
-            started = time.perf_counter_ns()
+            started = time.perf_counter_ns() if metrics is not None else 0
             transport.execute(peer, slices, deadline, done)
             if not peer.local and any(isinstance(errors[s.index], PeerSocketError) for s in slices):
                 self._retry_after_refresh(peer, slices, errors, deadline, done)
-            self.metrics.record(
-                transport.name, slices, errors, (time.perf_counter_ns() - started) // 1000
-            )
+            if metrics is not None:
+                latency_us = (time.perf_counter_ns() - started) // 1000
+                metrics.record(transport.name, slices, errors, latency_us)
         failed = [e for e in errors if e is not None]
         if failed:
             raise TransferFailed(
@@ -553,23 +553,31 @@ class TransferEngine(MemoryOps):
     def _run_group(
         self, batch: Batch, peer: Peer, transport: Transport, slices: list[Slice], deadline: float
     ) -> None:
-        started = time.perf_counter_ns()
-        outcome: dict[int, BaseException | None] = dict.fromkeys(s.index for s in slices)
+        metrics = self._metrics
+        started = time.perf_counter_ns() if metrics is not None else 0
+        outcome: dict[int, BaseException | None] = {}
 
         def done(s: Slice, err: BaseException | None) -> None:
             outcome[s.index] = err
             batch.complete(s.index, err)
 
         try:
-            transport.execute(peer, slices, deadline, done)
+            transport.execute(
+                peer,
+                slices,
+                deadline,
+                done if metrics is not None else lambda s, err: batch.complete(s.index, err),
+            )
         except BaseException as exc:  # a bug must not leave tasks pending forever
             log.exception("transport %s failed unexpectedly", transport.name)
             for s in slices:  # (tasks already finished ignore this)
                 batch.complete(s.index, exc)
                 outcome[s.index] = exc
-        self.metrics.record(
-            transport.name, slices, outcome, (time.perf_counter_ns() - started) // 1000
-        )
+        if metrics is not None:
+            for s in slices:  # a slice the transport never reported did not succeed
+                outcome.setdefault(s.index, TimeoutError("not completed"))
+            latency_us = (time.perf_counter_ns() - started) // 1000
+            metrics.record(transport.name, slices, outcome, latency_us)
 
     def _batch_completed(self, batch: Batch) -> None:
         if batch.notify is None or batch.status().state.name != "COMPLETED":
@@ -651,6 +659,23 @@ class TransferEngine(MemoryOps):
             max_frame=self.config.handshake_max_length,
             what=f"RPC port of segment {name!r}",
         )
+
+    # ------------------------------------------------------------------------------
+    # metrics
+    # ------------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> EngineMetrics | None:
+        """Per-transport request counts, bytes, failures, latency and sizes (TENT's
+        names), or None until :meth:`enable_metrics` (store clients enable them)."""
+        return self._metrics
+
+    def enable_metrics(self) -> EngineMetrics:
+        """Start recording transfer metrics (idempotent; a few hundred ns per group of
+        requests, so an engine nobody scrapes does not pay for them)."""
+        if self._metrics is None:
+            self._metrics = EngineMetrics()
+        return self._metrics
 
     # ------------------------------------------------------------------------------
     # lifecycle
