@@ -99,8 +99,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("mooncake.store")
-#: failures of store calls, logged once per root cause (a dead peer, a stopped master)
-_failures = CascadeLog(log)
 T = TypeVar("T")
 
 
@@ -166,6 +164,8 @@ class MooncakeDistributedStore(RangeReads):
         self._client: StoreClient | None = None
         self._http: ClientHttpServer | None = None
         self._lock = threading.Lock()
+        #: failures of calls, logged once per root cause (a dead peer, a stopped master)
+        self._failures = CascadeLog(log)
         self._sessions: dict[str, ObjectLocation] = {}
 
     # --- set-up -------------------------------------------------------------------
@@ -315,7 +315,7 @@ class MooncakeDistributedStore(RangeReads):
         with self._lock:
             self._close_locked()
         self._sessions.clear()
-        _failures.flush()  # the counts of failure cascades not yet reported
+        self._failures.flush()  # the counts of failure cascades not yet reported
         return 0
 
     def health_check(self) -> int:
@@ -341,7 +341,7 @@ class MooncakeDistributedStore(RangeReads):
             fn(self._c())
             return 0
         except (MooncakeError, ValueError, TypeError) as exc:
-            _failures.failed(what, exc)
+            self._failures.failed(what, exc)
             return store_code(exc)
 
     def _value(
@@ -351,7 +351,7 @@ class MooncakeDistributedStore(RangeReads):
             return fn(self._c())
         except (MooncakeError, ValueError, TypeError) as exc:
             if not (isinstance(exc, StoreError) and exc.code in quiet):
-                _failures.failed(what, exc)
+                self._failures.failed(what, exc)
             return failure
 
     @staticmethod
@@ -456,7 +456,7 @@ class MooncakeDistributedStore(RangeReads):
         try:
             return store_codes(fn(self._c()), what)
         except (MooncakeError, ValueError, TypeError) as exc:
-            _failures.failed(what, exc)
+            self._failures.failed(what, exc)
             return [store_code(exc)] * len(keys)
 
     def upsert(self, key: str, value: Any, config: ReplicateConfig | None = None) -> int:

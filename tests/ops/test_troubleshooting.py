@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mooncake import _adapt
 from mooncake.engine import TransferEngine as CompatEngine
 from mooncake.store import MooncakeDistributedStore
 from pymooncake._cascade import CascadeLog, root_cause
@@ -372,8 +371,8 @@ def test_a_dead_peer_cascade_is_one_log_line_plus_a_count(caplog: Any) -> None:
         failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(failures) == 1, [r.getMessage() for r in failures]
         assert f"transfer_sync_write to {target!r} failed:" in failures[0].getMessage()
-        key = next(k for k in _adapt.failures._episodes if target in k)
-        assert _adapt.failures.count(key) == 50
+        key = next(k for k in a._failures._episodes if target in k)
+        assert a._failures.count(key) == 50
     finally:
         a.close()  # flushes the count
     flushed = [r.getMessage() for r in caplog.records if "were not logged" in r.getMessage()]
