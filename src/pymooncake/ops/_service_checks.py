@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._net import is_loopback, join_host_port, split_host_port
-from ..errors import InvalidParams, MooncakeError, StoreError
+from ..errors import MooncakeError, StoreError
 from ..store._types import ErrorCode
 from ..transfer.metadata import parse_metadata_target
 from ._inputs import DoctorInputs
@@ -429,7 +429,7 @@ def check_master(inputs: DoctorInputs, probes: Probes, remote_peers: Sequence[st
             "run pymooncake's mooncake_master there",
             {"address": addr},
         )
-    except (MooncakeError, InvalidParams) as exc:
+    except MooncakeError as exc:
         return CheckResult("master", Status.FAIL, str(exc), "", {"address": addr})
     details: dict[str, Any] = {"address": addr, "version": version}
     where, ok, bad = exposure(probes, host, port, inputs.timeout_s)
