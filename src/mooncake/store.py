@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from pymooncake._cascade import CascadeLog
 from pymooncake._net import split_host_port
 from pymooncake.config import EngineConfig
 from pymooncake.errors import ConfigError, InvalidParams, MooncakeError, StoreError
@@ -29,6 +30,8 @@ from pymooncake.store import (
 )
 from pymooncake.store import ReplicateConfig as _NativeConfig
 from pymooncake.store._client import ObjectLocation
+from pymooncake.store._http import ClientHttpServer, client_http_settings, start_client_http_server
+from pymooncake.store._metrics import ClientMetricsSettings
 from pymooncake.transfer import TransferEngine as _NativeEngine
 
 from ._store_codes import store_code, store_codes
@@ -159,7 +162,10 @@ class MooncakeDistributedStore(RangeReads):
 
     def __init__(self) -> None:
         self._client: StoreClient | None = None
+        self._http: ClientHttpServer | None = None
         self._lock = threading.Lock()
+        #: failures of calls, logged once per root cause (a dead peer, a stopped master)
+        self._failures = CascadeLog(log)
         self._sessions: dict[str, ObjectLocation] = {}
 
     # --- set-up -------------------------------------------------------------------
@@ -229,10 +235,13 @@ class MooncakeDistributedStore(RangeReads):
                 "setup failed: SSD offload is not available in pymooncake (enable_ssd_offload=True)"
             )
             return int(ErrorCode.NOT_SUPPORTED)
-        if v.get("enable_client_http_server"):
-            log.warning(
-                "enable_client_http_server: the client HTTP endpoint is not available; continuing without it"
+        try:
+            http_on, http_port = client_http_settings(
+                v.get("enable_client_http_server"), v.get("client_http_port"), os.environ
             )
+        except ConfigError as exc:
+            log.error("setup failed: %s", str(exc))
+            return int(ErrorCode.INVALID_PARAMS)
         protocol = str(v.get("protocol") or "tcp")
         if protocol != "tcp":
             log.info("protocol %r requested: pymooncake stores move data over TCP", protocol)
@@ -254,14 +263,13 @@ class MooncakeDistributedStore(RangeReads):
                 protocol=protocol,
                 rpc_timeout_s=float(os.environ.get("MC_RPC_TIMEOUT_MS", "30000")) / 1000.0,
                 engine=engine_cfg,
+                metrics=ClientMetricsSettings.from_env(os.environ),
             )
         except (MooncakeError, ValueError) as exc:
             log.error("setup failed: %s", str(exc))
             return store_code(exc)
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            self._close_locked()
             try:
                 self._client = StoreClient(config, engine=engine)
             except MooncakeError as exc:
@@ -272,7 +280,17 @@ class MooncakeDistributedStore(RangeReads):
                     exc,
                 )
                 return store_code(exc)
+            if http_on:
+                self._http = start_client_http_server(self._client, http_port)
         return 0
+
+    def _close_locked(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def setup_dummy(self, mem_pool_size: int, local_buffer_size: int, server_address: str) -> int:
         log.error(
@@ -295,10 +313,9 @@ class MooncakeDistributedStore(RangeReads):
 
     def close(self) -> int:
         with self._lock:
-            client, self._client = self._client, None
+            self._close_locked()
         self._sessions.clear()
-        if client is not None:
-            client.close()
+        self._failures.flush()  # the counts of failure cascades not yet reported
         return 0
 
     def health_check(self) -> int:
@@ -324,7 +341,7 @@ class MooncakeDistributedStore(RangeReads):
             fn(self._c())
             return 0
         except (MooncakeError, ValueError, TypeError) as exc:
-            log.error("%s failed: %s", what, str(exc))
+            self._failures.failed(what, exc)
             return store_code(exc)
 
     def _value(
@@ -334,7 +351,7 @@ class MooncakeDistributedStore(RangeReads):
             return fn(self._c())
         except (MooncakeError, ValueError, TypeError) as exc:
             if not (isinstance(exc, StoreError) and exc.code in quiet):
-                log.error("%s failed: %s", what, str(exc))
+                self._failures.failed(what, exc)
             return failure
 
     @staticmethod
@@ -439,7 +456,7 @@ class MooncakeDistributedStore(RangeReads):
         try:
             return store_codes(fn(self._c()), what)
         except (MooncakeError, ValueError, TypeError) as exc:
-            log.error("%s failed: %s", what, str(exc))
+            self._failures.failed(what, exc)
             return [store_code(exc)] * len(keys)
 
     def upsert(self, key: str, value: Any, config: ReplicateConfig | None = None) -> int:

@@ -46,6 +46,7 @@ from ..wire import MasterMethod
 from ._buffers import LocalBuffer
 from ._client_io import ObjectLocation
 from ._master_client import MasterClient
+from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
 from ._types import ClientStatus, ReplicaDesc, SegmentInfo
 from ._writes import WriteOps
@@ -81,6 +82,8 @@ class StoreClientConfig:
     prefault: bool = field(
         default_factory=lambda: os.environ.get("PYMOONCAKE_PREFAULT", "1") != "0"
     )
+    #: client metrics (MC_STORE_CLIENT_METRIC*: ClientMetricsSettings.from_env)
+    metrics: ClientMetricsSettings = field(default_factory=ClientMetricsSettings)
 
     def __post_init__(self) -> None:
         if self.global_segment_size < 0 or self.local_buffer_size < 0:
@@ -126,13 +129,17 @@ class StoreClient(WriteOps, ReadOps):
         self._segments: list[SegmentInfo] = []
         self._ping_thread: threading.Thread | None = None
         self._ping_log = RepeatLimiter(log, every=60)
+        self._ping_ok = True
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         host, port = split_host_port(config.local_hostname)
         self.host_id = host
+        #: the reference's client metrics (None when MC_STORE_CLIENT_METRIC=0)
+        self.metrics = ClientMetrics(config.metrics) if config.metrics.enabled else None
         self.master = MasterClient(
             config.master_server_addr,
             timeout_s=config.rpc_timeout_s,
             connect_timeout_s=config.rpc_connect_timeout_s,
+            metrics=self.metrics,
         )
         try:
             self.master.check_version()
@@ -145,6 +152,8 @@ class StoreClient(WriteOps, ReadOps):
                     append_rpc_port=not p2p and port is None,
                 )
             self.engine = engine
+            if self.metrics is not None:
+                engine.enable_metrics()  # exported next to the client's (tent_* names)
             self.master.call(M.REMOUNT_SEGMENTS, {"client_id": self.client_id, "segments": []})
             self._master_instance = self.master.call(M.PING, {"client_id": self.client_id}).get(
                 "instance", ""
@@ -163,6 +172,8 @@ class StoreClient(WriteOps, ReadOps):
             target=self._ping_loop, name=f"mc-store-ping:{self.hostname}", daemon=True
         )
         self._ping_thread.start()
+        if self.metrics is not None:
+            self.metrics.start_reporting(config.metrics.interval_s)
         _live_clients.add(self)
 
     # ------------------------------------------------------------------------------
@@ -209,6 +220,7 @@ class StoreClient(WriteOps, ReadOps):
                     )
                     self.engine.republish()
                 self._master_instance = instance
+                self._ping_ok = True
                 if res["status"] == ClientStatus.NEED_REMOUNT:
                     log.warning(
                         "master at %s does not know this client (it restarted or expired us); "
@@ -224,6 +236,7 @@ class StoreClient(WriteOps, ReadOps):
                         },
                     )
             except MooncakeError as exc:
+                self._ping_ok = False
                 self._ping_log("ping", logging.WARNING, "heartbeat to the master failed: %s", exc)
 
     # ------------------------------------------------------------------------------
@@ -281,6 +294,11 @@ class StoreClient(WriteOps, ReadOps):
         self._check_open()
         return int(self.master.call(M.REMOVE_ALL, {"force": force}))
 
+    @property
+    def ping_healthy(self) -> bool:
+        """The last heartbeat to the master succeeded (no RPC; for health endpoints)."""
+        return self._ping_ok and not self._closed
+
     def health(self) -> bool:
         """True if the master answers."""
         try:
@@ -301,6 +319,8 @@ class StoreClient(WriteOps, ReadOps):
         self._stop.set()
         if self._ping_thread is not None:
             self._ping_thread.join(10)
+        if self.metrics is not None:
+            self.metrics.close()
         if unmount:
             for info in self._segments:
                 try:

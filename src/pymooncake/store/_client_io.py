@@ -18,22 +18,29 @@ from ..errors import (
     PeerRejected,
     PeerSocketError,
     SegmentNotFound,
+    StoreTransferFailed,
     TransferFailed,
 )
 from ..transfer import TransferEngine, TransferRequest
 from ..wire import MasterMethod
 from ._buffers import LocalBuffer
 from ._master_client import MasterClient
+from ._metrics import ClientMetrics
 from ._types import ReplicaDesc
 
 if TYPE_CHECKING:
     from ._client import StoreClientConfig
 
-__all__ = ["ClientIO", "ObjectLocation", "Parts"]
+__all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Parts", "transfer_failed"]
 
 log = logging.getLogger("pymooncake.store")
 M = MasterMethod
 Parts = list[memoryview]
+#: op_name values of batch APIs: their transfers count as batch_put / batch_get latency
+BATCH_OPS = frozenset(
+    {"put_batch", "batch_put_from", "upsert_batch", "batch_upsert_from", "get_batch",
+     "batch_get_into", "get_into_ranges"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,19 @@ class ObjectLocation:
     size: int
     replicas: tuple[ReplicaDesc, ...]
     lease_deadline: float  # time.monotonic() seconds
+
+
+def transfer_failed(message: str, cause: BaseException | None) -> StoreTransferFailed:
+    """A StoreTransferFailed chained to the transfer error behind it, so that
+    failure cascades are grouped by that cause (pymooncake._cascade)."""
+    if isinstance(cause, (PeerSocketError, DnsError)):
+        message += (
+            " (the segment's owner is down or unreachable; the master forgets a dead "
+            "client's segments after its --client_ttl, 10 s by default)"
+        )
+    err = StoreTransferFailed(message)
+    err.__cause__ = cause
+    return err
 
 
 def _as_view(obj: Any) -> memoryview:
@@ -61,6 +81,7 @@ class ClientIO:
     master: MasterClient
     client_id: str
     local: LocalBuffer
+    metrics: ClientMetrics | None
     _closed: bool
     _pool: concurrent.futures.ThreadPoolExecutor | None
 

@@ -64,6 +64,7 @@ from ._memory import (
     MemoryRegistry,
     Region,
 )
+from ._metrics import EngineMetrics
 from ._request import TransferOpcode, TransferRequest, TransferStatus
 from ._rpc import RpcServer, rpc_call
 from ._segments import SegmentDirectory, check_name
@@ -141,6 +142,7 @@ class TransferEngine(MemoryOps):
         self._managed: dict[int, Region] = {}
         self._published = False
         self._local_peer: Peer | None = None
+        self._metrics: EngineMetrics | None = None
 
         if isinstance(metadata_server, MetadataStore):
             store: MetadataStore | None = metadata_server
@@ -474,10 +476,15 @@ class TransferEngine(MemoryOps):
         def done(s: Slice, err: BaseException | None) -> None:
             errors[s.index] = err
 
+        metrics = self._metrics
         for peer, transport, slices in groups:
+            started = time.perf_counter_ns() if metrics is not None else 0
             transport.execute(peer, slices, deadline, done)
             if not peer.local and any(isinstance(errors[s.index], PeerSocketError) for s in slices):
                 self._retry_after_refresh(peer, slices, errors, deadline, done)
+            if metrics is not None:
+                latency_us = (time.perf_counter_ns() - started) // 1000
+                metrics.record(transport.name, slices, errors, latency_us)
         failed = [e for e in errors if e is not None]
         if failed:
             raise TransferFailed(
@@ -579,12 +586,31 @@ class TransferEngine(MemoryOps):
     def _run_group(
         self, batch: Batch, peer: Peer, transport: Transport, slices: list[Slice], deadline: float
     ) -> None:
+        metrics = self._metrics
+        started = time.perf_counter_ns() if metrics is not None else 0
+        outcome: dict[int, BaseException | None] = {}
+
+        def done(s: Slice, err: BaseException | None) -> None:
+            outcome[s.index] = err
+            batch.complete(s.index, err)
+
         try:
-            transport.execute(peer, slices, deadline, lambda s, err: batch.complete(s.index, err))
+            transport.execute(
+                peer,
+                slices,
+                deadline,
+                done if metrics is not None else lambda s, err: batch.complete(s.index, err),
+            )
         except BaseException as exc:  # a bug must not leave tasks pending forever
             log.exception("transport %s failed unexpectedly", transport.name)
             for s in slices:  # (tasks already finished ignore this)
                 batch.complete(s.index, exc)
+                outcome[s.index] = exc
+        if metrics is not None:
+            for s in slices:  # a slice the transport never reported did not succeed
+                outcome.setdefault(s.index, TimeoutError("not completed"))
+            latency_us = (time.perf_counter_ns() - started) // 1000
+            metrics.record(transport.name, slices, outcome, latency_us)
 
     def _batch_completed(self, batch: Batch) -> None:
         if batch.notify is None or batch.status().state.name != "COMPLETED":
@@ -700,6 +726,23 @@ class TransferEngine(MemoryOps):
             what=f"RPC port of segment {name!r}",
             **self._rpc_auth,
         )
+
+    # ------------------------------------------------------------------------------
+    # metrics
+    # ------------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> EngineMetrics | None:
+        """Per-transport request counts, bytes, failures, latency and sizes (TENT's
+        names), or None until :meth:`enable_metrics` (store clients enable them)."""
+        return self._metrics
+
+    def enable_metrics(self) -> EngineMetrics:
+        """Start recording transfer metrics (idempotent; a few hundred ns per group of
+        requests, so an engine nobody scrapes does not pay for them)."""
+        if self._metrics is None:
+            self._metrics = EngineMetrics()
+        return self._metrics
 
     # ------------------------------------------------------------------------------
     # lifecycle
