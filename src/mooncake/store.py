@@ -31,8 +31,13 @@ from pymooncake.store import ReplicateConfig as _NativeConfig
 from pymooncake.store._client import ObjectLocation
 from pymooncake.transfer import TransferEngine as _NativeEngine
 
+from ._parallel_types import ParallelAxis, ReadTarget, TensorParallelism
 from ._store_codes import store_code, store_codes
+from ._store_parallel import ParallelOps
 from ._store_ranges import RangeReads
+from ._store_tensor import deserialize_tensor as _deserialize_tensor
+from ._store_tensor import serialize_tensor as _serialize_tensor
+from ._store_tensor import tensor_metadata_size as _tensor_metadata_size
 from ._store_types import (
     ACTIVATION,
     COMPLETE,
@@ -87,12 +92,18 @@ __all__ = [
     "MooncakeDistributedStore",
     "MooncakeHostMemAllocator",
     "ObjectDataType",
+    "ParallelAxis",
+    "ReadTarget",
     "RegisteredBufferLease",
     "RegisteredBufferPool",
     "ReplicaDescriptor",
     "ReplicaStatus",
     "ReplicateConfig",
     "SoftPinAction",
+    "TensorParallelism",
+    "_deserialize_tensor",
+    "_serialize_tensor",
+    "_tensor_metadata_size",
 ]
 
 log = logging.getLogger("mooncake.store")
@@ -154,7 +165,7 @@ _POSITIONAL = (
 _DICT_KEYS = set(_POSITIONAL) | {"ipc_socket_path", *_SETUP_KEYWORDS}
 
 
-class MooncakeDistributedStore(RangeReads):
+class MooncakeDistributedStore(RangeReads, ParallelOps):
     """Reference-compatible store client.  Construct, then :meth:`setup`."""
 
     def __init__(self) -> None:
