@@ -8,14 +8,10 @@ import mmap
 import os
 import threading
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pymooncake.store import ReplicaDesc, ReplicaStatus, SoftPinAction
 from pymooncake.store import ReplicateConfig as _NativeConfig
-from pymooncake.store._buffers import Lease, LeasePool
-
-if TYPE_CHECKING:
-    from .store import MooncakeDistributedStore
 
 __all__ = [
     "ACTIVATION",
@@ -34,14 +30,10 @@ __all__ = [
     "UNDEFINED",
     "UNKNOWN",
     "WEIGHT",
-    "BufferLease",
-    "BufferPool",
     "Descriptor",
     "MemoryDescriptor",
     "MooncakeHostMemAllocator",
     "ObjectDataType",
-    "RegisteredBufferLease",
-    "RegisteredBufferPool",
     "ReplicaDescriptor",
     "ReplicateConfig",
 ]
@@ -244,51 +236,3 @@ class MooncakeHostMemAllocator:
         except BufferError:
             pass
         return 0
-
-
-# --------------------------------------------------------------------------------
-# buffer pool (leases from a store's local buffer)
-# --------------------------------------------------------------------------------
-
-BufferLease = Lease
-
-
-class BufferPool:
-    """Registered scratch buffers leased from a store's local buffer (reference
-    ``mooncake.store.BufferPool``).  ``acquire``/``buffer`` return a lease with
-    ``ptr``, ``size``, ``buffer`` (writable memoryview) and ``release()``."""
-
-    def __init__(
-        self,
-        store: MooncakeDistributedStore,
-        max_bytes: int = 0,
-        min_size_class: int = 65536,
-        max_size_class: int | None = None,
-        alignment: int = 8 << 20,
-        block_on_exhaustion: bool = True,
-        default_timeout: float | None = None,
-        max_regions: int | None = None,
-        prewarm_size: int | None = None,
-        prewarm_count: int = 0,
-    ) -> None:
-        client = store._client
-        if client is None:
-            raise RuntimeError("BufferPool needs a store that is set up (call setup() first)")
-        self._pool = LeasePool(
-            client.local, max_bytes=max_bytes, block=block_on_exhaustion, timeout_s=default_timeout
-        )
-
-    def acquire(self, size: int, block: bool | None = None, timeout: float | None = None) -> Lease:
-        return self._pool.acquire(size, block, timeout)
-
-    buffer = acquire
-
-    def prewarm(self, size: int, count: int) -> None:
-        """Nothing to do: the local buffer is registered up front."""
-
-    def close(self) -> None:
-        self._pool.close()
-
-
-RegisteredBufferPool = BufferPool
-RegisteredBufferLease = Lease

@@ -31,6 +31,14 @@ from pymooncake.store import ReplicateConfig as _NativeConfig
 from pymooncake.store._client import ObjectLocation
 from pymooncake.transfer import TransferEngine as _NativeEngine
 
+from ._buffer_pool import (
+    BufferLease,
+    BufferLeaseView,
+    BufferPool,
+    RegisteredBufferLease,
+    RegisteredBufferLeaseView,
+    RegisteredBufferPool,
+)
 from ._parallel_types import ParallelAxis, ReadTarget, TensorParallelism
 from ._store_codes import store_code, store_codes
 from ._store_parallel import ParallelOps
@@ -55,14 +63,10 @@ from ._store_types import (
     UNDEFINED,
     UNKNOWN,
     WEIGHT,
-    BufferLease,
-    BufferPool,
     Descriptor,
     MemoryDescriptor,
     MooncakeHostMemAllocator,
     ObjectDataType,
-    RegisteredBufferLease,
-    RegisteredBufferPool,
     ReplicaDescriptor,
     ReplicateConfig,
 )
@@ -86,6 +90,7 @@ __all__ = [
     "WEIGHT",
     "BufferHandle",
     "BufferLease",
+    "BufferLeaseView",
     "BufferPool",
     "Descriptor",
     "MemoryDescriptor",
@@ -95,6 +100,7 @@ __all__ = [
     "ParallelAxis",
     "ReadTarget",
     "RegisteredBufferLease",
+    "RegisteredBufferLeaseView",
     "RegisteredBufferPool",
     "ReplicaDescriptor",
     "ReplicaStatus",
