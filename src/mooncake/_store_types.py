@@ -31,6 +31,7 @@ __all__ = [
     "UNKNOWN",
     "WEIGHT",
     "Descriptor",
+    "DiskDescriptor",
     "MemoryDescriptor",
     "MooncakeHostMemAllocator",
     "ObjectDataType",
@@ -155,14 +156,28 @@ class ReplicateConfig:
 class Descriptor:
     """A memory buffer of a replica: ``size``, ``buffer_address``, ``transport_endpoint``."""
 
-    def __init__(self, size: int, buffer_address: int, transport_endpoint: str) -> None:
+    def __init__(
+        self, size: int = 0, buffer_address: int = 0, transport_endpoint: str = ""
+    ) -> None:
         self.size = size
         self.buffer_address = buffer_address
         self.transport_endpoint = transport_endpoint
         self.protocol = "tcp"
 
     def __repr__(self) -> str:
-        return f"Descriptor(size={self.size}, buffer_address={self.buffer_address:#x}, transport_endpoint={self.transport_endpoint!r})"
+        return (
+            f"<Descriptor size={self.size} buffer_address={self.buffer_address} "
+            f"transport_endpoint={self.transport_endpoint}>"
+        )
+
+
+class DiskDescriptor:
+    """A replica in a file (``file_path``, ``object_size``); pymooncake keeps
+    every replica in memory, so descriptors of this type are never returned."""
+
+    def __init__(self, file_path: str = "", object_size: int = 0) -> None:
+        self.file_path = file_path
+        self.object_size = object_size
 
 
 class MemoryDescriptor:
@@ -189,8 +204,9 @@ class ReplicaDescriptor:
     def get_memory_descriptor(self) -> MemoryDescriptor:
         return self._mem
 
-    def get_disk_descriptor(self) -> None:
-        raise RuntimeError("not a disk replica")
+    def get_disk_descriptor(self) -> DiskDescriptor:
+        """Raises RuntimeError, as the reference does for a memory replica."""
+        raise RuntimeError("std::get: wrong index for variant (not a disk replica)")
 
     def __repr__(self) -> str:
         d = self._mem.buffer_descriptor

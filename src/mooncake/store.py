@@ -29,6 +29,7 @@ from pymooncake.store import (
 )
 from pymooncake.store import ReplicateConfig as _NativeConfig
 from pymooncake.store._client import ObjectLocation
+from pymooncake.store._sessions import PutSessions
 from pymooncake.transfer import TransferEngine as _NativeEngine
 
 from ._buffer_pool import (
@@ -43,6 +44,7 @@ from ._parallel_types import ParallelAxis, ReadTarget, TensorParallelism
 from ._store_codes import store_code, store_codes
 from ._store_parallel import ParallelOps
 from ._store_ranges import RangeReads
+from ._store_sessions import SegmentOps, SessionOps, close_mappings
 from ._store_tensor import deserialize_tensor as _deserialize_tensor
 from ._store_tensor import serialize_tensor as _serialize_tensor
 from ._store_tensor import tensor_metadata_size as _tensor_metadata_size
@@ -64,6 +66,7 @@ from ._store_types import (
     UNKNOWN,
     WEIGHT,
     Descriptor,
+    DiskDescriptor,
     MemoryDescriptor,
     MooncakeHostMemAllocator,
     ObjectDataType,
@@ -93,6 +96,7 @@ __all__ = [
     "BufferLeaseView",
     "BufferPool",
     "Descriptor",
+    "DiskDescriptor",
     "MemoryDescriptor",
     "MooncakeDistributedStore",
     "MooncakeHostMemAllocator",
@@ -171,13 +175,14 @@ _POSITIONAL = (
 _DICT_KEYS = set(_POSITIONAL) | {"ipc_socket_path", *_SETUP_KEYWORDS}
 
 
-class MooncakeDistributedStore(RangeReads, ParallelOps):
+class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
     """Reference-compatible store client.  Construct, then :meth:`setup`."""
 
     def __init__(self) -> None:
         self._client: StoreClient | None = None
         self._lock = threading.Lock()
         self._sessions: dict[str, ObjectLocation] = {}
+        self._put_sessions: PutSessions | None = None
 
     # --- set-up -------------------------------------------------------------------
 
@@ -277,8 +282,7 @@ class MooncakeDistributedStore(RangeReads, ParallelOps):
             return store_code(exc)
         with self._lock:
             if self._client is not None:
-                self._client.close()
-                self._client = None
+                self._close_client()
             try:
                 self._client = StoreClient(config, engine=engine)
             except MooncakeError as exc:
@@ -312,11 +316,21 @@ class MooncakeDistributedStore(RangeReads, ParallelOps):
 
     def close(self) -> int:
         with self._lock:
-            client, self._client = self._client, None
+            self._close_client()
+        return 0
+
+    def _close_client(self) -> None:
+        """Revoke open put sessions, finish graceful unmounts, close the client
+        (its segments go), then unmap mounted files (lock held)."""
+        sessions, self._put_sessions = self._put_sessions, None
+        if sessions is not None:
+            sessions.close()
+        mappings = self._release_segments()
+        client, self._client = self._client, None
         self._sessions.clear()
         if client is not None:
             client.close()
-        return 0
+        close_mappings(mappings)
 
     def health_check(self) -> int:
         client = self._client
@@ -624,6 +638,22 @@ class MooncakeDistributedStore(RangeReads, ParallelOps):
             return out
 
         return self._value("batch_get_replica_desc", run, {})
+
+    def batch_replica_clear(self, keys: list[str], segment_name: str = "") -> list[str]:
+        """Clear the replicas of this client's ``keys`` whose read lease has
+        expired (all of them, or those on segment ``segment_name``); returns the
+        cleared keys.  Needs the master RPC ``BatchReplicaClear`` (see
+        ``docs/store-api.md``); until the master has it this logs why and
+        returns ``[]``."""
+        client = self._client
+        if client is None:
+            log.error("batch_replica_clear: the store is not set up; call setup() first")
+            return []
+        try:
+            return client.replica_clear_many(keys, segment_name)
+        except MooncakeError as exc:
+            log.error("batch_replica_clear failed: %s", exc)
+            return []
 
     def __del__(self) -> None:
         try:
