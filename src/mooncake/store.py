@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from pymooncake._net import split_host_port
-from pymooncake.config import EngineConfig
+from pymooncake.config import EngineConfig, parse_bool_env
 from pymooncake.errors import ConfigError, InvalidParams, MooncakeError, StoreError
 from pymooncake.store import (
     BufferHandle,
@@ -237,6 +237,13 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
         for k in _SETUP_KEYWORDS:
             if k in cfg:
                 values[k] = cfg[k]
+        for k in ("enable_ssd_offload", "enable_client_http_server"):
+            if isinstance(values.get(k), str):  # the reference reads dict values as strings
+                try:
+                    values[k] = parse_bool_env(k, values[k])
+                except ConfigError as exc:
+                    log.error("setup(config): %s", exc)
+                    return int(ErrorCode.INVALID_PARAMS)
         return self._setup(values)
 
     def _setup(self, v: dict[str, Any]) -> int:
