@@ -349,6 +349,12 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
         client = self._client
         return client.hostname if client is not None else ""
 
+    def _get_pyclient_capsule(self) -> object | None:
+        """The reference's handle of the native client: here the client, or
+        None before ``setup`` (``structured_object_store`` makes a BufferPool
+        only for a set-up store)."""
+        return self._client
+
     # --- helpers ---------------------------------------------------------------------
 
     def _c(self) -> StoreClient:
