@@ -161,8 +161,13 @@ def canon(value: Any) -> Any:
             return ("nested", [canon(row) for row in value.unbind()])
         t = value.detach().contiguous()
         flat = t.reshape(-1)
-        raw = flat.view(torch.uint8) if flat.numel() and t.dtype != torch.bool else flat
-        return ("tensor", str(t.dtype), list(t.shape), bytes(raw.numpy().tobytes()))
+        if not flat.numel():
+            raw = b""
+        elif t.dtype == torch.bool:
+            raw = flat.numpy().tobytes()
+        else:
+            raw = flat.view(torch.uint8).numpy().tobytes()
+        return ("tensor", str(t.dtype), list(t.shape), raw)
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             return ("objarray", [canon(v) for v in value.tolist()])
