@@ -48,7 +48,7 @@ from ._client_io import ObjectLocation
 from ._master_client import MasterClient
 from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
-from ._types import ClientStatus, ReplicaDesc, SegmentInfo
+from ._types import ClientStatus, ErrorCode, ReplicaDesc, SegmentInfo
 from ._writes import WriteOps
 
 __all__ = ["ObjectLocation", "StoreClient", "StoreClientConfig"]
@@ -201,6 +201,33 @@ class StoreClient(WriteOps, ReadOps):
         self._segments.append(info)
         return info
 
+    def mount_registered(self, addr: int, size: int) -> SegmentInfo:
+        """Offer ``size`` bytes of memory the engine already has registered at
+        ``addr`` (a mapped file, memory the caller owns) as a segment.  The
+        caller keeps it mapped until :meth:`unmount`."""
+        self._check_open()
+        info = SegmentInfo(uuid.uuid4().hex, self.engine.segment_name, addr, size, self.host_id)
+        self.master.call(M.MOUNT_SEGMENT, {"client_id": self.client_id, "segment": info.to_wire()})
+        self._segments.append(info)
+        return info
+
+    def unmount(self, segment_id: str) -> SegmentInfo:
+        """Withdraw one of this client's segments: the master drops the replicas
+        it holds.  The memory stays mapped and registered: release memory from
+        :meth:`mount` with ``engine.free(info.base)``, and memory given to
+        :meth:`mount_registered` as its owner sees fit.
+
+        Raises:
+            InvalidParams: not a segment of this client.
+        """
+        self._check_open()
+        info = next((s for s in self._segments if s.id == segment_id), None)
+        if info is None:
+            raise InvalidParams(f"segment {segment_id!r} is not mounted by this client")
+        self.master.call(M.UNMOUNT_SEGMENT, {"client_id": self.client_id, "segment_id": info.id})
+        self._segments.remove(info)
+        return info
+
     @property
     def segments(self) -> tuple[SegmentInfo, ...]:
         return tuple(self._segments)
@@ -285,6 +312,37 @@ class StoreClient(WriteOps, ReadOps):
             None if c == 0 else store_error(c, f"{k!r}: {v}")
             for k, (c, v) in zip(keys, res, strict=True)
         ]
+
+    def replica_clear_many(self, keys: Sequence[str], segment_name: str = "") -> list[str]:
+        """Drop this client's objects ``keys`` whose read lease has expired: all
+        their replicas (``segment_name`` empty; only objects whose replicas are
+        all complete) or only the complete replicas in segment ``segment_name``
+        (the object goes when none is left).  Keys that are missing, written by
+        another client, leased, or have nothing on that segment are skipped.
+
+        Returns:
+            the keys that were cleared, in request order.
+
+        Raises:
+            StoreError(NOT_SUPPORTED): the master protocol has no
+                ``BatchReplicaClear`` yet.
+        """
+        self._check_open()
+        if not keys:
+            return []
+        method = getattr(MasterMethod, "BATCH_REPLICA_CLEAR", None)
+        if method is None:
+            raise StoreError(
+                "batch_replica_clear needs the master RPC BatchReplicaClear, which this "
+                "pymooncake master does not provide yet; remove the keys with remove() "
+                "(whole objects) instead",
+                code=int(ErrorCode.NOT_SUPPORTED),
+            )
+        res = self.master.call(
+            method,
+            {"client_id": self.client_id, "keys": list(keys), "segment_name": segment_name},
+        )
+        return [str(k) for k in res]
 
     def remove_by_regex(self, pattern: str, force: bool = False) -> int:
         self._check_open()

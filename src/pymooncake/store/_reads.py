@@ -199,6 +199,34 @@ class ReadOps(ClientIO):
 
         return self._read_batch(keys, dest, op)
 
+    def get_many_alloc(
+        self, keys: Sequence[str], alloc: Callable[[int, int], Any]
+    ) -> list[Any | StoreError]:
+        """Read each object into a buffer obtained from ``alloc(i, size)``.
+
+        ``alloc`` returns a writable buffer of exactly ``size`` bytes (a numpy
+        array, bytearray ...); it is called once the object's size is known,
+        so the bytes land in it straight from the replica (no staging, no
+        local_buffer_size bound).  Results per key: that buffer, or the error.
+        """
+        held: dict[int, Any] = {}
+
+        def dest(i: int, size: int) -> Parts | StoreError:
+            buf = alloc(i, size)
+            view = memoryview(buf).cast("B")
+            if len(view) != size or view.readonly:
+                return store_error(
+                    int(ErrorCode.INVALID_PARAMS),
+                    f"{keys[i]!r}: alloc({size}) returned a {len(view)}-byte or read-only buffer",
+                )
+            held[i] = buf
+            return [view]
+
+        return [
+            r if isinstance(r, StoreError) else held[i]
+            for i, r in enumerate(self._read_batch(keys, dest))
+        ]
+
     def locate(self, keys: Sequence[str]) -> list[ObjectLocation | StoreError]:
         """Replica locations of many keys in one RPC; each granted a read lease."""
         self._check_open()
