@@ -670,9 +670,8 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
     def batch_replica_clear(self, keys: list[str], segment_name: str = "") -> list[str]:
         """Clear the replicas of this client's ``keys`` whose read lease has
         expired (all of them, or those on segment ``segment_name``); returns the
-        cleared keys.  Needs the master RPC ``BatchReplicaClear`` (see
-        ``docs/store-api.md``); until the master has it this logs why and
-        returns ``[]``."""
+        cleared keys (the master's ``BatchReplicaClear``); on failure it logs why
+        and returns ``[]``."""
         client = self._client
         if client is None:
             log.error("batch_replica_clear: the store is not set up; call setup() first")

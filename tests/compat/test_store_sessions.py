@@ -232,11 +232,6 @@ def test_batch_replica_clear_without_keys(store: MooncakeDistributedStore) -> No
     assert MooncakeDistributedStore().batch_replica_clear(["k"]) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the master RPC BatchReplicaClear(client_id, keys, segment_name) -> cleared keys; "
-    "until the master has it, batch_replica_clear returns [] (NOT_SUPPORTED logged)",
-)
 def test_batch_replica_clear_expired_and_per_segment(stores: Stores) -> None:
     a, b = stores.new(), stores.new()
     config = ReplicateConfig()

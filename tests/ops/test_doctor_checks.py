@@ -286,9 +286,9 @@ def test_no_proxy_variables_pass_and_p2p_skips() -> None:
 
 def test_master_pass_and_failures() -> None:
     addr = "10.0.0.1:50051"
-    up = FakeProbes(listening=[("10.0.0.1", 50051)], master={addr: "pymooncake-master/1"})
+    up = FakeProbes(listening=[("10.0.0.1", 50051)], master={addr: "pymooncake-master/2"})
     r = check_master(inputs(master_server_address=addr), up, [])
-    assert r.status is Status.PASS and "protocol pymooncake-master/1" in r.reason
+    assert r.status is Status.PASS and "protocol pymooncake-master/2" in r.reason
     r = check_master(inputs(master_server_address=addr), FakeProbes(), [])
     assert (
         r.status is Status.FAIL
@@ -309,7 +309,7 @@ def test_master_pass_and_failures() -> None:
 
 def test_master_on_loopback_only_fails_with_remote_peers() -> None:
     addr = "127.0.0.1:50051"
-    probes = FakeProbes(listening=[("127.0.0.1", 50051)], master={addr: "pymooncake-master/1"})
+    probes = FakeProbes(listening=[("127.0.0.1", 50051)], master={addr: "pymooncake-master/2"})
     r = check_master(inputs(master_server_address=addr), probes, [PEER])
     assert r.status is Status.FAIL and "loopback only" in r.reason
     assert "--rpc_address=0.0.0.0" in r.fix

@@ -66,36 +66,36 @@ def test_allocator_best_fit_and_coalescing() -> None:
     z = a.allocate(100)
     assert x and y and z
     assert x[0] == 0x1000 and x[1] == 128  # rounded to 64 bytes
-    a.validate()
-    a.free(y[0])
+    a.validate([x, y, z])
+    a.free(*y)
     # best fit: a 150-byte request reuses y's 256-byte hole, not the tail
     w = a.allocate(150)
     assert w is not None and w[0] == y[0]
-    a.free(x[0])
-    a.free(w[0])
-    a.free(z[0])
-    a.validate()
-    assert a.allocated == 0 and a.largest_free == 1024
+    a.free(*x)
+    a.free(*w)
+    a.free(*z)
+    a.validate([])
+    assert a.allocated == 0 and a.largest_free == 1024 and a.live_count == 0
     assert a.allocate(1025) is None
     with pytest.raises(ValueError):
-        a.free(0x1000)
+        a.free(0x1000, 128)  # double free
 
 
 def test_allocator_random_churn_keeps_invariants() -> None:
     rng = random.Random(5)
     a = OffsetAllocator(1 << 20, 1 << 20)
-    live = []
+    live: list[tuple[int, int]] = []
     for _ in range(3000):
         if live and rng.random() < 0.45:
-            a.free(live.pop(rng.randrange(len(live))))
+            a.free(*live.pop(rng.randrange(len(live))))
         else:
             got = a.allocate(rng.randint(1, 8192))
             if got:
-                live.append(got[0])
-    a.validate()
-    for addr in live:
-        a.free(addr)
-    a.validate()
+                live.append(got)
+    a.validate(live)
+    for start, size in live:
+        a.free(start, size)
+    a.validate([])
     assert a.largest_free == 1 << 20
 
 
@@ -130,8 +130,8 @@ def test_keys_are_immutable(state: MasterState) -> None:
 def test_concurrent_put_of_same_key_and_preemption(state: MasterState) -> None:
     state.mount_segment("c1", seg("a:1"), 0)
     state.put_start("c1", "k", 10, ONE, 0)
-    with pytest.raises(ObjectExists):
-        state.put_start("c2", "k", 10, ONE, 5)
+    with pytest.raises(ReplicaNotReady, match="being written by client c1"):
+        state.put_start("c2", "k", 10, ONE, 5)  # nothing readable yet: not "exists"
     # after put_start_discard_timeout (30 s) a new writer may take over
     descs = state.put_start("c2", "k", 10, ONE, 40)
     with pytest.raises(StoreError) as info:
@@ -406,7 +406,7 @@ def test_restarted_process_replaces_its_dead_predecessor(state: MasterState) -> 
 
 def test_journal_replay_restores_segments_objects_and_allocations() -> None:
     st = MasterState(MasterConfig(client_ttl_s=10), rng=random.Random(3))
-    st.events = []
+    st.effects = []
     st.mount_segment("c1", seg("a:1", sid="sa"), 0)
     st.mount_segment("c2", seg("b:1", sid="sb"), 0)
     put(st, "kept", 1000, 1, "c1", ReplicateConfig(replica_num=2))
@@ -416,8 +416,12 @@ def test_journal_replay_restores_segments_objects_and_allocations() -> None:
     st.upsert_end("c1", "upserted", 2)
     st.put_start("c1", "unfinished", 10, ONE, 3)  # never committed: not restored
     st.remove("removed", False, 4)
-    events = st.drain_events()
-    assert {e[0] for e in events} == {"mount", "commit", "delete"}
+    events = st.drain_effects()
+    assert {type(e).__name__ for e in events} == {
+        "SegmentMounted",
+        "ObjectCommitted",
+        "ObjectDeleted",
+    }
 
     restored = MasterState(MasterConfig(client_ttl_s=10))
     restored.replay(events, 100.0)
@@ -432,6 +436,6 @@ def test_journal_replay_restores_segments_objects_and_allocations() -> None:
     assert restored.ping("c1", 101).status is ClientStatus.OK
     # and the compacted form replays to the same state
     again = MasterState()
-    again.replay(restored.snapshot_events(), 200.0)
+    again.replay(restored.snapshot_effects(), 200.0)
     again.validate()
     assert set(again.objects) == {"kept", "upserted"}

@@ -339,19 +339,17 @@ def test_master_restart_new_clients_can_reach_remounted_segments() -> None:
 _HALF_WRITER = r"""
 import json, sys, time, uuid
 from pymooncake.store._master_client import MasterClient
-from pymooncake.wire import MasterMethod as M
+from pymooncake.wire import _master_msgs as msg
 
 address, key, size, segment = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 client_id = uuid.uuid4().hex
 master = MasterClient(address, timeout_s=5.0, connect_timeout_s=2.0)
-config = {"replica_num": 1, "preferred_segments": [segment]}
-replicas = master.call(
-    M.PUT_START, {"client_id": client_id, "key": key, "size": size, "config": config}
-)
+config = msg.ReplicateParams(preferred_segments=(segment,))
+replicas = master.call(msg.PutStart(client_id, key, size, config))
 print("put_start " + json.dumps(replicas), flush=True)
 deadline = time.monotonic() + 60  # a live writer that never finishes; bounded all the same
 while time.monotonic() < deadline:
-    master.call(M.PING, {"client_id": client_id})
+    master.call(msg.Ping(client_id))
     time.sleep(0.2)
 """
 
@@ -393,11 +391,13 @@ def test_writer_killed_mid_put_gives_its_key_back_after_client_ttl() -> None:
         with _half_writer(cluster, "zombie", 4 * MiB, seg) as (proc, replicas):
             assert len(replicas) == 1
             # while the writer lives (it pings), the key is being written: not readable,
-            # and a second put of it is refused as "already exists" (returns False)
+            # and a second put of it waits for that put (up to the RPC timeout) and then
+            # fails: it never reports "already exists" while nothing is stored
             with pytest.raises(ReplicaNotReady):
                 client.get("zombie")
             assert not client.exists("zombie")
-            assert client.put("zombie", b"other") is False
+            with pytest.raises(ReplicaNotReady, match="being written by client"):
+                client.put("zombie", b"other")
             with pytest.raises(ReplicaNotReady):  # PROCESSING replicas cannot be removed
                 client.remove("zombie", force=True)
             proc.kill()

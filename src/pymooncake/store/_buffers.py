@@ -60,6 +60,8 @@ class LocalBuffer:
         self.addr = addr
         self.size = len(view)
         self._alloc = OffsetAllocator(addr, self.size) if self.size else None
+        #: start -> reserved bytes of each live range (the allocator keeps no map)
+        self._live: dict[int, int] = {}
         self._lock = threading.Lock()
 
     def take(self, n: int) -> tuple[int, memoryview] | None:
@@ -67,6 +69,8 @@ class LocalBuffer:
             return None
         with self._lock:
             got = self._alloc.allocate(n)
+            if got is not None:
+                self._live[got[0]] = got[1]
         if got is None:
             return None
         start = got[0] - self.addr
@@ -77,15 +81,17 @@ class LocalBuffer:
         if self._alloc is None:
             return 0
         with self._lock:
-            return self._alloc.reserved(addr)
+            return self._live[addr]
 
     def give_back(self, addr: int) -> int:
         """Release the range at ``addr``; returns the bytes it had reserved."""
         if self._alloc is None:
             return 0
         with self._lock:
-            size = self._alloc.reserved(addr)
-            self._alloc.free(addr)
+            size = self._live.pop(addr, None)
+            if size is None:
+                raise ValueError(f"{addr:#x} is not a live range of the local buffer")
+            self._alloc.free(addr, size)
             return size
 
     @property

@@ -42,19 +42,18 @@ from ..errors import (
 )
 from ..transfer import TransferEngine
 from ..transfer.metadata import parse_metadata_target
-from ..wire import MasterMethod
+from ..wire import _master_msgs as msg
 from ._buffers import LocalBuffer
 from ._client_io import ObjectLocation
 from ._master_client import MasterClient
 from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
-from ._types import ClientStatus, ErrorCode, ReplicaDesc, SegmentInfo
+from ._types import ClientStatus, ReplicaDesc, SegmentInfo
 from ._writes import WriteOps
 
 __all__ = ["ObjectLocation", "StoreClient", "StoreClientConfig"]
 
 log = logging.getLogger("pymooncake.store")
-M = MasterMethod
 
 
 @dataclass(frozen=True)
@@ -135,12 +134,21 @@ class StoreClient(WriteOps, ReadOps):
         self.host_id = host
         #: the reference's client metrics (None when MC_STORE_CLIENT_METRIC=0)
         self.metrics = ClientMetrics(config.metrics) if config.metrics.enabled else None
+        engine_config = config.engine or EngineConfig.from_env()
         self.master = MasterClient(
             config.master_server_addr,
             timeout_s=config.rpc_timeout_s,
             connect_timeout_s=config.rpc_connect_timeout_s,
             metrics=self.metrics,
+            security=engine_config.security,
         )
+        #: keys this process is writing (put/upsert started, not ended), to tell a
+        #: concurrent put of another thread from an orphan of an earlier attempt
+        self._writing: dict[str, int] = {}
+        self._writing_lock = threading.Lock()
+        #: puts whose revoke could not be sent (master unreachable): retried by the
+        #: heartbeat, so their buffers do not wait for put_start_release_timeout
+        self._revoke_backlog: set[tuple[str, bool]] = set()
         try:
             self.master.check_version()
             if engine is None:
@@ -148,16 +156,14 @@ class StoreClient(WriteOps, ReadOps):
                 engine = TransferEngine(
                     config.local_hostname,
                     config.metadata_server,
-                    config=config.engine or EngineConfig.from_env(),
+                    config=engine_config,
                     append_rpc_port=not p2p and port is None,
                 )
             self.engine = engine
             if self.metrics is not None:
                 engine.enable_metrics()  # exported next to the client's (tent_* names)
-            self.master.call(M.REMOUNT_SEGMENTS, {"client_id": self.client_id, "segments": []})
-            self._master_instance = self.master.call(M.PING, {"client_id": self.client_id}).get(
-                "instance", ""
-            )
+            self.master.call(msg.ReMountSegment(self.client_id, ()))
+            self._master_instance = self.master.call(msg.Ping(self.client_id)).get("instance", "")
             if config.global_segment_size > 0:
                 self.mount(config.global_segment_size)
             if config.local_buffer_size > 0:
@@ -192,9 +198,7 @@ class StoreClient(WriteOps, ReadOps):
             uuid.uuid4().hex, self.engine.segment_name, region.addr, size, self.host_id
         )
         try:
-            self.master.call(
-                M.MOUNT_SEGMENT, {"client_id": self.client_id, "segment": info.to_wire()}
-            )
+            self.master.call(msg.MountSegment(self.client_id, info.to_params()))
         except BaseException:
             self.engine.free(region.addr)
             raise
@@ -207,7 +211,7 @@ class StoreClient(WriteOps, ReadOps):
         caller keeps it mapped until :meth:`unmount`."""
         self._check_open()
         info = SegmentInfo(uuid.uuid4().hex, self.engine.segment_name, addr, size, self.host_id)
-        self.master.call(M.MOUNT_SEGMENT, {"client_id": self.client_id, "segment": info.to_wire()})
+        self.master.call(msg.MountSegment(self.client_id, info.to_params()))
         self._segments.append(info)
         return info
 
@@ -224,7 +228,7 @@ class StoreClient(WriteOps, ReadOps):
         info = next((s for s in self._segments if s.id == segment_id), None)
         if info is None:
             raise InvalidParams(f"segment {segment_id!r} is not mounted by this client")
-        self.master.call(M.UNMOUNT_SEGMENT, {"client_id": self.client_id, "segment_id": info.id})
+        self.master.call(msg.UnmountSegment(self.client_id, info.id))
         self._segments.remove(info)
         return info
 
@@ -235,7 +239,7 @@ class StoreClient(WriteOps, ReadOps):
     def _ping_loop(self) -> None:
         while not self._stop.wait(self.config.ping_interval_s):
             try:
-                res = self.master.call(M.PING, {"client_id": self.client_id})
+                res = self.master.call(msg.Ping(self.client_id), patient=False)
                 instance = res.get("instance", "")
                 if self._master_instance and instance != self._master_instance:
                     # the master restarted: an embedded metadata server lost our
@@ -256,12 +260,11 @@ class StoreClient(WriteOps, ReadOps):
                         len(self._segments),
                     )
                     self.master.call(
-                        M.REMOUNT_SEGMENTS,
-                        {
-                            "client_id": self.client_id,
-                            "segments": [s.to_wire() for s in self._segments],
-                        },
+                        msg.ReMountSegment(
+                            self.client_id, tuple(s.to_params() for s in self._segments)
+                        )
                     )
+                self._retry_revokes()
             except MooncakeError as exc:
                 self._ping_ok = False
                 self._ping_log("ping", logging.WARNING, "heartbeat to the master failed: %s", exc)
@@ -273,26 +276,28 @@ class StoreClient(WriteOps, ReadOps):
     def exists(self, key: str) -> bool:
         """Whether ``key`` is readable (grants a read lease, like the reference)."""
         self._check_open()
-        return bool(self.master.call(M.EXIST_KEY, {"key": key}))
+        return bool(self.master.call(msg.ExistKey(key)))
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         self._check_open()
-        return [bool(x) for x in self.master.call(M.BATCH_EXIST_KEY, {"keys": list(keys)})]
+        if not keys:
+            return []
+        return [bool(x) for x in self.master.call(msg.BatchExistKey(tuple(keys)))]
 
     def size_of(self, key: str) -> int:
         self._check_open()
-        return int(self.master.call(M.GET_REPLICA_LIST, {"key": key})["size"])
+        return int(self.master.call(msg.GetReplicaList(key))["size"])
 
     def replicas(self, key: str) -> list[ReplicaDesc]:
         self._check_open()
-        res = self.master.call(M.GET_REPLICA_LIST, {"key": key})
+        res = self.master.call(msg.GetReplicaList(key))
         return [ReplicaDesc.from_wire(r) for r in res["replicas"]]
 
     def replicas_many(self, keys: Sequence[str]) -> list[list[ReplicaDesc] | StoreError]:
         self._check_open()
         out: list[list[ReplicaDesc] | StoreError] = []
         for key, (code, value) in zip(
-            keys, self.master.call(M.BATCH_GET_REPLICA_LIST, {"keys": list(keys)}), strict=True
+            keys, self.master.call(msg.BatchGetReplicaList(tuple(keys))), strict=True
         ):
             out.append(
                 store_error(code, f"{key!r}: {value}")
@@ -303,11 +308,13 @@ class StoreClient(WriteOps, ReadOps):
 
     def remove(self, key: str, force: bool = False) -> None:
         self._check_open()
-        self.master.call(M.REMOVE, {"key": key, "force": force})
+        self.master.call(msg.Remove(key, force, self.client_id))
 
     def remove_many(self, keys: Sequence[str], force: bool = False) -> list[StoreError | None]:
         self._check_open()
-        res = self.master.call(M.BATCH_REMOVE, {"keys": list(keys), "force": force})
+        if not keys:
+            return []
+        res = self.master.call(msg.BatchRemove(tuple(keys), force, self.client_id))
         return [
             None if c == 0 else store_error(c, f"{k!r}: {v}")
             for k, (c, v) in zip(keys, res, strict=True)
@@ -330,27 +337,16 @@ class StoreClient(WriteOps, ReadOps):
         self._check_open()
         if not keys:
             return []
-        method = getattr(MasterMethod, "BATCH_REPLICA_CLEAR", None)
-        if method is None:
-            raise StoreError(
-                "batch_replica_clear needs the master RPC BatchReplicaClear, which this "
-                "pymooncake master does not provide yet; remove the keys with remove() "
-                "(whole objects) instead",
-                code=int(ErrorCode.NOT_SUPPORTED),
-            )
-        res = self.master.call(
-            method,
-            {"client_id": self.client_id, "keys": list(keys), "segment_name": segment_name},
-        )
+        res = self.master.call(msg.BatchReplicaClear(self.client_id, tuple(keys), segment_name))
         return [str(k) for k in res]
 
     def remove_by_regex(self, pattern: str, force: bool = False) -> int:
         self._check_open()
-        return int(self.master.call(M.REMOVE_BY_REGEX, {"pattern": pattern, "force": force}))
+        return int(self.master.call(msg.RemoveByRegex(pattern, force, self.client_id)))
 
     def remove_all(self, force: bool = False) -> int:
         self._check_open()
-        return int(self.master.call(M.REMOVE_ALL, {"force": force}))
+        return int(self.master.call(msg.RemoveAll(force, self.client_id)))
 
     @property
     def ping_healthy(self) -> bool:
@@ -360,7 +356,7 @@ class StoreClient(WriteOps, ReadOps):
     def health(self) -> bool:
         """True if the master answers."""
         try:
-            self.master.call(M.PING, {"client_id": self.client_id})
+            self.master.call(msg.Ping(self.client_id), patient=False)
             return True
         except MooncakeError:
             return False
@@ -382,9 +378,7 @@ class StoreClient(WriteOps, ReadOps):
         if unmount:
             for info in self._segments:
                 try:
-                    self.master.call(
-                        M.UNMOUNT_SEGMENT, {"client_id": self.client_id, "segment_id": info.id}
-                    )
+                    self.master.call(msg.UnmountSegment(self.client_id, info.id))
                 except MooncakeError as exc:
                     log.warning("unmounting segment %s at the master failed: %s", info.id, exc)
         self.master.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,6 @@ from ..errors import (
     TransferFailed,
 )
 from ..transfer import TransferEngine, TransferRequest
-from ..wire import MasterMethod
 from ._buffers import LocalBuffer
 from ._master_client import MasterClient
 from ._metrics import ClientMetrics
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Parts", "transfer_failed"]
 
 log = logging.getLogger("pymooncake.store")
-M = MasterMethod
 Parts = list[memoryview]
 #: op_name values of batch APIs: their transfers count as batch_put / batch_get latency
 BATCH_OPS = frozenset(
@@ -81,6 +80,9 @@ class ClientIO:
     master: MasterClient
     client_id: str
     local: LocalBuffer
+    _writing: dict[str, int]
+    _writing_lock: threading.Lock
+    _revoke_backlog: set[tuple[str, bool]]
     metrics: ClientMetrics | None
     _closed: bool
     _pool: concurrent.futures.ThreadPoolExecutor | None

@@ -5,6 +5,17 @@ the reply in the calling thread (no hand-off to another thread, so a call
 costs one round trip).  ``call_many`` pipelines several requests on one
 connection.  Timeouts are kernel-side (SO_RCVTIMEO), so blocking waits
 release the GIL and cost no extra system calls.
+
+**Retries, exactly once.**  Every mutating request gets a request id (``rid``,
+increasing per client) and ``ack``, the lowest id still awaiting its reply.
+When a connection breaks before the reply arrived -- the master may or may not
+have acted -- the same frame (same ``rid``) is sent again on a new connection,
+until the RPC timeout: the master answers a repeated ``rid`` from its reply
+cache instead of executing it twice, so a lost reply never turns into a double
+allocation, a spurious "already exists" or a lost put.  A master that is
+restarting is waited for (up to ``reconnect_s``) once this client has talked to
+it.  A master that accepts the connection but does not answer within the
+timeout is reported (RpcTimeout) and not retried.
 """
 
 from __future__ import annotations
@@ -16,8 +27,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .._authio import ClusterSecurity, client_handshake
 from .._net import connect_tcp, set_io_timeout, split_host_port
 from ..errors import (
+    AuthenticationError,
     InvalidParams,
     MalformedMessage,
     MooncakeError,
@@ -28,16 +41,19 @@ from ..errors import (
 from ..wire import (
     PROTOCOL_VERSION,
     MasterFrameDecoder,
-    MasterMethod,
     MasterReply,
     MasterRequest,
     encode_request,
     master_unix_name,
 )
+from ..wire import _master_msgs as msg
 from ._metrics import ClientMetrics
 from ._types import ErrorCode
 
-__all__ = ["MasterClient"]
+__all__ = ["AUTH_CONTEXT", "MasterClient"]
+
+#: the HMAC context of the master RPC port (the master uses the same)
+AUTH_CONTEXT = b"master-rpc"
 
 
 class _Conn:
@@ -48,15 +64,34 @@ class _Conn:
         self.decoder = MasterFrameDecoder()
 
 
+def _is_local_address(host: str) -> bool:
+    """Whether ``host`` is an address of this machine (binding to it works)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((addr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
 class MasterClient:
     """Talks to ``mooncake_master`` at ``address`` (``host:port``).
 
     Args:
         address: the master's RPC address.
-        timeout_s: per request (MC_RPC_TIMEOUT_MS).
+        timeout_s: per request, retries included (MC_RPC_TIMEOUT_MS).
         connect_timeout_s: per connection attempt (MC_RPC_CONNECT_TIMEOUT_MS).
         max_idle: connections kept open for reuse.
         metrics: where to count RPCs and their latency (None: not counted).
+        security: cluster token / TLS; with a token every connection authenticates.
+        reconnect_s: how long a call waits for a master it reached before to come
+            back (restart); 0 fails at once.
     """
 
     def __init__(
@@ -68,6 +103,8 @@ class MasterClient:
         max_idle: int = 8,
         same_host_rpc: bool = True,
         metrics: ClientMetrics | None = None,
+        security: ClusterSecurity | None = None,
+        reconnect_s: float = 15.0,
     ) -> None:
         if "://" in address:
             raise InvalidParams(
@@ -82,13 +119,21 @@ class MasterClient:
         self._host, self._port = host, port or 50051
         self._timeout = timeout_s
         self._connect_timeout = connect_timeout_s
+        self._reconnect = reconnect_s
         self._max_idle = max_idle
         self._idle: list[_Conn] = []
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._rids = itertools.count(1)
+        self._outstanding: set[int] = set()
         self._closed = False
-        self._unix_ok = same_host_rpc
+        self._ever_connected = False
+        self._unix_names: list[str] | None = None if same_host_rpc else []
         self._metrics = metrics
+        self._security = security or ClusterSecurity()
+        self._key = self._security.key
+        self._ssl = self._security.client_ssl_context() if self._security.tls else None
+        self.retries = 0
 
     # --- connections ----------------------------------------------------------------
 
@@ -104,27 +149,52 @@ class MasterClient:
                 sock = connect_tcp(
                     self._host, self._port, timeout_s=self._connect_timeout, what="store master"
                 )
-        except MooncakeError as exc:
+                if self._ssl is not None:
+                    sock = self._ssl.wrap_socket(sock, server_hostname=self._host)
+            if self._key is not None:
+                client_handshake(
+                    sock,
+                    self._key,
+                    AUTH_CONTEXT,
+                    timeout_s=self._connect_timeout,
+                    port="master RPC port",
+                    peer=self.address,
+                )
+        except AuthenticationError:
+            if sock is not None:
+                sock.close()
+            raise
+        except (MooncakeError, OSError) as exc:
+            if sock is not None:
+                sock.close()
             raise RpcFailed(
                 f"cannot reach the master at {self.address}: {exc}. Check that mooncake_master is "
                 "running there and that master_server_addr / MOONCAKE_MASTER point at its --port"
             ) from exc
         set_io_timeout(sock, self._timeout)
+        self._ever_connected = True
         return _Conn(sock), False
 
     def _connect_same_host(self) -> socket.socket | None:
         """The master's abstract UNIX socket when it runs on this host (same
         protocol, shorter round trip); None to use TCP."""
-        if not self._unix_ok:
-            return None
-        for host in (self._host, "0.0.0.0", "::"):
+        names = self._unix_names
+        if names is None:
+            # Wildcard listeners (0.0.0.0 / ::) are only this master when the
+            # configured address is one of this machine's: a client configured for
+            # a remote master must never land on a local one that shares the port.
+            hosts = [self._host]
+            if _is_local_address(self._host):
+                hosts += ["0.0.0.0", "::"]
+            names = self._unix_names = [master_unix_name(h, self._port) for h in hosts]
+        for name in names:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                s.connect(master_unix_name(host, self._port))
+                s.connect(name)
                 return s
             except OSError:
                 s.close()
-        self._unix_ok = False  # not on this host (or an older master): stop trying
+        self._unix_names = []  # not on this host (or an older master): stop trying
         return None
 
     def _checkin(self, conn: _Conn) -> None:
@@ -133,6 +203,12 @@ class MasterClient:
                 self._idle.append(conn)
                 return
         conn.sock.close()
+
+    def _drop_idle(self) -> None:
+        with self._lock:  # the pool went stale (master restarted): start afresh
+            stale, self._idle = self._idle, []
+        for c in stale:
+            c.sock.close()
 
     def _exchange(self, conn: _Conn, frames: bytes, ids: list[int]) -> list[MasterReply]:
         conn.sock.sendall(frames)
@@ -154,67 +230,123 @@ class MasterClient:
             conn.decoder.feed(data)
         return replies
 
-    def _run(self, requests: Sequence[tuple[MasterMethod, dict[str, Any]]]) -> list[MasterReply]:
-        ids = [next(self._ids) for _ in requests]
-        frames = b"".join(encode_request(i, m, p) for i, (m, p) in zip(ids, requests, strict=True))
+    def _run(self, requests: Sequence[msg.Request], patient: bool = True) -> list[MasterReply]:
+        name = requests[0].METHOD.value
+        rids = [0] * len(requests)
+        with self._lock:
+            for i, req in enumerate(requests):
+                if isinstance(req, msg.Mutation) and req.client_id:
+                    rids[i] = next(self._rids)
+                    self._outstanding.add(rids[i])
+            ack = min(self._outstanding) if self._outstanding else 0
         metrics = self._metrics
         if metrics is not None:  # reference: counted when sent, latency once answered
-            for method, _ in requests:
-                metrics.rpc(method)[0].inc()
-            started = time.perf_counter_ns()
-        for attempt in (0, 1):
-            conn, reused = self._checkout()
+            for req in requests:
+                metrics.rpc(req.METHOD)[0].inc()
+        started = time.perf_counter_ns()
+        try:
+            replies = self._run_frames(requests, rids, ack, name, patient)
+        finally:
+            if any(rids):
+                with self._lock:
+                    self._outstanding.difference_update(rids)
+        if metrics is not None:
+            latency_us = (time.perf_counter_ns() - started) // 1000
+            for req in requests:
+                metrics.rpc(req.METHOD)[1].observe(latency_us)
+        return replies
+
+    def _run_frames(
+        self,
+        requests: Sequence[msg.Request],
+        rids: list[int],
+        ack: int,
+        name: str,
+        patient: bool,
+    ) -> list[MasterReply]:
+        deadline = time.monotonic() + self._timeout
+        pause = 0.005
+        attempt = 0
+        down_since: float | None = None
+        while True:
+            ids = [next(self._ids) for _ in requests]
+            frames = b"".join(
+                encode_request(i, r, rid=rid, ack=ack)
+                for i, r, rid in zip(ids, requests, rids, strict=True)
+            )
+            reused = False
+            try:
+                conn, reused = self._checkout()
+            except RpcFailed:
+                # the master is down: wait (bounded) for it to come back if we knew it
+                now = time.monotonic()
+                down_since = down_since or now
+                if (
+                    not patient
+                    or not self._ever_connected
+                    or now - down_since + pause > self._reconnect
+                    or now + pause > deadline
+                ):
+                    raise
+                attempt += 1
+                self.retries += 1
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+                continue
             try:
                 replies = self._exchange(conn, frames, ids)
             except (BlockingIOError, TimeoutError) as exc:
                 conn.sock.close()
                 raise RpcTimeout(
-                    f"the master at {self.address} did not answer {requests[0][0].value} within "
+                    f"the master at {self.address} did not answer {name} within "
                     f"{self._timeout:g} s (MC_RPC_TIMEOUT_MS); it is overloaded or hung"
                 ) from exc
             except (OSError, MalformedMessage) as exc:
                 conn.sock.close()
-                if reused and attempt == 0:
-                    with self._lock:  # the pool went stale (master restarted): start afresh
-                        stale, self._idle = self._idle, []
-                    for c in stale:
-                        c.sock.close()
-                    continue
-                raise RpcFailed(
-                    f"RPC {requests[0][0].value} to the master at {self.address} failed: {exc}"
-                ) from exc
+                if reused:
+                    self._drop_idle()
+                # The master may have acted: send the same request ids again (it answers
+                # repeats from its reply cache), until the timeout.
+                attempt += 1
+                if time.monotonic() + pause >= deadline:
+                    raise RpcFailed(
+                        f"RPC {name} to the master at {self.address} failed: {exc} "
+                        f"({attempt} attempt(s) within {self._timeout:g} s)"
+                    ) from exc
+                self.retries += 1
+                if not reused or attempt > 1:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.5)
+                continue
             self._checkin(conn)
-            if metrics is not None:
-                latency_us = (time.perf_counter_ns() - started) // 1000
-                for method, _ in requests:
-                    metrics.rpc(method)[1].observe(latency_us)
             return replies
-        raise AssertionError("unreachable")
 
     # --- calls -------------------------------------------------------------------------
 
-    def call(self, method: MasterMethod, params: dict[str, Any] | None = None) -> Any:
+    def call(self, request: msg.Request, *, patient: bool = True) -> Any:
         """One request.
+
+        Args:
+            patient: wait (``reconnect_s``) for a master that is restarting; False for
+                liveness probes, which must notice a dead master at once.
 
         Raises:
             StoreError subclasses: the master refused (code as the reference's ErrorCode).
             RpcFailed / RpcTimeout: the master is unreachable or silent.
         """
-        (reply,) = self._run([(method, params or {})])
+        (reply,) = self._run([request], patient)
         if reply.code != 0:
             raise store_error(reply.code, str(reply.value))
         return reply.value
 
-    def call_many(
-        self, requests: Sequence[tuple[MasterMethod, dict[str, Any]]]
-    ) -> list[tuple[int, Any]]:
+    def call_many(self, requests: Sequence[msg.Request]) -> list[tuple[int, Any]]:
         """Pipeline several requests on one connection; returns (code, value) each."""
         if not requests:
             return []
         return [(r.code, r.value) for r in self._run(requests)]
 
     def check_version(self) -> str:
-        version = self.call(MasterMethod.SERVICE_READY)
+        version = self.call(msg.ServiceReady())
         if version != PROTOCOL_VERSION:
             raise store_error(
                 int(ErrorCode.INVALID_VERSION),

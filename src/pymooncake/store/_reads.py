@@ -13,8 +13,9 @@ from ..errors import (
     store_error,
 )
 from ..transfer import TransferRequest
+from ..wire import _master_msgs as msg
 from ._buffers import BufferHandle, make_handle, new_bytes
-from ._client_io import BATCH_OPS, ClientIO, M, ObjectLocation, Parts, transfer_failed
+from ._client_io import BATCH_OPS, ClientIO, ObjectLocation, Parts, transfer_failed
 from ._types import ErrorCode, ReplicaDesc
 
 __all__ = ["ReadOps"]
@@ -32,10 +33,12 @@ class ReadOps(ClientIO):
         t0 = time.monotonic()
         if len(keys) == 1:
             try:
-                return [[0, self.master.call(M.GET_REPLICA_LIST, {"key": keys[0]})]], t0
+                return [[0, self.master.call(msg.GetReplicaList(keys[0]))]], t0
             except StoreError as exc:
                 return [[exc.code, exc.message]], t0
-        return self.master.call(M.BATCH_GET_REPLICA_LIST, {"keys": list(keys)}), t0
+        if not keys:
+            return [], t0
+        return self.master.call(msg.BatchGetReplicaList(tuple(keys))), t0
 
     def _pick(self, replicas: Sequence[ReplicaDesc], attempt: int) -> ReplicaDesc:
         if len(replicas) == 1:

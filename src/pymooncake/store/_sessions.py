@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MooncakeError, StoreError, StoreTransferFailed, store_error
 from ..transfer import TransferRequest
-from ._client_io import M
+from ..wire import _master_msgs as msg
 from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
 
 if TYPE_CHECKING:
@@ -71,16 +71,18 @@ class PutSessions:
             return out
         client = self._client
         started = client.master.call(
-            M.BATCH_PUT_START,
-            {
-                "client_id": client.client_id,
-                "keys": [keys[i] for i in todo],
-                "sizes": [int(sizes[i]) for i in todo],
-                "config": config.to_wire(),
-            },
+            msg.BatchPutStart(
+                client.client_id,
+                tuple(keys[i] for i in todo),
+                tuple(int(sizes[i]) for i in todo),
+                config.to_params(),
+            )
         )
         with self._lock:
             for i, (code, value) in zip(todo, started, strict=True):
+                if code == ErrorCode.REPLICA_IS_NOT_READY:
+                    # another put is writing the key: the reference's code for it
+                    code = int(ErrorCode.OBJECT_ALREADY_EXISTS)
                 if code != 0:
                     out[i] = store_error(code, f"{keys[i]!r}: {value}")
                     continue
@@ -151,16 +153,17 @@ class PutSessions:
         return [i for i, _ in sealed], out
 
     def _finish(
-        self, keys: Sequence[str], method: M, ok_codes: tuple[int, ...]
+        self,
+        keys: Sequence[str],
+        method: type[msg.BatchPutEnd] | type[msg.BatchPutRevoke],
+        ok_codes: tuple[int, ...],
     ) -> list[bool | StoreError]:
         sealed, out = self._seal(keys)
         if not sealed:
             return out
         client = self._client
         try:
-            replies = client.master.call(
-                method, {"client_id": client.client_id, "keys": [keys[i] for i in sealed]}
-            )
+            replies = client.master.call(method(client.client_id, tuple(keys[i] for i in sealed)))
         except MooncakeError as exc:  # state unknown at the master: keep the sessions
             err = (
                 exc
@@ -181,11 +184,11 @@ class PutSessions:
 
     def end(self, keys: Sequence[str]) -> list[bool | StoreError]:
         """Publish the objects (they become readable)."""
-        return self._finish(keys, M.BATCH_PUT_END, ())
+        return self._finish(keys, msg.BatchPutEnd, ())
 
     def revoke(self, keys: Sequence[str]) -> list[bool | StoreError]:
         """Drop the reservations (an object the master no longer knows counts as revoked)."""
-        return self._finish(keys, M.BATCH_PUT_REVOKE, (int(ErrorCode.OBJECT_NOT_FOUND),))
+        return self._finish(keys, msg.BatchPutRevoke, (int(ErrorCode.OBJECT_NOT_FOUND),))
 
     def close(self) -> None:
         """Revoke every open session (best effort; the client is closing)."""

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, NamedTuple
 
+from ..wire._master_msgs import ReplicateParams, SegmentParams
+
 __all__ = [
     "ClientStatus",
     "ErrorCode",
@@ -128,6 +130,19 @@ class ReplicateConfig:
             "excluded_segments": list(self.excluded_segments),
         }
 
+    def to_params(self) -> ReplicateParams:
+        """The config as the master RPC carries it."""
+        if self == _DEFAULT_CONFIG:
+            return _DEFAULT_PARAMS
+        return ReplicateParams(
+            replica_num=self.replica_num,
+            soft_pin_action=int(self.pin_action),
+            soft_pin_ttl_ms=self.soft_pin_ttl_ms,
+            with_hard_pin=self.with_hard_pin,
+            preferred_segments=tuple(self.preferred_segments),
+            excluded_segments=tuple(self.excluded_segments),
+        )
+
     @classmethod
     def from_wire(cls, obj: Any) -> ReplicateConfig:
         if obj is None:
@@ -145,6 +160,10 @@ class ReplicateConfig:
         )
 
 
+_DEFAULT_CONFIG = ReplicateConfig()
+_DEFAULT_PARAMS = ReplicateParams()
+
+
 @dataclass(frozen=True)
 class SegmentInfo:
     """A contiguous range of a client's registered memory offered to the store.
@@ -159,6 +178,13 @@ class SegmentInfo:
     size: int
     host_id: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_params(self) -> SegmentParams:
+        return SegmentParams(self.id, self.name, self.base, self.size, self.host_id)
+
+    @classmethod
+    def from_params(cls, p: SegmentParams) -> SegmentInfo:
+        return cls(p.id, p.name, p.base, p.size, p.host_id)
 
     def to_wire(self) -> dict[str, Any]:
         return {

@@ -11,13 +11,14 @@ from typing import Any
 from .._logging import RepeatLimiter
 from ..errors import (
     InvalidParams,
+    MooncakeError,
     StoreError,
     StoreTransferFailed,
     store_error,
 )
 from ..transfer import TransferRequest
-from ..wire import MasterMethod
-from ._client_io import BATCH_OPS, ClientIO, M, Parts, _as_view, log, transfer_failed
+from ..wire import _master_msgs as msg
+from ._client_io import BATCH_OPS, ClientIO, Parts, _as_view, log, transfer_failed
 from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
 
 __all__ = ["WriteOps"]
@@ -88,88 +89,177 @@ class WriteOps(ClientIO):
         n = len(keys)
         results: list[bool | StoreError] = [True] * n
         sizes = [sum(len(p) for p in ps) for ps in parts]
-        start, end, revoke = (
-            (M.BATCH_UPSERT_START, M.BATCH_UPSERT_END, M.BATCH_UPSERT_REVOKE)
-            if upsert
-            else (M.BATCH_PUT_START, M.BATCH_PUT_END, M.BATCH_PUT_REVOKE)
-        )
-        if n == 1:  # the single-key RPCs are cheaper to encode
-            single = M.UPSERT_START if upsert else M.PUT_START
-            try:
-                reps = self.master.call(
-                    single,
-                    {
-                        "client_id": self.client_id,
-                        "key": keys[0],
-                        "size": sizes[0],
-                        "config": config.to_wire(),
-                    },
+        self._claim(keys)
+        try:
+            started = self._start(keys, sizes, config, upsert)
+            per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
+            errors: list[BaseException | None] = [None] * n
+            writing: list[int] = []
+            copies: dict[int, int] = {}  # replicas written per object
+            transfer_start = time.perf_counter_ns()
+            for i, (code, value) in enumerate(started):
+                if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
+                    results[i] = False  # readable: the key is immutable (reference semantics)
+                    continue
+                if code != 0:
+                    results[i] = store_error(code, f"{keys[i]!r}: {value}")
+                    continue
+                writing.append(i)
+                copies[i] = len(value)
+                for r in value:
+                    rep = ReplicaDesc.from_wire(r)
+                    self._route_parts(
+                        i, rep.endpoint, rep.address, parts[i], True, per_endpoint, errors
+                    )
+            self._run_transfers(per_endpoint, errors, unreachable)
+            good = [i for i in writing if errors[i] is None]
+            bad = [i for i in writing if errors[i] is not None]
+            if self.metrics is not None and writing:
+                self.metrics.transfer(
+                    True,
+                    sum(sizes[i] * copies[i] for i in good),
+                    (time.perf_counter_ns() - transfer_start) // 1000,
+                    op in BATCH_OPS,
                 )
-                started: list[list[Any]] = [[0, reps]]
+            self._finish(keys, good, bad, upsert, results)
+            for i in bad:
+                results[i] = transfer_failed(f"writing {keys[i]!r} failed: {errors[i]}", errors[i])
+        finally:
+            self._unclaim(keys)
+        return results
+
+    # --- the two phases -----------------------------------------------------------
+
+    def _claim(self, keys: Sequence[str]) -> None:
+        """Mark ``keys`` as being written by this process (before PutStart is sent,
+        so a concurrent thread never mistakes our put for an orphan)."""
+        with self._writing_lock:
+            writing = self._writing
+            for key in keys:
+                writing[key] = writing.get(key, 0) + 1
+
+    def _unclaim(self, keys: Sequence[str]) -> None:
+        with self._writing_lock:
+            writing = self._writing
+            for key in keys:
+                left = writing.get(key, 1) - 1
+                if left:
+                    writing[key] = left
+                else:
+                    writing.pop(key, None)
+
+    def _start(
+        self, keys: Sequence[str], sizes: list[int], config: ReplicateConfig, upsert: bool
+    ) -> list[list[Any]]:
+        """PutStart/UpsertStart of every key: ``[code, replicas or message]`` each.
+
+        A key that another put is still writing (REPLICA_IS_NOT_READY for puts,
+        OBJECT_REPLICA_BUSY for upserts) is asked again until that put ends (the
+        key then exists) or is revoked, within the RPC timeout: a put never
+        reports "already exists" while nothing is readable.  When no other thread
+        of this process writes the key, the put in progress can be an orphan of an
+        earlier attempt of ours whose revoke was lost: it is revoked first.
+        """
+        params = config.to_params()
+        busy_code = ErrorCode.OBJECT_REPLICA_BUSY if upsert else ErrorCode.REPLICA_IS_NOT_READY
+        out: list[list[Any]] = [[0, None]] * len(keys)
+        todo = list(range(len(keys)))
+        deadline = time.monotonic() + self.config.rpc_timeout_s
+        pause = 0.002
+        revoked: set[str] = set()
+        while todo:
+            replies = self._start_rpc(
+                [keys[i] for i in todo], [sizes[i] for i in todo], params, upsert
+            )
+            again: list[int] = []
+            orphans: list[str] = []
+            for i, reply in zip(todo, replies, strict=True):
+                out[i] = reply
+                if reply[0] != busy_code:
+                    continue
+                again.append(i)
+                key = keys[i]
+                with self._writing_lock:
+                    ours_elsewhere = self._writing.get(key, 0) > 1
+                if not ours_elsewhere and key not in revoked:
+                    orphans.append(key)
+                    revoked.add(key)
+            if orphans:
+                self._revoke(orphans, upsert, quiet=True)
+            if not again or time.monotonic() + pause > deadline:
+                break
+            if not orphans:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+            todo = again
+        return out
+
+    def _start_rpc(
+        self, keys: list[str], sizes: list[int], params: msg.ReplicateParams, upsert: bool
+    ) -> list[list[Any]]:
+        if len(keys) == 1:  # the single-key RPCs are cheaper to encode
+            cls = msg.UpsertStart if upsert else msg.PutStart
+            try:
+                return [[0, self.master.call(cls(self.client_id, keys[0], sizes[0], params))]]
             except StoreError as exc:
-                started = [[exc.code, exc.message]]
-        else:
-            started = self.master.call(
-                start,
-                {
-                    "client_id": self.client_id,
-                    "keys": list(keys),
-                    "sizes": sizes,
-                    "config": config.to_wire(),
-                },
-            )
-        per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
-        errors: list[BaseException | None] = [None] * n
-        writing: list[int] = []
-        copies: dict[int, int] = {}  # replicas written per object
-        transfer_start = time.perf_counter_ns()
-        for i, (code, value) in enumerate(started):
-            if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
-                results[i] = False
-                continue
-            if code != 0:
-                results[i] = store_error(code, f"{keys[i]!r}: {value}")
-                continue
-            writing.append(i)
-            copies[i] = len(value)
-            for r in value:
-                rep = ReplicaDesc.from_wire(r)
-                self._route_parts(
-                    i, rep.endpoint, rep.address, parts[i], True, per_endpoint, errors
-                )
-        self._run_transfers(per_endpoint, errors, unreachable)
-        good = [i for i in writing if errors[i] is None]
-        bad = [i for i in writing if errors[i] is not None]
-        if self.metrics is not None and writing:
-            self.metrics.transfer(
-                True,
-                sum(sizes[i] * copies[i] for i in good),
-                (time.perf_counter_ns() - transfer_start) // 1000,
-                op in BATCH_OPS,
-            )
-        if n == 1 and good:  # the common single put: the plain RPC is cheapest
-            single_end = M.UPSERT_END if upsert else M.PUT_END
+                return [[exc.code, exc.message]]
+        batch = msg.BatchUpsertStart if upsert else msg.BatchPutStart
+        return list(self.master.call(batch(self.client_id, tuple(keys), tuple(sizes), params)))
+
+    def _finish(
+        self,
+        keys: Sequence[str],
+        good: list[int],
+        bad: list[int],
+        upsert: bool,
+        results: list[bool | StoreError],
+    ) -> None:
+        """End the puts in ``good``, revoke those in ``bad``."""
+        if len(keys) == 1 and good and not bad:  # the common single put: the plain RPC
+            end = msg.UpsertEnd if upsert else msg.PutEnd
             try:
-                self.master.call(single_end, {"client_id": self.client_id, "key": keys[0]})
+                self.master.call(end(self.client_id, keys[0]))
             except StoreError as exc:
                 results[0] = exc
-            return results
-        finish: list[tuple[MasterMethod, dict[str, Any]]] = []
-        if good:
-            finish.append((end, {"client_id": self.client_id, "keys": [keys[i] for i in good]}))
+            return
         if bad:
-            finish.append((revoke, {"client_id": self.client_id, "keys": [keys[i] for i in bad]}))
-        replies = self.master.call_many(finish)
-        if good:
-            code, value = replies[0]
-            if code != 0:
-                raise store_error(code, str(value))
-            for i, (c, v) in zip(good, value, strict=True):
-                if c != 0:
-                    results[i] = store_error(c, f"{keys[i]!r}: {v}")
-        for i in bad:
-            results[i] = transfer_failed(f"writing {keys[i]!r} failed: {errors[i]}", errors[i])
-        return results
+            self._revoke([keys[i] for i in bad], upsert)
+        if not good:
+            return
+        batch_end = msg.BatchUpsertEnd if upsert else msg.BatchPutEnd
+        value = self.master.call(batch_end(self.client_id, tuple(keys[i] for i in good)))
+        for i, (c, v) in zip(good, value, strict=True):
+            if c != 0:
+                results[i] = store_error(c, f"{keys[i]!r}: {v}")
+
+    def _revoke(self, keys: Sequence[str], upsert: bool, *, quiet: bool = False) -> None:
+        """Revoke puts (their buffers are freed at once).  When the master cannot be
+        reached, the keys are revoked later by the heartbeat, so that their
+        buffers do not stay reserved for put_start_release_timeout."""
+        try:
+            if len(keys) == 1:
+                revoke = msg.UpsertRevoke if upsert else msg.PutRevoke
+                self.master.call_many([revoke(self.client_id, keys[0])])
+            else:
+                batch = msg.BatchUpsertRevoke if upsert else msg.BatchPutRevoke
+                self.master.call_many([batch(self.client_id, tuple(keys))])
+        except MooncakeError as exc:
+            if not quiet:
+                log.warning(
+                    "revoking %d put(s) failed (%s); retrying with the heartbeat", len(keys), exc
+                )
+                with self._writing_lock:
+                    self._revoke_backlog.update((k, upsert) for k in keys)
+
+    def _retry_revokes(self) -> None:
+        """Heartbeat: revoke what could not be revoked before."""
+        with self._writing_lock:
+            backlog = [kv for kv in self._revoke_backlog if kv[0] not in self._writing]
+            self._revoke_backlog.difference_update(backlog)
+        for upsert in (False, True):
+            keys = [k for k, u in backlog if u is upsert]
+            if keys:
+                self._revoke(keys, upsert)
 
     @staticmethod
     def _raise_or(result: bool | StoreError) -> bool:

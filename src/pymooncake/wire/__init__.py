@@ -35,13 +35,13 @@ from ._master import (
     DEFAULT_MAX_MASTER_FRAME,
     PROTOCOL_VERSION,
     MasterFrameDecoder,
-    MasterMethod,
     MasterReply,
     MasterRequest,
     encode_reply,
     encode_request,
     master_unix_name,
 )
+from ._master_msgs import MasterMethod, Request
 from ._rpc import (
     DEFAULT_MAX_FRAME_LENGTH,
     LENGTH,
@@ -106,6 +106,7 @@ __all__ = [
     "MessageType",
     "NeedData",
     "NotifyMessage",
+    "Request",
     "RpcMeta",
     "SegmentDesc",
     "SessionHeader",

@@ -14,6 +14,13 @@ Each frame is::
 error message.  A connection may carry any number of requests back to back
 (pipelining); replies come back in request order.  Object bytes never travel
 here -- the master only hands out addresses.
+
+The length is checked against the decoder's limit before a byte of the body is
+buffered.  The body must be strict JSON: ``NaN``/``Infinity``, invalid UTF-8 and
+nesting deep enough to exhaust the parser are refused as
+:class:`MalformedMessage` (the connection is then closed).  What the parameters
+*mean* is checked by :func:`~._master_msgs.decode_request`, which answers a bad
+request with INVALID_PARAMS instead of closing the connection.
 """
 
 from __future__ import annotations
@@ -21,17 +28,16 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Final
 
 from ..errors import MalformedMessage
+from ._master_msgs import MasterMethod, Request
 from ._rpc import NEED_DATA, NeedData
 
 __all__ = [
     "DEFAULT_MAX_MASTER_FRAME",
     "PROTOCOL_VERSION",
     "MasterFrameDecoder",
-    "MasterMethod",
     "MasterReply",
     "MasterRequest",
     "encode_reply",
@@ -43,7 +49,7 @@ PREFIX: Final = struct.Struct("<IBI")
 #: batches of tens of thousands of keys fit comfortably
 DEFAULT_MAX_MASTER_FRAME: Final = 64 << 20
 #: bumped on incompatible changes; ServiceReady returns it
-PROTOCOL_VERSION: Final = "pymooncake-master/1"
+PROTOCOL_VERSION: Final = "pymooncake-master/2"
 
 
 def master_unix_name(host: str, port: int) -> str:
@@ -54,43 +60,19 @@ def master_unix_name(host: str, port: int) -> str:
 
 _REQUEST: Final = 0
 _REPLY: Final = 1
-
-
-class MasterMethod(str, Enum):
-    SERVICE_READY = "ServiceReady"
-    PING = "Ping"
-    MOUNT_SEGMENT = "MountSegment"
-    REMOUNT_SEGMENTS = "ReMountSegment"
-    UNMOUNT_SEGMENT = "UnmountSegment"
-    PUT_START = "PutStart"
-    PUT_END = "PutEnd"
-    PUT_REVOKE = "PutRevoke"
-    BATCH_PUT_START = "BatchPutStart"
-    BATCH_PUT_END = "BatchPutEnd"
-    BATCH_PUT_REVOKE = "BatchPutRevoke"
-    UPSERT_START = "UpsertStart"
-    UPSERT_END = "UpsertEnd"
-    UPSERT_REVOKE = "UpsertRevoke"
-    BATCH_UPSERT_START = "BatchUpsertStart"
-    BATCH_UPSERT_END = "BatchUpsertEnd"
-    BATCH_UPSERT_REVOKE = "BatchUpsertRevoke"
-    GET_REPLICA_LIST = "GetReplicaList"
-    BATCH_GET_REPLICA_LIST = "BatchGetReplicaList"
-    GET_REPLICA_LIST_BY_REGEX = "GetReplicaListByRegex"
-    EXIST_KEY = "ExistKey"
-    BATCH_EXIST_KEY = "BatchExistKey"
-    REMOVE = "Remove"
-    BATCH_REMOVE = "BatchRemove"
-    REMOVE_BY_REGEX = "RemoveByRegex"
-    REMOVE_ALL = "RemoveAll"
-    GET_SUMMARY = "GetSummary"
+_METHODS: Final = {m.value: m for m in MasterMethod}
 
 
 @dataclass(frozen=True, slots=True)
 class MasterRequest:
+    """A request frame: method and raw parameters (validated later, so that a bad
+    parameter is answered INVALID_PARAMS on the same connection)."""
+
     id: int
     method: MasterMethod
-    params: dict[str, Any]
+    params: Any
+    #: the body held ``\\ud8xx``-``\\udfxx`` escapes: strings may hold lone surrogates
+    escapes: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,21 +85,42 @@ class MasterReply:
 # Built once: json.dumps/loads with options construct a new encoder per call,
 # which costs microseconds on every RPC.
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_DECODE = json.JSONDecoder().decode
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODE = json.JSONDecoder(parse_constant=_refuse_constant).decode
 
 
 def _dumps(obj: Any) -> bytes:
     return _ENCODE(obj).encode()
 
 
-def encode_request(req_id: int, method: MasterMethod, params: dict[str, Any]) -> bytes:
-    body = _dumps([method.value, params])
+def encode_request(req_id: int, request: Request, *, rid: int = 0, ack: int = 0) -> bytes:
+    """One request frame; ``rid``/``ack`` (mutations) enable the master's reply cache."""
+    params = request.params()
+    if rid:
+        params["rid"] = rid
+        params["ack"] = ack
+    body = _dumps([request.METHOD.value, params])
     return PREFIX.pack(len(body) + 5, _REQUEST, req_id) + body
 
 
 def encode_reply(req_id: int, code: int, value: Any) -> bytes:
+    """One reply frame.
+
+    Raises:
+        UnicodeEncodeError: ``value`` holds a string that is not valid UTF-8 (the
+            request boundary refuses those, so this is a bug of the caller).
+    """
     body = _dumps([code, value])
     return PREFIX.pack(len(body) + 5, _REPLY, req_id) + body
+
+
+def _has_surrogate_escape(body: bytes | bytearray) -> bool:
+    return b"\\ud" in body or b"\\uD" in body
 
 
 class MasterFrameDecoder:
@@ -136,6 +139,18 @@ class MasterFrameDecoder:
         self._buf += data
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buf)
+
+    @property
+    def pending_length(self) -> int:
+        """Length of the frame being received (0 when no prefix is buffered)."""
+        if len(self._buf) < PREFIX.size:
+            return 0
+        return int(PREFIX.unpack_from(self._buf, 0)[0]) + 4
+
+    @property
     def trailing(self) -> bytes:
         return bytes(self._buf)
 
@@ -147,27 +162,31 @@ class MasterFrameDecoder:
         if length < 5 or length > self._max:
             raise MalformedMessage(
                 f"master RPC frame length {length} is outside [5, {self._max}]; "
-                "the peer is not a pymooncake master/client"
+                "the peer is not a pymooncake master/client of this version"
             )
         end = 4 + length
         if len(buf) < end:
             return NEED_DATA
-        body = buf[PREFIX.size : end]  # (one copy; decode makes the text)
+        body = buf[PREFIX.size : end]
         del buf[:end]
         try:
-            head, value = _DECODE(body.decode())
-        except (ValueError, TypeError) as exc:
-            raise MalformedMessage(f"master RPC frame {req_id} has an invalid body: {exc}") from exc
+            decoded = _DECODE(body.decode())
+        except RecursionError:
+            raise MalformedMessage(f"master RPC frame {req_id} nests JSON too deeply") from None
+        except (ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+            raise MalformedMessage(
+                f"master RPC frame {req_id} has an invalid body: {str(exc)[:200]}"
+            ) from None
+        if type(decoded) is not list or len(decoded) != 2:
+            raise MalformedMessage(f"master RPC frame {req_id} is not a [head, body] pair")
+        head, value = decoded
         if kind == _REQUEST:
-            try:
-                method = MasterMethod(head)
-            except ValueError:
-                raise MalformedMessage(f"unknown master RPC method {head!r}") from None
-            if not isinstance(value, dict):
-                raise MalformedMessage(f"parameters of {head} must be an object")
-            return MasterRequest(req_id, method, value)
+            method = _METHODS.get(head) if type(head) is str else None
+            if method is None:
+                raise MalformedMessage(f"unknown master RPC method {str(head)[:100]!r}")
+            return MasterRequest(req_id, method, value, _has_surrogate_escape(body))
         if kind == _REPLY:
-            if not isinstance(head, int) or isinstance(head, bool):
+            if type(head) is not int:
                 raise MalformedMessage(f"reply {req_id} carries a non-integer code {head!r}")
             return MasterReply(req_id, head, value)
         raise MalformedMessage(f"master RPC frame of unknown kind {kind}")

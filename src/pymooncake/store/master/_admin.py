@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._httpd import HttpRequest, HttpResponse
 from ...errors import StoreError
-from .._types import ReplicaStatus
+from ._records import READABLE, Obj
 
 if TYPE_CHECKING:
     from ._service import MasterService
@@ -53,6 +53,8 @@ class AdminHttp:
             return HttpResponse(404, f"no such endpoint {request.path}".encode())
         if request.method not in ("GET", "HEAD"):
             return HttpResponse(405, b"use GET")
+        if route == self.all_keys:
+            return await self.all_keys_async(request)
         return route(request)
 
     # --- endpoints ------------------------------------------------------------------
@@ -62,22 +64,26 @@ class AdminHttp:
             200, {"status": "ok", "role": "leader", "ha_state": "serving", "service_ready": True}
         )
 
-    def _descriptor(self, rep: Any) -> dict[str, Any]:
-        return {
-            "size_": rep.size,
-            "buffer_address_": rep.addr,
-            "protocol_": "tcp",
-            "transport_endpoint_": rep.endpoint,
-        }
+    @staticmethod
+    def _descriptors(obj: Obj) -> list[dict[str, Any]]:
+        return [
+            {
+                "size_": obj.size,
+                "buffer_address_": addr,
+                "protocol_": "tcp",
+                "transport_endpoint_": seg.name,
+            }
+            for seg, addr in obj.replicas()
+        ]
 
     def query_key(self, request: HttpRequest) -> HttpResponse:
         key = request.query.get("key", "")
         st = self._svc.state
         try:
-            _, complete = st.replicas_for_read(key, self._svc.now())
+            obj = st.read(key, self._svc.now() + st.config.lease_ttl_s)
         except StoreError as exc:
             return _json(404, {"success": False, "error_code": exc.code, "error_message": exc.name})
-        return _json(200, {"success": True, "data": [self._descriptor(r) for r in complete]})
+        return _json(200, {"success": True, "data": self._descriptors(obj)})
 
     def batch_query_keys(self, request: HttpRequest) -> HttpResponse:
         keys = [k for k in request.query.get("keys", "").split(",") if k]
@@ -85,22 +91,21 @@ class AdminHttp:
         out: dict[str, Any] = {}
         for key in keys:  # no lease: this is an observer's view
             obj = st.objects.get(key)
-            if obj is None or not obj.readable:
+            if obj is None or not obj.flags & READABLE:
                 out[key] = {"success": False, "error_code": -704}
             else:
-                out[key] = {
-                    "success": True,
-                    "data": [
-                        self._descriptor(r)
-                        for r in obj.replicas
-                        if r.status is ReplicaStatus.COMPLETE
-                    ],
-                }
+                out[key] = {"success": True, "data": self._descriptors(obj)}
         return _json(200, {"success": True, "data": out})
 
-    def all_keys(self, request: HttpRequest) -> HttpResponse:
-        body = "".join(f"{k}\n" for k in self._svc.state.objects)
-        return HttpResponse(200, body.encode(), _PROM)
+    def all_keys(self, request: HttpRequest) -> HttpResponse:  # routed to all_keys_async
+        raise AssertionError("unreachable")
+
+    async def all_keys_async(self, request: HttpRequest) -> HttpResponse:
+        """Every key, one per line, gathered a shard at a time (the loop keeps serving)."""
+        parts: list[str] = []
+        async for keys in self._svc.key_slices():
+            parts.append("".join(f"{k}\n" for k in keys))
+        return HttpResponse(200, "".join(parts).encode(), _PROM)
 
     def all_segments(self, request: HttpRequest) -> HttpResponse:
         names = sorted({s.name for s in self._svc.state.segments.values()})
@@ -210,10 +215,17 @@ class AdminHttp:
                 out.append(f"# TYPE {name} counter")
                 out.append(f'{name}{{cluster_id="{cluster}"}} {n}')
         for seg in st.segments.values():
-            labels = f'cluster_id="{cluster}",segment="{seg.name}",segment_id="{seg.id}"'
+            labels = (
+                f'cluster_id="{cluster}",segment="{_label(seg.name)}",segment_id="{_label(seg.id)}"'
+            )
             out.append(f"segment_allocated_bytes{{{labels}}} {seg.allocator.allocated}")
             out.append(f"segment_total_capacity_bytes{{{labels}}} {seg.allocator.capacity}")
         return HttpResponse(200, ("\n".join(out) + "\n").encode(), _PROM)
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value, escaped (text format 0.0.4)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _snake(name: str) -> str:

@@ -42,7 +42,9 @@ class OffsetAllocator:
         self._free: list[tuple[int, int]] = [(size, base)]
         self._by_start: dict[int, int] = {base: size}
         self._by_end: dict[int, int] = {base + size: base}
-        self._live: dict[int, int] = {}  # start -> size of allocated ranges
+        #: live allocations (their ranges are known to the owners: the master's
+        #: records carry address and size, so no per-allocation map is kept here)
+        self.live_count = 0
 
     @property
     def free_bytes(self) -> int:
@@ -51,10 +53,6 @@ class OffsetAllocator:
     @property
     def largest_free(self) -> int:
         return self._free[-1][0] if self._free else 0
-
-    @property
-    def live_count(self) -> int:
-        return len(self._live)
 
     def _remove_free(self, start: int, size: int) -> None:
         i = bisect.bisect_left(self._free, (size, start))
@@ -88,7 +86,7 @@ class OffsetAllocator:
             self._by_end[end] = rest
         else:
             del self._by_end[end]
-        self._live[start] = need
+        self.live_count += 1
         self.allocated += need
         return start, need
 
@@ -103,7 +101,7 @@ class OffsetAllocator:
         self._free.clear()
         self._by_start.clear()
         self._by_end.clear()
-        self._live = {}
+        self.live_count = 0
         self.allocated = 0
         pos = self.base
         end = self.base + self.capacity
@@ -112,27 +110,26 @@ class OffsetAllocator:
                 raise ValueError(f"range {start:#x}+{size} overlaps another or leaves the segment")
             if start > pos:
                 self._add_free(pos, start - pos)
-            self._live[start] = size
+            self.live_count += 1
             self.allocated += size
             pos = start + size
         if pos < end:
             self._add_free(pos, end - pos)
 
-    def reserved(self, start: int) -> int:
-        """Bytes reserved for the live allocation at ``start``."""
-        return self._live[start]
-
-    def free(self, start: int) -> None:
-        """Release the range that :meth:`allocate` returned at ``start``.
+    def free(self, start: int, size: int) -> None:
+        """Release ``size`` reserved bytes at ``start`` (what :meth:`allocate` returned).
 
         Raises:
-            ValueError: ``start`` is not a live allocation (double free).
+            ValueError: the range is not inside the segment or overlaps free space
+                (a double free).
         """
-        size = self._live.pop(start, None)
-        if size is None:
-            raise ValueError(f"{start:#x} is not an allocated range of this segment")
-        self.allocated -= size
         end = start + size
+        if size <= 0 or start < self.base or end > self.base + self.capacity or size & _MASK:
+            raise ValueError(f"{start:#x}+{size} is not an allocated range of this segment")
+        if start in self._by_start or end in self._by_end:
+            raise ValueError(f"{start:#x}+{size} is already free (double free)")
+        self.allocated -= size
+        self.live_count -= 1
         prev_start = self._by_end.get(start)
         if prev_start is not None:
             prev_size = self._by_start[prev_start]
@@ -144,19 +141,23 @@ class OffsetAllocator:
             size += next_size
         self._add_free(start, size)
 
-    def validate(self) -> None:
-        """Check internal invariants (tests call this after every scenario)."""
+    def validate(self, live: list[tuple[int, int]] | None = None) -> None:
+        """Check internal invariants; with ``live`` (every allocation as (start,
+        size), from the owner's records) also that free and live ranges tile the
+        segment exactly.  Tests call this after every scenario."""
         free_total = sum(s for s, _ in self._free)
         assert free_total + self.allocated == self.capacity, "bytes leaked or double counted"
-        assert self.allocated == sum(self._live.values())
+        for (sa, a), (sb, b) in zip(self._free, self._free[1:], strict=False):
+            assert (sa, a) < (sb, b)
+        if live is None:
+            return
+        assert len(live) == self.live_count, "live allocation count disagrees"
+        assert sum(sz for _, sz in live) == self.allocated
         ranges = sorted(
-            [(st, st + sz) for sz, st in self._free]
-            + [(st, st + sz) for st, sz in self._live.items()]
+            [(st, st + sz) for sz, st in self._free] + [(st, st + sz) for st, sz in live]
         )
         pos = self.base
         for a, b in ranges:
             assert a == pos, f"gap or overlap at {a:#x} (expected {pos:#x})"
             pos = b
         assert pos == self.base + self.capacity
-        for (sa, a), (sb, b) in zip(self._free, self._free[1:], strict=False):
-            assert (sa, a) < (sb, b)

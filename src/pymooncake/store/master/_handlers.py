@@ -1,128 +1,131 @@
-"""The master's RPC surface: wire parameters -> typed :class:`MasterState` calls -> wire results.
+"""The master's RPC surface: typed requests -> :class:`MasterState` calls -> wire values.
 
-An explicit ``{MasterMethod: handler}`` table; every handler takes the request
-parameters and the current time and returns a JSON-able value or raises a
-:class:`StoreError`.  Batch methods return ``[[code, value], ...]`` per key.
+An explicit ``{request type: handler}`` table; every handler takes a validated
+request (``wire/_master_msgs.py``) and the current time and returns a JSON-able
+value or raises a :class:`StoreError`.  Batch methods answer ``[[code, value],
+...]`` per key.  Whole-index requests (``*ByRegex``, ``RemoveAll``) are not
+here: the service runs them shard by shard (``_scan.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ...errors import StoreError
-from ...wire import PROTOCOL_VERSION, MasterMethod
-from .._types import ReplicateConfig, SegmentInfo
-from ._objects import Replica
+from ...wire import PROTOCOL_VERSION
+from ...wire import _master_msgs as msg
+from .._types import SegmentInfo
+from ._records import Obj, reps_wire
 from ._state import MasterState
 
 __all__ = ["Handler", "build_handlers"]
 
-Handler = Callable[[dict[str, Any], float], Any]
-M = MasterMethod
+Handler = Callable[[Any, float], Any]
+
+_PROCESSING = 2  # ReplicaStatus.PROCESSING on the wire
 
 
-def _each(keys: list[str], fn: Callable[[int, str], Any]) -> list[list[Any]]:
+def _each(keys: Sequence[str], fn: Callable[[int, str], Any]) -> list[list[Any]]:
     out: list[list[Any]] = []
+    append = out.append
     for i, key in enumerate(keys):
         try:
-            out.append([0, fn(i, key)])
+            append([0, fn(i, key)])
         except StoreError as exc:
-            out.append([exc.code, exc.message])
+            append([exc.code, exc.message])
     return out
 
 
-def _keys(p: dict[str, Any]) -> list[str]:
-    keys = p["keys"]
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise TypeError("'keys' must be a list of strings")
-    return keys
+def _written(obj: Obj) -> list[list[object]]:
+    """The replicas a put/upsert start hands out for writing."""
+    pending = obj.pending()
+    if pending:
+        return reps_wire(pending, obj.extension().pending_size, _PROCESSING)
+    return obj.wire()
 
 
-def build_handlers(st: MasterState) -> dict[MasterMethod, Handler]:
-    def single_start(start: Callable[..., list[Replica]]) -> Handler:
-        def handler(p: dict[str, Any], now: float) -> Any:
-            cfg = ReplicateConfig.from_wire(p.get("config"))
-            return [r.wire() for r in start(p["client_id"], p["key"], int(p["size"]), cfg, now)]
+def build_handlers(st: MasterState) -> dict[type, Handler]:
+    def put_start(req: msg.PutStart, now: float) -> Any:
+        return _written(st.put_start_replicas(req.client_id, req.key, req.size, req.config, now))
 
-        return handler
+    def upsert_start(req: msg.UpsertStart, now: float) -> Any:
+        return _written(st.upsert_start_replicas(req.client_id, req.key, req.size, req.config, now))
 
-    def batch_start(start: Callable[..., list[Replica]]) -> Handler:
-        def handler(p: dict[str, Any], now: float) -> Any:
-            keys, sizes = _keys(p), p["sizes"]
-            if len(keys) != len(sizes):
-                raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
-            cfg = ReplicateConfig.from_wire(p.get("config"))
-            client = p["client_id"]
-            return _each(
-                keys, lambda i, k: [r.wire() for r in start(client, k, int(sizes[i]), cfg, now)]
-            )
+    def batch_start(start: Callable[..., Obj]) -> Handler:
+        def handler(req: msg.BatchPutStart, now: float) -> Any:
+            sizes, cfg, client = req.sizes, req.config, req.client_id
+            return _each(req.keys, lambda i, k: _written(start(client, k, sizes[i], cfg, now)))
 
         return handler
 
     def batch_keyed(fn: Callable[[str, str, float], None]) -> Handler:
-        def handler(p: dict[str, Any], now: float) -> Any:
-            client = p["client_id"]
-            return _each(_keys(p), lambda i, k: fn(client, k, now))
+        def handler(req: msg.BatchPutEnd, now: float) -> Any:
+            client = req.client_id
+            return _each(req.keys, lambda i, k: fn(client, k, now))
 
         return handler
 
-    def read_reply(key: str, now: float) -> dict[str, Any]:
-        obj, complete = st.replicas_for_read(key, now)
-        return {
-            "replicas": [r.wire() for r in complete],
-            "lease_ttl_ms": st.config.default_kv_lease_ttl_ms,
-            "size": obj.size,
-        }
+    ttl_ms = st.config.default_kv_lease_ttl_ms
 
-    def batch_get_replica_list(p: dict[str, Any], now: float) -> Any:
-        return _each(_keys(p), lambda i, k: read_reply(k, now))
+    def read_reply(obj: Obj) -> dict[str, Any]:
+        return {"replicas": obj.wire(), "lease_ttl_ms": ttl_ms, "size": obj.size}
 
-    def ping(p: dict[str, Any], now: float) -> Any:
-        res = st.ping(p["client_id"], now)
+    def get_replica_list(req: msg.GetReplicaList, now: float) -> Any:
+        return read_reply(st.read(req.key, now + st.config.lease_ttl_s))
+
+    def batch_get_replica_list(req: msg.BatchGetReplicaList, now: float) -> Any:
+        lease = now + st.config.lease_ttl_s  # one float shared by the batch
+        read = st.read
+        return _each(req.keys, lambda i, k: read_reply(read(k, lease)))
+
+    def batch_exist_key(req: msg.BatchExistKey, now: float) -> Any:
+        lease = now + st.config.lease_ttl_s
+        exists = st.exists
+        return [exists(k, lease) for k in req.keys]
+
+    def ping(req: msg.Ping, now: float) -> Any:
+        res = st.ping(req.client_id, now)
         return {
             "view_version": res.view_version,
             "status": int(res.status),
             "instance": res.instance,
         }
 
+    def batch_replica_clear(req: msg.BatchReplicaClear, now: float) -> Any:
+        clear = st.replica_clear
+        return [k for k in req.keys if clear(req.client_id, k, req.segment_name, now)]
+
     return {
-        M.SERVICE_READY: lambda p, now: PROTOCOL_VERSION,
-        M.PING: ping,
-        M.MOUNT_SEGMENT: lambda p, now: st.mount_segment(
-            p["client_id"], SegmentInfo.from_wire(p["segment"]), now
+        msg.ServiceReady: lambda req, now: PROTOCOL_VERSION,
+        msg.GetSummary: lambda req, now: st.summary(),
+        msg.Ping: ping,
+        msg.MountSegment: lambda req, now: st.mount_segment(
+            req.client_id, SegmentInfo.from_params(req.segment), now
         ),
-        M.REMOUNT_SEGMENTS: lambda p, now: st.remount_segments(
-            p["client_id"], [SegmentInfo.from_wire(s) for s in p["segments"]], now
+        msg.ReMountSegment: lambda req, now: st.remount_segments(
+            req.client_id, [SegmentInfo.from_params(s) for s in req.segments], now
         ),
-        M.UNMOUNT_SEGMENT: lambda p, now: st.unmount_segment(p["client_id"], p["segment_id"], now),
-        M.PUT_START: single_start(st.put_start_replicas),
-        M.PUT_END: lambda p, now: st.put_end(p["client_id"], p["key"], now),
-        M.PUT_REVOKE: lambda p, now: st.put_revoke(p["client_id"], p["key"], now),
-        M.BATCH_PUT_START: batch_start(st.put_start_replicas),
-        M.BATCH_PUT_END: batch_keyed(st.put_end),
-        M.BATCH_PUT_REVOKE: batch_keyed(st.put_revoke),
-        M.UPSERT_START: single_start(st.upsert_start_replicas),
-        M.UPSERT_END: lambda p, now: st.upsert_end(p["client_id"], p["key"], now),
-        M.UPSERT_REVOKE: lambda p, now: st.upsert_revoke(p["client_id"], p["key"], now),
-        M.BATCH_UPSERT_START: batch_start(st.upsert_start_replicas),
-        M.BATCH_UPSERT_END: batch_keyed(st.upsert_end),
-        M.BATCH_UPSERT_REVOKE: batch_keyed(st.upsert_revoke),
-        M.GET_REPLICA_LIST: lambda p, now: read_reply(p["key"], now),
-        M.BATCH_GET_REPLICA_LIST: batch_get_replica_list,
-        M.GET_REPLICA_LIST_BY_REGEX: lambda p, now: {
-            k: [r.to_wire() for r in v]
-            for k, v in st.get_replica_list_by_regex(p["pattern"], now).items()
-        },
-        M.EXIST_KEY: lambda p, now: st.exist_key(p["key"], now),
-        M.BATCH_EXIST_KEY: lambda p, now: [st.exist_key(k, now) for k in _keys(p)],
-        M.REMOVE: lambda p, now: st.remove(p["key"], bool(p.get("force", False)), now),
-        M.BATCH_REMOVE: lambda p, now: _each(
-            _keys(p), lambda i, k: st.remove(k, bool(p.get("force", False)), now)
+        msg.UnmountSegment: lambda req, now: st.unmount_segment(req.client_id, req.segment_id, now),
+        msg.PutStart: put_start,
+        msg.PutEnd: lambda req, now: st.put_end(req.client_id, req.key, now),
+        msg.PutRevoke: lambda req, now: st.put_revoke(req.client_id, req.key, now),
+        msg.BatchPutStart: batch_start(st.put_start_replicas),
+        msg.BatchPutEnd: batch_keyed(st.put_end),
+        msg.BatchPutRevoke: batch_keyed(st.put_revoke),
+        msg.UpsertStart: upsert_start,
+        msg.UpsertEnd: lambda req, now: st.upsert_end(req.client_id, req.key, now),
+        msg.UpsertRevoke: lambda req, now: st.upsert_revoke(req.client_id, req.key, now),
+        msg.BatchUpsertStart: batch_start(st.upsert_start_replicas),
+        msg.BatchUpsertEnd: batch_keyed(st.upsert_end),
+        msg.BatchUpsertRevoke: batch_keyed(st.upsert_revoke),
+        msg.GetReplicaList: get_replica_list,
+        msg.BatchGetReplicaList: batch_get_replica_list,
+        msg.ExistKey: lambda req, now: st.exist_key(req.key, now),
+        msg.BatchExistKey: batch_exist_key,
+        msg.Remove: lambda req, now: st.remove(req.key, req.force, now),
+        msg.BatchRemove: lambda req, now: _each(
+            req.keys, lambda i, k: st.remove(k, req.force, now)
         ),
-        M.REMOVE_BY_REGEX: lambda p, now: st.remove_by_regex(
-            p["pattern"], bool(p.get("force", False)), now
-        ),
-        M.REMOVE_ALL: lambda p, now: st.remove_all(bool(p.get("force", False)), now),
-        M.GET_SUMMARY: lambda p, now: st.summary(),
+        msg.BatchReplicaClear: batch_replica_clear,
     }

@@ -5,22 +5,34 @@ periodic :meth:`MasterState.tick` (client expiry, reclaim, eviction), the
 admin/metrics HTTP endpoints and the optional embedded HTTP metadata server
 all run on it.  Requests on one connection are answered in order; many
 connections are served at once.
+
+Every request is validated into its typed message (``wire/_master_msgs.py``)
+before it reaches the state; a retried mutation is answered from the reply
+cache (``_replies.py``); effects are journaled before the reply that
+acknowledges them is written.  Whole-index requests (``*ByRegex``,
+``RemoveAll``, ``/get_all_keys``, journal compaction) proceed a shard at a time
+with the loop serving in between, and regular expressions are matched in a
+worker process with a deadline (``_scan.py``).  Listeners are bounded:
+:class:`MasterLimits`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import resource
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
+from ..._authio import ClusterSecurity, HttpAuth, warn_open, warn_weak
 from ..._httpd import HttpServer
 from ..._logging import RepeatLimiter
 from ..._net import bind_listener
-from ...errors import MalformedMessage, StoreError
+from ...errors import InvalidParams, MalformedMessage, StoreError
 from ...transfer.metadata.server import MetadataServer
 from ...wire import (
     MasterFrameDecoder,
@@ -29,17 +41,62 @@ from ...wire import (
     encode_reply,
     master_unix_name,
 )
+from ...wire import _master_msgs as msg
+from ...wire._auth import ServerHandshake, looks_like_hello, no_token_reply
 from .._config import MasterConfig
 from .._types import ErrorCode
 from ._admin import AdminHttp
 from ._handlers import build_handlers
+from ._index import SHARDS
 from ._journal import Journal
+from ._replies import ReplyCache
+from ._scan import RegexScanner
 from ._state import MasterState
 
-__all__ = ["MasterService", "ServiceAddresses"]
+__all__ = ["AUTH_CONTEXT", "MasterLimits", "MasterService", "ServiceAddresses"]
 
 
 log = logging.getLogger("pymooncake.master")
+
+#: the HMAC context of the master RPC port (clients use the same)
+AUTH_CONTEXT: Final = b"master-rpc"
+#: the HMAC context of the master's admin HTTP port
+ADMIN_AUTH_CONTEXT: Final = b"master-admin"
+#: admin endpoints that stay open with a cluster token (scrapers, probes)
+ADMIN_OPEN_PATHS: Final = ("/metrics", "/metrics/summary", "/health")
+#: keys per slice of a whole-index operation (one slice is handled between two
+#: turns of the event loop; ~1-3 ms of work)
+SLICE_KEYS: Final = 4096
+
+
+@dataclass(frozen=True)
+class MasterLimits:
+    """Bounds on what clients can make the master hold or do.
+
+    Defaults are sized for a real cluster: thousands of clients each pooling a
+    few connections, batches of tens of thousands of keys.
+    """
+
+    #: RPC connections at once (TCP and UNIX together); more are closed at once.
+    #: Capped below the process's open-file limit at start-up.
+    max_connections: int = 8192
+    #: bytes of unfinished request frames held by all connections together; a
+    #: connection that would exceed it is paused until others drain
+    max_buffered_bytes: int = 512 << 20
+    #: a request frame must arrive completely within this many seconds once its
+    #: first byte came (slow senders are disconnected)
+    frame_deadline_s: float = 30.0
+    #: a connection with nothing in flight is closed after this long (clients
+    #: reconnect transparently)
+    idle_timeout_s: float = 600.0
+    #: the cluster-token handshake must complete within this many seconds
+    auth_timeout_s: float = 5.0
+    #: how long answers of mutations are kept for retries (see _replies.py)
+    reply_cache_ttl_s: float = 120.0
+    #: per slice of keys, the longest a regular expression may run
+    regex_deadline_s: float = 2.0
+    #: most keys GetReplicaListByRegex returns (its reply is one frame)
+    max_regex_results: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -67,6 +124,9 @@ class ServiceAddresses:
         return None if self.metrics is None else f"http://{self.metrics[0]}:{self.metrics[1]}"
 
 
+_SCANS: Final = (msg.GetReplicaListByRegex, msg.RemoveByRegex, msg.RemoveAll)
+
+
 class MasterService:
     """Runs a master on the current event loop.
 
@@ -77,6 +137,10 @@ class MasterService:
         metadata_host/metadata_port: embedded HTTP metadata server; None disables.
         clock: monotonic seconds (tests inject a fake).
         tick_interval_s: how often expiry/reclaim/eviction run.
+        security: cluster token / TLS (``ClusterSecurity.from_env()`` in the CLI);
+            with a token every RPC connection and the admin and metadata HTTP
+            ports authenticate.
+        limits: see :class:`MasterLimits`.
     """
 
     def __init__(
@@ -94,9 +158,13 @@ class MasterService:
         max_frame: int | None = None,
         journal_path: str | None = None,
         journal_fsync: bool = False,
+        security: ClusterSecurity | None = None,
+        limits: MasterLimits | None = None,
     ) -> None:
         self.config = config or MasterConfig()
         self.state = MasterState(self.config)
+        self.limits = limits or MasterLimits()
+        self.security = security or ClusterSecurity()
         self._clock = clock
         self._host, self._port = host, port
         self._metrics = (metrics_host, metrics_port) if metrics_port is not None else None
@@ -109,12 +177,19 @@ class MasterService:
         self._metadata_http: HttpServer | None = None
         self.metadata_server: MetadataServer | None = None
         self._ticker: asyncio.Task[None] | None = None
-        self._transports: set[asyncio.Transport] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._conns: set[_RpcProtocol] = set()
+        self.buffered = 0
+        self.refused_connections = 0
         self._bad = RepeatLimiter(log)
         self._max_frame = max_frame
+        self._max_connections = self.limits.max_connections
         self.started_at = time.time()
         self.addresses: ServiceAddresses | None = None
         self.journal = Journal(journal_path, fsync=journal_fsync) if journal_path else None
+        self.replies = ReplyCache(self.limits.reply_cache_ttl_s)
+        self.scanner = RegexScanner(self.limits.regex_deadline_s)
+        self._last_conn_check = 0.0
 
     def now(self) -> float:
         return self._clock()
@@ -126,9 +201,9 @@ class MasterService:
             PortInUse / PeerSocketError: a port cannot be bound (message names it).
         """
         if self.journal is not None:
-            events = self.journal.load()
-            if events:
-                self.state.replay(events, self._clock())
+            effects = self.journal.load()
+            if effects:
+                self.state.replay(effects, self._clock())
                 log.info(
                     "journal %s: restored %d segment(s) and %d object(s); clients have "
                     "client_ttl to come back",
@@ -136,12 +211,26 @@ class MasterService:
                     len(self.state.segments),
                     len(self.state.objects),
                 )
-            self.journal.rewrite(self.state.snapshot_events())
-            self.state.events = []
+            self.journal.rewrite(self.state.snapshot_effects())
+            self.state.effects = []
+        key = self.security.key
+        if key is None:
+            warn_open("master RPC, admin HTTP and metadata HTTP ports")
+        warn_weak(key, "master")
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft - 64 < self._max_connections:
+            self._max_connections = max(16, soft - 64)
+            log.info(
+                "master RPC: at most %d connections (open-file limit %d; raise it with "
+                "ulimit -n for more clients)",
+                self._max_connections,
+                soft,
+            )
         sock = bind_listener(self._host, port=self._port, backlog=1024, what="master RPC listener")
+        ssl_ctx = self.security.server_ssl_context() if self.security.tls else None
         try:
             loop = asyncio.get_running_loop()
-            self._server = await loop.create_server(self._protocol, sock=sock)
+            self._server = await loop.create_server(self._protocol, sock=sock, ssl=ssl_ctx)
         except BaseException:
             sock.close()
             raise
@@ -158,19 +247,32 @@ class MasterService:
         try:
             if self._metadata is not None:
                 self.metadata_server = MetadataServer()
-                self._metadata_http = self.metadata_server.http_server(*self._metadata)
+                self._metadata_http = self.metadata_server.http_server(
+                    *self._metadata, security=self.security
+                )
                 await self._metadata_http.start()
                 metadata = (self._metadata_http.host, self._metadata_http.port)
             if self._metrics is not None:
                 admin = AdminHttp(self)
                 self._admin = HttpServer(
-                    admin.handle, self._metrics[0], self._metrics[1], name="master admin HTTP"
+                    admin.handle,
+                    self._metrics[0],
+                    self._metrics[1],
+                    name="master admin HTTP",
+                    auth=HttpAuth(
+                        key,
+                        ADMIN_AUTH_CONTEXT,
+                        open_paths=ADMIN_OPEN_PATHS,
+                        name="master admin HTTP",
+                    ),
+                    ssl=self.security.server_ssl_context() if self.security.tls else None,
                 )
                 await self._admin.start()
                 metrics = (self._admin.host, self._admin.port)
         except BaseException:
             await self.close()
             raise
+        self.scanner.start()
         self._ticker = asyncio.create_task(self._tick_loop())
         self.addresses = ServiceAddresses(rpc, metrics, metadata)
         return self.addresses
@@ -180,13 +282,17 @@ class MasterService:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
             self._ticker = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._unix_server is not None:
             self._unix_server.close()
         if self._server is not None:
             self._server.close()
-            for transport in list(self._transports):
-                transport.abort()
-            self._transports.clear()
+        for conn in list(self._conns):
+            conn.abort()
+        self._conns.clear()
+        if self._server is not None:
             await self._server.wait_closed()
             self._server = None
         if self._unix_server is not None:
@@ -196,51 +302,231 @@ class MasterService:
             if http is not None:
                 await http.close()
         self._admin = self._metadata_http = None
+        self.scanner.close()
         if self.journal is not None:
+            self.journal.abort_compaction()
             self._persist()
             self.journal.close()
+
+    # ------------------------------------------------------------------------------
+    # periodic work
+    # ------------------------------------------------------------------------------
 
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self._tick_interval)
             try:
-                self.state.tick(self._clock())
+                now = self._clock()
+                self.state.tick(now)
                 self._persist()
+                self.replies.prune(now)
+                mono = time.monotonic()
+                if mono - self._last_conn_check >= 1.0:
+                    self._last_conn_check = mono
+                    self._check_connections(mono)
                 if self.journal is not None and self.journal.needs_compaction():
-                    self.journal.rewrite(self.state.snapshot_events())
+                    self._spawn(self._compact())
             except Exception:  # a bug here must not stop expiry for good
                 log.exception("master tick failed")
 
+    def _check_connections(self, now: float) -> None:
+        limits = self.limits
+        for conn in list(self._conns):
+            reason = conn.overdue(now, limits)
+            if reason:
+                self._bad(
+                    f"deadline:{reason}",
+                    logging.WARNING,
+                    "master RPC: closing connection from %s: %s",
+                    conn.peer,
+                    reason,
+                )
+                conn.abort()
+        if self.buffered <= limits.max_buffered_bytes:
+            for conn in list(self._conns):
+                conn.resume_if_paused()
+
+    async def _compact(self) -> None:
+        """Rewrite the journal from the current state, a shard at a time."""
+        journal = self.journal
+        if journal is None or journal.compacting:
+            return
+        journal.begin_compaction()
+        try:
+            journal.add_snapshot(self.state.segment_effects())
+            for i in range(SHARDS):
+                journal.add_snapshot(self.state.shard_effects(i))
+                if i % 16 == 15:
+                    await asyncio.sleep(0)
+            journal.finish_compaction()
+        except BaseException:
+            journal.abort_compaction()
+            raise
+
     def _persist(self) -> None:
         """Journal the state changes before acknowledging them."""
-        if self.journal is not None:
-            self.journal.append(self.state.drain_events())
+        effects = self.state.drain_effects()
+        if effects and self.journal is not None:
+            self.journal.append(effects)
 
-    def dispatch(self, req: MasterRequest) -> tuple[int, Any]:
-        """Run one request against the state; returns (code, value or message)."""
-        handler = self._handlers[req.method]
-        counters = self.state.metrics
-        name = req.method.value
-        counters.requests[name] = counters.requests.get(name, 0) + 1
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------------------
+    # requests
+    # ------------------------------------------------------------------------------
+
+    def decode(self, req: MasterRequest) -> msg.Request | tuple[int, Any]:
+        """The typed request, or the (code, message) refusing it."""
         try:
-            return 0, handler(req.params, self._clock())
+            return msg.decode_request(req.method, req.params, escapes=req.escapes)
+        except InvalidParams as exc:
+            self._count(req.method.value, failed=True)
+            return int(ErrorCode.INVALID_PARAMS), f"{req.method.value}: {exc.message}"
+
+    def _count(self, name: str, *, failed: bool = False) -> None:
+        counters = self.state.metrics.failures if failed else self.state.metrics.requests
+        counters[name] = counters.get(name, 0) + 1
+
+    def cached(self, req: msg.Request) -> tuple[int, Any] | None:
+        if isinstance(req, msg.Mutation) and req.rid:
+            return self.replies.lookup(req.client_id, req.rid)
+        return None
+
+    def remember(self, req: msg.Request, code: int, value: Any) -> None:
+        if isinstance(req, msg.Mutation) and req.rid:
+            self.replies.store(req.client_id, req.rid, req.ack, code, value, self._clock())
+
+    def is_scan(self, req: msg.Request) -> bool:
+        return isinstance(req, _SCANS)
+
+    def dispatch(self, req: msg.Request) -> tuple[int, Any]:
+        """Run one (non-scan) request against the state; returns (code, value or message)."""
+        name = req.METHOD.value
+        self._count(name)
+        hit = self.cached(req)
+        if hit is not None:
+            return hit
+        try:
+            code, value = 0, self._handlers[type(req)](req, self._clock())
         except StoreError as exc:
-            counters.failures[name] = counters.failures.get(name, 0) + 1
-            return exc.code, exc.message
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            counters.failures[name] = counters.failures.get(name, 0) + 1
-            return int(ErrorCode.INVALID_PARAMS), f"bad parameters for {name}: {exc!r}"
+            self._count(name, failed=True)
+            code, value = exc.code, exc.message
+        except Exception as exc:  # a bug of the master, not the client's fault
+            log.exception("master: internal error handling %s", name)
+            self._count(name, failed=True)
+            code = int(ErrorCode.INTERNAL_ERROR)
+            value = f"internal error of the master handling {name}: {exc!r} (see the master log)"
+        self.remember(req, code, value)
+        return code, value
+
+    async def dispatch_scan(self, req: msg.Request) -> tuple[int, Any]:
+        """Run a whole-index request a slice at a time."""
+        name = req.METHOD.value
+        self._count(name)
+        hit = self.cached(req)
+        if hit is not None:
+            return hit
+        try:
+            code, value = 0, await self._scan(req)
+        except StoreError as exc:
+            self._count(name, failed=True)
+            code, value = exc.code, exc.message
+        except Exception as exc:
+            log.exception("master: internal error handling %s", name)
+            self._count(name, failed=True)
+            code = int(ErrorCode.INTERNAL_ERROR)
+            value = f"internal error of the master handling {name}: {exc!r} (see the master log)"
+        self._persist()
+        self.remember(req, code, value)
+        return code, value
+
+    async def key_slices(self, pattern: str | None = None) -> AsyncIterator[list[str]]:
+        """Keys (matching ``pattern`` with ``re.search``, when given), a slice at a
+        time, yielding to the loop between slices."""
+        objects = self.state.objects
+        batch: list[str] = []
+        for i in range(SHARDS):
+            batch += objects.shard_keys(i)
+            if len(batch) < SLICE_KEYS and i < SHARDS - 1:
+                continue
+            if not batch:
+                continue
+            if pattern is None:
+                hits = batch
+            else:
+                hits = [batch[j] for j in await self.scanner.match(pattern, batch)]
+            batch = []
+            yield hits
+            await asyncio.sleep(0)
+
+    async def _scan(self, req: msg.Request) -> Any:
+        st = self.state
+        pattern = getattr(req, "pattern", None)
+        if pattern is not None:
+            try:  # refuse a bad pattern even when no key is there to match it
+                re.compile(pattern)
+            except re.error as exc:
+                raise InvalidParams(f"invalid regular expression {pattern!r}: {exc}") from None
+        if isinstance(req, msg.GetReplicaListByRegex):
+            out: dict[str, Any] = {}
+            limit = self.limits.max_regex_results
+            async for keys in self.key_slices(req.pattern):
+                for key, descs in st.replicas_of(keys, self._clock()).items():
+                    out[key] = [d.to_wire() for d in descs]
+                if len(out) > limit:
+                    raise InvalidParams(
+                        f"regular expression {req.pattern!r} matches more than {limit} keys; "
+                        "narrow it (the reply is a single frame)"
+                    )
+            return out
+        if isinstance(req, msg.RemoveByRegex):
+            removed = 0
+            async for keys in self.key_slices(req.pattern):
+                removed += st.remove_keys(keys, req.force, self._clock())
+                self._persist()
+            return removed
+        assert isinstance(req, msg.RemoveAll)
+        removed = 0
+        async for keys in self.key_slices():
+            removed += st.remove_keys(keys, req.force, self._clock())
+            self._persist()
+        return removed
+
+    # ------------------------------------------------------------------------------
+    # connections
+    # ------------------------------------------------------------------------------
 
     def _protocol(self) -> _RpcProtocol:
         return _RpcProtocol(self)
 
+    def admit(self, conn: _RpcProtocol) -> bool:
+        if len(self._conns) >= self._max_connections:
+            self.refused_connections += 1
+            self._bad(
+                "conn-cap",
+                logging.WARNING,
+                "master RPC: refusing a connection from %s: %d connections already open "
+                "(MasterLimits.max_connections / the open-file limit)",
+                conn.peer,
+                len(self._conns),
+            )
+            return False
+        self._conns.add(conn)
+        return True
+
 
 class _RpcProtocol(asyncio.Protocol):
-    """One client connection: frames in, replies out, in order.
+    """One client connection: (authentication,) frames in, replies out, in order.
 
     A plain Protocol (no StreamReader/Task per connection): requests are
     decoded and answered straight from ``data_received``, which saves tens of
-    microseconds per round trip on the master's single event loop.
+    microseconds per round trip on the master's single event loop.  A
+    whole-index request is answered by a task; the connection reads nothing
+    more until it is done, so replies stay in request order.
     """
 
     def __init__(self, service: MasterService) -> None:
@@ -251,55 +537,198 @@ class _RpcProtocol(asyncio.Protocol):
             else MasterFrameDecoder(service._max_frame)
         )
         self._transport: asyncio.Transport | None = None
-        self._peer: object = None
+        self.peer: object = None
+        key = service.security.key
+        self._auth: ServerHandshake | None = (
+            ServerHandshake(key, AUTH_CONTEXT) if key is not None else None
+        )
+        self._sniff = key is None  # no token: refuse (explain to) clients that have one
+        self._busy = False  # a whole-index request is running
+        self._paused = 0  # reasons: 1 write backpressure, 2 memory, 4 busy
+        self._buffered = 0
+        self._opened = time.monotonic()
+        self._last_active = self._opened
+        self._partial_since: float | None = None
+
+    # --- lifecycle ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self._peer = transport.get_extra_info("peername")
+        self.peer = transport.get_extra_info("peername") or "local UNIX socket"
+        if not self._svc.admit(self):
+            transport.abort()
+            self._transport = None
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._svc._transports.add(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._svc._conns.discard(self)
+        self._account(0)
+        self._transport = None
+
+    def abort(self) -> None:
         if self._transport is not None:
-            self._svc._transports.discard(self._transport)
+            self._transport.abort()
+
+    def overdue(self, now: float, limits: MasterLimits) -> str:
+        """Why this connection should be closed now ("" if it should not)."""
+        if self._auth is not None and now - self._opened > limits.auth_timeout_s:
+            return f"no cluster-token handshake within {limits.auth_timeout_s:g} s"
+        if self._partial_since is not None and now - self._partial_since > limits.frame_deadline_s:
+            return f"a request frame did not arrive completely within {limits.frame_deadline_s:g} s"
+        if (
+            not self._busy
+            and self._partial_since is None
+            and now - self._last_active > limits.idle_timeout_s
+        ):
+            return f"idle for more than {limits.idle_timeout_s:g} s"
+        return ""
+
+    # --- flow control -------------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self._transport is not None:
+            self._transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self._transport is not None:
+            self._transport.resume_reading()
+
+    def resume_if_paused(self) -> None:
+        self._resume(2)
 
     def pause_writing(self) -> None:
         # a client pipelining without reading its replies: stop reading its requests
-        if self._transport is not None:
-            self._transport.pause_reading()
+        self._pause(1)
 
     def resume_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
+        self._resume(1)
+
+    def _account(self, buffered: int) -> None:
+        self._svc.buffered += buffered - self._buffered
+        self._buffered = buffered
+
+    # --- data ---------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
-        assert transport is not None
+        if transport is None:
+            return
+        self._last_active = time.monotonic()
+        if self._auth is not None:
+            data = self._authenticate(data)
+            if not data:
+                return
+        elif self._sniff:
+            self._sniff = False
+            if looks_like_hello(data[:16]):
+                self._svc._bad(
+                    f"notoken:{self.peer}",
+                    logging.ERROR,
+                    "master RPC: client %s authenticates with a cluster token but this master "
+                    "has none; set the same PYMOONCAKE_CLUSTER_TOKEN on the master",
+                    self.peer,
+                )
+                transport.write(no_token_reply())
+                transport.close()
+                return
+        self._decoder.feed(data)
+        self._process()
+
+    def _authenticate(self, data: bytes) -> bytes:
+        auth = self._auth
+        assert auth is not None and self._transport is not None
+        auth.feed(data)
+        out = auth.bytes_to_send()
+        if out:
+            self._transport.write(out)
+        if auth.failed is not None:
+            self._svc._bad(
+                f"auth:{auth.failed.kind}",
+                logging.WARNING,
+                "master RPC: refusing %s: %s (every client needs the master's "
+                "PYMOONCAKE_CLUSTER_TOKEN)",
+                self.peer,
+                auth.failed.message,
+            )
+            self._transport.close()
+            return b""
+        if not auth.done:
+            return b""
+        self._auth = None
+        return auth.trailing
+
+    def _process(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        svc = self._svc
         decoder = self._decoder
-        decoder.feed(data)
-        out = []
+        out: list[bytes] = []
         try:
-            while True:
+            while not self._busy:
                 frame = decoder.next_frame()
                 if not isinstance(frame, MasterRequest):
                     if isinstance(frame, MasterReply):
                         raise MalformedMessage("a client sent a reply frame")
                     break
-                code, value = self._svc.dispatch(frame)
-                out.append(encode_reply(frame.id, code, value))
+                req = svc.decode(frame)
+                if isinstance(req, tuple):
+                    out.append(encode_reply(frame.id, *req))
+                elif svc.is_scan(req):
+                    self._busy = True
+                    self._pause(4)
+                    svc._spawn(self._run_scan(frame.id, req))
+                else:
+                    code, value = svc.dispatch(req)
+                    out.append(self._encode(frame.id, code, value))
         except MalformedMessage as exc:
-            self._svc._bad(
+            svc._bad(
                 "bad-frame",
                 logging.WARNING,
                 "master RPC: closing connection from %s: %s",
-                self._peer,
+                self.peer,
                 exc,
             )
             transport.abort()
             return
+        buffered = decoder.buffered
+        self._account(buffered)
+        if buffered:
+            if self._partial_since is None:
+                self._partial_since = time.monotonic()
+            if svc.buffered > svc.limits.max_buffered_bytes:
+                self._pause(2)
+        else:
+            self._partial_since = None
         if out:
-            self._svc._persist()  # journal before acknowledging
+            svc._persist()  # journal before acknowledging
             transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _encode(self, req_id: int, code: int, value: Any) -> bytes:
+        try:
+            return encode_reply(req_id, code, value)
+        except (TypeError, ValueError) as exc:  # a bug: every value is JSON-able UTF-8
+            log.exception("master: cannot encode the reply to request %d", req_id)
+            return encode_reply(
+                req_id,
+                int(ErrorCode.INTERNAL_ERROR),
+                f"the master could not encode its reply: {exc!r}",
+            )
+
+    async def _run_scan(self, req_id: int, req: msg.Request) -> None:
+        try:
+            code, value = await self._svc.dispatch_scan(req)
+            if self._transport is not None:
+                self._transport.write(self._encode(req_id, code, value))
+        finally:
+            self._busy = False
+            self._resume(4)
+            self._process()  # requests that arrived meanwhile

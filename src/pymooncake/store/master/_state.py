@@ -6,35 +6,43 @@ Pure: every method takes the current time ``now`` (seconds, monotonic) and
 either returns a result or raises a :class:`StoreError` carrying the
 reference's ``ErrorCode``.  No sockets, threads or clocks -- the asyncio
 service (``_service.py``) feeds it requests and periodic :meth:`tick` calls.
+Changes of durable state are emitted as typed effects (``_effects.py``).
 
 * A **segment** is a client's registered memory range; the master only does
   offset arithmetic on it (one :class:`OffsetAllocator` each).
 * A **put** is two-phase: ``put_start`` allocates one contiguous buffer per
-  replica, each in a segment with a distinct name, status PROCESSING;
-  ``put_end`` makes them COMPLETE (readable); ``put_revoke`` frees them.
-  A key is immutable: ``put_start`` on a readable key is OBJECT_ALREADY_EXISTS
-  (the client reports success without writing).
+  replica, each in a segment with a distinct name; ``put_end`` makes the value
+  readable; ``put_revoke`` frees the buffers.  A key is immutable: ``put_start``
+  on a readable key is OBJECT_ALREADY_EXISTS (the client reports success
+  without writing).  A put of a key that another put is still writing is
+  REPLICA_IS_NOT_READY: the caller waits for it to finish (then the key exists)
+  or to be revoked -- never "exists" while nothing is readable.
 * An **upsert** writes new replicas while the old ones stay readable and swaps
   them atomically at ``upsert_end``; the old buffers are freed only after the
   read lease of the old value has expired, so a reader never sees torn data.
 * A **read lease** (``default_kv_lease_ttl``) is granted by get/exist; a
   leased object cannot be removed (OBJECT_HAS_LEASE) nor evicted.
-* **Eviction** drops least-recently-used readable objects without a lease
-  (soft-pinned ones last, hard-pinned never): above the high watermark during
-  :meth:`tick`, and synchronously when an allocation fails, so that
-  NO_AVAILABLE_HANDLE means nothing evictable was left.
+* **Eviction** is per segment, CLOCK over the segment's objects (see
+  ``_records.py``): objects read since the hand passed get a second chance;
+  leased, pinned and in-flight ones are skipped, soft-pinned ones go last.  It
+  runs above the high watermark during :meth:`tick` and synchronously when an
+  allocation fails, so NO_AVAILABLE_HANDLE means nothing evictable was left.
 * **Clients** ping; one silent for ``client_ttl`` is expired: its segments are
   unmounted (their replicas disappear) and its unfinished puts revoked.  An
   unknown client's ping is answered NEED_REMOUNT (master restarted).
 * Buffers of a preempted or abandoned put may still be written by a slow
-  writer, so they go to a *discard* list and return to the allocator only
-  after ``put_start_release_timeout``.
+  writer, so they go to a *discard* heap and return to the allocator only after
+  ``put_start_release_timeout``.
+
+Costs: every request costs O(its keys); :meth:`tick` costs O(clients + what
+expired or is evicted); nothing walks all objects except the explicit
+whole-index operations, which the service runs shard by shard.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
+import itertools
 import random
 import re
 import uuid
@@ -44,23 +52,40 @@ from typing import Any
 
 from ...errors import StoreError, store_error
 from .._config import MasterConfig
-from .._types import (
-    ClientStatus,
-    ErrorCode,
-    ReplicaDesc,
-    ReplicaStatus,
-    ReplicateConfig,
-    SegmentInfo,
-    SoftPinAction,
+from .._types import ClientStatus, ErrorCode, ReplicaDesc, SegmentInfo, SoftPinAction
+from ._effects import (
+    Effect,
+    ObjectCommitted,
+    ObjectDeleted,
+    SegmentMounted,
+    SegmentUnmounted,
 )
-from ._allocator import OffsetAllocator, align_up
-from ._objects import ClientRecord, ObjectRecord, Replica, SegmentRecord
+from ._eviction import evict_segment
+from ._index import ObjectIndex
+from ._placement import Placement
+from ._records import (
+    BUSY,
+    HARD_PIN,
+    READABLE,
+    REF,
+    SOFT_PIN,
+    ClientRecord,
+    Obj,
+    Rep,
+    SegmentRecord,
+    reps_wire,
+    reserved_size,
+)
 
-__all__ = ["GetReplicaListResult", "MasterState", "PingResult"]
+__all__ = ["GetReplicaListResult", "MasterState", "Metrics", "PingResult"]
 
 
 def _err(code: ErrorCode, message: str) -> StoreError:
     return store_error(int(code), message)
+
+
+_ENABLE = int(SoftPinAction.ENABLE)
+_DISABLE = int(SoftPinAction.DISABLE)
 
 
 @dataclass(frozen=True)
@@ -79,13 +104,6 @@ class GetReplicaListResult:
 
 
 @dataclass
-class _Discard:
-    segment_id: str
-    addr: int
-    release_at: float
-
-
-@dataclass
 class Metrics:
     requests: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
@@ -101,6 +119,11 @@ class Metrics:
     get_misses: int = 0
 
 
+def _policy_pin(config: Any) -> int:
+    """The soft-pin action of a ReplicateConfig (``pin_action``) or wire params."""
+    return int(config.pin_action)
+
+
 class MasterState:
     """All master decisions.  Not thread-safe: one owner (the service loop)."""
 
@@ -108,21 +131,27 @@ class MasterState:
         self, config: MasterConfig | None = None, *, rng: random.Random | None = None
     ) -> None:
         self.config = config or MasterConfig()
-        self._rng = rng or random.Random()
-        self.objects: dict[str, ObjectRecord] = {}
+        self.objects = ObjectIndex()
         self.segments: dict[str, SegmentRecord] = {}
         self.clients: dict[str, ClientRecord] = {}
-        self._discards: list[_Discard] = []
-        self._next_replica = 1
-        self._live_cache: list[SegmentRecord] | None = None
+        #: objects being written, in the order their write started
+        self.inflight: dict[str, Obj] = {}
+        self._discards: list[tuple[float, int, SegmentRecord, int, int]] = []
+        self._discard_seq = itertools.count()
+        self._seg_numbers = itertools.count(1)
+        self._placement = Placement(self.config.allocation_strategy, rng or random.Random())
         self.view_version = 1
         self.instance = uuid.uuid4().hex
         self.metrics = Metrics()
-        #: durable changes since the last drain_events() (see _journal.py):
-        #: ("mount", segment, client) / ("unmount", id) / ("commit", key, ...) / ("delete", key)
-        self.events: list[list[Any]] | None = None
+        self.soft_pinned = 0
+        #: durable changes not yet drained (None: nobody records them)
+        self.effects: list[Effect] | None = None
         self._last_tick: float | None = None
         self.stall_grace_count = 0
+        #: size -> the int object of that size: objects of equal size share one
+        #: (a KV cache has few distinct block sizes)
+        self._sizes: dict[int, int] = {}
+        self._dirty_allocators: set[str] = set()
 
     # ------------------------------------------------------------------------------
     # clients and segments
@@ -190,23 +219,15 @@ class MasterState:
                     ErrorCode.INVALID_PARAMS,
                     f"segment {info.id} overlaps segment {seg.id} of {info.name!r}",
                 )
-        if self.events is not None:
-            self.events.append(["mount", info.to_wire(), client_id])
+        self._emit(SegmentMounted(info, client_id))
         self._add_segment(info, client)
 
-    def _add_segment(self, info: SegmentInfo, client: ClientRecord) -> None:
-        self.segments[info.id] = SegmentRecord(
-            info, client.id, OffsetAllocator(info.base, info.size)
-        )
-        self._live_cache = None
+    def _add_segment(self, info: SegmentInfo, client: ClientRecord) -> SegmentRecord:
+        seg = SegmentRecord(info, client.id, next(self._seg_numbers))
+        self.segments[info.id] = seg
+        self._placement.invalidate()
         client.segments.add(info.id)
-
-    def _unindex(self, obj: ObjectRecord) -> None:
-        """Take ``obj``'s replicas out of their segments' replica index."""
-        for r in obj.replicas:
-            seg = self.segments.get(r.segment_id)
-            if seg is not None:
-                seg.replicas.pop(r.id, None)
+        return seg
 
     def remount_segments(self, client_id: str, infos: Iterable[SegmentInfo], now: float) -> None:
         """Re-register a client and all its segments (after NEED_REMOUNT)."""
@@ -229,25 +250,44 @@ class MasterState:
         return self._drop_segment(seg)
 
     def _drop_segment(self, seg: SegmentRecord) -> int:
-        self._live_cache = None
-        if self.events is not None:
-            self.events.append(["unmount", seg.id])
+        self._emit(SegmentUnmounted(seg.id))
         del self.segments[seg.id]
+        self._placement.invalidate()
         client = self.clients.get(seg.client_id)
         if client is not None:
             client.segments.discard(seg.id)
-        self._discards = [d for d in self._discards if d.segment_id != seg.id]
-        keys = set(seg.replicas.values())
-        for key in keys:
-            obj = self.objects.get(key)
-            if obj is None:
-                continue
-            obj.replicas = [r for r in obj.replicas if r.segment_id != seg.id]
-            obj.pending = [r for r in obj.pending if r.segment_id != seg.id]
-            if not obj.replicas and not obj.pending:
-                del self.objects[key]
+        affected = len(seg.objs)
+        for key, obj in list(seg.objs.items()):
+            self._lose_replicas(key, obj, seg)
+        seg.objs.clear()
         self.view_version += 1
-        return len(keys)
+        return affected
+
+    def _lose_replicas(self, key: str, obj: Obj, seg: SegmentRecord) -> None:
+        """``seg`` went away: drop ``obj``'s replicas (current and pending) in it."""
+        reps = [r for r in obj.replicas() if r[0] is not seg]
+        pending = obj.pending()
+        if pending:
+            kept = tuple(r for r in pending if r[0] is not seg)
+            if len(kept) != len(pending):
+                ext = obj.extension()
+                ext.pending = kept
+                if not kept:  # the upsert lost everything it wrote: it failed
+                    ext.pending_size = 0
+                    self._end_write(key, obj)
+        if reps:
+            obj.set_replicas(reps)
+            return
+        pending = obj.pending()
+        if pending and obj.flags & READABLE:
+            # the old value is gone; what the upsert writes becomes the object
+            ext = obj.extension()
+            obj.flags &= ~READABLE
+            obj.size = ext.pending_size
+            ext.pending, ext.pending_size = (), 0
+            obj.set_replicas(pending)
+            return
+        self._forget(key, obj)
 
     def expire_client(self, client_id: str, now: float) -> None:
         """Forget a client: unmount its segments, revoke its unfinished puts."""
@@ -258,142 +298,77 @@ class MasterState:
             seg = self.segments.get(seg_id)
             if seg is not None:
                 self._drop_segment(seg)
-        for key, obj in list(self.objects.items()):
-            if obj.writer == client_id and obj.in_flight:
+        for key in list(client.inflight):
+            obj = self.objects.get(key)
+            if obj is not None and obj.flags & BUSY and obj.writer == client_id:
                 self._abandon(key, obj, discard=True, now=now)
+        client.inflight.clear()
         self.metrics.expired_clients += 1
 
     # ------------------------------------------------------------------------------
     # allocation
     # ------------------------------------------------------------------------------
 
-    def _live(self) -> list[SegmentRecord]:
-        """Segments open for allocation (cached; the segment set rarely changes)."""
-        live = self._live_cache
-        if live is None:
-            live = self._live_cache = [s for s in self.segments.values() if not s.draining]
-        return live
-
-    def _candidates(self, config: ReplicateConfig, writer_host: str) -> list[SegmentRecord]:
-        strategy = self.config.allocation_strategy
-        if not config.preferred_segments and not config.excluded_segments and strategy == "random":
-            live = self._live()  # the common case: a random rotation of every segment
-            if len(live) <= 1:
-                return live
-            start = self._rng.randrange(len(live))
-            return live[start:] + live[:start]
-        excluded = set(config.excluded_segments)
-        live = [s for s in self._live() if s.name not in excluded]
-        preferred: list[SegmentRecord] = []
-        for name in config.preferred_segments:
-            preferred += [s for s in live if s.name == name and s not in preferred]
-        rest = [s for s in live if s not in preferred]
-        if strategy == "free_ratio_first":
-            rest.sort(key=lambda s: s.allocator.free_bytes / s.allocator.capacity, reverse=True)
-        else:
-            if rest:
-                start = self._rng.randrange(len(rest))
-                rest = rest[start:] + rest[:start]
-            if strategy == "local_first" and writer_host:
-                rest.sort(key=lambda s: s.info.host_id != writer_host)
-        return preferred + rest
-
-    def _allocate(
-        self, size: int, config: ReplicateConfig, writer_host: str, key: str
-    ) -> list[Replica]:
-        if (
-            config.replica_num == 1
-            and not config.preferred_segments
-            and not config.excluded_segments
-            and self.config.allocation_strategy == "random"
-        ):
-            return self._allocate_one(size, key)
-        replicas: list[Replica] = []
-        used_names: set[str] = set()
-        for seg in self._candidates(config, writer_host):
-            if len(replicas) >= config.replica_num:
-                break
-            if seg.name in used_names:
-                continue
-            got = seg.allocator.allocate(size)
-            if got is None:
-                continue
-            addr, reserved = got
-            rid = self._next_replica
-            self._next_replica += 1
-            replicas.append(Replica(rid, seg.id, seg.name, addr, size, reserved))
-            seg.replicas[rid] = key
-            used_names.add(seg.name)
-        return replicas
-
-    def _allocate_one(self, size: int, key: str) -> list[Replica]:
-        """The common placement (one replica, random start, no preferences),
-        without building a candidate list: this runs once per key of every put."""
-        live = self._live()
-        n = len(live)
-        start = int(self._rng.random() * n) if n > 1 else 0
-        for i in range(n):
-            seg = live[(start + i) % n]
-            got = seg.allocator.allocate(size)
-            if got is not None:
-                rid = self._next_replica
-                self._next_replica = rid + 1
-                info = seg.info
-                seg.replicas[rid] = key
-                return [Replica(rid, info.id, info.name, got[0], size, got[1])]
-        return []
-
     def _allocate_or_evict(
-        self, size: int, config: ReplicateConfig, writer_host: str, key: str, now: float
-    ) -> list[Replica]:
-        replicas = self._allocate(size, config, writer_host, key)
-        if not replicas:
-            self.metrics.alloc_failures += 1
-            # Evict only from segments the object could fit in at all: an object
-            # larger than every segment must not wipe the cache before failing.
-            need = align_up(size)
-            excluded = set(config.excluded_segments)
-            fits = {
-                s.id
-                for s in self.segments.values()
-                if not s.draining and s.name not in excluded and s.allocator.capacity >= need
-            }
-            chunk = max(size, int(self._capacity() * self.config.eviction_ratio))
-            # free room synchronously, round by round, while something can be evicted
-            while fits and self._evict(now, need_bytes=chunk, protect=key, segments=fits):
-                replicas = self._allocate(size, config, writer_host, key)
-                if replicas:
-                    break
-        if not replicas:
-            total = len(self.segments)
-            largest = max((s.allocator.largest_free for s in self.segments.values()), default=0)
-            raise _err(
-                ErrorCode.NO_AVAILABLE_HANDLE,
-                f"no segment can hold {size} bytes for {key!r} ({total} segment(s), largest free "
-                f"range {largest} bytes, nothing left to evict: objects are leased, pinned or "
-                "being written); add memory (global_segment_size) or remove objects",
-            )
-        return replicas
+        self, size: int, config: Any, writer_host: str, key: str, now: float
+    ) -> list[Rep]:
+        segments = self.segments.values()
+        reps = self._placement.allocate(segments, size, config, writer_host)
+        if reps:
+            return reps
+        self.metrics.alloc_failures += 1
+        # Evict only from segments the object could fit in at all: an object
+        # larger than every segment must not wipe the cache before failing.
+        need = reserved_size(size)
+        excluded = set(config.excluded_segments)
+        fits = [
+            s
+            for s in self._placement.live(segments)
+            if s.name not in excluded and s.allocator.capacity >= need
+        ]
+        fits.sort(key=lambda s: s.allocator.free_bytes)  # the fullest first
+        for allow_soft in (False, True):
+            if allow_soft and not self.config.allow_evict_soft_pinned_objects:
+                break
+            progress = True
+            while progress:
+                progress = False
+                for seg in fits:
+                    chunk = max(need, int(seg.allocator.capacity * self.config.eviction_ratio))
+                    if self._evict(seg, chunk, now, protect=key, allow_soft=allow_soft):
+                        progress = True
+                        reps = self._placement.allocate(segments, size, config, writer_host)
+                        if reps:
+                            return reps
+        total = len(self.segments)
+        largest = max((s.allocator.largest_free for s in self.segments.values()), default=0)
+        raise _err(
+            ErrorCode.NO_AVAILABLE_HANDLE,
+            f"no segment can hold {size} bytes for {key!r} ({total} segment(s), largest free "
+            f"range {largest} bytes, nothing left to evict: objects are leased, pinned or "
+            "being written); add memory (global_segment_size) or remove objects",
+        )
 
-    def _free_replica(self, rep: Replica) -> None:
-        seg = self.segments.get(rep.segment_id)
-        if seg is not None:
-            seg.replicas.pop(rep.id, None)
-            seg.allocator.free(rep.addr)
+    def _free(self, seg: SegmentRecord, addr: int, size: int) -> None:
+        if self.segments.get(seg.id) is seg:
+            seg.allocator.free(addr, reserved_size(size))
 
-    def _discard_replica(self, rep: Replica, release_at: float) -> None:
-        """Keep a replica's range reserved until ``release_at`` (a writer or reader may
-        still be using it), then free it in :meth:`tick`."""
-        seg = self.segments.get(rep.segment_id)
-        if seg is not None:
-            seg.replicas.pop(rep.id, None)
-            self._discards.append(_Discard(rep.segment_id, rep.addr, release_at))
+    def _discard(self, seg: SegmentRecord, addr: int, size: int, release_at: float) -> None:
+        """Keep a range reserved until ``release_at`` (a writer or reader may still
+        be using it), then free it in :meth:`tick`."""
+        heapq.heappush(
+            self._discards,
+            (release_at, next(self._discard_seq), seg, addr, reserved_size(size)),
+        )
+
+    def _size(self, size: int) -> int:
+        return self._sizes.setdefault(size, size) if len(self._sizes) < 4096 else size
 
     # ------------------------------------------------------------------------------
     # puts
     # ------------------------------------------------------------------------------
 
-    def _validate_put(self, key: str, size: int, config: ReplicateConfig) -> float | None:
+    def _validate_put(self, key: str, size: int, config: Any) -> float | None:
         if not key:
             raise _err(ErrorCode.INVALID_PARAMS, "key must not be empty")
         if size <= 0:
@@ -405,14 +380,14 @@ class MasterState:
                 ErrorCode.INVALID_PARAMS,
                 f"replica_num must be at least 1, got {config.replica_num}",
             )
-        action = config.pin_action
-        if config.soft_pin_ttl_ms is not None and action is not SoftPinAction.ENABLE:
+        action = _policy_pin(config)
+        if config.soft_pin_ttl_ms is not None and action != _ENABLE:
             raise _err(
                 ErrorCode.INVALID_PARAMS,
-                f"soft_pin_ttl_ms is only valid with soft_pin_action ENABLE (got {action.name}) "
-                f"for {key!r}",
+                f"soft_pin_ttl_ms is only valid with soft_pin_action ENABLE (got "
+                f"{SoftPinAction(action).name}) for {key!r}",
             )
-        if action is SoftPinAction.ENABLE:
+        if action == _ENABLE:
             ttl_ms = (
                 self.config.default_kv_soft_pin_ttl_ms
                 if config.soft_pin_ttl_ms is None
@@ -428,52 +403,61 @@ class MasterState:
         return None
 
     def put_start(
-        self, client_id: str, key: str, size: int, config: ReplicateConfig, now: float
+        self, client_id: str, key: str, size: int, config: Any, now: float
     ) -> list[ReplicaDesc]:
-        """Allocate replicas for a new object.
+        """Allocate replicas for a new object (see :meth:`put_start_replicas`)."""
+        self.put_start_replicas(client_id, key, size, config, now)
+        obj = self.objects[key]
+        return obj.descs()
+
+    def put_start_replicas(
+        self, client_id: str, key: str, size: int, config: Any, now: float
+    ) -> Obj:
+        """Allocate replicas for a new object; returns its record (replicas being
+        written).
 
         Raises:
-            ObjectExists: the key is readable, or another put of it started
-                less than ``put_start_discard_timeout`` ago.
+            ObjectExists: the key is readable.
+            ReplicaNotReady: another put of the key is in progress (younger than
+                ``put_start_discard_timeout``): wait for it to end or be revoked.
             NoAvailableHandle: no room even after eviction.
             InvalidParams: empty key, size <= 0, replica_num < 1, soft pin too long.
         """
-        return [r.desc() for r in self.put_start_replicas(client_id, key, size, config, now)]
-
-    def put_start_replicas(
-        self, client_id: str, key: str, size: int, config: ReplicateConfig, now: float
-    ) -> list[Replica]:
-        """:meth:`put_start`, returning the master's replica records (the RPC
-        handlers turn them into wire form without an intermediate ReplicaDesc)."""
         pin_ttl = self._validate_put(key, size, config)
-        client = self._touch(client_id, now)
         obj = self.objects.get(key)
         if obj is not None:
-            if obj.readable:
+            if obj.flags & READABLE:
                 raise _err(ErrorCode.OBJECT_ALREADY_EXISTS, f"object {key!r} already exists")
-            if now - obj.started_at < self.config.put_start_discard_timeout_s:
+            ext = obj.ext
+            started = ext.started_at if ext is not None else 0.0
+            if now - started < self.config.put_start_discard_timeout_s:
                 raise _err(
-                    ErrorCode.OBJECT_ALREADY_EXISTS,
-                    f"object {key!r} is being written by client {obj.writer}",
+                    ErrorCode.REPLICA_IS_NOT_READY,
+                    f"object {key!r} is being written by client {obj.writer} (its put started "
+                    f"{now - started:.3f} s ago); it becomes readable when that put ends",
                 )
             # the earlier writer is presumed dead: its buffers go to the discard list
             self._abandon(key, obj, discard=True, now=now)
             self.metrics.discarded_puts += 1
-        replicas = self._allocate_or_evict(size, config, client.host_id, key, now)
-        self.objects[key] = ObjectRecord(
-            key=key,
-            size=size,
-            writer=client_id,
-            started_at=now,
-            replicas=replicas,
-            soft_pin_ttl_s=pin_ttl,
-            hard_pinned=config.with_hard_pin,
-        )
-        return replicas
+        client = self._touch(client_id, now)
+        reps = self._allocate_or_evict(size, config, client.host_id, key, now)
+        flags = BUSY | (HARD_PIN if config.with_hard_pin else 0)
+        obj = Obj(self._size(size), reps[0][0], reps[0][1], client.id, flags)
+        ext = obj.extension()
+        ext.started_at = now
+        ext.soft_pin_ttl_s = pin_ttl
+        if len(reps) > 1:
+            ext.more = tuple(reps[1:])
+        self.objects.add(key, obj)
+        for seg, _ in reps:
+            seg.objs[key] = obj
+        self.inflight[key] = obj
+        client.inflight.add(key)
+        return obj
 
-    def _writer_object(self, client_id: str, key: str) -> ObjectRecord:
+    def _writing(self, client_id: str, key: str) -> Obj:
         obj = self.objects.get(key)
-        if obj is None or not obj.in_flight:
+        if obj is None or not obj.flags & BUSY:
             raise _err(
                 ErrorCode.OBJECT_NOT_FOUND,
                 f"no put of {key!r} is in progress (it timed out, was revoked, or its segment "
@@ -487,114 +471,187 @@ class MasterState:
         return obj
 
     def put_end(self, client_id: str, key: str, now: float) -> None:
-        """Make the replicas of a put readable.  Repeating it is harmless."""
-        done = self.objects.get(key)
-        if done is not None and not done.in_flight and done.writer == client_id:
-            return
-        obj = self._writer_object(client_id, key)
-        if obj.pending:
-            self._finish_upsert(obj, now)
-            return
-        if not obj.replicas:
-            del self.objects[key]
+        """Make the replicas of a put readable.  Repeating it is harmless.
+
+        Raises:
+            ObjectNotFound: no put of the key is in progress (revoked, reclaimed,
+                or every replica's segment went away).
+            IllegalClient: another client's put (or it took this one over).
+        """
+        obj = self.objects.get(key)
+        if obj is not None and not obj.flags & BUSY and obj.flags & READABLE:
+            if obj.writer == client_id:
+                return  # a repeated end
             raise _err(
-                ErrorCode.OBJECT_NOT_FOUND, f"every replica of {key!r} was lost during the put"
+                ErrorCode.ILLEGAL_CLIENT,
+                f"the put of {key!r} by client {client_id} was taken over by client "
+                f"{obj.writer} (after put_start_discard_timeout), whose value is stored",
             )
-        for r in obj.replicas:
-            r.status = ReplicaStatus.COMPLETE
-        obj.last_access = now
-        if obj.soft_pin_ttl_s is not None:
-            obj.soft_pin_until = now + obj.soft_pin_ttl_s
+        obj = self._writing(client_id, key)
+        ext = obj.extension()
+        if ext.pending:
+            self._finish_upsert(key, obj, now)
+            return
+        obj.flags = (obj.flags | READABLE) & ~BUSY
+        self._apply_pin(obj, ext.soft_pin_ttl_s, now)
+        self._end_write(key, obj)
         self._touch(client_id, now)
-        self._committed(obj)
+        self._committed(key, obj)
+
+    def _apply_pin(self, obj: Obj, ttl_s: float | None, now: float) -> None:
+        ext = obj.extension()
+        if ttl_s is None:
+            if obj.flags & SOFT_PIN:
+                obj.flags &= ~SOFT_PIN
+                self.soft_pinned -= 1
+            ext.soft_pin_ttl_s = None
+            return
+        ext.soft_pin_until = now + ttl_s
+        if not obj.flags & SOFT_PIN:
+            obj.flags |= SOFT_PIN
+            self.soft_pinned += 1
+
+    def _end_write(self, key: str, obj: Obj) -> None:
+        """The write in progress of ``key`` is over (ended, revoked or lost)."""
+        obj.flags &= ~BUSY
+        self.inflight.pop(key, None)
+        client = self.clients.get(obj.writer)
+        if client is not None:
+            client.inflight.discard(key)
+        ext = obj.ext
+        if ext is not None:
+            ext.pending, ext.pending_size = (), 0
+            if not obj.flags & SOFT_PIN:
+                ext.soft_pin_ttl_s = None
+            obj.compact()
 
     def put_revoke(self, client_id: str, key: str, now: float) -> None:
         """Abort a put: its buffers are freed (the writer says it stopped writing)."""
-        obj = self._writer_object(client_id, key)
+        obj = self._writing(client_id, key)
         self._abandon(key, obj, discard=False, now=now)
         self._touch(client_id, now)
 
-    def _abandon(self, key: str, obj: ObjectRecord, *, discard: bool, now: float) -> None:
+    def _abandon(self, key: str, obj: Obj, *, discard: bool, now: float) -> None:
         release = now + self.config.put_start_release_timeout_s
-        if obj.pending:
-            for r in obj.pending:
-                self._discard_replica(r, release) if discard else self._free_replica(r)
-            obj.pending = []
-            obj.pending_size = 0
-            if obj.replicas:
+        pending = obj.pending()
+        if pending:
+            size = obj.extension().pending_size
+            for seg, addr in pending:
+                self._release(seg, addr, size, discard, release)
+                if not any(s is seg for s, _ in obj.replicas()):
+                    seg.objs.pop(key, None)
+            self._end_write(key, obj)
+            if obj.flags & READABLE:
                 return
-        for r in obj.replicas:
-            self._discard_replica(r, release) if discard else self._free_replica(r)
-        self.objects.pop(key, None)
+        size = obj.size
+        for seg, addr in obj.replicas():
+            self._release(seg, addr, size, discard, release)
+            seg.objs.pop(key, None)
+        self._end_write(key, obj)
+        self._forget(key, obj, free=False)
+
+    def _release(
+        self, seg: SegmentRecord, addr: int, size: int, discard: bool, release: float
+    ) -> None:
+        if discard:
+            self._discard(seg, addr, size, release)
+        else:
+            self._free(seg, addr, size)
 
     # --- upserts -----------------------------------------------------------------------
 
     def upsert_start(
-        self, client_id: str, key: str, size: int, config: ReplicateConfig, now: float
+        self, client_id: str, key: str, size: int, config: Any, now: float
     ) -> list[ReplicaDesc]:
-        """Insert or replace.  The old value stays readable until :meth:`upsert_end`.
+        """Insert or replace (see :meth:`upsert_start_replicas`)."""
+        obj = self.upsert_start_replicas(client_id, key, size, config, now)
+        pending = obj.pending()
+        if not pending:
+            return obj.descs()
+        return [ReplicaDesc.from_wire(w) for w in reps_wire(pending, size, 2)]
+
+    def upsert_start_replicas(
+        self, client_id: str, key: str, size: int, config: Any, now: float
+    ) -> Obj:
+        """Insert or replace.  The old value stays readable until :meth:`upsert_end`;
+        the replicas to write are ``obj.pending()`` (or ``obj.replicas()`` when the
+        key did not exist).
 
         Raises:
             StoreError(OBJECT_REPLICA_BUSY): another put/upsert of the key is in
                 flight and younger than ``put_start_discard_timeout``.
         """
-        return [r.desc() for r in self.upsert_start_replicas(client_id, key, size, config, now)]
-
-    def upsert_start_replicas(
-        self, client_id: str, key: str, size: int, config: ReplicateConfig, now: float
-    ) -> list[Replica]:
-        """:meth:`upsert_start`, returning replica records."""
         pin_ttl = self._validate_put(key, size, config)
         obj = self.objects.get(key)
-        if obj is None or not obj.readable:
-            if obj is not None and now - obj.started_at < self.config.put_start_discard_timeout_s:
-                raise _err(ErrorCode.OBJECT_REPLICA_BUSY, f"object {key!r} is being written")
-            return self.put_start_replicas(client_id, key, size, config, now)
-        if obj.pending:
-            if now - obj.started_at < self.config.put_start_discard_timeout_s:
-                raise _err(ErrorCode.OBJECT_REPLICA_BUSY, f"object {key!r} is being rewritten")
+        if obj is not None and obj.flags & BUSY:
+            ext = obj.extension()
+            if now - ext.started_at < self.config.put_start_discard_timeout_s:
+                raise _err(
+                    ErrorCode.OBJECT_REPLICA_BUSY,
+                    f"object {key!r} is being written by client {obj.writer}",
+                )
             self._abandon(key, obj, discard=True, now=now)
+            obj = self.objects.get(key)
+        if obj is None or not obj.flags & READABLE:
+            return self.put_start_replicas(client_id, key, size, config, now)
         client = self._touch(client_id, now)
-        obj.pending = self._allocate_or_evict(size, config, client.host_id, key, now)
-        obj.pending_size = size
-        obj.writer = client_id
-        obj.started_at = now
-        obj.repin = config.pin_action is SoftPinAction.ENABLE
-        if obj.repin:
-            obj.soft_pin_ttl_s = pin_ttl
-        elif config.pin_action is SoftPinAction.DISABLE:
-            obj.soft_pin_ttl_s = None
-            obj.soft_pin_until = None
-        obj.hard_pinned = obj.hard_pinned or config.with_hard_pin
-        return obj.pending
+        pending = self._allocate_or_evict(size, config, client.host_id, key, now)
+        ext = obj.extension()
+        ext.pending = tuple(pending)
+        ext.pending_size = size
+        ext.started_at = now
+        obj.writer = client.id
+        obj.flags |= BUSY
+        action = _policy_pin(config)
+        ext.repin = action == _ENABLE
+        if ext.repin:
+            ext.soft_pin_ttl_s = pin_ttl
+        elif action == _DISABLE:
+            ext.soft_pin_ttl_s = None
+            if obj.flags & SOFT_PIN:
+                obj.flags &= ~SOFT_PIN
+                self.soft_pinned -= 1
+        if config.with_hard_pin:
+            obj.flags |= HARD_PIN
+        for seg, _ in pending:
+            seg.objs[key] = obj
+        self.inflight.pop(key, None)
+        self.inflight[key] = obj
+        client.inflight.add(key)
+        return obj
 
-    def _finish_upsert(self, obj: ObjectRecord, now: float) -> None:
+    def _finish_upsert(self, key: str, obj: Obj, now: float) -> None:
+        ext = obj.extension()
         release = max(now, obj.lease_until)
-        for r in obj.replicas:
-            self._discard_replica(r, release)
-        for r in obj.pending:
-            r.status = ReplicaStatus.COMPLETE
-        obj.replicas, obj.pending = obj.pending, []
-        obj.size, obj.pending_size = obj.pending_size, 0
-        obj.last_access = now
-        if obj.repin and obj.soft_pin_ttl_s is not None:
-            obj.soft_pin_until = now + obj.soft_pin_ttl_s
-        self._committed(obj)
+        old = obj.replicas()
+        new = ext.pending
+        new_segs = {id(s) for s, _ in new}
+        for seg, addr in old:
+            self._discard(seg, addr, obj.size, release)
+            if id(seg) not in new_segs:
+                seg.objs.pop(key, None)
+        obj.size = self._size(ext.pending_size)
+        obj.set_replicas(new)
+        obj.flags = (obj.flags | READABLE) & ~BUSY
+        if ext.repin and ext.soft_pin_ttl_s is not None:
+            self._apply_pin(obj, ext.soft_pin_ttl_s, now)
+        self._end_write(key, obj)
+        self._committed(key, obj)
+
+    def _committed(self, key: str, obj: Obj) -> None:
+        if self.effects is not None:
+            self.effects.append(self._commit_effect(key, obj))
 
     @staticmethod
-    def _commit_event(obj: ObjectRecord) -> list[Any]:
-        """The journal record of a completed object (replayed by :meth:`replay`)."""
-        return [
-            "commit",
-            obj.key,
+    def _commit_effect(key: str, obj: Obj) -> ObjectCommitted:
+        reserved = reserved_size(obj.size)
+        return ObjectCommitted(
+            key,
             obj.size,
-            [[r.id, r.segment_id, r.addr, r.size, r.reserved] for r in obj.replicas],
-            obj.hard_pinned,
-        ]
-
-    def _committed(self, obj: ObjectRecord) -> None:
-        if self.events is not None:
-            self.events.append(self._commit_event(obj))
+            tuple((seg.id, addr, reserved) for seg, addr in obj.replicas()),
+            bool(obj.flags & HARD_PIN),
+            obj.writer,
+        )
 
     upsert_end = put_end
     upsert_revoke = put_revoke
@@ -603,10 +660,6 @@ class MasterState:
     # reads
     # ------------------------------------------------------------------------------
 
-    def _grant_lease(self, obj: ObjectRecord, now: float) -> None:
-        obj.lease_until = max(obj.lease_until, now + self.config.lease_ttl_s)
-        obj.last_access = now
-
     def get_replica_list(self, key: str, now: float) -> GetReplicaListResult:
         """Readable replicas of ``key`` and a read lease.
 
@@ -614,47 +667,68 @@ class MasterState:
             ObjectNotFound: absent.
             ReplicaNotReady: only unfinished replicas exist.
         """
-        obj, complete = self.replicas_for_read(key, now)
+        obj = self.read(key, now + self.config.lease_ttl_s)
         return GetReplicaListResult(
-            tuple(r.desc() for r in complete), self.config.default_kv_lease_ttl_ms, obj.size
+            tuple(obj.descs()), self.config.default_kv_lease_ttl_ms, obj.size
         )
 
-    def replicas_for_read(self, key: str, now: float) -> tuple[ObjectRecord, list[Replica]]:
-        """:meth:`get_replica_list` as records: the object and its complete replicas
-        (a read lease is granted)."""
+    def read(self, key: str, lease_until: float) -> Obj:
+        """The readable object ``key``; its read lease is extended to ``lease_until``
+        (``now + lease ttl``; one float shared by a whole batch).
+
+        Raises:
+            ObjectNotFound / ReplicaNotReady.
+        """
         obj = self.objects.get(key)
         if obj is None:
             self.metrics.get_misses += 1
             raise _err(ErrorCode.OBJECT_NOT_FOUND, f"object {key!r} not found")
-        complete = [r for r in obj.replicas if r.status is ReplicaStatus.COMPLETE]
-        if not complete:
+        flags = obj.flags
+        if not flags & READABLE:
             self.metrics.get_misses += 1
             raise _err(ErrorCode.REPLICA_IS_NOT_READY, f"object {key!r} is still being written")
-        self._grant_lease(obj, now)
+        if obj.lease_until < lease_until:
+            obj.lease_until = lease_until
+        obj.flags = flags | REF
         self.metrics.get_hits += 1
-        return obj, complete
+        return obj
 
     def exist_key(self, key: str, now: float) -> bool:
+        return self.exists(key, now + self.config.lease_ttl_s)
+
+    def exists(self, key: str, lease_until: float) -> bool:
         obj = self.objects.get(key)
-        if obj is None or not obj.readable:
+        if obj is None or not obj.flags & READABLE:
             return False
-        self._grant_lease(obj, now)
+        if obj.lease_until < lease_until:
+            obj.lease_until = lease_until
+        obj.flags |= REF
         return True
 
-    def get_replica_list_by_regex(self, pattern: str, now: float) -> dict[str, list[ReplicaDesc]]:
-        rx = self._regex(pattern)
-        out = {}
-        for key, obj in self.objects.items():
-            if rx.search(key) and obj.readable:
-                out[key] = [r.desc() for r in obj.replicas if r.status is ReplicaStatus.COMPLETE]
+    def replicas_of(self, keys: Iterable[str], now: float) -> dict[str, list[ReplicaDesc]]:
+        """Readable replicas of those ``keys`` that are readable (no lease granted:
+        the *ByRegex listing, as the reference)."""
+        out: dict[str, list[ReplicaDesc]] = {}
+        get = self.objects.get
+        for key in keys:
+            obj = get(key)
+            if obj is not None and obj.flags & READABLE:
+                out[key] = obj.descs()
         return out
+
+    def get_replica_list_by_regex(self, pattern: str, now: float) -> dict[str, list[ReplicaDesc]]:
+        """Every readable key matching ``pattern`` (``re.search``) with its replicas.
+        Walks the whole index: the service runs the same shard by shard, with the
+        pattern evaluated off the loop (``_scan.py``)."""
+        rx = self._regex(pattern)
+        return self.replicas_of((k for k in self.objects if rx.search(k)), now)
 
     # ------------------------------------------------------------------------------
     # removal
     # ------------------------------------------------------------------------------
 
-    def _check_removable(self, key: str, obj: ObjectRecord, force: bool, now: float) -> None:
-        if obj.in_flight:
+    def _check_removable(self, key: str, obj: Obj, force: bool, now: float) -> None:
+        if obj.flags & BUSY:
             raise _err(
                 ErrorCode.REPLICA_IS_NOT_READY, f"object {key!r} is being written; retry later"
             )
@@ -672,12 +746,33 @@ class MasterState:
         self._check_removable(key, obj, force, now)
         self._delete(key, obj)
 
-    def _delete(self, key: str, obj: ObjectRecord) -> None:
-        if self.events is not None:
-            self.events.append(["delete", key])
-        for r in obj.replicas:
-            self._free_replica(r)
-        del self.objects[key]
+    def _delete(self, key: str, obj: Obj) -> int:
+        """Drop a complete object and free its replicas; returns the bytes freed."""
+        self._emit(ObjectDeleted(key))
+        freed = 0
+        reserved = reserved_size(obj.size)
+        for seg, addr in obj.replicas():
+            self._free(seg, addr, obj.size)
+            seg.objs.pop(key, None)
+            freed += reserved
+        self._forget(key, obj, free=False)
+        return freed
+
+    def _forget(self, key: str, obj: Obj, *, free: bool = True) -> None:
+        """Take ``key`` out of every index (``free``: also its replicas' ranges)."""
+        if free:
+            for seg, addr in obj.replicas():
+                self._free(seg, addr, obj.size)
+        for seg, _ in obj.replicas():
+            seg.objs.pop(key, None)
+        for seg, _ in obj.pending():
+            seg.objs.pop(key, None)
+        if obj.flags & BUSY:
+            self._end_write(key, obj)
+        if obj.flags & SOFT_PIN:
+            obj.flags &= ~SOFT_PIN
+            self.soft_pinned -= 1
+        self.objects.pop(key)
 
     @staticmethod
     def _regex(pattern: str) -> re.Pattern[str]:
@@ -690,74 +785,98 @@ class MasterState:
 
     def remove_by_regex(self, pattern: str, force: bool, now: float) -> int:
         rx = self._regex(pattern)
-        return self._remove_matching(lambda k: rx.search(k) is not None, force, now)
+        return self.remove_keys([k for k in self.objects if rx.search(k)], force, now)
 
     def remove_all(self, force: bool, now: float) -> int:
-        return self._remove_matching(lambda k: True, force, now)
+        return self.remove_keys(list(self.objects), force, now)
 
-    def _remove_matching(self, match: Callable[[str], bool], force: bool, now: float) -> int:
+    def remove_keys(self, keys: Iterable[str], force: bool, now: float) -> int:
+        """Remove those of ``keys`` that may be removed; returns how many were."""
         removed = 0
-        for key, obj in list(self.objects.items()):
-            if not match(key):
-                continue
-            try:
-                self._check_removable(key, obj, force, now)
-            except StoreError:
+        get = self.objects.get
+        for key in keys:
+            obj = get(key)
+            if obj is None or obj.flags & BUSY or (not force and obj.lease_until > now):
                 continue
             self._delete(key, obj)
             removed += 1
         return removed
 
+    def replica_clear(self, client_id: str, key: str, segment_name: str, now: float) -> bool:
+        """Drop ``client_id``'s object ``key`` whose lease has expired: whole
+        (``segment_name`` empty) or only its replicas in ``segment_name`` (the
+        object goes when none is left).  Returns whether anything was cleared;
+        missing, foreign, leased or busy keys are skipped."""
+        obj = self.objects.get(key)
+        if (
+            obj is None
+            or obj.writer != client_id
+            or obj.lease_until > now
+            or obj.flags & BUSY
+            or not obj.flags & READABLE
+        ):
+            return False
+        if not segment_name:
+            self._delete(key, obj)
+            return True
+        reps = obj.replicas()
+        keep = [r for r in reps if r[0].name != segment_name]
+        if len(keep) == len(reps):
+            return False
+        if not keep:
+            self._delete(key, obj)
+            return True
+        for seg, addr in reps:
+            if seg.name == segment_name:
+                self._free(seg, addr, obj.size)
+                seg.objs.pop(key, None)
+        obj.set_replicas(keep)
+        self._committed(key, obj)
+        return True
+
     # ------------------------------------------------------------------------------
-    # housekeeping
+    # eviction and housekeeping
     # ------------------------------------------------------------------------------
-
-    def _capacity(self) -> int:
-        return sum(s.allocator.capacity for s in self.segments.values())
-
-    def _used(self) -> int:
-        return sum(s.allocator.allocated for s in self.segments.values())
-
-    def _evictable(
-        self, now: float, protect: str | None, segments: set[str] | None = None
-    ) -> list[tuple[int, float, str]]:
-        """(tier, last access, key) of objects eviction may drop (only those with a
-        replica in ``segments``, when given)."""
-        out = []
-        for key, obj in self.objects.items():
-            if key == protect or obj.hard_pinned or obj.in_flight or obj.lease_until > now:
-                continue
-            if not obj.replicas:
-                continue
-            if segments is not None and not any(r.segment_id in segments for r in obj.replicas):
-                continue
-            pinned = obj.soft_pin_until is not None and obj.soft_pin_until > now
-            if pinned and not self.config.allow_evict_soft_pinned_objects:
-                continue
-            out.append((1 if pinned else 0, obj.last_access, key))
-        return out
 
     def _evict(
         self,
-        now: float,
+        seg: SegmentRecord,
         need_bytes: int,
+        now: float,
         protect: str | None = None,
-        segments: set[str] | None = None,
+        allow_soft: bool = False,
     ) -> int:
-        """Drop LRU objects until ``need_bytes`` are freed; returns bytes freed."""
-        candidates = self._evictable(now, protect, segments)
-        if not candidates:
-            return 0
-        heapq.heapify(candidates)
-        freed = 0
+        """Evict from ``seg`` until ``need_bytes`` are free in it; returns bytes freed."""
         self.metrics.eviction_rounds += 1
-        while candidates and freed < need_bytes:
-            _, _, key = heapq.heappop(candidates)
-            obj = self.objects[key]
-            freed += sum(r.reserved for r in obj.replicas)
-            self._delete(key, obj)
-            self.metrics.evicted_keys += 1
+        freed = evict_segment(seg, need_bytes, now, self._evict_one, protect, allow_soft)
         self.metrics.evicted_bytes += freed
+        return freed
+
+    def _evict_one(self, key: str, obj: Obj, seg: SegmentRecord) -> int:
+        """Evict ``obj``; returns the bytes it freed in ``seg``."""
+        in_seg = sum(1 for s, _ in obj.replicas() if s is seg)
+        self._delete(key, obj)
+        self.metrics.evicted_keys += 1
+        return in_seg * reserved_size(obj.size)
+
+    def evict_above_watermark(self, now: float) -> int:
+        """Bring every segment below ``high watermark - eviction ratio``; returns bytes freed."""
+        hw = self.config.eviction_high_watermark_ratio
+        ratio = self.config.eviction_ratio
+        if ratio <= 0:
+            return 0
+        freed = 0
+        for seg in list(self.segments.values()):
+            alloc = seg.allocator
+            if alloc.allocated > hw * alloc.capacity:
+                target = max(
+                    int(ratio * alloc.capacity),
+                    alloc.allocated - int((hw - ratio) * alloc.capacity),
+                )
+                got = self._evict(seg, target, now)
+                if got < target and self.config.allow_evict_soft_pinned_objects:
+                    got += self._evict(seg, target - got, now, allow_soft=True)
+                freed += got
         return freed
 
     def tick(self, now: float) -> None:
@@ -772,144 +891,208 @@ class MasterState:
                 client.last_seen = max(client.last_seen, now)
             self.stall_grace_count += 1
         self._last_tick = now
-        for client_id, client in list(self.clients.items()):
-            if now - client.last_seen > ttl:
-                self.expire_client(client_id, now)
-        if self._discards:
-            keep = []
-            for d in self._discards:
-                if d.release_at <= now:
-                    seg = self.segments.get(d.segment_id)
-                    if seg is not None:
-                        seg.allocator.free(d.addr)
-                else:
-                    keep.append(d)
-            self._discards = keep
+        for client_id in [c.id for c in self.clients.values() if now - c.last_seen > ttl]:
+            self.expire_client(client_id, now)
+        discards = self._discards
+        while discards and discards[0][0] <= now:
+            _, _, seg, addr, reserved = heapq.heappop(discards)
+            if self.segments.get(seg.id) is seg:
+                seg.allocator.free(addr, reserved)
         release = self.config.put_start_release_timeout_s
-        for key, obj in list(self.objects.items()):
-            if obj.in_flight and now - obj.started_at > release:
-                self._abandon(key, obj, discard=False, now=now)
-                self.metrics.reclaimed_puts += 1
-        capacity = self._capacity()
-        if capacity and self.config.eviction_ratio > 0:
-            used = self._used()
-            hw = self.config.eviction_high_watermark_ratio
-            if used > hw * capacity:
-                target = max(
-                    self.config.eviction_ratio * capacity,
-                    used - (hw - self.config.eviction_ratio) * capacity,
-                )
-                self._evict(now, math.ceil(target))
+        while self.inflight:
+            key, obj = next(iter(self.inflight.items()))
+            ext = obj.ext
+            if ext is not None and now - ext.started_at <= release:
+                break
+            self._abandon(key, obj, discard=False, now=now)
+            self.metrics.reclaimed_puts += 1
+        self.evict_above_watermark(now)
 
     # ------------------------------------------------------------------------------
-    # durability: replaying a journal
+    # durability: effects and replay
     # ------------------------------------------------------------------------------
 
-    def drain_events(self) -> list[list[Any]]:
-        events = self.events or []
-        if self.events is not None:
-            self.events = []
-        return events
+    def _emit(self, effect: Effect) -> None:
+        if self.effects is not None:
+            self.effects.append(effect)
 
-    def replay(self, events: Iterable[list[Any]], now: float) -> None:
-        """Rebuild segments and readable objects from journal events.
+    def drain_effects(self) -> list[Effect]:
+        effects = self.effects
+        if not effects:
+            return []
+        self.effects = []
+        return effects
+
+    def replay(self, effects: Iterable[Effect], now: float) -> None:
+        """Rebuild segments and readable objects from effects (a journal).
 
         Restored clients count as seen ``now``: they have ``client_ttl`` to
         ping (and keep their segments and objects) before they expire.
         Leases, soft pins and unfinished puts are not restored.
         """
-        recording, self.events = self.events, None
-        try:
-            for ev in events:
-                kind = ev[0]
-                if kind == "mount":
-                    info = SegmentInfo.from_wire(ev[1])
-                    if info.id not in self.segments:
-                        self._add_segment(info, self._touch(ev[2], now))
-                elif kind == "unmount":
-                    seg = self.segments.get(ev[1])
-                    if seg is not None:
-                        self._drop_segment(seg)
-                elif kind == "commit":
-                    _, key, size, reps, hard = ev
-                    old = self.objects.pop(key, None)
-                    if old is not None:
-                        self._unindex(old)
-                    replicas = []
-                    for rid, seg_id, addr, rsize, reserved in reps:
-                        seg = self.segments.get(seg_id)
-                        if seg is None:
-                            continue
-                        replicas.append(
-                            Replica(
-                                rid, seg_id, seg.name, addr, rsize, reserved, ReplicaStatus.COMPLETE
-                            )
-                        )
-                        seg.replicas[rid] = key
-                        self._next_replica = max(self._next_replica, rid + 1)
-                    if replicas:
-                        self.objects[key] = ObjectRecord(
-                            key, size, "", now, replicas, last_access=now, hard_pinned=bool(hard)
-                        )
-                elif kind == "delete":
-                    obj = self.objects.pop(ev[1], None)
-                    if obj is not None:
-                        self._unindex(obj)
-            # allocators: exactly the ranges of the restored replicas
-            live: dict[str, list[tuple[int, int]]] = {sid: [] for sid in self.segments}
-            for obj in self.objects.values():
-                for r in obj.replicas:
-                    live[r.segment_id].append((r.addr, r.reserved))
-            for sid, seg in self.segments.items():
-                seg.allocator.rebuild(live[sid])
-        finally:
-            self.events = recording
+        for effect in effects:
+            self.apply(effect, now)
+        self.finish_replay()
 
-    def snapshot_events(self) -> list[list[Any]]:
-        """The current durable state as a minimal event list (for compaction)."""
-        out: list[list[Any]] = []
-        for seg in self.segments.values():
-            out.append(["mount", seg.info.to_wire(), seg.client_id])
-        out += [self._commit_event(obj) for obj in self.objects.values() if obj.readable]
+    def apply(self, effect: Effect, now: float) -> None:
+        """Apply one effect (replay, or a standby following a leader).  Allocators
+        are brought up to date by :meth:`finish_replay`."""
+        recording, self.effects = self.effects, None
+        try:
+            self._APPLY[type(effect)](self, effect, now)
+        finally:
+            self.effects = recording
+
+    def _apply_mount(self, ev: SegmentMounted, now: float) -> None:
+        if ev.info.id not in self.segments:
+            self._add_segment(ev.info, self._touch(ev.client_id, now))
+            self._dirty_allocators.add(ev.info.id)
+
+    def _apply_unmount(self, ev: SegmentUnmounted, now: float) -> None:
+        seg = self.segments.get(ev.segment_id)
+        if seg is not None:
+            self._drop_segment(seg)
+            self._dirty_allocators.discard(seg.id)
+
+    def _apply_commit(self, ev: ObjectCommitted, now: float) -> None:
+        old = self.objects.get(ev.key)
+        if old is not None:
+            self._dirty_allocators.update(seg.id for seg, _ in old.replicas())
+            self._forget(ev.key, old, free=False)
+        reps: list[Rep] = []
+        for seg_id, addr, _reserved in ev.replicas:
+            seg = self.segments.get(seg_id)
+            if seg is not None:
+                reps.append((seg, addr))
+                self._dirty_allocators.add(seg_id)
+        if not reps:
+            return
+        flags = READABLE | (HARD_PIN if ev.hard_pinned else 0)
+        obj = Obj(self._size(ev.size), reps[0][0], reps[0][1], ev.writer, flags)
+        if len(reps) > 1:
+            obj.extension().more = tuple(reps[1:])
+        self.objects.add(ev.key, obj)
+        for seg, _ in reps:
+            seg.objs[ev.key] = obj
+
+    def _apply_delete(self, ev: ObjectDeleted, now: float) -> None:
+        obj = self.objects.get(ev.key)
+        if obj is not None:
+            self._dirty_allocators.update(seg.id for seg, _ in obj.replicas())
+            self._forget(ev.key, obj, free=False)
+
+    _APPLY: dict[type, Callable[[MasterState, Any, float], None]] = {
+        SegmentMounted: _apply_mount,
+        SegmentUnmounted: _apply_unmount,
+        ObjectCommitted: _apply_commit,
+        ObjectDeleted: _apply_delete,
+    }
+
+    def finish_replay(self) -> None:
+        """Rebuild the allocators touched by :meth:`apply` from the objects.
+
+        Raises:
+            ValueError: restored replicas overlap or leave their segment.
+        """
+        for seg_id in self._dirty_allocators:
+            seg = self.segments.get(seg_id)
+            if seg is None:
+                continue
+            live = [
+                (addr, reserved_size(obj.size))
+                for obj in seg.objs.values()
+                for s, addr in obj.replicas()
+                if s is seg
+            ]
+            seg.allocator.rebuild(live)
+        self._dirty_allocators.clear()
+
+    def snapshot_effects(self) -> list[Effect]:
+        """The current durable state as a minimal effect list (for compaction).
+        Walks everything: for small states and tests; the service snapshots shard
+        by shard (:meth:`segment_effects`, :meth:`shard_effects`)."""
+        out = self.segment_effects()
+        for i in range(len(self.objects.shards)):
+            out += self.shard_effects(i)
         return out
+
+    def segment_effects(self) -> list[Effect]:
+        return [SegmentMounted(seg.info, seg.client_id) for seg in self.segments.values()]
+
+    def shard_effects(self, shard: int) -> list[Effect]:
+        return [
+            self._commit_effect(key, obj)
+            for key, obj in self.objects.shards[shard].items()
+            if obj.flags & READABLE
+        ]
 
     # ------------------------------------------------------------------------------
     # introspection
     # ------------------------------------------------------------------------------
 
+    def _capacity(self) -> int:
+        return sum(s.allocator.capacity for s in self.segments.values())
+
+    def _used(self) -> int:
+        return sum(s.allocator.allocated for s in self.segments.values())
+
     def summary(self) -> dict[str, Any]:
-        capacity = self._capacity()
-        used = self._used()
         return {
-            "capacity_bytes": capacity,
-            "allocated_bytes": used,
+            "capacity_bytes": self._capacity(),
+            "allocated_bytes": self._used(),
             "key_count": len(self.objects),
             "segment_count": len(self.segments),
             "client_count": len(self.clients),
-            "soft_pinned_keys": sum(
-                1 for o in self.objects.values() if o.soft_pin_until is not None
-            ),
+            "soft_pinned_keys": self.soft_pinned,
         }
 
     def validate(self) -> None:
-        """Assert every invariant; tests call this after each scenario."""
-        for record in self.segments.values():
-            record.allocator.validate()
-        reserved: dict[str, int] = {sid: 0 for sid in self.segments}
+        """Assert every invariant and cross-check every index; tests call this
+        after each scenario."""
+        live: dict[str, list[tuple[int, int]]] = {sid: [] for sid in self.segments}
+        in_seg: dict[str, set[str]] = {sid: set() for sid in self.segments}
+        soft = 0
+        count = 0
         for key, obj in self.objects.items():
-            assert obj.replicas or obj.pending, f"{key} has no replicas"
-            names = [r.endpoint for r in obj.replicas]
-            assert len(names) == len(set(names)), f"{key}: two replicas in one segment"
-            for r in obj.replicas + obj.pending:
-                owner = self.segments.get(r.segment_id)
-                assert owner is not None, f"{key}: replica in unknown segment {r.segment_id}"
-                assert owner.replicas.get(r.id) == key
-                reserved[r.segment_id] += r.reserved
-        for d in self._discards:
-            seg = self.segments[d.segment_id]
-            reserved[d.segment_id] += seg.allocator._live[d.addr]
+            count += 1
+            reps = obj.replicas()
+            pending = obj.pending()
+            assert reps or pending, f"{key} has no replicas"
+            names = [s.name for s, _ in reps]
+            assert len(names) == len(set(names)), f"{key}: two replicas in one segment name"
+            for seg, addr in reps:
+                assert self.segments.get(seg.id) is seg, f"{key}: replica in a dropped segment"
+                live[seg.id].append((addr, reserved_size(obj.size)))
+                in_seg[seg.id].add(key)
+            if pending:
+                assert obj.flags & BUSY, f"{key}: pending replicas without a write in progress"
+                size = obj.extension().pending_size
+                for seg, addr in pending:
+                    assert self.segments.get(seg.id) is seg
+                    live[seg.id].append((addr, reserved_size(size)))
+                    in_seg[seg.id].add(key)
+            busy = bool(obj.flags & BUSY)
+            assert busy == (key in self.inflight), f"{key}: in-flight index disagrees"
+            if busy:
+                client = self.clients.get(obj.writer)
+                assert client is None or key in client.inflight
+                assert obj.ext is not None
+            else:
+                assert obj.flags & READABLE, f"{key}: neither readable nor being written"
+            if obj.flags & SOFT_PIN:
+                soft += 1
+        assert count == len(self.objects)
+        assert soft == self.soft_pinned, "soft-pin count disagrees"
+        for key in self.inflight:
+            assert key in self.objects
+        for client in self.clients.values():
+            for key in client.inflight:
+                writing = self.objects.get(key)
+                assert writing is not None and writing.flags & BUSY and writing.writer == client.id
+        for _, _, seg, addr, reserved in self._discards:
+            if self.segments.get(seg.id) is seg:
+                live[seg.id].append((addr, reserved))
         for sid, seg in self.segments.items():
-            assert seg.allocator.allocated == reserved[sid], (
-                f"segment {sid}: allocator and replicas disagree"
-            )
+            assert set(seg.objs) == in_seg[sid], f"segment {sid}: object index disagrees"
+            seg.allocator.validate(live[sid])
             assert seg.client_id in self.clients, f"segment {sid} of unknown client"

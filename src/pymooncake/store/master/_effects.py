@@ -1,0 +1,131 @@
+"""Typed effects of master commands: what a journal, a standby or an offload
+engine needs to know about a change of durable state.
+
+Theory of operation
+-------------------
+A state command that changes what must survive a restart (a segment mounted or
+unmounted, an object committed or deleted) emits one frozen effect value.  The
+service takes them with :meth:`MasterState.drain_effects`, journals them (and
+ships them to standbys) *before* it sends the reply that acknowledges them;
+:meth:`MasterState.apply` replays them, dispatching on their type.
+
+Leases, soft pins and puts in flight are deliberately not effects: a reader
+re-asks, and a writer caught mid-put retries.  Records are JSON lists whose
+first element names the type; the layout is the journal's on-disk format
+(readable by earlier versions' journals too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ...errors import MalformedMessage
+from .._types import SegmentInfo
+
+__all__ = [
+    "Effect",
+    "ObjectCommitted",
+    "ObjectDeleted",
+    "SegmentMounted",
+    "SegmentUnmounted",
+    "effect_from_record",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentMounted:
+    info: SegmentInfo
+    client_id: str
+
+    def record(self) -> list[Any]:
+        return ["mount", self.info.to_wire(), self.client_id]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentUnmounted:
+    segment_id: str
+
+    def record(self) -> list[Any]:
+        return ["unmount", self.segment_id]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectCommitted:
+    """A readable value of ``key`` (replacing any earlier one)."""
+
+    key: str
+    size: int
+    #: (segment id, address, reserved bytes) per replica
+    replicas: tuple[tuple[str, int, int], ...]
+    hard_pinned: bool
+    writer: str
+
+    def record(self) -> list[Any]:
+        return [
+            "commit",
+            self.key,
+            self.size,
+            [[0, sid, addr, self.size, reserved] for sid, addr, reserved in self.replicas],
+            self.hard_pinned,
+            self.writer,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectDeleted:
+    key: str
+
+    def record(self) -> list[Any]:
+        return ["delete", self.key]
+
+
+Effect = SegmentMounted | SegmentUnmounted | ObjectCommitted | ObjectDeleted
+
+
+def _mount(rec: list[Any]) -> Effect:
+    return SegmentMounted(SegmentInfo.from_wire(rec[1]), str(rec[2]))
+
+
+def _unmount(rec: list[Any]) -> Effect:
+    return SegmentUnmounted(str(rec[1]))
+
+
+def _commit(rec: list[Any]) -> Effect:
+    key, size, reps = rec[1], rec[2], rec[3]
+    hard = bool(rec[4]) if len(rec) > 4 else False
+    writer = str(rec[5]) if len(rec) > 5 else ""
+    return ObjectCommitted(
+        str(key),
+        int(size),
+        tuple((str(sid), int(addr), int(reserved)) for _rid, sid, addr, _size, reserved in reps),
+        hard,
+        writer,
+    )
+
+
+def _delete(rec: list[Any]) -> Effect:
+    return ObjectDeleted(str(rec[1]))
+
+
+_DECODERS: Final[dict[str, Callable[[list[Any]], Effect]]] = {
+    "mount": _mount,
+    "unmount": _unmount,
+    "commit": _commit,
+    "delete": _delete,
+}
+
+
+def effect_from_record(rec: Any) -> Effect:
+    """The effect a journal record describes.
+
+    Raises:
+        MalformedMessage: not a record of a known type, or a malformed one.
+    """
+    if type(rec) is not list or not rec or rec[0] not in _DECODERS:
+        raise MalformedMessage(f"not a master journal record: {str(rec)[:100]}")
+    try:
+        return _DECODERS[rec[0]](rec)
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        raise MalformedMessage(f"malformed {rec[0]} record ({exc}): {str(rec)[:100]}") from None

@@ -1,0 +1,210 @@
+"""Master bookkeeping records: objects, segments, clients (plain data, compact).
+
+Theory of operation
+-------------------
+A master holds millions of objects, so an object record is as small as Python
+allows (measured by ``bench/master_scale.py``): one ``__slots__`` instance with
+the first replica inline (segment record + address), no per-object dict, list or
+float of its own where a shared one does.  What few objects need (a put in
+flight, more replicas, a pending upsert, a soft pin) lives in an optional
+:class:`ObjExt`.  A replica's reserved size is derived (``align_up(size)``), its
+id too (segment number and offset), so neither is stored.
+
+A segment keeps every object that has a replica in it in ``objs``, a dict in
+eviction order: new objects go to the end, the eviction hand takes from the
+front and gives objects that were read since (``REF`` flag) a second chance by
+moving them to the end (CLOCK, an approximation of LRU that costs nothing on
+the read path).  The same dict sweeps a segment that goes away.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .._types import ReplicaDesc, ReplicaStatus, SegmentInfo
+from ._allocator import ALIGNMENT, OffsetAllocator
+
+__all__ = [
+    "BUSY",
+    "HARD_PIN",
+    "READABLE",
+    "REF",
+    "SOFT_PIN",
+    "ClientRecord",
+    "Obj",
+    "ObjExt",
+    "Rep",
+    "SegmentRecord",
+    "reserved_size",
+]
+
+#: object flags (small ints are shared objects: a flags field costs a pointer)
+READABLE: Final = 1  # a complete value is readable
+BUSY: Final = 2  # a put or upsert is writing replicas
+REF: Final = 4  # read since the eviction hand last passed it
+HARD_PIN: Final = 8  # never evicted
+SOFT_PIN: Final = 16  # evicted last while ext.soft_pin_until is in the future
+
+_MASK: Final = ALIGNMENT - 1
+_COMPLETE: Final = ReplicaStatus.COMPLETE
+_PROCESSING: Final = ReplicaStatus.PROCESSING
+
+
+def reserved_size(size: int) -> int:
+    """Bytes the allocator reserves for an object of ``size`` bytes."""
+    return (size + _MASK) & ~_MASK
+
+
+class ClientRecord:
+    """A client known to the master (it pinged, mounted or wrote)."""
+
+    __slots__ = ("host_id", "id", "inflight", "last_seen", "segments")
+
+    def __init__(self, client_id: str, now: float) -> None:
+        self.id = client_id
+        self.last_seen = now
+        self.segments: set[str] = set()
+        self.host_id = ""
+        #: keys this client is writing (put or upsert started, not ended)
+        self.inflight: set[str] = set()
+
+
+class SegmentRecord:
+    """A mounted segment: its allocator and the objects with a replica in it."""
+
+    __slots__ = ("allocator", "client_id", "draining", "id", "info", "name", "num", "objs")
+
+    def __init__(self, info: SegmentInfo, client_id: str, num: int) -> None:
+        self.info = info
+        self.id = info.id
+        self.name = info.name
+        self.client_id = client_id
+        self.allocator = OffsetAllocator(info.base, info.size)
+        #: key -> object, in eviction order (see the module docstring)
+        self.objs: dict[str, Obj] = {}
+        self.draining = False
+        #: small per-master number (replica ids are derived from it)
+        self.num = num
+
+    def replica_id(self, addr: int) -> int:
+        return (self.num << 40) | ((addr - self.info.base) >> 6)
+
+
+#: a replica: (segment, address)
+Rep = tuple[SegmentRecord, int]
+
+
+class ObjExt:
+    """What only some objects need."""
+
+    __slots__ = (
+        "more",
+        "pending",
+        "pending_size",
+        "repin",
+        "soft_pin_ttl_s",
+        "soft_pin_until",
+        "started_at",
+    )
+
+    def __init__(self) -> None:
+        #: replicas after the first
+        self.more: tuple[Rep, ...] = ()
+        #: replicas of an upsert in progress (the current ones stay readable)
+        self.pending: tuple[Rep, ...] = ()
+        self.pending_size = 0
+        #: when the put or upsert in progress began
+        self.started_at = 0.0
+        self.soft_pin_until = 0.0
+        #: applied when the put/upsert in progress completes (None: no pin)
+        self.soft_pin_ttl_s: float | None = None
+        #: the pending upsert (re)enables the soft pin when it completes
+        self.repin = True
+
+    def empty(self) -> bool:
+        return not self.more and not self.pending and self.soft_pin_ttl_s is None
+
+
+class Obj:
+    """One object: its size, first replica, lease and flags.
+
+    ``seg`` is None only while a put's every replica went away with its segment
+    (the object is then about to be dropped).
+    """
+
+    __slots__ = ("addr", "ext", "flags", "lease_until", "seg", "size", "writer")
+
+    def __init__(
+        self, size: int, seg: SegmentRecord | None, addr: int, writer: str, flags: int
+    ) -> None:
+        self.size = size
+        self.seg = seg
+        self.addr = addr
+        self.lease_until = 0.0
+        self.flags = flags
+        #: client id of the put in progress / of the last completed write
+        self.writer = writer
+        self.ext: ObjExt | None = None
+
+    # --- replicas -----------------------------------------------------------------
+
+    def replicas(self) -> list[Rep]:
+        """Current replicas (complete when READABLE, else being written)."""
+        if self.seg is None:
+            return []
+        ext = self.ext
+        if ext is None or not ext.more:
+            return [(self.seg, self.addr)]
+        return [(self.seg, self.addr), *ext.more]
+
+    def set_replicas(self, reps: list[Rep] | tuple[Rep, ...]) -> None:
+        if reps:
+            self.seg, self.addr = reps[0]
+        else:
+            self.seg, self.addr = None, 0
+        more = tuple(reps[1:])
+        if more or self.ext is not None:
+            self.extension().more = more
+            self.compact()
+
+    def pending(self) -> tuple[Rep, ...]:
+        ext = self.ext
+        return () if ext is None else ext.pending
+
+    def extension(self) -> ObjExt:
+        ext = self.ext
+        if ext is None:
+            ext = self.ext = ObjExt()
+        return ext
+
+    def compact(self) -> None:
+        """Drop the extension when nothing in it is needed any more."""
+        ext = self.ext
+        if ext is not None and ext.empty() and not self.flags & BUSY:
+            self.ext = None
+
+    def descs(self, status: ReplicaStatus | None = None) -> list[ReplicaDesc]:
+        st = status or (_COMPLETE if self.flags & READABLE else _PROCESSING)
+        size = self.size
+        return [
+            ReplicaDesc(seg.replica_id(addr), seg.name, addr, size, st, seg.id)
+            for seg, addr in self.replicas()
+        ]
+
+    def wire(self) -> list[list[object]]:
+        """Readable replicas as the master RPC sends them (``ReplicaDesc.to_wire``)."""
+        size = self.size
+        seg = self.seg
+        if seg is None:
+            return []
+        st = 3 if self.flags & READABLE else 2  # ReplicaStatus COMPLETE / PROCESSING
+        first = [seg.replica_id(self.addr), seg.name, self.addr, size, st, seg.id]
+        ext = self.ext
+        if ext is None or not ext.more:
+            return [first]
+        return [first] + [[s.replica_id(a), s.name, a, size, st, s.id] for s, a in ext.more]
+
+
+def reps_wire(reps: list[Rep] | tuple[Rep, ...], size: int, status: int) -> list[list[object]]:
+    """Replicas being written, in wire form."""
+    return [[s.replica_id(a), s.name, a, size, status, s.id] for s, a in reps]

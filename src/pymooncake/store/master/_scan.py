@@ -1,0 +1,187 @@
+"""Regular expressions over the master's keys, evaluated where they cannot hurt.
+
+Theory of operation
+-------------------
+Python's ``re`` backtracks: ``^(a+)+$`` against thirty ``a``\\ s and a ``b``
+runs for seconds, ``.*a.*b.*c`` against a 4 KiB key for longer, and ``re``
+holds the GIL throughout, so no thread of the master could serve meanwhile.
+:class:`RegexScanner` therefore evaluates patterns in a worker *process*
+(``_regex_worker.py``), a slice of keys at a time, with a deadline per slice:
+a pattern that exceeds it kills the worker (a new one starts on the next
+query) and the request fails with INVALID_PARAMS naming the pattern.  Any
+syntax ``re`` accepts works; costs are bounded by time, not by a subset.
+
+The event loop only copies one slice of keys at a time (see ``_index.py``) and
+awaits the worker's answer on a non-blocking pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import subprocess
+import sys
+from array import array
+from typing import Final
+
+from ...errors import InvalidParams
+
+__all__ = ["DEFAULT_REGEX_DEADLINE_S", "RegexScanner"]
+
+#: a slice of keys (a few thousand) must be matched within this many seconds;
+#: a plain pattern needs microseconds per key
+DEFAULT_REGEX_DEADLINE_S: Final = 2.0
+_U32 = struct.Struct("<I")
+_HEAD = struct.Struct("<BI")
+
+
+class RegexScanner:
+    """A worker process that matches patterns against lists of keys, driven from
+    the event loop (non-blocking pipes, no thread).
+
+    :meth:`start` spawns the worker (the service does so at start-up); a worker
+    killed for exceeding the deadline is replaced on the next query.
+    """
+
+    def __init__(self, deadline_s: float = DEFAULT_REGEX_DEADLINE_S) -> None:
+        self.deadline_s = deadline_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self.killed = 0
+
+    def start(self) -> None:
+        """Spawn the worker now (it then costs nothing until the first query)."""
+        self._worker()
+
+    def _worker(self) -> subprocess.Popen[bytes]:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            if proc is not None:
+                self._reap(proc)
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            proc = self._proc = subprocess.Popen(
+                [sys.executable, "-m", "pymooncake.store.master._regex_worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                close_fds=True,
+            )
+            assert proc.stdin is not None and proc.stdout is not None
+            os.set_blocking(proc.stdin.fileno(), False)
+            os.set_blocking(proc.stdout.fileno(), False)
+        return proc
+
+    @staticmethod
+    def _reap(proc: subprocess.Popen[bytes]) -> None:
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+    async def match(self, pattern: str, keys: list[str]) -> list[int]:
+        """Indices of ``keys`` that ``re.search(pattern, key)`` matches.
+
+        Raises:
+            InvalidParams: the pattern does not compile, or matching took longer
+                than the deadline (the worker is killed).
+        """
+        if not keys:
+            return []
+        request = b"".join(
+            (
+                _U32.pack(len(p := pattern.encode())),
+                p,
+                _U32.pack(len(b := "\0".join(keys).encode())),
+                b,
+            )
+        )
+        async with self._lock:
+            if self._closed:
+                raise InvalidParams("the master is shutting down")
+            proc = self._worker()
+            try:
+                status, payload = await asyncio.wait_for(
+                    self._exchange(proc, request), self.deadline_s
+                )
+            except asyncio.TimeoutError:
+                self._kill()
+                raise InvalidParams(
+                    f"regular expression {pattern!r} took more than {self.deadline_s:g} s on "
+                    f"{len(keys)} keys (catastrophic backtracking: nested or adjacent quantifiers "
+                    "such as (a+)+ or .*a.*b.*c); simplify it, e.g. anchor it with ^ and use "
+                    "a literal prefix"
+                ) from None
+            except OSError as exc:
+                self._kill()
+                raise InvalidParams(f"regex worker failed on {pattern!r}: {exc}") from exc
+        if status:
+            raise InvalidParams(payload.decode(errors="replace"))
+        hits = array("I")
+        hits.frombytes(payload)
+        if sys.byteorder != "little":
+            hits.byteswap()
+        return hits.tolist()
+
+    async def _exchange(self, proc: subprocess.Popen[bytes], request: bytes) -> tuple[int, bytes]:
+        assert proc.stdin is not None and proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        wfd, rfd = proc.stdin.fileno(), proc.stdout.fileno()
+        view = memoryview(request)
+        while view:
+            try:
+                view = view[os.write(wfd, view) :]
+            except BlockingIOError:
+                await _ready(loop, wfd, write=True)
+        head = await _read(loop, rfd, _HEAD.size)
+        status, n = _HEAD.unpack(head)
+        return status, await _read(loop, rfd, n if status else 4 * n)
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            self.killed += 1
+            self._reap(proc)
+
+    def close(self) -> None:
+        self._closed = True
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            self._reap(proc)
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+    add, remove = (
+        (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    )
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    add(fd, wake)
+    try:
+        await fut
+    finally:
+        remove(fd)
+
+
+async def _read(loop: asyncio.AbstractEventLoop, fd: int, n: int) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got < n:
+        try:
+            chunk = os.read(fd, n - got)
+        except BlockingIOError:
+            await _ready(loop, fd, write=False)
+            continue
+        if not chunk:
+            raise OSError("the regex worker exited")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)

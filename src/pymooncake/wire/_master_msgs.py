@@ -1,0 +1,843 @@
+"""Typed requests of the store master's RPC, validated once at the boundary.
+
+Theory of operation
+-------------------
+Each method has one frozen message type.  :func:`decode_request` turns the
+decoded JSON parameters of a frame into that type or raises
+:class:`~pymooncake.errors.InvalidParams` naming the field and the rule it
+broke; nothing past this module sees an unchecked value.  The rules:
+
+* strings are ``str``, encodable as UTF-8 (no lone surrogates: a name that cannot
+  be encoded again would break every reply that lists it), and bounded in
+  length; keys are non-empty, at most :data:`MAX_KEY_CHARS` characters and free
+  of NUL (the regex scanner separates keys with it);
+* integers are ``int`` (never ``bool`` or ``float``) within ``[0, 2**64)``;
+* lists are bounded (:data:`MAX_BATCH_KEYS`, :data:`MAX_SEGMENTS`) and parallel
+  lists have equal lengths;
+* regular expressions are at most :data:`MAX_REGEX_CHARS` long (their cost is
+  bounded by the master's scanner, not here).
+
+**Exactly once.**  Every mutating request carries the sender's ``client_id`` and a
+request id ``rid`` (positive, increasing per client; 0 = none) plus ``ack``: the
+lowest ``rid`` the client may still retry.  A retry after a lost reply re-sends
+the same ``rid`` and gets the first attempt's answer from the master's reply
+cache instead of being executed twice; ``ack`` lets the master forget answers
+nobody can ask for again.
+
+This module neither opens sockets nor touches master state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar, Final
+
+from ..errors import InvalidParams
+
+__all__ = [
+    "MAX_BATCH_KEYS",
+    "MAX_KEY_CHARS",
+    "MAX_REGEX_CHARS",
+    "MAX_SEGMENTS",
+    "REQUEST_TYPES",
+    "BatchExistKey",
+    "BatchGetReplicaList",
+    "BatchPutEnd",
+    "BatchPutRevoke",
+    "BatchPutStart",
+    "BatchRemove",
+    "BatchReplicaClear",
+    "BatchUpsertEnd",
+    "BatchUpsertRevoke",
+    "BatchUpsertStart",
+    "ExistKey",
+    "GetReplicaList",
+    "GetReplicaListByRegex",
+    "GetSummary",
+    "MasterMethod",
+    "MountSegment",
+    "Mutation",
+    "Ping",
+    "PutEnd",
+    "PutRevoke",
+    "PutStart",
+    "ReMountSegment",
+    "Remove",
+    "RemoveAll",
+    "RemoveByRegex",
+    "ReplicateParams",
+    "Request",
+    "SegmentParams",
+    "ServiceReady",
+    "UnmountSegment",
+    "UpsertEnd",
+    "UpsertRevoke",
+    "UpsertStart",
+    "check_surrogates",
+    "decode_request",
+]
+
+#: longest key (characters); KV-cache keys of vLLM/SGLang/LMCache are < 300
+MAX_KEY_CHARS: Final = 4096
+#: most keys in one batch request (a 64 MiB frame holds ~600k short keys)
+MAX_BATCH_KEYS: Final = 200_000
+#: longest regular expression accepted by the *ByRegex calls
+MAX_REGEX_CHARS: Final = 1024
+#: most segments in one ReMountSegment
+MAX_SEGMENTS: Final = 4096
+#: longest segment id / name / host id (transfer-engine names are host:port)
+MAX_NAME_CHARS: Final = 1024
+#: most replicas one object may ask for
+MAX_REPLICAS: Final = 64
+_U64: Final = 1 << 64
+
+
+class MasterMethod(str, Enum):
+    SERVICE_READY = "ServiceReady"
+    PING = "Ping"
+    MOUNT_SEGMENT = "MountSegment"
+    REMOUNT_SEGMENTS = "ReMountSegment"
+    UNMOUNT_SEGMENT = "UnmountSegment"
+    PUT_START = "PutStart"
+    PUT_END = "PutEnd"
+    PUT_REVOKE = "PutRevoke"
+    BATCH_PUT_START = "BatchPutStart"
+    BATCH_PUT_END = "BatchPutEnd"
+    BATCH_PUT_REVOKE = "BatchPutRevoke"
+    UPSERT_START = "UpsertStart"
+    UPSERT_END = "UpsertEnd"
+    UPSERT_REVOKE = "UpsertRevoke"
+    BATCH_UPSERT_START = "BatchUpsertStart"
+    BATCH_UPSERT_END = "BatchUpsertEnd"
+    BATCH_UPSERT_REVOKE = "BatchUpsertRevoke"
+    GET_REPLICA_LIST = "GetReplicaList"
+    BATCH_GET_REPLICA_LIST = "BatchGetReplicaList"
+    GET_REPLICA_LIST_BY_REGEX = "GetReplicaListByRegex"
+    EXIST_KEY = "ExistKey"
+    BATCH_EXIST_KEY = "BatchExistKey"
+    REMOVE = "Remove"
+    BATCH_REMOVE = "BatchRemove"
+    REMOVE_BY_REGEX = "RemoveByRegex"
+    REMOVE_ALL = "RemoveAll"
+    BATCH_REPLICA_CLEAR = "BatchReplicaClear"
+    GET_SUMMARY = "GetSummary"
+
+
+# ---------------------------------------------------------------------------------
+# field rules
+# ---------------------------------------------------------------------------------
+
+
+def _bad(what: str, rule: str, value: Any = None) -> InvalidParams:
+    shown = "" if value is None else f" (got {_show(value)})"
+    return InvalidParams(f"{what} {rule}{shown}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_surrogates(value: Any, what: str) -> None:
+    """Refuse strings that cannot be encoded as UTF-8 anywhere in ``value``."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                raise _bad(what, "holds a string with a lone surrogate", item) from None
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+
+
+def _field(p: dict[str, Any], name: str, default: Any = ...) -> Any:
+    if name in p:
+        return p[name]
+    if default is ...:
+        raise InvalidParams(f"parameter {name!r} is missing")
+    return default
+
+
+def _text(value: Any, what: str, max_chars: int = MAX_NAME_CHARS, *, empty: bool = True) -> str:
+    if type(value) is not str:
+        raise _bad(what, "must be a string", value)
+    if len(value) > max_chars:
+        raise _bad(what, f"is longer than {max_chars} characters", value)
+    if not empty and not value:
+        raise _bad(what, "must not be empty")
+    return value
+
+
+def _key(value: Any, what: str = "key") -> str:
+    if type(value) is not str:
+        raise _bad(what, "must be a string", value)
+    if not value:
+        raise InvalidParams(f"{what} must not be empty")
+    if len(value) > MAX_KEY_CHARS:
+        raise _bad(what, f"is longer than {MAX_KEY_CHARS} characters", value)
+    if "\0" in value:
+        raise _bad(what, "must not contain NUL characters", value)
+    return value
+
+
+def _keys(value: Any, what: str = "keys") -> tuple[str, ...]:
+    if type(value) is not list:
+        raise _bad(what, "must be a list of strings", value)
+    n = len(value)
+    if n > MAX_BATCH_KEYS:
+        raise _bad(what, f"holds {n} keys; at most {MAX_BATCH_KEYS} per request")
+    if not n:
+        return ()
+    # column-wise checks run in C; the per-key loop only runs to name the culprit
+    if not all(type(k) is str for k in value):
+        bad = next(k for k in value if type(k) is not str)
+        raise _bad(what, "must hold only strings", bad)
+    if min(map(len, value)) == 0:
+        raise InvalidParams(f"{what} holds an empty key")
+    if max(map(len, value)) > MAX_KEY_CHARS:
+        bad = next(k for k in value if len(k) > MAX_KEY_CHARS)
+        raise _bad(what, f"holds a key longer than {MAX_KEY_CHARS} characters", bad)
+    if "\0".join(value).count("\0") != n - 1:
+        bad = next(k for k in value if "\0" in k)
+        raise _bad(what, "holds a key with a NUL character", bad)
+    return tuple(value)
+
+
+def _u64(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value < _U64:
+        raise _bad(what, "must be an integer in [0, 2**64)", value)
+    return value
+
+
+def _sizes(value: Any, n: int) -> tuple[int, ...]:
+    if type(value) is not list or len(value) != n:
+        raise _bad("sizes", f"must be a list of {n} integers (one per key)", value)
+    if n and (not all(type(s) is int for s in value) or min(value) < 0 or max(value) >= _U64):
+        bad = next(s for s in value if type(s) is not int or not 0 <= s < _U64)
+        raise _bad("sizes", "must hold integers in [0, 2**64)", bad)
+    return tuple(value)
+
+
+def _bool(value: Any, what: str) -> bool:
+    if type(value) is not bool:
+        raise _bad(what, "must be true or false", value)
+    return value
+
+
+def _names(value: Any, what: str, limit: int = MAX_SEGMENTS) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if type(value) is not list or len(value) > limit:
+        raise _bad(what, f"must be a list of at most {limit} strings", value)
+    return tuple(_text(v, what) for v in value)
+
+
+# ---------------------------------------------------------------------------------
+# composite parameters
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicateParams:
+    """How a put places and pins its replicas (``ReplicateConfig`` on the wire)."""
+
+    replica_num: int = 1
+    soft_pin_action: int = 0  # SoftPinAction: 0 PRESERVE, 1 ENABLE, 2 DISABLE
+    soft_pin_ttl_ms: int | None = None
+    with_hard_pin: bool = False
+    preferred_segments: tuple[str, ...] = ()
+    excluded_segments: tuple[str, ...] = ()
+
+    @property
+    def pin_action(self) -> int:
+        return self.soft_pin_action
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "replica_num": self.replica_num,
+            "soft_pin_action": self.soft_pin_action,
+            "soft_pin_ttl_ms": self.soft_pin_ttl_ms,
+            "with_hard_pin": self.with_hard_pin,
+            "preferred_segments": list(self.preferred_segments),
+            "excluded_segments": list(self.excluded_segments),
+        }
+
+    @classmethod
+    def decode(cls, value: Any) -> ReplicateParams:
+        if value is None:
+            return _DEFAULT_REPLICATE
+        if type(value) is not dict:
+            raise _bad("config", "must be an object", value)
+        n = value.get("replica_num", 1)
+        if type(n) is not int or not 1 <= n <= MAX_REPLICAS:
+            raise _bad("config.replica_num", f"must be an integer in [1, {MAX_REPLICAS}]", n)
+        action = value.get("soft_pin_action", 0)
+        if type(action) is not int or action not in (0, 1, 2):
+            raise _bad("config.soft_pin_action", "must be 0, 1 or 2", action)
+        ttl = value.get("soft_pin_ttl_ms")
+        return cls(
+            replica_num=n,
+            soft_pin_action=action,
+            soft_pin_ttl_ms=None if ttl is None else _u64(ttl, "config.soft_pin_ttl_ms"),
+            with_hard_pin=_bool(value.get("with_hard_pin", False), "config.with_hard_pin"),
+            preferred_segments=_names(value.get("preferred_segments"), "config.preferred_segments"),
+            excluded_segments=_names(value.get("excluded_segments"), "config.excluded_segments"),
+        )
+
+
+_DEFAULT_REPLICATE: Final = ReplicateParams()
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentParams:
+    """A segment offered to the store: ``size`` bytes at ``base`` in engine segment ``name``."""
+
+    id: str
+    name: str
+    base: int
+    size: int
+    host_id: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "base": self.base,
+            "size": self.size,
+            "host_id": self.host_id,
+        }
+
+    @classmethod
+    def decode(cls, value: Any) -> SegmentParams:
+        if type(value) is not dict:
+            raise _bad("segment", "must be an object", value)
+        base = _u64(_field(value, "base"), "segment.base")
+        size = _u64(_field(value, "size"), "segment.size")
+        if base == 0 or size == 0:
+            raise _bad("segment", "needs a non-zero base and size", value)
+        return cls(
+            id=_text(_field(value, "id"), "segment.id", empty=False),
+            name=_text(_field(value, "name"), "segment.name", empty=False),
+            base=base,
+            size=size,
+            host_id=_text(value.get("host_id", ""), "segment.host_id"),
+        )
+
+
+# ---------------------------------------------------------------------------------
+# requests
+# ---------------------------------------------------------------------------------
+
+
+class Request:
+    """Base of every master request type."""
+
+    __slots__ = ()
+    METHOD: ClassVar[MasterMethod]
+
+    def params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Mutation(Request):
+    """A request that changes master state: carries ``client_id``, ``rid``, ``ack``."""
+
+    __slots__ = ()
+    client_id: str
+    rid: int
+    ack: int
+
+
+def _session(p: dict[str, Any], *, client_required: bool = True) -> tuple[str, int, int]:
+    client = p.get("client_id", None if client_required else "")
+    if client is None:
+        raise InvalidParams("parameter 'client_id' is missing")
+    return (
+        _text(client, "client_id", empty=not client_required),
+        _u64(p.get("rid", 0), "rid"),
+        _u64(p.get("ack", 0), "ack"),
+    )
+
+
+def _session_params(req: Mutation) -> dict[str, Any]:
+    out: dict[str, Any] = {"client_id": req.client_id}
+    if req.rid:
+        out["rid"] = req.rid
+        out["ack"] = req.ack
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceReady(Request):
+    METHOD: ClassVar = MasterMethod.SERVICE_READY
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> ServiceReady:
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class GetSummary(Request):
+    METHOD: ClassVar = MasterMethod.GET_SUMMARY
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> GetSummary:
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Request):
+    METHOD: ClassVar = MasterMethod.PING
+    client_id: str
+
+    def params(self) -> dict[str, Any]:
+        return {"client_id": self.client_id}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> Ping:
+        return cls(_text(_field(p, "client_id"), "client_id", empty=False))
+
+
+@dataclass(frozen=True, slots=True)
+class MountSegment(Mutation):
+    METHOD: ClassVar = MasterMethod.MOUNT_SEGMENT
+    client_id: str
+    segment: SegmentParams
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {**_session_params(self), "segment": self.segment.to_wire()}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> MountSegment:
+        client, rid, ack = _session(p)
+        return cls(client, SegmentParams.decode(_field(p, "segment")), rid, ack)
+
+
+@dataclass(frozen=True, slots=True)
+class ReMountSegment(Mutation):
+    METHOD: ClassVar = MasterMethod.REMOUNT_SEGMENTS
+    client_id: str
+    segments: tuple[SegmentParams, ...]
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {**_session_params(self), "segments": [s.to_wire() for s in self.segments]}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> ReMountSegment:
+        client, rid, ack = _session(p)
+        segs = _field(p, "segments")
+        if type(segs) is not list or len(segs) > MAX_SEGMENTS:
+            raise _bad("segments", f"must be a list of at most {MAX_SEGMENTS} segments", segs)
+        return cls(client, tuple(SegmentParams.decode(s) for s in segs), rid, ack)
+
+
+@dataclass(frozen=True, slots=True)
+class UnmountSegment(Mutation):
+    METHOD: ClassVar = MasterMethod.UNMOUNT_SEGMENT
+    client_id: str
+    segment_id: str
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {**_session_params(self), "segment_id": self.segment_id}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> UnmountSegment:
+        client, rid, ack = _session(p)
+        return cls(client, _text(_field(p, "segment_id"), "segment_id", empty=False), rid, ack)
+
+
+@dataclass(frozen=True, slots=True)
+class _Start(Mutation):
+    client_id: str
+    key: str
+    size: int
+    config: ReplicateParams = _DEFAULT_REPLICATE
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        out = _session_params(self)
+        out["key"] = self.key
+        out["size"] = self.size
+        if self.config is not _DEFAULT_REPLICATE:
+            out["config"] = self.config.to_wire()
+        return out
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> Any:
+        client, rid, ack = _session(p)
+        return cls(
+            client,
+            _key(_field(p, "key")),
+            _u64(_field(p, "size"), "size"),
+            ReplicateParams.decode(p.get("config")),
+            rid,
+            ack,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PutStart(_Start):
+    METHOD: ClassVar = MasterMethod.PUT_START
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertStart(_Start):
+    METHOD: ClassVar = MasterMethod.UPSERT_START
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchStart(Mutation):
+    client_id: str
+    keys: tuple[str, ...]
+    sizes: tuple[int, ...]
+    config: ReplicateParams = _DEFAULT_REPLICATE
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        out = _session_params(self)
+        out["keys"] = list(self.keys)
+        out["sizes"] = list(self.sizes)
+        if self.config is not _DEFAULT_REPLICATE:
+            out["config"] = self.config.to_wire()
+        return out
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> Any:
+        client, rid, ack = _session(p)
+        keys = _keys(_field(p, "keys"))
+        return cls(
+            client,
+            keys,
+            _sizes(_field(p, "sizes"), len(keys)),
+            ReplicateParams.decode(p.get("config")),
+            rid,
+            ack,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPutStart(_BatchStart):
+    METHOD: ClassVar = MasterMethod.BATCH_PUT_START
+
+
+@dataclass(frozen=True, slots=True)
+class BatchUpsertStart(_BatchStart):
+    METHOD: ClassVar = MasterMethod.BATCH_UPSERT_START
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyOp(Mutation):
+    client_id: str
+    key: str
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        out = _session_params(self)
+        out["key"] = self.key
+        return out
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> Any:
+        client, rid, ack = _session(p)
+        return cls(client, _key(_field(p, "key")), rid, ack)
+
+
+@dataclass(frozen=True, slots=True)
+class PutEnd(_KeyOp):
+    METHOD: ClassVar = MasterMethod.PUT_END
+
+
+@dataclass(frozen=True, slots=True)
+class PutRevoke(_KeyOp):
+    METHOD: ClassVar = MasterMethod.PUT_REVOKE
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertEnd(_KeyOp):
+    METHOD: ClassVar = MasterMethod.UPSERT_END
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertRevoke(_KeyOp):
+    METHOD: ClassVar = MasterMethod.UPSERT_REVOKE
+
+
+@dataclass(frozen=True, slots=True)
+class _KeysOp(Mutation):
+    client_id: str
+    keys: tuple[str, ...]
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        out = _session_params(self)
+        out["keys"] = list(self.keys)
+        return out
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> Any:
+        client, rid, ack = _session(p)
+        return cls(client, _keys(_field(p, "keys")), rid, ack)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPutEnd(_KeysOp):
+    METHOD: ClassVar = MasterMethod.BATCH_PUT_END
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPutRevoke(_KeysOp):
+    METHOD: ClassVar = MasterMethod.BATCH_PUT_REVOKE
+
+
+@dataclass(frozen=True, slots=True)
+class BatchUpsertEnd(_KeysOp):
+    METHOD: ClassVar = MasterMethod.BATCH_UPSERT_END
+
+
+@dataclass(frozen=True, slots=True)
+class BatchUpsertRevoke(_KeysOp):
+    METHOD: ClassVar = MasterMethod.BATCH_UPSERT_REVOKE
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyRead(Request):
+    key: str
+
+    def params(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> Any:
+        return cls(_key(_field(p, "key")))
+
+
+@dataclass(frozen=True, slots=True)
+class GetReplicaList(_KeyRead):
+    METHOD: ClassVar = MasterMethod.GET_REPLICA_LIST
+
+
+@dataclass(frozen=True, slots=True)
+class ExistKey(_KeyRead):
+    METHOD: ClassVar = MasterMethod.EXIST_KEY
+
+
+@dataclass(frozen=True, slots=True)
+class _KeysRead(Request):
+    keys: tuple[str, ...]
+
+    def params(self) -> dict[str, Any]:
+        return {"keys": list(self.keys)}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> Any:
+        return cls(_keys(_field(p, "keys")))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchGetReplicaList(_KeysRead):
+    METHOD: ClassVar = MasterMethod.BATCH_GET_REPLICA_LIST
+
+
+@dataclass(frozen=True, slots=True)
+class BatchExistKey(_KeysRead):
+    METHOD: ClassVar = MasterMethod.BATCH_EXIST_KEY
+
+
+@dataclass(frozen=True, slots=True)
+class GetReplicaListByRegex(Request):
+    METHOD: ClassVar = MasterMethod.GET_REPLICA_LIST_BY_REGEX
+    pattern: str
+
+    def params(self) -> dict[str, Any]:
+        return {"pattern": self.pattern}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> GetReplicaListByRegex:
+        return cls(_text(_field(p, "pattern"), "pattern", MAX_REGEX_CHARS))
+
+
+@dataclass(frozen=True, slots=True)
+class Remove(Mutation):
+    METHOD: ClassVar = MasterMethod.REMOVE
+    key: str
+    force: bool = False
+    client_id: str = ""
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {**_session_params(self), "key": self.key, "force": self.force}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> Remove:
+        client, rid, ack = _session(p, client_required=False)
+        return cls(_key(_field(p, "key")), _bool(p.get("force", False), "force"), client, rid, ack)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRemove(Mutation):
+    METHOD: ClassVar = MasterMethod.BATCH_REMOVE
+    keys: tuple[str, ...]
+    force: bool = False
+    client_id: str = ""
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {**_session_params(self), "keys": list(self.keys), "force": self.force}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> BatchRemove:
+        client, rid, ack = _session(p, client_required=False)
+        return cls(
+            _keys(_field(p, "keys")), _bool(p.get("force", False), "force"), client, rid, ack
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveByRegex(Mutation):
+    METHOD: ClassVar = MasterMethod.REMOVE_BY_REGEX
+    pattern: str
+    force: bool = False
+    client_id: str = ""
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {**_session_params(self), "pattern": self.pattern, "force": self.force}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> RemoveByRegex:
+        client, rid, ack = _session(p, client_required=False)
+        return cls(
+            _text(_field(p, "pattern"), "pattern", MAX_REGEX_CHARS),
+            _bool(p.get("force", False), "force"),
+            client,
+            rid,
+            ack,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveAll(Mutation):
+    METHOD: ClassVar = MasterMethod.REMOVE_ALL
+    force: bool = False
+    client_id: str = ""
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {**_session_params(self), "force": self.force}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> RemoveAll:
+        client, rid, ack = _session(p, client_required=False)
+        return cls(_bool(p.get("force", False), "force"), client, rid, ack)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReplicaClear(Mutation):
+    """Drop this client's expired objects (or only their replicas in ``segment_name``)."""
+
+    METHOD: ClassVar = MasterMethod.BATCH_REPLICA_CLEAR
+    client_id: str
+    keys: tuple[str, ...]
+    segment_name: str = ""
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {
+            **_session_params(self),
+            "keys": list(self.keys),
+            "segment_name": self.segment_name,
+        }
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> BatchReplicaClear:
+        client, rid, ack = _session(p)
+        return cls(
+            client,
+            _keys(_field(p, "keys")),
+            _text(p.get("segment_name", ""), "segment_name"),
+            rid,
+            ack,
+        )
+
+
+_ALL: tuple[Any, ...] = (
+    ServiceReady,
+    GetSummary,
+    Ping,
+    MountSegment,
+    ReMountSegment,
+    UnmountSegment,
+    PutStart,
+    UpsertStart,
+    BatchPutStart,
+    BatchUpsertStart,
+    PutEnd,
+    PutRevoke,
+    UpsertEnd,
+    UpsertRevoke,
+    BatchPutEnd,
+    BatchPutRevoke,
+    BatchUpsertEnd,
+    BatchUpsertRevoke,
+    GetReplicaList,
+    ExistKey,
+    BatchGetReplicaList,
+    BatchExistKey,
+    GetReplicaListByRegex,
+    Remove,
+    BatchRemove,
+    RemoveByRegex,
+    RemoveAll,
+    BatchReplicaClear,
+)
+
+#: method -> its request type's decoder (an explicit table, one entry per method)
+REQUEST_TYPES: Final[dict[MasterMethod, Callable[[dict[str, Any]], Request]]] = {
+    cls.METHOD: cls.decode for cls in _ALL
+}
+assert len(REQUEST_TYPES) == len(MasterMethod), "every method needs a request type"
+
+
+def decode_request(method: MasterMethod, params: Any, *, escapes: bool = True) -> Request:
+    """Validate ``params`` of ``method`` into its request type.
+
+    Args:
+        escapes: the frame's JSON held ``\\u`` escapes of surrogates (only then can a
+            decoded string hold a lone surrogate; the check is skipped otherwise).
+
+    Raises:
+        InvalidParams: a field is missing, of the wrong type, or out of bounds.
+    """
+    if type(params) is not dict:
+        raise InvalidParams(f"parameters of {method.value} must be an object")
+    if escapes:
+        check_surrogates(params, f"parameters of {method.value}")
+    return REQUEST_TYPES[method](params)
