@@ -31,12 +31,12 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ..._logging import RepeatLimiter
 from ..._net import bind_listener, connect_tcp, join_host_port, set_io_timeout
-from ...errors import MooncakeError, PeerRejected, PeerSocketError, TransferTimeout
+from ...errors import DeviceError, MooncakeError, PeerRejected, PeerSocketError, TransferTimeout
 from ...wire import (
     HEADER,
     OPCODE_WRITE,
@@ -46,6 +46,7 @@ from ...wire import (
     STATUS_OK,
     V2_FLAG,
 )
+from .._memory import Region
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
 from ._sockio import PeerClosed, SocketReader, sendmsg_all
 
@@ -184,6 +185,10 @@ class _Server:
                         # mistake later writes on this connection for delivered ones.
                         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                     return
+                if region.backend is not None:
+                    self._serve_device(conn, reader, region, raddr, size, is_write, v2, out, flush)
+                    served += 1
+                    continue
                 view = region.slice(raddr, size)
                 if is_write:
                     reader.readinto(view)
@@ -205,6 +210,8 @@ class _Server:
         except OSError as exc:
             if not self._closed and exc.errno not in (errno.EBADF, errno.ENOTCONN):
                 log.debug("data connection from %s ended: %s", addr, exc)
+        except DeviceError as exc:
+            log.warning("device memory copy for %s failed: %s; closing the connection", addr, exc)
         finally:
             self.requests_served += served
             with self._lock:
@@ -214,6 +221,33 @@ class _Server:
                 conn.close()
             except OSError:
                 pass
+
+    def _serve_device(
+        self,
+        conn: socket.socket,
+        reader: SocketReader,
+        region: Region,
+        raddr: int,
+        size: int,
+        is_write: bool,
+        v2: int,
+        out: list[bytes | bytearray | memoryview],
+        flush: Callable[[], None],
+    ) -> None:
+        """One request on device memory: staged through pinned buffers (device/_staging.py)."""
+        devices = self._ctx.devices
+        assert devices is not None and region.backend is not None
+        if is_write:
+            devices.receive(region.backend, region.device, raddr, size, reader.readinto)
+            if v2:
+                out.append(_OK_BYTES)
+        else:
+            if v2:
+                out.append(_OK_BYTES)
+            flush()
+            devices.send(
+                region.backend, region.device, raddr, size, lambda v: sendmsg_all(conn, [v])
+            )
 
     def close(self) -> None:
         with self._lock:
