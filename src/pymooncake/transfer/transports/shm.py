@@ -21,10 +21,20 @@ boot id) opens ``/proc/<pid>/fd/<fd>``, maps the page and checks the token
   when the kernel refuses (ptrace restrictions) those requests go over TCP,
   and one log line says why.
 
+Device (GPU) memory: the owner lists each registered device buffer with the
+IPC handle of the allocation holding it (a second table of the page).  A
+peer opens the handle once (``cuIpcOpenMemHandle``) and moves bytes with one
+device copy: device to device (NVLink/PCIe peer copy), or between its host
+memory and the owner's device memory.  Our device memory to the owner's host
+memory goes straight into the owner's memfd mapping.  What cannot go this way
+(no IPC handle for that memory, devices without peer access, a peer buffer
+reachable only by ``process_vm_*``) goes over TCP, staged through pinned
+buffers on each side.
+
 Mappings are cached per peer and dropped when the owner unregisters the
-buffer (its fd leaves the page) or the process exits (a ``pidfd`` becomes
-readable); a peer that died during a transfer fails it instead of reporting
-success for bytes nobody will ever read.
+buffer (its fd or handle leaves the page) or the process exits (a ``pidfd``
+becomes readable); a peer that died during a transfer fails it instead of
+reporting success for bytes nobody will ever read.
 """
 
 from __future__ import annotations
@@ -40,26 +50,33 @@ import secrets
 import select
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..._logging import RepeatLimiter
-from ...errors import PeerRejected, PeerSocketError
+from ...errors import DeviceError, PeerRejected, PeerSocketError
 from ...wire import U64_MAX
 from .._memory import Region, buffer_address
+from ..device._interface import DeviceBackend, IpcHandle
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
 
 __all__ = ["RegistryPage", "ShmTransport", "host_identity"]
 
 log = logging.getLogger("pymooncake.transport.shm")
 
-_MAGIC: Final = 0x31304D4853434D50  # "PMCSHM01"
+_MAGIC: Final = 0x32304D4853434D50  # "PMCSHM02" (02: the device table)
 _HEADER: Final = struct.Struct("<QQII16s")  # magic, seq, count, overflow, token
-_ENTRY: Final = struct.Struct("<QQiI")  # addr, length, fd, flags
+_ENTRY: Final = struct.Struct("<QQiI")  # addr, length, fd (device: table index), flags
+#: device entry: IPC handle, its allocation's base and size (owner's addresses), device
+_DEV_ENTRY: Final = struct.Struct("<64sQQi4x")
+_FLAG_VALID: Final = 1
+_FLAG_DEVICE: Final = 2
 #: entries the page can list; beyond that peers fall back to TCP
 _CAPACITY: Final = 16384
-_PAGE_BYTES: Final = _HEADER.size + _CAPACITY * _ENTRY.size
+_DEV_CAPACITY: Final = 4096
+_DEV_TABLE: Final = _HEADER.size + _CAPACITY * _ENTRY.size
+_PAGE_BYTES: Final = _DEV_TABLE + _DEV_CAPACITY * _DEV_ENTRY.size
 _FIELD: Final = "pymooncake_shm"
 
 
@@ -90,15 +107,33 @@ class RegistryPage:
         self._lock = threading.Lock()
         _HEADER.pack_into(self._mm, 0, _MAGIC, 0, 0, 0, self._token)
 
-    def publish(self, regions: Sequence[Region]) -> None:
+    def publish(
+        self, regions: Sequence[Region], handles: Mapping[int, IpcHandle | None] | None = None
+    ) -> None:
+        """List ``regions``; device regions with their IPC handle from ``handles``
+        (by region address; None or missing: peers use TCP for that buffer)."""
         shared = [r for r in regions if r.remote_accessible]
+        handles = handles or {}
         with self._lock:
             mm = self._mm
             self._seq += 1  # odd: writing
             struct.pack_into("<Q", mm, 8, self._seq)
             overflow = len(shared) > _CAPACITY
+            devices = 0
             for i, r in enumerate(shared[:_CAPACITY]):
-                _ENTRY.pack_into(mm, _HEADER.size + i * _ENTRY.size, r.addr, r.length, r.fd, 1)
+                fd, flags = r.fd, _FLAG_VALID
+                if r.device >= 0:
+                    flags |= _FLAG_DEVICE
+                    h = handles.get(r.addr)
+                    fd = -1
+                    if h is not None and devices < _DEV_CAPACITY:
+                        fd = devices
+                        _DEV_ENTRY.pack_into(
+                            mm, _DEV_TABLE + devices * _DEV_ENTRY.size, h.handle, h.base, h.size,
+                            h.device,
+                        )  # fmt: skip
+                        devices += 1
+                _ENTRY.pack_into(mm, _HEADER.size + i * _ENTRY.size, r.addr, r.length, fd, flags)
             self._seq += 1  # even: stable
             _HEADER.pack_into(
                 mm, 0, _MAGIC, self._seq, min(len(shared), _CAPACITY), int(overflow), self._token
@@ -114,6 +149,12 @@ class _Entry:
     addr: int
     length: int
     fd: int
+    #: device memory: the owner's device ordinal (-1: host memory)
+    device: int = -1
+    #: device memory: IPC handle of its allocation (b"": none, use TCP) and the
+    #: allocation's base in the owner's address space
+    handle: bytes = b""
+    base: int = 0
 
     @property
     def end(self) -> int:
@@ -150,13 +191,21 @@ class _PeerPage:
             if seq & 1:
                 continue
             raw = self._mm[_HEADER.size : _HEADER.size + count * _ENTRY.size]
+            entries = []
+            for a, n, f, flags in _ENTRY.iter_unpack(raw):
+                if not flags & _FLAG_DEVICE:
+                    entries.append(_Entry(a, n, f))
+                elif f < 0:
+                    entries.append(_Entry(a, n, -1, device=0))
+                else:
+                    handle, base, _, dev = _DEV_ENTRY.unpack_from(
+                        self._mm, _DEV_TABLE + f * _DEV_ENTRY.size
+                    )
+                    entries.append(_Entry(a, n, -1, dev, handle, base))
             if struct.unpack_from("<Q", self._mm, 8)[0] != seq:
                 continue
             # sorted by address (regions never overlap): find() bisects
-            self.entries = sorted(
-                (_Entry(a, n, f) for a, n, f, _ in _ENTRY.iter_unpack(raw)),
-                key=lambda e: e.addr,
-            )
+            self.entries = sorted(entries, key=lambda e: e.addr)
             self._starts = [e.addr for e in self.entries]
             self.overflow = bool(overflow)
             self._seq = seq
@@ -265,6 +314,10 @@ class _PeerState:
     users: int = 0
     closing: bool = False
     stale: list[tuple[int, int]] = field(default_factory=list)  # (address, length)
+    #: the owner's device allocations opened here: IPC handle -> (backend, base)
+    ipc: dict[bytes, tuple[DeviceBackend, int]] = field(default_factory=dict)
+    ipc_failed: set[bytes] = field(default_factory=set)
+    ipc_stale: list[tuple[DeviceBackend, int]] = field(default_factory=list)
 
     def alive(self) -> bool:
         if self.pidfd < 0:
@@ -274,9 +327,10 @@ class _PeerState:
 
 
 class ShmTransport(Transport):
-    """Same-host transport (memfd mappings + process_vm_*), TCP as fallback."""
+    """Same-host transport (memfd mappings + process_vm_*, CUDA IPC), TCP as fallback."""
 
     name = "shm"
+    handles_device = True
 
     def __init__(self, ctx: TransportContext) -> None:
         self._ctx = ctx
@@ -292,6 +346,9 @@ class ShmTransport(Transport):
         self.slices_mapped = 0
         self.slices_pvm = 0
         self.slices_fallback = 0
+        self.slices_device = 0  # device memory on either side, one device copy each
+        #: IPC handles of our registered device regions (None: not exportable)
+        self._exported: dict[Region, IpcHandle | None] = {}
 
     def set_fallback(self, transport: Transport) -> None:
         self._fallback = transport
@@ -307,8 +364,31 @@ class ShmTransport(Transport):
             log.info("same-host transport disabled: cannot create a memfd (%s); using TCP", exc)
 
     def registry_changed(self) -> None:
-        if self._page is not None:
-            self._page.publish(self._ctx.registry.regions())
+        if self._page is None:
+            return
+        regions = self._ctx.registry.regions()
+        exported: dict[Region, IpcHandle | None] = {}
+        for r in regions:
+            if r.device < 0 or r.backend is None or not r.remote_accessible:
+                continue
+            if r in self._exported:
+                exported[r] = self._exported[r]
+                continue
+            try:
+                exported[r] = r.backend.ipc_export(r.addr)
+            except DeviceError as exc:
+                exported[r] = None
+                self._notes(
+                    f"export:{r.addr:#x}",
+                    logging.INFO,
+                    "device buffer %#x (%s) has no IPC handle (%s); same-host peers reach it "
+                    "over TCP staging",
+                    r.addr,
+                    r.location,
+                    exc,
+                )
+        self._exported = exported
+        self._page.publish(regions, {r.addr: h for r, h in exported.items()})
 
     def descriptor_fields(self) -> dict[str, Any]:
         if self._page is None:
@@ -400,12 +480,24 @@ class ShmTransport(Transport):
         for addr, length in state.stale:
             _libc.munmap(addr, length)
         state.stale.clear()
+        for backend, base in state.ipc_stale:
+            ShmTransport._ipc_close(backend, base)
+        state.ipc_stale.clear()
+
+    @staticmethod
+    def _ipc_close(backend: DeviceBackend, base: int) -> None:
+        try:
+            backend.ipc_close(base)
+        except DeviceError as exc:  # pragma: no cover - driver torn down first
+            log.debug("closing a peer's IPC mapping failed: %s", exc)
 
     @staticmethod
     def _unmap_all(state: _PeerState) -> None:
         for (_, length), addr in state.maps.items():
             _libc.munmap(addr, length)
         state.maps.clear()
+        state.ipc_stale.extend(state.ipc.values())
+        state.ipc.clear()
         ShmTransport._unmap_stale(state)
         state.page.close()
         if state.pidfd >= 0:
@@ -446,6 +538,71 @@ class ShmTransport(Transport):
                 os.close(fd)
             state.maps[key] = addr
             return addr
+
+    def _ipc_mapping(
+        self, state: _PeerState, entry: _Entry, backend: DeviceBackend, peer: Peer
+    ) -> int | None:
+        """Where the owner's device allocation holding ``entry`` is mapped here (its
+        base), or None when its IPC handle cannot be opened (then: TCP)."""
+        with state.lock:
+            got = state.ipc.get(entry.handle)
+            if got is not None:
+                return got[1]
+            if entry.handle in state.ipc_failed:
+                return None
+            live = {e.handle for e in state.page.entries if e.handle}
+            for gone in [h for h in state.ipc if h not in live]:  # owner unregistered them
+                state.ipc_stale.append(state.ipc.pop(gone))
+            try:
+                base = backend.ipc_open(entry.handle, entry.device)
+            except DeviceError as exc:
+                state.ipc_failed.add(entry.handle)
+                self._notes(
+                    f"ipc:{state.pid}:{entry.base:#x}",
+                    logging.WARNING,
+                    "cannot open the CUDA IPC handle of segment %r's device buffer %#x (%s); "
+                    "staging it over TCP instead (devices without peer access, or another "
+                    "container)",
+                    peer.name,
+                    entry.addr,
+                    exc,
+                )
+                return None
+            state.ipc[entry.handle] = (backend, base)
+            return base
+
+    def _device_copy(self, state: _PeerState, peer: Peer, s: Slice, entry: _Entry) -> bool:
+        """One slice with device memory on either side, as one device copy; False
+        when this path cannot serve it (the caller sends it over TCP).
+
+        Raises:
+            DeviceError / OSError: the copy failed.
+        """
+        local_dev = s.device
+        if entry.device >= 0:
+            backend = local_dev.backend if local_dev is not None else None
+            if backend is None:
+                devices = self._ctx.devices
+                backend = devices.active() if devices is not None else None
+            if not entry.handle or backend is None:
+                return False
+            base = self._ipc_mapping(state, entry, backend, peer)
+            if base is None:
+                return False
+            remote = base + (s.remote_addr - entry.base)
+        else:  # our device memory, the owner's host memory
+            assert local_dev is not None
+            backend = local_dev.backend
+            if entry.fd < 0:
+                return False  # reachable only by process_vm_*: staged over TCP
+            remote = self._mapping(state, entry) + (s.remote_addr - entry.addr)
+        local = local_dev.addr if local_dev is not None else buffer_address(s.local)
+        if s.is_write:
+            backend.copy(remote, local, s.length)
+        else:
+            backend.copy(local, remote, s.length)
+        self.slices_device += 1
+        return True
 
     # --- transfers -------------------------------------------------------------------
 
@@ -494,6 +651,18 @@ class ShmTransport(Transport):
                         ),
                     )
                 )
+                continue
+            if entry.device >= 0 or s.device is not None:
+                try:
+                    if not self._device_copy(state, peer, s, entry):
+                        fallback.append(s)
+                        continue
+                except (DeviceError, OSError) as exc:
+                    finished.append(
+                        (s, PeerSocketError(f"same-host device copy with {peer.name!r}: {exc}"))
+                    )
+                    continue
+                finished.append((s, None))
                 continue
             local = buffer_address(s.local)
             try:
@@ -550,7 +719,15 @@ class ShmTransport(Transport):
                 on_done(s, err)
             return
         self.slices_fallback += len(slices)
-        self._fallback.execute(peer, slices, deadline, on_done)
+        devices = self._ctx.devices
+        if (
+            not self._fallback.handles_device
+            and devices is not None
+            and any(s.device is not None for s in slices)
+        ):
+            devices.stage(self._fallback.execute, peer, slices, deadline, on_done)
+        else:
+            self._fallback.execute(peer, slices, deadline, on_done)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -558,6 +735,7 @@ class ShmTransport(Transport):
             "slices_mapped": self.slices_mapped,
             "slices_pvm": self.slices_pvm,
             "slices_fallback": self.slices_fallback,
+            "slices_device": self.slices_device,
         }
 
     def close(self) -> None:
