@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from ..errors import (
     TransferFailed,
 )
 from ..transfer import TransferEngine, TransferRequest
+from ..transfer.device import DeviceSpan
 from ..wire import MasterMethod
 from ._buffers import LocalBuffer
 from ._master_client import MasterClient
@@ -29,11 +30,14 @@ from ._types import ReplicaDesc
 if TYPE_CHECKING:
     from ._client import StoreClientConfig
 
-__all__ = ["ClientIO", "ObjectLocation", "Parts"]
+__all__ = ["ClientIO", "ObjectLocation", "Part", "Parts"]
 
 log = logging.getLogger("pymooncake.store")
 M = MasterMethod
-Parts = list[memoryview]
+#: one piece of an object's bytes in caller memory: host bytes, or device (GPU)
+#: memory, which only the engine touches (it stages or IPC-copies it)
+Part = memoryview | DeviceSpan
+Parts = Sequence[Part]
 
 
 @dataclass(frozen=True)
@@ -151,10 +155,18 @@ class ClientIO:
                     )
             addr += n
 
+    def _source_part(self, buffer: Any, size: int | None) -> Part:
+        """Caller memory to store from (an address or a buffer; host or device).
+
+        The hook for ``put_from``/``put_many`` parts: device memory stays where it
+        is and the engine moves it (``engine.local_view`` would copy it to host
+        memory first)."""
+        return self.engine.local_span(buffer, size, writable=False)
+
     def _copy_own(
         self,
         idx: int,
-        view: memoryview,
+        view: Part,
         addr: int,
         write: bool,
         errors: list[BaseException | None],
