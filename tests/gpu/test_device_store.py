@@ -55,7 +55,7 @@ def test_registered_device_buffers_and_batches(
 ) -> None:
     """vLLM's store connector: register the device KV cache once, then batch
     reads into (and writes from) pieces of it."""
-    owner, client = owner_and_client
+    _, client = owner_and_client
     block, count = 64 * 1024, 8
     cache = mem.alloc(block * count, 0)
     client.engine.register(cache, block * count)
