@@ -1,8 +1,13 @@
-"""Fixtures of the device-memory tests: each test runs on the fake device and,
-when present, on a real CUDA device (same test, real implementation).
+"""Fixtures of the device-memory tests.  Each test runs three times:
 
-The real variant skips with the reason when cuda-python or a GPU is missing;
-``PYMOONCAKE_GPU_ONLY=1`` (scripts/gpu-check.sh) deselects the fake variant.
+* ``fake`` -- the fake device (``pymooncake.transfer.device.fake``);
+* ``cuda-emulated`` -- the real CUDA backend (``device/cuda.py``) driving an
+  emulation of cuda-python's driver module over the fake device
+  (``cuda_emulator.py``), so the backend's driver calls run on CPU-only CI;
+* ``cuda`` -- the CUDA backend on a real GPU; skipped, with the reason, when
+  cuda-python or a GPU is missing.
+
+``PYMOONCAKE_GPU_ONLY=1`` (scripts/gpu-check.sh) keeps only the real variant.
 CUDA starts driver threads and opens device files lazily, so the real variant
 runs without the per-test leak check.
 """
@@ -26,17 +31,33 @@ import pytest
 
 from pymooncake import EngineConfig, TransferEngine
 from pymooncake.errors import DeviceUnavailable
-from pymooncake.transfer.device import DeviceBackend, get_backend
+from pymooncake.transfer.device import DeviceBackend, _select, get_backend
 
 LOCAL = "127.0.0.1"
 PEER_SCRIPT = Path(__file__).with_name("device_peer.py")
 
 _KINDS = [
     pytest.param("fake", id="fake"),
+    pytest.param("cuda-emulated", id="cuda-emulated"),
     pytest.param("cuda", id="cuda", marks=pytest.mark.allow_leaks),
 ]
 if os.environ.get("PYMOONCAKE_GPU_ONLY") == "1":
-    _KINDS = _KINDS[1:]
+    _KINDS = _KINDS[2:]
+#: tells device_peer.py (and child snippets) to build the emulated CUDA backend
+EMULATOR_ENV = "PYMOONCAKE_TEST_CUDA_EMULATOR"
+
+
+def device_mode(kind: str) -> str:
+    """The engine's ``device_backend`` for a test kind."""
+    return "fake" if kind == "fake" else "cuda"
+
+
+def emulated_cuda() -> DeviceBackend:
+    from pymooncake.transfer.device.cuda import CudaDevice
+
+    from .cuda_emulator import EmulatedDriver
+
+    return CudaDevice(EmulatedDriver(get_backend("fake")))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session", params=_KINDS)
@@ -52,7 +73,17 @@ def device_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def backend(device_kind: str) -> DeviceBackend:
-    return get_backend(device_kind)
+    return emulated_cuda() if device_kind == "cuda-emulated" else get_backend(device_kind)
+
+
+@pytest.fixture
+def selected(device_kind: str, backend: DeviceBackend, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Engines of this test that ask for CUDA get ``backend`` (the emulated one
+    in the cuda-emulated variant); returns the engine mode."""
+    if device_kind == "cuda-emulated":
+        monkeypatch.setitem(_select._instances, "cuda", backend)
+        monkeypatch.setenv(EMULATOR_ENV, "1")
+    return device_mode(device_kind)
 
 
 def host_addr(buf: bytearray) -> int:
@@ -101,7 +132,7 @@ def mem(backend: DeviceBackend) -> Iterator[DeviceMem]:
 
 
 @pytest.fixture
-def gpu_config(device_kind: str) -> EngineConfig:
+def gpu_config(selected: str) -> EngineConfig:
     """Loopback engine settings with the device backend under test; small staging
     chunks so that modest buffers already cross many chunks."""
     return EngineConfig(
@@ -111,7 +142,7 @@ def gpu_config(device_kind: str) -> EngineConfig:
         connect_timeout_s=2.0,
         rpc_io_timeout_s=5.0,
         async_workers=4,
-        device_backend=device_kind,
+        device_backend=selected,
         staging_chunk_bytes=256 * 1024,
     )
 
@@ -179,7 +210,8 @@ class DevicePeer:
 def spawn_device_peer(kind: str, same_host: bool) -> DevicePeer:
     env = {
         **os.environ,
-        "PYMOONCAKE_DEVICE": kind,
+        "PYMOONCAKE_DEVICE": device_mode(kind),
+        EMULATOR_ENV: "1" if kind == "cuda-emulated" else "0",
         "PYMOONCAKE_SAME_HOST": "1" if same_host else "0",
         "PYMOONCAKE_STAGING_CHUNK_BYTES": str(256 * 1024),
     }
@@ -203,7 +235,7 @@ def spawn_device_peer(kind: str, same_host: bool) -> DevicePeer:
 
 
 @pytest.fixture
-def peer_factory(device_kind: str) -> Iterator[Callable[[bool], DevicePeer]]:
+def peer_factory(device_kind: str, selected: str) -> Iterator[Callable[[bool], DevicePeer]]:
     peers: list[DevicePeer] = []
 
     def make(same_host: bool) -> DevicePeer:

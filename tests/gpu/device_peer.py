@@ -35,6 +35,14 @@ def main() -> int:
     from pymooncake.transfer.device import get_backend
 
     config = EngineConfig.from_env().replace(tcp_bind_address="127.0.0.1")
+    if os.environ.get("PYMOONCAKE_TEST_CUDA_EMULATOR") == "1":
+        # the CUDA backend over an emulated driver (tests/gpu/cuda_emulator.py)
+        from cuda_emulator import EmulatedDriver
+
+        from pymooncake.transfer.device import _select
+        from pymooncake.transfer.device.cuda import CudaDevice
+
+        _select._instances["cuda"] = CudaDevice(EmulatedDriver(get_backend("fake")))  # type: ignore[arg-type]
     engine = TransferEngine("127.0.0.1", "P2PHANDSHAKE", config=config)
     backend = get_backend(config.device_backend)
     last = backend.device_count() - 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,11 +89,18 @@ def test_ipc_open_in_another_process(
     data = pattern(4, n)
     dev = mem.alloc(n, 0, data)
     h = backend.ipc_export(dev)
+    make = (
+        "from cuda_emulator import EmulatedDriver\n"
+        "from pymooncake.transfer.device.cuda import CudaDevice\n"
+        "b = CudaDevice(EmulatedDriver(get_backend('fake')))\n"
+        if device_kind == "cuda-emulated"
+        else f"b = get_backend({device_kind!r})\n"
+    )
     child = (
         "import sys, hashlib, ctypes\n"
         "from pymooncake.transfer.device import get_backend\n"
-        f"b = get_backend({device_kind!r})\n"
-        "h = bytes.fromhex(sys.argv[1]); n = int(sys.argv[2])\n"
+        + make
+        + "h = bytes.fromhex(sys.argv[1]); n = int(sys.argv[2])\n"
         "base = b.ipc_open(h, 0)\n"
         "assert b.ipc_open(h, 0) == base  # opened once, counted twice\n"
         "buf = bytearray(n)\n"
@@ -108,6 +116,7 @@ def test_ipc_open_in_another_process(
         text=True,
         timeout=120,
         check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
     )
     import hashlib
 
@@ -194,3 +203,24 @@ def test_fake_async_copies_refuse_pageable_memory() -> None:
             fake.stream(7)
     finally:
         fake.free(dev)
+
+
+def test_cuda_backend_leaves_the_callers_context_alone(
+    device_kind: str, backend: DeviceBackend, mem: DeviceMem
+) -> None:
+    """An application thread keeps its current CUDA context across our calls
+    (vLLM's workers are bound to their device)."""
+    if device_kind != "cuda-emulated":
+        pytest.skip("the emulated driver exposes the context stack")
+    driver = backend._d  # type: ignore[attr-defined]
+    assert driver.context_depth() == 0
+    dev = mem.alloc(4096, 1)
+    backend.copy(dev, mem.alloc(4096, 0), 4096)
+    backend.pointer_device(dev)
+    stream, event = backend.stream(1), backend.event(1)
+    stream.record(event)
+    event.wait()
+    stream.close()
+    event.close()
+    assert driver.context_depth() == 0
+    assert "CudaDevice" in type(backend).__name__ and "Emulated GPU" in backend.describe()

@@ -78,10 +78,10 @@ def test_registered_device_buffers_and_batches(
 
 
 def test_compat_store_with_device_pointers(
-    cluster: LocalCluster, mem: DeviceMem, device_kind: str, monkeypatch: pytest.MonkeyPatch
+    cluster: LocalCluster, mem: DeviceMem, selected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MC_TCP_BIND_ADDRESS", LOCAL)
-    monkeypatch.setenv("PYMOONCAKE_DEVICE", device_kind)
+    monkeypatch.setenv("PYMOONCAKE_DEVICE", selected)
     store = MooncakeDistributedStore()
     rc = store.setup(
         LOCAL, cluster.metadata_url, 16 * MiB, 16 * MiB, "tcp", "", cluster.master_address
