@@ -48,8 +48,10 @@ def test_register_device_memory_and_publish_its_location(
         b.register(d0 + 4096, 4096)
     with pytest.raises(ValueError):  # device bytes have no host view: loud, not a crash
         r0.slice(d0, 16)
+    spare = mem.alloc(8192, 0)
+    base, size = backend.allocation_range(spare)
     with pytest.raises(InvalidArgument, match="past the end"):
-        b.register(dn + (1 << 20) - 8, 4096)
+        b.register(base + size - 8, 4096)
 
     desc = a.segment(b.segment_name, refresh=True).desc
     by_addr = {buf.addr: buf for buf in desc.buffers}
