@@ -26,7 +26,6 @@ Usage: ``python bench/gpu_bench.py [--size 256M] [--repeat 3] [--device auto|cud
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     HOST,
     MiB,
     log,
@@ -48,9 +47,9 @@ from _common import (  # noqa: E402
     size_label,
 )
 
-from pymooncake import EngineConfig, TransferEngine  # noqa: E402
-from pymooncake.errors import DeviceUnavailable  # noqa: E402
-from pymooncake.transfer.device import DeviceBackend, get_backend  # noqa: E402
+from pymooncake import EngineConfig, TransferEngine
+from pymooncake.errors import DeviceUnavailable
+from pymooncake.transfer.device import DeviceBackend, get_backend
 
 #: anchor limits, GB/s (one NVIDIA H200; shared/reference/anchor-bench.md)
 ANCHOR_PINNED = 55.3
