@@ -297,7 +297,7 @@ def main() -> int:
                 f"{r['gbps']:.2f}",
                 frac(r["gbps"], r["anchor_gbps"]),
                 frac(r["gbps"], r["raw_gbps"]),
-            ]  # fmt: skip
+            ]
             for r in rows
         ],
     )
