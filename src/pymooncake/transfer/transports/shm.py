@@ -128,10 +128,8 @@ class RegistryPage:
                     fd = -1
                     if h is not None and devices < _DEV_CAPACITY:
                         fd = devices
-                        _DEV_ENTRY.pack_into(
-                            mm, _DEV_TABLE + devices * _DEV_ENTRY.size, h.handle, h.base, h.size,
-                            h.device,
-                        )  # fmt: skip
+                        at = _DEV_TABLE + devices * _DEV_ENTRY.size
+                        _DEV_ENTRY.pack_into(mm, at, h.handle, h.base, h.size, h.device)
                         devices += 1
                 _ENTRY.pack_into(mm, _HEADER.size + i * _ENTRY.size, r.addr, r.length, fd, flags)
             self._seq += 1  # even: stable
