@@ -131,6 +131,9 @@ class TransferEngine(MemoryOps):
         self._published = False
         self._local_peer: Peer | None = None
         self._devices = DeviceContext(cfg.device_backend, cfg.staging_chunk_bytes)
+        #: set once a request with device memory was planned: until then no group
+        #: needs to be searched for device slices
+        self._device_slices = False
 
         if isinstance(metadata_server, MetadataStore):
             store: MetadataStore | None = metadata_server
@@ -423,6 +426,7 @@ class TransferEngine(MemoryOps):
             span = self.local_span(req.local, req.length, writable=not is_write)
             lengths.append(len(span))
             if isinstance(span, DeviceSpan):
+                self._device_slices = True
                 group[2].append(Slice(base + i, is_write, DEVICE_VIEW, req.remote_addr, span))
             else:
                 group[2].append(Slice(base + i, is_write, span, req.remote_addr))
@@ -438,7 +442,11 @@ class TransferEngine(MemoryOps):
     ) -> None:
         """``transport.execute``, with device slices staged through pinned host
         memory when the transport moves host bytes only (TCP)."""
-        if not transport.handles_device and any(s.device is not None for s in slices):
+        if (
+            self._device_slices
+            and not transport.handles_device
+            and any(s.device is not None for s in slices)
+        ):
             self._devices.stage(transport.execute, peer, slices, deadline, done)
         else:
             transport.execute(peer, slices, deadline, done)
