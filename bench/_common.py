@@ -754,5 +754,27 @@ def publish(name: str, data: dict[str, Any], text: str) -> None:
 
 
 def log(msg: str, stream: TextIO | None = None) -> None:
-    """Progress line on stderr (the tables go to stdout)."""
+    """A timestamped line on stderr, always (problems, interruptions; the tables go to stdout)."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=stream or sys.stderr, flush=True)
+
+
+def progress_wanted(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
+    """Progress lines go to terminals only, as pymooncake's commands do
+    (pymooncake.cli._progress; re-stated here because the bench scripts must run
+    without pymooncake): PYMOONCAKE_PROGRESS=1 forces them, =0 silences them."""
+    forced = (os.environ if env is None else env).get("PYMOONCAKE_PROGRESS", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress(msg: str, stream: TextIO | None = None) -> None:
+    """A progress line (a case measured, a run started): on a terminal a timestamped
+    line on stderr; nothing when stderr is a pipe or a file (CI logs keep the tables
+    and the problems only)."""
+    stream = stream or sys.stderr
+    if progress_wanted(stream):
+        log(msg, stream)

@@ -703,7 +703,7 @@ def run_store(
             "remove_now", a.lease_ms / 1000 + 40, prefix=wp, n=count, timeout=a.lease_ms / 1000 + 30
         )
         res["warmup"] = {"put": wput, "get": wget, "remove": rm, "wall_s": time.monotonic() - t0}
-        C.log(
+        C.progress(
             f"  store {variant}: warm-up {count} x 32 MiB: put {wput['gbps']:.2f} GB/s, "
             f"get {wget['gbps']:.2f} GB/s ({wget['path']}), removal leftover {rm['leftover']}"
         )
@@ -736,7 +736,7 @@ def run_store(
                 bad = (" FAILED CALLS" if g["fails"] else "") + (
                     "" if g["verified"] else " VERIFY MISMATCH"
                 )
-                C.log(
+                C.progress(
                     f"  store {variant} {api:14} {C.size_label(size):>7} x{n}: "
                     f"{g['gbps']:.3f} GB/s ({g['path']}){bad}"
                 )
@@ -806,7 +806,7 @@ def driver_main(a: argparse.Namespace) -> int:
         "store": [],
     }
     n_te = len(a.ops) * len(a.blocks)
-    C.log(
+    C.progress(
         f"{a.runs} run(s); parts {','.join(a.parts)}; variants {','.join(a.impls)}; "
         f"TE {n_te} cases x {a.duration:g} s per worker; store sizes "
         f"{','.join(C.size_label(s) for s in a.sizes)}"
@@ -834,13 +834,13 @@ def driver_main(a: argparse.Namespace) -> int:
                     if "error" in res:
                         C.log(f"memcpy run {r + 1} failed: {res['error']}")
                     else:
-                        C.log(
+                        C.progress(
                             f"run {r + 1}/{a.runs} memcpy 256 MiB: numpy.copyto "
                             f"{res['numpy_avg']:.2f} GB/s, ctypes.memmove {res['memmove_avg']:.2f} GB/s"
                         )
                 if "te" in a.parts:
                     for v, mode in te_combos(a, order):
-                        C.log(f"run {r + 1}/{a.runs} TE {LABEL[v]}, {MODE_LABEL[mode]}")
+                        C.progress(f"run {r + 1}/{a.runs} TE {LABEL[v]}, {MODE_LABEL[mode]}")
                         res = run_child_role(
                             v,
                             pythons[v],
@@ -861,14 +861,14 @@ def driver_main(a: argparse.Namespace) -> int:
                         if "error" in res:
                             C.log(f"TE {v} {mode} run {r + 1} failed: {res['error']}")
                         for c in res.get("cases", []):
-                            C.log(
+                            (C.log if c.get("error") else C.progress)(
                                 f"  {v} {mode} {c['op']:5} {C.size_label(c['block']):>7}: "
                                 f"{c.get('gbps', 0):.3f} GB/s ({c.get('path', '?')}) "
                                 f"{c.get('error', '')}"
                             )
                 if "store" in a.parts:
                     for v in order:
-                        C.log(f"run {r + 1}/{a.runs} store {LABEL[v]}")
+                        C.progress(f"run {r + 1}/{a.runs} store {LABEL[v]}")
                         try:
                             data["store"].append(run_store(v, r, pythons[v], a, tmp))
                         except RuntimeError as exc:  # the master did not start

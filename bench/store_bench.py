@@ -433,7 +433,7 @@ def run_impl(impl: str, run: int, python: str, a: argparse.Namespace, tmp: Path)
             size=WARM_OBJ,
             prefix=f"{tag}-w",
         )
-        C.log(
+        C.progress(
             f"  {impl}: setup A {res['setup_A']['setup_s']:.2f} s, B {res['setup_B']['setup_s']:.2f} s; "
             f"warm-up {count} x 32 MiB put_from {res['warmup']['gbps']:.2f} GB/s"
         )
@@ -485,7 +485,7 @@ def run_impl(impl: str, run: int, python: str, a: argparse.Namespace, tmp: Path)
                     bad = (" FAILED CALLS" if put["fails"] or get["fails"] else "") + (
                         "" if get["verified"] else " VERIFY MISMATCH"
                     )
-                    C.log(
+                    C.progress(
                         f"  {impl} {scen} {api:5} {C.size_label(size):>7} x{n}: put "
                         f"{put['gbps']:.3f} get {get['gbps']:.3f} GB/s{bad}"
                     )
@@ -504,7 +504,7 @@ def run_impl(impl: str, run: int, python: str, a: argparse.Namespace, tmp: Path)
             for op, w, p in plan:
                 r = w.call("lat", lat_timeout, op=op, size=size, n=n, prefix=p)
                 res["latency"].append({"scenario": scen, "op": op, "keys": n, **r})
-                C.log(
+                C.progress(
                     f"  {impl} {scen} {op:8}: p50 {r['p50_us']:.0f} us p99 {r['p99_us']:.0f} us "
                     f"{r['ops_s']:.0f} ops/s" + (f" [{r['fails']} failed]" if r["fails"] else "")
                 )
@@ -741,7 +741,7 @@ def driver_main(a: argparse.Namespace) -> int:
             raise RuntimeError(f"{exc}\n(run with --impl py to measure pymooncake alone)") from exc
         check_impl(impl, pythons[impl])
     n_keys = sum(keys_for(s, a.max_keys, a.case_bytes, a.min_keys) for s in a.sizes)
-    C.log(
+    C.progress(
         f"store_bench: {len(a.scenarios)} scenario(s) x {len(a.apis)} api(s) x "
         f"{len(a.sizes)} size(s) ({n_keys} keys per api) + latency ({a.lat_keys} x 4 ops), "
         f"{a.runs} run(s) x {', '.join(a.impls)}; segment {a.segment_gib:g} GiB"
@@ -782,12 +782,12 @@ def driver_main(a: argparse.Namespace) -> int:
                 # ABBA: ref, py | py, ref | ... so neither always runs first
                 order = a.impls if r % 2 == 0 else list(reversed(a.impls))
                 for impl in order:
-                    C.log(f"run {r + 1}/{a.runs}: {impl} ({pythons[impl]})")
+                    C.progress(f"run {r + 1}/{a.runs}: {impl} ({pythons[impl]})")
                     t0 = time.monotonic()
                     res = run_impl(impl, r, pythons[impl], a, tmp)
                     res["wall_s"] = time.monotonic() - t0
                     data["runs"].append(res)
-                    C.log(f"run {r + 1}/{a.runs}: {impl} done in {res['wall_s']:.0f} s")
+                    C.progress(f"run {r + 1}/{a.runs}: {impl} done in {res['wall_s']:.0f} s")
     except KeyboardInterrupt:
         C.log("interrupted; writing what was measured")
         data["interrupted"] = True

@@ -244,7 +244,7 @@ def ensure_target(target: Target, warmup_s: int) -> None:
             target, "write", 16 * C.MiB, 2, warmup_s, f"warmup-{target.impl}-{target.starts}"
         )
         if "error" not in res:
-            C.log(f"{target.impl} target {target.segment} warmed up ({res['gbps']:.2f} GB/s)")
+            C.progress(f"{target.impl} target {target.segment} warmed up ({res['gbps']:.2f} GB/s)")
             return
         C.log(f"{target.impl} warm-up attempt {attempt + 1} failed: {res['error']}")
         time.sleep(1)
@@ -397,7 +397,7 @@ def main(argv: list[str]) -> int:
     ]
     per_run = a.duration + 1.5
     est = len(cases) * a.runs * len(a.impls) * per_run + a.runs * 3 + 15 * len(a.impls)
-    C.log(
+    C.progress(
         f"{len(cases)} cases x {a.runs} run(s) x {len(a.impls)} impl(s) x {a.duration} s; "
         f"estimated {est / 60:.1f} min"
     )
@@ -446,7 +446,7 @@ def main(argv: list[str]) -> int:
                 for _ in range(sock_at.count(ci)):
                     res = socket_pair_run(tmp, len(sock_runs), sock_total)
                     sock_runs.append(res)
-                    C.log(f"socket pair: {res.get('gbps', 0):.2f} GB/s {res.get('error', '')}")
+                    C.progress(f"socket pair: {res.get('gbps', 0):.2f} GB/s {res.get('error', '')}")
                 for r in range(a.runs):
                     for impl in a.impls:
                         ensure_target(targets[impl], a.warmup)
@@ -460,7 +460,7 @@ def main(argv: list[str]) -> int:
                             tag,
                         )
                         case["runs"].setdefault(impl, []).append(res)
-                        C.log(
+                        (C.log if "error" in res else C.progress)(
                             f"{impl:3} {case['op']:5} {C.size_label(case['block']):>7} "
                             f"x{case['batch']:<3} t{case['threads']} run {r + 1}/{a.runs}: "
                             + (res["error"] if "error" in res else f"{res['gbps']:.3f} GB/s")

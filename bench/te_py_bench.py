@@ -279,7 +279,7 @@ def case_key(c: dict[str, Any]) -> tuple[str, str, int, int]:
 def driver_main(a: argparse.Namespace) -> int:
     n_cases = len(a.ops) * len(a.modes) * len(a.blocks) * len(a.threads)
     est = a.runs * len(a.impls) * (n_cases * (a.duration + 0.3) + 8)
-    C.log(
+    C.progress(
         f"{n_cases} cases x {a.runs} run(s) x {len(a.impls)} impl(s) x {a.duration:g} s; "
         f"estimated {est / 60:.1f} min"
     )
@@ -325,7 +325,7 @@ def driver_main(a: argparse.Namespace) -> int:
             for r in range(a.runs):
                 for impl in a.impls:
                     out = tmp / f"{impl}-{r}.json"
-                    C.log(f"run {r + 1}/{a.runs}: {impl} ({pythons[impl]})")
+                    C.progress(f"run {r + 1}/{a.runs}: {impl} ({pythons[impl]})")
                     child = C.Child(
                         [
                             pythons[impl],
@@ -350,7 +350,7 @@ def driver_main(a: argparse.Namespace) -> int:
                     res = json.loads(out.read_text())
                     for line in child.output()[1].splitlines():
                         if line.startswith("  "):
-                            C.log(f"{impl}{line}")
+                            C.progress(f"{impl}{line}")
                     if "error" in res:
                         C.log(f"{impl} worker error: {res['error']}\n{err_tail}")
                     info = {k: v for k, v in res.items() if k != "cases"}

@@ -13,8 +13,18 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from pymooncake import EngineConfig, TransferEngine
+
+# Property tests: modest in the default run; HYPOTHESIS_PROFILE=long for a deep one.
+settings.register_profile(
+    "default", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "long", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 LOCAL = "127.0.0.1"
 

@@ -139,16 +139,28 @@ def test_handler_exception_is_500_and_logged(caplog: pytest.LogCaptureFixture) -
     assert "handler failed on GET /boom" in caplog.text
 
 
-def test_idle_connections_time_out() -> None:
-    limits = HttpLimits(keepalive_timeout_s=0.2)
-    with (
-        ThreadedHttpServer(echo, limits=limits) as server,
-        socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock,
-    ):
-        started = time.monotonic()
-        sock.sendall(b"GET / HTT")  # a stalled, partial request
-        assert sock.recv(100) == b""
-        assert time.monotonic() - started < 3
+def _read_all(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while chunk := sock.recv(65536):
+        data += chunk
+    return bytes(data)
+
+
+def test_stalled_request_gets_408_and_idle_keepalive_closes() -> None:
+    limits = HttpLimits(keepalive_timeout_s=0.2, header_timeout_s=0.3)
+    with ThreadedHttpServer(echo, limits=limits) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(b"GET / HTT")  # a stalled, partial request
+            assert _read_all(sock).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+            assert time.monotonic() - started < 3
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /a HTTP/1.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+            started = time.monotonic()
+            assert sock.recv(100) == b""  # idle after a complete request: closed quietly
+            assert time.monotonic() - started < 3
+        assert server.server.timed_out == 1
 
 
 def test_http_1_0_closes_after_the_response() -> None:
@@ -200,3 +212,118 @@ def test_an_unusable_response_becomes_500(caplog: pytest.LogCaptureFixture) -> N
     assert status == 500
     assert "unusable response" in body
     assert "contains CR or LF" in caplog.text
+
+
+# --- authentication, limits ------------------------------------------------------------
+
+TOKEN = "httpd-test-token-0123456789abcdef"
+
+
+def test_auth_protects_everything_but_open_paths() -> None:
+    from pymooncake._authio import ClusterSecurity, HttpAuth, http_request
+    from pymooncake.errors import AuthenticationError
+    from pymooncake.wire._auth import ClusterKey
+
+    sec = ClusterSecurity(token=TOKEN)
+    auth = HttpAuth(ClusterKey(TOKEN), b"test-svc", open_paths=("/health",))
+    with ThreadedHttpServer(echo, auth=auth, name="guarded") as server:
+        assert get(server.port, "/health")[0] == 200
+        status, body = get(server.port, "/secret?x=1")
+        assert status == 401 and "PYMOONCAKE_CLUSTER_TOKEN" in body
+        assert http_request(
+            "GET", server.url + "/secret?x=1", security=sec, context=b"test-svc"
+        ) == (
+            200,
+            b"GET /secret [('x', '1')] b''",
+        )
+        # the signature covers the context: a proof for another service is refused
+        with pytest.raises(AuthenticationError, match="refused"):
+            http_request("GET", server.url + "/secret", security=sec, context=b"other")
+        # a replayed request is refused
+        from pymooncake.wire._auth import sign_request
+
+        signed = sign_request(ClusterKey(TOKEN), b"test-svc", "GET", "/secret", now=time.time())
+        statuses = []
+        for _ in range(2):
+            c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            try:
+                c.request("GET", "/secret", headers={"Authorization": signed.authorization})
+                resp = c.getresponse()
+                resp.read()
+                statuses.append(resp.status)
+            finally:
+                c.close()
+        assert statuses == [200, 401]
+        assert auth.refused >= 3
+
+
+def test_master_admin_listing_needs_the_token_with_a_one_line_change() -> None:
+    """The master's admin HTTP lists every key and segment; with HttpAuth (the one-line
+    change in store/master/_service.py) only /metrics, /metrics/summary and /health stay
+    open."""
+    from pymooncake._authio import ClusterSecurity, HttpAuth, http_request
+    from pymooncake.store.master._admin import AdminHttp
+    from pymooncake.store.master._service import MasterService
+
+    svc = MasterService(metrics_port=None)
+    admin = AdminHttp(svc)
+    open_paths = ("/metrics", "/metrics/summary", "/health")
+    sec = ClusterSecurity(token=TOKEN)
+    # open default: anyone lists the keys
+    with ThreadedHttpServer(admin.handle, name="master admin HTTP") as server:
+        assert get(server.port, "/get_all_keys")[0] == 200
+    with ThreadedHttpServer(
+        admin.handle,
+        name="master admin HTTP",
+        auth=HttpAuth(sec.key, b"master-admin", open_paths=open_paths, name="master admin"),
+    ) as server:
+        assert get(server.port, "/get_all_keys")[0] == 401
+        assert get(server.port, "/get_all_segments")[0] == 401
+        assert get(server.port, "/health")[0] == 200
+        assert get(server.port, "/metrics")[0] == 200
+        assert (
+            http_request(
+                "GET", server.url + "/get_all_keys", security=sec, context=b"master-admin"
+            )[0]
+            == 200
+        )
+
+
+def test_connection_cap_and_body_budget_on_the_generic_server() -> None:
+    limits = HttpLimits(max_connections=2, max_buffered_bytes=1000)
+    with ThreadedHttpServer(echo, limits=limits) as server:
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
+        try:
+            time.sleep(0.1)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as extra:
+                extra.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                assert _read_all(extra).startswith(b"HTTP/1.1 503 ")
+            assert server.server.refused_connections == 1
+        finally:
+            for s in held:
+                s.close()
+        time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as big:
+            big.sendall(b"POST / HTTP/1.1\r\nContent-Length: 2000\r\n\r\n")
+            assert _read_all(big).startswith(b"HTTP/1.1 503 ")
+        assert server.server.refused_busy == 1 and server.server.buffered_bytes == 0
+
+
+def test_a_client_that_never_reads_its_response_is_dropped() -> None:
+    big = b"x" * (8 << 20)
+
+    async def large(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, big)
+
+    with ThreadedHttpServer(large, limits=HttpLimits(body_timeout_s=0.3)) as server:
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while server.server.timed_out == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.server.timed_out == 1
+            assert server.server.connections == 0
+        finally:
+            s.close()

@@ -4,8 +4,9 @@ and SGLang's ``batch_get_session_*`` / ``batch_get_into_multi_buffer_ranges``)."
 from __future__ import annotations
 
 import logging
+import time
 
-from pymooncake.errors import MooncakeError
+from pymooncake.errors import LeaseExpired, MooncakeError
 from pymooncake.store import ErrorCode, StoreClient
 from pymooncake.store._client import ObjectLocation
 
@@ -32,81 +33,95 @@ class RangeReads:
         all_src_offsets: list[list[list[int]]],
         all_sizes: list[list[list[int]]],
     ) -> list[list[list[int]]]:
-        """Read byte ranges of several objects into several registered buffers."""
+        """Read byte ranges of several objects into several registered buffers.
+
+        Results mirror the request: ``[buffer][key][fragment]`` = bytes read or
+        a negative code.  A key whose offset/size lists differ, a fragment
+        outside its buffer (``buffer_ptrs[i]`` must be inside registered
+        memory) or outside its object fails with INVALID_PARAMS on its own; a
+        missing key fails only its own fragments.
+        """
+        out = _error_rows(
+            len(buffer_ptrs), all_keys, all_dst_offsets, int(ErrorCode.INVALID_PARAMS)
+        )
         n = len(buffer_ptrs)
         if not n == len(all_keys) == len(all_dst_offsets) == len(all_src_offsets) == len(all_sizes):
             log.error("get_into_ranges: the per-buffer lists differ in length")
-            return [[[int(ErrorCode.INVALID_PARAMS)] for _ in keys] for keys in all_keys]
+            return out
         try:
             client = self._c()
         except MooncakeError as exc:
-            return [[[store_code(exc)] for _ in keys] for keys in all_keys]
-        out: list[list[list[int]]] = []
-        flat_keys: list[str] = []
-        flat_ranges: list[list[tuple[memoryview, int]]] = []
-        slots: list[tuple[int, int]] = []
+            log.error("get_into_ranges failed: %s", exc)
+            return _error_rows(n, all_keys, all_dst_offsets, store_code(exc))
+        # (buffer, key, fragment) -> destination view, for the fragments that fit
+        plans: dict[str, list[tuple[int, int, int, memoryview, int]]] = {}
         for b, ptr in enumerate(buffer_ptrs):
-            row: list[list[int]] = []
-            region = client.engine.registry.find(ptr, 1)
-            limit = region.end - ptr if region is not None else None
-            for k, key in enumerate(all_keys[b]):
-                dst, src, sizes = all_dst_offsets[b][k], all_src_offsets[b][k], all_sizes[b][k]
-                if not len(dst) == len(src) == len(sizes):
-                    row.append([int(ErrorCode.INVALID_PARAMS)])
+            region = client.engine.registry.find(ptr, 1) if ptr else None
+            room = region.end - ptr if region is not None else 0
+            keys = all_keys[b]
+            dsts, srcs, sizes = all_dst_offsets[b], all_src_offsets[b], all_sizes[b]
+            if room <= 0 or not len(keys) == len(dsts) == len(srcs) == len(sizes):
+                continue
+            for k, key in enumerate(keys):
+                dst, src, size = dsts[k], srcs[k], sizes[k]
+                if not len(dst) == len(src) == len(size):
                     continue
-                if not sizes:
-                    row.append([])
-                    continue
-                if limit is None:
-                    row.append([int(ErrorCode.INVALID_PARAMS)] * len(sizes))
-                    continue
-                ranges = []
-                bad = False
-                for d, s_, z in zip(dst, src, sizes, strict=True):
-                    if d < 0 or z < 0 or d + z > limit:
-                        bad = True
-                        break
-                    ranges.append((client.engine.local_view(ptr + d, z, writable=True), s_))
-                if bad:
-                    row.append([int(ErrorCode.INVALID_PARAMS)] * len(sizes))
-                    continue
-                row.append([0] * len(sizes))
-                slots.append((b, k))
-                flat_keys.append(key)
-                flat_ranges.append(ranges)
-            out.append(row)
-        if flat_keys:
-            try:
-                locs = client.locate(flat_keys)
-            except MooncakeError as exc:
-                for b, k in slots:
-                    out[b][k] = [store_code(exc)] * len(out[b][k])
-                return out
-            ok = [i for i, loc in enumerate(locs) if isinstance(loc, ObjectLocation)]
-            for i, loc in enumerate(locs):
-                if not isinstance(loc, ObjectLocation):
-                    b, k = slots[i]
-                    out[b][k] = [store_code(loc)] * len(out[b][k])
-            results = client.read_ranges([locs[i] for i in ok], [flat_ranges[i] for i in ok])  # type: ignore[misc]
-            for i, res in zip(ok, results, strict=True):
-                b, k = slots[i]
-                out[b][k] = store_codes(res, "get_into_ranges")
+                for f, (d, s_, z) in enumerate(zip(dst, src, size, strict=True)):
+                    if d < 0 or s_ < 0 or z < 0 or d > room or z > room - d:
+                        continue  # stays INVALID_PARAMS
+                    view = (
+                        client.engine.local_view(ptr + d, z, writable=True)
+                        if z
+                        else memoryview(bytearray(0))
+                    )
+                    plans.setdefault(key, []).append((b, k, f, view, s_))
+        if not plans:
+            return out
+        keys = list(plans)
+        try:
+            locs = client.locate(keys)
+        except MooncakeError as exc:
+            for frags in plans.values():
+                for b, k, f, _v, _s in frags:
+                    out[b][k][f] = store_code(exc)
+            return out
+        found: list[ObjectLocation] = []
+        ranges: list[list[tuple[memoryview, int]]] = []
+        placed: list[list[tuple[int, int, int]]] = []
+        for key, loc in zip(keys, locs, strict=True):
+            if not isinstance(loc, ObjectLocation):
+                for b, k, f, _v, _s in plans[key]:
+                    out[b][k][f] = store_code(loc)
+                continue
+            found.append(loc)
+            ranges.append([(v, s_) for _b, _k, _f, v, s_ in plans[key]])
+            placed.append([(b, k, f) for b, k, f, _v, _s in plans[key]])
+        for where, res in zip(placed, client.read_ranges(found, ranges), strict=True):
+            for (b, k, f), code in zip(where, store_codes(res, "get_into_ranges"), strict=True):
+                out[b][k][f] = code
         return out
 
     # --- sessions (SGLang direct linker) -------------------------------------------------
 
     def batch_get_session_start(self, keys: list[str]) -> list[int]:
+        if not keys:
+            return []
         try:
             locs = self._c().locate(keys)
         except MooncakeError as exc:
             return [store_code(exc)] * len(keys)
         out = []
         for key, loc in zip(keys, locs, strict=True):
-            if isinstance(loc, ObjectLocation):
+            if isinstance(loc, ObjectLocation) and loc.replicas:
                 self._sessions[key] = loc
                 out.append(0)  # reference: 0 per started key
             else:
-                out.append(store_code(loc))
+                self._sessions.pop(key, None)
+                out.append(
+                    store_code(loc)
+                    if not isinstance(loc, ObjectLocation)
+                    else int(ErrorCode.INVALID_REPLICA)
+                )
         return out
 
     def batch_get_into_multi_buffer_ranges(
@@ -133,6 +148,10 @@ class RangeReads:
                     key,
                 )
                 continue
+            if time.monotonic() >= loc.lease_deadline:
+                self._sessions.pop(key, None)
+                out[i] = int(ErrorCode.LEASE_EXPIRED)
+                continue
             try:
                 frags = [
                     (client.engine.local_view(p, n, writable=True), s)
@@ -148,6 +167,8 @@ class RangeReads:
             idx.append(i)
         for i, res in zip(idx, client.read_ranges(locs, ranges), strict=True):
             bad = [r for r in res if isinstance(r, BaseException)]
+            if bad and isinstance(bad[0], LeaseExpired):
+                self._sessions.pop(keys[i], None)  # the session is over: start a new one
             out[i] = store_code(bad[0]) if bad else sum(r for r in res if isinstance(r, int))
         return out
 
@@ -155,3 +176,16 @@ class RangeReads:
         for key in keys:
             self._sessions.pop(key, None)
         return 0
+
+
+def _error_rows(
+    buffers: int, all_keys: list[list[str]], all_dst_offsets: list[list[list[int]]], code: int
+) -> list[list[list[int]]]:
+    """Results shaped like the request, every fragment failed with ``code``
+    (``build_ranged_read_results_like``: one fragment per destination offset)."""
+    out = []
+    for i in range(buffers):
+        keys = all_keys[i] if i < len(all_keys) else [""]
+        dsts = all_dst_offsets[i] if i < len(all_dst_offsets) else []
+        out.append([[code] * (len(dsts[j]) if j < len(dsts) else 1) for j in range(len(keys))])
+    return out

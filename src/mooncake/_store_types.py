@@ -8,14 +8,10 @@ import mmap
 import os
 import threading
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pymooncake.store import ReplicaDesc, ReplicaStatus, SoftPinAction
 from pymooncake.store import ReplicateConfig as _NativeConfig
-from pymooncake.store._buffers import Lease, LeasePool
-
-if TYPE_CHECKING:
-    from .store import MooncakeDistributedStore
 
 __all__ = [
     "ACTIVATION",
@@ -34,14 +30,11 @@ __all__ = [
     "UNDEFINED",
     "UNKNOWN",
     "WEIGHT",
-    "BufferLease",
-    "BufferPool",
     "Descriptor",
+    "DiskDescriptor",
     "MemoryDescriptor",
     "MooncakeHostMemAllocator",
     "ObjectDataType",
-    "RegisteredBufferLease",
-    "RegisteredBufferPool",
     "ReplicaDescriptor",
     "ReplicateConfig",
 ]
@@ -163,14 +156,28 @@ class ReplicateConfig:
 class Descriptor:
     """A memory buffer of a replica: ``size``, ``buffer_address``, ``transport_endpoint``."""
 
-    def __init__(self, size: int, buffer_address: int, transport_endpoint: str) -> None:
+    def __init__(
+        self, size: int = 0, buffer_address: int = 0, transport_endpoint: str = ""
+    ) -> None:
         self.size = size
         self.buffer_address = buffer_address
         self.transport_endpoint = transport_endpoint
         self.protocol = "tcp"
 
     def __repr__(self) -> str:
-        return f"Descriptor(size={self.size}, buffer_address={self.buffer_address:#x}, transport_endpoint={self.transport_endpoint!r})"
+        return (
+            f"<Descriptor size={self.size} buffer_address={self.buffer_address} "
+            f"transport_endpoint={self.transport_endpoint}>"
+        )
+
+
+class DiskDescriptor:
+    """A replica in a file (``file_path``, ``object_size``); pymooncake keeps
+    every replica in memory, so descriptors of this type are never returned."""
+
+    def __init__(self, file_path: str = "", object_size: int = 0) -> None:
+        self.file_path = file_path
+        self.object_size = object_size
 
 
 class MemoryDescriptor:
@@ -197,8 +204,9 @@ class ReplicaDescriptor:
     def get_memory_descriptor(self) -> MemoryDescriptor:
         return self._mem
 
-    def get_disk_descriptor(self) -> None:
-        raise RuntimeError("not a disk replica")
+    def get_disk_descriptor(self) -> DiskDescriptor:
+        """Raises RuntimeError, as the reference does for a memory replica."""
+        raise RuntimeError("std::get: wrong index for variant (not a disk replica)")
 
     def __repr__(self) -> str:
         d = self._mem.buffer_descriptor
@@ -244,51 +252,3 @@ class MooncakeHostMemAllocator:
         except BufferError:
             pass
         return 0
-
-
-# --------------------------------------------------------------------------------
-# buffer pool (leases from a store's local buffer)
-# --------------------------------------------------------------------------------
-
-BufferLease = Lease
-
-
-class BufferPool:
-    """Registered scratch buffers leased from a store's local buffer (reference
-    ``mooncake.store.BufferPool``).  ``acquire``/``buffer`` return a lease with
-    ``ptr``, ``size``, ``buffer`` (writable memoryview) and ``release()``."""
-
-    def __init__(
-        self,
-        store: MooncakeDistributedStore,
-        max_bytes: int = 0,
-        min_size_class: int = 65536,
-        max_size_class: int | None = None,
-        alignment: int = 8 << 20,
-        block_on_exhaustion: bool = True,
-        default_timeout: float | None = None,
-        max_regions: int | None = None,
-        prewarm_size: int | None = None,
-        prewarm_count: int = 0,
-    ) -> None:
-        client = store._client
-        if client is None:
-            raise RuntimeError("BufferPool needs a store that is set up (call setup() first)")
-        self._pool = LeasePool(
-            client.local, max_bytes=max_bytes, block=block_on_exhaustion, timeout_s=default_timeout
-        )
-
-    def acquire(self, size: int, block: bool | None = None, timeout: float | None = None) -> Lease:
-        return self._pool.acquire(size, block, timeout)
-
-    buffer = acquire
-
-    def prewarm(self, size: int, count: int) -> None:
-        """Nothing to do: the local buffer is registered up front."""
-
-    def close(self) -> None:
-        self._pool.close()
-
-
-RegisteredBufferPool = BufferPool
-RegisteredBufferLease = Lease

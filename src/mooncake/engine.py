@@ -18,6 +18,7 @@ import weakref
 from enum import IntEnum
 from typing import Any
 
+from pymooncake._cascade import CascadeLog
 from pymooncake.config import EngineConfig
 from pymooncake.errors import ErrCode, InvalidArgument, MooncakeError
 from pymooncake.transfer import TransferEngine as _NativeEngine
@@ -130,6 +131,8 @@ class TransferEngine:
     def __init__(self) -> None:
         self._engine: _NativeEngine | None = None
         self._lock = threading.Lock()
+        #: transfer failures, logged once per root cause (a dead peer fails every call)
+        self._failures = CascadeLog(log)
         self._finalizer: weakref.finalize[[], TransferEngine] | None = None
 
     # --- set-up -----------------------------------------------------------------
@@ -306,7 +309,7 @@ class TransferEngine:
             if notify is not None:
                 eng.send_notify(target_hostname, NotifyMessage(notify.name, notify.msg))
 
-        return call_code(f"{what} to {target_hostname!r}", run, failure=-1)
+        return call_code(f"{what} to {target_hostname!r}", run, failure=-1, cascade=self._failures)
 
     def transfer_sync_write(
         self,
@@ -424,7 +427,7 @@ class TransferEngine:
                 raise
             return batch_id
 
-        return call_value(f"{what} to {target_hostname!r}", submit, 0)
+        return call_value(f"{what} to {target_hostname!r}", submit, 0, cascade=self._failures)
 
     def batch_transfer_async_write(
         self,
@@ -573,3 +576,4 @@ class TransferEngine:
         if self._finalizer is not None:
             self._finalizer()
         self._engine = None
+        self._failures.flush()  # the counts of failure cascades not yet reported

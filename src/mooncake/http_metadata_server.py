@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Protocol
 
+from pymooncake._authio import ClusterSecurity
 from pymooncake._httpd import HttpResponse, ThreadedHttpServer
 from pymooncake.cli import http_metadata_server as _cli
 from pymooncake.transfer.metadata.server import MetadataServer
@@ -82,7 +83,8 @@ class KVBootstrapServer:
         """
         if self._http is not None:
             raise RuntimeError(f"KVBootstrapServer is already running on port {self.port}")
-        self._http = self._server.serve(self.host, self.port)
+        # the compatibility edge, like the CLIs, takes the token from the environment
+        self._http = self._server.serve(self.host, self.port, security=ClusterSecurity.from_env())
         self.port = self._http.port
         self.thread = self._http.thread
         log.info("HTTP Metadata Server started on %s:%d", self.host, self.port)

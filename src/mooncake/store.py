@@ -15,8 +15,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from pymooncake._cascade import CascadeLog
 from pymooncake._net import split_host_port
-from pymooncake.config import EngineConfig
+from pymooncake.config import EngineConfig, parse_bool_env
 from pymooncake.errors import ConfigError, InvalidParams, MooncakeError, StoreError
 from pymooncake.store import (
     BufferHandle,
@@ -29,10 +30,27 @@ from pymooncake.store import (
 )
 from pymooncake.store import ReplicateConfig as _NativeConfig
 from pymooncake.store._client import ObjectLocation
+from pymooncake.store._http import ClientHttpServer, client_http_settings, start_client_http_server
+from pymooncake.store._metrics import ClientMetricsSettings
+from pymooncake.store._sessions import PutSessions
 from pymooncake.transfer import TransferEngine as _NativeEngine
 
+from ._buffer_pool import (
+    BufferLease,
+    BufferLeaseView,
+    BufferPool,
+    RegisteredBufferLease,
+    RegisteredBufferLeaseView,
+    RegisteredBufferPool,
+)
+from ._parallel_types import ParallelAxis, ReadTarget, TensorParallelism
 from ._store_codes import store_code, store_codes
+from ._store_parallel import ParallelOps
 from ._store_ranges import RangeReads
+from ._store_sessions import SegmentOps, SessionOps, close_mappings
+from ._store_tensor import deserialize_tensor as _deserialize_tensor
+from ._store_tensor import serialize_tensor as _serialize_tensor
+from ._store_tensor import tensor_metadata_size as _tensor_metadata_size
 from ._store_types import (
     ACTIVATION,
     COMPLETE,
@@ -50,14 +68,11 @@ from ._store_types import (
     UNDEFINED,
     UNKNOWN,
     WEIGHT,
-    BufferLease,
-    BufferPool,
     Descriptor,
+    DiskDescriptor,
     MemoryDescriptor,
     MooncakeHostMemAllocator,
     ObjectDataType,
-    RegisteredBufferLease,
-    RegisteredBufferPool,
     ReplicaDescriptor,
     ReplicateConfig,
 )
@@ -81,18 +96,27 @@ __all__ = [
     "WEIGHT",
     "BufferHandle",
     "BufferLease",
+    "BufferLeaseView",
     "BufferPool",
     "Descriptor",
+    "DiskDescriptor",
     "MemoryDescriptor",
     "MooncakeDistributedStore",
     "MooncakeHostMemAllocator",
     "ObjectDataType",
+    "ParallelAxis",
+    "ReadTarget",
     "RegisteredBufferLease",
+    "RegisteredBufferLeaseView",
     "RegisteredBufferPool",
     "ReplicaDescriptor",
     "ReplicaStatus",
     "ReplicateConfig",
     "SoftPinAction",
+    "TensorParallelism",
+    "_deserialize_tensor",
+    "_serialize_tensor",
+    "_tensor_metadata_size",
 ]
 
 log = logging.getLogger("mooncake.store")
@@ -154,13 +178,17 @@ _POSITIONAL = (
 _DICT_KEYS = set(_POSITIONAL) | {"ipc_socket_path", *_SETUP_KEYWORDS}
 
 
-class MooncakeDistributedStore(RangeReads):
+class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
     """Reference-compatible store client.  Construct, then :meth:`setup`."""
 
     def __init__(self) -> None:
         self._client: StoreClient | None = None
+        self._http: ClientHttpServer | None = None
         self._lock = threading.Lock()
+        #: failures of calls, logged once per root cause (a dead peer, a stopped master)
+        self._failures = CascadeLog(log)
         self._sessions: dict[str, ObjectLocation] = {}
+        self._put_sessions: PutSessions | None = None
 
     # --- set-up -------------------------------------------------------------------
 
@@ -215,6 +243,13 @@ class MooncakeDistributedStore(RangeReads):
         for k in _SETUP_KEYWORDS:
             if k in cfg:
                 values[k] = cfg[k]
+        for k in ("enable_ssd_offload", "enable_client_http_server"):
+            if isinstance(values.get(k), str):  # the reference reads dict values as strings
+                try:
+                    values[k] = parse_bool_env(k, values[k])
+                except ConfigError as exc:
+                    log.error("setup(config): %s", exc)
+                    return int(ErrorCode.INVALID_PARAMS)
         return self._setup(values)
 
     def _setup(self, v: dict[str, Any]) -> int:
@@ -229,10 +264,13 @@ class MooncakeDistributedStore(RangeReads):
                 "setup failed: SSD offload is not available in pymooncake (enable_ssd_offload=True)"
             )
             return int(ErrorCode.NOT_SUPPORTED)
-        if v.get("enable_client_http_server"):
-            log.warning(
-                "enable_client_http_server: the client HTTP endpoint is not available; continuing without it"
+        try:
+            http_on, http_port = client_http_settings(
+                v.get("enable_client_http_server"), v.get("client_http_port"), os.environ
             )
+        except ConfigError as exc:
+            log.error("setup failed: %s", str(exc))
+            return int(ErrorCode.INVALID_PARAMS)
         protocol = str(v.get("protocol") or "tcp")
         if protocol != "tcp":
             log.info("protocol %r requested: pymooncake stores move data over TCP", protocol)
@@ -254,14 +292,13 @@ class MooncakeDistributedStore(RangeReads):
                 protocol=protocol,
                 rpc_timeout_s=float(os.environ.get("MC_RPC_TIMEOUT_MS", "30000")) / 1000.0,
                 engine=engine_cfg,
+                metrics=ClientMetricsSettings.from_env(os.environ),
             )
         except (MooncakeError, ValueError) as exc:
             log.error("setup failed: %s", str(exc))
             return store_code(exc)
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            self._close_client()
             try:
                 self._client = StoreClient(config, engine=engine)
             except MooncakeError as exc:
@@ -272,6 +309,8 @@ class MooncakeDistributedStore(RangeReads):
                     exc,
                 )
                 return store_code(exc)
+            if http_on:
+                self._http = start_client_http_server(self._client, http_port)
         return 0
 
     def setup_dummy(self, mem_pool_size: int, local_buffer_size: int, server_address: str) -> int:
@@ -295,11 +334,25 @@ class MooncakeDistributedStore(RangeReads):
 
     def close(self) -> int:
         with self._lock:
-            client, self._client = self._client, None
+            self._close_client()
+        self._failures.flush()  # the counts of failure cascades not yet reported
+        return 0
+
+    def _close_client(self) -> None:
+        """Revoke open put sessions, finish graceful unmounts, stop the client HTTP
+        server, close the client (its segments go), then unmap mounted files (lock held)."""
+        sessions, self._put_sessions = self._put_sessions, None
+        if sessions is not None:
+            sessions.close()
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        mappings = self._release_segments()
+        client, self._client = self._client, None
         self._sessions.clear()
         if client is not None:
             client.close()
-        return 0
+        close_mappings(mappings)
 
     def health_check(self) -> int:
         client = self._client
@@ -310,6 +363,12 @@ class MooncakeDistributedStore(RangeReads):
     def get_hostname(self) -> str:
         client = self._client
         return client.hostname if client is not None else ""
+
+    def _get_pyclient_capsule(self) -> object | None:
+        """The reference's handle of the native client: here the client, or
+        None before ``setup`` (``structured_object_store`` makes a BufferPool
+        only for a set-up store)."""
+        return self._client
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -324,7 +383,7 @@ class MooncakeDistributedStore(RangeReads):
             fn(self._c())
             return 0
         except (MooncakeError, ValueError, TypeError) as exc:
-            log.error("%s failed: %s", what, str(exc))
+            self._failures.failed(what, exc)
             return store_code(exc)
 
     def _value(
@@ -334,7 +393,7 @@ class MooncakeDistributedStore(RangeReads):
             return fn(self._c())
         except (MooncakeError, ValueError, TypeError) as exc:
             if not (isinstance(exc, StoreError) and exc.code in quiet):
-                log.error("%s failed: %s", what, str(exc))
+                self._failures.failed(what, exc)
             return failure
 
     @staticmethod
@@ -439,7 +498,7 @@ class MooncakeDistributedStore(RangeReads):
         try:
             return store_codes(fn(self._c()), what)
         except (MooncakeError, ValueError, TypeError) as exc:
-            log.error("%s failed: %s", what, str(exc))
+            self._failures.failed(what, exc)
             return [store_code(exc)] * len(keys)
 
     def upsert(self, key: str, value: Any, config: ReplicateConfig | None = None) -> int:
@@ -607,6 +666,22 @@ class MooncakeDistributedStore(RangeReads):
             return out
 
         return self._value("batch_get_replica_desc", run, {})
+
+    def batch_replica_clear(self, keys: list[str], segment_name: str = "") -> list[str]:
+        """Clear the replicas of this client's ``keys`` whose read lease has
+        expired (all of them, or those on segment ``segment_name``); returns the
+        cleared keys.  Needs the master RPC ``BatchReplicaClear`` (see
+        ``docs/store-api.md``); until the master has it this logs why and
+        returns ``[]``."""
+        client = self._client
+        if client is None:
+            log.error("batch_replica_clear: the store is not set up; call setup() first")
+            return []
+        try:
+            return client.replica_clear_many(keys, segment_name)
+        except MooncakeError as exc:
+            log.error("batch_replica_clear failed: %s", exc)
+            return []
 
     def __del__(self) -> None:
         try:

@@ -15,6 +15,19 @@ request the parser refuses (answered with 400/411/413/431/505, then closed).
 A handler that raises gets a 500 response and a log record; the server keeps
 serving.  Closing the server closes the listening socket and every open
 connection, cancelling handlers still running.
+
+Bounded resources (:class:`HttpLimits`): at most ``max_connections`` open
+connections (beyond: 503 and close, counted in ``refused_connections``); a
+request's headers must arrive within ``header_timeout_s`` of its first byte
+(or of the connection's opening) and its body within ``body_timeout_s`` after
+that (408 and close: slow-loris clients cannot hold a connection); request
+bodies buffered by all connections together stay under ``max_buffered_bytes``
+(a body that would exceed it is refused with 503 before it is read).
+
+Authentication (:class:`~pymooncake._authio.HttpAuth`): with a cluster token
+every request except the ``open_paths`` needs a valid ``Mooncake-HMAC``
+signature (401 otherwise, before the handler runs), and responses carry the
+server's signature.  TLS: pass an :class:`ssl.SSLContext`.
 """
 
 from __future__ import annotations
@@ -23,12 +36,15 @@ import asyncio
 import contextlib
 import email.utils
 import logging
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
+from ._authio import HttpAuth, warn_open
+from ._logging import RepeatLimiter
 from ._net import bind_listener, join_host_port
 from .errors import ClosedError
 from .wire._http import (
@@ -46,6 +62,7 @@ from .wire._rpc import NeedData
 
 __all__ = [
     "Handler",
+    "HttpAuth",
     "HttpLimits",
     "HttpRequest",
     "HttpResponse",
@@ -63,6 +80,8 @@ _CLOSE_TIMEOUT_S: Final = 2.0
 #: after an error response: how long, and how many bytes, to read and discard
 _LINGER_S: Final = 2.0
 _LINGER_MAX_BYTES: Final = 4 << 20
+#: a connection refused at the cap is aborted this long after its 503 was sent
+_REFUSE_LINGER_S: Final = 0.5
 #: how long ThreadedHttpServer.close() waits for its thread
 _JOIN_TIMEOUT_S: Final = 10.0
 
@@ -76,11 +95,30 @@ class HttpLimits:
         max_body_bytes: request body; larger ``Content-Length`` gets 413.
         keepalive_timeout_s: an idle connection is closed after this long
             (75 s is aiohttp's default, which the reference Python server uses).
+        max_connections: open connections; more are answered 503 and closed.
+            A metadata server holds one keep-alive connection per engine thread
+            that talks to it (libcurl keeps one per thread): 1024 covers ~250
+            engines with 4 such threads, and stays below the common 1024-fd
+            soft limit plus the server's own few.
+        header_timeout_s: from a request's first byte (or the connection's
+            opening) to the end of its headers; libcurl sends a request in one
+            write, so 10 s only ever bites slow or hostile clients.
+        body_timeout_s: from the end of the headers to the end of the body;
+            60 s lets a 64 MiB body arrive at ~1 MB/s.  A response the client does
+            not read for this long ends the connection too.
+        max_buffered_bytes: request bodies buffered by all connections
+            together; a request that would exceed it gets 503 before its body
+            is read.  256 MiB = four maximal bodies, or thousands of real
+            descriptors (a few KiB each) at once.
     """
 
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     keepalive_timeout_s: float = 75.0
+    max_connections: int = 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_buffered_bytes: int = 256 << 20
 
 
 class HttpServer:
@@ -91,8 +129,10 @@ class HttpServer:
             exception becomes a 500 response (logged with its traceback).
         host: address to listen on (``0.0.0.0`` for every interface).
         port: port to listen on; 0 lets the kernel choose (see :attr:`port`).
-        limits: header/body size limits and the keep-alive timeout.
+        limits: size, time and connection limits.
         name: what this server is, for log and error messages.
+        auth: request authentication (None: everyone is served).
+        ssl: serve HTTPS with this context.
     """
 
     def __init__(
@@ -103,16 +143,28 @@ class HttpServer:
         *,
         limits: HttpLimits | None = None,
         name: str = "HTTP server",
+        auth: HttpAuth | None = None,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
         self._handler = handler
         self._host = host
         self._requested_port = port
         self._limits = limits or HttpLimits()
         self._name = name
+        self._auth = auth
+        self._ssl = ssl
         self._server: asyncio.Server | None = None
         self._port: int | None = None
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._closing = False
+        self._buffered = 0
+        self._refusing: set[asyncio.StreamWriter] = set()
+        self._log = RepeatLimiter(log)
+        #: connections refused at the cap, requests refused for the buffer limit
+        #: or a deadline (counters for tests and operators)
+        self.refused_connections = 0
+        self.refused_busy = 0
+        self.timed_out = 0
 
     @property
     def host(self) -> str:
@@ -131,12 +183,27 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        """``http://host:port`` of the listening socket."""
-        return f"http://{join_host_port(self._host, self.port)}"
+        """``http://host:port`` (``https://`` with TLS) of the listening socket."""
+        scheme = "https" if self._ssl is not None else "http"
+        return f"{scheme}://{join_host_port(self._host, self.port)}"
 
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def connections(self) -> int:
+        """Open connections."""
+        return len(self._connections)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Request-body bytes reserved by all connections."""
+        return self._buffered
+
+    @property
+    def auth(self) -> HttpAuth | None:
+        return self._auth
 
     async def start(self) -> None:
         """Bind and start accepting connections.
@@ -153,12 +220,19 @@ class HttpServer:
             raise RuntimeError(f"{self._name} is already started on {self.url}")
         sock = bind_listener(self._host, port=self._requested_port, what=self._name)
         try:
-            self._server = await asyncio.start_server(self._on_connection, sock=sock)
+            self._server = await asyncio.start_server(
+                self._on_connection,
+                sock=sock,
+                ssl=self._ssl,
+                ssl_handshake_timeout=self._limits.header_timeout_s if self._ssl else None,
+            )
         except BaseException:
             sock.close()
             raise
         self._port = int(sock.getsockname()[1])
         log.debug("%s listening on %s", self._name, self.url)
+        if self._auth is not None and self._auth.key is None:
+            warn_open(self._name)
 
     async def close(self) -> None:
         """Stop listening and close every open connection (idempotent).
@@ -173,8 +247,9 @@ class HttpServer:
         # Abort the connections first: their handlers then end on their own.
         # (Cancelling the tasks directly makes asyncio's stream callback log a
         # CancelledError traceback on Python 3.11.)
-        for writer in list(self._connections.values()):
+        for writer in [*self._connections.values(), *self._refusing]:
             writer.transport.abort()
+        self._refusing.clear()
         tasks = list(self._connections)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=5)
@@ -192,8 +267,29 @@ class HttpServer:
         if self._closing:
             writer.transport.abort()
             return
-        self._connections[task] = writer
         peer = writer.get_extra_info("peername")
+        if len(self._connections) >= self._limits.max_connections:
+            self.refused_connections += 1
+            self._log(
+                "cap",
+                logging.WARNING,
+                "%s: refused a connection from %s: %d connections are open (the limit; raise "
+                "HttpLimits.max_connections if this many clients are legitimate)",
+                self._name,
+                peer,
+                len(self._connections),
+            )
+            busy = HttpResponse.of_text(503, f"{self._name} is at its connection limit; retry\n")
+            with contextlib.suppress(ConnectionError, OSError, ValueError, RuntimeError):
+                writer.write(encode_response(busy, keep_alive=False))
+                if writer.can_write_eof():
+                    writer.write_eof()
+            # closing with the request unread would reset the connection and lose the
+            # 503: abort a moment later instead, without a task per refused client
+            self._refusing.add(writer)
+            asyncio.get_running_loop().call_later(_REFUSE_LINGER_S, self._drop_refused, writer)
+            return
+        self._connections[task] = writer
         try:
             await self._serve_connection(reader, writer, peer)
         except (ConnectionError, OSError) as exc:
@@ -202,6 +298,10 @@ class HttpServer:
             self._connections.pop(task, None)
             await self._close_writer(writer)
 
+    def _drop_refused(self, writer: asyncio.StreamWriter) -> None:
+        self._refusing.discard(writer)
+        writer.transport.abort()
+
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
     ) -> None:
@@ -209,39 +309,122 @@ class HttpServer:
         parser = RequestParser(
             max_header_bytes=limits.max_header_bytes, max_body_bytes=limits.max_body_bytes
         )
-        while True:
-            try:
-                item = parser.next_request()
-            except HttpParseError as exc:
-                log.info("%s: refused request from %s: %s", self._name, peer, exc)
-                await self._send(writer, error_response(exc), keep_alive=False)
-                await self._linger(reader, writer)
-                return
-            if isinstance(item, NeedData):
+        loop = asyncio.get_running_loop()
+        reserved = 0
+        # the first request's clock starts at the opening; later ones at their first byte
+        head_started: float | None = loop.time()
+        body_started: float | None = None
+        try:
+            while True:
+                try:
+                    item = parser.next_request()
+                except HttpParseError as exc:
+                    log.info("%s: refused request from %s: %s", self._name, peer, exc)
+                    await self._send(writer, error_response(exc), keep_alive=False)
+                    await self._linger(reader, writer)
+                    return
+                if not isinstance(item, NeedData):
+                    self._buffered -= reserved
+                    reserved = 0
+                    head_started = body_started = None
+                    if not await self._answer(writer, item, peer):
+                        return
+                    continue
                 if parser.take_continue():
                     writer.write(CONTINUE_RESPONSE)
                     await writer.drain()
+                need = parser.expected_body
+                if need and body_started is None:
+                    body_started = loop.time()
+                    if self._buffered + need > limits.max_buffered_bytes:
+                        await self._refuse_busy(reader, writer, peer, need)
+                        return
+                    self._buffered += need
+                    reserved = need
+                if body_started is not None:
+                    timeout = body_started + limits.body_timeout_s - loop.time()
+                elif head_started is not None:
+                    timeout = head_started + limits.header_timeout_s - loop.time()
+                else:
+                    timeout = limits.keepalive_timeout_s
                 try:
-                    data = await asyncio.wait_for(
-                        reader.read(_READ_CHUNK), limits.keepalive_timeout_s
-                    )
+                    if timeout <= 0:
+                        raise asyncio.TimeoutError
+                    data = await asyncio.wait_for(reader.read(_READ_CHUNK), timeout)
                 except asyncio.TimeoutError:
-                    log.debug("%s: closing idle connection from %s", self._name, peer)
+                    if head_started is None and body_started is None:
+                        log.debug("%s: closing idle connection from %s", self._name, peer)
+                        return
+                    await self._time_out(reader, writer, peer, body_started is not None)
                     return
                 if not data:
                     return  # EOF; a partial request is dropped with the connection
                 parser.feed(data)
-                continue
-            response = await self._dispatch(item)
-            keep_alive = item.keep_alive and not self._closing
-            await self._send(
-                writer, response, keep_alive=keep_alive, include_body=item.method != "HEAD"
-            )
-            log.debug(
-                "%s: %s %s %s -> %d", self._name, peer, item.method, item.target, response.status
-            )
-            if not keep_alive:
-                return
+                if head_started is None:
+                    head_started = loop.time()
+        finally:
+            self._buffered -= reserved
+
+    async def _answer(
+        self, writer: asyncio.StreamWriter, request: HttpRequest, peer: object
+    ) -> bool:
+        """Serve one request; returns whether the connection stays open."""
+        include_body = request.method != "HEAD"
+        verdict = self._auth.check(request, peer) if self._auth is not None else None
+        if isinstance(verdict, HttpResponse):
+            response = verdict
+        else:
+            response = await self._dispatch(request)
+            if verdict is not None and self._auth is not None:
+                response = self._auth.sign(verdict, response, include_body=include_body)
+        keep_alive = request.keep_alive and not self._closing
+        await self._send(writer, response, keep_alive=keep_alive, include_body=include_body)
+        log.debug(
+            "%s: %s %s %s -> %d", self._name, peer, request.method, request.target, response.status
+        )
+        return keep_alive
+
+    async def _refuse_busy(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object, need: int
+    ) -> None:
+        self.refused_busy += 1
+        self._log(
+            "busy",
+            logging.WARNING,
+            "%s: refused a %d-byte request body from %s: %d bytes of request bodies are "
+            "buffered already (limit %d)",
+            self._name,
+            need,
+            peer,
+            self._buffered,
+            self._limits.max_buffered_bytes,
+        )
+        busy = HttpResponse(
+            503,
+            f"{self._name} is busy: too many request bytes in flight; retry shortly\n".encode(),
+            "text/plain",
+            headers=(("Retry-After", "1"),),
+        )
+        await self._send(writer, busy, keep_alive=False)
+        await self._linger(reader, writer)
+
+    async def _time_out(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object, body: bool
+    ) -> None:
+        self.timed_out += 1
+        limit = self._limits.body_timeout_s if body else self._limits.header_timeout_s
+        part = "body" if body else "headers"
+        self._log(
+            f"slow:{part}",
+            logging.INFO,
+            "%s: closing the connection from %s: the request %s did not arrive within %.0f s",
+            self._name,
+            peer,
+            part,
+            limit,
+        )
+        text = f"request {part} not received within {limit:g} s\n"
+        await self._send(writer, HttpResponse.of_text(408, text), keep_alive=False)
 
     @staticmethod
     async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -299,7 +482,15 @@ class HttpServer:
                 fallback, keep_alive=keep_alive, include_body=include_body, date=date
             )
         writer.write(payload)
-        await writer.drain()
+        if writer.transport.get_write_buffer_size():
+            # a client that does not read its response must not hold the connection
+            try:
+                await asyncio.wait_for(writer.drain(), self._limits.body_timeout_s)
+            except asyncio.TimeoutError:
+                self.timed_out += 1
+                raise ConnectionError(
+                    f"the client did not read its response within {self._limits.body_timeout_s:g} s"
+                ) from None
 
     async def _close_writer(self, writer: asyncio.StreamWriter) -> None:
         if self._closing:
@@ -325,8 +516,8 @@ class ThreadedHttpServer:
     starts it if needed and closes it on exit.
 
     Args:
-        handler, host, port, limits, name: as for :class:`HttpServer`; the
-            handler runs on the server thread's event loop.
+        handler, host, port, limits, name, auth, ssl: as for :class:`HttpServer`;
+            the handler runs on the server thread's event loop.
     """
 
     def __init__(
@@ -337,8 +528,10 @@ class ThreadedHttpServer:
         *,
         limits: HttpLimits | None = None,
         name: str = "HTTP server",
+        auth: HttpAuth | None = None,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
-        self._server = HttpServer(handler, host, port, limits=limits, name=name)
+        self._server = HttpServer(handler, host, port, limits=limits, name=name, auth=auth, ssl=ssl)
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -364,6 +557,11 @@ class ThreadedHttpServer:
     def url(self) -> str:
         """``http://host:port`` of the listening socket."""
         return self._server.url
+
+    @property
+    def server(self) -> HttpServer:
+        """The underlying server (counters, limits)."""
+        return self._server
 
     @property
     def thread(self) -> threading.Thread | None:

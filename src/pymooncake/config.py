@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
+from ._authio import ClusterSecurity
 from .errors import ConfigError
 from .wire._rpc import DEFAULT_MAX_FRAME_LENGTH, MAX_FRAME_LENGTH_LIMIT
 
@@ -118,6 +119,37 @@ class EngineConfig:
     #: PYMOONCAKE_STAGING_CHUNK_BYTES: size of each of the two pinned buffers that
     #: stage device memory through TCP (copy and send overlap chunk by chunk)
     staging_chunk_bytes: int = 4 << 20
+    #: PYMOONCAKE_CLUSTER_TOKEN: the cluster's shared secret.  Set: the RPC and
+    #: data ports and the HTTP metadata client authenticate every connection
+    #: (reference engines cannot: leave it empty in mixed clusters).  Never shown by repr.
+    cluster_token: str = field(default="", repr=False)
+    #: PYMOONCAKE_TLS_CERT / _KEY / _CA (all three or none): TLS on the RPC port
+    #: and the HTTP metadata client; the data port stays plain TCP (zero-copy)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    #: RPC port: connections served at once (more are closed at once, counted)
+    rpc_max_connections: int = 256
+    #: RPC port: request bytes buffered by all its connections together
+    rpc_max_buffered_bytes: int = 64 << 20
+    #: notifications held until get_notifies() (count and bytes); beyond, the
+    #: sender's send_notify fails with a clear error
+    notify_queue_max: int = 65536
+    notify_queue_max_bytes: int = 64 << 20
+    #: TCP data port: open connections (beyond: refused, counted)
+    data_max_connections: int = 4096
+    #: TCP data port: worker threads serving readable connections (idle ones cost none)
+    data_workers: int = 32
+    #: handshake deadline on the RPC and data ports (authentication, first header)
+    auth_timeout_s: float = 5.0
+    #: unregister_memory(): how long in-flight requests on the region may finish
+    #: before their connections are cut
+    unregister_drain_s: float = 2.0
+    #: MC_REDIS_USERNAME / MC_REDIS_PASSWORD (AUTH) and MC_REDIS_DB_INDEX (SELECT,
+    #: 0-255) for a redis:// metadata server
+    redis_username: str = ""
+    redis_password: str = field(default="", repr=False)
+    redis_db_index: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.rpc_port_min <= self.rpc_port_max < 65536:
@@ -143,6 +175,33 @@ class EngineConfig:
                 f"staging_chunk_bytes {self.staging_chunk_bytes} is out of range [4096, 1 GiB] "
                 "(PYMOONCAKE_STAGING_CHUNK_BYTES)"
             )
+        for name in (
+            "rpc_max_connections",
+            "rpc_max_buffered_bytes",
+            "notify_queue_max",
+            "notify_queue_max_bytes",
+            "data_max_connections",
+            "data_workers",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if not 0 <= self.redis_db_index <= 255:
+            raise ConfigError(f"redis_db_index {self.redis_db_index} is outside 0..255")
+        self.security  # noqa: B018 - validates the token and TLS files now
+
+    @property
+    def security(self) -> ClusterSecurity:
+        """The token and TLS settings as one object (what servers and clients take).
+
+        Raises:
+            ConfigError: an unusable token or half-configured TLS.
+        """
+        return ClusterSecurity(
+            token=self.cluster_token,
+            tls_cert_file=self.tls_cert_file,
+            tls_key_file=self.tls_key_file,
+            tls_ca_file=self.tls_ca_file,
+        )
 
     def replace(self, **changes: object) -> EngineConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -165,7 +224,12 @@ class EngineConfig:
             raise ConfigError(f"MC_MIN_RPC_PORT={lo} is above MC_MAX_RPC_PORT={hi}")
         timeout = _float_env(env, "MC_TRANSFER_TIMEOUT", 30.0, 0.0)
         bind = env.get("MC_TCP_BIND_ADDRESS", "").strip() or None
+        sec = ClusterSecurity.from_env(env)
         return cls(
+            cluster_token=sec.token,
+            tls_cert_file=sec.tls_cert_file,
+            tls_key_file=sec.tls_key_file,
+            tls_ca_file=sec.tls_ca_file,
             metadata_cluster_id=env.get("MC_METADATA_CLUSTER_ID", "").strip(),
             rpc_port_min=lo,
             rpc_port_max=hi,
@@ -198,6 +262,9 @@ class EngineConfig:
             staging_chunk_bytes=_int_env(
                 env, "PYMOONCAKE_STAGING_CHUNK_BYTES", 4 << 20, 4096, 1 << 30
             ),
+            redis_username=env.get("MC_REDIS_USERNAME", ""),
+            redis_password=env.get("MC_REDIS_PASSWORD", ""),
+            redis_db_index=_int_env(env, "MC_REDIS_DB_INDEX", 0, 0, 255),
         )
 
 

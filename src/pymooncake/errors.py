@@ -16,6 +16,7 @@ from enum import IntEnum
 __all__ = [
     "AddressNotRegistered",
     "AddressOverlapped",
+    "AuthenticationError",
     "BatchBusy",
     "ClosedError",
     "ConfigError",
@@ -187,6 +188,16 @@ ProtocolError = MalformedMessage
 
 class HandshakeRejected(TransferError):
     code = ErrCode.REJECT_HANDSHAKE
+
+
+class AuthenticationError(HandshakeRejected):
+    """Cluster authentication failed (no token, a different token, or a peer that
+    does not authenticate); the message names the port, the peer and the fix.
+
+    ``failure`` is the :class:`pymooncake.wire._auth.AuthFailure` when known.
+    """
+
+    failure: object = None
 
 
 class PeerRejected(TransferError):

@@ -43,8 +43,8 @@ class Running:
         return self.proc.returncode, out, err
 
 
-def start(argv: Sequence[str]) -> Iterator[Running]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def start(argv: Sequence[str], **extra_env: str) -> Iterator[Running]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra_env)
     with subprocess.Popen(
         [*argv, "--host", "127.0.0.1", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -120,3 +120,20 @@ def test_bad_arguments_exit_2(bad: list[str], capsys: pytest.CaptureFixture[str]
         build_parser().parse_args(bad)
     assert info.value.code == 2
     assert "mooncake_http_metadata_server" in capsys.readouterr().err
+
+
+def test_cluster_token_from_the_environment() -> None:
+    from pymooncake._authio import ClusterSecurity, http_request
+
+    token = "cli-cluster-token-0123456789abcdef"
+    for server in start(script_command(), PYMOONCAKE_CLUSTER_TOKEN=token):
+        key = "/metadata?key=mooncake%2Fram%2Fcli"
+        assert server.call("PUT", key, b'{"x":1}')[0] == 401
+        assert server.call("GET", "/health") == (200, b"OK")
+        url = f"http://{server.host}:{server.port}{key}"
+        sec = ClusterSecurity(token=token)
+        assert http_request("PUT", url, security=sec, body=b'{"x":1}') == (200, b"metadata updated")
+        assert http_request("GET", url, security=sec) == (200, b'{"x":1}')
+        code, _, err = server.stop()
+        assert code == 0 and b"Traceback" not in err
+        assert b"no cluster token is set" not in err

@@ -395,11 +395,17 @@ def test_metadata_server_unreachable(config: EngineConfig) -> None:
         TransferEngine("n", "http://127.0.0.1:1/metadata", config=config)
 
 
-def test_etcd_and_redis_are_refused_clearly(config: EngineConfig) -> None:
-    with pytest.raises(NotSupported, match="etcd"):
-        TransferEngine("n", "127.0.0.1:2379", config=config)
-    with pytest.raises(NotSupported, match="redis"):
-        TransferEngine("n", "redis://127.0.0.1:6379", config=config)
+def test_unreachable_etcd_and_redis_are_explained(config: EngineConfig) -> None:
+    import socket
+
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind((LOCAL, 0))
+        port = closed.getsockname()[1]
+        with pytest.raises(MetadataUnreachable, match=f"Error from etcd client.*{port}"):
+            TransferEngine("n", f"127.0.0.1:{port}", config=config)
+        pytest.importorskip("redis")
+        with pytest.raises(MetadataUnreachable, match=f"redis://127.0.0.1:{port}.*unreachable"):
+            TransferEngine("n", f"redis://127.0.0.1:{port}", config=config)
 
 
 def test_loopback_warning(config: EngineConfig, caplog: pytest.LogCaptureFixture) -> None:

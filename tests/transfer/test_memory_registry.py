@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -131,3 +132,48 @@ def test_concurrent_lookups_during_updates() -> None:
     for t in threads:
         t.join()
     assert not misses
+
+
+# --- pins and quiesce (unregister waits) ----------------------------------------------
+
+
+def test_pin_claims_only_live_remote_regions() -> None:
+    buf = (ctypes.c_char * 4096)()
+    addr = ctypes.addressof(buf)
+    view = memoryview(buf).cast("B")
+    reg = MemoryRegistry()
+    r = reg.add(Region(addr, 4096, "cpu:0", True, view))
+    slot = reg.new_slot()
+    assert reg.pin(slot, addr + 10, 100) is r and slot.region is r
+    slot.region = None
+    assert reg.pin(slot, addr + 4000, 200) is None and slot.region is None  # past the end
+    assert reg.pin(slot, addr, 0) is None
+    reg.remove(addr)
+    assert reg.pin(slot, addr, 10) is None and slot.region is None
+    reg.drop_slot(slot)
+
+
+def test_quiesce_waits_for_the_holder_then_cuts_it() -> None:
+    buf = (ctypes.c_char * 4096)()
+    addr = ctypes.addressof(buf)
+    reg = MemoryRegistry()
+    r = reg.add(Region(addr, 4096, "cpu:0", True, memoryview(buf).cast("B")))
+    # a holder that lets go by itself within the drain time
+    slot = reg.new_slot()
+    reg.pin(slot, addr, 8)
+    threading.Timer(0.1, lambda: setattr(slot, "region", None)).start()
+    reg.remove(addr)
+    start = time.monotonic()
+    assert reg.quiesce(r, drain_s=2.0) == 0
+    assert 0.05 < time.monotonic() - start < 1.5
+    # a holder that does not: aborted after the drain time, then waited for
+    r2 = reg.add(Region(addr, 4096, "cpu:0", True, memoryview(buf).cast("B")))
+    aborted = []
+    stuck = reg.new_slot(abort=lambda: (aborted.append(1), setattr(stuck, "region", None)))
+    reg.pin(stuck, addr, 8)
+    reg.remove(addr)
+    start = time.monotonic()
+    assert reg.quiesce(r2, drain_s=0.2) == 1
+    assert aborted == [1] and time.monotonic() - start >= 0.2
+    reg.drop_slot(slot)
+    reg.drop_slot(stuck)

@@ -6,6 +6,10 @@ stdout, ``HTTP metadata server listening on http://HOST:PORT/metadata``, with
 the real port when ``--port 0`` was given.  SIGINT/SIGTERM stop it with exit
 status 0; a port that cannot be bound is reported on one stderr line and exit
 status 1.
+
+``PYMOONCAKE_CLUSTER_TOKEN`` (read here, at start-up) makes every request but
+``/health`` require the cluster token; ``PYMOONCAKE_TLS_CERT/_KEY/_CA`` serve
+HTTPS (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
+from .._authio import ClusterSecurity
 from ..errors import MooncakeError, PortInUse
 from ..transfer.metadata.server import MetadataServer
 from ._serve import lan_hint, stop_on_signals
@@ -75,15 +80,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return asyncio.run(_serve(args.host, args.port))
+        security = ClusterSecurity.from_env()
+    except MooncakeError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(_serve(args.host, args.port, security))
     except KeyboardInterrupt:  # a signal that arrived before the handlers were installed
         return 0
 
 
-async def _serve(host: str, port: int) -> int:
+async def _serve(host: str, port: int, security: ClusterSecurity) -> int:
     metadata = MetadataServer()
-    server = metadata.http_server(host, port)
     try:
+        server = metadata.http_server(host, port, security=security)
         await server.start()
     except PortInUse as exc:
         print(f"{PROG}: {exc}; or pass --port 0 for any free port", file=sys.stderr)
@@ -94,6 +104,8 @@ async def _serve(host: str, port: int) -> int:
     with stop_on_signals() as stop:
         try:
             print(f"HTTP metadata server listening on {metadata.url(server)}", flush=True)
+            if security.key is not None:
+                log.info("cluster token set: every request but /health must be signed with it")
             lan_hint(
                 log,
                 host,

@@ -1,8 +1,10 @@
-"""``pymooncake``: the project's own command (cluster, demo, version).
+"""``pymooncake``: the project's own command (cluster, demo, doctor, version).
 
 ``pymooncake cluster`` (the default) runs a local Mooncake Store cluster: a
 master with its embedded HTTP metadata server and a storage node contributing
-memory, on 127.0.0.1, and prints how to connect to it.
+memory, on 127.0.0.1, and prints how to connect to it.  On a terminal a status
+line on stderr shows the start-up steps (pre-faulting a large segment takes a
+while).
 
 ``pymooncake demo`` starts a target engine in a child process and an
 initiator here, both on 127.0.0.1 in P2P handshake mode, moves data both ways
@@ -24,6 +26,8 @@ from ..config import EngineConfig
 from ..errors import MooncakeError
 from ..transfer import TransferEngine, TransferRequest
 from ._logsetup import setup_logging
+from ._progress import Progress
+from .doctor import add_parser as _add_doctor_parser
 
 __all__ = ["main"]
 
@@ -136,6 +140,8 @@ def _cluster(args: argparse.Namespace) -> int:
         )
     }
     tune_gc_for_master()
+    progress = Progress()  # a status line while starting, on a terminal only
+    progress.step(f"starting the master on {args.host}")
     master = ThreadedMaster(
         MasterConfig(default_kv_lease_ttl_ms=args.lease_ttl_ms),
         host=args.host,
@@ -149,16 +155,22 @@ def _cluster(args: argparse.Namespace) -> int:
     try:
         meta_url = master.metadata_url or ""
         engine = EngineConfig.from_env().replace(tcp_bind_address=args.host)
+        progress.step(
+            f"starting the storage node: mapping and pre-faulting {_human(segment)} "
+            "(PYMOONCAKE_PREFAULT=0 skips the pre-fault)"
+        )
         node = StoreClient(
             StoreClientConfig(
                 args.host, meta_url, master.rpc_address, segment, 16 << 20, engine=engine
             )
         )
         # self-check: one object through the whole path
+        progress.step("self-check: put, get and remove one object")
         probe = os.urandom(4096)
         node.put("pymooncake-cluster-self-check", probe)
         ok = node.get("pymooncake-cluster-self-check") == probe
         node.remove("pymooncake-cluster-self-check", force=True)
+        progress.clear()
         moved = [
             f"{n} (wanted {w})"
             for n, w in (
@@ -196,9 +208,11 @@ def _cluster(args: argparse.Namespace) -> int:
         print("stopping", flush=True)
         return 0
     except MooncakeError as exc:
+        progress.clear()
         print(f"pymooncake cluster: {exc}", file=sys.stderr)
         return 1
     finally:
+        progress.clear()
         if node is not None:
             node.close()
         master.close()
@@ -239,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=16, help="requests per transfer call")
     demo.add_argument("--seconds", type=float, default=1.0, help="time per case")
     demo.set_defaults(func=_demo)
+    _add_doctor_parser(sub)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)
     return parser

@@ -19,17 +19,19 @@ provided; ``--port`` and ``--threads`` are accepted and have no effect.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
 from .. import __version__
-from .._httpd import HttpRequest, HttpResponse, ThreadedHttpServer
 from .._net import first_non_loopback_ipv4, join_host_port, split_host_port
 from ..errors import MooncakeError, PortInUse
 from ..store import StoreClient, StoreClientConfig
 from ..store._config import parse_size
+from ..store._http import ClientHttpServer, start_client_http_server
+from ..store._metrics import ClientMetricsSettings
 from ._gflags import Flag, FlagError, parse_flags, usage
 from ._logsetup import setup_logging
 
@@ -38,9 +40,6 @@ __all__ = ["FLAGS", "main"]
 log = logging.getLogger("pymooncake.cli.store_client")
 
 PROG: Final = "mooncake_client"
-#: reference health codes (pyclient.h HC_*)
-_HC_HEALTHY: Final = 0
-_HC_MASTER_UNREACHABLE: Final = 2
 
 # Defaults are the reference's (real_client_main.cpp DEFINE_*, client HTTP port 9300).
 FLAGS: Final[tuple[Flag, ...]] = (
@@ -68,7 +67,12 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("tenant_id", str, "default", "tenant identifier (multi-tenancy is not available)"),
     Flag("enable_offload", bool, False, "SSD offload (not available in pymooncake)"),
     Flag("start_offload_rpc_server", bool, True, "SSD offload only"),
-    Flag("enable_http_server", bool, False, "serve /health and /metrics on --http_port"),
+    Flag(
+        "enable_http_server",
+        bool,
+        False,
+        "serve /health, /metrics and /metrics/summary on --http_port",
+    ),
     Flag("http_port", int, 9300, "port of the client HTTP server (0 = any free port)"),
     Flag("version", bool, False, "print the version and exit"),
 )
@@ -127,51 +131,8 @@ def _config(values: dict[str, Any]) -> StoreClientConfig:
         global_segment_size=segment,
         local_buffer_size=buffer,
         protocol=values["protocol"],
+        metrics=ClientMetricsSettings.from_env(os.environ),
     )
-
-
-def _http_server(client: StoreClient, port: int) -> ThreadedHttpServer | None:
-    """The client HTTP endpoints (reference: RealClient::start_http_server)."""
-
-    async def handle(request: HttpRequest) -> HttpResponse:
-        if request.method != "GET":
-            return HttpResponse(405, b"use GET")
-        path = request.path.rstrip("/")
-        if path == "/health":
-            healthy = client.health()
-            code = _HC_HEALTHY if healthy else _HC_MASTER_UNREACHABLE
-            status = "healthy" if healthy else "master_unreachable"
-            body = f'{{"status":"{status}","code":{code}}}'.encode()
-            return HttpResponse(200 if healthy else 503, body, "application/json")
-        segment_bytes = sum(s.size for s in client.segments)
-        if path == "/metrics":
-            text = (
-                "# HELP client_segment_bytes memory this client contributes to the pool\n"
-                "# TYPE client_segment_bytes gauge\n"
-                f"client_segment_bytes {segment_bytes}\n"
-                "# HELP client_segment_count segments this client mounted\n"
-                "# TYPE client_segment_count gauge\n"
-                f"client_segment_count {len(client.segments)}\n"
-            )
-            return HttpResponse(200, text.encode(), "text/plain; version=0.0.4")
-        if path == "/metrics/summary":
-            text = f"Segment {client.hostname}: {segment_bytes} bytes in {len(client.segments)} segment(s)\n"
-            return HttpResponse(200, text.encode())
-        return HttpResponse(404, b"not found")
-
-    server = ThreadedHttpServer(handle, "0.0.0.0", port, name="client HTTP server")
-    try:
-        server.start()
-    except MooncakeError as exc:  # reference: a warning, the node keeps running
-        log.warning(
-            "Failed to start client HTTP server on port %d (%s); continuing without HTTP endpoints",
-            port,
-            exc,
-        )
-        server.close()
-        return None
-    print(f"client HTTP server listening on {server.url} (/health, /metrics)", flush=True)
-    return server
 
 
 def _run(values: dict[str, Any]) -> int:
@@ -191,10 +152,16 @@ def _run(values: dict[str, Any]) -> int:
         text = " ".join(str(exc).split())
         print(f"{PROG}: failed to set up the client: {text}", file=sys.stderr)
         return 1
-    http: ThreadedHttpServer | None = None
+    http: ClientHttpServer | None = None
     try:
         if values["enable_http_server"]:
-            http = _http_server(client, values["http_port"])
+            http = start_client_http_server(client, values["http_port"])
+            if http is not None:
+                print(
+                    f"client HTTP server listening on {http.url} (/health, /metrics, "
+                    "/metrics/summary)",
+                    flush=True,
+                )
         size = sum(s.size for s in client.segments)
         print(
             f"{PROG} ready: segment {client.hostname} contributes {size} bytes to the master at "

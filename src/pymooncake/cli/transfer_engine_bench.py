@@ -1,6 +1,9 @@
 """``transfer_engine_bench``: the reference's throughput benchmark, same flags.
 
 Target mode registers ``--buffer_size`` bytes and serves until SIGINT/SIGTERM.
+On a terminal both modes keep a status line on stderr (elapsed time, batches
+and throughput; requests served), rewritten in place; piped, they print only
+the reference's lines.
 Initiator mode runs ``--threads`` workers for ``--duration`` seconds; each
 repeatedly transfers a batch of ``--batch_size`` requests of ``--block_size``
 bytes at offsets ``block * (i * threads + tid)`` of the target's first buffer,
@@ -27,6 +30,7 @@ from ..errors import MooncakeError
 from ..transfer import TransferEngine, TransferOpcode, TransferRequest
 from ._gflags import Flag, FlagError, parse_flags, usage
 from ._logsetup import setup_logging
+from ._progress import Progress
 
 __all__ = ["main"]
 
@@ -96,9 +100,20 @@ def _target(engine: TransferEngine, flags: dict[str, Any]) -> int:
         f"{region.addr:#x} ({flags['buffer_size']} bytes)",
         flush=True,
     )
-    while not stop.wait(0.5):
-        pass
+    started = time.monotonic()
+    with Progress() as progress:
+        while not stop.wait(0.5):
+            progress.update(
+                f"serving {engine.segment_name} for {time.monotonic() - started:.0f} s: "
+                f"{_served(engine)} requests served over TCP (Ctrl-C to stop)"
+            )
     return 0
+
+
+def _served(engine: TransferEngine) -> int:
+    """Requests served over TCP as a target (same-host initiators copy directly)."""
+    stats = getattr(engine.transport("tcp"), "stats", {})
+    return int(stats.get("requests_served", 0))
 
 
 def _initiator(engine: TransferEngine, flags: dict[str, Any]) -> int:
@@ -143,15 +158,13 @@ def _initiator(engine: TransferEngine, flags: dict[str, Any]) -> int:
             )
             for i in range(batch)
         ]
-        n = 0
         try:
             while running.is_set():
                 engine.transfer(flags["segment_id"], reqs)
-                n += 1
+                counts[tid] += 1  # this thread's own slot: read live by the progress line
         except MooncakeError as exc:
             errors.append(exc)
             running.clear()
-        counts[tid] = n
 
     workers = [
         threading.Thread(target=worker, args=(t,), name=f"bench-{t}") for t in range(threads)
@@ -160,8 +173,16 @@ def _initiator(engine: TransferEngine, flags: dict[str, Any]) -> int:
     for w in workers:
         w.start()
     deadline = start + flags["duration"]
-    while running.is_set() and time.monotonic() < deadline:
-        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    with Progress() as progress:
+        while running.is_set() and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            elapsed = time.monotonic() - start
+            done = sum(counts)
+            rate = format_rate(done * batch * block, max(elapsed, 1e-9), flags["report_unit"], 2)
+            progress.update(
+                f"{elapsed:5.1f}/{flags['duration']} s  {done} batches  {rate}  ({op}, "
+                f"{threads} threads)"
+            )
     running.clear()
     for w in workers:
         w.join()

@@ -46,8 +46,9 @@ from ..wire import MasterMethod
 from ._buffers import LocalBuffer
 from ._client_io import ObjectLocation
 from ._master_client import MasterClient
+from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
-from ._types import ClientStatus, ReplicaDesc, SegmentInfo
+from ._types import ClientStatus, ErrorCode, ReplicaDesc, SegmentInfo
 from ._writes import WriteOps
 
 __all__ = ["ObjectLocation", "StoreClient", "StoreClientConfig"]
@@ -81,6 +82,8 @@ class StoreClientConfig:
     prefault: bool = field(
         default_factory=lambda: os.environ.get("PYMOONCAKE_PREFAULT", "1") != "0"
     )
+    #: client metrics (MC_STORE_CLIENT_METRIC*: ClientMetricsSettings.from_env)
+    metrics: ClientMetricsSettings = field(default_factory=ClientMetricsSettings)
 
     def __post_init__(self) -> None:
         if self.global_segment_size < 0 or self.local_buffer_size < 0:
@@ -126,13 +129,17 @@ class StoreClient(WriteOps, ReadOps):
         self._segments: list[SegmentInfo] = []
         self._ping_thread: threading.Thread | None = None
         self._ping_log = RepeatLimiter(log, every=60)
+        self._ping_ok = True
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         host, port = split_host_port(config.local_hostname)
         self.host_id = host
+        #: the reference's client metrics (None when MC_STORE_CLIENT_METRIC=0)
+        self.metrics = ClientMetrics(config.metrics) if config.metrics.enabled else None
         self.master = MasterClient(
             config.master_server_addr,
             timeout_s=config.rpc_timeout_s,
             connect_timeout_s=config.rpc_connect_timeout_s,
+            metrics=self.metrics,
         )
         try:
             self.master.check_version()
@@ -145,6 +152,8 @@ class StoreClient(WriteOps, ReadOps):
                     append_rpc_port=not p2p and port is None,
                 )
             self.engine = engine
+            if self.metrics is not None:
+                engine.enable_metrics()  # exported next to the client's (tent_* names)
             self.master.call(M.REMOUNT_SEGMENTS, {"client_id": self.client_id, "segments": []})
             self._master_instance = self.master.call(M.PING, {"client_id": self.client_id}).get(
                 "instance", ""
@@ -163,6 +172,8 @@ class StoreClient(WriteOps, ReadOps):
             target=self._ping_loop, name=f"mc-store-ping:{self.hostname}", daemon=True
         )
         self._ping_thread.start()
+        if self.metrics is not None:
+            self.metrics.start_reporting(config.metrics.interval_s)
         _live_clients.add(self)
 
     # ------------------------------------------------------------------------------
@@ -190,6 +201,33 @@ class StoreClient(WriteOps, ReadOps):
         self._segments.append(info)
         return info
 
+    def mount_registered(self, addr: int, size: int) -> SegmentInfo:
+        """Offer ``size`` bytes of memory the engine already has registered at
+        ``addr`` (a mapped file, memory the caller owns) as a segment.  The
+        caller keeps it mapped until :meth:`unmount`."""
+        self._check_open()
+        info = SegmentInfo(uuid.uuid4().hex, self.engine.segment_name, addr, size, self.host_id)
+        self.master.call(M.MOUNT_SEGMENT, {"client_id": self.client_id, "segment": info.to_wire()})
+        self._segments.append(info)
+        return info
+
+    def unmount(self, segment_id: str) -> SegmentInfo:
+        """Withdraw one of this client's segments: the master drops the replicas
+        it holds.  The memory stays mapped and registered: release memory from
+        :meth:`mount` with ``engine.free(info.base)``, and memory given to
+        :meth:`mount_registered` as its owner sees fit.
+
+        Raises:
+            InvalidParams: not a segment of this client.
+        """
+        self._check_open()
+        info = next((s for s in self._segments if s.id == segment_id), None)
+        if info is None:
+            raise InvalidParams(f"segment {segment_id!r} is not mounted by this client")
+        self.master.call(M.UNMOUNT_SEGMENT, {"client_id": self.client_id, "segment_id": info.id})
+        self._segments.remove(info)
+        return info
+
     @property
     def segments(self) -> tuple[SegmentInfo, ...]:
         return tuple(self._segments)
@@ -209,6 +247,7 @@ class StoreClient(WriteOps, ReadOps):
                     )
                     self.engine.republish()
                 self._master_instance = instance
+                self._ping_ok = True
                 if res["status"] == ClientStatus.NEED_REMOUNT:
                     log.warning(
                         "master at %s does not know this client (it restarted or expired us); "
@@ -224,6 +263,7 @@ class StoreClient(WriteOps, ReadOps):
                         },
                     )
             except MooncakeError as exc:
+                self._ping_ok = False
                 self._ping_log("ping", logging.WARNING, "heartbeat to the master failed: %s", exc)
 
     # ------------------------------------------------------------------------------
@@ -273,6 +313,37 @@ class StoreClient(WriteOps, ReadOps):
             for k, (c, v) in zip(keys, res, strict=True)
         ]
 
+    def replica_clear_many(self, keys: Sequence[str], segment_name: str = "") -> list[str]:
+        """Drop this client's objects ``keys`` whose read lease has expired: all
+        their replicas (``segment_name`` empty; only objects whose replicas are
+        all complete) or only the complete replicas in segment ``segment_name``
+        (the object goes when none is left).  Keys that are missing, written by
+        another client, leased, or have nothing on that segment are skipped.
+
+        Returns:
+            the keys that were cleared, in request order.
+
+        Raises:
+            StoreError(NOT_SUPPORTED): the master protocol has no
+                ``BatchReplicaClear`` yet.
+        """
+        self._check_open()
+        if not keys:
+            return []
+        method = getattr(MasterMethod, "BATCH_REPLICA_CLEAR", None)
+        if method is None:
+            raise StoreError(
+                "batch_replica_clear needs the master RPC BatchReplicaClear, which this "
+                "pymooncake master does not provide yet; remove the keys with remove() "
+                "(whole objects) instead",
+                code=int(ErrorCode.NOT_SUPPORTED),
+            )
+        res = self.master.call(
+            method,
+            {"client_id": self.client_id, "keys": list(keys), "segment_name": segment_name},
+        )
+        return [str(k) for k in res]
+
     def remove_by_regex(self, pattern: str, force: bool = False) -> int:
         self._check_open()
         return int(self.master.call(M.REMOVE_BY_REGEX, {"pattern": pattern, "force": force}))
@@ -280,6 +351,11 @@ class StoreClient(WriteOps, ReadOps):
     def remove_all(self, force: bool = False) -> int:
         self._check_open()
         return int(self.master.call(M.REMOVE_ALL, {"force": force}))
+
+    @property
+    def ping_healthy(self) -> bool:
+        """The last heartbeat to the master succeeded (no RPC; for health endpoints)."""
+        return self._ping_ok and not self._closed
 
     def health(self) -> bool:
         """True if the master answers."""
@@ -301,6 +377,8 @@ class StoreClient(WriteOps, ReadOps):
         self._stop.set()
         if self._ping_thread is not None:
             self._ping_thread.join(10)
+        if self.metrics is not None:
+            self.metrics.close()
         if unmount:
             for info in self._segments:
                 try:

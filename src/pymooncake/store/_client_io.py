@@ -18,6 +18,7 @@ from ..errors import (
     PeerRejected,
     PeerSocketError,
     SegmentNotFound,
+    StoreTransferFailed,
     TransferFailed,
 )
 from ..transfer import TransferEngine, TransferRequest
@@ -25,12 +26,13 @@ from ..transfer.device import DeviceSpan
 from ..wire import MasterMethod
 from ._buffers import LocalBuffer
 from ._master_client import MasterClient
+from ._metrics import ClientMetrics
 from ._types import ReplicaDesc
 
 if TYPE_CHECKING:
     from ._client import StoreClientConfig
 
-__all__ = ["ClientIO", "ObjectLocation", "Part", "Parts"]
+__all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Part", "Parts", "transfer_failed"]
 
 log = logging.getLogger("pymooncake.store")
 M = MasterMethod
@@ -38,6 +40,11 @@ M = MasterMethod
 #: memory, which only the engine touches (it stages or IPC-copies it)
 Part = memoryview | DeviceSpan
 Parts = Sequence[Part]
+#: op_name values of batch APIs: their transfers count as batch_put / batch_get latency
+BATCH_OPS = frozenset(
+    {"put_batch", "batch_put_from", "upsert_batch", "batch_upsert_from", "get_batch",
+     "batch_get_into", "get_into_ranges"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,19 @@ class ObjectLocation:
     size: int
     replicas: tuple[ReplicaDesc, ...]
     lease_deadline: float  # time.monotonic() seconds
+
+
+def transfer_failed(message: str, cause: BaseException | None) -> StoreTransferFailed:
+    """A StoreTransferFailed chained to the transfer error behind it, so that
+    failure cascades are grouped by that cause (pymooncake._cascade)."""
+    if isinstance(cause, (PeerSocketError, DnsError)):
+        message += (
+            " (the segment's owner is down or unreachable; the master forgets a dead "
+            "client's segments after its --client_ttl, 10 s by default)"
+        )
+    err = StoreTransferFailed(message)
+    err.__cause__ = cause
+    return err
 
 
 def _as_view(obj: Any) -> memoryview:
@@ -65,6 +85,7 @@ class ClientIO:
     master: MasterClient
     client_id: str
     local: LocalBuffer
+    metrics: ClientMetrics | None
     _closed: bool
     _pool: concurrent.futures.ThreadPoolExecutor | None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from ..wire import (
     encode_request,
     master_unix_name,
 )
+from ._metrics import ClientMetrics
 from ._types import ErrorCode
 
 __all__ = ["MasterClient"]
@@ -54,6 +56,7 @@ class MasterClient:
         timeout_s: per request (MC_RPC_TIMEOUT_MS).
         connect_timeout_s: per connection attempt (MC_RPC_CONNECT_TIMEOUT_MS).
         max_idle: connections kept open for reuse.
+        metrics: where to count RPCs and their latency (None: not counted).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class MasterClient:
         connect_timeout_s: float = 5.0,
         max_idle: int = 8,
         same_host_rpc: bool = True,
+        metrics: ClientMetrics | None = None,
     ) -> None:
         if "://" in address:
             raise InvalidParams(
@@ -84,6 +88,7 @@ class MasterClient:
         self._ids = itertools.count(1)
         self._closed = False
         self._unix_ok = same_host_rpc
+        self._metrics = metrics
 
     # --- connections ----------------------------------------------------------------
 
@@ -152,6 +157,11 @@ class MasterClient:
     def _run(self, requests: Sequence[tuple[MasterMethod, dict[str, Any]]]) -> list[MasterReply]:
         ids = [next(self._ids) for _ in requests]
         frames = b"".join(encode_request(i, m, p) for i, (m, p) in zip(ids, requests, strict=True))
+        metrics = self._metrics
+        if metrics is not None:  # reference: counted when sent, latency once answered
+            for method, _ in requests:
+                metrics.rpc(method)[0].inc()
+            started = time.perf_counter_ns()
         for attempt in (0, 1):
             conn, reused = self._checkout()
             try:
@@ -174,6 +184,10 @@ class MasterClient:
                     f"RPC {requests[0][0].value} to the master at {self.address} failed: {exc}"
                 ) from exc
             self._checkin(conn)
+            if metrics is not None:
+                latency_us = (time.perf_counter_ns() - started) // 1000
+                for method, _ in requests:
+                    metrics.rpc(method)[1].observe(latency_us)
             return replies
         raise AssertionError("unreachable")
 

@@ -10,13 +10,12 @@ from ..errors import (
     InvalidParams,
     LeaseExpired,
     StoreError,
-    StoreTransferFailed,
     store_error,
 )
 from ..transfer import TransferRequest
 from ..transfer.device import DeviceSpan
 from ._buffers import BufferHandle, make_handle, new_bytes
-from ._client_io import ClientIO, M, ObjectLocation, Part, Parts
+from ._client_io import BATCH_OPS, ClientIO, M, ObjectLocation, Part, Parts, transfer_failed
 from ._types import ErrorCode, ReplicaDesc
 
 __all__ = ["ReadOps"]
@@ -47,11 +46,16 @@ class ReadOps(ClientIO):
         return ordered[attempt % len(ordered)]
 
     def _read_batch(
-        self, keys: Sequence[str], dests: Callable[[int, int], Parts | StoreError]
+        self,
+        keys: Sequence[str],
+        dests: Callable[[int, int], Parts | StoreError],
+        op: str = "get_batch",
     ) -> list[int | StoreError]:
         """Read many objects.  ``dests(i, size)`` gives the views to fill for key i
-        (whose total must equal ``size``) or an error to report instead."""
+        (whose total must equal ``size``) or an error to report instead.  ``op``
+        names the API for the operation metrics (the reference's op_name)."""
         self._check_open()
+        started = time.perf_counter_ns()
         n = len(keys)
         results: list[int | StoreError] = [0] * n
         found, t0 = self._query(keys)
@@ -72,6 +76,7 @@ class ReadOps(ClientIO):
             views[i] = target
             results[i] = size
         pending = list(replicas)
+        transfer_start = time.perf_counter_ns()
         attempt = 0
         while pending:
             errors: list[BaseException | None] = [None] * n
@@ -86,8 +91,8 @@ class ReadOps(ClientIO):
             failed = [i for i in pending if errors[i] is not None]
             for i in failed:
                 if attempt >= len(replicas[i]):
-                    results[i] = StoreTransferFailed(
-                        f"reading {keys[i]!r} failed on every replica: {errors[i]}"
+                    results[i] = transfer_failed(
+                        f"reading {keys[i]!r} failed on every replica: {errors[i]}", errors[i]
                     )
             pending = [i for i in failed if attempt < len(replicas[i])]
         if replicas and time.monotonic() > t0 + lease_ttl:
@@ -98,6 +103,12 @@ class ReadOps(ClientIO):
                         "(lease_expired_before_data_transfer_completed); the space may have been "
                         "reused, retry the read (or raise --default_kv_lease_ttl)"
                     )
+        if self.metrics is not None:
+            now = time.perf_counter_ns()
+            read = sum(r for r in results if not isinstance(r, StoreError))
+            if replicas:
+                self.metrics.transfer(False, read, (now - transfer_start) // 1000, op in BATCH_OPS)
+            self.metrics.operation(False, op, read, (now - started) // 1000)
         return results
 
     def get(self, key: str) -> bytes:
@@ -107,12 +118,16 @@ class ReadOps(ClientIO):
             ObjectNotFound, ReplicaNotReady, LeaseExpired, StoreTransferFailed, RpcFailed,
             InvalidParams (larger than local_buffer_size).
         """
-        (res,) = self.get_many([key])
+        (res,) = self._get_many([key], "get")
         if isinstance(res, StoreError):
             raise res
         return res
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | StoreError]:
+        """Values of many keys (each a ``bytes``, or the error)."""
+        return self._get_many(keys, "get_batch")
+
+    def _get_many(self, keys: Sequence[str], op: str) -> list[bytes | StoreError]:
         holders: dict[int, bytes | bytearray] = {}
 
         def dest(i: int, size: int) -> Parts | StoreError:
@@ -125,7 +140,7 @@ class ReadOps(ClientIO):
             return [view]
 
         out: list[bytes | StoreError] = []
-        for i, res in enumerate(self._read_batch(keys, dest)):
+        for i, res in enumerate(self._read_batch(keys, dest, op)):
             if isinstance(res, StoreError):
                 out.append(res)
             else:
@@ -139,7 +154,7 @@ class ReadOps(ClientIO):
         Returns the object size.  Raises InvalidParams if the destination is
         smaller than the object.
         """
-        (res,) = self.get_many_into([key], [[self._dest_part(buffer, size)]])
+        (res,) = self._get_many_into([key], [[self._dest_part(buffer, size)]], "get_into")
         if isinstance(res, StoreError):
             raise res
         return res
@@ -156,6 +171,11 @@ class ReadOps(ClientIO):
     ) -> list[int | StoreError]:
         """Read each key into its destination parts (filled in order); results are
         byte counts or errors."""
+        return self._get_many_into(keys, dests, "batch_get_into")
+
+    def _get_many_into(
+        self, keys: Sequence[str], dests: Sequence[Sequence[Any]], op: str
+    ) -> list[int | StoreError]:
         if len(keys) != len(dests):
             raise InvalidParams(f"{len(keys)} keys but {len(dests)} destinations")
         parts = [
@@ -180,7 +200,35 @@ class ReadOps(ClientIO):
                     break
             return out
 
-        return self._read_batch(keys, dest)
+        return self._read_batch(keys, dest, op)
+
+    def get_many_alloc(
+        self, keys: Sequence[str], alloc: Callable[[int, int], Any]
+    ) -> list[Any | StoreError]:
+        """Read each object into a buffer obtained from ``alloc(i, size)``.
+
+        ``alloc`` returns a writable buffer of exactly ``size`` bytes (a numpy
+        array, bytearray ...); it is called once the object's size is known,
+        so the bytes land in it straight from the replica (no staging, no
+        local_buffer_size bound).  Results per key: that buffer, or the error.
+        """
+        held: dict[int, Any] = {}
+
+        def dest(i: int, size: int) -> Parts | StoreError:
+            buf = alloc(i, size)
+            view = memoryview(buf).cast("B")
+            if len(view) != size or view.readonly:
+                return store_error(
+                    int(ErrorCode.INVALID_PARAMS),
+                    f"{keys[i]!r}: alloc({size}) returned a {len(view)}-byte or read-only buffer",
+                )
+            held[i] = buf
+            return [view]
+
+        return [
+            r if isinstance(r, StoreError) else held[i]
+            for i, r in enumerate(self._read_batch(keys, dest))
+        ]
 
     def locate(self, keys: Sequence[str]) -> list[ObjectLocation | StoreError]:
         """Replica locations of many keys in one RPC; each granted a read lease."""
@@ -214,6 +262,7 @@ class ReadOps(ClientIO):
         lease expired before the read finished, transfer failure).
         """
         self._check_open()
+        started = time.perf_counter_ns()
         results: list[list[int | StoreError]] = [[0] * len(r) for r in ranges]
         flat: list[tuple[int, int]] = []  # (location index, fragment index)
         for i, (loc, frags) in enumerate(zip(locations, ranges, strict=True)):
@@ -248,8 +297,8 @@ class ReadOps(ClientIO):
                 if attempt < len(locations[i].replicas):
                     retry.append((i, j))
                 else:
-                    results[i][j] = StoreTransferFailed(
-                        f"reading {locations[i].key!r} failed: {errors[n]}"
+                    results[i][j] = transfer_failed(
+                        f"reading {locations[i].key!r} failed: {errors[n]}", errors[n]
                     )
             pending = retry
         now = time.monotonic()
@@ -260,6 +309,11 @@ class ReadOps(ClientIO):
                         results[i][j] = LeaseExpired(
                             f"the read lease of {loc.key!r} ran out before the read finished; retry"
                         )
+        if self.metrics is not None:
+            read = sum(r for rs in results for r in rs if not isinstance(r, StoreError))
+            latency_us = (time.perf_counter_ns() - started) // 1000
+            self.metrics.transfer(False, read, latency_us, True)
+            self.metrics.operation(False, "get_into_ranges", read, latency_us)
         return results
 
     def get_buffer(self, key: str) -> BufferHandle:
@@ -282,7 +336,7 @@ class ReadOps(ClientIO):
             got[i] = taken
             return [taken[1]]
 
-        (res,) = self._read_batch([key], dest)
+        (res,) = self._read_batch([key], dest, "get_buffer")
         if isinstance(res, StoreError):
             if 0 in got:
                 taken_addr, taken_view = got.pop(0)

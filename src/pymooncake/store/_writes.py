@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from .._logging import RepeatLimiter
 from ..errors import (
     InvalidParams,
     StoreError,
@@ -14,11 +17,13 @@ from ..errors import (
 )
 from ..transfer import TransferRequest
 from ..wire import MasterMethod
-from ._client_io import ClientIO, M, Parts, _as_view, log
+from ._client_io import BATCH_OPS, ClientIO, M, Parts, _as_view, log, transfer_failed
 from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
 
 __all__ = ["WriteOps"]
 
+#: one line per set of unreachable segments, then every 100th repeat with the count
+_unreachable_log = RepeatLimiter(log, every=100)
 #: ReplicateConfig is immutable: one default serves every call
 _DEFAULT_CONFIG = ReplicateConfig()
 
@@ -36,19 +41,25 @@ class WriteOps(ClientIO):
         parts: Sequence[Parts],
         config: ReplicateConfig,
         upsert: bool,
+        op: str = "put_batch",
     ) -> list[bool | StoreError]:
         """Two-phase write of many objects; True stored, False already existed.
 
         Objects whose replica landed on a peer that turned out to be unreachable
         (crashed, not yet expired by the master) are written once more, elsewhere.
+        ``op`` names the API for the operation metrics (the reference's op_name).
         """
         self._check_open()
+        started = time.perf_counter_ns()
         unreachable: set[str] = set()
-        results = self._write_once(keys, parts, config, upsert, unreachable)
+        results = self._write_once(keys, parts, config, upsert, unreachable, op)
         retry = [i for i, r in enumerate(results) if isinstance(r, StoreTransferFailed)]
         if retry and unreachable:
-            log.warning(
-                "segment(s) %s unreachable; writing %d object(s) elsewhere",
+            _unreachable_log(
+                ",".join(sorted(unreachable)),
+                logging.WARNING,
+                "segment(s) %s unreachable (a peer died and the master has not expired it "
+                "yet); writing %d object(s) elsewhere",
                 sorted(unreachable),
                 len(retry),
             )
@@ -56,10 +67,13 @@ class WriteOps(ClientIO):
                 config, excluded_segments=(*config.excluded_segments, *sorted(unreachable))
             )
             sub = self._write_once(
-                [keys[i] for i in retry], [parts[i] for i in retry], again, upsert, set()
+                [keys[i] for i in retry], [parts[i] for i in retry], again, upsert, set(), op
             )
             for i, r in zip(retry, sub, strict=True):
                 results[i] = r
+        if self.metrics is not None:
+            stored = sum(sum(len(p) for p in parts[i]) for i, r in enumerate(results) if r is True)
+            self.metrics.operation(True, op, stored, (time.perf_counter_ns() - started) // 1000)
         return results
 
     def _write_once(
@@ -69,6 +83,7 @@ class WriteOps(ClientIO):
         config: ReplicateConfig,
         upsert: bool,
         unreachable: set[str],
+        op: str,
     ) -> list[bool | StoreError]:
         n = len(keys)
         results: list[bool | StoreError] = [True] * n
@@ -106,6 +121,8 @@ class WriteOps(ClientIO):
         per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
         errors: list[BaseException | None] = [None] * n
         writing: list[int] = []
+        copies: dict[int, int] = {}  # replicas written per object
+        transfer_start = time.perf_counter_ns()
         for i, (code, value) in enumerate(started):
             if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
                 results[i] = False
@@ -114,6 +131,7 @@ class WriteOps(ClientIO):
                 results[i] = store_error(code, f"{keys[i]!r}: {value}")
                 continue
             writing.append(i)
+            copies[i] = len(value)
             for r in value:
                 rep = ReplicaDesc.from_wire(r)
                 self._route_parts(
@@ -122,6 +140,13 @@ class WriteOps(ClientIO):
         self._run_transfers(per_endpoint, errors, unreachable)
         good = [i for i in writing if errors[i] is None]
         bad = [i for i in writing if errors[i] is not None]
+        if self.metrics is not None and writing:
+            self.metrics.transfer(
+                True,
+                sum(sizes[i] * copies[i] for i in good),
+                (time.perf_counter_ns() - transfer_start) // 1000,
+                op in BATCH_OPS,
+            )
         if n == 1 and good:  # the common single put: the plain RPC is cheapest
             single_end = M.UPSERT_END if upsert else M.PUT_END
             try:
@@ -143,7 +168,7 @@ class WriteOps(ClientIO):
                 if c != 0:
                     results[i] = store_error(c, f"{keys[i]!r}: {v}")
         for i in bad:
-            results[i] = StoreTransferFailed(f"writing {keys[i]!r} failed: {errors[i]}")
+            results[i] = transfer_failed(f"writing {keys[i]!r} failed: {errors[i]}", errors[i])
         return results
 
     @staticmethod
@@ -164,16 +189,18 @@ class WriteOps(ClientIO):
             StoreTransferFailed: a replica's owner could not be written.
             RpcFailed: the master is unreachable.
         """
-        return self.put_parts(key, [value], config)
+        return self._put_views(key, [_as_view(value)], config, "put")
 
     def put_parts(
         self, key: str, parts: Sequence[Any], config: ReplicateConfig | None = None
     ) -> bool:
         """Store the concatenation of ``parts`` (each a buffer) without joining them."""
-        views = [_as_view(p) for p in parts]
+        return self._put_views(key, [_as_view(p) for p in parts], config, "put_parts")
+
+    def _put_views(self, key: str, views: Parts, config: ReplicateConfig | None, op: str) -> bool:
         self._bytes_api_limit(sum(len(v) for v in views), f"put {key!r}")
         return self._raise_or(
-            self._write_batch([key], [views], config or _DEFAULT_CONFIG, False)[0]
+            self._write_batch([key], [views], config or _DEFAULT_CONFIG, False, op)[0]
         )
 
     def put_from(
@@ -182,7 +209,7 @@ class WriteOps(ClientIO):
         """Store ``size`` bytes from registered memory (an address or a buffer) without staging."""
         view = self.engine.local_view(buffer, size, writable=False)
         return self._raise_or(
-            self._write_batch([key], [[view]], config or _DEFAULT_CONFIG, False)[0]
+            self._write_batch([key], [[view]], config or _DEFAULT_CONFIG, False, "put_from")[0]
         )
 
     def put_many(
@@ -201,7 +228,8 @@ class WriteOps(ClientIO):
         if bytes_api:
             for k, ps in zip(keys, parts, strict=True):
                 self._bytes_api_limit(sum(len(p) for p in ps), f"put {k!r}")
-        return self._write_batch(keys, parts, config or _DEFAULT_CONFIG, False)
+        op = "put_batch" if bytes_api else "batch_put_from"
+        return self._write_batch(keys, parts, config or _DEFAULT_CONFIG, False, op)
 
     def _part(self, p: Any) -> memoryview:
         if isinstance(p, tuple):
@@ -213,7 +241,9 @@ class WriteOps(ClientIO):
         """Insert or replace; readers see the old value until the new one is complete."""
         views = [_as_view(value)]
         self._bytes_api_limit(len(views[0]), f"upsert {key!r}")
-        self._raise_or(self._write_batch([key], [views], config or _DEFAULT_CONFIG, True)[0])
+        self._raise_or(
+            self._write_batch([key], [views], config or _DEFAULT_CONFIG, True, "upsert")[0]
+        )
 
     def upsert_many(
         self,
@@ -223,5 +253,7 @@ class WriteOps(ClientIO):
     ) -> list[bool | StoreError]:
         if len(keys) != len(values):
             raise InvalidParams(f"{len(keys)} keys but {len(values)} values")
+        pointers = bool(values) and bool(values[0]) and isinstance(values[0][0], tuple)
         parts = [[self._part(p) for p in ps] for ps in values]
-        return self._write_batch(keys, parts, config or _DEFAULT_CONFIG, True)
+        op = "batch_upsert_from" if pointers else "upsert_batch"
+        return self._write_batch(keys, parts, config or _DEFAULT_CONFIG, True, op)

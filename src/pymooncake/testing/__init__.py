@@ -1,14 +1,35 @@
 """Helpers for tests and demos that users can reuse: local clusters on 127.0.0.1,
-and the project's commands as subprocesses."""
+the project's commands as subprocesses, real etcd and Redis servers, several
+"hosts" in network namespaces, and the metadata backend conformance checks.
+pytest fixtures over these live in :mod:`pymooncake.testing.fixtures`."""
 
 from ._cluster import LocalCluster, NodeProcess, ProcessCluster, free_port
+from ._etcd_server import EtcdCluster, EtcdMember, EtcdStartError
+from ._metadata_conformance import METADATA_CHECKS
+from ._netns import Host, NetnsError, NetnsNetwork, cleanup_stale, netns_unavailable_reason
 from ._proc import console_command, read_stdout_until
+from ._redis_server import RedisServer, RedisStartError
+from ._tools import find_tool, require_tool, unavailable
 
 __all__ = [
+    "METADATA_CHECKS",
+    "EtcdCluster",
+    "EtcdMember",
+    "EtcdStartError",
+    "Host",
     "LocalCluster",
+    "NetnsError",
+    "NetnsNetwork",
     "NodeProcess",
     "ProcessCluster",
+    "RedisServer",
+    "RedisStartError",
+    "cleanup_stale",
     "console_command",
+    "find_tool",
     "free_port",
+    "netns_unavailable_reason",
     "read_stdout_until",
+    "require_tool",
+    "unavailable",
 ]

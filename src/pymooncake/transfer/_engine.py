@@ -22,9 +22,11 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from .._authio import warn_open, warn_weak
+from .._logging import RepeatLimiter
 from .._loop import LoopThread
 from .._net import (
     bind_listener,
@@ -63,9 +65,10 @@ from ._memory import (
     MemoryRegistry,
     Region,
 )
+from ._metrics import EngineMetrics
 from ._request import TransferOpcode, TransferRequest, TransferStatus
 from ._rpc import RpcServer, rpc_call
-from ._segments import SegmentDirectory
+from ._segments import SegmentDirectory, check_name
 from .device import DeviceSpan
 from .device._context import DeviceContext
 from .metadata import MetadataStore, connect_metadata, parse_metadata_target
@@ -79,6 +82,8 @@ log = logging.getLogger("pymooncake.engine")
 
 #: reference: the engine's own segment always has id 0
 LOCAL_SEGMENT_ID = 0
+#: bytes charged per queued notification beyond its two strings (object overhead)
+_NOTIFY_OVERHEAD = 64
 _warned_loopback: set[str] = set()
 
 
@@ -115,7 +120,17 @@ class TransferEngine(MemoryOps):
         self._closed = False
         self._registry = MemoryRegistry()
         self._batches = BatchTable()
-        self._notifies: collections.deque[NotifyMessage] = collections.deque()
+        self._notifies: collections.deque[tuple[NotifyMessage, int]] = collections.deque()
+        self._notify_lock = threading.Lock()
+        self._notify_bytes = 0
+        self._notify_log = RepeatLimiter(log)
+        #: notifications refused because the queue was full (count / bytes limit)
+        self.notifies_refused = 0
+        self._security = cfg.security
+        self._rpc_auth: dict[str, Any] = {
+            "key": self._security.key,
+            "ssl_context": self._security.client_ssl_context(),
+        }
         self._handles: dict[str, int] = {}
         self._handle_names: dict[int, str] = {}
         self._handle_lock = threading.Lock()
@@ -134,6 +149,7 @@ class TransferEngine(MemoryOps):
         #: set once a request with device memory was planned: until then no group
         #: needs to be searched for device slices
         self._device_slices = False
+        self._metrics: EngineMetrics | None = None
 
         if isinstance(metadata_server, MetadataStore):
             store: MetadataStore | None = metadata_server
@@ -157,6 +173,7 @@ class TransferEngine(MemoryOps):
 
     def _start(self, local_hostname: str, store: MetadataStore | None) -> None:
         cfg = self.config
+        check_name(local_hostname, "local_hostname")
         host, name_port = split_host_port(local_hostname)
         p2p = store is None
         if cfg.legacy_rpc_port_binding:
@@ -206,10 +223,18 @@ class TransferEngine(MemoryOps):
         self._rpc = RpcServer(
             rpc_sock,
             descriptor=(self.local_descriptor if p2p else lambda: None),
-            on_notify=self._notifies.append,
+            on_notify=self._queue_notify,
             max_frame=cfg.handshake_max_length,
             timeout_s=cfg.rpc_server_timeout_s,
+            key=self._security.key,
+            ssl=self._security.server_ssl_context(),
+            max_connections=cfg.rpc_max_connections,
+            max_buffered_bytes=cfg.rpc_max_buffered_bytes,
+            name=self.segment_name,
         )
+        if self._security.key is None:
+            warn_open("transfer engine RPC and TCP data ports")
+        warn_weak(self._security.key, "transfer engine")
         self._loop.run(self._rpc.start())
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=cfg.async_workers, thread_name_prefix=f"mc-batch:{self.segment_name}"
@@ -245,37 +270,27 @@ class TransferEngine(MemoryOps):
             )
 
     def _claim_rpc_meta(self, meta: RpcMeta) -> None:
-        """Publish our rpc_meta entry, replacing a stale one left by a dead engine."""
-        existing = self._directory.read_rpc_meta(self.segment_name)
-        if existing is not None and existing != meta:
-            alive = True
-            try:
-                rpc_call(
-                    existing.ip_or_host_name,
-                    existing.rpc_port,
-                    MessageType.PROBE,
-                    {},
-                    connect_timeout_s=min(1.0, self.config.connect_timeout_s),
-                    timeout_s=2.0,
-                    max_frame=self.config.handshake_max_length,
-                    what="previous owner of this segment name",
-                )
-            except MooncakeError:
-                alive = False
-            if alive:
-                raise MetadataError(
-                    f"segment name {self.segment_name!r} is already registered by a live engine at "
-                    f"{join_host_port(existing.ip_or_host_name, existing.rpc_port)}; every engine "
-                    "needs a unique local_hostname (add a port, e.g. 'host:12345')"
-                )
-            log.warning(
-                "replacing stale rpc_meta of %r (%s did not answer a probe; its process exited "
-                "without unregistering)",
-                self.segment_name,
-                join_host_port(existing.ip_or_host_name, existing.rpc_port),
+        """Publish our rpc_meta entry, replacing a stale one left by a dead engine
+        (the rule: :meth:`SegmentDirectory.claim_rpc_meta`)."""
+        self._directory.claim_rpc_meta(self.segment_name, meta, owner_alive=self._answers_probe)
+
+    def _answers_probe(self, meta: RpcMeta) -> bool:
+        """Whether an engine answers a Probe RPC at ``meta``'s address."""
+        try:
+            rpc_call(
+                meta.ip_or_host_name,
+                meta.rpc_port,
+                MessageType.PROBE,
+                {},
+                connect_timeout_s=min(1.0, self.config.connect_timeout_s),
+                timeout_s=2.0,
+                max_frame=self.config.handshake_max_length,
+                what="previous owner of this segment name",
+                **self._rpc_auth,
             )
-            self._directory.unpublish(self.segment_name)
-        self._directory.publish_rpc_meta(self.segment_name, meta)
+        except MooncakeError:
+            return False
+        return True
 
     # ------------------------------------------------------------------------------
     # descriptor
@@ -314,6 +329,25 @@ class TransferEngine(MemoryOps):
         for t in self._transports:
             t.registry_changed()
 
+    def _quiesce(self, regions: Iterable[Region]) -> None:
+        """Wait until no transfer uses ``regions`` (already removed from the registry)."""
+        drain = self.config.unregister_drain_s
+        for region in regions:
+            what = f"of segment {self.segment_name!r}"
+            cut = self._registry.quiesce(region, drain_s=drain, what=what)
+            for t in self._transports:
+                t.quiesce(region, drain_s=drain)
+            if cut:
+                log.warning(
+                    "unregister [%#x, +%d) %s: %d transfer(s) did not finish within %.1f s; "
+                    "their connections were cut (the peers see the requests fail)",
+                    region.addr,
+                    region.length,
+                    what,
+                    cut,
+                    drain,
+                )
+
     def republish(self) -> None:
         """Write our rpc_meta and descriptor to the metadata server again (it
         restarted and lost them, e.g. the one embedded in a store master)."""
@@ -343,6 +377,7 @@ class TransferEngine(MemoryOps):
         name = name.lstrip("/")
         if name == self.segment_name:
             return LOCAL_SEGMENT_ID
+        check_name(name, "segment name")
         self.segment(name)
         with self._handle_lock:
             handle = self._handles.get(name)
@@ -477,10 +512,15 @@ class TransferEngine(MemoryOps):
         def done(s: Slice, err: BaseException | None) -> None:
             errors[s.index] = err
 
+        metrics = self._metrics
         for peer, transport, slices in groups:
+            started = time.perf_counter_ns() if metrics is not None else 0
             self._execute(transport, peer, slices, deadline, done)
             if not peer.local and any(isinstance(errors[s.index], PeerSocketError) for s in slices):
                 self._retry_after_refresh(peer, slices, errors, deadline, done)
+            if metrics is not None:
+                latency_us = (time.perf_counter_ns() - started) // 1000
+                metrics.record(transport.name, slices, errors, latency_us)
         failed = [e for e in errors if e is not None]
         if failed:
             raise TransferFailed(
@@ -582,14 +622,32 @@ class TransferEngine(MemoryOps):
     def _run_group(
         self, batch: Batch, peer: Peer, transport: Transport, slices: list[Slice], deadline: float
     ) -> None:
+        metrics = self._metrics
+        started = time.perf_counter_ns() if metrics is not None else 0
+        outcome: dict[int, BaseException | None] = {}
+
+        def done(s: Slice, err: BaseException | None) -> None:
+            outcome[s.index] = err
+            batch.complete(s.index, err)
+
         try:
             self._execute(
-                transport, peer, slices, deadline, lambda s, err: batch.complete(s.index, err)
+                transport,
+                peer,
+                slices,
+                deadline,
+                done if metrics is not None else lambda s, err: batch.complete(s.index, err),
             )
         except BaseException as exc:  # a bug must not leave tasks pending forever
             log.exception("transport %s failed unexpectedly", transport.name)
             for s in slices:  # (tasks already finished ignore this)
                 batch.complete(s.index, exc)
+                outcome[s.index] = exc
+        if metrics is not None:
+            for s in slices:  # a slice the transport never reported did not succeed
+                outcome.setdefault(s.index, TimeoutError("not completed"))
+            latency_us = (time.perf_counter_ns() - started) // 1000
+            metrics.record(transport.name, slices, outcome, latency_us)
 
     def _batch_completed(self, batch: Batch) -> None:
         if batch.notify is None or batch.status().state.name != "COMPLETED":
@@ -641,18 +699,51 @@ class TransferEngine(MemoryOps):
             timeout_s=self.config.rpc_io_timeout_s,
             max_frame=self.config.handshake_max_length,
             what=f"RPC port of segment {name!r}",
+            **self._rpc_auth,
         )
         if not isinstance(reply, dict) or not reply.get("notify_msg"):
-            raise HandshakeRejected(f"segment {name!r} rejected the notification {message.name!r}")
+            why = reply.get("error") if isinstance(reply, dict) else None
+            raise HandshakeRejected(
+                f"segment {name!r} rejected the notification {message.name!r}"
+                + (f": {str(why)[:300]}" if why else "")
+            )
+
+    def _queue_notify(self, message: NotifyMessage) -> str | None:
+        """RPC server callback: queue a notification, or say why it is refused."""
+        size = len(message.name.encode()) + len(message.notify_msg.encode()) + _NOTIFY_OVERHEAD
+        cfg = self.config
+        with self._notify_lock:
+            count = len(self._notifies)
+            if (
+                count < cfg.notify_queue_max
+                and self._notify_bytes + size <= cfg.notify_queue_max_bytes
+            ):
+                self._notifies.append((message, size))
+                self._notify_bytes += size
+                return None
+            self.notifies_refused += 1
+            held = self._notify_bytes
+        reason = (
+            f"the notification queue of segment {self.segment_name!r} is full ({count} messages, "
+            f"{held} bytes; limits {cfg.notify_queue_max} / {cfg.notify_queue_max_bytes}): the "
+            "receiver does not call get_notifs() often enough"
+        )
+        self._notify_log(
+            "full",
+            logging.WARNING,
+            "refused a notification %r: %s",
+            message.name[:100],
+            reason,
+        )
+        return reason
 
     def get_notifies(self) -> list[NotifyMessage]:
         """Drain and return the notifications received so far."""
-        out = []
-        while True:
-            try:
-                out.append(self._notifies.popleft())
-            except IndexError:
-                return out
+        with self._notify_lock:
+            out = [m for m, _ in self._notifies]
+            self._notifies.clear()
+            self._notify_bytes = 0
+        return out
 
     def probe(self, target: str | int) -> None:
         """Check that a peer's RPC port answers.
@@ -670,7 +761,25 @@ class TransferEngine(MemoryOps):
             timeout_s=min(10.0, self.config.rpc_io_timeout_s),
             max_frame=self.config.handshake_max_length,
             what=f"RPC port of segment {name!r}",
+            **self._rpc_auth,
         )
+
+    # ------------------------------------------------------------------------------
+    # metrics
+    # ------------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> EngineMetrics | None:
+        """Per-transport request counts, bytes, failures, latency and sizes (TENT's
+        names), or None until :meth:`enable_metrics` (store clients enable them)."""
+        return self._metrics
+
+    def enable_metrics(self) -> EngineMetrics:
+        """Start recording transfer metrics (idempotent; a few hundred ns per group of
+        requests, so an engine nobody scrapes does not pay for them)."""
+        if self._metrics is None:
+            self._metrics = EngineMetrics()
+        return self._metrics
 
     # ------------------------------------------------------------------------------
     # lifecycle

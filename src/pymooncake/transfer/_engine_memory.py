@@ -45,6 +45,9 @@ class MemoryOps:
     def _registry_changed(self) -> None:
         raise NotImplementedError
 
+    def _quiesce(self, regions: Iterable[Region]) -> None:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------------------
     # memory
     # ------------------------------------------------------------------------------
@@ -202,20 +205,29 @@ class MemoryOps:
     def unregister(self, memory: object, *, publish: bool = True) -> Region:
         """Unregister the buffer registered at this address (int) or object.
 
+        Returns only when no transfer can touch the buffer any more: requests
+        from peers that already started on it (TCP, same-host copies, local
+        copies) finish -- or, past ``unregister_drain_s``, have their
+        connections cut -- and no new one can start.
+
         Raises:
             AddressNotRegistered: nothing is registered there.
+            MetadataError: re-publishing failed (the buffer is unregistered anyway).
         """
         self._check_open()
         addr = memory if isinstance(memory, int) else address_of(memory)[0]
         region = self._registry.remove(addr)
-        if publish:
-            self._publish()
-        else:
-            self._registry_changed()
+        try:
+            if publish:
+                self._publish()
+            else:
+                self._registry_changed()
+        finally:
+            self._quiesce([region])
         return region
 
     def unregister_many(self, addrs: Iterable[int]) -> None:
-        """Unregister each address, publishing once.
+        """Unregister each address, publishing once; waits like :meth:`unregister`.
 
         Raises:
             AddressNotRegistered: for the first address that was not registered
@@ -223,12 +235,16 @@ class MemoryOps:
         """
         self._check_open()
         first: MooncakeError | None = None
+        removed: list[Region] = []
         for a in addrs:
             try:
-                self._registry.remove(a)
+                removed.append(self._registry.remove(a))
             except AddressNotRegistered as exc:
                 first = first or exc
-        self._publish()
+        try:
+            self._publish()
+        finally:
+            self._quiesce(removed)
         if first is not None:
             raise first
 
@@ -269,7 +285,10 @@ class MemoryOps:
         current = self._registry.find(addr, 1)
         if current is region:
             self._registry.remove(addr)
-            self._publish()
+            try:
+                self._publish()
+            finally:
+                self._quiesce([region])  # nothing may copy into memory about to be unmapped
         _release(region)
 
     @property

@@ -11,6 +11,16 @@ Lookups run on every incoming request, from many threads, so the registry is
 copy-on-write: writers build a new immutable snapshot under a lock, readers
 use whatever snapshot is current without locking.
 
+Unregistering waits for the transfers that use a region (:meth:`MemoryRegistry.quiesce`):
+every thread that touches registered memory on a peer's behalf holds a
+:class:`UseSlot` and *pins* the region before it copies (``slot.region =
+region``, then checks the region is still registered); unregistering removes
+the region first, then waits until no slot holds it, cutting the connections of
+slots that do not let go in time.  Pinning costs two attribute stores and a
+snapshot comparison -- no lock on the request path.  (CPython's GIL makes the
+store/load pairs of both sides sequentially consistent: either the pinning
+thread sees the removal, or the unregistering thread sees the pin.)
+
 A view over a raw address is made with ctypes; nothing keeps memory that the
 caller frees alive (the same contract as the reference).  Memory we allocate
 ourselves (managed buffers) is owned by the region and unmapped when the last
@@ -22,9 +32,12 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -39,6 +52,7 @@ __all__ = [
     "DEVICE_VIEW",
     "MemoryRegistry",
     "Region",
+    "UseSlot",
     "address_of",
     "allocate_anonymous",
     "allocate_shared",
@@ -331,6 +345,25 @@ class Region:
             backend.copy(laddr, addr, n)
 
 
+log = logging.getLogger("pymooncake.memory")
+
+
+class UseSlot:
+    """One thread's (or connection's) claim on the region it is copying to/from.
+
+    ``region`` is set by :meth:`MemoryRegistry.pin` and cleared by the holder
+    once no byte of that region is in use any more (payload received, reply
+    sent).  ``abort`` (optional) cuts what the holder is blocked on -- e.g.
+    shuts its connection down -- when an unregister cannot wait longer.
+    """
+
+    __slots__ = ("abort", "region")
+
+    def __init__(self, abort: Callable[[], None] | None = None) -> None:
+        self.region: Region | None = None
+        self.abort = abort
+
+
 @dataclass(frozen=True)
 class _Snapshot:
     starts: tuple[int, ...] = ()
@@ -344,6 +377,7 @@ class MemoryRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._snap = _Snapshot()
+        self._slots: set[UseSlot] = set()
 
     # --- queries (lock-free) -----------------------------------------------
 
@@ -367,6 +401,75 @@ class MemoryRegistry:
             return None
         region = self.find(addr, length)
         return region if region is not None and region.remote_accessible else None
+
+    # --- pins (see the module docstring) ------------------------------------------
+
+    def new_slot(self, abort: Callable[[], None] | None = None) -> UseSlot:
+        """A slot that :meth:`quiesce` watches; :meth:`drop_slot` it when done."""
+        slot = UseSlot(abort)
+        with self._lock:
+            self._slots.add(slot)
+        return slot
+
+    def drop_slot(self, slot: UseSlot) -> None:
+        slot.region = None
+        with self._lock:
+            self._slots.discard(slot)
+
+    def pin(self, slot: UseSlot, addr: int, length: int) -> Region | None:
+        """:meth:`find_remote`, and claim the region in ``slot`` until the caller
+        clears ``slot.region``; None (nothing claimed) if it is not registered."""
+        if length <= 0 or addr < 0 or addr + length > U64_MAX:
+            return None
+        snap = self._snap
+        i = bisect.bisect_right(snap.starts, addr) - 1
+        if i < 0:
+            return None
+        region = snap.regions[i]
+        if addr + length > region.end or not region.remote_accessible:
+            return None
+        slot.region = region
+        if self._snap is not snap and self.find(addr, length) is not region:
+            slot.region = None  # unregistered between the lookup and the claim
+            return None
+        return region
+
+    def quiesce(self, region: Region, *, drain_s: float, what: str = "") -> int:
+        """Wait until no slot holds ``region`` (call after :meth:`remove`).
+
+        In-flight requests get ``drain_s`` to finish; the slots still holding
+        the region then have their ``abort`` called (their connections are cut)
+        and are waited for again.
+
+        Returns:
+            How many slots had to be aborted.
+        """
+        deadline = time.monotonic() + drain_s
+        aborted: set[UseSlot] = set()
+        delay = 0.0005
+        while True:
+            with self._lock:
+                holders = [s for s in self._slots if s.region is region]
+            if not holders:
+                return len(aborted)
+            now = time.monotonic()
+            if now >= deadline:
+                for slot in holders:
+                    if slot not in aborted and slot.abort is not None:
+                        aborted.add(slot)
+                        slot.abort()
+                if now >= deadline + 10.0:
+                    log.error(
+                        "unregister %s: %d transfer(s) still use [%#x, +%d) after their "
+                        "connections were cut; continuing (a thread is stuck in a copy)",
+                        what,
+                        len(holders),
+                        region.addr,
+                        region.length,
+                    )
+                    return len(aborted)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
 
     def resolve(self, addr: int, length: int) -> memoryview:
         """View of registered bytes.

@@ -17,12 +17,13 @@ a reference reader and a reference writer's additions never break us.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..errors import MalformedMessage
+from ._rpc import loads_json
+from ._tcp import U64_MAX
 
 __all__ = [
     "BufferDesc",
@@ -168,22 +169,43 @@ def encode_rpc_meta(meta: RpcMeta) -> dict[str, Any]:
 
 def _load(value: Any, what: str) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview, str)):
-        try:
-            return json.loads(bytes(value) if not isinstance(value, str) else value)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MalformedMessage(f"{what} is not valid JSON: {exc}") from exc
+        return loads_json(value, what)
     return value
 
 
-def _int(obj: Mapping[str, Any], key: str, what: str, default: int | None = None) -> int:
+def _int(
+    obj: Mapping[str, Any],
+    key: str,
+    what: str,
+    default: int | None = None,
+    limit: int = U64_MAX,
+) -> int:
     value = obj.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
         if value is None:
             raise MalformedMessage(f"{what}: field {key!r} is missing")
         raise MalformedMessage(
-            f"{what}: field {key!r} must be a non-negative integer, got {value!r}"
+            f"{what}: field {key!r} must be a non-negative integer (at most {limit}), got "
+            f"{_short(value)}"
         )
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _keys(raw: Mapping[str, Any], name: str, what: str) -> tuple[int, ...]:
+    value = raw.get(name) or []
+    if not isinstance(value, list):
+        raise MalformedMessage(f"{what}: field {name!r} must be a list of integers")
+    out = []
+    for k in value:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 0xFFFFFFFF:
+            raise MalformedMessage(f"{what}: {name} entries must be 32-bit integers")
+        out.append(k)
+    return tuple(out)
 
 
 def _str(obj: Mapping[str, Any], key: str, what: str, default: str | None = None) -> str:
@@ -191,7 +213,7 @@ def _str(obj: Mapping[str, Any], key: str, what: str, default: str | None = None
     if not isinstance(value, str):
         if value is None:
             raise MalformedMessage(f"{what}: field {key!r} is missing")
-        raise MalformedMessage(f"{what}: field {key!r} must be a string, got {value!r}")
+        raise MalformedMessage(f"{what}: field {key!r} must be a string, got {_short(value)}")
     return value
 
 
@@ -211,13 +233,18 @@ def decode_segment(value: Any, segment_name: str = "") -> SegmentDesc:
         raise MalformedMessage(f"{what} must be a JSON object, got {type(obj).__name__}")
     protocol_raw = obj.get("protocol", "")
     if isinstance(protocol_raw, list):  # ENABLE_MULTI_PROTOCOL builds
-        protocol = ",".join(str(p) for p in protocol_raw)
+        if not all(isinstance(p, str) for p in protocol_raw):
+            raise MalformedMessage(f"{what}: field 'protocol' must list strings")
+        protocol = ",".join(protocol_raw)
     elif isinstance(protocol_raw, str):
         protocol = protocol_raw
     else:
         raise MalformedMessage(f"{what}: field 'protocol' must be a string")
     devices = []
-    for dev in obj.get("devices", None) or ():
+    raw_devices = obj.get("devices", None) or []
+    if not isinstance(raw_devices, list):
+        raise MalformedMessage(f"{what}: field 'devices' must be a list")
+    for dev in raw_devices:
         if not isinstance(dev, dict):
             raise MalformedMessage(f"{what}: device entries must be objects")
         d = DeviceDesc(
@@ -237,8 +264,8 @@ def decode_segment(value: Any, segment_name: str = "") -> SegmentDesc:
     for raw in raw_buffers:
         if not isinstance(raw, dict):
             raise MalformedMessage(f"{what}: buffer entries must be objects")
-        rkey = tuple(int(k) for k in raw.get("rkey", ()) or ())
-        lkey = tuple(int(k) for k in raw.get("lkey", ()) or ())
+        rkey = _keys(raw, "rkey", what)
+        lkey = _keys(raw, "lkey", what)
         buf = BufferDesc(
             name=_str(raw, "name", what, ""),
             addr=_int(raw, "addr", what, 0),
@@ -251,6 +278,8 @@ def decode_segment(value: Any, segment_name: str = "") -> SegmentDesc:
             raise MalformedMessage(
                 f"{what}: buffer with empty name, zero addr or zero length (corrupted descriptor)"
             )
+        if buf.end > U64_MAX:
+            raise MalformedMessage(f"{what}: buffer at {buf.addr:#x} extends past 2^64")
         if (rkey or lkey) and (len(rkey) != len(lkey) or len(rkey) != len(devices)):
             raise MalformedMessage(f"{what}: rkey/lkey counts do not match the device list")
         buffers.append(buf)
@@ -262,8 +291,8 @@ def decode_segment(value: Any, segment_name: str = "") -> SegmentDesc:
         name=_str(obj, "name", what, segment_name),
         protocol=protocol,
         buffers=tuple(buffers),
-        tcp_data_port=_int(obj, "tcp_data_port", what, 0),
-        tcp_proto_version=_int(obj, "tcp_proto_version", what, 1),
+        tcp_data_port=_int(obj, "tcp_data_port", what, 0, 65535),
+        tcp_proto_version=_int(obj, "tcp_proto_version", what, 1, 255),
         timestamp=_str(obj, "timestamp", what, ""),
         rdma_server_name=_str(obj, "rdma_server_name", what, ""),
         tcp_data_host=tcp_data_host or None,

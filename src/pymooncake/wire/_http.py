@@ -64,6 +64,10 @@ _REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-
 _HEADER_NAME: Final = re.compile(_TOKEN)
 _BAD_VALUE_CHARS: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEADERS_END: Final = re.compile(rb"\r?\n\r?\n")
+#: a u64 has 20 digits; any longer Content-Length is refused before int() sees it
+_MAX_LENGTH_DIGITS: Final = 20
+#: query parameters accepted per request (parse_qsl's max_num_fields)
+MAX_QUERY_FIELDS: Final = 256
 
 
 class HttpParseError(MalformedMessage):
@@ -246,6 +250,17 @@ class RequestParser:
         return bytes(self._buf)
 
     @property
+    def expected_body(self) -> int:
+        """The ``Content-Length`` of the request whose headers are parsed and whose
+        body is still arriving (0 otherwise): reserve it before buffering it."""
+        return self._head.body_bytes if self._head is not None else 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held by the parser."""
+        return len(self._buf)
+
+    @property
     def in_progress(self) -> bool:
         """True while part of a request has been received."""
         return self._head is not None or bool(self._buf.strip(b"\r\n"))
@@ -367,7 +382,10 @@ def _split_target(target: str) -> tuple[str, dict[str, str]]:
     if target.startswith("/"):
         raw_path, _, raw_query = target.partition("?")
     elif target.lower().startswith(("http://", "https://")):
-        parts = urllib.parse.urlsplit(target)
+        try:
+            parts = urllib.parse.urlsplit(target)
+        except ValueError:
+            raise HttpParseError(400, f"request target {target[:200]!r} is not a URL") from None
         raw_path, raw_query = parts.path or "/", parts.query
     else:
         raise HttpParseError(
@@ -375,9 +393,24 @@ def _split_target(target: str) -> tuple[str, dict[str, str]]:
         )
     raw_path = raw_path.partition("#")[0]
     query: dict[str, str] = {}
-    for name, value in urllib.parse.parse_qsl(raw_query, keep_blank_values=True):
+    try:
+        pairs = urllib.parse.parse_qsl(
+            raw_query, keep_blank_values=True, errors="strict", max_num_fields=MAX_QUERY_FIELDS
+        )
+        path = urllib.parse.unquote(raw_path, errors="strict")
+    except UnicodeDecodeError:
+        raise HttpParseError(
+            400,
+            f"request target {target[:200]!r} percent-encodes bytes that are not UTF-8; "
+            "names and keys must be valid UTF-8",
+        ) from None
+    except ValueError:
+        raise HttpParseError(
+            400, f"request target has more than {MAX_QUERY_FIELDS} query parameters"
+        ) from None
+    for name, value in pairs:
         query.setdefault(name, value)
-    return urllib.parse.unquote(raw_path), query
+    return path, query
 
 
 def _parse_headers(lines: list[bytes]) -> dict[str, str]:
@@ -409,8 +442,14 @@ def _content_length(value: str | None, max_body: int) -> int:
         raise HttpParseError(400, f"conflicting Content-Length values {value!r}")
     (text,) = values
     if not text.isdigit() or not text.isascii():
-        raise HttpParseError(400, f"Content-Length {value!r} is not a non-negative integer")
-    length = int(text)
+        raise HttpParseError(400, f"Content-Length {value[:40]!r} is not a non-negative integer")
+    digits = text.lstrip("0") or "0"
+    if len(digits) > _MAX_LENGTH_DIGITS:  # int() of thousands of digits is slow or refused
+        raise HttpParseError(
+            413,
+            f"request body of a {len(digits)}-digit length exceeds the limit of {max_body} bytes",
+        )
+    length = int(digits)
     if length > max_body:
         raise HttpParseError(
             413,

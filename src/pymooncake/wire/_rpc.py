@@ -38,6 +38,7 @@ __all__ = [
     "dumps_json",
     "encode_frame",
     "encode_frame_json",
+    "loads_json",
 ]
 
 LENGTH: Final = struct.Struct("<Q")
@@ -46,6 +47,9 @@ LENGTH: Final = struct.Struct("<Q")
 DEFAULT_MAX_FRAME_LENGTH: Final = 1 << 20
 #: the reference accepts MC_HANDSHAKE_MAX_LENGTH up to 128 MiB
 MAX_FRAME_LENGTH_LIMIT: Final = 128 << 20
+#: deepest JSON nesting accepted from a peer; descriptors nest 4 levels (object,
+#: buffers list, buffer object, rkey list), priority matrices 5
+MAX_JSON_DEPTH: Final = 32
 
 
 class MessageType(IntEnum):
@@ -72,6 +76,66 @@ class NeedData:
 NEED_DATA: Final = NeedData()
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} does not fit a double")
+    return value
+
+
+def loads_json(data: bytes | bytearray | memoryview | str, what: str, hint: str = "") -> Any:
+    """Parse JSON from a peer, strictly.
+
+    Refused (with :class:`MalformedMessage` naming ``what``): invalid UTF-8 or
+    JSON, ``NaN``/``Infinity``, numbers beyond a double or longer than Python's
+    integer digit limit, nesting deeper than :data:`MAX_JSON_DEPTH`, and
+    strings or keys with lone surrogates (``"\\ud800"``: they cannot be
+    encoded again, so one such name would break every reply that lists it).
+    ``hint`` is appended to the message of a syntax error.
+    """
+    try:
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise MalformedMessage(f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise MalformedMessage(f"{what} carries invalid JSON ({str(exc)[:200]}){hint}") from None
+    _check_json(value, what)
+    return value
+
+
+def _check_json(value: Any, what: str) -> None:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, what)
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise MalformedMessage(f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(item, dict):
+                for k, v in item.items():
+                    _check_text(k, what)
+                    stack.append((v, depth + 1))
+            else:
+                stack.extend((v, depth + 1) for v in item)
+
+
+def _check_text(text: str, what: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MalformedMessage(
+                f"{what} contains a string with a lone surrogate ({text[:60]!r}); names and keys "
+                "must be valid Unicode"
+            ) from None
+
+
 def take_bytes(buf: bytearray, start: int, end: int) -> bytes:
     """``bytes(buf[start:end])`` in one copy (slicing a bytearray copies too).
 
@@ -94,13 +158,11 @@ class Frame:
         Raises:
             MalformedMessage: the body is not valid JSON.
         """
-        try:
-            return json.loads(self.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MalformedMessage(
-                f"RPC frame of type {self.type.name} carries invalid JSON ({exc}); "
-                "the peer is not a Mooncake transfer engine or speaks another version"
-            ) from exc
+        return loads_json(
+            self.body,
+            f"RPC frame of type {self.type.name}",
+            "; the peer is not a Mooncake transfer engine or speaks another version",
+        )
 
 
 def dumps_json(obj: Any) -> bytes:
@@ -144,6 +206,33 @@ class FrameDecoder:
     def trailing(self) -> bytes:
         return bytes(self._buf)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held (for aggregate buffer accounting)."""
+        return len(self._buf)
+
+    def pending_length(self) -> int | None:
+        """The ``length`` of the frame being received once its 8 length bytes
+        are in (None before), checked like :meth:`next_frame` checks it.
+
+        Raises:
+            MalformedMessage: zero or above the limit.
+        """
+        if len(self._buf) < LENGTH.size:
+            return None
+        (length,) = LENGTH.unpack_from(self._buf, 0)
+        self._check_length(length)
+        return int(length)
+
+    def _check_length(self, length: int) -> None:
+        if length == 0:
+            raise MalformedMessage("RPC frame with length 0 (the reference rejects it too)")
+        if length > self._max_length:
+            raise MalformedMessage(
+                f"RPC frame of {length} bytes exceeds the limit of {self._max_length} bytes "
+                "(MC_HANDSHAKE_MAX_LENGTH); raise it on this side if descriptors are that large"
+            )
+
     def feed(self, data: bytes) -> None:
         self._buf += data
 
@@ -152,13 +241,7 @@ class FrameDecoder:
         if len(buf) < LENGTH.size:
             return NEED_DATA
         (length,) = LENGTH.unpack_from(buf, 0)
-        if length == 0:
-            raise MalformedMessage("RPC frame with length 0 (the reference rejects it too)")
-        if length > self._max_length:
-            raise MalformedMessage(
-                f"RPC frame of {length} bytes exceeds the limit of {self._max_length} bytes "
-                "(MC_HANDSHAKE_MAX_LENGTH); raise it on this side if descriptors are that large"
-            )
+        self._check_length(length)
         end = LENGTH.size + length
         if len(buf) < end:
             return NEED_DATA

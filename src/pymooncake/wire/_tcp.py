@@ -11,7 +11,8 @@ Each request on a data connection starts with a 24-byte ``SessionHeader``::
     u8[7]        padding (zeros sent, ignored on receive)
 
 Protocol v2 adds 8-byte status frames from the target: ``MCTV`` in the high
-32 bits and a code in the low 32 bits (0 OK, 1 address rejected).  For a WRITE
+32 bits and a code in the low 32 bits (0 OK, 1 address rejected; pymooncake
+adds 2: authentication required).  For a WRITE
 the status follows the payload; for a READ it precedes the payload.  A v1
 target simply closes the connection on a bad address.
 
@@ -33,6 +34,7 @@ __all__ = [
     "OPCODE_WRITE",
     "STATUS",
     "STATUS_ADDR_REJECTED",
+    "STATUS_AUTH_REQUIRED",
     "STATUS_MAGIC",
     "STATUS_OK",
     "U64_MAX",
@@ -56,6 +58,9 @@ V2_FLAG: Final = 0x80
 STATUS_MAGIC: Final = 0x4D435456 << 32  # "MCTV"
 STATUS_OK: Final = STATUS_MAGIC | 0
 STATUS_ADDR_REJECTED: Final = STATUS_MAGIC | 1
+#: pymooncake extension: the target requires cluster authentication and the
+#: initiator sent a request without it (a reference peer reads it as a rejection)
+STATUS_AUTH_REQUIRED: Final = STATUS_MAGIC | 2
 
 #: largest value of the header's u64 fields (and of an address range's end)
 U64_MAX: Final = (1 << 64) - 1

@@ -1,33 +1,42 @@
-"""Metadata backends behind one get/set/remove interface, chosen by connection string.
+"""Metadata backends behind one interface, chosen by connection string.
 
-==========================  =============================================
-``P2PHANDSHAKE``            no store: peers fetch descriptors over RPC
-``http://host:port/path``   :class:`HttpMetadataStore`
-``memory://name``           :class:`MemoryMetadataStore` (in-process)
-``etcd://h1:2379,h2``       not available yet (clear error)
-``host:port``               etcd, as in the reference (clear error)
-``redis://host:port``       not available yet (clear error)
-==========================  =============================================
+==============================  ==============================================
+``P2PHANDSHAKE``                no store: peers fetch descriptors over RPC
+``http://host:port/path``       :class:`HttpMetadataStore` (``https://`` too)
+``etcd://h1:2379;h2:2379``      :class:`~.etcd.EtcdMetadataStore` (``,`` too)
+``host:port``                   etcd, as in the reference (no scheme = etcd)
+``redis://host:port``           :class:`~.redis.RedisMetadataStore` (redis-py)
+``memory://name``               :class:`MemoryMetadataStore` (in-process)
+==============================  ==============================================
+
+:data:`BACKENDS` maps a scheme to the function that opens it; the etcd and
+Redis modules are imported only when chosen (Redis needs the optional
+``redis`` package).  :func:`register_backend` adds one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...config import EngineConfig
-from ...errors import ConfigError, NotSupported
-from ._base import MetadataStore
+from ...errors import ConfigError
+from ._base import MetadataConflict, MetadataStore, is_rpc_meta_key
 from .http import HttpMetadataStore
 from .memory import MemoryMetadataStore
 
 __all__ = [
+    "BACKENDS",
     "P2P_HANDSHAKE",
     "HttpMetadataStore",
     "MemoryMetadataStore",
+    "MetadataConflict",
     "MetadataStore",
     "MetadataTarget",
     "connect_metadata",
+    "is_rpc_meta_key",
     "parse_metadata_target",
+    "register_backend",
 ]
 
 P2P_HANDSHAKE = "P2PHANDSHAKE"
@@ -37,8 +46,8 @@ P2P_HANDSHAKE = "P2PHANDSHAKE"
 class MetadataTarget:
     """A parsed ``metadata_server`` string."""
 
-    scheme: str  # "p2p", "http", "memory", "etcd", "redis"
-    location: str  # the part after "scheme://" (or the whole URL for http)
+    scheme: str  # "p2p", "http", "memory", "etcd", "redis", or a registered one
+    location: str  # the part after "scheme://" (the whole URL for http)
 
     @property
     def is_p2p(self) -> bool:
@@ -46,7 +55,8 @@ class MetadataTarget:
 
 
 def parse_metadata_target(conn: str) -> MetadataTarget:
-    """Classify a metadata connection string the way the reference does.
+    """Classify a metadata connection string the way the reference does
+    (``parseConnectionString``: no ``://`` means etcd).
 
     Raises:
         ConfigError: empty string or an unknown ``scheme://``.
@@ -54,53 +64,91 @@ def parse_metadata_target(conn: str) -> MetadataTarget:
     text = conn.strip()
     if not text:
         raise ConfigError(
-            "metadata_server is empty; use 'P2PHANDSHAKE', 'http://host:port/metadata' "
-            "or 'etcd://host:2379'"
+            "metadata_server is empty; use 'P2PHANDSHAKE', 'http://host:port/metadata', "
+            "'etcd://host:2379' or 'redis://host:6379'"
         )
     if text.upper() == P2P_HANDSHAKE:
         return MetadataTarget("p2p", "")
     scheme, sep, rest = text.partition("://")
     if not sep:
-        # reference: a bare "host:port[,host:port]" means etcd
         return MetadataTarget("etcd", text)
     scheme = scheme.lower()
+    if scheme == "p2p":
+        return MetadataTarget("p2p", "")
     if scheme in ("http", "https"):
         return MetadataTarget("http", text)
-    if scheme in ("etcd", "redis", "memory", "p2p"):
-        if scheme == "p2p":
-            return MetadataTarget("p2p", "")
+    if scheme in BACKENDS:
         return MetadataTarget(scheme, rest)
     raise ConfigError(
-        f"metadata_server {conn!r} has unknown scheme {scheme!r}; use P2PHANDSHAKE, http://, "
-        "etcd:// or redis://"
+        f"metadata_server {conn!r} has unknown scheme {scheme!r}; use P2PHANDSHAKE, "
+        f"{', '.join(s + '://' for s in sorted(BACKENDS))}"
     )
+
+
+Opener = Callable[[MetadataTarget, EngineConfig], MetadataStore]
+
+
+def _open_http(target: MetadataTarget, config: EngineConfig) -> MetadataStore:
+    return HttpMetadataStore(
+        target.location,
+        timeout_s=config.metadata_timeout_s,
+        connect_timeout_s=config.metadata_connect_timeout_s,
+        security=config.security,
+    )
+
+
+def _open_memory(target: MetadataTarget, config: EngineConfig) -> MetadataStore:
+    return MemoryMetadataStore(target.location or "default")
+
+
+def _open_etcd(target: MetadataTarget, config: EngineConfig) -> MetadataStore:
+    from .etcd import EtcdMetadataStore
+
+    return EtcdMetadataStore(
+        target.location,
+        timeout_s=config.metadata_timeout_s,
+        connect_timeout_s=config.metadata_connect_timeout_s,
+    )
+
+
+def _open_redis(target: MetadataTarget, config: EngineConfig) -> MetadataStore:
+    from .redis import RedisMetadataStore
+
+    return RedisMetadataStore(
+        target.location,
+        username=config.redis_username,
+        password=config.redis_password,
+        db_index=config.redis_db_index,
+        timeout_s=config.metadata_timeout_s,
+        connect_timeout_s=config.metadata_connect_timeout_s,
+    )
+
+
+#: scheme -> opener; ``http`` also serves ``https``
+BACKENDS: dict[str, Opener] = {
+    "http": _open_http,
+    "https": _open_http,
+    "etcd": _open_etcd,
+    "redis": _open_redis,
+    "memory": _open_memory,
+}
+
+
+def register_backend(scheme: str, opener: Opener) -> None:
+    """Make ``scheme://...`` open with ``opener(target, config)``."""
+    BACKENDS[scheme.lower()] = opener
 
 
 def connect_metadata(target: MetadataTarget, config: EngineConfig) -> MetadataStore | None:
     """Open the backend for ``target``; None for P2P handshake mode.
 
     Raises:
-        NotSupported: etcd/redis, which this build does not provide yet.
+        ConfigError: the location is unusable for that backend.
+        NotSupported: the backend needs a package that is not installed.
     """
     if target.is_p2p:
         return None
-    if target.scheme == "http":
-        return HttpMetadataStore(
-            target.location,
-            timeout_s=config.metadata_timeout_s,
-            connect_timeout_s=config.metadata_connect_timeout_s,
-        )
-    if target.scheme == "memory":
-        return MemoryMetadataStore(target.location or "default")
-    if target.scheme == "etcd":
-        raise NotSupported(
-            f"metadata server {target.location!r} is an etcd address (plain 'host:port' and "
-            "'etcd://' mean etcd, as in the reference), and the etcd backend is not available in "
-            "this pymooncake release. Use metadata_server='P2PHANDSHAKE' (no server needed) or "
-            "run `mooncake_http_metadata_server --port 8080` and use "
-            "'http://<host>:8080/metadata'"
-        )
-    raise NotSupported(
-        f"metadata backend {target.scheme!r} ({target.location!r}) is not available in this "
-        "pymooncake release; use 'P2PHANDSHAKE' or an http:// metadata server"
-    )
+    opener = BACKENDS.get(target.scheme)
+    if opener is None:
+        raise ConfigError(f"no metadata backend for scheme {target.scheme!r}")
+    return opener(target, config)

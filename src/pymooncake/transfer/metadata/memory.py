@@ -27,14 +27,28 @@ class MemoryMetadataStore(MetadataStore):
         with self._lock:
             return self._data.get(key)
 
-    def set(self, key: str, value: bytes) -> None:
+    def _write(self, key: str, value: bytes) -> None:
         with self._lock:
             self._data[key] = bytes(value)
+
+    def create(self, key: str, value: bytes) -> bool:
+        with self._lock:
+            if key in self._data:
+                return False
+            self._data[key] = bytes(value)
+            return True
 
     def remove(self, key: str) -> bool:
         with self._lock:
             return self._data.pop(key, None) is not None
 
-    def keys(self) -> list[str]:
+    def compare_and_remove(self, key: str, expected: bytes) -> bool:
         with self._lock:
-            return sorted(self._data)
+            if self._data.get(key) != expected:
+                return False
+            del self._data[key]
+            return True
+
+    def keys(self, prefix: str = "") -> list[str]:
+        with self._lock:
+            return sorted(k for k in self._data if k.startswith(prefix))

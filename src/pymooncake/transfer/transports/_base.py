@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...config import EngineConfig
 from ...wire import SegmentDesc
-from .._memory import MemoryRegistry
+from .._memory import MemoryRegistry, Region
 from ..device._interface import DeviceSpan
 
 if TYPE_CHECKING:
@@ -119,6 +119,10 @@ class Transport(abc.ABC):
 
     def registry_changed(self) -> None:  # noqa: B027 - optional hook
         """The engine's registered memory changed (see ``TransportContext.registry``)."""
+
+    def quiesce(self, region: Region, *, drain_s: float) -> None:  # noqa: B027 - optional hook
+        """``region`` was unregistered: return once this transport can no longer
+        touch it on a peer's behalf (beyond the registry's own use slots)."""
 
     def forget_peer(self, peer: Peer) -> None:  # noqa: B027 - optional hook
         """Drop cached connections/mappings of ``peer`` (it restarted or left)."""

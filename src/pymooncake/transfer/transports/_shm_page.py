@@ -8,6 +8,9 @@ registration change and that same-host peers map read-only (see
     entries  count x (addr, length, fd, flags)        -- sorted by the reader
     devices  up to 4096 x (IPC handle, allocation base, allocation size, device)
 
+Unregistering waits on open-file-description locks of the page, one byte per
+buffer at the buffer's address (:func:`_ofd_lock`, :meth:`RegistryPage.quiesce`).
+
 Host entries carry the memfd backing the buffer (-1: reachable by
 ``process_vm_*`` only).  Device entries (flag 2) carry the index of their row
 in the device table, or -1 when the buffer has no IPC handle (peers then use
@@ -17,11 +20,14 @@ TCP for it).
 from __future__ import annotations
 
 import bisect
+import errno
+import fcntl
 import mmap
 import os
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -45,6 +51,28 @@ _CAPACITY: Final = 16384
 _DEV_CAPACITY: Final = 4096
 _DEV_TABLE: Final = _HEADER.size + _CAPACITY * _ENTRY.size
 _PAGE_BYTES: Final = _DEV_TABLE + _DEV_CAPACITY * _DEV_ENTRY.size
+#: struct flock (x86-64 / aarch64): type, whence, start, len, pid (+ padding)
+_FLOCK: Final = struct.Struct("hhqqi4x")
+_OFD_SETLK: Final = getattr(fcntl, "F_OFD_SETLK", None)
+_OFD_SETLKW: Final = getattr(fcntl, "F_OFD_SETLKW", None)
+
+
+def _ofd_lock(fd: int, kind: int, start: int, *, wait: bool) -> bool:
+    """Lock (``F_RDLCK``/``F_WRLCK``) or unlock (``F_UNLCK``) byte ``start`` of ``fd``
+    (the copy locks of ``shm.py``: one byte per buffer, at the buffer's address).
+
+    Returns False when ``wait`` is off and another lock conflicts.
+    """
+    if _OFD_SETLK is None or _OFD_SETLKW is None:  # pragma: no cover - not Linux
+        return True
+    data = _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0)
+    try:
+        fcntl.fcntl(fd, _OFD_SETLKW if wait else _OFD_SETLK, data)
+    except OSError as exc:
+        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def host_identity() -> str:
@@ -103,6 +131,18 @@ class RegistryPage:
             _HEADER.pack_into(
                 mm, 0, _MAGIC, self._seq, min(len(shared), _CAPACITY), int(overflow), self._token
             )
+
+    def quiesce(self, addr: int, deadline: float) -> bool:
+        """Wait until no peer copies to/from the buffer at ``addr`` (already gone
+        from the page); False if a peer still holds it at ``deadline``."""
+        delay = 0.0002
+        while not _ofd_lock(self.fd, fcntl.F_WRLCK, addr, wait=False):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+        _ofd_lock(self.fd, fcntl.F_UNLCK, addr, wait=False)
+        return True
 
     def close(self) -> None:
         self._mm.close()

@@ -15,6 +15,7 @@ joining payloads.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -32,6 +33,10 @@ _SEND_CHUNK: Final = 1 << 20
 
 class PeerClosed(ConnectionError):
     """The peer closed the connection (EOF) while more bytes were expected."""
+
+
+def _detached(*args: object) -> int:
+    raise PeerClosed("the reader has no connection attached")
 
 
 Buffer = bytes | bytearray | memoryview
@@ -78,30 +83,105 @@ class SocketReader:
     """Buffered reader over a blocking socket.
 
     Args:
-        sock: a connected blocking socket.
+        sock: a connected blocking socket (None: :meth:`attach` one later).
         before_block: called before a ``recv`` that would block.
         pending: if given, ``before_block`` is only considered while it returns True
             (nothing to flush: no extra non-blocking attempt).
         size: receive buffer size.
+
+    One reader (and its buffer) may serve many connections in turn: the data
+    port's workers :meth:`attach` a connection when it becomes readable and
+    :meth:`detach` it, with its few unread bytes, when it goes idle.
     """
 
-    __slots__ = ("_before_block", "_buf", "_end", "_mv", "_pending", "_recv_into", "_start", "sock")
+    __slots__ = (
+        "_before_block",
+        "_buf",
+        "_end",
+        "_mv",
+        "_pending",
+        "_recv_into",
+        "_start",
+        "patience",
+        "sock",
+    )
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: socket.socket | None,
         before_block: Callable[[], None] | None = None,
         size: int = _DEFAULT_BUFFER,
         pending: Callable[[], bool] | None = None,
     ) -> None:
-        self.sock = sock
         self._buf = bytearray(size)
         self._mv = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        self.sock: socket.socket | None = None
+        self._recv_into: Callable[..., int] = _detached
+        self._before_block: Callable[[], None] | None = None
+        self._pending: Callable[[], bool] | None = None
+        #: seconds a receive may go on timing out (short SO_RCVTIMEO) without
+        #: progress before BlockingIOError reaches the caller; None: at once
+        self.patience: float | None = None
+        if sock is not None:
+            self.attach(sock, b"", before_block, pending)
+
+    def attach(
+        self,
+        sock: socket.socket,
+        leftover: bytes = b"",
+        before_block: Callable[[], None] | None = None,
+        pending: Callable[[], bool] | None = None,
+    ) -> None:
+        """Read from ``sock`` from now on; ``leftover`` are bytes already received
+        from it (what :meth:`detach` returned)."""
+        self.sock = sock
+        self._recv_into = sock.recv_into
         self._before_block = before_block
         self._pending = pending
-        self._recv_into = sock.recv_into
+        n = len(leftover)
+        self._mv[:n] = leftover
+        self._start, self._end = 0, n
+
+    def detach(self) -> bytes:
+        """Stop reading from the socket; returns the bytes received but not consumed."""
+        left = bytes(self._mv[self._start : self._end])
+        self._start = self._end = 0
+        self.sock = None
+        self._recv_into = _detached
+        self._before_block = self._pending = None
+        return left
+
+    @property
+    def available(self) -> int:
+        """Bytes received and not yet consumed."""
+        return self._end - self._start
+
+    def fill_nowait(self, need: int, greedy: bool = True) -> bool:
+        """Receive without waiting until ``need`` bytes are buffered; False if the
+        socket has nothing more now.  ``greedy=False`` asks for exactly the
+        missing bytes (a large payload behind them stays for ``recv_into``).
+
+        Raises:
+            PeerClosed: EOF.
+        """
+        if self._end - self._start >= need:
+            return True
+        if self._start and (len(self._buf) - self._start) < need:
+            n = self._end - self._start
+            self._mv[:n] = self._mv[self._start : self._end]
+            self._start, self._end = 0, n
+        while self._end - self._start < need:
+            stop = len(self._buf) if greedy else self._start + need
+            try:
+                got = self._recv_into(self._mv[self._end : stop], 0, _DONTWAIT)
+            except BlockingIOError:
+                return False
+            if not got:
+                raise PeerClosed("peer closed the connection")
+            self._end += got
+        return True
 
     @property
     def buffer(self) -> bytearray:
@@ -130,14 +210,32 @@ class SocketReader:
 
         A non-blocking attempt comes first: while the peer keeps streaming, replies
         gathered by the caller are not flushed one by one but in one later batch.
+        A receive timeout (SO_RCVTIMEO) surfaces as BlockingIOError, unless
+        :attr:`patience` allows retrying for that long without progress.
         """
-        if self._before_block is None or (self._pending is not None and not self._pending()):
-            return self._recv_into(view)
         try:
-            return self._recv_into(view, 0, _DONTWAIT)
+            if self._before_block is None or (self._pending is not None and not self._pending()):
+                return self._recv_into(view)
+            try:
+                return self._recv_into(view, 0, _DONTWAIT)
+            except BlockingIOError:
+                self._before_block()
+                return self._recv_into(view)
         except BlockingIOError:
-            self._before_block()
-            return self._recv_into(view)
+            if self.patience is None:
+                raise
+        deadline = time.monotonic() + self.patience
+        while True:
+            try:
+                return self._recv_into(view)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise
+
+    def ensure(self, n: int, greedy: bool = True) -> None:
+        """Make ``n`` bytes available without consuming them (may block)."""
+        if self._end - self._start < n:
+            self._fill(n, greedy)
 
     def take(self, n: int, greedy: bool = True) -> int:
         """Make ``n`` bytes available and consume them; returns their offset

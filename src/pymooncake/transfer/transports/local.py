@@ -31,28 +31,36 @@ class LocalTransport(Transport):
     def execute(
         self, peer: Peer, slices: Sequence[Slice], deadline: float, on_done: SliceCallback
     ) -> None:
-        find = self._registry.find_remote
-        for s in slices:
-            n = s.length
-            if n == 0:
+        registry = self._registry
+        slot = registry.new_slot()  # unregister waits for the copy in progress
+        try:
+            for s in slices:
+                n = s.length
+                if n == 0:
+                    on_done(s, None)
+                    continue
+                region = registry.pin(slot, s.remote_addr, n)
+                if region is None:
+                    on_done(
+                        s,
+                        PeerRejected(
+                            f"address {s.remote_addr:#x} with size {n} is not within any buffer "
+                            f"registered in the local segment {peer.name!r}"
+                        ),
+                    )
+                    continue
+                try:
+                    region.copy(
+                        s.remote_addr, s.local if s.device is None else s.device, s.is_write
+                    )
+                except DeviceError as exc:
+                    on_done(s, exc)
+                    continue
+                finally:
+                    slot.region = None
                 on_done(s, None)
-                continue
-            region = find(s.remote_addr, n)
-            if region is None:
-                on_done(
-                    s,
-                    PeerRejected(
-                        f"address {s.remote_addr:#x} with size {n} is not within any buffer "
-                        f"registered in the local segment {peer.name!r}"
-                    ),
-                )
-                continue
-            try:
-                region.copy(s.remote_addr, s.local if s.device is None else s.device, s.is_write)
-            except DeviceError as exc:
-                on_done(s, exc)
-                continue
-            on_done(s, None)
+        finally:
+            registry.drop_slot(slot)
 
     def close(self) -> None:
         pass

@@ -35,6 +35,15 @@ Mappings are cached per peer and dropped when the owner unregisters the
 buffer (its fd or handle leaves the page) or the process exits (a ``pidfd``
 becomes readable); a peer that died during a transfer fails it instead of
 reporting success for bytes nobody will ever read.
+
+Unregistering waits for copies in flight, across processes, with open-file-
+description locks (``F_OFD_SETLK``) on the owner's registry page, one byte per
+buffer (offset = the buffer's address, host or device): a peer holds a *shared*
+lock on that byte while it copies (taken before the copy, after which it checks
+the page again), and the owner, having removed the buffer from the page, takes
+an *exclusive* lock on it -- which it gets only once every copy that could
+still see the buffer is done.  Threads of one process share one lock per buffer
+(counted), since such locks belong to the open file, not the thread.
 """
 
 from __future__ import annotations
@@ -42,11 +51,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import mmap
 import os
 import select
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -56,7 +67,7 @@ from ...errors import DeviceError, PeerRejected, PeerSocketError
 from .._memory import Region, buffer_address
 from ..device._interface import DeviceBackend, IpcHandle
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
-from ._shm_page import RegistryPage, _Entry, _PeerPage, host_identity
+from ._shm_page import RegistryPage, _Entry, _ofd_lock, _PeerPage, host_identity
 
 __all__ = ["RegistryPage", "ShmTransport", "host_identity"]
 
@@ -146,6 +157,10 @@ class _PeerState:
     page: _PeerPage
     pidfd: int
     maps: dict[tuple[int, int], int]  # (fd, length) -> mapped address
+    #: our own open file of the peer's registry page, for the copy locks
+    lock_fd: int = -1
+    #: buffer address -> threads of this process copying to/from it (one OFD lock each)
+    shared: dict[int, int] = field(default_factory=dict)
     pvm_ok: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: executes in flight; mappings are unmapped only when it drops to zero
@@ -256,8 +271,13 @@ class ShmTransport(Transport):
             if page.token != token:
                 page.close()
                 raise OSError("the registry page at that pid/fd belongs to another process")
+            try:
+                lock_fd = os.open(f"/proc/{pid}/fd/{int(info['fd'])}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                page.close()
+                raise
             pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else -1
-            state = _PeerState(pid, page, pidfd, {})
+            state = _PeerState(pid, page, pidfd, {}, lock_fd)
         except (OSError, ValueError) as exc:
             self._notes(
                 f"attach:{pid}",
@@ -341,6 +361,9 @@ class ShmTransport(Transport):
         if state.pidfd >= 0:
             os.close(state.pidfd)
             state.pidfd = -1
+        if state.lock_fd >= 0:
+            os.close(state.lock_fd)  # drops any lock still held
+            state.lock_fd = -1
 
     def _enter(self, state: _PeerState) -> bool:
         with state.lock:
@@ -444,6 +467,37 @@ class ShmTransport(Transport):
 
     # --- transfers -------------------------------------------------------------------
 
+    def _share(self, state: _PeerState, addr: int) -> None:
+        """Hold the peer's buffer at ``addr`` against its unregistering (counted)."""
+        with state.lock:
+            n = state.shared.get(addr, 0)
+            if n == 0:
+                _ofd_lock(state.lock_fd, fcntl.F_RDLCK, addr, wait=True)
+            state.shared[addr] = n + 1
+
+    def _unshare(self, state: _PeerState, addr: int) -> None:
+        with state.lock:
+            n = state.shared[addr] - 1
+            if n:
+                state.shared[addr] = n
+                return
+            del state.shared[addr]
+            _ofd_lock(state.lock_fd, fcntl.F_UNLCK, addr, wait=False)
+
+    def quiesce(self, region: Region, *, drain_s: float) -> None:
+        """Wait for same-host peers copying to/from ``region`` (see the module docstring)."""
+        page = self._page
+        if page is None or not region.remote_accessible:
+            return
+        if not page.quiesce(region.addr, time.monotonic() + drain_s + 10.0):
+            log.error(
+                "unregister [%#x, +%d): a same-host peer process still copies to/from it after "
+                "%.0f s (is it stopped or hung?); continuing",
+                region.addr,
+                region.length,
+                drain_s + 10.0,
+            )
+
     def execute(
         self, peer: Peer, slices: Sequence[Slice], deadline: float, on_done: SliceCallback
     ) -> None:
@@ -451,9 +505,12 @@ class ShmTransport(Transport):
         if state is None or not self._enter(state):
             self._to_fallback(peer, list(slices), deadline, on_done)
             return
+        held: set[int] = set()
         try:
-            self._execute(state, peer, slices, deadline, on_done)
+            self._execute(state, peer, slices, deadline, on_done, held)
         finally:
+            for addr in held:
+                self._unshare(state, addr)
             self._leave(state)
 
     def _execute(
@@ -463,6 +520,7 @@ class ShmTransport(Transport):
         slices: Sequence[Slice],
         deadline: float,
         on_done: SliceCallback,
+        held: set[int],
     ) -> None:
         pid = state.pid
         fallback: list[Slice] = []
@@ -474,8 +532,14 @@ class ShmTransport(Transport):
                 continue
             try:
                 entry = state.page.find(s.remote_addr, n)
-            except PeerSocketError as exc:
-                finished.append((s, exc))
+                if entry is not None and entry.addr not in held:
+                    self._share(state, entry.addr)
+                    held.add(entry.addr)
+                    # the owner may have unregistered it before our lock: look again
+                    if state.page.find(s.remote_addr, n) != entry:
+                        entry = None
+            except (PeerSocketError, OSError) as exc:
+                finished.append((s, PeerSocketError(f"same-host peer pid {pid}: {exc}")))
                 continue
             if entry is None:
                 finished.append(

@@ -2,15 +2,17 @@
 
 Theory of operation
 -------------------
-*Target side.*  One listener (the descriptor's ``tcp_data_port``) and one
-thread per accepted connection.  A connection carries any number of requests
-(24-byte header, then payload for WRITE).  Every request's ``[addr, addr+size)``
-is checked against the registry before a byte is read or written; a bad one
-gets the v2 rejection status (v1: nothing) and the connection is closed, as
-the reference does.  Replies (status frames and READ payloads) are gathered
-and sent with one ``sendmsg`` when the next request is not yet buffered, so a
-pipelined burst of small requests costs a few system calls, not one per
-request.
+*Target side* (:mod:`._tcp_server`).  One listener (the descriptor's
+``tcp_data_port``); idle connections wait in one selector thread and readable
+ones are served by a bounded pool of workers.  A connection carries any number
+of requests (24-byte header, then payload for WRITE).  Every request's
+``[addr, addr+size)`` is checked against the registry before a byte is read or
+written; a bad one gets the v2 rejection status (v1: nothing) and the
+connection is closed, as the reference does.  Replies (status frames and READ
+payloads) are gathered and sent with one ``sendmsg`` when the next request is
+not yet buffered, so a pipelined burst of small requests costs a few system
+calls, not one per request.  With a cluster token a connection must
+authenticate (context ``b"te-data"``) before its first request is read.
 
 *Initiator side.*  A pool of persistent connections per peer data address
 (``lanes_per_peer`` kept idle).  A group of slices is pipelined over one
@@ -20,55 +22,44 @@ out in windows (small enough to always fit the socket buffers, so neither side
 can block the other) and the replies are received straight into the local
 views.  A broken connection is retried once on a fresh one for the slices
 without a result (transfers are idempotent); a rejected slice fails alone and
-the rest continue on a new connection.
+the rest continue on a new connection.  With a cluster token every new
+connection authenticates before its first request.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
-from ..._logging import RepeatLimiter
-from ..._net import bind_listener, connect_tcp, join_host_port, set_io_timeout
-from ...errors import DeviceError, MooncakeError, PeerRejected, PeerSocketError, TransferTimeout
-from ...wire import (
-    HEADER,
-    OPCODE_WRITE,
-    STATUS,
-    STATUS_ADDR_REJECTED,
-    STATUS_MAGIC,
-    STATUS_OK,
-    V2_FLAG,
+from ..._authio import client_handshake
+from ..._net import connect_tcp, join_host_port, set_io_timeout
+from ...errors import (
+    AuthenticationError,
+    MooncakeError,
+    PeerRejected,
+    PeerSocketError,
+    TransferTimeout,
 )
-from .._memory import Region
+from ...wire import HEADER, STATUS, STATUS_AUTH_REQUIRED, STATUS_MAGIC, STATUS_OK, V2_FLAG
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
 from ._sockio import PeerClosed, SocketReader, sendmsg_all
+from ._tcp_server import AUTH_CONTEXT, DataServer
 
 __all__ = ["TcpTransport"]
 
 log = logging.getLogger("pymooncake.transport.tcp")
 
-_OK_BYTES: Final = STATUS.pack(STATUS_OK)
-_REJECT_BYTES: Final = STATUS.pack(STATUS_ADDR_REJECTED)
 #: READ headers sent ahead of replies; 256 * 24 B = 6 KiB always fits socket buffers
 _READ_WINDOW: Final = 256
 #: WRITE requests per send window (status frames are read after each window)
 _WRITE_WINDOW: Final = 512
 #: payloads from this size on are received in place (headers read exactly)
 _GREEDY_LIMIT: Final = 64 * 1024
-#: server flushes gathered replies beyond this many bytes / iovecs
-_FLUSH_BYTES: Final = 8 << 20
-_FLUSH_IOVECS: Final = 512
-#: SO_LINGER on with a zero timeout: close() sends RST
-_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _pack_header = HEADER.pack
-_unpack_header = HEADER.unpack_from
 _unpack_status = STATUS.unpack_from
 
 
@@ -83,194 +74,8 @@ class _Broken(Exception):
         self.cause = cause
 
 
-# --------------------------------------------------------------------------------
-# target side
-# --------------------------------------------------------------------------------
-
-
-class _Server:
-    def __init__(self, ctx: TransportContext) -> None:
-        self._ctx = ctx
-        self._registry = ctx.registry
-        self._sock: socket.socket | None = None
-        self._closed = False
-        self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._threads: set[threading.Thread] = set()
-        self._accept_thread: threading.Thread | None = None
-        self._reject_log = RepeatLimiter(log)
-        self.port = 0
-        self.requests_served = 0
-        self.requests_rejected = 0
-
-    def start(self) -> None:
-        cfg = self._ctx.config
-        self._sock = bind_listener(
-            self._ctx.bind_host,
-            port_range=(cfg.rpc_port_min, cfg.rpc_port_max),
-            backlog=cfg.listen_backlog,
-            what="TCP transport data listener",
-        )
-        self.port = self._sock.getsockname()[1]
-        t = threading.Thread(
-            target=self._accept_loop, name=f"mc-tcp-accept:{self.port}", daemon=True
-        )
-        self._accept_thread = t
-        t.start()
-
-    def _accept_loop(self) -> None:
-        assert self._sock is not None
-        listener = self._sock
-        while True:
-            try:
-                conn, addr = listener.accept()
-            except OSError:
-                if self._closed:
-                    return
-                time.sleep(0.01)
-                continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                if self._closed:
-                    conn.close()
-                    return
-                self._conns.add(conn)
-                t = threading.Thread(
-                    target=self._serve, args=(conn, addr), name=f"mc-tcp-serve:{addr}", daemon=True
-                )
-                self._threads.add(t)
-            t.start()
-
-    def _serve(self, conn: socket.socket, addr: Any) -> None:
-        out: list[bytes | bytearray | memoryview] = []
-        out_bytes = 0
-
-        def flush() -> None:
-            nonlocal out_bytes
-            if out:
-                sendmsg_all(conn, out)
-                out.clear()
-                out_bytes = 0
-
-        reader = SocketReader(conn, before_block=flush, pending=lambda: bool(out))
-        buf = reader.buffer
-        find = self._registry.find_remote
-        served = 0
-        greedy = True
-        try:
-            while True:
-                off = reader.take(24, greedy)
-                size, raddr, opcode = _unpack_header(buf, off)
-                v2 = opcode & V2_FLAG
-                is_write = (opcode & ~V2_FLAG) == OPCODE_WRITE
-                region = find(raddr, size)
-                if region is None:
-                    self.requests_rejected += 1
-                    self._reject_log(
-                        f"reject:{addr}",
-                        logging.WARNING,
-                        "ServerSession: remote-supplied address %#x with size %d from %s is not "
-                        "within any registered buffer; closing the connection (the peer uses a "
-                        "stale descriptor or wrong address arithmetic)",
-                        raddr,
-                        size,
-                        addr,
-                    )
-                    if v2:
-                        out.append(_REJECT_BYTES)
-                        flush()
-                    if is_write:
-                        # The payload of a refused WRITE is never consumed; end with a
-                        # reset (as the reference does) so a pipelining v1 peer cannot
-                        # mistake later writes on this connection for delivered ones.
-                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                    return
-                if region.backend is not None:
-                    self._serve_device(conn, reader, region, raddr, size, is_write, v2, out, flush)
-                    served += 1
-                    continue
-                view = region.slice(raddr, size)
-                if is_write:
-                    reader.readinto(view)
-                    if v2:
-                        out.append(_OK_BYTES)
-                    # after a large WRITE the next one is likely large too: read
-                    # its header alone so its payload can land in place
-                    greedy = size < _GREEDY_LIMIT
-                else:
-                    if v2:
-                        out.append(_OK_BYTES)
-                    out.append(view)
-                    out_bytes += size
-                    if out_bytes >= _FLUSH_BYTES or len(out) >= _FLUSH_IOVECS:
-                        flush()
-                served += 1
-        except (PeerClosed, ConnectionError):
-            pass
-        except OSError as exc:
-            if not self._closed and exc.errno not in (errno.EBADF, errno.ENOTCONN):
-                log.debug("data connection from %s ended: %s", addr, exc)
-        except DeviceError as exc:
-            log.warning("device memory copy for %s failed: %s; closing the connection", addr, exc)
-        finally:
-            self.requests_served += served
-            with self._lock:
-                self._conns.discard(conn)
-                self._threads.discard(threading.current_thread())
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-    def _serve_device(
-        self,
-        conn: socket.socket,
-        reader: SocketReader,
-        region: Region,
-        raddr: int,
-        size: int,
-        is_write: bool,
-        v2: int,
-        out: list[bytes | bytearray | memoryview],
-        flush: Callable[[], None],
-    ) -> None:
-        """One request on device memory: staged through pinned buffers (device/_staging.py)."""
-        devices = self._ctx.devices
-        assert devices is not None and region.backend is not None
-        if is_write:
-            devices.receive(region.backend, region.device, raddr, size, reader.readinto)
-            if v2:
-                out.append(_OK_BYTES)
-        else:
-            if v2:
-                out.append(_OK_BYTES)
-            flush()
-            devices.send(
-                region.backend, region.device, raddr, size, lambda v: sendmsg_all(conn, [v])
-            )
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            conns = list(self._conns)
-            threads = list(self._threads)
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._sock.close()
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._accept_thread is not None:
-            self._accept_thread.join(5)
-        for t in threads:
-            t.join(5)
+class _AuthRequired(Exception):
+    """The target wants a cluster token this side does not have."""
 
 
 # --------------------------------------------------------------------------------
@@ -301,6 +106,7 @@ class _Pool:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._key = ctx.config.security.key
 
     def checkout(self, key: tuple[str, int], peer_name: str) -> _Conn:
         with self._lock:
@@ -309,12 +115,27 @@ class _Pool:
                 conn = idle.pop()
                 conn.reused = True
                 return conn
-        sock = connect_tcp(
-            key[0],
-            key[1],
-            timeout_s=self._ctx.config.connect_timeout_s,
-            what=f"TCP data port of segment {peer_name!r}",
-        )
+        cfg = self._ctx.config
+        what = f"TCP data port of segment {peer_name!r}"
+        sock = connect_tcp(key[0], key[1], timeout_s=cfg.connect_timeout_s, what=what)
+        if self._key is not None:
+            try:
+                client_handshake(
+                    sock,
+                    self._key,
+                    AUTH_CONTEXT,
+                    timeout_s=max(cfg.connect_timeout_s, cfg.auth_timeout_s),
+                    port=what,
+                    peer=join_host_port(*key),
+                )
+            except OSError as exc:
+                sock.close()
+                raise PeerSocketError(
+                    f"authenticating with the {what} at {join_host_port(*key)} failed: {exc}"
+                ) from exc
+            except BaseException:
+                sock.close()
+                raise
         return _Conn(sock, key)
 
     def checkin(self, conn: _Conn) -> None:
@@ -350,6 +171,8 @@ def _check_status(buf: bytearray, off: int, k: int) -> None:
     """
     (status,) = _unpack_status(buf, off)
     if status != STATUS_OK:
+        if status == STATUS_AUTH_REQUIRED:
+            raise _AuthRequired
         if (status >> 32) == (STATUS_MAGIC >> 32):
             raise _Rejected(k)
         raise _Broken(k, PeerClosed(f"invalid status frame {status:#x}"))
@@ -371,7 +194,7 @@ class TcpTransport(Transport):
 
     def __init__(self, ctx: TransportContext) -> None:
         self._ctx = ctx
-        self._server = _Server(ctx)
+        self._server = DataServer(ctx)
         self._pool = _Pool(ctx)
         self._v2 = not ctx.config.tcp_force_v1
 
@@ -386,10 +209,21 @@ class TcpTransport(Transport):
 
     @property
     def stats(self) -> dict[str, int]:
+        srv = self._server
         return {
-            "requests_served": self._server.requests_served,
-            "requests_rejected": self._server.requests_rejected,
+            "requests_served": srv.requests_served,
+            "requests_rejected": srv.requests_rejected,
+            "connections": srv.connections,
+            "workers": srv.workers,
+            "refused_connections": srv.refused_connections,
+            "auth_failures": srv.auth_failures,
+            "timed_out": srv.timed_out,
         }
+
+    @property
+    def server(self) -> DataServer:
+        """The data-port listener (counters, connection and worker counts)."""
+        return self._server
 
     def descriptor_fields(self) -> dict[str, Any]:
         return {
@@ -441,6 +275,17 @@ class TcpTransport(Transport):
                 conn.timeout = timeout
             try:
                 self._pipeline(conn, pending, v2, on_done)
+            except _AuthRequired:
+                conn.close()
+                auth_err = AuthenticationError(
+                    f"TCP data port of segment {peer.name!r} at "
+                    f"{join_host_port(peer.data_host, peer.data_port)} requires the cluster "
+                    "token and this engine has none. Fix: set the same PYMOONCAKE_CLUSTER_TOKEN "
+                    "in every process of the cluster"
+                )
+                for s in pending:
+                    on_done(s, auth_err)
+                return
             except _Rejected as rej:
                 conn.close()
                 bad = pending[rej.index]
@@ -472,7 +317,8 @@ class TcpTransport(Transport):
                     f"data connection to segment {peer.name!r} at "
                     f"{join_host_port(peer.data_host, peer.data_port)} failed: {cause}; the peer "
                     "crashed, closed the connection or speaks another protocol version (a v1 "
-                    "target closes the connection on an address outside its registered buffers)"
+                    "target closes the connection on an address outside its registered buffers"
+                    "; a peer requiring a cluster token closes unauthenticated connections)"
                 )
                 for s in pending:
                     on_done(s, sock_err)
