@@ -10,6 +10,7 @@ JSON command per line::
     {"cmd": "fill", "which": w, "seed": s}              -> fills the buffer with a pattern
     {"cmd": "digest", "which": w, "offset": o, "length": n} -> sha256 of those bytes
     {"cmd": "stats"}                                    -> transport/backend counters
+    {"cmd": "unregister", "which": w}                   -> unregisters that buffer
     {"cmd": "quit"}
 """
 
@@ -77,6 +78,8 @@ def main() -> int:
         elif cmd == "stats":
             reply["tcp"] = engine.transport("tcp").stats  # type: ignore[attr-defined]
             reply["backend"] = dict(getattr(backend, "stats", {}))
+        elif cmd == "unregister":
+            engine.unregister(addrs[req["which"]])
         elif cmd == "quit":
             break
         out.write(json.dumps(reply) + "\n")
