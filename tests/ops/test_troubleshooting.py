@@ -237,8 +237,8 @@ def test_stale_registration_is_replaced_and_a_live_duplicate_refused(
         assert info.value.code == ErrCode.METADATA
         assert str(info.value) == (
             f"segment name {name!r} is already registered by a live engine at "
-            f"127.0.0.1:{first.rpc_port}; every engine needs a unique local_hostname (add a "
-            "port, e.g. 'host:12345')"
+            f"127.0.0.1:{first.rpc_port} ({rpc_meta_key(name)} on {url}); every engine needs a "
+            "unique local_hostname (add a port, e.g. 'host:12345')"
         )
 
 
