@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.client
 import logging
 import socket
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -105,6 +107,27 @@ def test_close_drops_idle_keep_alive_connections() -> None:
         except ConnectionResetError:
             pass  # an abort may reset instead of a clean FIN
         assert time.monotonic() - started < 3
+
+
+def test_close_closes_connections_accepted_an_instant_before() -> None:
+    """A client that connects and leaves just before the server closes (the doctor's
+    reachability probe) leaves no socket open on the server: connections accepted
+    but not yet set up, and ones whose handler has not run yet, are closed too."""
+    leaked: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(25):  # the window is a loop turn or two wide: most rounds hit it
+            server = ThreadedHttpServer(echo, "0.0.0.0").start()
+            try:
+                for _ in range(2):
+                    with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+                        pass
+            finally:
+                server.close()
+            assert server.server.connections == 0
+            gc.collect()  # an unclosed socket or transport warns when collected
+        leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaked, leaked[:4]
 
 
 def test_close_cancels_a_hanging_handler() -> None:

@@ -13,8 +13,10 @@ Connections are kept alive (HTTP/1.1 default) until the client closes, sends
 ``Connection: close``, stays idle past ``keepalive_timeout_s``, or sends a
 request the parser refuses (answered with 400/411/413/431/505, then closed).
 A handler that raises gets a 500 response and a log record; the server keeps
-serving.  Closing the server closes the listening socket and every open
-connection, cancelling handlers still running.
+serving.  Closing the server closes the listening socket and every connection
+it accepted -- also those accepted an instant before the close, whose handler
+has not run yet -- cancelling handlers still running, and returns once their
+sockets are closed.
 
 Bounded resources (:class:`HttpLimits`): at most ``max_connections`` open
 connections (beyond: 503 and close, counted in ``refused_connections``); a
@@ -84,6 +86,10 @@ _LINGER_MAX_BYTES: Final = 4 << 20
 _REFUSE_LINGER_S: Final = 0.5
 #: how long ThreadedHttpServer.close() waits for its thread
 _JOIN_TIMEOUT_S: Final = 10.0
+#: loop turns asyncio needs to turn a socket it accepted into a connection that
+#: reaches HttpServer._accept (its set-up task runs, then connection_made is
+#: called on the next turn); close() gives them, plus one to spare
+_SETUP_TURNS: Final = 3
 
 
 @dataclass(frozen=True)
@@ -154,8 +160,12 @@ class HttpServer:
         self._auth = auth
         self._ssl = ssl
         self._server: asyncio.Server | None = None
+        self._listener_fd = -1
         self._port: int | None = None
+        #: connections being served (accepted, not yet closing): the cap counts them
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        #: every accepted connection whose task has not ended (closing ones too)
+        self._open: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._closing = False
         self._buffered = 0
         self._refusing: set[asyncio.StreamWriter] = set()
@@ -221,7 +231,7 @@ class HttpServer:
         sock = bind_listener(self._host, port=self._requested_port, what=self._name)
         try:
             self._server = await asyncio.start_server(
-                self._on_connection,
+                self._accept,
                 sock=sock,
                 ssl=self._ssl,
                 ssl_handshake_timeout=self._limits.header_timeout_s if self._ssl else None,
@@ -229,41 +239,63 @@ class HttpServer:
         except BaseException:
             sock.close()
             raise
+        self._listener_fd = sock.fileno()
         self._port = int(sock.getsockname()[1])
         log.debug("%s listening on %s", self._name, self.url)
         if self._auth is not None and self._auth.key is None:
             warn_open(self._name)
 
     async def close(self) -> None:
-        """Stop listening and close every open connection (idempotent).
+        """Stop listening and close every connection accepted (idempotent).
 
         Handlers still running are cancelled; their clients see the connection
-        close without a response.
+        close without a response.  Returns once the sockets are closed.
         """
         self._closing = True
         server, self._server = self._server, None
         if server is not None:
+            await self._stop_accepting()
             server.close()
         # Abort the connections first: their handlers then end on their own.
         # (Cancelling the tasks directly makes asyncio's stream callback log a
         # CancelledError traceback on Python 3.11.)
-        for writer in [*self._connections.values(), *self._refusing]:
+        for writer in [*self._open.values(), *self._refusing]:
             writer.transport.abort()
         self._refusing.clear()
-        tasks = list(self._connections)
+        tasks = list(self._open)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=5)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.sleep(0)  # connection_lost of the aborted transports closes their sockets
         if server is not None:
             await server.wait_closed()
 
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None  # called by asyncio in a task of its own
+    async def _stop_accepting(self) -> None:
+        """Stop taking connections, and let those already taken become connections.
+
+        asyncio accepts a socket in one loop turn and wraps it in a transport in
+        a set-up task on the next; a transport made after ``Server.close()``
+        fails (Python 3.11: an assertion the task swallows) and leaves the
+        accepted socket open forever.  So the listener leaves the loop first,
+        the set-up tasks get their turns -- their connections reach
+        :meth:`_accept`, which aborts them -- and only then is the server closed.
+        """
+        loop = asyncio.get_running_loop()
+        if self._listener_fd >= 0:
+            with contextlib.suppress(NotImplementedError, ValueError, OSError):
+                loop.remove_reader(self._listener_fd)
+        for _ in range(_SETUP_TURNS):
+            await asyncio.sleep(0)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio's callback for a new connection, called as the connection is made.
+
+        Registering it here, not in its task, lets close() reach a connection
+        whose task has not run yet (a task that never runs would otherwise
+        leave the socket open).
+        """
         if self._closing:
             writer.transport.abort()
             return
@@ -289,14 +321,27 @@ class HttpServer:
             self._refusing.add(writer)
             asyncio.get_running_loop().call_later(_REFUSE_LINGER_S, self._drop_refused, writer)
             return
+        task = asyncio.get_running_loop().create_task(self._on_connection(reader, writer, peer))
         self._connections[task] = writer
+        self._open[task] = writer
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # the task made by _accept
         try:
+            if self._closing:  # close() came between _accept and this task's start
+                return
             await self._serve_connection(reader, writer, peer)
         except (ConnectionError, OSError) as exc:
             log.debug("%s: connection from %s failed: %s", self._name, peer, exc)
         finally:
             self._connections.pop(task, None)
-            await self._close_writer(writer)
+            try:
+                await self._close_writer(writer)
+            finally:
+                self._open.pop(task, None)
 
     def _drop_refused(self, writer: asyncio.StreamWriter) -> None:
         self._refusing.discard(writer)

@@ -112,6 +112,13 @@ class EngineConfig:
     #: PYMOONCAKE_SAME_HOST (default on): same-host peers copy through shared
     #: memory / process_vm_* instead of TCP
     same_host_transport: bool = True
+    #: PYMOONCAKE_DEVICE (auto|cuda|fake|none; PYMOONCAKE_FAKE_GPU=1 means fake):
+    #: how device (GPU) memory is reached; auto uses CUDA when cuda-python and a
+    #: GPU are there (``docs/gpu.md``)
+    device_backend: str = "auto"
+    #: PYMOONCAKE_STAGING_CHUNK_BYTES: size of each of the two pinned buffers that
+    #: stage device memory through TCP (copy and send overlap chunk by chunk)
+    staging_chunk_bytes: int = 4 << 20
     #: PYMOONCAKE_CLUSTER_TOKEN: the cluster's shared secret.  Set: the RPC and
     #: data ports and the HTTP metadata client authenticate every connection
     #: (reference engines cannot: leave it empty in mixed clusters).  Never shown by repr.
@@ -158,6 +165,16 @@ class EngineConfig:
             raise ConfigError("lanes_per_peer must be at least 1")
         if self.async_workers < 1:
             raise ConfigError("async_workers must be at least 1")
+        if self.device_backend not in ("auto", "cuda", "fake", "none"):
+            raise ConfigError(
+                f"device_backend {self.device_backend!r} is not one of auto, cuda, fake, none "
+                "(PYMOONCAKE_DEVICE)"
+            )
+        if not 4096 <= self.staging_chunk_bytes <= 1 << 30:
+            raise ConfigError(
+                f"staging_chunk_bytes {self.staging_chunk_bytes} is out of range [4096, 1 GiB] "
+                "(PYMOONCAKE_STAGING_CHUNK_BYTES)"
+            )
         for name in (
             "rpc_max_connections",
             "rpc_max_buffered_bytes",
@@ -241,7 +258,26 @@ class EngineConfig:
             same_host_transport=parse_bool_env(
                 "PYMOONCAKE_SAME_HOST", env.get("PYMOONCAKE_SAME_HOST", "1")
             ),
+            device_backend=_device_mode(env),
+            staging_chunk_bytes=_int_env(
+                env, "PYMOONCAKE_STAGING_CHUNK_BYTES", 4 << 20, 4096, 1 << 30
+            ),
             redis_username=env.get("MC_REDIS_USERNAME", ""),
             redis_password=env.get("MC_REDIS_PASSWORD", ""),
             redis_db_index=_int_env(env, "MC_REDIS_DB_INDEX", 0, 0, 255),
         )
+
+
+def _device_mode(env: Mapping[str, str]) -> str:
+    """PYMOONCAKE_DEVICE, or ``fake`` when PYMOONCAKE_FAKE_GPU is true."""
+    mode = env.get("PYMOONCAKE_DEVICE", "").strip().lower()
+    fake = parse_bool_env("PYMOONCAKE_FAKE_GPU", env.get("PYMOONCAKE_FAKE_GPU", "0"))
+    if fake:
+        if mode not in ("", "fake"):
+            raise ConfigError(
+                f"PYMOONCAKE_FAKE_GPU=1 contradicts PYMOONCAKE_DEVICE={mode!r}; set one of them"
+            )
+        return "fake"
+    if mode and mode not in ("auto", "cuda", "fake", "none"):
+        raise ConfigError(f"PYMOONCAKE_DEVICE={mode!r} is not one of auto, cuda, fake, none")
+    return mode or "auto"

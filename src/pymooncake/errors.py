@@ -20,6 +20,8 @@ __all__ = [
     "BatchBusy",
     "ClosedError",
     "ConfigError",
+    "DeviceError",
+    "DeviceUnavailable",
     "DnsError",
     "ErrCode",
     "HandshakeRejected",
@@ -219,6 +221,21 @@ class TransferFailed(TransferError):
         first = next((e for e in errors if e is not None), None)
         super().__init__(message, code=getattr(first, "code", ErrCode.SOCKET))
         self.errors = errors
+
+
+# --- device memory ------------------------------------------------------------------
+
+
+class DeviceError(MooncakeError):
+    """A device-memory (GPU) operation failed: a copy, an IPC handle, a registration."""
+
+    code = ErrCode.MEMORY
+
+
+class DeviceUnavailable(DeviceError, NotSupported):
+    """Device memory was met but no device backend can serve it (no cuda-python, no GPU)."""
+
+    code = ErrCode.DEVICE_NOT_FOUND
 
 
 # --- store ------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_conformance(
         if path == "same-host" and check is not conf.check_zero_length:
             assert used > 0, f"the same-host path was not used: {stats}"
         if path == "tcp":
-            assert stats == {"slices_mapped": 0, "slices_pvm": 0, "slices_fallback": 0}
+            assert not any(stats.values()), stats
 
 
 def test_same_host_is_chosen_automatically_and_tcp_carries_nothing(

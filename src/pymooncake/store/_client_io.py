@@ -8,7 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from ..errors import (
     TransferFailed,
 )
 from ..transfer import TransferEngine, TransferRequest
+from ..transfer.device import DeviceSpan
 from ._buffers import LocalBuffer
 from ._master_client import MasterClient
 from ._metrics import ClientMetrics
@@ -31,10 +32,13 @@ from ._types import ReplicaDesc
 if TYPE_CHECKING:
     from ._client import StoreClientConfig
 
-__all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Parts", "transfer_failed"]
+__all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Part", "Parts", "transfer_failed"]
 
 log = logging.getLogger("pymooncake.store")
-Parts = list[memoryview]
+#: one piece of an object's bytes in caller memory: host bytes, or device (GPU)
+#: memory, which only the engine touches (it stages or IPC-copies it)
+Part = memoryview | DeviceSpan
+Parts = Sequence[Part]
 #: op_name values of batch APIs: their transfers count as batch_put / batch_get latency
 BATCH_OPS = frozenset(
     {"put_batch", "batch_put_from", "upsert_batch", "batch_upsert_from", "get_batch",
@@ -174,10 +178,18 @@ class ClientIO:
                     )
             addr += n
 
+    def _source_part(self, buffer: Any, size: int | None) -> Part:
+        """Caller memory to store from (an address or a buffer; host or device).
+
+        The hook for ``put_from``/``put_many`` parts: device memory stays where it
+        is and the engine moves it (``engine.local_view`` would copy it to host
+        memory first)."""
+        return self.engine.local_span(buffer, size, writable=False)
+
     def _copy_own(
         self,
         idx: int,
-        view: memoryview,
+        view: Part,
         addr: int,
         write: bool,
         errors: list[BaseException | None],

@@ -13,9 +13,10 @@ from ..errors import (
     store_error,
 )
 from ..transfer import TransferRequest
+from ..transfer.device import DeviceSpan
 from ..wire import _master_msgs as msg
 from ._buffers import BufferHandle, make_handle, new_bytes
-from ._client_io import BATCH_OPS, ClientIO, ObjectLocation, Parts, transfer_failed
+from ._client_io import BATCH_OPS, ClientIO, ObjectLocation, Part, Parts, transfer_failed
 from ._types import ErrorCode, ReplicaDesc
 
 __all__ = ["ReadOps"]
@@ -161,10 +162,12 @@ class ReadOps(ClientIO):
             raise res
         return res
 
-    def _dest_part(self, buffer: Any, size: int | None) -> memoryview:
+    def _dest_part(self, buffer: Any, size: int | None) -> Part:
+        """Caller memory to read into: host bytes, or device memory (a device
+        pointer, a CUDA tensor, a DeviceSpan) that the engine fills directly."""
         if isinstance(buffer, tuple):
             buffer, size = buffer
-        return self.engine.local_view(buffer, size, writable=True)
+        return self.engine.local_span(buffer, size, writable=True)
 
     def get_many_into(
         self, keys: Sequence[str], dests: Sequence[Sequence[Any]]
@@ -179,7 +182,7 @@ class ReadOps(ClientIO):
         if len(keys) != len(dests):
             raise InvalidParams(f"{len(keys)} keys but {len(dests)} destinations")
         parts = [
-            [p if isinstance(p, memoryview) else self._dest_part(p, None) for p in ds]
+            [p if isinstance(p, (memoryview, DeviceSpan)) else self._dest_part(p, None) for p in ds]
             for ds in dests
         ]
 
@@ -190,7 +193,7 @@ class ReadOps(ClientIO):
                     int(ErrorCode.INVALID_PARAMS),
                     f"{keys[i]!r} is {size} bytes but the destination holds only {room}",
                 )
-            out: Parts = []
+            out: list[Part] = []
             left = size
             for p in parts[i]:
                 take = min(len(p), left)

@@ -18,7 +18,7 @@ from ..errors import (
 )
 from ..transfer import TransferRequest
 from ..wire import _master_msgs as msg
-from ._client_io import BATCH_OPS, ClientIO, Parts, _as_view, log, transfer_failed
+from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
 from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
 
 __all__ = ["WriteOps"]
@@ -297,7 +297,7 @@ class WriteOps(ClientIO):
         self, key: str, buffer: Any, size: int | None = None, config: ReplicateConfig | None = None
     ) -> bool:
         """Store ``size`` bytes from registered memory (an address or a buffer) without staging."""
-        view = self.engine.local_view(buffer, size, writable=False)
+        view = self._source_part(buffer, size)
         return self._raise_or(
             self._write_batch([key], [[view]], config or _DEFAULT_CONFIG, False, "put_from")[0]
         )
@@ -321,10 +321,10 @@ class WriteOps(ClientIO):
         op = "put_batch" if bytes_api else "batch_put_from"
         return self._write_batch(keys, parts, config or _DEFAULT_CONFIG, False, op)
 
-    def _part(self, p: Any) -> memoryview:
+    def _part(self, p: Any) -> Part:
         if isinstance(p, tuple):
             addr, size = p
-            return self.engine.local_view(int(addr), int(size), writable=False)
+            return self._source_part(int(addr), int(size))
         return _as_view(p)
 
     def upsert(self, key: str, value: Any, config: ReplicateConfig | None = None) -> None:

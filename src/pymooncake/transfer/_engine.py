@@ -61,6 +61,7 @@ from ..wire import (
 from ._batch import Batch, BatchTable
 from ._engine_memory import MemoryOps, _release
 from ._memory import (
+    DEVICE_VIEW,
     MemoryRegistry,
     Region,
 )
@@ -68,6 +69,8 @@ from ._metrics import EngineMetrics
 from ._request import TransferOpcode, TransferRequest, TransferStatus
 from ._rpc import RpcServer, rpc_call
 from ._segments import SegmentDirectory, check_name
+from .device import DeviceSpan
+from .device._context import DeviceContext
 from .metadata import MetadataStore, connect_metadata, parse_metadata_target
 from .transports import Peer, Slice, Transport, TransportContext, create_transport
 from .transports import unavailable_reason as _unavailable_reason
@@ -142,6 +145,10 @@ class TransferEngine(MemoryOps):
         self._managed: dict[int, Region] = {}
         self._published = False
         self._local_peer: Peer | None = None
+        self._devices = DeviceContext(cfg.device_backend, cfg.staging_chunk_bytes)
+        #: set once a request with device memory was planned: until then no group
+        #: needs to be searched for device slices
+        self._device_slices = False
         self._metrics: EngineMetrics | None = None
 
         if isinstance(metadata_server, MetadataStore):
@@ -201,6 +208,7 @@ class TransferEngine(MemoryOps):
             registry=self._registry,
             advertised_host=adv_host,
             bind_host=bind_ip,
+            devices=self._devices,
         )
         for name in ("local", "shm", "tcp"):
             transport = create_transport(name, ctx)
@@ -293,8 +301,12 @@ class TransferEngine(MemoryOps):
         fields: dict[str, Any] = {}
         for t in self._transports:
             fields.update(t.descriptor_fields())
+        # device buffers carry their location ("cuda:N", the field TENT descriptors
+        # have); reference TCP peers ignore it and read/write them like host buffers
         buffers = tuple(
             BufferDesc(self.segment_name, r.addr, r.length)
+            if r.device < 0
+            else BufferDesc(self.segment_name, r.addr, r.length, extra={"location": r.location})
             for r in self._registry.regions()
             if r.remote_accessible
         )
@@ -432,6 +444,7 @@ class TransferEngine(MemoryOps):
     ) -> tuple[list[tuple[Peer, Transport, list[Slice]]], list[int]]:
         """Requests grouped per peer, and each request's length (in request order)."""
         groups: dict[str, tuple[Peer, Transport, list[Slice]]] = {}
+        span: memoryview | DeviceSpan
         lengths: list[int] = []
         for i, req in enumerate(requests):
             target = req.segment if req.segment is not None else segment
@@ -445,10 +458,33 @@ class TransferEngine(MemoryOps):
                 peer = self.segment(name)
                 group = groups[name] = (peer, self._transport_for(peer), [])
             is_write = req.opcode == TransferOpcode.WRITE
-            view = self.local_view(req.local, req.length, writable=not is_write)
-            lengths.append(len(view))
-            group[2].append(Slice(base + i, is_write, view, req.remote_addr))
+            span = self.local_span(req.local, req.length, writable=not is_write)
+            lengths.append(len(span))
+            if isinstance(span, DeviceSpan):
+                self._device_slices = True
+                group[2].append(Slice(base + i, is_write, DEVICE_VIEW, req.remote_addr, span))
+            else:
+                group[2].append(Slice(base + i, is_write, span, req.remote_addr))
         return list(groups.values()), lengths
+
+    def _execute(
+        self,
+        transport: Transport,
+        peer: Peer,
+        slices: list[Slice],
+        deadline: float,
+        done: Callable[[Slice, BaseException | None], None],
+    ) -> None:
+        """``transport.execute``, with device slices staged through pinned host
+        memory when the transport moves host bytes only (TCP)."""
+        if (
+            self._device_slices
+            and not transport.handles_device
+            and any(s.device is not None for s in slices)
+        ):
+            self._devices.stage(transport.execute, peer, slices, deadline, done)
+        else:
+            transport.execute(peer, slices, deadline, done)
 
     def _deadline(self, total_bytes: int, timeout_s: float | None) -> float:
         budget = self.config.transfer_timeout_s if timeout_s is None else timeout_s
@@ -479,7 +515,7 @@ class TransferEngine(MemoryOps):
         metrics = self._metrics
         for peer, transport, slices in groups:
             started = time.perf_counter_ns() if metrics is not None else 0
-            transport.execute(peer, slices, deadline, done)
+            self._execute(transport, peer, slices, deadline, done)
             if not peer.local and any(isinstance(errors[s.index], PeerSocketError) for s in slices):
                 self._retry_after_refresh(peer, slices, errors, deadline, done)
             if metrics is not None:
@@ -515,7 +551,7 @@ class TransferEngine(MemoryOps):
         for t in self._transports:
             t.forget_peer(peer)
         retry = [s for s in slices if isinstance(errors[s.index], PeerSocketError)]
-        self._transport_for(fresh).execute(fresh, retry, deadline, done)
+        self._execute(self._transport_for(fresh), fresh, retry, deadline, done)
 
     def write(
         self, segment: str | int, local: object, remote_addr: int, length: int | None = None
@@ -595,7 +631,8 @@ class TransferEngine(MemoryOps):
             batch.complete(s.index, err)
 
         try:
-            transport.execute(
+            self._execute(
+                transport,
                 peer,
                 slices,
                 deadline,
@@ -789,6 +826,7 @@ class TransferEngine(MemoryOps):
             t.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        self._devices.close()
         self._registry.clear()
         for region in self._managed.values():
             _release(region)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -38,12 +39,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import AddressNotRegistered, AddressOverlapped, InvalidArgument
 from ..wire import U64_MAX
+from .device._interface import DeviceSpan
+
+if TYPE_CHECKING:
+    from .device._interface import DeviceBackend
 
 __all__ = [
+    "DEVICE_VIEW",
     "MemoryRegistry",
     "Region",
     "UseSlot",
@@ -56,14 +62,59 @@ __all__ = [
 ]
 
 
+class _IoVec(ctypes.Structure):
+    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_pvm_read: Any = getattr(_libc, "process_vm_readv", None)
+if _pvm_read is not None:
+    _pvm_read.argtypes = (
+        ctypes.c_int,
+        ctypes.POINTER(_IoVec),
+        ctypes.c_ulong,
+        ctypes.POINTER(_IoVec),
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+    )
+    _pvm_read.restype = ctypes.c_ssize_t
+
+
+def _readable_pvm(addrs: tuple[int, ...]) -> bool | None:
+    """Each address readable, asked through process_vm_readv on ourselves; None
+    when the call is unavailable (seccomp, old kernel)."""
+    if _pvm_read is None:
+        return None
+    probe = ctypes.create_string_buffer(1)
+    local = _IoVec(ctypes.addressof(probe), 1)
+    pid = os.getpid()
+    for addr in addrs:
+        remote = _IoVec(addr, 1)
+        if _pvm_read(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != 1:
+            err = ctypes.get_errno()
+            if err in (errno.ENOSYS, errno.EPERM):
+                return None
+            return False
+    return True
+
+
 def is_host_memory(addr: int, length: int) -> bool:
     """Whether the first and last byte of ``[addr, addr+length)`` are readable
-    memory of this process (read through /proc/self/mem, so a bad pointer gives
-    False instead of a crash).  Device pointers (GPU memory) are not readable
-    this way.  True when /proc is unavailable (nothing to check with).
+    memory of this process, asked of the kernel (a bad pointer gives False
+    instead of a crash).
+
+    ``process_vm_readv`` honours page protections, so GPU (device) pointers --
+    which CUDA reserves as inaccessible (PROT_NONE) host address space -- are
+    not host memory.  ``/proc/self/mem`` (the fallback) can read PROT_NONE
+    pages, so there it cannot tell.  True when neither is available.
     """
     if length <= 0:
         return True
+    if addr <= 0 or addr + length > U64_MAX:
+        return False
+    got = _readable_pvm((addr, addr + length - 1))
+    if got is not None:
+        return got
     try:
         fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -217,9 +268,24 @@ def allocate_shared(
 MEMMOVE_FROM: Final = 256 * 1024
 
 
+def _released_view() -> memoryview:
+    view = memoryview(b"")
+    view.release()
+    return view
+
+
+#: stands for the bytes of device memory: every use of it raises ValueError
+#: ("operation forbidden on released memoryview object"), so a path that reads
+#: device memory as if it were host memory fails loudly instead of crashing
+DEVICE_VIEW: Final = _released_view()
+
+
 @dataclass(frozen=True, eq=False)
 class Region:
-    """One registered range.  ``view`` covers exactly ``[addr, addr+length)``."""
+    """One registered range.  ``view`` covers exactly ``[addr, addr+length)``;
+    for device memory (``device >= 0``) it is :data:`DEVICE_VIEW` and the bytes
+    are reached only through ``backend``.
+    """
 
     addr: int
     length: int
@@ -231,6 +297,10 @@ class Region:
     managed: bool = False
     #: memfd backing the region (shareable with same-host peers), -1 if none
     fd: int = -1
+    #: device ordinal of device (GPU) memory, -1 for host memory
+    device: int = -1
+    #: the backend that reaches device memory (None for host memory)
+    backend: DeviceBackend | None = field(default=None, repr=False)
 
     @property
     def end(self) -> int:
@@ -240,10 +310,14 @@ class Region:
         off = addr - self.addr
         return self.view[off : off + length]
 
-    def copy(self, addr: int, view: memoryview, write: bool) -> None:
+    def copy(self, addr: int, view: memoryview | DeviceSpan, write: bool) -> None:
         """Copy between ``view`` and ``[addr, addr + len(view))`` of this region
         (``write``: into the region); the caller has checked the range.  Large
-        copies use memmove, which runs without the GIL."""
+        copies use memmove, which runs without the GIL; device memory on either
+        side is copied by its backend."""
+        if self.backend is not None or isinstance(view, DeviceSpan):
+            self._device_copy(addr, view, write)
+            return
         n = len(view)
         if n >= MEMMOVE_FROM:
             local = buffer_address(view)
@@ -255,6 +329,20 @@ class Region:
             self.slice(addr, n)[:] = view
         else:
             view[:] = self.slice(addr, n)
+
+    def _device_copy(self, addr: int, local: memoryview | DeviceSpan, write: bool) -> None:
+        n = len(local)
+        if not n:
+            return
+        if isinstance(local, DeviceSpan):
+            backend, laddr = local.backend, local.addr
+        else:
+            assert self.backend is not None
+            backend, laddr = self.backend, buffer_address(local)
+        if write:
+            backend.copy(addr, laddr, n)
+        else:
+            backend.copy(laddr, addr, n)
 
 
 log = logging.getLogger("pymooncake.memory")

@@ -102,14 +102,14 @@ class EngineMetrics:
                 total -= len(other)
                 for x in rest:
                     if x.is_write is write:
-                        n = len(x.local)
+                        n = len(x.local) if x.device is None else x.device.nbytes
                         cell[_SIZE + bisect_left(sizes, n)] += 1
                         cell[_SIZE_SUM] += n
                         if errors[x.index - base] is None:
                             ok += 1
                             ok_bytes += n
                 break
-            n = len(s.local)
+            n = len(s.local) if s.device is None else s.device.nbytes
             cell[_SIZE + bisect_left(sizes, n)] += 1
             cell[_SIZE_SUM] += n
             if errors[s.index - base] is None:

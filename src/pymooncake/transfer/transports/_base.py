@@ -14,11 +14,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...config import EngineConfig
 from ...wire import SegmentDesc
 from .._memory import MemoryRegistry, Region
+from ..device._interface import DeviceSpan
+
+if TYPE_CHECKING:
+    from ..device._context import DeviceContext
 
 __all__ = ["Peer", "Slice", "SliceCallback", "Transport", "TransportContext"]
 
@@ -35,10 +39,13 @@ class Slice:
     is_write: bool
     local: memoryview
     remote_addr: int
+    #: device (GPU) memory on our side: then ``local`` is ``DEVICE_VIEW`` (unusable)
+    #: and only transports with ``handles_device`` (or the engine's staging) move it
+    device: DeviceSpan | None = None
 
     @property
     def length(self) -> int:
-        return len(self.local)
+        return len(self.local) if self.device is None else self.device.nbytes
 
 
 SliceCallback = Callable[[Slice, "BaseException | None"], None]
@@ -71,6 +78,8 @@ class TransportContext:
     #: address the engine advertises to peers (and binds its listeners to)
     advertised_host: str
     bind_host: str
+    #: the engine's device memory (staging for device regions); None: host only
+    devices: DeviceContext | None = None
 
 
 class Transport(abc.ABC):
@@ -78,6 +87,9 @@ class Transport(abc.ABC):
 
     #: registry name, also the descriptor ``protocol`` it serves
     name: ClassVar[str]
+    #: True when :meth:`execute` moves slices with ``device`` set itself; the
+    #: engine stages them through pinned host memory for the others
+    handles_device: ClassVar[bool] = False
 
     @abc.abstractmethod
     def start(self) -> None:

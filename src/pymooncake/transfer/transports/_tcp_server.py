@@ -28,6 +28,11 @@ Unregistering: each worker holds a :class:`~pymooncake.transfer._memory.UseSlot`
 and pins the region of the request in progress (and of READ replies not yet
 sent); ``quiesce`` waits for it and, past the drain time, shuts the worker's
 connection down.
+
+Device (GPU) memory: a request on a device region is served by the worker
+through the engine's pinned staging buffers (:meth:`DataServer._serve_device`,
+``device/_staging.py``) while the region stays pinned; a failed device copy
+ends the connection.
 """
 
 from __future__ import annotations
@@ -41,11 +46,13 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from ..._authio import describe_failure
 from ..._logging import RepeatLimiter
 from ..._net import bind_listener, set_io_timeout
+from ...errors import DeviceError
 from ...wire import HEADER, OPCODE_WRITE, STATUS, STATUS_ADDR_REJECTED, STATUS_OK, V2_FLAG
 from ...wire._auth import MAGIC_U64, ClusterKey, FailureKind, ServerHandshake, no_token_reply
 from ...wire._tcp import STATUS_AUTH_REQUIRED
@@ -536,6 +543,10 @@ class DataServer:
                     self._reject(conn, sock, raddr, size, v2, is_write, out)
                     flush()
                     return False
+                if region.backend is not None:
+                    self._serve_device(sock, reader, region, raddr, size, is_write, v2, out, flush)
+                    served += 1
+                    continue
                 view = region.slice(raddr, size)
                 if is_write:
                     reader.readinto(view)
@@ -570,10 +581,48 @@ class DataServer:
             if not self._closed and exc.errno not in (errno.EBADF, errno.ENOTCONN):
                 log.debug("data connection from %s ended: %s", conn.addr, exc)
             return False
+        except DeviceError as exc:
+            self._log(
+                f"device:{conn.host}",
+                logging.WARNING,
+                "data port %d: device memory copy for %s failed: %s; closing the connection",
+                self.port,
+                conn.addr,
+                exc,
+            )
+            return False
         finally:
             self.requests_served += served
             if reader.sock is not None:
                 reader.detach()
+
+    def _serve_device(
+        self,
+        sock: socket.socket,
+        reader: SocketReader,
+        region: Region,
+        raddr: int,
+        size: int,
+        is_write: bool,
+        v2: int,
+        out: list[Buffer],
+        flush: Callable[[], None],
+    ) -> None:
+        """One request on device memory (``region`` pinned by the caller): staged
+        through pinned host buffers (device/_staging.py)."""
+        devices = self._ctx.devices
+        assert devices is not None and region.backend is not None
+        if is_write:
+            devices.receive(region.backend, region.device, raddr, size, reader.readinto)
+            if v2:
+                out.append(_OK_BYTES)
+        else:
+            if v2:
+                out.append(_OK_BYTES)
+            flush()
+            devices.send(
+                region.backend, region.device, raddr, size, lambda v: sendmsg_all(sock, [v])
+            )
 
     def _reject(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ...errors import PeerRejected
+from ...errors import DeviceError, PeerRejected
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
 
 __all__ = ["LocalTransport"]
@@ -17,6 +17,7 @@ __all__ = ["LocalTransport"]
 
 class LocalTransport(Transport):
     name = "local"
+    handles_device = True  # Region.copy asks the device backend for device memory
 
     def __init__(self, ctx: TransportContext) -> None:
         self._registry = ctx.registry
@@ -49,7 +50,12 @@ class LocalTransport(Transport):
                     )
                     continue
                 try:
-                    region.copy(s.remote_addr, s.local, s.is_write)
+                    region.copy(
+                        s.remote_addr, s.local if s.device is None else s.device, s.is_write
+                    )
+                except DeviceError as exc:
+                    on_done(s, exc)
+                    continue
                 finally:
                     slot.region = None
                 on_done(s, None)

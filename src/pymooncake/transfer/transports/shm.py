@@ -21,24 +21,33 @@ boot id) opens ``/proc/<pid>/fd/<fd>``, maps the page and checks the token
   when the kernel refuses (ptrace restrictions) those requests go over TCP,
   and one log line says why.
 
+Device (GPU) memory: the owner lists each registered device buffer with the
+IPC handle of the allocation holding it (a second table of the page).  A
+peer opens the handle once (``cuIpcOpenMemHandle``) and moves bytes with one
+device copy: device to device (NVLink/PCIe peer copy), or between its host
+memory and the owner's device memory.  Our device memory to the owner's host
+memory goes straight into the owner's memfd mapping.  What cannot go this way
+(no IPC handle for that memory, devices without peer access, a peer buffer
+reachable only by ``process_vm_*``) goes over TCP, staged through pinned
+buffers on each side.
+
 Mappings are cached per peer and dropped when the owner unregisters the
-buffer (its fd leaves the page) or the process exits (a ``pidfd`` becomes
-readable); a peer that died during a transfer fails it instead of reporting
-success for bytes nobody will ever read.
+buffer (its fd or handle leaves the page) or the process exits (a ``pidfd``
+becomes readable); a peer that died during a transfer fails it instead of
+reporting success for bytes nobody will ever read.
 
 Unregistering waits for copies in flight, across processes, with open-file-
 description locks (``F_OFD_SETLK``) on the owner's registry page, one byte per
-buffer (offset = the buffer's address): a peer holds a *shared* lock on that
-byte while it copies (taken before the copy, after which it checks the page
-again), and the owner, having removed the buffer from the page, takes an
-*exclusive* lock on it -- which it gets only once every copy that could still
-see the buffer is done.  Threads of one process share one lock per buffer
+buffer (offset = the buffer's address, host or device): a peer holds a *shared*
+lock on that byte while it copies (taken before the copy, after which it checks
+the page again), and the owner, having removed the buffer from the page, takes
+an *exclusive* lock on it -- which it gets only once every copy that could
+still see the buffer is done.  Threads of one process share one lock per buffer
 (counted), since such locks belong to the open file, not the thread.
 """
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import ctypes.util
 import errno
@@ -46,9 +55,7 @@ import fcntl
 import logging
 import mmap
 import os
-import secrets
 import select
-import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -56,170 +63,17 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..._logging import RepeatLimiter
-from ...errors import PeerRejected, PeerSocketError
-from ...wire import U64_MAX
+from ...errors import DeviceError, PeerRejected, PeerSocketError
 from .._memory import Region, buffer_address
+from ..device._interface import DeviceBackend, IpcHandle
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
+from ._shm_page import RegistryPage, _Entry, _ofd_lock, _PeerPage, host_identity
 
 __all__ = ["RegistryPage", "ShmTransport", "host_identity"]
 
 log = logging.getLogger("pymooncake.transport.shm")
 
-_MAGIC: Final = 0x31304D4853434D50  # "PMCSHM01"
-_HEADER: Final = struct.Struct("<QQII16s")  # magic, seq, count, overflow, token
-_ENTRY: Final = struct.Struct("<QQiI")  # addr, length, fd, flags
-#: entries the page can list; beyond that peers fall back to TCP
-_CAPACITY: Final = 16384
-_PAGE_BYTES: Final = _HEADER.size + _CAPACITY * _ENTRY.size
 _FIELD: Final = "pymooncake_shm"
-#: struct flock (x86-64 / aarch64): type, whence, start, len, pid (+ padding)
-_FLOCK: Final = struct.Struct("hhqqi4x")
-_OFD_SETLK: Final = getattr(fcntl, "F_OFD_SETLK", None)
-_OFD_SETLKW: Final = getattr(fcntl, "F_OFD_SETLKW", None)
-
-
-def _ofd_lock(fd: int, kind: int, start: int, *, wait: bool) -> bool:
-    """Lock (``F_RDLCK``/``F_WRLCK``) or unlock (``F_UNLCK``) byte ``start`` of ``fd``.
-
-    Returns False when ``wait`` is off and another lock conflicts.
-    """
-    if _OFD_SETLK is None or _OFD_SETLKW is None:  # pragma: no cover - not Linux
-        return True
-    data = _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0)
-    try:
-        fcntl.fcntl(fd, _OFD_SETLKW if wait else _OFD_SETLK, data)
-    except OSError as exc:
-        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
-def host_identity() -> str:
-    """This boot of this machine (equal for processes that can share memory)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-# --------------------------------------------------------------------------------
-# the registry page
-# --------------------------------------------------------------------------------
-
-
-class RegistryPage:
-    """Owner side: publishes the registered ranges to same-host peers."""
-
-    def __init__(self) -> None:
-        self.fd = os.memfd_create("pymooncake-registry", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, _PAGE_BYTES)
-        self._mm = mmap.mmap(self.fd, _PAGE_BYTES)
-        self._token = secrets.token_bytes(16)
-        self.token = self._token.hex()
-        self._seq = 0
-        self._lock = threading.Lock()
-        _HEADER.pack_into(self._mm, 0, _MAGIC, 0, 0, 0, self._token)
-
-    def publish(self, regions: Sequence[Region]) -> None:
-        shared = [r for r in regions if r.remote_accessible]
-        with self._lock:
-            mm = self._mm
-            self._seq += 1  # odd: writing
-            struct.pack_into("<Q", mm, 8, self._seq)
-            overflow = len(shared) > _CAPACITY
-            for i, r in enumerate(shared[:_CAPACITY]):
-                _ENTRY.pack_into(mm, _HEADER.size + i * _ENTRY.size, r.addr, r.length, r.fd, 1)
-            self._seq += 1  # even: stable
-            _HEADER.pack_into(
-                mm, 0, _MAGIC, self._seq, min(len(shared), _CAPACITY), int(overflow), self._token
-            )
-
-    def quiesce(self, addr: int, deadline: float) -> bool:
-        """Wait until no peer copies to/from the buffer at ``addr`` (already gone
-        from the page); False if a peer still holds it at ``deadline``."""
-        delay = 0.0002
-        while not _ofd_lock(self.fd, fcntl.F_WRLCK, addr, wait=False):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 0.01)
-        _ofd_lock(self.fd, fcntl.F_UNLCK, addr, wait=False)
-        return True
-
-    def close(self) -> None:
-        self._mm.close()
-        os.close(self.fd)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    addr: int
-    length: int
-    fd: int
-
-    @property
-    def end(self) -> int:
-        return self.addr + self.length
-
-
-class _PeerPage:
-    """Reader side: a mapped registry page of one peer, parsed on change."""
-
-    def __init__(self, pid: int, fd: int) -> None:
-        path = f"/proc/{pid}/fd/{fd}"
-        rfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self._mm = mmap.mmap(rfd, _PAGE_BYTES, prot=mmap.PROT_READ)
-        finally:
-            os.close(rfd)
-        self._seq = -1
-        self.entries: list[_Entry] = []
-        self._starts: list[int] = []
-        self.overflow = False
-        magic, _, _, _, token = _HEADER.unpack_from(self._mm, 0)
-        if magic != _MAGIC:
-            self._mm.close()
-            raise OSError(f"{path} is not a pymooncake registry page")
-        self.token = token.hex()
-
-    def refresh(self) -> list[_Entry]:
-        for _ in range(1000):
-            magic, seq, count, overflow, _ = _HEADER.unpack_from(self._mm, 0)
-            if magic != _MAGIC:
-                raise PeerSocketError("peer registry page is corrupt")
-            if seq == self._seq:
-                return self.entries
-            if seq & 1:
-                continue
-            raw = self._mm[_HEADER.size : _HEADER.size + count * _ENTRY.size]
-            if struct.unpack_from("<Q", self._mm, 8)[0] != seq:
-                continue
-            # sorted by address (regions never overlap): find() bisects
-            self.entries = sorted(
-                (_Entry(a, n, f) for a, n, f, _ in _ENTRY.iter_unpack(raw)),
-                key=lambda e: e.addr,
-            )
-            self._starts = [e.addr for e in self.entries]
-            self.overflow = bool(overflow)
-            self._seq = seq
-            return self.entries
-        raise PeerSocketError("peer registry page kept changing; retry")
-
-    def find(self, addr: int, length: int) -> _Entry | None:
-        """The shared region holding ``[addr, addr + length)``, with the bounds
-        rules of :meth:`MemoryRegistry.find_remote`."""
-        if length <= 0 or addr < 0 or addr + length > U64_MAX:
-            return None
-        entries = self.refresh()
-        i = bisect.bisect_right(self._starts, addr) - 1
-        if i >= 0 and addr + length <= entries[i].end:
-            return entries[i]
-        return None
-
-    def close(self) -> None:
-        self._mm.close()
 
 
 # --------------------------------------------------------------------------------
@@ -313,6 +167,10 @@ class _PeerState:
     users: int = 0
     closing: bool = False
     stale: list[tuple[int, int]] = field(default_factory=list)  # (address, length)
+    #: the owner's device allocations opened here: IPC handle -> (backend, base)
+    ipc: dict[bytes, tuple[DeviceBackend, int]] = field(default_factory=dict)
+    ipc_failed: set[bytes] = field(default_factory=set)
+    ipc_stale: list[tuple[DeviceBackend, int]] = field(default_factory=list)
 
     def alive(self) -> bool:
         if self.pidfd < 0:
@@ -322,9 +180,10 @@ class _PeerState:
 
 
 class ShmTransport(Transport):
-    """Same-host transport (memfd mappings + process_vm_*), TCP as fallback."""
+    """Same-host transport (memfd mappings + process_vm_*, CUDA IPC), TCP as fallback."""
 
     name = "shm"
+    handles_device = True
 
     def __init__(self, ctx: TransportContext) -> None:
         self._ctx = ctx
@@ -340,6 +199,9 @@ class ShmTransport(Transport):
         self.slices_mapped = 0
         self.slices_pvm = 0
         self.slices_fallback = 0
+        self.slices_device = 0  # device memory on either side, one device copy each
+        #: IPC handles of our registered device regions (None: not exportable)
+        self._exported: dict[Region, IpcHandle | None] = {}
 
     def set_fallback(self, transport: Transport) -> None:
         self._fallback = transport
@@ -355,8 +217,31 @@ class ShmTransport(Transport):
             log.info("same-host transport disabled: cannot create a memfd (%s); using TCP", exc)
 
     def registry_changed(self) -> None:
-        if self._page is not None:
-            self._page.publish(self._ctx.registry.regions())
+        if self._page is None:
+            return
+        regions = self._ctx.registry.regions()
+        exported: dict[Region, IpcHandle | None] = {}
+        for r in regions:
+            if r.device < 0 or r.backend is None or not r.remote_accessible:
+                continue
+            if r in self._exported:
+                exported[r] = self._exported[r]
+                continue
+            try:
+                exported[r] = r.backend.ipc_export(r.addr)
+            except DeviceError as exc:
+                exported[r] = None
+                self._notes(
+                    f"export:{r.addr:#x}",
+                    logging.INFO,
+                    "device buffer %#x (%s) has no IPC handle (%s); same-host peers reach it "
+                    "over TCP staging",
+                    r.addr,
+                    r.location,
+                    exc,
+                )
+        self._exported = exported
+        self._page.publish(regions, {r.addr: h for r, h in exported.items()})
 
     def descriptor_fields(self) -> dict[str, Any]:
         if self._page is None:
@@ -453,12 +338,24 @@ class ShmTransport(Transport):
         for addr, length in state.stale:
             _libc.munmap(addr, length)
         state.stale.clear()
+        for backend, base in state.ipc_stale:
+            ShmTransport._ipc_close(backend, base)
+        state.ipc_stale.clear()
+
+    @staticmethod
+    def _ipc_close(backend: DeviceBackend, base: int) -> None:
+        try:
+            backend.ipc_close(base)
+        except DeviceError as exc:  # pragma: no cover - driver torn down first
+            log.debug("closing a peer's IPC mapping failed: %s", exc)
 
     @staticmethod
     def _unmap_all(state: _PeerState) -> None:
         for (_, length), addr in state.maps.items():
             _libc.munmap(addr, length)
         state.maps.clear()
+        state.ipc_stale.extend(state.ipc.values())
+        state.ipc.clear()
         ShmTransport._unmap_stale(state)
         state.page.close()
         if state.pidfd >= 0:
@@ -502,6 +399,71 @@ class ShmTransport(Transport):
                 os.close(fd)
             state.maps[key] = addr
             return addr
+
+    def _ipc_mapping(
+        self, state: _PeerState, entry: _Entry, backend: DeviceBackend, peer: Peer
+    ) -> int | None:
+        """Where the owner's device allocation holding ``entry`` is mapped here (its
+        base), or None when its IPC handle cannot be opened (then: TCP)."""
+        with state.lock:
+            got = state.ipc.get(entry.handle)
+            if got is not None:
+                return got[1]
+            if entry.handle in state.ipc_failed:
+                return None
+            live = {e.handle for e in state.page.entries if e.handle}
+            for gone in [h for h in state.ipc if h not in live]:  # owner unregistered them
+                state.ipc_stale.append(state.ipc.pop(gone))
+            try:
+                base = backend.ipc_open(entry.handle, entry.device)
+            except DeviceError as exc:
+                state.ipc_failed.add(entry.handle)
+                self._notes(
+                    f"ipc:{state.pid}:{entry.base:#x}",
+                    logging.WARNING,
+                    "cannot open the CUDA IPC handle of segment %r's device buffer %#x (%s); "
+                    "staging it over TCP instead (devices without peer access, or another "
+                    "container)",
+                    peer.name,
+                    entry.addr,
+                    exc,
+                )
+                return None
+            state.ipc[entry.handle] = (backend, base)
+            return base
+
+    def _device_copy(self, state: _PeerState, peer: Peer, s: Slice, entry: _Entry) -> bool:
+        """One slice with device memory on either side, as one device copy; False
+        when this path cannot serve it (the caller sends it over TCP).
+
+        Raises:
+            DeviceError / OSError: the copy failed.
+        """
+        local_dev = s.device
+        if entry.device >= 0:
+            backend = local_dev.backend if local_dev is not None else None
+            if backend is None:
+                devices = self._ctx.devices
+                backend = devices.active() if devices is not None else None
+            if not entry.handle or backend is None:
+                return False
+            base = self._ipc_mapping(state, entry, backend, peer)
+            if base is None:
+                return False
+            remote = base + (s.remote_addr - entry.base)
+        else:  # our device memory, the owner's host memory
+            assert local_dev is not None
+            backend = local_dev.backend
+            if entry.fd < 0:
+                return False  # reachable only by process_vm_*: staged over TCP
+            remote = self._mapping(state, entry) + (s.remote_addr - entry.addr)
+        local = local_dev.addr if local_dev is not None else buffer_address(s.local)
+        if s.is_write:
+            backend.copy(remote, local, s.length)
+        else:
+            backend.copy(local, remote, s.length)
+        self.slices_device += 1
+        return True
 
     # --- transfers -------------------------------------------------------------------
 
@@ -592,6 +554,18 @@ class ShmTransport(Transport):
                     )
                 )
                 continue
+            if entry.device >= 0 or s.device is not None:
+                try:
+                    if not self._device_copy(state, peer, s, entry):
+                        fallback.append(s)
+                        continue
+                except (DeviceError, OSError) as exc:
+                    finished.append(
+                        (s, PeerSocketError(f"same-host device copy with {peer.name!r}: {exc}"))
+                    )
+                    continue
+                finished.append((s, None))
+                continue
             local = buffer_address(s.local)
             try:
                 if entry.fd >= 0:
@@ -647,7 +621,15 @@ class ShmTransport(Transport):
                 on_done(s, err)
             return
         self.slices_fallback += len(slices)
-        self._fallback.execute(peer, slices, deadline, on_done)
+        devices = self._ctx.devices
+        if (
+            not self._fallback.handles_device
+            and devices is not None
+            and any(s.device is not None for s in slices)
+        ):
+            devices.stage(self._fallback.execute, peer, slices, deadline, on_done)
+        else:
+            self._fallback.execute(peer, slices, deadline, on_done)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -655,6 +637,7 @@ class ShmTransport(Transport):
             "slices_mapped": self.slices_mapped,
             "slices_pvm": self.slices_pvm,
             "slices_fallback": self.slices_fallback,
+            "slices_device": self.slices_device,
         }
 
     def close(self) -> None:
