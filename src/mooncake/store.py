@@ -293,6 +293,7 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
                 rpc_timeout_s=float(os.environ.get("MC_RPC_TIMEOUT_MS", "30000")) / 1000.0,
                 engine=engine_cfg,
                 metrics=ClientMetricsSettings.from_env(os.environ),
+                cluster_id=os.environ.get("MC_STORE_CLUSTER_ID", "").strip() or "mooncake_cluster",
             )
         except (MooncakeError, ValueError) as exc:
             log.error("setup failed: %s", str(exc))

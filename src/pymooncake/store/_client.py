@@ -72,6 +72,9 @@ class StoreClientConfig:
     rpc_timeout_s: float = 30.0
     rpc_connect_timeout_s: float = 5.0
     ping_interval_s: float = 1.0
+    #: MC_STORE_CLUSTER_ID: with an ``etcd://`` master address, which cluster's
+    #: elected leader to use (``mooncake-store/<cluster_id>/master_view``)
+    cluster_id: str = "mooncake_cluster"
     engine: EngineConfig | None = None
     #: fault in segments when they are mounted (the reference maps them with
     #: MAP_POPULATE), so the first write into each page does not pay a page fault
@@ -141,6 +144,7 @@ class StoreClient(WriteOps, ReadOps):
             connect_timeout_s=config.rpc_connect_timeout_s,
             metrics=self.metrics,
             security=engine_config.security,
+            cluster_id=config.cluster_id,
         )
         #: keys this process is writing (put/upsert started, not ended), to tell a
         #: concurrent put of another thread from an orphan of an earlier attempt

@@ -38,7 +38,11 @@ class AdminHttp:
             "/metrics": self.metrics,
             "/metrics/summary": self.summary,
             "/health": self.health,
-            "/role": lambda r: HttpResponse(200, b"leader", "text/plain; charset=utf-8"),
+            "/role": lambda r: HttpResponse(
+                200, self._svc.role.encode(), "text/plain; charset=utf-8"
+            ),
+            "/leader": self.leader,
+            "/ha_status": self.ha_status,
             "/query_key": self.query_key,
             "/batch_query_keys": self.batch_query_keys,
             "/get_all_keys": self.all_keys,
@@ -60,8 +64,45 @@ class AdminHttp:
     # --- endpoints ------------------------------------------------------------------
 
     def health(self, request: HttpRequest) -> HttpResponse:
+        svc = self._svc
+        serving = svc.serving()
         return _json(
-            200, {"status": "ok", "role": "leader", "ha_state": "serving", "service_ready": True}
+            200,
+            {
+                "status": "ok",
+                "role": svc.role,
+                "ha_state": "serving" if serving else svc.role,
+                "service_ready": serving,
+            },
+        )
+
+    def leader(self, request: HttpRequest) -> HttpResponse:
+        svc = self._svc
+        return _json(
+            200,
+            {
+                "leader": svc.leader_address
+                or (svc.addresses.rpc_address if svc.addresses else ""),
+                "role": svc.role,
+                "view_version": svc.state.view_version,
+            },
+        )
+
+    def ha_status(self, request: HttpRequest) -> HttpResponse:
+        svc = self._svc
+        return _json(
+            200,
+            {
+                "enabled": svc.ha is not None,
+                "role": svc.role,
+                "serving": svc.serving(),
+                "leader": svc.leader_address,
+                "view_version": svc.state.view_version,
+                "failovers": svc.failovers,
+                "standbys": svc.hub.status(),
+                "replicated_seq": svc.hub.seq,
+                "acknowledged_seq": svc.hub.acked,
+            },
         )
 
     @staticmethod

@@ -59,6 +59,8 @@ from ._effects import (
     ObjectDeleted,
     SegmentMounted,
     SegmentUnmounted,
+    WriteEnded,
+    WriteStarted,
 )
 from ._eviction import evict_segment
 from ._index import ObjectIndex
@@ -152,6 +154,9 @@ class MasterState:
         #: (a KV cache has few distinct block sizes)
         self._sizes: dict[int, int] = {}
         self._dirty_allocators: set[str] = set()
+        #: applying effects (replay, a standby): allocators are rebuilt afterwards
+        #: by finish_replay() instead of being updated range by range
+        self._replaying = False
 
     # ------------------------------------------------------------------------------
     # clients and segments
@@ -350,12 +355,17 @@ class MasterState:
         )
 
     def _free(self, seg: SegmentRecord, addr: int, size: int) -> None:
-        if self.segments.get(seg.id) is seg:
+        if self._replaying:
+            self._dirty_allocators.add(seg.id)
+        elif self.segments.get(seg.id) is seg:
             seg.allocator.free(addr, reserved_size(size))
 
     def _discard(self, seg: SegmentRecord, addr: int, size: int, release_at: float) -> None:
         """Keep a range reserved until ``release_at`` (a writer or reader may still
         be using it), then free it in :meth:`tick`."""
+        if self._replaying:
+            self._dirty_allocators.add(seg.id)
+            return
         heapq.heappush(
             self._discards,
             (release_at, next(self._discard_seq), seg, addr, reserved_size(size)),
@@ -453,6 +463,18 @@ class MasterState:
             seg.objs[key] = obj
         self.inflight[key] = obj
         client.inflight.add(key)
+        if self.effects is not None:
+            self.effects.append(
+                WriteStarted(
+                    key,
+                    size,
+                    tuple((seg.id, addr) for seg, addr in reps),
+                    client.id,
+                    bool(flags & HARD_PIN),
+                    False,
+                    pin_ttl,
+                )
+            )
         return obj
 
     def _writing(self, client_id: str, key: str) -> Obj:
@@ -532,6 +554,7 @@ class MasterState:
         self._touch(client_id, now)
 
     def _abandon(self, key: str, obj: Obj, *, discard: bool, now: float) -> None:
+        self._emit(WriteEnded(key))
         release = now + self.config.put_start_release_timeout_s
         pending = obj.pending()
         if pending:
@@ -618,6 +641,18 @@ class MasterState:
         self.inflight.pop(key, None)
         self.inflight[key] = obj
         client.inflight.add(key)
+        if self.effects is not None:
+            self.effects.append(
+                WriteStarted(
+                    key,
+                    size,
+                    tuple((seg.id, addr) for seg, addr in pending),
+                    client.id,
+                    bool(obj.flags & HARD_PIN),
+                    True,
+                    ext.soft_pin_ttl_s if ext.repin else None,
+                )
+            )
         return obj
 
     def _finish_upsert(self, key: str, obj: Obj, now: float) -> None:
@@ -938,10 +973,12 @@ class MasterState:
         """Apply one effect (replay, or a standby following a leader).  Allocators
         are brought up to date by :meth:`finish_replay`."""
         recording, self.effects = self.effects, None
+        self._replaying = True
         try:
             self._APPLY[type(effect)](self, effect, now)
         finally:
             self.effects = recording
+            self._replaying = False
 
     def _apply_mount(self, ev: SegmentMounted, now: float) -> None:
         if ev.info.id not in self.segments:
@@ -975,6 +1012,52 @@ class MasterState:
         for seg, _ in reps:
             seg.objs[ev.key] = obj
 
+    def _apply_start(self, ev: WriteStarted, now: float) -> None:
+        reps: list[Rep] = []
+        for seg_id, addr in ev.replicas:
+            seg = self.segments.get(seg_id)
+            if seg is not None:
+                reps.append((seg, addr))
+                self._dirty_allocators.add(seg_id)
+        old = self.objects.get(ev.key)
+        if old is not None and old.flags & BUSY:
+            self._abandon(ev.key, old, discard=False, now=now)
+            old = self.objects.get(ev.key)
+        if not reps:
+            return
+        client = self._touch(ev.writer, now)
+        if ev.upsert and old is not None and old.flags & READABLE:
+            obj = old
+            ext = obj.extension()
+            ext.pending = tuple(reps)
+            ext.pending_size = self._size(ev.size)
+            ext.repin = ev.soft_pin_ttl_s is not None
+            if ext.repin:
+                ext.soft_pin_ttl_s = ev.soft_pin_ttl_s
+            obj.flags |= BUSY | (HARD_PIN if ev.hard_pinned else 0)
+            obj.writer = client.id
+        else:
+            if old is not None:
+                self._forget(ev.key, old)
+            flags = BUSY | (HARD_PIN if ev.hard_pinned else 0)
+            obj = Obj(self._size(ev.size), reps[0][0], reps[0][1], client.id, flags)
+            ext = obj.extension()
+            ext.soft_pin_ttl_s = ev.soft_pin_ttl_s
+            if len(reps) > 1:
+                ext.more = tuple(reps[1:])
+            self.objects.add(ev.key, obj)
+        ext.started_at = now
+        for seg, _ in reps:
+            seg.objs[ev.key] = obj
+        self.inflight.pop(ev.key, None)
+        self.inflight[ev.key] = obj
+        client.inflight.add(ev.key)
+
+    def _apply_abandon(self, ev: WriteEnded, now: float) -> None:
+        obj = self.objects.get(ev.key)
+        if obj is not None and obj.flags & BUSY:
+            self._abandon(ev.key, obj, discard=False, now=now)
+
     def _apply_delete(self, ev: ObjectDeleted, now: float) -> None:
         obj = self.objects.get(ev.key)
         if obj is not None:
@@ -986,10 +1069,13 @@ class MasterState:
         SegmentUnmounted: _apply_unmount,
         ObjectCommitted: _apply_commit,
         ObjectDeleted: _apply_delete,
+        WriteStarted: _apply_start,
+        WriteEnded: _apply_abandon,
     }
 
     def finish_replay(self) -> None:
-        """Rebuild the allocators touched by :meth:`apply` from the objects.
+        """Rebuild the allocators touched by :meth:`apply` from the objects (their
+        current and pending replicas).
 
         Raises:
             ValueError: restored replicas overlap or leave their segment.
@@ -998,14 +1084,29 @@ class MasterState:
             seg = self.segments.get(seg_id)
             if seg is None:
                 continue
-            live = [
-                (addr, reserved_size(obj.size))
-                for obj in seg.objs.values()
-                for s, addr in obj.replicas()
-                if s is seg
-            ]
+            live: list[tuple[int, int]] = []
+            for obj in seg.objs.values():
+                reserved = reserved_size(obj.size)
+                live += [(addr, reserved) for s, addr in obj.replicas() if s is seg]
+                pending = obj.pending()
+                if pending:
+                    reserved = reserved_size(obj.extension().pending_size)
+                    live += [(addr, reserved) for s, addr in pending if s is seg]
             seg.allocator.rebuild(live)
         self._dirty_allocators.clear()
+
+    def promote(self, now: float) -> None:
+        """This state, built by applying a leader's effects, starts deciding: the
+        allocators are rebuilt and every known client gets a fresh ``client_ttl``
+        (none of them could ping a standby)."""
+        self.finish_replay()
+        for client in self.clients.values():
+            client.last_seen = now
+        for obj in self.inflight.values():
+            if obj.ext is not None:
+                obj.ext.started_at = now
+        self._last_tick = None
+        self.view_version += 1
 
     def snapshot_effects(self) -> list[Effect]:
         """The current durable state as a minimal effect list (for compaction).
@@ -1019,12 +1120,31 @@ class MasterState:
     def segment_effects(self) -> list[Effect]:
         return [SegmentMounted(seg.info, seg.client_id) for seg in self.segments.values()]
 
-    def shard_effects(self, shard: int) -> list[Effect]:
-        return [
-            self._commit_effect(key, obj)
-            for key, obj in self.objects.shards[shard].items()
-            if obj.flags & READABLE
-        ]
+    def shard_effects(self, shard: int, *, writes: bool = False) -> list[Effect]:
+        """Records of one shard's objects: their readable values, and with
+        ``writes`` also the writes in progress (what a standby needs)."""
+        out: list[Effect] = []
+        for key, obj in self.objects.shards[shard].items():
+            if obj.flags & READABLE:
+                out.append(self._commit_effect(key, obj))
+            if writes and obj.flags & BUSY:
+                out.append(self._start_effect(key, obj))
+        return out
+
+    @staticmethod
+    def _start_effect(key: str, obj: Obj) -> WriteStarted:
+        ext = obj.extension()
+        upsert = bool(obj.flags & READABLE)
+        reps = ext.pending if upsert else tuple(obj.replicas())
+        return WriteStarted(
+            key,
+            ext.pending_size if upsert else obj.size,
+            tuple((seg.id, addr) for seg, addr in reps),
+            obj.writer,
+            bool(obj.flags & HARD_PIN),
+            upsert,
+            ext.soft_pin_ttl_s,
+        )
 
     # ------------------------------------------------------------------------------
     # introspection
