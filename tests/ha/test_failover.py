@@ -123,7 +123,7 @@ def test_a_frozen_leader_never_serves_again(masters: HaMasters) -> None:
         assert client.put("before", b"1" * 100) is True
         leader.node.proc.send_signal(signal.SIGSTOP)
         try:
-            new, waited = masters.new_leader(leader)
+            _new, waited = masters.new_leader(leader)
             assert waited < 2 * TTL + 3
             assert client.put("meanwhile", b"2" * 100) is True
         finally:
