@@ -102,6 +102,8 @@ class AdminHttp:
                 "standbys": svc.hub.status(),
                 "replicated_seq": svc.hub.seq,
                 "acknowledged_seq": svc.hub.acked,
+                "held_replies": svc.hub.held,
+                "dropped_standbys": svc.hub.dropped,
             },
         )
 

@@ -13,11 +13,17 @@ only.  The standby applies each frame to its own :class:`MasterState` and
 acknowledges the sequence number.
 
 **The commit barrier.**  While at least one standby is in sync, the leader
-sends no reply before a standby has acknowledged every effect produced up to
-that reply: an acknowledged put is on a standby before its writer hears "ok",
-and buffers freed by a removal or an eviction are handed out again only once
-the standby knows they were freed (otherwise a new leader could resurrect an
-object whose bytes were already overwritten).  A standby that does not
+holds a reply until a standby has acknowledged (a) the request's own durable
+effects -- an acknowledged put, removal or mount is on a standby before its
+client hears "ok" -- and (b) the last batch that freed buffers -- buffers freed
+by a removal or an eviction are handed out again only once the standby knows
+they were freed (otherwise a new leader could resurrect an object whose bytes
+were already overwritten).  A PutStart's own reservation (``WriteStarted``) is
+shipped without waiting: a put then costs one barrier, not two.  The price: a
+write still in progress more than a lease period after its leader died may
+land in buffers the new leader has handed out again (the new leader's warm-up
+of one lease period is the margin; writes of KV-cache blocks take
+milliseconds).  A standby that does not
 acknowledge within ``sync_timeout_s`` is dropped from the barrier (logged; it
 re-enters when it catches up), so a dead standby costs one timeout, not the
 service.
@@ -43,7 +49,14 @@ from ...errors import MooncakeError
 from ...wire import MasterFrameDecoder, MasterReply, encode_reply, encode_request
 from ...wire import _master_msgs as msg
 from .._config import MasterConfig
-from ._effects import Effect, effect_from_record
+from ._effects import (
+    Effect,
+    ObjectDeleted,
+    SegmentUnmounted,
+    WriteEnded,
+    WriteStarted,
+    effect_from_record,
+)
 from ._index import SHARDS
 from ._state import MasterState
 
@@ -61,6 +74,8 @@ DEFAULT_SYNC_TIMEOUT_S: Final = 2.0
 _MAX_BACKLOG: Final = 256 << 20
 #: the stream's frames may be far larger than a request
 _MAX_STREAM_FRAME: Final = 1 << 30
+#: effects that return buffers to the allocator
+_FREES: Final = (ObjectDeleted, SegmentUnmounted, WriteEnded)
 
 
 class _Link:
@@ -84,16 +99,22 @@ class ReplicationHub:
         self.sync_timeout_s = sync_timeout_s
         self.seq = 0
         self.acked = 0
+        #: the last batch that freed buffers (deletes, unmounts, revoked writes)
+        self.free_seq = 0
         self.links: dict[_RpcProtocol, _Link] = {}
         self._waiting: set[_RpcProtocol] = set()
         self.dropped = 0
+        #: replies held for a standby's acknowledgement (a counter)
+        self.held = 0
 
     # --- state --------------------------------------------------------------------
 
-    def barrier(self) -> int:
-        """The sequence number a reply sent now must wait for: everything shipped so
-        far (0 when no standby is in sync)."""
-        return self.seq if self.acked < self.seq and self.in_sync else 0
+    def barrier(self, own: int = 0) -> int:
+        """The sequence number a reply sent now must wait for (0: none): ``own``, the
+        batch that carried the request's own durable effects, and in any case the
+        last batch that freed buffers (a reply may hand them out again)."""
+        need = max(own, self.free_seq)
+        return need if need > self.acked and self.in_sync else 0
 
     @property
     def in_sync(self) -> bool:
@@ -108,15 +129,17 @@ class ReplicationHub:
     # --- leader side ----------------------------------------------------------------
 
     def ship(self, effects: list[Effect]) -> int:
-        """Send ``effects`` to every standby; returns the sequence number replies
-        must wait for (0: none, no standby is in sync)."""
+        """Send ``effects`` to every standby; returns their sequence number if a reply
+        acknowledging them must wait for it (durable effects), else 0."""
         if not self.links:
             return 0
         self.seq += 1
         records = [e.record() for e in effects]
         for link in list(self.links.values()):
             self._send(link, {"seq": self.seq, "effects": records})
-        return self.seq if self.in_sync else 0
+        if any(isinstance(e, _FREES) for e in effects):
+            self.free_seq = self.seq
+        return self.seq if any(not isinstance(e, WriteStarted) for e in effects) else 0
 
     def _send(self, link: _Link, value: dict[str, Any]) -> None:
         transport = link.proto.transport

@@ -872,8 +872,7 @@ class _RpcProtocol(asyncio.Protocol):
                 self._pause(2)
         else:
             self._partial_since = None
-        svc._persist()  # journal and replicate before acknowledging
-        seq = svc.hub.barrier()
+        seq = svc.hub.barrier(svc._persist())  # journal and replicate before acknowledging
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             if self._held or seq > svc.hub.acked:
@@ -882,6 +881,7 @@ class _RpcProtocol(asyncio.Protocol):
                 transport.write(data)
 
     def _hold(self, seq: int, data: bytes) -> None:
+        self._svc.hub.held += 1
         if not self._held:
             self.held_since = time.monotonic()
         self._held.append((seq, data))
@@ -914,8 +914,7 @@ class _RpcProtocol(asyncio.Protocol):
             code, value = await self._svc.dispatch_scan(req)
             if self._transport is not None:
                 data = self._encode(req_id, code, value)
-                self._svc._persist()
-                seq = self._svc.hub.barrier()
+                seq = self._svc.hub.barrier(self._svc._persist())
                 if self._held or seq > self._svc.hub.acked:
                     self._hold(seq, data)
                 else:
