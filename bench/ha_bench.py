@@ -106,7 +106,7 @@ def main() -> int:
             clients = {"off": _client(rpc), "ha": _client(ha.client_address, ha.cluster_id)}
             ha.wait_in_sync(leader)
             try:
-                for name, client in clients.items():  # warm up
+                for client in clients.values():  # warm up
                     _round(client, "warm", 4096, 50)
                 for r in range(args.rounds):
                     for size in sizes:
