@@ -21,8 +21,9 @@ from dataclasses import replace
 from typing import Any
 
 from pymooncake.errors import InvalidParams, MooncakeError, StoreError
-from pymooncake.store import ErrorCode, StoreClient
+from pymooncake.store import ErrorCode
 from pymooncake.store import ReplicateConfig as _NativeConfig
+from pymooncake.store._api import StoreApi
 from pymooncake.store._tensor import (
     HEADER_SIZE,
     AxisSpec,
@@ -91,7 +92,7 @@ def check_group_ids(config: ReplicateConfig | None, count: int, what: str) -> bo
 class TensorOps:
     """Mixin: tensor methods.  Needs ``_c()`` (the live client) and ``_cfg()``."""
 
-    def _c(self) -> StoreClient:
+    def _c(self) -> StoreApi:
         raise NotImplementedError
 
     @staticmethod
