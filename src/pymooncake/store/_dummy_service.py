@@ -356,6 +356,8 @@ class DummyService:
                 conn = self._ssl.wrap_socket(conn, server_side=True)
                 conn.settimeout(None)
             if self._key is not None:
+                if self._ssl is None and self._refused_without_token(conn, peer):
+                    return
                 server_handshake(
                     conn,
                     self._key,
@@ -381,6 +383,45 @@ class DummyService:
             with self._lock:
                 self._conns.pop(sock, None)
             conn.close()
+
+    def _refused_without_token(self, conn: socket.socket, peer: str) -> bool:
+        """A dummy without the token sends a request instead of a HELLO: answer
+        that request with an error that says so (not just a closed connection)."""
+        conn.settimeout(self.config.auth_timeout_s)
+        try:
+            first = conn.recv(16, socket.MSG_PEEK)
+            if not first or looks_like_hello(first) is not False:
+                return False
+            decoder = DummyFrameDecoder(max_length=1 << 20)
+            frame = decoder.next_frame()
+            while not isinstance(frame, (DummyRequest, DummyReply)):
+                data = conn.recv(1 << 16)
+                if not data:
+                    return True
+                decoder.feed(data)
+                frame = decoder.next_frame()
+        except (OSError, MalformedMessage):
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                conn.settimeout(None)
+        self._bad(
+            f"notoken-dummy:{peer.rsplit(':', 1)[0]}",
+            logging.WARNING,
+            "dummy-client RPC port: refusing %s: it has no cluster token (this mooncake_client "
+            "has one); set the same PYMOONCAKE_CLUSTER_TOKEN in the dummy's process",
+            peer,
+        )
+        with contextlib.suppress(OSError):
+            conn.sendall(
+                encode_dummy_reply(
+                    frame.id,
+                    int(ErrorCode.ILLEGAL_CLIENT),
+                    f"the real client at {self.address} requires the cluster token: set the "
+                    "same PYMOONCAKE_CLUSTER_TOKEN in this process as in mooncake_client's",
+                )
+            )
+        return True
 
     def _requests(self, conn: socket.socket, peer: str) -> None:
         decoder = DummyFrameDecoder()

@@ -98,7 +98,7 @@ class ShmRegistry:
         self._regions: dict[int, ShmRegion] = {}
 
     def allocate(self, size: int, *, populate: bool = False) -> ShmRegion:
-        """A new region of ``size`` bytes (rounded up to whole pages).
+        """A new region of exactly ``size`` bytes (the mapping starts page-aligned).
 
         ``populate`` faults the pages in now (MAP_POPULATE, as the reference).
 
@@ -108,7 +108,6 @@ class ShmRegistry:
         """
         if size <= 0:
             raise InvalidArgument(f"cannot allocate {size} bytes of shared memory")
-        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
         region = _create(size, populate)
         with self._lock:
             bisect.insort(self._bases, region.addr)
