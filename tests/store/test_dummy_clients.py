@@ -37,6 +37,7 @@ from mooncake.store import MooncakeDistributedStore, MooncakeHostMemAllocator, R
 from pymooncake._authio import ClusterSecurity
 from pymooncake.store import MasterConfig, StoreClient
 from pymooncake.store._dummy_client import DummyClient
+from pymooncake.store._dummy_io import SPECULATIVE_BYTES
 from pymooncake.store._dummy_service import DummyService, DummyServiceConfig
 from pymooncake.testing import LocalCluster, ProcessCluster, free_port
 
@@ -195,12 +196,19 @@ def test_no_real_client_at_the_address(caplog: pytest.LogCaptureFixture) -> None
 
 
 def test_bytes_api_stages_once_through_the_local_buffer(store: MooncakeDistributedStore) -> None:
-    value = pattern(100_000, 1)
+    small, value = pattern(3000, 0), pattern(100_000, 1)
+    with staging_count(store) as staged:
+        assert store.put("small_key", small) == 0
+        assert staged == [len(small)]
+        # a get stages room for a small object and asks for it in one round trip ...
+        assert store.get("small_key") == small
+        assert staged == [len(small), SPECULATIVE_BYTES]
     with staging_count(store) as staged:
         assert store.put("bytes_key", value) == 0
         assert staged == [len(value)]
+        # ... and a larger one is read in place with a second, into its exact size
         assert store.get("bytes_key") == value
-        assert staged == [len(value)] * 2
+        assert staged == [len(value), SPECULATIVE_BYTES, len(value)]
     assert store.get_size("bytes_key") == len(value)
     assert store.is_exist("bytes_key") == 1
     assert store.put("bytes_key", b"other") == 0  # exists: kept, not overwritten
@@ -315,8 +323,10 @@ def test_unregistered_memory_is_staged(store: MooncakeDistributedStore) -> None:
         assert store.put_from("np_key", int(array.ctypes.data), array.nbytes) == 0
         out = np.zeros(100_000, dtype=np.uint8)
         assert store.get_into("np_key", int(out.ctypes.data), out.nbytes) == array.nbytes
-        assert staged == [array.nbytes, array.nbytes]
+        assert staged == [array.nbytes, out.nbytes]  # the read stages the destination's room
     assert out[: array.nbytes].tobytes() == array.tobytes()
+    assert store.get_into("np_key", int(out.ctypes.data), 1000) == -600  # too small
+    assert store.get_into("missing", int(out.ctypes.data), 1000) == -704
     pool = store.alloc_from_mem_pool(MiB)  # allocated but not registered: staged as well
     ctypes.memmove(pool, b"abc", 3)
     with staging_count(store) as staged:

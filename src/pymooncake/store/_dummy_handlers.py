@@ -196,6 +196,40 @@ def _get_into(ctx: ServiceContext, p: dict[str, Any]) -> Any:
         return [result_row(r) for r in ctx.client.get_many_into(keys, dests)]
 
 
+def _get_staged(ctx: ServiceContext, p: dict[str, Any]) -> Any:
+    """Read objects of unknown size into one staging range each: ``{"size": n}`` when
+    it fit (read), else ``{"size": n, "location": ...}`` (not read; the dummy
+    stages ``n`` bytes and reads that location with ``read_ranges``)."""
+    keys = _keys(p)
+    rows = _ranges(p.get("parts"), "parts")
+    if len(rows) != len(keys) or any(len(r) != 1 for r in rows):
+        raise InvalidParams("get_staged takes one staging range per key")
+    out: list[list[Any]] = [[0, None]] * len(keys)
+    with ctx.using(_str(p, "client_id")) as t:
+        fits: list[int] = []
+        locs: list[ObjectLocation] = []
+        ranges: list[list[tuple[memoryview, int]]] = []
+        for i, loc in enumerate(ctx.client.locate(keys)):
+            if isinstance(loc, StoreError):
+                out[i] = result_row(loc)
+                continue
+            ((addr, cap),) = rows[i]
+            if loc.size > cap:
+                out[i] = [0, {"size": loc.size, "location": location_to_wire(loc)}]
+                continue
+            view = (
+                ctx.client.local_view(t.translate(addr, loc.size), loc.size, writable=True)
+                if loc.size
+                else memoryview(bytearray(0))
+            )
+            fits.append(i)
+            locs.append(loc)
+            ranges.append([(view, 0)])
+        for i, (res,) in zip(fits, ctx.client.read_ranges(locs, ranges), strict=True):
+            out[i] = result_row(res if isinstance(res, StoreError) else {"size": res})
+    return out
+
+
 def _locate(ctx: ServiceContext, p: dict[str, Any]) -> Any:
     return [
         result_row(r if isinstance(r, StoreError) else location_to_wire(r))
@@ -288,6 +322,7 @@ HANDLERS: dict[DummyMethod, Callable[[ServiceContext, dict[str, Any]], Any]] = {
     DummyMethod.HEALTH: _health,
     DummyMethod.PUT: _put,
     DummyMethod.GET_INTO: _get_into,
+    DummyMethod.GET_STAGED: _get_staged,
     DummyMethod.LOCATE: _locate,
     DummyMethod.READ_RANGES: _read_ranges,
     DummyMethod.EXISTS: _exists,

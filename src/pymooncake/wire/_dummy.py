@@ -97,6 +97,7 @@ class DummyMethod(str, Enum):
     HEALTH = "health"
     PUT = "put"
     GET_INTO = "get_into"
+    GET_STAGED = "get_staged"
     LOCATE = "locate"
     READ_RANGES = "read_ranges"
     EXISTS = "exists"
