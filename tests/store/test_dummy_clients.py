@@ -459,6 +459,14 @@ def test_tensor_api(store: MooncakeDistributedStore) -> None:
     assert torch.equal(store.get_tensor_with_parallelism("tpar"), tensor)
     mismatch = store.batch_get_tensor_into(["t", "x"], [ptr], [size])
     assert len(mismatch) == 2 and all(r < 0 for r in mismatch)
+    # reads into existing tensors (CUDA ones in practice; torch copies, so any device)
+    dst = torch.zeros(3, 4)
+    assert store.get_tensor_into_cuda("t", dst) == tensor.numel() * 4
+    assert torch.equal(dst, tensor)
+    assert store.batch_get_tensor_into_cuda(
+        ["tb1", "missing", "t"], [dst, torch.zeros(3, 4), torch.zeros(4, 3)]
+    ) == [48, -704, -600]
+    assert torch.equal(dst, tensor + 1)
 
 
 def test_mixed_put_and_put_tensor_from_two_threads(own_store: MooncakeDistributedStore) -> None:
