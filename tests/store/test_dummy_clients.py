@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -557,6 +558,41 @@ def test_cluster_token_guards_the_rpc_port(
             assert store.setup_dummy(MiB, MiB, open_svc.address) == -1  # still holds TOKEN
         assert "has no" in caplog.text or "no token" in caplog.text.lower()
         store.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificates")
+def test_rpc_port_over_tls(
+    real: StoreClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def openssl(*args: str) -> None:
+        subprocess.run(
+            ["openssl", *args], cwd=tmp_path, check=True, capture_output=True, timeout=60
+        )
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl(
+        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=ca"
+    )
+    openssl("req", "-new", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=node")
+    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "node.pem", "-days", "2")  # fmt: skip
+    files = {
+        "PYMOONCAKE_TLS_CERT": str(tmp_path / "node.pem"),
+        "PYMOONCAKE_TLS_KEY": str(tmp_path / "node.key"),
+        "PYMOONCAKE_TLS_CA": str(tmp_path / "ca.pem"),
+        "PYMOONCAKE_CLUSTER_TOKEN": TOKEN,
+    }
+    for k, v in files.items():
+        monkeypatch.setenv(k, v)
+    config = DummyServiceConfig(host=LOCAL, port=0, security=ClusterSecurity.from_env())
+    with DummyService(real, config) as svc:
+        store = MooncakeDistributedStore()
+        try:
+            assert store.setup_dummy(MiB, MiB, svc.address) == 0
+            assert store.put("tls_key", b"over tls") == 0
+            assert store.get("tls_key") == b"over tls"
+        finally:
+            store.close()
 
 
 def test_a_second_service_on_the_same_port_is_refused(

@@ -31,6 +31,7 @@ which is the zero-copy path (``put_from``/``get_into`` and friends).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import socket
@@ -154,6 +155,12 @@ class DummyClient:
         except BaseException:
             if local_region is not None:
                 self._shm.free(local_region.addr)
+            with contextlib.suppress(MooncakeError):  # the real client forgets us at once
+                self._rpc.call(
+                    DummyMethod.UNREGISTER,
+                    {"client_id": self.client_id, "base": None},
+                    what="close",
+                )
             self._rpc.close()
             raise
         self.io = DummyIO(self.mem, self._call, self.client_id)

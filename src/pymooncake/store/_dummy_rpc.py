@@ -12,6 +12,7 @@ restarted while nothing was in flight costs no failed call.
 from __future__ import annotations
 
 import itertools
+import select
 import socket
 import threading
 from typing import Any
@@ -48,12 +49,13 @@ class _Conn:
 
 
 def _alive(sock: socket.socket) -> bool:
-    """An idle connection the peer has not closed (nothing may be pending on it)."""
+    """An idle connection the peer has not closed: nothing may arrive on an idle
+    connection, so a readable one was closed (or is broken); works for TLS too."""
+    poller = select.poll()
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except BlockingIOError:
-        return True
-    except OSError:
+        poller.register(sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
+    except (OSError, ValueError):
         return False
 
 
