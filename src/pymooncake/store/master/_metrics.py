@@ -146,7 +146,6 @@ class MasterStats:
         #: method -> [items, failed items, partially failed batches, wholly failed batches]
         self.batches: dict[str, list[int]] = {}
         self.samples: deque[Sample] = deque(maxlen=max(2, int(history_s / sample_interval_s) + 1))
-        self._next_sample = 0.0
         #: the reference's "summary snapshot": counters and monotonic time of the
         #: last "Master Admin Metrics" line
         self.window: tuple[float, dict[str, int]] | None = None
@@ -179,9 +178,8 @@ class MasterStats:
     def sample(self, state: MasterState) -> Sample | None:
         """Append a sample when ``sample_interval_s`` has passed since the last one."""
         now = self._clock()
-        if now < self._next_sample:
+        if self.samples and now - self.samples[-1].mono < self.sample_interval_s:
             return None
-        self._next_sample = now + self.sample_interval_s
         s = self.current(state, now)
         self.samples.append(s)
         return s

@@ -244,8 +244,9 @@ def _leader_text(view: dict[str, Any]) -> str:
     return ""
 
 
-def render_page(view: dict[str, Any]) -> str:
-    """The page, with ``view``'s numbers already in it."""
+def render_page(view: dict[str, Any], *, logout: bool = False) -> str:
+    """The page, with ``view``'s numbers already in it (``logout``: with a log-out
+    button, for a master with a cluster token)."""
     t = view["totals"]
     r = view["rates"]
     cap, used = t["capacity_bytes"], t["allocated_bytes"]
@@ -274,10 +275,17 @@ def render_page(view: dict[str, Any]) -> str:
     charts = "".join(
         f'<div class="card chart"><div class="label">{_e(label)}</div>'
         f'<div class="value" id="rate-{key}">{r[key]:.1f}/s</div>'
-        f'<svg id="chart-{key}" viewBox="0 0 300 60" preserveAspectRatio="none"></svg></div>'
+        f'<svg id="chart-{key}" viewBox="0 0 300 60" preserveAspectRatio="none"></svg>'
+        f'<div class="sub" id="chart-{key}-sub">collecting samples...</div></div>'
         for key, label in (("put", "Puts"), ("get", "Gets"), ("evict", "Evictions"))
     )
-    data = json.dumps(view, separators=(",", ":")).replace("</", "<\\/")
+    # JSON inside <script>: no "<", ">" or "&" that could end the element or open a comment
+    data = (
+        json.dumps(view, separators=(",", ":"))
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -290,7 +298,7 @@ def render_page(view: dict[str, Any]) -> str:
 <span class="muted" id="leader">{_e(_leader_text(view))}</span>
 <span class="muted" id="version">v{_e(view["version"])}</span>
 <span class="muted">up <span id="uptime">{view["uptime_s"]:.0f}</span> s</span>
-<span class="muted right" id="updated">rendered by the master</span></header>
+<span class="muted right" id="updated">rendered by the master</span>{_LOGOUT if logout else ""}</header>
 <main>
 <section class="cards">{cards}</section>
 <section class="cards">{charts}</section>
@@ -298,7 +306,7 @@ def render_page(view: dict[str, Any]) -> str:
 <table><thead><tr><th>name</th><th>id</th><th>client</th><th>used / capacity</th><th>replicas</th><th>status</th></tr></thead>
 <tbody id="segments">{_segment_rows(view)}</tbody></table>
 <h2>Clients</h2>
-<table><thead><tr><th>id</th><th>host</th><th>last ping</th><th>liveness</th><th>segments</th><th>writing</th></tr></thead>
+<table><thead><tr><th>id</th><th>host</th><th>last ping</th><th>liveness</th><th>segments</th><th>keys being written</th></tr></thead>
 <tbody id="clients">{_client_rows(view)}</tbody></table>
 <p class="muted">Refreshes every 2 s from <a href="/api/v1/cluster">/api/v1/cluster</a>;
 Prometheus metrics at <a href="/metrics">/metrics</a>, summary at <a href="/metrics/summary">/metrics/summary</a>.</p>
@@ -307,6 +315,9 @@ Prometheus metrics at <a href="/metrics">/metrics</a>, summary at <a href="/metr
 <script src="/static/page.js"></script>
 </body></html>
 """
+
+
+_LOGOUT: Final = '<form method="post" action="/logout" class="logout"><button type="submit">Log out</button></form>'
 
 
 def render_login(message: str = "") -> str:
@@ -392,7 +403,7 @@ class ClusterPage:
     def page(self, request: HttpRequest) -> HttpResponse:
         if not self.allowed(request):
             return HttpResponse(200, render_login().encode(), _HTML, headers=_HEADERS)
-        body = render_page(cluster_view(self._svc)).encode()
+        body = render_page(cluster_view(self._svc), logout=self._key is not None).encode()
         return HttpResponse(200, body, _HTML, headers=_HEADERS)
 
     def api(self, request: HttpRequest) -> HttpResponse:

@@ -78,15 +78,33 @@
     const svg = document.getElementById(id);
     if (!svg) return;
     const ns = "http://www.w3.org/2000/svg";
-    const line = document.createElementNS(ns, "polyline");
+    const parts = [];
+    const base = document.createElementNS(ns, "line");
+    base.setAttribute("x1", "0"); base.setAttribute("x2", "300");
+    base.setAttribute("y1", "59"); base.setAttribute("y2", "59");
+    base.setAttribute("class", "base");
+    parts.push(base);
+    const caption = document.getElementById(id + "-sub");
     if (points.length > 1) {
       const t0 = points[0][0], t1 = points[points.length - 1][0];
       const top = Math.max(1e-9, ...points.map((p) => p[1]));
-      line.setAttribute("points", points.map((p) =>
+      const xy = points.map((p) =>
         ((p[0] - t0) / Math.max(1e-9, t1 - t0) * 300).toFixed(1) + "," +
-        (58 - p[1] / top * 56).toFixed(1)).join(" "));
+        (58 - p[1] / top * 54).toFixed(1));
+      const area = document.createElementNS(ns, "polygon");
+      area.setAttribute("points", "0,59 " + xy.join(" ") + " 300,59");
+      const line = document.createElementNS(ns, "polyline");
+      line.setAttribute("points", xy.join(" "));
+      parts.push(area, line);
+      if (caption) {
+        const span = t1 - t0;
+        caption.textContent = "last " + (span < 120 ? Math.round(span) + " s" :
+          Math.round(span / 60) + " min") + ", peak " + top.toFixed(1) + "/s";
+      }
+    } else if (caption) {
+      caption.textContent = "collecting samples...";
     }
-    svg.replaceChildren(line);
+    svg.replaceChildren(...parts);
   }
 
   function render(view) {
