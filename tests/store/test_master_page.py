@@ -4,6 +4,7 @@ headless Chromium (real numbers, live updates, a screenshot)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import time
@@ -270,6 +271,20 @@ def _wait_for(browser: Chromium, expression: str, want: Any, timeout_s: float = 
 _KEYS = "document.getElementById('key-count').dataset.value"
 
 
+@contextlib.contextmanager
+def _screenshot_on_failure(browser: Chromium, shot: Path) -> Iterator[None]:
+    """A failed assertion names a screenshot of the page as it was."""
+    try:
+        yield
+    except AssertionError as exc:
+        try:
+            browser.screenshot(str(shot))
+            where = f"screenshot: {shot}"
+        except Exception as shot_exc:  # the browser itself may be the problem
+            where = f"no screenshot ({shot_exc})"
+        raise AssertionError(f"{exc} ({where})") from exc
+
+
 def test_the_page_in_chromium_shows_real_numbers_and_follows_puts(
     cluster: LocalCluster, tmp_path: Path
 ) -> None:
@@ -278,9 +293,12 @@ def test_the_page_in_chromium_shows_real_numbers_and_follows_puts(
     for i in range(5):
         assert a.put(f"before-{i}", bytes([i]) * 50_000)
     shot = tmp_path / "cluster-page.png"
-    with Chromium() as browser:
+    used = cluster.master.call(lambda st: sum(s.allocator.allocated for s in st.segments.values()))
+    with Chromium() as browser, _screenshot_on_failure(browser, shot):
         browser.navigate(cluster.metrics_url + "/")
         assert browser.evaluate(_KEYS) == "5"
+        used_shown = browser.evaluate("document.getElementById('capacity-bytes').dataset.value")
+        assert used_shown == str(used)
         assert browser.evaluate("document.getElementById('segment-count').dataset.value") == "2"
         assert browser.evaluate("document.getElementById('client-count').dataset.value") == "2"
         cap = browser.evaluate("document.getElementById('capacity-bytes').textContent")
@@ -314,7 +332,7 @@ def test_chromium_logs_in_to_a_token_protected_page(
     base = secured.metrics_url
     assert base is not None
     shot = tmp_path / "cluster-page-login.png"
-    with Chromium() as browser:
+    with Chromium() as browser, _screenshot_on_failure(browser, shot):
         browser.navigate(base + "/")
         assert browser.evaluate("document.querySelector('input[name=token]') !== null")
         assert browser.evaluate("document.getElementById('key-count')") is None
