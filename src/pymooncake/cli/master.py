@@ -9,7 +9,7 @@ line win over the file; the file wins over the defaults.
 Once every listener is up it prints to stdout, with the real ports (``0``
 means "any free port")::
 
-    Metrics and admin HTTP server listening on http://HOST:PORT (/metrics, /health)
+    Metrics and admin HTTP server listening on http://HOST:PORT (/metrics, /health, cluster page /)
     HTTP metadata server listening on http://HOST:PORT/metadata     (when enabled)
     Master service started on HOST:PORT
 
@@ -41,6 +41,7 @@ from ..errors import ConfigError, MooncakeError, PortInUse
 from ..store import MasterConfig
 from ..store._config import parse_duration_ms
 from ..store.master import MasterService, tune_gc_for_master
+from ..store.master._exposition import summary_text
 from ..store.master._ha import HaConfig
 from ._gflags import Flag, FlagError, parse_flags, usage
 from ._logsetup import setup_logging
@@ -509,20 +510,13 @@ def _port_flag(values: dict[str, Any], message: str) -> str:
     return "listening"
 
 
-async def _report(service: MasterService) -> None:
+async def _report(service: MasterService, interval_s: float = _REPORT_INTERVAL_S) -> None:
+    """Log the reference's "Master Admin Metrics" line every ``interval_s``
+    (request figures are rates over the interval)."""
+    summary_text(service, update=True)  # the first window starts now
     while True:
-        await asyncio.sleep(_REPORT_INTERVAL_S)
-        s = service.state.summary()
-        log.info(
-            "Master Metrics: Mem Storage: %d / %d bytes | Keys: %d (soft-pinned: %d) | "
-            "Segments: %d | Clients: %d",
-            s["allocated_bytes"],
-            s["capacity_bytes"],
-            s["key_count"],
-            s["soft_pinned_keys"],
-            s["segment_count"],
-            s["client_count"],
-        )
+        await asyncio.sleep(interval_s)
+        log.info("Master Admin Metrics: %s", summary_text(service, update=True))
 
 
 def _ha_config(values: dict[str, Any]) -> HaConfig | None:
@@ -570,7 +564,7 @@ async def _run(values: dict[str, Any], config: MasterConfig, stop: asyncio.Event
         if addrs.metrics is not None:
             mh, mp = addrs.metrics
             print(
-                f"Metrics and admin HTTP server listening on {addrs.metrics_url} (/metrics, /health)",
+                f"Metrics and admin HTTP server listening on {addrs.metrics_url} (/metrics, /health, cluster page /)",
                 flush=True,
             )
             lan_hint(log, mh, mp, "metrics server", lambda h, p: f"http://{h}:{p}/metrics")

@@ -52,6 +52,8 @@ from ._ha import Elector, HaConfig
 from ._handlers import build_handlers
 from ._index import SHARDS
 from ._journal import Journal
+from ._metrics import MasterStats
+from ._page import PAGE_OPEN_PATHS
 from ._replication import DEFAULT_SYNC_TIMEOUT_S, Follower, ReplicationHub
 from ._replies import ReplyCache
 from ._scan import RegexScanner
@@ -66,8 +68,9 @@ log = logging.getLogger("pymooncake.master")
 AUTH_CONTEXT: Final = b"master-rpc"
 #: the HMAC context of the master's admin HTTP port
 ADMIN_AUTH_CONTEXT: Final = b"master-admin"
-#: admin endpoints that stay open with a cluster token (scrapers, probes)
-ADMIN_OPEN_PATHS: Final = ("/metrics", "/metrics/summary", "/health")
+#: admin endpoints that stay open with a cluster token (scrapers, probes; the cluster
+#: page checks its own session cookie, see _page.py)
+ADMIN_OPEN_PATHS: Final = ("/metrics", "/metrics/summary", "/health", *PAGE_OPEN_PATHS)
 #: keys per slice of a whole-index operation (one slice is handled between two
 #: turns of the event loop; ~1-3 ms of work)
 SLICE_KEYS: Final = 4096
@@ -208,6 +211,13 @@ class MasterService:
         self.leader_address = ""
         self.failovers = 0
         self._last_conn_check = 0.0
+        #: batch-item counters and the rate samples of /metrics and the cluster page
+        self.stats = MasterStats()
+
+    @property
+    def connection_count(self) -> int:
+        """Open RPC connections."""
+        return len(self._conns)
 
     def now(self) -> float:
         return self._clock()
@@ -349,6 +359,7 @@ class MasterService:
                     self.state.tick(now)
                     self._persist()
                     self.hub.check(time.monotonic())
+                self.stats.sample(self.state)
                 self.replies.prune(now)
                 mono = time.monotonic()
                 if mono - self._last_conn_check >= 1.0:
@@ -529,6 +540,7 @@ class MasterService:
         try:
             return msg.decode_request(req.method, req.params, escapes=req.escapes)
         except InvalidParams as exc:
+            self._count(req.method.value)
             self._count(req.method.value, failed=True)
             return int(ErrorCode.INVALID_PARAMS), f"{req.method.value}: {exc.message}"
 
@@ -565,6 +577,7 @@ class MasterService:
             self._count(name, failed=True)
             code = int(ErrorCode.INTERNAL_ERROR)
             value = f"internal error of the master handling {name}: {exc!r} (see the master log)"
+        self.stats.record(req, code, value)
         self.remember(req, code, value)
         return code, value
 
