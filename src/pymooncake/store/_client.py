@@ -141,6 +141,8 @@ class StoreClient(WriteOps, ReadOps):
             connect_timeout_s=config.rpc_connect_timeout_s,
             metrics=self.metrics,
             security=engine_config.security,
+            # PYMOONCAKE_SAME_HOST=0: TCP only, also to a master on this host
+            same_host_rpc=engine_config.same_host_transport,
         )
         #: keys this process is writing (put/upsert started, not ended), to tell a
         #: concurrent put of another thread from an orphan of an earlier attempt
