@@ -47,6 +47,7 @@ from ..wire import (
     master_unix_name,
 )
 from ..wire import _master_msgs as msg
+from ..wire._master import NO_TOKEN_MESSAGE
 from ._metrics import ClientMetrics
 from ._types import ErrorCode
 
@@ -341,6 +342,11 @@ class MasterClient:
         """
         (reply,) = self._run([request], patient)
         if reply.code != 0:
+            if reply.code == ErrorCode.ILLEGAL_CLIENT and reply.value == NO_TOKEN_MESSAGE:
+                raise AuthenticationError(
+                    f"master RPC port: the master at {self.address} refused this client: "
+                    f"{reply.value}"
+                )
             raise store_error(reply.code, str(reply.value))
         return reply.value
 

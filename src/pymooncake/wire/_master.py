@@ -36,6 +36,7 @@ from ._rpc import NEED_DATA, NeedData
 
 __all__ = [
     "DEFAULT_MAX_MASTER_FRAME",
+    "NO_TOKEN_MESSAGE",
     "PROTOCOL_VERSION",
     "MasterFrameDecoder",
     "MasterReply",
@@ -50,6 +51,13 @@ PREFIX: Final = struct.Struct("<IBI")
 DEFAULT_MAX_MASTER_FRAME: Final = 64 << 20
 #: bumped on incompatible changes; ServiceReady returns it
 PROTOCOL_VERSION: Final = "pymooncake-master/2"
+#: a master with a cluster token answers a request sent without authenticating
+#: with this message (code ILLEGAL_CLIENT) and closes the connection
+NO_TOKEN_MESSAGE: Final = (
+    "this master requires the cluster token and the client sent a request without "
+    "authenticating: set the master's PYMOONCAKE_CLUSTER_TOKEN in the client's environment "
+    "(or EngineConfig(cluster_token=...))"
+)
 
 
 def master_unix_name(host: str, port: int) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..._httpd import HttpRequest, HttpResponse
 from ...errors import StoreError
 from ._records import READABLE, Obj
+from ._state import client_tag
 
 if TYPE_CHECKING:
     from ._service import MasterService
@@ -120,7 +121,7 @@ class AdminHttp:
                 {
                     "segment_name": seg.name,
                     "segment_id": seg.id,
-                    "client_id": seg.client_id,
+                    "client_id": client_tag(seg.client_id),  # never the id itself
                     "base_address": hex(seg.info.base),
                     "size_bytes": seg.info.size,
                     "size_human": f"{seg.info.size / (1 << 30):g} GiB",

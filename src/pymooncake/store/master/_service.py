@@ -35,6 +35,7 @@ from ..._net import bind_listener
 from ...errors import InvalidParams, MalformedMessage, StoreError
 from ...transfer.metadata.server import MetadataServer
 from ...wire import (
+    DEFAULT_MAX_MASTER_FRAME,
     MasterFrameDecoder,
     MasterReply,
     MasterRequest,
@@ -42,7 +43,8 @@ from ...wire import (
     master_unix_name,
 )
 from ...wire import _master_msgs as msg
-from ...wire._auth import ServerHandshake, looks_like_hello, no_token_reply
+from ...wire._auth import FailureKind, ServerHandshake, looks_like_hello, no_token_reply
+from ...wire._master import NO_TOKEN_MESSAGE, PREFIX
 from .._config import MasterConfig
 from .._types import ErrorCode
 from ._admin import AdminHttp
@@ -125,6 +127,14 @@ class ServiceAddresses:
 
 
 _SCANS: Final = (msg.GetReplicaListByRegex, msg.RemoveByRegex, msg.RemoveAll)
+
+
+def _request_id(data: bytes) -> int | None:
+    """The id of the request frame ``data`` starts with, or None if it does not."""
+    if len(data) < PREFIX.size:
+        return None
+    length, kind, req_id = PREFIX.unpack_from(data, 0)
+    return int(req_id) if kind == 0 and 5 <= length <= DEFAULT_MAX_MASTER_FRAME else None
 
 
 class MasterService:
@@ -658,6 +668,14 @@ class _RpcProtocol(asyncio.Protocol):
                 self.peer,
                 auth.failed.message,
             )
+            if auth.failed.kind is FailureKind.UNAUTHENTICATED:
+                # a client without a token sent a request: answer it with the reason
+                # (it is not retried) instead of a bare close (retried until timeout)
+                req_id = _request_id(data)
+                if req_id is not None:
+                    self._transport.write(
+                        encode_reply(req_id, int(ErrorCode.ILLEGAL_CLIENT), NO_TOKEN_MESSAGE)
+                    )
             self._transport.close()
             return b""
         if not auth.done:
