@@ -41,7 +41,9 @@ __all__ = [
     "MasterFrameDecoder",
     "MasterReply",
     "MasterRequest",
+    "encode_json",
     "encode_reply",
+    "encode_reply_json",
     "encode_request",
     "master_unix_name",
 ]
@@ -127,6 +129,18 @@ def encode_reply(req_id: int, code: int, value: Any) -> bytes:
     return PREFIX.pack(len(body) + 5, _REPLY, req_id) + body
 
 
+def encode_json(value: Any) -> str:
+    """``value`` as compact JSON text (what :func:`encode_reply` puts in a frame)."""
+    return _ENCODE(value)
+
+
+def encode_reply_json(req_id: int, code: int, value_json: str) -> bytes:
+    """A reply frame whose value is already JSON text (a large reply the master
+    encodes a slice at a time, so that no single step holds its event loop)."""
+    body = f"[{code},{value_json}]".encode()
+    return PREFIX.pack(len(body) + 5, _REPLY, req_id) + body
+
+
 def _has_surrogate_escape(body: bytes | bytearray) -> bool:
     return b"\\ud" in body or b"\\uD" in body
 
@@ -143,7 +157,8 @@ class MasterFrameDecoder:
         self._max = max_length
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes (copied: ``data`` may be reused by the caller)."""
         self._buf += data
 
     @property
