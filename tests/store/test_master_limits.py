@@ -40,7 +40,7 @@ KiB = 1 << 10
 def _cluster(**limits: float) -> LocalCluster:
     return LocalCluster(
         MasterConfig(client_ttl_s=30.0),
-        limits=MasterLimits(**limits),  # type: ignore[arg-type]
+        limits=MasterLimits(**limits),
     )
 
 

@@ -331,7 +331,7 @@ def test_process_cluster_with_a_token_file() -> None:
     with ProcessCluster(token=TOKEN) as cluster:
         mode = stat.S_IMODE(os.stat(cluster.token_file).st_mode)
         assert mode == 0o600
-        assert TOKEN not in " ".join(cluster.master.proc.args)  # type: ignore[arg-type]
+        assert TOKEN not in " ".join(cluster.master.proc.args)
         _, segment = cluster.node("16 MB")
         engine = _engine(TOKEN)
         client = StoreClient(
