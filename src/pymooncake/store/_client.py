@@ -145,6 +145,8 @@ class StoreClient(WriteOps, ReadOps):
             metrics=self.metrics,
             security=engine_config.security,
             cluster_id=config.cluster_id,
+            # PYMOONCAKE_SAME_HOST=0: TCP only, also to a master on this host
+            same_host_rpc=engine_config.same_host_transport,
         )
         #: keys this process is writing (put/upsert started, not ended), to tell a
         #: concurrent put of another thread from an orphan of an earlier attempt

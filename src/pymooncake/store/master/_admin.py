@@ -20,6 +20,7 @@ from ...errors import StoreError
 from ._exposition import render_metrics, summary_text
 from ._page import ClusterPage
 from ._records import READABLE, Obj
+from ._state import client_tag
 
 if TYPE_CHECKING:
     from ._service import MasterService
@@ -175,7 +176,7 @@ class AdminHttp:
                 {
                     "segment_name": seg.name,
                     "segment_id": seg.id,
-                    "client_id": seg.client_id,
+                    "client_id": client_tag(seg.client_id),  # never the id itself
                     "base_address": hex(seg.info.base),
                     "size_bytes": seg.info.size,
                     "size_human": f"{seg.info.size / (1 << 30):g} GiB",

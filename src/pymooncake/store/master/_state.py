@@ -41,6 +41,7 @@ whole-index operations, which the service runs shard by shard.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import random
@@ -80,7 +81,18 @@ from ._records import (
     reserved_size,
 )
 
-__all__ = ["GetReplicaListResult", "MasterState", "Metrics", "PingResult"]
+__all__ = ["GetReplicaListResult", "MasterState", "Metrics", "PingResult", "client_tag"]
+
+
+def client_tag(client_id: str) -> str:
+    """How messages and listings name a client: a digest of its id, never the id.
+
+    A client id is the only credential of its owner's segments and puts (unmount,
+    put end/revoke, replica clear check it), so another client must not learn it
+    from an error message or the admin HTTP.
+    """
+    digest = hashlib.blake2s(client_id.encode(errors="replace"), digest_size=6).hexdigest()
+    return f"client#{digest}"
 
 
 def _err(code: ErrorCode, message: str) -> StoreError:
@@ -226,7 +238,7 @@ class MasterState:
             if existing.client_id != client_id:
                 raise _err(
                     ErrorCode.SEGMENT_ALREADY_EXISTS,
-                    f"segment id {info.id} is already mounted by client {existing.client_id}",
+                    f"segment id {info.id} is already mounted by {client_tag(existing.client_id)}",
                 )
             return
         # A transfer-engine segment name belongs to one live engine at a time (the
@@ -276,7 +288,7 @@ class MasterState:
         seg = self.segments.get(segment_id)
         if seg is None or seg.client_id != client_id:
             raise _err(
-                ErrorCode.SEGMENT_NOT_FOUND, f"client {client_id} has no segment {segment_id}"
+                ErrorCode.SEGMENT_NOT_FOUND, f"{client_tag(client_id)} has no segment {segment_id}"
             )
         self._touch(client_id, now)
         return self._drop_segment(seg)
@@ -471,7 +483,7 @@ class MasterState:
             if now - started < self.config.put_start_discard_timeout_s:
                 raise _err(
                     ErrorCode.REPLICA_IS_NOT_READY,
-                    f"object {key!r} is being written by client {obj.writer} (its put started "
+                    f"object {key!r} is being written by {client_tag(obj.writer)} (its put started "
                     f"{now - started:.3f} s ago); it becomes readable when that put ends",
                 )
             # the earlier writer is presumed dead: its buffers go to the discard list
@@ -517,7 +529,7 @@ class MasterState:
         if obj.writer != client_id:
             raise _err(
                 ErrorCode.ILLEGAL_CLIENT,
-                f"client {client_id} did not start the put of {key!r} (client {obj.writer} did)",
+                f"{client_tag(client_id)} did not start the put of {key!r} ({client_tag(obj.writer)} did)",
             )
         return obj
 
@@ -535,8 +547,8 @@ class MasterState:
                 return  # a repeated end
             raise _err(
                 ErrorCode.ILLEGAL_CLIENT,
-                f"the put of {key!r} by client {client_id} was taken over by client "
-                f"{obj.writer} (after put_start_discard_timeout), whose value is stored",
+                f"the put of {key!r} by {client_tag(client_id)} was taken over by "
+                f"{client_tag(obj.writer)} (after put_start_discard_timeout), whose value is stored",
             )
         obj = self._writing(client_id, key)
         ext = obj.extension()
@@ -640,7 +652,7 @@ class MasterState:
             if now - ext.started_at < self.config.put_start_discard_timeout_s:
                 raise _err(
                     ErrorCode.OBJECT_REPLICA_BUSY,
-                    f"object {key!r} is being written by client {obj.writer}",
+                    f"object {key!r} is being written by {client_tag(obj.writer)}",
                 )
             self._abandon(key, obj, discard=True, now=now)
             obj = self.objects.get(key)
