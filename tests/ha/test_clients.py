@@ -1,0 +1,50 @@
+"""Clients of an HA master group on 127.0.0.1: the master client's connection
+pool across a leader change."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pymooncake.store._master_client import MasterClient
+from pymooncake.testing._etcd_server import EtcdCluster
+from pymooncake.testing._ha import HaMasters
+from pymooncake.wire import _master_msgs as msg
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def masters(etcd_cluster: EtcdCluster) -> Iterator[HaMasters]:
+    with HaMasters(etcd_cluster.endpoints, 2, lease_ttl_s=2) as group:
+        yield group
+
+
+def test_a_connection_to_the_old_leader_is_not_pooled_after_a_switch(masters: HaMasters) -> None:
+    """Thread A holds a connection to the master it believed led; thread B learns
+    of the real leader and switches.  A's connection, returned afterwards, must
+    not be reused: every call on it would be refused ("not the leader") while
+    the client believes it already talks to the leader -- until its timeout."""
+    leader = masters.leader()
+    standby = next(m for m in masters.masters if m is not leader)
+    client = MasterClient(
+        masters.client_address, cluster_id=masters.cluster_id, timeout_s=3.0, same_host_rpc=False
+    )
+    try:
+        client.call(msg.Ping("probe"))
+        assert client.target == leader.rpc
+        # A: checks out a connection while the client still points at the standby
+        client._drop_idle()
+        host, _, port = standby.rpc.rpartition(":")
+        client._host, client._port = host, int(port)
+        conn, _reused = client._checkout()
+        # B: finds the leader
+        assert client._find_leader() is True
+        assert client.target == leader.rpc
+        # A: done with its connection
+        client._checkin(conn)
+        for _ in range(5):
+            client.call(msg.Ping("probe"))
+    finally:
+        client.close()
