@@ -1,5 +1,6 @@
 """Clients of an HA master group on 127.0.0.1: the master client's connection
-pool across a leader change."""
+pool across a leader change, and ``mooncake_client`` storage nodes given
+``--master_server_address=etcd://...`` with ``MC_STORE_CLUSTER_ID``."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from collections.abc import Iterator
 
 import pytest
 
+from pymooncake.store import StoreClient, StoreClientConfig
 from pymooncake.store._master_client import MasterClient
+from pymooncake.testing._cluster import _spawn
 from pymooncake.testing._etcd_server import EtcdCluster
 from pymooncake.testing._ha import HaMasters
 from pymooncake.wire import _master_msgs as msg
 
 pytestmark = pytest.mark.slow
+LOCAL = "127.0.0.1"
 
 
 @pytest.fixture
@@ -48,3 +52,35 @@ def test_a_connection_to_the_old_leader_is_not_pooled_after_a_switch(masters: Ha
             client.call(msg.Ping("probe"))
     finally:
         client.close()
+
+
+def test_a_storage_node_follows_the_leader_of_its_cluster_id(masters: HaMasters) -> None:
+    leader = masters.leader()
+    node = _spawn(
+        "mooncake_client",
+        [
+            "-m",
+            "pymooncake.cli.store_client",
+            f"--host={LOCAL}",
+            f"--master_server_address={masters.client_address}",
+            "--metadata_server=P2PHANDSHAKE",
+            "--global_segment_size=16 MB",
+        ],
+        {"MC_STORE_CLUSTER_ID": masters.cluster_id, "MC_TCP_BIND_ADDRESS": LOCAL},
+    )
+    try:
+        segment = node.wait_for(r"mooncake_client ready: segment (\S+) contributes").group(1)
+        assert segment in leader.segments()
+        with StoreClient(
+            StoreClientConfig(
+                local_hostname=LOCAL,
+                master_server_addr=masters.client_address,
+                cluster_id=masters.cluster_id,
+                global_segment_size=0,
+            )
+        ) as client:
+            assert client.put("on-the-node", b"x" * 5000) is True
+            assert client.get("on-the-node") == b"x" * 5000
+            assert [r.endpoint for r in client.replicas("on-the-node")] == [segment]
+    finally:
+        assert node.stop() == 0
