@@ -66,7 +66,13 @@ FLAGS: Final[tuple[Flag, ...]] = (
         "port serving dummy clients (setup_dummy) on --host; 0 = any free port",
     ),
     Flag("metadata_server", str, "http://127.0.0.1:8080/metadata", "metadata server"),
-    Flag("master_server_address", str, "127.0.0.1:50051", "the master's host:port"),
+    Flag(
+        "master_server_address",
+        str,
+        "127.0.0.1:50051",
+        "the master's host:port, or etcd://h1:2379;h2:2379 to follow the leader of masters "
+        "started with --enable_ha=true (cluster id: MC_STORE_CLUSTER_ID)",
+    ),
     Flag("protocol", str, "tcp", "transfer protocol"),
     Flag("device_names", str, "", "RDMA device names (unused with tcp)"),
     Flag("global_segment_size", str, "4 GB", "memory contributed to the pool (e.g. 64 MB, 4 GB)"),
@@ -143,6 +149,8 @@ def _config(values: dict[str, Any]) -> StoreClientConfig:
         local_hostname=_local_hostname(values["host"]),
         metadata_server=values["metadata_server"],
         master_server_addr=values["master_server_address"],
+        # reference: the etcd leader coordinator reads MC_STORE_CLUSTER_ID (no flag)
+        cluster_id=os.environ.get("MC_STORE_CLUSTER_ID", "").strip() or "mooncake_cluster",
         global_segment_size=segment,
         local_buffer_size=buffer,
         protocol=values["protocol"],

@@ -62,10 +62,11 @@ AUTH_CONTEXT = b"master-rpc"
 
 
 class _Conn:
-    __slots__ = ("decoder", "sock")
+    __slots__ = ("addr", "decoder", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, addr: tuple[str, int]) -> None:
         self.sock = sock
+        self.addr = addr  # the master it was opened to (with HA: who led then)
         self.decoder = MasterFrameDecoder()
 
 
@@ -219,6 +220,7 @@ class MasterClient:
                     f"{self._leader.key if self._leader else ''} is empty): start mooncake_master "
                     "--enable_ha=true with the same --etcd_endpoints and --cluster_id"
                 )
+        addr = (self._host, self._port)
         sock = self._connect_same_host()
         try:
             if sock is None:
@@ -250,7 +252,7 @@ class MasterClient:
         set_io_timeout(sock, self._timeout)
         self.last_transport = "unix" if sock.family == socket.AF_UNIX else "tcp"
         self._ever_connected = True
-        return _Conn(sock), False
+        return _Conn(sock, addr), False
 
     def _connect_same_host(self) -> socket.socket | None:
         """The master's abstract UNIX socket when it runs on this host (same
@@ -276,7 +278,10 @@ class MasterClient:
 
     def _checkin(self, conn: _Conn) -> None:
         with self._lock:
-            if not self._closed and len(self._idle) < self._max_idle:
+            # with HA, another thread may have moved to a new leader while this
+            # connection was out: a connection to the old one must not be reused
+            current = conn.addr == (self._host, self._port)
+            if current and not self._closed and len(self._idle) < self._max_idle:
                 self._idle.append(conn)
                 return
         conn.sock.close()
@@ -428,8 +433,9 @@ class MasterClient:
                 continue
             if ha and any(r.code == _NOT_LEADER for r in replies):
                 # a standby, or a leader that lost its lease: find the new leader and
-                # send the same request ids there
-                self._checkin(conn)
+                # send the same request ids there (on a new connection: this one
+                # leads to a master that refuses)
+                conn.sock.close()
                 if time.monotonic() + pause >= deadline or not patient:
                     return replies
                 attempt += 1

@@ -389,7 +389,7 @@ class MasterService:
             await asyncio.sleep(self._tick_interval)
             try:
                 now = self._clock()
-                if self.role == "leader":
+                if self.serving():  # a leader past its lease deadline decides nothing
                     self.state.tick(now)
                     self._persist()
                     self.hub.check(time.monotonic())
@@ -955,6 +955,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         svc = self._svc
         decoder = self._decoder
         out: list[bytes] = []
+        served = False
         try:
             while not self._busy:
                 frame = decoder.next_frame()
@@ -977,6 +978,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                     self._pause(4)
                     svc._spawn(self._run_scan(frame.id, req))
                 else:
+                    served = True
                     code, value = svc.dispatch(req)
                     out.append(self._encode(frame.id, code, value))
         except MalformedMessage as exc:
@@ -1001,6 +1003,9 @@ class _RpcProtocol(asyncio.BufferedProtocol):
             self._partial_since = None
             svc.resume_readers()
         seq = svc.hub.barrier(svc._persist())  # journal and replicate before acknowledging
+        if served and not svc.serving():
+            self._fence()
+            return
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             if self._held or seq > svc.hub.acked:
@@ -1015,9 +1020,22 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         self._held.append((seq, data))
         self._svc.hub.wait(self)
 
+    def _fence(self) -> None:
+        """The lease deadline passed while this connection's requests were served
+        (this process was frozen, or etcd unreachable): a new leader may lack their
+        effects, so none is acknowledged -- the connection is closed and the client
+        sends the same request ids to the new leader."""
+        self._held.clear()
+        self.held_since = 0.0
+        self.abort()
+
     def release_held(self, acked: int) -> bool:
-        """Send the held replies a standby has now acknowledged; True when none is left."""
+        """Send the held replies a standby has now acknowledged; True when none is left.
+        A master no longer serving acknowledges nothing (see :meth:`_fence`)."""
         held = self._held
+        if held and not self._svc.serving():
+            self._fence()
+            return True
         transport = self._transport
         while held and held[0][0] <= acked:
             _, data = held.popleft()
@@ -1042,7 +1060,9 @@ class _RpcProtocol(asyncio.BufferedProtocol):
     async def _run_scan(self, req_id: int, req: msg.Request) -> None:
         try:
             code, value = await self._svc.dispatch_scan(req)
-            if self._transport is not None:
+            if not self._svc.serving():
+                self._fence()
+            elif self._transport is not None:
                 data = self._encode(req_id, code, value)
                 seq = self._svc.hub.barrier(self._svc._persist())
                 if self._held or seq > self._svc.hub.acked:
