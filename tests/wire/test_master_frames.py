@@ -517,6 +517,16 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "segment_name": text,
     "pattern": text,
     "force": st.booleans(),
+    "targets": st.lists(text, max_size=3).map(tuple),
+    "source": text,
+    "target": text,
+    "task_id": st.tuples(u64, u64),
+    "batch_size": st.integers(1, 1024),
+    "status": st.integers(0, 3),
+    "message": text,
+    "standby": text,
+    "view_version": u64,
+    "seq": u64,
 }
 
 

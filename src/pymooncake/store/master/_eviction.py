@@ -16,14 +16,14 @@ from collections.abc import Callable
 from itertools import islice
 from typing import Final
 
-from ._records import BUSY, HARD_PIN, REF, SOFT_PIN, Obj, SegmentRecord
+from ._records import BUSY, HARD_PIN, REF, SOFT_PIN, TASK, Obj, SegmentRecord
 
 __all__ = ["evict_segment"]
 
 #: objects taken from the front of the clock per slice (a slice is copied out of
 #: the dict so that evictions and moves do not disturb the iteration)
 _SLICE: Final = 256
-_SKIP: Final = BUSY | HARD_PIN | REF
+_SKIP: Final = BUSY | HARD_PIN | REF | TASK
 
 
 def evict_segment(
