@@ -48,6 +48,7 @@ from ._client_io import ObjectLocation
 from ._master_client import MasterClient
 from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
+from ._tasks import TaskInfo, TaskRunner
 from ._types import ClientStatus, ReplicaDesc, SegmentInfo
 from ._writes import WriteOps
 
@@ -155,6 +156,8 @@ class StoreClient(WriteOps, ReadOps):
         #: puts whose revoke could not be sent (master unreachable): retried by the
         #: heartbeat, so their buffers do not wait for put_start_release_timeout
         self._revoke_backlog: set[tuple[str, bool]] = set()
+        #: runs the copy/move tasks the master assigns to this client (_tasks.py)
+        self._tasks = TaskRunner(self)
         try:
             self.master.check_version()
             if engine is None:
@@ -289,6 +292,7 @@ class StoreClient(WriteOps, ReadOps):
                         )
                     )
                 self._retry_revokes()
+                self._tasks.poll(int(res.get("tasks", 0)))
             except MooncakeError as exc:
                 self._ping_ok = False
                 self._ping_log("ping", logging.WARNING, "heartbeat to the master failed: %s", exc)
@@ -372,6 +376,38 @@ class StoreClient(WriteOps, ReadOps):
         self._check_open()
         return int(self.master.call(msg.RemoveAll(force, self.client_id)))
 
+    # --- copy/move tasks (_tasks.py) -------------------------------------------------
+
+    def create_copy_task(self, key: str, targets: Sequence[str]) -> tuple[int, int]:
+        """Ask the master to copy ``key`` to the segments named ``targets``; the
+        owner of one of its replicas does it.  Returns the task id.
+
+        Raises:
+            ObjectNotFound; InvalidParams (no targets, or one is not mounted);
+            StoreError(UNAVAILABLE_IN_CURRENT_STATUS) (a target is draining),
+            StoreError(TASK_PENDING_LIMIT_EXCEEDED).
+        """
+        self._check_open()
+        hi, lo = self.master.call(msg.CreateCopyTask(key, tuple(targets), self.client_id))
+        return int(hi), int(lo)
+
+    def create_move_task(self, key: str, source: str, target: str) -> tuple[int, int]:
+        """Ask the master to move ``key``'s replica in segment ``source`` to
+        ``target`` (done by ``source``'s owner).  Returns the task id.
+
+        Raises:
+            ObjectNotFound; InvalidParams (source == target, a segment unknown, no
+            replica in source); the errors of :meth:`create_copy_task`.
+        """
+        self._check_open()
+        hi, lo = self.master.call(msg.CreateMoveTask(key, source, target, self.client_id))
+        return int(hi), int(lo)
+
+    def query_task(self, task_id: tuple[int, int]) -> TaskInfo:
+        """Raises: StoreError(TASK_NOT_FOUND)."""
+        self._check_open()
+        return TaskInfo.from_wire(self.master.call(msg.QueryTask((task_id[0], task_id[1]))))
+
     @property
     def ping_healthy(self) -> bool:
         """The last heartbeat to the master succeeded (no RPC; for health endpoints)."""
@@ -397,6 +433,7 @@ class StoreClient(WriteOps, ReadOps):
         self._stop.set()
         if self._ping_thread is not None:
             self._ping_thread.join(10)
+        self._tasks.close()
         if self.metrics is not None:
             self.metrics.close()
         if unmount:
