@@ -303,3 +303,13 @@ def test_drain_survives_a_restart(st: MasterState) -> None:
     fresh.validate()
     again = fresh.drains.get(job.id)
     assert again.status == JobStatus.RUNNING and len(again.active) == 1
+
+
+def test_drain_of_an_object_with_replicas_elsewhere(st: MasterState) -> None:
+    st.put_start("w", "two", 100, ReplicateConfig(replica_num=2, preferred_segments=("a", "b")), 0)
+    st.put_end("w", "two", 0)
+    # only b may take it, and b holds it already: the move just drops a's replica
+    job = st.drains.create(("a",), ("b",), 1, 1)
+    run_task(st, "owner-a", 2)
+    assert job.status == JobStatus.SUCCEEDED, job.query()
+    assert names(st, "two") == ["b"]

@@ -368,7 +368,8 @@ class DrainJobs:
 
     def _target(self, obj: Any, source: str, wanted: tuple[str, ...]) -> str | None:
         """The least used open segment of ``wanted`` (or of all) without a replica
-        of ``obj`` and with room for it."""
+        of ``obj`` and with room for it; else an open segment that holds a replica
+        already (the move then only drops the one in ``source``)."""
         held = {s.name for s, _ in obj.replicas()}
         best: tuple[float, str] | None = None
         for seg in self.st.segments.values():
@@ -383,7 +384,12 @@ class DrainJobs:
             util = alloc.allocated / alloc.capacity
             if best is None or util < best[0]:
                 best = (util, name)
-        return None if best is None else best[1]
+        if best is not None:
+            return best[1]
+        for seg, _ in obj.replicas():  # keeps the replica count when it can, above
+            if seg.name != source and not seg.draining:
+                return seg.name
+        return None
 
     def _maybe_complete(self, job: DrainJob, now: float) -> bool:
         remaining: set[str] = set()
