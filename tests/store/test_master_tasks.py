@@ -313,3 +313,15 @@ def test_drain_of_an_object_with_replicas_elsewhere(st: MasterState) -> None:
     run_task(st, "owner-a", 2)
     assert job.status == JobStatus.SUCCEEDED, job.query()
     assert names(st, "two") == ["b"]
+
+
+def test_an_object_being_copied_is_not_evicted(st: MasterState) -> None:
+    put(st, "k", "a")
+    put(st, "other", "a")
+    st.replication.copy_start("owner-a", "k", "a", ("b",), 1)
+    seg_a = st.segments["seg-a"]
+    st._evict(seg_a, seg_a.allocator.capacity, 100)
+    assert "k" in st.objects and "other" not in st.objects
+    assert st.replica_clear("writer", ["k"][0], "", 100) is False
+    st.replication.end("owner-a", "k", False, 101)
+    assert names(st, "k") == ["a", "b"]

@@ -163,6 +163,7 @@ class TaskQueue:
         self.wall_offset = 0.0
         #: finished-task callbacks (drain jobs follow their moves)
         self.listeners: list[Callable[[Task], None]] = []
+        self._next_expire = 0.0
 
     def _ms(self, now: float) -> int:
         return int((self.wall_offset + now) * 1000)
@@ -306,14 +307,22 @@ class TaskQueue:
                 self._finish(task, TaskStatus.FAILED, message, now)
 
     def expire(self, now: float) -> None:
-        """Fail timed-out tasks and forget the oldest finished ones."""
+        """Fail timed-out tasks and forget the oldest finished ones (at most once
+        a second: timeouts are whole seconds)."""
+        if now < self._next_expire:
+            return
+        self._next_expire = now + 1.0
         pending_s = self.config.pending_task_timeout_s
         if pending_s > 0 and self.n_pending:
             for client in list(self.pending):
+                # a client's queue is in creation order: stop at the first young task
                 for task_id in list(self.pending.get(client, ())):
                     task = self.tasks.get(task_id)
-                    if task is not None and now - task.started > pending_s:
-                        self._finish(task, TaskStatus.FAILED, "pending timeout", now)
+                    if task is None:
+                        continue
+                    if now - task.started <= pending_s:
+                        break
+                    self._finish(task, TaskStatus.FAILED, "pending timeout", now)
         processing_s = self.config.processing_task_timeout_s
         if processing_s > 0 and self.n_processing:
             for client in list(self.processing):
