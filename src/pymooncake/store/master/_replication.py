@@ -52,6 +52,7 @@ from .._config import MasterConfig
 from ._effects import (
     Effect,
     ObjectDeleted,
+    ReplicationEnded,
     SegmentUnmounted,
     WriteEnded,
     WriteStarted,
@@ -75,7 +76,7 @@ _MAX_BACKLOG: Final = 256 << 20
 #: the stream's frames may be far larger than a request
 _MAX_STREAM_FRAME: Final = 1 << 30
 #: effects that return buffers to the allocator
-_FREES: Final = (ObjectDeleted, SegmentUnmounted, WriteEnded)
+_FREES: Final = (ObjectDeleted, SegmentUnmounted, WriteEnded, ReplicationEnded)
 
 
 class _Link:
