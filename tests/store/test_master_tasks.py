@@ -325,3 +325,14 @@ def test_an_object_being_copied_is_not_evicted(st: MasterState) -> None:
     assert st.replica_clear("writer", ["k"][0], "", 100) is False
     st.replication.end("owner-a", "k", False, 101)
     assert names(st, "k") == ["a", "b"]
+
+
+def test_a_drained_owner_that_dies_ends_the_job(st: MasterState) -> None:
+    put(st, "k", "a")
+    job = st.drains.create(("a",), ("b",), 1, 1)
+    assert len(job.active) == 1
+    for client in ("owner-b", "owner-c", "writer"):
+        st.ping(client, 20)
+    st.tick(20)  # owner-a silent past client_ttl: expired, its segment and task go
+    assert job.status == JobStatus.SUCCEEDED and not st.tasks.pending_for("owner-a")
+    assert job.failed == 1

@@ -364,11 +364,13 @@ class MasterState:
         if client is None:
             return
         self.replication.client_expired(client_id, now)
-        self.tasks.fail_client(client_id, "the client running the task expired", now)
         for seg_id in list(client.segments):
             seg = self.segments.get(seg_id)
             if seg is not None:
                 self._drop_segment(seg)
+        # after its segments went: a drain job that follows these tasks then sees
+        # nothing left to move there instead of queueing more for a dead client
+        self.tasks.fail_client(client_id, "the client running the task expired", now)
         for key in list(client.inflight):
             obj = self.objects.get(key)
             if obj is not None and obj.flags & BUSY and obj.writer == client_id:
