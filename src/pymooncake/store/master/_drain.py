@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ...errors import StoreError, store_error
 from .._types import ErrorCode
 from ._effects import DrainCreated, DrainEnded, Effect
-from ._records import BUSY, READABLE, TASK, SegmentRecord
+from ._records import BUSY, READABLE, TASK, Obj, SegmentRecord
 from ._tasks import Task, TaskId, TaskStatus, format_id
 
 if TYPE_CHECKING:
@@ -366,7 +366,7 @@ class DrainJobs:
         job.message = "Drain job running"
         job.updated_ms = self._ms(now)
 
-    def _target(self, obj: Any, source: str, wanted: tuple[str, ...]) -> str | None:
+    def _target(self, obj: Obj, source: str, wanted: tuple[str, ...]) -> str | None:
         """The least used open segment of ``wanted`` (or of all) without a replica
         of ``obj`` and with room for it; else an open segment that holds a replica
         already (the move then only drops the one in ``source``)."""
