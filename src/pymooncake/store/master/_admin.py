@@ -207,6 +207,19 @@ class AdminHttp:
             st.stall_grace_count,
             "counter",
         )
+        svc = self._svc
+        gauge("master_ticks_total", "Periodic housekeeping rounds (tick)", svc.tick_count, "counter")
+        gauge(
+            "master_tick_seconds_total",
+            "Time spent in periodic housekeeping (event loop blocked)",
+            svc.tick_seconds,
+            "counter",
+        )
+        gauge(
+            "master_tick_seconds_recent_max",
+            "Longest of the last 50 housekeeping rounds",
+            max(svc.recent_ticks, default=0.0),
+        )
         gauge("mem_cache_hit_nums", "Gets that found the object", m.get_hits, "counter")
         gauge("total_get_nums", "Gets", m.get_hits + m.get_misses, "counter")
         for kind, table in (("requests", m.requests), ("failures", m.failures)):

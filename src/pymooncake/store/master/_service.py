@@ -24,6 +24,7 @@ import re
 import resource
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -190,6 +191,10 @@ class MasterService:
         self.replies = ReplyCache(self.limits.reply_cache_ttl_s)
         self.scanner = RegexScanner(self.limits.regex_deadline_s)
         self._last_conn_check = 0.0
+        #: periodic work: ticks run, their total duration, the most recent durations
+        self.tick_count = 0
+        self.tick_seconds = 0.0
+        self.recent_ticks: deque[float] = deque(maxlen=50)
 
     def now(self) -> float:
         return self._clock()
@@ -316,9 +321,14 @@ class MasterService:
         while True:
             await asyncio.sleep(self._tick_interval)
             try:
+                started = time.perf_counter()
                 now = self._clock()
                 self.state.tick(now)
                 self._persist()
+                took = time.perf_counter() - started
+                self.tick_count += 1
+                self.tick_seconds += took
+                self.recent_ticks.append(took)
                 self.replies.prune(now)
                 mono = time.monotonic()
                 if mono - self._last_conn_check >= 1.0:
