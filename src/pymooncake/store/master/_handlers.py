@@ -72,15 +72,15 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         return {"replicas": obj.wire(), "lease_ttl_ms": ttl_ms, "size": obj.size}
 
     def get_replica_list(req: msg.GetReplicaList, now: float) -> Any:
-        return read_reply(st.read(req.key, now + st.config.lease_ttl_s))
+        return read_reply(st.read(req.key, st.lease_deadline(now)))
 
     def batch_get_replica_list(req: msg.BatchGetReplicaList, now: float) -> Any:
-        lease = now + st.config.lease_ttl_s  # one float shared by the batch
+        lease = st.lease_deadline(now)  # one float shared by the batch
         read = st.read
         return _each(req.keys, lambda i, k: read_reply(read(k, lease)))
 
     def batch_exist_key(req: msg.BatchExistKey, now: float) -> Any:
-        lease = now + st.config.lease_ttl_s
+        lease = st.lease_deadline(now)
         exists = st.exists
         return [exists(k, lease) for k in req.keys]
 

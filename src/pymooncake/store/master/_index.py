@@ -51,6 +51,10 @@ class ObjectIndex:
         self.shards[hash(key) & _MASK][key] = obj
         self._count += 1
 
+    def replace(self, key: str, obj: Obj) -> None:
+        """Point a present key at a new record."""
+        self.shards[hash(key) & _MASK][key] = obj
+
     def pop(self, key: str) -> Obj | None:
         obj = self.shards[hash(key) & _MASK].pop(key, None)
         if obj is not None:
