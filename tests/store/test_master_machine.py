@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -27,6 +28,9 @@ from pymooncake.store._types import ReplicateConfig, SegmentInfo, SoftPinAction
 from pymooncake.store.master._effects import Effect
 from pymooncake.store.master._records import BUSY, READABLE
 from pymooncake.store.master._state import MasterState
+
+# HYPOTHESIS_PROFILE=long runs thousands of examples: minutes, not the default 300 s
+pytestmark = pytest.mark.timeout(3600)
 
 CLIENTS = ("c0", "c1", "c2")
 KEYS = tuple(f"k{i}" for i in range(12))

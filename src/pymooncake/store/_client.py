@@ -48,7 +48,7 @@ from ._client_io import ObjectLocation
 from ._master_client import MasterClient
 from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
-from ._types import ClientStatus, ReplicaDesc, SegmentInfo
+from ._types import ClientStatus, ReplicaDesc, ReplicaStatus, SegmentInfo
 from ._writes import WriteOps
 
 __all__ = ["ObjectLocation", "StoreClient", "StoreClientConfig"]
@@ -295,14 +295,20 @@ class StoreClient(WriteOps, ReadOps):
 
     def replicas_many(self, keys: Sequence[str]) -> list[list[ReplicaDesc] | StoreError]:
         self._check_open()
+        if not keys:
+            return []
+        found, _ = self._query(keys)
         out: list[list[ReplicaDesc] | StoreError] = []
-        for key, (code, value) in zip(
-            keys, self.master.call(msg.BatchGetReplicaList(tuple(keys))), strict=True
-        ):
+        for key, (code, value) in zip(keys, found, strict=True):
+            if code:
+                out.append(store_error(code, f"{key!r}: {value}"))
+                continue
+            size, _ttl, reps = value
             out.append(
-                store_error(code, f"{key!r}: {value}")
-                if code
-                else [ReplicaDesc.from_wire(r) for r in value["replicas"]]
+                [
+                    ReplicaDesc(rid, ep, addr, size, ReplicaStatus.COMPLETE, sid)
+                    for ep, addr, sid, rid in reps
+                ]
             )
         return out
 

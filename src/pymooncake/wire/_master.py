@@ -49,7 +49,7 @@ PREFIX: Final = struct.Struct("<IBI")
 #: batches of tens of thousands of keys fit comfortably
 DEFAULT_MAX_MASTER_FRAME: Final = 64 << 20
 #: bumped on incompatible changes; ServiceReady returns it
-PROTOCOL_VERSION: Final = "pymooncake-master/2"
+PROTOCOL_VERSION: Final = "pymooncake-master/3"
 
 
 def master_unix_name(host: str, port: int) -> str:

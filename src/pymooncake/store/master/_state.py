@@ -73,6 +73,7 @@ from ._records import (
     SOFT_PIN,
     ClientRecord,
     Obj,
+    ObjExt,
     Rep,
     SegmentRecord,
     reps_wire,
@@ -163,6 +164,9 @@ class MasterState:
         self._dirty_allocators: set[str] = set()
         self._lease_tick = -1
         self._lease_until = 0.0
+        #: the last put config that passed the checks, and its soft-pin ttl
+        self._checked_config: Any = None
+        self._checked_pin: float | None = None
 
     # ------------------------------------------------------------------------------
     # clients and segments
@@ -441,8 +445,15 @@ class MasterState:
             NoAvailableHandle: no room even after eviction.
             InvalidParams: empty key, size <= 0, replica_num < 1, soft pin too long.
         """
-        pin_ttl = self._validate_put(key, size, config)
-        obj = self.objects.get(key)
+        # (this runs once per key of every put: the checks of a config a batch
+        # shares are made once, the index shard is looked up once)
+        if config is self._checked_config and key and size > 0:
+            pin_ttl = self._checked_pin
+        else:
+            pin_ttl = self._validate_put(key, size, config)
+            self._checked_config, self._checked_pin = config, pin_ttl
+        shard = self.objects.shard(key)
+        obj = shard.get(key)
         if obj is not None:
             if obj.flags & READABLE:
                 raise _err(ErrorCode.OBJECT_ALREADY_EXISTS, f"object {key!r} already exists")
@@ -457,18 +468,30 @@ class MasterState:
             # the earlier writer is presumed dead: its buffers go to the discard list
             self._abandon(key, obj, discard=True, now=now)
             self.metrics.discarded_puts += 1
-        client = self._touch(client_id, now)
-        reps = self._allocate_or_evict(size, config, client.host_id, key, now)
+        client = self.clients.get(client_id)
+        if client is None:
+            client = self._touch(client_id, now)
+        else:
+            client.last_seen = now
+        reps = self._placement.allocate(self.segments.values(), size, config, client.host_id)
+        if not reps:
+            reps = self._allocate_or_evict(size, config, client.host_id, key, now)
         flags = BUSY | (HARD_PIN if config.with_hard_pin else 0)
-        obj = Obj(key, self._size(size), reps[0][0], reps[0][1], client.id, flags)
-        ext = obj.extension()
+        sizes = self._sizes
+        seg, addr = reps[0]
+        obj = Obj(key, sizes.get(size, size), seg, addr, client.id, flags)
+        if size not in sizes and len(sizes) < 4096:
+            sizes[size] = size
+        ext = obj.ext = ObjExt()
         ext.started_at = now
         ext.soft_pin_ttl_s = pin_ttl
         if len(reps) > 1:
             ext.more = tuple(reps[1:])
-        self.objects.add(key, obj)
-        for seg, _ in reps:
-            seg.order.append(obj)
+            for s, _ in reps[1:]:
+                s.order.append(obj)
+        shard[key] = obj
+        self.objects.added()
+        seg.order.append(obj)
         self.inflight[key] = obj
         client.inflight.add(key)
         return obj
@@ -497,7 +520,9 @@ class MasterState:
             IllegalClient: another client's put (or it took this one over).
         """
         obj = self.objects.get(key)
-        if obj is not None and not obj.flags & BUSY and obj.flags & READABLE:
+        flags = 0 if obj is None else obj.flags
+        if flags & READABLE and not flags & BUSY:
+            assert obj is not None
             if obj.writer == client_id:
                 return  # a repeated end
             raise _err(
@@ -505,15 +530,30 @@ class MasterState:
                 f"the put of {key!r} by client {client_id} was taken over by client "
                 f"{obj.writer} (after put_start_discard_timeout), whose value is stored",
             )
-        obj = self._writing(client_id, key)
-        ext = obj.extension()
+        if obj is None or not flags & BUSY or obj.writer != client_id:
+            obj = self._writing(client_id, key)  # raises the right error
+        client = self.clients.get(client_id)
+        if client is None:
+            self._touch(client_id, now)
+        else:
+            client.last_seen = now
+        ext = obj.ext
+        if ext is None:  # (a put in flight always has one)
+            ext = obj.extension()
         if ext.pending:
             self._finish_upsert(key, obj, now)
             return
+        pin = ext.soft_pin_ttl_s
+        if pin is not None or flags & SOFT_PIN:
+            self._apply_pin(obj, pin, now)
         obj.flags = (obj.flags | READABLE) & ~BUSY
-        self._apply_pin(obj, ext.soft_pin_ttl_s, now)
-        self._end_write(key, obj)
-        self._touch(client_id, now)
+        self.inflight.pop(key, None)
+        if client is not None:
+            client.inflight.discard(key)
+        if pin is None and not ext.more:
+            obj.ext = None  # the common case of _end_write: nothing left to keep
+        else:
+            self._end_write(key, obj)
         self._committed(key, obj)
 
     def _apply_pin(self, obj: Obj, ttl_s: float | None, now: float) -> None:
