@@ -31,6 +31,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .._heldio import DEFAULT_HOLD_S
 from .._logging import RepeatLimiter
 from .._net import split_host_port
 from ..config import EngineConfig
@@ -71,6 +72,11 @@ class StoreClientConfig:
     #: MC_RPC_TIMEOUT_MS / MC_RPC_CONNECT_TIMEOUT_MS
     rpc_timeout_s: float = 30.0
     rpc_connect_timeout_s: float = 5.0
+    #: how long a master call waits for its reply with the GIL held before it
+    #: waits the ordinary way (a call beside a busy Python thread then costs its
+    #: round trip, not a 5 ms switch interval); 0 never holds the GIL.
+    #: PYMOONCAKE_GIL_HOLD_US in the mooncake.store API.
+    gil_hold_s: float = DEFAULT_HOLD_S
     ping_interval_s: float = 1.0
     engine: EngineConfig | None = None
     #: fault in segments when they are mounted (the reference maps them with
@@ -141,6 +147,7 @@ class StoreClient(WriteOps, ReadOps):
             connect_timeout_s=config.rpc_connect_timeout_s,
             metrics=self.metrics,
             security=engine_config.security,
+            gil_hold_s=config.gil_hold_s,
         )
         #: keys this process is writing (put/upsert started, not ended), to tell a
         #: concurrent put of another thread from an orphan of an earlier attempt

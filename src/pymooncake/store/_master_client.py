@@ -6,6 +6,14 @@ costs one round trip).  ``call_many`` pipelines several requests on one
 connection.  Timeouts are kernel-side (SO_RCVTIMEO), so blocking waits
 release the GIL and cost no extra system calls.
 
+**Busy interpreters.**  A reply usually arrives within a fraction of a
+millisecond; waiting for it with the GIL released lets another Python thread of
+the process take the GIL, and getting it back costs the 5 ms switch interval.
+So small frames are sent and replies awaited with the GIL held for up to
+``gil_hold_s`` (``_heldio.py``), then the ordinary way.  Never for a master that
+runs in this very process (it needs the GIL to answer): masters register their
+ports in :data:`IN_PROCESS_MASTER_PORTS`.
+
 **Retries, exactly once.**  Every mutating request gets a request id (``rid``,
 increasing per client) and ``ack``, the lowest id still awaiting its reply.
 When a connection breaks before the reply arrived -- the master may or may not
@@ -28,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._authio import ClusterSecurity, client_handshake
+from .._heldio import DEFAULT_HOLD_S, HeldSocket, held_socket
 from .._net import connect_tcp, set_io_timeout, split_host_port
 from ..errors import (
     AuthenticationError,
@@ -50,17 +59,21 @@ from ..wire import _master_msgs as msg
 from ._metrics import ClientMetrics
 from ._types import ErrorCode
 
-__all__ = ["AUTH_CONTEXT", "MasterClient"]
+__all__ = ["AUTH_CONTEXT", "IN_PROCESS_MASTER_PORTS", "MasterClient"]
 
 #: the HMAC context of the master RPC port (the master uses the same)
 AUTH_CONTEXT = b"master-rpc"
+#: RPC ports of masters running in this process (MasterService adds its own):
+#: waiting for them with the GIL held would hold up their answer
+IN_PROCESS_MASTER_PORTS: set[int] = set()
 
 
 class _Conn:
-    __slots__ = ("decoder", "sock")
+    __slots__ = ("decoder", "held", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, held: HeldSocket | None) -> None:
         self.sock = sock
+        self.held = held
         self.decoder = MasterFrameDecoder()
 
 
@@ -92,6 +105,8 @@ class MasterClient:
         security: cluster token / TLS; with a token every connection authenticates.
         reconnect_s: how long a call waits for a master it reached before to come
             back (restart); 0 fails at once.
+        gil_hold_s: how long a call waits for its reply with the GIL held before
+            it waits the ordinary way (see the module docstring); 0 never holds it.
     """
 
     def __init__(
@@ -105,6 +120,7 @@ class MasterClient:
         metrics: ClientMetrics | None = None,
         security: ClusterSecurity | None = None,
         reconnect_s: float = 15.0,
+        gil_hold_s: float = DEFAULT_HOLD_S,
     ) -> None:
         if "://" in address:
             raise InvalidParams(
@@ -134,6 +150,7 @@ class MasterClient:
         self._key = self._security.key
         self._ssl = self._security.client_ssl_context() if self._security.tls else None
         self.retries = 0
+        self._hold = gil_hold_s
 
     # --- connections ----------------------------------------------------------------
 
@@ -173,7 +190,8 @@ class MasterClient:
             ) from exc
         set_io_timeout(sock, self._timeout)
         self._ever_connected = True
-        return _Conn(sock), False
+        hold = 0.0 if self._port in IN_PROCESS_MASTER_PORTS else self._hold
+        return _Conn(sock, held_socket(sock, hold)), False
 
     def _connect_same_host(self) -> socket.socket | None:
         """The master's abstract UNIX socket when it runs on this host (same
@@ -211,7 +229,17 @@ class MasterClient:
             c.sock.close()
 
     def _exchange(self, conn: _Conn, frames: bytes, ids: list[int]) -> list[MasterReply]:
-        conn.sock.sendall(frames)
+        held = conn.held
+        if held is not None:
+            held.sendall(frames)
+            recv = held.recv
+        else:
+            sock = conn.sock
+            sock.sendall(frames)
+
+            def recv() -> bytes:
+                return sock.recv(1 << 16)
+
         replies: list[MasterReply] = []
         while len(replies) < len(ids):
             frame = conn.decoder.next_frame()
@@ -224,7 +252,7 @@ class MasterClient:
                 continue
             if isinstance(frame, MasterRequest):
                 raise MalformedMessage("the master sent a request frame")
-            data = conn.sock.recv(1 << 16)
+            data = recv()
             if not data:
                 raise ConnectionResetError("the master closed the connection")
             conn.decoder.feed(data)

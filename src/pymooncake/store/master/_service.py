@@ -45,6 +45,7 @@ from ...wire import (
 from ...wire import _master_msgs as msg
 from ...wire._auth import ServerHandshake, looks_like_hello, no_token_reply
 from .._config import MasterConfig
+from .._master_client import IN_PROCESS_MASTER_PORTS
 from .._types import ErrorCode
 from ._admin import AdminHttp
 from ._handlers import build_handlers
@@ -194,6 +195,7 @@ class MasterService:
         self.replies = ReplyCache(self.limits.reply_cache_ttl_s)
         self.scanner = RegexScanner(self.limits.regex_deadline_s)
         self._last_conn_check = 0.0
+        self._in_process_port = 0
         #: periodic work: ticks run, their total duration, the most recent durations
         self.tick_count = 0
         self.tick_seconds = 0.0
@@ -243,6 +245,8 @@ class MasterService:
             sock.close()
             raise
         rpc = sock.getsockname()[:2]
+        self._in_process_port = int(rpc[1])
+        IN_PROCESS_MASTER_PORTS.add(self._in_process_port)
         # Same-host clients skip TCP: the same protocol on an abstract UNIX socket
         # named after the listening address (a round trip ~10 us shorter).
         try:
@@ -286,6 +290,7 @@ class MasterService:
         return self.addresses
 
     async def close(self) -> None:
+        IN_PROCESS_MASTER_PORTS.discard(self._in_process_port)
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
