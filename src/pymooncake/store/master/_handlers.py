@@ -111,7 +111,7 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         code, counts, seg_col, addr_col = out.code, out.counts, out.seg, out.addr
         sizes, index = out.sizes, out.index
         assert sizes is not None
-        hits = 0
+        hits = hit_bytes = 0
         for key in req.keys:
             obj = get(key)
             if obj is None or not obj.flags & READABLE:
@@ -125,6 +125,7 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
                 obj.lease_until = lease
             obj.flags |= REF
             hits += 1
+            hit_bytes += obj.size
             code.append(0)
             sizes.append(obj.size)
             ext = obj.ext
@@ -141,6 +142,7 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
                 seg_col.append(out.segment_index(s))
                 addr_col.append(a)
         st.metrics.get_hits += hits
+        st.metrics.get_hit_bytes += hit_bytes
         return out.value(ttl_ms)
 
     def batch_exist_key(req: msg.BatchExistKey, now: float) -> Any:

@@ -19,6 +19,7 @@ worker process with a deadline (``_scan.py``).  Listeners are bounded:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import resource
@@ -36,21 +37,30 @@ from ..._net import bind_listener
 from ...errors import InvalidParams, MalformedMessage, StoreError
 from ...transfer.metadata.server import MetadataServer
 from ...wire import (
+    DEFAULT_MAX_MASTER_FRAME,
     MasterFrameDecoder,
     MasterReply,
     MasterRequest,
+    encode_json,
     encode_reply,
+    encode_reply_json,
     master_unix_name,
 )
 from ...wire import _master_msgs as msg
-from ...wire._auth import ServerHandshake, looks_like_hello, no_token_reply
+from ...wire._auth import FailureKind, ServerHandshake, looks_like_hello, no_token_reply
+from ...wire._master import NO_TOKEN_MESSAGE, PREFIX
 from .._config import MasterConfig
 from .._master_client import IN_PROCESS_MASTER_PORTS
 from .._types import ErrorCode
 from ._admin import AdminHttp
+from ._effects import DURABLE
+from ._ha import Elector, HaConfig
 from ._handlers import build_handlers
 from ._index import SHARDS
 from ._journal import Journal
+from ._metrics import MasterStats
+from ._page import PAGE_OPEN_PATHS
+from ._replication import DEFAULT_SYNC_TIMEOUT_S, Follower, ReplicationHub
 from ._replies import ReplyCache
 from ._scan import RegexScanner
 from ._state import MasterState
@@ -64,14 +74,21 @@ log = logging.getLogger("pymooncake.master")
 AUTH_CONTEXT: Final = b"master-rpc"
 #: the HMAC context of the master's admin HTTP port
 ADMIN_AUTH_CONTEXT: Final = b"master-admin"
-#: admin endpoints that stay open with a cluster token (scrapers, probes)
-ADMIN_OPEN_PATHS: Final = ("/metrics", "/metrics/summary", "/health")
+#: admin endpoints that stay open with a cluster token (scrapers, probes; the cluster
+#: page checks its own session cookie, see _page.py)
+ADMIN_OPEN_PATHS: Final = ("/metrics", "/metrics/summary", "/health", *PAGE_OPEN_PATHS)
 #: keys per slice of a whole-index operation (one slice is handled between two
 #: turns of the event loop; ~1-3 ms of work)
 SLICE_KEYS: Final = 4096
 #: records the periodic housekeeping (background eviction, deque compaction) visits
 #: per segment between two turns of the event loop (~1-3 ms of work)
 HOUSEKEEPING_VISITS: Final = 2048
+#: most bytes one read of an RPC connection takes (asyncio's own read size)
+READ_CHUNK: Final = 256 << 10
+#: what a connection may read while the buffered-bytes budget is spent: enough
+#: for small requests to keep flowing, so little that thousands of connections
+#: cannot push the total far past the budget
+SMALL_READ: Final = 4 << 10
 
 
 @dataclass(frozen=True)
@@ -86,7 +103,9 @@ class MasterLimits:
     #: Capped below the process's open-file limit at start-up.
     max_connections: int = 8192
     #: bytes of unfinished request frames held by all connections together; a
-    #: connection that would exceed it is paused until others drain
+    #: connection that would exceed it is paused until others drain (reads are
+    #: sized to the budget left, so the total stays within it plus
+    #: SMALL_READ per connection reading at that moment)
     max_buffered_bytes: int = 512 << 20
     #: a request frame must arrive completely within this many seconds once its
     #: first byte came (slow senders are disconnected)
@@ -132,6 +151,21 @@ class ServiceAddresses:
 _SCANS: Final = (msg.GetReplicaListByRegex, msg.RemoveByRegex, msg.RemoveAll)
 
 
+@dataclass(frozen=True, slots=True)
+class RawJson:
+    """A reply value already encoded as JSON text."""
+
+    text: str
+
+
+def _request_id(data: bytes) -> int | None:
+    """The id of the request frame ``data`` starts with, or None if it does not."""
+    if len(data) < PREFIX.size:
+        return None
+    length, kind, req_id = PREFIX.unpack_from(data, 0)
+    return int(req_id) if kind == 0 and 5 <= length <= DEFAULT_MAX_MASTER_FRAME else None
+
+
 class MasterService:
     """Runs a master on the current event loop.
 
@@ -165,6 +199,8 @@ class MasterService:
         journal_fsync: bool = False,
         security: ClusterSecurity | None = None,
         limits: MasterLimits | None = None,
+        ha: HaConfig | None = None,
+        ha_sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S,
     ) -> None:
         self.config = config or MasterConfig()
         self.state = MasterState(self.config)
@@ -186,6 +222,13 @@ class MasterService:
         self._conns: set[_RpcProtocol] = set()
         self.buffered = 0
         self.refused_connections = 0
+        #: idle connections closed to admit new ones at the connection cap
+        self.evicted_connections = 0
+        #: connections paused because the buffered-bytes budget was spent
+        self.memory_paused: set[_RpcProtocol] = set()
+        # one read buffer for every connection: reads happen one at a time on the
+        # loop, and each is copied into its connection's decoder at once
+        self._read_buffer = memoryview(bytearray(READ_CHUNK))
         self._bad = RepeatLimiter(log)
         self._max_frame = max_frame
         self._max_connections = self.limits.max_connections
@@ -194,12 +237,31 @@ class MasterService:
         self.journal = Journal(journal_path, fsync=journal_fsync) if journal_path else None
         self.replies = ReplyCache(self.limits.reply_cache_ttl_s)
         self.scanner = RegexScanner(self.limits.regex_deadline_s)
+        #: HA: "leader" (serving), "standby", "warmup" or "starting"; without HA
+        #: a master always leads
+        self.ha = ha
+        self.role = "starting" if ha is not None else "leader"
+        self.hub = ReplicationHub(ha_sync_timeout_s)
+        self._elector: Elector | None = None
+        self._keep: Any = None  # the leader's etcd KeepAlive (its deadline fences us)
+        self._follower: Follower | None = None
+        self._follow_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.leader_address = ""
+        self.failovers = 0
         self._last_conn_check = 0.0
         self._in_process_port = 0
         #: periodic work: ticks run, their total duration, the most recent durations
         self.tick_count = 0
         self.tick_seconds = 0.0
         self.recent_ticks: deque[float] = deque(maxlen=50)
+        #: batch-item counters and the rate samples of /metrics and the cluster page
+        self.stats = MasterStats()
+
+    @property
+    def connection_count(self) -> int:
+        """Open RPC connections."""
+        return len(self._conns)
 
     def now(self) -> float:
         return self._clock()
@@ -210,6 +272,7 @@ class MasterService:
         Raises:
             PortInUse / PeerSocketError: a port cannot be bound (message names it).
         """
+        self._loop = asyncio.get_running_loop()
         if self.journal is not None:
             effects = self.journal.load()
             if effects:
@@ -287,10 +350,19 @@ class MasterService:
         self.scanner.start()
         self._ticker = asyncio.create_task(self._tick_loop())
         self.addresses = ServiceAddresses(rpc, metrics, metadata)
+        if self.ha is not None:
+            self._start_ha(rpc)
         return self.addresses
 
     async def close(self) -> None:
         IN_PROCESS_MASTER_PORTS.discard(self._in_process_port)
+        if self._elector is not None:
+            elector, self._elector = self._elector, None
+            await asyncio.get_running_loop().run_in_executor(None, elector.close)
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            await asyncio.gather(self._follow_task, return_exceptions=True)
+            self._follow_task = None
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
@@ -329,17 +401,22 @@ class MasterService:
         while True:
             await asyncio.sleep(self._tick_interval)
             try:
-                started = time.perf_counter()
-                more = self.state.tick(self._clock(), HOUSEKEEPING_VISITS)
-                self._persist()
-                self._timed(started)
-                while more:  # eviction owed, dead entries: a slice per turn of the loop
-                    await asyncio.sleep(0)
+                now = self._clock()
+                if self.serving():  # a leader past its lease deadline decides nothing
                     started = time.perf_counter()
-                    more = self.state.housekeeping(self._clock(), HOUSEKEEPING_VISITS)
+                    more = self.state.tick(now, HOUSEKEEPING_VISITS)
                     self._persist()
                     self._timed(started)
-                now = self._clock()
+                    # eviction owed, dead entries: a slice per turn of the loop
+                    while more and self.serving():
+                        await asyncio.sleep(0)
+                        started = time.perf_counter()
+                        more = self.state.housekeeping(self._clock(), HOUSEKEEPING_VISITS)
+                        self._persist()
+                        self._timed(started)
+                    self.hub.check(time.monotonic())
+                    now = self._clock()
+                self.stats.sample(self.state)
                 self.replies.prune(now)
                 mono = time.monotonic()
                 if mono - self._last_conn_check >= 1.0:
@@ -369,8 +446,22 @@ class MasterService:
                     reason,
                 )
                 conn.abort()
-        if self.buffered <= limits.max_buffered_bytes:
-            for conn in list(self._conns):
+        self.resume_readers()
+
+    def read_window(self) -> memoryview:
+        """Where the next read of a connection goes: READ_CHUNK bytes while the
+        buffered-bytes budget allows, at most the budget left (never less than
+        SMALL_READ) when it runs out."""
+        left = self.limits.max_buffered_bytes - self.buffered
+        if left >= READ_CHUNK:
+            return self._read_buffer
+        return self._read_buffer[: max(left, SMALL_READ)]
+
+    def resume_readers(self) -> None:
+        """Resume the connections paused for memory once the budget has room."""
+        if self.memory_paused and self.buffered <= self.limits.max_buffered_bytes:
+            paused, self.memory_paused = self.memory_paused, set()
+            for conn in paused:
                 conn.resume_if_paused()
 
     async def _compact(self) -> None:
@@ -390,11 +481,126 @@ class MasterService:
             journal.abort_compaction()
             raise
 
-    def _persist(self) -> None:
-        """Journal the state changes before acknowledging them."""
+    def _persist(self) -> int:
+        """Journal the state changes and ship them to standbys before acknowledging
+        them; returns the sequence number replies must wait for (0: none)."""
         effects = self.state.drain_effects()
-        if effects and self.journal is not None:
-            self.journal.append(effects)
+        if not effects:
+            return 0
+        if self.journal is not None:
+            self.journal.append([e for e in effects if isinstance(e, DURABLE)])
+        return self.hub.ship(effects)
+
+    # ------------------------------------------------------------------------------
+    # HA
+    # ------------------------------------------------------------------------------
+
+    def serving(self) -> bool:
+        """May this master answer clients now?  A leader whose lease deadline
+        passed (etcd unreachable, or this process was frozen) stops at once, before
+        the elector thread even notices."""
+        if self.role != "leader":
+            return False
+        keep = self._keep
+        return keep is None or time.monotonic() < keep.deadline
+
+    def may_stream(self) -> bool:
+        """Standbys may follow an elected leader already during its warm-up."""
+        if self.serving():
+            return True
+        elector = self._elector
+        return elector is not None and elector.role == "warmup"
+
+    def not_serving_reply(self) -> tuple[int, str]:
+        leader = self.leader_address
+        hint = f"; the leader is {leader}" if leader else ""
+        return (
+            int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS),
+            f"this master is not the leader (role {self.role}){hint}; clients given "
+            "etcd://... find the leader themselves",
+        )
+
+    def _start_ha(self, rpc: tuple[str, int]) -> None:
+        assert self.ha is not None
+        advertise = self.ha.advertise or f"{rpc[0]}:{rpc[1]}"
+        if advertise.startswith(("0.0.0.0:", "[::]:", ":::")):
+            from ..._net import first_non_loopback_ipv4
+
+            advertise = f"{first_non_loopback_ipv4() or '127.0.0.1'}:{rpc[1]}"
+        self.ha = HaConfig(
+            self.ha.etcd_endpoints, self.ha.cluster_id, self.ha.lease_ttl_s, advertise
+        )
+        self.state.effects = []
+        self._elector = Elector(
+            self.ha,
+            on_standby=lambda leader, view: self._soon(self._become_standby, leader, view),
+            on_leader=lambda view, keep: self._soon(self._become_leader, view, keep),
+            on_lost=lambda reason: self._soon(self._lose_leadership, reason),
+        )
+        self._elector.start()
+
+    def _soon(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _install(self, state: MasterState) -> None:
+        self.state = state
+        self._handlers = build_handlers(state)
+
+    def _become_standby(self, leader: str, view: int) -> None:
+        assert self.ha is not None
+        was_leader = self.role == "leader"
+        self.role = "standby"
+        self.leader_address = leader
+        self._keep = None
+        if was_leader:
+            self._drop_clients()
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+        self._follower = Follower(self.config, self.ha.advertise, self.security, clock=self._clock)
+        self._follow_task = asyncio.ensure_future(self._follower.run(leader, view, self._install))
+
+    def _become_leader(self, view: int, keep: Any) -> None:
+        follower, self._follower = self._follower, None
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            self._follow_task = None
+        now = self._clock()
+        if follower is not None and follower.state is not None and follower.synced:
+            self._install(follower.state)
+            self.failovers += 1
+            log.info(
+                "HA: now the leader (view %d) with the previous leader's state: %d object(s), "
+                "%d segment(s)",
+                view,
+                len(self.state.objects),
+                len(self.state.segments),
+            )
+        elif follower is not None:
+            log.error(
+                "HA: now the leader (view %d) but the previous leader's state never arrived "
+                "in full; serving what this master has (%d object(s))",
+                view,
+                len(self.state.objects),
+            )
+        self.state.promote(now)
+        self.state.view_version = max(self.state.view_version, view)
+        self.state.effects = []
+        self._keep = keep
+        self.leader_address = self.ha.advertise if self.ha is not None else ""
+        self.role = "leader"
+
+    def _lose_leadership(self, reason: str) -> None:
+        self.role = "standby"
+        self._keep = None
+        self.leader_address = ""
+        self._drop_clients()
+
+    def _drop_clients(self) -> None:
+        """Close every connection: clients reconnect and find the new leader."""
+        for conn in list(self._conns):
+            conn.abort()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -411,6 +617,7 @@ class MasterService:
         try:
             return msg.decode_request(req.method, req.params, escapes=req.escapes)
         except InvalidParams as exc:
+            self._count(req.method.value)
             self._count(req.method.value, failed=True)
             return int(ErrorCode.INVALID_PARAMS), f"{req.method.value}: {exc.message}"
 
@@ -447,6 +654,7 @@ class MasterService:
             self._count(name, failed=True)
             code = int(ErrorCode.INTERNAL_ERROR)
             value = f"internal error of the master handling {name}: {exc!r} (see the master log)"
+        self.stats.record(req, code, value)
         self.remember(req, code, value)
         return code, value
 
@@ -499,17 +707,25 @@ class MasterService:
             except re.error as exc:
                 raise InvalidParams(f"invalid regular expression {pattern!r}: {exc}") from None
         if isinstance(req, msg.GetReplicaListByRegex):
-            out: dict[str, Any] = {}
+            # The reply is encoded a slice at a time too: encoding 50k keys' replicas
+            # at once holds the loop ~90 ms (measured in tests/store/test_master_input.py).
+            parts: list[str] = []
+            found = 0
             limit = self.limits.max_regex_results
             async for keys in self.key_slices(req.pattern):
-                for key, descs in st.replicas_of(keys, self._clock()).items():
-                    out[key] = [d.to_wire() for d in descs]
-                if len(out) > limit:
+                out = {
+                    key: [d.to_wire() for d in descs]
+                    for key, descs in st.replicas_of(keys, self._clock()).items()
+                }
+                found += len(out)
+                if found > limit:
                     raise InvalidParams(
                         f"regular expression {req.pattern!r} matches more than {limit} keys; "
                         "narrow it (the reply is a single frame)"
                     )
-            return out
+                if out:
+                    parts.append(encode_json(out)[1:-1])
+            return RawJson("{" + ",".join(parts) + "}")
         if isinstance(req, msg.RemoveByRegex):
             removed = 0
             async for keys in self.key_slices(req.pattern):
@@ -531,7 +747,30 @@ class MasterService:
         return _RpcProtocol(self)
 
     def admit(self, conn: _RpcProtocol) -> bool:
+        """Take a new connection; at the cap, close the connection that has been
+        idle longest (clients reconnect transparently and retry with the same
+        request ids) rather than lock every new client out."""
         if len(self._conns) >= self._max_connections:
+            victim = min(
+                (c for c in self._conns if c.evictable()),
+                key=lambda c: (c.authenticated, c.last_active),
+                default=None,
+            )
+            if victim is not None:
+                self.evicted_connections += 1
+                self._bad(
+                    "conn-evict",
+                    logging.WARNING,
+                    "master RPC: %d connections open (MasterLimits.max_connections / the "
+                    "open-file limit): closing idle connection from %s to admit %s",
+                    len(self._conns),
+                    victim.peer,
+                    conn.peer,
+                )
+                victim.abort()
+                self._conns.discard(victim)
+                self._conns.add(conn)
+                return True
             self.refused_connections += 1
             self._bad(
                 "conn-cap",
@@ -546,12 +785,14 @@ class MasterService:
         return True
 
 
-class _RpcProtocol(asyncio.Protocol):
+class _RpcProtocol(asyncio.BufferedProtocol):
     """One client connection: (authentication,) frames in, replies out, in order.
 
-    A plain Protocol (no StreamReader/Task per connection): requests are
-    decoded and answered straight from ``data_received``, which saves tens of
-    microseconds per round trip on the master's single event loop.  A
+    A plain (buffered) Protocol, no StreamReader/Task per connection: requests
+    are decoded and answered straight from ``buffer_updated``, which saves tens
+    of microseconds per round trip on the master's single event loop.  Reads go
+    into the service's shared buffer, sized by :meth:`MasterService.read_window`
+    so that all connections together stay within the buffered-bytes budget.  A
     whole-index request is answered by a task; the connection reads nothing
     more until it is done, so replies stay in request order.
     """
@@ -576,6 +817,14 @@ class _RpcProtocol(asyncio.Protocol):
         self._opened = time.monotonic()
         self._last_active = self._opened
         self._partial_since: float | None = None
+        self._following = False  # a standby's stream (HA)
+        #: replies waiting for a standby's acknowledgement: (sequence, frames)
+        self._held: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.held_since = 0.0
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -592,9 +841,28 @@ class _RpcProtocol(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._svc._conns.discard(self)
+        svc = self._svc
+        svc._conns.discard(self)
+        svc.memory_paused.discard(self)
+        svc.hub.lost(self)
         self._account(0)
+        self._held.clear()
         self._transport = None
+        svc.resume_readers()
+
+    @property
+    def authenticated(self) -> bool:
+        return self._auth is None
+
+    @property
+    def last_active(self) -> float:
+        return self._last_active
+
+    def evictable(self) -> bool:
+        """Idle: nothing being received or answered (or still authenticating)."""
+        if self._transport is None:
+            return False
+        return self._auth is not None or (not self._busy and self._partial_since is None)
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -602,6 +870,8 @@ class _RpcProtocol(asyncio.Protocol):
 
     def overdue(self, now: float, limits: MasterLimits) -> str:
         """Why this connection should be closed now ("" if it should not)."""
+        if self._following:
+            return ""
         if self._auth is not None and now - self._opened > limits.auth_timeout_s:
             return f"no cluster-token handshake within {limits.auth_timeout_s:g} s"
         if self._partial_since is not None and now - self._partial_since > limits.frame_deadline_s:
@@ -644,13 +914,20 @@ class _RpcProtocol(asyncio.Protocol):
 
     # --- data ---------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._svc.read_window()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._svc._read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes from the peer (``data`` is only valid during this call)."""
         transport = self._transport
         if transport is None:
             return
         self._last_active = time.monotonic()
         if self._auth is not None:
-            data = self._authenticate(data)
+            data = self._authenticate(bytes(data))
             if not data:
                 return
         elif self._sniff:
@@ -685,6 +962,14 @@ class _RpcProtocol(asyncio.Protocol):
                 self.peer,
                 auth.failed.message,
             )
+            if auth.failed.kind is FailureKind.UNAUTHENTICATED:
+                # a client without a token sent a request: answer it with the reason
+                # (it is not retried) instead of a bare close (retried until timeout)
+                req_id = _request_id(data)
+                if req_id is not None:
+                    self._transport.write(
+                        encode_reply(req_id, int(ErrorCode.ILLEGAL_CLIENT), NO_TOKEN_MESSAGE)
+                    )
             self._transport.close()
             return b""
         if not auth.done:
@@ -699,6 +984,7 @@ class _RpcProtocol(asyncio.Protocol):
         svc = self._svc
         decoder = self._decoder
         out: list[bytes] = []
+        served = False
         try:
             while not self._busy:
                 frame = decoder.next_frame()
@@ -709,11 +995,19 @@ class _RpcProtocol(asyncio.Protocol):
                 req = svc.decode(frame)
                 if isinstance(req, tuple):
                     out.append(encode_reply(frame.id, *req))
+                elif isinstance(req, msg.Ack):
+                    svc.hub.on_ack(self, req.seq)
+                elif isinstance(req, msg.Follow) and svc.may_stream():
+                    self._following = True
+                    svc._spawn(svc.hub.follow(self, frame.id, req, svc.state))
+                elif not svc.serving():
+                    out.append(encode_reply(frame.id, *svc.not_serving_reply()))
                 elif svc.is_scan(req):
                     self._busy = True
                     self._pause(4)
                     svc._spawn(self._run_scan(frame.id, req))
                 else:
+                    served = True
                     code, value = svc.dispatch(req)
                     out.append(self._encode(frame.id, code, value))
         except MalformedMessage as exc:
@@ -733,13 +1027,55 @@ class _RpcProtocol(asyncio.Protocol):
                 self._partial_since = time.monotonic()
             if svc.buffered > svc.limits.max_buffered_bytes:
                 self._pause(2)
+                svc.memory_paused.add(self)
         else:
             self._partial_since = None
+            svc.resume_readers()
+        seq = svc.hub.barrier(svc._persist())  # journal and replicate before acknowledging
+        if served and not svc.serving():
+            self._fence()
+            return
         if out:
-            svc._persist()  # journal before acknowledging
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            if self._held or seq > svc.hub.acked:
+                self._hold(seq, data)
+            else:
+                transport.write(data)
+
+    def _hold(self, seq: int, data: bytes) -> None:
+        self._svc.hub.held += 1
+        if not self._held:
+            self.held_since = time.monotonic()
+        self._held.append((seq, data))
+        self._svc.hub.wait(self)
+
+    def _fence(self) -> None:
+        """The lease deadline passed while this connection's requests were served
+        (this process was frozen, or etcd unreachable): a new leader may lack their
+        effects, so none is acknowledged -- the connection is closed and the client
+        sends the same request ids to the new leader."""
+        self._held.clear()
+        self.held_since = 0.0
+        self.abort()
+
+    def release_held(self, acked: int) -> bool:
+        """Send the held replies a standby has now acknowledged; True when none is left.
+        A master no longer serving acknowledges nothing (see :meth:`_fence`)."""
+        held = self._held
+        if held and not self._svc.serving():
+            self._fence()
+            return True
+        transport = self._transport
+        while held and held[0][0] <= acked:
+            _, data = held.popleft()
+            if transport is not None:
+                transport.write(data)
+        self.held_since = time.monotonic() if held else 0.0
+        return not held
 
     def _encode(self, req_id: int, code: int, value: Any) -> bytes:
+        if isinstance(value, RawJson):
+            return encode_reply_json(req_id, code, value.text)
         try:
             return encode_reply(req_id, code, value)
         except (TypeError, ValueError) as exc:  # a bug: every value is JSON-able UTF-8
@@ -753,8 +1089,15 @@ class _RpcProtocol(asyncio.Protocol):
     async def _run_scan(self, req_id: int, req: msg.Request) -> None:
         try:
             code, value = await self._svc.dispatch_scan(req)
-            if self._transport is not None:
-                self._transport.write(self._encode(req_id, code, value))
+            if not self._svc.serving():
+                self._fence()
+            elif self._transport is not None:
+                data = self._encode(req_id, code, value)
+                seq = self._svc.hub.barrier(self._svc._persist())
+                if self._held or seq > self._svc.hub.acked:
+                    self._hold(seq, data)
+                else:
+                    self._transport.write(data)
         finally:
             self._busy = False
             self._resume(4)
