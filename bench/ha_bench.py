@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as c  # noqa: E402
+import _common as c
 
-from pymooncake.store import StoreClient, StoreClientConfig  # noqa: E402
-from pymooncake.testing._cluster import _spawn  # noqa: E402
-from pymooncake.testing._etcd_server import EtcdCluster  # noqa: E402
-from pymooncake.testing._ha import HaMasters  # noqa: E402
+from pymooncake.store import StoreClient, StoreClientConfig
+from pymooncake.testing._cluster import _spawn
+from pymooncake.testing._etcd_server import EtcdCluster
+from pymooncake.testing._ha import HaMasters
 
 MiB = 1 << 20
 
@@ -106,7 +106,7 @@ def main() -> int:
             clients = {"off": _client(rpc), "ha": _client(ha.client_address, ha.cluster_id)}
             ha.wait_in_sync(leader)
             try:
-                for name, client in clients.items():  # warm up
+                for client in clients.values():  # warm up
                     _round(client, "warm", 4096, 50)
                 for r in range(args.rounds):
                     for size in sizes:
@@ -158,7 +158,9 @@ def main() -> int:
     text += c.markdown_table(
         ["size", "put off", "put HA", "HA/off", "<=1.25x", "get off", "get HA", "HA/off"], rows
     )
-    text += f"\n{args.rounds} round(s) x {args.ops} ops per size and variant\n" + c.machine_line(data)
+    text += f"\n{args.rounds} round(s) x {args.ops} ops per size and variant\n" + c.machine_line(
+        data
+    )
     c.publish("ha_bench", data, text)
     return 0
 

@@ -27,7 +27,7 @@ from pymooncake.store._types import (
 )
 from pymooncake.store.master._allocator import OffsetAllocator
 from pymooncake.store.master._effects import DURABLE
-from pymooncake.store.master._state import MasterState
+from pymooncake.store.master._state import MasterState, client_tag
 
 MiB = 1 << 20
 ONE = ReplicateConfig()
@@ -131,8 +131,10 @@ def test_keys_are_immutable(state: MasterState) -> None:
 def test_concurrent_put_of_same_key_and_preemption(state: MasterState) -> None:
     state.mount_segment("c1", seg("a:1"), 0)
     state.put_start("c1", "k", 10, ONE, 0)
-    with pytest.raises(ReplicaNotReady, match="being written by client c1"):
+    with pytest.raises(ReplicaNotReady, match="being written by client#") as busy:
         state.put_start("c2", "k", 10, ONE, 5)  # nothing readable yet: not "exists"
+    assert client_tag("c1") in busy.value.message  # never the id: it is c1's credential
+    assert "c1 " not in busy.value.message
     # after put_start_discard_timeout (30 s) a new writer may take over
     descs = state.put_start("c2", "k", 10, ONE, 40)
     with pytest.raises(StoreError) as info:

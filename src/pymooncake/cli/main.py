@@ -2,9 +2,12 @@
 
 ``pymooncake cluster`` (the default) runs a local Mooncake Store cluster: a
 master with its embedded HTTP metadata server and a storage node contributing
-memory, on 127.0.0.1, and prints how to connect to it.  On a terminal a status
-line on stderr shows the start-up steps (pre-faulting a large segment takes a
-while).
+memory, on 127.0.0.1, and prints how to connect to it.  Authentication is on:
+a random cluster token (or ``PYMOONCAKE_CLUSTER_TOKEN`` when set) protects every
+port, is written to a file only its user can read, and the command prints how
+clients pass it (``export PYMOONCAKE_CLUSTER_TOKEN=$(cat FILE)``); ``--insecure``
+runs an open cluster instead.  On a terminal a status line on stderr shows the
+start-up steps (pre-faulting a large segment takes a while).
 
 ``pymooncake demo`` starts a target engine in a child process and an
 initiator here, both on 127.0.0.1 in P2P handshake mode, moves data both ways
@@ -16,14 +19,18 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import secrets
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from .. import __version__
+from .._authio import TOKEN_ENV, ClusterSecurity
 from ..config import EngineConfig
-from ..errors import MooncakeError
+from ..errors import ConfigError, MooncakeError
 from ..transfer import TransferEngine, TransferRequest
 from ._logsetup import setup_logging
 from ._progress import Progress
@@ -123,6 +130,85 @@ def _pick_port(wanted: int) -> int:
     return wanted
 
 
+def _default_token_dir() -> Path:
+    """A directory only this user can enter: $XDG_RUNTIME_DIR/pymooncake (a per-user
+    tmpfs) or ~/.cache/pymooncake."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    base = Path(runtime) if runtime and os.path.isdir(runtime) else Path.home() / ".cache"
+    return base / "pymooncake"
+
+
+def _write_token(path: Path, token: str) -> None:
+    """Write ``token`` to ``path``, readable by this user only (0600; never follows a
+    link; a stale file of an earlier run is replaced)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+
+
+@dataclass
+class _Auth:
+    """How ``pymooncake cluster`` authenticates: the token and where it came from."""
+
+    token: str
+    #: the file clients read it from ("" = it came from the environment / none)
+    file: Path | None = None
+    #: remove ``file`` on exit (this run generated it at the default place)
+    owned: bool = False
+    source: str = ""
+
+
+def _cluster_auth(args: argparse.Namespace) -> _Auth:
+    """The cluster's token: none with --insecure; the --token-file's when that file
+    exists; PYMOONCAKE_CLUSTER_TOKEN's when set; else a new random one.
+
+    Raises:
+        ConfigError: an unreadable or empty --token-file.
+    """
+    from .master import read_token_file
+
+    if args.insecure:
+        return _Auth("", source="--insecure")
+    if args.token_file and os.path.exists(args.token_file):
+        token = read_token_file(args.token_file, what="--token-file")
+        return _Auth(token, Path(args.token_file), source=f"--token-file={args.token_file}")
+    env_token = os.environ.get(TOKEN_ENV, "")
+    if env_token and not args.token_file:
+        return _Auth(env_token, source=TOKEN_ENV)
+    token = env_token or secrets.token_urlsafe(32)
+    if args.token_file:
+        return _Auth(token, Path(args.token_file), source="generated")
+    return _Auth(token, None, owned=True, source="generated")
+
+
+def _print_auth(auth: _Auth, meta_url: str, metrics_url: str) -> None:
+    if not auth.token:
+        print(
+            "  authentication:  OFF (--insecure): anyone who can reach these ports can list, "
+            "read, overwrite and remove every object"
+        )
+        return
+    print(f"  authentication:  ON, cluster token ({auth.source})")
+    if auth.file is not None:
+        print(f"  token file:      {auth.file}    (mode 0600; keep it secret)")
+        print("Clients pass the token through the environment:")
+        print(f"  export {TOKEN_ENV}=$(cat {auth.file})")
+    else:
+        print(f"Clients pass the token through the environment (as this shell has it): {TOKEN_ENV}")
+    print(
+        "  (mooncake.store, mooncake.engine, mooncake_client and mooncake_master read it; "
+        "mooncake_master also takes --cluster_token_file=FILE)"
+    )
+    print(
+        "Admin HTTP needs signed requests (except /metrics, /health): "
+        'python -c "from pymooncake._authio import ClusterSecurity, http_request; '
+        f"print(http_request('GET', '{metrics_url}/get_all_keys', "
+        "security=ClusterSecurity.from_env(), context=b'master-admin'))\""
+    )
+
+
 def _cluster(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -131,6 +217,15 @@ def _cluster(args: argparse.Namespace) -> int:
     from ..store.master import ThreadedMaster, tune_gc_for_master
 
     segment = parse_size(args.segment, what="--segment")
+    try:
+        auth = _cluster_auth(args)
+        security = ClusterSecurity.from_env()
+        security = ClusterSecurity(
+            auth.token, security.tls_cert_file, security.tls_key_file, security.tls_ca_file
+        )
+    except ConfigError as exc:
+        print(f"pymooncake cluster: {exc}", file=sys.stderr)
+        return 1
     ports = {
         name: _pick_port(p)
         for name, p in (
@@ -150,11 +245,18 @@ def _cluster(args: argparse.Namespace) -> int:
         metadata_port=ports["metadata"],
         metrics_host=args.host,
         metrics_port=ports["metrics"],
+        security=security,
     )
     node: StoreClient | None = None
     try:
+        if auth.owned:
+            auth.file = _default_token_dir() / f"cluster-{master.addresses.rpc[1]}.token"
+        if auth.file is not None and not auth.file.exists():
+            _write_token(auth.file, auth.token)
         meta_url = master.metadata_url or ""
-        engine = EngineConfig.from_env().replace(tcp_bind_address=args.host)
+        engine = EngineConfig.from_env().replace(
+            tcp_bind_address=args.host, cluster_token=auth.token
+        )
         progress.step(
             f"starting the storage node: mapping and pre-faulting {_human(segment)} "
             "(PYMOONCAKE_PREFAULT=0 skips the pre-fault)"
@@ -186,10 +288,16 @@ def _cluster(args: argparse.Namespace) -> int:
         print(
             f"  metrics:         {master.metrics_url}/metrics    (/health, /get_all_keys, /get_all_segments)"
         )
+        print(f"  cluster page:    {master.metrics_url}/    (live segments, clients and rates)")
         print(f"  storage node:    segment {node.hostname} contributing {_human(segment)}")
         if moved:
             print(f"  note: ports in use, picked free ones for: {', '.join(moved)}")
-        print("Connect from Python (another process):")
+        _print_auth(auth, meta_url, master.metrics_url or "")
+        print(
+            "Connect from Python (another process"
+            + (", token exported" if auth.token else "")
+            + "):"
+        )
         print("  from mooncake.store import MooncakeDistributedStore")
         print("  store = MooncakeDistributedStore()")
         print(
@@ -207,7 +315,7 @@ def _cluster(args: argparse.Namespace) -> int:
                 break
         print("stopping", flush=True)
         return 0
-    except MooncakeError as exc:
+    except (MooncakeError, OSError) as exc:
         progress.clear()
         print(f"pymooncake cluster: {exc}", file=sys.stderr)
         return 1
@@ -216,6 +324,8 @@ def _cluster(args: argparse.Namespace) -> int:
         if node is not None:
             node.close()
         master.close()
+        if auth.owned and auth.file is not None:
+            auth.file.unlink(missing_ok=True)
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -244,6 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument(
         "--run-seconds", type=float, default=0, help="stop after this long (0 = until Ctrl-C)"
+    )
+    cluster.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no cluster token: every port open to anyone who can reach it",
+    )
+    cluster.add_argument(
+        "--token-file",
+        default="",
+        help="cluster token file: used when it exists, else a new token is written there "
+        "(default: a new token in $XDG_RUNTIME_DIR/pymooncake or ~/.cache/pymooncake, "
+        f"cluster-PORT.token, removed on exit; {TOKEN_ENV} when set)",
     )
     cluster.set_defaults(func=_cluster)
     demo = sub.add_parser("demo", help="local transfer demo: target + initiator on 127.0.0.1")

@@ -9,11 +9,15 @@ line win over the file; the file wins over the defaults.
 Once every listener is up it prints to stdout, with the real ports (``0``
 means "any free port")::
 
-    Metrics and admin HTTP server listening on http://HOST:PORT (/metrics, /health)
+    Metrics and admin HTTP server listening on http://HOST:PORT (/metrics, /health, cluster page /)
     HTTP metadata server listening on http://HOST:PORT/metadata     (when enabled)
     Master service started on HOST:PORT
 
-The last line means "ready".  SIGINT/SIGTERM stop it with exit status 0.  A
+The last line means "ready".  ``PYMOONCAKE_CLUSTER_TOKEN`` (or the file named by
+``--cluster_token_file``, which keeps the secret off the command line and out of
+``ps``) turns on authentication on the RPC port, the admin HTTP port (except
+``/metrics``, ``/metrics/summary``, ``/health``) and the embedded metadata server;
+``PYMOONCAKE_TLS_CERT/_KEY/_CA`` add TLS (docs/security.md).  SIGINT/SIGTERM stop it with exit status 0.  A
 port that cannot be bound, an invalid value, or a feature pymooncake does not
 have (HA, snapshots, SSD offload, CXL, NoF, multi-tenancy, KV events ...) is
 reported on one stderr line with exit status 1.  Unknown flags are refused
@@ -32,15 +36,17 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from .. import __version__
+from .._authio import TOKEN_ENV, ClusterSecurity
 from ..errors import ConfigError, MooncakeError, PortInUse
 from ..store import MasterConfig
 from ..store._config import parse_duration_ms
 from ..store.master import MasterService, tune_gc_for_master
+from ..store.master._exposition import summary_text
 from ..store.master._ha import HaConfig
 from ._gflags import Flag, FlagError, parse_flags, usage
 from ._logsetup import setup_logging
@@ -128,6 +134,13 @@ FLAGS: Final[tuple[Flag, ...]] = (
         bool,
         False,
         "pymooncake: fsync the journal on every change (host crashes too)",
+    ),
+    Flag(
+        "cluster_token_file",
+        str,
+        "",
+        "pymooncake: file holding the cluster token (PYMOONCAKE_CLUSTER_TOKEN otherwise; "
+        "never put the token itself on a command line)",
     ),
     Flag("enable_oplog", bool, False, "HA oplog replication (unavailable)"),
     Flag("oplog_poll_interval_ms", int, 1000, "HA only"),
@@ -448,6 +461,56 @@ def _validate(values: dict[str, Any]) -> MasterConfig:
         raise _Refused(str(exc)) from exc
 
 
+def read_token_file(path: str, *, what: str = "--cluster_token_file") -> str:
+    """The cluster token stored in ``path`` (surrounding whitespace removed).
+
+    Raises:
+        ConfigError: the file cannot be read, is empty, or is not UTF-8.
+    """
+    try:
+        raw = Path(path).read_bytes()
+        token = raw.decode().strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}={path}: cannot read it: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}={path}: the token is not UTF-8 text") from None
+    if not token:
+        raise ConfigError(f"{what}={path} is empty; put the cluster token in it")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = 0
+    if mode & 0o077:
+        log.warning(
+            "%s=%s is readable by other users (mode %o); chmod 600 it", what, path, mode & 0o777
+        )
+    return token
+
+
+def _security(values: dict[str, Any], env: Mapping[str, str] | None = None) -> ClusterSecurity:
+    """Token and TLS of the master: PYMOONCAKE_CLUSTER_TOKEN / PYMOONCAKE_TLS_* from the
+    environment, the token from ``--cluster_token_file`` when given.
+
+    Raises:
+        _Refused: unreadable token file, a file and an environment token that
+            differ, half-configured TLS.
+    """
+    try:
+        sec = ClusterSecurity.from_env(env)
+        path = values["cluster_token_file"]
+        if path:
+            token = read_token_file(path)
+            if sec.token and sec.token != token:
+                raise _Refused(
+                    f"--cluster_token_file={path} and {TOKEN_ENV} hold different tokens; "
+                    "give the master one of them"
+                )
+            sec = ClusterSecurity(token, sec.tls_cert_file, sec.tls_key_file, sec.tls_ca_file)
+        return sec
+    except ConfigError as exc:
+        raise _Refused(str(exc)) from exc
+
+
 def _interface_ipv4(name: str) -> str:
     """The IPv4 address of network interface ``name`` (for --rpc_interface)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -509,20 +572,13 @@ def _port_flag(values: dict[str, Any], message: str) -> str:
     return "listening"
 
 
-async def _report(service: MasterService) -> None:
+async def _report(service: MasterService, interval_s: float = _REPORT_INTERVAL_S) -> None:
+    """Log the reference's "Master Admin Metrics" line every ``interval_s``
+    (request figures are rates over the interval)."""
+    summary_text(service, update=True)  # the first window starts now
     while True:
-        await asyncio.sleep(_REPORT_INTERVAL_S)
-        s = service.state.summary()
-        log.info(
-            "Master Metrics: Mem Storage: %d / %d bytes | Keys: %d (soft-pinned: %d) | "
-            "Segments: %d | Clients: %d",
-            s["allocated_bytes"],
-            s["capacity_bytes"],
-            s["key_count"],
-            s["soft_pinned_keys"],
-            s["segment_count"],
-            s["client_count"],
-        )
+        await asyncio.sleep(interval_s)
+        log.info("Master Admin Metrics: %s", summary_text(service, update=True))
 
 
 def _ha_config(values: dict[str, Any]) -> HaConfig | None:
@@ -536,12 +592,14 @@ def _ha_config(values: dict[str, Any]) -> HaConfig | None:
     )
 
 
-async def _serve(values: dict[str, Any], config: MasterConfig) -> int:
+async def _serve(values: dict[str, Any], config: MasterConfig, security: ClusterSecurity) -> int:
     with stop_on_signals() as stop:
-        return await _run(values, config, stop)
+        return await _run(values, config, security, stop)
 
 
-async def _run(values: dict[str, Any], config: MasterConfig, stop: asyncio.Event) -> int:
+async def _run(
+    values: dict[str, Any], config: MasterConfig, security: ClusterSecurity, stop: asyncio.Event
+) -> int:
     metadata = values["enable_http_metadata_server"]
     service = MasterService(
         config,
@@ -555,6 +613,7 @@ async def _run(values: dict[str, Any], config: MasterConfig, stop: asyncio.Event
         journal_fsync=values["journal_fsync"],
         ha=_ha_config(values),
         ha_sync_timeout_s=values["ha_sync_timeout_ms"] / 1000.0,
+        security=security,
     )
     reporter: asyncio.Task[None] | None = None
     try:
@@ -570,7 +629,7 @@ async def _run(values: dict[str, Any], config: MasterConfig, stop: asyncio.Event
         if addrs.metrics is not None:
             mh, mp = addrs.metrics
             print(
-                f"Metrics and admin HTTP server listening on {addrs.metrics_url} (/metrics, /health)",
+                f"Metrics and admin HTTP server listening on {addrs.metrics_url} (/metrics, /health, cluster page /)",
                 flush=True,
             )
             lan_hint(log, mh, mp, "metrics server", lambda h, p: f"http://{h}:{p}/metrics")
@@ -620,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         values = _settings(explicit)
         config = _validate(values)
+        security = _security(values)
         if values["rpc_interface"]:
             if values["rpc_address"] not in ("", "0.0.0.0"):
                 log.warning(
@@ -640,7 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "default_kv_lease_ttl=%d ms, default_kv_soft_pin_ttl=%d ms, max_kv_soft_pin_ttl=%d ms, "
         "allow_evict_soft_pinned_objects=%s, eviction_ratio=%s, eviction_high_watermark_ratio=%s, "
         "client_ttl=%s s, put_start_discard_timeout_sec=%s, put_start_release_timeout_sec=%s, "
-        "allocation_strategy=%s, memory_allocator=%s, cluster_id=%s",
+        "allocation_strategy=%s, memory_allocator=%s, cluster_id=%s, authentication=%s",
         values["rpc_address"],
         values["_port"],
         values["metrics_host"],
@@ -662,10 +722,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.allocation_strategy,
         values["memory_allocator"],
         config.cluster_id,
+        ("cluster token" + (" + TLS" if security.tls else "")) if security.token else "off",
     )
     tune_gc_for_master()
     with contextlib.suppress(KeyboardInterrupt):  # a signal before the handlers were set
-        return asyncio.run(_serve(values, config))
+        return asyncio.run(_serve(values, config, security))
     return 0
 
 

@@ -145,6 +145,8 @@ class StoreClient(WriteOps, ReadOps):
             metrics=self.metrics,
             security=engine_config.security,
             cluster_id=config.cluster_id,
+            # PYMOONCAKE_SAME_HOST=0: TCP only, also to a master on this host
+            same_host_rpc=engine_config.same_host_transport,
         )
         #: keys this process is writing (put/upsert started, not ended), to tell a
         #: concurrent put of another thread from an orphan of an earlier attempt
@@ -239,6 +241,24 @@ class StoreClient(WriteOps, ReadOps):
     @property
     def segments(self) -> tuple[SegmentInfo, ...]:
         return tuple(self._segments)
+
+    # --- caller memory (the same names as a DummyClient's; see _api.StoreApi) -----
+
+    def register_memory(self, addr: int, size: int) -> None:
+        """Register ``size`` bytes at ``addr`` with the engine (zero-copy buffers)."""
+        self.engine.register(addr, size)
+
+    def unregister_memory(self, addr: int) -> None:
+        self.engine.unregister(addr)
+
+    def local_view(self, addr: int, length: int, *, writable: bool) -> memoryview:
+        """A byte view of local memory at ``addr`` (see ``TransferEngine.local_view``)."""
+        return self.engine.local_view(addr, length, writable=writable)
+
+    def registered_end(self, addr: int) -> int:
+        """End of the registered memory holding ``addr`` (0 if none)."""
+        region = self.engine.registry.find(addr, 1) if addr else None
+        return region.end if region is not None else 0
 
     def _ping_loop(self) -> None:
         while not self._stop.wait(self.config.ping_interval_s):

@@ -47,6 +47,7 @@ from ..wire import (
     master_unix_name,
 )
 from ..wire import _master_msgs as msg
+from ..wire._master import NO_TOKEN_MESSAGE
 from ._metrics import ClientMetrics
 from ._types import ErrorCode
 
@@ -121,6 +122,8 @@ class MasterClient:
         timeout_s: per request, retries included (MC_RPC_TIMEOUT_MS).
         connect_timeout_s: per connection attempt (MC_RPC_CONNECT_TIMEOUT_MS).
         max_idle: connections kept open for reuse.
+        same_host_rpc: reach a master on this host through its abstract UNIX
+            socket (same frames, same authentication); False = TCP only.
         metrics: where to count RPCs and their latency (None: not counted).
         security: cluster token / TLS; with a token every connection authenticates.
         reconnect_s: how long a call waits for a master it reached before to come
@@ -177,6 +180,8 @@ class MasterClient:
         self._key = self._security.key
         self._ssl = self._security.client_ssl_context() if self._security.tls else None
         self.retries = 0
+        #: "unix" or "tcp": how the latest new connection reached the master
+        self.last_transport = ""
 
     # --- connections ----------------------------------------------------------------
 
@@ -245,6 +250,7 @@ class MasterClient:
                 "running there and that master_server_addr / MOONCAKE_MASTER point at its --port"
             ) from exc
         set_io_timeout(sock, self._timeout)
+        self.last_transport = "unix" if sock.family == socket.AF_UNIX else "tcp"
         self._ever_connected = True
         return _Conn(sock, addr), False
 
@@ -456,6 +462,11 @@ class MasterClient:
         """
         (reply,) = self._run([request], patient)
         if reply.code != 0:
+            if reply.code == ErrorCode.ILLEGAL_CLIENT and reply.value == NO_TOKEN_MESSAGE:
+                raise AuthenticationError(
+                    f"master RPC port: the master at {self.address} refused this client: "
+                    f"{reply.value}"
+                )
             raise store_error(reply.code, str(reply.value))
         return reply.value
 

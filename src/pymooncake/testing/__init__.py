@@ -8,6 +8,7 @@ from ._etcd_server import EtcdCluster, EtcdMember, EtcdStartError
 from ._metadata_conformance import METADATA_CHECKS
 from ._netns import Host, NetnsError, NetnsNetwork, cleanup_stale, netns_unavailable_reason
 from ._proc import console_command, read_stdout_until
+from ._proxy import MasterProxy
 from ._redis_server import RedisServer, RedisStartError
 from ._tools import find_tool, require_tool, unavailable
 
@@ -18,6 +19,7 @@ __all__ = [
     "EtcdStartError",
     "Host",
     "LocalCluster",
+    "MasterProxy",
     "NetnsError",
     "NetnsNetwork",
     "NodeProcess",

@@ -18,12 +18,14 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from .._authio import TOKEN_ENV, ClusterSecurity
 from ..config import EngineConfig
 from ..store import MasterConfig, StoreClient, StoreClientConfig
 from ..store.master import ThreadedMaster
@@ -48,18 +50,32 @@ class LocalCluster:
     Args:
         master: master settings (defaults: reference defaults).
         engine: engine settings for the clients (default: loopback, short timeouts).
+        token: cluster token of the master (RPC, admin HTTP, metadata server) and of
+            every client started by :meth:`client`; empty = an open cluster.
+        master_kwargs: more :class:`~pymooncake.store.master.MasterService`
+            arguments (``limits=``, ``journal_path=`` ...).
     """
 
     def __init__(
-        self, master: MasterConfig | None = None, *, engine: EngineConfig | None = None
+        self,
+        master: MasterConfig | None = None,
+        *,
+        engine: EngineConfig | None = None,
+        token: str = "",
+        **master_kwargs: Any,
     ) -> None:
-        self.master = ThreadedMaster(master, metadata_port=0, metrics_port=0)
-        self.engine_config = engine or EngineConfig(
+        self.token = token
+        self.security = ClusterSecurity(token=token)
+        self.master = ThreadedMaster(
+            master, metadata_port=0, metrics_port=0, security=self.security, **master_kwargs
+        )
+        engine_config = engine or EngineConfig(
             tcp_bind_address=LOCAL,
             transfer_timeout_s=10.0,
             connect_timeout_s=2.0,
             rpc_io_timeout_s=5.0,
         )
+        self.engine_config = engine_config.replace(cluster_token=token) if token else engine_config
         self.clients: list[StoreClient] = []
 
     @property
@@ -199,15 +215,54 @@ def _spawn(
 
 
 class ProcessCluster:
-    """``mooncake_master`` and ``mooncake_client`` nodes as subprocesses on 127.0.0.1."""
+    """``mooncake_master`` and ``mooncake_client`` nodes as subprocesses on 127.0.0.1.
+
+    Args:
+        master_flags: more ``mooncake_master`` flags.
+        env: more environment of every process.
+        token: cluster token: the master reads it from a 0600 file
+            (``--cluster_token_file``), the nodes from ``PYMOONCAKE_CLUSTER_TOKEN``;
+            empty = an open cluster (a token inherited from this process's
+            environment is removed).
+    """
 
     def __init__(
-        self, master_flags: Sequence[str] = (), *, env: dict[str, str] | None = None
+        self,
+        master_flags: Sequence[str] = (),
+        *,
+        env: dict[str, str] | None = None,
+        token: str = "",
     ) -> None:
-        self._env = {"MC_TCP_BIND_ADDRESS": LOCAL, **(env or {})}
-        self.nodes: list[NodeProcess] = []
+        self.token = token
+        self._env = {"MC_TCP_BIND_ADDRESS": LOCAL, TOKEN_ENV: "", **(env or {})}
+        self._token_dir: tempfile.TemporaryDirectory[str] | None = None
         self.master_flags = list(master_flags)
-        self.master = self._start_master(master_flags)
+        if token:
+            self._token_dir = tempfile.TemporaryDirectory(prefix="pymooncake-token-")
+            self.token_file = os.path.join(self._token_dir.name, "cluster.token")
+            fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+            self.master_flags.append(f"--cluster_token_file={self.token_file}")
+        self.nodes: list[NodeProcess] = []
+        try:
+            self.master = self._start_master(self.master_flags)
+        except BaseException:
+            self._remove_token_file()
+            raise
+
+    @property
+    def node_env(self) -> dict[str, str]:
+        """The environment (beyond this process's) of processes that join the cluster."""
+        env = dict(self._env)
+        if self.token:
+            env[TOKEN_ENV] = self.token
+        return env
+
+    def _remove_token_file(self) -> None:
+        if self._token_dir is not None:
+            self._token_dir.cleanup()
+            self._token_dir = None
 
     def restart_master(self, sig: int = signal.SIGKILL) -> None:
         """Kill the master (SIGKILL by default) and start it again with the same
@@ -244,9 +299,16 @@ class ProcessCluster:
         self.master_address = rpc.group(1)
         return master
 
-    def node(self, segment: str = "64 MB", *, name: str = "") -> tuple[NodeProcess, str]:
-        """Start a storage node (mooncake_client); returns it and its segment name."""
+    def node(
+        self, segment: str = "64 MB", *, name: str = "", flags: Sequence[str] = ()
+    ) -> tuple[NodeProcess, str]:
+        """Start a storage node (mooncake_client); returns it and its segment name.
+
+        It serves dummy clients on a free port unless ``flags`` has ``--port``:
+        ``node.wait_for(r"serving dummy clients on (\\S+)")`` tells the address.
+        """
         host = f"{LOCAL}:{free_port()}" if name == "" else name
+        port = [] if any(f.startswith("--port") for f in flags) else ["--port=0"]
         node = _spawn(
             "mooncake_client",
             [
@@ -256,8 +318,10 @@ class ProcessCluster:
                 f"--master_server_address={self.master_address}",
                 f"--metadata_server={self.metadata_url}",
                 f"--global_segment_size={segment}",
+                *port,
+                *flags,
             ],
-            self._env,
+            self.node_env,
         )
         try:
             m = node.wait_for(r"ready: segment (\S+)")
@@ -268,10 +332,13 @@ class ProcessCluster:
         return node, m.group(1)
 
     def close(self) -> None:
-        for n in reversed(self.nodes):
-            n.stop()
-        self.nodes.clear()
-        self.master.stop()
+        try:
+            for n in reversed(self.nodes):
+                n.stop()
+            self.nodes.clear()
+            self.master.stop()
+        finally:
+            self._remove_token_file()
 
     def __enter__(self) -> ProcessCluster:
         return self

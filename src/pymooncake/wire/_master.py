@@ -36,11 +36,14 @@ from ._rpc import NEED_DATA, NeedData
 
 __all__ = [
     "DEFAULT_MAX_MASTER_FRAME",
+    "NO_TOKEN_MESSAGE",
     "PROTOCOL_VERSION",
     "MasterFrameDecoder",
     "MasterReply",
     "MasterRequest",
+    "encode_json",
     "encode_reply",
+    "encode_reply_json",
     "encode_request",
     "master_unix_name",
 ]
@@ -50,6 +53,13 @@ PREFIX: Final = struct.Struct("<IBI")
 DEFAULT_MAX_MASTER_FRAME: Final = 64 << 20
 #: bumped on incompatible changes; ServiceReady returns it
 PROTOCOL_VERSION: Final = "pymooncake-master/2"
+#: a master with a cluster token answers a request sent without authenticating
+#: with this message (code ILLEGAL_CLIENT) and closes the connection
+NO_TOKEN_MESSAGE: Final = (
+    "this master requires the cluster token and the client sent a request without "
+    "authenticating: set the master's PYMOONCAKE_CLUSTER_TOKEN in the client's environment "
+    "(or EngineConfig(cluster_token=...))"
+)
 
 
 def master_unix_name(host: str, port: int) -> str:
@@ -119,6 +129,18 @@ def encode_reply(req_id: int, code: int, value: Any) -> bytes:
     return PREFIX.pack(len(body) + 5, _REPLY, req_id) + body
 
 
+def encode_json(value: Any) -> str:
+    """``value`` as compact JSON text (what :func:`encode_reply` puts in a frame)."""
+    return _ENCODE(value)
+
+
+def encode_reply_json(req_id: int, code: int, value_json: str) -> bytes:
+    """A reply frame whose value is already JSON text (a large reply the master
+    encodes a slice at a time, so that no single step holds its event loop)."""
+    body = f"[{code},{value_json}]".encode()
+    return PREFIX.pack(len(body) + 5, _REPLY, req_id) + body
+
+
 def _has_surrogate_escape(body: bytes | bytearray) -> bool:
     return b"\\ud" in body or b"\\uD" in body
 
@@ -135,7 +157,8 @@ class MasterFrameDecoder:
         self._max = max_length
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes (copied: ``data`` may be reused by the caller)."""
         self._buf += data
 
     @property
@@ -149,6 +172,20 @@ class MasterFrameDecoder:
         if len(self._buf) < PREFIX.size:
             return 0
         return int(PREFIX.unpack_from(self._buf, 0)[0]) + 4
+
+    def complete_ids(self) -> list[int]:
+        """Ids of the complete frames buffered, read from their prefixes only (no
+        body is decoded; a frame that will fail to decode is included)."""
+        ids: list[int] = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= PREFIX.size:
+            length, _, req_id = PREFIX.unpack_from(buf, pos)
+            if length < 5 or length > self._max or len(buf) - pos < 4 + length:
+                break
+            ids.append(req_id)
+            pos += 4 + length
+        return ids
 
     @property
     def trailing(self) -> bytes:

@@ -145,7 +145,9 @@ class ReplicationHub:
         transport = link.proto.transport
         if transport is None:
             return
-        transport.write(encode_reply(link.req_id, 0, value))
+        # the frame id carries the sequence number: the standby acknowledges from
+        # the prefix, before it decodes and applies the body
+        transport.write(encode_reply(value["seq"] & 0xFFFFFFFF, 0, value))
         if transport.get_write_buffer_size() > _MAX_BACKLOG:
             log.error(
                 "HA: standby %s is %d bytes behind; disconnecting it (it will re-sync)",
@@ -293,7 +295,10 @@ class Follower:
                 if not data:
                     raise ConnectionResetError("the leader closed the stream")
                 decoder.feed(data)
-                last = -1
+                ids = decoder.complete_ids()
+                if ids:  # acknowledge on receipt: the effects are in this process now
+                    writer.write(encode_request(acks, msg.Ack(max(ids))))
+                    acks += 1
                 while True:
                     frame = decoder.next_frame()
                     if not isinstance(frame, MasterReply):
@@ -304,15 +309,12 @@ class Follower:
                     now = self._clock()
                     for rec in value["effects"]:
                         state.apply(effect_from_record(rec), now)
-                    self.seq = last = int(value["seq"])
+                    self.seq = int(value["seq"])
                     if value.get("synced") and not live:
                         live = True
                         self.state = state
                         self.synced = True
                         on_state(state)
-                        log.info("HA: in sync with the leader at %s (seq %d)", leader, last)
-                if last >= 0:
-                    writer.write(encode_request(acks, msg.Ack(last)))
-                    acks += 1
+                        log.info("HA: in sync with the leader at %s (seq %d)", leader, self.seq)
         finally:
             writer.close()

@@ -36,14 +36,18 @@ from ..._net import bind_listener
 from ...errors import InvalidParams, MalformedMessage, StoreError
 from ...transfer.metadata.server import MetadataServer
 from ...wire import (
+    DEFAULT_MAX_MASTER_FRAME,
     MasterFrameDecoder,
     MasterReply,
     MasterRequest,
+    encode_json,
     encode_reply,
+    encode_reply_json,
     master_unix_name,
 )
 from ...wire import _master_msgs as msg
-from ...wire._auth import ServerHandshake, looks_like_hello, no_token_reply
+from ...wire._auth import FailureKind, ServerHandshake, looks_like_hello, no_token_reply
+from ...wire._master import NO_TOKEN_MESSAGE, PREFIX
 from .._config import MasterConfig
 from .._types import ErrorCode
 from ._admin import AdminHttp
@@ -52,6 +56,8 @@ from ._ha import Elector, HaConfig
 from ._handlers import build_handlers
 from ._index import SHARDS
 from ._journal import Journal
+from ._metrics import MasterStats
+from ._page import PAGE_OPEN_PATHS
 from ._replication import DEFAULT_SYNC_TIMEOUT_S, Follower, ReplicationHub
 from ._replies import ReplyCache
 from ._scan import RegexScanner
@@ -66,11 +72,18 @@ log = logging.getLogger("pymooncake.master")
 AUTH_CONTEXT: Final = b"master-rpc"
 #: the HMAC context of the master's admin HTTP port
 ADMIN_AUTH_CONTEXT: Final = b"master-admin"
-#: admin endpoints that stay open with a cluster token (scrapers, probes)
-ADMIN_OPEN_PATHS: Final = ("/metrics", "/metrics/summary", "/health")
+#: admin endpoints that stay open with a cluster token (scrapers, probes; the cluster
+#: page checks its own session cookie, see _page.py)
+ADMIN_OPEN_PATHS: Final = ("/metrics", "/metrics/summary", "/health", *PAGE_OPEN_PATHS)
 #: keys per slice of a whole-index operation (one slice is handled between two
 #: turns of the event loop; ~1-3 ms of work)
 SLICE_KEYS: Final = 4096
+#: most bytes one read of an RPC connection takes (asyncio's own read size)
+READ_CHUNK: Final = 256 << 10
+#: what a connection may read while the buffered-bytes budget is spent: enough
+#: for small requests to keep flowing, so little that thousands of connections
+#: cannot push the total far past the budget
+SMALL_READ: Final = 4 << 10
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,9 @@ class MasterLimits:
     #: Capped below the process's open-file limit at start-up.
     max_connections: int = 8192
     #: bytes of unfinished request frames held by all connections together; a
-    #: connection that would exceed it is paused until others drain
+    #: connection that would exceed it is paused until others drain (reads are
+    #: sized to the budget left, so the total stays within it plus
+    #: SMALL_READ per connection reading at that moment)
     max_buffered_bytes: int = 512 << 20
     #: a request frame must arrive completely within this many seconds once its
     #: first byte came (slow senders are disconnected)
@@ -129,6 +144,21 @@ class ServiceAddresses:
 
 
 _SCANS: Final = (msg.GetReplicaListByRegex, msg.RemoveByRegex, msg.RemoveAll)
+
+
+@dataclass(frozen=True, slots=True)
+class RawJson:
+    """A reply value already encoded as JSON text."""
+
+    text: str
+
+
+def _request_id(data: bytes) -> int | None:
+    """The id of the request frame ``data`` starts with, or None if it does not."""
+    if len(data) < PREFIX.size:
+        return None
+    length, kind, req_id = PREFIX.unpack_from(data, 0)
+    return int(req_id) if kind == 0 and 5 <= length <= DEFAULT_MAX_MASTER_FRAME else None
 
 
 class MasterService:
@@ -187,6 +217,13 @@ class MasterService:
         self._conns: set[_RpcProtocol] = set()
         self.buffered = 0
         self.refused_connections = 0
+        #: idle connections closed to admit new ones at the connection cap
+        self.evicted_connections = 0
+        #: connections paused because the buffered-bytes budget was spent
+        self.memory_paused: set[_RpcProtocol] = set()
+        # one read buffer for every connection: reads happen one at a time on the
+        # loop, and each is copied into its connection's decoder at once
+        self._read_buffer = memoryview(bytearray(READ_CHUNK))
         self._bad = RepeatLimiter(log)
         self._max_frame = max_frame
         self._max_connections = self.limits.max_connections
@@ -208,6 +245,13 @@ class MasterService:
         self.leader_address = ""
         self.failovers = 0
         self._last_conn_check = 0.0
+        #: batch-item counters and the rate samples of /metrics and the cluster page
+        self.stats = MasterStats()
+
+    @property
+    def connection_count(self) -> int:
+        """Open RPC connections."""
+        return len(self._conns)
 
     def now(self) -> float:
         return self._clock()
@@ -349,6 +393,7 @@ class MasterService:
                     self.state.tick(now)
                     self._persist()
                     self.hub.check(time.monotonic())
+                self.stats.sample(self.state)
                 self.replies.prune(now)
                 mono = time.monotonic()
                 if mono - self._last_conn_check >= 1.0:
@@ -372,8 +417,22 @@ class MasterService:
                     reason,
                 )
                 conn.abort()
-        if self.buffered <= limits.max_buffered_bytes:
-            for conn in list(self._conns):
+        self.resume_readers()
+
+    def read_window(self) -> memoryview:
+        """Where the next read of a connection goes: READ_CHUNK bytes while the
+        buffered-bytes budget allows, at most the budget left (never less than
+        SMALL_READ) when it runs out."""
+        left = self.limits.max_buffered_bytes - self.buffered
+        if left >= READ_CHUNK:
+            return self._read_buffer
+        return self._read_buffer[: max(left, SMALL_READ)]
+
+    def resume_readers(self) -> None:
+        """Resume the connections paused for memory once the budget has room."""
+        if self.memory_paused and self.buffered <= self.limits.max_buffered_bytes:
+            paused, self.memory_paused = self.memory_paused, set()
+            for conn in paused:
                 conn.resume_if_paused()
 
     async def _compact(self) -> None:
@@ -529,6 +588,7 @@ class MasterService:
         try:
             return msg.decode_request(req.method, req.params, escapes=req.escapes)
         except InvalidParams as exc:
+            self._count(req.method.value)
             self._count(req.method.value, failed=True)
             return int(ErrorCode.INVALID_PARAMS), f"{req.method.value}: {exc.message}"
 
@@ -565,6 +625,7 @@ class MasterService:
             self._count(name, failed=True)
             code = int(ErrorCode.INTERNAL_ERROR)
             value = f"internal error of the master handling {name}: {exc!r} (see the master log)"
+        self.stats.record(req, code, value)
         self.remember(req, code, value)
         return code, value
 
@@ -617,17 +678,25 @@ class MasterService:
             except re.error as exc:
                 raise InvalidParams(f"invalid regular expression {pattern!r}: {exc}") from None
         if isinstance(req, msg.GetReplicaListByRegex):
-            out: dict[str, Any] = {}
+            # The reply is encoded a slice at a time too: encoding 50k keys' replicas
+            # at once holds the loop ~90 ms (measured in tests/store/test_master_input.py).
+            parts: list[str] = []
+            found = 0
             limit = self.limits.max_regex_results
             async for keys in self.key_slices(req.pattern):
-                for key, descs in st.replicas_of(keys, self._clock()).items():
-                    out[key] = [d.to_wire() for d in descs]
-                if len(out) > limit:
+                out = {
+                    key: [d.to_wire() for d in descs]
+                    for key, descs in st.replicas_of(keys, self._clock()).items()
+                }
+                found += len(out)
+                if found > limit:
                     raise InvalidParams(
                         f"regular expression {req.pattern!r} matches more than {limit} keys; "
                         "narrow it (the reply is a single frame)"
                     )
-            return out
+                if out:
+                    parts.append(encode_json(out)[1:-1])
+            return RawJson("{" + ",".join(parts) + "}")
         if isinstance(req, msg.RemoveByRegex):
             removed = 0
             async for keys in self.key_slices(req.pattern):
@@ -649,7 +718,30 @@ class MasterService:
         return _RpcProtocol(self)
 
     def admit(self, conn: _RpcProtocol) -> bool:
+        """Take a new connection; at the cap, close the connection that has been
+        idle longest (clients reconnect transparently and retry with the same
+        request ids) rather than lock every new client out."""
         if len(self._conns) >= self._max_connections:
+            victim = min(
+                (c for c in self._conns if c.evictable()),
+                key=lambda c: (c.authenticated, c.last_active),
+                default=None,
+            )
+            if victim is not None:
+                self.evicted_connections += 1
+                self._bad(
+                    "conn-evict",
+                    logging.WARNING,
+                    "master RPC: %d connections open (MasterLimits.max_connections / the "
+                    "open-file limit): closing idle connection from %s to admit %s",
+                    len(self._conns),
+                    victim.peer,
+                    conn.peer,
+                )
+                victim.abort()
+                self._conns.discard(victim)
+                self._conns.add(conn)
+                return True
             self.refused_connections += 1
             self._bad(
                 "conn-cap",
@@ -664,12 +756,14 @@ class MasterService:
         return True
 
 
-class _RpcProtocol(asyncio.Protocol):
+class _RpcProtocol(asyncio.BufferedProtocol):
     """One client connection: (authentication,) frames in, replies out, in order.
 
-    A plain Protocol (no StreamReader/Task per connection): requests are
-    decoded and answered straight from ``data_received``, which saves tens of
-    microseconds per round trip on the master's single event loop.  A
+    A plain (buffered) Protocol, no StreamReader/Task per connection: requests
+    are decoded and answered straight from ``buffer_updated``, which saves tens
+    of microseconds per round trip on the master's single event loop.  Reads go
+    into the service's shared buffer, sized by :meth:`MasterService.read_window`
+    so that all connections together stay within the buffered-bytes budget.  A
     whole-index request is answered by a task; the connection reads nothing
     more until it is done, so replies stay in request order.
     """
@@ -718,11 +812,28 @@ class _RpcProtocol(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._svc._conns.discard(self)
-        self._svc.hub.lost(self)
+        svc = self._svc
+        svc._conns.discard(self)
+        svc.memory_paused.discard(self)
+        svc.hub.lost(self)
         self._account(0)
         self._held.clear()
         self._transport = None
+        svc.resume_readers()
+
+    @property
+    def authenticated(self) -> bool:
+        return self._auth is None
+
+    @property
+    def last_active(self) -> float:
+        return self._last_active
+
+    def evictable(self) -> bool:
+        """Idle: nothing being received or answered (or still authenticating)."""
+        if self._transport is None:
+            return False
+        return self._auth is not None or (not self._busy and self._partial_since is None)
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -774,13 +885,20 @@ class _RpcProtocol(asyncio.Protocol):
 
     # --- data ---------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._svc.read_window()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._svc._read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes from the peer (``data`` is only valid during this call)."""
         transport = self._transport
         if transport is None:
             return
         self._last_active = time.monotonic()
         if self._auth is not None:
-            data = self._authenticate(data)
+            data = self._authenticate(bytes(data))
             if not data:
                 return
         elif self._sniff:
@@ -815,6 +933,14 @@ class _RpcProtocol(asyncio.Protocol):
                 self.peer,
                 auth.failed.message,
             )
+            if auth.failed.kind is FailureKind.UNAUTHENTICATED:
+                # a client without a token sent a request: answer it with the reason
+                # (it is not retried) instead of a bare close (retried until timeout)
+                req_id = _request_id(data)
+                if req_id is not None:
+                    self._transport.write(
+                        encode_reply(req_id, int(ErrorCode.ILLEGAL_CLIENT), NO_TOKEN_MESSAGE)
+                    )
             self._transport.close()
             return b""
         if not auth.done:
@@ -872,8 +998,10 @@ class _RpcProtocol(asyncio.Protocol):
                 self._partial_since = time.monotonic()
             if svc.buffered > svc.limits.max_buffered_bytes:
                 self._pause(2)
+                svc.memory_paused.add(self)
         else:
             self._partial_since = None
+            svc.resume_readers()
         seq = svc.hub.barrier(svc._persist())  # journal and replicate before acknowledging
         if served and not svc.serving():
             self._fence()
@@ -917,6 +1045,8 @@ class _RpcProtocol(asyncio.Protocol):
         return not held
 
     def _encode(self, req_id: int, code: int, value: Any) -> bytes:
+        if isinstance(value, RawJson):
+            return encode_reply_json(req_id, code, value.text)
         try:
             return encode_reply(req_id, code, value)
         except (TypeError, ValueError) as exc:  # a bug: every value is JSON-able UTF-8

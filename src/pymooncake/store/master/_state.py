@@ -41,11 +41,13 @@ whole-index operations, which the service runs shard by shard.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import random
 import re
 import uuid
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +81,18 @@ from ._records import (
     reserved_size,
 )
 
-__all__ = ["GetReplicaListResult", "MasterState", "Metrics", "PingResult"]
+__all__ = ["GetReplicaListResult", "MasterState", "Metrics", "PingResult", "client_tag"]
+
+
+def client_tag(client_id: str) -> str:
+    """How messages and listings name a client: a digest of its id, never the id.
+
+    A client id is the only credential of its owner's segments and puts (unmount,
+    put end/revoke, replica clear check it), so another client must not learn it
+    from an error message or the admin HTTP.
+    """
+    digest = hashlib.blake2s(client_id.encode(errors="replace"), digest_size=6).hexdigest()
+    return f"client#{digest}"
 
 
 def _err(code: ErrorCode, message: str) -> StoreError:
@@ -105,20 +118,46 @@ class GetReplicaListResult:
     size: int
 
 
+#: upper bounds of the value-size histogram (the reference's master_value_size_bytes:
+#: 4 KiB .. 64 MiB; the last slot counts larger values)
+VALUE_SIZE_BOUNDS: tuple[int, ...] = (4096, 65536, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+
+
 @dataclass
 class Metrics:
+    """Plain-int counters of the state (rendered by ``_exposition.py``)."""
+
     requests: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     evicted_keys: int = 0
     evicted_bytes: int = 0
     eviction_rounds: int = 0
+    #: eviction rounds that freed something
+    successful_evictions: int = 0
     expired_clients: int = 0
     replaced_clients: int = 0
+    #: first allocation attempts that failed (eviction may then have made room)
     alloc_failures: int = 0
+    #: put/upsert starts refused for lack of room (NO_AVAILABLE_HANDLE)
+    put_alloc_failures: int = 0
     discarded_puts: int = 0
     reclaimed_puts: int = 0
+    #: buffers whose release was delayed (abandoned writes, replaced upsert values),
+    #: those released since, and the bytes still held
+    discarded_buffers: int = 0
+    released_buffers: int = 0
+    discard_staging_bytes: int = 0
     get_hits: int = 0
     get_misses: int = 0
+    #: value bytes of the reads that found their object
+    get_hit_bytes: int = 0
+    #: objects started per VALUE_SIZE_BOUNDS slot (the last: larger), and their sizes' sum
+    value_size_counts: list[int] = field(default_factory=lambda: [0] * (len(VALUE_SIZE_BOUNDS) + 1))
+    value_size_sum: int = 0
+
+    def observe_value_size(self, size: int) -> None:
+        self.value_size_counts[bisect_left(VALUE_SIZE_BOUNDS, size)] += 1
+        self.value_size_sum += size
 
 
 def _policy_pin(config: Any) -> int:
@@ -199,7 +238,7 @@ class MasterState:
             if existing.client_id != client_id:
                 raise _err(
                     ErrorCode.SEGMENT_ALREADY_EXISTS,
-                    f"segment id {info.id} is already mounted by client {existing.client_id}",
+                    f"segment id {info.id} is already mounted by {client_tag(existing.client_id)}",
                 )
             return
         # A transfer-engine segment name belongs to one live engine at a time (the
@@ -249,7 +288,7 @@ class MasterState:
         seg = self.segments.get(segment_id)
         if seg is None or seg.client_id != client_id:
             raise _err(
-                ErrorCode.SEGMENT_NOT_FOUND, f"client {client_id} has no segment {segment_id}"
+                ErrorCode.SEGMENT_NOT_FOUND, f"{client_tag(client_id)} has no segment {segment_id}"
             )
         self._touch(client_id, now)
         return self._drop_segment(seg)
@@ -345,6 +384,7 @@ class MasterState:
                         reps = self._placement.allocate(segments, size, config, writer_host)
                         if reps:
                             return reps
+        self.metrics.put_alloc_failures += 1
         total = len(self.segments)
         largest = max((s.allocator.largest_free for s in self.segments.values()), default=0)
         raise _err(
@@ -366,10 +406,10 @@ class MasterState:
         if self._replaying:
             self._dirty_allocators.add(seg.id)
             return
-        heapq.heappush(
-            self._discards,
-            (release_at, next(self._discard_seq), seg, addr, reserved_size(size)),
-        )
+        reserved = reserved_size(size)
+        heapq.heappush(self._discards, (release_at, next(self._discard_seq), seg, addr, reserved))
+        self.metrics.discarded_buffers += 1
+        self.metrics.discard_staging_bytes += reserved
 
     def _size(self, size: int) -> int:
         return self._sizes.setdefault(size, size) if len(self._sizes) < 4096 else size
@@ -443,7 +483,7 @@ class MasterState:
             if now - started < self.config.put_start_discard_timeout_s:
                 raise _err(
                     ErrorCode.REPLICA_IS_NOT_READY,
-                    f"object {key!r} is being written by client {obj.writer} (its put started "
+                    f"object {key!r} is being written by {client_tag(obj.writer)} (its put started "
                     f"{now - started:.3f} s ago); it becomes readable when that put ends",
                 )
             # the earlier writer is presumed dead: its buffers go to the discard list
@@ -475,6 +515,7 @@ class MasterState:
                     pin_ttl,
                 )
             )
+        self.metrics.observe_value_size(size)
         return obj
 
     def _writing(self, client_id: str, key: str) -> Obj:
@@ -488,7 +529,7 @@ class MasterState:
         if obj.writer != client_id:
             raise _err(
                 ErrorCode.ILLEGAL_CLIENT,
-                f"client {client_id} did not start the put of {key!r} (client {obj.writer} did)",
+                f"{client_tag(client_id)} did not start the put of {key!r} ({client_tag(obj.writer)} did)",
             )
         return obj
 
@@ -506,8 +547,8 @@ class MasterState:
                 return  # a repeated end
             raise _err(
                 ErrorCode.ILLEGAL_CLIENT,
-                f"the put of {key!r} by client {client_id} was taken over by client "
-                f"{obj.writer} (after put_start_discard_timeout), whose value is stored",
+                f"the put of {key!r} by {client_tag(client_id)} was taken over by "
+                f"{client_tag(obj.writer)} (after put_start_discard_timeout), whose value is stored",
             )
         obj = self._writing(client_id, key)
         ext = obj.extension()
@@ -611,7 +652,7 @@ class MasterState:
             if now - ext.started_at < self.config.put_start_discard_timeout_s:
                 raise _err(
                     ErrorCode.OBJECT_REPLICA_BUSY,
-                    f"object {key!r} is being written by client {obj.writer}",
+                    f"object {key!r} is being written by {client_tag(obj.writer)}",
                 )
             self._abandon(key, obj, discard=True, now=now)
             obj = self.objects.get(key)
@@ -653,6 +694,7 @@ class MasterState:
                     ext.soft_pin_ttl_s if ext.repin else None,
                 )
             )
+        self.metrics.observe_value_size(size)
         return obj
 
     def _finish_upsert(self, key: str, obj: Obj, now: float) -> None:
@@ -725,7 +767,9 @@ class MasterState:
         if obj.lease_until < lease_until:
             obj.lease_until = lease_until
         obj.flags = flags | REF
-        self.metrics.get_hits += 1
+        metrics = self.metrics
+        metrics.get_hits += 1
+        metrics.get_hit_bytes += obj.size
         return obj
 
     def exist_key(self, key: str, now: float) -> bool:
@@ -885,6 +929,8 @@ class MasterState:
         self.metrics.eviction_rounds += 1
         freed = evict_segment(seg, need_bytes, now, self._evict_one, protect, allow_soft)
         self.metrics.evicted_bytes += freed
+        if freed:
+            self.metrics.successful_evictions += 1
         return freed
 
     def _evict_one(self, key: str, obj: Obj, seg: SegmentRecord) -> int:
@@ -931,6 +977,8 @@ class MasterState:
         discards = self._discards
         while discards and discards[0][0] <= now:
             _, _, seg, addr, reserved = heapq.heappop(discards)
+            self.metrics.released_buffers += 1
+            self.metrics.discard_staging_bytes -= reserved
             if self.segments.get(seg.id) is seg:
                 seg.allocator.free(addr, reserved)
         release = self.config.put_start_release_timeout_s
@@ -1209,9 +1257,12 @@ class MasterState:
             for key in client.inflight:
                 writing = self.objects.get(key)
                 assert writing is not None and writing.flags & BUSY and writing.writer == client.id
+        staged = 0
         for _, _, seg, addr, reserved in self._discards:
+            staged += reserved
             if self.segments.get(seg.id) is seg:
                 live[seg.id].append((addr, reserved))
+        assert staged == self.metrics.discard_staging_bytes, "discarded-bytes gauge disagrees"
         for sid, seg in self.segments.items():
             assert set(seg.objs) == in_seg[sid], f"segment {sid}: object index disagrees"
             seg.allocator.validate(live[sid])

@@ -1,0 +1,181 @@
+"""Lost replies never lose data (issue 7, "silent loss").
+
+A :class:`~pymooncake.testing.MasterProxy` sits between a store client and the
+master and, on cue, swallows the master's reply to one method and resets the
+connection: the master has acted, the client saw its connection break.  The
+client must retry with the same request id and be answered from the master's
+reply cache, so that a put reports success only when the value is stored and
+readable, a batch stores every key, and an application that retries a put that
+raised never gets "already existed" with nothing stored.
+
+Before commit 5ee5100 each of these failed: the retried PutStart was answered
+OBJECT_ALREADY_EXISTS (the first attempt was still "being written"), the put
+reported success and nothing was ever readable.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pymooncake.errors import MooncakeError, ObjectNotFound
+from pymooncake.store import MasterConfig, StoreClient, StoreClientConfig
+from pymooncake.testing import LocalCluster, MasterProxy
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+def _value(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _client(cluster: LocalCluster, master: str, segment: int = 0, **kw: Any) -> StoreClient:
+    """A client of ``cluster`` whose master RPC goes to ``master`` (the proxy)."""
+    return StoreClient(
+        StoreClientConfig(
+            local_hostname="127.0.0.1",
+            metadata_server=cluster.metadata_url,
+            master_server_addr=master,
+            global_segment_size=segment,
+            local_buffer_size=4 * MiB,
+            engine=cluster.engine_config,
+            prefault=False,
+            **kw,
+        )
+    )
+
+
+@pytest.fixture
+def setup() -> Iterator[tuple[LocalCluster, MasterProxy, StoreClient, StoreClient]]:
+    """(cluster, proxy, storage node with a direct connection, writer via the proxy)."""
+    with LocalCluster(MasterConfig(client_ttl_s=5.0)) as cluster:
+        node = cluster.client(32 * MiB, 4 * MiB)
+        with MasterProxy(cluster.master_address) as proxy:
+            writer = _client(cluster, proxy.address)
+            try:
+                yield cluster, proxy, node, writer
+            finally:
+                writer.close()
+
+
+@pytest.mark.parametrize("method", ["PutStart", "PutEnd"])
+def test_a_put_whose_reply_is_lost_is_stored_and_readable(
+    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient], method: str
+) -> None:
+    _, proxy, node, writer = setup
+    value = _value(64 * KiB + 3, 1)
+    proxy.drop_replies(method)
+    assert writer.put("k", value) is True  # stored, not "existed"
+    assert proxy.dropped == {method: 1}
+    assert writer.get("k") == value
+    assert node.get("k") == value  # another client sees it too
+
+
+@pytest.mark.parametrize("method", ["BatchPutStart", "BatchPutEnd"])
+def test_put_batch_of_8_whose_reply_is_lost_stores_all_8(
+    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient], method: str
+) -> None:
+    _, proxy, node, writer = setup
+    keys = [f"batch-{i}" for i in range(8)]
+    values = [_value(4 * KiB + i, i) for i in range(8)]
+    proxy.drop_replies(method)
+    results = writer.put_many(keys, [[v] for v in values], bytes_api=True)
+    assert proxy.dropped == {method: 1}
+    assert results == [True] * 8
+    assert writer.get_many(keys) == values
+    assert node.get_many(keys) == values
+
+
+@pytest.mark.parametrize("method", ["UpsertStart", "UpsertEnd"])
+def test_an_upsert_whose_reply_is_lost_replaces_the_value(
+    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient], method: str
+) -> None:
+    _, proxy, node, writer = setup
+    writer.put("u", b"old" * 100)
+    proxy.drop_replies(method)
+    writer.upsert("u", b"new" * 200)
+    assert proxy.dropped == {method: 1}
+    assert node.get("u") == b"new" * 200
+
+
+@pytest.mark.parametrize("method", ["Remove", "BatchRemove"])
+def test_a_remove_whose_reply_is_lost_reports_success(
+    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient], method: str
+) -> None:
+    _, proxy, node, writer = setup
+    writer.put("r", b"x" * 1000)
+    proxy.drop_replies(method)
+    if method == "Remove":
+        writer.remove("r")  # not OBJECT_NOT_FOUND: the retry gets the first answer
+    else:
+        assert writer.remove_many(["r"]) == [None]
+    assert proxy.dropped == {method: 1}
+    assert not node.exists("r")
+    with pytest.raises(ObjectNotFound):
+        node.get("r")
+
+
+def test_a_mount_whose_reply_is_lost_mounts_once(
+    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient],
+) -> None:
+    cluster, proxy, _, _ = setup
+    proxy.drop_replies("MountSegment")
+    second = _client(cluster, proxy.address, segment=16 * MiB)
+    try:
+        assert proxy.dropped == {"MountSegment": 1}
+        summary = cluster.master.call(lambda st: st.summary())
+        assert summary["segment_count"] == 2
+        assert summary["capacity_bytes"] == 48 * MiB
+        cluster.master.call(lambda st: st.validate())
+    finally:
+        second.close()
+
+
+def test_an_application_retry_of_a_failed_put_stores_the_value(
+    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient],
+) -> None:
+    cluster, proxy, node, _ = setup
+    impatient = _client(cluster, proxy.address, rpc_timeout_s=1.0)
+    try:
+        value = _value(100 * KiB, 7)
+        proxy.drop_replies("PutStart", 10_000)  # every reply lost: the put must fail
+        with pytest.raises(MooncakeError):
+            impatient.put("retry", value)
+        assert proxy.dropped["PutStart"] >= 2  # the client retried, same request id
+        proxy.heal()
+        # The master did start the first put (its replies were lost). The retry must
+        # store the value -- never answer "already existed" with nothing readable.
+        assert impatient.put("retry", value) is True
+        assert impatient.get("retry") == value
+        assert node.get("retry") == value
+        cluster.master.call(lambda st: st.validate())
+    finally:
+        impatient.close()
+
+
+def test_lost_replies_of_every_phase_in_a_row(
+    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient],
+) -> None:
+    """Each phase of 20 puts loses one reply; everything acknowledged is readable
+    and nothing is left in flight."""
+    cluster, proxy, node, writer = setup
+    stored = {}
+    for i in range(20):
+        proxy.drop_replies(("PutStart", "PutEnd", "BatchPutStart", "BatchPutEnd")[i % 4])
+        if i % 4 < 2:
+            key, value = f"seq-{i}", _value(1000 + i, i)
+            assert writer.put(key, value) is True
+            stored[key] = value
+        else:
+            keys = [f"seq-{i}-{j}" for j in range(3)]
+            values = [_value(500 + j, i * 10 + j) for j in range(3)]
+            assert writer.put_many(keys, [[v] for v in values], bytes_api=True) == [True] * 3
+            stored.update(zip(keys, values, strict=True))
+    assert sum(proxy.dropped.values()) == 20
+    assert node.get_many(list(stored)) == list(stored.values())
+    inflight = cluster.master.call(lambda st: len(st.inflight))
+    assert inflight == 0

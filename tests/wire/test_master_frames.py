@@ -1,0 +1,567 @@
+"""The store master's frames and messages (``wire/_master.py``, ``wire/_master_msgs.py``).
+
+Exact bytes of request and reply frames, the decoder fed one byte at a time and
+with trailing data, one test per rule of :func:`decode_request` (the message
+names the field), and hypothesis properties: any input gives a frame, "need
+more data", :class:`MalformedMessage` or :class:`InvalidParams` -- nothing
+else; the length is checked before a frame is buffered; and every valid typed
+request survives encode -> decode unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pymooncake.errors import InvalidParams, MalformedMessage
+from pymooncake.wire import (
+    NEED_DATA,
+    MasterFrameDecoder,
+    MasterReply,
+    MasterRequest,
+    encode_reply,
+    encode_reply_json,
+    encode_request,
+)
+from pymooncake.wire import _master_msgs as msg
+from pymooncake.wire._master_msgs import (
+    MAX_BATCH_KEYS,
+    MAX_KEY_CHARS,
+    MAX_NAME_CHARS,
+    MAX_REGEX_CHARS,
+    MAX_REPLICAS,
+    MAX_SEGMENTS,
+    MasterMethod,
+    decode_request,
+)
+
+PREFIX = struct.Struct("<IBI")
+
+
+def _prefix(length: int, kind: int, req_id: int) -> bytes:
+    return PREFIX.pack(length, kind, req_id)
+
+
+# ---------------------------------------------------------------------------------
+# exact bytes
+# ---------------------------------------------------------------------------------
+
+EXIST_KEY_FRAME = bytes.fromhex("1d0000000007000000") + b'["ExistKey",{"key":"k"}]'
+REMOVE_FRAME = (
+    bytes.fromhex("490000000002010000")
+    + b'["Remove",{"client_id":"c","key":"a","force":false,"rid":5,"ack":3}]'
+)
+PUT_START_FRAME = (
+    bytes.fromhex("3c0000000001000000") + b'["PutStart",{"client_id":"c1","key":"key","size":4096}]'
+)
+OK_REPLY_FRAME = bytes.fromhex("0d0000000107000000") + b"[0,true]"
+ERROR_REPLY_FRAME = bytes.fromhex("220000000109000000") + b"[-704,\"object 'k' not found\"]"
+
+
+def test_request_frames_exact_bytes() -> None:
+    assert encode_request(7, msg.ExistKey("k")) == EXIST_KEY_FRAME
+    assert encode_request(1, msg.PutStart("c1", "key", 4096)) == PUT_START_FRAME
+    # a mutation with a request id: rid/ack ride in the parameters
+    assert encode_request(258, msg.Remove("a", client_id="c"), rid=5, ack=3) == REMOVE_FRAME
+
+
+def test_reply_frames_exact_bytes() -> None:
+    assert encode_reply(7, 0, True) == OK_REPLY_FRAME
+    assert encode_reply(9, -704, "object 'k' not found") == ERROR_REPLY_FRAME
+    # non-ASCII travels as UTF-8, not \\u escapes
+    assert encode_reply(3, 0, {"n": "\u00e9"}).endswith(b'[0,{"n":"\xc3\xa9"}]')
+    # a value already encoded as JSON gives the same frame
+    assert encode_reply_json(7, 0, "true") == OK_REPLY_FRAME
+
+
+def test_decoding_the_exact_frames() -> None:
+    d = MasterFrameDecoder()
+    d.feed(EXIST_KEY_FRAME + REMOVE_FRAME + OK_REPLY_FRAME + ERROR_REPLY_FRAME)
+    assert d.next_frame() == MasterRequest(7, MasterMethod.EXIST_KEY, {"key": "k"}, False)
+    req = d.next_frame()
+    assert isinstance(req, MasterRequest) and req.id == 258
+    assert decode_request(req.method, req.params) == msg.Remove("a", False, "c", 5, 3)
+    assert d.next_frame() == MasterReply(7, 0, True)
+    assert d.next_frame() == MasterReply(9, -704, "object 'k' not found")
+    assert d.next_frame() is NEED_DATA
+    assert d.buffered == 0
+
+
+@pytest.mark.parametrize("frame", [EXIST_KEY_FRAME, REMOVE_FRAME, OK_REPLY_FRAME])
+def test_one_byte_at_a_time(frame: bytes) -> None:
+    d = MasterFrameDecoder()
+    for i, byte in enumerate(frame):
+        assert d.next_frame() is NEED_DATA
+        assert d.buffered == i
+        d.feed(bytes([byte]))
+        if i < 9:
+            assert d.pending_length == (0 if i < 8 else len(frame))
+    out = d.next_frame()
+    assert isinstance(out, (MasterRequest, MasterReply))
+    assert out.id in (7, 258)
+    assert d.next_frame() is NEED_DATA
+
+
+def test_trailing_data_stays_buffered() -> None:
+    d = MasterFrameDecoder()
+    d.feed(EXIST_KEY_FRAME + PUT_START_FRAME[:20])
+    assert isinstance(d.next_frame(), MasterRequest)
+    assert d.next_frame() is NEED_DATA
+    assert d.buffered == 20 and d.trailing == PUT_START_FRAME[:20]
+    d.feed(PUT_START_FRAME[20:] + b"\x05")
+    frame = d.next_frame()
+    assert isinstance(frame, MasterRequest) and frame.method is MasterMethod.PUT_START
+    assert d.trailing == b"\x05"
+
+
+def test_feeding_a_memoryview_copies_it() -> None:
+    buf = bytearray(EXIST_KEY_FRAME)
+    d = MasterFrameDecoder()
+    d.feed(memoryview(buf)[:10])
+    buf[:10] = b"\xff" * 10  # the caller reuses its buffer
+    d.feed(memoryview(EXIST_KEY_FRAME)[10:])
+    assert d.next_frame() == MasterRequest(7, MasterMethod.EXIST_KEY, {"key": "k"}, False)
+
+
+def test_surrogate_escapes_are_flagged() -> None:
+    d = MasterFrameDecoder()
+    raw = json.dumps(["ExistKey", {"key": "a\ud800"}]).encode()
+    d.feed(_prefix(len(raw) + 5, 0, 1) + raw)
+    frame = d.next_frame()
+    assert isinstance(frame, MasterRequest) and frame.escapes
+    with pytest.raises(InvalidParams, match="lone surrogate"):
+        decode_request(frame.method, frame.params, escapes=frame.escapes)
+
+
+# ---------------------------------------------------------------------------------
+# frames the decoder refuses (the connection is closed)
+# ---------------------------------------------------------------------------------
+
+
+def _decode(data: bytes, max_length: int = 1 << 20) -> object:
+    d = MasterFrameDecoder(max_length)
+    d.feed(data)
+    return d.next_frame()
+
+
+def _frame(body: bytes, kind: int = 0, req_id: int = 1) -> bytes:
+    return _prefix(len(body) + 5, kind, req_id) + body
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (_prefix(4, 0, 1), r"length 4 is outside \[5, "),
+        (_prefix((1 << 20) + 1, 0, 1), r"length 1048577 is outside"),
+        (_prefix(0xFFFFFFFF, 0, 1), r"length 4294967295 is outside"),
+        (_frame(b"[1,2]", kind=2), "unknown kind 2"),
+        (_frame(b"[0,true"), "invalid body"),
+        (_frame(b'["Ping",{"client_id":NaN}]'), "invalid body"),
+        (_frame(b'["Ping",{"client_id":Infinity}]'), "invalid body"),
+        (_frame(b'["Ping",{"client_id":-Infinity}]'), "invalid body"),
+        (_frame(b"\xff\xfe"), "invalid body"),
+        (_frame(b"[" * 100_000 + b"]" * 100_000), "too deeply|invalid body"),
+        (_frame(b'{"a":1}'), r"not a \[head, body\] pair"),
+        (_frame(b'["Ping",{},3]'), r"not a \[head, body\] pair"),
+        (_frame(b'["NoSuchMethod",{}]'), "unknown master RPC method"),
+        (_frame(b"[7,{}]"), "unknown master RPC method"),
+        (_frame(b'["x",1]', kind=1), "non-integer code"),
+        (_frame(b"[true,1]", kind=1), "non-integer code"),
+    ],
+    ids=[
+        "length-below-header",
+        "length-above-max",
+        "length-4GiB",
+        "unknown-kind",
+        "truncated-json",
+        "nan",
+        "infinity",
+        "minus-infinity",
+        "invalid-utf8",
+        "deep-nesting",
+        "not-a-list",
+        "three-items",
+        "unknown-method",
+        "integer-method",
+        "string-code",
+        "bool-code",
+    ],
+)
+def test_malformed_frames(data: bytes, match: str) -> None:
+    with pytest.raises(MalformedMessage, match=match):
+        _decode(data)
+
+
+def test_the_length_is_checked_before_the_body_is_buffered() -> None:
+    d = MasterFrameDecoder(1024)
+    d.feed(_prefix(1 << 30, 0, 1))  # only the 9-byte prefix: refused already
+    with pytest.raises(MalformedMessage):
+        d.next_frame()
+
+
+# ---------------------------------------------------------------------------------
+# decode_request: one test per rule; the message names the field
+# ---------------------------------------------------------------------------------
+
+M = MasterMethod
+SEG = {"id": "s1", "name": "n:1", "base": 4096, "size": 1 << 20}
+
+
+def _refused(method: MasterMethod, params: Any, *words: str) -> None:
+    with pytest.raises(InvalidParams) as info:
+        decode_request(method, params)
+    for word in words:
+        assert word in info.value.message, info.value.message
+
+
+def test_rule_params_must_be_an_object() -> None:
+    _refused(M.EXIST_KEY, ["k"], "parameters of ExistKey must be an object")
+
+
+def test_rule_missing_field() -> None:
+    _refused(M.EXIST_KEY, {}, "'key' is missing")
+    _refused(M.PUT_START, {"client_id": "c", "key": "k"}, "'size' is missing")
+    _refused(M.PUT_START, {"key": "k", "size": 1}, "'client_id' is missing")
+
+
+def test_rule_key_must_be_a_string() -> None:
+    _refused(M.EXIST_KEY, {"key": 5}, "key must be a string", "5")
+    _refused(M.EXIST_KEY, {"key": None}, "key must be a string")
+
+
+def test_rule_key_must_not_be_empty() -> None:
+    _refused(M.EXIST_KEY, {"key": ""}, "key must not be empty")
+
+
+def test_rule_key_length() -> None:
+    decode_request(M.EXIST_KEY, {"key": "k" * MAX_KEY_CHARS})
+    _refused(M.EXIST_KEY, {"key": "k" * (MAX_KEY_CHARS + 1)}, "key", f"{MAX_KEY_CHARS} characters")
+
+
+def test_rule_key_without_nul() -> None:
+    _refused(M.EXIST_KEY, {"key": "a\0b"}, "key must not contain NUL")
+
+
+def test_rule_strings_encodable_as_utf8() -> None:
+    _refused(M.EXIST_KEY, {"key": "a\udc80"}, "parameters of ExistKey", "lone surrogate")
+    _refused(M.PING, {"client_id": "\ud800"}, "lone surrogate")
+    _refused(M.MOUNT_SEGMENT, {"client_id": "c", "segment": {**SEG, "name": "\udfff"}}, "surrogate")
+    _refused(M.PUT_START, {"client_id": "c", "key": "k", "size": 1, "\ud800": 1}, "surrogate")
+
+
+def test_rule_integers_within_u64() -> None:
+    base = {"client_id": "c", "key": "k"}
+    for bad in (-1, 1 << 64, 1.0, True, "1", None):
+        _refused(M.PUT_START, {**base, "size": bad}, "size must be an integer in [0, 2**64)")
+    decode_request(M.PUT_START, {**base, "size": (1 << 64) - 1})
+
+
+def test_rule_keys_is_a_list_of_strings() -> None:
+    _refused(M.BATCH_EXIST_KEY, {"keys": "abc"}, "keys must be a list of strings")
+    _refused(M.BATCH_EXIST_KEY, {"keys": ["a", 2]}, "keys must hold only strings", "2")
+
+
+def test_rule_keys_bounded_in_count() -> None:
+    _refused(
+        M.BATCH_EXIST_KEY,
+        {"keys": ["k"] * (MAX_BATCH_KEYS + 1)},
+        "keys",
+        f"at most {MAX_BATCH_KEYS} per request",
+    )
+
+
+def test_rule_keys_each_valid() -> None:
+    _refused(M.BATCH_EXIST_KEY, {"keys": ["a", ""]}, "keys holds an empty key")
+    _refused(M.BATCH_EXIST_KEY, {"keys": ["x" * (MAX_KEY_CHARS + 1)]}, "keys holds a key longer")
+    _refused(M.BATCH_EXIST_KEY, {"keys": ["a", "b\0"]}, "keys holds a key with a NUL")
+
+
+def test_rule_sizes_parallel_to_keys() -> None:
+    base = {"client_id": "c", "keys": ["a", "b"]}
+    _refused(M.BATCH_PUT_START, {**base, "sizes": [1]}, "sizes must be a list of 2 integers")
+    _refused(M.BATCH_PUT_START, {**base, "sizes": [1, -1]}, "sizes must hold integers", "-1")
+    _refused(M.BATCH_PUT_START, {**base, "sizes": [1, 2.5]}, "sizes must hold integers")
+
+
+def test_rule_booleans() -> None:
+    _refused(M.REMOVE, {"key": "k", "force": "yes"}, "force must be true or false")
+    _refused(M.REMOVE, {"key": "k", "force": 1}, "force must be true or false")
+
+
+def test_rule_names_are_bounded_strings() -> None:
+    _refused(M.PING, {"client_id": 7}, "client_id must be a string")
+    _refused(M.PING, {"client_id": "c" * (MAX_NAME_CHARS + 1)}, "client_id is longer than")
+    _refused(M.PING, {"client_id": ""}, "client_id must not be empty")
+    _refused(
+        M.UNMOUNT_SEGMENT, {"client_id": "c", "segment_id": ""}, "segment_id must not be empty"
+    )
+
+
+def test_rule_client_id_optional_only_for_removals() -> None:
+    assert decode_request(M.REMOVE, {"key": "k"}) == msg.Remove("k")
+    _refused(M.PUT_END, {"key": "k"}, "'client_id' is missing")
+
+
+def test_rule_request_ids() -> None:
+    _refused(M.REMOVE, {"key": "k", "rid": -1}, "rid must be an integer")
+    _refused(M.REMOVE, {"key": "k", "rid": 1, "ack": 1 << 64}, "ack must be an integer")
+    assert decode_request(M.REMOVE, {"key": "k", "rid": 9, "ack": 4}).rid == 9
+
+
+def test_rule_replicate_config() -> None:
+    base = {"client_id": "c", "key": "k", "size": 1}
+    _refused(M.PUT_START, {**base, "config": [1]}, "config must be an object")
+    for n in (0, MAX_REPLICAS + 1, "2", True):
+        _refused(M.PUT_START, {**base, "config": {"replica_num": n}}, "config.replica_num")
+    _refused(M.PUT_START, {**base, "config": {"soft_pin_action": 3}}, "config.soft_pin_action")
+    _refused(M.PUT_START, {**base, "config": {"soft_pin_ttl_ms": -5}}, "config.soft_pin_ttl_ms")
+    _refused(M.PUT_START, {**base, "config": {"with_hard_pin": 1}}, "config.with_hard_pin")
+    _refused(
+        M.PUT_START,
+        {**base, "config": {"preferred_segments": "a"}},
+        "config.preferred_segments must be a list",
+    )
+    _refused(
+        M.PUT_START,
+        {**base, "config": {"excluded_segments": ["a"] * (MAX_SEGMENTS + 1)}},
+        "config.excluded_segments",
+    )
+    _refused(M.PUT_START, {**base, "config": {"preferred_segments": [3]}}, "must be a string")
+
+
+def test_rule_segment() -> None:
+    def mount(segment: Any) -> dict[str, Any]:
+        return {"client_id": "c", "segment": segment}
+
+    _refused(M.MOUNT_SEGMENT, mount("s1"), "segment must be an object")
+    _refused(M.MOUNT_SEGMENT, mount({**SEG, "base": 0}), "segment needs a non-zero base and size")
+    _refused(M.MOUNT_SEGMENT, mount({**SEG, "size": 0}), "segment needs a non-zero base and size")
+    _refused(M.MOUNT_SEGMENT, mount({**SEG, "base": -1}), "segment.base")
+    _refused(M.MOUNT_SEGMENT, mount({k: v for k, v in SEG.items() if k != "id"}), "'id' is missing")
+    _refused(M.MOUNT_SEGMENT, mount({**SEG, "name": ""}), "segment.name must not be empty")
+    _refused(M.MOUNT_SEGMENT, mount({**SEG, "host_id": 5}), "segment.host_id must be a string")
+
+
+def test_rule_segments_list() -> None:
+    _refused(M.REMOUNT_SEGMENTS, {"client_id": "c", "segments": {}}, "segments must be a list")
+    _refused(
+        M.REMOUNT_SEGMENTS,
+        {"client_id": "c", "segments": [SEG] * (MAX_SEGMENTS + 1)},
+        f"at most {MAX_SEGMENTS} segments",
+    )
+
+
+def test_rule_regex_bounded() -> None:
+    _refused(M.GET_REPLICA_LIST_BY_REGEX, {"pattern": 5}, "pattern must be a string")
+    _refused(
+        M.GET_REPLICA_LIST_BY_REGEX,
+        {"pattern": "a" * (MAX_REGEX_CHARS + 1)},
+        f"pattern is longer than {MAX_REGEX_CHARS}",
+    )
+    # what a pattern means is checked where it is matched (the master's scanner)
+    assert decode_request(M.REMOVE_BY_REGEX, {"pattern": "("}) == msg.RemoveByRegex("(")
+
+
+def test_unknown_parameters_are_ignored() -> None:
+    assert decode_request(M.EXIST_KEY, {"key": "k", "extra": [1, {"x": None}]}) == msg.ExistKey("k")
+
+
+# ---------------------------------------------------------------------------------
+# properties
+# ---------------------------------------------------------------------------------
+
+splits = st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=20)
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+_FIELD_NAMES = sorted(
+    {f.name for cls in msg._ALL for f in dataclasses.fields(cls)}
+    | {"rid", "ack", "segment", "config", "segments"}
+    | {"replica_num", "soft_pin_action", "base", "size", "id", "name", "host_id"}
+)
+
+
+def _chunks(data: bytes, sizes: list[int]) -> list[bytes]:
+    out, pos, i = [], 0, 0
+    while pos < len(data):
+        out.append(data[pos : pos + sizes[i % len(sizes)]])
+        pos += sizes[i % len(sizes)]
+        i += 1
+    return out
+
+
+def _drain(d: MasterFrameDecoder) -> list[MasterRequest | MasterReply]:
+    out: list[MasterRequest | MasterReply] = []
+    while True:
+        frame = d.next_frame()
+        if frame is NEED_DATA:
+            return out
+        assert isinstance(frame, (MasterRequest, MasterReply))
+        out.append(frame)
+
+
+@given(st.binary(max_size=400), splits)
+def test_any_bytes_give_frames_or_malformed(data: bytes, sizes: list[int]) -> None:
+    d = MasterFrameDecoder(256)
+    try:
+        for chunk in _chunks(data, sizes):
+            d.feed(chunk)
+            for frame in _drain(d):
+                if isinstance(frame, MasterRequest):
+                    try:
+                        decode_request(frame.method, frame.params, escapes=frame.escapes)
+                    except InvalidParams:
+                        pass
+            # never more buffered than one announced (accepted) frame plus this chunk
+            assert d.buffered <= max(d.pending_length, 9) + len(chunk)
+    except MalformedMessage:
+        pass
+
+
+params_dicts = st.dictionaries(
+    st.sampled_from(_FIELD_NAMES) | st.text(max_size=6), json_values, max_size=8
+)
+
+
+@given(st.sampled_from(list(MasterMethod)), params_dicts | json_values)
+def test_any_params_give_a_request_or_invalid_params(method: MasterMethod, params: Any) -> None:
+    try:
+        req = decode_request(method, params)
+    except InvalidParams as exc:
+        assert exc.message
+        return
+    assert req.METHOD is method
+
+
+@given(st.sampled_from(list(MasterMethod)), params_dicts, st.integers(0, 2**32 - 1), splits)
+def test_any_params_through_a_frame(
+    method: MasterMethod, params: dict[str, Any], req_id: int, sizes: list[int]
+) -> None:
+    body = json.dumps([method.value, params], ensure_ascii=True).encode()
+    d = MasterFrameDecoder()
+    for chunk in _chunks(_frame(body, req_id=req_id), sizes):
+        d.feed(chunk)
+    (frame,) = _drain(d)
+    assert isinstance(frame, MasterRequest) and frame.id == req_id
+    try:
+        decode_request(frame.method, frame.params, escapes=frame.escapes)
+    except InvalidParams:
+        pass
+
+
+@given(st.integers(5, (1 << 32) - 1), st.integers(0, 1), st.binary(max_size=64))
+def test_a_long_frame_is_refused_from_its_prefix(length: int, kind: int, tail: bytes) -> None:
+    limit = 4096
+    d = MasterFrameDecoder(limit)
+    d.feed(_prefix(length, kind, 1) + tail)
+    if length > limit:
+        with pytest.raises(MalformedMessage):
+            d.next_frame()
+    else:
+        try:
+            _drain(d)
+        except MalformedMessage:
+            pass
+        assert d.buffered <= 9 + len(tail)
+
+
+# --- valid requests round-trip ------------------------------------------------------
+
+text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+    max_size=16,
+)
+names = text.filter(bool)
+keys = names
+u64 = st.integers(0, 2**64 - 1)
+replicate = st.builds(
+    msg.ReplicateParams,
+    replica_num=st.integers(1, MAX_REPLICAS),
+    soft_pin_action=st.integers(0, 2),
+    soft_pin_ttl_ms=st.none() | u64,
+    with_hard_pin=st.booleans(),
+    preferred_segments=st.lists(text, max_size=3).map(tuple),
+    excluded_segments=st.lists(text, max_size=3).map(tuple),
+)
+segments = st.builds(
+    msg.SegmentParams,
+    id=names,
+    name=names,
+    base=st.integers(1, 2**64 - 1),
+    size=st.integers(1, 2**64 - 1),
+    host_id=text,
+)
+_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "client_id": names,
+    "key": keys,
+    "keys": st.lists(keys, max_size=6).map(tuple),
+    "size": u64,
+    "config": replicate,
+    "segment": segments,
+    "segments": st.lists(segments, max_size=3).map(tuple),
+    "segment_id": names,
+    "segment_name": text,
+    "pattern": text,
+    "force": st.booleans(),
+}
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> msg.Request:
+    cls = draw(st.sampled_from(msg._ALL))
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in ("rid", "ack"):
+            continue
+        if f.name == "sizes":
+            n = len(values["keys"])
+            values["sizes"] = tuple(draw(st.lists(u64, min_size=n, max_size=n)))
+            continue
+        values[f.name] = draw(_FIELDS[f.name])
+    return cls(**values)
+
+
+@given(requests(), st.integers(0, 2**32 - 1), u64, u64, splits)
+def test_valid_requests_round_trip(
+    req: msg.Request, req_id: int, rid: int, ack: int, sizes: list[int]
+) -> None:
+    mutation = isinstance(req, msg.Mutation)
+    data = encode_request(req_id, req, rid=rid if mutation else 0, ack=ack)
+    d = MasterFrameDecoder()
+    for chunk in _chunks(data, sizes):
+        d.feed(chunk)
+    (frame,) = _drain(d)
+    assert isinstance(frame, MasterRequest)
+    assert frame.id == req_id and frame.method is req.METHOD
+    decoded = decode_request(frame.method, frame.params, escapes=frame.escapes)
+    expected = req
+    if mutation and rid:
+        expected = dataclasses.replace(req, rid=rid, ack=ack)
+    assert decoded == expected
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(-(2**31), 2**31 - 1), json_values, splits)
+def test_replies_round_trip(req_id: int, code: int, value: Any, sizes: list[int]) -> None:
+    try:
+        data = encode_reply(req_id, code, value)
+    except UnicodeEncodeError:  # a lone surrogate: the master never sends one
+        return
+    d = MasterFrameDecoder()
+    for chunk in _chunks(data, sizes):
+        d.feed(chunk)
+    (frame,) = _drain(d)
+    assert frame == MasterReply(req_id, code, json.loads(json.dumps(value)))
