@@ -16,6 +16,8 @@ reported success and nothing was ever readable.
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -179,3 +181,29 @@ def test_lost_replies_of_every_phase_in_a_row(
     assert node.get_many(list(stored)) == list(stored.values())
     inflight = cluster.master.call(lambda st: len(st.inflight))
     assert inflight == 0
+
+
+def test_a_connection_closed_during_the_token_handshake_is_retried() -> None:
+    """A master restarting or a proxy resetting connections can end a connection
+    in the middle of the cluster-token handshake: that is a broken connection, to be
+    retried like any other, not an authentication failure."""
+    with LocalCluster(MasterConfig(client_ttl_s=5.0), token="soak-" + "t" * 32) as cluster:
+        node = cluster.client(16 * MiB, 1 * MiB)
+        with MasterProxy(cluster.master_address) as proxy:
+            writer = _client(cluster, proxy.address)
+            heal = threading.Timer(0.5, proxy.heal)
+            try:
+                proxy.refuse()  # new connections are reset during the handshake
+                proxy.reset_all()  # and the pooled one breaks
+                time.sleep(0.2)
+                heal.start()
+                value = _value(10 * KiB, 3)
+                assert writer.put("hs", value) is True
+                assert proxy.resets >= 2  # the pooled one and at least one refused
+                assert writer.master.retries >= 2
+                assert node.get("hs") == value
+            finally:
+                heal.cancel()
+                if heal.is_alive():
+                    heal.join()
+                writer.close()
