@@ -7,7 +7,8 @@ import logging
 import time
 
 from pymooncake.errors import LeaseExpired, MooncakeError
-from pymooncake.store import ErrorCode, StoreClient
+from pymooncake.store import ErrorCode
+from pymooncake.store._api import StoreApi
 from pymooncake.store._client import ObjectLocation
 
 from ._store_codes import store_code, store_codes
@@ -22,7 +23,7 @@ class RangeReads:
 
     _sessions: dict[str, ObjectLocation]
 
-    def _c(self) -> StoreClient:
+    def _c(self) -> StoreApi:
         raise NotImplementedError
 
     def get_into_ranges(
@@ -56,8 +57,8 @@ class RangeReads:
         # (buffer, key, fragment) -> destination view, for the fragments that fit
         plans: dict[str, list[tuple[int, int, int, memoryview, int]]] = {}
         for b, ptr in enumerate(buffer_ptrs):
-            region = client.engine.registry.find(ptr, 1) if ptr else None
-            room = region.end - ptr if region is not None else 0
+            end = client.registered_end(ptr) if ptr else 0
+            room = end - ptr if end else 0
             keys = all_keys[b]
             dsts, srcs, sizes = all_dst_offsets[b], all_src_offsets[b], all_sizes[b]
             if room <= 0 or not len(keys) == len(dsts) == len(srcs) == len(sizes):
@@ -70,7 +71,7 @@ class RangeReads:
                     if d < 0 or s_ < 0 or z < 0 or d > room or z > room - d:
                         continue  # stays INVALID_PARAMS
                     view = (
-                        client.engine.local_view(ptr + d, z, writable=True)
+                        client.local_view(ptr + d, z, writable=True)
                         if z
                         else memoryview(bytearray(0))
                     )
@@ -154,7 +155,7 @@ class RangeReads:
                 continue
             try:
                 frags = [
-                    (client.engine.local_view(p, n, writable=True), s)
+                    (client.local_view(p, n, writable=True), s)
                     for p, n, s in zip(
                         all_buffer_ptrs[i], all_sizes[i], all_src_offsets[i], strict=True
                     )

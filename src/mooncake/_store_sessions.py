@@ -27,6 +27,7 @@ from typing import Any
 from pymooncake.errors import MooncakeError, StoreError
 from pymooncake.store import ErrorCode, StoreClient
 from pymooncake.store import ReplicateConfig as _NativeConfig
+from pymooncake.store._api import StoreApi
 from pymooncake.store._sessions import PutSessions
 
 from ._store_codes import store_code
@@ -56,17 +57,27 @@ def _codes(results: Sequence[Any], what: str) -> list[int]:
 class SessionOps:
     """Mixin: put sessions.  Needs ``_client``, ``_cfg()`` and ``_put_sessions``."""
 
-    _client: StoreClient | None
+    _client: StoreApi | None
     _put_sessions: PutSessions | None
 
     @staticmethod
     def _cfg(config: ReplicateConfig | None) -> _NativeConfig:
         raise NotImplementedError
 
+    def _dummy_refuses(self, what: str) -> bool:
+        """Put sessions need a full client: a dummy answers INVALID_PARAMS per key
+        (the reference's PyClient default for DummyClient)."""
+        if self._client is None or isinstance(self._client, StoreClient):
+            return False
+        log.error("%s: put sessions need a full client (setup()), not a dummy client", what)
+        return True
+
     def _sessions_or_none(self) -> PutSessions | None:
         client = self._client
         if client is None:
             log.error("put session: the store is not set up; call setup() first")
+            return None
+        if not isinstance(client, StoreClient):
             return None
         if self._put_sessions is None:
             self._put_sessions = PutSessions(client)
@@ -76,6 +87,8 @@ class SessionOps:
         self, keys: list[str], sizes: list[int], config: ReplicateConfig | None = None
     ) -> list[int]:
         """Reserve objects (invisible until ``batch_put_session_end``); 0 or a code per key."""
+        if self._dummy_refuses("batch_put_session_start"):
+            return [_INVALID] * len(keys)
         sessions = self._sessions_or_none()
         if sessions is None:
             return []
@@ -104,8 +117,10 @@ class SessionOps:
     ) -> list[int]:
         """Write ranges of local memory at object offsets of open sessions;
         bytes written (or a code) per key."""
+        if self._dummy_refuses("batch_put_from_multi_buffer_ranges"):
+            return [_INVALID] * len(keys)
         sessions = self._sessions_or_none()
-        if sessions is None or self._client is None:
+        if sessions is None or not isinstance(self._client, StoreClient):
             return []
         n = len(keys)
         if not n == len(all_buffer_ptrs) == len(all_sizes) == len(all_dst_offsets):
@@ -145,6 +160,8 @@ class SessionOps:
 
     def batch_put_session_end(self, keys: list[str]) -> list[int]:
         """Publish the objects; 0 or a code per key (a failed key keeps its session)."""
+        if self._dummy_refuses("batch_put_session_end"):
+            return [_INVALID] * len(keys)
         sessions = self._sessions_or_none()
         if sessions is None:
             return []
@@ -152,6 +169,8 @@ class SessionOps:
 
     def batch_put_session_revoke(self, keys: list[str]) -> list[int]:
         """Give the reserved space back; 0 or a code per key."""
+        if self._dummy_refuses("batch_put_session_revoke"):
+            return [_INVALID] * len(keys)
         sessions = self._sessions_or_none()
         if sessions is None:
             return []
@@ -161,7 +180,23 @@ class SessionOps:
 class SegmentOps:
     """Mixin: segments mounted after setup.  Needs ``_client``."""
 
-    _client: StoreClient | None
+    _client: StoreApi | None
+
+    def _full_client(self, what: str) -> StoreClient | None:
+        """The set-up full client; None (after logging why) before setup or for a
+        dummy client, which has no memory of its own to mount (reference: -1)."""
+        client = self._client
+        if client is None:
+            log.error("%s: the store is not set up; call setup() first", what)
+            return None
+        if not isinstance(client, StoreClient):
+            log.error(
+                "%s requires a full client (setup()); a dummy client's memory belongs to its "
+                "mooncake_client",
+                what,
+            )
+            return None
+        return client
 
     def _segment_state(self) -> dict[str, Any]:
         state: dict[str, Any] | None = getattr(self, "_mounted", None)
@@ -176,9 +211,8 @@ class SegmentOps:
         """Map ``size`` bytes of the file ``path`` at ``offset`` (page-aligned) and
         offer them as a segment.  Returns ``{"ret": 0|-1, "segment_ids": [...]}``."""
         result: dict[str, Any] = {"ret": -1, "segment_ids": []}
-        client = self._client
+        client = self._full_client("mount_segment")
         if client is None:
-            log.error("mount_segment: the store is not set up; call setup() first")
             return result
         try:
             fd = os.open(path, os.O_RDWR)
@@ -235,9 +269,8 @@ class SegmentOps:
         """Allocate ``size`` bytes (rounded up to 16 MiB) and offer them as a segment.
         Returns ``{"ret", "segment_ids", "allocated_size"}``."""
         result: dict[str, Any] = {"ret": -1, "segment_ids": [], "allocated_size": 0}
-        client = self._client
+        client = self._full_client("allocate_and_mount_segment")
         if client is None:
-            log.error("allocate_and_mount_segment: the store is not set up; call setup() first")
             return result
         if size <= 0:
             log.error("allocate_and_mount_segment: size must be positive, got %d", size)
@@ -286,7 +319,7 @@ class SegmentOps:
         with state["lock"]:
             state["timers"].pop(sid, None)
             entry = state[kind].pop(sid, None)
-        if entry is None or client is None or client.closed:
+        if entry is None or not isinstance(client, StoreClient) or client.closed:
             return -1 if entry is None else 0
         rc = 0
         try:

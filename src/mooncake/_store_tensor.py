@@ -21,8 +21,10 @@ from dataclasses import replace
 from typing import Any
 
 from pymooncake.errors import InvalidParams, MooncakeError, StoreError
-from pymooncake.store import ErrorCode, StoreClient
+from pymooncake.store import ErrorCode
 from pymooncake.store import ReplicateConfig as _NativeConfig
+from pymooncake.store._api import StoreApi
+from pymooncake.store._dummy_client import DummyClient
 from pymooncake.store._tensor import (
     HEADER_SIZE,
     AxisSpec,
@@ -91,7 +93,7 @@ def check_group_ids(config: ReplicateConfig | None, count: int, what: str) -> bo
 class TensorOps:
     """Mixin: tensor methods.  Needs ``_c()`` (the live client) and ``_cfg()``."""
 
-    def _c(self) -> StoreClient:
+    def _c(self) -> StoreApi:
         raise NotImplementedError
 
     @staticmethod
@@ -369,12 +371,56 @@ class TensorOps:
         return self.batch_get_tensor_into_cuda([key], [tensor])[0]
 
     def batch_get_tensor_into_cuda(self, keys: list[str], tensors_list: list[Any]) -> list[int]:
-        need_torch("batch_get_tensor_into_cuda")
-        log.error(
-            "batch_get_tensor_into_cuda: CUDA IPC reads need a dummy client (setup_dummy), which "
-            "pymooncake does not provide; use get_tensor_into with a registered buffer, or get_tensor"
-        )
-        return [_INVALID] * len(keys)
+        """Read tensors into existing (CUDA) tensors of the same dtype and shape; data
+        bytes per key, or a negative code.  Dummy clients only, as the reference
+        (whose real client writes the GPU memory through CUDA IPC): here the object
+        comes through the shared pool and torch copies it into the tensor."""
+        what = "batch_get_tensor_into_cuda"
+        need_torch(what)
+        results = [_INVALID] * len(keys)
+        if len(keys) != len(tensors_list):
+            log.error("%s: %d keys but %d tensors", what, len(keys), len(tensors_list))
+            return results
+        try:
+            client = self._c()
+        except MooncakeError as exc:
+            log.error("%s failed: %s", what, exc)
+            return results
+        if not isinstance(client, DummyClient):
+            log.error(
+                "%s: tensor reads into CUDA memory need a dummy client (setup_dummy), as in the "
+                "reference; use get_tensor_into with a registered buffer, or get_tensor",
+                what,
+            )
+            return results
+        try:
+            objects = self._tensor_store().read(keys)
+        except MooncakeError as exc:
+            log.error("%s failed: %s", what, exc)
+            return [store_code(exc)] * len(keys)
+        for i, (key, dst, res) in enumerate(zip(keys, tensors_list, objects, strict=True)):
+            if isinstance(res, StoreError):
+                _log(f"{what}({key!r})", res)
+                results[i] = res.code
+                continue
+            src = to_tensor(*res)
+            if (
+                getattr(dst, "dtype", None) != src.dtype
+                or tuple(getattr(dst, "shape", ())) != tuple(src.shape)
+                or not dst.is_contiguous()
+            ):
+                log.error(
+                    "%s: destination tensor mismatch for key %r (stored %s %s; give a "
+                    "contiguous tensor of that dtype and shape)",
+                    what,
+                    key,
+                    src.dtype,
+                    tuple(src.shape),
+                )
+                continue
+            dst.copy_(src)
+            results[i] = res[1].data_bytes
+        return results
 
     # --- tensor parallelism (shards under <key>_tp_<rank>) -------------------------------
 

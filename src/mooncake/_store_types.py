@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import threading
 from enum import IntEnum
 from typing import Any
 
 from pymooncake.store import ReplicaDesc, ReplicaStatus, SoftPinAction
 from pymooncake.store import ReplicateConfig as _NativeConfig
+from pymooncake.store._shm import shm_registry
 
 __all__ = [
     "ACTIVATION",
@@ -219,30 +219,32 @@ class ReplicaDescriptor:
 
 
 class MooncakeHostMemAllocator:
-    """``alloc(size) -> address`` of shared (memfd) memory, ``free(ptr) -> 0``."""
+    """``alloc(size) -> address`` of shared (memfd) memory, ``free(ptr) -> 0``.
+
+    The memory comes from the process-wide table of shareable regions (the
+    reference's ``ShmHelper``), so a dummy client can ``register_buffer`` it:
+    the real client then maps the same pages (SGLang's standalone mode)."""
 
     def __init__(self) -> None:
-        self._maps: dict[int, mmap.mmap] = {}
+        self._maps: dict[int, mmap.mmap] = {}  # fallback without memfd
         self._lock = threading.Lock()
 
     def alloc(self, size: int) -> int:
         if size <= 0:
             return 0
         try:
-            fd = os.memfd_create("mooncake_host_mem", os.MFD_CLOEXEC)
-            try:
-                os.ftruncate(fd, size)
-                mm = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
+            return shm_registry().allocate(size).addr
         except (AttributeError, OSError):
-            mm = mmap.mmap(-1, size)
+            pass
+        mm = mmap.mmap(-1, size)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
         with self._lock:
             self._maps[addr] = mm
         return addr
 
     def free(self, ptr: int) -> int:
+        if shm_registry().free(ptr):
+            return 0
         with self._lock:
             mm = self._maps.pop(ptr, None)
         if mm is None:

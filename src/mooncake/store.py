@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from pymooncake._authio import ClusterSecurity
 from pymooncake._cascade import CascadeLog
 from pymooncake._net import split_host_port
 from pymooncake.config import EngineConfig, parse_bool_env
@@ -29,7 +30,9 @@ from pymooncake.store import (
     parse_size,
 )
 from pymooncake.store import ReplicateConfig as _NativeConfig
+from pymooncake.store._api import StoreApi
 from pymooncake.store._client import ObjectLocation
+from pymooncake.store._dummy_client import DummyClient, DummyClientConfig
 from pymooncake.store._http import ClientHttpServer, client_http_settings, start_client_http_server
 from pymooncake.store._metrics import ClientMetricsSettings
 from pymooncake.store._sessions import PutSessions
@@ -182,7 +185,7 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
     """Reference-compatible store client.  Construct, then :meth:`setup`."""
 
     def __init__(self) -> None:
-        self._client: StoreClient | None = None
+        self._client: StoreApi | None = None
         self._http: ClientHttpServer | None = None
         self._lock = threading.Lock()
         #: failures of calls, logged once per root cause (a dead peer, a stopped master)
@@ -293,6 +296,7 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
                 rpc_timeout_s=float(os.environ.get("MC_RPC_TIMEOUT_MS", "30000")) / 1000.0,
                 engine=engine_cfg,
                 metrics=ClientMetricsSettings.from_env(os.environ),
+                cluster_id=os.environ.get("MC_STORE_CLUSTER_ID", "").strip() or "mooncake_cluster",
             )
         except (MooncakeError, ValueError) as exc:
             log.error("setup failed: %s", str(exc))
@@ -314,12 +318,36 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
         return 0
 
     def setup_dummy(self, mem_pool_size: int, local_buffer_size: int, server_address: str) -> int:
-        log.error(
-            "setup_dummy(%s): dummy clients that forward to a mooncake_client process are not "
-            "available in pymooncake; call setup() (a full client costs the same here)",
-            server_address,
-        )
-        return -1
+        """Become a *dummy* client of the ``mooncake_client`` on this host that serves
+        dummy clients at ``server_address`` (its ``host:port``, reference default
+        port 50052): no engine or segment here, every call is carried out by that
+        real client on memory shared with it (a ``local_buffer_size`` staging
+        buffer, and up to ``mem_pool_size`` bytes from ``alloc_from_mem_pool``).
+
+        Returns 0, or -1 after logging why (as the reference).
+        """
+        try:
+            config = DummyClientConfig(
+                server_address=str(server_address),
+                mem_pool_size=int(mem_pool_size),
+                local_buffer_size=int(local_buffer_size),
+                rpc_timeout_s=float(os.environ.get("MC_RPC_TIMEOUT_MS", "30000")) / 1000.0,
+                rpc_connect_timeout_s=float(os.environ.get("MC_RPC_CONNECT_TIMEOUT_MS", "5000"))
+                / 1000.0,
+                prefault=os.environ.get("PYMOONCAKE_PREFAULT", "1") != "0",
+                security=ClusterSecurity.from_env(),
+            )
+        except (MooncakeError, ValueError, TypeError) as exc:
+            log.error("setup_dummy(%s) failed: %s", server_address, exc)
+            return -1
+        with self._lock:
+            self._close_client()
+            try:
+                self._client = DummyClient(config)
+            except (MooncakeError, OSError) as exc:
+                log.error("setup_dummy(%s) failed: %s", server_address, exc)
+                return -1
+        return 0
 
     def init_all(self, protocol: str, device_name: str, mount_segment_size: int = 1 << 30) -> int:
         return self.setup(
@@ -372,13 +400,13 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
 
     # --- helpers ---------------------------------------------------------------------
 
-    def _c(self) -> StoreClient:
+    def _c(self) -> StoreApi:
         client = self._client
         if client is None:
             raise InvalidParams("the store is not set up; call setup() first")
         return client
 
-    def _int(self, what: str, fn: Callable[[StoreClient], Any]) -> int:
+    def _int(self, what: str, fn: Callable[[StoreApi], Any]) -> int:
         try:
             fn(self._c())
             return 0
@@ -387,7 +415,7 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
             return store_code(exc)
 
     def _value(
-        self, what: str, fn: Callable[[StoreClient], T], failure: T, quiet: tuple[int, ...] = ()
+        self, what: str, fn: Callable[[StoreApi], T], failure: T, quiet: tuple[int, ...] = ()
     ) -> T:
         try:
             return fn(self._c())
@@ -403,18 +431,44 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
     # --- memory registration ----------------------------------------------------------
 
     def register_buffer(self, buffer_ptr: int, size: int) -> int:
-        def reg(c: StoreClient) -> None:
-            c.engine.register(buffer_ptr, size)
-
-        return self._int(f"register_buffer({buffer_ptr:#x}, {size})", reg)
-
-    def unregister_buffer(self, buffer_ptr: int) -> int:
-        return self._int(
-            f"unregister_buffer({buffer_ptr:#x})", lambda c: c.engine.unregister(buffer_ptr)
+        """Register memory for zero-copy calls.  A dummy client shares the buffer
+        with its real client instead: it must come from ``alloc_from_mem_pool``
+        or ``MooncakeHostMemAllocator`` (else -1, as the reference)."""
+        return self._memory_call(
+            f"register_buffer({buffer_ptr:#x}, {size})",
+            lambda c: c.register_memory(buffer_ptr, size),
         )
 
+    def unregister_buffer(self, buffer_ptr: int) -> int:
+        return self._memory_call(
+            f"unregister_buffer({buffer_ptr:#x})", lambda c: c.unregister_memory(buffer_ptr)
+        )
+
+    def _memory_call(self, what: str, fn: Callable[[StoreApi], None]) -> int:
+        client = self._client
+        if isinstance(client, DummyClient):
+            try:
+                fn(client)
+                return 0
+            except InvalidParams as exc:  # the reference's dummy answers -1 here
+                log.error("%s failed: %s", what, exc)
+                return -1
+            except MooncakeError as exc:
+                log.error("%s failed: %s", what, exc)
+                return store_code(exc)
+        return self._int(what, fn)
+
     def alloc_from_mem_pool(self, size: int) -> int:
-        return 0  # only dummy clients have a shared pool (reference RealClient also returns 0)
+        """A shared buffer of ``size`` bytes for a dummy client (0 on failure, and
+        always 0 for a full client, as the reference's RealClient)."""
+        client = self._client
+        if not isinstance(client, DummyClient):
+            return 0
+        try:
+            return client.alloc_from_mem_pool(int(size))
+        except (MooncakeError, OSError, ValueError, TypeError) as exc:
+            log.error("alloc_from_mem_pool(%s) failed: %s", size, exc)
+            return 0
 
     # --- writes --------------------------------------------------------------------------
 
@@ -493,7 +547,7 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
         )
 
     def _batch(
-        self, what: str, keys: Sequence[str], fn: Callable[[StoreClient], Sequence[Any]]
+        self, what: str, keys: Sequence[str], fn: Callable[[StoreApi], Sequence[Any]]
     ) -> list[int]:
         try:
             return store_codes(fn(self._c()), what)
@@ -547,7 +601,7 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
         return self._value(f"get({key!r})", lambda c: c.get(key), b"", self._MISS)
 
     def get_batch(self, keys: list[str]) -> list[bytes]:
-        def run(c: StoreClient) -> list[bytes]:
+        def run(c: StoreApi) -> list[bytes]:
             return [r if isinstance(r, bytes) else b"" for r in c.get_many(keys)]
 
         return self._value("get_batch", run, [b""])
@@ -658,7 +712,7 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
         )
 
     def batch_get_replica_desc(self, keys: list[str]) -> dict[str, list[ReplicaDescriptor]]:
-        def run(c: StoreClient) -> dict[str, list[ReplicaDescriptor]]:
+        def run(c: StoreApi) -> dict[str, list[ReplicaDescriptor]]:
             out = {}
             for key, res in zip(keys, c.replicas_many(keys), strict=True):
                 if not isinstance(res, BaseException):

@@ -221,7 +221,7 @@ def test_bad_values_exit_1() -> None:
 @pytest.mark.parametrize(
     ("flag", "feature"),
     [
-        ("--enable_ha=true", "high availability"),
+        ("--enable_oplog=true", "HA oplog"),
         ("--enable_offload=true", "SSD offload"),
         ("--root_fs_dir=/tmp/mooncake-fs", "shared-filesystem"),
         ("--enable_cxl=true", "CXL"),
@@ -306,11 +306,26 @@ def test_json_config_file_with_a_flag_overriding_it(tmp_path: Path) -> None:
 
 def test_config_file_enabling_an_unavailable_feature_is_refused(tmp_path: Path) -> None:
     conf = tmp_path / "master.json"
-    conf.write_text(json.dumps({"enable_ha": True, "etcd_endpoints": "http://127.0.0.1:2379"}))
+    conf.write_text(json.dumps({"enable_offload": True}))
     proc = run([f"--config_path={conf}"])
     assert proc.returncode == 1
     lines = error_lines(proc.stderr)
-    assert len(lines) == 1 and "enable_ha" in lines[0] and "not available" in lines[0]
+    assert len(lines) == 1 and "enable_offload" in lines[0] and "not available" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--enable_ha=true"], "needs the etcd endpoints"),
+        (["--enable_ha=true", "--etcd_endpoints=h:2379", "--ha_backend_type=redis"], "etcd only"),
+        (["--enable_ha=true", "--etcd_endpoints=h:2379", "--ha_lease_ttl_sec=0"], "at least 1"),
+    ],
+)
+def test_bad_ha_settings_exit_1(flags: list[str], message: str) -> None:
+    proc = run([*flags, "--rpc_address=127.0.0.1", "--port=0", "--metrics_port=0"])
+    assert proc.returncode == 1
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and message in lines[0], proc.stderr
 
 
 def test_bad_config_files_exit_1(tmp_path: Path) -> None:

@@ -302,7 +302,9 @@ def test_health_check_reports_unreachable_master(stores: Stores) -> None:
     assert store.close() == 0  # still closes cleanly (and logs why unmount failed)
 
 
-def test_setup_dummy_and_mem_pool_are_not_available(store: MooncakeDistributedStore) -> None:
+def test_full_client_has_no_mem_pool_and_dummies_need_a_real_client(
+    store: MooncakeDistributedStore,
+) -> None:
     # a real client has no shared memory pool (reference RealClient returns 0 too)
     assert store.alloc_from_mem_pool(4096) == 0
     other = MooncakeDistributedStore()

@@ -26,6 +26,7 @@ from pymooncake.store._types import (
     SoftPinAction,
 )
 from pymooncake.store.master._allocator import OffsetAllocator
+from pymooncake.store.master._effects import DURABLE
 from pymooncake.store.master._state import MasterState, client_tag
 
 MiB = 1 << 20
@@ -418,12 +419,14 @@ def test_journal_replay_restores_segments_objects_and_allocations() -> None:
     st.upsert_end("c1", "upserted", 2)
     st.put_start("c1", "unfinished", 10, ONE, 3)  # never committed: not restored
     st.remove("removed", False, 4)
-    events = st.drain_effects()
-    assert {type(e).__name__ for e in events} == {
+    effects = st.drain_effects()
+    assert {type(e).__name__ for e in effects} == {
         "SegmentMounted",
         "ObjectCommitted",
         "ObjectDeleted",
+        "WriteStarted",
     }
+    events = [e for e in effects if isinstance(e, DURABLE)]  # what a journal keeps
 
     restored = MasterState(MasterConfig(client_ttl_s=10))
     restored.replay(events, 100.0)
@@ -441,3 +444,39 @@ def test_journal_replay_restores_segments_objects_and_allocations() -> None:
     again.replay(restored.snapshot_effects(), 200.0)
     again.validate()
     assert set(again.objects) == {"kept", "upserted"}
+
+
+def test_a_standby_applying_every_effect_equals_the_leader() -> None:
+    """Writes in flight travel too: a promoted standby can finish them, and its
+    allocators reserve exactly what the leader had reserved."""
+    leader = MasterState(MasterConfig(client_ttl_s=10), rng=random.Random(4))
+    leader.effects = []
+    standby = MasterState(MasterConfig(client_ttl_s=10))
+
+    def sync(now: float) -> None:
+        for e in leader.drain_effects():
+            standby.apply(e, now)
+
+    leader.mount_segment("c1", seg("a:1", sid="sa"), 0)
+    leader.mount_segment("c2", seg("b:1", sid="sb", base=0x20000000), 0)
+    put(leader, "done", 1000, 1, "c1", ReplicateConfig(replica_num=2))
+    put(leader, "old", 100, 1, "c2")
+    leader.put_start("c1", "writing", 4096, ONE, 2)
+    leader.upsert_start("c2", "old", 300, ONE, 2)
+    leader.put_start("c2", "revoked", 64, ONE, 2)
+    leader.put_revoke("c2", "revoked", 2)
+    sync(3)
+    standby.promote(3)
+    standby.validate()
+    assert set(standby.objects) == {"done", "old", "writing"}
+    for seg_id in ("sa", "sb"):
+        assert (
+            standby.segments[seg_id].allocator.allocated
+            == leader.segments[seg_id].allocator.allocated
+        )
+    # the writers finish against the new leader
+    standby.put_end("c1", "writing", 4)
+    standby.upsert_end("c2", "old", 4)
+    assert standby.get_replica_list("old", 5).size == 300
+    assert standby.get_replica_list("writing", 5).size == 4096
+    standby.validate()

@@ -102,7 +102,7 @@ def _keys(cluster: ProcessCluster) -> set[str]:
 
 def _metric(cluster: ProcessCluster, name: str) -> float:
     for line in _http(cluster.metrics_url + "/metrics").decode().splitlines():
-        if line.startswith(name + "{"):
+        if line.startswith((name + "{", name + " ")):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
 

@@ -288,6 +288,7 @@ def _cluster(args: argparse.Namespace) -> int:
         print(
             f"  metrics:         {master.metrics_url}/metrics    (/health, /get_all_keys, /get_all_segments)"
         )
+        print(f"  cluster page:    {master.metrics_url}/    (live segments, clients and rates)")
         print(f"  storage node:    segment {node.hostname} contributing {_human(segment)}")
         if moved:
             print(f"  note: ports in use, picked free ones for: {', '.join(moved)}")

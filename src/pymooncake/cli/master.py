@@ -9,7 +9,7 @@ line win over the file; the file wins over the defaults.
 Once every listener is up it prints to stdout, with the real ports (``0``
 means "any free port")::
 
-    Metrics and admin HTTP server listening on http://HOST:PORT (/metrics, /health)
+    Metrics and admin HTTP server listening on http://HOST:PORT (/metrics, /health, cluster page /)
     HTTP metadata server listening on http://HOST:PORT/metadata     (when enabled)
     Master service started on HOST:PORT
 
@@ -46,6 +46,8 @@ from ..errors import ConfigError, MooncakeError, PortInUse
 from ..store import MasterConfig
 from ..store._config import parse_duration_ms
 from ..store.master import MasterService, tune_gc_for_master
+from ..store.master._exposition import summary_text
+from ..store.master._ha import HaConfig
 from ._gflags import Flag, FlagError, parse_flags, usage
 from ._logsetup import setup_logging
 from ._serve import lan_hint, stop_on_signals
@@ -96,11 +98,31 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("http_metadata_server_port", int, 8080, "port of the HTTP metadata server (0 = any)"),
     Flag("enable_metadata_cleanup_on_timeout", bool, False, "unavailable in pymooncake"),
     # --- HA
-    Flag("enable_ha", bool, False, "high availability (unavailable in pymooncake)"),
+    Flag("enable_ha", bool, False, "high availability: leader election through etcd"),
     Flag("ha_backend_type", str, "etcd", "HA backend: etcd | redis | k8s (HA only)"),
     Flag("ha_backend_connstring", str, "", "HA backend connection string (HA only)"),
     Flag("etcd_endpoints", str, "", "etcd endpoints (HA only)"),
-    Flag("cluster_id", str, "mooncake_cluster", "cluster id"),
+    Flag(
+        "cluster_id", str, "mooncake_cluster", "cluster id (HA key namespace; MC_STORE_CLUSTER_ID)"
+    ),
+    Flag(
+        "ha_lease_ttl_sec",
+        int,
+        5,
+        "pymooncake: etcd lease of the leader key (seconds); a new leader warms up this long",
+    ),
+    Flag(
+        "ha_sync_timeout_ms",
+        int,
+        2000,
+        "pymooncake: how long replies wait for a standby's acknowledgement before it is dropped",
+    ),
+    Flag(
+        "ha_advertise_address",
+        str,
+        "",
+        "pymooncake: the RPC address written into the leader key (default: rpc_address:port)",
+    ),
     Flag(
         "journal_path",
         str,
@@ -213,7 +235,6 @@ _NON_NEGATIVE: Final = (
 
 # (flag, value that is fine, what it would enable) -- anything else is refused
 _UNAVAILABLE: Final[tuple[tuple[str, Any, str], ...]] = (
-    ("enable_ha", False, "master high availability"),
     ("enable_oplog", False, "HA oplog replication"),
     ("enable_snapshot", False, "master snapshots"),
     ("enable_snapshot_restore", False, "restoring master snapshots"),
@@ -357,6 +378,9 @@ def _settings(explicit: dict[str, Any]) -> dict[str, Any]:
     if path:
         values.update(_from_file(path))
     values.update(explicit)
+    env_cluster = os.environ.get("MC_STORE_CLUSTER_ID", "").strip()
+    if env_cluster and "cluster_id" not in explicit and values["cluster_id"] == "mooncake_cluster":
+        values["cluster_id"] = env_cluster  # reference: --cluster_id, MC_STORE_CLUSTER_ID, default
     # rpc_port 0 means "use --port" (reference LoadConfigFromCmdline)
     values["_port"] = values["rpc_port"] if values["rpc_port"] > 0 else values["port"]
     return values
@@ -370,6 +394,19 @@ def _validate(values: dict[str, Any]) -> MasterConfig:
     """
     if values["dynamic_replication_mode"] not in ("off", "observe", "enforce"):
         raise _Refused("--dynamic_replication_mode must be off, observe or enforce")
+    if values["enable_ha"]:
+        if values["ha_backend_type"] != "etcd":
+            raise _Refused(
+                f"--ha_backend_type={values['ha_backend_type']}: pymooncake elects masters "
+                "through etcd only; use --ha_backend_type=etcd"
+            )
+        if not (values["ha_backend_connstring"] or values["etcd_endpoints"]):
+            raise _Refused(
+                "--enable_ha=true needs the etcd endpoints: --etcd_endpoints='h1:2379;h2:2379' "
+                "(or --ha_backend_connstring)"
+            )
+        if values["ha_lease_ttl_sec"] < 1:
+            raise _Refused("--ha_lease_ttl_sec must be at least 1")
     for name, fine, what in _UNAVAILABLE:
         if values[name] != fine:
             shown = str(values[name]).lower() if isinstance(fine, bool) else values[name]
@@ -535,20 +572,24 @@ def _port_flag(values: dict[str, Any], message: str) -> str:
     return "listening"
 
 
-async def _report(service: MasterService) -> None:
+async def _report(service: MasterService, interval_s: float = _REPORT_INTERVAL_S) -> None:
+    """Log the reference's "Master Admin Metrics" line every ``interval_s``
+    (request figures are rates over the interval)."""
+    summary_text(service, update=True)  # the first window starts now
     while True:
-        await asyncio.sleep(_REPORT_INTERVAL_S)
-        s = service.state.summary()
-        log.info(
-            "Master Metrics: Mem Storage: %d / %d bytes | Keys: %d (soft-pinned: %d) | "
-            "Segments: %d | Clients: %d",
-            s["allocated_bytes"],
-            s["capacity_bytes"],
-            s["key_count"],
-            s["soft_pinned_keys"],
-            s["segment_count"],
-            s["client_count"],
-        )
+        await asyncio.sleep(interval_s)
+        log.info("Master Admin Metrics: %s", summary_text(service, update=True))
+
+
+def _ha_config(values: dict[str, Any]) -> HaConfig | None:
+    if not values["enable_ha"]:
+        return None
+    return HaConfig(
+        etcd_endpoints=values["ha_backend_connstring"] or values["etcd_endpoints"],
+        cluster_id=values["cluster_id"],
+        lease_ttl_s=values["ha_lease_ttl_sec"],
+        advertise=values["ha_advertise_address"],
+    )
 
 
 async def _serve(values: dict[str, Any], config: MasterConfig, security: ClusterSecurity) -> int:
@@ -570,6 +611,8 @@ async def _run(
         metadata_port=values["http_metadata_server_port"] if metadata else None,
         journal_path=values["journal_path"] or None,
         journal_fsync=values["journal_fsync"],
+        ha=_ha_config(values),
+        ha_sync_timeout_s=values["ha_sync_timeout_ms"] / 1000.0,
         security=security,
     )
     reporter: asyncio.Task[None] | None = None
@@ -586,7 +629,7 @@ async def _run(
         if addrs.metrics is not None:
             mh, mp = addrs.metrics
             print(
-                f"Metrics and admin HTTP server listening on {addrs.metrics_url} (/metrics, /health)",
+                f"Metrics and admin HTTP server listening on {addrs.metrics_url} (/metrics, /health, cluster page /)",
                 flush=True,
             )
             lan_hint(log, mh, mp, "metrics server", lambda h, p: f"http://{h}:{p}/metrics")

@@ -7,13 +7,20 @@ once the segment is mounted::
 
     mooncake_client ready: segment 10.0.0.5:15123 contributes 4294967296 bytes to the master at 127.0.0.1:50051
 
-SIGINT/SIGTERM unmount the segment (objects stored in it disappear), close
-the client and exit with status 0.  A failing setup (master unreachable, bad
-size, port in use ...) is reported on one stderr line with exit status 1.
+It also serves *dummy clients* (``MooncakeDistributedStore.setup_dummy`` in
+serving ranks on this host) on ``--port`` and on the abstract UNIX socket
+``@mooncake_client_<port>.sock``, and prints::
 
-Deviation from the reference: the dummy-client RPC service on ``--port``
-(used by ``setup_dummy`` clients that share this node's memory) is not
-provided; ``--port`` and ``--threads`` are accepted and have no effect.
+    mooncake_client serving dummy clients on 0.0.0.0:50052 (memory socket @mooncake_client_50052.sock)
+
+SIGINT/SIGTERM stop the dummy-client service, unmount the segment (objects
+stored in it disappear), close the client and exit with status 0.  A failing
+setup (master unreachable, bad size, port in use ...) is reported on one
+stderr line with exit status 1.
+
+The dummy-client protocol is pymooncake's own (the reference's coro_rpc /
+struct_pack encoding cannot be reproduced from Python): pymooncake dummies
+talk to this ``mooncake_client``, reference dummies to the reference's.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from .. import __version__
+from .._authio import ClusterSecurity
 from .._net import first_non_loopback_ipv4, join_host_port, split_host_port
 from ..errors import MooncakeError, PortInUse
 from ..store import StoreClient, StoreClientConfig
 from ..store._config import parse_size
+from ..store._dummy_service import DummyService, DummyServiceConfig
 from ..store._http import ClientHttpServer, start_client_http_server
 from ..store._metrics import ClientMetricsSettings
 from ._gflags import Flag, FlagError, parse_flags, usage
@@ -54,16 +63,33 @@ FLAGS: Final[tuple[Flag, ...]] = (
         "port",
         int,
         50052,
-        "dummy-client RPC port: accepted but unused, pymooncake does not serve dummy clients "
-        "(setup_dummy)",
+        "port serving dummy clients (setup_dummy) on --host; 0 = any free port",
     ),
     Flag("metadata_server", str, "http://127.0.0.1:8080/metadata", "metadata server"),
-    Flag("master_server_address", str, "127.0.0.1:50051", "the master's host:port"),
+    Flag(
+        "master_server_address",
+        str,
+        "127.0.0.1:50051",
+        "the master's host:port, or etcd://h1:2379;h2:2379 to follow the leader of masters "
+        "started with --enable_ha=true (cluster id: MC_STORE_CLUSTER_ID)",
+    ),
     Flag("protocol", str, "tcp", "transfer protocol"),
     Flag("device_names", str, "", "RDMA device names (unused with tcp)"),
     Flag("global_segment_size", str, "4 GB", "memory contributed to the pool (e.g. 64 MB, 4 GB)"),
     Flag("local_buffer_size", str, "0", "local buffer size (e.g. 16MB, 1GB)"),
-    Flag("threads", int, 1, "dummy-client RPC threads: accepted but unused"),
+    Flag(
+        "threads",
+        int,
+        1,
+        "dummy-client RPC threads: accepted; pymooncake serves each connection on its own thread",
+    ),
+    Flag(
+        "dummy_client_ttl_sec",
+        int,
+        10,
+        "unmap the shared memory of a dummy client silent this long (pymooncake; the reference "
+        "hard-codes 10 s)",
+    ),
     Flag("tenant_id", str, "default", "tenant identifier (multi-tenancy is not available)"),
     Flag("enable_offload", bool, False, "SSD offload (not available in pymooncake)"),
     Flag("start_offload_rpc_server", bool, True, "SSD offload only"),
@@ -119,15 +145,12 @@ def _config(values: dict[str, Any]) -> StoreClientConfig:
             values["device_names"],
             values["protocol"],
         )
-    log.info(
-        "--port=%d: the dummy-client RPC service is not provided by pymooncake; nothing listens "
-        "there",
-        values["port"],
-    )
     return StoreClientConfig(
         local_hostname=_local_hostname(values["host"]),
         metadata_server=values["metadata_server"],
         master_server_addr=values["master_server_address"],
+        # reference: the etcd leader coordinator reads MC_STORE_CLUSTER_ID (no flag)
+        cluster_id=os.environ.get("MC_STORE_CLUSTER_ID", "").strip() or "mooncake_cluster",
         global_segment_size=segment,
         local_buffer_size=buffer,
         protocol=values["protocol"],
@@ -153,7 +176,18 @@ def _run(values: dict[str, Any]) -> int:
         print(f"{PROG}: failed to set up the client: {text}", file=sys.stderr)
         return 1
     http: ClientHttpServer | None = None
+    dummies: DummyService | None = None
     try:
+        try:
+            dummies = DummyService(client, _dummy_config(values))
+        except MooncakeError as exc:
+            print(f"{PROG}: cannot serve dummy clients: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"{PROG} serving dummy clients on {dummies.address} (memory socket "
+            f"@{dummies.ipc_name[1:]})",
+            flush=True,
+        )
         if values["enable_http_server"]:
             http = start_client_http_server(client, values["http_port"])
             if http is not None:
@@ -171,10 +205,27 @@ def _run(values: dict[str, Any]) -> int:
         sig = signal.sigwait({signal.SIGINT, signal.SIGTERM})
         log.info("%s received: unmounting the segment and exiting", signal.Signals(sig).name)
     finally:
+        if dummies is not None:
+            dummies.close()
         if http is not None:
             http.close()
         client.close()
     return 0
+
+
+def _dummy_config(values: dict[str, Any]) -> DummyServiceConfig:
+    """The dummy-client service on --port, bound to --host's address."""
+    host, _ = split_host_port(values["host"])
+    if not 0 <= values["port"] <= 65535:
+        raise MooncakeError(f"--port={values['port']} is not a port (0..65535, 0 = any free port)")
+    if values["dummy_client_ttl_sec"] <= 0:
+        raise MooncakeError("--dummy_client_ttl_sec must be positive")
+    return DummyServiceConfig(
+        host=host,
+        port=values["port"],
+        ttl_s=float(values["dummy_client_ttl_sec"]),
+        security=ClusterSecurity.from_env(),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

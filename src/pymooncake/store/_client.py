@@ -72,6 +72,9 @@ class StoreClientConfig:
     rpc_timeout_s: float = 30.0
     rpc_connect_timeout_s: float = 5.0
     ping_interval_s: float = 1.0
+    #: MC_STORE_CLUSTER_ID: with an ``etcd://`` master address, which cluster's
+    #: elected leader to use (``mooncake-store/<cluster_id>/master_view``)
+    cluster_id: str = "mooncake_cluster"
     engine: EngineConfig | None = None
     #: fault in segments when they are mounted (the reference maps them with
     #: MAP_POPULATE), so the first write into each page does not pay a page fault
@@ -141,6 +144,7 @@ class StoreClient(WriteOps, ReadOps):
             connect_timeout_s=config.rpc_connect_timeout_s,
             metrics=self.metrics,
             security=engine_config.security,
+            cluster_id=config.cluster_id,
             # PYMOONCAKE_SAME_HOST=0: TCP only, also to a master on this host
             same_host_rpc=engine_config.same_host_transport,
         )
@@ -237,6 +241,24 @@ class StoreClient(WriteOps, ReadOps):
     @property
     def segments(self) -> tuple[SegmentInfo, ...]:
         return tuple(self._segments)
+
+    # --- caller memory (the same names as a DummyClient's; see _api.StoreApi) -----
+
+    def register_memory(self, addr: int, size: int) -> None:
+        """Register ``size`` bytes at ``addr`` with the engine (zero-copy buffers)."""
+        self.engine.register(addr, size)
+
+    def unregister_memory(self, addr: int) -> None:
+        self.engine.unregister(addr)
+
+    def local_view(self, addr: int, length: int, *, writable: bool) -> memoryview:
+        """A byte view of local memory at ``addr`` (see ``TransferEngine.local_view``)."""
+        return self.engine.local_view(addr, length, writable=writable)
+
+    def registered_end(self, addr: int) -> int:
+        """End of the registered memory holding ``addr`` (0 if none)."""
+        region = self.engine.registry.find(addr, 1) if addr else None
+        return region.end if region is not None else 0
 
     def _ping_loop(self) -> None:
         while not self._stop.wait(self.config.ping_interval_s):

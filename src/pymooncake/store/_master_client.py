@@ -24,7 +24,7 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._authio import ClusterSecurity, client_handshake
@@ -54,15 +54,20 @@ from ._types import ErrorCode
 
 __all__ = ["AUTH_CONTEXT", "MasterClient"]
 
+_NOT_LEADER = int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
+#: HA: how long one attempt waits for a reply before the leader is looked up again
+_HA_SLICE_S = 2.0
+
 #: the HMAC context of the master RPC port (the master uses the same)
 AUTH_CONTEXT = b"master-rpc"
 
 
 class _Conn:
-    __slots__ = ("decoder", "sock")
+    __slots__ = ("addr", "decoder", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, addr: tuple[str, int]) -> None:
         self.sock = sock
+        self.addr = addr  # the master it was opened to (with HA: who led then)
         self.decoder = MasterFrameDecoder()
 
 
@@ -80,6 +85,34 @@ def _is_local_address(host: str) -> bool:
             except OSError:
                 continue
     return False
+
+
+class _LeaderView:
+    """HA: where the leader is, read from etcd (the key the masters elect on)."""
+
+    def __init__(self, endpoints: str, cluster_id: str, timeout_s: float) -> None:
+        from .._etcd import EtcdClient
+        from .master._ha import master_view_key
+
+        self.key = master_view_key(cluster_id)
+        self.endpoints = endpoints
+        self._etcd = EtcdClient(endpoints, timeout_s=timeout_s, connect_timeout_s=timeout_s)
+
+    def resolve(self) -> tuple[str, int] | None:
+        """The leader's (host, port); None when no master leads (or etcd is down)."""
+        from .._etcd import EtcdError
+
+        try:
+            kv = self._etcd.get(self.key)
+        except EtcdError:
+            return None
+        if kv is None:
+            return None
+        host, port = split_host_port(kv.value.decode(errors="replace"))
+        return host, port or 50051
+
+    def close(self) -> None:
+        self._etcd.close()
 
 
 class MasterClient:
@@ -109,18 +142,27 @@ class MasterClient:
         metrics: ClientMetrics | None = None,
         security: ClusterSecurity | None = None,
         reconnect_s: float = 15.0,
+        cluster_id: str = "mooncake_cluster",
     ) -> None:
-        if "://" in address:
-            raise InvalidParams(
-                f"master_server_addr {address!r} names an HA backend (etcd://, redis://); master HA "
-                "is not available in this pymooncake release: use the master's host:port"
-            )
-        try:
-            host, port = split_host_port(address)
-        except MooncakeError as exc:
-            raise InvalidParams(f"master_server_addr {address!r}: {exc}") from exc
         self.address = address
-        self._host, self._port = host, port or 50051
+        self._leader: _LeaderView | None = None
+        if "://" in address:
+            scheme, _, rest = address.partition("://")
+            if scheme != "etcd":
+                raise InvalidParams(
+                    f"master_server_addr {address!r}: HA backend {scheme!r} is not available in "
+                    "pymooncake; use etcd://h1:2379;h2:2379 (masters started with "
+                    "--enable_ha=true --etcd_endpoints=...) or the master's host:port"
+                )
+            self._leader = _LeaderView(rest, cluster_id, connect_timeout_s)
+            host, port = "", 0
+        else:
+            try:
+                host, parsed = split_host_port(address)
+            except MooncakeError as exc:
+                raise InvalidParams(f"master_server_addr {address!r}: {exc}") from exc
+            port = parsed or 50051
+        self._host, self._port = host, port
         self._timeout = timeout_s
         self._connect_timeout = connect_timeout_s
         self._reconnect = reconnect_s
@@ -132,6 +174,7 @@ class MasterClient:
         self._outstanding: set[int] = set()
         self._closed = False
         self._ever_connected = False
+        self._same_host = same_host_rpc
         self._unix_names: list[str] | None = None if same_host_rpc else []
         self._metrics = metrics
         self._security = security or ClusterSecurity()
@@ -143,12 +186,42 @@ class MasterClient:
 
     # --- connections ----------------------------------------------------------------
 
+    @property
+    def target(self) -> str:
+        """The master this client talks to now (the leader, with HA)."""
+        return f"{self._host}:{self._port}" if self._host else "(no leader known)"
+
+    def _find_leader(self) -> bool:
+        """HA: re-read the leader's address; True if it changed."""
+        view = self._leader
+        if view is None:
+            return False
+        found = view.resolve()
+        if found is None or found == (self._host, self._port):
+            return False
+        with self._lock:
+            self._host, self._port = found
+            stale, self._idle = self._idle, []
+            self._unix_names = None if self._same_host else []
+        for c in stale:
+            c.sock.close()
+        return True
+
     def _checkout(self) -> tuple[_Conn, bool]:
         with self._lock:
             if self._closed:
                 raise RpcFailed(f"master client for {self.address} is closed")
             if self._idle:
                 return self._idle.pop(), True
+        if not self._host:
+            self._find_leader()
+            if not self._host:
+                raise RpcFailed(
+                    f"no master leads the cluster at {self.address} yet (etcd key "
+                    f"{self._leader.key if self._leader else ''} is empty): start mooncake_master "
+                    "--enable_ha=true with the same --etcd_endpoints and --cluster_id"
+                )
+        addr = (self._host, self._port)
         sock = self._connect_same_host()
         try:
             if sock is None:
@@ -183,13 +256,13 @@ class MasterClient:
             if sock is not None:
                 sock.close()
             raise RpcFailed(
-                f"cannot reach the master at {self.address}: {exc}. Check that mooncake_master is "
+                f"cannot reach the master at {self.target}: {exc}. Check that mooncake_master is "
                 "running there and that master_server_addr / MOONCAKE_MASTER point at its --port"
             ) from exc
         set_io_timeout(sock, self._timeout)
         self.last_transport = "unix" if sock.family == socket.AF_UNIX else "tcp"
         self._ever_connected = True
-        return _Conn(sock), False
+        return _Conn(sock, addr), False
 
     def _connect_same_host(self) -> socket.socket | None:
         """The master's abstract UNIX socket when it runs on this host (same
@@ -215,7 +288,10 @@ class MasterClient:
 
     def _checkin(self, conn: _Conn) -> None:
         with self._lock:
-            if not self._closed and len(self._idle) < self._max_idle:
+            # with HA, another thread may have moved to a new leader while this
+            # connection was out: a connection to the old one must not be reused
+            current = conn.addr == (self._host, self._port)
+            if current and not self._closed and len(self._idle) < self._max_idle:
                 self._idle.append(conn)
                 return
         conn.sock.close()
@@ -226,7 +302,12 @@ class MasterClient:
         for c in stale:
             c.sock.close()
 
-    def _exchange(self, conn: _Conn, frames: bytes, ids: list[int]) -> list[MasterReply]:
+    def _exchange(
+        self, conn: _Conn, frames: bytes, ids: list[int], ha_wait: Callable[[], bool] | None = None
+    ) -> list[MasterReply]:
+        """Send ``frames``, read their replies.  With ``ha_wait``, a receive timeout
+        asks it whether to keep waiting on this connection (the leader is the same
+        and time is left) instead of giving up."""
         conn.sock.sendall(frames)
         replies: list[MasterReply] = []
         while len(replies) < len(ids):
@@ -240,7 +321,12 @@ class MasterClient:
                 continue
             if isinstance(frame, MasterRequest):
                 raise MalformedMessage("the master sent a request frame")
-            data = conn.sock.recv(1 << 16)
+            try:
+                data = conn.sock.recv(1 << 16)
+            except (BlockingIOError, TimeoutError):
+                if ha_wait is not None and ha_wait():
+                    continue
+                raise
             if not data:
                 raise ConnectionResetError("the master closed the connection")
             conn.decoder.feed(data)
@@ -284,6 +370,7 @@ class MasterClient:
         pause = 0.005
         attempt = 0
         down_since: float | None = None
+        ha = self._leader is not None
         while True:
             ids = [next(self._ids) for _ in requests]
             frames = b"".join(
@@ -294,13 +381,17 @@ class MasterClient:
             try:
                 conn, reused = self._checkout()
             except RpcFailed:
-                # the master is down: wait (bounded) for it to come back if we knew it
+                # the master is down: wait (bounded) for it (or, with HA, a new
+                # leader) to come back if we knew it
                 now = time.monotonic()
                 down_since = down_since or now
+                waited = now - down_since + pause
+                if ha:
+                    self._find_leader()
                 if (
                     not patient
-                    or not self._ever_connected
-                    or now - down_since + pause > self._reconnect
+                    or not (self._ever_connected or ha)
+                    or (waited > self._reconnect and not ha)
                     or now + pause > deadline
                 ):
                     raise
@@ -308,13 +399,28 @@ class MasterClient:
                 self.retries += 1
                 time.sleep(pause)
                 pause = min(pause * 2, 0.5)
+                self._find_leader()
                 continue
+            ha_wait = None
+            if ha:
+                # a leader may be frozen or gone without closing connections: wait in
+                # short slices and look for a new leader in between
+                set_io_timeout(conn.sock, _HA_SLICE_S)
+
+                def ha_wait() -> bool:
+                    return time.monotonic() + _HA_SLICE_S < deadline and not self._find_leader()
+
             try:
-                replies = self._exchange(conn, frames, ids)
+                replies = self._exchange(conn, frames, ids, ha_wait)
             except (BlockingIOError, TimeoutError) as exc:
                 conn.sock.close()
+                if ha and time.monotonic() + pause < deadline:
+                    attempt += 1
+                    self.retries += 1
+                    self._find_leader()
+                    continue
                 raise RpcTimeout(
-                    f"the master at {self.address} did not answer {name} within "
+                    f"the master at {self.target} did not answer {name} within "
                     f"{self._timeout:g} s (MC_RPC_TIMEOUT_MS); it is overloaded or hung"
                 ) from exc
             except (OSError, MalformedMessage) as exc:
@@ -326,13 +432,27 @@ class MasterClient:
                 attempt += 1
                 if time.monotonic() + pause >= deadline:
                     raise RpcFailed(
-                        f"RPC {name} to the master at {self.address} failed: {exc} "
+                        f"RPC {name} to the master at {self.target} failed: {exc} "
                         f"({attempt} attempt(s) within {self._timeout:g} s)"
                     ) from exc
                 self.retries += 1
                 if not reused or attempt > 1:
                     time.sleep(pause)
                     pause = min(pause * 2, 0.5)
+                self._find_leader()
+                continue
+            if ha and any(r.code == _NOT_LEADER for r in replies):
+                # a standby, or a leader that lost its lease: find the new leader and
+                # send the same request ids there (on a new connection: this one
+                # leads to a master that refuses)
+                conn.sock.close()
+                if time.monotonic() + pause >= deadline or not patient:
+                    return replies
+                attempt += 1
+                self.retries += 1
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+                self._find_leader()
                 continue
             self._checkin(conn)
             return replies
@@ -382,3 +502,5 @@ class MasterClient:
             idle, self._idle = self._idle, []
         for c in idle:
             c.sock.close()
+        if self._leader is not None:
+            self._leader.close()

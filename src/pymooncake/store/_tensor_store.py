@@ -40,7 +40,7 @@ from ._tensor_array import ArrayData, empty_bytes, to_tensor
 from ._types import ErrorCode, ReplicateConfig
 
 if TYPE_CHECKING:
-    from ._client import StoreClient
+    from ._api import StoreApi
 
 __all__ = ["TensorObject", "TensorStore"]
 
@@ -93,7 +93,7 @@ def shard_of(
 class TensorStore:
     """The tensor operations of one store client."""
 
-    def __init__(self, client: StoreClient) -> None:
+    def __init__(self, client: StoreApi) -> None:
         self.client = client
 
     # ------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class TensorStore:
             raise InvalidParams(f"{what}: buffer pointer cannot be null")
         if size < HEADER_SIZE:
             raise InvalidParams(f"{what}: {size} bytes are too small for tensor metadata")
-        view = self.client.engine.local_view(buffer_ptr, size, writable=False)
+        view = self.client.local_view(buffer_ptr, size, writable=False)
         return parse_header(view, size), view
 
     # ------------------------------------------------------------------------------

@@ -290,9 +290,16 @@ class ProcessCluster:
         self.master_address = rpc.group(1)
         return master
 
-    def node(self, segment: str = "64 MB", *, name: str = "") -> tuple[NodeProcess, str]:
-        """Start a storage node (mooncake_client); returns it and its segment name."""
+    def node(
+        self, segment: str = "64 MB", *, name: str = "", flags: Sequence[str] = ()
+    ) -> tuple[NodeProcess, str]:
+        """Start a storage node (mooncake_client); returns it and its segment name.
+
+        It serves dummy clients on a free port unless ``flags`` has ``--port``:
+        ``node.wait_for(r"serving dummy clients on (\\S+)")`` tells the address.
+        """
         host = f"{LOCAL}:{free_port()}" if name == "" else name
+        port = [] if any(f.startswith("--port") for f in flags) else ["--port=0"]
         node = _spawn(
             "mooncake_client",
             [
@@ -302,6 +309,8 @@ class ProcessCluster:
                 f"--master_server_address={self.master_address}",
                 f"--metadata_server={self.metadata_url}",
                 f"--global_segment_size={segment}",
+                *port,
+                *flags,
             ],
             self.node_env,
         )

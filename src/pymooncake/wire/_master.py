@@ -173,6 +173,20 @@ class MasterFrameDecoder:
             return 0
         return int(PREFIX.unpack_from(self._buf, 0)[0]) + 4
 
+    def complete_ids(self) -> list[int]:
+        """Ids of the complete frames buffered, read from their prefixes only (no
+        body is decoded; a frame that will fail to decode is included)."""
+        ids: list[int] = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= PREFIX.size:
+            length, _, req_id = PREFIX.unpack_from(buf, pos)
+            if length < 5 or length > self._max or len(buf) - pos < 4 + length:
+                break
+            ids.append(req_id)
+            pos += 4 + length
+        return ids
+
     @property
     def trailing(self) -> bytes:
         return bytes(self._buf)

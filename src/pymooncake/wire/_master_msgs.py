@@ -42,6 +42,7 @@ __all__ = [
     "MAX_REGEX_CHARS",
     "MAX_SEGMENTS",
     "REQUEST_TYPES",
+    "Ack",
     "BatchExistKey",
     "BatchGetReplicaList",
     "BatchPutEnd",
@@ -53,6 +54,7 @@ __all__ = [
     "BatchUpsertRevoke",
     "BatchUpsertStart",
     "ExistKey",
+    "Follow",
     "GetReplicaList",
     "GetReplicaListByRegex",
     "GetSummary",
@@ -123,6 +125,10 @@ class MasterMethod(str, Enum):
     REMOVE_ALL = "RemoveAll"
     BATCH_REPLICA_CLEAR = "BatchReplicaClear"
     GET_SUMMARY = "GetSummary"
+    #: a standby subscribes to the leader's effect stream (HA)
+    FOLLOW = "Follow"
+    #: a standby acknowledges the stream up to a sequence number
+    ACK = "Ack"
 
 
 # ---------------------------------------------------------------------------------
@@ -788,6 +794,43 @@ class BatchReplicaClear(Mutation):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Follow(Request):
+    """A standby asks for the leader's state and then its stream of effects.
+
+    The leader answers with reply frames carrying this request's id, each
+    ``{"seq": n, "effects": [records], "synced": bool}``; ``synced`` marks the
+    end of the initial state.  The standby sends :class:`Ack` requests (never
+    answered) as it applies them."""
+
+    METHOD: ClassVar = MasterMethod.FOLLOW
+    standby: str
+    view_version: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {"standby": self.standby, "view_version": self.view_version}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> Follow:
+        return cls(
+            _text(_field(p, "standby"), "standby"),
+            _u64(p.get("view_version", 0), "view_version"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Request):
+    METHOD: ClassVar = MasterMethod.ACK
+    seq: int
+
+    def params(self) -> dict[str, Any]:
+        return {"seq": self.seq}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> Ack:
+        return cls(_u64(_field(p, "seq"), "seq"))
+
+
 _ALL: tuple[Any, ...] = (
     ServiceReady,
     GetSummary,
@@ -817,6 +860,8 @@ _ALL: tuple[Any, ...] = (
     RemoveByRegex,
     RemoveAll,
     BatchReplicaClear,
+    Follow,
+    Ack,
 )
 
 #: method -> its request type's decoder (an explicit table, one entry per method)

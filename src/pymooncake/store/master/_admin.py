@@ -1,21 +1,24 @@
 """The master's admin HTTP endpoints on the metrics port.
 
-``/metrics`` (Prometheus text), ``/metrics/summary``, ``/health``, ``/role``,
-``/query_key?key=``, ``/batch_query_keys?keys=a,b``, ``/get_all_keys``,
-``/get_all_segments``, ``/get_segments_detail``, ``/query_segment?segment=``
--- shapes as the reference's ``master_admin_service.cpp``.  Handlers run on
-the master's event loop and read the state directly.
+``/metrics`` (Prometheus text, ``_exposition.py``), ``/metrics/summary``,
+``/health``, ``/role``, ``/query_key?key=``, ``/batch_query_keys?keys=a,b``,
+``/get_all_keys``, ``/get_all_segments``, ``/get_segments_detail``,
+``/query_segment?segment=`` -- shapes as the reference's
+``master_admin_service.cpp`` -- and pymooncake's live cluster page (``/``,
+``/api/v1/cluster``, ``_page.py``).  Handlers run on the master's event loop
+and read the state directly.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..._httpd import HttpRequest, HttpResponse
 from ...errors import StoreError
+from ._exposition import render_metrics, summary_text
+from ._page import ClusterPage
 from ._records import READABLE, Obj
 from ._state import client_tag
 
@@ -35,11 +38,22 @@ def _json(status: int, obj: Any) -> HttpResponse:
 class AdminHttp:
     def __init__(self, service: MasterService) -> None:
         self._svc = service
+        self.page = ClusterPage(service, service.security.key, secure=service.security.tls)
+        #: routes that answer POST (the page's login form)
+        self._posts = {"/login": self.page.login, "/logout": self.page.logout}
         self._routes: dict[str, Callable[[HttpRequest], HttpResponse]] = {
+            "/": self.page.page,
+            "/api/v1/cluster": self.page.api,
+            "/static/page.js": self.page.script,
+            **self._posts,
             "/metrics": self.metrics,
             "/metrics/summary": self.summary,
             "/health": self.health,
-            "/role": lambda r: HttpResponse(200, b"leader", "text/plain; charset=utf-8"),
+            "/role": lambda r: HttpResponse(
+                200, self._svc.role.encode(), "text/plain; charset=utf-8"
+            ),
+            "/leader": self.leader,
+            "/ha_status": self.ha_status,
             "/query_key": self.query_key,
             "/batch_query_keys": self.batch_query_keys,
             "/get_all_keys": self.all_keys,
@@ -52,6 +66,8 @@ class AdminHttp:
         route = self._routes.get(request.path.rstrip("/") or "/")
         if route is None:
             return HttpResponse(404, f"no such endpoint {request.path}".encode())
+        if request.method == "POST" and request.path in self._posts:
+            return route(request)
         if request.method not in ("GET", "HEAD"):
             return HttpResponse(405, b"use GET")
         if route == self.all_keys:
@@ -61,8 +77,47 @@ class AdminHttp:
     # --- endpoints ------------------------------------------------------------------
 
     def health(self, request: HttpRequest) -> HttpResponse:
+        svc = self._svc
+        serving = svc.serving()
         return _json(
-            200, {"status": "ok", "role": "leader", "ha_state": "serving", "service_ready": True}
+            200,
+            {
+                "status": "ok",
+                "role": svc.role,
+                "ha_state": "serving" if serving else svc.role,
+                "service_ready": serving,
+            },
+        )
+
+    def leader(self, request: HttpRequest) -> HttpResponse:
+        svc = self._svc
+        return _json(
+            200,
+            {
+                "leader": svc.leader_address
+                or (svc.addresses.rpc_address if svc.addresses else ""),
+                "role": svc.role,
+                "view_version": svc.state.view_version,
+            },
+        )
+
+    def ha_status(self, request: HttpRequest) -> HttpResponse:
+        svc = self._svc
+        return _json(
+            200,
+            {
+                "enabled": svc.ha is not None,
+                "role": svc.role,
+                "serving": svc.serving(),
+                "leader": svc.leader_address,
+                "view_version": svc.state.view_version,
+                "failovers": svc.failovers,
+                "standbys": svc.hub.status(),
+                "replicated_seq": svc.hub.seq,
+                "acknowledged_seq": svc.hub.acked,
+                "held_replies": svc.hub.held,
+                "dropped_standbys": svc.hub.dropped,
+            },
         )
 
     @staticmethod
@@ -147,92 +202,12 @@ class AdminHttp:
         )
 
     def summary(self, request: HttpRequest) -> HttpResponse:
-        s = self._svc.state.summary()
-        m = self._svc.state.metrics
-        cap = s["capacity_bytes"] or 1
-        lines = [
-            f"Mem Storage: {s['allocated_bytes'] / (1 << 30):.2f} GiB / {s['capacity_bytes'] / (1 << 30):.2f} GiB "
-            f"({s['allocated_bytes'] / cap * 100:.1f}%)",
-            f"Keys: {s['key_count']} (soft-pinned: {s['soft_pinned_keys']})",
-            f"Segments: {s['segment_count']}, Clients: {s['client_count']}",
-            f"Requests: {sum(m.requests.values())}, failures: {sum(m.failures.values())}",
-            f"Gets: hits {m.get_hits}, misses {m.get_misses}",
-            f"Evictions: {m.evicted_keys} keys, {m.evicted_bytes} bytes in {m.eviction_rounds} rounds",
-            f"Expired clients: {m.expired_clients}, reclaimed puts: {m.reclaimed_puts}",
-            f"Uptime: {time.time() - self._svc.started_at:.0f} s",
-        ]
-        return HttpResponse(200, ("\n".join(lines) + "\n").encode(), _PROM)
+        return HttpResponse(200, (summary_text(self._svc) + "\n").encode(), _PROM)
 
     def metrics(self, request: HttpRequest) -> HttpResponse:
-        st = self._svc.state
-        s = st.summary()
-        m = st.metrics
-        cluster = st.config.cluster_id
-        out: list[str] = []
-
-        def gauge(name: str, help_text: str, value: float, kind: str = "gauge") -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.append(f'{name}{{cluster_id="{cluster}"}} {value}')
-
-        gauge(
-            "master_total_capacity_bytes", "Total capacity of mounted segments", s["capacity_bytes"]
-        )
-        gauge("master_allocated_bytes", "Bytes allocated to replicas", s["allocated_bytes"])
-        gauge("master_key_count", "Objects in the store", s["key_count"])
-        gauge("master_soft_pin_key_count", "Soft-pinned objects", s["soft_pinned_keys"])
-        gauge("master_active_clients", "Live clients", s["client_count"])
-        gauge("master_segment_count", "Mounted segments", s["segment_count"])
-        gauge("master_evicted_key_count", "Objects evicted", m.evicted_keys, "counter")
-        gauge("master_evicted_size_bytes", "Bytes evicted", m.evicted_bytes, "counter")
-        gauge("master_attempted_evictions_total", "Eviction rounds", m.eviction_rounds, "counter")
-        gauge(
-            "master_put_start_alloc_failures_total",
-            "Allocation failures",
-            m.alloc_failures,
-            "counter",
-        )
-        gauge("master_put_start_discard_cnt", "Preempted puts", m.discarded_puts, "counter")
-        gauge(
-            "master_put_start_release_cnt", "Reclaimed abandoned puts", m.reclaimed_puts, "counter"
-        )
-        gauge(
-            "master_expired_clients_total",
-            "Clients expired by client_ttl",
-            m.expired_clients,
-            "counter",
-        )
-        gauge(
-            "master_stall_grace_total",
-            "Master stalls that suspended client expiry",
-            st.stall_grace_count,
-            "counter",
-        )
-        gauge("mem_cache_hit_nums", "Gets that found the object", m.get_hits, "counter")
-        gauge("total_get_nums", "Gets", m.get_hits + m.get_misses, "counter")
-        for kind, table in (("requests", m.requests), ("failures", m.failures)):
-            for rpc, n in sorted(table.items()):
-                name = f"master_{_snake(rpc)}_{kind}_total"
-                out.append(f"# TYPE {name} counter")
-                out.append(f'{name}{{cluster_id="{cluster}"}} {n}')
-        for seg in st.segments.values():
-            labels = (
-                f'cluster_id="{cluster}",segment="{_label(seg.name)}",segment_id="{_label(seg.id)}"'
-            )
-            out.append(f"segment_allocated_bytes{{{labels}}} {seg.allocator.allocated}")
-            out.append(f"segment_total_capacity_bytes{{{labels}}} {seg.allocator.capacity}")
-        return HttpResponse(200, ("\n".join(out) + "\n").encode(), _PROM)
+        return HttpResponse(200, render_metrics(self._svc).encode(), _PROM)
 
 
 def _label(value: str) -> str:
     """A Prometheus label value, escaped (text format 0.0.4)."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _snake(name: str) -> str:
-    out = []
-    for i, ch in enumerate(name):
-        if ch.isupper() and i and not name[i - 1].isupper():
-            out.append("_")
-        out.append(ch.lower())
-    return "".join(out)

@@ -9,8 +9,10 @@ service takes them with :meth:`MasterState.drain_effects`, journals them (and
 ships them to standbys) *before* it sends the reply that acknowledges them;
 :meth:`MasterState.apply` replays them, dispatching on their type.
 
-Leases, soft pins and puts in flight are deliberately not effects: a reader
-re-asks, and a writer caught mid-put retries.  Records are JSON lists whose
+Leases are deliberately not effects: a reader re-asks.  Writes in flight
+(:class:`WriteStarted`, :class:`WriteEnded`) are effects for standbys, which
+must know every reserved buffer, but the journal skips them (:data:`DURABLE`):
+after a restart a writer caught mid-put retries.  Records are JSON lists whose
 first element names the type; the layout is the journal's on-disk format
 (readable by earlier versions' journals too).
 """
@@ -25,11 +27,14 @@ from ...errors import MalformedMessage
 from .._types import SegmentInfo
 
 __all__ = [
+    "DURABLE",
     "Effect",
     "ObjectCommitted",
     "ObjectDeleted",
     "SegmentMounted",
     "SegmentUnmounted",
+    "WriteEnded",
+    "WriteStarted",
     "effect_from_record",
 ]
 
@@ -74,6 +79,46 @@ class ObjectCommitted:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteStarted:
+    """A put (or, with ``upsert``, a replacing write) of ``key`` began: its buffers
+    are reserved and being written.  Only standbys need it (so that a new leader
+    neither loses the put nor hands the same buffers out again); the journal
+    skips it."""
+
+    key: str
+    size: int
+    #: (segment id, address) per replica being written
+    replicas: tuple[tuple[str, int], ...]
+    writer: str
+    hard_pinned: bool
+    upsert: bool
+    #: soft pin applied when the write completes (None: no pin)
+    soft_pin_ttl_s: float | None = None
+
+    def record(self) -> list[Any]:
+        return [
+            "start",
+            self.key,
+            self.size,
+            [list(r) for r in self.replicas],
+            self.writer,
+            self.hard_pinned,
+            self.upsert,
+            self.soft_pin_ttl_s,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteEnded:
+    """The write in progress of ``key`` was revoked or abandoned (its buffers go)."""
+
+    key: str
+
+    def record(self) -> list[Any]:
+        return ["abandon", self.key]
+
+
+@dataclass(frozen=True, slots=True)
 class ObjectDeleted:
     key: str
 
@@ -81,7 +126,11 @@ class ObjectDeleted:
         return ["delete", self.key]
 
 
-Effect = SegmentMounted | SegmentUnmounted | ObjectCommitted | ObjectDeleted
+Effect = (
+    SegmentMounted | SegmentUnmounted | ObjectCommitted | ObjectDeleted | WriteStarted | WriteEnded
+)
+#: the effect types a journal keeps (writes in flight are not restored after a restart)
+DURABLE: Final = (SegmentMounted, SegmentUnmounted, ObjectCommitted, ObjectDeleted)
 
 
 def _mount(rec: list[Any]) -> Effect:
@@ -109,11 +158,30 @@ def _delete(rec: list[Any]) -> Effect:
     return ObjectDeleted(str(rec[1]))
 
 
+def _start(rec: list[Any]) -> Effect:
+    _, key, size, reps, writer, hard, upsert, ttl = rec
+    return WriteStarted(
+        str(key),
+        int(size),
+        tuple((str(sid), int(addr)) for sid, addr in reps),
+        str(writer),
+        bool(hard),
+        bool(upsert),
+        None if ttl is None else float(ttl),
+    )
+
+
+def _abandon(rec: list[Any]) -> Effect:
+    return WriteEnded(str(rec[1]))
+
+
 _DECODERS: Final[dict[str, Callable[[list[Any]], Effect]]] = {
     "mount": _mount,
     "unmount": _unmount,
     "commit": _commit,
     "delete": _delete,
+    "start": _start,
+    "abandon": _abandon,
 }
 
 

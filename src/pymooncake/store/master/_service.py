@@ -19,6 +19,7 @@ worker process with a deadline (``_scan.py``).  Listeners are bounded:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import resource
@@ -50,9 +51,14 @@ from ...wire._master import NO_TOKEN_MESSAGE, PREFIX
 from .._config import MasterConfig
 from .._types import ErrorCode
 from ._admin import AdminHttp
+from ._effects import DURABLE
+from ._ha import Elector, HaConfig
 from ._handlers import build_handlers
 from ._index import SHARDS
 from ._journal import Journal
+from ._metrics import MasterStats
+from ._page import PAGE_OPEN_PATHS
+from ._replication import DEFAULT_SYNC_TIMEOUT_S, Follower, ReplicationHub
 from ._replies import ReplyCache
 from ._scan import RegexScanner
 from ._state import MasterState
@@ -66,8 +72,9 @@ log = logging.getLogger("pymooncake.master")
 AUTH_CONTEXT: Final = b"master-rpc"
 #: the HMAC context of the master's admin HTTP port
 ADMIN_AUTH_CONTEXT: Final = b"master-admin"
-#: admin endpoints that stay open with a cluster token (scrapers, probes)
-ADMIN_OPEN_PATHS: Final = ("/metrics", "/metrics/summary", "/health")
+#: admin endpoints that stay open with a cluster token (scrapers, probes; the cluster
+#: page checks its own session cookie, see _page.py)
+ADMIN_OPEN_PATHS: Final = ("/metrics", "/metrics/summary", "/health", *PAGE_OPEN_PATHS)
 #: keys per slice of a whole-index operation (one slice is handled between two
 #: turns of the event loop; ~1-3 ms of work)
 SLICE_KEYS: Final = 4096
@@ -187,6 +194,8 @@ class MasterService:
         journal_fsync: bool = False,
         security: ClusterSecurity | None = None,
         limits: MasterLimits | None = None,
+        ha: HaConfig | None = None,
+        ha_sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S,
     ) -> None:
         self.config = config or MasterConfig()
         self.state = MasterState(self.config)
@@ -223,7 +232,26 @@ class MasterService:
         self.journal = Journal(journal_path, fsync=journal_fsync) if journal_path else None
         self.replies = ReplyCache(self.limits.reply_cache_ttl_s)
         self.scanner = RegexScanner(self.limits.regex_deadline_s)
+        #: HA: "leader" (serving), "standby", "warmup" or "starting"; without HA
+        #: a master always leads
+        self.ha = ha
+        self.role = "starting" if ha is not None else "leader"
+        self.hub = ReplicationHub(ha_sync_timeout_s)
+        self._elector: Elector | None = None
+        self._keep: Any = None  # the leader's etcd KeepAlive (its deadline fences us)
+        self._follower: Follower | None = None
+        self._follow_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.leader_address = ""
+        self.failovers = 0
         self._last_conn_check = 0.0
+        #: batch-item counters and the rate samples of /metrics and the cluster page
+        self.stats = MasterStats()
+
+    @property
+    def connection_count(self) -> int:
+        """Open RPC connections."""
+        return len(self._conns)
 
     def now(self) -> float:
         return self._clock()
@@ -234,6 +262,7 @@ class MasterService:
         Raises:
             PortInUse / PeerSocketError: a port cannot be bound (message names it).
         """
+        self._loop = asyncio.get_running_loop()
         if self.journal is not None:
             effects = self.journal.load()
             if effects:
@@ -309,9 +338,18 @@ class MasterService:
         self.scanner.start()
         self._ticker = asyncio.create_task(self._tick_loop())
         self.addresses = ServiceAddresses(rpc, metrics, metadata)
+        if self.ha is not None:
+            self._start_ha(rpc)
         return self.addresses
 
     async def close(self) -> None:
+        if self._elector is not None:
+            elector, self._elector = self._elector, None
+            await asyncio.get_running_loop().run_in_executor(None, elector.close)
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            await asyncio.gather(self._follow_task, return_exceptions=True)
+            self._follow_task = None
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
@@ -351,8 +389,11 @@ class MasterService:
             await asyncio.sleep(self._tick_interval)
             try:
                 now = self._clock()
-                self.state.tick(now)
-                self._persist()
+                if self.serving():  # a leader past its lease deadline decides nothing
+                    self.state.tick(now)
+                    self._persist()
+                    self.hub.check(time.monotonic())
+                self.stats.sample(self.state)
                 self.replies.prune(now)
                 mono = time.monotonic()
                 if mono - self._last_conn_check >= 1.0:
@@ -411,11 +452,126 @@ class MasterService:
             journal.abort_compaction()
             raise
 
-    def _persist(self) -> None:
-        """Journal the state changes before acknowledging them."""
+    def _persist(self) -> int:
+        """Journal the state changes and ship them to standbys before acknowledging
+        them; returns the sequence number replies must wait for (0: none)."""
         effects = self.state.drain_effects()
-        if effects and self.journal is not None:
-            self.journal.append(effects)
+        if not effects:
+            return 0
+        if self.journal is not None:
+            self.journal.append([e for e in effects if isinstance(e, DURABLE)])
+        return self.hub.ship(effects)
+
+    # ------------------------------------------------------------------------------
+    # HA
+    # ------------------------------------------------------------------------------
+
+    def serving(self) -> bool:
+        """May this master answer clients now?  A leader whose lease deadline
+        passed (etcd unreachable, or this process was frozen) stops at once, before
+        the elector thread even notices."""
+        if self.role != "leader":
+            return False
+        keep = self._keep
+        return keep is None or time.monotonic() < keep.deadline
+
+    def may_stream(self) -> bool:
+        """Standbys may follow an elected leader already during its warm-up."""
+        if self.serving():
+            return True
+        elector = self._elector
+        return elector is not None and elector.role == "warmup"
+
+    def not_serving_reply(self) -> tuple[int, str]:
+        leader = self.leader_address
+        hint = f"; the leader is {leader}" if leader else ""
+        return (
+            int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS),
+            f"this master is not the leader (role {self.role}){hint}; clients given "
+            "etcd://... find the leader themselves",
+        )
+
+    def _start_ha(self, rpc: tuple[str, int]) -> None:
+        assert self.ha is not None
+        advertise = self.ha.advertise or f"{rpc[0]}:{rpc[1]}"
+        if advertise.startswith(("0.0.0.0:", "[::]:", ":::")):
+            from ..._net import first_non_loopback_ipv4
+
+            advertise = f"{first_non_loopback_ipv4() or '127.0.0.1'}:{rpc[1]}"
+        self.ha = HaConfig(
+            self.ha.etcd_endpoints, self.ha.cluster_id, self.ha.lease_ttl_s, advertise
+        )
+        self.state.effects = []
+        self._elector = Elector(
+            self.ha,
+            on_standby=lambda leader, view: self._soon(self._become_standby, leader, view),
+            on_leader=lambda view, keep: self._soon(self._become_leader, view, keep),
+            on_lost=lambda reason: self._soon(self._lose_leadership, reason),
+        )
+        self._elector.start()
+
+    def _soon(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _install(self, state: MasterState) -> None:
+        self.state = state
+        self._handlers = build_handlers(state)
+
+    def _become_standby(self, leader: str, view: int) -> None:
+        assert self.ha is not None
+        was_leader = self.role == "leader"
+        self.role = "standby"
+        self.leader_address = leader
+        self._keep = None
+        if was_leader:
+            self._drop_clients()
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+        self._follower = Follower(self.config, self.ha.advertise, self.security, clock=self._clock)
+        self._follow_task = asyncio.ensure_future(self._follower.run(leader, view, self._install))
+
+    def _become_leader(self, view: int, keep: Any) -> None:
+        follower, self._follower = self._follower, None
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            self._follow_task = None
+        now = self._clock()
+        if follower is not None and follower.state is not None and follower.synced:
+            self._install(follower.state)
+            self.failovers += 1
+            log.info(
+                "HA: now the leader (view %d) with the previous leader's state: %d object(s), "
+                "%d segment(s)",
+                view,
+                len(self.state.objects),
+                len(self.state.segments),
+            )
+        elif follower is not None:
+            log.error(
+                "HA: now the leader (view %d) but the previous leader's state never arrived "
+                "in full; serving what this master has (%d object(s))",
+                view,
+                len(self.state.objects),
+            )
+        self.state.promote(now)
+        self.state.view_version = max(self.state.view_version, view)
+        self.state.effects = []
+        self._keep = keep
+        self.leader_address = self.ha.advertise if self.ha is not None else ""
+        self.role = "leader"
+
+    def _lose_leadership(self, reason: str) -> None:
+        self.role = "standby"
+        self._keep = None
+        self.leader_address = ""
+        self._drop_clients()
+
+    def _drop_clients(self) -> None:
+        """Close every connection: clients reconnect and find the new leader."""
+        for conn in list(self._conns):
+            conn.abort()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -432,6 +588,7 @@ class MasterService:
         try:
             return msg.decode_request(req.method, req.params, escapes=req.escapes)
         except InvalidParams as exc:
+            self._count(req.method.value)
             self._count(req.method.value, failed=True)
             return int(ErrorCode.INVALID_PARAMS), f"{req.method.value}: {exc.message}"
 
@@ -468,6 +625,7 @@ class MasterService:
             self._count(name, failed=True)
             code = int(ErrorCode.INTERNAL_ERROR)
             value = f"internal error of the master handling {name}: {exc!r} (see the master log)"
+        self.stats.record(req, code, value)
         self.remember(req, code, value)
         return code, value
 
@@ -630,6 +788,14 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         self._opened = time.monotonic()
         self._last_active = self._opened
         self._partial_since: float | None = None
+        self._following = False  # a standby's stream (HA)
+        #: replies waiting for a standby's acknowledgement: (sequence, frames)
+        self._held: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.held_since = 0.0
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -649,7 +815,9 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         svc = self._svc
         svc._conns.discard(self)
         svc.memory_paused.discard(self)
+        svc.hub.lost(self)
         self._account(0)
+        self._held.clear()
         self._transport = None
         svc.resume_readers()
 
@@ -673,6 +841,8 @@ class _RpcProtocol(asyncio.BufferedProtocol):
 
     def overdue(self, now: float, limits: MasterLimits) -> str:
         """Why this connection should be closed now ("" if it should not)."""
+        if self._following:
+            return ""
         if self._auth is not None and now - self._opened > limits.auth_timeout_s:
             return f"no cluster-token handshake within {limits.auth_timeout_s:g} s"
         if self._partial_since is not None and now - self._partial_since > limits.frame_deadline_s:
@@ -785,6 +955,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         svc = self._svc
         decoder = self._decoder
         out: list[bytes] = []
+        served = False
         try:
             while not self._busy:
                 frame = decoder.next_frame()
@@ -795,11 +966,19 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 req = svc.decode(frame)
                 if isinstance(req, tuple):
                     out.append(encode_reply(frame.id, *req))
+                elif isinstance(req, msg.Ack):
+                    svc.hub.on_ack(self, req.seq)
+                elif isinstance(req, msg.Follow) and svc.may_stream():
+                    self._following = True
+                    svc._spawn(svc.hub.follow(self, frame.id, req, svc.state))
+                elif not svc.serving():
+                    out.append(encode_reply(frame.id, *svc.not_serving_reply()))
                 elif svc.is_scan(req):
                     self._busy = True
                     self._pause(4)
                     svc._spawn(self._run_scan(frame.id, req))
                 else:
+                    served = True
                     code, value = svc.dispatch(req)
                     out.append(self._encode(frame.id, code, value))
         except MalformedMessage as exc:
@@ -823,9 +1002,47 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         else:
             self._partial_since = None
             svc.resume_readers()
+        seq = svc.hub.barrier(svc._persist())  # journal and replicate before acknowledging
+        if served and not svc.serving():
+            self._fence()
+            return
         if out:
-            svc._persist()  # journal before acknowledging
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            if self._held or seq > svc.hub.acked:
+                self._hold(seq, data)
+            else:
+                transport.write(data)
+
+    def _hold(self, seq: int, data: bytes) -> None:
+        self._svc.hub.held += 1
+        if not self._held:
+            self.held_since = time.monotonic()
+        self._held.append((seq, data))
+        self._svc.hub.wait(self)
+
+    def _fence(self) -> None:
+        """The lease deadline passed while this connection's requests were served
+        (this process was frozen, or etcd unreachable): a new leader may lack their
+        effects, so none is acknowledged -- the connection is closed and the client
+        sends the same request ids to the new leader."""
+        self._held.clear()
+        self.held_since = 0.0
+        self.abort()
+
+    def release_held(self, acked: int) -> bool:
+        """Send the held replies a standby has now acknowledged; True when none is left.
+        A master no longer serving acknowledges nothing (see :meth:`_fence`)."""
+        held = self._held
+        if held and not self._svc.serving():
+            self._fence()
+            return True
+        transport = self._transport
+        while held and held[0][0] <= acked:
+            _, data = held.popleft()
+            if transport is not None:
+                transport.write(data)
+        self.held_since = time.monotonic() if held else 0.0
+        return not held
 
     def _encode(self, req_id: int, code: int, value: Any) -> bytes:
         if isinstance(value, RawJson):
@@ -843,8 +1060,15 @@ class _RpcProtocol(asyncio.BufferedProtocol):
     async def _run_scan(self, req_id: int, req: msg.Request) -> None:
         try:
             code, value = await self._svc.dispatch_scan(req)
-            if self._transport is not None:
-                self._transport.write(self._encode(req_id, code, value))
+            if not self._svc.serving():
+                self._fence()
+            elif self._transport is not None:
+                data = self._encode(req_id, code, value)
+                seq = self._svc.hub.barrier(self._svc._persist())
+                if self._held or seq > self._svc.hub.acked:
+                    self._hold(seq, data)
+                else:
+                    self._transport.write(data)
         finally:
             self._busy = False
             self._resume(4)

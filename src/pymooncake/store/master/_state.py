@@ -47,6 +47,7 @@ import itertools
 import random
 import re
 import uuid
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,8 @@ from ._effects import (
     ObjectDeleted,
     SegmentMounted,
     SegmentUnmounted,
+    WriteEnded,
+    WriteStarted,
 )
 from ._eviction import evict_segment
 from ._index import ObjectIndex
@@ -115,20 +118,46 @@ class GetReplicaListResult:
     size: int
 
 
+#: upper bounds of the value-size histogram (the reference's master_value_size_bytes:
+#: 4 KiB .. 64 MiB; the last slot counts larger values)
+VALUE_SIZE_BOUNDS: tuple[int, ...] = (4096, 65536, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+
+
 @dataclass
 class Metrics:
+    """Plain-int counters of the state (rendered by ``_exposition.py``)."""
+
     requests: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     evicted_keys: int = 0
     evicted_bytes: int = 0
     eviction_rounds: int = 0
+    #: eviction rounds that freed something
+    successful_evictions: int = 0
     expired_clients: int = 0
     replaced_clients: int = 0
+    #: first allocation attempts that failed (eviction may then have made room)
     alloc_failures: int = 0
+    #: put/upsert starts refused for lack of room (NO_AVAILABLE_HANDLE)
+    put_alloc_failures: int = 0
     discarded_puts: int = 0
     reclaimed_puts: int = 0
+    #: buffers whose release was delayed (abandoned writes, replaced upsert values),
+    #: those released since, and the bytes still held
+    discarded_buffers: int = 0
+    released_buffers: int = 0
+    discard_staging_bytes: int = 0
     get_hits: int = 0
     get_misses: int = 0
+    #: value bytes of the reads that found their object
+    get_hit_bytes: int = 0
+    #: objects started per VALUE_SIZE_BOUNDS slot (the last: larger), and their sizes' sum
+    value_size_counts: list[int] = field(default_factory=lambda: [0] * (len(VALUE_SIZE_BOUNDS) + 1))
+    value_size_sum: int = 0
+
+    def observe_value_size(self, size: int) -> None:
+        self.value_size_counts[bisect_left(VALUE_SIZE_BOUNDS, size)] += 1
+        self.value_size_sum += size
 
 
 def _policy_pin(config: Any) -> int:
@@ -164,6 +193,9 @@ class MasterState:
         #: (a KV cache has few distinct block sizes)
         self._sizes: dict[int, int] = {}
         self._dirty_allocators: set[str] = set()
+        #: applying effects (replay, a standby): allocators are rebuilt afterwards
+        #: by finish_replay() instead of being updated range by range
+        self._replaying = False
 
     # ------------------------------------------------------------------------------
     # clients and segments
@@ -352,6 +384,7 @@ class MasterState:
                         reps = self._placement.allocate(segments, size, config, writer_host)
                         if reps:
                             return reps
+        self.metrics.put_alloc_failures += 1
         total = len(self.segments)
         largest = max((s.allocator.largest_free for s in self.segments.values()), default=0)
         raise _err(
@@ -362,16 +395,21 @@ class MasterState:
         )
 
     def _free(self, seg: SegmentRecord, addr: int, size: int) -> None:
-        if self.segments.get(seg.id) is seg:
+        if self._replaying:
+            self._dirty_allocators.add(seg.id)
+        elif self.segments.get(seg.id) is seg:
             seg.allocator.free(addr, reserved_size(size))
 
     def _discard(self, seg: SegmentRecord, addr: int, size: int, release_at: float) -> None:
         """Keep a range reserved until ``release_at`` (a writer or reader may still
         be using it), then free it in :meth:`tick`."""
-        heapq.heappush(
-            self._discards,
-            (release_at, next(self._discard_seq), seg, addr, reserved_size(size)),
-        )
+        if self._replaying:
+            self._dirty_allocators.add(seg.id)
+            return
+        reserved = reserved_size(size)
+        heapq.heappush(self._discards, (release_at, next(self._discard_seq), seg, addr, reserved))
+        self.metrics.discarded_buffers += 1
+        self.metrics.discard_staging_bytes += reserved
 
     def _size(self, size: int) -> int:
         return self._sizes.setdefault(size, size) if len(self._sizes) < 4096 else size
@@ -465,6 +503,19 @@ class MasterState:
             seg.objs[key] = obj
         self.inflight[key] = obj
         client.inflight.add(key)
+        if self.effects is not None:
+            self.effects.append(
+                WriteStarted(
+                    key,
+                    size,
+                    tuple((seg.id, addr) for seg, addr in reps),
+                    client.id,
+                    bool(flags & HARD_PIN),
+                    False,
+                    pin_ttl,
+                )
+            )
+        self.metrics.observe_value_size(size)
         return obj
 
     def _writing(self, client_id: str, key: str) -> Obj:
@@ -544,6 +595,7 @@ class MasterState:
         self._touch(client_id, now)
 
     def _abandon(self, key: str, obj: Obj, *, discard: bool, now: float) -> None:
+        self._emit(WriteEnded(key))
         release = now + self.config.put_start_release_timeout_s
         pending = obj.pending()
         if pending:
@@ -630,6 +682,19 @@ class MasterState:
         self.inflight.pop(key, None)
         self.inflight[key] = obj
         client.inflight.add(key)
+        if self.effects is not None:
+            self.effects.append(
+                WriteStarted(
+                    key,
+                    size,
+                    tuple((seg.id, addr) for seg, addr in pending),
+                    client.id,
+                    bool(obj.flags & HARD_PIN),
+                    True,
+                    ext.soft_pin_ttl_s if ext.repin else None,
+                )
+            )
+        self.metrics.observe_value_size(size)
         return obj
 
     def _finish_upsert(self, key: str, obj: Obj, now: float) -> None:
@@ -702,7 +767,9 @@ class MasterState:
         if obj.lease_until < lease_until:
             obj.lease_until = lease_until
         obj.flags = flags | REF
-        self.metrics.get_hits += 1
+        metrics = self.metrics
+        metrics.get_hits += 1
+        metrics.get_hit_bytes += obj.size
         return obj
 
     def exist_key(self, key: str, now: float) -> bool:
@@ -862,6 +929,8 @@ class MasterState:
         self.metrics.eviction_rounds += 1
         freed = evict_segment(seg, need_bytes, now, self._evict_one, protect, allow_soft)
         self.metrics.evicted_bytes += freed
+        if freed:
+            self.metrics.successful_evictions += 1
         return freed
 
     def _evict_one(self, key: str, obj: Obj, seg: SegmentRecord) -> int:
@@ -908,6 +977,8 @@ class MasterState:
         discards = self._discards
         while discards and discards[0][0] <= now:
             _, _, seg, addr, reserved = heapq.heappop(discards)
+            self.metrics.released_buffers += 1
+            self.metrics.discard_staging_bytes -= reserved
             if self.segments.get(seg.id) is seg:
                 seg.allocator.free(addr, reserved)
         release = self.config.put_start_release_timeout_s
@@ -950,10 +1021,12 @@ class MasterState:
         """Apply one effect (replay, or a standby following a leader).  Allocators
         are brought up to date by :meth:`finish_replay`."""
         recording, self.effects = self.effects, None
+        self._replaying = True
         try:
             self._APPLY[type(effect)](self, effect, now)
         finally:
             self.effects = recording
+            self._replaying = False
 
     def _apply_mount(self, ev: SegmentMounted, now: float) -> None:
         if ev.info.id not in self.segments:
@@ -987,6 +1060,52 @@ class MasterState:
         for seg, _ in reps:
             seg.objs[ev.key] = obj
 
+    def _apply_start(self, ev: WriteStarted, now: float) -> None:
+        reps: list[Rep] = []
+        for seg_id, addr in ev.replicas:
+            seg = self.segments.get(seg_id)
+            if seg is not None:
+                reps.append((seg, addr))
+                self._dirty_allocators.add(seg_id)
+        old = self.objects.get(ev.key)
+        if old is not None and old.flags & BUSY:
+            self._abandon(ev.key, old, discard=False, now=now)
+            old = self.objects.get(ev.key)
+        if not reps:
+            return
+        client = self._touch(ev.writer, now)
+        if ev.upsert and old is not None and old.flags & READABLE:
+            obj = old
+            ext = obj.extension()
+            ext.pending = tuple(reps)
+            ext.pending_size = self._size(ev.size)
+            ext.repin = ev.soft_pin_ttl_s is not None
+            if ext.repin:
+                ext.soft_pin_ttl_s = ev.soft_pin_ttl_s
+            obj.flags |= BUSY | (HARD_PIN if ev.hard_pinned else 0)
+            obj.writer = client.id
+        else:
+            if old is not None:
+                self._forget(ev.key, old)
+            flags = BUSY | (HARD_PIN if ev.hard_pinned else 0)
+            obj = Obj(self._size(ev.size), reps[0][0], reps[0][1], client.id, flags)
+            ext = obj.extension()
+            ext.soft_pin_ttl_s = ev.soft_pin_ttl_s
+            if len(reps) > 1:
+                ext.more = tuple(reps[1:])
+            self.objects.add(ev.key, obj)
+        ext.started_at = now
+        for seg, _ in reps:
+            seg.objs[ev.key] = obj
+        self.inflight.pop(ev.key, None)
+        self.inflight[ev.key] = obj
+        client.inflight.add(ev.key)
+
+    def _apply_abandon(self, ev: WriteEnded, now: float) -> None:
+        obj = self.objects.get(ev.key)
+        if obj is not None and obj.flags & BUSY:
+            self._abandon(ev.key, obj, discard=False, now=now)
+
     def _apply_delete(self, ev: ObjectDeleted, now: float) -> None:
         obj = self.objects.get(ev.key)
         if obj is not None:
@@ -998,10 +1117,13 @@ class MasterState:
         SegmentUnmounted: _apply_unmount,
         ObjectCommitted: _apply_commit,
         ObjectDeleted: _apply_delete,
+        WriteStarted: _apply_start,
+        WriteEnded: _apply_abandon,
     }
 
     def finish_replay(self) -> None:
-        """Rebuild the allocators touched by :meth:`apply` from the objects.
+        """Rebuild the allocators touched by :meth:`apply` from the objects (their
+        current and pending replicas).
 
         Raises:
             ValueError: restored replicas overlap or leave their segment.
@@ -1010,14 +1132,29 @@ class MasterState:
             seg = self.segments.get(seg_id)
             if seg is None:
                 continue
-            live = [
-                (addr, reserved_size(obj.size))
-                for obj in seg.objs.values()
-                for s, addr in obj.replicas()
-                if s is seg
-            ]
+            live: list[tuple[int, int]] = []
+            for obj in seg.objs.values():
+                reserved = reserved_size(obj.size)
+                live += [(addr, reserved) for s, addr in obj.replicas() if s is seg]
+                pending = obj.pending()
+                if pending:
+                    reserved = reserved_size(obj.extension().pending_size)
+                    live += [(addr, reserved) for s, addr in pending if s is seg]
             seg.allocator.rebuild(live)
         self._dirty_allocators.clear()
+
+    def promote(self, now: float) -> None:
+        """This state, built by applying a leader's effects, starts deciding: the
+        allocators are rebuilt and every known client gets a fresh ``client_ttl``
+        (none of them could ping a standby)."""
+        self.finish_replay()
+        for client in self.clients.values():
+            client.last_seen = now
+        for obj in self.inflight.values():
+            if obj.ext is not None:
+                obj.ext.started_at = now
+        self._last_tick = None
+        self.view_version += 1
 
     def snapshot_effects(self) -> list[Effect]:
         """The current durable state as a minimal effect list (for compaction).
@@ -1031,12 +1168,31 @@ class MasterState:
     def segment_effects(self) -> list[Effect]:
         return [SegmentMounted(seg.info, seg.client_id) for seg in self.segments.values()]
 
-    def shard_effects(self, shard: int) -> list[Effect]:
-        return [
-            self._commit_effect(key, obj)
-            for key, obj in self.objects.shards[shard].items()
-            if obj.flags & READABLE
-        ]
+    def shard_effects(self, shard: int, *, writes: bool = False) -> list[Effect]:
+        """Records of one shard's objects: their readable values, and with
+        ``writes`` also the writes in progress (what a standby needs)."""
+        out: list[Effect] = []
+        for key, obj in self.objects.shards[shard].items():
+            if obj.flags & READABLE:
+                out.append(self._commit_effect(key, obj))
+            if writes and obj.flags & BUSY:
+                out.append(self._start_effect(key, obj))
+        return out
+
+    @staticmethod
+    def _start_effect(key: str, obj: Obj) -> WriteStarted:
+        ext = obj.extension()
+        upsert = bool(obj.flags & READABLE)
+        reps = ext.pending if upsert else tuple(obj.replicas())
+        return WriteStarted(
+            key,
+            ext.pending_size if upsert else obj.size,
+            tuple((seg.id, addr) for seg, addr in reps),
+            obj.writer,
+            bool(obj.flags & HARD_PIN),
+            upsert,
+            ext.soft_pin_ttl_s,
+        )
 
     # ------------------------------------------------------------------------------
     # introspection
@@ -1101,9 +1257,12 @@ class MasterState:
             for key in client.inflight:
                 writing = self.objects.get(key)
                 assert writing is not None and writing.flags & BUSY and writing.writer == client.id
+        staged = 0
         for _, _, seg, addr, reserved in self._discards:
+            staged += reserved
             if self.segments.get(seg.id) is seg:
                 live[seg.id].append((addr, reserved))
+        assert staged == self.metrics.discard_staging_bytes, "discarded-bytes gauge disagrees"
         for sid, seg in self.segments.items():
             assert set(seg.objs) == in_seg[sid], f"segment {sid}: object index disagrees"
             seg.allocator.validate(live[sid])

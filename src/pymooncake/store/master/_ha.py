@@ -1,0 +1,192 @@
+"""Master high availability: leader election through etcd, as the reference does it.
+
+Theory of operation
+-------------------
+Every master of a cluster runs an :class:`Elector` thread.  It grants an etcd
+lease of ``lease_ttl_s`` (reference: 5 s) and tries to create
+``mooncake-store/<cluster_id>/master_view`` -- value: its RPC address -- with a
+create-if-absent transaction bound to that lease.
+
+* The winner keeps the lease alive (``KeepAlive``: its ``deadline`` is never
+  later than etcd's own expiry) and **warms up** for one lease period before it
+  serves: by then any previous leader's lease has expired, and a previous
+  leader stops serving the moment its own deadline passes (``fenced``), even
+  if it was frozen (SIGSTOP) and did not notice.  It serves until its lease is
+  lost (etcd unreachable past the deadline, or the key revoked); then it stops
+  serving at once and campaigns again as a standby.
+* The others are standbys: they read the key's value (the leader's address),
+  follow the leader's effect stream (``_replication.py``) so that their state
+  equals the leader's, and watch the key; when it goes away they campaign.
+
+``view_version`` is the etcd revision at which the leader created the key;
+clients see it in Ping replies.  Clients given ``etcd://h1:2379;h2:2379`` read
+the same key to find the leader (``_master_client.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from ..._etcd import EtcdClient, EtcdError, KeepAlive
+
+__all__ = ["DEFAULT_LEASE_TTL_S", "Elector", "HaConfig", "master_view_key"]
+
+log = logging.getLogger("pymooncake.master.ha")
+
+#: reference DEFAULT_MASTER_VIEW_LEASE_TTL_SEC
+DEFAULT_LEASE_TTL_S: Final = 5
+#: how often a standby re-reads the key when its watch is quiet (reference: 200 ms poll)
+_POLL_S: Final = 1.0
+
+
+def master_view_key(cluster_id: str) -> str:
+    """The etcd key naming the leader (reference layout)."""
+    return f"mooncake-store/{cluster_id}/master_view"
+
+
+@dataclass(frozen=True)
+class HaConfig:
+    """``--enable_ha`` settings."""
+
+    etcd_endpoints: str
+    cluster_id: str = "mooncake_cluster"
+    lease_ttl_s: int = DEFAULT_LEASE_TTL_S
+    #: the address written into the key (this master's RPC address as peers reach it)
+    advertise: str = ""
+
+
+class Elector:
+    """Campaigns for leadership in a background thread.
+
+    Args:
+        on_standby: ``(leader address, view_version)`` -- someone else leads.
+        on_leader: ``(view_version, keepalive)`` -- this master leads now (after
+            the warm-up); ``keepalive.deadline`` bounds when it may serve.
+        on_lost: ``(reason)`` -- leadership is gone; stop serving now.
+        All are called on the elector's thread.
+    """
+
+    def __init__(
+        self,
+        config: HaConfig,
+        *,
+        on_standby: Callable[[str, int], None],
+        on_leader: Callable[[int, KeepAlive], None],
+        on_lost: Callable[[str], None],
+    ) -> None:
+        self.config = config
+        self.key = master_view_key(config.cluster_id)
+        self._etcd = EtcdClient(config.etcd_endpoints, timeout_s=2.0, connect_timeout_s=1.0)
+        self._on_standby = on_standby
+        self._on_leader = on_leader
+        self._on_lost = on_lost
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mc-master-ha", daemon=True)
+        self.role = "starting"
+        self.leader = ""
+        self.view_version = 0
+        self.elections = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._lost.set()
+        self._thread.join(10)
+        self._etcd.close()
+
+    # --- the campaign ------------------------------------------------------------
+
+    def _run(self) -> None:
+        pause = 0.2
+        while not self._stop.is_set():
+            try:
+                self._campaign()
+                pause = 0.2
+            except EtcdError as exc:
+                if self.role == "leader":
+                    self._step_down(f"etcd failed: {exc}")
+                log.warning("HA: %s; retrying in %.1f s", exc, pause)
+                self.role = "candidate"
+                self._stop.wait(pause)
+                pause = min(pause * 2, 2.0)
+
+    def _campaign(self) -> None:
+        ttl = self.config.lease_ttl_s
+        granted_at = time.monotonic()
+        lease = self._etcd.lease_grant(ttl)
+        result = self._etcd.create(self.key, self.config.advertise.encode(), lease=lease.id)
+        if not result.created:
+            self._etcd.lease_revoke(lease.id)
+            existing = result.existing
+            if existing is not None:
+                self._follow(existing.value.decode(errors="replace"), existing.create_revision)
+            self._wait_for_vacancy(result.revision)
+            return
+        self.view_version = result.revision
+        self._lost.clear()
+        keep = self._etcd.keep_alive(
+            lease.id,
+            lease.ttl_s,
+            interval_s=min(1.0, lease.ttl_s / 3),
+            on_lost=self._lease_lost,
+            granted_at=granted_at,
+        )
+        try:
+            self.role = "warmup"
+            log.info(
+                "HA: won the election for %s (view %d); warming up for %d s before serving",
+                self.key,
+                self.view_version,
+                ttl,
+            )
+            # fencing by time: any earlier leader's lease has expired by the end
+            if self._lost.wait(float(ttl)) or self._stop.is_set():
+                return
+            self.role = "leader"
+            self.leader = self.config.advertise
+            self.elections += 1
+            self._on_leader(self.view_version, keep)
+            self._lost.wait()
+            if not self._stop.is_set():
+                self._step_down("the etcd lease was lost")
+        finally:
+            keep.close(revoke=self._stop.is_set())
+
+    def _lease_lost(self, reason: str) -> None:
+        self._lost.set()
+
+    def _step_down(self, reason: str) -> None:
+        if self.role == "leader":
+            log.error("HA: no longer the leader (%s); stopped serving", reason)
+            self._on_lost(reason)
+        self.role = "standby"
+
+    def _follow(self, leader: str, view_version: int) -> None:
+        if (leader, view_version) != (self.leader, self.view_version):
+            self.leader, self.view_version = leader, view_version
+            log.info("HA: standby; the leader is %s (view %d)", leader, view_version)
+            self._on_standby(leader, view_version)
+        self.role = "standby"
+
+    def _wait_for_vacancy(self, revision: int) -> None:
+        """Block until the leader key is gone (then the caller campaigns)."""
+        watch = self._etcd.watch(self.key, start_revision=revision + 1)
+        try:
+            while not self._stop.is_set():
+                resp = watch.get(timeout_s=_POLL_S)
+                if resp is not None and any(ev.type == "DELETE" for ev in resp.events):
+                    return
+                current = self._etcd.get(self.key)
+                if current is None:
+                    return
+                self._follow(current.value.decode(errors="replace"), current.create_revision)
+        finally:
+            watch.close()

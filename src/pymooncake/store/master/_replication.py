@@ -1,0 +1,320 @@
+"""Leader -> standby replication of the master's effects (HA without loss).
+
+Theory of operation
+-------------------
+A standby connects to the leader's RPC port (authenticating like any client)
+and sends ``Follow``.  The leader answers with a stream of frames, each a
+batch of effect records (``_effects.py``) with a sequence number: first its
+current state a slice at a time (segments, readable objects, writes in
+progress), interleaved in time order with the live effects of requests served
+meanwhile -- every record is the state at the moment it was sent, so the
+stream is a valid log from the start -- then ``synced``, then live effects
+only.  The standby applies each frame to its own :class:`MasterState` and
+acknowledges the sequence number.
+
+**The commit barrier.**  While at least one standby is in sync, the leader
+holds a reply until a standby has acknowledged (a) the request's own durable
+effects -- an acknowledged put, removal or mount is on a standby before its
+client hears "ok" -- and (b) the last batch that freed buffers -- buffers freed
+by a removal or an eviction are handed out again only once the standby knows
+they were freed (otherwise a new leader could resurrect an object whose bytes
+were already overwritten).  A PutStart's own reservation (``WriteStarted``) is
+shipped without waiting: a put then costs one barrier, not two.  The price: a
+write still in progress more than a lease period after its leader died may
+land in buffers the new leader has handed out again (the new leader's warm-up
+of one lease period is the margin; writes of KV-cache blocks take
+milliseconds).  A standby that does not
+acknowledge within ``sync_timeout_s`` is dropped from the barrier (logged; it
+re-enters when it catches up), so a dead standby costs one timeout, not the
+service.
+
+The cost is one leader->standby round trip per batch of requests that changed
+state (requests served in one turn of the event loop share it); requests that
+change nothing wait only if effects of others are still unacknowledged.
+Leases and the reply cache are not replicated: after a failover readers ask
+again, and a Remove retried across the failover may report OBJECT_NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from ..._authio import ClusterSecurity, client_handshake_async
+from ..._net import split_host_port
+from ...errors import MooncakeError
+from ...wire import MasterFrameDecoder, MasterReply, encode_reply, encode_request
+from ...wire import _master_msgs as msg
+from .._config import MasterConfig
+from ._effects import (
+    Effect,
+    ObjectDeleted,
+    SegmentUnmounted,
+    WriteEnded,
+    WriteStarted,
+    effect_from_record,
+)
+from ._index import SHARDS
+from ._state import MasterState
+
+if TYPE_CHECKING:
+    from ._service import _RpcProtocol
+
+__all__ = ["DEFAULT_SYNC_TIMEOUT_S", "Follower", "ReplicationHub"]
+
+log = logging.getLogger("pymooncake.master.ha")
+
+#: how long the leader holds replies for a standby's acknowledgement before it
+#: drops that standby from the commit barrier
+DEFAULT_SYNC_TIMEOUT_S: Final = 2.0
+#: a standby whose unsent stream exceeds this is disconnected (it re-syncs)
+_MAX_BACKLOG: Final = 256 << 20
+#: the stream's frames may be far larger than a request
+_MAX_STREAM_FRAME: Final = 1 << 30
+#: effects that return buffers to the allocator
+_FREES: Final = (ObjectDeleted, SegmentUnmounted, WriteEnded)
+
+
+class _Link:
+    """One standby connected to this leader."""
+
+    __slots__ = ("acked", "name", "proto", "ready", "req_id", "synced_seq")
+
+    def __init__(self, proto: _RpcProtocol, req_id: int, name: str) -> None:
+        self.proto = proto
+        self.req_id = req_id
+        self.name = name
+        self.acked = 0
+        self.ready = False  # in the commit barrier
+        self.synced_seq = -1  # the sequence the initial state ended at
+
+
+class ReplicationHub:
+    """The leader's side: ships effects, tracks acknowledgements, releases replies."""
+
+    def __init__(self, sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S) -> None:
+        self.sync_timeout_s = sync_timeout_s
+        self.seq = 0
+        self.acked = 0
+        #: the last batch that freed buffers (deletes, unmounts, revoked writes)
+        self.free_seq = 0
+        self.links: dict[_RpcProtocol, _Link] = {}
+        self._waiting: set[_RpcProtocol] = set()
+        self.dropped = 0
+        #: replies held for a standby's acknowledgement (a counter)
+        self.held = 0
+
+    # --- state --------------------------------------------------------------------
+
+    def barrier(self, own: int = 0) -> int:
+        """The sequence number a reply sent now must wait for (0: none): ``own``, the
+        batch that carried the request's own durable effects, and in any case the
+        last batch that freed buffers (a reply may hand them out again)."""
+        need = max(own, self.free_seq)
+        return need if need > self.acked and self.in_sync else 0
+
+    @property
+    def in_sync(self) -> bool:
+        return any(link.ready for link in self.links.values())
+
+    def status(self) -> list[dict[str, Any]]:
+        return [
+            {"standby": ln.name, "acked": ln.acked, "ready": ln.ready, "seq": self.seq}
+            for ln in self.links.values()
+        ]
+
+    # --- leader side ----------------------------------------------------------------
+
+    def ship(self, effects: list[Effect]) -> int:
+        """Send ``effects`` to every standby; returns their sequence number if a reply
+        acknowledging them must wait for it (durable effects), else 0."""
+        if not self.links:
+            return 0
+        self.seq += 1
+        records = [e.record() for e in effects]
+        for link in list(self.links.values()):
+            self._send(link, {"seq": self.seq, "effects": records})
+        if any(isinstance(e, _FREES) for e in effects):
+            self.free_seq = self.seq
+        return self.seq if any(not isinstance(e, WriteStarted) for e in effects) else 0
+
+    def _send(self, link: _Link, value: dict[str, Any]) -> None:
+        transport = link.proto.transport
+        if transport is None:
+            return
+        # the frame id carries the sequence number: the standby acknowledges from
+        # the prefix, before it decodes and applies the body
+        transport.write(encode_reply(value["seq"] & 0xFFFFFFFF, 0, value))
+        if transport.get_write_buffer_size() > _MAX_BACKLOG:
+            log.error(
+                "HA: standby %s is %d bytes behind; disconnecting it (it will re-sync)",
+                link.name,
+                transport.get_write_buffer_size(),
+            )
+            link.proto.abort()
+
+    async def follow(
+        self, proto: _RpcProtocol, req_id: int, req: msg.Follow, state: MasterState
+    ) -> None:
+        """Serve a new standby: the current state a slice at a time, then live."""
+        link = _Link(proto, req_id, req.standby or str(proto.peer))
+        self.links[proto] = link
+        log.info("HA: standby %s connected; sending the current state", link.name)
+        self._send(
+            link, {"seq": self.seq, "effects": [e.record() for e in state.segment_effects()]}
+        )
+        for i in range(SHARDS):
+            records = [e.record() for e in state.shard_effects(i, writes=True)]
+            if records:
+                self._send(link, {"seq": self.seq, "effects": records})
+            if i % 32 == 31:
+                await asyncio.sleep(0)
+            if proto not in self.links:
+                return
+        link.synced_seq = self.seq
+        self._send(link, {"seq": self.seq, "effects": [], "synced": True})
+
+    def on_ack(self, proto: _RpcProtocol, seq: int) -> None:
+        link = self.links.get(proto)
+        if link is None:
+            return
+        link.acked = max(link.acked, seq)
+        if not link.ready and link.synced_seq >= 0 and link.acked >= max(link.synced_seq, self.seq):
+            link.ready = True
+            log.info("HA: standby %s is in sync at %d; puts now wait for it", link.name, seq)
+        self._advance()
+
+    def lost(self, proto: _RpcProtocol) -> None:
+        link = self.links.pop(proto, None)
+        self._waiting.discard(proto)
+        if link is not None:
+            log.warning("HA: standby %s disconnected", link.name)
+            self._advance()
+
+    def _advance(self) -> None:
+        ready = [ln.acked for ln in self.links.values() if ln.ready]
+        self.acked = max(ready) if ready else self.seq  # no standby in sync: nothing to wait for
+        for proto in list(self._waiting):
+            if proto.release_held(self.acked):
+                self._waiting.discard(proto)
+
+    def wait(self, proto: _RpcProtocol) -> None:
+        """``proto`` holds replies until :meth:`_advance` releases them."""
+        self._waiting.add(proto)
+
+    def check(self, now: float) -> None:
+        """Drop standbys that kept replies waiting longer than ``sync_timeout_s``."""
+        oldest = min((p.held_since for p in self._waiting if p.held_since), default=None)
+        if oldest is None or now - oldest <= self.sync_timeout_s:
+            return
+        for link in self.links.values():
+            if link.ready and link.acked < self.seq:
+                link.ready = False
+                self.dropped += 1
+                log.error(
+                    "HA: standby %s did not acknowledge within %.1f s (at %d of %d); replies no "
+                    "longer wait for it until it catches up -- a failover now may lose the "
+                    "latest puts",
+                    link.name,
+                    self.sync_timeout_s,
+                    link.acked,
+                    self.seq,
+                )
+        self._advance()
+
+
+class Follower:
+    """The standby's side: keeps a :class:`MasterState` equal to the leader's.
+
+    Args:
+        leader: ``host:port`` of the leader's RPC port.
+        on_state: called with each fresh state (at every (re)connection).
+    """
+
+    def __init__(
+        self,
+        config: MasterConfig,
+        name: str,
+        security: ClusterSecurity,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.name = name
+        self.security = security
+        self._clock = clock
+        self.state: MasterState | None = None
+        self.synced = False
+        self.seq = 0
+        self.leader = ""
+
+    async def run(
+        self, leader: str, view_version: int, on_state: Callable[[MasterState], None]
+    ) -> None:
+        """Follow ``leader`` until cancelled, reconnecting with backoff.  A new
+        state replaces the current one (``on_state``) only once it is complete."""
+        self.leader = leader
+        pause = 0.1
+        while True:
+            try:
+                await self._follow_once(leader, view_version, on_state)
+                pause = 0.1
+            except (OSError, MooncakeError, asyncio.IncompleteReadError) as exc:
+                log.warning("HA: following the leader at %s failed: %s; retrying", leader, exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    async def _follow_once(
+        self, leader: str, view_version: int, on_state: Callable[[MasterState], None]
+    ) -> None:
+        host, port = split_host_port(leader)
+        reader, writer = await asyncio.open_connection(host, port or 50051)
+        try:
+            key = self.security.key
+            if key is not None:
+                await client_handshake_async(
+                    reader,
+                    writer,
+                    key,
+                    b"master-rpc",
+                    timeout_s=5.0,
+                    port="master RPC port (HA stream)",
+                    peer=leader,
+                )
+            # the state being rebuilt; the last complete one stays current meanwhile
+            # (if the leader dies during a re-sync, it is the better of the two)
+            state = MasterState(self.config)
+            live = False
+            writer.write(encode_request(1, msg.Follow(self.name, view_version)))
+            decoder = MasterFrameDecoder(_MAX_STREAM_FRAME)
+            acks = 2
+            while True:
+                data = await reader.read(1 << 20)
+                if not data:
+                    raise ConnectionResetError("the leader closed the stream")
+                decoder.feed(data)
+                ids = decoder.complete_ids()
+                if ids:  # acknowledge on receipt: the effects are in this process now
+                    writer.write(encode_request(acks, msg.Ack(max(ids))))
+                    acks += 1
+                while True:
+                    frame = decoder.next_frame()
+                    if not isinstance(frame, MasterReply):
+                        break
+                    if frame.code != 0:
+                        raise MooncakeError(f"the leader refused to stream: {frame.value}")
+                    value = frame.value
+                    now = self._clock()
+                    for rec in value["effects"]:
+                        state.apply(effect_from_record(rec), now)
+                    self.seq = int(value["seq"])
+                    if value.get("synced") and not live:
+                        live = True
+                        self.state = state
+                        self.synced = True
+                        on_state(state)
+                        log.info("HA: in sync with the leader at %s (seq %d)", leader, self.seq)
+        finally:
+            writer.close()

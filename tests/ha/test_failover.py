@@ -1,0 +1,144 @@
+"""Master HA against a real etcd: election, failover without loss, fencing.
+
+Masters run as ``mooncake_master --enable_ha`` processes; the store client
+finds the leader through ``etcd://`` as reference clients do.  Lease TTL 2 s
+(etcd's minimum is about 1.5 s), so one failover takes about 4 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pymooncake.errors import StoreError
+from pymooncake.store import StoreClient, StoreClientConfig
+from pymooncake.store._master_client import MasterClient
+from pymooncake.store._types import ErrorCode
+from pymooncake.testing._etcd_server import EtcdCluster
+from pymooncake.testing._ha import HaMasters
+from pymooncake.wire import _master_msgs as msg
+
+pytestmark = pytest.mark.slow
+TTL = 2
+MiB = 1 << 20
+
+
+def _value(key: str, size: int) -> bytes:
+    rng = random.Random(hashlib.sha256(key.encode()).digest())
+    return rng.randbytes(size)
+
+
+@pytest.fixture
+def masters(etcd_cluster: EtcdCluster) -> Iterator[HaMasters]:
+    with HaMasters(etcd_cluster.endpoints, 2, lease_ttl_s=TTL) as group:
+        yield group
+
+
+def _client(group: HaMasters, segment: int = 64 * MiB) -> StoreClient:
+    return StoreClient(
+        StoreClientConfig(
+            local_hostname="127.0.0.1",
+            metadata_server="P2PHANDSHAKE",
+            master_server_addr=group.client_address,
+            global_segment_size=segment,
+            local_buffer_size=16 * MiB,
+            cluster_id=group.cluster_id,
+            rpc_timeout_s=30.0,
+        )
+    )
+
+
+def test_one_leader_is_elected_and_serves(masters: HaMasters) -> None:
+    leader = masters.leader()
+    roles = sorted(m.role() for m in masters.masters)
+    assert roles == ["leader", "standby"]
+    # the standby refuses clients and names the leader
+    standby = next(m for m in masters.masters if m is not leader)
+    direct = MasterClient(standby.rpc, timeout_s=2.0, same_host_rpc=False)
+    try:
+        with pytest.raises(StoreError) as info:
+            direct.call(msg.Ping("someone"))
+        assert info.value.code == ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS
+        assert leader.rpc in str(info.value)
+    finally:
+        direct.close()
+    with _client(masters) as client:
+        assert client.put("k", b"v") is True
+        assert client.get("k") == b"v"
+
+
+def test_sigkill_of_the_leader_loses_no_acknowledged_object(masters: HaMasters) -> None:
+    leader = masters.leader()
+    with _client(masters) as client:
+        masters.wait_in_sync(leader)
+        keys = [f"obj-{i}" for i in range(200)]
+        sizes = [random.Random(i).choice([100, 4096, 65536, 300_000]) for i in range(200)]
+        for k, n in zip(keys, sizes, strict=True):
+            assert client.put(k, _value(k, n)) is True
+        batch = [f"batch-{i}" for i in range(64)]
+        assert all(r is True for r in client.put_many(batch, [[_value(k, 4096)] for k in batch]))
+        leader.node.kill(signal.SIGKILL)
+        new, waited = masters.new_leader(leader)
+        # lease expiry (<= TTL) + warm-up (TTL) + detection
+        assert waited < 2 * TTL + 3, f"failover took {waited:.1f} s"
+        status = new.status()
+        assert status["failovers"] == 1
+        for k, n in zip(keys, sizes, strict=True):
+            assert client.get(k) == _value(k, n), k
+        for k in batch:
+            assert client.get(k) == _value(k, 4096)
+        assert client.put("after", b"x" * 1000) is True
+        assert client.get("after") == b"x" * 1000
+        # the client was not expired: its segment is still the store's
+        assert client.exists("obj-0")
+
+
+def test_puts_in_flight_across_a_failover_complete(masters: HaMasters) -> None:
+    """A put that started on the old leader finishes on the new one (its buffers
+    were replicated), and puts issued during the election wait and then succeed."""
+    leader = masters.leader()
+    with _client(masters) as client:
+        masters.wait_in_sync(leader)
+        reps = client.master.call(
+            msg.PutStart(client.client_id, "half", 4096, msg.ReplicateParams())
+        )
+        assert len(reps) == 1
+        leader.node.kill(signal.SIGKILL)
+        t0 = time.monotonic()
+        assert client.put("during", b"d" * 4096) is True  # waits for the new leader
+        assert time.monotonic() - t0 < 2 * TTL + 5
+        client.master.call(msg.PutEnd(client.client_id, "half"))
+        assert client.exists("half")
+
+
+def test_a_frozen_leader_never_serves_again(masters: HaMasters) -> None:
+    leader = masters.leader()
+    with _client(masters) as client:
+        masters.wait_in_sync(leader)
+        assert client.put("before", b"1" * 100) is True
+        leader.node.proc.send_signal(signal.SIGSTOP)
+        try:
+            _new, waited = masters.new_leader(leader)
+            assert waited < 2 * TTL + 3
+            assert client.put("meanwhile", b"2" * 100) is True
+        finally:
+            leader.node.proc.send_signal(signal.SIGCONT)
+        # the old leader wakes up past its lease: it must refuse at once
+        direct = MasterClient(leader.rpc, timeout_s=3.0, same_host_rpc=False)
+        try:
+            with pytest.raises(StoreError) as info:
+                direct.call(msg.ExistKey("before"))
+            assert info.value.code == ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS
+        finally:
+            direct.close()
+        deadline = time.monotonic() + 10
+        while leader.role() == "leader" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert leader.role() != "leader"
+        assert client.get("before") == b"1" * 100
+        assert client.get("meanwhile") == b"2" * 100
