@@ -207,3 +207,33 @@ def test_a_connection_closed_during_the_token_handshake_is_retried() -> None:
                 if heal.is_alive():
                     heal.join()
                 writer.close()
+
+
+@pytest.mark.parametrize("method", ["PutStart", "BatchPutStart"])
+def test_a_put_abandoned_after_a_lost_start_is_revoked_without_a_retry(
+    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient], method: str
+) -> None:
+    """The master reserved space for a put whose client never learned it (every
+    reply lost until the RPC timeout). The client gives up -- and revokes it once the
+    master answers again, instead of leaving it reserved for
+    put_start_release_timeout (600 s) unless the application happens to retry."""
+    cluster, proxy, node, _ = setup
+    impatient = _client(cluster, proxy.address, rpc_timeout_s=1.0)
+    try:
+        proxy.drop_replies(method, 10_000)
+        with pytest.raises(MooncakeError):
+            if method == "PutStart":
+                impatient.put("gone", _value(100 * KiB, 5))
+            else:
+                impatient.put_many(["gone", "gone-2"], [[b"x" * 1000], [b"y" * 1000]])
+        assert cluster.master.call(lambda st: len(st.inflight)) >= 1  # reserved
+        proxy.heal()
+        deadline = time.monotonic() + 10.0
+        while cluster.master.call(lambda st: len(st.inflight)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cluster.master.call(lambda st: len(st.inflight)) == 0
+        assert not node.exists("gone")
+        assert node.put("gone", b"free") is True  # the key is free at once
+        cluster.master.call(lambda st: st.validate())
+    finally:
+        impatient.close()
