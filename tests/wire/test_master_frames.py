@@ -517,9 +517,9 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "segment_name": text,
     "pattern": text,
     "force": st.booleans(),
-    "standby": text,  # Follow (HA replication)
+    "standby": text,
     "view_version": u64,
-    "seq": u64,  # Ack
+    "seq": u64,
 }
 
 
