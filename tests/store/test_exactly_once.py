@@ -209,7 +209,7 @@ def test_a_connection_closed_during_the_token_handshake_is_retried() -> None:
                 writer.close()
 
 
-@pytest.mark.parametrize("method", ["PutStart", "BatchPutStart"])
+@pytest.mark.parametrize("method", ["PutStart", "BatchPutStart", "UpsertStart"])
 def test_a_put_abandoned_after_a_lost_start_is_revoked_without_a_retry(
     setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient], method: str
 ) -> None:
@@ -224,6 +224,8 @@ def test_a_put_abandoned_after_a_lost_start_is_revoked_without_a_retry(
         with pytest.raises(MooncakeError):
             if method == "PutStart":
                 impatient.put("gone", _value(100 * KiB, 5))
+            elif method == "UpsertStart":
+                impatient.upsert("gone", _value(100 * KiB, 6))
             else:
                 impatient.put_many(["gone", "gone-2"], [[b"x" * 1000], [b"y" * 1000]])
         assert cluster.master.call(lambda st: len(st.inflight)) >= 1  # reserved
