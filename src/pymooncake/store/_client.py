@@ -159,9 +159,13 @@ class StoreClient(WriteOps, ReadOps):
         #: concurrent put of another thread from an orphan of an earlier attempt
         self._writing: dict[str, int] = {}
         self._writing_lock = threading.Lock()
-        #: puts whose revoke could not be sent (master unreachable): retried by the
-        #: heartbeat, so their buffers do not wait for put_start_release_timeout
+        #: puts whose revoke could not be sent (master unreachable), or whose
+        #: PutStart may have been executed although its reply never came: revoked
+        #: by the heartbeat, so their buffers do not wait for put_start_release_timeout
         self._revoke_backlog: set[tuple[str, bool]] = set()
+        #: keys the heartbeat is revoking right now; a put of one waits for it
+        self._revoking: set[str] = set()
+        self._revoke_done = threading.Condition(self._writing_lock)
         try:
             self.master.check_version()
             if engine is None:
