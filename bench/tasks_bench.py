@@ -115,15 +115,15 @@ def worker() -> int:
         if state.get("ready"):
             store.close()
 
-    return C.serve_commands(
-        C.reply_channel(), {"setup": setup, "put": put, "copy": copy}, close
-    )
+    return C.serve_commands(C.reply_channel(), {"setup": setup, "put": put, "copy": copy}, close)
 
 
 # ------------------------------------------------------------------------- driver
 
 
-def run_impl(impl: str, sizes: list[int], keys: int, latency_tasks: int, logs: Path) -> dict[str, Any]:
+def run_impl(
+    impl: str, sizes: list[int], keys: int, latency_tasks: int, logs: Path
+) -> dict[str, Any]:
     python = C.python_for(impl)
     env = C.env_for(impl)
     master, rpc, meta = C.start_master(impl, python, env, 5000, logs / f"{impl}-master")

@@ -323,9 +323,13 @@ class DrainJobs:
         st = self.st
         for name in job.segments:
             for seg in self._segs(name):
-                for key, obj in list(seg.objs.items()):
+                # planning queues tasks only (no change to the deque): iterate it
+                for obj in seg.order:
                     if slots <= 0 and not full:
                         break
+                    if not obj.flags:
+                        continue  # a dead entry
+                    key = obj.key
                     unit = (key, name)
                     if unit in job.completed or unit in busy or unit in job.terminal:
                         continue
@@ -396,10 +400,12 @@ class DrainJobs:
         units: set[Unit] = set()
         for name in job.segments:
             for seg in self._segs(name):
-                for key, obj in seg.objs.items():
+                for obj in seg.order:
+                    if not obj.flags:
+                        continue
                     if any(s is seg for s, _ in obj.replicas()) or obj.pending():
                         remaining.add(name)
-                        units.add((key, name))
+                        units.add((obj.key, name))
         for name in job.segments:
             if name not in remaining:
                 self.drained.add(name)

@@ -342,10 +342,15 @@ class Replications:
             src_seg, src_addr = rep.source
             new = [r for r in new if not (r[0] is src_seg and r[1] == src_addr)]
             st._discard(src_seg, src_addr, obj.size, max(now, obj.lease_until))
-            detach(src_seg, key)
-        obj.set_replicas(new)
-        for seg, _ in live:
-            attach(seg, key, obj)
+            # the object leaves a segment that stays mounted: a new record (a record
+            # only ever gains segments, see _records.py)
+            obj = st._rebind(obj)
+            obj.set_replicas(new)
+            st._enlist(obj)
+        else:
+            obj.set_replicas(new)
+            for seg, _ in live:
+                seg.order.append(obj)
         st._committed(key, obj)
         if lost:
             raise _err(
@@ -445,16 +450,3 @@ class Replications:
         for key, obj in st.objects.items():
             if obj.flags & TASK:
                 assert key in self.active, f"{key}: TASK flag without a copy in progress"
-
-
-# --- the segment index (the only code here that knows its layout) ----------------------------
-
-
-def attach(seg: SegmentRecord, key: str, obj: Obj) -> None:
-    """``obj`` has a replica in ``seg`` now."""
-    seg.objs[key] = obj
-
-
-def detach(seg: SegmentRecord, key: str) -> None:
-    """``key`` has no replica in ``seg`` any more."""
-    seg.objs.pop(key, None)
