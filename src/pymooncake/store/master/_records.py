@@ -56,9 +56,7 @@ BUSY: Final = 2  # a put or upsert is writing replicas
 REF: Final = 4  # read since the eviction hand last passed it
 HARD_PIN: Final = 8  # never evicted
 SOFT_PIN: Final = 16  # evicted last while ext.soft_pin_until is in the future
-TASK: Final = (
-    32  # a copy/move task is adding replicas (``_tasks.py``): not removed, evicted or replaced
-)
+TASK: Final = 32  # being copied/moved (_replicate.py): not removed, evicted or replaced
 
 _MASK: Final = ALIGNMENT - 1
 _COMPLETE: Final = ReplicaStatus.COMPLETE
