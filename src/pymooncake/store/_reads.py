@@ -9,17 +9,24 @@ from typing import Any
 from ..errors import (
     InvalidParams,
     LeaseExpired,
+    MalformedMessage,
     StoreError,
     store_error,
 )
 from ..transfer import TransferRequest
 from ..transfer.device import DeviceSpan
 from ..wire import _master_msgs as msg
+from ..wire._master_replies import Replica, decode_columns
 from ._buffers import BufferHandle, make_handle, new_bytes
 from ._client_io import BATCH_OPS, ClientIO, ObjectLocation, Part, Parts, transfer_failed
-from ._types import ErrorCode, ReplicaDesc
+from ._types import ErrorCode, ReplicaDesc, ReplicaStatus
+
+#: what the master says of one key: (0, (size, lease ttl s, replicas)) or (code, message)
+Found = tuple[int, Any]
 
 __all__ = ["ReadOps"]
+
+_COMPLETE = ReplicaStatus.COMPLETE
 
 
 class ReadOps(ClientIO):
@@ -29,23 +36,36 @@ class ReadOps(ClientIO):
     # reads
     # ------------------------------------------------------------------------------
 
-    def _query(self, keys: Sequence[str]) -> tuple[list[Any], float]:
-        """Replica lists (or errors) per key, and when the leases started."""
+    def _query(self, keys: Sequence[str]) -> tuple[list[Found], float]:
+        """Per key ``(0, (size, lease ttl in s, replicas))`` or ``(code, message)``
+        (replicas as (endpoint, address, segment id, replica id)), and when the
+        leases started."""
         t0 = time.monotonic()
         if len(keys) == 1:
             try:
-                return [[0, self.master.call(msg.GetReplicaList(keys[0]))]], t0
+                res = self.master.call(msg.GetReplicaList(keys[0]))
             except StoreError as exc:
-                return [[exc.code, exc.message]], t0
+                return [(exc.code, exc.message)], t0
+            reps = [(r[1], r[2], r[5], r[0]) for r in res["replicas"]]
+            return [(0, (int(res["size"]), res["lease_ttl_ms"] / 1000.0, reps))], t0
         if not keys:
             return [], t0
-        return self.master.call(msg.BatchGetReplicaList(tuple(keys))), t0
+        cols = decode_columns(self.master.call(msg.BatchGetReplicaList(tuple(keys))), sizes=True)
+        if len(cols) != len(keys):
+            raise MalformedMessage(f"the master answered {len(cols)} of {len(keys)} keys")
+        sizes = cols.sizes
+        assert sizes is not None
+        ttl = cols.lease_ttl_ms / 1000.0
+        return [
+            (0, (sizes[i], ttl, reps)) if code == 0 else (code, cols.message(i))
+            for i, (code, reps) in enumerate(zip(cols.code, cols.replicas(), strict=True))
+        ], t0
 
-    def _pick(self, replicas: Sequence[ReplicaDesc], attempt: int) -> ReplicaDesc:
+    def _pick(self, replicas: Sequence[Replica], attempt: int) -> Replica:
         if len(replicas) == 1:
             return replicas[0]
         own = self.engine.segment_name
-        ordered = sorted(replicas, key=lambda r: r.endpoint != own)  # local replica first
+        ordered = sorted(replicas, key=lambda r: r[0] != own)  # local replica first
         return ordered[attempt % len(ordered)]
 
     def _read_batch(
@@ -62,20 +82,21 @@ class ReadOps(ClientIO):
         n = len(keys)
         results: list[int | StoreError] = [0] * n
         found, t0 = self._query(keys)
-        replicas: dict[int, list[ReplicaDesc]] = {}
+        replicas: dict[int, list[Replica]] = {}
         views: dict[int, Parts] = {}
         lease_ttl = 0.0
         for i, (code, value) in enumerate(found):
             if code != 0:
                 results[i] = store_error(code, f"{keys[i]!r}: {value}")
                 continue
-            size = int(value["size"])
-            lease_ttl = max(lease_ttl, value["lease_ttl_ms"] / 1000.0)
+            size, ttl, reps = value
+            if ttl > lease_ttl:
+                lease_ttl = ttl
             target = dests(i, size)
             if isinstance(target, StoreError):
                 results[i] = target
                 continue
-            replicas[i] = [ReplicaDesc.from_wire(r) for r in value["replicas"]]
+            replicas[i] = reps
             views[i] = target
             results[i] = size
         pending = list(replicas)
@@ -86,9 +107,7 @@ class ReadOps(ClientIO):
             per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
             for i in pending:
                 rep = self._pick(replicas[i], attempt)
-                self._route_parts(
-                    i, rep.endpoint, rep.address, views[i], False, per_endpoint, errors
-                )
+                self._route_parts(i, rep[0], rep[1], views[i], False, per_endpoint, errors)
             self._run_transfers(per_endpoint, errors)
             attempt += 1
             failed = [i for i in pending if errors[i] is not None]
@@ -113,6 +132,13 @@ class ReadOps(ClientIO):
                 self.metrics.transfer(False, read, (now - transfer_start) // 1000, op in BATCH_OPS)
             self.metrics.operation(False, op, read, (now - started) // 1000)
         return results
+
+    def _pick_desc(self, replicas: Sequence[ReplicaDesc], attempt: int) -> ReplicaDesc:
+        if len(replicas) == 1:
+            return replicas[0]
+        own = self.engine.segment_name
+        ordered = sorted(replicas, key=lambda r: r.endpoint != own)  # local replica first
+        return ordered[attempt % len(ordered)]
 
     def get(self, key: str) -> bytes:
         """The value of ``key``.
@@ -242,12 +268,16 @@ class ReadOps(ClientIO):
             if code != 0:
                 out.append(store_error(code, f"{key!r}: {value}"))
             else:
+                size, ttl, reps = value
                 out.append(
                     ObjectLocation(
                         key,
-                        int(value["size"]),
-                        tuple(ReplicaDesc.from_wire(r) for r in value["replicas"]),
-                        t0 + value["lease_ttl_ms"] / 1000.0,
+                        size,
+                        tuple(
+                            ReplicaDesc(rid, ep, addr, size, _COMPLETE, sid)
+                            for ep, addr, sid, rid in reps
+                        ),
+                        t0 + ttl,
                     )
                 )
         return out
@@ -286,7 +316,7 @@ class ReadOps(ClientIO):
             for n, (i, j) in enumerate(pending):
                 rep = picked.get(i)
                 if rep is None:
-                    rep = picked[i] = self._pick(locations[i].replicas, attempt)
+                    rep = picked[i] = self._pick_desc(locations[i].replicas, attempt)
                 view, src = ranges[i][j]
                 self._route_parts(
                     n, rep.endpoint, rep.address + src, [view], False, per_endpoint, errors

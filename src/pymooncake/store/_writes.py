@@ -11,15 +11,19 @@ from typing import Any
 from .._logging import RepeatLimiter
 from ..errors import (
     InvalidParams,
+    MalformedMessage,
     MooncakeError,
+    RpcFailed,
+    RpcTimeout,
     StoreError,
     StoreTransferFailed,
     store_error,
 )
 from ..transfer import TransferRequest
 from ..wire import _master_msgs as msg
+from ..wire._master_replies import decode_columns
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
-from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
+from ._types import ErrorCode, ReplicateConfig
 
 __all__ = ["WriteOps"]
 
@@ -89,9 +93,13 @@ class WriteOps(ClientIO):
         n = len(keys)
         results: list[bool | StoreError] = [True] * n
         sizes = [sum(len(p) for p in ps) for ps in parts]
-        self._claim(keys)
+        self._claim(keys, upsert)
         try:
-            started = self._start(keys, sizes, config, upsert)
+            try:
+                started = self._start(keys, sizes, config, upsert)
+            except RpcFailed:
+                self._maybe_started(keys, upsert)
+                raise
             per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
             errors: list[BaseException | None] = [None] * n
             writing: list[int] = []
@@ -106,11 +114,8 @@ class WriteOps(ClientIO):
                     continue
                 writing.append(i)
                 copies[i] = len(value)
-                for r in value:
-                    rep = ReplicaDesc.from_wire(r)
-                    self._route_parts(
-                        i, rep.endpoint, rep.address, parts[i], True, per_endpoint, errors
-                    )
+                for endpoint, address in value:
+                    self._route_parts(i, endpoint, address, parts[i], True, per_endpoint, errors)
             self._run_transfers(per_endpoint, errors, unreachable)
             good = [i for i in writing if errors[i] is None]
             bad = [i for i in writing if errors[i] is not None]
@@ -130,13 +135,28 @@ class WriteOps(ClientIO):
 
     # --- the two phases -----------------------------------------------------------
 
-    def _claim(self, keys: Sequence[str]) -> None:
+    def _claim(self, keys: Sequence[str], upsert: bool) -> None:
         """Mark ``keys`` as being written by this process (before PutStart is sent,
-        so a concurrent thread never mistakes our put for an orphan)."""
+        so a concurrent thread never mistakes our put for an orphan).
+
+        A key the heartbeat is revoking at this moment is waited for (its revoke
+        must not hit this put); a pending revoke of the same kind is dropped: this
+        put's start revokes an orphan of ours itself (see :meth:`_start`)."""
         with self._writing_lock:
+            deadline = time.monotonic() + self.config.rpc_timeout_s
+            while self._revoking and any(k in self._revoking for k in keys):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RpcTimeout(
+                        f"revoking an earlier put of {keys[0]!r} did not finish within "
+                        f"{self.config.rpc_timeout_s:g} s (MC_RPC_TIMEOUT_MS)"
+                    )
+                self._revoke_done.wait(left)
             writing = self._writing
+            backlog = self._revoke_backlog
             for key in keys:
                 writing[key] = writing.get(key, 0) + 1
+                backlog.discard((key, upsert))
 
     def _unclaim(self, keys: Sequence[str]) -> None:
         with self._writing_lock:
@@ -150,8 +170,9 @@ class WriteOps(ClientIO):
 
     def _start(
         self, keys: Sequence[str], sizes: list[int], config: ReplicateConfig, upsert: bool
-    ) -> list[list[Any]]:
-        """PutStart/UpsertStart of every key: ``[code, replicas or message]`` each.
+    ) -> list[tuple[int, Any]]:
+        """PutStart/UpsertStart of every key: ``(code, [(endpoint, address), ...] or
+        message)`` each.
 
         A key that another put is still writing (REPLICA_IS_NOT_READY for puts,
         OBJECT_REPLICA_BUSY for upserts) is asked again until that put ends (the
@@ -162,7 +183,7 @@ class WriteOps(ClientIO):
         """
         params = config.to_params()
         busy_code = ErrorCode.OBJECT_REPLICA_BUSY if upsert else ErrorCode.REPLICA_IS_NOT_READY
-        out: list[list[Any]] = [[0, None]] * len(keys)
+        out: list[tuple[int, Any]] = [(0, None)] * len(keys)
         todo = list(range(len(keys)))
         deadline = time.monotonic() + self.config.rpc_timeout_s
         pause = 0.002
@@ -196,15 +217,35 @@ class WriteOps(ClientIO):
 
     def _start_rpc(
         self, keys: list[str], sizes: list[int], params: msg.ReplicateParams, upsert: bool
-    ) -> list[list[Any]]:
+    ) -> list[tuple[int, Any]]:
         if len(keys) == 1:  # the single-key RPCs are cheaper to encode
             cls = msg.UpsertStart if upsert else msg.PutStart
             try:
-                return [[0, self.master.call(cls(self.client_id, keys[0], sizes[0], params))]]
+                reps = self.master.call(cls(self.client_id, keys[0], sizes[0], params))
             except StoreError as exc:
-                return [[exc.code, exc.message]]
+                if isinstance(exc, RpcFailed):
+                    self._maybe_started(keys, upsert)
+                return [(exc.code, exc.message)]
+            return [(0, [(r[1], r[2]) for r in reps])]
         batch = msg.BatchUpsertStart if upsert else msg.BatchPutStart
-        return list(self.master.call(batch(self.client_id, tuple(keys), tuple(sizes), params)))
+        cols = decode_columns(
+            self.master.call(batch(self.client_id, tuple(keys), tuple(sizes), params))
+        )
+        if len(cols) != len(keys):
+            raise MalformedMessage(f"the master answered {len(cols)} of {len(keys)} keys")
+        return [
+            (code, [(r[0], r[1]) for r in reps] if code == 0 else cols.message(i))
+            for i, (code, reps) in enumerate(zip(cols.code, cols.replicas(), strict=True))
+        ]
+
+    def _maybe_started(self, keys: Sequence[str], upsert: bool) -> None:
+        """The start of ``keys`` failed without an answer: the master may have
+        executed it and lost the reply.  Revoke them (the heartbeat does, once the
+        master answers and no put of ours writes them) rather than leave their
+        buffers reserved for put_start_release_timeout; a revoke of a put that
+        never started is answered with an error and changes nothing."""
+        with self._writing_lock:
+            self._revoke_backlog.update((k, upsert) for k in keys)
 
     def _finish(
         self,
@@ -255,11 +296,19 @@ class WriteOps(ClientIO):
         """Heartbeat: revoke what could not be revoked before."""
         with self._writing_lock:
             backlog = [kv for kv in self._revoke_backlog if kv[0] not in self._writing]
+            if not backlog:
+                return
             self._revoke_backlog.difference_update(backlog)
-        for upsert in (False, True):
-            keys = [k for k, u in backlog if u is upsert]
-            if keys:
-                self._revoke(keys, upsert)
+            self._revoking.update(k for k, _ in backlog)
+        try:
+            for upsert in (False, True):
+                keys = [k for k, u in backlog if u is upsert]
+                if keys:
+                    self._revoke(keys, upsert)
+        finally:
+            with self._writing_lock:
+                self._revoking.difference_update(k for k, _ in backlog)
+                self._revoke_done.notify_all()
 
     @staticmethod
     def _raise_or(result: bool | StoreError) -> bool:
