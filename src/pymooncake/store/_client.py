@@ -280,10 +280,12 @@ class StoreClient(WriteOps, ReadOps):
                 res = self.master.call(msg.Ping(self.client_id), patient=False)
                 instance = res.get("instance", "")
                 if self._master_instance and instance != self._master_instance:
-                    # the master restarted: an embedded metadata server lost our
-                    # descriptor, so publish it again before anyone needs it
+                    # the master restarted (or, with HA, another master leads): an
+                    # embedded metadata server lost our descriptor, so publish it
+                    # again before anyone needs it
                     log.warning(
-                        "master at %s restarted; re-publishing segment %r",
+                        "master at %s is a new instance (restarted, or another HA master "
+                        "now leads); re-publishing segment %r",
                         self.master.address,
                         self.hostname,
                     )

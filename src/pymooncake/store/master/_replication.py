@@ -299,7 +299,11 @@ class Follower:
         self, leader: str, view_version: int, on_state: Callable[[MasterState], None]
     ) -> None:
         host, port = split_host_port(leader)
-        reader, writer = await asyncio.open_connection(host, port or 50051)
+        # the leader's RPC port speaks TLS when PYMOONCAKE_TLS_* are set: so must we
+        tls = self.security.client_ssl_context()
+        reader, writer = await asyncio.open_connection(
+            host, port or 50051, ssl=tls, server_hostname=host if tls is not None else None
+        )
         try:
             key = self.security.key
             if key is not None:
