@@ -8,8 +8,11 @@ import random
 import sys
 import tracemalloc
 
+import pytest
+
+from pymooncake.errors import StoreError
 from pymooncake.store._config import MasterConfig
-from pymooncake.store._types import ReplicateConfig, SegmentInfo
+from pymooncake.store._types import ErrorCode, ReplicateConfig, SegmentInfo
 from pymooncake.store.master._handlers import build_handlers
 from pymooncake.store.master._state import MasterState
 from pymooncake.wire import _master_msgs as msg
@@ -154,3 +157,25 @@ def test_upsert_into_another_segment_replaces_the_record() -> None:
     assert s1.live() == [st.objects["k"]] and s2.live() == []
     # per move: the old record dies in both segments (its pending entry included)
     assert s1.dead == s2.dead == 4 and len(s1.order) == 5 and len(s2.order) == 4
+
+
+def test_a_failed_allocation_leaves_no_eviction_debt() -> None:
+    """A put refused because nothing is evictable owes the background nothing: the
+    objects put once room is freed again must not be evicted for it."""
+    st = MasterState(MasterConfig(eviction_high_watermark_ratio=1.0), rng=random.Random(1))
+    st.mount_segment("c", segment("s1", 64 * 64), 0.0)
+    pinned = ReplicateConfig(with_hard_pin=True)
+    for i in range(64):
+        st.put_start("c", f"hp-{i}", 64, pinned, 1.0)
+        st.put_end("c", f"hp-{i}", 1.0)
+    with pytest.raises(StoreError) as refused:  # every object is hard-pinned
+        st.put_start("c", "plain", 64, ONE, 1.0)
+    assert refused.value.code == ErrorCode.NO_AVAILABLE_HANDLE
+    assert all(seg.evict_debt == 0 for seg in st.segments.values())
+    st.remove("hp-0", False, 1.0)
+    st.put_start("c", "plain", 64, ONE, 1.0)
+    st.put_end("c", "plain", 1.0)
+    while st.tick(1.1, max_visits=4):
+        pass
+    assert st.exist_key("plain", 1.1)  # not evicted for the refused put
+    st.validate()

@@ -435,6 +435,11 @@ class MasterState:
                         reps = self._placement.allocate(segments, size, config, writer_host)
                         if reps:
                             return reps
+        # Every segment that could hold the object was swept in full and had nothing
+        # more to give: nothing is owed any more (a debt left here would evict the
+        # next objects put into room freed later, before the background forgives it).
+        for seg in fits:
+            seg.evict_debt = 0
         self.metrics.put_alloc_failures += 1
         total = len(self.segments)
         largest = max((s.allocator.largest_free for s in self.segments.values()), default=0)
