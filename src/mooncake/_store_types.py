@@ -32,6 +32,7 @@ __all__ = [
     "WEIGHT",
     "Descriptor",
     "DiskDescriptor",
+    "LocalDiskDescriptor",
     "MemoryDescriptor",
     "MooncakeHostMemAllocator",
     "ObjectDataType",
@@ -186,31 +187,51 @@ class MemoryDescriptor:
 
 
 class ReplicaDescriptor:
-    """One replica (reference ``ReplicaDescriptor``); all pymooncake replicas are in memory."""
+    """One replica (reference ``ReplicaDescriptor``): in memory, or LOCAL_DISK (a
+    file in the SSD tier of the client serving ``transport_endpoint``)."""
 
     def __init__(self, desc: ReplicaDesc) -> None:
         self.status = desc.status
+        self._local_disk = desc.on_disk
         self._mem = MemoryDescriptor(Descriptor(desc.size, desc.address, desc.endpoint))
+        self.type = "LOCAL_DISK" if desc.on_disk else "MEMORY"
 
     def is_memory_replica(self) -> bool:
-        return True
+        return not self._local_disk
 
     def is_disk_replica(self) -> bool:
-        return False
+        return False  # the legacy shared-filesystem DISK type
 
     def is_local_disk_replica(self) -> bool:
-        return False
+        return self._local_disk
 
     def get_memory_descriptor(self) -> MemoryDescriptor:
+        if self._local_disk:
+            raise RuntimeError("std::get: wrong index for variant (not a memory replica)")
         return self._mem
 
+    def get_local_disk_descriptor(self) -> LocalDiskDescriptor:
+        if not self._local_disk:
+            raise RuntimeError("std::get: wrong index for variant (not a local disk replica)")
+        d = self._mem.buffer_descriptor
+        return LocalDiskDescriptor(d.size, d.transport_endpoint)
+
     def get_disk_descriptor(self) -> DiskDescriptor:
-        """Raises RuntimeError, as the reference does for a memory replica."""
+        """Raises RuntimeError, as the reference does for a non-DISK replica."""
         raise RuntimeError("std::get: wrong index for variant (not a disk replica)")
 
     def __repr__(self) -> str:
         d = self._mem.buffer_descriptor
-        return f"ReplicaDescriptor(memory, {d.transport_endpoint}, {d.buffer_address:#x}, {d.size}, {self.status.name})"
+        kind = "local_disk" if self._local_disk else "memory"
+        return f"ReplicaDescriptor({kind}, {d.transport_endpoint}, {d.buffer_address:#x}, {d.size}, {self.status.name})"
+
+
+class LocalDiskDescriptor:
+    """A LOCAL_DISK replica: ``object_size`` bytes served by ``transport_endpoint``."""
+
+    def __init__(self, object_size: int = 0, transport_endpoint: str = "") -> None:
+        self.object_size = object_size
+        self.transport_endpoint = transport_endpoint
 
 
 # --------------------------------------------------------------------------------

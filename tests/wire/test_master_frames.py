@@ -517,6 +517,14 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "segment_name": text,
     "pattern": text,
     "force": st.booleans(),
+    "standby": names,
+    "view_version": u64,
+    "seq": u64,
+    "endpoint": names,
+    "capacity_bytes": u64,
+    "used_bytes": u64,
+    "enable_offloading": st.booleans(),
+    "register": st.booleans(),
 }
 
 

@@ -48,6 +48,7 @@ from ._client_io import ObjectLocation
 from ._master_client import MasterClient
 from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
+from ._ssd import OffloadReader, SsdSettings, SsdTier
 from ._types import ClientStatus, ReplicaDesc, SegmentInfo
 from ._writes import WriteOps
 
@@ -86,6 +87,9 @@ class StoreClientConfig:
     )
     #: client metrics (MC_STORE_CLIENT_METRIC*: ClientMetricsSettings.from_env)
     metrics: ClientMetricsSettings = field(default_factory=ClientMetricsSettings)
+    #: an SSD tier under ``ssd_offload_path`` (``_ssd.py``; MOONCAKE_OFFLOAD_* tune it)
+    enable_ssd_offload: bool = False
+    ssd_offload_path: str = ""
 
     def __post_init__(self) -> None:
         if self.global_segment_size < 0 or self.local_buffer_size < 0:
@@ -155,6 +159,9 @@ class StoreClient(WriteOps, ReadOps):
         #: puts whose revoke could not be sent (master unreachable): retried by the
         #: heartbeat, so their buffers do not wait for put_start_release_timeout
         self._revoke_backlog: set[tuple[str, bool]] = set()
+        #: the SSD tier (enable_ssd_offload), and the reader of others' tiers
+        self.ssd: SsdTier | None = None
+        self.ssd_reader = OffloadReader(engine_config.security, config.rpc_timeout_s)
         try:
             self.master.check_version()
             if engine is None:
@@ -177,6 +184,11 @@ class StoreClient(WriteOps, ReadOps):
                 self.local = LocalBuffer(region.view, region.addr)
             else:
                 self.local = LocalBuffer(memoryview(bytearray(0)), 0)
+            if config.enable_ssd_offload:
+                self.ssd = SsdTier(
+                    self, SsdSettings.from_env(config.ssd_offload_path), engine_config.security
+                )
+                self.ssd.start()
         except BaseException:
             self._teardown(unmount=True)
             raise
@@ -397,6 +409,12 @@ class StoreClient(WriteOps, ReadOps):
         self._stop.set()
         if self._ping_thread is not None:
             self._ping_thread.join(10)
+        ssd = getattr(self, "ssd", None)
+        if ssd is not None:
+            ssd.close()
+        reader = getattr(self, "ssd_reader", None)
+        if reader is not None:
+            reader.close()
         if self.metrics is not None:
             self.metrics.close()
         if unmount:

@@ -31,6 +31,7 @@ from ._types import ReplicaDesc
 
 if TYPE_CHECKING:
     from ._client import StoreClientConfig
+    from ._ssd import OffloadReader
 
 __all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Part", "Parts", "transfer_failed"]
 
@@ -90,6 +91,7 @@ class ClientIO:
     metrics: ClientMetrics | None
     _closed: bool
     _pool: concurrent.futures.ThreadPoolExecutor | None
+    ssd_reader: OffloadReader
 
     # ------------------------------------------------------------------------------
     # helpers

@@ -36,6 +36,7 @@ import itertools
 import logging
 import mmap
 import os
+import re
 import struct
 import threading
 import zlib
@@ -66,6 +67,8 @@ _HEAD: Final = struct.Struct("<4sHHIQQI")
 _SUFFIX: Final = ".obj"
 _TMP: Final = ".tmp."
 _tmp_counter = itertools.count()
+_SUBDIR: Final = re.compile(r"[0-9a-f]{2}")
+_NAME: Final = re.compile(r"[0-9a-f]{32}(\.obj|\.tmp\.\d+\.\d+)")
 
 
 class CorruptObject(MooncakeError):
@@ -215,12 +218,14 @@ class FileStorage:
         return found
 
     def _walk(self) -> Iterator[str]:
+        """Paths that look like ours (other files in the directory are left alone)."""
         for sub in sorted(os.listdir(self.root)):
             d = os.path.join(self.root, sub)
-            if len(sub) != 2 or not os.path.isdir(d):
+            if not _SUBDIR.fullmatch(sub) or not os.path.isdir(d):
                 continue
             for name in os.listdir(d):
-                yield os.path.join(d, name)
+                if _NAME.fullmatch(name) and name.startswith(sub):
+                    yield os.path.join(d, name)
 
     # ------------------------------------------------------------------------------
     # writes

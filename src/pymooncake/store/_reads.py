@@ -9,6 +9,7 @@ from typing import Any
 from ..errors import (
     InvalidParams,
     LeaseExpired,
+    MooncakeError,
     StoreError,
     store_error,
 )
@@ -78,6 +79,8 @@ class ReadOps(ClientIO):
             replicas[i] = [ReplicaDesc.from_wire(r) for r in value["replicas"]]
             views[i] = target
             results[i] = size
+        if any(r.on_disk for reps in replicas.values() for r in reps):
+            self._read_disk(keys, replicas, views, results)
         pending = list(replicas)
         transfer_start = time.perf_counter_ns()
         attempt = 0
@@ -113,6 +116,43 @@ class ReadOps(ClientIO):
                 self.metrics.transfer(False, read, (now - transfer_start) // 1000, op in BATCH_OPS)
             self.metrics.operation(False, op, read, (now - started) // 1000)
         return results
+
+    def _read_disk(
+        self,
+        keys: Sequence[str],
+        replicas: dict[int, list[ReplicaDesc]],
+        views: dict[int, Parts],
+        results: list[int | StoreError],
+    ) -> None:
+        """Objects whose only replica is LOCAL_DISK are read from their owners' SSD
+        read ports (and leave ``replicas``); the others lose their disk replicas
+        (memory is read first)."""
+        per_endpoint: dict[str, list[int]] = {}
+        sizes = {i: r for i, r in enumerate(results) if isinstance(r, int)}
+        for i in list(replicas):
+            reps = replicas[i]
+            mem = [r for r in reps if not r.on_disk]
+            if mem:
+                replicas[i] = mem
+                continue
+            per_endpoint.setdefault(reps[0].endpoint, []).append(i)
+            del replicas[i]
+        for endpoint, items in per_endpoint.items():
+            try:
+                errs = self.ssd_reader.read(
+                    endpoint,
+                    [keys[i] for i in items],
+                    [sizes[i] for i in items],
+                    [views[i] for i in items],
+                )
+            except (MooncakeError, OSError) as exc:
+                err = transfer_failed(f"reading from the SSD tier at {endpoint} failed: {exc}", exc)
+                for i in items:
+                    results[i] = err
+                continue
+            for i, e in zip(items, errs, strict=True):
+                if e is not None:
+                    results[i] = e
 
     def get(self, key: str) -> bytes:
         """The value of ``key``.

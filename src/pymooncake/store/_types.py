@@ -13,6 +13,9 @@ from typing import Any, NamedTuple
 from ..wire._master_msgs import ReplicateParams, SegmentParams
 
 __all__ = [
+    "REPLICA_DISK",
+    "REPLICA_LOCAL_DISK",
+    "REPLICA_MEMORY",
     "ClientStatus",
     "ErrorCode",
     "ReplicaDesc",
@@ -221,11 +224,30 @@ class ReplicaDesc(NamedTuple):
     size: int
     status: ReplicaStatus
     segment_id: str = ""
+    #: ReplicaType: MEMORY (0), or LOCAL_DISK (2): a file in the SSD tier of the
+    #: client whose offload endpoint is ``endpoint`` (``address`` is 0)
+    kind: int = 0
+
+    @property
+    def on_disk(self) -> bool:
+        return self.kind == REPLICA_LOCAL_DISK
 
     def to_wire(self) -> list[Any]:
-        return [self.id, self.endpoint, self.address, self.size, int(self.status), self.segment_id]
+        out = [self.id, self.endpoint, self.address, self.size, int(self.status), self.segment_id]
+        if self.kind:
+            out.append(self.kind)
+        return out
 
     @classmethod
     def from_wire(cls, obj: Any) -> ReplicaDesc:
-        rid, endpoint, address, size, status, segment_id = obj
-        return cls(rid, endpoint, address, size, _STATUS[status], segment_id)
+        if len(obj) == 6:
+            rid, endpoint, address, size, status, segment_id = obj
+            return cls(rid, endpoint, address, size, _STATUS[status], segment_id)
+        rid, endpoint, address, size, status, segment_id, kind = obj
+        return cls(rid, endpoint, address, size, _STATUS[status], segment_id, int(kind))
+
+
+#: ReplicaType values (the reference's allocator.h)
+REPLICA_MEMORY = 0
+REPLICA_DISK = 1
+REPLICA_LOCAL_DISK = 2

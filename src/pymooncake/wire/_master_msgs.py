@@ -129,6 +129,13 @@ class MasterMethod(str, Enum):
     FOLLOW = "Follow"
     #: a standby acknowledges the stream up to a sequence number
     ACK = "Ack"
+    # the SSD tier (``_offload_msgs.py``)
+    MOUNT_LOCAL_DISK = "MountLocalDiskSegment"
+    UNMOUNT_LOCAL_DISK = "UnmountLocalDiskSegment"
+    OFFLOAD_HEARTBEAT = "OffloadObjectHeartbeat"
+    NOTIFY_OFFLOAD_SUCCESS = "NotifyOffloadSuccess"
+    BATCH_EVICT_DISK_REPLICA = "BatchEvictDiskReplica"
+    PROMOTION_ALLOC_START = "PromotionAllocStart"
 
 
 # ---------------------------------------------------------------------------------
@@ -863,6 +870,10 @@ _ALL: tuple[Any, ...] = (
     Follow,
     Ack,
 )
+
+from ._offload_msgs import OFFLOAD_REQUESTS  # noqa: E402  (they build on the rules above)
+
+_ALL += OFFLOAD_REQUESTS
 
 #: method -> its request type's decoder (an explicit table, one entry per method)
 REQUEST_TYPES: Final[dict[MasterMethod, Callable[[dict[str, Any]], Request]]] = {

@@ -28,7 +28,11 @@ from .._types import SegmentInfo
 
 __all__ = [
     "DURABLE",
+    "DiskReplicaAdded",
+    "DiskReplicaRemoved",
     "Effect",
+    "LocalDiskMounted",
+    "LocalDiskUnmounted",
     "ObjectCommitted",
     "ObjectDeleted",
     "SegmentMounted",
@@ -126,11 +130,72 @@ class ObjectDeleted:
         return ["delete", self.key]
 
 
+@dataclass(frozen=True, slots=True)
+class LocalDiskMounted:
+    """A client offers its SSD tier, served at ``endpoint`` (``_offload.py``)."""
+
+    client_id: str
+    endpoint: str
+    capacity_bytes: int
+
+    def record(self) -> list[Any]:
+        return ["ldisk_mount", self.client_id, self.endpoint, self.capacity_bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDiskUnmounted:
+    """A client's SSD tier went away (unmounted or the client expired): so did
+    every LOCAL_DISK replica it held."""
+
+    client_id: str
+
+    def record(self) -> list[Any]:
+        return ["ldisk_unmount", self.client_id]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskReplicaAdded:
+    """``key`` (``size`` bytes) has a LOCAL_DISK replica in ``client_id``'s SSD tier."""
+
+    key: str
+    client_id: str
+    size: int
+
+    def record(self) -> list[Any]:
+        return ["disk_add", self.key, self.client_id, self.size]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskReplicaRemoved:
+    key: str
+
+    def record(self) -> list[Any]:
+        return ["disk_remove", self.key]
+
+
 Effect = (
-    SegmentMounted | SegmentUnmounted | ObjectCommitted | ObjectDeleted | WriteStarted | WriteEnded
+    SegmentMounted
+    | SegmentUnmounted
+    | ObjectCommitted
+    | ObjectDeleted
+    | WriteStarted
+    | WriteEnded
+    | LocalDiskMounted
+    | LocalDiskUnmounted
+    | DiskReplicaAdded
+    | DiskReplicaRemoved
 )
 #: the effect types a journal keeps (writes in flight are not restored after a restart)
-DURABLE: Final = (SegmentMounted, SegmentUnmounted, ObjectCommitted, ObjectDeleted)
+DURABLE: Final = (
+    SegmentMounted,
+    SegmentUnmounted,
+    ObjectCommitted,
+    ObjectDeleted,
+    LocalDiskMounted,
+    LocalDiskUnmounted,
+    DiskReplicaAdded,
+    DiskReplicaRemoved,
+)
 
 
 def _mount(rec: list[Any]) -> Effect:
@@ -175,7 +240,27 @@ def _abandon(rec: list[Any]) -> Effect:
     return WriteEnded(str(rec[1]))
 
 
+def _ldisk_mount(rec: list[Any]) -> Effect:
+    return LocalDiskMounted(str(rec[1]), str(rec[2]), int(rec[3]))
+
+
+def _ldisk_unmount(rec: list[Any]) -> Effect:
+    return LocalDiskUnmounted(str(rec[1]))
+
+
+def _disk_add(rec: list[Any]) -> Effect:
+    return DiskReplicaAdded(str(rec[1]), str(rec[2]), int(rec[3]))
+
+
+def _disk_remove(rec: list[Any]) -> Effect:
+    return DiskReplicaRemoved(str(rec[1]))
+
+
 _DECODERS: Final[dict[str, Callable[[list[Any]], Effect]]] = {
+    "ldisk_mount": _ldisk_mount,
+    "ldisk_unmount": _ldisk_unmount,
+    "disk_add": _disk_add,
+    "disk_remove": _disk_remove,
     "mount": _mount,
     "unmount": _unmount,
     "commit": _commit,

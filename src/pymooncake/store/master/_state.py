@@ -66,6 +66,7 @@ from ._effects import (
 )
 from ._eviction import evict_segment
 from ._index import ObjectIndex
+from ._offload import OFFLOAD_APPLY, OffloadState
 from ._placement import Placement
 from ._records import (
     BUSY,
@@ -188,6 +189,7 @@ class MasterState:
         #: durable changes not yet drained (None: nobody records them)
         self.effects: list[Effect] | None = None
         self._last_tick: float | None = None
+        self._evict_now = 0.0
         self.stall_grace_count = 0
         #: size -> the int object of that size: objects of equal size share one
         #: (a KV cache has few distinct block sizes)
@@ -196,6 +198,8 @@ class MasterState:
         #: applying effects (replay, a standby): allocators are rebuilt afterwards
         #: by finish_replay() instead of being updated range by range
         self._replaying = False
+        #: the SSD tier: LOCAL_DISK replicas and offload work (``_offload.py``)
+        self.offload = OffloadState(self)
 
     # ------------------------------------------------------------------------------
     # clients and segments
@@ -347,6 +351,7 @@ class MasterState:
             if obj is not None and obj.flags & BUSY and obj.writer == client_id:
                 self._abandon(key, obj, discard=True, now=now)
         client.inflight.clear()
+        self.offload.client_gone(client_id)
         self.metrics.expired_clients += 1
 
     # ------------------------------------------------------------------------------
@@ -878,6 +883,7 @@ class MasterState:
             if obj is None or obj.flags & BUSY or (not force and obj.lease_until > now):
                 continue
             self._delete(key, obj)
+            self.offload.remove(key)
             removed += 1
         return removed
 
@@ -927,6 +933,7 @@ class MasterState:
     ) -> int:
         """Evict from ``seg`` until ``need_bytes`` are free in it; returns bytes freed."""
         self.metrics.eviction_rounds += 1
+        self._evict_now = now
         freed = evict_segment(seg, need_bytes, now, self._evict_one, protect, allow_soft)
         self.metrics.evicted_bytes += freed
         if freed:
@@ -935,6 +942,8 @@ class MasterState:
 
     def _evict_one(self, key: str, obj: Obj, seg: SegmentRecord) -> int:
         """Evict ``obj``; returns the bytes it freed in ``seg``."""
+        if self.offload.disks and self.offload.keep_on_evict(key, obj, self._evict_now):
+            return 0  # kept until it is on disk (offload_on_evict)
         in_seg = sum(1 for s, _ in obj.replicas() if s is seg)
         self._delete(key, obj)
         self.metrics.evicted_keys += 1
@@ -989,6 +998,7 @@ class MasterState:
                 break
             self._abandon(key, obj, discard=False, now=now)
             self.metrics.reclaimed_puts += 1
+        self.offload.tick(now)
         self.evict_above_watermark(now)
 
     # ------------------------------------------------------------------------------
@@ -1119,6 +1129,7 @@ class MasterState:
         ObjectDeleted: _apply_delete,
         WriteStarted: _apply_start,
         WriteEnded: _apply_abandon,
+        **OFFLOAD_APPLY,
     }
 
     def finish_replay(self) -> None:
@@ -1166,7 +1177,10 @@ class MasterState:
         return out
 
     def segment_effects(self) -> list[Effect]:
-        return [SegmentMounted(seg.info, seg.client_id) for seg in self.segments.values()]
+        out: list[Effect] = [
+            SegmentMounted(seg.info, seg.client_id) for seg in self.segments.values()
+        ]
+        return out + self.offload.snapshot_effects()
 
     def shard_effects(self, shard: int, *, writes: bool = False) -> list[Effect]:
         """Records of one shard's objects: their readable values, and with
@@ -1267,3 +1281,4 @@ class MasterState:
             assert set(seg.objs) == in_seg[sid], f"segment {sid}: object index disagrees"
             seg.allocator.validate(live[sid])
             assert seg.client_id in self.clients, f"segment {sid} of unknown client"
+        self.offload.validate()

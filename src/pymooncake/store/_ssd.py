@@ -1,0 +1,602 @@
+"""The store client's SSD tier: offload to local files, serve reads, promote.
+
+Theory of operation
+-------------------
+A client set up with ``enable_ssd_offload`` owns a :class:`FileStorage` under
+``ssd_offload_path`` and a read port (:class:`OffloadServer`), mounts both at the
+master (``MountLocalDiskSegment``) and runs one worker thread that polls the
+master every ``heartbeat_interval_s`` (``OffloadObjectHeartbeat``) and does
+what it is told, as the reference's FileStorage heartbeat does:
+
+* **offload**: copy each listed object from this client's own segment (a local
+  view, no transfer) into a file, then report the batch
+  (``NotifyOffloadSuccess``); refused keys' files are deleted again.  Room is
+  made two-phase: victims leave the index, the master is told
+  (``BatchEvictDiskReplica``), then the files go.
+* **promote**: read the file, allocate memory (``PromotionAllocStart``), write
+  it through the engine like a put, ``PutEnd``.
+* **drop**: delete files whose replicas the master dropped.
+
+When the master does not know the tier (it restarted without a journal, or it
+expired this client) the heartbeat says ``remount``: the tier is mounted again
+and every file re-registered (``register``), as after a restart of the client
+itself (:meth:`SsdTier.start` scans the directory first).
+
+Reads of LOCAL_DISK-only objects by any client go to the owner's read port
+(:class:`OffloadReader`): it reads each file with one ``O_DIRECT`` read into an
+aligned buffer and sends it; the reader receives straight into the caller's
+memory (``recv_into``).  A reader thread prefetches the next file while the
+current one is being sent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .._authio import ClusterSecurity, client_handshake, server_handshake
+from .._net import bind_listener, connect_tcp, split_host_port
+from ..errors import (
+    InvalidParams,
+    MooncakeError,
+    StoreError,
+    store_error,
+)
+from ..transfer.device import DeviceSpan
+from ..wire import _master_msgs as msg
+from ..wire import _offload_msgs as omsg
+from ..wire._offload_rpc import (
+    AUTH_CONTEXT,
+    ITEM,
+    REQUEST_HEAD,
+    decode_head,
+    decode_request,
+    encode_request,
+)
+from ._file_storage import CorruptObject, FileStorage, StorageFull, header_bytes
+from ._types import ErrorCode, ReplicaDesc
+
+if TYPE_CHECKING:
+    from ._client import StoreClient
+
+__all__ = ["OffloadReader", "OffloadServer", "SsdSettings", "SsdTier"]
+
+log = logging.getLogger("pymooncake.store.ssd")
+
+_NOT_FOUND = int(ErrorCode.OBJECT_NOT_FOUND)
+_BAD = int(ErrorCode.INVALID_REPLICA)
+
+
+def _env_int(env: dict[str, str] | os._Environ[str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(float(raw))
+    except ValueError:
+        raise InvalidParams(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class SsdSettings:
+    """Settings of a client's SSD tier (the reference's ``MOONCAKE_OFFLOAD_*``)."""
+
+    path: str
+    #: MOONCAKE_OFFLOAD_TOTAL_SIZE_LIMIT_BYTES (0: 90 % of the free space)
+    capacity_bytes: int = 0
+    #: MOONCAKE_OFFLOAD_TOTAL_KEYS_LIMIT
+    max_keys: int = 10_000_000
+    #: MOONCAKE_OFFLOAD_HEARTBEAT_INTERVAL_SECONDS (the reference's default 10 s)
+    heartbeat_interval_s: float = 10.0
+    #: MOONCAKE_OFFLOAD_EVICTION_POLICY: fifo | lru
+    policy: str = "fifo"
+    #: MOONCAKE_OFFLOAD_VERIFY_CHECKSUM: check every value read against its CRC
+    verify_checksum: bool = False
+    #: MOONCAKE_OFFLOAD_FSYNC=0 skips fsync (benchmarks of tmpfs only)
+    fsync: bool = True
+    #: MOONCAKE_OFFLOAD_RPC_HOST: address of the read port (default: the client's host)
+    rpc_host: str = ""
+
+    @classmethod
+    def from_env(cls, path: str, env: dict[str, str] | None = None) -> SsdSettings:
+        e = os.environ if env is None else env
+        path = path or e.get("MOONCAKE_OFFLOAD_FILE_STORAGE_PATH", "") or "/data/file_storage"
+        interval = e.get("MOONCAKE_OFFLOAD_HEARTBEAT_INTERVAL_SECONDS", "").strip()
+        return cls(
+            path=path,
+            capacity_bytes=_env_int(e, "MOONCAKE_OFFLOAD_TOTAL_SIZE_LIMIT_BYTES", 0),
+            max_keys=_env_int(e, "MOONCAKE_OFFLOAD_TOTAL_KEYS_LIMIT", 10_000_000),
+            heartbeat_interval_s=float(interval) if interval else 10.0,
+            policy=e.get("MOONCAKE_OFFLOAD_EVICTION_POLICY", "fifo").strip().lower() or "fifo",
+            verify_checksum=e.get("MOONCAKE_OFFLOAD_VERIFY_CHECKSUM", "0").strip() in ("1", "true"),
+            fsync=e.get("MOONCAKE_OFFLOAD_FSYNC", "1").strip() not in ("0", "false"),
+            rpc_host=e.get("MOONCAKE_OFFLOAD_RPC_HOST", "").strip(),
+        )
+
+
+# --------------------------------------------------------------------------------
+# the read port
+# --------------------------------------------------------------------------------
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    n = len(view)
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise ConnectionError("the peer closed the connection")
+        got += k
+
+
+class _Scratch:
+    """A page-aligned buffer that grows to the largest file read."""
+
+    def __init__(self) -> None:
+        self.buf = mmap.mmap(-1, 1 << 21)
+
+    def fit(self, n: int) -> mmap.mmap:
+        if len(self.buf) < n:
+            self.buf.close()
+            self.buf = mmap.mmap(-1, (n + (1 << 21) - 1) & ~((1 << 21) - 1))
+        return self.buf
+
+    def close(self) -> None:
+        try:
+            self.buf.close()
+        except BufferError:
+            pass
+
+
+class OffloadServer:
+    """Serves this client's SSD objects to readers (one thread per connection)."""
+
+    def __init__(
+        self, storage: FileStorage, host: str, security: ClusterSecurity | None = None
+    ) -> None:
+        self.storage = storage
+        self.security = security or ClusterSecurity()
+        self._key = self.security.key
+        self._ssl = self.security.server_ssl_context() if self.security.tls else None
+        self._sock = bind_listener(host, what="SSD read port")
+        port = self._sock.getsockname()[1]
+        self.endpoint = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: dict[socket.socket, threading.Thread] = {}
+        self.served = 0
+        self._thread = threading.Thread(target=self._accept, name="mc-ssd-accept", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, addr = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._stop.is_set():
+                    sock.close()
+                    return
+                t = threading.Thread(
+                    target=self._serve,
+                    args=(sock, f"{addr[0]}:{addr[1]}"),
+                    daemon=True,
+                    name="mc-ssd-conn",
+                )
+                self._conns[sock] = t
+                t.start()
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        conn = sock
+        scratch = [_Scratch(), _Scratch()]
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl is not None:
+                conn = self._ssl.wrap_socket(conn, server_side=True)
+            if self._key is not None:
+                server_handshake(
+                    conn, self._key, AUTH_CONTEXT, timeout_s=10.0, port="SSD read port", peer=peer
+                )
+            head = bytearray(REQUEST_HEAD.size)
+            while not self._stop.is_set():
+                try:
+                    _recv_exact(conn, memoryview(head))
+                except ConnectionError:
+                    return
+                body = bytearray(decode_head(bytes(head)))
+                _recv_exact(conn, memoryview(body))
+                keys, sizes = decode_request(bytes(body))
+                self._answer(conn, keys, sizes, scratch)
+        except (OSError, MooncakeError) as exc:
+            if not self._stop.is_set():
+                log.debug("SSD read port: connection from %s ended: %s", peer, exc)
+        finally:
+            for s in scratch:
+                s.close()
+            with self._lock:
+                self._conns.pop(sock, None)
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _answer(
+        self, conn: socket.socket, keys: list[str], sizes: list[int], scratch: list[_Scratch]
+    ) -> None:
+        """Send each value; the next file is read (by a helper thread) while the
+        current one is being sent."""
+        storage = self.storage
+
+        def load(i: int) -> memoryview | int:
+            key = keys[i]
+            try:
+                need = storage.direct_bytes(key)
+                view = storage.read_direct(key, scratch[i % 2].fit(need))
+            except KeyError:
+                return _NOT_FOUND
+            except CorruptObject:
+                return _BAD
+            return view if len(view) == sizes[i] else _BAD
+
+        n = len(keys)
+        results: queue.Queue[tuple[int, memoryview | int]] = queue.Queue(1)
+
+        def reader() -> None:
+            for i in range(1, n):
+                results.put((i, load(i)))
+
+        helper = threading.Thread(target=reader, daemon=True) if n > 1 else None
+        item: memoryview | int = load(0) if n else 0
+        if helper is not None:
+            helper.start()
+        try:
+            for i in range(n):
+                if i:
+                    _, item = results.get()
+                if isinstance(item, int):
+                    conn.sendall(ITEM.pack(item))
+                else:
+                    conn.sendall(ITEM.pack(len(item)))
+                    conn.sendall(item)
+                    self.served += 1
+                    item.release()
+        finally:
+            if helper is not None:
+                while helper.is_alive():
+                    try:
+                        results.get(timeout=0.05)
+                    except queue.Empty:
+                        pass
+                helper.join()
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._thread.join(5)
+        with self._lock:
+            conns = list(self._conns.items())
+        for sock, _ in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _, t in conns:
+            t.join(5)
+
+
+class OffloadReader:
+    """Reads LOCAL_DISK replicas from their owners' read ports (pooled connections)."""
+
+    def __init__(self, security: ClusterSecurity | None = None, timeout_s: float = 30.0) -> None:
+        self.security = security or ClusterSecurity()
+        self._key = self.security.key
+        self._ssl = self.security.client_ssl_context() if self.security.tls else None
+        self._timeout = timeout_s
+        self._lock = threading.Lock()
+        self._idle: dict[str, list[socket.socket]] = {}
+        self.reads = 0
+
+    def _connect(self, endpoint: str) -> socket.socket:
+        host, port = split_host_port(endpoint)
+        if port is None:
+            raise InvalidParams(f"SSD read endpoint {endpoint!r} has no port")
+        sock = connect_tcp(host, port, timeout_s=self._timeout, what="SSD read port")
+        try:
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_hostname=host)
+            if self._key is not None:
+                client_handshake(
+                    sock,
+                    self._key,
+                    AUTH_CONTEXT,
+                    timeout_s=self._timeout,
+                    port="SSD read port",
+                    peer=endpoint,
+                )
+            sock.settimeout(self._timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def read(
+        self,
+        endpoint: str,
+        keys: Sequence[str],
+        sizes: Sequence[int],
+        dests: Sequence[Sequence[Any]],
+    ) -> list[StoreError | None]:
+        """Read ``keys`` from ``endpoint`` into ``dests`` (each a list of parts:
+        memoryviews or device spans, ``sizes[i]`` bytes in all)."""
+        with self._lock:
+            pool = self._idle.get(endpoint)
+            sock = pool.pop() if pool else None
+        if sock is None:
+            sock = self._connect(endpoint)
+        ok = False
+        out: list[StoreError | None] = []
+        try:
+            sock.sendall(encode_request(list(keys), list(sizes)))
+            item = bytearray(ITEM.size)
+            for parts, key in zip(dests, keys, strict=True):
+                _recv_exact(sock, memoryview(item))
+                (n,) = ITEM.unpack(item)
+                if n < 0:
+                    out.append(
+                        store_error(
+                            n, f"{key!r}: the SSD tier at {endpoint} has no readable copy any more"
+                        )
+                    )
+                    continue
+                for part in parts:
+                    if isinstance(part, DeviceSpan):
+                        tmp = bytearray(len(part))
+                        _recv_exact(sock, memoryview(tmp))
+                        addr = ctypes.addressof((ctypes.c_char * len(tmp)).from_buffer(tmp))
+                        part.backend.copy(part.addr, addr, len(tmp))
+                    else:
+                        _recv_exact(sock, part)
+                out.append(None)
+                self.reads += 1
+            ok = True
+        finally:
+            if ok:
+                with self._lock:
+                    self._idle.setdefault(endpoint, []).append(sock)
+            else:
+                sock.close()
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            socks = [s for pool in self._idle.values() for s in pool]
+            self._idle.clear()
+        for s in socks:
+            s.close()
+
+
+# --------------------------------------------------------------------------------
+# the tier
+# --------------------------------------------------------------------------------
+
+
+@dataclass
+class SsdStats:
+    offloaded: int = 0
+    offload_bytes: int = 0
+    refused: int = 0
+    evicted: int = 0
+    promoted: int = 0
+    registered: int = 0
+    heartbeats: int = 0
+    errors: int = 0
+    last_error: str = ""
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class SsdTier:
+    """A store client's SSD tier (see the module docstring)."""
+
+    def __init__(
+        self, client: StoreClient, settings: SsdSettings, security: ClusterSecurity
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.storage = FileStorage(
+            settings.path,
+            capacity_bytes=settings.capacity_bytes,
+            max_keys=settings.max_keys,
+            policy=settings.policy,
+            verify_checksum=settings.verify_checksum,
+            fsync=settings.fsync,
+        )
+        self.stats = SsdStats()
+        self._hb_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        host = settings.rpc_host or split_host_port(client.config.local_hostname)[0]
+        self.server = OffloadServer(self.storage, host, security)
+        #: hook for tests: called with the keys just written, before the master is told
+        self.after_write: Callable[[list[str]], None] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    def start(self) -> None:
+        """Scan the directory, mount the tier, re-register what is on disk, and
+        start the heartbeat."""
+        found = self.storage.open()
+        if found:
+            log.info("SSD tier %s: %d object(s) found on disk", self.settings.path, len(found))
+        self._mount_and_register()
+        self._thread = threading.Thread(target=self._loop, name="mc-ssd-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _mount_and_register(self) -> None:
+        c = self.client
+        c.master.call(
+            omsg.MountLocalDisk(c.client_id, self.endpoint, self.storage.capacity_bytes, True)
+        )
+        entries = self.storage.entries()
+        for i in range(0, len(entries), 4096):
+            chunk = entries[i : i + 4096]
+            codes = c.master.call(
+                omsg.NotifyOffloadSuccess(
+                    c.client_id, tuple(e.key for e in chunk), tuple(e.size for e in chunk), True
+                )
+            )
+            self._refused([e.key for e, code in zip(chunk, codes, strict=True) if code != 0])
+            self.stats.registered += sum(1 for code in codes if code == 0)
+
+    def _refused(self, keys: list[str]) -> None:
+        if keys:
+            self.stats.refused += len(keys)
+            self.storage.unlink(self.storage.drop(keys))
+
+    def kick(self) -> None:
+        """Run a heartbeat now (tests, and a put that found memory full)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        while not self._stop.is_set():
+            try:
+                busy = self.heartbeat()
+            except MooncakeError as exc:
+                busy = False
+                self.stats.errors += 1
+                self.stats.last_error = str(exc)
+                log.warning("SSD tier heartbeat failed: %s", exc)
+            except OSError as exc:
+                busy = False
+                self.stats.errors += 1
+                self.stats.last_error = str(exc)
+                log.error("SSD tier: disk error: %s", exc)
+            if not busy:
+                self._wake.wait(interval)
+                self._wake.clear()
+
+    def heartbeat(self) -> bool:
+        """One round of SSD work; returns whether there may be more right away."""
+        with self._hb_lock:
+            return self._heartbeat()
+
+    def _heartbeat(self) -> bool:
+        c = self.client
+        st = self.storage
+        res = c.master.call(
+            omsg.OffloadHeartbeat(c.client_id, st.used_bytes, st.capacity_bytes), patient=False
+        )
+        self.stats.heartbeats += 1
+        if res.get("remount"):
+            log.warning("the master does not know this client's SSD tier; mounting it again")
+            self._mount_and_register()
+            return True
+        drops = res.get("drop", [])
+        if drops:
+            st.unlink(st.drop(drops))
+        offload = res.get("offload", [])
+        if offload:
+            self._offload(offload)
+        for key, size in res.get("promote", []):
+            self._promote(key, int(size))
+        return len(offload) >= 32
+
+    def _offload(self, items: list[list[Any]]) -> None:
+        c = self.client
+        done: list[tuple[str, int]] = []
+        for key, size, _seg_id, addr in items:
+            size = int(size)
+            need = header_bytes(len(key.encode("utf-8", "surrogatepass"))) + size
+            try:
+                victims = self.storage.make_room(need, keep=key)
+            except StorageFull as exc:
+                log.warning("SSD tier: %s", exc)
+                continue
+            if victims:
+                keys = tuple(v.key for v in victims)
+                try:
+                    c.master.call(omsg.BatchEvictDiskReplica(c.client_id, keys))
+                finally:
+                    self.storage.unlink(victims)
+                self.stats.evicted += len(victims)
+            view = c.local_view(int(addr), size, writable=False)
+            try:
+                self.storage.put(key, [view])
+            finally:
+                view.release()
+            done.append((key, size))
+        if not done:
+            return
+        written = [k for k, _ in done]
+        if self.after_write is not None:
+            self.after_write(written)
+        codes = c.master.call(
+            omsg.NotifyOffloadSuccess(c.client_id, tuple(written), tuple(s for _, s in done))
+        )
+        self._refused([k for k, code in zip(written, codes, strict=True) if code != 0])
+        ok = sum(1 for code in codes if code == 0)
+        self.stats.offloaded += ok
+        self.stats.offload_bytes += sum(
+            s for (_, s), code in zip(done, codes, strict=True) if code == 0
+        )
+
+    def _promote(self, key: str, size: int) -> None:
+        c = self.client
+        buf = bytearray(size)
+        try:
+            self.storage.read_into(key, memoryview(buf))
+        except (KeyError, CorruptObject):
+            return
+        try:
+            reps = c.master.call(omsg.PromotionAllocStart(c.client_id, key, size))
+        except StoreError as exc:
+            log.debug("SSD tier: promotion of %r not started: %s", key, exc)
+            return
+        per_endpoint: dict[str, list[Any]] = {}
+        errors: list[BaseException | None] = [None]
+        for r in reps:
+            rep = ReplicaDesc.from_wire(r)
+            c._route_parts(
+                0, rep.endpoint, rep.address, [memoryview(buf)], True, per_endpoint, errors
+            )
+        c._run_transfers(per_endpoint, errors)
+        if errors[0] is not None:
+            c.master.call(msg.PutRevoke(c.client_id, key))
+            return
+        c.master.call(msg.PutEnd(c.client_id, key))
+        self.stats.promoted += 1
+
+    def unmount(self) -> None:
+        """Withdraw the tier at the master (its LOCAL_DISK replicas go; files stay)."""
+        c = self.client
+        c.master.call(omsg.UnmountLocalDisk(c.client_id))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        self.server.close()
+
+    def wait_idle(self, timeout_s: float) -> None:
+        """Heartbeat until nothing is handed out (tests)."""
+        deadline = time.monotonic() + timeout_s
+        while self.heartbeat() and time.monotonic() < deadline:
+            pass
