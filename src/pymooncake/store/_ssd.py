@@ -233,51 +233,61 @@ class OffloadServer:
     def _answer(
         self, conn: socket.socket, keys: list[str], sizes: list[int], scratch: list[_Scratch]
     ) -> None:
-        """Send each value; the next file is read (by a helper thread) while the
-        current one is being sent."""
+        """Send each value; a helper thread reads the next file (into the other
+        scratch buffer) while the current one is being sent."""
         storage = self.storage
 
-        def load(i: int) -> memoryview | int:
+        def load(i: int, buf: _Scratch) -> memoryview | int:
             key = keys[i]
             try:
-                need = storage.direct_bytes(key)
-                view = storage.read_direct(key, scratch[i % 2].fit(need))
+                view = storage.read_direct(key, buf.fit(storage.direct_bytes(key)))
             except KeyError:
                 return _NOT_FOUND
             except CorruptObject:
                 return _BAD
-            return view if len(view) == sizes[i] else _BAD
+            if len(view) != sizes[i]:
+                view.release()
+                return _BAD
+            return view
 
         n = len(keys)
-        results: queue.Queue[tuple[int, memoryview | int]] = queue.Queue(1)
+        free: queue.Queue[_Scratch] = queue.Queue()
+        for buf in scratch:
+            free.put(buf)
+        loaded: queue.Queue[tuple[memoryview | int, _Scratch]] = queue.Queue()
+        abort = threading.Event()
 
         def reader() -> None:
-            for i in range(1, n):
-                results.put((i, load(i)))
-
-        helper = threading.Thread(target=reader, daemon=True) if n > 1 else None
-        item: memoryview | int = load(0) if n else 0
-        if helper is not None:
-            helper.start()
-        try:
             for i in range(n):
-                if i:
-                    _, item = results.get()
+                buf = free.get()
+                if abort.is_set():
+                    return
+                loaded.put((load(i, buf), buf))
+
+        helper = threading.Thread(target=reader, name="mc-ssd-read", daemon=True)
+        helper.start()
+        try:
+            for _ in range(n):
+                item, buf = loaded.get()
                 if isinstance(item, int):
                     conn.sendall(ITEM.pack(item))
                 else:
-                    conn.sendall(ITEM.pack(len(item)))
-                    conn.sendall(item)
-                    self.served += 1
-                    item.release()
-        finally:
-            if helper is not None:
-                while helper.is_alive():
                     try:
-                        results.get(timeout=0.05)
-                    except queue.Empty:
-                        pass
-                helper.join()
+                        conn.sendall(ITEM.pack(len(item)))
+                        conn.sendall(item)
+                    finally:
+                        item.release()
+                    self.served += 1
+                free.put(buf)
+        finally:
+            abort.set()
+            for buf in scratch:
+                free.put(buf)  # unblocks the helper wherever it waits
+            helper.join()
+            while not loaded.empty():
+                item, _ = loaded.get()
+                if isinstance(item, memoryview):
+                    item.release()
 
     def close(self) -> None:
         self._stop.set()

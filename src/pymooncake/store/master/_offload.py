@@ -521,9 +521,9 @@ class OffloadState:
             "disk_replicas": len(self.replicas),
             "disk_capacity_bytes": sum(d.capacity_bytes for d in self.disks.values()),
             "disk_used_bytes": sum(d.used_bytes for d in self.disks.values()),
-            "offload_queued": self.queued,
+            "offload_queue_length": self.queued,
             "offload_in_flight": len(self.tasks),
-            "promotion_queued": self.promote_queued,
+            "promotion_queue_length": self.promote_queued,
             **self.metrics.__dict__,
         }
 
@@ -608,13 +608,16 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         ]
 
     def upsert_start(req: msg.UpsertStart, now: float) -> Any:
-        off.remove(req.key)  # the value is replaced: the file is stale
-        return base[msg.UpsertStart](req, now)
+        out = base[msg.UpsertStart](req, now)
+        off.remove(req.key)  # the value is being replaced: the file is stale
+        return out
 
     def batch_upsert_start(req: msg.BatchUpsertStart, now: float) -> Any:
-        for key in req.keys:
-            off.remove(key)
-        return base[msg.BatchUpsertStart](req, now)
+        out = base[msg.BatchUpsertStart](req, now)
+        for key, (code, _) in zip(req.keys, out, strict=True):
+            if code == 0:
+                off.remove(key)
+        return out
 
     def ended(kind: type) -> Handler:
         def handler(req: Any, now: float) -> Any:

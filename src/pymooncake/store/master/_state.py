@@ -1219,7 +1219,7 @@ class MasterState:
         return sum(s.allocator.allocated for s in self.segments.values())
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "capacity_bytes": self._capacity(),
             "allocated_bytes": self._used(),
             "key_count": len(self.objects),
@@ -1227,6 +1227,9 @@ class MasterState:
             "client_count": len(self.clients),
             "soft_pinned_keys": self.soft_pinned,
         }
+        if self.config.enable_offload:
+            out["ssd"] = self.offload.summary()
+        return out
 
     def validate(self) -> None:
         """Assert every invariant and cross-check every index; tests call this
