@@ -287,3 +287,28 @@ def test_node_sigkilled_mid_offload_restarts_with_intact_objects(tmp_path: Path)
                 assert got == values[k], f"{k}: wrong bytes after the crash"
         finally:
             client.close()
+
+
+@pytest.mark.parametrize("same_host", ["1", "0"])
+def test_large_and_odd_values_over_both_read_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same_host: str
+) -> None:
+    """Same host: staged in shared memory (values beyond a slot are streamed);
+    PYMOONCAKE_SAME_HOST=0: the TCP read port."""
+    with _cluster(offload_on_evict=True) as c:
+        owner = c.client(12 * MiB, enable_ssd_offload=True, ssd_offload_path=str(tmp_path))
+        monkeypatch.setenv("PYMOONCAKE_SAME_HOST", same_host)
+        reader = c.client(0)
+        assert reader.ssd_reader.same_host is (same_host == "1")
+        sizes = [5 * MiB + 3, 1, 4097, 6 * MiB, MiB, 7 * MiB]
+        values = {f"v{i}": payload(n, 50 + i) for i, n in enumerate(sizes)}
+        for k, v in values.items():
+            _put(owner, k, v)
+        disk = [k for k in values if _kinds(reader, k) == ["disk"]]
+        assert {"v0", "v3"} <= set(disk)
+        got = reader.get_many(list(values))
+        assert got == list(values.values())
+        bufs = [bytearray(n + 10) for n in sizes]
+        res = reader.get_many_into(list(values), [[memoryview(b)] for b in bufs])
+        assert res == sizes
+        assert all(bytes(b[:n]) == values[f"v{i}"] for i, (b, n) in enumerate(zip(bufs, sizes)))

@@ -405,15 +405,22 @@ class FileStorage:
         self._count(entry.size)
         return entry.size
 
-    def read_direct(self, key: str, scratch: mmap.mmap) -> memoryview:
+    def read_direct(self, key: str, scratch: mmap.mmap | memoryview) -> memoryview:
         """Read the whole file of ``key`` with one ``O_DIRECT`` read (bypassing the
         page cache) into ``scratch`` (page-aligned, at least
-        :meth:`direct_bytes`); returns the value's view inside it.  Falls back to
+        :meth:`direct_bytes`); returns the value's view inside it (it starts at
+        the entry's ``header`` offset: :meth:`read_direct_entry`).  Falls back to
         buffered reads where ``O_DIRECT`` is refused (tmpfs).
 
         Raises:
             KeyError, CorruptObject: as :meth:`read_into`.
         """
+        return self.read_direct_entry(key, scratch)[1]
+
+    def read_direct_entry(
+        self, key: str, scratch: mmap.mmap | memoryview
+    ) -> tuple[FileEntry, memoryview]:
+        """:meth:`read_direct`, also returning the entry that was read."""
         entry = self._entry(key)
         need = _aligned(entry.file_bytes)
         if len(scratch) < need:
@@ -457,7 +464,7 @@ class FileStorage:
         value = buf[entry.header : entry.header + entry.size]
         self._verify(entry, head, value)
         self._count(entry.size)
-        return value
+        return entry, value
 
     def direct_bytes(self, key: str) -> int:
         """Scratch bytes :meth:`read_direct` needs for ``key`` (KeyError if absent)."""

@@ -37,6 +37,7 @@ import mmap
 import os
 import queue
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -138,6 +139,21 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
+def unix_name(endpoint: str) -> str:
+    """The abstract UNIX socket a read port also listens on (same-host readers)."""
+    return f"\0pymooncake-ssd-{endpoint}"
+
+
+#: same-host staging: slots of a memfd shared with the reader (objects up to a
+#: slot minus its header go through it; larger ones are streamed)
+SHM_SLOTS = 6
+#: files read at once per request (queue depth 2: the next reads overlap the copy)
+READ_THREADS = 2
+SHM_SLOT_BYTES = 4 << 20
+_SHM_HEAD = struct.Struct("<II")  # slots, slot bytes
+_NOTICE = struct.Struct("<qq")  # value bytes (or -code), offset in the shared memory (-1: inline)
+
+
 class _Scratch:
     """A page-aligned buffer that grows to the largest file read."""
 
@@ -157,8 +173,30 @@ class _Scratch:
             pass
 
 
+class _Slot:
+    """Where one value is staged: a slot of the shared memory (``offset`` >= 0)
+    or a private scratch buffer (streamed)."""
+
+    __slots__ = ("offset", "scratch", "view")
+
+    def __init__(self, view: memoryview | None, offset: int, scratch: _Scratch | None) -> None:
+        self.view = view
+        self.offset = offset
+        self.scratch = scratch
+
+    def fit(self, n: int) -> memoryview | mmap.mmap | None:
+        if self.view is not None:
+            return self.view if n <= len(self.view) else None
+        assert self.scratch is not None
+        return self.scratch.fit(n)
+
+
 class OffloadServer:
-    """Serves this client's SSD objects to readers (one thread per connection)."""
+    """Serves this client's SSD objects to readers (one thread per connection):
+    on TCP at :attr:`endpoint`, and to readers on this host through an abstract
+    UNIX socket (:func:`unix_name`) whose connections get a shared memfd
+    staging area: each file is read (``O_DIRECT``) straight into a slot of it,
+    the reader copies the value out and acknowledges the slot."""
 
     def __init__(
         self, storage: FileStorage, host: str, security: ClusterSecurity | None = None
@@ -170,43 +208,79 @@ class OffloadServer:
         self._sock = bind_listener(host, what="SSD read port")
         port = self._sock.getsockname()[1]
         self.endpoint = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        self._unix: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._unix.bind(unix_name(self.endpoint))
+            self._unix.listen(64)
+        except OSError as exc:
+            log.info("SSD read port: no same-host socket (%s); readers use TCP", exc)
+            self._unix.close()
+            self._unix = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
         self.served = 0
-        self._thread = threading.Thread(target=self._accept, name="mc-ssd-accept", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(
+                target=self._accept,
+                args=(lsock, lsock is self._unix),
+                daemon=True,
+                name="mc-ssd-accept",
+            )
+            for lsock in (self._sock, self._unix)
+            if lsock is not None
+        ]
+        for t in self._threads:
+            t.start()
 
-    def _accept(self) -> None:
+    def _accept(self, lsock: socket.socket, local: bool) -> None:
         while not self._stop.is_set():
             try:
-                sock, addr = self._sock.accept()
+                sock, addr = lsock.accept()
             except OSError:
                 return
+            peer = "same host" if local else f"{addr[0]}:{addr[1]}"
             with self._lock:
                 if self._stop.is_set():
                     sock.close()
                     return
                 t = threading.Thread(
-                    target=self._serve,
-                    args=(sock, f"{addr[0]}:{addr[1]}"),
-                    daemon=True,
-                    name="mc-ssd-conn",
+                    target=self._serve, args=(sock, peer, local), daemon=True, name="mc-ssd-conn"
                 )
                 self._conns[sock] = t
                 t.start()
 
-    def _serve(self, sock: socket.socket, peer: str) -> None:
+    def _serve(self, sock: socket.socket, peer: str, local: bool) -> None:
         conn = sock
-        scratch = [_Scratch(), _Scratch()]
+        scratch = [_Scratch() for _ in range(READ_THREADS + 1)]
+        shm: mmap.mmap | None = None
         try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._ssl is not None:
-                conn = self._ssl.wrap_socket(conn, server_side=True)
+            if not local:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._ssl is not None:
+                    conn = self._ssl.wrap_socket(conn, server_side=True)
             if self._key is not None:
                 server_handshake(
                     conn, self._key, AUTH_CONTEXT, timeout_s=10.0, port="SSD read port", peer=peer
                 )
+            slots = [_Slot(None, -1, s) for s in scratch]
+            if local:
+                fd = os.memfd_create("pymooncake-ssd-staging", os.MFD_CLOEXEC)
+                try:
+                    os.ftruncate(fd, SHM_SLOTS * SHM_SLOT_BYTES)
+                    shm = mmap.mmap(fd, SHM_SLOTS * SHM_SLOT_BYTES)
+                    socket.send_fds(conn, [_SHM_HEAD.pack(SHM_SLOTS, SHM_SLOT_BYTES)], [fd])
+                finally:
+                    os.close(fd)
+                whole = memoryview(shm)
+                slots = [
+                    _Slot(
+                        whole[i * SHM_SLOT_BYTES : (i + 1) * SHM_SLOT_BYTES],
+                        i * SHM_SLOT_BYTES,
+                        None,
+                    )
+                    for i in range(SHM_SLOTS)
+                ]
             head = bytearray(REQUEST_HEAD.size)
             while not self._stop.is_set():
                 try:
@@ -216,13 +290,18 @@ class OffloadServer:
                 body = bytearray(decode_head(bytes(head)))
                 _recv_exact(conn, memoryview(body))
                 keys, sizes = decode_request(bytes(body))
-                self._answer(conn, keys, sizes, scratch)
+                self._answer(conn, keys, sizes, slots, local)
         except (OSError, MooncakeError) as exc:
             if not self._stop.is_set():
                 log.debug("SSD read port: connection from %s ended: %s", peer, exc)
         finally:
             for s in scratch:
                 s.close()
+            if shm is not None:
+                try:
+                    shm.close()
+                except BufferError:
+                    pass
             with self._lock:
                 self._conns.pop(sock, None)
             try:
@@ -231,72 +310,149 @@ class OffloadServer:
                 pass
 
     def _answer(
-        self, conn: socket.socket, keys: list[str], sizes: list[int], scratch: list[_Scratch]
+        self,
+        conn: socket.socket,
+        keys: list[str],
+        sizes: list[int],
+        slots: list[_Slot],
+        local: bool,
     ) -> None:
-        """Send each value; a helper thread reads the next file (into the other
-        scratch buffer) while the current one is being sent."""
+        """Answer one request.  A helper thread reads the next files into free
+        slots while the current one is sent (TCP) or copied out by the reader
+        (same host: the reader acknowledges each value, which frees its slot)."""
         storage = self.storage
-
-        def load(i: int, buf: _Scratch) -> memoryview | int:
-            key = keys[i]
-            try:
-                view = storage.read_direct(key, buf.fit(storage.direct_bytes(key)))
-            except KeyError:
-                return _NOT_FOUND
-            except CorruptObject:
-                return _BAD
-            if len(view) != sizes[i]:
-                view.release()
-                return _BAD
-            return view
-
         n = len(keys)
-        free: queue.Queue[_Scratch] = queue.Queue()
-        for buf in scratch:
-            free.put(buf)
-        loaded: queue.Queue[tuple[memoryview | int, _Scratch]] = queue.Queue()
+        free: queue.Queue[_Slot] = queue.Queue()
+        for slot in slots:
+            free.put(slot)
         abort = threading.Event()
 
-        def reader() -> None:
-            for i in range(n):
-                buf = free.get()
-                if abort.is_set():
-                    return
-                loaded.put((load(i, buf), buf))
+        def load(i: int, slot: _Slot) -> tuple[memoryview | int, _Slot, int]:
+            key = keys[i]
+            try:
+                need = storage.direct_bytes(key)
+                target = slot.fit(need)
+                if target is None:  # larger than a shared slot: stream it from its own buffer
+                    free.put(slot)
+                    one_off = _Scratch()
+                    slot = _Slot(None, -1, one_off)
+                    target = one_off.fit(need)
+                entry, view = storage.read_direct_entry(key, target)
+            except KeyError:
+                return _NOT_FOUND, slot, 0
+            except CorruptObject:
+                return _BAD, slot, 0
+            if len(view) != sizes[i]:
+                view.release()
+                return _BAD, slot, 0
+            return view, slot, entry.header
 
-        helper = threading.Thread(target=reader, name="mc-ssd-read", daemon=True)
-        helper.start()
-        try:
+        results: dict[int, tuple[memoryview | int, _Slot, int]] = {}
+        ready = threading.Condition()
+        next_index = [0]
+
+        def reader() -> None:
+            while True:
+                slot = free.get()  # a slot first, then the index: no deadlock on slots
+                with ready:
+                    i = next_index[0]
+                    if abort.is_set() or i >= n:
+                        free.put(slot)
+                        return
+                    next_index[0] = i + 1
+                got = load(i, slot)
+                with ready:
+                    results[i] = got
+                    ready.notify_all()
+
+        def loaded(i: int) -> tuple[memoryview | int, _Slot, int]:
+            with ready:
+                while i not in results:
+                    ready.wait()
+                return results.pop(i)
+
+        in_use: queue.Queue[_Slot] = queue.Queue()
+
+        def done(slot: _Slot) -> None:
+            if slot.view is None and slot.scratch not in scratch_owned:
+                assert slot.scratch is not None
+                slot.scratch.close()  # a one-off buffer of a large value
+            else:
+                free.put(slot)
+
+        scratch_owned = [s.scratch for s in slots if s.scratch is not None]
+
+        def acks() -> None:
+            ack = bytearray(ITEM.size)
             for _ in range(n):
-                item, buf = loaded.get()
+                try:
+                    _recv_exact(conn, memoryview(ack))
+                except (OSError, ConnectionError):
+                    abort.set()
+                    free.put(slots[0])
+                    return
+                done(in_use.get())
+
+        helpers = [
+            threading.Thread(target=reader, name="mc-ssd-read", daemon=True)
+            for _ in range(min(READ_THREADS, n))
+        ]
+        for h in helpers:
+            h.start()
+        acker = threading.Thread(target=acks, name="mc-ssd-ack", daemon=True) if local else None
+        if acker is not None:
+            acker.start()
+        try:
+            for i in range(n):
+                item, slot, header = loaded(i)
                 if isinstance(item, int):
-                    conn.sendall(ITEM.pack(item))
-                else:
-                    try:
+                    conn.sendall(_NOTICE.pack(item, -1) if local else ITEM.pack(item))
+                    if local:
+                        in_use.put(slot)
+                    else:
+                        done(slot)
+                    continue
+                try:
+                    if local and slot.view is not None:
+                        offset = slot.offset + header
+                        conn.sendall(_NOTICE.pack(len(item), offset))
+                    elif local:
+                        conn.sendall(_NOTICE.pack(len(item), -1))
+                        conn.sendall(item)
+                    else:
                         conn.sendall(ITEM.pack(len(item)))
                         conn.sendall(item)
-                    finally:
-                        item.release()
-                    self.served += 1
-                free.put(buf)
+                finally:
+                    item.release()
+                self.served += 1
+                if local:
+                    in_use.put(slot)
+                else:
+                    done(slot)
         finally:
             abort.set()
-            for buf in scratch:
-                free.put(buf)  # unblocks the helper wherever it waits
-            helper.join()
-            while not loaded.empty():
-                item, _ = loaded.get()
+            for slot in slots:
+                free.put(slot)  # unblocks the helper wherever it waits
+            for h in helpers:
+                h.join()
+            if acker is not None:
+                acker.join()
+            for item, _, _ in results.values():
                 if isinstance(item, memoryview):
                     item.release()
 
     def close(self) -> None:
         self._stop.set()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-        self._thread.join(5)
+        for lsock in (self._sock, self._unix):
+            if lsock is None:
+                continue
+            try:
+                lsock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            lsock.close()
+        for t in self._threads:
+            t.join(5)
         with self._lock:
             conns = list(self._conns.items())
         for sock, _ in conns:
@@ -308,8 +464,26 @@ class OffloadServer:
             t.join(5)
 
 
+class _Conn:
+    __slots__ = ("shm", "sock")
+
+    def __init__(self, sock: socket.socket, shm: mmap.mmap | None) -> None:
+        self.sock = sock
+        self.shm = shm
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.shm is not None:
+            try:
+                self.shm.close()
+            except BufferError:
+                pass
+
+
 class OffloadReader:
-    """Reads LOCAL_DISK replicas from their owners' read ports (pooled connections)."""
+    """Reads LOCAL_DISK replicas from their owners' read ports (pooled
+    connections; the same-host socket with shared staging memory when the owner
+    runs on this host, TCP otherwise)."""
 
     def __init__(self, security: ClusterSecurity | None = None, timeout_s: float = 30.0) -> None:
         self.security = security or ClusterSecurity()
@@ -317,10 +491,16 @@ class OffloadReader:
         self._ssl = self.security.client_ssl_context() if self.security.tls else None
         self._timeout = timeout_s
         self._lock = threading.Lock()
-        self._idle: dict[str, list[socket.socket]] = {}
+        self._idle: dict[str, list[_Conn]] = {}
         self.reads = 0
+        #: PYMOONCAKE_SAME_HOST=0: TCP only
+        self.same_host = os.environ.get("PYMOONCAKE_SAME_HOST", "1") != "0"
 
-    def _connect(self, endpoint: str) -> socket.socket:
+    def _connect(self, endpoint: str) -> _Conn:
+        if self.same_host:
+            conn = self._connect_local(endpoint)
+            if conn is not None:
+                return conn
         host, port = split_host_port(endpoint)
         if port is None:
             raise InvalidParams(f"SSD read endpoint {endpoint!r} has no port")
@@ -328,20 +508,45 @@ class OffloadReader:
         try:
             if self._ssl is not None:
                 sock = self._ssl.wrap_socket(sock, server_hostname=host)
-            if self._key is not None:
-                client_handshake(
-                    sock,
-                    self._key,
-                    AUTH_CONTEXT,
-                    timeout_s=self._timeout,
-                    port="SSD read port",
-                    peer=endpoint,
-                )
-            sock.settimeout(self._timeout)
+            self._auth(sock, endpoint)
         except BaseException:
             sock.close()
             raise
-        return sock
+        return _Conn(sock, None)
+
+    def _auth(self, sock: socket.socket, endpoint: str) -> None:
+        if self._key is not None:
+            client_handshake(
+                sock,
+                self._key,
+                AUTH_CONTEXT,
+                timeout_s=self._timeout,
+                port="SSD read port",
+                peer=endpoint,
+            )
+        sock.settimeout(self._timeout)
+
+    def _connect_local(self, endpoint: str) -> _Conn | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(unix_name(endpoint))
+        except OSError:
+            sock.close()
+            return None  # not on this host (or an older port): TCP
+        try:
+            self._auth(sock, endpoint)
+            msg_, fds, _flags, _addr = socket.recv_fds(sock, _SHM_HEAD.size, 1)
+            if len(msg_) != _SHM_HEAD.size or len(fds) != 1:
+                raise ConnectionError("the SSD read port sent no staging memory")
+            try:
+                slots, slot_bytes = _SHM_HEAD.unpack(msg_)
+                shm = mmap.mmap(fds[0], slots * slot_bytes)
+            finally:
+                os.close(fds[0])
+        except BaseException:
+            sock.close()
+            raise
+        return _Conn(sock, shm)
 
     def read(
         self,
@@ -354,49 +559,80 @@ class OffloadReader:
         memoryviews or device spans, ``sizes[i]`` bytes in all)."""
         with self._lock:
             pool = self._idle.get(endpoint)
-            sock = pool.pop() if pool else None
-        if sock is None:
-            sock = self._connect(endpoint)
+            conn = pool.pop() if pool else None
+        if conn is None:
+            conn = self._connect(endpoint)
         ok = False
         out: list[StoreError | None] = []
+        sock = conn.sock
         try:
             sock.sendall(encode_request(list(keys), list(sizes)))
-            item = bytearray(ITEM.size)
+            head = bytearray(_NOTICE.size if conn.shm is not None else ITEM.size)
+            hv = memoryview(head)
+            ack = ITEM.pack(0)
             for parts, key in zip(dests, keys, strict=True):
-                _recv_exact(sock, memoryview(item))
-                (n,) = ITEM.unpack(item)
+                _recv_exact(sock, hv)
+                if conn.shm is not None:
+                    n, offset = _NOTICE.unpack(head)
+                else:
+                    (n,) = ITEM.unpack(head)
+                    offset = -1
                 if n < 0:
                     out.append(
                         store_error(
                             n, f"{key!r}: the SSD tier at {endpoint} has no readable copy any more"
                         )
                     )
-                    continue
-                for part in parts:
-                    if isinstance(part, DeviceSpan):
-                        tmp = bytearray(len(part))
-                        _recv_exact(sock, memoryview(tmp))
-                        addr = ctypes.addressof((ctypes.c_char * len(tmp)).from_buffer(tmp))
-                        part.backend.copy(part.addr, addr, len(tmp))
-                    else:
-                        _recv_exact(sock, part)
-                out.append(None)
-                self.reads += 1
+                elif offset >= 0:
+                    assert conn.shm is not None
+                    src = memoryview(conn.shm)[offset : offset + n]
+                    try:
+                        _copy_out(src, parts)
+                    finally:
+                        src.release()
+                else:
+                    for part in parts:
+                        if isinstance(part, DeviceSpan):
+                            tmp = bytearray(len(part))
+                            _recv_exact(sock, memoryview(tmp))
+                            _copy_out(memoryview(tmp), [part])
+                        else:
+                            _recv_exact(sock, part)
+                if conn.shm is not None:
+                    sock.sendall(ack)
+                if n >= 0:
+                    out.append(None)
+                    self.reads += 1
             ok = True
         finally:
             if ok:
                 with self._lock:
-                    self._idle.setdefault(endpoint, []).append(sock)
+                    self._idle.setdefault(endpoint, []).append(conn)
             else:
-                sock.close()
+                conn.close()
         return out
 
     def close(self) -> None:
         with self._lock:
-            socks = [s for pool in self._idle.values() for s in pool]
+            conns = [c for pool in self._idle.values() for c in pool]
             self._idle.clear()
-        for s in socks:
-            s.close()
+        for c in conns:
+            c.close()
+
+
+def _copy_out(src: memoryview, parts: Sequence[Any]) -> None:
+    """Copy ``src`` into ``parts`` in order (host views, or device spans)."""
+    at = 0
+    for part in parts:
+        n = len(part)
+        if isinstance(part, DeviceSpan):
+            chunk = bytearray(src[at : at + n])
+            addr = ctypes.addressof((ctypes.c_char * n).from_buffer(chunk)) if n else 0
+            if n:
+                part.backend.copy(part.addr, addr, n)
+        else:
+            part[:] = src[at : at + n]
+        at += n
 
 
 # --------------------------------------------------------------------------------
