@@ -311,4 +311,7 @@ def test_large_and_odd_values_over_both_read_paths(
         bufs = [bytearray(n + 10) for n in sizes]
         res = reader.get_many_into(list(values), [[memoryview(b)] for b in bufs])
         assert res == sizes
-        assert all(bytes(b[:n]) == values[f"v{i}"] for i, (b, n) in enumerate(zip(bufs, sizes)))
+        assert all(
+            bytes(b[:n]) == values[f"v{i}"]
+            for i, (b, n) in enumerate(zip(bufs, sizes, strict=True))
+        )
