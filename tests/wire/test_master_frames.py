@@ -517,7 +517,7 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "segment_name": text,
     "pattern": text,
     "force": st.booleans(),
-    "standby": names,
+    "standby": text,
     "view_version": u64,
     "seq": u64,
     "endpoint": names,
