@@ -173,8 +173,7 @@ class Descriptor:
 
 
 class DiskDescriptor:
-    """A replica in a file (``file_path``, ``object_size``); pymooncake keeps
-    every replica in memory, so descriptors of this type are never returned."""
+    """A DISK replica: a file on the shared filesystem (``file_path``, ``object_size``)."""
 
     def __init__(self, file_path: str = "", object_size: int = 0) -> None:
         self.file_path = file_path
@@ -193,20 +192,21 @@ class ReplicaDescriptor:
     def __init__(self, desc: ReplicaDesc) -> None:
         self.status = desc.status
         self._local_disk = desc.on_disk
+        self._disk = desc.kind == 1  # DISK: a file on the shared filesystem (--root_fs_dir)
         self._mem = MemoryDescriptor(Descriptor(desc.size, desc.address, desc.endpoint))
-        self.type = "LOCAL_DISK" if desc.on_disk else "MEMORY"
+        self.type = "LOCAL_DISK" if desc.on_disk else "DISK" if self._disk else "MEMORY"
 
     def is_memory_replica(self) -> bool:
-        return not self._local_disk
+        return not self._local_disk and not self._disk
 
     def is_disk_replica(self) -> bool:
-        return False  # the legacy shared-filesystem DISK type
+        return self._disk
 
     def is_local_disk_replica(self) -> bool:
         return self._local_disk
 
     def get_memory_descriptor(self) -> MemoryDescriptor:
-        if self._local_disk:
+        if self._local_disk or self._disk:
             raise RuntimeError("std::get: wrong index for variant (not a memory replica)")
         return self._mem
 
@@ -217,12 +217,15 @@ class ReplicaDescriptor:
         return LocalDiskDescriptor(d.size, d.transport_endpoint)
 
     def get_disk_descriptor(self) -> DiskDescriptor:
-        """Raises RuntimeError, as the reference does for a non-DISK replica."""
-        raise RuntimeError("std::get: wrong index for variant (not a disk replica)")
+        """The file of a DISK replica; RuntimeError otherwise (as the reference)."""
+        if not self._disk:
+            raise RuntimeError("std::get: wrong index for variant (not a disk replica)")
+        d = self._mem.buffer_descriptor
+        return DiskDescriptor(d.transport_endpoint, d.size)
 
     def __repr__(self) -> str:
         d = self._mem.buffer_descriptor
-        kind = "local_disk" if self._local_disk else "memory"
+        kind = self.type.lower()
         return f"ReplicaDescriptor({kind}, {d.transport_endpoint}, {d.buffer_address:#x}, {d.size}, {self.status.name})"
 
 

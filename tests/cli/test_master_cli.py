@@ -222,7 +222,6 @@ def test_bad_values_exit_1() -> None:
     ("flag", "feature"),
     [
         ("--enable_oplog=true", "HA oplog"),
-        ("--root_fs_dir=/tmp/mooncake-fs", "shared-filesystem"),
         ("--enable_cxl=true", "CXL"),
         ("--enable_snapshot", "snapshots"),
         ("--enable_kv_events=true", "KV event"),

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from mooncake._store_types import ReplicaDescriptor
 from pymooncake.errors import NoAvailableHandle, ObjectNotFound, StoreError
 from pymooncake.store import MasterConfig, StoreClient, StoreClientConfig
 from pymooncake.store._file_storage import FileStorage
@@ -315,3 +316,49 @@ def test_large_and_odd_values_over_both_read_paths(
             bytes(b[:n]) == values[f"v{i}"]
             for i, (b, n) in enumerate(zip(bufs, sizes, strict=True))
         )
+
+
+def test_root_fs_dir_disk_replicas_survive_eviction(tmp_path: Path) -> None:
+    """--root_fs_dir: every put is also a DISK replica on the shared filesystem;
+    evicted objects are read from their files by any client."""
+    cfg = MasterConfig(default_kv_lease_ttl_ms=300, client_ttl_s=2.0, root_fs_dir=str(tmp_path))
+    with LocalCluster(cfg) as c:
+        writer = c.client(8 * MiB)
+        reader = c.client(0)
+        assert writer.fsdir == os.path.join(str(tmp_path), "mooncake_cluster")
+        values = {f"f{i}": payload(MiB - i, i) for i in range(24)}
+        for k, v in values.items():
+            assert writer.put(k, v) is True
+        kinds = {k: sorted(r.kind for r in reader.replicas(k)) for k in values}
+        assert all(1 in ks for ks in kinds.values())
+        assert sum(1 for ks in kinds.values() if ks == [1]) >= 12  # evicted from memory
+        assert reader.get_many(list(values)) == list(values.values())
+        evicted = next(k for k, ks in kinds.items() if ks == [1])
+        (desc,) = [ReplicaDescriptor(r) for r in reader.replicas(evicted)]
+        assert desc.is_disk_replica() and not desc.is_memory_replica()
+        path = desc.get_disk_descriptor().file_path
+        assert os.path.exists(path) and desc.get_disk_descriptor().object_size == len(
+            values[evicted]
+        )
+        reader.remove(evicted)
+        wait_until(lambda: not os.path.exists(path), what="the master deletes the file")
+        with pytest.raises(ObjectNotFound):
+            reader.get(evicted)
+        c.master.service.state.validate()
+
+
+def test_root_fs_dir_quota_drops_the_oldest_files(tmp_path: Path) -> None:
+    cfg = MasterConfig(
+        default_kv_lease_ttl_ms=300,
+        client_ttl_s=2.0,
+        root_fs_dir=str(tmp_path),
+        quota_bytes=4 * MiB,
+    )
+    with LocalCluster(cfg) as c:
+        writer = c.client(32 * MiB)
+        for i in range(8):
+            writer.put(f"q{i}", payload(MiB, i))
+        off = c.master.service.state.offload
+        assert off.fs_used <= 4 * MiB and list(off.fs_order) == [f"q{i}" for i in range(4, 8)]
+        assert writer.get("q0") == payload(MiB, 0)  # still in memory
+        wait_until(lambda: sum(1 for p in tmp_path.rglob("*.obj")) == 4, what="old files deleted")

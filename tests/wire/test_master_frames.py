@@ -525,6 +525,7 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "used_bytes": u64,
     "enable_offloading": st.booleans(),
     "register": st.booleans(),
+    "shared": st.booleans(),
 }
 
 

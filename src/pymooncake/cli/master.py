@@ -179,16 +179,16 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("promotion_admission_threshold", int, 2, "reads of a disk-only object that promote it"),
     Flag("promotion_queue_limit", int, 50000, "objects waiting to be promoted"),
     Flag("promotion_max_per_heartbeat", int, 1, "promotions handed out per client heartbeat"),
-    Flag("quota_bytes", int, 0, "storage backend quota (SSD offload only)"),
-    Flag("enable_disk_eviction", bool, True, "disk eviction (SSD offload only)"),
+    Flag("quota_bytes", int, 0, "bytes of DISK replicas under --root_fs_dir (0 = no bound)"),
+    Flag("enable_disk_eviction", bool, True, "delete the oldest DISK replicas above --quota_bytes"),
     # --- dynamic replication
     Flag("dynamic_replication_mode", str, "off", "off (observe/enforce unavailable)"),
     Flag("dynamic_replication_heat_window_seconds", int, 10, "dynamic replication only"),
     Flag("dynamic_replication_admission_qps_threshold", float, 0.8, "dynamic replication only"),
     Flag("dynamic_replication_max_memory_replicas", int, 2, "dynamic replication only"),
     # --- legacy file segment / CXL
-    Flag("root_fs_dir", str, "", "shared-FS storage root (unavailable)"),
-    Flag("global_file_segment_size", int, _INT64_MAX, "shared-FS segment size (unavailable)"),
+    Flag("root_fs_dir", str, "", "shared filesystem: every put is also a DISK replica there"),
+    Flag("global_file_segment_size", int, _INT64_MAX, "accepted; unused by pymooncake"),
     Flag("enable_cxl", bool, False, "CXL memory (unavailable)"),
     Flag("cxl_path", str, "/dev/dax0.0", "CXL only"),
     Flag("cxl_size", int, 8 << 30, "CXL only"),
@@ -238,7 +238,6 @@ _UNAVAILABLE: Final[tuple[tuple[str, Any, str], ...]] = (
     ("enable_oplog", False, "HA oplog replication"),
     ("enable_snapshot", False, "master snapshots"),
     ("enable_snapshot_restore", False, "restoring master snapshots"),
-    ("root_fs_dir", "", "the shared-filesystem storage backend"),
     ("enable_cxl", False, "CXL memory"),
     ("enable_multi_tenants", False, "multi-tenancy"),
     ("enable_kv_events", False, "the ZMQ KV event publisher"),
@@ -460,6 +459,9 @@ def _validate(values: dict[str, Any]) -> MasterConfig:
             promotion_admission_threshold=max(1, values["promotion_admission_threshold"]),
             promotion_queue_limit=values["promotion_queue_limit"],
             promotion_max_per_heartbeat=values["promotion_max_per_heartbeat"],
+            root_fs_dir=values["root_fs_dir"],
+            enable_disk_eviction=values["enable_disk_eviction"],
+            quota_bytes=values["quota_bytes"],
         )
     except ConfigError as exc:
         raise _Refused(str(exc)) from exc

@@ -43,6 +43,7 @@ from ..errors import (
 from ..transfer import TransferEngine
 from ..transfer.metadata import parse_metadata_target
 from ..wire import _master_msgs as msg
+from ..wire import _offload_msgs as omsg
 from ._buffers import LocalBuffer
 from ._client_io import ObjectLocation
 from ._master_client import MasterClient
@@ -161,9 +162,11 @@ class StoreClient(WriteOps, ReadOps):
         self._revoke_backlog: set[tuple[str, bool]] = set()
         #: the SSD tier (enable_ssd_offload), and the reader of others' tiers
         self.ssd: SsdTier | None = None
+        self.fsdir = ""
         self.ssd_reader = OffloadReader(engine_config.security, config.rpc_timeout_s)
         try:
             self.master.check_version()
+            self.fsdir = self._storage_config(config)
             if engine is None:
                 p2p = parse_metadata_target(config.metadata_server).is_p2p
                 engine = TransferEngine(
@@ -199,6 +202,27 @@ class StoreClient(WriteOps, ReadOps):
         if self.metrics is not None:
             self.metrics.start_reporting(config.metrics.interval_s)
         _live_clients.add(self)
+
+    def _storage_config(self, config: StoreClientConfig) -> str:
+        """The master's shared filesystem for DISK replicas (--root_fs_dir), unless
+        this client has an SSD tier, which takes that role (as the reference)."""
+        try:
+            fsdir = str(self.master.call(omsg.GetStorageConfig()).get("fsdir", ""))
+        except StoreError:
+            return ""  # an older master
+        if not fsdir or config.enable_ssd_offload:
+            return ""
+        try:
+            os.makedirs(fsdir, exist_ok=True)
+        except OSError as exc:
+            log.warning(
+                "the master keeps DISK replicas in %s (--root_fs_dir) but this host cannot "
+                "create it (%s): puts are not written there; mount the shared filesystem",
+                fsdir,
+                exc,
+            )
+            return ""
+        return fsdir
 
     # ------------------------------------------------------------------------------
     # identity, segments, liveness

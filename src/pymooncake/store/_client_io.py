@@ -92,6 +92,8 @@ class ClientIO:
     _closed: bool
     _pool: concurrent.futures.ThreadPoolExecutor | None
     ssd_reader: OffloadReader
+    #: the shared filesystem of DISK replicas (the master's --root_fs_dir), or ""
+    fsdir: str
 
     # ------------------------------------------------------------------------------
     # helpers

@@ -118,6 +118,13 @@ class MasterConfig:
     #: an offload or promotion handed out and not reported within this is dropped
     #: (the object is unpinned; eviction may queue it again)
     offload_task_timeout_s: float = 60.0
+    #: --root_fs_dir: a filesystem every client mounts; each put is also written
+    #: there as a DISK replica (under <root_fs_dir>/<cluster_id>)
+    root_fs_dir: str = ""
+    #: --enable_disk_eviction / --quota_bytes: bound the DISK replicas' bytes
+    #: (oldest go first; quota 0 = no bound)
+    enable_disk_eviction: bool = True
+    quota_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.promotion_admission_threshold < 1 or self.offload_max_per_heartbeat < 1:

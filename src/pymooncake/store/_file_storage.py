@@ -53,6 +53,9 @@ __all__ = [
     "FileStorage",
     "StorageFull",
     "header_bytes",
+    "object_path",
+    "read_object_into",
+    "write_object",
 ]
 
 log = logging.getLogger("pymooncake.store.ssd")
@@ -184,8 +187,7 @@ class FileStorage:
         return self._index.get(key)
 
     def path_of(self, key: str) -> str:
-        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-        return os.path.join(self.root, digest[:2], digest + _SUFFIX)
+        return object_path(self.root, key)
 
     def open(self) -> list[FileEntry]:
         """Rebuild the index from the files (after a restart): delete temporary
@@ -278,43 +280,10 @@ class FileStorage:
         Raises:
             OSError: the write failed (the temporary file is removed).
         """
-        kb = key.encode("utf-8", "surrogatepass")
-        size = sum(len(p) for p in parts)
-        hlen = header_bytes(len(kb))
-        crc = 0
-        for p in parts:
-            crc = zlib.crc32(p, crc)
         with self._lock:
             self._seq += 1
             seq = self._seq
-        head = bytearray(hlen)
-        _HEAD.pack_into(head, 0, _MAGIC, _VERSION, hlen // BLOCK, len(kb), size, seq, crc)
-        head[_HEAD.size : _HEAD.size + len(kb)] = kb
-        path = self.path_of(key)
-        d = os.path.dirname(path)
-        os.makedirs(d, exist_ok=True)
-        tmp = f"{path[: -len(_SUFFIX)]}{_TMP}{os.getpid()}.{next(_tmp_counter)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                bufs: list[memoryview | bytearray] = [head, *parts]
-                total = hlen + size
-                done = os.pwritev(fd, bufs, 0)
-                while done < total:
-                    n = self._rest(fd, bufs, done)
-                    if n <= 0:
-                        raise OSError(f"short write to {tmp}")
-                    done += n
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-        except BaseException:
-            self._remove(tmp)
-            raise
-        if self.fsync:
-            self._fsync_dir(d)
+        path, hlen, size = write_object(self.root, key, parts, seq, fsync=self.fsync)
         entry = FileEntry(key, path, size, hlen, seq)
         with self._lock:
             old = self._index.pop(key, None)
@@ -548,3 +517,96 @@ class FileStorage:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+# --------------------------------------------------------------------------------
+# files without an index (the shared filesystem of --root_fs_dir)
+# --------------------------------------------------------------------------------
+
+
+def object_path(root: str, key: str) -> str:
+    """Where the file of ``key`` lives under ``root`` (hash-sharded names: any key
+    is a valid name, 256 directories)."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return os.path.join(root, digest[:2], digest + _SUFFIX)
+
+
+def write_object(
+    root: str, key: str, parts: Sequence[memoryview], seq: int, *, fsync: bool
+) -> tuple[str, int, int]:
+    """Write ``key``'s file under ``root`` (temporary name, optional fsync, rename);
+    returns its path, header bytes and value bytes.
+
+    Raises:
+        OSError: the write failed (the temporary file is removed).
+    """
+    kb = key.encode("utf-8", "surrogatepass")
+    size = sum(len(p) for p in parts)
+    hlen = header_bytes(len(kb))
+    crc = 0
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+    head = bytearray(hlen)
+    _HEAD.pack_into(head, 0, _MAGIC, _VERSION, hlen // BLOCK, len(kb), size, seq, crc)
+    head[_HEAD.size : _HEAD.size + len(kb)] = kb
+    path = object_path(root, key)
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path[: -len(_SUFFIX)]}{_TMP}{os.getpid()}.{next(_tmp_counter)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            bufs: list[memoryview | bytearray] = [head, *parts]
+            total = hlen + size
+            done = os.pwritev(fd, bufs, 0)
+            while done < total:
+                n = FileStorage._rest(fd, bufs, done)
+                if n <= 0:
+                    raise OSError(f"short write to {tmp}")
+                done += n
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        FileStorage._remove(tmp)
+        raise
+    if fsync:
+        FileStorage._fsync_dir(d)
+    return path, hlen, size
+
+
+def read_object_into(path: str, key: str, size: int, dest: Sequence[memoryview]) -> None:
+    """Read the value of ``key`` (``size`` bytes) from its file at ``path`` into
+    ``dest`` (filled in order), checking the header names that key and size.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CorruptObject: the file is not ``key``'s value of ``size`` bytes.
+    """
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(BLOCK)
+        if len(head) < _HEAD.size:
+            raise CorruptObject(f"{path}: the header is truncated")
+        magic, version, blocks, klen, fsize, _seq, _crc = _HEAD.unpack_from(head)
+        hlen = blocks * BLOCK
+        if magic != _MAGIC or version != _VERSION or hlen != header_bytes(klen):
+            raise CorruptObject(f"{path}: not an object file")
+        if hlen > BLOCK:
+            head += f.read(hlen - BLOCK)
+        name = head[_HEAD.size : _HEAD.size + klen].decode("utf-8", "surrogatepass")
+        if name != key or fsize != size:
+            raise CorruptObject(f"{path}: holds {name!r} ({fsize} bytes), not {key!r} ({size})")
+        if os.fstat(f.fileno()).st_size != hlen + size:
+            raise CorruptObject(f"{path}: its length disagrees with its header")
+        at = hlen
+        fd = f.fileno()
+        for part in dest:
+            done = 0
+            while done < len(part):
+                n = os.preadv(fd, [part[done:]], at + done)
+                if n <= 0:
+                    raise CorruptObject(f"{path}: the file ends early")
+                done += n
+            at += len(part)

@@ -18,6 +18,7 @@ from ..transfer.device import DeviceSpan
 from ..wire import _master_msgs as msg
 from ._buffers import BufferHandle, make_handle, new_bytes
 from ._client_io import BATCH_OPS, ClientIO, ObjectLocation, Part, Parts, transfer_failed
+from ._ssd import read_shared
 from ._types import ErrorCode, ReplicaDesc
 
 __all__ = ["ReadOps"]
@@ -79,7 +80,7 @@ class ReadOps(ClientIO):
             replicas[i] = [ReplicaDesc.from_wire(r) for r in value["replicas"]]
             views[i] = target
             results[i] = size
-        if any(r.on_disk for reps in replicas.values() for r in reps):
+        if any(r.kind for reps in replicas.values() for r in reps):
             self._read_disk(keys, replicas, views, results)
         pending = list(replicas)
         transfer_start = time.perf_counter_ns()
@@ -124,19 +125,30 @@ class ReadOps(ClientIO):
         views: dict[int, Parts],
         results: list[int | StoreError],
     ) -> None:
-        """Objects whose only replica is LOCAL_DISK are read from their owners' SSD
-        read ports (and leave ``replicas``); the others lose their disk replicas
-        (memory is read first)."""
+        """Objects without a memory replica are read from disk (and leave
+        ``replicas``): LOCAL_DISK from the owner's SSD read port, DISK from the
+        shared filesystem; the others lose their disk replicas (memory is read
+        first)."""
         per_endpoint: dict[str, list[int]] = {}
         sizes = {i: r for i, r in enumerate(results) if isinstance(r, int)}
         for i in list(replicas):
             reps = replicas[i]
-            mem = [r for r in reps if not r.on_disk]
+            mem = [r for r in reps if not r.kind]
             if mem:
                 replicas[i] = mem
                 continue
-            per_endpoint.setdefault(reps[0].endpoint, []).append(i)
             del replicas[i]
+            if reps[0].on_disk:
+                per_endpoint.setdefault(reps[0].endpoint, []).append(i)
+                continue
+            try:  # a DISK replica: the file on the shared filesystem (--root_fs_dir)
+                read_shared(reps[0].endpoint, keys[i], sizes[i], views[i])
+            except (MooncakeError, OSError) as exc:
+                results[i] = transfer_failed(
+                    f"reading {keys[i]!r} from the shared filesystem ({reps[0].endpoint}) "
+                    f"failed: {exc}",
+                    exc,
+                )
         for endpoint, items in per_endpoint.items():
             try:
                 errs = self.ssd_reader.read(

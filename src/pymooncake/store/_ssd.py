@@ -63,13 +63,13 @@ from ..wire._offload_rpc import (
     decode_request,
     encode_request,
 )
-from ._file_storage import CorruptObject, FileStorage, StorageFull, header_bytes
+from ._file_storage import CorruptObject, FileStorage, StorageFull, header_bytes, read_object_into
 from ._types import ErrorCode, ReplicaDesc
 
 if TYPE_CHECKING:
     from ._client import StoreClient
 
-__all__ = ["OffloadReader", "OffloadServer", "SsdSettings", "SsdTier"]
+__all__ = ["OffloadReader", "OffloadServer", "SsdSettings", "SsdTier", "read_shared"]
 
 log = logging.getLogger("pymooncake.store.ssd")
 
@@ -846,3 +846,13 @@ class SsdTier:
         deadline = time.monotonic() + timeout_s
         while self.heartbeat() and time.monotonic() < deadline:
             pass
+
+
+def read_shared(path: str, key: str, size: int, parts: Sequence[Any]) -> None:
+    """Read ``key``'s DISK replica (a file on the shared filesystem) into ``parts``."""
+    if all(isinstance(p, memoryview) for p in parts):
+        read_object_into(path, key, size, parts)
+        return
+    tmp = bytearray(size)
+    read_object_into(path, key, size, [memoryview(tmp)])
+    _copy_out(memoryview(tmp), parts)

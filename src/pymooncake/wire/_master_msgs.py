@@ -136,6 +136,7 @@ class MasterMethod(str, Enum):
     NOTIFY_OFFLOAD_SUCCESS = "NotifyOffloadSuccess"
     BATCH_EVICT_DISK_REPLICA = "BatchEvictDiskReplica"
     PROMOTION_ALLOC_START = "PromotionAllocStart"
+    GET_STORAGE_CONFIG = "GetStorageConfig"
 
 
 # ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ._master_msgs import (
     MAX_NAME_CHARS,
     MasterMethod,
     Mutation,
+    Request,
     _bool,
     _field,
     _key,
@@ -35,6 +36,7 @@ from ._master_msgs import (
 __all__ = [
     "OFFLOAD_REQUESTS",
     "BatchEvictDiskReplica",
+    "GetStorageConfig",
     "MountLocalDisk",
     "NotifyOffloadSuccess",
     "OffloadHeartbeat",
@@ -138,16 +140,21 @@ class NotifyOffloadSuccess(Mutation):
     keys: tuple[str, ...]
     sizes: tuple[int, ...]
     register: bool = False
+    #: written to the shared filesystem (--root_fs_dir): DISK replicas
+    shared: bool = False
     rid: int = 0
     ack: int = 0
 
     def params(self) -> dict[str, Any]:
-        return {
+        out = {
             **_session_params(self),
             "keys": list(self.keys),
             "sizes": list(self.sizes),
             "register": self.register,
         }
+        if self.shared:
+            out["shared"] = True
+        return out
 
     @classmethod
     def decode(cls, p: dict[str, Any]) -> NotifyOffloadSuccess:
@@ -158,6 +165,7 @@ class NotifyOffloadSuccess(Mutation):
             keys,
             _sizes(_field(p, "sizes"), len(keys)),
             _bool(p.get("register", False), "register"),
+            _bool(p.get("shared", False), "shared"),
             rid,
             ack,
         )
@@ -204,7 +212,23 @@ class PromotionAllocStart(Mutation):
         return cls(client, _key(_field(p, "key")), _u64(_field(p, "size"), "size"), rid, ack)
 
 
+@dataclass(frozen=True, slots=True)
+class GetStorageConfig(Request):
+    """The shared filesystem of DISK replicas: ``{"fsdir": "<root_fs_dir>/<cluster_id>"
+    or "", "enable_disk_eviction": bool, "quota_bytes": int}``."""
+
+    METHOD: ClassVar = MasterMethod.GET_STORAGE_CONFIG
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> GetStorageConfig:
+        return cls()
+
+
 OFFLOAD_REQUESTS: tuple[Any, ...] = (
+    GetStorageConfig,
     MountLocalDisk,
     UnmountLocalDisk,
     OffloadHeartbeat,

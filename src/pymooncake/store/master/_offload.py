@@ -40,6 +40,8 @@ queues, tasks and counts are not: after a failover clients re-report.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -48,7 +50,8 @@ from typing import TYPE_CHECKING, Any, Final
 from ...errors import StoreError, store_error
 from ...wire import _master_msgs as msg
 from ...wire import _offload_msgs as omsg
-from .._types import REPLICA_LOCAL_DISK, ErrorCode, ReplicateConfig
+from .._file_storage import object_path
+from .._types import REPLICA_DISK, REPLICA_LOCAL_DISK, ErrorCode, ReplicateConfig
 from ._effects import (
     DiskReplicaAdded,
     DiskReplicaRemoved,
@@ -60,7 +63,16 @@ from ._records import BUSY, READABLE, Obj, reps_wire
 if TYPE_CHECKING:
     from ._state import MasterState
 
-__all__ = ["OFFLOAD_APPLY", "CountMinSketch", "OffloadState", "wrap_handlers"]
+__all__ = [
+    "FS_OWNER",
+    "OFFLOAD_APPLY",
+    "CountMinSketch",
+    "OffloadState",
+    "unlink_files",
+    "wrap_handlers",
+]
+
+log = logging.getLogger("pymooncake.master")
 
 _COMPLETE: Final = 3  # ReplicaStatus.COMPLETE on the wire
 _PROCESSING: Final = 2
@@ -68,6 +80,8 @@ _PROCESSING: Final = 2
 _DISK_ID: Final = 0xFFFFFF << 40
 #: bytes one heartbeat hands out at most (bounds the client's read-and-write burst)
 _MAX_HEARTBEAT_BYTES: Final = 256 << 20
+#: the owner of DISK replicas on the shared filesystem (--root_fs_dir): nobody
+FS_OWNER: Final = ""
 
 
 def _err(code: ErrorCode, message: str) -> StoreError:
@@ -173,6 +187,28 @@ class OffloadState:
         self.drops: dict[str, list[str]] = {}
         self.sketch = CountMinSketch()
         self.metrics = OffloadMetrics()
+        #: DISK replicas on the shared filesystem, oldest first, and their bytes
+        self.fs_order: dict[str, None] = {}
+        self.fs_used = 0
+        #: files of dropped DISK replicas, deleted by the service (I/O)
+        self.fs_drops: list[str] = []
+
+    @property
+    def fsdir(self) -> str:
+        """Where DISK replicas live (``<root_fs_dir>/<cluster_id>``), or ""."""
+        root = self.config.root_fs_dir
+        return os.path.join(root, self.config.cluster_id) if root else ""
+
+    def storage_config(self) -> dict[str, Any]:
+        return {
+            "fsdir": self.fsdir,
+            "enable_disk_eviction": self.config.enable_disk_eviction,
+            "quota_bytes": self.config.quota_bytes,
+        }
+
+    def take_fs_drops(self) -> list[str]:
+        out, self.fs_drops = self.fs_drops, []
+        return out
 
     @property
     def enabled(self) -> bool:
@@ -232,11 +268,30 @@ class OffloadState:
 
     def _add(self, key: str, client_id: str, size: int) -> None:
         old = self.replicas.get(key)
-        if old is not None and old.client_id != client_id:
-            self.by_client.get(old.client_id, set()).discard(key)
+        if old is not None:
+            self._unindex(key, old)
         self.st._emit(DiskReplicaAdded(key, client_id, size))
         self.replicas[key] = DiskRep(client_id, self.st._size(size))
         self.by_client.setdefault(client_id, set()).add(key)
+        if client_id == FS_OWNER:
+            self.fs_order[key] = None
+            self.fs_used += size
+            self._fs_quota()
+
+    def _unindex(self, key: str, rep: DiskRep) -> None:
+        self.by_client.get(rep.client_id, set()).discard(key)
+        if rep.client_id == FS_OWNER and self.fs_order.pop(key, 0) is None:
+            self.fs_used -= rep.size
+
+    def _fs_quota(self) -> None:
+        """Drop the oldest DISK replicas while their bytes exceed --quota_bytes."""
+        quota = self.config.quota_bytes
+        if not quota or not self.config.enable_disk_eviction:
+            return
+        while self.fs_used > quota and self.fs_order:
+            key = next(iter(self.fs_order))
+            self.remove(key)
+            self.metrics.disk_evicted += 1
 
     def remove(self, key: str) -> bool:
         """Drop ``key``'s disk replica (removed or replaced); its owner is told to
@@ -246,8 +301,11 @@ class OffloadState:
         if rep is None:
             return False
         self.st._emit(DiskReplicaRemoved(key))
-        self.by_client.get(rep.client_id, set()).discard(key)
-        if rep.client_id in self.disks:
+        self._unindex(key, rep)
+        if rep.client_id == FS_OWNER:
+            if not self.st._replaying and self.fsdir:
+                self.fs_drops.append(object_path(self.fsdir, key))
+        elif rep.client_id in self.disks:
             self.drops.setdefault(rep.client_id, []).append(key)
         return True
 
@@ -276,10 +334,15 @@ class OffloadState:
         rep = self.replicas.get(key)
         if rep is None:
             return None
+        rid = _DISK_ID | zlib.crc32(key.encode("utf-8", "surrogatepass"))
+        if rep.client_id == FS_OWNER:
+            fsdir = self.fsdir
+            if not fsdir:
+                return None
+            return [rid, object_path(fsdir, key), 0, rep.size, _COMPLETE, "", REPLICA_DISK]
         disk = self.disks.get(rep.client_id)
         if disk is None:
             return None
-        rid = _DISK_ID | zlib.crc32(key.encode("utf-8", "surrogatepass"))
         return [rid, disk.endpoint, 0, rep.size, _COMPLETE, "", REPLICA_LOCAL_DISK]
 
     def read(self, key: str) -> dict[str, Any] | None:
@@ -304,7 +367,7 @@ class OffloadState:
 
     def _count_hit(self, key: str, rep: DiskRep) -> None:
         cfg = self.config
-        if not cfg.promotion_on_hit or key in self.promoting:
+        if not cfg.promotion_on_hit or key in self.promoting or rep.client_id == FS_OWNER:
             return
         queue = self.promote_queues.setdefault(rep.client_id, {})
         if key in queue or self.sketch.add(key) < cfg.promotion_admission_threshold:
@@ -422,6 +485,27 @@ class OffloadState:
         if obj is not None and obj.lease_until == task.pin:
             obj.lease_until = task.saved_lease  # unpin (a reader's later lease stays)
 
+    def notify_shared(self, client_id: str, keys: Sequence[str], sizes: Sequence[int]) -> list[int]:
+        """``client_id`` wrote ``keys`` to the shared filesystem: DISK replicas of
+        the values now in memory (one code per key, 0: accepted)."""
+        if not self.fsdir:
+            code = int(ErrorCode.UNAVAILABLE_IN_CURRENT_MODE)
+            return [code] * len(keys)
+        objects = self.st.objects
+        out: list[int] = []
+        for key, size in zip(keys, sizes, strict=True):
+            obj = objects.get(key)
+            have = self.replicas.get(key)
+            if obj is None or not obj.flags & READABLE or obj.size != size:
+                out.append(int(ErrorCode.OBJECT_NOT_FOUND))
+            elif have is not None and have.client_id != FS_OWNER:
+                out.append(int(ErrorCode.OBJECT_ALREADY_EXISTS))  # on a client's SSD tier
+            else:
+                if have is None:
+                    self._add(key, FS_OWNER, size)
+                out.append(0)
+        return out
+
     def notify(
         self, client_id: str, keys: Sequence[str], sizes: Sequence[int], register: bool, now: float
     ) -> list[int]:
@@ -529,10 +613,24 @@ class OffloadState:
 
     def validate(self) -> None:
         for key, rep in self.replicas.items():
+            if rep.client_id == FS_OWNER:
+                assert key in self.fs_order, f"{key}: shared-filesystem order disagrees"
+                continue
             assert rep.client_id in self.disks, f"{key}: disk replica of an unmounted disk"
             assert key in self.by_client.get(rep.client_id, ()), f"{key}: by_client disagrees"
         assert sum(len(q) for q in self.queues.values()) == self.queued
         assert sum(len(q) for q in self.promote_queues.values()) == self.promote_queued
+
+
+def unlink_files(paths: Iterable[str]) -> None:
+    """Delete files of dropped DISK replicas (run off the service's loop)."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot delete %s of a dropped DISK replica: %s", path, exc)
 
 
 # --------------------------------------------------------------------------------
@@ -551,7 +649,7 @@ def _apply_unmount(st: MasterState, ev: LocalDiskUnmounted, now: float) -> None:
 
 
 def _apply_add(st: MasterState, ev: DiskReplicaAdded, now: float) -> None:
-    if ev.client_id in st.offload.disks:
+    if ev.client_id in st.offload.disks or ev.client_id == FS_OWNER:
         st.offload._add(ev.key, ev.client_id, ev.size)
 
 
@@ -559,7 +657,7 @@ def _apply_remove(st: MasterState, ev: DiskReplicaRemoved, now: float) -> None:
     off = st.offload
     rep = off.replicas.pop(ev.key, None)
     if rep is not None:
-        off.by_client.get(rep.client_id, set()).discard(ev.key)
+        off._unindex(ev.key, rep)
 
 
 OFFLOAD_APPLY: Final[dict[type, Callable[[Any, Any, float], None]]] = {
@@ -720,8 +818,11 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
             req.client_id, req.used_bytes, req.capacity_bytes, now
         ),
         omsg.NotifyOffloadSuccess: lambda req, now: each(
-            off.notify(req.client_id, req.keys, req.sizes, req.register, now)
+            off.notify_shared(req.client_id, req.keys, req.sizes)
+            if req.shared
+            else off.notify(req.client_id, req.keys, req.sizes, req.register, now)
         ),
+        omsg.GetStorageConfig: lambda req, now: off.storage_config(),
         omsg.BatchEvictDiskReplica: lambda req, now: off.evict(req.client_id, req.keys),
         omsg.PromotionAllocStart: lambda req, now: off.promotion_start(
             req.client_id, req.key, req.size, now

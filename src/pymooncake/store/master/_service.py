@@ -57,7 +57,7 @@ from ._handlers import build_handlers
 from ._index import SHARDS
 from ._journal import Journal
 from ._metrics import MasterStats
-from ._offload import wrap_handlers
+from ._offload import unlink_files, wrap_handlers
 from ._page import PAGE_OPEN_PATHS
 from ._replication import DEFAULT_SYNC_TIMEOUT_S, Follower, ReplicationHub
 from ._replies import ReplyCache
@@ -393,6 +393,9 @@ class MasterService:
                 if self.serving():  # a leader past its lease deadline decides nothing
                     self.state.tick(now)
                     self._persist()
+                    drops = self.state.offload.take_fs_drops()
+                    if drops:  # files of dropped DISK replicas (--root_fs_dir)
+                        self._spawn(asyncio.to_thread(unlink_files, drops))
                     self.hub.check(time.monotonic())
                 self.stats.sample(self.state)
                 self.replies.prune(now)
