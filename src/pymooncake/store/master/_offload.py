@@ -58,7 +58,7 @@ from ._effects import (
     LocalDiskMounted,
     LocalDiskUnmounted,
 )
-from ._records import BUSY, READABLE, Obj, reps_wire
+from ._records import BUSY, READABLE, REF, Obj, reps_wire
 
 if TYPE_CHECKING:
     from ._state import MasterState
@@ -577,6 +577,7 @@ class OffloadState:
         self.promoting.pop(key, None)
         self.sketch.forget(key)
         obj = self.st.put_start_replicas(client_id, key, size, ReplicateConfig(), now)
+        obj.flags |= REF  # it is hot: its first pass of the eviction hand spares it
         self.metrics.promotion_started += 1
         return obj.wire() if not obj.pending() else reps_wire(obj.pending(), size, _PROCESSING)
 
