@@ -146,9 +146,9 @@ def unix_name(endpoint: str) -> str:
 
 #: same-host staging: slots of a memfd shared with the reader (objects up to a
 #: slot minus its header go through it; larger ones are streamed)
-SHM_SLOTS = 6
+SHM_SLOTS = 8
 #: files read at once per request (queue depth 2: the next reads overlap the copy)
-READ_THREADS = 2
+READ_THREADS = 3
 SHM_SLOT_BYTES = 4 << 20
 _SHM_HEAD = struct.Struct("<II")  # slots, slot bytes
 _NOTICE = struct.Struct("<qq")  # value bytes (or -code), offset in the shared memory (-1: inline)
