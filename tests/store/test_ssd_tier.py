@@ -99,6 +99,12 @@ def test_offload_on_evict_keeps_everything_beyond_memory(
     keys = list(values)
     out = reader.get_many(keys)
     assert out == [values[k] for k in keys]
+    # the reference's client metrics of the tier: files written, reads served
+    assert owner.metrics is not None
+    text = owner.metrics.render()
+    for name in ("mooncake_ssd_write_ops_total", "mooncake_ssd_read_ops_total"):
+        (line,) = [ln for ln in text.splitlines() if ln.startswith(name)]
+        assert float(line.split()[-1]) >= len(disk_only), line
     evict_cluster.master.service.state.validate()
 
 

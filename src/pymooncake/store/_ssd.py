@@ -199,8 +199,14 @@ class OffloadServer:
     the reader copies the value out and acknowledges the slot."""
 
     def __init__(
-        self, storage: FileStorage, host: str, security: ClusterSecurity | None = None
+        self,
+        storage: FileStorage,
+        host: str,
+        security: ClusterSecurity | None = None,
+        on_batch: Callable[[int, int, int], None] | None = None,
     ) -> None:
+        #: called per request answered with (value bytes, values, microseconds)
+        self.on_batch = on_batch
         self.storage = storage
         self.security = security or ClusterSecurity()
         self._key = self.security.key
@@ -393,6 +399,8 @@ class OffloadServer:
                     return
                 done(in_use.get())
 
+        started = time.perf_counter_ns()
+        sent = sent_bytes = 0
         helpers = [
             threading.Thread(target=reader, name="mc-ssd-read", daemon=True)
             for _ in range(min(READ_THREADS, n))
@@ -425,6 +433,8 @@ class OffloadServer:
                 finally:
                     item.release()
                 self.served += 1
+                sent_bytes += sizes[i]
+                sent += 1
                 if local:
                     in_use.put(slot)
                 else:
@@ -440,6 +450,8 @@ class OffloadServer:
             for item, _, _ in results.values():
                 if isinstance(item, memoryview):
                     item.release()
+            if self.on_batch is not None and sent:
+                self.on_batch(sent_bytes, sent, (time.perf_counter_ns() - started) // 1000)
 
     def close(self) -> None:
         self._stop.set()
@@ -676,7 +688,13 @@ class SsdTier:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         host = settings.rpc_host or split_host_port(client.config.local_hostname)[0]
-        self.server = OffloadServer(self.storage, host, security)
+        metrics = client.metrics
+
+        def served(nbytes: int, n: int, latency_us: int) -> None:
+            if metrics is not None:
+                metrics.ssd(False, nbytes, n, latency_us)
+
+        self.server = OffloadServer(self.storage, host, security, served)
         #: hook for tests: called with the keys just written, before the master is told
         self.after_write: Callable[[list[str]], None] | None = None
 
@@ -766,6 +784,7 @@ class SsdTier:
 
     def _offload(self, items: list[list[Any]]) -> None:
         c = self.client
+        started = time.perf_counter_ns()
         done: list[tuple[str, int]] = []
         for key, size, _seg_id, addr in items:
             size = int(size)
@@ -790,6 +809,10 @@ class SsdTier:
             done.append((key, size))
         if not done:
             return
+        metrics = c.metrics
+        if metrics is not None:
+            total = sum(s for _, s in done)
+            metrics.ssd(True, total, len(done), (time.perf_counter_ns() - started) // 1000)
         written = [k for k, _ in done]
         if self.after_write is not None:
             self.after_write(written)
