@@ -220,7 +220,10 @@ def _pure_client(pc: ProcessCluster) -> StoreClient:
     )
 
 
-def test_ssd_round_trip_across_a_master_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("journal", [False, True])
+def test_ssd_round_trip_across_a_master_restart(tmp_path: Path, journal: bool) -> None:
+    """Without a journal the new master knows nothing: the node re-registers its
+    files; with one, the disk replicas are replayed (typed disk effects)."""
     port, meta = free_port(), free_port()
     flags = [
         f"--port={port}",
@@ -229,9 +232,11 @@ def test_ssd_round_trip_across_a_master_restart(tmp_path: Path) -> None:
         "--offload_on_evict=true",
         "--client_ttl=3",
     ]
+    if journal:
+        flags.append(f"--journal_path={tmp_path / 'master.journal'}")
     env = {
         "MOONCAKE_OFFLOAD_HEARTBEAT_INTERVAL_SECONDS": "0.1",
-        "MOONCAKE_OFFLOAD_FILE_STORAGE_PATH": str(tmp_path),
+        "MOONCAKE_OFFLOAD_FILE_STORAGE_PATH": str(tmp_path / "tier"),
     }
     with ProcessCluster(flags, env=env) as pc:
         pc.node("4 MB", flags=["--enable_offload=true"])
