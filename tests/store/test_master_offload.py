@@ -202,3 +202,12 @@ def test_count_min_sketch_counts_and_forgets() -> None:
     assert cms.add("a") < 8  # halved at the limit
     cms.forget("a")
     assert cms.add("a") == 1
+
+
+def test_an_unknown_client_remounts_its_segments_before_its_disk() -> None:
+    st = _state()
+    with pytest.raises(StoreError) as exc:
+        st.offload.mount("ghost", "e:1", 1 << 30, True, 0)
+    assert exc.value.code == ErrorCode.CLIENT_NOT_FOUND
+    assert "ghost" not in st.clients  # its ping still gets NEED_REMOUNT
+    assert st.offload.heartbeat("ghost", 0, 0, 0)["remount"] is True

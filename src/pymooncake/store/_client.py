@@ -324,6 +324,8 @@ class StoreClient(WriteOps, ReadOps):
                             self.client_id, tuple(s.to_params() for s in self._segments)
                         )
                     )
+                    if self.ssd is not None:
+                        self.ssd.kick()  # mount the SSD tier again and re-register its files
                 self._retry_revokes()
             except MooncakeError as exc:
                 self._ping_ok = False

@@ -769,8 +769,13 @@ class SsdTier:
         )
         self.stats.heartbeats += 1
         if res.get("remount"):
-            log.warning("the master does not know this client's SSD tier; mounting it again")
-            self._mount_and_register()
+            try:
+                self._mount_and_register()
+            except StoreError as exc:
+                if exc.code != ErrorCode.CLIENT_NOT_FOUND:
+                    raise
+                return False  # the ping remounts the client first, then kicks us
+            log.warning("the master did not know this client's SSD tier; mounted it again")
             return True
         drops = res.get("drop", [])
         if drops:

@@ -233,6 +233,14 @@ class OffloadState:
                 "this master runs without SSD offload; start mooncake_master with "
                 "--enable_offload=true to use clients' SSD tiers",
             )
+        if client_id not in self.st.clients and not self.st._replaying:
+            # unknown (a restarted master, or it expired us): the client's ping must
+            # remount its segments first, or its memory would never come back
+            raise _err(
+                ErrorCode.CLIENT_NOT_FOUND,
+                "this master does not know the client; its heartbeat remounts its segments, "
+                "then the SSD tier is mounted again",
+            )
         self.st._touch(client_id, now)
         disk = self.disks.get(client_id)
         if disk is None or disk.endpoint != endpoint or disk.capacity_bytes != capacity:
