@@ -202,6 +202,8 @@ class Child:
                 start_new_session=True,
             )
         self.pid = self.popen.pid
+        #: a master's admin/metrics HTTP port (set by start_master)
+        self.metrics_port = 0
 
     def poll(self) -> int | None:
         return self.popen.poll()
@@ -498,10 +500,16 @@ class JsonWorker:
 
 
 def start_master(
-    variant: str, python: str, env: Mapping[str, str], lease_ms: int, log_stem: Path
+    variant: str,
+    python: str,
+    env: Mapping[str, str],
+    lease_ms: int,
+    log_stem: Path,
+    extra_args: Sequence[str] = (),
 ) -> tuple[Child, int, int]:
     """Start ``mooncake_master`` (HTTP metadata server embedded) on free ports; returns
-    (child, rpc port, metadata port).
+    (child, rpc port, metadata port).  ``extra_args`` are appended to its flags; the
+    admin/metrics port is ``child.metrics_port``.
 
     Raises:
         RuntimeError: it did not come up in three attempts.
@@ -522,8 +530,10 @@ def start_master(
             "--enable_http_metadata_server=true",
             f"--http_metadata_server_host={HOST}",
             f"--http_metadata_server_port={meta}",
+            *extra_args,
         ]
         child = Child(argv, env=env, log_stem=log_stem)
+        child.metrics_port = metrics
         ok = False
         try:
             deadline = time.monotonic() + 60

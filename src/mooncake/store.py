@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from pymooncake._authio import ClusterSecurity
 from pymooncake._cascade import CascadeLog
+from pymooncake._heldio import DEFAULT_HOLD_S
 from pymooncake._net import split_host_port
 from pymooncake.config import EngineConfig, parse_bool_env
 from pymooncake.errors import ConfigError, InvalidParams, MooncakeError, StoreError
@@ -181,6 +182,20 @@ _POSITIONAL = (
 _DICT_KEYS = set(_POSITIONAL) | {"ipc_socket_path", *_SETUP_KEYWORDS}
 
 
+def _gil_hold_s() -> float:
+    """PYMOONCAKE_GIL_HOLD_US: microseconds a master call may wait with the GIL held
+    (default 2000; 0 turns it off, see pymooncake/_heldio.py)."""
+    text = os.environ.get("PYMOONCAKE_GIL_HOLD_US", "").strip()
+    if not text:
+        return DEFAULT_HOLD_S
+    try:
+        return max(0, int(text)) / 1e6
+    except ValueError:
+        raise ValueError(
+            f"PYMOONCAKE_GIL_HOLD_US={text!r} is not a whole number of microseconds"
+        ) from None
+
+
 class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
     """Reference-compatible store client.  Construct, then :meth:`setup`."""
 
@@ -294,6 +309,7 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
                 local_buffer_size=local,
                 protocol=protocol,
                 rpc_timeout_s=float(os.environ.get("MC_RPC_TIMEOUT_MS", "30000")) / 1000.0,
+                gil_hold_s=_gil_hold_s(),
                 engine=engine_cfg,
                 metrics=ClientMetricsSettings.from_env(os.environ),
                 cluster_id=os.environ.get("MC_STORE_CLUSTER_ID", "").strip() or "mooncake_cluster",

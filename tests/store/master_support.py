@@ -122,7 +122,8 @@ def populate(address: str, n: int, *, prefix: str = "k", batch: int = 10_000) ->
             code, value = c.request(
                 "BatchPutStart", {"client_id": client, "keys": keys, "sizes": [1] * len(keys)}
             )
-            assert code == 0 and all(r[0] == 0 for r in value), value[:3]
+            # (a columnar reply: one code per key, see wire/_master_replies.py)
+            assert code == 0 and not any(value["code"]), value["msg"][:3]
             code, value = c.request("BatchPutEnd", {"client_id": client, "keys": keys})
             assert code == 0 and all(r[0] == 0 for r in value), value[:3]
     return client

@@ -11,7 +11,7 @@ import pytest
 
 from pymooncake.errors import ObjectExists, ObjectNotFound, StoreError
 from pymooncake.store._config import MasterConfig
-from pymooncake.store._types import ErrorCode, ReplicateConfig, SegmentInfo
+from pymooncake.store._types import LOCAL_DISK_SEGMENT, ErrorCode, ReplicateConfig, SegmentInfo
 from pymooncake.store.master._effects import (
     DURABLE,
     DiskReplicaAdded,
@@ -23,6 +23,7 @@ from pymooncake.store.master._offload import CountMinSketch, wrap_handlers
 from pymooncake.store.master._state import MasterState
 from pymooncake.wire import _master_msgs as msg
 from pymooncake.wire import _offload_msgs as omsg
+from pymooncake.wire._master_replies import decode_columns
 
 MiB = 1 << 20
 ONE = ReplicateConfig()
@@ -60,7 +61,8 @@ def test_eager_offload_round_trip_and_disk_only_reads() -> None:
     st._delete("k", st.objects["k"])
     found = st.offload.read("k")
     assert found is not None and found["size"] == MiB
-    assert found["replicas"][0][1] == "127.0.0.1:9" and found["replicas"][0][6] == 2
+    assert found["replicas"][0][1] == "127.0.0.1:9"
+    assert found["replicas"][0][5] == LOCAL_DISK_SEGMENT
     st.validate()
 
 
@@ -177,8 +179,12 @@ def test_handlers_see_both_tiers() -> None:
     h[omsg.MountLocalDisk](omsg.MountLocalDisk("c1", "e:1", 1 << 30), 0)
     h[omsg.NotifyOffloadSuccess](omsg.NotifyOffloadSuccess("c1", ("d",), (64,), True), 0)
     reply = h[msg.GetReplicaList](msg.GetReplicaList("d"), 1)
-    assert reply["size"] == 64 and reply["replicas"][0][6] == 2
-    assert h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("d", "x")), 1)[0][0] == 0
+    assert reply["size"] == 64 and reply["replicas"][0][5] == LOCAL_DISK_SEGMENT
+    cols = decode_columns(
+        h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("d", "x")), 1), sizes=True
+    )
+    assert cols.code == [0, int(ErrorCode.OBJECT_NOT_FOUND)] and cols.sizes == [64, 0]
+    assert next(iter(cols.replicas()))[0][:3] == ("e:1", 0, LOCAL_DISK_SEGMENT)
     assert h[msg.ExistKey](msg.ExistKey("d"), 1) is True
     assert h[msg.BatchExistKey](msg.BatchExistKey(("d", "x")), 1) == [True, False]
     with pytest.raises(ObjectExists):
@@ -186,7 +192,14 @@ def test_handlers_see_both_tiers() -> None:
     out = h[msg.BatchPutStart](
         msg.BatchPutStart("c1", ("d", "n"), (64, 64), msg.ReplicateParams()), 1
     )
-    assert out[0][0] == int(ErrorCode.OBJECT_ALREADY_EXISTS) and out[1][0] == 0
+    started = decode_columns(out)
+    assert started.code == [int(ErrorCode.OBJECT_ALREADY_EXISTS), 0]
+    assert [len(r) for r in started.replicas()] == [0, 1] and "exists" in started.message(0)
+    h[msg.PutEnd](msg.PutEnd("c1", "n"), 1)
+    both = decode_columns(
+        h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("n", "d")), 1), sizes=True
+    )
+    assert both.code == [0, 0] and [len(r) for r in both.replicas()] == [1, 1]
     h[msg.BatchRemove](msg.BatchRemove(("d",)), 2)
     assert "d" not in st.offload.replicas
     assert st.offload.heartbeat("c1", 0, 0, 3)["drop"] == ["d"]

@@ -131,7 +131,7 @@ def _list_keys_rpc(ctx: Ctx) -> Any:
 def _read_replicas(ctx: Ctx) -> Any:
     reply = _rpc(ctx, msg.GetReplicaList(KEY))
     assert reply["size"] == len(VALUE)
-    assert _rpc(ctx, msg.BatchGetReplicaList((KEY,)))[0][0] == 0
+    assert _rpc(ctx, msg.BatchGetReplicaList((KEY,)))["code"] == [0]  # (a columnar reply)
     assert _rpc(ctx, msg.ExistKey(KEY)) is True
     return reply
 

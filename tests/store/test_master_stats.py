@@ -11,12 +11,25 @@ OK = [0, "value"]
 MISSING = [-704, "object not found"]
 
 
+def cols(*codes: int) -> dict[str, list[object]]:
+    """A columnar batch reply (BatchPutStart, BatchGetReplicaList) with these codes."""
+    failed: list[object] = [[i, "object not found"] for i, c in enumerate(codes) if c]
+    return {
+        "code": list(codes),
+        "msg": failed,
+        "segs": [],
+        "n": [0] * len(codes),
+        "seg": [],
+        "addr": [],
+    }
+
+
 def test_batch_replies_count_items_partial_and_whole_failures() -> None:
     stats = MasterStats()
     get = msg.BatchGetReplicaList(("a", "b", "c"))
-    stats.record(get, 0, [OK, MISSING, OK])  # partial
-    stats.record(get, 0, [MISSING, MISSING, MISSING])  # every item failed
-    stats.record(get, 0, [OK, OK, OK])
+    stats.record(get, 0, cols(0, -704, 0))  # partial
+    stats.record(get, 0, cols(-704, -704, -704))  # every item failed
+    stats.record(get, 0, cols(0, 0, 0))
     stats.record(get, -600, "invalid params")  # the whole RPC failed
     assert stats.batches["BatchGetReplicaList"] == [12, 7, 1, 1]
 
@@ -24,6 +37,10 @@ def test_batch_replies_count_items_partial_and_whole_failures() -> None:
     # "failure_count == total_keys" does
     stats.record(msg.BatchPutEnd("client", ()), 0, [])
     assert stats.batches["BatchPutEnd"] == [0, 0, 0, 1]
+
+    # BatchPutEnd, BatchRemove, ... answer [code, value] per key
+    stats.record(msg.BatchPutEnd("client", ("a", "b")), 0, [OK, MISSING])
+    assert stats.batches["BatchPutEnd"] == [2, 1, 1, 1]
 
     # exists answers a bool per key: False is an answer, not a failure
     stats.record(msg.BatchExistKey(("a", "b")), 0, [True, False])

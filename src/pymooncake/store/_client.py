@@ -31,6 +31,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .._heldio import DEFAULT_HOLD_S
 from .._logging import RepeatLimiter
 from .._net import split_host_port
 from ..config import EngineConfig
@@ -50,7 +51,7 @@ from ._master_client import MasterClient
 from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
 from ._ssd import OffloadReader, SsdSettings, SsdTier
-from ._types import ClientStatus, ReplicaDesc, SegmentInfo
+from ._types import ClientStatus, ReplicaDesc, ReplicaStatus, SegmentInfo
 from ._writes import WriteOps
 
 __all__ = ["ObjectLocation", "StoreClient", "StoreClientConfig"]
@@ -73,6 +74,11 @@ class StoreClientConfig:
     #: MC_RPC_TIMEOUT_MS / MC_RPC_CONNECT_TIMEOUT_MS
     rpc_timeout_s: float = 30.0
     rpc_connect_timeout_s: float = 5.0
+    #: how long a master call waits for its reply with the GIL held before it
+    #: waits the ordinary way (a call beside a busy Python thread then costs its
+    #: round trip, not a 5 ms switch interval); 0 never holds the GIL.
+    #: PYMOONCAKE_GIL_HOLD_US in the mooncake.store API.
+    gil_hold_s: float = DEFAULT_HOLD_S
     ping_interval_s: float = 1.0
     #: MC_STORE_CLUSTER_ID: with an ``etcd://`` master address, which cluster's
     #: elected leader to use (``mooncake-store/<cluster_id>/master_view``)
@@ -152,6 +158,7 @@ class StoreClient(WriteOps, ReadOps):
             cluster_id=config.cluster_id,
             # PYMOONCAKE_SAME_HOST=0: TCP only, also to a master on this host
             same_host_rpc=engine_config.same_host_transport,
+            gil_hold_s=config.gil_hold_s,
         )
         #: keys this process is writing (put/upsert started, not ended), to tell a
         #: concurrent put of another thread from an orphan of an earlier attempt
@@ -357,14 +364,20 @@ class StoreClient(WriteOps, ReadOps):
 
     def replicas_many(self, keys: Sequence[str]) -> list[list[ReplicaDesc] | StoreError]:
         self._check_open()
+        if not keys:
+            return []
+        found, _ = self._query(keys)
         out: list[list[ReplicaDesc] | StoreError] = []
-        for key, (code, value) in zip(
-            keys, self.master.call(msg.BatchGetReplicaList(tuple(keys))), strict=True
-        ):
+        for key, (code, value) in zip(keys, found, strict=True):
+            if code:
+                out.append(store_error(code, f"{key!r}: {value}"))
+                continue
+            size, _ttl, reps = value
             out.append(
-                store_error(code, f"{key!r}: {value}")
-                if code
-                else [ReplicaDesc.from_wire(r) for r in value["replicas"]]
+                [
+                    ReplicaDesc(rid, ep, addr, size, ReplicaStatus.COMPLETE, sid)
+                    for ep, addr, sid, rid in reps
+                ]
             )
         return out
 

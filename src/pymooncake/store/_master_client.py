@@ -6,6 +6,14 @@ costs one round trip).  ``call_many`` pipelines several requests on one
 connection.  Timeouts are kernel-side (SO_RCVTIMEO), so blocking waits
 release the GIL and cost no extra system calls.
 
+**Busy interpreters.**  A reply usually arrives within a fraction of a
+millisecond; waiting for it with the GIL released lets another Python thread of
+the process take the GIL, and getting it back costs the 5 ms switch interval.
+So small frames are sent and replies awaited with the GIL held for up to
+``gil_hold_s`` (``_heldio.py``), then the ordinary way.  Never for a master that
+runs in this very process (it needs the GIL to answer): masters register their
+ports in :data:`IN_PROCESS_MASTER_PORTS`.
+
 **Retries, exactly once.**  Every mutating request gets a request id (``rid``,
 increasing per client) and ``ack``, the lowest id still awaiting its reply.
 When a connection breaks before the reply arrived -- the master may or may not
@@ -28,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._authio import ClusterSecurity, client_handshake
+from .._heldio import DEFAULT_HOLD_S, HeldSocket, held_socket
 from .._net import connect_tcp, set_io_timeout, split_host_port
 from ..errors import (
     AuthenticationError,
@@ -51,7 +60,7 @@ from ..wire._master import NO_TOKEN_MESSAGE
 from ._metrics import ClientMetrics
 from ._types import ErrorCode
 
-__all__ = ["AUTH_CONTEXT", "MasterClient"]
+__all__ = ["AUTH_CONTEXT", "IN_PROCESS_MASTER_PORTS", "MasterClient"]
 
 _NOT_LEADER = int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
 #: HA: how long one attempt waits for a reply before the leader is looked up again
@@ -59,14 +68,18 @@ _HA_SLICE_S = 2.0
 
 #: the HMAC context of the master RPC port (the master uses the same)
 AUTH_CONTEXT = b"master-rpc"
+#: RPC ports of masters running in this process (MasterService adds its own):
+#: waiting for them with the GIL held would hold up their answer
+IN_PROCESS_MASTER_PORTS: set[int] = set()
 
 
 class _Conn:
-    __slots__ = ("addr", "decoder", "sock")
+    __slots__ = ("addr", "decoder", "held", "sock")
 
-    def __init__(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+    def __init__(self, sock: socket.socket, addr: tuple[str, int], held: HeldSocket | None) -> None:
         self.sock = sock
         self.addr = addr  # the master it was opened to (with HA: who led then)
+        self.held = held
         self.decoder = MasterFrameDecoder()
 
 
@@ -128,6 +141,8 @@ class MasterClient:
         security: cluster token / TLS; with a token every connection authenticates.
         reconnect_s: how long a call waits for a master it reached before to come
             back (restart); 0 fails at once.
+        gil_hold_s: how long a call waits for its reply with the GIL held before
+            it waits the ordinary way (see the module docstring); 0 never holds it.
     """
 
     def __init__(
@@ -142,6 +157,7 @@ class MasterClient:
         security: ClusterSecurity | None = None,
         reconnect_s: float = 15.0,
         cluster_id: str = "mooncake_cluster",
+        gil_hold_s: float = DEFAULT_HOLD_S,
     ) -> None:
         self.address = address
         self._leader: _LeaderView | None = None
@@ -180,6 +196,7 @@ class MasterClient:
         self._key = self._security.key
         self._ssl = self._security.client_ssl_context() if self._security.tls else None
         self.retries = 0
+        self._hold = gil_hold_s
         #: "unix" or "tcp": how the latest new connection reached the master
         self.last_transport = ""
 
@@ -252,7 +269,8 @@ class MasterClient:
         set_io_timeout(sock, self._timeout)
         self.last_transport = "unix" if sock.family == socket.AF_UNIX else "tcp"
         self._ever_connected = True
-        return _Conn(sock, addr), False
+        hold = 0.0 if addr[1] in IN_PROCESS_MASTER_PORTS else self._hold
+        return _Conn(sock, addr, held_socket(sock, hold)), False
 
     def _connect_same_host(self) -> socket.socket | None:
         """The master's abstract UNIX socket when it runs on this host (same
@@ -298,7 +316,17 @@ class MasterClient:
         """Send ``frames``, read their replies.  With ``ha_wait``, a receive timeout
         asks it whether to keep waiting on this connection (the leader is the same
         and time is left) instead of giving up."""
-        conn.sock.sendall(frames)
+        held = conn.held
+        if held is not None:
+            held.sendall(frames)
+            recv = held.recv
+        else:
+            sock = conn.sock
+            sock.sendall(frames)
+
+            def recv() -> bytes:
+                return sock.recv(1 << 16)
+
         replies: list[MasterReply] = []
         while len(replies) < len(ids):
             frame = conn.decoder.next_frame()
@@ -312,7 +340,7 @@ class MasterClient:
             if isinstance(frame, MasterRequest):
                 raise MalformedMessage("the master sent a request frame")
             try:
-                data = conn.sock.recv(1 << 16)
+                data = recv()
             except (BlockingIOError, TimeoutError):
                 if ha_wait is not None and ha_wait():
                     continue

@@ -9,6 +9,7 @@ from typing import Any
 from ..errors import (
     InvalidParams,
     LeaseExpired,
+    MalformedMessage,
     MooncakeError,
     StoreError,
     store_error,
@@ -16,12 +17,19 @@ from ..errors import (
 from ..transfer import TransferRequest
 from ..transfer.device import DeviceSpan
 from ..wire import _master_msgs as msg
+from ..wire._master_replies import Replica, decode_columns
 from ._buffers import BufferHandle, make_handle, new_bytes
 from ._client_io import BATCH_OPS, ClientIO, ObjectLocation, Part, Parts, transfer_failed
 from ._ssd import read_shared
-from ._types import ErrorCode, ReplicaDesc
+from ._types import DISK_SEGMENT, LOCAL_DISK_SEGMENT, ErrorCode, ReplicaDesc, ReplicaStatus
+
+#: what the master says of one key: (0, (size, lease ttl s, replicas)) or (code, message)
+Found = tuple[int, Any]
 
 __all__ = ["ReadOps"]
+
+_COMPLETE = ReplicaStatus.COMPLETE
+_DISK_MARKERS = frozenset((LOCAL_DISK_SEGMENT, DISK_SEGMENT))
 
 
 class ReadOps(ClientIO):
@@ -31,23 +39,36 @@ class ReadOps(ClientIO):
     # reads
     # ------------------------------------------------------------------------------
 
-    def _query(self, keys: Sequence[str]) -> tuple[list[Any], float]:
-        """Replica lists (or errors) per key, and when the leases started."""
+    def _query(self, keys: Sequence[str]) -> tuple[list[Found], float]:
+        """Per key ``(0, (size, lease ttl in s, replicas))`` or ``(code, message)``
+        (replicas as (endpoint, address, segment id, replica id)), and when the
+        leases started."""
         t0 = time.monotonic()
         if len(keys) == 1:
             try:
-                return [[0, self.master.call(msg.GetReplicaList(keys[0]))]], t0
+                res = self.master.call(msg.GetReplicaList(keys[0]))
             except StoreError as exc:
-                return [[exc.code, exc.message]], t0
+                return [(exc.code, exc.message)], t0
+            reps = [(r[1], r[2], r[5], r[0]) for r in res["replicas"]]
+            return [(0, (int(res["size"]), res["lease_ttl_ms"] / 1000.0, reps))], t0
         if not keys:
             return [], t0
-        return self.master.call(msg.BatchGetReplicaList(tuple(keys))), t0
+        cols = decode_columns(self.master.call(msg.BatchGetReplicaList(tuple(keys))), sizes=True)
+        if len(cols) != len(keys):
+            raise MalformedMessage(f"the master answered {len(cols)} of {len(keys)} keys")
+        sizes = cols.sizes
+        assert sizes is not None
+        ttl = cols.lease_ttl_ms / 1000.0
+        return [
+            (0, (sizes[i], ttl, reps)) if code == 0 else (code, cols.message(i))
+            for i, (code, reps) in enumerate(zip(cols.code, cols.replicas(), strict=True))
+        ], t0
 
-    def _pick(self, replicas: Sequence[ReplicaDesc], attempt: int) -> ReplicaDesc:
+    def _pick(self, replicas: Sequence[Replica], attempt: int) -> Replica:
         if len(replicas) == 1:
             return replicas[0]
         own = self.engine.segment_name
-        ordered = sorted(replicas, key=lambda r: r.endpoint != own)  # local replica first
+        ordered = sorted(replicas, key=lambda r: r[0] != own)  # local replica first
         return ordered[attempt % len(ordered)]
 
     def _read_batch(
@@ -64,23 +85,24 @@ class ReadOps(ClientIO):
         n = len(keys)
         results: list[int | StoreError] = [0] * n
         found, t0 = self._query(keys)
-        replicas: dict[int, list[ReplicaDesc]] = {}
+        replicas: dict[int, list[Replica]] = {}
         views: dict[int, Parts] = {}
         lease_ttl = 0.0
         for i, (code, value) in enumerate(found):
             if code != 0:
                 results[i] = store_error(code, f"{keys[i]!r}: {value}")
                 continue
-            size = int(value["size"])
-            lease_ttl = max(lease_ttl, value["lease_ttl_ms"] / 1000.0)
+            size, ttl, reps = value
+            if ttl > lease_ttl:
+                lease_ttl = ttl
             target = dests(i, size)
             if isinstance(target, StoreError):
                 results[i] = target
                 continue
-            replicas[i] = [ReplicaDesc.from_wire(r) for r in value["replicas"]]
+            replicas[i] = reps
             views[i] = target
             results[i] = size
-        if any(r.kind for reps in replicas.values() for r in reps):
+        if any(r[2] in _DISK_MARKERS for reps in replicas.values() for r in reps):
             self._read_disk(keys, replicas, views, results)
         pending = list(replicas)
         transfer_start = time.perf_counter_ns()
@@ -90,9 +112,7 @@ class ReadOps(ClientIO):
             per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
             for i in pending:
                 rep = self._pick(replicas[i], attempt)
-                self._route_parts(
-                    i, rep.endpoint, rep.address, views[i], False, per_endpoint, errors
-                )
+                self._route_parts(i, rep[0], rep[1], views[i], False, per_endpoint, errors)
             self._run_transfers(per_endpoint, errors)
             attempt += 1
             failed = [i for i in pending if errors[i] is not None]
@@ -121,32 +141,34 @@ class ReadOps(ClientIO):
     def _read_disk(
         self,
         keys: Sequence[str],
-        replicas: dict[int, list[ReplicaDesc]],
+        replicas: dict[int, list[Replica]],
         views: dict[int, Parts],
         results: list[int | StoreError],
     ) -> None:
         """Objects without a memory replica are read from disk (and leave
         ``replicas``): LOCAL_DISK from the owner's SSD read port, DISK from the
         shared filesystem; the others lose their disk replicas (memory is read
-        first)."""
+        first).  Disk replicas carry a marker segment id (``_types.py``)."""
         per_endpoint: dict[str, list[int]] = {}
         sizes = {i: r for i, r in enumerate(results) if isinstance(r, int)}
         for i in list(replicas):
             reps = replicas[i]
-            mem = [r for r in reps if not r.kind]
+            mem = [r for r in reps if r[2] not in _DISK_MARKERS]
+            if len(mem) == len(reps):
+                continue
             if mem:
                 replicas[i] = mem
                 continue
             del replicas[i]
-            if reps[0].on_disk:
-                per_endpoint.setdefault(reps[0].endpoint, []).append(i)
+            endpoint, _, sid, _ = reps[0]
+            if sid == LOCAL_DISK_SEGMENT:
+                per_endpoint.setdefault(endpoint, []).append(i)
                 continue
             try:  # a DISK replica: the file on the shared filesystem (--root_fs_dir)
-                read_shared(reps[0].endpoint, keys[i], sizes[i], views[i])
+                read_shared(endpoint, keys[i], sizes[i], views[i])
             except (MooncakeError, OSError) as exc:
                 results[i] = transfer_failed(
-                    f"reading {keys[i]!r} from the shared filesystem ({reps[0].endpoint}) "
-                    f"failed: {exc}",
+                    f"reading {keys[i]!r} from the shared filesystem ({endpoint}) failed: {exc}",
                     exc,
                 )
         for endpoint, items in per_endpoint.items():
@@ -165,6 +187,13 @@ class ReadOps(ClientIO):
             for i, e in zip(items, errs, strict=True):
                 if e is not None:
                     results[i] = e
+
+    def _pick_desc(self, replicas: Sequence[ReplicaDesc], attempt: int) -> ReplicaDesc:
+        if len(replicas) == 1:
+            return replicas[0]
+        own = self.engine.segment_name
+        ordered = sorted(replicas, key=lambda r: r.endpoint != own)  # local replica first
+        return ordered[attempt % len(ordered)]
 
     def get(self, key: str) -> bytes:
         """The value of ``key``.
@@ -294,12 +323,16 @@ class ReadOps(ClientIO):
             if code != 0:
                 out.append(store_error(code, f"{key!r}: {value}"))
             else:
+                size, ttl, reps = value
                 out.append(
                     ObjectLocation(
                         key,
-                        int(value["size"]),
-                        tuple(ReplicaDesc.from_wire(r) for r in value["replicas"]),
-                        t0 + value["lease_ttl_ms"] / 1000.0,
+                        size,
+                        tuple(
+                            ReplicaDesc(rid, ep, addr, size, _COMPLETE, sid)
+                            for ep, addr, sid, rid in reps
+                        ),
+                        t0 + ttl,
                     )
                 )
         return out
@@ -338,7 +371,7 @@ class ReadOps(ClientIO):
             for n, (i, j) in enumerate(pending):
                 rep = picked.get(i)
                 if rep is None:
-                    rep = picked[i] = self._pick(locations[i].replicas, attempt)
+                    rep = picked[i] = self._pick_desc(locations[i].replicas, attempt)
                 view, src = ranges[i][j]
                 self._route_parts(
                     n, rep.endpoint, rep.address + src, [view], False, per_endpoint, errors

@@ -20,10 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import MooncakeError, StoreError, StoreTransferFailed, store_error
+from ..errors import (
+    MalformedMessage,
+    MooncakeError,
+    StoreError,
+    StoreTransferFailed,
+    store_error,
+)
 from ..transfer import TransferRequest
 from ..wire import _master_msgs as msg
-from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
+from ..wire._master_replies import decode_columns
+from ._types import ErrorCode, ReplicaDesc, ReplicaStatus, ReplicateConfig
 
 if TYPE_CHECKING:
     from ._client import StoreClient
@@ -70,24 +77,33 @@ class PutSessions:
         if not todo:
             return out
         client = self._client
-        started = client.master.call(
-            msg.BatchPutStart(
-                client.client_id,
-                tuple(keys[i] for i in todo),
-                tuple(int(sizes[i]) for i in todo),
-                config.to_params(),
+        todo_sizes = tuple(int(sizes[i]) for i in todo)
+        started = decode_columns(
+            client.master.call(
+                msg.BatchPutStart(
+                    client.client_id, tuple(keys[i] for i in todo), todo_sizes, config.to_params()
+                )
             )
         )
+        if len(started) != len(todo):
+            raise MalformedMessage(f"the master answered {len(started)} of {len(todo)} keys")
         with self._lock:
-            for i, (code, value) in zip(todo, started, strict=True):
+            for n, (i, code, reps) in enumerate(
+                zip(todo, started.code, started.replicas(), strict=True)
+            ):
                 if code == ErrorCode.REPLICA_IS_NOT_READY:
                     # another put is writing the key: the reference's code for it
                     code = int(ErrorCode.OBJECT_ALREADY_EXISTS)
                 if code != 0:
-                    out[i] = store_error(code, f"{keys[i]!r}: {value}")
+                    out[i] = store_error(code, f"{keys[i]!r}: {started.message(n)}")
                     continue
+                size = todo_sizes[n]
                 self._sessions[keys[i]] = _Session(
-                    [ReplicaDesc.from_wire(r) for r in value], int(sizes[i])
+                    [
+                        ReplicaDesc(rid, ep, addr, size, ReplicaStatus.PROCESSING, sid)
+                        for ep, addr, sid, rid in reps
+                    ],
+                    size,
                 )
         return out
 

@@ -11,6 +11,7 @@ from typing import Any
 from .._logging import RepeatLimiter
 from ..errors import (
     InvalidParams,
+    MalformedMessage,
     MooncakeError,
     StoreError,
     StoreTransferFailed,
@@ -19,9 +20,10 @@ from ..errors import (
 from ..transfer import TransferRequest
 from ..wire import _master_msgs as msg
 from ..wire import _offload_msgs as omsg
+from ..wire._master_replies import decode_columns
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
 from ._file_storage import write_object
-from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
+from ._types import ErrorCode, ReplicateConfig
 
 __all__ = ["WriteOps"]
 
@@ -108,11 +110,8 @@ class WriteOps(ClientIO):
                     continue
                 writing.append(i)
                 copies[i] = len(value)
-                for r in value:
-                    rep = ReplicaDesc.from_wire(r)
-                    self._route_parts(
-                        i, rep.endpoint, rep.address, parts[i], True, per_endpoint, errors
-                    )
+                for endpoint, address in value:
+                    self._route_parts(i, endpoint, address, parts[i], True, per_endpoint, errors)
             self._run_transfers(per_endpoint, errors, unreachable)
             good = [i for i in writing if errors[i] is None]
             bad = [i for i in writing if errors[i] is not None]
@@ -154,8 +153,9 @@ class WriteOps(ClientIO):
 
     def _start(
         self, keys: Sequence[str], sizes: list[int], config: ReplicateConfig, upsert: bool
-    ) -> list[list[Any]]:
-        """PutStart/UpsertStart of every key: ``[code, replicas or message]`` each.
+    ) -> list[tuple[int, Any]]:
+        """PutStart/UpsertStart of every key: ``(code, [(endpoint, address), ...] or
+        message)`` each.
 
         A key that another put is still writing (REPLICA_IS_NOT_READY for puts,
         OBJECT_REPLICA_BUSY for upserts) is asked again until that put ends (the
@@ -166,7 +166,7 @@ class WriteOps(ClientIO):
         """
         params = config.to_params()
         busy_code = ErrorCode.OBJECT_REPLICA_BUSY if upsert else ErrorCode.REPLICA_IS_NOT_READY
-        out: list[list[Any]] = [[0, None]] * len(keys)
+        out: list[tuple[int, Any]] = [(0, None)] * len(keys)
         todo = list(range(len(keys)))
         deadline = time.monotonic() + self.config.rpc_timeout_s
         pause = 0.002
@@ -200,15 +200,24 @@ class WriteOps(ClientIO):
 
     def _start_rpc(
         self, keys: list[str], sizes: list[int], params: msg.ReplicateParams, upsert: bool
-    ) -> list[list[Any]]:
+    ) -> list[tuple[int, Any]]:
         if len(keys) == 1:  # the single-key RPCs are cheaper to encode
             cls = msg.UpsertStart if upsert else msg.PutStart
             try:
-                return [[0, self.master.call(cls(self.client_id, keys[0], sizes[0], params))]]
+                reps = self.master.call(cls(self.client_id, keys[0], sizes[0], params))
             except StoreError as exc:
-                return [[exc.code, exc.message]]
+                return [(exc.code, exc.message)]
+            return [(0, [(r[1], r[2]) for r in reps])]
         batch = msg.BatchUpsertStart if upsert else msg.BatchPutStart
-        return list(self.master.call(batch(self.client_id, tuple(keys), tuple(sizes), params)))
+        cols = decode_columns(
+            self.master.call(batch(self.client_id, tuple(keys), tuple(sizes), params))
+        )
+        if len(cols) != len(keys):
+            raise MalformedMessage(f"the master answered {len(cols)} of {len(keys)} keys")
+        return [
+            (code, [(r[0], r[1]) for r in reps] if code == 0 else cols.message(i))
+            for i, (code, reps) in enumerate(zip(cols.code, cols.replicas(), strict=True))
+        ]
 
     def _finish(
         self,

@@ -136,7 +136,7 @@ class AdminHttp:
         key = request.query.get("key", "")
         st = self._svc.state
         try:
-            obj = st.read(key, self._svc.now() + st.config.lease_ttl_s)
+            obj = st.read(key, st.lease_deadline(self._svc.now()))
         except StoreError as exc:
             return _json(404, {"success": False, "error_code": exc.code, "error_message": exc.name})
         return _json(200, {"success": True, "data": self._descriptors(obj)})

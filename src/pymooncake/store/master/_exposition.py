@@ -60,6 +60,13 @@ _EXTRAS: Final[tuple[tuple[str, str, str], ...]] = (
         "counter",
         "Times the master itself stalled and gave every client a fresh client_ttl",
     ),
+    ("master_ticks_total", "counter", "Periodic housekeeping rounds (tick slices) run"),
+    (
+        "master_tick_seconds_total",
+        "counter",
+        "Time spent in periodic housekeeping (the event loop is blocked meanwhile)",
+    ),
+    ("master_tick_seconds_recent_max", "gauge", "Longest of the last 50 housekeeping slices"),
     ("master_rpc_connections", "gauge", "Open RPC connections (TCP and same-host UNIX)"),
     (
         "master_refused_connections_total",
@@ -276,6 +283,9 @@ def render_metrics(svc: MasterService) -> str:
         "master_expired_clients_total": m.expired_clients,
         "master_replaced_clients_total": m.replaced_clients,
         "master_stall_grace_total": st.stall_grace_count,
+        "master_ticks_total": svc.tick_count,
+        "master_tick_seconds_total": round(svc.tick_seconds, 6),
+        "master_tick_seconds_recent_max": round(max(svc.recent_ticks, default=0.0), 6),
         "master_rpc_connections": svc.connection_count,
         "master_refused_connections_total": svc.refused_connections,
     }

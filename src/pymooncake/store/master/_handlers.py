@@ -2,9 +2,10 @@
 
 An explicit ``{request type: handler}`` table; every handler takes a validated
 request (``wire/_master_msgs.py``) and the current time and returns a JSON-able
-value or raises a :class:`StoreError`.  Batch methods answer ``[[code, value],
-...]`` per key.  Whole-index requests (``*ByRegex``, ``RemoveAll``) are not
-here: the service runs them shard by shard (``_scan.py``).
+value or raises a :class:`StoreError`.  Batch starts and batch replica lookups
+answer in columns (``wire/_master_replies.py``); other batch methods answer
+``[[code, value], ...]`` per key.  Whole-index requests (``*ByRegex``,
+``RemoveAll``) are not here: the service runs them shard by shard (``_scan.py``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 from ...errors import StoreError
 from ...wire import PROTOCOL_VERSION
 from ...wire import _master_msgs as msg
+from ...wire._master_replies import ReplicaColumnsBuilder
 from .._types import SegmentInfo
-from ._records import Obj, reps_wire
+from ._records import READABLE, REF, Obj, SegmentRecord, reps_wire
 from ._state import MasterState
 
 __all__ = ["Handler", "build_handlers"]
@@ -45,6 +47,11 @@ def _written(obj: Obj) -> list[list[object]]:
     return obj.wire()
 
 
+def _describe(seg: SegmentRecord) -> list[Any]:
+    """A segment as the columnar replies name it."""
+    return [seg.name, seg.id, seg.num, seg.info.base]
+
+
 def build_handlers(st: MasterState) -> dict[type, Handler]:
     def put_start(req: msg.PutStart, now: float) -> Any:
         return _written(st.put_start_replicas(req.client_id, req.key, req.size, req.config, now))
@@ -55,7 +62,30 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
     def batch_start(start: Callable[..., Obj]) -> Handler:
         def handler(req: msg.BatchPutStart, now: float) -> Any:
             sizes, cfg, client = req.sizes, req.config, req.client_id
-            return _each(req.keys, lambda i, k: _written(start(client, k, sizes[i], cfg, now)))
+            out = ReplicaColumnsBuilder(_describe)
+            code, counts, seg_col, addr_col = out.code, out.counts, out.seg, out.addr
+            index = out.index
+            for i, key in enumerate(req.keys):
+                try:
+                    obj = start(client, key, sizes[i], cfg, now)
+                except StoreError as exc:
+                    out.fail(exc.code, exc.message)
+                    continue
+                code.append(0)
+                ext = obj.ext
+                if ext is None or (not ext.pending and not ext.more):
+                    seg = obj.seg  # the common case: one replica, written in place
+                    j = index.get(seg)
+                    seg_col.append(out.segment_index(seg) if j is None else j)
+                    addr_col.append(obj.addr)
+                    counts.append(1)
+                    continue
+                reps = ext.pending or obj.replicas()
+                counts.append(len(reps))
+                for s, a in reps:
+                    seg_col.append(out.segment_index(s))
+                    addr_col.append(a)
+            return out.value()
 
         return handler
 
@@ -72,15 +102,51 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         return {"replicas": obj.wire(), "lease_ttl_ms": ttl_ms, "size": obj.size}
 
     def get_replica_list(req: msg.GetReplicaList, now: float) -> Any:
-        return read_reply(st.read(req.key, now + st.config.lease_ttl_s))
+        return read_reply(st.read(req.key, st.lease_deadline(now)))
 
     def batch_get_replica_list(req: msg.BatchGetReplicaList, now: float) -> Any:
-        lease = now + st.config.lease_ttl_s  # one float shared by the batch
-        read = st.read
-        return _each(req.keys, lambda i, k: read_reply(read(k, lease)))
+        lease = st.lease_deadline(now)  # one float shared by the batch
+        read, get = st.read, st.objects.get
+        out = ReplicaColumnsBuilder(_describe, sizes=True)
+        code, counts, seg_col, addr_col = out.code, out.counts, out.seg, out.addr
+        sizes, index = out.sizes, out.index
+        assert sizes is not None
+        hits = hit_bytes = 0
+        for key in req.keys:
+            obj = get(key)
+            if obj is None or not obj.flags & READABLE:
+                try:
+                    read(key, lease)  # raises the error (and counts the miss)
+                except StoreError as exc:
+                    out.fail(exc.code, exc.message)
+                continue
+            # read() inlined: extend the lease, mark referenced
+            if obj.lease_until < lease:
+                obj.lease_until = lease
+            obj.flags |= REF
+            hits += 1
+            hit_bytes += obj.size
+            code.append(0)
+            sizes.append(obj.size)
+            ext = obj.ext
+            if ext is None or not ext.more:
+                seg = obj.seg
+                j = index.get(seg)
+                seg_col.append(out.segment_index(seg) if j is None else j)
+                addr_col.append(obj.addr)
+                counts.append(1)
+                continue
+            reps = obj.replicas()
+            counts.append(len(reps))
+            for s, a in reps:
+                seg_col.append(out.segment_index(s))
+                addr_col.append(a)
+        st.metrics.get_hits += hits
+        st.metrics.get_hit_bytes += hit_bytes
+        return out.value(ttl_ms)
 
     def batch_exist_key(req: msg.BatchExistKey, now: float) -> Any:
-        lease = now + st.config.lease_ttl_s
+        lease = st.lease_deadline(now)
         exists = st.exists
         return [exists(k, lease) for k in req.keys]
 

@@ -46,10 +46,22 @@ class ObjectIndex:
     def __contains__(self, key: object) -> bool:
         return key in self.shards[hash(key) & _MASK]
 
+    def shard(self, key: str) -> dict[str, Obj]:
+        """The shard dict of ``key`` (for callers that look up and then insert:
+        after inserting a new key into it directly, call :meth:`added`)."""
+        return self.shards[hash(key) & _MASK]
+
+    def added(self) -> None:
+        self._count += 1
+
     def add(self, key: str, obj: Obj) -> None:
         """Insert a key that is not present."""
         self.shards[hash(key) & _MASK][key] = obj
         self._count += 1
+
+    def replace(self, key: str, obj: Obj) -> None:
+        """Point a present key at a new record."""
+        self.shards[hash(key) & _MASK][key] = obj
 
     def pop(self, key: str) -> Obj | None:
         obj = self.shards[hash(key) & _MASK].pop(key, None)

@@ -79,6 +79,11 @@ def _failed_pairs(value: Any) -> int:
     return sum(1 for code, _ in value if code)
 
 
+def _failed_columns(value: Any) -> int:
+    """Failed items of a columnar batch reply (``wire/_master_replies.py``)."""
+    return sum(1 for code in value["code"] if code)
+
+
 def _failed_none(value: Any) -> int:
     """BatchExistKey answers a bool per key: never a failed item."""
     return 0
@@ -90,13 +95,13 @@ def _failed_clear(req: Any, value: Any) -> int:
 
 #: batch request type -> how to count the failed items of its (successful) reply
 _BATCH_FAILED: Final[dict[type, Callable[[Any, Any], int]]] = {
-    msg.BatchPutStart: lambda req, value: _failed_pairs(value),
-    msg.BatchUpsertStart: lambda req, value: _failed_pairs(value),
+    msg.BatchPutStart: lambda req, value: _failed_columns(value),
+    msg.BatchUpsertStart: lambda req, value: _failed_columns(value),
     msg.BatchPutEnd: lambda req, value: _failed_pairs(value),
     msg.BatchUpsertEnd: lambda req, value: _failed_pairs(value),
     msg.BatchPutRevoke: lambda req, value: _failed_pairs(value),
     msg.BatchUpsertRevoke: lambda req, value: _failed_pairs(value),
-    msg.BatchGetReplicaList: lambda req, value: _failed_pairs(value),
+    msg.BatchGetReplicaList: lambda req, value: _failed_columns(value),
     msg.BatchRemove: lambda req, value: _failed_pairs(value),
     msg.BatchExistKey: lambda req, value: _failed_none(value),
     msg.BatchReplicaClear: _failed_clear,

@@ -51,7 +51,7 @@ from ...errors import StoreError, store_error
 from ...wire import _master_msgs as msg
 from ...wire import _offload_msgs as omsg
 from .._file_storage import object_path
-from .._types import REPLICA_DISK, REPLICA_LOCAL_DISK, ErrorCode, ReplicateConfig
+from .._types import DISK_SEGMENT, LOCAL_DISK_SEGMENT, ErrorCode, ReplicateConfig
 from ._effects import (
     DiskReplicaAdded,
     DiskReplicaRemoved,
@@ -347,11 +347,11 @@ class OffloadState:
             fsdir = self.fsdir
             if not fsdir:
                 return None
-            return [rid, object_path(fsdir, key), 0, rep.size, _COMPLETE, "", REPLICA_DISK]
+            return [rid, object_path(fsdir, key), 0, rep.size, _COMPLETE, DISK_SEGMENT]
         disk = self.disks.get(rep.client_id)
         if disk is None:
             return None
-        return [rid, disk.endpoint, 0, rep.size, _COMPLETE, "", REPLICA_LOCAL_DISK]
+        return [rid, disk.endpoint, 0, rep.size, _COMPLETE, LOCAL_DISK_SEGMENT]
 
     def read(self, key: str) -> dict[str, Any] | None:
         """A read of ``key`` that found no memory value: its disk replica (counted
@@ -683,6 +683,98 @@ OFFLOAD_APPLY: Final[dict[type, Callable[[Any, Any, float], None]]] = {
 
 Handler = Callable[[Any, float], Any]
 _NOT_FOUND: Final = int(ErrorCode.OBJECT_NOT_FOUND)
+#: the segment number disk replicas are listed under in columnar replies
+_DISK_SEG_NUM: Final = 0xFFFFFF
+
+
+def _splice_failures(
+    keys: Sequence[str],
+    failed: list[bool],
+    started: dict[str, Any] | None,
+    error: Callable[[str], StoreError],
+) -> dict[str, Any]:
+    """A columnar start reply (``wire/_master_replies.py``) for ``keys``: the keys
+    marked ``failed`` fail with ``error(key)``, the others take, in order, the
+    entries of ``started`` (the reply for them alone)."""
+    code: list[int] = []
+    msgs: list[list[Any]] = []
+    counts: list[int] = []
+    seg: list[int] = []
+    addr: list[int] = []
+    src_code = started["code"] if started else []
+    src_n = started["n"] if started else []
+    src_msgs = {int(i): m for i, m in started["msg"]} if started else {}
+    j = at = 0
+    for key, bad in zip(keys, failed, strict=True):
+        if bad:
+            exc = error(key)
+            msgs.append([len(code), exc.message])
+            code.append(exc.code)
+            counts.append(0)
+            continue
+        n = src_n[j]
+        if src_code[j] != 0:
+            msgs.append([len(code), src_msgs.get(j, "")])
+        code.append(src_code[j])
+        counts.append(n)
+        assert started is not None
+        seg += started["seg"][at : at + n]
+        addr += started["addr"][at : at + n]
+        at += n
+        j += 1
+    return {
+        "code": code,
+        "msg": msgs,
+        "segs": started["segs"] if started else [],
+        "n": counts,
+        "seg": seg,
+        "addr": addr,
+    }
+
+
+def _add_disk_columns(
+    off: OffloadState, keys: Sequence[str], out: dict[str, Any]
+) -> dict[str, Any]:
+    """A columnar BatchGetReplicaList reply with the keys' disk replicas added:
+    after the memory replicas of a key, or as its only replica (a disk-only key
+    read: counted, and maybe admitted for promotion)."""
+    code, counts, sizes = out["code"], out["n"], out["size"]
+    segs = out["segs"]
+    msgs = {int(i): m for i, m in out["msg"]}
+    disk_index: dict[tuple[str, str], int] = {}
+    seg: list[int] = []
+    addr: list[int] = []
+    at = 0
+    for i, key in enumerate(keys):
+        n = counts[i]
+        seg += out["seg"][at : at + n]
+        addr += out["addr"][at : at + n]
+        at += n
+        if code[i] == _NOT_FOUND and key in off.replicas:
+            found = off.read(key)
+            if found is None:
+                continue
+            wire = found["replicas"][0]
+            code[i] = 0
+            sizes[i] = found["size"]
+            msgs.pop(i, None)
+        elif code[i] == 0:
+            wire = off.wire(key)
+            if wire is None:
+                continue
+        else:
+            continue
+        endpoint, marker = wire[1], wire[5]
+        j = disk_index.get((endpoint, marker))
+        if j is None:
+            j = disk_index[(endpoint, marker)] = len(segs)
+            segs.append([endpoint, marker, _DISK_SEG_NUM, 0])
+        seg.append(j)
+        addr.append(0)
+        counts[i] = n + 1
+    out["seg"], out["addr"] = seg, addr
+    out["msg"] = [[i, m] for i, m in sorted(msgs.items())]
+    return out
 
 
 def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, Handler]:
@@ -707,12 +799,8 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         sub = dataclasses.replace(
             req, keys=tuple(req.keys[i] for i in todo), sizes=tuple(req.sizes[i] for i in todo)
         )
-        started = iter(base[msg.BatchPutStart](sub, now) if todo else [])
-        code = int(ErrorCode.OBJECT_ALREADY_EXISTS)
-        return [
-            [code, exists_error(key).message] if on_disk else next(started)
-            for key, on_disk in zip(req.keys, disk, strict=True)
-        ]
+        started = base[msg.BatchPutStart](sub, now) if todo else None
+        return _splice_failures(req.keys, disk, started, exists_error)
 
     def upsert_start(req: msg.UpsertStart, now: float) -> Any:
         out = base[msg.UpsertStart](req, now)
@@ -721,7 +809,7 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
 
     def batch_upsert_start(req: msg.BatchUpsertStart, now: float) -> Any:
         out = base[msg.BatchUpsertStart](req, now)
-        for key, (code, _) in zip(req.keys, out, strict=True):
+        for key, code in zip(req.keys, out["code"], strict=True):
             if code == 0:
                 off.remove(key)
         return out
@@ -759,19 +847,10 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
 
     def batch_get_replica_list(req: msg.BatchGetReplicaList, now: float) -> Any:
         out = base[msg.BatchGetReplicaList](req, now)
-        if not off.replicas:
+        replicas = off.replicas
+        if not replicas or not any(k in replicas for k in req.keys):
             return out
-        for i, key in enumerate(req.keys):
-            code, value = out[i]
-            if code == 0:
-                wire = off.wire(key)
-                if wire is not None:
-                    value["replicas"].append(wire)
-            elif code == _NOT_FOUND:
-                found = off.read(key)
-                if found is not None:
-                    out[i] = [0, found]
-        return out
+        return _add_disk_columns(off, req.keys, out)
 
     def exist_key(req: msg.ExistKey, now: float) -> Any:
         return base[msg.ExistKey](req, now) or req.key in off.replicas

@@ -140,7 +140,7 @@ def cluster_view(svc: MasterService) -> dict[str, Any]:
                 "client_id": seg.client_id,
                 "capacity_bytes": c,
                 "allocated_bytes": u,
-                "objects": len(seg.objs),
+                "objects": seg.live_count,
                 "status": "draining" if seg.draining else "ok",
             }
         )

@@ -3,22 +3,33 @@
 Theory of operation
 -------------------
 A master holds millions of objects, so an object record is as small as Python
-allows (measured by ``bench/master_scale.py``): one ``__slots__`` instance with
-the first replica inline (segment record + address), no per-object dict, list or
-float of its own where a shared one does.  What few objects need (a put in
-flight, more replicas, a pending upsert, a soft pin) lives in an optional
-:class:`ObjExt`.  A replica's reserved size is derived (``align_up(size)``), its
-id too (segment number and offset), so neither is stored.
+allows (measured by ``bench/master_scale.py`` and ``tests/store/test_master_memory.py``):
+one ``__slots__`` instance with the first replica inline (segment record + address),
+no per-object dict, list or float of its own where a shared one does (sizes, leases
+and writer ids are shared objects).  What few objects need (a put in flight, more
+replicas, a pending upsert, a soft pin) lives in an optional :class:`ObjExt`.  A
+replica's reserved size is derived (``align_up(size)``), its id too (segment number
+and offset), so neither is stored.
 
-A segment keeps every object that has a replica in it in ``objs``, a dict in
-eviction order: new objects go to the end, the eviction hand takes from the
-front and gives objects that were read since (``REF`` flag) a second chance by
-moving them to the end (CLOCK, an approximation of LRU that costs nothing on
-the read path).  The same dict sweeps a segment that goes away.
+A segment keeps its objects in ``order``, a deque in eviction order (8 bytes per
+object, where a dict would cost ~30): new objects go to the back, the eviction hand
+takes from the front and gives objects that were read since (``REF`` flag) a second
+chance by moving them to the back (CLOCK, an approximation of LRU that costs nothing
+on the read path).  The same deque sweeps a segment that goes away.
+
+Entries are never removed from the middle: an object that goes away is marked dead
+(``flags == 0``) and its entries are dropped when the hand (or the compaction in
+``tick``) reaches them; ``SegmentRecord.dead`` counts them.  For that to be exact an
+``Obj`` instance only ever *gains* segments: when a live object leaves a segment that
+stays mounted (an upsert replaced its replicas, a pending upsert was revoked, one
+replica was cleared) the master replaces the record by a new instance (see
+``MasterState._rebind``) and the old one dies with all its entries.  So an entry is
+live exactly when its object is, and no object is in a segment's deque twice.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Final
 
 from .._types import ReplicaDesc, ReplicaStatus, SegmentInfo
@@ -72,7 +83,18 @@ class ClientRecord:
 class SegmentRecord:
     """A mounted segment: its allocator and the objects with a replica in it."""
 
-    __slots__ = ("allocator", "client_id", "draining", "id", "info", "name", "num", "objs")
+    __slots__ = (
+        "allocator",
+        "client_id",
+        "dead",
+        "draining",
+        "evict_debt",
+        "id",
+        "info",
+        "name",
+        "num",
+        "order",
+    )
 
     def __init__(self, info: SegmentInfo, client_id: str, num: int) -> None:
         self.info = info
@@ -80,11 +102,25 @@ class SegmentRecord:
         self.name = info.name
         self.client_id = client_id
         self.allocator = OffsetAllocator(info.base, info.size)
-        #: key -> object, in eviction order (see the module docstring)
-        self.objs: dict[str, Obj] = {}
+        #: objects with a replica (current or pending) here, in eviction order, and
+        #: dead entries not yet dropped (see the module docstring)
+        self.order: deque[Obj] = deque()
+        #: entries of ``order`` whose object is dead
+        self.dead = 0
+        #: bytes the background eviction should still free here
+        self.evict_debt = 0
         self.draining = False
         #: small per-master number (replica ids are derived from it)
         self.num = num
+
+    @property
+    def live_count(self) -> int:
+        """Objects with a replica here."""
+        return len(self.order) - self.dead
+
+    def live(self) -> list[Obj]:
+        """The live objects of ``order`` (a copy; for sweeps that change it)."""
+        return [o for o in self.order if o.flags]
 
     def replica_id(self, addr: int) -> int:
         return (self.num << 40) | ((addr - self.info.base) >> 6)
@@ -126,17 +162,23 @@ class ObjExt:
 
 
 class Obj:
-    """One object: its size, first replica, lease and flags.
+    """One object: its key, size, first replica, lease and flags.
 
     ``seg`` is None only while a put's every replica went away with its segment
-    (the object is then about to be dropped).
+    (the object is then about to be dropped).  ``flags == 0``: the record is dead
+    (the object was removed, or replaced by a new record).
+
+    Eight slots: with the GC header the instance is 96 bytes, the same allocation
+    size class as seven (``key`` costs nothing; it lets a segment's eviction
+    deque hold records instead of keys).
     """
 
-    __slots__ = ("addr", "ext", "flags", "lease_until", "seg", "size", "writer")
+    __slots__ = ("addr", "ext", "flags", "key", "lease_until", "seg", "size", "writer")
 
     def __init__(
-        self, size: int, seg: SegmentRecord | None, addr: int, writer: str, flags: int
+        self, key: str, size: int, seg: SegmentRecord | None, addr: int, writer: str, flags: int
     ) -> None:
+        self.key = key
         self.size = size
         self.seg = seg
         self.addr = addr
@@ -170,6 +212,24 @@ class Obj:
     def pending(self) -> tuple[Rep, ...]:
         ext = self.ext
         return () if ext is None else ext.pending
+
+    def segments(self) -> list[SegmentRecord]:
+        """Every segment this record has a replica in, current or pending (each once)."""
+        seg = self.seg
+        ext = self.ext
+        if ext is None or (not ext.more and not ext.pending):
+            return [] if seg is None else [seg]
+        out: list[SegmentRecord] = [] if seg is None else [seg]
+        for s, _ in (*ext.more, *ext.pending):
+            if not any(s is o for o in out):
+                out.append(s)
+        return out
+
+    def in_segment(self, seg: SegmentRecord) -> bool:
+        if self.seg is seg:
+            return True
+        ext = self.ext
+        return ext is not None and any(s is seg for s, _ in (*ext.more, *ext.pending))
 
     def extension(self) -> ObjExt:
         ext = self.ext

@@ -25,6 +25,7 @@ import re
 import resource
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -49,6 +50,7 @@ from ...wire import _master_msgs as msg
 from ...wire._auth import FailureKind, ServerHandshake, looks_like_hello, no_token_reply
 from ...wire._master import NO_TOKEN_MESSAGE, PREFIX
 from .._config import MasterConfig
+from .._master_client import IN_PROCESS_MASTER_PORTS
 from .._types import ErrorCode
 from ._admin import AdminHttp
 from ._effects import DURABLE
@@ -79,6 +81,9 @@ ADMIN_OPEN_PATHS: Final = ("/metrics", "/metrics/summary", "/health", *PAGE_OPEN
 #: keys per slice of a whole-index operation (one slice is handled between two
 #: turns of the event loop; ~1-3 ms of work)
 SLICE_KEYS: Final = 4096
+#: records the periodic housekeeping (background eviction, deque compaction) visits
+#: per segment between two turns of the event loop (~1-3 ms of work)
+HOUSEKEEPING_VISITS: Final = 2048
 #: most bytes one read of an RPC connection takes (asyncio's own read size)
 READ_CHUNK: Final = 256 << 10
 #: what a connection may read while the buffered-bytes budget is spent: enough
@@ -246,6 +251,11 @@ class MasterService:
         self.leader_address = ""
         self.failovers = 0
         self._last_conn_check = 0.0
+        self._in_process_port = 0
+        #: periodic work: ticks run, their total duration, the most recent durations
+        self.tick_count = 0
+        self.tick_seconds = 0.0
+        self.recent_ticks: deque[float] = deque(maxlen=50)
         #: batch-item counters and the rate samples of /metrics and the cluster page
         self.stats = MasterStats()
 
@@ -299,6 +309,8 @@ class MasterService:
             sock.close()
             raise
         rpc = sock.getsockname()[:2]
+        self._in_process_port = int(rpc[1])
+        IN_PROCESS_MASTER_PORTS.add(self._in_process_port)
         # Same-host clients skip TCP: the same protocol on an abstract UNIX socket
         # named after the listening address (a round trip ~10 us shorter).
         try:
@@ -344,6 +356,7 @@ class MasterService:
         return self.addresses
 
     async def close(self) -> None:
+        IN_PROCESS_MASTER_PORTS.discard(self._in_process_port)
         if self._elector is not None:
             elector, self._elector = self._elector, None
             await asyncio.get_running_loop().run_in_executor(None, elector.close)
@@ -391,12 +404,22 @@ class MasterService:
             try:
                 now = self._clock()
                 if self.serving():  # a leader past its lease deadline decides nothing
-                    self.state.tick(now)
+                    started = time.perf_counter()
+                    more = self.state.tick(now, HOUSEKEEPING_VISITS)
                     self._persist()
+                    self._timed(started)
+                    # eviction owed, dead entries: a slice per turn of the loop
+                    while more and self.serving():
+                        await asyncio.sleep(0)
+                        started = time.perf_counter()
+                        more = self.state.housekeeping(self._clock(), HOUSEKEEPING_VISITS)
+                        self._persist()
+                        self._timed(started)
                     drops = self.state.offload.take_fs_drops()
                     if drops:  # files of dropped DISK replicas (--root_fs_dir)
                         self._spawn(asyncio.to_thread(unlink_files, drops))
                     self.hub.check(time.monotonic())
+                    now = self._clock()
                 self.stats.sample(self.state)
                 self.replies.prune(now)
                 mono = time.monotonic()
@@ -407,6 +430,12 @@ class MasterService:
                     self._spawn(self._compact())
             except Exception:  # a bug here must not stop expiry for good
                 log.exception("master tick failed")
+
+    def _timed(self, started: float) -> None:
+        took = time.perf_counter() - started
+        self.tick_count += 1
+        self.tick_seconds += took
+        self.recent_ticks.append(took)
 
     def _check_connections(self, now: float) -> None:
         limits = self.limits

@@ -44,8 +44,10 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import math
 import random
 import re
+import sys
 import uuid
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
@@ -64,7 +66,7 @@ from ._effects import (
     WriteEnded,
     WriteStarted,
 )
-from ._eviction import evict_segment
+from ._eviction import compact_segment, evict_segment
 from ._index import ObjectIndex
 from ._offload import OFFLOAD_APPLY, OffloadState
 from ._placement import Placement
@@ -76,6 +78,7 @@ from ._records import (
     SOFT_PIN,
     ClientRecord,
     Obj,
+    ObjExt,
     Rep,
     SegmentRecord,
     reps_wire,
@@ -94,6 +97,13 @@ def client_tag(client_id: str) -> str:
     """
     digest = hashlib.blake2s(client_id.encode(errors="replace"), digest_size=6).hexdigest()
     return f"client#{digest}"
+
+
+#: dead deque entries a segment may hold before housekeeping drops them (and
+#: then only while they outnumber the live ones)
+_COMPACT_MIN_DEAD = 4096
+#: read leases end on multiples of 1/64 s (see MasterState.lease_deadline)
+_LEASE_STEPS = 64
 
 
 def _err(code: ErrorCode, message: str) -> StoreError:
@@ -195,6 +205,11 @@ class MasterState:
         #: (a KV cache has few distinct block sizes)
         self._sizes: dict[int, int] = {}
         self._dirty_allocators: set[str] = set()
+        self._lease_tick = -1
+        self._lease_until = 0.0
+        #: the last put config that passed the checks, and its soft-pin ttl
+        self._checked_config: Any = None
+        self._checked_pin: float | None = None
         #: applying effects (replay, a standby): allocators are rebuilt afterwards
         #: by finish_replay() instead of being updated range by range
         self._replaying = False
@@ -304,10 +319,13 @@ class MasterState:
         client = self.clients.get(seg.client_id)
         if client is not None:
             client.segments.discard(seg.id)
-        affected = len(seg.objs)
-        for key, obj in list(seg.objs.items()):
-            self._lose_replicas(key, obj, seg)
-        seg.objs.clear()
+        affected = seg.live_count
+        order = seg.order
+        while order:  # consumes the deque (no copy of millions of entries)
+            obj = order.popleft()
+            if obj.flags:
+                self._lose_replicas(obj.key, obj, seg)
+        seg.dead = 0
         self.view_version += 1
         return affected
 
@@ -366,6 +384,10 @@ class MasterState:
         if reps:
             return reps
         self.metrics.alloc_failures += 1
+        # Evict what this put needs, now; the rest of an eviction round (eviction_ratio
+        # of the segment, as the reference frees per round) is owed to the background
+        # work of tick(), which frees it a slice at a time: evicting 5 % of a
+        # 10-million-object pool here would stall every client for a second.
         # Evict only from segments the object could fit in at all: an object
         # larger than every segment must not wipe the cache before failing.
         need = reserved_size(size)
@@ -383,8 +405,8 @@ class MasterState:
             while progress:
                 progress = False
                 for seg in fits:
-                    chunk = max(need, int(seg.allocator.capacity * self.config.eviction_ratio))
-                    if self._evict(seg, chunk, now, protect=key, allow_soft=allow_soft):
+                    self._owe(seg, int(seg.allocator.capacity * self.config.eviction_ratio))
+                    if self._evict(seg, need, now, protect=key, allow_soft=allow_soft):
                         progress = True
                         reps = self._placement.allocate(segments, size, config, writer_host)
                         if reps:
@@ -478,8 +500,15 @@ class MasterState:
             NoAvailableHandle: no room even after eviction.
             InvalidParams: empty key, size <= 0, replica_num < 1, soft pin too long.
         """
-        pin_ttl = self._validate_put(key, size, config)
-        obj = self.objects.get(key)
+        # (this runs once per key of every put: the checks of a config a batch
+        # shares are made once, the index shard is looked up once)
+        if config is self._checked_config and key and size > 0:
+            pin_ttl = self._checked_pin
+        else:
+            pin_ttl = self._validate_put(key, size, config)
+            self._checked_config, self._checked_pin = config, pin_ttl
+        shard = self.objects.shard(key)
+        obj = shard.get(key)
         if obj is not None:
             if obj.flags & READABLE:
                 raise _err(ErrorCode.OBJECT_ALREADY_EXISTS, f"object {key!r} already exists")
@@ -494,18 +523,30 @@ class MasterState:
             # the earlier writer is presumed dead: its buffers go to the discard list
             self._abandon(key, obj, discard=True, now=now)
             self.metrics.discarded_puts += 1
-        client = self._touch(client_id, now)
-        reps = self._allocate_or_evict(size, config, client.host_id, key, now)
+        client = self.clients.get(client_id)
+        if client is None:
+            client = self._touch(client_id, now)
+        else:
+            client.last_seen = now
+        reps = self._placement.allocate(self.segments.values(), size, config, client.host_id)
+        if not reps:
+            reps = self._allocate_or_evict(size, config, client.host_id, key, now)
         flags = BUSY | (HARD_PIN if config.with_hard_pin else 0)
-        obj = Obj(self._size(size), reps[0][0], reps[0][1], client.id, flags)
-        ext = obj.extension()
+        sizes = self._sizes
+        seg, addr = reps[0]
+        obj = Obj(key, sizes.get(size, size), seg, addr, client.id, flags)
+        if size not in sizes and len(sizes) < 4096:
+            sizes[size] = size
+        ext = obj.ext = ObjExt()
         ext.started_at = now
         ext.soft_pin_ttl_s = pin_ttl
         if len(reps) > 1:
             ext.more = tuple(reps[1:])
-        self.objects.add(key, obj)
-        for seg, _ in reps:
-            seg.objs[key] = obj
+            for s, _ in reps[1:]:
+                s.order.append(obj)
+        shard[key] = obj
+        self.objects.added()
+        seg.order.append(obj)
         self.inflight[key] = obj
         client.inflight.add(key)
         if self.effects is not None:
@@ -547,7 +588,9 @@ class MasterState:
             IllegalClient: another client's put (or it took this one over).
         """
         obj = self.objects.get(key)
-        if obj is not None and not obj.flags & BUSY and obj.flags & READABLE:
+        flags = 0 if obj is None else obj.flags
+        if flags & READABLE and not flags & BUSY:
+            assert obj is not None
             if obj.writer == client_id:
                 return  # a repeated end
             raise _err(
@@ -555,15 +598,30 @@ class MasterState:
                 f"the put of {key!r} by {client_tag(client_id)} was taken over by "
                 f"{client_tag(obj.writer)} (after put_start_discard_timeout), whose value is stored",
             )
-        obj = self._writing(client_id, key)
-        ext = obj.extension()
+        if obj is None or not flags & BUSY or obj.writer != client_id:
+            obj = self._writing(client_id, key)  # raises the right error
+        client = self.clients.get(client_id)
+        if client is None:
+            self._touch(client_id, now)
+        else:
+            client.last_seen = now
+        ext = obj.ext
+        if ext is None:  # (a put in flight always has one)
+            ext = obj.extension()
         if ext.pending:
             self._finish_upsert(key, obj, now)
             return
+        pin = ext.soft_pin_ttl_s
+        if pin is not None or flags & SOFT_PIN:
+            self._apply_pin(obj, pin, now)
         obj.flags = (obj.flags | READABLE) & ~BUSY
-        self._apply_pin(obj, ext.soft_pin_ttl_s, now)
-        self._end_write(key, obj)
-        self._touch(client_id, now)
+        self.inflight.pop(key, None)
+        if client is not None:
+            client.inflight.discard(key)
+        if pin is None and not ext.more:
+            obj.ext = None  # the common case of _end_write: nothing left to keep
+        else:
+            self._end_write(key, obj)
         self._committed(key, obj)
 
     def _apply_pin(self, obj: Obj, ttl_s: float | None, now: float) -> None:
@@ -607,16 +665,18 @@ class MasterState:
             size = obj.extension().pending_size
             for seg, addr in pending:
                 self._release(seg, addr, size, discard, release)
-                if not any(s is seg for s, _ in obj.replicas()):
-                    seg.objs.pop(key, None)
-            self._end_write(key, obj)
-            if obj.flags & READABLE:
+            if obj.flags & READABLE:  # an upsert: the old value stays
+                current = obj.replicas()
+                leaves = any(not any(s is c for c, _ in current) for s, _ in pending)
+                if leaves:  # the record leaves the pending segments: a new one
+                    obj = self._rebind(obj)
+                self._end_write(key, obj)
+                if leaves:
+                    self._enlist(obj)
                 return
         size = obj.size
         for seg, addr in obj.replicas():
             self._release(seg, addr, size, discard, release)
-            seg.objs.pop(key, None)
-        self._end_write(key, obj)
         self._forget(key, obj, free=False)
 
     def _release(
@@ -665,6 +725,7 @@ class MasterState:
             return self.put_start_replicas(client_id, key, size, config, now)
         client = self._touch(client_id, now)
         pending = self._allocate_or_evict(size, config, client.host_id, key, now)
+        current = obj.segments()
         ext = obj.extension()
         ext.pending = tuple(pending)
         ext.pending_size = size
@@ -683,7 +744,8 @@ class MasterState:
         if config.with_hard_pin:
             obj.flags |= HARD_PIN
         for seg, _ in pending:
-            seg.objs[key] = obj
+            if not any(seg is c for c in current):
+                seg.order.append(obj)
         self.inflight.pop(key, None)
         self.inflight[key] = obj
         client.inflight.add(key)
@@ -707,18 +769,43 @@ class MasterState:
         release = max(now, obj.lease_until)
         old = obj.replicas()
         new = ext.pending
-        new_segs = {id(s) for s, _ in new}
         for seg, addr in old:
             self._discard(seg, addr, obj.size, release)
-            if id(seg) not in new_segs:
-                seg.objs.pop(key, None)
+        leaves = any(not any(s is n for n, _ in new) for s, _ in old)
+        if leaves:  # the record leaves old segments: a new one (see _records.py)
+            obj = self._rebind(obj)
         obj.size = self._size(ext.pending_size)
         obj.set_replicas(new)
         obj.flags = (obj.flags | READABLE) & ~BUSY
         if ext.repin and ext.soft_pin_ttl_s is not None:
             self._apply_pin(obj, ext.soft_pin_ttl_s, now)
         self._end_write(key, obj)
+        if leaves:
+            self._enlist(obj)
         self._committed(key, obj)
+
+    def _rebind(self, obj: Obj) -> Obj:
+        """A new record for ``obj``'s object, which is about to leave a segment that
+        stays mounted: the old record dies (its deque entries with it), the new one
+        takes its place in the indexes; the caller changes its replicas, then
+        :meth:`_enlist` s it.  (A record only ever gains segments, see ``_records.py``.)"""
+        for seg in obj.segments():
+            seg.dead += 1
+        new = Obj(obj.key, obj.size, obj.seg, obj.addr, obj.writer, obj.flags)
+        new.lease_until = obj.lease_until
+        new.ext, obj.ext = obj.ext, None
+        obj.flags = 0
+        key = obj.key
+        self.objects.replace(key, new)
+        if key in self.inflight:
+            self.inflight[key] = new
+        return new
+
+    @staticmethod
+    def _enlist(obj: Obj) -> None:
+        """Put a new record at the back of the clock of every segment it is in."""
+        for seg in obj.segments():
+            seg.order.append(obj)
 
     def _committed(self, key: str, obj: Obj) -> None:
         if self.effects is not None:
@@ -749,10 +836,21 @@ class MasterState:
             ObjectNotFound: absent.
             ReplicaNotReady: only unfinished replicas exist.
         """
-        obj = self.read(key, now + self.config.lease_ttl_s)
+        obj = self.read(key, self.lease_deadline(now))
         return GetReplicaListResult(
             tuple(obj.descs()), self.config.default_kv_lease_ttl_ms, obj.size
         )
+
+    def lease_deadline(self, now: float) -> float:
+        """When a read lease granted ``now`` ends: ``now + lease ttl`` rounded up to
+        1/64 s, the same float object for every read in that 1/64 s (a lease costs
+        an object nothing but a pointer; holding it up to 16 ms longer is safe:
+        readers count their lease from their own request)."""
+        tick = math.ceil((now + self.config.lease_ttl_s) * _LEASE_STEPS)
+        if tick != self._lease_tick:
+            self._lease_tick = tick
+            self._lease_until = tick / _LEASE_STEPS
+        return self._lease_until
 
     def read(self, key: str, lease_until: float) -> Obj:
         """The readable object ``key``; its read lease is extended to ``lease_until``
@@ -778,7 +876,7 @@ class MasterState:
         return obj
 
     def exist_key(self, key: str, now: float) -> bool:
-        return self.exists(key, now + self.config.lease_ttl_s)
+        return self.exists(key, self.lease_deadline(now))
 
     def exists(self, key: str, lease_until: float) -> bool:
         obj = self.objects.get(key)
@@ -837,7 +935,6 @@ class MasterState:
         reserved = reserved_size(obj.size)
         for seg, addr in obj.replicas():
             self._free(seg, addr, obj.size)
-            seg.objs.pop(key, None)
             freed += reserved
         self._forget(key, obj, free=False)
         return freed
@@ -847,15 +944,13 @@ class MasterState:
         if free:
             for seg, addr in obj.replicas():
                 self._free(seg, addr, obj.size)
-        for seg, _ in obj.replicas():
-            seg.objs.pop(key, None)
-        for seg, _ in obj.pending():
-            seg.objs.pop(key, None)
+        for seg in obj.segments():  # its deque entries die with it
+            seg.dead += 1
         if obj.flags & BUSY:
             self._end_write(key, obj)
         if obj.flags & SOFT_PIN:
-            obj.flags &= ~SOFT_PIN
             self.soft_pinned -= 1
+        obj.flags = 0
         self.objects.pop(key)
 
     @staticmethod
@@ -914,8 +1009,9 @@ class MasterState:
         for seg, addr in reps:
             if seg.name == segment_name:
                 self._free(seg, addr, obj.size)
-                seg.objs.pop(key, None)
+        obj = self._rebind(obj)  # it leaves a segment: a new record
         obj.set_replicas(keep)
+        self._enlist(obj)
         self._committed(key, obj)
         return True
 
@@ -934,44 +1030,97 @@ class MasterState:
         """Evict from ``seg`` until ``need_bytes`` are free in it; returns bytes freed."""
         self.metrics.eviction_rounds += 1
         self._evict_now = now
-        freed = evict_segment(seg, need_bytes, now, self._evict_one, protect, allow_soft)
+        freed, _ = evict_segment(seg, need_bytes, now, self._evict_one, protect, allow_soft)
         self.metrics.evicted_bytes += freed
         if freed:
             self.metrics.successful_evictions += 1
         return freed
 
-    def _evict_one(self, key: str, obj: Obj, seg: SegmentRecord) -> int:
+    def _evict_one(self, obj: Obj, seg: SegmentRecord) -> int:
         """Evict ``obj``; returns the bytes it freed in ``seg``."""
-        if self.offload.disks and self.offload.keep_on_evict(key, obj, self._evict_now):
-            return 0  # kept until it is on disk (offload_on_evict)
+        if self.offload.disks and self.offload.keep_on_evict(obj.key, obj, self._evict_now):
+            # kept until it is on disk (offload_on_evict): back to the clock, live
+            # (evict_segment counts an evicted record's entry as dead)
+            seg.order.append(obj)
+            seg.dead += 1
+            return 0
         in_seg = sum(1 for s, _ in obj.replicas() if s is seg)
-        self._delete(key, obj)
+        self._delete(obj.key, obj)
         self.metrics.evicted_keys += 1
         return in_seg * reserved_size(obj.size)
 
-    def evict_above_watermark(self, now: float) -> int:
-        """Bring every segment below ``high watermark - eviction ratio``; returns bytes freed."""
+    def _owe(self, seg: SegmentRecord, nbytes: int) -> None:
+        """Ask the background eviction to free ``nbytes`` in ``seg``."""
+        if nbytes > seg.evict_debt:
+            seg.evict_debt = nbytes
+
+    def evict_above_watermark(self, now: float, max_visits: int | None = None) -> int:
+        """Bring every segment below ``high watermark - eviction ratio``; returns bytes
+        freed.  ``max_visits`` bounds the work (the rest is owed to :meth:`housekeeping`)."""
+        self._owe_watermark()
+        return self._pay_debts(now, max_visits)[0]
+
+    def _owe_watermark(self) -> None:
         hw = self.config.eviction_high_watermark_ratio
         ratio = self.config.eviction_ratio
         if ratio <= 0:
-            return 0
-        freed = 0
-        for seg in list(self.segments.values()):
+            return
+        for seg in self.segments.values():
             alloc = seg.allocator
             if alloc.allocated > hw * alloc.capacity:
-                target = max(
-                    int(ratio * alloc.capacity),
-                    alloc.allocated - int((hw - ratio) * alloc.capacity),
+                self._owe(
+                    seg,
+                    max(
+                        int(ratio * alloc.capacity),
+                        alloc.allocated - int((hw - ratio) * alloc.capacity),
+                    ),
                 )
-                got = self._evict(seg, target, now)
-                if got < target and self.config.allow_evict_soft_pinned_objects:
-                    got += self._evict(seg, target - got, now, allow_soft=True)
-                freed += got
-        return freed
 
-    def tick(self, now: float) -> None:
+    def _pay_debts(self, now: float, max_visits: int | None) -> tuple[int, bool]:
+        """Evict what segments owe (watermark, failed allocations), visiting at most
+        ``max_visits`` records per segment; returns (bytes freed, whether debts remain)."""
+        freed = 0
+        more = False
+        soft = self.config.allow_evict_soft_pinned_objects
+        self._evict_now = now
+        for seg in list(self.segments.values()):
+            debt = seg.evict_debt
+            if debt <= 0:
+                continue
+            self.metrics.eviction_rounds += 1
+            got, stopped = evict_segment(seg, debt, now, self._evict_one, max_visits=max_visits)
+            if not stopped and got < debt and soft:
+                got2, stopped = evict_segment(
+                    seg, debt - got, now, self._evict_one, allow_soft=True, max_visits=max_visits
+                )
+                got += got2
+            self.metrics.evicted_bytes += got
+            if got:
+                self.metrics.successful_evictions += 1
+            freed += got
+            # a full pass that could not pay (leased, pinned, in flight) forgives the
+            # rest: the next watermark check or failed allocation asks again
+            seg.evict_debt = debt - got if stopped and got < debt else 0
+            more = more or seg.evict_debt > 0
+        return freed, more
+
+    def housekeeping(self, now: float, max_visits: int | None = None) -> bool:
+        """Background work a slice at a time: eviction owed by segments, and dead
+        entries dropped from eviction deques that hold more dead than live ones.
+        ``max_visits`` bounds the records visited per segment (None: everything).
+        Returns whether work remains (the service calls again after serving)."""
+        _, more = self._pay_debts(now, max_visits)
+        for seg in self.segments.values():
+            if seg.dead > max(_COMPACT_MIN_DEAD, seg.live_count):
+                compact_segment(seg, len(seg.order) if max_visits is None else max_visits)
+                more = more or seg.dead > max(_COMPACT_MIN_DEAD, seg.live_count)
+        return more
+
+    def tick(self, now: float, max_visits: int | None = None) -> bool:
         """Periodic work: expire clients, reclaim abandoned puts and discarded
-        buffers, evict above the high watermark."""
+        buffers, evict above the high watermark (the first slice of
+        :meth:`housekeeping`, bounded by ``max_visits``).  Returns whether
+        housekeeping work remains."""
         ttl = self.config.client_ttl_s
         if self._last_tick is not None and now - self._last_tick > ttl / 2:
             # The master itself stalled (paused, swapped, overloaded): pings may
@@ -999,7 +1148,8 @@ class MasterState:
             self._abandon(key, obj, discard=False, now=now)
             self.metrics.reclaimed_puts += 1
         self.offload.tick(now)
-        self.evict_above_watermark(now)
+        self._owe_watermark()
+        return self.housekeeping(now, max_visits)
 
     # ------------------------------------------------------------------------------
     # durability: effects and replay
@@ -1063,12 +1213,14 @@ class MasterState:
         if not reps:
             return
         flags = READABLE | (HARD_PIN if ev.hard_pinned else 0)
-        obj = Obj(self._size(ev.size), reps[0][0], reps[0][1], ev.writer, flags)
+        client = self.clients.get(ev.writer)  # one string per writer, not per object
+        writer = client.id if client is not None else sys.intern(ev.writer)
+        obj = Obj(ev.key, self._size(ev.size), reps[0][0], reps[0][1], writer, flags)
         if len(reps) > 1:
             obj.extension().more = tuple(reps[1:])
         self.objects.add(ev.key, obj)
         for seg, _ in reps:
-            seg.objs[ev.key] = obj
+            seg.order.append(obj)
 
     def _apply_start(self, ev: WriteStarted, now: float) -> None:
         reps: list[Rep] = []
@@ -1086,6 +1238,7 @@ class MasterState:
         client = self._touch(ev.writer, now)
         if ev.upsert and old is not None and old.flags & READABLE:
             obj = old
+            current = obj.segments()
             ext = obj.extension()
             ext.pending = tuple(reps)
             ext.pending_size = self._size(ev.size)
@@ -1094,19 +1247,23 @@ class MasterState:
                 ext.soft_pin_ttl_s = ev.soft_pin_ttl_s
             obj.flags |= BUSY | (HARD_PIN if ev.hard_pinned else 0)
             obj.writer = client.id
+            for seg, _ in reps:  # the record gains the pending segments it is not in
+                if not any(seg is c for c in current):
+                    seg.order.append(obj)
         else:
             if old is not None:
+                self._dirty_allocators.update(seg.id for seg in old.segments())
                 self._forget(ev.key, old)
             flags = BUSY | (HARD_PIN if ev.hard_pinned else 0)
-            obj = Obj(self._size(ev.size), reps[0][0], reps[0][1], client.id, flags)
+            obj = Obj(ev.key, self._size(ev.size), reps[0][0], reps[0][1], client.id, flags)
             ext = obj.extension()
             ext.soft_pin_ttl_s = ev.soft_pin_ttl_s
             if len(reps) > 1:
                 ext.more = tuple(reps[1:])
             self.objects.add(ev.key, obj)
+            for seg, _ in reps:
+                seg.order.append(obj)
         ext.started_at = now
-        for seg, _ in reps:
-            seg.objs[ev.key] = obj
         self.inflight.pop(ev.key, None)
         self.inflight[ev.key] = obj
         client.inflight.add(ev.key)
@@ -1144,7 +1301,9 @@ class MasterState:
             if seg is None:
                 continue
             live: list[tuple[int, int]] = []
-            for obj in seg.objs.values():
+            for obj in seg.order:  # (each live record is in a segment's deque once)
+                if not obj.flags:
+                    continue
                 reserved = reserved_size(obj.size)
                 live += [(addr, reserved) for s, addr in obj.replicas() if s is seg]
                 pending = obj.pending()
@@ -1240,6 +1399,7 @@ class MasterState:
         count = 0
         for key, obj in self.objects.items():
             count += 1
+            assert obj.key == key and obj.flags, f"{key}: record of another key, or dead"
             reps = obj.replicas()
             pending = obj.pending()
             assert reps or pending, f"{key} has no replicas"
@@ -1281,7 +1441,13 @@ class MasterState:
                 live[seg.id].append((addr, reserved))
         assert staged == self.metrics.discard_staging_bytes, "discarded-bytes gauge disagrees"
         for sid, seg in self.segments.items():
-            assert set(seg.objs) == in_seg[sid], f"segment {sid}: object index disagrees"
+            records = seg.live()
+            assert len(records) == len({id(o) for o in records}), f"segment {sid}: duplicate"
+            assert len(seg.order) - len(records) == seg.dead, f"segment {sid}: dead count"
+            assert {o.key for o in records} == in_seg[sid], f"segment {sid}: deque disagrees"
+            for o in records:
+                assert self.objects.get(o.key) is o, f"segment {sid}: stale record {o.key}"
+            assert seg.evict_debt >= 0
             seg.allocator.validate(live[sid])
             assert seg.client_id in self.clients, f"segment {sid} of unknown client"
         self.offload.validate()

@@ -1,0 +1,133 @@
+"""Short socket waits that keep the GIL.
+
+Theory of operation
+-------------------
+A CPython thread that blocks in ``recv`` releases the GIL.  If another thread of
+the process runs Python code meanwhile (an inference server's worker), it takes
+the GIL and gives it back only when the switch interval (5 ms) forces it: a
+100-microsecond round trip to the store master then costs 5 ms, two of them
+10 ms (the reference's C++ client pays the same, it releases the GIL around
+every call).
+
+:class:`HeldSocket` sends and receives through libc called with the GIL held
+(``ctypes.PyDLL``): a send of a small frame that fits the socket buffer, and a
+wait for a reply of up to ``hold_s`` (``poll`` in the kernel, no spinning: the
+thread sleeps, only other *Python* threads of this process are held back).
+Past ``hold_s`` it falls back to the ordinary calls, which release the GIL, so a
+slow peer never stalls the process for longer than that.  Signals interrupt the
+wait (EINTR) and are then handled by the ordinary path.
+
+Never hold the GIL waiting for a peer that needs *this* process's GIL to answer
+(a master on a thread of the same process): callers decide that (see
+``store/_master_client.py``).  Linux and other libc platforms; elsewhere, and for
+TLS sockets, :func:`held_socket` returns None and callers use plain calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+import socket
+import ssl
+from typing import Final
+
+__all__ = ["DEFAULT_HOLD_S", "HeldSocket", "held_socket"]
+
+#: how long a wait may keep the GIL: a few master round trips, well under the
+#: 5 ms switch interval it saves
+DEFAULT_HOLD_S: Final = 0.002
+
+
+class _PollFd(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+
+def _load() -> tuple[object, object, object] | None:
+    if os.name != "posix":
+        return None
+    try:
+        libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: calls keep the GIL
+        recv, send, poll = libc.recv, libc.send, libc.poll
+    except (OSError, AttributeError):
+        return None
+    recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    recv.restype = ctypes.c_ssize_t
+    send.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    send.restype = ctypes.c_ssize_t
+    poll.argtypes = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int]
+    poll.restype = ctypes.c_int
+    return recv, send, poll
+
+
+_LIBC = _load()
+_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0)
+_NOSIGNAL: Final = getattr(socket, "MSG_NOSIGNAL", 0)
+_POLLIN: Final = getattr(select, "POLLIN", 1)
+_AGAIN: Final = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+class HeldSocket:
+    """GIL-holding send/receive on one connected, plain (not TLS) socket.
+
+    Args:
+        sock: the socket (blocking mode; its own timeouts apply to the fallback).
+        hold_s: longest wait with the GIL held.
+        bufsize: bytes read per receive.
+    """
+
+    __slots__ = ("_addr", "_buf", "_fd", "_hold_ms", "_pfd", "sock")
+
+    def __init__(
+        self, sock: socket.socket, hold_s: float = DEFAULT_HOLD_S, bufsize: int = 1 << 16
+    ) -> None:
+        self.sock = sock
+        self._fd = sock.fileno()
+        self._hold_ms = max(0, int(hold_s * 1000))
+        self._buf = (ctypes.c_char * bufsize)()
+        self._addr = ctypes.addressof(self._buf)
+        self._pfd = _PollFd(self._fd, _POLLIN, 0)
+
+    def sendall(self, data: bytes) -> None:
+        """Send ``data``: what the socket buffer takes at once with the GIL held,
+        the rest with ``sock.sendall``."""
+        assert _LIBC is not None
+        _, send, _ = _LIBC
+        n = send(self._fd, data, len(data), _DONTWAIT | _NOSIGNAL)  # type: ignore[operator]
+        if n == len(data):
+            return
+        if n < 0:
+            err = ctypes.get_errno()
+            if err not in _AGAIN and err != errno.EINTR:
+                raise OSError(err, os.strerror(err))
+            n = 0
+        self.sock.sendall(memoryview(data)[n:])
+
+    def recv(self) -> bytes:
+        """Bytes that arrived (at least one), waiting up to ``hold_s`` with the GIL
+        held, then in ``sock.recv`` (GIL released, the socket's timeout applies).
+        Returns b"" at EOF."""
+        assert _LIBC is not None
+        recv, _, poll = _LIBC
+        fd, addr, cap = self._fd, self._addr, len(self._buf)
+        for _ in range(2):
+            n = recv(fd, addr, cap, _DONTWAIT)  # type: ignore[operator]
+            if n >= 0:
+                return ctypes.string_at(addr, n)
+            err = ctypes.get_errno()
+            if err not in _AGAIN:
+                if err == errno.EINTR:
+                    break  # let the ordinary path run the signal handlers
+                raise OSError(err, os.strerror(err))
+            if not self._hold_ms or poll(ctypes.byref(self._pfd), 1, self._hold_ms) <= 0:  # type: ignore[operator]
+                break  # nothing within the hold (or interrupted): wait the ordinary way
+        return self.sock.recv(cap)
+
+
+def held_socket(sock: socket.socket, hold_s: float = DEFAULT_HOLD_S) -> HeldSocket | None:
+    """A :class:`HeldSocket` for ``sock``, or None where it cannot be used (TLS,
+    no libc, ``hold_s`` <= 0)."""
+    if _LIBC is None or hold_s <= 0 or isinstance(sock, ssl.SSLSocket):
+        return None
+    return HeldSocket(sock, hold_s)
