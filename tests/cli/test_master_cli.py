@@ -263,6 +263,41 @@ def test_accepted_flags_of_unused_features_keep_their_defaults() -> None:
         assert "max_kv_soft_pin_ttl=7200000 ms" in err
 
 
+def test_rpc_limits_come_from_flags() -> None:
+    """The RPC listener's bounds (MasterLimits) are flags; the reference's
+    --rpc_conn_timeout_seconds closes idle connections."""
+    argv = [
+        f"--rpc_address={LOCAL}",
+        "--port=0",
+        "--metrics_port=0",
+        f"--metrics_host={LOCAL}",
+        "--enable_metric_reporting=false",
+        "--rpc_conn_timeout_seconds=1",
+        "--rpc_max_connections=100",
+        "--rpc_max_buffered_mb=8",
+        "--rpc_frame_timeout_sec=7.5",
+        "--rpc_auth_timeout_sec=2",
+        "--rpc_reply_cache_ttl_sec=60",
+        "--regex_timeout_ms=500",
+        "--regex_max_results=1000",
+    ]
+    for master in start_master(argv):
+        host, _, port = master.rpc.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=10) as idle:
+            assert idle.recv(1) == b""  # closed by the master after ~1 s idle
+        code, _, err = master.stop()
+        assert code == 0, err
+        assert (
+            "rpc limits: 100 connections, 8 MiB buffered, frame 7.5 s, idle 1 s, auth 2 s, "
+            "reply cache 60 s, regex 0.5 s/slice and 1000 results"
+        ) in err
+        assert "rpc_conn_timeout_seconds is accepted but has no effect" not in err
+    proc = run(["--rpc_max_connections=0"])
+    assert proc.returncode == 1
+    (line,) = error_lines(proc.stderr)
+    assert "--rpc_max_connections=0 must be positive (default 8192" in line
+
+
 # ----------------------------------------------------------------------------------
 # config file
 # ----------------------------------------------------------------------------------

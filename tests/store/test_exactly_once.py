@@ -16,6 +16,8 @@ reported success and nothing was ever readable.
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -179,3 +181,61 @@ def test_lost_replies_of_every_phase_in_a_row(
     assert node.get_many(list(stored)) == list(stored.values())
     inflight = cluster.master.call(lambda st: len(st.inflight))
     assert inflight == 0
+
+
+def test_a_connection_closed_during_the_token_handshake_is_retried() -> None:
+    """A master restarting or a proxy resetting connections can end a connection
+    in the middle of the cluster-token handshake: that is a broken connection, to be
+    retried like any other, not an authentication failure."""
+    with LocalCluster(MasterConfig(client_ttl_s=5.0), token="soak-" + "t" * 32) as cluster:
+        node = cluster.client(16 * MiB, 1 * MiB)
+        with MasterProxy(cluster.master_address) as proxy:
+            writer = _client(cluster, proxy.address)
+            heal = threading.Timer(0.5, proxy.heal)
+            try:
+                proxy.refuse()  # new connections are reset during the handshake
+                proxy.reset_all()  # and the pooled one breaks
+                time.sleep(0.2)
+                heal.start()
+                value = _value(10 * KiB, 3)
+                assert writer.put("hs", value) is True
+                assert proxy.resets >= 2  # the pooled one and at least one refused
+                assert writer.master.retries >= 2
+                assert node.get("hs") == value
+            finally:
+                heal.cancel()
+                if heal.is_alive():
+                    heal.join()
+                writer.close()
+
+
+@pytest.mark.parametrize("method", ["PutStart", "BatchPutStart", "UpsertStart"])
+def test_a_put_abandoned_after_a_lost_start_is_revoked_without_a_retry(
+    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient], method: str
+) -> None:
+    """The master reserved space for a put whose client never learned it (every
+    reply lost until the RPC timeout). The client gives up -- and revokes it once the
+    master answers again, instead of leaving it reserved for
+    put_start_release_timeout (600 s) unless the application happens to retry."""
+    cluster, proxy, node, _ = setup
+    impatient = _client(cluster, proxy.address, rpc_timeout_s=1.0)
+    try:
+        proxy.drop_replies(method, 10_000)
+        with pytest.raises(MooncakeError):
+            if method == "PutStart":
+                impatient.put("gone", _value(100 * KiB, 5))
+            elif method == "UpsertStart":
+                impatient.upsert("gone", _value(100 * KiB, 6))
+            else:
+                impatient.put_many(["gone", "gone-2"], [[b"x" * 1000], [b"y" * 1000]])
+        assert cluster.master.call(lambda st: len(st.inflight)) >= 1  # reserved
+        proxy.heal()
+        deadline = time.monotonic() + 10.0
+        while cluster.master.call(lambda st: len(st.inflight)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cluster.master.call(lambda st: len(st.inflight)) == 0
+        assert not node.exists("gone")
+        assert node.put("gone", b"free") is True  # the key is free at once
+        cluster.master.call(lambda st: st.validate())
+    finally:
+        impatient.close()

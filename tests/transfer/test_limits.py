@@ -259,6 +259,31 @@ def _idle_connections(engine: TransferEngine, n: int) -> None:
     assert eventually(lambda: tcp.stats["connections"] == 0)
 
 
+def test_a_connection_parked_while_the_engine_closes_is_closed(engine: TransferEngine) -> None:
+    """A worker that finishes a request and parks its connection just as close()
+    runs must close it (the reactor that would take it back is gone); it used to
+    stay open forever (an unclosed socket, seen under load in the full suite)."""
+    server = engine.transport("tcp")._server
+    serving = threading.Event()
+    seen: list[socket.socket] = []
+
+    def serve_until_closed(conn, reader, slot):  # type: ignore[no-untyped-def]
+        seen.append(conn.sock)
+        serving.set()
+        assert eventually(lambda: server._closed)
+        return True  # "went idle: park it" -- after close() collected what to close
+
+    server._serve = serve_until_closed
+    region = engine.allocate(4096)
+    with socket.create_connection((LOCAL, server.port), timeout=5) as c:
+        c.sendall(encode_header(8, region.addr, is_write=True, v2=True) + b"12345678")
+        assert serving.wait(5)
+        engine.close()
+        assert seen[0].fileno() == -1  # closed by the worker, not leaked
+        c.settimeout(5)
+        assert c.recv(1) == b""  # the peer sees the close
+
+
 def test_data_connection_cap(config: EngineConfig) -> None:
     e = TransferEngine(LOCAL, config=config.replace(data_max_connections=4))
     try:

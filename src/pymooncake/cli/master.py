@@ -48,6 +48,7 @@ from ..store._config import parse_duration_ms
 from ..store.master import MasterService, tune_gc_for_master
 from ..store.master._exposition import summary_text
 from ..store.master._ha import HaConfig
+from ..store.master._service import MasterLimits
 from ._gflags import Flag, FlagError, parse_flags, usage
 from ._logsetup import setup_logging
 from ._serve import lan_hint, stop_on_signals
@@ -73,7 +74,12 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("rpc_interface", str, "", "NIC whose IPv4 address overrides rpc_address"),
     Flag("rpc_thread_num", int, 0, "RPC threads (accepted; pymooncake serves from one event loop)"),
     Flag("max_threads", int, 16, "deprecated, use rpc_thread_num (accepted, no effect)"),
-    Flag("rpc_conn_timeout_seconds", int, 0, "idle connection timeout (accepted, no effect)"),
+    Flag(
+        "rpc_conn_timeout_seconds",
+        int,
+        0,
+        "close an RPC connection idle this long (0 = pymooncake's 600 s; clients reconnect)",
+    ),
     Flag("rpc_enable_tcp_no_delay", bool, True, "TCP_NODELAY on RPC connections (always on)"),
     # --- metrics / admin HTTP
     Flag("enable_metric_reporting", bool, True, "log a metrics summary every 10 s"),
@@ -141,6 +147,51 @@ FLAGS: Final[tuple[Flag, ...]] = (
         "",
         "pymooncake: file holding the cluster token (PYMOONCAKE_CLUSTER_TOKEN otherwise; "
         "never put the token itself on a command line)",
+    ),
+    # --- pymooncake: bounds of the RPC listener (MasterLimits, docs/security.md)
+    Flag(
+        "rpc_max_connections",
+        int,
+        8192,
+        "pymooncake: RPC connections at once (idle ones are closed to admit new ones; "
+        "capped below the open-file limit)",
+    ),
+    Flag(
+        "rpc_max_buffered_mb",
+        int,
+        512,
+        "pymooncake: MiB of unfinished request frames all connections may hold together",
+    ),
+    Flag(
+        "rpc_frame_timeout_sec",
+        float,
+        30.0,
+        "pymooncake: a request frame must arrive completely within this many seconds",
+    ),
+    Flag(
+        "rpc_auth_timeout_sec",
+        float,
+        5.0,
+        "pymooncake: the cluster-token handshake must complete within this many seconds",
+    ),
+    Flag(
+        "rpc_reply_cache_ttl_sec",
+        float,
+        120.0,
+        "pymooncake: how long answers of mutations are kept for retries of the same request id "
+        "(longer than a client's MC_RPC_TIMEOUT_MS)",
+    ),
+    Flag(
+        "regex_timeout_ms",
+        int,
+        2000,
+        "pymooncake: the longest a *ByRegex pattern may run over one slice of keys",
+    ),
+    Flag(
+        "regex_max_results",
+        int,
+        100_000,
+        "pymooncake: most keys one GetReplicaListByRegex returns",
     ),
     Flag("enable_oplog", bool, False, "HA oplog replication (unavailable)"),
     Flag("oplog_poll_interval_ms", int, 1000, "HA only"),
@@ -467,6 +518,44 @@ def _validate(values: dict[str, Any]) -> MasterConfig:
         raise _Refused(str(exc)) from exc
 
 
+#: flags of MasterLimits that must be positive
+_LIMIT_FLAGS: Final = (
+    "rpc_max_connections",
+    "rpc_max_buffered_mb",
+    "rpc_frame_timeout_sec",
+    "rpc_auth_timeout_sec",
+    "rpc_reply_cache_ttl_sec",
+    "regex_timeout_ms",
+    "regex_max_results",
+)
+
+
+def _limits(values: dict[str, Any]) -> MasterLimits:
+    """The RPC listener's bounds from the flags.
+
+    Raises:
+        _Refused: a limit that is not positive.
+    """
+    for name in _LIMIT_FLAGS:
+        if not values[name] > 0:
+            raise _Refused(
+                f"--{name}={values[name]} must be positive (default "
+                f"{_BY_NAME[name].default}; docs/security.md explains each limit)"
+            )
+    default = MasterLimits()
+    idle = values["rpc_conn_timeout_seconds"]
+    return MasterLimits(
+        max_connections=values["rpc_max_connections"],
+        max_buffered_bytes=values["rpc_max_buffered_mb"] << 20,
+        frame_deadline_s=values["rpc_frame_timeout_sec"],
+        idle_timeout_s=float(idle) if idle > 0 else default.idle_timeout_s,
+        auth_timeout_s=values["rpc_auth_timeout_sec"],
+        reply_cache_ttl_s=values["rpc_reply_cache_ttl_sec"],
+        regex_deadline_s=values["regex_timeout_ms"] / 1000.0,
+        max_regex_results=values["regex_max_results"],
+    )
+
+
 def read_token_file(path: str, *, what: str = "--cluster_token_file") -> str:
     """The cluster token stored in ``path`` (surrounding whitespace removed).
 
@@ -532,8 +621,6 @@ def _interface_ipv4(name: str) -> str:
 
 def _log_ignored(values: dict[str, Any]) -> None:
     defaults = {f.name: f.default for f in FLAGS}
-    if values["rpc_conn_timeout_seconds"] != 0:
-        log.warning("--rpc_conn_timeout_seconds is accepted but has no effect in pymooncake")
     if not values["rpc_enable_tcp_no_delay"]:
         log.warning("--rpc_enable_tcp_no_delay=false has no effect: TCP_NODELAY is always on")
     if values["max_threads"] != 16:
@@ -598,13 +685,19 @@ def _ha_config(values: dict[str, Any]) -> HaConfig | None:
     )
 
 
-async def _serve(values: dict[str, Any], config: MasterConfig, security: ClusterSecurity) -> int:
+async def _serve(
+    values: dict[str, Any], config: MasterConfig, security: ClusterSecurity, limits: MasterLimits
+) -> int:
     with stop_on_signals() as stop:
-        return await _run(values, config, security, stop)
+        return await _run(values, config, security, limits, stop)
 
 
 async def _run(
-    values: dict[str, Any], config: MasterConfig, security: ClusterSecurity, stop: asyncio.Event
+    values: dict[str, Any],
+    config: MasterConfig,
+    security: ClusterSecurity,
+    limits: MasterLimits,
+    stop: asyncio.Event,
 ) -> int:
     metadata = values["enable_http_metadata_server"]
     service = MasterService(
@@ -620,6 +713,7 @@ async def _run(
         ha=_ha_config(values),
         ha_sync_timeout_s=values["ha_sync_timeout_ms"] / 1000.0,
         security=security,
+        limits=limits,
     )
     reporter: asyncio.Task[None] | None = None
     try:
@@ -685,6 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         values = _settings(explicit)
         config = _validate(values)
+        limits = _limits(values)
         security = _security(values)
         if values["rpc_interface"]:
             if values["rpc_address"] not in ("", "0.0.0.0"):
@@ -706,7 +801,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "default_kv_lease_ttl=%d ms, default_kv_soft_pin_ttl=%d ms, max_kv_soft_pin_ttl=%d ms, "
         "allow_evict_soft_pinned_objects=%s, eviction_ratio=%s, eviction_high_watermark_ratio=%s, "
         "client_ttl=%s s, put_start_discard_timeout_sec=%s, put_start_release_timeout_sec=%s, "
-        "allocation_strategy=%s, memory_allocator=%s, cluster_id=%s, authentication=%s",
+        "allocation_strategy=%s, memory_allocator=%s, cluster_id=%s, authentication=%s, "
+        "rpc limits: %d connections, %d MiB buffered, frame %g s, idle %g s, auth %g s, "
+        "reply cache %g s, regex %g s/slice and %d results",
         values["rpc_address"],
         values["_port"],
         values["metrics_host"],
@@ -729,10 +826,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         values["memory_allocator"],
         config.cluster_id,
         ("cluster token" + (" + TLS" if security.tls else "")) if security.token else "off",
+        limits.max_connections,
+        limits.max_buffered_bytes >> 20,
+        limits.frame_deadline_s,
+        limits.idle_timeout_s,
+        limits.auth_timeout_s,
+        limits.reply_cache_ttl_s,
+        limits.regex_deadline_s,
+        limits.max_regex_results,
     )
     tune_gc_for_master()
     with contextlib.suppress(KeyboardInterrupt):  # a signal before the handlers were set
-        return asyncio.run(_serve(values, config, security))
+        return asyncio.run(_serve(values, config, security, limits))
     return 0
 
 

@@ -164,9 +164,13 @@ class StoreClient(WriteOps, ReadOps):
         #: concurrent put of another thread from an orphan of an earlier attempt
         self._writing: dict[str, int] = {}
         self._writing_lock = threading.Lock()
-        #: puts whose revoke could not be sent (master unreachable): retried by the
-        #: heartbeat, so their buffers do not wait for put_start_release_timeout
+        #: puts whose revoke could not be sent (master unreachable), or whose
+        #: PutStart may have been executed although its reply never came: revoked
+        #: by the heartbeat, so their buffers do not wait for put_start_release_timeout
         self._revoke_backlog: set[tuple[str, bool]] = set()
+        #: keys the heartbeat is revoking right now; a put of one waits for it
+        self._revoking: set[str] = set()
+        self._revoke_done = threading.Condition(self._writing_lock)
         #: the SSD tier (enable_ssd_offload), and the reader of others' tiers
         self.ssd: SsdTier | None = None
         self.fsdir = ""
@@ -309,10 +313,12 @@ class StoreClient(WriteOps, ReadOps):
                 res = self.master.call(msg.Ping(self.client_id), patient=False)
                 instance = res.get("instance", "")
                 if self._master_instance and instance != self._master_instance:
-                    # the master restarted: an embedded metadata server lost our
-                    # descriptor, so publish it again before anyone needs it
+                    # the master restarted (or, with HA, another master leads): an
+                    # embedded metadata server lost our descriptor, so publish it
+                    # again before anyone needs it
                     log.warning(
-                        "master at %s restarted; re-publishing segment %r",
+                        "master at %s is a new instance (restarted, or another HA master "
+                        "now leads); re-publishing segment %r",
                         self.master.address,
                         self.hostname,
                     )

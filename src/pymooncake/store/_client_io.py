@@ -88,6 +88,8 @@ class ClientIO:
     _writing: dict[str, int]
     _writing_lock: threading.Lock
     _revoke_backlog: set[tuple[str, bool]]
+    _revoking: set[str]
+    _revoke_done: threading.Condition
     metrics: ClientMetrics | None
     _closed: bool
     _pool: concurrent.futures.ThreadPoolExecutor | None

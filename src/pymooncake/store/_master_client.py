@@ -56,6 +56,7 @@ from ..wire import (
     master_unix_name,
 )
 from ..wire import _master_msgs as msg
+from ..wire._auth import AuthFailure, FailureKind
 from ..wire._master import NO_TOKEN_MESSAGE
 from ._metrics import ClientMetrics
 from ._types import ErrorCode
@@ -255,9 +256,18 @@ class MasterClient:
                     port="master RPC port",
                     peer=self.address,
                 )
-        except AuthenticationError:
+        except AuthenticationError as exc:
             if sock is not None:
                 sock.close()
+            failure = exc.failure
+            if isinstance(failure, AuthFailure) and failure.kind is FailureKind.TRUNCATED:
+                # the connection ended mid-handshake (a master restarting, a proxy or
+                # load balancer resetting it): a broken connection, retried as such; a
+                # peer that always does it fails the call with this reason at the timeout
+                raise RpcFailed(
+                    f"cannot reach the master at {self.address}: the connection closed "
+                    f"during the cluster-token handshake ({failure.message})"
+                ) from exc
             raise
         except (MooncakeError, OSError) as exc:
             if sock is not None:

@@ -13,6 +13,8 @@ from ..errors import (
     InvalidParams,
     MalformedMessage,
     MooncakeError,
+    RpcFailed,
+    RpcTimeout,
     StoreError,
     StoreTransferFailed,
     store_error,
@@ -93,9 +95,13 @@ class WriteOps(ClientIO):
         n = len(keys)
         results: list[bool | StoreError] = [True] * n
         sizes = [sum(len(p) for p in ps) for ps in parts]
-        self._claim(keys)
+        self._claim(keys, upsert)
         try:
-            started = self._start(keys, sizes, config, upsert)
+            try:
+                started = self._start(keys, sizes, config, upsert)
+            except RpcFailed:
+                self._maybe_started(keys, upsert)
+                raise
             per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
             errors: list[BaseException | None] = [None] * n
             writing: list[int] = []
@@ -133,13 +139,28 @@ class WriteOps(ClientIO):
 
     # --- the two phases -----------------------------------------------------------
 
-    def _claim(self, keys: Sequence[str]) -> None:
+    def _claim(self, keys: Sequence[str], upsert: bool) -> None:
         """Mark ``keys`` as being written by this process (before PutStart is sent,
-        so a concurrent thread never mistakes our put for an orphan)."""
+        so a concurrent thread never mistakes our put for an orphan).
+
+        A key the heartbeat is revoking at this moment is waited for (its revoke
+        must not hit this put); a pending revoke of the same kind is dropped: this
+        put's start revokes an orphan of ours itself (see :meth:`_start`)."""
         with self._writing_lock:
+            deadline = time.monotonic() + self.config.rpc_timeout_s
+            while self._revoking and any(k in self._revoking for k in keys):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RpcTimeout(
+                        f"revoking an earlier put of {keys[0]!r} did not finish within "
+                        f"{self.config.rpc_timeout_s:g} s (MC_RPC_TIMEOUT_MS)"
+                    )
+                self._revoke_done.wait(left)
             writing = self._writing
+            backlog = self._revoke_backlog
             for key in keys:
                 writing[key] = writing.get(key, 0) + 1
+                backlog.discard((key, upsert))
 
     def _unclaim(self, keys: Sequence[str]) -> None:
         with self._writing_lock:
@@ -206,6 +227,8 @@ class WriteOps(ClientIO):
             try:
                 reps = self.master.call(cls(self.client_id, keys[0], sizes[0], params))
             except StoreError as exc:
+                if isinstance(exc, RpcFailed):
+                    self._maybe_started(keys, upsert)
                 return [(exc.code, exc.message)]
             return [(0, [(r[1], r[2]) for r in reps])]
         batch = msg.BatchUpsertStart if upsert else msg.BatchPutStart
@@ -218,6 +241,15 @@ class WriteOps(ClientIO):
             (code, [(r[0], r[1]) for r in reps] if code == 0 else cols.message(i))
             for i, (code, reps) in enumerate(zip(cols.code, cols.replicas(), strict=True))
         ]
+
+    def _maybe_started(self, keys: Sequence[str], upsert: bool) -> None:
+        """The start of ``keys`` failed without an answer: the master may have
+        executed it and lost the reply.  Revoke them (the heartbeat does, once the
+        master answers and no put of ours writes them) rather than leave their
+        buffers reserved for put_start_release_timeout; a revoke of a put that
+        never started is answered with an error and changes nothing."""
+        with self._writing_lock:
+            self._revoke_backlog.update((k, upsert) for k in keys)
 
     def _finish(
         self,
@@ -301,11 +333,19 @@ class WriteOps(ClientIO):
         """Heartbeat: revoke what could not be revoked before."""
         with self._writing_lock:
             backlog = [kv for kv in self._revoke_backlog if kv[0] not in self._writing]
+            if not backlog:
+                return
             self._revoke_backlog.difference_update(backlog)
-        for upsert in (False, True):
-            keys = [k for k, u in backlog if u is upsert]
-            if keys:
-                self._revoke(keys, upsert)
+            self._revoking.update(k for k, _ in backlog)
+        try:
+            for upsert in (False, True):
+                keys = [k for k, u in backlog if u is upsert]
+                if keys:
+                    self._revoke(keys, upsert)
+        finally:
+            with self._writing_lock:
+                self._revoking.difference_update(k for k, _ in backlog)
+                self._revoke_done.notify_all()
 
     @staticmethod
     def _raise_or(result: bool | StoreError) -> bool:

@@ -786,7 +786,7 @@ class MasterService:
                 self._bad(
                     "conn-evict",
                     logging.WARNING,
-                    "master RPC: %d connections open (MasterLimits.max_connections / the "
+                    "master RPC: %d connections open (--rpc_max_connections / the "
                     "open-file limit): closing idle connection from %s to admit %s",
                     len(self._conns),
                     victim.peer,
@@ -801,7 +801,7 @@ class MasterService:
                 "conn-cap",
                 logging.WARNING,
                 "master RPC: refusing a connection from %s: %d connections already open "
-                "(MasterLimits.max_connections / the open-file limit)",
+                "(--rpc_max_connections / the open-file limit)",
                 conn.peer,
                 len(self._conns),
             )

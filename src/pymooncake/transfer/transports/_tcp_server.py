@@ -459,13 +459,16 @@ class DataServer:
                 finally:
                     slot.region = None
                     current[0] = None
+                    # a connection that went idle goes back to the reactor -- unless
+                    # close() ran meanwhile: then nobody will take it back, close it
                     with self._lock:
                         self._active[me] = None
-                        if park and not self._closed:
+                        handed_back = park and not self._closed
+                        if handed_back:
                             self._returned.append(conn)
                         else:
                             self._conns.discard(conn)
-                    if park:
+                    if handed_back:
                         self._wake()
                     else:
                         conn.close()
