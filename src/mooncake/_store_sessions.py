@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -351,17 +352,31 @@ class SegmentOps:
         )
 
     def unmount_local_disk_segment(self, grace_period_seconds: int = 0) -> int:
-        """Deregister the SSD offload tier: there is none (SSD offload is not
-        available), so nothing to do, as the reference without offload."""
-        if self._client is None:
+        """Deregister the SSD offload tier at the master (its LOCAL_DISK replicas
+        go; the files stay and are registered again by the next setup).  Without
+        SSD offload there is nothing to do, as in the reference."""
+        client = self._client
+        if client is None:
             log.error("unmount_local_disk_segment: the store is not set up; call setup() first")
             return -1
-        log.warning("unmount_local_disk_segment: SSD offload is not enabled; nothing to drain")
+        ssd = getattr(client, "ssd", None)
+        if ssd is None:
+            log.warning("unmount_local_disk_segment: SSD offload is not enabled; nothing to drain")
+            return 0
+        if grace_period_seconds > 0:
+            time.sleep(min(grace_period_seconds, 3600))
+        try:
+            ssd.unmount()
+        except MooncakeError as exc:
+            log.error("unmount_local_disk_segment failed: %s", exc)
+            return store_code(exc)
         return 0
 
     def get_offload_rpc_read_count(self) -> int:
-        """Reads served by the SSD offload RPC: always 0 (no SSD offload)."""
-        return 0
+        """Objects this client read from SSD tiers (through their read ports)."""
+        client = self._client
+        reader = getattr(client, "ssd_reader", None)
+        return 0 if reader is None else int(reader.reads)
 
     def _release_segments(self) -> list[mmap.mmap]:
         """Before the client closes: run pending graceful unmounts at once and

@@ -37,6 +37,7 @@ __all__ = [
     "WEIGHT",
     "Descriptor",
     "DiskDescriptor",
+    "LocalDiskDescriptor",
     "MemoryDescriptor",
     "MooncakeHostMemAllocator",
     "ObjectDataType",
@@ -235,8 +236,7 @@ class Descriptor:
 
 
 class DiskDescriptor:
-    """A replica in a file (``file_path``, ``object_size``); pymooncake keeps
-    every replica in memory, so descriptors of this type are never returned."""
+    """A DISK replica: a file on the shared filesystem (``file_path``, ``object_size``)."""
 
     def __init__(self, file_path: str = "", object_size: int = 0) -> None:
         self.file_path = file_path
@@ -249,31 +249,55 @@ class MemoryDescriptor:
 
 
 class ReplicaDescriptor:
-    """One replica (reference ``ReplicaDescriptor``); all pymooncake replicas are in memory."""
+    """One replica (reference ``ReplicaDescriptor``): in memory, or LOCAL_DISK (a
+    file in the SSD tier of the client serving ``transport_endpoint``)."""
 
     def __init__(self, desc: ReplicaDesc) -> None:
         self.status = desc.status
+        self._local_disk = desc.on_disk
+        self._disk = desc.kind == 1  # DISK: a file on the shared filesystem (--root_fs_dir)
         self._mem = MemoryDescriptor(Descriptor(desc.size, desc.address, desc.endpoint))
+        self.type = "LOCAL_DISK" if desc.on_disk else "DISK" if self._disk else "MEMORY"
 
     def is_memory_replica(self) -> bool:
-        return True
+        return not self._local_disk and not self._disk
 
     def is_disk_replica(self) -> bool:
-        return False
+        return self._disk
 
     def is_local_disk_replica(self) -> bool:
-        return False
+        return self._local_disk
 
     def get_memory_descriptor(self) -> MemoryDescriptor:
+        if self._local_disk or self._disk:
+            raise RuntimeError("std::get: wrong index for variant (not a memory replica)")
         return self._mem
 
+    def get_local_disk_descriptor(self) -> LocalDiskDescriptor:
+        if not self._local_disk:
+            raise RuntimeError("std::get: wrong index for variant (not a local disk replica)")
+        d = self._mem.buffer_descriptor
+        return LocalDiskDescriptor(d.size, d.transport_endpoint)
+
     def get_disk_descriptor(self) -> DiskDescriptor:
-        """Raises RuntimeError, as the reference does for a memory replica."""
-        raise RuntimeError("std::get: wrong index for variant (not a disk replica)")
+        """The file of a DISK replica; RuntimeError otherwise (as the reference)."""
+        if not self._disk:
+            raise RuntimeError("std::get: wrong index for variant (not a disk replica)")
+        d = self._mem.buffer_descriptor
+        return DiskDescriptor(d.transport_endpoint, d.size)
 
     def __repr__(self) -> str:
         d = self._mem.buffer_descriptor
-        return f"ReplicaDescriptor(memory, {d.transport_endpoint}, {d.buffer_address:#x}, {d.size}, {self.status.name})"
+        kind = self.type.lower()
+        return f"ReplicaDescriptor({kind}, {d.transport_endpoint}, {d.buffer_address:#x}, {d.size}, {self.status.name})"
+
+
+class LocalDiskDescriptor:
+    """A LOCAL_DISK replica: ``object_size`` bytes served by ``transport_endpoint``."""
+
+    def __init__(self, object_size: int = 0, transport_endpoint: str = "") -> None:
+        self.object_size = object_size
+        self.transport_endpoint = transport_endpoint
 
 
 # --------------------------------------------------------------------------------

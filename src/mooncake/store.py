@@ -291,11 +291,11 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
         except ConfigError as exc:
             log.error("setup failed: %s", str(exc))
             return int(ErrorCode.INVALID_PARAMS)
-        if v.get("enable_ssd_offload"):
-            log.error(
-                "setup failed: SSD offload is not available in pymooncake (enable_ssd_offload=True)"
-            )
-            return int(ErrorCode.NOT_SUPPORTED)
+        # the reference: the argument, else MOONCAKE_OFFLOAD_ENABLED / _FILE_STORAGE_PATH
+        ssd_on = bool(v.get("enable_ssd_offload")) or os.environ.get(
+            "MOONCAKE_OFFLOAD_ENABLED", ""
+        ).strip().lower() in ("1", "true", "yes", "on")
+        ssd_path = str(v.get("ssd_offload_path") or "")
         try:
             http_on, http_port = client_http_settings(
                 v.get("enable_client_http_server"), v.get("client_http_port"), os.environ
@@ -327,6 +327,8 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
                 engine=engine_cfg,
                 metrics=ClientMetricsSettings.from_env(os.environ),
                 cluster_id=os.environ.get("MC_STORE_CLUSTER_ID", "").strip() or "mooncake_cluster",
+                enable_ssd_offload=ssd_on,
+                ssd_offload_path=ssd_path,
             )
         except (MooncakeError, ValueError) as exc:
             log.error("setup failed: %s", str(exc))

@@ -222,8 +222,6 @@ def test_bad_values_exit_1() -> None:
     ("flag", "feature"),
     [
         ("--enable_oplog=true", "HA oplog"),
-        ("--enable_offload=true", "SSD offload"),
-        ("--root_fs_dir=/tmp/mooncake-fs", "shared-filesystem"),
         ("--enable_cxl=true", "CXL"),
         ("--enable_snapshot", "snapshots"),
         ("--enable_kv_events=true", "KV event"),
@@ -341,11 +339,11 @@ def test_json_config_file_with_a_flag_overriding_it(tmp_path: Path) -> None:
 
 def test_config_file_enabling_an_unavailable_feature_is_refused(tmp_path: Path) -> None:
     conf = tmp_path / "master.json"
-    conf.write_text(json.dumps({"enable_offload": True}))
+    conf.write_text(json.dumps({"enable_cxl": True}))
     proc = run([f"--config_path={conf}"])
     assert proc.returncode == 1
     lines = error_lines(proc.stderr)
-    assert len(lines) == 1 and "enable_offload" in lines[0] and "not available" in lines[0]
+    assert len(lines) == 1 and "enable_cxl" in lines[0] and "not available" in lines[0]
 
 
 @pytest.mark.parametrize(

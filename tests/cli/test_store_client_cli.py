@@ -187,7 +187,6 @@ def test_unreachable_master_exits_1_with_one_line() -> None:
     ("argv", "message"),
     [
         (["--no_such_flag"], "ERROR: unknown command line flag 'no_such_flag'"),
-        (["--enable_offload=true"], "SSD offload is not available in pymooncake"),
         (["--global_segment_size=lots"], "--global_segment_size"),
     ],
 )

@@ -14,6 +14,8 @@ test_distributed_object_store.py`` and ``test_replicated_distributed_object_stor
 from __future__ import annotations
 
 import ctypes
+import shutil
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -235,8 +237,12 @@ def test_setup_keywords(cluster: LocalCluster, stores: Stores) -> None:
     assert store.health_check() == 1
     with pytest.raises(TypeError):
         store.setup(LOCAL, cluster.metadata_url)  # the first seven are required
-    # SSD offload is not available: a non-zero code, not an exception
-    assert store.setup(*setup_args(cluster), enable_ssd_offload=True, ssd_offload_path="/tmp") != 0
+    # SSD offload needs a master started with --enable_offload: a non-zero code
+    ssd = tempfile.mkdtemp(prefix="ssd-")
+    try:
+        assert store.setup(*setup_args(cluster), enable_ssd_offload=True, ssd_offload_path=ssd) != 0
+    finally:
+        shutil.rmtree(ssd, ignore_errors=True)
     assert store.health_check() == 1
 
 

@@ -527,6 +527,12 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "standby": text,
     "view_version": u64,
     "seq": u64,
+    "endpoint": names,
+    "capacity_bytes": u64,
+    "used_bytes": u64,
+    "enable_offloading": st.booleans(),
+    "register": st.booleans(),
+    "shared": st.booleans(),
 }
 
 

@@ -91,8 +91,19 @@ FLAGS: Final[tuple[Flag, ...]] = (
         "hard-codes 10 s)",
     ),
     Flag("tenant_id", str, "default", "tenant identifier (multi-tenancy is not available)"),
-    Flag("enable_offload", bool, False, "SSD offload (not available in pymooncake)"),
-    Flag("start_offload_rpc_server", bool, True, "SSD offload only"),
+    Flag(
+        "enable_offload",
+        bool,
+        False,
+        "offload objects to an SSD tier under MOONCAKE_OFFLOAD_FILE_STORAGE_PATH "
+        "(default /data/file_storage; the master needs --enable_offload too)",
+    ),
+    Flag(
+        "start_offload_rpc_server",
+        bool,
+        True,
+        "serve reads of this node's SSD tier (pymooncake always serves them with --enable_offload)",
+    ),
     Flag(
         "enable_http_server",
         bool,
@@ -121,11 +132,6 @@ def _local_hostname(host_flag: str) -> str:
 
 
 def _config(values: dict[str, Any]) -> StoreClientConfig:
-    if values["enable_offload"]:
-        raise _Refused(
-            "--enable_offload=true: SSD offload is not available in pymooncake; leave "
-            "--enable_offload at its default (false)"
-        )
     if values["enable_http_server"] and not 0 <= values["http_port"] <= 65535:
         raise _Refused(
             f"Invalid client HTTP server port: {values['http_port']} (0..65535, 0 = any free port)"
@@ -155,6 +161,8 @@ def _config(values: dict[str, Any]) -> StoreClientConfig:
         local_buffer_size=buffer,
         protocol=values["protocol"],
         metrics=ClientMetricsSettings.from_env(os.environ),
+        enable_ssd_offload=values["enable_offload"],
+        ssd_offload_path=os.environ.get("MOONCAKE_OFFLOAD_FILE_STORAGE_PATH", ""),
     )
 
 
@@ -197,6 +205,12 @@ def _run(values: dict[str, Any]) -> int:
                     flush=True,
                 )
         size = sum(s.size for s in client.segments)
+        if client.ssd is not None:
+            print(
+                f"{PROG} SSD tier at {client.ssd.settings.path} "
+                f"({client.ssd.storage.capacity_bytes} bytes) served on {client.ssd.endpoint}",
+                flush=True,
+            )
         print(
             f"{PROG} ready: segment {client.hostname} contributes {size} bytes to the master at "
             f"{config.master_server_addr}",

@@ -44,11 +44,13 @@ from ..errors import (
 from ..transfer import TransferEngine
 from ..transfer.metadata import parse_metadata_target
 from ..wire import _master_msgs as msg
+from ..wire import _offload_msgs as omsg
 from ._buffers import LocalBuffer
 from ._client_io import ObjectLocation
 from ._master_client import MasterClient
 from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
+from ._ssd import OffloadReader, SsdSettings, SsdTier
 from ._tasks import TaskInfo, TaskRunner
 from ._types import ClientStatus, ReplicaDesc, ReplicaStatus, SegmentInfo
 from ._writes import WriteOps
@@ -93,6 +95,9 @@ class StoreClientConfig:
     )
     #: client metrics (MC_STORE_CLIENT_METRIC*: ClientMetricsSettings.from_env)
     metrics: ClientMetricsSettings = field(default_factory=ClientMetricsSettings)
+    #: an SSD tier under ``ssd_offload_path`` (``_ssd.py``; MOONCAKE_OFFLOAD_* tune it)
+    enable_ssd_offload: bool = False
+    ssd_offload_path: str = ""
 
     def __post_init__(self) -> None:
         if self.global_segment_size < 0 or self.local_buffer_size < 0:
@@ -169,8 +174,13 @@ class StoreClient(WriteOps, ReadOps):
         self._revoke_done = threading.Condition(self._writing_lock)
         #: runs the copy/move tasks the master assigns to this client (_tasks.py)
         self._tasks = TaskRunner(self)
+        #: the SSD tier (enable_ssd_offload), and the reader of others' tiers
+        self.ssd: SsdTier | None = None
+        self.fsdir = ""
+        self.ssd_reader = OffloadReader(engine_config.security, config.rpc_timeout_s)
         try:
             self.master.check_version()
+            self.fsdir = self._storage_config(config)
             if engine is None:
                 p2p = parse_metadata_target(config.metadata_server).is_p2p
                 engine = TransferEngine(
@@ -191,6 +201,11 @@ class StoreClient(WriteOps, ReadOps):
                 self.local = LocalBuffer(region.view, region.addr)
             else:
                 self.local = LocalBuffer(memoryview(bytearray(0)), 0)
+            if config.enable_ssd_offload:
+                self.ssd = SsdTier(
+                    self, SsdSettings.from_env(config.ssd_offload_path), engine_config.security
+                )
+                self.ssd.start()
         except BaseException:
             self._teardown(unmount=True)
             raise
@@ -201,6 +216,27 @@ class StoreClient(WriteOps, ReadOps):
         if self.metrics is not None:
             self.metrics.start_reporting(config.metrics.interval_s)
         _live_clients.add(self)
+
+    def _storage_config(self, config: StoreClientConfig) -> str:
+        """The master's shared filesystem for DISK replicas (--root_fs_dir), unless
+        this client has an SSD tier, which takes that role (as the reference)."""
+        try:
+            fsdir = str(self.master.call(omsg.GetStorageConfig()).get("fsdir", ""))
+        except StoreError:
+            return ""  # an older master
+        if not fsdir or config.enable_ssd_offload:
+            return ""
+        try:
+            os.makedirs(fsdir, exist_ok=True)
+        except OSError as exc:
+            log.warning(
+                "the master keeps DISK replicas in %s (--root_fs_dir) but this host cannot "
+                "create it (%s): puts are not written there; mount the shared filesystem",
+                fsdir,
+                exc,
+            )
+            return ""
+        return fsdir
 
     # ------------------------------------------------------------------------------
     # identity, segments, liveness
@@ -304,6 +340,8 @@ class StoreClient(WriteOps, ReadOps):
                             self.client_id, tuple(s.to_params() for s in self._segments)
                         )
                     )
+                    if self.ssd is not None:
+                        self.ssd.kick()  # mount the SSD tier again and re-register its files
                 self._retry_revokes()
                 self._tasks.poll(int(res.get("tasks", 0)))
             except MooncakeError as exc:
@@ -453,6 +491,12 @@ class StoreClient(WriteOps, ReadOps):
         if self._ping_thread is not None:
             self._ping_thread.join(10)
         self._tasks.close()
+        ssd = getattr(self, "ssd", None)
+        if ssd is not None:
+            ssd.close()
+        reader = getattr(self, "ssd_reader", None)
+        if reader is not None:
+            reader.close()
         if self.metrics is not None:
             self.metrics.close()
         if unmount:

@@ -31,6 +31,7 @@ from ._types import ReplicaDesc
 
 if TYPE_CHECKING:
     from ._client import StoreClientConfig
+    from ._ssd import OffloadReader
 
 __all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Part", "Parts", "transfer_failed"]
 
@@ -92,6 +93,9 @@ class ClientIO:
     metrics: ClientMetrics | None
     _closed: bool
     _pool: concurrent.futures.ThreadPoolExecutor | None
+    ssd_reader: OffloadReader
+    #: the shared filesystem of DISK replicas (the master's --root_fs_dir), or ""
+    fsdir: str
 
     # ------------------------------------------------------------------------------
     # helpers

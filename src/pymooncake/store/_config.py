@@ -106,8 +106,40 @@ class MasterConfig:
     pending_task_timeout_s: float = 300.0
     processing_task_timeout_s: float = 300.0
     max_retry_attempts: int = 10
+    #: --enable_offload: clients with an SSD tier keep LOCAL_DISK replicas
+    enable_offload: bool = False
+    #: --offload_on_evict: offload when eviction picks an object (else at every put end)
+    offload_on_evict: bool = False
+    #: --offload_force_evict: evict anyway when the offload queue is full
+    offload_force_evict: bool = False
+    #: --offloading_queue_limit: objects waiting to be offloaded
+    offloading_queue_limit: int = 50_000
+    #: --promotion_on_hit: copy disk-only objects back to memory when read often
+    promotion_on_hit: bool = False
+    #: --promotion_admission_threshold: reads of a disk-only object that promote it
+    promotion_admission_threshold: int = 2
+    #: --promotion_queue_limit
+    promotion_queue_limit: int = 50_000
+    #: --promotion_max_per_heartbeat
+    promotion_max_per_heartbeat: int = 1
+    #: objects one offload heartbeat hands out (pymooncake: bounds one reply)
+    offload_max_per_heartbeat: int = 256
+    #: an offload or promotion handed out and not reported within this is dropped
+    #: (the object is unpinned; eviction may queue it again)
+    offload_task_timeout_s: float = 60.0
+    #: --root_fs_dir: a filesystem every client mounts; each put is also written
+    #: there as a DISK replica (under <root_fs_dir>/<cluster_id>)
+    root_fs_dir: str = ""
+    #: --enable_disk_eviction / --quota_bytes: bound the DISK replicas' bytes
+    #: (oldest go first; quota 0 = no bound)
+    enable_disk_eviction: bool = True
+    quota_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if self.promotion_admission_threshold < 1 or self.offload_max_per_heartbeat < 1:
+            raise ConfigError(
+                "promotion_admission_threshold and offload_max_per_heartbeat must be at least 1"
+            )
         if not 0 <= self.eviction_ratio <= 1:
             raise ConfigError(f"eviction_ratio {self.eviction_ratio} must be within [0, 1]")
         if not 0 < self.eviction_high_watermark_ratio <= 1:

@@ -11,7 +11,7 @@ name                                           type       labels       recorded
 ``mooncake_client_rpc_latency``                histogram  rpc_name     µs, RPCs that got a reply
 ``mooncake_transfer_read_operation_*``         count, bytes, latency   per API (``op_name``)
 ``mooncake_transfer_write_operation_*``        count, bytes, latency   per API (``op_name``)
-``mooncake_ssd_*``                             (exported for dashboards; no SSD tier here: 0)
+``mooncake_ssd_*``                             the SSD tier (enable_ssd_offload): files written, reads served
 =============================================  =========  ===========  ===================
 
 Latency buckets are the reference's ``kLatencyBucket`` (µs); every metric
@@ -284,6 +284,26 @@ class ClientMetrics:
             label = str(getattr(name, "value", name))
             pair = self._rpc[name] = (self.rpc_count.labels(label), self.rpc_latency.labels(label))
         return pair
+
+    def ssd(self, write: bool, nbytes: int, ops: int, latency_us: int) -> None:
+        """One batch of the SSD tier: files written (offload) or read (served)."""
+        fam = self._ssd
+        rb, wb, ro, wo, rl, wl, tb, to, tl, rs, ws, ts = fam
+        assert isinstance(rb, CounterFamily) and isinstance(wb, CounterFamily)
+        assert isinstance(ro, CounterFamily) and isinstance(wo, CounterFamily)
+        assert isinstance(tb, CounterFamily) and isinstance(to, CounterFamily)
+        assert isinstance(rl, HistogramFamily) and isinstance(wl, HistogramFamily)
+        assert isinstance(tl, HistogramFamily)
+        assert isinstance(rs, SummaryFamily) and isinstance(ws, SummaryFamily)
+        assert isinstance(ts, SummaryFamily)
+        (wb if write else rb).labels().inc(nbytes)
+        (wo if write else ro).labels().inc(ops)
+        (wl if write else rl).labels().observe(latency_us)
+        (ws if write else rs).labels().observe(latency_us)
+        tb.labels().inc(nbytes)
+        to.labels().inc(ops)
+        tl.labels().observe(latency_us)
+        ts.labels().observe(latency_us)
 
     def transfer(self, write: bool, nbytes: int, latency_us: int, batch: bool) -> None:
         """One transfer phase of a put/get (or a batch of them)."""

@@ -10,6 +10,7 @@ from ..errors import (
     InvalidParams,
     LeaseExpired,
     MalformedMessage,
+    MooncakeError,
     StoreError,
     store_error,
 )
@@ -19,7 +20,8 @@ from ..wire import _master_msgs as msg
 from ..wire._master_replies import Replica, decode_columns
 from ._buffers import BufferHandle, make_handle, new_bytes
 from ._client_io import BATCH_OPS, ClientIO, ObjectLocation, Part, Parts, transfer_failed
-from ._types import ErrorCode, ReplicaDesc, ReplicaStatus
+from ._ssd import read_shared
+from ._types import DISK_SEGMENT, LOCAL_DISK_SEGMENT, ErrorCode, ReplicaDesc, ReplicaStatus
 
 #: what the master says of one key: (0, (size, lease ttl s, replicas)) or (code, message)
 Found = tuple[int, Any]
@@ -27,6 +29,7 @@ Found = tuple[int, Any]
 __all__ = ["ReadOps"]
 
 _COMPLETE = ReplicaStatus.COMPLETE
+_DISK_MARKERS = frozenset((LOCAL_DISK_SEGMENT, DISK_SEGMENT))
 
 
 class ReadOps(ClientIO):
@@ -99,6 +102,8 @@ class ReadOps(ClientIO):
             replicas[i] = reps
             views[i] = target
             results[i] = size
+        if any(r[2] in _DISK_MARKERS for reps in replicas.values() for r in reps):
+            self._read_disk(keys, replicas, views, results)
         pending = list(replicas)
         transfer_start = time.perf_counter_ns()
         attempt = 0
@@ -132,6 +137,56 @@ class ReadOps(ClientIO):
                 self.metrics.transfer(False, read, (now - transfer_start) // 1000, op in BATCH_OPS)
             self.metrics.operation(False, op, read, (now - started) // 1000)
         return results
+
+    def _read_disk(
+        self,
+        keys: Sequence[str],
+        replicas: dict[int, list[Replica]],
+        views: dict[int, Parts],
+        results: list[int | StoreError],
+    ) -> None:
+        """Objects without a memory replica are read from disk (and leave
+        ``replicas``): LOCAL_DISK from the owner's SSD read port, DISK from the
+        shared filesystem; the others lose their disk replicas (memory is read
+        first).  Disk replicas carry a marker segment id (``_types.py``)."""
+        per_endpoint: dict[str, list[int]] = {}
+        sizes = {i: r for i, r in enumerate(results) if isinstance(r, int)}
+        for i in list(replicas):
+            reps = replicas[i]
+            mem = [r for r in reps if r[2] not in _DISK_MARKERS]
+            if len(mem) == len(reps):
+                continue
+            if mem:
+                replicas[i] = mem
+                continue
+            del replicas[i]
+            endpoint, _, sid, _ = reps[0]
+            if sid == LOCAL_DISK_SEGMENT:
+                per_endpoint.setdefault(endpoint, []).append(i)
+                continue
+            try:  # a DISK replica: the file on the shared filesystem (--root_fs_dir)
+                read_shared(endpoint, keys[i], sizes[i], views[i])
+            except (MooncakeError, OSError) as exc:
+                results[i] = transfer_failed(
+                    f"reading {keys[i]!r} from the shared filesystem ({endpoint}) failed: {exc}",
+                    exc,
+                )
+        for endpoint, items in per_endpoint.items():
+            try:
+                errs = self.ssd_reader.read(
+                    endpoint,
+                    [keys[i] for i in items],
+                    [sizes[i] for i in items],
+                    [views[i] for i in items],
+                )
+            except (MooncakeError, OSError) as exc:
+                err = transfer_failed(f"reading from the SSD tier at {endpoint} failed: {exc}", exc)
+                for i in items:
+                    results[i] = err
+                continue
+            for i, e in zip(items, errs, strict=True):
+                if e is not None:
+                    results[i] = e
 
     def _pick_desc(self, replicas: Sequence[ReplicaDesc], attempt: int) -> ReplicaDesc:
         if len(replicas) == 1:

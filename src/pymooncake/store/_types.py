@@ -13,6 +13,11 @@ from typing import Any, NamedTuple
 from ..wire._master_msgs import ReplicateParams, SegmentParams
 
 __all__ = [
+    "DISK_SEGMENT",
+    "LOCAL_DISK_SEGMENT",
+    "REPLICA_DISK",
+    "REPLICA_LOCAL_DISK",
+    "REPLICA_MEMORY",
     "ClientStatus",
     "ErrorCode",
     "ReplicaDesc",
@@ -224,6 +229,18 @@ class ReplicaDesc(NamedTuple):
     status: ReplicaStatus
     segment_id: str = ""
 
+    @property
+    def kind(self) -> int:
+        """ReplicaType: MEMORY (0), DISK (1: a file on the shared filesystem,
+        ``endpoint`` is its path) or LOCAL_DISK (2: in the SSD tier of the client
+        whose read port is ``endpoint``); disk replicas carry a marker segment id."""
+        return _KINDS.get(self.segment_id, 0)
+
+    @property
+    def on_disk(self) -> bool:
+        """A LOCAL_DISK replica (a client's SSD tier)."""
+        return self.segment_id == LOCAL_DISK_SEGMENT
+
     def to_wire(self) -> list[Any]:
         return [self.id, self.endpoint, self.address, self.size, int(self.status), self.segment_id]
 
@@ -231,3 +248,13 @@ class ReplicaDesc(NamedTuple):
     def from_wire(cls, obj: Any) -> ReplicaDesc:
         rid, endpoint, address, size, status, segment_id = obj
         return cls(rid, endpoint, address, size, _STATUS[status], segment_id)
+
+
+#: ReplicaType values (the reference's allocator.h)
+REPLICA_MEMORY = 0
+REPLICA_DISK = 1
+REPLICA_LOCAL_DISK = 2
+#: segment ids that mark disk replicas (real ones never start with NUL)
+LOCAL_DISK_SEGMENT = "\x00local_disk"
+DISK_SEGMENT = "\x00disk"
+_KINDS = {LOCAL_DISK_SEGMENT: REPLICA_LOCAL_DISK, DISK_SEGMENT: REPLICA_DISK}

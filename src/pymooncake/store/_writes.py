@@ -21,8 +21,10 @@ from ..errors import (
 )
 from ..transfer import TransferRequest
 from ..wire import _master_msgs as msg
+from ..wire import _offload_msgs as omsg
 from ..wire._master_replies import decode_columns
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
+from ._file_storage import write_object
 from ._types import ErrorCode, ReplicateConfig
 
 __all__ = ["WriteOps"]
@@ -127,6 +129,8 @@ class WriteOps(ClientIO):
                     op in BATCH_OPS,
                 )
             self._finish(keys, good, bad, upsert, results)
+            if self.fsdir:
+                self._write_shared(keys, parts, sizes, [i for i in good if results[i] is True])
             for i in bad:
                 results[i] = transfer_failed(f"writing {keys[i]!r} failed: {errors[i]}", errors[i])
         finally:
@@ -272,6 +276,39 @@ class WriteOps(ClientIO):
         for i, (c, v) in zip(good, value, strict=True):
             if c != 0:
                 results[i] = store_error(c, f"{keys[i]!r}: {v}")
+
+    def _write_shared(
+        self, keys: Sequence[str], parts: Sequence[Parts], sizes: list[int], done: list[int]
+    ) -> None:
+        """--root_fs_dir: write the values just stored to the shared filesystem as
+        well, then report them (the master adds DISK replicas).  A failure is
+        logged, not raised: the memory replicas were stored."""
+        written: list[int] = []
+        for i in done:
+            host = [p for p in parts[i] if isinstance(p, memoryview)]
+            if len(host) != len(parts[i]):
+                continue  # device memory: no host copy to write from
+            try:
+                write_object(self.fsdir, keys[i], host, time.monotonic_ns(), fsync=False)
+            except OSError as exc:
+                log.warning(
+                    "writing %r to the shared filesystem %s failed: %s", keys[i], self.fsdir, exc
+                )
+                continue
+            written.append(i)
+        if not written:
+            return
+        try:
+            self.master.call(
+                omsg.NotifyOffloadSuccess(
+                    self.client_id,
+                    tuple(keys[i] for i in written),
+                    tuple(sizes[i] for i in written),
+                    shared=True,
+                )
+            )
+        except MooncakeError as exc:
+            log.warning("reporting DISK replicas to the master failed: %s", exc)
 
     def _revoke(self, keys: Sequence[str], upsert: bool, *, quiet: bool = False) -> None:
         """Revoke puts (their buffers are freed at once).  When the master cannot be

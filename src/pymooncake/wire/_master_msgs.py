@@ -151,6 +151,14 @@ class MasterMethod(str, Enum):
     MOVE_START = "MoveStart"
     MOVE_END = "MoveEnd"
     MOVE_REVOKE = "MoveRevoke"
+    # the SSD tier (``_offload_msgs.py``)
+    MOUNT_LOCAL_DISK = "MountLocalDiskSegment"
+    UNMOUNT_LOCAL_DISK = "UnmountLocalDiskSegment"
+    OFFLOAD_HEARTBEAT = "OffloadObjectHeartbeat"
+    NOTIFY_OFFLOAD_SUCCESS = "NotifyOffloadSuccess"
+    BATCH_EVICT_DISK_REPLICA = "BatchEvictDiskReplica"
+    PROMOTION_ALLOC_START = "PromotionAllocStart"
+    GET_STORAGE_CONFIG = "GetStorageConfig"
 
 
 # ---------------------------------------------------------------------------------
@@ -1125,6 +1133,10 @@ _ALL: tuple[Any, ...] = (
     MoveEnd,
     MoveRevoke,
 )
+
+from ._offload_msgs import OFFLOAD_REQUESTS  # noqa: E402  (they build on the rules above)
+
+_ALL += OFFLOAD_REQUESTS
 
 #: method -> its request type's decoder (an explicit table, one entry per method)
 REQUEST_TYPES: Final[dict[MasterMethod, Callable[[dict[str, Any]], Request]]] = {

@@ -28,9 +28,13 @@ from .._types import SegmentInfo
 
 __all__ = [
     "DURABLE",
+    "DiskReplicaAdded",
+    "DiskReplicaRemoved",
     "DrainCreated",
     "DrainEnded",
     "Effect",
+    "LocalDiskMounted",
+    "LocalDiskUnmounted",
     "ObjectCommitted",
     "ObjectDeleted",
     "ReplicationEnded",
@@ -247,6 +251,49 @@ class DrainEnded:
         return ["drain_end", list(self.job_id), self.status, self.message]
 
 
+@dataclass(frozen=True, slots=True)
+class LocalDiskMounted:
+    """A client offers its SSD tier, served at ``endpoint`` (``_offload.py``)."""
+
+    client_id: str
+    endpoint: str
+    capacity_bytes: int
+
+    def record(self) -> list[Any]:
+        return ["ldisk_mount", self.client_id, self.endpoint, self.capacity_bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalDiskUnmounted:
+    """A client's SSD tier went away (unmounted or the client expired): so did
+    every LOCAL_DISK replica it held."""
+
+    client_id: str
+
+    def record(self) -> list[Any]:
+        return ["ldisk_unmount", self.client_id]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskReplicaAdded:
+    """``key`` (``size`` bytes) has a LOCAL_DISK replica in ``client_id``'s SSD tier."""
+
+    key: str
+    client_id: str
+    size: int
+
+    def record(self) -> list[Any]:
+        return ["disk_add", self.key, self.client_id, self.size]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskReplicaRemoved:
+    key: str
+
+    def record(self) -> list[Any]:
+        return ["disk_remove", self.key]
+
+
 Effect = (
     SegmentMounted
     | SegmentUnmounted
@@ -261,6 +308,10 @@ Effect = (
     | ReplicationEnded
     | DrainCreated
     | DrainEnded
+    | LocalDiskMounted
+    | LocalDiskUnmounted
+    | DiskReplicaAdded
+    | DiskReplicaRemoved
 )
 #: the effect types a journal keeps (writes and copies in flight are not restored
 #: after a restart)
@@ -274,6 +325,10 @@ DURABLE: Final = (
     TaskFinished,
     DrainCreated,
     DrainEnded,
+    LocalDiskMounted,
+    LocalDiskUnmounted,
+    DiskReplicaAdded,
+    DiskReplicaRemoved,
 )
 
 
@@ -376,6 +431,22 @@ def _drain_end(rec: list[Any]) -> Effect:
     return DrainEnded(_uuid(rec[1]), int(rec[2]), str(rec[3]))
 
 
+def _ldisk_mount(rec: list[Any]) -> Effect:
+    return LocalDiskMounted(str(rec[1]), str(rec[2]), int(rec[3]))
+
+
+def _ldisk_unmount(rec: list[Any]) -> Effect:
+    return LocalDiskUnmounted(str(rec[1]))
+
+
+def _disk_add(rec: list[Any]) -> Effect:
+    return DiskReplicaAdded(str(rec[1]), str(rec[2]), int(rec[3]))
+
+
+def _disk_remove(rec: list[Any]) -> Effect:
+    return DiskReplicaRemoved(str(rec[1]))
+
+
 _DECODERS: Final[dict[str, Callable[[list[Any]], Effect]]] = {
     "task": _task,
     "task_start": _task_start,
@@ -384,6 +455,10 @@ _DECODERS: Final[dict[str, Callable[[list[Any]], Effect]]] = {
     "repl_end": _repl_end,
     "drain": _drain,
     "drain_end": _drain_end,
+    "ldisk_mount": _ldisk_mount,
+    "ldisk_unmount": _ldisk_unmount,
+    "disk_add": _disk_add,
+    "disk_remove": _disk_remove,
     "mount": _mount,
     "unmount": _unmount,
     "commit": _commit,

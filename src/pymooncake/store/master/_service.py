@@ -59,6 +59,7 @@ from ._handlers import build_handlers
 from ._index import SHARDS
 from ._journal import Journal
 from ._metrics import MasterStats
+from ._offload import unlink_files, wrap_handlers
 from ._page import PAGE_OPEN_PATHS
 from ._replication import DEFAULT_SYNC_TIMEOUT_S, Follower, ReplicationHub
 from ._replies import ReplyCache
@@ -212,7 +213,7 @@ class MasterService:
         self._metrics = (metrics_host, metrics_port) if metrics_port is not None else None
         self._metadata = (metadata_host, metadata_port) if metadata_port is not None else None
         self._tick_interval = tick_interval_s
-        self._handlers = build_handlers(self.state)
+        self._handlers = wrap_handlers(self.state, build_handlers(self.state))
         self._server: asyncio.base_events.Server | None = None
         self._unix_server: asyncio.base_events.Server | None = None
         self._admin: HttpServer | None = None
@@ -415,6 +416,9 @@ class MasterService:
                         more = self.state.housekeeping(self._clock(), HOUSEKEEPING_VISITS)
                         self._persist()
                         self._timed(started)
+                    drops = self.state.offload.take_fs_drops()
+                    if drops:  # files of dropped DISK replicas (--root_fs_dir)
+                        self._spawn(asyncio.to_thread(unlink_files, drops))
                     self.hub.check(time.monotonic())
                     now = self._clock()
                 self.stats.sample(self.state)
@@ -548,7 +552,7 @@ class MasterService:
     def _install(self, state: MasterState) -> None:
         self.state = state
         state.tasks.wall_offset = time.time() - self._clock()
-        self._handlers = build_handlers(state)
+        self._handlers = wrap_handlers(state, build_handlers(state))
 
     def _become_standby(self, leader: str, view: int) -> None:
         assert self.ha is not None
@@ -681,14 +685,21 @@ class MasterService:
         self.remember(req, code, value)
         return code, value
 
-    async def key_slices(self, pattern: str | None = None) -> AsyncIterator[list[str]]:
+    async def key_slices(
+        self, pattern: str | None = None, among: list[str] | None = None
+    ) -> AsyncIterator[list[str]]:
         """Keys (matching ``pattern`` with ``re.search``, when given), a slice at a
-        time, yielding to the loop between slices."""
+        time, yielding to the loop between slices; ``among``: these keys instead
+        of the object index's."""
         objects = self.state.objects
         batch: list[str] = []
-        for i in range(SHARDS):
-            batch += objects.shard_keys(i)
-            if len(batch) < SLICE_KEYS and i < SHARDS - 1:
+        shards = SHARDS if among is None else max(1, -(-len(among) // SLICE_KEYS))
+        for i in range(shards):
+            if among is None:
+                batch += objects.shard_keys(i)
+            else:
+                batch += among[i * SLICE_KEYS : (i + 1) * SLICE_KEYS]
+            if len(batch) < SLICE_KEYS and i < shards - 1:
                 continue
             if not batch:
                 continue
@@ -727,11 +738,24 @@ class MasterService:
                     )
                 if out:
                     parts.append(encode_json(out)[1:-1])
+            async for keys in self.key_slices(req.pattern, st.offload.disk_only_keys()):
+                out = {key: [w] for key in keys if (w := st.offload.wire(key)) is not None}
+                found += len(out)
+                if found > limit:
+                    raise InvalidParams(
+                        f"regular expression {req.pattern!r} matches more than {limit} keys; "
+                        "narrow it (the reply is a single frame)"
+                    )
+                if out:
+                    parts.append(encode_json(out)[1:-1])
             return RawJson("{" + ",".join(parts) + "}")
         if isinstance(req, msg.RemoveByRegex):
             removed = 0
             async for keys in self.key_slices(req.pattern):
                 removed += st.remove_keys(keys, req.force, self._clock())
+                self._persist()
+            async for keys in self.key_slices(req.pattern, st.offload.disk_only_keys()):
+                removed += st.offload.remove_keys(keys)  # LOCAL_DISK-only objects
                 self._persist()
             return removed
         assert isinstance(req, msg.RemoveAll)
@@ -739,6 +763,7 @@ class MasterService:
         async for keys in self.key_slices():
             removed += st.remove_keys(keys, req.force, self._clock())
             self._persist()
+        removed += st.offload.remove_keys(st.offload.disk_only_keys())
         return removed
 
     # ------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ from ._effects import (
 )
 from ._eviction import compact_segment, evict_segment
 from ._index import ObjectIndex
+from ._offload import OFFLOAD_APPLY, OffloadState
 from ._placement import Placement
 from ._records import (
     BUSY,
@@ -216,6 +217,7 @@ class MasterState:
         #: durable changes not yet drained (None: nobody records them)
         self.effects: list[Effect] | None = None
         self._last_tick: float | None = None
+        self._evict_now = 0.0
         self.stall_grace_count = 0
         #: size -> the int object of that size: objects of equal size share one
         #: (a KV cache has few distinct block sizes)
@@ -234,6 +236,8 @@ class MasterState:
         self.tasks = TaskQueue(self.config, self._emit)
         self.replication = Replications(self)
         self.drains = DrainJobs(self)
+        #: the SSD tier: LOCAL_DISK replicas and offload work (``_offload.py``)
+        self.offload = OffloadState(self)
 
     # ------------------------------------------------------------------------------
     # clients and segments
@@ -394,6 +398,7 @@ class MasterState:
             if obj is not None and obj.flags & BUSY and obj.writer == client_id:
                 self._abandon(key, obj, discard=True, now=now)
         client.inflight.clear()
+        self.offload.client_gone(client_id)
         self.metrics.expired_clients += 1
 
     # ------------------------------------------------------------------------------
@@ -1013,6 +1018,7 @@ class MasterState:
             if obj is None or obj.flags & (BUSY | TASK) or (not force and obj.lease_until > now):
                 continue
             self._delete(key, obj)
+            self.offload.remove(key)
             removed += 1
         return removed
 
@@ -1063,6 +1069,7 @@ class MasterState:
     ) -> int:
         """Evict from ``seg`` until ``need_bytes`` are free in it; returns bytes freed."""
         self.metrics.eviction_rounds += 1
+        self._evict_now = now
         freed, _ = evict_segment(seg, need_bytes, now, self._evict_one, protect, allow_soft)
         self.metrics.evicted_bytes += freed
         if freed:
@@ -1071,6 +1078,12 @@ class MasterState:
 
     def _evict_one(self, obj: Obj, seg: SegmentRecord) -> int:
         """Evict ``obj``; returns the bytes it freed in ``seg``."""
+        if self.offload.disks and self.offload.keep_on_evict(obj.key, obj, self._evict_now):
+            # kept until it is on disk (offload_on_evict): back to the clock, live
+            # (evict_segment counts an evicted record's entry as dead)
+            seg.order.append(obj)
+            seg.dead += 1
+            return 0
         in_seg = sum(1 for s, _ in obj.replicas() if s is seg)
         self._delete(obj.key, obj)
         self.metrics.evicted_keys += 1
@@ -1109,6 +1122,7 @@ class MasterState:
         freed = 0
         more = False
         soft = self.config.allow_evict_soft_pinned_objects
+        self._evict_now = now
         for seg in list(self.segments.values()):
             debt = seg.evict_debt
             if debt <= 0:
@@ -1173,6 +1187,7 @@ class MasterState:
                 break
             self._abandon(key, obj, discard=False, now=now)
             self.metrics.reclaimed_puts += 1
+        self.offload.tick(now)
         self._owe_watermark()
         self.tasks.expire(now)
         self.drains.step(now)
@@ -1321,6 +1336,7 @@ class MasterState:
         ReplicationEnded: lambda st, ev, now: st.replication.apply_ended(ev, now),
         DrainCreated: lambda st, ev, now: st.drains.apply_created(ev, now),
         DrainEnded: lambda st, ev, now: st.drains.apply_ended(ev, now),
+        **OFFLOAD_APPLY,
     }
 
     def finish_replay(self) -> None:
@@ -1371,13 +1387,14 @@ class MasterState:
         return out
 
     def segment_effects(self) -> list[Effect]:
-        """Segments, then the task queue and drain jobs (small: bounded by their limits)."""
+        """Segments, the task queue and drain jobs (small: bounded by their limits),
+        then the SSD tiers and their disk replicas."""
         out: list[Effect] = [
             SegmentMounted(seg.info, seg.client_id) for seg in self.segments.values()
         ]
         out += self.tasks.snapshot()
         out += self.drains.snapshot()
-        return out
+        return out + self.offload.snapshot_effects()
 
     def shard_effects(self, shard: int, *, writes: bool = False) -> list[Effect]:
         """Records of one shard's objects: their readable values, and with
@@ -1418,7 +1435,7 @@ class MasterState:
         return sum(s.allocator.allocated for s in self.segments.values())
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "capacity_bytes": self._capacity(),
             "allocated_bytes": self._used(),
             "key_count": len(self.objects),
@@ -1426,6 +1443,9 @@ class MasterState:
             "client_count": len(self.clients),
             "soft_pinned_keys": self.soft_pinned,
         }
+        if self.config.enable_offload:
+            out["ssd"] = self.offload.summary()
+        return out
 
     def validate(self) -> None:
         """Assert every invariant and cross-check every index; tests call this
@@ -1491,3 +1511,4 @@ class MasterState:
             assert seg.evict_debt >= 0
             seg.allocator.validate(live[sid])
             assert seg.client_id in self.clients, f"segment {sid} of unknown client"
+        self.offload.validate()

@@ -1,0 +1,226 @@
+"""The master's SSD-tier state (``_offload.py``) with an injected clock: offload
+work on heartbeats, pins, refusals, eviction, promotion, client expiry, and
+disk effects through a journal record round trip (replay / a standby)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from pymooncake.errors import ObjectExists, ObjectNotFound, StoreError
+from pymooncake.store._config import MasterConfig
+from pymooncake.store._types import LOCAL_DISK_SEGMENT, ErrorCode, ReplicateConfig, SegmentInfo
+from pymooncake.store.master._effects import (
+    DURABLE,
+    DiskReplicaAdded,
+    LocalDiskMounted,
+    effect_from_record,
+)
+from pymooncake.store.master._handlers import build_handlers
+from pymooncake.store.master._offload import CountMinSketch, wrap_handlers
+from pymooncake.store.master._state import MasterState
+from pymooncake.wire import _master_msgs as msg
+from pymooncake.wire import _offload_msgs as omsg
+from pymooncake.wire._master_replies import decode_columns
+
+MiB = 1 << 20
+ONE = ReplicateConfig()
+
+
+def _state(**kw: Any) -> MasterState:
+    cfg = MasterConfig(default_kv_lease_ttl_ms=1000, client_ttl_s=10, enable_offload=True, **kw)
+    st = MasterState(cfg, rng=random.Random(1))
+    st.effects = []
+    return st
+
+
+def _seg(name: str, size: int = 4 * MiB) -> SegmentInfo:
+    return SegmentInfo(id=f"seg-{name}", name=name, base=0x10000000, size=size, host_id="h")
+
+
+def _put(st: MasterState, key: str, size: int, now: float, client: str = "c1") -> None:
+    st.put_start(client, key, size, ONE, now)
+    st.put_end(client, key, now)
+    st.offload.written(key)
+
+
+def test_eager_offload_round_trip_and_disk_only_reads() -> None:
+    st = _state()
+    st.mount_segment("c1", _seg("a:1"), 0)
+    st.offload.mount("c1", "127.0.0.1:9", 1 << 30, True, 0)
+    _put(st, "k", MiB, 0)
+    work = st.offload.heartbeat("c1", 0, 0, 1.0)
+    ((key, size, seg_id, addr),) = work["offload"]
+    assert (key, size, seg_id) == ("k", MiB, "seg-a:1") and addr >= 0x10000000
+    assert st.objects["k"].lease_until >= 1.0 + st.config.offload_task_timeout_s  # pinned
+    assert st.offload.notify("c1", ["k"], [MiB], False, 2.0) == [0]
+    assert st.objects["k"].lease_until == 0.0  # unpinned
+    # eviction drops the memory copy only
+    st._delete("k", st.objects["k"])
+    found = st.offload.read("k")
+    assert found is not None and found["size"] == MiB
+    assert found["replicas"][0][1] == "127.0.0.1:9"
+    assert found["replicas"][0][5] == LOCAL_DISK_SEGMENT
+    st.validate()
+
+
+def test_reports_without_a_task_or_for_changed_values_are_refused() -> None:
+    st = _state()
+    st.mount_segment("c1", _seg("a:1"), 0)
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    _put(st, "k", 1000, 0)
+    not_found = int(ErrorCode.OBJECT_NOT_FOUND)
+    assert st.offload.notify("c1", ["k"], [1000], False, 1) == [not_found]  # no task
+    st.offload.heartbeat("c1", 0, 0, 1)
+    assert st.offload.notify("c1", ["k"], [999], False, 1) == [not_found]  # other size
+    # re-registration: refused while a (maybe newer) value is in memory
+    assert st.offload.notify("c1", ["k"], [1000], True, 1) == [int(ErrorCode.OBJECT_ALREADY_EXISTS)]
+    assert st.offload.notify("c1", ["gone"], [5], True, 1) == [0]
+    assert st.offload.notify("c2", ["x"], [5], True, 1) == [int(ErrorCode.CLIENT_NOT_FOUND)]
+    st.validate()
+
+
+def test_offload_on_evict_pins_then_lets_go() -> None:
+    st = _state(offload_on_evict=True)
+    st.mount_segment("c1", _seg("a:1", 2 * MiB), 0)
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    _put(st, "a", MiB, 0)
+    _put(st, "b", MiB, 0)
+    with pytest.raises(StoreError) as exc:  # nothing may go before it is on disk
+        st.put_start("c1", "c", MiB, ONE, 1.0)
+    assert exc.value.code == ErrorCode.NO_AVAILABLE_HANDLE
+    work = st.offload.heartbeat("c1", 0, 0, 1.0)
+    keys = [w[0] for w in work["offload"]]
+    assert keys and set(keys) <= {"a", "b"}
+    assert st.offload.notify("c1", keys, [MiB] * len(keys), False, 1.5) == [0] * len(keys)
+    st.put_start("c1", "c", MiB, ONE, 2.0)  # now an offloaded object is evicted
+    st.put_end("c1", "c", 2.0)
+    assert any(k not in st.objects and k in st.offload.replicas for k in keys)
+    st.validate()
+
+
+def test_task_timeout_unpins() -> None:
+    st = _state()
+    st.mount_segment("c1", _seg("a:1"), 0)
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    _put(st, "k", 100, 0)
+    st.offload.heartbeat("c1", 0, 0, 1.0)
+    later = 1.0 + st.config.offload_task_timeout_s + 1
+    st.ping("c1", later)
+    st.tick(later)
+    assert not st.offload.tasks and st.objects["k"].lease_until == 0.0
+    assert st.offload.metrics.offload_timeouts == 1
+
+
+def test_promotion_is_admitted_at_the_threshold() -> None:
+    st = _state(promotion_on_hit=True, promotion_admission_threshold=2)
+    st.mount_segment("c1", _seg("a:1"), 0)
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    assert st.offload.notify("c1", ["k"], [4096], True, 0) == [0]
+    st.offload.read("k")
+    assert st.offload.heartbeat("c1", 0, 0, 1)["promote"] == []
+    st.offload.read("k")
+    assert st.offload.heartbeat("c1", 0, 0, 1)["promote"] == [["k", 4096]]
+    reps = st.offload.promotion_start("c1", "k", 4096, 2)
+    assert len(reps) == 1
+    st.put_end("c1", "k", 2)
+    assert "k" in st.objects and "k" in st.offload.replicas
+    with pytest.raises(ObjectExists):
+        st.offload.promotion_start("c1", "k", 4096, 3)
+    with pytest.raises(ObjectNotFound):
+        st.offload.promotion_start("c1", "nope", 1, 3)
+    st.validate()
+
+
+def test_client_expiry_drops_its_disk_replicas() -> None:
+    st = _state()
+    st.mount_segment("c1", _seg("a:1"), 0)
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    st.offload.notify("c1", ["k"], [10], True, 0)
+    for t in range(12):  # silent for client_ttl
+        st.tick(t)
+    assert "k" not in st.offload.replicas and not st.offload.disks
+    st.validate()
+
+
+def test_disk_effects_replay_and_snapshot() -> None:
+    st = _state()
+    st.mount_segment("c1", _seg("a:1"), 0)
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    st.offload.notify("c1", ["k1", "k2"], [10, 20], True, 0)
+    _put(st, "m", 100, 0)
+    st.offload.heartbeat("c1", 0, 0, 1)
+    st.offload.notify("c1", ["m"], [100], False, 1)
+    st.offload.remove("k2")
+    records = [e.record() for e in st.drain_effects() if isinstance(e, DURABLE)]
+    assert any(r[0] == "disk_add" for r in records) and any(r[0] == "disk_remove" for r in records)
+    for snapshot in (False, True):
+        other = _state()
+        effects = (
+            [effect_from_record(e.record()) for e in st.snapshot_effects()]
+            if snapshot
+            else [effect_from_record(r) for r in records]
+        )
+        other.replay(effects, 5)
+        assert set(other.offload.replicas) == {"k1", "m"}
+        assert other.offload.disks["c1"].endpoint == "e:1"
+        assert other.offload.wire("m") is not None and "m" in other.objects
+        other.validate()
+    assert isinstance(effect_from_record(["ldisk_mount", "c", "e:2", 5]), LocalDiskMounted)
+    assert effect_from_record(["disk_add", "k", "c", 3]) == DiskReplicaAdded("k", "c", 3)
+
+
+def test_handlers_see_both_tiers() -> None:
+    st = _state()
+    h = wrap_handlers(st, build_handlers(st))
+    h[msg.MountSegment](msg.MountSegment("c1", _seg("a:1").to_params()), 0)
+    h[omsg.MountLocalDisk](omsg.MountLocalDisk("c1", "e:1", 1 << 30), 0)
+    h[omsg.NotifyOffloadSuccess](omsg.NotifyOffloadSuccess("c1", ("d",), (64,), True), 0)
+    reply = h[msg.GetReplicaList](msg.GetReplicaList("d"), 1)
+    assert reply["size"] == 64 and reply["replicas"][0][5] == LOCAL_DISK_SEGMENT
+    cols = decode_columns(
+        h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("d", "x")), 1), sizes=True
+    )
+    assert cols.code == [0, int(ErrorCode.OBJECT_NOT_FOUND)] and cols.sizes == [64, 0]
+    assert next(iter(cols.replicas()))[0][:3] == ("e:1", 0, LOCAL_DISK_SEGMENT)
+    assert h[msg.ExistKey](msg.ExistKey("d"), 1) is True
+    assert h[msg.BatchExistKey](msg.BatchExistKey(("d", "x")), 1) == [True, False]
+    with pytest.raises(ObjectExists):
+        h[msg.PutStart](msg.PutStart("c1", "d", 64, msg.ReplicateParams()), 1)
+    out = h[msg.BatchPutStart](
+        msg.BatchPutStart("c1", ("d", "n"), (64, 64), msg.ReplicateParams()), 1
+    )
+    started = decode_columns(out)
+    assert started.code == [int(ErrorCode.OBJECT_ALREADY_EXISTS), 0]
+    assert [len(r) for r in started.replicas()] == [0, 1] and "exists" in started.message(0)
+    h[msg.PutEnd](msg.PutEnd("c1", "n"), 1)
+    both = decode_columns(
+        h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("n", "d")), 1), sizes=True
+    )
+    assert both.code == [0, 0] and [len(r) for r in both.replicas()] == [1, 1]
+    h[msg.BatchRemove](msg.BatchRemove(("d",)), 2)
+    assert "d" not in st.offload.replicas
+    assert st.offload.heartbeat("c1", 0, 0, 3)["drop"] == ["d"]
+    st.validate()
+
+
+def test_count_min_sketch_counts_and_forgets() -> None:
+    cms = CountMinSketch(width=1024, limit=8)
+    assert [cms.add("a") for _ in range(3)] == [1, 2, 3]
+    assert cms.add("b") == 1
+    for _ in range(10):
+        cms.add("a")
+    assert cms.add("a") < 8  # halved at the limit
+    cms.forget("a")
+    assert cms.add("a") == 1
+
+
+def test_an_unknown_client_remounts_its_segments_before_its_disk() -> None:
+    st = _state()
+    with pytest.raises(StoreError) as exc:
+        st.offload.mount("ghost", "e:1", 1 << 30, True, 0)
+    assert exc.value.code == ErrorCode.CLIENT_NOT_FOUND
+    assert "ghost" not in st.clients  # its ping still gets NEED_REMOUNT
+    assert st.offload.heartbeat("ghost", 0, 0, 0)["remount"] is True
