@@ -12,6 +12,7 @@ from typing import Any
 from pymooncake.store import ReplicaDesc, ReplicaStatus, SoftPinAction
 from pymooncake.store import ReplicateConfig as _NativeConfig
 from pymooncake.store._shm import shm_registry
+from pymooncake.store._tasks import TaskInfo, TaskStatus, TaskType
 
 __all__ = [
     "ACTIVATION",
@@ -23,9 +24,13 @@ __all__ = [
     "KVCACHE",
     "METADATA",
     "OPTIMIZER_STATE",
+    "PENDING",
     "PROCESSING",
     "REMOVED",
+    "REPLICA_COPY",
+    "REPLICA_MOVE",
     "SAMPLE",
+    "SUCCESS",
     "TENSOR",
     "UNDEFINED",
     "UNKNOWN",
@@ -35,8 +40,11 @@ __all__ = [
     "MemoryDescriptor",
     "MooncakeHostMemAllocator",
     "ObjectDataType",
+    "QueryTaskResponse",
     "ReplicaDescriptor",
     "ReplicateConfig",
+    "TaskStatus",
+    "TaskType",
 ]
 
 _U64 = 1 << 64
@@ -47,6 +55,61 @@ PROCESSING = ReplicaStatus.PROCESSING
 COMPLETE = ReplicaStatus.COMPLETE
 REMOVED = ReplicaStatus.REMOVED
 FAILED = ReplicaStatus.FAILED
+
+
+# the reference exports these enum values into the module too (PROCESSING and
+# FAILED stay ReplicaStatus values, as ReplicaStatus is exported first there)
+REPLICA_COPY = TaskType.REPLICA_COPY
+REPLICA_MOVE = TaskType.REPLICA_MOVE
+PENDING = TaskStatus.PENDING
+SUCCESS = TaskStatus.SUCCESS
+
+
+class QueryTaskResponse:
+    """``query_task``'s answer (read-only, as the reference's pybind class)."""
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: TaskInfo | None = None) -> None:
+        self._info = info or TaskInfo(
+            (0, 0), TaskType.REPLICA_COPY, TaskStatus.PENDING, 0, 0, (0, 0), ""
+        )
+
+    @property
+    def id(self) -> tuple[int, int]:
+        return self._info.id
+
+    @property
+    def type(self) -> TaskType:
+        return self._info.type
+
+    @property
+    def status(self) -> TaskStatus:
+        return self._info.status
+
+    @property
+    def created_at_ms_epoch(self) -> int:
+        return self._info.created_at_ms_epoch
+
+    @property
+    def last_updated_at_ms_epoch(self) -> int:
+        return self._info.last_updated_at_ms_epoch
+
+    @property
+    def assigned_client(self) -> tuple[int, int]:
+        return self._info.assigned_client
+
+    @property
+    def message(self) -> str:
+        return self._info.message
+
+    def __repr__(self) -> str:
+        i = self._info
+        return (
+            f"QueryTaskResponse(id={i.id}, type={int(i.type)}, status={int(i.status)}, "
+            f"created_at={i.created_at_ms_epoch}, last_updated_at={i.last_updated_at_ms_epoch}, "
+            f'assigned_client={i.assigned_client}, message="{i.message}")'
+        )
 
 
 class ObjectDataType(IntEnum):

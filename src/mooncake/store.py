@@ -65,9 +65,13 @@ from ._store_types import (
     KVCACHE,
     METADATA,
     OPTIMIZER_STATE,
+    PENDING,
     PROCESSING,
     REMOVED,
+    REPLICA_COPY,
+    REPLICA_MOVE,
     SAMPLE,
+    SUCCESS,
     TENSOR,
     UNDEFINED,
     UNKNOWN,
@@ -77,8 +81,11 @@ from ._store_types import (
     MemoryDescriptor,
     MooncakeHostMemAllocator,
     ObjectDataType,
+    QueryTaskResponse,
     ReplicaDescriptor,
     ReplicateConfig,
+    TaskStatus,
+    TaskType,
 )
 
 __all__ = [
@@ -91,9 +98,13 @@ __all__ = [
     "KVCACHE",
     "METADATA",
     "OPTIMIZER_STATE",
+    "PENDING",
     "PROCESSING",
     "REMOVED",
+    "REPLICA_COPY",
+    "REPLICA_MOVE",
     "SAMPLE",
+    "SUCCESS",
     "TENSOR",
     "UNDEFINED",
     "UNKNOWN",
@@ -109,6 +120,7 @@ __all__ = [
     "MooncakeHostMemAllocator",
     "ObjectDataType",
     "ParallelAxis",
+    "QueryTaskResponse",
     "ReadTarget",
     "RegisteredBufferLease",
     "RegisteredBufferLeaseView",
@@ -117,6 +129,8 @@ __all__ = [
     "ReplicaStatus",
     "ReplicateConfig",
     "SoftPinAction",
+    "TaskStatus",
+    "TaskType",
     "TensorParallelism",
     "_deserialize_tensor",
     "_serialize_tensor",
@@ -751,6 +765,37 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
         except MooncakeError as exc:
             log.error("batch_replica_clear failed: %s", exc)
             return []
+
+    # --- copy/move tasks -------------------------------------------------------------
+
+    def create_copy_task(self, key: str, targets: list[str]) -> tuple[tuple[int, int], int]:
+        """Copy ``key`` to the segments ``targets``: ``(task_id, 0)`` or
+        ``((0, 0), code)`` (-704 no such key, -600 unknown segment, ...)."""
+        try:
+            return self._c().create_copy_task(key, list(targets)), 0
+        except (MooncakeError, ValueError, TypeError) as exc:
+            log.error("Copy failed for key: %s, error: %s", key, exc)
+            return (0, 0), store_code(exc)
+
+    def create_move_task(self, key: str, source: str, target: str) -> tuple[tuple[int, int], int]:
+        """Move ``key``'s replica in segment ``source`` to ``target``: ``(task_id, 0)``
+        or ``((0, 0), code)`` (-704 no such key, -600 unknown segment or source ==
+        target, ...)."""
+        try:
+            return self._c().create_move_task(key, source, target), 0
+        except (MooncakeError, ValueError, TypeError) as exc:
+            log.error("Move failed for key: %s, error: %s", key, exc)
+            return (0, 0), store_code(exc)
+
+    def query_task(self, task_id: Sequence[int]) -> tuple[QueryTaskResponse | None, int]:
+        """``(QueryTaskResponse, 0)`` or ``(None, code)`` (-1400: unknown task)."""
+        try:
+            hi, lo = task_id
+            info = self._c().query_task((int(hi), int(lo)))
+        except (MooncakeError, ValueError, TypeError) as exc:
+            log.error("QueryTask failed for task_id: %s, error: %s", task_id, exc)
+            return None, store_code(exc)
+        return QueryTaskResponse(info), 0
 
     def __del__(self) -> None:
         try:

@@ -421,3 +421,26 @@ def test_port_in_use_exits_1_naming_the_port(which: str) -> None:
     assert f"port {port}" in lines[0]
     assert which in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_task_manager_flags_reach_the_master_config() -> None:
+    from pymooncake.cli.master import _command_line, _settings, _validate
+
+    config = _validate(
+        _settings(
+            _command_line(
+                [
+                    "--max_total_finished_tasks=7",
+                    "--max_total_pending_tasks=8",
+                    "--max_total_processing_tasks=9",
+                    "--pending_task_timeout_sec=0",
+                    "--processing_task_timeout_sec=11",
+                    "--max_retry_attempts=2",
+                ]
+            )
+        )
+    )
+    assert (config.max_total_finished_tasks, config.max_total_pending_tasks) == (7, 8)
+    assert config.max_total_processing_tasks == 9 and config.max_retry_attempts == 2
+    assert (config.pending_task_timeout_s, config.processing_task_timeout_s) == (0.0, 11.0)
+    assert run(["--max_retry_attempts=-1"]).returncode == 1

@@ -34,7 +34,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mooncake.store import MooncakeDistributedStore, MooncakeHostMemAllocator, ReplicateConfig
+from mooncake.store import (
+    MooncakeDistributedStore,
+    MooncakeHostMemAllocator,
+    ReplicateConfig,
+    TaskStatus,
+)
 from pymooncake._authio import ClusterSecurity
 from pymooncake.store import MasterConfig, StoreClient
 from pymooncake.store._dummy_client import DummyClient
@@ -421,6 +426,50 @@ def test_replica_descriptors_and_clear(store: MooncakeDistributedStore, real: St
     time.sleep(LEASE_MS / 1000 + 0.1)
     assert store.batch_replica_clear(["desc_key", "missing"]) == ["desc_key"]
     assert store.is_exist("desc_key") == 0
+
+
+def test_copy_and_move_tasks_through_the_real_client() -> None:
+    # a cluster of its own: the real client's connections to the second segment's
+    # owner go with it
+    with LocalCluster(MasterConfig(default_kv_lease_ttl_ms=LEASE_MS)) as own:
+        real = own.client(64 * MiB, 0)
+        other = own.client(16 * MiB, 0)
+        with DummyService(real, DummyServiceConfig(host=LOCAL, port=0)) as svc:
+            made = Dummies(svc.address)
+            try:
+                _copy_and_move(made.new(), real, other)
+            finally:
+                made.close()
+
+
+def _copy_and_move(store: MooncakeDistributedStore, real: StoreClient, other: StoreClient) -> None:
+    value = pattern(300_000, 7)
+    cfg = ReplicateConfig()
+    cfg.preferred_segment = real.hostname
+    assert store.put("task_key", value, cfg) == 0
+
+    def finished(task_id: tuple[int, int]) -> Any:
+        resp, rc = store.query_task(task_id)
+        assert rc == 0 and resp is not None
+        return resp if resp.status in (TaskStatus.SUCCESS, TaskStatus.FAILED) else None
+
+    def endpoints() -> list[str]:
+        return sorted(
+            d.get_memory_descriptor().buffer_descriptor.transport_endpoint
+            for d in store.get_replica_desc("task_key")
+        )
+
+    assert endpoints() == [real.hostname]
+    task_id, rc = store.create_copy_task("task_key", [other.hostname])
+    assert rc == 0
+    assert wait_until(lambda: finished(task_id) is not None)
+    assert finished(task_id).status == TaskStatus.SUCCESS
+    assert endpoints() == sorted([real.hostname, other.hostname])
+    task_id, rc = store.create_move_task("task_key", real.hostname, other.hostname)
+    assert rc == 0 and wait_until(lambda: finished(task_id) is not None)
+    assert endpoints() == [other.hostname] and store.get("task_key") == value
+    assert store.create_copy_task("missing", [other.hostname]) == ((0, 0), -704)
+    assert store.query_task((3, 4)) == (None, -1400)
 
 
 def test_mounting_segments_needs_a_full_client(store: MooncakeDistributedStore) -> None:

@@ -214,12 +214,12 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("snapshot_catalog_backend_connstring", str, "", "deprecated alias"),
     Flag("snapshot_backup_dir", str, "", "snapshots only"),
     # --- task manager
-    Flag("max_total_finished_tasks", int, 10000, "task manager (accepted, no effect)"),
-    Flag("max_total_pending_tasks", int, 10000, "task manager (accepted, no effect)"),
-    Flag("max_total_processing_tasks", int, 10000, "task manager (accepted, no effect)"),
-    Flag("pending_task_timeout_sec", int, 300, "task manager (accepted, no effect)"),
-    Flag("processing_task_timeout_sec", int, 300, "task manager (accepted, no effect)"),
-    Flag("max_retry_attempts", int, 10, "task manager (accepted, no effect)"),
+    Flag("max_total_finished_tasks", int, 10000, "copy/move tasks kept queryable when done"),
+    Flag("max_total_pending_tasks", int, 10000, "copy/move tasks queued at most"),
+    Flag("max_total_processing_tasks", int, 10000, "copy/move tasks handed out at once"),
+    Flag("pending_task_timeout_sec", int, 300, "a task pending this long fails (0 = never)"),
+    Flag("processing_task_timeout_sec", int, 300, "a silent running task fails (0 = never)"),
+    Flag("max_retry_attempts", int, 10, "retries of a task that finds no space"),
     # --- SSD offload / promotion
     Flag("enable_offload", bool, False, "SSD offload (unavailable)"),
     Flag("offload_on_evict", bool, False, "SSD offload (unavailable)"),
@@ -275,6 +275,12 @@ _DURATIONS: Final = ("default_kv_lease_ttl", "default_kv_soft_pin_ttl", "max_kv_
 _PORTS: Final = ("port", "rpc_port", "metrics_port", "http_metadata_server_port")
 _NON_NEGATIVE: Final = (
     "rpc_thread_num",
+    "max_total_finished_tasks",
+    "max_total_pending_tasks",
+    "max_total_processing_tasks",
+    "pending_task_timeout_sec",
+    "processing_task_timeout_sec",
+    "max_retry_attempts",
     "max_threads",
     "rpc_conn_timeout_seconds",
     "put_start_discard_timeout_sec",
@@ -507,6 +513,12 @@ def _validate(values: dict[str, Any]) -> MasterConfig:
             put_start_release_timeout_s=float(values["put_start_release_timeout_sec"]),
             allocation_strategy=values["allocation_strategy"],
             cluster_id=values["cluster_id"],
+            max_total_finished_tasks=values["max_total_finished_tasks"],
+            max_total_pending_tasks=values["max_total_pending_tasks"],
+            max_total_processing_tasks=values["max_total_processing_tasks"],
+            pending_task_timeout_s=float(values["pending_task_timeout_sec"]),
+            processing_task_timeout_s=float(values["processing_task_timeout_sec"]),
+            max_retry_attempts=values["max_retry_attempts"],
         )
     except ConfigError as exc:
         raise _Refused(str(exc)) from exc

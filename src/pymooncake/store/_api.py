@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from ..errors import StoreError
 from ._buffers import BufferHandle, LocalBuffer
 from ._client_io import ObjectLocation
+from ._tasks import TaskInfo
 from ._types import ReplicaDesc, ReplicateConfig
 
 __all__ = ["StoreApi"]
@@ -67,6 +68,14 @@ class StoreApi(Protocol):
     def remove_by_regex(self, pattern: str, force: bool = False) -> int: ...
 
     def remove_all(self, force: bool = False) -> int: ...
+
+    # --- copy/move tasks --------------------------------------------------------------
+
+    def create_copy_task(self, key: str, targets: Sequence[str]) -> tuple[int, int]: ...
+
+    def create_move_task(self, key: str, source: str, target: str) -> tuple[int, int]: ...
+
+    def query_task(self, task_id: tuple[int, int]) -> TaskInfo: ...
 
     # --- writes -----------------------------------------------------------------------
 

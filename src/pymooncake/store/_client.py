@@ -49,6 +49,7 @@ from ._client_io import ObjectLocation
 from ._master_client import MasterClient
 from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
+from ._tasks import TaskInfo, TaskRunner
 from ._types import ClientStatus, ReplicaDesc, ReplicaStatus, SegmentInfo
 from ._writes import WriteOps
 
@@ -166,6 +167,8 @@ class StoreClient(WriteOps, ReadOps):
         #: keys the heartbeat is revoking right now; a put of one waits for it
         self._revoking: set[str] = set()
         self._revoke_done = threading.Condition(self._writing_lock)
+        #: runs the copy/move tasks the master assigns to this client (_tasks.py)
+        self._tasks = TaskRunner(self)
         try:
             self.master.check_version()
             if engine is None:
@@ -277,10 +280,12 @@ class StoreClient(WriteOps, ReadOps):
                 res = self.master.call(msg.Ping(self.client_id), patient=False)
                 instance = res.get("instance", "")
                 if self._master_instance and instance != self._master_instance:
-                    # the master restarted: an embedded metadata server lost our
-                    # descriptor, so publish it again before anyone needs it
+                    # the master restarted (or, with HA, another master leads): an
+                    # embedded metadata server lost our descriptor, so publish it
+                    # again before anyone needs it
                     log.warning(
-                        "master at %s restarted; re-publishing segment %r",
+                        "master at %s is a new instance (restarted, or another HA master "
+                        "now leads); re-publishing segment %r",
                         self.master.address,
                         self.hostname,
                     )
@@ -300,6 +305,7 @@ class StoreClient(WriteOps, ReadOps):
                         )
                     )
                 self._retry_revokes()
+                self._tasks.poll(int(res.get("tasks", 0)))
             except MooncakeError as exc:
                 self._ping_ok = False
                 self._ping_log("ping", logging.WARNING, "heartbeat to the master failed: %s", exc)
@@ -389,6 +395,38 @@ class StoreClient(WriteOps, ReadOps):
         self._check_open()
         return int(self.master.call(msg.RemoveAll(force, self.client_id)))
 
+    # --- copy/move tasks (_tasks.py) -------------------------------------------------
+
+    def create_copy_task(self, key: str, targets: Sequence[str]) -> tuple[int, int]:
+        """Ask the master to copy ``key`` to the segments named ``targets``; the
+        owner of one of its replicas does it.  Returns the task id.
+
+        Raises:
+            ObjectNotFound; InvalidParams (no targets, or one is not mounted);
+            StoreError(UNAVAILABLE_IN_CURRENT_STATUS) (a target is draining),
+            StoreError(TASK_PENDING_LIMIT_EXCEEDED).
+        """
+        self._check_open()
+        hi, lo = self.master.call(msg.CreateCopyTask(key, tuple(targets), self.client_id))
+        return int(hi), int(lo)
+
+    def create_move_task(self, key: str, source: str, target: str) -> tuple[int, int]:
+        """Ask the master to move ``key``'s replica in segment ``source`` to
+        ``target`` (done by ``source``'s owner).  Returns the task id.
+
+        Raises:
+            ObjectNotFound; InvalidParams (source == target, a segment unknown, no
+            replica in source); the errors of :meth:`create_copy_task`.
+        """
+        self._check_open()
+        hi, lo = self.master.call(msg.CreateMoveTask(key, source, target, self.client_id))
+        return int(hi), int(lo)
+
+    def query_task(self, task_id: tuple[int, int]) -> TaskInfo:
+        """Raises: StoreError(TASK_NOT_FOUND)."""
+        self._check_open()
+        return TaskInfo.from_wire(self.master.call(msg.QueryTask((task_id[0], task_id[1]))))
+
     @property
     def ping_healthy(self) -> bool:
         """The last heartbeat to the master succeeded (no RPC; for health endpoints)."""
@@ -414,6 +452,7 @@ class StoreClient(WriteOps, ReadOps):
         self._stop.set()
         if self._ping_thread is not None:
             self._ping_thread.join(10)
+        self._tasks.close()
         if self.metrics is not None:
             self.metrics.close()
         if unmount:

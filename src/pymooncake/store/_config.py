@@ -97,6 +97,15 @@ class MasterConfig:
     allocation_strategy: str = "random"
     #: --cluster_id
     cluster_id: str = "mooncake_cluster"
+    #: copy/move task queue (--max_total_finished_tasks, --max_total_pending_tasks,
+    #: --max_total_processing_tasks, --pending_task_timeout_sec,
+    #: --processing_task_timeout_sec (0: none), --max_retry_attempts)
+    max_total_finished_tasks: int = 10_000
+    max_total_pending_tasks: int = 10_000
+    max_total_processing_tasks: int = 10_000
+    pending_task_timeout_s: float = 300.0
+    processing_task_timeout_s: float = 300.0
+    max_retry_attempts: int = 10
 
     def __post_init__(self) -> None:
         if not 0 <= self.eviction_ratio <= 1:

@@ -59,6 +59,7 @@ from ._dummy_io import DummyIO
 from ._dummy_local import DummyMemory, span_of
 from ._dummy_rpc import DummyRpc
 from ._shm import ShmRegion, shm_registry
+from ._tasks import TaskInfo
 from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
 
 __all__ = ["DummyClient", "DummyClientConfig"]
@@ -454,6 +455,30 @@ class DummyClient:
 
     def remove_all(self, force: bool = False) -> int:
         return int(self._simple(DummyMethod.REMOVE_ALL, {"force": force}, "remove_all"))
+
+    # --- copy/move tasks (run by the real client's master session) -------------------
+
+    def create_copy_task(self, key: str, targets: Sequence[str]) -> tuple[int, int]:
+        hi, lo = self._simple(
+            DummyMethod.TASK,
+            {"op": "copy", "key": key, "targets": list(targets)},
+            f"create_copy_task({key!r})",
+        )
+        return int(hi), int(lo)
+
+    def create_move_task(self, key: str, source: str, target: str) -> tuple[int, int]:
+        hi, lo = self._simple(
+            DummyMethod.TASK,
+            {"op": "move", "key": key, "source": source, "target": target},
+            f"create_move_task({key!r})",
+        )
+        return int(hi), int(lo)
+
+    def query_task(self, task_id: tuple[int, int]) -> TaskInfo:
+        reply = self._simple(
+            DummyMethod.TASK, {"op": "query", "task_id": list(task_id)}, "query_task"
+        )
+        return TaskInfo.from_wire(reply)
 
     # ------------------------------------------------------------------------------
     # writes

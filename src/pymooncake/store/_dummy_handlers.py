@@ -314,6 +314,30 @@ def _replica_clear(ctx: ServiceContext, p: dict[str, Any]) -> Any:
     return ctx.client.replica_clear_many(_keys(p), _str(p, "segment"))
 
 
+def _task(ctx: ServiceContext, p: dict[str, Any]) -> Any:
+    op = _str(p, "op")
+    client = ctx.client
+    if op == "copy":
+        return list(client.create_copy_task(_str(p, "key"), _keys({"keys": p.get("targets")})))
+    if op == "move":
+        return list(client.create_move_task(_str(p, "key"), _str(p, "source"), _str(p, "target")))
+    if op == "query":
+        tid = p.get("task_id")
+        if type(tid) is not list or len(tid) != 2 or not all(type(x) is int for x in tid):
+            raise InvalidParams("parameter 'task_id' must be a pair of integers")
+        info = client.query_task((tid[0], tid[1]))
+        return {
+            "id": list(info.id),
+            "type": int(info.type),
+            "status": int(info.status),
+            "created_at_ms_epoch": info.created_at_ms_epoch,
+            "last_updated_at_ms_epoch": info.last_updated_at_ms_epoch,
+            "assigned_client": list(info.assigned_client),
+            "message": info.message,
+        }
+    raise InvalidParams(f"unknown task operation {op!r} (copy, move, query)")
+
+
 #: {method: handler}; each returns the reply value or raises
 HANDLERS: dict[DummyMethod, Callable[[ServiceContext, dict[str, Any]], Any]] = {
     DummyMethod.HELLO: _hello,
@@ -331,4 +355,5 @@ HANDLERS: dict[DummyMethod, Callable[[ServiceContext, dict[str, Any]], Any]] = {
     DummyMethod.REMOVE_BY_REGEX: _remove_by_regex,
     DummyMethod.REMOVE_ALL: _remove_all,
     DummyMethod.REPLICA_CLEAR: _replica_clear,
+    DummyMethod.TASK: _task,
 }

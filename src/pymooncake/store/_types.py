@@ -66,6 +66,8 @@ class ErrorCode(IntEnum):
     NOT_SUPPORTED = -1012
     FILE_NOT_FOUND = -1100
     TASK_NOT_FOUND = -1400
+    TASK_PENDING_LIMIT_EXCEEDED = -1401
+    JOB_NOT_FOUND = -1402
 
 
 class ReplicaStatus(IntEnum):

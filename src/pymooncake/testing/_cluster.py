@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -177,12 +177,21 @@ class NodeProcess:
         return int(self.proc.returncode)
 
 
-def _spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None) -> NodeProcess:
+def _spawn(
+    name: str,
+    args: Sequence[str],
+    env: dict[str, str] | None = None,
+    wrap: Callable[[list[str]], list[str]] | None = None,
+) -> NodeProcess:
+    """Start ``python args...`` (``wrap`` turns that command line into the one to
+    run, e.g. :meth:`Host.command <pymooncake.testing.Host.command>` to run it in
+    a network namespace: ``ip netns exec`` execs it, so the pid is Python's)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
+    argv = [sys.executable, *args]
     proc = subprocess.Popen(
-        [sys.executable, *args],
+        argv if wrap is None else wrap(argv),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

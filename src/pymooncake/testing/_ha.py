@@ -1,5 +1,6 @@
 """HA master groups for tests: several ``mooncake_master --enable_ha`` processes
-electing through one etcd, on 127.0.0.1 (or in network namespaces)."""
+electing through one etcd, on 127.0.0.1 or each on a "host" of a
+:class:`~pymooncake.testing.NetnsNetwork` (``namespaces=``)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import signal
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._cluster import LOCAL, NodeProcess, _spawn
+from ._netns import Host
+
+#: admin requests never go through an http_proxy from the environment
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 __all__ = ["HaMaster", "HaMasters"]
 
@@ -24,17 +29,35 @@ class HaMaster:
     node: NodeProcess
     rpc: str
     admin: str  # http://host:port
+    host: str = LOCAL
+    netns: Host | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.node.proc.poll() is None
+
+    def get(self, path: str, timeout_s: float = 1.0) -> bytes:
+        """GET ``path`` of the admin port (OSError when nobody answers)."""
+        with _OPENER.open(f"{self.admin}{path}", timeout=timeout_s) as resp:
+            return bytes(resp.read())
 
     def status(self, timeout_s: float = 1.0) -> dict[str, Any]:
         """``/ha_status`` (raises OSError when the process does not answer)."""
-        with urllib.request.urlopen(f"{self.admin}/ha_status", timeout=timeout_s) as resp:
-            return dict(json.loads(resp.read()))
+        return dict(json.loads(self.get("/ha_status", timeout_s)))
 
-    def role(self) -> str:
+    def segments(self, timeout_s: float = 5.0) -> list[str]:
+        """``/get_all_segments``: the segments this master knows to be mounted."""
+        return self.get("/get_all_segments", timeout_s).decode().split()
+
+    def role(self, timeout_s: float = 1.0) -> str:
+        """ "leader" while it serves, "standby" when it does not (whatever its
+        HA state: standby, warming up, fenced), "down" when its admin port does
+        not answer."""
         try:
-            return str(self.status()["role"]) if self.status()["serving"] else "standby"
+            status = self.status(timeout_s)
         except OSError:
             return "down"
+        return "leader" if status["serving"] else "standby"
 
 
 class HaMasters:
@@ -42,8 +65,9 @@ class HaMasters:
 
     Args:
         flags: extra ``mooncake_master`` flags for every master.
-        wrap: turns a command line into the one to run (e.g. ``ip netns exec``).
         hosts: the address each master binds to (default 127.0.0.1 for all).
+        namespaces: a network-namespace host per master to run it in (its
+            address is then the master's unless ``hosts`` says otherwise).
     """
 
     def __init__(
@@ -55,17 +79,24 @@ class HaMasters:
         flags: Sequence[str] = (),
         cluster_id: str | None = None,
         hosts: Sequence[str] | None = None,
+        namespaces: Sequence[Host] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
         self.etcd_endpoints = etcd_endpoints
         self.cluster_id = cluster_id or f"test-{uuid.uuid4().hex[:8]}"
         self.lease_ttl_s = lease_ttl_s
         self._flags = list(flags)
-        self._env = {"MC_TCP_BIND_ADDRESS": LOCAL, **(env or {})}
+        self._env = dict(env or {})
+        if namespaces is not None and len(namespaces) != n:
+            raise ValueError("namespaces needs one host per master")
+        if hosts is None:
+            hosts = [ns.address for ns in namespaces] if namespaces else [LOCAL] * n
         self.masters: list[HaMaster] = []
         try:
             for i in range(n):
-                self.masters.append(self.start((hosts or [LOCAL] * n)[i]))
+                self.masters.append(
+                    self.start(hosts[i], None if namespaces is None else namespaces[i])
+                )
         except BaseException:
             self.close()
             raise
@@ -75,9 +106,9 @@ class HaMasters:
         """What clients pass as master_server_addr."""
         return f"etcd://{self.etcd_endpoints}"
 
-    def start(
-        self, host: str = LOCAL, wrap: Callable[[list[str]], list[str]] | None = None
-    ) -> HaMaster:
+    def start(self, host: str = LOCAL, netns: Host | None = None) -> HaMaster:
+        """Start one more master bound to ``host`` (inside ``netns`` if given);
+        the caller adds it to :attr:`masters` (see :meth:`restart`)."""
         args = [
             "-m",
             "pymooncake.cli.master",
@@ -92,21 +123,37 @@ class HaMasters:
             "--enable_metric_reporting=false",
             *self._flags,
         ]
-        node = _spawn("mooncake_master(ha)", args, self._env)
+        env = {"MC_TCP_BIND_ADDRESS": host, **self._env}
+        node = _spawn(
+            f"mooncake_master(ha)@{host}",
+            args,
+            env,
+            None if netns is None else netns.command,
+        )
         try:
             admin = node.wait_for(r"admin HTTP server listening on (http://\S+)").group(1)
             rpc = node.wait_for(r"Master service started on (\S+)").group(1)
         except BaseException:
             node.kill()
             raise
-        return HaMaster(node, rpc, admin)
+        return HaMaster(node, rpc, admin, host, netns)
+
+    def restart(self, master: HaMaster) -> HaMaster:
+        """Kill ``master`` if it still runs and start a fresh one on its host
+        (a new process: it joins as a standby when another master leads)."""
+        if master.alive:
+            master.node.proc.send_signal(signal.SIGCONT)
+            master.node.kill()
+        new = self.start(master.host, master.netns)
+        self.masters[self.masters.index(master)] = new
+        return new
 
     def leader(self, timeout_s: float = 30.0) -> HaMaster:
         """The master serving as leader (waits for an election)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for m in self.masters:
-                if m.node.proc.poll() is None and m.role() == "leader":
+                if m.alive and m.role() == "leader":
                     return m
             time.sleep(0.05)
         raise RuntimeError(f"no HA master became the leader within {timeout_s:g} s")
@@ -129,7 +176,7 @@ class HaMasters:
         deadline = start + timeout_s
         while time.monotonic() < deadline:
             for m in self.masters:
-                if m is not old and m.node.proc.poll() is None and m.role() == "leader":
+                if m is not old and m.alive and m.role() == "leader":
                     return m, time.monotonic() - start
             time.sleep(0.05)
         raise RuntimeError(f"no new leader within {timeout_s:g} s")

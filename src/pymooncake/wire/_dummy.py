@@ -106,6 +106,8 @@ class DummyMethod(str, Enum):
     REMOVE_BY_REGEX = "remove_by_regex"
     REMOVE_ALL = "remove_all"
     REPLICA_CLEAR = "replica_clear"
+    #: copy/move tasks: {"op": "copy" | "move" | "query", ...}
+    TASK = "task"
 
 
 _METHODS: Final = {m.value: m for m in DummyMethod}

@@ -53,18 +53,29 @@ __all__ = [
     "BatchUpsertEnd",
     "BatchUpsertRevoke",
     "BatchUpsertStart",
+    "CopyEnd",
+    "CopyRevoke",
+    "CopyStart",
+    "CreateCopyTask",
+    "CreateMoveTask",
     "ExistKey",
+    "FetchTasks",
     "Follow",
     "GetReplicaList",
     "GetReplicaListByRegex",
     "GetSummary",
+    "MarkTaskToComplete",
     "MasterMethod",
     "MountSegment",
+    "MoveEnd",
+    "MoveRevoke",
+    "MoveStart",
     "Mutation",
     "Ping",
     "PutEnd",
     "PutRevoke",
     "PutStart",
+    "QueryTask",
     "ReMountSegment",
     "Remove",
     "RemoveAll",
@@ -129,6 +140,17 @@ class MasterMethod(str, Enum):
     FOLLOW = "Follow"
     #: a standby acknowledges the stream up to a sequence number
     ACK = "Ack"
+    CREATE_COPY_TASK = "CreateCopyTask"
+    CREATE_MOVE_TASK = "CreateMoveTask"
+    QUERY_TASK = "QueryTask"
+    FETCH_TASKS = "FetchTasks"
+    MARK_TASK_TO_COMPLETE = "MarkTaskToComplete"
+    COPY_START = "CopyStart"
+    COPY_END = "CopyEnd"
+    COPY_REVOKE = "CopyRevoke"
+    MOVE_START = "MoveStart"
+    MOVE_END = "MoveEnd"
+    MOVE_REVOKE = "MoveRevoke"
 
 
 # ---------------------------------------------------------------------------------
@@ -831,6 +853,235 @@ class Ack(Request):
         return cls(_u64(_field(p, "seq"), "seq"))
 
 
+def _uuid(value: Any, what: str) -> tuple[int, int]:
+    """The reference's UUID: a pair of unsigned 64-bit integers."""
+    if type(value) is not list or len(value) != 2:
+        raise _bad(what, "must be a pair of integers [first, second]", value)
+    return _u64(value[0], what), _u64(value[1], what)
+
+
+#: most tasks one FetchTasks hands out
+MAX_TASK_BATCH: Final = 1024
+#: longest message of a task report
+MAX_TASK_MESSAGE_CHARS: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class CreateCopyTask(Mutation):
+    """Queue a copy of ``key`` to ``targets`` (segment names); answers the task id."""
+
+    METHOD: ClassVar = MasterMethod.CREATE_COPY_TASK
+    key: str
+    targets: tuple[str, ...]
+    client_id: str = ""
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {**_session_params(self), "key": self.key, "targets": list(self.targets)}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> CreateCopyTask:
+        client, rid, ack = _session(p, client_required=False)
+        targets = _field(p, "targets")
+        if type(targets) is not list:
+            raise _bad("targets", "must be a list of segment names", targets)
+        return cls(_key(_field(p, "key")), _names(targets, "targets"), client, rid, ack)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateMoveTask(Mutation):
+    METHOD: ClassVar = MasterMethod.CREATE_MOVE_TASK
+    key: str
+    source: str
+    target: str
+    client_id: str = ""
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {
+            **_session_params(self),
+            "key": self.key,
+            "source": self.source,
+            "target": self.target,
+        }
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> CreateMoveTask:
+        client, rid, ack = _session(p, client_required=False)
+        return cls(
+            _key(_field(p, "key")),
+            _text(_field(p, "source"), "source"),
+            _text(_field(p, "target"), "target"),
+            client,
+            rid,
+            ack,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QueryTask(Request):
+    METHOD: ClassVar = MasterMethod.QUERY_TASK
+    task_id: tuple[int, int]
+
+    def params(self) -> dict[str, Any]:
+        return {"task_id": list(self.task_id)}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> QueryTask:
+        return cls(_uuid(_field(p, "task_id"), "task_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class FetchTasks(Mutation):
+    """Hand up to ``batch_size`` of this client's pending tasks to it."""
+
+    METHOD: ClassVar = MasterMethod.FETCH_TASKS
+    client_id: str
+    batch_size: int = 16
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {**_session_params(self), "batch_size": self.batch_size}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> FetchTasks:
+        client, rid, ack = _session(p)
+        n = _u64(p.get("batch_size", 16), "batch_size")
+        if not 1 <= n <= MAX_TASK_BATCH:
+            raise _bad("batch_size", f"must be within [1, {MAX_TASK_BATCH}]", n)
+        return cls(client, n, rid, ack)
+
+
+@dataclass(frozen=True, slots=True)
+class MarkTaskToComplete(Mutation):
+    """The outcome of a task: ``status`` 3 SUCCESS or 2 FAILED (TaskStatus)."""
+
+    METHOD: ClassVar = MasterMethod.MARK_TASK_TO_COMPLETE
+    client_id: str
+    task_id: tuple[int, int]
+    status: int
+    message: str = ""
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {
+            **_session_params(self),
+            "task_id": list(self.task_id),
+            "status": self.status,
+            "message": self.message,
+        }
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> MarkTaskToComplete:
+        client, rid, ack = _session(p)
+        status = _field(p, "status")
+        if type(status) is not int or status not in (0, 1, 2, 3):
+            raise _bad("status", "must be a TaskStatus (0..3)", status)
+        return cls(
+            client,
+            _uuid(_field(p, "task_id"), "task_id"),
+            status,
+            _text(p.get("message", ""), "message", MAX_TASK_MESSAGE_CHARS),
+            rid,
+            ack,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CopyStart(Mutation):
+    """Reserve buffers for new replicas of ``key`` in ``targets``; answers
+    ``{"source": replica, "targets": [replica, ...]}``."""
+
+    METHOD: ClassVar = MasterMethod.COPY_START
+    client_id: str
+    key: str
+    source: str
+    targets: tuple[str, ...]
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {
+            **_session_params(self),
+            "key": self.key,
+            "source": self.source,
+            "targets": list(self.targets),
+        }
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> CopyStart:
+        client, rid, ack = _session(p)
+        targets = _field(p, "targets")
+        if type(targets) is not list:
+            raise _bad("targets", "must be a list of segment names", targets)
+        return cls(
+            client,
+            _key(_field(p, "key")),
+            _text(_field(p, "source"), "source"),
+            _names(targets, "targets"),
+            rid,
+            ack,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MoveStart(Mutation):
+    """Reserve a buffer for ``key`` in ``target``; answers ``{"source": replica,
+    "targets": [replica] or []}`` (empty: the target holds a replica already)."""
+
+    METHOD: ClassVar = MasterMethod.MOVE_START
+    client_id: str
+    key: str
+    source: str
+    target: str
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        return {
+            **_session_params(self),
+            "key": self.key,
+            "source": self.source,
+            "target": self.target,
+        }
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> MoveStart:
+        client, rid, ack = _session(p)
+        return cls(
+            client,
+            _key(_field(p, "key")),
+            _text(_field(p, "source"), "source"),
+            _text(_field(p, "target"), "target"),
+            rid,
+            ack,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CopyEnd(_KeyOp):
+    METHOD: ClassVar = MasterMethod.COPY_END
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRevoke(_KeyOp):
+    METHOD: ClassVar = MasterMethod.COPY_REVOKE
+
+
+@dataclass(frozen=True, slots=True)
+class MoveEnd(_KeyOp):
+    METHOD: ClassVar = MasterMethod.MOVE_END
+
+
+@dataclass(frozen=True, slots=True)
+class MoveRevoke(_KeyOp):
+    METHOD: ClassVar = MasterMethod.MOVE_REVOKE
+
+
 _ALL: tuple[Any, ...] = (
     ServiceReady,
     GetSummary,
@@ -862,6 +1113,17 @@ _ALL: tuple[Any, ...] = (
     BatchReplicaClear,
     Follow,
     Ack,
+    CreateCopyTask,
+    CreateMoveTask,
+    QueryTask,
+    FetchTasks,
+    MarkTaskToComplete,
+    CopyStart,
+    CopyEnd,
+    CopyRevoke,
+    MoveStart,
+    MoveEnd,
+    MoveRevoke,
 )
 
 #: method -> its request type's decoder (an explicit table, one entry per method)

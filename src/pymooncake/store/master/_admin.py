@@ -3,7 +3,7 @@
 ``/metrics`` (Prometheus text, ``_exposition.py``), ``/metrics/summary``,
 ``/health``, ``/role``, ``/query_key?key=``, ``/batch_query_keys?keys=a,b``,
 ``/get_all_keys``, ``/get_all_segments``, ``/get_segments_detail``,
-``/query_segment?segment=`` -- shapes as the reference's
+``/query_segment?segment=``, the drain jobs (``_drain_http.py``) -- shapes as the reference's
 ``master_admin_service.cpp`` -- and pymooncake's live cluster page (``/``,
 ``/api/v1/cluster``, ``_page.py``).  Handlers run on the master's event loop
 and read the state directly.
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._httpd import HttpRequest, HttpResponse
 from ...errors import StoreError
+from ._drain_http import DrainHttp
 from ._exposition import render_metrics, summary_text
 from ._page import ClusterPage
 from ._records import READABLE, Obj
@@ -39,8 +40,14 @@ class AdminHttp:
     def __init__(self, service: MasterService) -> None:
         self._svc = service
         self.page = ClusterPage(service, service.security.key, secure=service.security.tls)
-        #: routes that answer POST (the page's login form)
-        self._posts = {"/login": self.page.login, "/logout": self.page.logout}
+        self.drain = DrainHttp(service)
+        drain_routes = self.drain.routes()
+        #: routes that answer POST (the page's login form, drain jobs)
+        self._posts = {
+            "/login": self.page.login,
+            "/logout": self.page.logout,
+            **{p: drain_routes[p] for p in DrainHttp.POSTS},
+        }
         self._routes: dict[str, Callable[[HttpRequest], HttpResponse]] = {
             "/": self.page.page,
             "/api/v1/cluster": self.page.api,
@@ -60,6 +67,7 @@ class AdminHttp:
             "/get_all_segments": self.all_segments,
             "/get_segments_detail": self.segments_detail,
             "/query_segment": self.query_segment,
+            **drain_routes,
         }
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
@@ -182,7 +190,7 @@ class AdminHttp:
                     "size_human": f"{seg.info.size / (1 << 30):g} GiB",
                     "te_endpoint": seg.name,
                     "protocol": "tcp",
-                    "status": "DRAINING" if seg.draining else "OK",
+                    "status": self._svc.state.drains.segment_status(seg.name).name,
                     "allocator_used_bytes": used,
                     "allocator_capacity_bytes": cap,
                     "allocator_usage_percent": used / cap * 100.0 if cap else 0.0,

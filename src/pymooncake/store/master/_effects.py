@@ -28,11 +28,18 @@ from .._types import SegmentInfo
 
 __all__ = [
     "DURABLE",
+    "DrainCreated",
+    "DrainEnded",
     "Effect",
     "ObjectCommitted",
     "ObjectDeleted",
+    "ReplicationEnded",
+    "ReplicationStarted",
     "SegmentMounted",
     "SegmentUnmounted",
+    "TaskFinished",
+    "TaskStarted",
+    "TaskSubmitted",
     "WriteEnded",
     "WriteStarted",
     "effect_from_record",
@@ -126,11 +133,148 @@ class ObjectDeleted:
         return ["delete", self.key]
 
 
+@dataclass(frozen=True, slots=True)
+class TaskSubmitted:
+    """A copy/move task was queued (``_tasks.py``)."""
+
+    task_id: tuple[int, int]
+    kind: int
+    key: str
+    source: str
+    targets: tuple[str, ...]
+    client: str
+    created_ms: int
+
+    def record(self) -> list[Any]:
+        return [
+            "task",
+            list(self.task_id),
+            self.kind,
+            self.key,
+            self.source,
+            list(self.targets),
+            self.client,
+            self.created_ms,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStarted:
+    """A task was handed to its client (PROCESSING)."""
+
+    task_id: tuple[int, int]
+    updated_ms: int
+
+    def record(self) -> list[Any]:
+        return ["task_start", list(self.task_id), self.updated_ms]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFinished:
+    task_id: tuple[int, int]
+    status: int
+    message: str
+    updated_ms: int
+
+    def record(self) -> list[Any]:
+        return ["task_end", list(self.task_id), self.status, self.message, self.updated_ms]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationStarted:
+    """A copy (``move`` False) or move of ``key`` reserved target buffers
+    (``_replicate.py``).  Like :class:`WriteStarted` only standbys need it: after a
+    journal restart the copy in flight is gone and its task failed."""
+
+    key: str
+    move: bool
+    client: str
+    #: (segment id, address) of the source replica
+    source: tuple[str, int]
+    #: (segment id, address) per new replica
+    targets: tuple[tuple[str, int], ...]
+
+    def record(self) -> list[Any]:
+        return [
+            "repl",
+            self.key,
+            self.move,
+            self.client,
+            list(self.source),
+            [list(t) for t in self.targets],
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationEnded:
+    """The copy/move of ``key`` ended; its targets that did not become replicas
+    (an :class:`ObjectCommitted` follows a successful end) are released."""
+
+    key: str
+
+    def record(self) -> list[Any]:
+        return ["repl_end", self.key]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainCreated:
+    """A drain job (``_drain.py``) was created: its segments accept no new replicas."""
+
+    job_id: tuple[int, int]
+    segments: tuple[str, ...]
+    targets: tuple[str, ...]
+    max_concurrency: int
+    created_ms: int
+
+    def record(self) -> list[Any]:
+        return [
+            "drain",
+            list(self.job_id),
+            list(self.segments),
+            list(self.targets),
+            self.max_concurrency,
+            self.created_ms,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainEnded:
+    job_id: tuple[int, int]
+    status: int
+    message: str
+
+    def record(self) -> list[Any]:
+        return ["drain_end", list(self.job_id), self.status, self.message]
+
+
 Effect = (
-    SegmentMounted | SegmentUnmounted | ObjectCommitted | ObjectDeleted | WriteStarted | WriteEnded
+    SegmentMounted
+    | SegmentUnmounted
+    | ObjectCommitted
+    | ObjectDeleted
+    | WriteStarted
+    | WriteEnded
+    | TaskSubmitted
+    | TaskStarted
+    | TaskFinished
+    | ReplicationStarted
+    | ReplicationEnded
+    | DrainCreated
+    | DrainEnded
 )
-#: the effect types a journal keeps (writes in flight are not restored after a restart)
-DURABLE: Final = (SegmentMounted, SegmentUnmounted, ObjectCommitted, ObjectDeleted)
+#: the effect types a journal keeps (writes and copies in flight are not restored
+#: after a restart)
+DURABLE: Final = (
+    SegmentMounted,
+    SegmentUnmounted,
+    ObjectCommitted,
+    ObjectDeleted,
+    TaskSubmitted,
+    TaskStarted,
+    TaskFinished,
+    DrainCreated,
+    DrainEnded,
+)
 
 
 def _mount(rec: list[Any]) -> Effect:
@@ -175,7 +319,71 @@ def _abandon(rec: list[Any]) -> Effect:
     return WriteEnded(str(rec[1]))
 
 
+def _uuid(value: Any) -> tuple[int, int]:
+    hi, lo = value
+    return int(hi), int(lo)
+
+
+def _task(rec: list[Any]) -> Effect:
+    _, tid, kind, key, source, targets, client, created = rec
+    return TaskSubmitted(
+        _uuid(tid),
+        int(kind),
+        str(key),
+        str(source),
+        tuple(str(t) for t in targets),
+        str(client),
+        int(created),
+    )
+
+
+def _task_start(rec: list[Any]) -> Effect:
+    return TaskStarted(_uuid(rec[1]), int(rec[2]))
+
+
+def _task_end(rec: list[Any]) -> Effect:
+    return TaskFinished(_uuid(rec[1]), int(rec[2]), str(rec[3]), int(rec[4]))
+
+
+def _repl(rec: list[Any]) -> Effect:
+    _, key, move, client, source, targets = rec
+    sid, saddr = source
+    return ReplicationStarted(
+        str(key),
+        bool(move),
+        str(client),
+        (str(sid), int(saddr)),
+        tuple((str(t), int(a)) for t, a in targets),
+    )
+
+
+def _repl_end(rec: list[Any]) -> Effect:
+    return ReplicationEnded(str(rec[1]))
+
+
+def _drain(rec: list[Any]) -> Effect:
+    _, jid, segments, targets, concurrency, created = rec
+    return DrainCreated(
+        _uuid(jid),
+        tuple(str(s) for s in segments),
+        tuple(str(t) for t in targets),
+        int(concurrency),
+        int(created),
+    )
+
+
+def _drain_end(rec: list[Any]) -> Effect:
+    return DrainEnded(_uuid(rec[1]), int(rec[2]), str(rec[3]))
+
+
 _DECODERS: Final[dict[str, Callable[[list[Any]], Effect]]] = {
+    "task": _task,
+    "task_start": _task_start,
+    "task_end": _task_end,
+    "repl": _repl,
+    "repl_end": _repl_end,
+    "drain": _drain,
+    "drain_end": _drain_end,
     "mount": _mount,
     "unmount": _unmount,
     "commit": _commit,

@@ -19,11 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from ._records import BUSY, HARD_PIN, REF, SOFT_PIN, Obj, SegmentRecord
+from ._records import BUSY, HARD_PIN, REF, SOFT_PIN, TASK, Obj, SegmentRecord
 
 __all__ = ["compact_segment", "evict_segment"]
 
-_SKIP: Final = BUSY | HARD_PIN | REF
+_SKIP: Final = BUSY | HARD_PIN | REF | TASK
 
 
 def evict_segment(

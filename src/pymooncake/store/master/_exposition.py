@@ -311,17 +311,15 @@ _SUMMARY_RPCS: Final = (
     ("Del", "remove"),
     ("DelAll", "remove_all"),
     ("Ping", "ping"),
+    ("CopyStart", "copy_start"),
+    ("CopyEnd", "copy_end"),
+    ("CopyRevoke", "copy_revoke"),
+    ("MoveStart", "move_start"),
+    ("MoveEnd", "move_end"),
+    ("MoveRevoke", "move_revoke"),
 )
 #: requests pymooncake does not have, shown as zero rates as the reference shows them
-_SUMMARY_ABSENT_RPCS: Final = (
-    "CopyStart",
-    "CopyEnd",
-    "CopyRevoke",
-    "MoveStart",
-    "MoveEnd",
-    "MoveRevoke",
-    "EvictDiskReplica",
-)
+_SUMMARY_ABSENT_RPCS: Final = ("EvictDiskReplica",)
 _SUMMARY_BATCHES: Final = (
     ("PutStart", "batch_put_start"),
     ("PutEnd", "batch_put_end"),
@@ -332,11 +330,11 @@ _SUMMARY_BATCHES: Final = (
     ("Clear", "batch_replica_clear"),
 )
 _SUMMARY_TASKS: Final = (
-    "CreateMoveTask",
-    "CreateCopyTask",
-    "QueryTask",
-    "FetchTasks",
-    "MarkTaskToComplete",
+    ("CreateMoveTask", "create_move_task"),
+    ("CreateCopyTask", "create_copy_task"),
+    ("QueryTask", "query_task"),
+    ("FetchTasks", "fetch_tasks"),
+    ("MarkTaskToComplete", "update_task"),
 )
 
 
@@ -412,7 +410,7 @@ def summary_text(svc: MasterService, *, update: bool = False) -> str:
     rpcs = [f"{label}={pair(base)}" for label, base in _SUMMARY_RPCS]
     rpcs += [f"{label}={zero}" for label in _SUMMARY_ABSENT_RPCS]
     batches = [f"{label}:{triple(base)}" for label, base in _SUMMARY_BATCHES]
-    batches += [f"{label}:(Req={zero})" for label in _SUMMARY_TASKS]
+    batches += [f"{label}:(Req={pair(base)})" for label, base in _SUMMARY_TASKS]
     evictions = values["master_successful_evictions_total"]
     attempts = values["master_attempted_evictions_total"]
     keys_evicted = values["master_evicted_key_count"]

@@ -20,6 +20,7 @@ from ...wire._master_replies import ReplicaColumnsBuilder
 from .._types import SegmentInfo
 from ._records import READABLE, REF, Obj, SegmentRecord, reps_wire
 from ._state import MasterState
+from ._tasks import TaskStatus
 
 __all__ = ["Handler", "build_handlers"]
 
@@ -152,11 +153,15 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
 
     def ping(req: msg.Ping, now: float) -> Any:
         res = st.ping(req.client_id, now)
-        return {
+        reply = {
             "view_version": res.view_version,
             "status": int(res.status),
             "instance": res.instance,
         }
+        waiting = st.tasks.pending_for(req.client_id)
+        if waiting:
+            reply["tasks"] = waiting  # copy/move tasks to fetch (FetchTasks)
+        return reply
 
     def batch_replica_clear(req: msg.BatchReplicaClear, now: float) -> Any:
         clear = st.replica_clear
@@ -194,4 +199,40 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
             req.keys, lambda i, k: st.remove(k, req.force, now)
         ),
         msg.BatchReplicaClear: batch_replica_clear,
+        **_task_handlers(st),
+    }
+
+
+def _task_handlers(st: MasterState) -> dict[type, Handler]:
+    """Copy/move tasks (``_tasks.py``) and the copies they run (``_replicate.py``)."""
+    repl = st.replication
+    tasks = st.tasks
+
+    def fetch(req: msg.FetchTasks, now: float) -> Any:
+        st._touch(req.client_id, now)
+        limit = st.config.max_retry_attempts
+        return [t.assignment(limit) for t in tasks.pop(req.client_id, req.batch_size, now)]
+
+    return {
+        msg.CreateCopyTask: lambda req, now: list(
+            repl.create_copy_task(req.key, req.targets, now).id
+        ),
+        msg.CreateMoveTask: lambda req, now: list(
+            repl.create_move_task(req.key, req.source, req.target, now).id
+        ),
+        msg.QueryTask: lambda req, now: tasks.query(req.task_id).query(),
+        msg.FetchTasks: fetch,
+        msg.MarkTaskToComplete: lambda req, now: tasks.complete(
+            req.client_id, req.task_id, TaskStatus(req.status), req.message, now
+        ),
+        msg.CopyStart: lambda req, now: repl.copy_start(
+            req.client_id, req.key, req.source, req.targets, now
+        ),
+        msg.CopyEnd: lambda req, now: repl.end(req.client_id, req.key, False, now),
+        msg.CopyRevoke: lambda req, now: repl.revoke(req.client_id, req.key, False, now),
+        msg.MoveStart: lambda req, now: repl.move_start(
+            req.client_id, req.key, req.source, req.target, now
+        ),
+        msg.MoveEnd: lambda req, now: repl.end(req.client_id, req.key, True, now),
+        msg.MoveRevoke: lambda req, now: repl.revoke(req.client_id, req.key, True, now),
     }

@@ -59,6 +59,17 @@ RPC_OPS: Final[dict[str, tuple[str, ...]]] = {
     "unmount_segment": ("UnmountSegment",),
     "remount_segment": ("ReMountSegment",),
     "ping": ("Ping",),
+    "copy_start": ("CopyStart",),
+    "copy_end": ("CopyEnd",),
+    "copy_revoke": ("CopyRevoke",),
+    "move_start": ("MoveStart",),
+    "move_end": ("MoveEnd",),
+    "move_revoke": ("MoveRevoke",),
+    "create_copy_task": ("CreateCopyTask",),
+    "create_move_task": ("CreateMoveTask",),
+    "update_task": ("MarkTaskToComplete",),
+    "query_task": ("QueryTask",),
+    "fetch_tasks": ("FetchTasks",),
 }
 
 #: the reference's batch counter bases -> the methods counted under each

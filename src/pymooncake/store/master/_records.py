@@ -41,6 +41,7 @@ __all__ = [
     "READABLE",
     "REF",
     "SOFT_PIN",
+    "TASK",
     "ClientRecord",
     "Obj",
     "ObjExt",
@@ -55,6 +56,7 @@ BUSY: Final = 2  # a put or upsert is writing replicas
 REF: Final = 4  # read since the eviction hand last passed it
 HARD_PIN: Final = 8  # never evicted
 SOFT_PIN: Final = 16  # evicted last while ext.soft_pin_until is in the future
+TASK: Final = 32  # being copied/moved (_replicate.py): not removed, evicted or replaced
 
 _MASK: Final = ALIGNMENT - 1
 _COMPLETE: Final = ReplicaStatus.COMPLETE

@@ -9,8 +9,12 @@ current state a slice at a time (segments, readable objects, writes in
 progress), interleaved in time order with the live effects of requests served
 meanwhile -- every record is the state at the moment it was sent, so the
 stream is a valid log from the start -- then ``synced``, then live effects
-only.  The standby applies each frame to its own :class:`MasterState` and
-acknowledges the sequence number.
+only.  The standby applies each frame to its own :class:`MasterState`; it
+acknowledges the sequence number as soon as the frame is in (from the frame
+id, in ``data_received``, before decoding the body).  Frames nobody waits for
+-- a batch of PutStart reservations only -- carry a no-acknowledgement bit in
+their id: acknowledgements are cumulative, so a put costs the standby one
+acknowledgement and the leader one wake-up, at its PutEnd.
 
 **The commit barrier.**  While at least one standby is in sync, the leader
 holds a reply until a standby has acknowledged (a) the request's own durable
@@ -52,6 +56,7 @@ from .._config import MasterConfig
 from ._effects import (
     Effect,
     ObjectDeleted,
+    ReplicationEnded,
     SegmentUnmounted,
     WriteEnded,
     WriteStarted,
@@ -74,8 +79,12 @@ DEFAULT_SYNC_TIMEOUT_S: Final = 2.0
 _MAX_BACKLOG: Final = 256 << 20
 #: the stream's frames may be far larger than a request
 _MAX_STREAM_FRAME: Final = 1 << 30
+#: a stream frame's id: the sequence number in the low 31 bits, and this bit
+#: when the frame asks for no acknowledgement
+_SEQ_MASK: Final = 0x7FFFFFFF
+_NO_ACK: Final = 0x80000000
 #: effects that return buffers to the allocator
-_FREES: Final = (ObjectDeleted, SegmentUnmounted, WriteEnded)
+_FREES: Final = (ObjectDeleted, SegmentUnmounted, WriteEnded, ReplicationEnded)
 
 
 class _Link:
@@ -98,6 +107,8 @@ class ReplicationHub:
     def __init__(self, sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S) -> None:
         self.sync_timeout_s = sync_timeout_s
         self.seq = 0
+        #: the latest sequence number shipped in a frame that asks to be acknowledged
+        self.ack_seq = 0
         self.acked = 0
         #: the last batch that freed buffers (deletes, unmounts, revoked writes)
         self.free_seq = 0
@@ -135,19 +146,30 @@ class ReplicationHub:
             return 0
         self.seq += 1
         records = [e.record() for e in effects]
+        frees = any(isinstance(e, _FREES) for e in effects)
+        durable = any(not isinstance(e, WriteStarted) for e in effects)
+        # nobody waits for a batch of reservations only (a PutStart's): its frame
+        # asks for no acknowledgement, which saves the standby a write and the
+        # leader a wake-up per put (acknowledgements are cumulative: the put's
+        # PutEnd frame covers it)
+        ack = frees or durable
+        if ack:
+            self.ack_seq = self.seq
         for link in list(self.links.values()):
-            self._send(link, {"seq": self.seq, "effects": records})
-        if any(isinstance(e, _FREES) for e in effects):
+            self._send(link, {"seq": self.seq, "effects": records}, ack=ack)
+        if frees:
             self.free_seq = self.seq
-        return self.seq if any(not isinstance(e, WriteStarted) for e in effects) else 0
+        return self.seq if durable else 0
 
-    def _send(self, link: _Link, value: dict[str, Any]) -> None:
+    def _send(self, link: _Link, value: dict[str, Any], *, ack: bool = True) -> None:
         transport = link.proto.transport
         if transport is None:
             return
-        # the frame id carries the sequence number: the standby acknowledges from
-        # the prefix, before it decodes and applies the body
-        transport.write(encode_reply(value["seq"] & 0xFFFFFFFF, 0, value))
+        # the frame id carries the sequence number (31 bits) and, in its top bit,
+        # whether the frame asks for no acknowledgement: the standby acknowledges
+        # from the prefix, before it decodes and applies the body
+        frame_id = (value["seq"] & _SEQ_MASK) | (0 if ack else _NO_ACK)
+        transport.write(encode_reply(frame_id, 0, value))
         if transport.get_write_buffer_size() > _MAX_BACKLOG:
             log.error(
                 "HA: standby %s is %d bytes behind; disconnecting it (it will re-sync)",
@@ -181,8 +203,15 @@ class ReplicationHub:
         link = self.links.get(proto)
         if link is None:
             return
+        # the standby echoes the frame id's 31 bits: the sequence number it means is
+        # the latest one shipped that has them (a standby is never 2**31 behind)
+        seq = self.seq - ((self.seq - seq) & _SEQ_MASK)
         link.acked = max(link.acked, seq)
-        if not link.ready and link.synced_seq >= 0 and link.acked >= max(link.synced_seq, self.seq):
+        if (
+            not link.ready
+            and link.synced_seq >= 0
+            and link.acked >= max(link.synced_seq, self.ack_seq)
+        ):
             link.ready = True
             log.info("HA: standby %s is in sync at %d; puts now wait for it", link.name, seq)
         self._advance()
@@ -211,7 +240,7 @@ class ReplicationHub:
         if oldest is None or now - oldest <= self.sync_timeout_s:
             return
         for link in self.links.values():
-            if link.ready and link.acked < self.seq:
+            if link.ready and link.acked < self.ack_seq:
                 link.ready = False
                 self.dropped += 1
                 log.error(
@@ -270,7 +299,11 @@ class Follower:
         self, leader: str, view_version: int, on_state: Callable[[MasterState], None]
     ) -> None:
         host, port = split_host_port(leader)
-        reader, writer = await asyncio.open_connection(host, port or 50051)
+        # the leader's RPC port speaks TLS when PYMOONCAKE_TLS_* are set: so must we
+        tls = self.security.client_ssl_context()
+        reader, writer = await asyncio.open_connection(
+            host, port or 50051, ssl=tls, server_hostname=host if tls is not None else None
+        )
         try:
             key = self.security.key
             if key is not None:
@@ -287,22 +320,13 @@ class Follower:
             # (if the leader dies during a re-sync, it is the better of the two)
             state = MasterState(self.config)
             live = False
-            writer.write(encode_request(1, msg.Follow(self.name, view_version)))
-            decoder = MasterFrameDecoder(_MAX_STREAM_FRAME)
-            acks = 2
-            while True:
-                data = await reader.read(1 << 20)
-                if not data:
-                    raise ConnectionResetError("the leader closed the stream")
-                decoder.feed(data)
-                ids = decoder.complete_ids()
-                if ids:  # acknowledge on receipt: the effects are in this process now
-                    writer.write(encode_request(acks, msg.Ack(max(ids))))
-                    acks += 1
+
+            def apply(decoder: MasterFrameDecoder) -> None:
+                nonlocal live
                 while True:
                     frame = decoder.next_frame()
                     if not isinstance(frame, MasterReply):
-                        break
+                        return
                     if frame.code != 0:
                         raise MooncakeError(f"the leader refused to stream: {frame.value}")
                     value = frame.value
@@ -316,5 +340,59 @@ class Follower:
                         self.synced = True
                         on_state(state)
                         log.info("HA: in sync with the leader at %s (seq %d)", leader, self.seq)
+
+            # from here on the stream is read by a protocol, not the StreamReader: it
+            # acknowledges in data_received, one event-loop turn earlier (the
+            # handshake read exactly its own bytes and the leader sends nothing
+            # before Follow, so the StreamReader holds nothing)
+            receiver = _StreamReceiver(apply, asyncio.get_running_loop())
+            transport = writer.transport
+            receiver.transport = transport
+            transport.set_protocol(receiver)
+            transport.write(encode_request(1, msg.Follow(self.name, view_version)))
+            await receiver.done
         finally:
             writer.close()
+
+
+class _StreamReceiver(asyncio.Protocol):
+    """The standby's end of the stream: each read's complete frames are
+    acknowledged at once, from their prefixes, before they are decoded and
+    applied (by ``apply``, in the same callback)."""
+
+    def __init__(
+        self, apply: Callable[[MasterFrameDecoder], None], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.apply = apply
+        self.decoder = MasterFrameDecoder(_MAX_STREAM_FRAME)
+        self.transport: asyncio.BaseTransport | None = None
+        #: resolves (with the error) when the stream ends
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._ack_id = 2
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if self.done.done() or not isinstance(transport, asyncio.WriteTransport):
+            return
+        decoder = self.decoder
+        decoder.feed(data)
+        wanted = [i for i in decoder.complete_ids() if not i & _NO_ACK]
+        if wanted:  # acknowledge on receipt: the effects are in this process now
+            transport.write(encode_request(self._ack_id, msg.Ack(max(wanted))))
+            self._ack_id += 1
+        try:
+            self.apply(decoder)
+        except Exception as exc:  # a refusal, a malformed frame, a bad record
+            self._finish(exc)
+            transport.abort()
+
+    def eof_received(self) -> bool | None:
+        self._finish(ConnectionResetError("the leader closed the stream"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc or ConnectionResetError("the leader closed the stream"))
+
+    def _finish(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)

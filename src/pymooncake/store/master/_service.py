@@ -204,6 +204,7 @@ class MasterService:
     ) -> None:
         self.config = config or MasterConfig()
         self.state = MasterState(self.config)
+        self.state.tasks.wall_offset = time.time() - clock()
         self.limits = limits or MasterLimits()
         self.security = security or ClusterSecurity()
         self._clock = clock
@@ -546,6 +547,7 @@ class MasterService:
 
     def _install(self, state: MasterState) -> None:
         self.state = state
+        state.tasks.wall_offset = time.time() - self._clock()
         self._handlers = build_handlers(state)
 
     def _become_standby(self, leader: str, view: int) -> None:

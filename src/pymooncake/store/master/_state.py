@@ -57,12 +57,20 @@ from typing import Any
 from ...errors import StoreError, store_error
 from .._config import MasterConfig
 from .._types import ClientStatus, ErrorCode, ReplicaDesc, SegmentInfo, SoftPinAction
+from ._drain import DrainJobs
 from ._effects import (
+    DrainCreated,
+    DrainEnded,
     Effect,
     ObjectCommitted,
     ObjectDeleted,
+    ReplicationEnded,
+    ReplicationStarted,
     SegmentMounted,
     SegmentUnmounted,
+    TaskFinished,
+    TaskStarted,
+    TaskSubmitted,
     WriteEnded,
     WriteStarted,
 )
@@ -75,6 +83,7 @@ from ._records import (
     READABLE,
     REF,
     SOFT_PIN,
+    TASK,
     ClientRecord,
     Obj,
     ObjExt,
@@ -83,6 +92,8 @@ from ._records import (
     reps_wire,
     reserved_size,
 )
+from ._replicate import Replications
+from ._tasks import TaskQueue
 
 __all__ = ["GetReplicaListResult", "MasterState", "Metrics", "PingResult", "client_tag"]
 
@@ -107,6 +118,13 @@ _LEASE_STEPS = 64
 
 def _err(code: ErrorCode, message: str) -> StoreError:
     return store_error(int(code), message)
+
+
+def _has_task(key: str) -> StoreError:
+    return _err(
+        ErrorCode.OBJECT_HAS_REPLICATION_TASK,
+        f"object {key!r} is being copied or moved by a task; retry when the task ends (query_task)",
+    )
 
 
 _ENABLE = int(SoftPinAction.ENABLE)
@@ -211,6 +229,11 @@ class MasterState:
         #: applying effects (replay, a standby): allocators are rebuilt afterwards
         #: by finish_replay() instead of being updated range by range
         self._replaying = False
+        #: copy/move tasks, the copies in progress, drain jobs (_tasks.py,
+        #: _replicate.py, _drain.py)
+        self.tasks = TaskQueue(self.config, self._emit)
+        self.replication = Replications(self)
+        self.drains = DrainJobs(self)
 
     # ------------------------------------------------------------------------------
     # clients and segments
@@ -285,6 +308,7 @@ class MasterState:
         seg = SegmentRecord(info, client.id, next(self._seg_numbers))
         self.segments[info.id] = seg
         self._placement.invalidate()
+        self.drains.segment_mounted(seg)
         client.segments.add(info.id)
         return seg
 
@@ -310,6 +334,7 @@ class MasterState:
 
     def _drop_segment(self, seg: SegmentRecord) -> int:
         self._emit(SegmentUnmounted(seg.id))
+        self.replication.segment_dropped(seg)
         del self.segments[seg.id]
         self._placement.invalidate()
         client = self.clients.get(seg.client_id)
@@ -356,10 +381,14 @@ class MasterState:
         client = self.clients.pop(client_id, None)
         if client is None:
             return
+        self.replication.client_expired(client_id, now)
         for seg_id in list(client.segments):
             seg = self.segments.get(seg_id)
             if seg is not None:
                 self._drop_segment(seg)
+        # after its segments went: a drain job that follows these tasks then sees
+        # nothing left to move there instead of queueing more for a dead client
+        self.tasks.fail_client(client_id, "the client running the task expired", now)
         for key in list(client.inflight):
             obj = self.objects.get(key)
             if obj is not None and obj.flags & BUSY and obj.writer == client_id:
@@ -718,6 +747,8 @@ class MasterState:
             obj = self.objects.get(key)
         if obj is None or not obj.flags & READABLE:
             return self.put_start_replicas(client_id, key, size, config, now)
+        if obj.flags & TASK:
+            raise _has_task(key)
         client = self._touch(client_id, now)
         pending = self._allocate_or_evict(size, config, client.host_id, key, now)
         current = obj.segments()
@@ -905,6 +936,8 @@ class MasterState:
     # ------------------------------------------------------------------------------
 
     def _check_removable(self, key: str, obj: Obj, force: bool, now: float) -> None:
+        if obj.flags & TASK:
+            raise _has_task(key)
         if obj.flags & BUSY:
             raise _err(
                 ErrorCode.REPLICA_IS_NOT_READY, f"object {key!r} is being written; retry later"
@@ -945,6 +978,8 @@ class MasterState:
             self._end_write(key, obj)
         if obj.flags & SOFT_PIN:
             self.soft_pinned -= 1
+        if obj.flags & TASK:
+            self.replication.object_gone(key, self._last_tick or 0.0)
         obj.flags = 0
         self.objects.pop(key)
 
@@ -970,7 +1005,7 @@ class MasterState:
         get = self.objects.get
         for key in keys:
             obj = get(key)
-            if obj is None or obj.flags & BUSY or (not force and obj.lease_until > now):
+            if obj is None or obj.flags & (BUSY | TASK) or (not force and obj.lease_until > now):
                 continue
             self._delete(key, obj)
             removed += 1
@@ -986,7 +1021,7 @@ class MasterState:
             obj is None
             or obj.writer != client_id
             or obj.lease_until > now
-            or obj.flags & BUSY
+            or obj.flags & (BUSY | TASK)
             or not obj.flags & READABLE
         ):
             return False
@@ -1134,6 +1169,8 @@ class MasterState:
             self._abandon(key, obj, discard=False, now=now)
             self.metrics.reclaimed_puts += 1
         self._owe_watermark()
+        self.tasks.expire(now)
+        self.drains.step(now)
         return self.housekeeping(now, max_visits)
 
     # ------------------------------------------------------------------------------
@@ -1161,6 +1198,7 @@ class MasterState:
         for effect in effects:
             self.apply(effect, now)
         self.finish_replay()
+        self.tasks.after_restart(now)
 
     def apply(self, effect: Effect, now: float) -> None:
         """Apply one effect (replay, or a standby following a leader).  Allocators
@@ -1271,6 +1309,13 @@ class MasterState:
         ObjectDeleted: _apply_delete,
         WriteStarted: _apply_start,
         WriteEnded: _apply_abandon,
+        TaskSubmitted: lambda st, ev, now: st.tasks.apply_submitted(ev, now),
+        TaskStarted: lambda st, ev, now: st.tasks.apply_started(ev, now),
+        TaskFinished: lambda st, ev, now: st.tasks.apply_finished(ev, now),
+        ReplicationStarted: lambda st, ev, now: st.replication.apply_started(ev, now),
+        ReplicationEnded: lambda st, ev, now: st.replication.apply_ended(ev, now),
+        DrainCreated: lambda st, ev, now: st.drains.apply_created(ev, now),
+        DrainEnded: lambda st, ev, now: st.drains.apply_ended(ev, now),
     }
 
     def finish_replay(self) -> None:
@@ -1294,6 +1339,7 @@ class MasterState:
                 if pending:
                     reserved = reserved_size(obj.extension().pending_size)
                     live += [(addr, reserved) for s, addr in pending if s is seg]
+            live += [(addr, n) for s, addr, n in self.replication.ranges() if s is seg]
             seg.allocator.rebuild(live)
         self._dirty_allocators.clear()
 
@@ -1320,7 +1366,13 @@ class MasterState:
         return out
 
     def segment_effects(self) -> list[Effect]:
-        return [SegmentMounted(seg.info, seg.client_id) for seg in self.segments.values()]
+        """Segments, then the task queue and drain jobs (small: bounded by their limits)."""
+        out: list[Effect] = [
+            SegmentMounted(seg.info, seg.client_id) for seg in self.segments.values()
+        ]
+        out += self.tasks.snapshot()
+        out += self.drains.snapshot()
+        return out
 
     def shard_effects(self, shard: int, *, writes: bool = False) -> list[Effect]:
         """Records of one shard's objects: their readable values, and with
@@ -1331,6 +1383,8 @@ class MasterState:
                 out.append(self._commit_effect(key, obj))
             if writes and obj.flags & BUSY:
                 out.append(self._start_effect(key, obj))
+            if writes and obj.flags & TASK:
+                out += [r for r in self.replication.snapshot() if r.key == key]
         return out
 
     @staticmethod
@@ -1418,6 +1472,10 @@ class MasterState:
             if self.segments.get(seg.id) is seg:
                 live[seg.id].append((addr, reserved))
         assert staged == self.metrics.discard_staging_bytes, "discarded-bytes gauge disagrees"
+        for seg, addr, reserved in self.replication.ranges():
+            live[seg.id].append((addr, reserved))
+        self.replication.validate()
+        self.tasks.validate()
         for sid, seg in self.segments.items():
             records = seg.live()
             assert len(records) == len({id(o) for o in records}), f"segment {sid}: duplicate"
