@@ -125,7 +125,7 @@ def store_worker_main(out: Path, duration: float) -> int:
     from pymooncake.testing import ProcessCluster
 
     token = os.environ.get("PYMOONCAKE_CLUSTER_TOKEN", "")
-    with ProcessCluster(["--default_kv_lease_ttl=100", "--minloglevel=2"], token=token) as cl:
+    with ProcessCluster(["--default_kv_lease_ttl=5000", "--minloglevel=2"], token=token) as cl:
         cl.node("256 MB")
         client = StoreClient(
             StoreClientConfig(C.HOST, cl.metadata_url, cl.master_address, 0, 16 * C.MiB)
