@@ -480,3 +480,14 @@ def test_a_standby_applying_every_effect_equals_the_leader() -> None:
     assert standby.get_replica_list("old", 5).size == 300
     assert standby.get_replica_list("writing", 5).size == 4096
     standby.validate()
+
+
+def test_a_read_lease_ends_within_a_fraction_of_a_millisecond_of_its_ttl() -> None:
+    """The reference's own store test removes a key one lease ttl after reading it
+    and expects success: the shared, rounded deadline may not run much past it."""
+    st = MasterState(MasterConfig(default_kv_lease_ttl_ms=500))
+    for now in (0.0, 1.000_01, 12.345_678, 99_999.999_9):
+        until = st.lease_deadline(now)
+        assert now + 0.5 <= until <= now + 0.5 + 0.000_2
+    # reads in the same step share one float object
+    assert st.lease_deadline(5.0) is st.lease_deadline(5.000_001)

@@ -113,8 +113,8 @@ def client_tag(client_id: str) -> str:
 #: dead deque entries a segment may hold before housekeeping drops them (and
 #: then only while they outnumber the live ones)
 _COMPACT_MIN_DEAD = 4096
-#: read leases end on multiples of 1/64 s (see MasterState.lease_deadline)
-_LEASE_STEPS = 64
+#: read leases end on multiples of 1/8192 s (see MasterState.lease_deadline)
+_LEASE_STEPS = 8192
 
 
 def _err(code: ErrorCode, message: str) -> StoreError:
@@ -879,9 +879,11 @@ class MasterState:
 
     def lease_deadline(self, now: float) -> float:
         """When a read lease granted ``now`` ends: ``now + lease ttl`` rounded up to
-        1/64 s, the same float object for every read in that 1/64 s (a lease costs
-        an object nothing but a pointer; holding it up to 16 ms longer is safe:
-        readers count their lease from their own request)."""
+        1/8192 s, the same float object for every read in that step (a lease costs
+        an object nothing but a pointer).  Holding it up to 122 us longer is safe:
+        readers count their lease from their own request.  A coarser step broke
+        the reference's own test, which removes a key exactly one lease ttl after
+        reading it (a 1/64 s step held the lease up to 16 ms too long)."""
         tick = math.ceil((now + self.config.lease_ttl_s) * _LEASE_STEPS)
         if tick != self._lease_tick:
             self._lease_tick = tick
