@@ -68,10 +68,10 @@ def test_reads_share_one_lease_float() -> None:
         st.put_start("c", k, 64, ONE, 0.0)
         st.put_end("c", k, 0.0)
     st.get_replica_list("a", 10.0001)
-    st.exist_key("b", 10.002)
+    st.exist_key("b", 10.000_11)
     a, b = st.objects["a"], st.objects["b"]
     assert a.lease_until is b.lease_until  # one float object for both
-    assert 15.002 <= a.lease_until <= 15.002 + 1 / 64
+    assert 15.000_11 <= a.lease_until <= 15.000_11 + 1 / 8192
     st.get_replica_list("a", 10.1)
     assert a.lease_until >= 15.1 and a.lease_until is not b.lease_until
 

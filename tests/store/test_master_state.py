@@ -490,4 +490,4 @@ def test_a_read_lease_ends_within_a_fraction_of_a_millisecond_of_its_ttl() -> No
         until = st.lease_deadline(now)
         assert now + 0.5 <= until <= now + 0.5 + 0.000_2
     # reads in the same step share one float object
-    assert st.lease_deadline(5.0) is st.lease_deadline(5.000_001)
+    assert st.lease_deadline(5.000_1) is st.lease_deadline(5.000_11)
