@@ -377,6 +377,8 @@ class Request:
 
     __slots__ = ()
     METHOD: ClassVar[MasterMethod]
+    #: the type of the answer (``_master_reply_msgs.py``); None for a one-way message
+    REPLY: ClassVar[Any] = None
 
     def params(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -1160,3 +1162,7 @@ def decode_request(method: MasterMethod, params: Any, *, escapes: bool = True) -
     if escapes:
         check_surrogates(params, f"parameters of {method.value}")
     return REQUEST_TYPES[method](params)
+
+
+# every request type's REPLY is set there (it imports this module)
+from . import _master_reply_msgs as _master_reply_msgs  # noqa: E402

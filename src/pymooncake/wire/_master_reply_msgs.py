@@ -1,0 +1,1020 @@
+"""Typed replies of the store master's RPC, one frozen type per method.
+
+Theory of operation
+-------------------
+Requests are typed in ``_master_msgs.py``; this module gives every request type
+the type of its answer (``Request.REPLY``, linked at the bottom of this module).
+Each reply type has
+
+* ``to_wire()``: the JSON value the master sends, exactly as the protocol has
+  always carried it (``"pymooncake-master/2"``; the bytes do not change), and
+* ``decode(value)``: the inverse, which checks every type and shape once and
+  raises :class:`InvalidReply` (a :class:`~pymooncake.errors.MalformedMessage`)
+  naming the method and the field on anything else: a client never indexes
+  into an unchecked value.
+
+Replicas travel as ``[replica id, endpoint, address, size, status, segment id]``
+(:data:`ReplicaWire`, the reference's ``Replica::Descriptor`` fields that a
+client uses).  Batch starts and batch lookups answer in columns
+(``_master_replies.py``); their reply types hold the decoded
+:class:`ReplicaColumns` as they came (flat lists, no per-key objects).
+
+This module neither opens sockets nor touches master state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, NoReturn, TypeVar
+
+from ..errors import MalformedMessage
+from . import _master_msgs as msg
+from . import _offload_msgs as omsg
+from ._master_msgs import MasterMethod
+from ._master_replies import ReplicaColumns
+
+__all__ = [
+    "REPLY_TYPES",
+    "BatchEvictDiskReplicaReply",
+    "BatchExistKeyReply",
+    "BatchGetReplicaListReply",
+    "BatchKeyResultsReply",
+    "BatchPutEndReply",
+    "BatchPutRevokeReply",
+    "BatchPutStartReply",
+    "BatchRemoveReply",
+    "BatchReplicaClearReply",
+    "BatchUpsertEndReply",
+    "BatchUpsertRevokeReply",
+    "BatchUpsertStartReply",
+    "ColumnsReply",
+    "CopyEndReply",
+    "CopyRevokeReply",
+    "CopyStartReply",
+    "CountReply",
+    "CreateCopyTaskReply",
+    "CreateMoveTaskReply",
+    "DoneReply",
+    "ExistKeyReply",
+    "FetchTasksReply",
+    "FollowFrame",
+    "GetReplicaListByRegexReply",
+    "GetReplicaListReply",
+    "GetStorageConfigReply",
+    "GetSummaryReply",
+    "InvalidReply",
+    "MarkTaskToCompleteReply",
+    "MountLocalDiskReply",
+    "MountSegmentReply",
+    "MoveEndReply",
+    "MoveRevokeReply",
+    "MoveStartReply",
+    "NotifyOffloadSuccessReply",
+    "OffloadHeartbeatReply",
+    "PingReply",
+    "PromotionAllocStartReply",
+    "PutEndReply",
+    "PutRevokeReply",
+    "PutStartReply",
+    "QueryTaskReply",
+    "ReMountSegmentReply",
+    "RemoveAllReply",
+    "RemoveByRegexReply",
+    "RemoveReply",
+    "ReplicaWire",
+    "Reply",
+    "ServiceReadyReply",
+    "TaskAssignment",
+    "UnmountLocalDiskReply",
+    "UnmountSegmentReply",
+    "UpsertEndReply",
+    "UpsertRevokeReply",
+    "UpsertStartReply",
+    "reply_type",
+]
+
+#: one replica: (replica id, endpoint, address, size, status, segment id)
+ReplicaWire = tuple[int, str, int, int, int, str]
+_R = TypeVar("_R", bound="Reply")
+
+
+class InvalidReply(MalformedMessage):
+    """A master reply that does not have the shape its method promises (a master
+    of another version, or a corrupted frame)."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class Reply:
+    """Base of every reply type."""
+
+    __slots__ = ()
+    METHOD: ClassVar[MasterMethod]
+
+    def to_wire(self) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls: type[_R], value: Any) -> _R:
+        raise NotImplementedError
+
+    @classmethod
+    def _bad(cls, what: str, rule: str, value: Any = ...) -> NoReturn:
+        shown = "" if value is ... else f" (got {_show(value)})"
+        raise InvalidReply(f"{cls.METHOD.value} reply: {what} {rule}{shown}")
+
+    # field checks (raise InvalidReply naming the method and the field) ----------
+
+    @classmethod
+    def _int(cls, value: Any, what: str) -> int:
+        if type(value) is not int:
+            cls._bad(what, "is not an integer", value)
+        return value
+
+    @classmethod
+    def _str(cls, value: Any, what: str) -> str:
+        if type(value) is not str:
+            cls._bad(what, "is not a string", value)
+        return value
+
+    @classmethod
+    def _bool(cls, value: Any, what: str) -> bool:
+        if type(value) is not bool:
+            cls._bad(what, "is not a boolean", value)
+        return value
+
+    @classmethod
+    def _list(cls, value: Any, what: str, n: int | None = None) -> list[Any]:
+        if type(value) is not list:
+            cls._bad(what, "is not a list", value)
+        if n is not None and len(value) != n:
+            cls._bad(what, f"does not have {n} elements", value)
+        return value
+
+    @classmethod
+    def _dict(cls, value: Any, what: str, fields: tuple[str, ...] = ()) -> dict[str, Any]:
+        if type(value) is not dict:
+            cls._bad(what, "is not an object", value)
+        for f in fields:
+            if f not in value:
+                cls._bad(f"{what}.{f}", "is missing")
+        return value
+
+    @classmethod
+    def _ints(cls, value: Any, what: str, n: int | None = None) -> list[int]:
+        items = cls._list(value, what, n)
+        if items and not {type(x) for x in items} <= {int}:
+            cls._bad(what, "holds a value that is not an integer")
+        return items
+
+    @classmethod
+    def _strs(cls, value: Any, what: str) -> tuple[str, ...]:
+        items = cls._list(value, what)
+        if items and not {type(x) for x in items} <= {str}:
+            cls._bad(what, "holds a value that is not a string")
+        return tuple(items)
+
+    @classmethod
+    def _replica(cls, value: Any, what: str) -> ReplicaWire:
+        r = cls._list(value, what, 6)
+        rid, endpoint, address, size, status, segment_id = r
+        if not (
+            type(rid) is int
+            and type(endpoint) is str
+            and type(address) is int
+            and type(size) is int
+            and type(status) is int
+            and type(segment_id) is str
+        ):
+            cls._bad(what, "is not [id, endpoint, address, size, status, segment id]", value)
+        return (rid, endpoint, address, size, status, segment_id)
+
+    @classmethod
+    def _replicas(cls, value: Any, what: str) -> tuple[ReplicaWire, ...]:
+        return tuple(cls._replica(r, f"{what}[{i}]") for i, r in enumerate(cls._list(value, what)))
+
+    @classmethod
+    def _uuid(cls, value: Any, what: str) -> tuple[int, int]:
+        a, b = cls._ints(value, what, 2)
+        return (a, b)
+
+
+def _replicas_wire(reps: tuple[ReplicaWire, ...]) -> list[list[Any]]:
+    return [list(r) for r in reps]
+
+
+# ---------------------------------------------------------------------------------
+# shared shapes (one subclass per method below)
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DoneReply(Reply):
+    """Success without a value (JSON ``null``)."""
+
+    def to_wire(self) -> None:
+        return None
+
+    @classmethod
+    def decode(cls: type[_R], value: Any) -> _R:
+        if value is not None:
+            cls._bad("value", "is not null", value)
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class CountReply(Reply):
+    """A number of things (unmounted objects, removed keys, evicted files)."""
+
+    count: int
+
+    def to_wire(self) -> int:
+        return self.count
+
+    @classmethod
+    def decode(cls: type[_R], value: Any) -> _R:
+        return cls(cls._int(value, "count"))  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True, slots=True)
+class _ReplicasReply(Reply):
+    """The replicas a writer is to fill (``[[id, endpoint, address, size, status,
+    segment id], ...]``)."""
+
+    replicas: tuple[ReplicaWire, ...]
+
+    def to_wire(self) -> list[list[Any]]:
+        return _replicas_wire(self.replicas)
+
+    @classmethod
+    def decode(cls: type[_R], value: Any) -> _R:
+        return cls(cls._replicas(value, "replicas"))  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKeyResultsReply(Reply):
+    """``[[code, message or null], ...]``, one per key of the request: code 0 is
+    success (message null), else the reference ErrorCode and its message."""
+
+    codes: tuple[int, ...]
+    messages: tuple[str | None, ...]
+
+    def to_wire(self) -> list[list[Any]]:
+        return [[c, m] for c, m in zip(self.codes, self.messages, strict=True)]
+
+    @classmethod
+    def decode(cls: type[_R], value: Any) -> _R:
+        codes: list[int] = []
+        messages: list[str | None] = []
+        for i, item in enumerate(cls._list(value, "results")):
+            if type(item) is not list or len(item) != 2:
+                cls._bad(f"results[{i}]", "is not [code, message]", item)
+            code, text = item
+            if type(code) is not int or not (text is None or type(text) is str):
+                cls._bad(f"results[{i}]", "is not [integer, string or null]", item)
+            codes.append(code)
+            messages.append(text)
+        return cls(tuple(codes), tuple(messages))  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnsReply(Reply):
+    """A columnar batch reply (``_master_replies.py``), kept as its flat lists."""
+
+    columns: ReplicaColumns
+    #: BatchGetReplicaList also carries object sizes and the lease
+    WITH_SIZES: ClassVar[bool] = False
+
+    def __len__(self) -> int:
+        return len(self.columns.code)
+
+    def to_wire(self) -> dict[str, Any]:
+        c = self.columns
+        out: dict[str, Any] = {
+            "code": c.code,
+            "msg": [[i, m] for i, m in c.messages.items()],
+            "segs": c.segs,
+            "n": c.counts,
+            "seg": c.seg,
+            "addr": c.addr,
+        }
+        if self.WITH_SIZES:
+            out["size"] = c.sizes
+            out["lease_ttl_ms"] = c.lease_ttl_ms
+        return out
+
+    @classmethod
+    def decode(cls: type[_R], value: Any) -> _R:
+        assert issubclass(cls, ColumnsReply)
+        fields: tuple[str, ...] = ("code", "msg", "segs", "n", "seg", "addr")
+        if cls.WITH_SIZES:
+            fields += ("size", "lease_ttl_ms")
+        v = cls._dict(value, "reply", fields)
+        code = cls._ints(v["code"], "code")
+        n = len(code)
+        counts = cls._ints(v["n"], "n", n)
+        if counts and min(counts) < 0:
+            cls._bad("n", "holds a negative count")
+        total = sum(counts)
+        seg = cls._ints(v["seg"], "seg", total)
+        addr = cls._ints(v["addr"], "addr", total)
+        segs = cls._list(v["segs"], "segs")
+        for j, s in enumerate(segs):
+            if not (
+                type(s) is list
+                and len(s) == 4
+                and type(s[0]) is str
+                and type(s[1]) is str
+                and type(s[2]) is int
+                and type(s[3]) is int
+            ):
+                cls._bad(f"segs[{j}]", "is not [endpoint, segment id, number, base]", s)
+        if seg and (min(seg) < 0 or max(seg) >= len(segs)):
+            cls._bad("seg", "holds a segment index out of range")
+        messages: dict[int, str] = {}
+        for item in cls._list(v["msg"], "msg"):
+            if (
+                type(item) is not list
+                or len(item) != 2
+                or type(item[0]) is not int
+                or type(item[1]) is not str
+                or not 0 <= item[0] < n
+                or item[0] in messages
+            ):
+                cls._bad("msg", "is not a list of [key index, message]", item)
+            messages[item[0]] = item[1]
+        sizes = cls._ints(v["size"], "size", n) if cls.WITH_SIZES else None
+        ttl = cls._int(v["lease_ttl_ms"], "lease_ttl_ms") if cls.WITH_SIZES else 0
+        return cls(ReplicaColumns(code, messages, segs, counts, seg, addr, sizes, ttl))
+
+
+# ---------------------------------------------------------------------------------
+# one type per method
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceReadyReply(Reply):
+    """The master's protocol version (``"pymooncake-master/2"``)."""
+
+    METHOD: ClassVar = MasterMethod.SERVICE_READY
+    version: str
+
+    def to_wire(self) -> str:
+        return self.version
+
+    @classmethod
+    def decode(cls, value: Any) -> ServiceReadyReply:
+        return cls(cls._str(value, "version"))
+
+
+_SUMMARY_INTS: Final = (
+    "capacity_bytes",
+    "allocated_bytes",
+    "key_count",
+    "segment_count",
+    "client_count",
+    "soft_pinned_keys",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GetSummaryReply(Reply):
+    """Counters of the whole store; ``ssd`` (the SSD tier's counters) only when
+    the master runs one."""
+
+    METHOD: ClassVar = MasterMethod.GET_SUMMARY
+    capacity_bytes: int
+    allocated_bytes: int
+    key_count: int
+    segment_count: int
+    client_count: int
+    soft_pinned_keys: int
+    ssd: dict[str, int | float] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f: getattr(self, f) for f in _SUMMARY_INTS}
+        if self.ssd is not None:
+            out["ssd"] = self.ssd
+        return out
+
+    @classmethod
+    def decode(cls, value: Any) -> GetSummaryReply:
+        v = cls._dict(value, "summary", _SUMMARY_INTS)
+        a, b, c, d, e, f = (cls._int(v[k], k) for k in _SUMMARY_INTS)
+        ssd = v.get("ssd")
+        if ssd is not None:
+            cls._dict(ssd, "ssd")
+            for k, x in ssd.items():
+                if type(x) not in (int, float):
+                    cls._bad(f"ssd.{k}", "is not a number", x)
+        return cls(a, b, c, d, e, f, ssd)
+
+
+@dataclass(frozen=True, slots=True)
+class PingReply(Reply):
+    """The client's view of the master: ``view_version``, ``status``
+    (ClientStatus), ``instance`` (changes when the master restarts) and how many
+    copy/move ``tasks`` wait for this client (sent only when some do)."""
+
+    METHOD: ClassVar = MasterMethod.PING
+    view_version: int
+    status: int
+    instance: str
+    tasks: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "view_version": self.view_version,
+            "status": self.status,
+            "instance": self.instance,
+        }
+        if self.tasks:
+            out["tasks"] = self.tasks
+        return out
+
+    @classmethod
+    def decode(cls, value: Any) -> PingReply:
+        v = cls._dict(value, "ping", ("view_version", "status", "instance"))
+        tasks = cls._int(v["tasks"], "tasks") if "tasks" in v else 0
+        return cls(
+            cls._int(v["view_version"], "view_version"),
+            cls._int(v["status"], "status"),
+            cls._str(v["instance"], "instance"),
+            tasks,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MountSegmentReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.MOUNT_SEGMENT
+
+
+@dataclass(frozen=True, slots=True)
+class ReMountSegmentReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.REMOUNT_SEGMENTS
+
+
+@dataclass(frozen=True, slots=True)
+class UnmountSegmentReply(CountReply):
+    """How many objects lost a replica with the segment."""
+
+    METHOD: ClassVar = MasterMethod.UNMOUNT_SEGMENT
+
+
+@dataclass(frozen=True, slots=True)
+class PutStartReply(_ReplicasReply):
+    METHOD: ClassVar = MasterMethod.PUT_START
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertStartReply(_ReplicasReply):
+    METHOD: ClassVar = MasterMethod.UPSERT_START
+
+
+@dataclass(frozen=True, slots=True)
+class PromotionAllocStartReply(_ReplicasReply):
+    METHOD: ClassVar = MasterMethod.PROMOTION_ALLOC_START
+
+
+@dataclass(frozen=True, slots=True)
+class PutEndReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.PUT_END
+
+
+@dataclass(frozen=True, slots=True)
+class PutRevokeReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.PUT_REVOKE
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertEndReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.UPSERT_END
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertRevokeReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.UPSERT_REVOKE
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPutStartReply(ColumnsReply):
+    METHOD: ClassVar = MasterMethod.BATCH_PUT_START
+
+
+@dataclass(frozen=True, slots=True)
+class BatchUpsertStartReply(ColumnsReply):
+    METHOD: ClassVar = MasterMethod.BATCH_UPSERT_START
+
+
+@dataclass(frozen=True, slots=True)
+class BatchGetReplicaListReply(ColumnsReply):
+    METHOD: ClassVar = MasterMethod.BATCH_GET_REPLICA_LIST
+    WITH_SIZES: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPutEndReply(BatchKeyResultsReply):
+    METHOD: ClassVar = MasterMethod.BATCH_PUT_END
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPutRevokeReply(BatchKeyResultsReply):
+    METHOD: ClassVar = MasterMethod.BATCH_PUT_REVOKE
+
+
+@dataclass(frozen=True, slots=True)
+class BatchUpsertEndReply(BatchKeyResultsReply):
+    METHOD: ClassVar = MasterMethod.BATCH_UPSERT_END
+
+
+@dataclass(frozen=True, slots=True)
+class BatchUpsertRevokeReply(BatchKeyResultsReply):
+    METHOD: ClassVar = MasterMethod.BATCH_UPSERT_REVOKE
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRemoveReply(BatchKeyResultsReply):
+    METHOD: ClassVar = MasterMethod.BATCH_REMOVE
+
+
+@dataclass(frozen=True, slots=True)
+class GetReplicaListReply(Reply):
+    """A readable object's replicas, its size and the lease the read took."""
+
+    METHOD: ClassVar = MasterMethod.GET_REPLICA_LIST
+    replicas: tuple[ReplicaWire, ...]
+    lease_ttl_ms: int
+    size: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "replicas": _replicas_wire(self.replicas),
+            "lease_ttl_ms": self.lease_ttl_ms,
+            "size": self.size,
+        }
+
+    @classmethod
+    def decode(cls, value: Any) -> GetReplicaListReply:
+        v = cls._dict(value, "reply", ("replicas", "lease_ttl_ms", "size"))
+        return cls(
+            cls._replicas(v["replicas"], "replicas"),
+            cls._int(v["lease_ttl_ms"], "lease_ttl_ms"),
+            cls._int(v["size"], "size"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GetReplicaListByRegexReply(Reply):
+    """``{key: replicas}`` for every readable key the pattern matches."""
+
+    METHOD: ClassVar = MasterMethod.GET_REPLICA_LIST_BY_REGEX
+    replicas: dict[str, tuple[ReplicaWire, ...]]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {k: _replicas_wire(r) for k, r in self.replicas.items()}
+
+    @classmethod
+    def decode(cls, value: Any) -> GetReplicaListByRegexReply:
+        v = cls._dict(value, "reply")
+        return cls({k: cls._replicas(r, f"replicas of {k!r}") for k, r in v.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class ExistKeyReply(Reply):
+    METHOD: ClassVar = MasterMethod.EXIST_KEY
+    exists: bool
+
+    def to_wire(self) -> bool:
+        return self.exists
+
+    @classmethod
+    def decode(cls, value: Any) -> ExistKeyReply:
+        return cls(cls._bool(value, "exists"))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchExistKeyReply(Reply):
+    METHOD: ClassVar = MasterMethod.BATCH_EXIST_KEY
+    exists: tuple[bool, ...]
+
+    def to_wire(self) -> list[bool]:
+        return list(self.exists)
+
+    @classmethod
+    def decode(cls, value: Any) -> BatchExistKeyReply:
+        items = cls._list(value, "exists")
+        if items and not {type(x) for x in items} <= {bool}:
+            cls._bad("exists", "holds a value that is not a boolean")
+        return cls(tuple(items))
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.REMOVE
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveByRegexReply(CountReply):
+    METHOD: ClassVar = MasterMethod.REMOVE_BY_REGEX
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveAllReply(CountReply):
+    METHOD: ClassVar = MasterMethod.REMOVE_ALL
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReplicaClearReply(Reply):
+    """The keys that lost replicas."""
+
+    METHOD: ClassVar = MasterMethod.BATCH_REPLICA_CLEAR
+    keys: tuple[str, ...]
+
+    def to_wire(self) -> list[str]:
+        return list(self.keys)
+
+    @classmethod
+    def decode(cls, value: Any) -> BatchReplicaClearReply:
+        return cls(cls._strs(value, "keys"))
+
+
+@dataclass(frozen=True, slots=True)
+class FollowFrame(Reply):
+    """One frame of the stream a leader answers ``Follow`` with: effect records
+    up to sequence number ``seq``; ``synced`` on the frame that ends the
+    initial state."""
+
+    METHOD: ClassVar = MasterMethod.FOLLOW
+    seq: int
+    effects: tuple[list[Any], ...]
+    synced: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seq": self.seq, "effects": list(self.effects)}
+        if self.synced:
+            out["synced"] = True
+        return out
+
+    @classmethod
+    def decode(cls, value: Any) -> FollowFrame:
+        v = cls._dict(value, "frame", ("seq", "effects"))
+        effects = cls._list(v["effects"], "effects")
+        for i, e in enumerate(effects):
+            if type(e) is not list or not e or type(e[0]) is not str:
+                cls._bad(f"effects[{i}]", "is not an effect record [kind, ...]", e)
+        synced = cls._bool(v["synced"], "synced") if "synced" in v else False
+        return cls(cls._int(v["seq"], "seq"), tuple(effects), synced)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateCopyTaskReply(Reply):
+    """The new task's id (a UUID as two 64-bit halves)."""
+
+    METHOD: ClassVar = MasterMethod.CREATE_COPY_TASK
+    task_id: tuple[int, int]
+
+    def to_wire(self) -> list[int]:
+        return list(self.task_id)
+
+    @classmethod
+    def decode(cls: type[_R], value: Any) -> _R:
+        return cls(cls._uuid(value, "task_id"))  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True, slots=True)
+class CreateMoveTaskReply(CreateCopyTaskReply):
+    METHOD: ClassVar = MasterMethod.CREATE_MOVE_TASK
+
+
+_QUERY_FIELDS: Final = (
+    "id",
+    "type",
+    "status",
+    "created_at_ms_epoch",
+    "last_updated_at_ms_epoch",
+    "assigned_client",
+    "message",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryTaskReply(Reply):
+    """The reference's QueryTaskResponse."""
+
+    METHOD: ClassVar = MasterMethod.QUERY_TASK
+    id: tuple[int, int]
+    type: int
+    status: int
+    created_at_ms_epoch: int
+    last_updated_at_ms_epoch: int
+    assigned_client: tuple[int, int]
+    message: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": list(self.id),
+            "type": self.type,
+            "status": self.status,
+            "created_at_ms_epoch": self.created_at_ms_epoch,
+            "last_updated_at_ms_epoch": self.last_updated_at_ms_epoch,
+            "assigned_client": list(self.assigned_client),
+            "message": self.message,
+        }
+
+    @classmethod
+    def decode(cls, value: Any) -> QueryTaskReply:
+        v = cls._dict(value, "task", _QUERY_FIELDS)
+        return cls(
+            cls._uuid(v["id"], "id"),
+            cls._int(v["type"], "type"),
+            cls._int(v["status"], "status"),
+            cls._int(v["created_at_ms_epoch"], "created_at_ms_epoch"),
+            cls._int(v["last_updated_at_ms_epoch"], "last_updated_at_ms_epoch"),
+            cls._uuid(v["assigned_client"], "assigned_client"),
+            cls._str(v["message"], "message"),
+        )
+
+
+_ASSIGNMENT_FIELDS: Final = (
+    "id",
+    "type",
+    "key",
+    "source",
+    "targets",
+    "created_at_ms_epoch",
+    "max_retry_attempts",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskAssignment:
+    """One task ``FetchTasks`` hands out (the reference's TaskAssignment)."""
+
+    id: tuple[int, int]
+    type: int
+    key: str
+    source: str
+    targets: tuple[str, ...]
+    created_at_ms_epoch: int
+    max_retry_attempts: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": list(self.id),
+            "type": self.type,
+            "key": self.key,
+            "source": self.source,
+            "targets": list(self.targets),
+            "created_at_ms_epoch": self.created_at_ms_epoch,
+            "max_retry_attempts": self.max_retry_attempts,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FetchTasksReply(Reply):
+    METHOD: ClassVar = MasterMethod.FETCH_TASKS
+    tasks: tuple[TaskAssignment, ...]
+
+    def to_wire(self) -> list[dict[str, Any]]:
+        return [t.to_wire() for t in self.tasks]
+
+    @classmethod
+    def decode(cls, value: Any) -> FetchTasksReply:
+        out: list[TaskAssignment] = []
+        for i, item in enumerate(cls._list(value, "tasks")):
+            w = f"tasks[{i}]"
+            v = cls._dict(item, w, _ASSIGNMENT_FIELDS)
+            out.append(
+                TaskAssignment(
+                    cls._uuid(v["id"], f"{w}.id"),
+                    cls._int(v["type"], f"{w}.type"),
+                    cls._str(v["key"], f"{w}.key"),
+                    cls._str(v["source"], f"{w}.source"),
+                    cls._strs(v["targets"], f"{w}.targets"),
+                    cls._int(v["created_at_ms_epoch"], f"{w}.created_at_ms_epoch"),
+                    cls._int(v["max_retry_attempts"], f"{w}.max_retry_attempts"),
+                )
+            )
+        return cls(tuple(out))
+
+
+@dataclass(frozen=True, slots=True)
+class MarkTaskToCompleteReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.MARK_TASK_TO_COMPLETE
+
+
+@dataclass(frozen=True, slots=True)
+class CopyStartReply(Reply):
+    """Where to read (``source``) and the buffers reserved to write (``targets``)."""
+
+    METHOD: ClassVar = MasterMethod.COPY_START
+    source: ReplicaWire
+    targets: tuple[ReplicaWire, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"source": list(self.source), "targets": _replicas_wire(self.targets)}
+
+    @classmethod
+    def decode(cls: type[_R], value: Any) -> _R:
+        v = cls._dict(value, "reply", ("source", "targets"))
+        return cls(  # type: ignore[call-arg]
+            cls._replica(v["source"], "source"), cls._replicas(v["targets"], "targets")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MoveStartReply(CopyStartReply):
+    METHOD: ClassVar = MasterMethod.MOVE_START
+
+
+@dataclass(frozen=True, slots=True)
+class CopyEndReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.COPY_END
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRevokeReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.COPY_REVOKE
+
+
+@dataclass(frozen=True, slots=True)
+class MoveEndReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.MOVE_END
+
+
+@dataclass(frozen=True, slots=True)
+class MoveRevokeReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.MOVE_REVOKE
+
+
+# the SSD tier ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MountLocalDiskReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.MOUNT_LOCAL_DISK
+
+
+@dataclass(frozen=True, slots=True)
+class UnmountLocalDiskReply(CountReply):
+    METHOD: ClassVar = MasterMethod.UNMOUNT_LOCAL_DISK
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadHeartbeatReply(Reply):
+    """A client's SSD work: ``offload`` ``(key, size, segment id, address)``,
+    ``promote`` ``(key, size)``, files to ``drop``; ``remount`` when the master
+    does not know the client's disk (it restarted)."""
+
+    METHOD: ClassVar = MasterMethod.OFFLOAD_HEARTBEAT
+    offload: tuple[tuple[str, int, str, int], ...]
+    promote: tuple[tuple[str, int], ...]
+    drop: tuple[str, ...]
+    remount: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"remount": True} if self.remount else {}
+        out["offload"] = [list(t) for t in self.offload]
+        out["promote"] = [list(t) for t in self.promote]
+        out["drop"] = list(self.drop)
+        return out
+
+    @classmethod
+    def decode(cls, value: Any) -> OffloadHeartbeatReply:
+        v = cls._dict(value, "reply", ("offload", "promote", "drop"))
+        offload: list[tuple[str, int, str, int]] = []
+        for i, t in enumerate(cls._list(v["offload"], "offload")):
+            t = cls._list(t, f"offload[{i}]", 4)
+            if not (
+                type(t[0]) is str and type(t[1]) is int and type(t[2]) is str and type(t[3]) is int
+            ):
+                cls._bad(f"offload[{i}]", "is not [key, size, segment id, address]", t)
+            offload.append((t[0], t[1], t[2], t[3]))
+        promote: list[tuple[str, int]] = []
+        for i, t in enumerate(cls._list(v["promote"], "promote")):
+            t = cls._list(t, f"promote[{i}]", 2)
+            if type(t[0]) is not str or type(t[1]) is not int:
+                cls._bad(f"promote[{i}]", "is not [key, size]", t)
+            promote.append((t[0], t[1]))
+        remount = cls._bool(v["remount"], "remount") if "remount" in v else False
+        return cls(tuple(offload), tuple(promote), cls._strs(v["drop"], "drop"), remount)
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyOffloadSuccessReply(Reply):
+    """A code per key (0 = registered)."""
+
+    METHOD: ClassVar = MasterMethod.NOTIFY_OFFLOAD_SUCCESS
+    codes: tuple[int, ...]
+
+    def to_wire(self) -> list[int]:
+        return list(self.codes)
+
+    @classmethod
+    def decode(cls, value: Any) -> NotifyOffloadSuccessReply:
+        return cls(tuple(cls._ints(value, "codes")))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchEvictDiskReplicaReply(CountReply):
+    METHOD: ClassVar = MasterMethod.BATCH_EVICT_DISK_REPLICA
+
+
+@dataclass(frozen=True, slots=True)
+class GetStorageConfigReply(Reply):
+    METHOD: ClassVar = MasterMethod.GET_STORAGE_CONFIG
+    fsdir: str
+    enable_disk_eviction: bool
+    quota_bytes: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "fsdir": self.fsdir,
+            "enable_disk_eviction": self.enable_disk_eviction,
+            "quota_bytes": self.quota_bytes,
+        }
+
+    @classmethod
+    def decode(cls, value: Any) -> GetStorageConfigReply:
+        v = cls._dict(value, "reply", ("fsdir", "enable_disk_eviction", "quota_bytes"))
+        return cls(
+            cls._str(v["fsdir"], "fsdir"),
+            cls._bool(v["enable_disk_eviction"], "enable_disk_eviction"),
+            cls._int(v["quota_bytes"], "quota_bytes"),
+        )
+
+
+# ---------------------------------------------------------------------------------
+# request type -> reply type
+# ---------------------------------------------------------------------------------
+
+_REPLIES: Final[dict[type[msg.Request], type[Reply] | None]] = {
+    msg.ServiceReady: ServiceReadyReply,
+    msg.GetSummary: GetSummaryReply,
+    msg.Ping: PingReply,
+    msg.MountSegment: MountSegmentReply,
+    msg.ReMountSegment: ReMountSegmentReply,
+    msg.UnmountSegment: UnmountSegmentReply,
+    msg.PutStart: PutStartReply,
+    msg.PutEnd: PutEndReply,
+    msg.PutRevoke: PutRevokeReply,
+    msg.BatchPutStart: BatchPutStartReply,
+    msg.BatchPutEnd: BatchPutEndReply,
+    msg.BatchPutRevoke: BatchPutRevokeReply,
+    msg.UpsertStart: UpsertStartReply,
+    msg.UpsertEnd: UpsertEndReply,
+    msg.UpsertRevoke: UpsertRevokeReply,
+    msg.BatchUpsertStart: BatchUpsertStartReply,
+    msg.BatchUpsertEnd: BatchUpsertEndReply,
+    msg.BatchUpsertRevoke: BatchUpsertRevokeReply,
+    msg.GetReplicaList: GetReplicaListReply,
+    msg.BatchGetReplicaList: BatchGetReplicaListReply,
+    msg.GetReplicaListByRegex: GetReplicaListByRegexReply,
+    msg.ExistKey: ExistKeyReply,
+    msg.BatchExistKey: BatchExistKeyReply,
+    msg.Remove: RemoveReply,
+    msg.BatchRemove: BatchRemoveReply,
+    msg.RemoveByRegex: RemoveByRegexReply,
+    msg.RemoveAll: RemoveAllReply,
+    msg.BatchReplicaClear: BatchReplicaClearReply,
+    msg.Follow: FollowFrame,
+    msg.Ack: None,  # one-way: a standby's acknowledgement is never answered
+    msg.CreateCopyTask: CreateCopyTaskReply,
+    msg.CreateMoveTask: CreateMoveTaskReply,
+    msg.QueryTask: QueryTaskReply,
+    msg.FetchTasks: FetchTasksReply,
+    msg.MarkTaskToComplete: MarkTaskToCompleteReply,
+    msg.CopyStart: CopyStartReply,
+    msg.CopyEnd: CopyEndReply,
+    msg.CopyRevoke: CopyRevokeReply,
+    msg.MoveStart: MoveStartReply,
+    msg.MoveEnd: MoveEndReply,
+    msg.MoveRevoke: MoveRevokeReply,
+    omsg.MountLocalDisk: MountLocalDiskReply,
+    omsg.UnmountLocalDisk: UnmountLocalDiskReply,
+    omsg.OffloadHeartbeat: OffloadHeartbeatReply,
+    omsg.NotifyOffloadSuccess: NotifyOffloadSuccessReply,
+    omsg.BatchEvictDiskReplica: BatchEvictDiskReplicaReply,
+    omsg.PromotionAllocStart: PromotionAllocStartReply,
+    omsg.GetStorageConfig: GetStorageConfigReply,
+}
+
+for _req, _rep in _REPLIES.items():
+    assert _rep is None or _rep.METHOD is _req.METHOD, f"{_req.__name__} -> {_rep}"
+    _req.REPLY = _rep
+del _req, _rep
+
+#: method -> reply type (``None`` for the one-way ``Ack``)
+REPLY_TYPES: Final[dict[MasterMethod, type[Reply] | None]] = {
+    req.METHOD: rep for req, rep in _REPLIES.items()
+}
+
+
+def reply_type(request: msg.Request | type[msg.Request]) -> type[Reply] | None:
+    """The reply type of a request (or request type)."""
+    rep: type[Reply] | None = request.REPLY
+    return rep

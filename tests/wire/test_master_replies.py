@@ -1,0 +1,310 @@
+"""Typed master replies (``wire/_master_reply_msgs.py``): every reply type encodes
+to exactly the bytes the master has always sent, decodes back to itself, and
+refuses anything else with InvalidReply naming the method and the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pymooncake.errors import MalformedMessage
+from pymooncake.wire import _master_msgs as msg
+from pymooncake.wire import _master_reply_msgs as r
+from pymooncake.wire._master import encode_json, encode_reply
+from pymooncake.wire._master_replies import ReplicaColumns
+
+REP = [4398046511104, "127.0.0.1:17001", 140000000000, 4096, 3, "seg-a"]
+REP2 = [4398046511168, "127.0.0.1:17002", 140000004096, 4096, 2, "seg-b"]
+
+#: reply type -> (a value as the master sends it, its exact JSON text)
+EXAMPLES: dict[type[r.Reply], tuple[Any, str]] = {
+    r.ServiceReadyReply: ("pymooncake-master/2", '"pymooncake-master/2"'),
+    r.GetSummaryReply: (
+        {
+            "capacity_bytes": 1073741824,
+            "allocated_bytes": 8192,
+            "key_count": 2,
+            "segment_count": 1,
+            "client_count": 1,
+            "soft_pinned_keys": 0,
+            "ssd": {"local_disks": 1, "disk_replicas": 0},
+        },
+        '{"capacity_bytes":1073741824,"allocated_bytes":8192,"key_count":2,'
+        '"segment_count":1,"client_count":1,"soft_pinned_keys":0,'
+        '"ssd":{"local_disks":1,"disk_replicas":0}}',
+    ),
+    r.PingReply: (
+        {"view_version": 3, "status": 1, "instance": "a1b2", "tasks": 2},
+        '{"view_version":3,"status":1,"instance":"a1b2","tasks":2}',
+    ),
+    r.MountSegmentReply: (None, "null"),
+    r.ReMountSegmentReply: (None, "null"),
+    r.UnmountSegmentReply: (7, "7"),
+    r.PutStartReply: (
+        [REP, REP2],
+        '[[4398046511104,"127.0.0.1:17001",140000000000,4096,3,"seg-a"],'
+        '[4398046511168,"127.0.0.1:17002",140000004096,4096,2,"seg-b"]]',
+    ),
+    r.UpsertStartReply: ([REP], '[[4398046511104,"127.0.0.1:17001",140000000000,4096,3,"seg-a"]]'),
+    r.PromotionAllocStartReply: ([], "[]"),
+    r.PutEndReply: (None, "null"),
+    r.PutRevokeReply: (None, "null"),
+    r.UpsertEndReply: (None, "null"),
+    r.UpsertRevokeReply: (None, "null"),
+    r.BatchPutStartReply: (
+        {
+            "code": [0, -706, 0],
+            "msg": [[1, "object 'k1' already exists"]],
+            "segs": [["127.0.0.1:17001", "seg-a", 1, 139999999936]],
+            "n": [1, 0, 2],
+            "seg": [0, 0, 0],
+            "addr": [140000000000, 140000004096, 140000008192],
+        },
+        '{"code":[0,-706,0],"msg":[[1,"object \'k1\' already exists"]],'
+        '"segs":[["127.0.0.1:17001","seg-a",1,139999999936]],"n":[1,0,2],'
+        '"seg":[0,0,0],"addr":[140000000000,140000004096,140000008192]}',
+    ),
+    r.BatchUpsertStartReply: (
+        {"code": [], "msg": [], "segs": [], "n": [], "seg": [], "addr": []},
+        '{"code":[],"msg":[],"segs":[],"n":[],"seg":[],"addr":[]}',
+    ),
+    r.BatchGetReplicaListReply: (
+        {
+            "code": [0, -704],
+            "msg": [[1, "object 'x' not found"]],
+            "segs": [["127.0.0.1:17001", "seg-a", 1, 0]],
+            "n": [1, 0],
+            "seg": [0],
+            "addr": [64],
+            "size": [4096, 0],
+            "lease_ttl_ms": 5000,
+        },
+        '{"code":[0,-704],"msg":[[1,"object \'x\' not found"]],'
+        '"segs":[["127.0.0.1:17001","seg-a",1,0]],"n":[1,0],"seg":[0],"addr":[64],'
+        '"size":[4096,0],"lease_ttl_ms":5000}',
+    ),
+    r.BatchPutEndReply: (
+        [[0, None], [-704, "no put of 'b'"]],
+        "[[0,null],[-704,\"no put of 'b'\"]]",
+    ),
+    r.BatchPutRevokeReply: ([[0, None]], "[[0,null]]"),
+    r.BatchUpsertEndReply: ([], "[]"),
+    r.BatchUpsertRevokeReply: ([[0, None]], "[[0,null]]"),
+    r.BatchRemoveReply: ([[0, None], [-705, "has a lease"]], '[[0,null],[-705,"has a lease"]]'),
+    r.GetReplicaListReply: (
+        {"replicas": [REP], "lease_ttl_ms": 5000, "size": 4096},
+        '{"replicas":[[4398046511104,"127.0.0.1:17001",140000000000,4096,3,"seg-a"]],'
+        '"lease_ttl_ms":5000,"size":4096}',
+    ),
+    r.GetReplicaListByRegexReply: (
+        {"k1": [REP], "k\u00e9": [REP2]},
+        '{"k1":[[4398046511104,"127.0.0.1:17001",140000000000,4096,3,"seg-a"]],'
+        '"k\u00e9":[[4398046511168,"127.0.0.1:17002",140000004096,4096,2,"seg-b"]]}',
+    ),
+    r.ExistKeyReply: (True, "true"),
+    r.BatchExistKeyReply: ([True, False], "[true,false]"),
+    r.RemoveReply: (None, "null"),
+    r.RemoveByRegexReply: (12, "12"),
+    r.RemoveAllReply: (0, "0"),
+    r.BatchReplicaClearReply: (["a", "b"], '["a","b"]'),
+    r.FollowFrame: (
+        {"seq": 9, "effects": [["del", "k"]], "synced": True},
+        '{"seq":9,"effects":[["del","k"]],"synced":true}',
+    ),
+    r.CreateCopyTaskReply: ([1, 18446744073709551615], "[1,18446744073709551615]"),
+    r.CreateMoveTaskReply: ([5, 6], "[5,6]"),
+    r.QueryTaskReply: (
+        {
+            "id": [1, 2],
+            "type": 0,
+            "status": 2,
+            "created_at_ms_epoch": 1700000000000,
+            "last_updated_at_ms_epoch": 1700000000500,
+            "assigned_client": [3, 4],
+            "message": "",
+        },
+        '{"id":[1,2],"type":0,"status":2,"created_at_ms_epoch":1700000000000,'
+        '"last_updated_at_ms_epoch":1700000000500,"assigned_client":[3,4],"message":""}',
+    ),
+    r.FetchTasksReply: (
+        [
+            {
+                "id": [1, 2],
+                "type": 1,
+                "key": "k",
+                "source": "seg-a",
+                "targets": ["seg-b"],
+                "created_at_ms_epoch": 1700000000000,
+                "max_retry_attempts": 3,
+            }
+        ],
+        '[{"id":[1,2],"type":1,"key":"k","source":"seg-a","targets":["seg-b"],'
+        '"created_at_ms_epoch":1700000000000,"max_retry_attempts":3}]',
+    ),
+    r.MarkTaskToCompleteReply: (None, "null"),
+    r.CopyStartReply: (
+        {"source": REP, "targets": [REP2]},
+        '{"source":[4398046511104,"127.0.0.1:17001",140000000000,4096,3,"seg-a"],'
+        '"targets":[[4398046511168,"127.0.0.1:17002",140000004096,4096,2,"seg-b"]]}',
+    ),
+    r.MoveStartReply: (
+        {"source": REP, "targets": []},
+        '{"source":[4398046511104,"127.0.0.1:17001",140000000000,4096,3,"seg-a"],"targets":[]}',
+    ),
+    r.CopyEndReply: (None, "null"),
+    r.CopyRevokeReply: (None, "null"),
+    r.MoveEndReply: (None, "null"),
+    r.MoveRevokeReply: (None, "null"),
+    r.MountLocalDiskReply: (None, "null"),
+    r.UnmountLocalDiskReply: (3, "3"),
+    r.OffloadHeartbeatReply: (
+        {"offload": [["k", 4096, "seg-a", 140000000000]], "promote": [["p", 10]], "drop": ["d"]},
+        '{"offload":[["k",4096,"seg-a",140000000000]],"promote":[["p",10]],"drop":["d"]}',
+    ),
+    r.NotifyOffloadSuccessReply: ([0, -706], "[0,-706]"),
+    r.BatchEvictDiskReplicaReply: (2, "2"),
+    r.GetStorageConfigReply: (
+        {"fsdir": "/mnt/kv/c1", "enable_disk_eviction": True, "quota_bytes": 0},
+        '{"fsdir":"/mnt/kv/c1","enable_disk_eviction":true,"quota_bytes":0}',
+    ),
+}
+
+REPLY_CLASSES = sorted(
+    {rep for rep in r.REPLY_TYPES.values() if rep is not None}, key=lambda c: c.__name__
+)
+
+
+def test_every_request_has_a_reply_type() -> None:
+    for req in msg._ALL:
+        rep = req.REPLY
+        if req is msg.Ack:
+            assert rep is None  # the one one-way message
+            continue
+        assert rep is not None and issubclass(rep, r.Reply), req.__name__
+        assert rep.METHOD is req.METHOD
+        assert r.reply_type(req) is rep
+    assert set(r.REPLY_TYPES) == set(msg.MasterMethod)
+
+
+def test_every_reply_type_has_an_example() -> None:
+    assert set(EXAMPLES) == set(REPLY_CLASSES)
+
+
+@pytest.mark.parametrize("cls", REPLY_CLASSES, ids=lambda c: c.__name__)
+def test_byte_exact_and_round_trip(cls: type[r.Reply]) -> None:
+    value, text = EXAMPLES[cls]
+    assert encode_json(value) == text  # the example is what the master sends
+    x = cls.decode(json.loads(text))
+    assert encode_json(x.to_wire()) == text
+    assert cls.decode(x.to_wire()) == x
+    assert encode_reply(7, 0, x.to_wire()) == encode_reply(7, 0, value)
+
+
+def test_optional_fields_left_out_as_before() -> None:
+    ping = r.PingReply(1, 1, "i")
+    assert encode_json(ping.to_wire()) == '{"view_version":1,"status":1,"instance":"i"}'
+    hb = r.OffloadHeartbeatReply((), (), (), remount=True)
+    assert encode_json(hb.to_wire()) == '{"remount":true,"offload":[],"promote":[],"drop":[]}'
+    assert r.OffloadHeartbeatReply.decode(hb.to_wire()) == hb
+    frame = r.FollowFrame(3, ())
+    assert encode_json(frame.to_wire()) == '{"seq":3,"effects":[]}'
+    summary = r.GetSummaryReply(1, 0, 0, 0, 0, 0)
+    assert "ssd" not in summary.to_wire()
+
+
+def test_columns_decode_keeps_the_lists() -> None:
+    value = EXAMPLES[r.BatchGetReplicaListReply][0]
+    x = r.BatchGetReplicaListReply.decode(value)
+    c = x.columns
+    assert isinstance(c, ReplicaColumns) and len(x) == 2
+    assert c.addr is value["addr"] and c.code is value["code"]  # no copies per key
+    assert c.message(1) == "object 'x' not found" and c.lease_ttl_ms == 5000
+    assert list(c.replicas()) == [[("127.0.0.1:17001", 64, "seg-a", (1 << 40) | 1)], []]
+
+
+@pytest.mark.parametrize(
+    ("cls", "value", "names"),
+    [
+        (r.PutStartReply, [[1, "e", 2, 3, 4]], ("PutStart", "replicas[0]")),
+        (r.PutStartReply, [[1, "e", 2, 3, True, "s"]], ("PutStart", "replicas[0]")),
+        (r.GetReplicaListReply, {"replicas": [], "size": 1}, ("GetReplicaList", "lease_ttl_ms")),
+        (r.PingReply, {"view_version": 1, "status": "1", "instance": ""}, ("Ping", "status")),
+        (r.ExistKeyReply, 1, ("ExistKey", "exists")),
+        (r.UnmountSegmentReply, True, ("UnmountSegment", "count")),
+        (r.RemoveReply, 0, ("Remove", "value")),
+        (
+            r.BatchGetReplicaListReply,
+            {**EXAMPLES[r.BatchGetReplicaListReply][0], "seg": [1]},
+            ("BatchGetReplicaList", "seg"),
+        ),
+        (
+            r.BatchGetReplicaListReply,
+            {**EXAMPLES[r.BatchGetReplicaListReply][0], "addr": [64.0]},
+            ("BatchGetReplicaList", "addr"),
+        ),
+        (
+            r.BatchPutStartReply,
+            {**EXAMPLES[r.BatchPutStartReply][0], "n": [1, 0]},
+            ("BatchPutStart", "n"),
+        ),
+        (r.BatchRemoveReply, [[0]], ("BatchRemove", "results[0]")),
+        (r.FetchTasksReply, [{"id": [1, 2]}], ("FetchTasks", "tasks[0].type")),
+        (r.QueryTaskReply, {**EXAMPLES[r.QueryTaskReply][0], "id": [1]}, ("QueryTask", "id")),
+    ],
+)
+def test_errors_name_method_and_field(
+    cls: type[r.Reply], value: Any, names: tuple[str, ...]
+) -> None:
+    with pytest.raises(r.InvalidReply) as info:
+        cls.decode(value)
+    assert isinstance(info.value, MalformedMessage)
+    for name in names:
+        assert name in str(info.value)
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 70), max_value=1 << 70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+def _mutations(cls: type[r.Reply]) -> st.SearchStrategy[Any]:
+    """Examples with one field swapped for an arbitrary value (near misses)."""
+    value = EXAMPLES[cls][0]
+    if isinstance(value, dict) and value:
+        return st.tuples(st.sampled_from(sorted(value)), _json).map(
+            lambda kv: {**value, kv[0]: kv[1]}
+        )
+    if isinstance(value, list) and value:
+        return st.tuples(st.integers(0, len(value) - 1), _json).map(
+            lambda iv: [iv[1] if i == iv[0] else v for i, v in enumerate(value)]
+        )
+    return _json
+
+
+def _check(cls: type[r.Reply], value: Any) -> None:
+    try:
+        x = cls.decode(value)
+    except r.InvalidReply as exc:
+        assert cls.METHOD.value in str(exc)
+        return
+    assert cls.decode(x.to_wire()) == x  # whatever decodes is a valid reply
+
+
+@pytest.mark.parametrize("cls", REPLY_CLASSES, ids=lambda c: c.__name__)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_arbitrary_json_never_crashes_decode(cls: type[r.Reply], data: st.DataObject) -> None:
+    _check(cls, data.draw(_json))
+    _check(cls, data.draw(_mutations(cls)))
