@@ -263,7 +263,7 @@ class ScaleWorker:
         try:
             t0 = time.perf_counter()
             found = client.call(msg.GetReplicaListByRegex(pattern))
-            return {"found": len(found), "wall_s": time.perf_counter() - t0}
+            return {"found": len(found.replicas), "wall_s": time.perf_counter() - t0}
         finally:
             client.close()
 

@@ -107,7 +107,7 @@ def test_puts_in_flight_across_a_failover_complete(masters: HaMasters) -> None:
         reps = client.master.call(
             msg.PutStart(client.client_id, "half", 4096, msg.ReplicateParams())
         )
-        assert len(reps) == 1
+        assert len(reps.replicas) == 1
         leader.node.kill(signal.SIGKILL)
         t0 = time.monotonic()
         assert client.put("during", b"d" * 4096) is True  # waits for the new leader

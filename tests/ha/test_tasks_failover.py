@@ -58,8 +58,8 @@ def test_tasks_copies_in_flight_and_drain_jobs_survive_a_failover(masters: HaMas
             time.sleep(0.05)
         # a copy in flight: reserved and written on the old leader, published on the new
         start = a.master.call(msg.CopyStart(a.client_id, "flight", a.hostname, (b.hostname,)))
-        src = ReplicaDesc.from_wire(start["source"])
-        a._tasks._write(src, [ReplicaDesc.from_wire(t) for t in start["targets"]])
+        src = ReplicaDesc.from_wire(start.source)
+        a._tasks._write(src, [ReplicaDesc.from_wire(t) for t in start.targets])
         status, body = http_request(
             "POST",
             leader.admin + "/api/v1/drain_jobs",

@@ -169,7 +169,7 @@ def _served(master: ThreadedMaster) -> None:
     )
     try:
         assert client.check_version()
-        assert client.call(msg.ExistKey("fuzz-key")) is False
+        assert client.call(msg.ExistKey("fuzz-key")).exists is False
     finally:
         client.close()
 

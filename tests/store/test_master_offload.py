@@ -22,8 +22,8 @@ from pymooncake.store.master._handlers import build_handlers
 from pymooncake.store.master._offload import CountMinSketch, wrap_handlers
 from pymooncake.store.master._state import MasterState
 from pymooncake.wire import _master_msgs as msg
+from pymooncake.wire import _master_reply_msgs as rp
 from pymooncake.wire import _offload_msgs as omsg
-from pymooncake.wire._master_replies import decode_columns
 
 MiB = 1 << 20
 ONE = ReplicateConfig()
@@ -179,26 +179,28 @@ def test_handlers_see_both_tiers() -> None:
     h[omsg.MountLocalDisk](omsg.MountLocalDisk("c1", "e:1", 1 << 30), 0)
     h[omsg.NotifyOffloadSuccess](omsg.NotifyOffloadSuccess("c1", ("d",), (64,), True), 0)
     reply = h[msg.GetReplicaList](msg.GetReplicaList("d"), 1)
-    assert reply["size"] == 64 and reply["replicas"][0][5] == LOCAL_DISK_SEGMENT
-    cols = decode_columns(
-        h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("d", "x")), 1), sizes=True
-    )
+    assert isinstance(reply, rp.GetReplicaListReply)
+    assert reply.size == 64 and reply.replicas[0][5] == LOCAL_DISK_SEGMENT
+    got = h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("d", "x")), 1)
+    assert isinstance(got, rp.BatchGetReplicaListReply)
+    cols = got.columns
     assert cols.code == [0, int(ErrorCode.OBJECT_NOT_FOUND)] and cols.sizes == [64, 0]
     assert next(iter(cols.replicas()))[0][:3] == ("e:1", 0, LOCAL_DISK_SEGMENT)
-    assert h[msg.ExistKey](msg.ExistKey("d"), 1) is True
-    assert h[msg.BatchExistKey](msg.BatchExistKey(("d", "x")), 1) == [True, False]
+    assert h[msg.ExistKey](msg.ExistKey("d"), 1) == rp.ExistKeyReply(True)
+    assert h[msg.BatchExistKey](msg.BatchExistKey(("d", "x")), 1).to_wire() == [True, False]
     with pytest.raises(ObjectExists):
         h[msg.PutStart](msg.PutStart("c1", "d", 64, msg.ReplicateParams()), 1)
     out = h[msg.BatchPutStart](
         msg.BatchPutStart("c1", ("d", "n"), (64, 64), msg.ReplicateParams()), 1
     )
-    started = decode_columns(out)
+    assert isinstance(out, rp.BatchPutStartReply)
+    started = out.columns
     assert started.code == [int(ErrorCode.OBJECT_ALREADY_EXISTS), 0]
     assert [len(r) for r in started.replicas()] == [0, 1] and "exists" in started.message(0)
     h[msg.PutEnd](msg.PutEnd("c1", "n"), 1)
-    both = decode_columns(
-        h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("n", "d")), 1), sizes=True
-    )
+    got = h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("n", "d")), 1)
+    assert isinstance(got, rp.BatchGetReplicaListReply)
+    both = rp.BatchGetReplicaListReply.decode(got.to_wire()).columns
     assert both.code == [0, 0] and [len(r) for r in both.replicas()] == [1, 1]
     h[msg.BatchRemove](msg.BatchRemove(("d",)), 2)
     assert "d" not in st.offload.replicas

@@ -124,15 +124,15 @@ def _rpc(ctx: Ctx, request: msg.Request) -> Any:
 
 def _list_keys_rpc(ctx: Ctx) -> Any:
     found = _rpc(ctx, msg.GetReplicaListByRegex(".*"))
-    assert KEY in found  # and every replica's segment name and address
+    assert KEY in found.replicas  # and every replica's segment name and address
     return found
 
 
 def _read_replicas(ctx: Ctx) -> Any:
     reply = _rpc(ctx, msg.GetReplicaList(KEY))
-    assert reply["size"] == len(VALUE)
-    assert _rpc(ctx, msg.BatchGetReplicaList((KEY,)))["code"] == [0]  # (a columnar reply)
-    assert _rpc(ctx, msg.ExistKey(KEY)) is True
+    assert reply.size == len(VALUE)
+    assert _rpc(ctx, msg.BatchGetReplicaList((KEY,))).columns.code == [0]  # (a columnar reply)
+    assert _rpc(ctx, msg.ExistKey(KEY)).exists is True
     return reply
 
 
@@ -142,18 +142,20 @@ def _remove(ctx: Ctx) -> Any:
 
 
 def _remove_all(ctx: Ctx) -> Any:
-    assert _rpc(ctx, msg.RemoveAll(force=True, client_id=ctx.attacker_id)) == 1
+    assert _rpc(ctx, msg.RemoveAll(force=True, client_id=ctx.attacker_id)).count == 1
     assert not ctx.victim.exists(KEY)
 
 
 def _remove_by_regex(ctx: Ctx) -> Any:
-    assert _rpc(ctx, msg.RemoveByRegex("^victim/", force=True, client_id=ctx.attacker_id)) == 1
+    assert (
+        _rpc(ctx, msg.RemoveByRegex("^victim/", force=True, client_id=ctx.attacker_id)).count == 1
+    )
     assert not ctx.victim.exists(KEY)
 
 
 def _upsert_over(ctx: Ctx) -> Any:
     reps = _rpc(ctx, msg.UpsertStart(ctx.attacker_id, KEY, 8))
-    assert reps  # the attacker is handed the buffers to write
+    assert reps.replicas  # the attacker is handed the buffers to write
     _rpc(ctx, msg.UpsertEnd(ctx.attacker_id, KEY))
     assert ctx.victim.size_of(KEY) == 8  # the victim's value is replaced
 

@@ -346,7 +346,7 @@ client_id = uuid.uuid4().hex
 master = MasterClient(address, timeout_s=5.0, connect_timeout_s=2.0)
 config = msg.ReplicateParams(preferred_segments=(segment,))
 replicas = master.call(msg.PutStart(client_id, key, size, config))
-print("put_start " + json.dumps(replicas), flush=True)
+print("put_start " + json.dumps(replicas.to_wire()), flush=True)
 deadline = time.monotonic() + 60  # a live writer that never finishes; bounded all the same
 while time.monotonic() < deadline:
     master.call(msg.Ping(client_id))

@@ -193,7 +193,7 @@ class StoreClient(WriteOps, ReadOps):
             if self.metrics is not None:
                 engine.enable_metrics()  # exported next to the client's (tent_* names)
             self.master.call(msg.ReMountSegment(self.client_id, ()))
-            self._master_instance = self.master.call(msg.Ping(self.client_id)).get("instance", "")
+            self._master_instance = self.master.call(msg.Ping(self.client_id)).instance
             if config.global_segment_size > 0:
                 self.mount(config.global_segment_size)
             if config.local_buffer_size > 0:
@@ -221,7 +221,7 @@ class StoreClient(WriteOps, ReadOps):
         """The master's shared filesystem for DISK replicas (--root_fs_dir), unless
         this client has an SSD tier, which takes that role (as the reference)."""
         try:
-            fsdir = str(self.master.call(omsg.GetStorageConfig()).get("fsdir", ""))
+            fsdir: str = self.master.call(omsg.GetStorageConfig()).fsdir
         except StoreError:
             return ""  # an older master
         if not fsdir or config.enable_ssd_offload:
@@ -314,7 +314,7 @@ class StoreClient(WriteOps, ReadOps):
         while not self._stop.wait(self.config.ping_interval_s):
             try:
                 res = self.master.call(msg.Ping(self.client_id), patient=False)
-                instance = res.get("instance", "")
+                instance = res.instance
                 if self._master_instance and instance != self._master_instance:
                     # the master restarted (or, with HA, another master leads): an
                     # embedded metadata server lost our descriptor, so publish it
@@ -328,7 +328,7 @@ class StoreClient(WriteOps, ReadOps):
                     self.engine.republish()
                 self._master_instance = instance
                 self._ping_ok = True
-                if res["status"] == ClientStatus.NEED_REMOUNT:
+                if res.status == ClientStatus.NEED_REMOUNT:
                     log.warning(
                         "master at %s does not know this client (it restarted or expired us); "
                         "re-mounting %d segment(s)",
@@ -343,7 +343,7 @@ class StoreClient(WriteOps, ReadOps):
                     if self.ssd is not None:
                         self.ssd.kick()  # mount the SSD tier again and re-register its files
                 self._retry_revokes()
-                self._tasks.poll(int(res.get("tasks", 0)))
+                self._tasks.poll(res.tasks)
             except MooncakeError as exc:
                 self._ping_ok = False
                 self._ping_log("ping", logging.WARNING, "heartbeat to the master failed: %s", exc)
@@ -355,22 +355,22 @@ class StoreClient(WriteOps, ReadOps):
     def exists(self, key: str) -> bool:
         """Whether ``key`` is readable (grants a read lease, like the reference)."""
         self._check_open()
-        return bool(self.master.call(msg.ExistKey(key)))
+        return bool(self.master.call(msg.ExistKey(key)).exists)
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         self._check_open()
         if not keys:
             return []
-        return [bool(x) for x in self.master.call(msg.BatchExistKey(tuple(keys)))]
+        return list(self.master.call(msg.BatchExistKey(tuple(keys))).exists)
 
     def size_of(self, key: str) -> int:
         self._check_open()
-        return int(self.master.call(msg.GetReplicaList(key))["size"])
+        return int(self.master.call(msg.GetReplicaList(key)).size)
 
     def replicas(self, key: str) -> list[ReplicaDesc]:
         self._check_open()
         res = self.master.call(msg.GetReplicaList(key))
-        return [ReplicaDesc.from_wire(r) for r in res["replicas"]]
+        return [ReplicaDesc.from_wire(r) for r in res.replicas]
 
     def replicas_many(self, keys: Sequence[str]) -> list[list[ReplicaDesc] | StoreError]:
         self._check_open()
@@ -402,7 +402,7 @@ class StoreClient(WriteOps, ReadOps):
         res = self.master.call(msg.BatchRemove(tuple(keys), force, self.client_id))
         return [
             None if c == 0 else store_error(c, f"{k!r}: {v}")
-            for k, (c, v) in zip(keys, res, strict=True)
+            for k, c, v in zip(keys, res.codes, res.messages, strict=True)
         ]
 
     def replica_clear_many(self, keys: Sequence[str], segment_name: str = "") -> list[str]:
@@ -423,15 +423,15 @@ class StoreClient(WriteOps, ReadOps):
         if not keys:
             return []
         res = self.master.call(msg.BatchReplicaClear(self.client_id, tuple(keys), segment_name))
-        return [str(k) for k in res]
+        return list(res.keys)
 
     def remove_by_regex(self, pattern: str, force: bool = False) -> int:
         self._check_open()
-        return int(self.master.call(msg.RemoveByRegex(pattern, force, self.client_id)))
+        return int(self.master.call(msg.RemoveByRegex(pattern, force, self.client_id)).count)
 
     def remove_all(self, force: bool = False) -> int:
         self._check_open()
-        return int(self.master.call(msg.RemoveAll(force, self.client_id)))
+        return int(self.master.call(msg.RemoveAll(force, self.client_id)).count)
 
     # --- copy/move tasks (_tasks.py) -------------------------------------------------
 
@@ -445,7 +445,7 @@ class StoreClient(WriteOps, ReadOps):
             StoreError(TASK_PENDING_LIMIT_EXCEEDED).
         """
         self._check_open()
-        hi, lo = self.master.call(msg.CreateCopyTask(key, tuple(targets), self.client_id))
+        hi, lo = self.master.call(msg.CreateCopyTask(key, tuple(targets), self.client_id)).task_id
         return int(hi), int(lo)
 
     def create_move_task(self, key: str, source: str, target: str) -> tuple[int, int]:
@@ -457,13 +457,14 @@ class StoreClient(WriteOps, ReadOps):
             replica in source); the errors of :meth:`create_copy_task`.
         """
         self._check_open()
-        hi, lo = self.master.call(msg.CreateMoveTask(key, source, target, self.client_id))
+        hi, lo = self.master.call(msg.CreateMoveTask(key, source, target, self.client_id)).task_id
         return int(hi), int(lo)
 
     def query_task(self, task_id: tuple[int, int]) -> TaskInfo:
         """Raises: StoreError(TASK_NOT_FOUND)."""
         self._check_open()
-        return TaskInfo.from_wire(self.master.call(msg.QueryTask((task_id[0], task_id[1]))))
+        reply = self.master.call(msg.QueryTask((task_id[0], task_id[1])))
+        return TaskInfo.from_wire(reply.to_wire())
 
     @property
     def ping_healthy(self) -> bool:

@@ -488,7 +488,8 @@ class MasterClient:
     # --- calls -------------------------------------------------------------------------
 
     def call(self, request: msg.Request, *, patient: bool = True) -> Any:
-        """One request.
+        """One request; returns its typed reply (``type(request).REPLY``,
+        ``wire/_master_reply_msgs.py``), decoded and validated here.
 
         Args:
             patient: wait (``reconnect_s``) for a master that is restarting; False for
@@ -497,6 +498,7 @@ class MasterClient:
         Raises:
             StoreError subclasses: the master refused (code as the reference's ErrorCode).
             RpcFailed / RpcTimeout: the master is unreachable or silent.
+            InvalidReply: the reply does not have the shape of ``request``'s reply.
         """
         (reply,) = self._run([request], patient)
         if reply.code != 0:
@@ -506,16 +508,20 @@ class MasterClient:
                     f"{reply.value}"
                 )
             raise store_error(reply.code, str(reply.value))
-        return reply.value
+        return _decode(request, reply.value)
 
     def call_many(self, requests: Sequence[msg.Request]) -> list[tuple[int, Any]]:
-        """Pipeline several requests on one connection; returns (code, value) each."""
+        """Pipeline several requests on one connection; returns (code, typed reply)
+        each, or (code, message) for a request the master refused."""
         if not requests:
             return []
-        return [(r.code, r.value) for r in self._run(requests)]
+        return [
+            (r.code, _decode(q, r.value) if r.code == 0 else r.value)
+            for q, r in zip(requests, self._run(requests), strict=True)
+        ]
 
     def check_version(self) -> str:
-        version = self.call(msg.ServiceReady())
+        version = self.call(msg.ServiceReady()).version
         if version != PROTOCOL_VERSION:
             raise store_error(
                 int(ErrorCode.INVALID_VERSION),
@@ -532,3 +538,10 @@ class MasterClient:
             c.sock.close()
         if self._leader is not None:
             self._leader.close()
+
+
+def _decode(request: msg.Request, value: Any) -> Any:
+    """The one place a master reply is decoded (validated once) into the
+    request's reply type."""
+    cls = request.REPLY
+    return value if cls is None else cls.decode(value)

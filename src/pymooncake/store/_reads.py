@@ -17,7 +17,7 @@ from ..errors import (
 from ..transfer import TransferRequest
 from ..transfer.device import DeviceSpan
 from ..wire import _master_msgs as msg
-from ..wire._master_replies import Replica, decode_columns
+from ..wire._master_replies import Replica
 from ._buffers import BufferHandle, make_handle, new_bytes
 from ._client_io import BATCH_OPS, ClientIO, ObjectLocation, Part, Parts, transfer_failed
 from ._ssd import read_shared
@@ -49,11 +49,11 @@ class ReadOps(ClientIO):
                 res = self.master.call(msg.GetReplicaList(keys[0]))
             except StoreError as exc:
                 return [(exc.code, exc.message)], t0
-            reps = [(r[1], r[2], r[5], r[0]) for r in res["replicas"]]
-            return [(0, (int(res["size"]), res["lease_ttl_ms"] / 1000.0, reps))], t0
+            reps = [(r[1], r[2], r[5], r[0]) for r in res.replicas]
+            return [(0, (res.size, res.lease_ttl_ms / 1000.0, reps))], t0
         if not keys:
             return [], t0
-        cols = decode_columns(self.master.call(msg.BatchGetReplicaList(tuple(keys))), sizes=True)
+        cols = self.master.call(msg.BatchGetReplicaList(tuple(keys))).columns
         if len(cols) != len(keys):
             raise MalformedMessage(f"the master answered {len(cols)} of {len(keys)} keys")
         sizes = cols.sizes

@@ -29,7 +29,6 @@ from ..errors import (
 )
 from ..transfer import TransferRequest
 from ..wire import _master_msgs as msg
-from ..wire._master_replies import decode_columns
 from ._types import ErrorCode, ReplicaDesc, ReplicaStatus, ReplicateConfig
 
 if TYPE_CHECKING:
@@ -78,13 +77,11 @@ class PutSessions:
             return out
         client = self._client
         todo_sizes = tuple(int(sizes[i]) for i in todo)
-        started = decode_columns(
-            client.master.call(
-                msg.BatchPutStart(
-                    client.client_id, tuple(keys[i] for i in todo), todo_sizes, config.to_params()
-                )
+        started = client.master.call(
+            msg.BatchPutStart(
+                client.client_id, tuple(keys[i] for i in todo), todo_sizes, config.to_params()
             )
-        )
+        ).columns
         if len(started) != len(todo):
             raise MalformedMessage(f"the master answered {len(started)} of {len(todo)} keys")
         with self._lock:
@@ -189,8 +186,12 @@ class PutSessions:
             for i in sealed:
                 out[i] = err
             return out
+        if len(replies.codes) != len(sealed):
+            raise MalformedMessage(
+                f"the master answered {len(replies.codes)} of {len(sealed)} keys"
+            )
         with self._lock:
-            for i, (code, value) in zip(sealed, replies, strict=True):
+            for i, code, value in zip(sealed, replies.codes, replies.messages, strict=True):
                 if code == 0 or code in ok_codes:
                     self._sessions.pop(keys[i], None)
                     out[i] = True

@@ -724,7 +724,7 @@ class SsdTier:
                 omsg.NotifyOffloadSuccess(
                     c.client_id, tuple(e.key for e in chunk), tuple(e.size for e in chunk), True
                 )
-            )
+            ).codes
             self._refused([e.key for e, code in zip(chunk, codes, strict=True) if code != 0])
             self.stats.registered += sum(1 for code in codes if code == 0)
 
@@ -768,7 +768,7 @@ class SsdTier:
             omsg.OffloadHeartbeat(c.client_id, st.used_bytes, st.capacity_bytes), patient=False
         )
         self.stats.heartbeats += 1
-        if res.get("remount"):
+        if res.remount:
             try:
                 self._mount_and_register()
             except StoreError as exc:
@@ -777,17 +777,17 @@ class SsdTier:
                 return False  # the ping remounts the client first, then kicks us
             log.warning("the master did not know this client's SSD tier; mounted it again")
             return True
-        drops = res.get("drop", [])
+        drops = list(res.drop)
         if drops:
             st.unlink(st.drop(drops))
-        offload = res.get("offload", [])
+        offload = res.offload
         if offload:
             self._offload(offload)
-        for key, size in res.get("promote", []):
+        for key, size in res.promote:
             self._promote(key, int(size))
         return len(offload) >= 32
 
-    def _offload(self, items: list[list[Any]]) -> None:
+    def _offload(self, items: Sequence[tuple[str, int, str, int]]) -> None:
         c = self.client
         started = time.perf_counter_ns()
         done: list[tuple[str, int]] = []
@@ -823,7 +823,7 @@ class SsdTier:
             self.after_write(written)
         codes = c.master.call(
             omsg.NotifyOffloadSuccess(c.client_id, tuple(written), tuple(s for _, s in done))
-        )
+        ).codes
         self._refused([k for k, code in zip(written, codes, strict=True) if code != 0])
         ok = sum(1 for code in codes if code == 0)
         self.stats.offloaded += ok
@@ -839,7 +839,7 @@ class SsdTier:
         except (KeyError, CorruptObject):
             return
         try:
-            reps = c.master.call(omsg.PromotionAllocStart(c.client_id, key, size))
+            reps = c.master.call(omsg.PromotionAllocStart(c.client_id, key, size)).replicas
         except StoreError as exc:
             log.debug("SSD tier: promotion of %r not started: %s", key, exc)
             return

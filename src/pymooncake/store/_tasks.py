@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import MooncakeError, StoreError, store_error
 from ..wire import _master_msgs as msg
+from ..wire._master_reply_msgs import TaskAssignment
 from ._client_io import transfer_failed
 from ._types import ErrorCode, ReplicaDesc
 
@@ -120,10 +121,10 @@ class TaskRunner:
         except MooncakeError as exc:
             log.warning("fetching copy/move tasks from the master failed: %s", exc)
             return
-        for assignment in tasks:
+        for assignment in tasks.tasks:
             self._submit(assignment)
 
-    def _submit(self, assignment: dict[str, Any]) -> None:
+    def _submit(self, assignment: TaskAssignment) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -134,23 +135,23 @@ class TaskRunner:
             self._running += 1
             self._pool.submit(self._run, assignment)
 
-    def _run(self, assignment: dict[str, Any]) -> None:
+    def _run(self, assignment: TaskAssignment) -> None:
         try:
             self._execute(assignment)
         except Exception:  # a bug must not kill the worker silently
-            log.exception("copy/move task %s failed unexpectedly", assignment.get("id"))
+            log.exception("copy/move task %s failed unexpectedly", assignment.id)
         finally:
             with self._lock:
                 self._running -= 1
         if not self._closed:
             self.poll(1)  # more work is likely (a drain job queues the next move)
 
-    def _execute(self, a: dict[str, Any]) -> None:
+    def _execute(self, a: TaskAssignment) -> None:
         client = self._client
-        task_id = (int(a["id"][0]), int(a["id"][1]))
-        move = a["type"] == TaskType.REPLICA_MOVE
-        key, source, targets = a["key"], a["source"], tuple(a["targets"])
-        retries, limit = 0, int(a.get("max_retry_attempts", 0))
+        task_id = a.id
+        move = a.type == TaskType.REPLICA_MOVE
+        key, source, targets = a.key, a.source, a.targets
+        retries, limit = 0, a.max_retry_attempts
         while True:
             try:
                 self.replicate(key, source, targets, move=move)
@@ -191,8 +192,8 @@ class TaskRunner:
             start = client.master.call(msg.MoveStart(cid, key, source, targets[0]))
         else:
             start = client.master.call(msg.CopyStart(cid, key, source, targets))
-        src = ReplicaDesc.from_wire(start["source"])
-        dests = [ReplicaDesc.from_wire(t) for t in start["targets"]]
+        src = ReplicaDesc.from_wire(start.source)
+        dests = [ReplicaDesc.from_wire(t) for t in start.targets]
         if dests:
             try:
                 self._write(src, dests)

@@ -22,7 +22,6 @@ from ..errors import (
 from ..transfer import TransferRequest
 from ..wire import _master_msgs as msg
 from ..wire import _offload_msgs as omsg
-from ..wire._master_replies import decode_columns
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
 from ._file_storage import write_object
 from ._types import ErrorCode, ReplicateConfig
@@ -230,11 +229,9 @@ class WriteOps(ClientIO):
                 if isinstance(exc, RpcFailed):
                     self._maybe_started(keys, upsert)
                 return [(exc.code, exc.message)]
-            return [(0, [(r[1], r[2]) for r in reps])]
+            return [(0, [(r[1], r[2]) for r in reps.replicas])]
         batch = msg.BatchUpsertStart if upsert else msg.BatchPutStart
-        cols = decode_columns(
-            self.master.call(batch(self.client_id, tuple(keys), tuple(sizes), params))
-        )
+        cols = self.master.call(batch(self.client_id, tuple(keys), tuple(sizes), params)).columns
         if len(cols) != len(keys):
             raise MalformedMessage(f"the master answered {len(cols)} of {len(keys)} keys")
         return [
@@ -273,7 +270,9 @@ class WriteOps(ClientIO):
             return
         batch_end = msg.BatchUpsertEnd if upsert else msg.BatchPutEnd
         value = self.master.call(batch_end(self.client_id, tuple(keys[i] for i in good)))
-        for i, (c, v) in zip(good, value, strict=True):
+        if len(value.codes) != len(good):
+            raise MalformedMessage(f"the master answered {len(value.codes)} of {len(good)} keys")
+        for i, c, v in zip(good, value.codes, value.messages, strict=True):
             if c != 0:
                 results[i] = store_error(c, f"{keys[i]!r}: {v}")
 

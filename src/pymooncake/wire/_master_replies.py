@@ -77,6 +77,21 @@ class ReplicaColumnsBuilder:
             self.segs.append(self.describe(segment))
         return i
 
+    def columns(self, lease_ttl_ms: int = 0) -> ReplicaColumns:
+        """The columns as a :class:`ReplicaColumns` (no copy; the master wraps it
+        in its typed reply)."""
+        messages = {i: m for i, m in self.msgs}
+        return ReplicaColumns(
+            self.code,
+            messages,
+            self.segs,
+            self.counts,
+            self.seg,
+            self.addr,
+            self.sizes,
+            lease_ttl_ms,
+        )
+
     def value(self, lease_ttl_ms: int | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
             "code": self.code,

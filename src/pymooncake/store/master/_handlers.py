@@ -1,10 +1,11 @@
 """The master's RPC surface: typed requests -> :class:`MasterState` calls -> wire values.
 
 An explicit ``{request type: handler}`` table; every handler takes a validated
-request (``wire/_master_msgs.py``) and the current time and returns a JSON-able
-value or raises a :class:`StoreError`.  Batch starts and batch replica lookups
-answer in columns (``wire/_master_replies.py``); other batch methods answer
-``[[code, value], ...]`` per key.  Whole-index requests (``*ByRegex``,
+request (``wire/_master_msgs.py``) and the current time and returns the request's
+typed reply (``wire/_master_reply_msgs.py``; the service sends its ``to_wire()``)
+or raises a :class:`StoreError`.  Batch starts and batch replica lookups answer
+in columns (``wire/_master_replies.py``); other batch methods answer a code and
+message per key.  Whole-index requests (``*ByRegex``,
 ``RemoveAll``) are not here: the service runs them shard by shard (``_scan.py``).
 """
 
@@ -16,36 +17,75 @@ from typing import Any
 from ...errors import StoreError
 from ...wire import PROTOCOL_VERSION
 from ...wire import _master_msgs as msg
+from ...wire import _master_reply_msgs as rep
 from ...wire._master_replies import ReplicaColumnsBuilder
 from .._types import SegmentInfo
 from ._records import READABLE, REF, Obj, SegmentRecord, reps_wire
 from ._state import MasterState
-from ._tasks import TaskStatus
+from ._tasks import Task, TaskStatus, client_uuid
 
 __all__ = ["Handler", "build_handlers"]
 
-Handler = Callable[[Any, float], Any]
+Handler = Callable[[Any, float], rep.Reply]
 
 _PROCESSING = 2  # ReplicaStatus.PROCESSING on the wire
 
 
-def _each(keys: Sequence[str], fn: Callable[[int, str], Any]) -> list[list[Any]]:
-    out: list[list[Any]] = []
-    append = out.append
-    for i, key in enumerate(keys):
+def _each(
+    cls: type[rep.BatchKeyResultsReply], keys: Sequence[str], fn: Callable[[str], None]
+) -> rep.BatchKeyResultsReply:
+    codes: list[int] = []
+    messages: list[str | None] = []
+    for key in keys:
         try:
-            append([0, fn(i, key)])
+            fn(key)
         except StoreError as exc:
-            append([exc.code, exc.message])
-    return out
+            codes.append(exc.code)
+            messages.append(exc.message)
+            continue
+        codes.append(0)
+        messages.append(None)
+    return cls(tuple(codes), tuple(messages))
 
 
-def _written(obj: Obj) -> list[list[object]]:
+def _written(obj: Obj) -> tuple[rep.ReplicaWire, ...]:
     """The replicas a put/upsert start hands out for writing."""
     pending = obj.pending()
     if pending:
-        return reps_wire(pending, obj.extension().pending_size, _PROCESSING)
-    return obj.wire()
+        return rep.replicas_of(reps_wire(pending, obj.extension().pending_size, _PROCESSING))
+    return rep.replicas_of(obj.wire())
+
+
+def _done(cls: type[rep.DoneReply], fn: Callable[[Any, float], object]) -> Handler:
+    """A handler for ``fn`` that answers ``cls()`` (null on the wire)."""
+
+    def handler(req: Any, now: float) -> rep.Reply:
+        fn(req, now)
+        return cls()
+
+    return handler
+
+
+def _query(t: Task) -> rep.QueryTaskReply:
+    return rep.QueryTaskReply(
+        t.id,
+        int(t.type),
+        int(t.status),
+        t.created_ms,
+        t.updated_ms,
+        client_uuid(t.client),
+        t.message,
+    )
+
+
+def _assignment(t: Task, limit: int) -> rep.TaskAssignment:
+    return rep.TaskAssignment(
+        t.id, int(t.type), t.key, t.source, tuple(t.targets), t.created_ms, limit
+    )
+
+
+def _copy_started(value: dict[str, Any], cls: type[rep.CopyStartReply]) -> rep.CopyStartReply:
+    return cls(rep.replica_of(value["source"]), rep.replicas_of(value["targets"]))
 
 
 def _describe(seg: SegmentRecord) -> list[Any]:
@@ -54,14 +94,18 @@ def _describe(seg: SegmentRecord) -> list[Any]:
 
 
 def build_handlers(st: MasterState) -> dict[type, Handler]:
-    def put_start(req: msg.PutStart, now: float) -> Any:
-        return _written(st.put_start_replicas(req.client_id, req.key, req.size, req.config, now))
+    def put_start(req: msg.PutStart, now: float) -> rep.PutStartReply:
+        return rep.PutStartReply(
+            _written(st.put_start_replicas(req.client_id, req.key, req.size, req.config, now))
+        )
 
-    def upsert_start(req: msg.UpsertStart, now: float) -> Any:
-        return _written(st.upsert_start_replicas(req.client_id, req.key, req.size, req.config, now))
+    def upsert_start(req: msg.UpsertStart, now: float) -> rep.UpsertStartReply:
+        return rep.UpsertStartReply(
+            _written(st.upsert_start_replicas(req.client_id, req.key, req.size, req.config, now))
+        )
 
-    def batch_start(start: Callable[..., Obj]) -> Handler:
-        def handler(req: msg.BatchPutStart, now: float) -> Any:
+    def batch_start(start: Callable[..., Obj], cls: type[rep.ColumnsReply]) -> Handler:
+        def handler(req: msg.BatchPutStart, now: float) -> rep.ColumnsReply:
             sizes, cfg, client = req.sizes, req.config, req.client_id
             out = ReplicaColumnsBuilder(_describe)
             code, counts, seg_col, addr_col = out.code, out.counts, out.seg, out.addr
@@ -86,26 +130,28 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
                 for s, a in reps:
                     seg_col.append(out.segment_index(s))
                     addr_col.append(a)
-            return out.value()
+            return cls(out.columns())
 
         return handler
 
-    def batch_keyed(fn: Callable[[str, str, float], None]) -> Handler:
-        def handler(req: msg.BatchPutEnd, now: float) -> Any:
+    def batch_keyed(
+        fn: Callable[[str, str, float], None], cls: type[rep.BatchKeyResultsReply]
+    ) -> Handler:
+        def handler(req: msg.BatchPutEnd, now: float) -> rep.BatchKeyResultsReply:
             client = req.client_id
-            return _each(req.keys, lambda i, k: fn(client, k, now))
+            return _each(cls, req.keys, lambda k: fn(client, k, now))
 
         return handler
 
     ttl_ms = st.config.default_kv_lease_ttl_ms
 
-    def read_reply(obj: Obj) -> dict[str, Any]:
-        return {"replicas": obj.wire(), "lease_ttl_ms": ttl_ms, "size": obj.size}
+    def get_replica_list(req: msg.GetReplicaList, now: float) -> rep.GetReplicaListReply:
+        obj = st.read(req.key, st.lease_deadline(now))
+        return rep.GetReplicaListReply(rep.replicas_of(obj.wire()), ttl_ms, obj.size)
 
-    def get_replica_list(req: msg.GetReplicaList, now: float) -> Any:
-        return read_reply(st.read(req.key, st.lease_deadline(now)))
-
-    def batch_get_replica_list(req: msg.BatchGetReplicaList, now: float) -> Any:
+    def batch_get_replica_list(
+        req: msg.BatchGetReplicaList, now: float
+    ) -> rep.BatchGetReplicaListReply:
         lease = st.lease_deadline(now)  # one float shared by the batch
         read, get = st.read, st.objects.get
         out = ReplicaColumnsBuilder(_describe, sizes=True)
@@ -144,59 +190,72 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
                 addr_col.append(a)
         st.metrics.get_hits += hits
         st.metrics.get_hit_bytes += hit_bytes
-        return out.value(ttl_ms)
+        return rep.BatchGetReplicaListReply(out.columns(ttl_ms))
 
-    def batch_exist_key(req: msg.BatchExistKey, now: float) -> Any:
+    def batch_exist_key(req: msg.BatchExistKey, now: float) -> rep.BatchExistKeyReply:
         lease = st.lease_deadline(now)
         exists = st.exists
-        return [exists(k, lease) for k in req.keys]
+        return rep.BatchExistKeyReply(tuple([exists(k, lease) for k in req.keys]))
 
-    def ping(req: msg.Ping, now: float) -> Any:
+    def ping(req: msg.Ping, now: float) -> rep.PingReply:
         res = st.ping(req.client_id, now)
-        reply = {
-            "view_version": res.view_version,
-            "status": int(res.status),
-            "instance": res.instance,
-        }
-        waiting = st.tasks.pending_for(req.client_id)
-        if waiting:
-            reply["tasks"] = waiting  # copy/move tasks to fetch (FetchTasks)
-        return reply
+        # tasks: copy/move tasks waiting for the client (it fetches them: FetchTasks)
+        return rep.PingReply(
+            res.view_version, int(res.status), res.instance, st.tasks.pending_for(req.client_id)
+        )
 
-    def batch_replica_clear(req: msg.BatchReplicaClear, now: float) -> Any:
+    def batch_replica_clear(req: msg.BatchReplicaClear, now: float) -> rep.Reply:
         clear = st.replica_clear
-        return [k for k in req.keys if clear(req.client_id, k, req.segment_name, now)]
+        return rep.BatchReplicaClearReply(
+            tuple([k for k in req.keys if clear(req.client_id, k, req.segment_name, now)])
+        )
 
     return {
-        msg.ServiceReady: lambda req, now: PROTOCOL_VERSION,
-        msg.GetSummary: lambda req, now: st.summary(),
+        msg.ServiceReady: lambda req, now: rep.ServiceReadyReply(PROTOCOL_VERSION),
+        msg.GetSummary: lambda req, now: rep.GetSummaryReply(**st.summary()),
         msg.Ping: ping,
-        msg.MountSegment: lambda req, now: st.mount_segment(
-            req.client_id, SegmentInfo.from_params(req.segment), now
+        msg.MountSegment: _done(
+            rep.MountSegmentReply,
+            lambda req, now: st.mount_segment(
+                req.client_id, SegmentInfo.from_params(req.segment), now
+            ),
         ),
-        msg.ReMountSegment: lambda req, now: st.remount_segments(
-            req.client_id, [SegmentInfo.from_params(s) for s in req.segments], now
+        msg.ReMountSegment: _done(
+            rep.ReMountSegmentReply,
+            lambda req, now: st.remount_segments(
+                req.client_id, [SegmentInfo.from_params(s) for s in req.segments], now
+            ),
         ),
-        msg.UnmountSegment: lambda req, now: st.unmount_segment(req.client_id, req.segment_id, now),
+        msg.UnmountSegment: lambda req, now: rep.UnmountSegmentReply(
+            st.unmount_segment(req.client_id, req.segment_id, now)
+        ),
         msg.PutStart: put_start,
-        msg.PutEnd: lambda req, now: st.put_end(req.client_id, req.key, now),
-        msg.PutRevoke: lambda req, now: st.put_revoke(req.client_id, req.key, now),
-        msg.BatchPutStart: batch_start(st.put_start_replicas),
-        msg.BatchPutEnd: batch_keyed(st.put_end),
-        msg.BatchPutRevoke: batch_keyed(st.put_revoke),
+        msg.PutEnd: _done(
+            rep.PutEndReply, lambda req, now: st.put_end(req.client_id, req.key, now)
+        ),
+        msg.PutRevoke: _done(
+            rep.PutRevokeReply, lambda req, now: st.put_revoke(req.client_id, req.key, now)
+        ),
+        msg.BatchPutStart: batch_start(st.put_start_replicas, rep.BatchPutStartReply),
+        msg.BatchPutEnd: batch_keyed(st.put_end, rep.BatchPutEndReply),
+        msg.BatchPutRevoke: batch_keyed(st.put_revoke, rep.BatchPutRevokeReply),
         msg.UpsertStart: upsert_start,
-        msg.UpsertEnd: lambda req, now: st.upsert_end(req.client_id, req.key, now),
-        msg.UpsertRevoke: lambda req, now: st.upsert_revoke(req.client_id, req.key, now),
-        msg.BatchUpsertStart: batch_start(st.upsert_start_replicas),
-        msg.BatchUpsertEnd: batch_keyed(st.upsert_end),
-        msg.BatchUpsertRevoke: batch_keyed(st.upsert_revoke),
+        msg.UpsertEnd: _done(
+            rep.UpsertEndReply, lambda req, now: st.upsert_end(req.client_id, req.key, now)
+        ),
+        msg.UpsertRevoke: _done(
+            rep.UpsertRevokeReply, lambda req, now: st.upsert_revoke(req.client_id, req.key, now)
+        ),
+        msg.BatchUpsertStart: batch_start(st.upsert_start_replicas, rep.BatchUpsertStartReply),
+        msg.BatchUpsertEnd: batch_keyed(st.upsert_end, rep.BatchUpsertEndReply),
+        msg.BatchUpsertRevoke: batch_keyed(st.upsert_revoke, rep.BatchUpsertRevokeReply),
         msg.GetReplicaList: get_replica_list,
         msg.BatchGetReplicaList: batch_get_replica_list,
-        msg.ExistKey: lambda req, now: st.exist_key(req.key, now),
+        msg.ExistKey: lambda req, now: rep.ExistKeyReply(st.exist_key(req.key, now)),
         msg.BatchExistKey: batch_exist_key,
-        msg.Remove: lambda req, now: st.remove(req.key, req.force, now),
+        msg.Remove: _done(rep.RemoveReply, lambda req, now: st.remove(req.key, req.force, now)),
         msg.BatchRemove: lambda req, now: _each(
-            req.keys, lambda i, k: st.remove(k, req.force, now)
+            rep.BatchRemoveReply, req.keys, lambda k: st.remove(k, req.force, now)
         ),
         msg.BatchReplicaClear: batch_replica_clear,
         **_task_handlers(st),
@@ -208,31 +267,46 @@ def _task_handlers(st: MasterState) -> dict[type, Handler]:
     repl = st.replication
     tasks = st.tasks
 
-    def fetch(req: msg.FetchTasks, now: float) -> Any:
+    def fetch(req: msg.FetchTasks, now: float) -> rep.FetchTasksReply:
         st._touch(req.client_id, now)
         limit = st.config.max_retry_attempts
-        return [t.assignment(limit) for t in tasks.pop(req.client_id, req.batch_size, now)]
+        return rep.FetchTasksReply(
+            tuple([_assignment(t, limit) for t in tasks.pop(req.client_id, req.batch_size, now)])
+        )
 
     return {
-        msg.CreateCopyTask: lambda req, now: list(
+        msg.CreateCopyTask: lambda req, now: rep.CreateCopyTaskReply(
             repl.create_copy_task(req.key, req.targets, now).id
         ),
-        msg.CreateMoveTask: lambda req, now: list(
+        msg.CreateMoveTask: lambda req, now: rep.CreateMoveTaskReply(
             repl.create_move_task(req.key, req.source, req.target, now).id
         ),
-        msg.QueryTask: lambda req, now: tasks.query(req.task_id).query(),
+        msg.QueryTask: lambda req, now: _query(tasks.query(req.task_id)),
         msg.FetchTasks: fetch,
-        msg.MarkTaskToComplete: lambda req, now: tasks.complete(
-            req.client_id, req.task_id, TaskStatus(req.status), req.message, now
+        msg.MarkTaskToComplete: _done(
+            rep.MarkTaskToCompleteReply,
+            lambda req, now: tasks.complete(
+                req.client_id, req.task_id, TaskStatus(req.status), req.message, now
+            ),
         ),
-        msg.CopyStart: lambda req, now: repl.copy_start(
-            req.client_id, req.key, req.source, req.targets, now
+        msg.CopyStart: lambda req, now: _copy_started(
+            repl.copy_start(req.client_id, req.key, req.source, req.targets, now),
+            rep.CopyStartReply,
         ),
-        msg.CopyEnd: lambda req, now: repl.end(req.client_id, req.key, False, now),
-        msg.CopyRevoke: lambda req, now: repl.revoke(req.client_id, req.key, False, now),
-        msg.MoveStart: lambda req, now: repl.move_start(
-            req.client_id, req.key, req.source, req.target, now
+        msg.CopyEnd: _done(
+            rep.CopyEndReply, lambda req, now: repl.end(req.client_id, req.key, False, now)
         ),
-        msg.MoveEnd: lambda req, now: repl.end(req.client_id, req.key, True, now),
-        msg.MoveRevoke: lambda req, now: repl.revoke(req.client_id, req.key, True, now),
+        msg.CopyRevoke: _done(
+            rep.CopyRevokeReply, lambda req, now: repl.revoke(req.client_id, req.key, False, now)
+        ),
+        msg.MoveStart: lambda req, now: _copy_started(
+            repl.move_start(req.client_id, req.key, req.source, req.target, now),
+            rep.MoveStartReply,
+        ),
+        msg.MoveEnd: _done(
+            rep.MoveEndReply, lambda req, now: repl.end(req.client_id, req.key, True, now)
+        ),
+        msg.MoveRevoke: _done(
+            rep.MoveRevokeReply, lambda req, now: repl.revoke(req.client_id, req.key, True, now)
+        ),
     }

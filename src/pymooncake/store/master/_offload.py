@@ -49,7 +49,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ...errors import StoreError, store_error
 from ...wire import _master_msgs as msg
+from ...wire import _master_reply_msgs as rp
 from ...wire import _offload_msgs as omsg
+from ...wire._master_replies import ReplicaColumns
 from .._file_storage import object_path
 from .._types import DISK_SEGMENT, LOCAL_DISK_SEGMENT, ErrorCode, ReplicateConfig
 from ._effects import (
@@ -681,7 +683,7 @@ OFFLOAD_APPLY: Final[dict[type, Callable[[Any, Any, float], None]]] = {
 # RPC handlers
 # --------------------------------------------------------------------------------
 
-Handler = Callable[[Any, float], Any]
+Handler = Callable[[Any, float], rp.Reply]
 _NOT_FOUND: Final = int(ErrorCode.OBJECT_NOT_FOUND)
 #: the segment number disk replicas are listed under in columnar replies
 _DISK_SEG_NUM: Final = 0xFFFFFF
@@ -690,9 +692,9 @@ _DISK_SEG_NUM: Final = 0xFFFFFF
 def _splice_failures(
     keys: Sequence[str],
     failed: list[bool],
-    started: dict[str, Any] | None,
+    started: ReplicaColumns | None,
     error: Callable[[str], StoreError],
-) -> dict[str, Any]:
+) -> ReplicaColumns:
     """A columnar start reply (``wire/_master_replies.py``) for ``keys``: the keys
     marked ``failed`` fail with ``error(key)``, the others take, in order, the
     entries of ``started`` (the reply for them alone)."""
@@ -701,9 +703,9 @@ def _splice_failures(
     counts: list[int] = []
     seg: list[int] = []
     addr: list[int] = []
-    src_code = started["code"] if started else []
-    src_n = started["n"] if started else []
-    src_msgs = {int(i): m for i, m in started["msg"]} if started else {}
+    src_code = started.code if started else []
+    src_n = started.counts if started else []
+    src_msgs = started.messages if started else {}
     j = at = 0
     for key, bad in zip(keys, failed, strict=True):
         if bad:
@@ -718,37 +720,32 @@ def _splice_failures(
         code.append(src_code[j])
         counts.append(n)
         assert started is not None
-        seg += started["seg"][at : at + n]
-        addr += started["addr"][at : at + n]
+        seg += started.seg[at : at + n]
+        addr += started.addr[at : at + n]
         at += n
         j += 1
-    return {
-        "code": code,
-        "msg": msgs,
-        "segs": started["segs"] if started else [],
-        "n": counts,
-        "seg": seg,
-        "addr": addr,
-    }
+    segs = started.segs if started else []
+    return ReplicaColumns(code, dict(msgs), segs, counts, seg, addr, None, 0)
 
 
 def _add_disk_columns(
-    off: OffloadState, keys: Sequence[str], out: dict[str, Any]
-) -> dict[str, Any]:
+    off: OffloadState, keys: Sequence[str], out: ReplicaColumns
+) -> ReplicaColumns:
     """A columnar BatchGetReplicaList reply with the keys' disk replicas added:
     after the memory replicas of a key, or as its only replica (a disk-only key
     read: counted, and maybe admitted for promotion)."""
-    code, counts, sizes = out["code"], out["n"], out["size"]
-    segs = out["segs"]
-    msgs = {int(i): m for i, m in out["msg"]}
+    code, counts, sizes = out.code, out.counts, out.sizes
+    assert sizes is not None
+    segs = out.segs
+    msgs = dict(out.messages)
     disk_index: dict[tuple[str, str], int] = {}
     seg: list[int] = []
     addr: list[int] = []
     at = 0
     for i, key in enumerate(keys):
         n = counts[i]
-        seg += out["seg"][at : at + n]
-        addr += out["addr"][at : at + n]
+        seg += out.seg[at : at + n]
+        addr += out.addr[at : at + n]
         at += n
         if code[i] == _NOT_FOUND and key in off.replicas:
             found = off.read(key)
@@ -772,9 +769,8 @@ def _add_disk_columns(
         seg.append(j)
         addr.append(0)
         counts[i] = n + 1
-    out["seg"], out["addr"] = seg, addr
-    out["msg"] = [[i, m] for i, m in sorted(msgs.items())]
-    return out
+    messages = dict(sorted(msgs.items()))
+    return ReplicaColumns(code, messages, segs, counts, seg, addr, sizes, out.lease_ttl_ms)
 
 
 def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, Handler]:
@@ -791,7 +787,7 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
             raise exists_error(req.key)
         return base[msg.PutStart](req, now)
 
-    def batch_put_start(req: msg.BatchPutStart, now: float) -> Any:
+    def batch_put_start(req: msg.BatchPutStart, now: float) -> rp.Reply:
         disk = [k in off.replicas and k not in st.objects for k in req.keys]
         if not any(disk):
             return base[msg.BatchPutStart](req, now)
@@ -800,16 +796,20 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
             req, keys=tuple(req.keys[i] for i in todo), sizes=tuple(req.sizes[i] for i in todo)
         )
         started = base[msg.BatchPutStart](sub, now) if todo else None
-        return _splice_failures(req.keys, disk, started, exists_error)
+        assert started is None or isinstance(started, rp.BatchPutStartReply)
+        return rp.BatchPutStartReply(
+            _splice_failures(req.keys, disk, started.columns if started else None, exists_error)
+        )
 
     def upsert_start(req: msg.UpsertStart, now: float) -> Any:
         out = base[msg.UpsertStart](req, now)
         off.remove(req.key)  # the value is being replaced: the file is stale
         return out
 
-    def batch_upsert_start(req: msg.BatchUpsertStart, now: float) -> Any:
+    def batch_upsert_start(req: msg.BatchUpsertStart, now: float) -> rp.Reply:
         out = base[msg.BatchUpsertStart](req, now)
-        for key, code in zip(req.keys, out["code"], strict=True):
+        assert isinstance(out, rp.BatchUpsertStartReply)
+        for key, code in zip(req.keys, out.columns.code, strict=True):
             if code == 0:
                 off.remove(key)
         return out
@@ -823,65 +823,90 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         return handler
 
     def batch_ended(kind: type) -> Handler:
-        def handler(req: Any, now: float) -> Any:
+        def handler(req: Any, now: float) -> rp.Reply:
             out = base[kind](req, now)
-            for key, (code, _) in zip(req.keys, out, strict=True):
+            assert isinstance(out, rp.BatchKeyResultsReply)
+            for key, code in zip(req.keys, out.codes, strict=True):
                 if code == 0:
                     off.written(key)
             return out
 
         return handler
 
-    def get_replica_list(req: msg.GetReplicaList, now: float) -> Any:
+    def get_replica_list(req: msg.GetReplicaList, now: float) -> rp.Reply:
         try:
             reply = base[msg.GetReplicaList](req, now)
         except StoreError as exc:
             found = off.read(req.key) if exc.code == _NOT_FOUND else None
             if found is None:
                 raise
-            return found
+            return rp.GetReplicaListReply(
+                rp.replicas_of(found["replicas"]), found["lease_ttl_ms"], found["size"]
+            )
+        assert isinstance(reply, rp.GetReplicaListReply)
         wire = off.wire(req.key)
         if wire is not None:
-            reply["replicas"].append(wire)
+            reply = dataclasses.replace(reply, replicas=(*reply.replicas, rp.replica_of(wire)))
         return reply
 
-    def batch_get_replica_list(req: msg.BatchGetReplicaList, now: float) -> Any:
+    def batch_get_replica_list(req: msg.BatchGetReplicaList, now: float) -> rp.Reply:
         out = base[msg.BatchGetReplicaList](req, now)
         replicas = off.replicas
         if not replicas or not any(k in replicas for k in req.keys):
             return out
-        return _add_disk_columns(off, req.keys, out)
+        assert isinstance(out, rp.BatchGetReplicaListReply)
+        return rp.BatchGetReplicaListReply(_add_disk_columns(off, req.keys, out.columns))
 
-    def exist_key(req: msg.ExistKey, now: float) -> Any:
-        return base[msg.ExistKey](req, now) or req.key in off.replicas
+    def exist_key(req: msg.ExistKey, now: float) -> rp.Reply:
+        out = base[msg.ExistKey](req, now)
+        assert isinstance(out, rp.ExistKeyReply)
+        return rp.ExistKeyReply(out.exists or req.key in off.replicas)
 
-    def batch_exist_key(req: msg.BatchExistKey, now: float) -> Any:
+    def batch_exist_key(req: msg.BatchExistKey, now: float) -> rp.Reply:
         out = base[msg.BatchExistKey](req, now)
+        assert isinstance(out, rp.BatchExistKeyReply)
         replicas = off.replicas
-        return [e or k in replicas for e, k in zip(out, req.keys, strict=True)]
+        return rp.BatchExistKeyReply(
+            tuple([e or k in replicas for e, k in zip(out.exists, req.keys, strict=True)])
+        )
 
-    def remove(req: msg.Remove, now: float) -> Any:
+    def remove(req: msg.Remove, now: float) -> rp.Reply:
         try:
             base[msg.Remove](req, now)
         except StoreError as exc:
             if exc.code != _NOT_FOUND or not off.remove(req.key):
                 raise
-            return None
+            return rp.RemoveReply()
         off.remove(req.key)
-        return None
+        return rp.RemoveReply()
 
-    def batch_remove(req: msg.BatchRemove, now: float) -> Any:
+    def batch_remove(req: msg.BatchRemove, now: float) -> rp.Reply:
         out = base[msg.BatchRemove](req, now)
+        assert isinstance(out, rp.BatchRemoveReply)
+        codes, messages = list(out.codes), list(out.messages)
         for i, key in enumerate(req.keys):
-            code = out[i][0]
+            code = codes[i]
             if code == 0:
                 off.remove(key)
             elif code == _NOT_FOUND and off.remove(key):
-                out[i] = [0, None]
-        return out
+                codes[i], messages[i] = 0, None
+        return rp.BatchRemoveReply(tuple(codes), tuple(messages))
 
-    def each(values: Sequence[int]) -> list[int]:
-        return list(values)
+    def each(values: Sequence[int]) -> rp.NotifyOffloadSuccessReply:
+        return rp.NotifyOffloadSuccessReply(tuple(values))
+
+    def heartbeat(req: omsg.OffloadHeartbeat, now: float) -> rp.OffloadHeartbeatReply:
+        work = off.heartbeat(req.client_id, req.used_bytes, req.capacity_bytes, now)
+        return rp.OffloadHeartbeatReply(
+            tuple([(k, size, sid, addr) for k, size, sid, addr in work["offload"]]),
+            tuple([(k, size) for k, size in work["promote"]]),
+            tuple(work["drop"]),
+            bool(work.get("remount", False)),
+        )
+
+    def mount(req: omsg.MountLocalDisk, now: float) -> rp.MountLocalDiskReply:
+        off.mount(req.client_id, req.endpoint, req.capacity_bytes, req.enable_offloading, now)
+        return rp.MountLocalDiskReply()
 
     wrapped: dict[type, Handler] = {
         msg.PutStart: put_start,
@@ -898,22 +923,22 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         msg.BatchExistKey: batch_exist_key,
         msg.Remove: remove,
         msg.BatchRemove: batch_remove,
-        omsg.MountLocalDisk: lambda req, now: off.mount(
-            req.client_id, req.endpoint, req.capacity_bytes, req.enable_offloading, now
+        omsg.MountLocalDisk: mount,
+        omsg.UnmountLocalDisk: lambda req, now: rp.UnmountLocalDiskReply(
+            off.unmount(req.client_id)
         ),
-        omsg.UnmountLocalDisk: lambda req, now: off.unmount(req.client_id),
-        omsg.OffloadHeartbeat: lambda req, now: off.heartbeat(
-            req.client_id, req.used_bytes, req.capacity_bytes, now
-        ),
+        omsg.OffloadHeartbeat: heartbeat,
         omsg.NotifyOffloadSuccess: lambda req, now: each(
             off.notify_shared(req.client_id, req.keys, req.sizes)
             if req.shared
             else off.notify(req.client_id, req.keys, req.sizes, req.register, now)
         ),
-        omsg.GetStorageConfig: lambda req, now: off.storage_config(),
-        omsg.BatchEvictDiskReplica: lambda req, now: off.evict(req.client_id, req.keys),
-        omsg.PromotionAllocStart: lambda req, now: off.promotion_start(
-            req.client_id, req.key, req.size, now
+        omsg.GetStorageConfig: lambda req, now: rp.GetStorageConfigReply(**off.storage_config()),
+        omsg.BatchEvictDiskReplica: lambda req, now: rp.BatchEvictDiskReplicaReply(
+            off.evict(req.client_id, req.keys)
+        ),
+        omsg.PromotionAllocStart: lambda req, now: rp.PromotionAllocStartReply(
+            rp.replicas_of(off.promotion_start(req.client_id, req.key, req.size, now))
         ),
     }
     out = dict(handlers)

@@ -52,6 +52,7 @@ from ..._net import split_host_port
 from ...errors import MooncakeError
 from ...wire import MasterFrameDecoder, MasterReply, encode_reply, encode_request
 from ...wire import _master_msgs as msg
+from ...wire._master_reply_msgs import FollowFrame
 from .._config import MasterConfig
 from ._effects import (
     Effect,
@@ -156,20 +157,20 @@ class ReplicationHub:
         if ack:
             self.ack_seq = self.seq
         for link in list(self.links.values()):
-            self._send(link, {"seq": self.seq, "effects": records}, ack=ack)
+            self._send(link, FollowFrame(self.seq, tuple(records)), ack=ack)
         if frees:
             self.free_seq = self.seq
         return self.seq if durable else 0
 
-    def _send(self, link: _Link, value: dict[str, Any], *, ack: bool = True) -> None:
+    def _send(self, link: _Link, frame: FollowFrame, *, ack: bool = True) -> None:
         transport = link.proto.transport
         if transport is None:
             return
         # the frame id carries the sequence number (31 bits) and, in its top bit,
         # whether the frame asks for no acknowledgement: the standby acknowledges
         # from the prefix, before it decodes and applies the body
-        frame_id = (value["seq"] & _SEQ_MASK) | (0 if ack else _NO_ACK)
-        transport.write(encode_reply(frame_id, 0, value))
+        frame_id = (frame.seq & _SEQ_MASK) | (0 if ack else _NO_ACK)
+        transport.write(encode_reply(frame_id, 0, frame.to_wire()))
         if transport.get_write_buffer_size() > _MAX_BACKLOG:
             log.error(
                 "HA: standby %s is %d bytes behind; disconnecting it (it will re-sync)",
@@ -186,18 +187,18 @@ class ReplicationHub:
         self.links[proto] = link
         log.info("HA: standby %s connected; sending the current state", link.name)
         self._send(
-            link, {"seq": self.seq, "effects": [e.record() for e in state.segment_effects()]}
+            link, FollowFrame(self.seq, tuple([e.record() for e in state.segment_effects()]))
         )
         for i in range(SHARDS):
             records = [e.record() for e in state.shard_effects(i, writes=True)]
             if records:
-                self._send(link, {"seq": self.seq, "effects": records})
+                self._send(link, FollowFrame(self.seq, tuple(records)))
             if i % 32 == 31:
                 await asyncio.sleep(0)
             if proto not in self.links:
                 return
         link.synced_seq = self.seq
-        self._send(link, {"seq": self.seq, "effects": [], "synced": True})
+        self._send(link, FollowFrame(self.seq, (), synced=True))
 
     def on_ack(self, proto: _RpcProtocol, seq: int) -> None:
         link = self.links.get(proto)

@@ -49,6 +49,7 @@ from ...wire import (
 from ...wire import _master_msgs as msg
 from ...wire._auth import FailureKind, ServerHandshake, looks_like_hello, no_token_reply
 from ...wire._master import NO_TOKEN_MESSAGE, PREFIX
+from ...wire._master_reply_msgs import RemoveAllReply, RemoveByRegexReply
 from .._config import MasterConfig
 from .._master_client import IN_PROCESS_MASTER_PORTS
 from .._types import ErrorCode
@@ -651,7 +652,8 @@ class MasterService:
         if hit is not None:
             return hit
         try:
-            code, value = 0, self._handlers[type(req)](req, self._clock())
+            # the typed reply (wire/_master_reply_msgs.py) as the JSON value it sends
+            code, value = 0, self._handlers[type(req)](req, self._clock()).to_wire()
         except StoreError as exc:
             self._count(name, failed=True)
             code, value = exc.code, exc.message
@@ -757,14 +759,14 @@ class MasterService:
             async for keys in self.key_slices(req.pattern, st.offload.disk_only_keys()):
                 removed += st.offload.remove_keys(keys)  # LOCAL_DISK-only objects
                 self._persist()
-            return removed
+            return RemoveByRegexReply(removed).to_wire()
         assert isinstance(req, msg.RemoveAll)
         removed = 0
         async for keys in self.key_slices():
             removed += st.remove_keys(keys, req.force, self._clock())
             self._persist()
         removed += st.offload.remove_keys(st.offload.disk_only_keys())
-        return removed
+        return RemoveAllReply(removed).to_wire()
 
     # ------------------------------------------------------------------------------
     # connections
