@@ -323,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             "--",
             "sh",
             "-c",
-            'ip link set lo up && exec "$@"',
+            # as the reference's CI: the fixed server ports are never handed out as
+            # ephemeral source ports (a client socket on :50052 blocks mooncake_client)
+            "ip link set lo up && sysctl -qw net.ipv4.ip_local_reserved_ports=8080,9003,50051,50052"
+            ' && exec "$@"',
             "sh",
             sys.executable,
             __file__,
