@@ -610,9 +610,7 @@ def test_cluster_token_guards_the_rpc_port(
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificates")
-def test_rpc_port_over_tls(
-    real: StoreClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_rpc_port_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def openssl(*args: str) -> None:
         subprocess.run(
             ["openssl", *args], cwd=tmp_path, check=True, capture_output=True, timeout=60
@@ -631,17 +629,21 @@ def test_rpc_port_over_tls(
         "PYMOONCAKE_TLS_CA": str(tmp_path / "ca.pem"),
         "PYMOONCAKE_CLUSTER_TOKEN": TOKEN,
     }
-    for k, v in files.items():
-        monkeypatch.setenv(k, v)
-    config = DummyServiceConfig(host=LOCAL, port=0, security=ClusterSecurity.from_env())
-    with DummyService(real, config) as svc:
-        store = MooncakeDistributedStore()
-        try:
-            assert store.setup_dummy(MiB, MiB, svc.address) == 0
-            assert store.put("tls_key", b"over tls") == 0
-            assert store.get("tls_key") == b"over tls"
-        finally:
-            store.close()
+    # A cluster of its own: the put through the real client may open another
+    # master connection (its heartbeat runs meanwhile), which must go with it.
+    with LocalCluster(MasterConfig(default_kv_lease_ttl_ms=LEASE_MS)) as own:
+        real = own.client(64 * MiB, 0)
+        for k, v in files.items():
+            monkeypatch.setenv(k, v)
+        config = DummyServiceConfig(host=LOCAL, port=0, security=ClusterSecurity.from_env())
+        with DummyService(real, config) as svc:
+            store = MooncakeDistributedStore()
+            try:
+                assert store.setup_dummy(MiB, MiB, svc.address) == 0
+                assert store.put("tls_key", b"over tls") == 0
+                assert store.get("tls_key") == b"over tls"
+            finally:
+                store.close()
 
 
 def test_a_second_service_on_the_same_port_is_refused(
