@@ -117,6 +117,9 @@ def main() -> int:
                             slot["put"].append(statistics.median(got["put"]))
                             slot["get"].append(statistics.median(got["get"]))
                 status = leader.status()
+                confirms = clients["ha"].confirms
+                status["client_confirmed_keys"] = confirms.confirmed_keys
+                status["client_fallback_keys"] = confirms.fallback_keys
             finally:
                 for client in clients.values():
                     client.close()

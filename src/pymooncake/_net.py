@@ -115,6 +115,22 @@ def first_non_loopback_ipv4() -> str | None:
     return None
 
 
+def is_local_address(host: str) -> bool:
+    """Whether ``host`` is an address of this machine (binding to it works)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((addr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
 def is_ip(host: str) -> bool:
     """``host`` is an IPv4/IPv6 address literal (not a name)."""
     try:

@@ -525,6 +525,7 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "status": st.integers(0, 3),
     "message": text,
     "standby": text,
+    "confirmed": st.lists(names, max_size=3).map(tuple),
     "view_version": u64,
     "seq": u64,
     "endpoint": names,
@@ -581,3 +582,27 @@ def test_replies_round_trip(req_id: int, code: int, value: Any, sizes: list[int]
         d.feed(chunk)
     (frame,) = _drain(d)
     assert frame == MasterReply(req_id, code, json.loads(json.dumps(value)))
+
+
+def test_put_end_names_the_standbys_its_client_confirms_to() -> None:
+    plain = msg.PutEnd("c", "k", 3, 2)
+    assert plain.params() == {"client_id": "c", "rid": 3, "ack": 2, "key": "k"}  # as before
+    named = msg.PutEnd("c", "k", 3, 2, confirmed=("10.0.0.2:50051",))
+    assert named.params()["confirmed"] == ["10.0.0.2:50051"]
+    assert decode_request(M.PUT_END, named.params()) == named
+    batch = msg.BatchPutEnd("c", ("a", "b"), 0, 0, confirmed=("h:1", "h:2"))
+    assert decode_request(M.BATCH_PUT_END, batch.params()) == batch
+    base = {"client_id": "c", "key": "k"}
+    _refused(M.PUT_END, {**base, "confirmed": "h:1"}, "confirmed", "list")
+    _refused(M.PUT_END, {**base, "confirmed": [""]}, "confirmed[] must not be empty")
+    _refused(M.PUT_END, {**base, "confirmed": [5]}, "confirmed[] must be a string")
+    _refused(M.PUT_END, {**base, "confirmed": ["h:1"] * 9}, "at most 8")
+
+
+def test_ha_confirm_request() -> None:
+    req = msg.HaConfirm("c", ("a", "b"))
+    assert req.params() == {"client_id": "c", "keys": ["a", "b"]}
+    assert decode_request(M.HA_CONFIRM, req.params()) == req
+    _refused(M.HA_CONFIRM, {"client_id": "", "keys": ["a"]}, "client_id must not be empty")
+    _refused(M.HA_CONFIRM, {"client_id": "c", "keys": "a"}, "keys")
+    _refused(M.HA_CONFIRM, {"client_id": "c", "keys": [""]}, "empty key")

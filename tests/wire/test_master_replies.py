@@ -38,9 +38,16 @@ EXAMPLES: dict[type[r.Reply], tuple[Any, str]] = {
         '"ssd":{"local_disks":1,"disk_replicas":0}}',
     ),
     r.PingReply: (
-        {"view_version": 3, "status": 1, "instance": "a1b2", "tasks": 2},
-        '{"view_version":3,"status":1,"instance":"a1b2","tasks":2}',
+        {
+            "view_version": 3,
+            "status": 1,
+            "instance": "a1b2",
+            "tasks": 2,
+            "standbys": ["10.0.0.2:50051"],
+        },
+        '{"view_version":3,"status":1,"instance":"a1b2","tasks":2,"standbys":["10.0.0.2:50051"]}',
     ),
+    r.HaConfirmReply: ({"missing": ["k2"]}, '{"missing":["k2"]}'),
     r.MountSegmentReply: (None, "null"),
     r.ReMountSegmentReply: (None, "null"),
     r.UnmountSegmentReply: (7, "7"),

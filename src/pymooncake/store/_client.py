@@ -47,6 +47,7 @@ from ..wire import _master_msgs as msg
 from ..wire import _offload_msgs as omsg
 from ._buffers import LocalBuffer
 from ._client_io import ObjectLocation
+from ._ha_confirm import StandbyConfirms
 from ._master_client import MasterClient
 from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
@@ -161,6 +162,13 @@ class StoreClient(WriteOps, ReadOps):
             same_host_rpc=engine_config.same_host_transport,
             gil_hold_s=config.gil_hold_s,
         )
+        #: HA: the standbys this client confirms its puts to (_ha_confirm.py)
+        self.confirms = StandbyConfirms(
+            self.client_id,
+            security=engine_config.security,
+            same_host_rpc=engine_config.same_host_transport,
+            gil_hold_s=config.gil_hold_s,
+        )
         #: keys this process is writing (put/upsert started, not ended), to tell a
         #: concurrent put of another thread from an orphan of an earlier attempt
         self._writing: dict[str, int] = {}
@@ -193,7 +201,9 @@ class StoreClient(WriteOps, ReadOps):
             if self.metrics is not None:
                 engine.enable_metrics()  # exported next to the client's (tent_* names)
             self.master.call(msg.ReMountSegment(self.client_id, ()))
-            self._master_instance = self.master.call(msg.Ping(self.client_id)).instance
+            pong = self.master.call(msg.Ping(self.client_id))
+            self._master_instance = pong.instance
+            self.confirms.update(pong.standbys)
             if config.global_segment_size > 0:
                 self.mount(config.global_segment_size)
             if config.local_buffer_size > 0:
@@ -327,6 +337,7 @@ class StoreClient(WriteOps, ReadOps):
                     )
                     self.engine.republish()
                 self._master_instance = instance
+                self.confirms.update(res.standbys)
                 self._ping_ok = True
                 if res.status == ClientStatus.NEED_REMOUNT:
                     log.warning(
@@ -507,6 +518,7 @@ class StoreClient(WriteOps, ReadOps):
                 except MooncakeError as exc:
                     log.warning("unmounting segment %s at the master failed: %s", info.id, exc)
         self.master.close()
+        self.confirms.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         engine = getattr(self, "engine", None)

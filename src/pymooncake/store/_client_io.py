@@ -31,6 +31,7 @@ from ._types import ReplicaDesc
 
 if TYPE_CHECKING:
     from ._client import StoreClientConfig
+    from ._ha_confirm import StandbyConfirms
     from ._ssd import OffloadReader
 
 __all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Part", "Parts", "transfer_failed"]
@@ -83,6 +84,8 @@ class ClientIO:
     config: StoreClientConfig
     engine: TransferEngine
     master: MasterClient
+    #: HA: the standbys that confirm this client's puts (``_ha_confirm.py``)
+    confirms: StandbyConfirms
     client_id: str
     local: LocalBuffer
     _writing: dict[str, int]

@@ -37,7 +37,7 @@ from typing import Any
 
 from .._authio import ClusterSecurity, client_handshake
 from .._heldio import DEFAULT_HOLD_S, HeldSocket, held_socket
-from .._net import connect_tcp, set_io_timeout, split_host_port
+from .._net import connect_tcp, is_local_address, set_io_timeout, split_host_port
 from ..errors import (
     AuthenticationError,
     InvalidParams,
@@ -82,22 +82,6 @@ class _Conn:
         self.addr = addr  # the master it was opened to (with HA: who led then)
         self.held = held
         self.decoder = MasterFrameDecoder()
-
-
-def _is_local_address(host: str) -> bool:
-    """Whether ``host`` is an address of this machine (binding to it works)."""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
-    except OSError:
-        return False
-    for family, _, _, _, addr in infos:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind((addr[0], 0))
-                return True
-            except OSError:
-                continue
-    return False
 
 
 class _LeaderView:
@@ -291,7 +275,7 @@ class MasterClient:
             # configured address is one of this machine's: a client configured for
             # a remote master must never land on a local one that shares the port.
             hosts = [self._host]
-            if _is_local_address(self._host):
+            if is_local_address(self._host):
                 hosts += ["0.0.0.0", "::"]
             names = self._unix_names = [master_unix_name(h, self._port) for h in hosts]
         for name in names:
@@ -326,13 +310,25 @@ class MasterClient:
         """Send ``frames``, read their replies.  With ``ha_wait``, a receive timeout
         asks it whether to keep waiting on this connection (the leader is the same
         and time is left) instead of giving up."""
+        self._send(conn, frames)
+        return self._receive(conn, ids, ha_wait)
+
+    @staticmethod
+    def _send(conn: _Conn, frames: bytes) -> None:
+        if conn.held is not None:
+            conn.held.sendall(frames)
+        else:
+            conn.sock.sendall(frames)
+
+    @staticmethod
+    def _receive(
+        conn: _Conn, ids: list[int], ha_wait: Callable[[], bool] | None = None
+    ) -> list[MasterReply]:
         held = conn.held
         if held is not None:
-            held.sendall(frames)
             recv = held.recv
         else:
             sock = conn.sock
-            sock.sendall(frames)
 
             def recv() -> bytes:
                 return sock.recv(1 << 16)
@@ -519,6 +515,51 @@ class MasterClient:
             (r.code, _decode(q, r.value) if r.code == 0 else r.value)
             for q, r in zip(requests, self._run(requests), strict=True)
         ]
+
+    def send(self, request: msg.Request) -> Callable[[], Any]:
+        """Send ``request`` now; the returned function reads its typed reply (call
+        it exactly once).  Lets a caller keep two masters working in parallel (a
+        standby confirming puts while the leader ends them).  One attempt: no
+        retries and no leader search, unlike :meth:`call`.
+
+        Raises (now, or from the function):
+            RpcFailed / RpcTimeout: the master is unreachable, broke or is silent.
+            StoreError subclasses: the master refused.
+        """
+        conn, reused = self._checkout()
+        ident = next(self._ids)
+        try:
+            self._send(conn, encode_request(ident, request))
+        except OSError as exc:
+            conn.sock.close()
+            if reused:
+                self._drop_idle()
+            raise RpcFailed(
+                f"RPC {request.METHOD.value} to the master at {self.target} failed: {exc}"
+            ) from exc
+
+        def finish() -> Any:
+            try:
+                (reply,) = self._receive(conn, [ident])
+            except (BlockingIOError, TimeoutError) as exc:
+                conn.sock.close()
+                raise RpcTimeout(
+                    f"the master at {self.target} did not answer {request.METHOD.value} "
+                    f"within {self._timeout:g} s"
+                ) from exc
+            except (OSError, MalformedMessage) as exc:
+                conn.sock.close()
+                if reused:
+                    self._drop_idle()
+                raise RpcFailed(
+                    f"RPC {request.METHOD.value} to the master at {self.target} failed: {exc}"
+                ) from exc
+            self._checkin(conn)
+            if reply.code != 0:
+                raise store_error(reply.code, str(reply.value))
+            return _decode(request, reply.value)
+
+        return finish
 
     def check_version(self) -> str:
         version = self.call(msg.ServiceReady()).version

@@ -257,6 +257,17 @@ class WriteOps(ClientIO):
         results: list[bool | StoreError],
     ) -> None:
         """End the puts in ``good``, revoke those in ``bad``."""
+        confirms = self.confirms
+        if not upsert and confirms.standbys and good:  # HA: standbys confirm in parallel
+            if bad:
+                self._revoke([keys[i] for i in bad], upsert)
+            single = len(keys) == 1
+            ended = confirms.end(self.master, [keys[i] for i in good], batch=not single)
+            for i, (code, message) in zip(good, ended, strict=True):
+                if code != 0:
+                    text = message or ""
+                    results[i] = store_error(code, text if single else f"{keys[i]!r}: {text}")
+            return
         if len(keys) == 1 and good and not bad:  # the common single put: the plain RPC
             end = msg.UpsertEnd if upsert else msg.PutEnd
             try:

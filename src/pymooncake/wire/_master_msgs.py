@@ -140,6 +140,9 @@ class MasterMethod(str, Enum):
     FOLLOW = "Follow"
     #: a standby acknowledges the stream up to a sequence number
     ACK = "Ack"
+    #: HA: a client confirms the puts it is ending to a standby, in parallel with
+    #: their PutEnd at the leader
+    HA_CONFIRM = "HaConfirm"
     CREATE_COPY_TASK = "CreateCopyTask"
     CREATE_MOVE_TASK = "CreateMoveTask"
     QUERY_TASK = "QueryTask"
@@ -602,9 +605,37 @@ class _KeyOp(Mutation):
         return cls(client, _key(_field(p, "key")), rid, ack)
 
 
+#: most standbys a PutEnd may name (a cluster has one leader and a few standbys)
+MAX_STANDBYS: Final = 8
+
+
+def _standbys(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if type(value) is not list or len(value) > MAX_STANDBYS:
+        raise _bad("confirmed", f"must be a list of at most {MAX_STANDBYS} addresses", value)
+    return tuple(_text(v, "confirmed[]", empty=False) for v in value)
+
+
 @dataclass(frozen=True, slots=True)
 class PutEnd(_KeyOp):
+    """``confirmed`` (HA): the standbys the client confirms this put to itself
+    (:class:`HaConfirm`, sent in parallel); when they are every standby in sync,
+    the leader answers without waiting for a standby's acknowledgement."""
+
     METHOD: ClassVar = MasterMethod.PUT_END
+    confirmed: tuple[str, ...] = ()
+
+    def params(self) -> dict[str, Any]:
+        out = _KeyOp.params(self)
+        if self.confirmed:
+            out["confirmed"] = list(self.confirmed)
+        return out
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> PutEnd:
+        client, rid, ack = _session(p)
+        return cls(client, _key(_field(p, "key")), rid, ack, _standbys(p.get("confirmed")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,7 +673,21 @@ class _KeysOp(Mutation):
 
 @dataclass(frozen=True, slots=True)
 class BatchPutEnd(_KeysOp):
+    """``confirmed``: as :class:`PutEnd`'s."""
+
     METHOD: ClassVar = MasterMethod.BATCH_PUT_END
+    confirmed: tuple[str, ...] = ()
+
+    def params(self) -> dict[str, Any]:
+        out = _KeysOp.params(self)
+        if self.confirmed:
+            out["confirmed"] = list(self.confirmed)
+        return out
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> BatchPutEnd:
+        client, rid, ack = _session(p)
+        return cls(client, _keys(_field(p, "keys")), rid, ack, _standbys(p.get("confirmed")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -861,6 +906,28 @@ class Ack(Request):
     @classmethod
     def decode(cls, p: dict[str, Any]) -> Ack:
         return cls(_u64(_field(p, "seq"), "seq"))
+
+
+@dataclass(frozen=True, slots=True)
+class HaConfirm(Request):
+    """HA: ``client_id`` wrote ``keys`` completely and is ending them at the
+    leader now.  A standby remembers the ones it knows as that client's writes
+    in progress, and a standby that becomes the leader commits them, so the
+    leader need not wait for its acknowledgement (``PutEnd.confirmed``).  Sent
+    to standbys; answered by any master (a leader knows nothing to confirm)."""
+
+    METHOD: ClassVar = MasterMethod.HA_CONFIRM
+    client_id: str
+    keys: tuple[str, ...]
+
+    def params(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "keys": list(self.keys)}
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> HaConfirm:
+        return cls(
+            _text(_field(p, "client_id"), "client_id", empty=False), _keys(_field(p, "keys"))
+        )
 
 
 def _uuid(value: Any, what: str) -> tuple[int, int]:
@@ -1123,6 +1190,7 @@ _ALL: tuple[Any, ...] = (
     BatchReplicaClear,
     Follow,
     Ack,
+    HaConfirm,
     CreateCopyTask,
     CreateMoveTask,
     QueryTask,

@@ -434,13 +434,16 @@ class GetSummaryReply(Reply):
 class PingReply(Reply):
     """The client's view of the master: ``view_version``, ``status``
     (ClientStatus), ``instance`` (changes when the master restarts) and how many
-    copy/move ``tasks`` wait for this client (sent only when some do)."""
+    copy/move ``tasks`` wait for this client (sent only when some do); with HA, the
+    RPC addresses of the ``standbys`` in sync (sent only when there are some: the
+    client confirms its puts to them, ``HaConfirm``)."""
 
     METHOD: ClassVar = MasterMethod.PING
     view_version: int
     status: int
     instance: str
     tasks: int = 0
+    standbys: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -450,18 +453,40 @@ class PingReply(Reply):
         }
         if self.tasks:
             out["tasks"] = self.tasks
+        if self.standbys:
+            out["standbys"] = list(self.standbys)
         return out
 
     @classmethod
     def decode(cls, value: Any) -> PingReply:
         v = cls._dict(value, "ping", ("view_version", "status", "instance"))
         tasks = cls._int(v["tasks"], "tasks") if "tasks" in v else 0
+        standbys = cls._strs(v["standbys"], "standbys") if "standbys" in v else ()
         return cls(
             cls._int(v["view_version"], "view_version"),
             cls._int(v["status"], "status"),
             cls._str(v["instance"], "instance"),
             tasks,
+            standbys,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class HaConfirmReply(Reply):
+    """The keys of an ``HaConfirm`` this master could not confirm (not a standby
+    in sync, or not that client's write in progress here yet): the client has the
+    leader wait for its standby instead."""
+
+    METHOD: ClassVar = MasterMethod.HA_CONFIRM
+    missing: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"missing": list(self.missing)}
+
+    @classmethod
+    def decode(cls, value: Any) -> HaConfirmReply:
+        v = cls._dict(value, "confirm", ("missing",))
+        return cls(cls._strs(v["missing"], "missing"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -999,6 +1024,7 @@ _REPLIES: Final[dict[type[msg.Request], type[Reply] | None]] = {
     msg.BatchReplicaClear: BatchReplicaClearReply,
     msg.Follow: FollowFrame,
     msg.Ack: None,  # one-way: a standby's acknowledgement is never answered
+    msg.HaConfirm: HaConfirmReply,
     msg.CreateCopyTask: CreateCopyTaskReply,
     msg.CreateMoveTask: CreateMoveTaskReply,
     msg.QueryTask: QueryTaskReply,

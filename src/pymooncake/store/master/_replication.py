@@ -35,6 +35,21 @@ service.
 The cost is one leader->standby round trip per batch of requests that changed
 state (requests served in one turn of the event loop share it); requests that
 change nothing wait only if effects of others are still unacknowledged.
+
+**Puts confirmed by their writer.**  A put's PutEnd would pay that round trip
+after the leader's own; instead the client, which learns the standbys in sync
+from its heartbeat (``PingReply.standbys``), sends ``HaConfirm(keys)`` to each
+of them at the same moment as ``PutEnd(confirmed=standbys)`` to the leader.  A
+standby that holds those keys as the client's writes in progress remembers them
+(:meth:`Follower.confirm`) until its stream ends them, and a standby that
+becomes the leader commits the ones still in progress.  The leader answers a
+PutEnd naming every standby in sync without waiting for an acknowledgement;
+the client counts the put as done once the leader *and* every standby answered.
+A standby that does not know a key yet (its stream is behind), or cannot be
+reached, makes the client send a plain PutEnd again: repeating an end is
+harmless, and a plain end waits for everything shipped before it.  The two
+round trips run in parallel, so HA costs a put one client-side send and
+receive instead of two more process wake-ups in sequence.
 Leases and the reply cache are not replicated: after a failover readers ask
 again, and a Remove retried across the failover may report OBJECT_NOT_FOUND.
 """
@@ -43,15 +58,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..._authio import ClusterSecurity, client_handshake_async
-from ..._net import split_host_port
+from ..._net import is_local_address, split_host_port
+from ...config import parse_bool_env
 from ...errors import MooncakeError
 from ...wire import MasterFrameDecoder, MasterReply, encode_reply, encode_request
 from ...wire import _master_msgs as msg
+from ...wire._master import master_unix_name
 from ...wire._master_reply_msgs import FollowFrame
 from .._config import MasterConfig
 from ._effects import (
@@ -64,6 +82,7 @@ from ._effects import (
     effect_from_record,
 )
 from ._index import SHARDS
+from ._records import BUSY, READABLE
 from ._state import MasterState
 
 if TYPE_CHECKING:
@@ -86,6 +105,32 @@ _SEQ_MASK: Final = 0x7FFFFFFF
 _NO_ACK: Final = 0x80000000
 #: effects that return buffers to the allocator
 _FREES: Final = (ObjectDeleted, SegmentUnmounted, WriteEnded, ReplicationEnded)
+#: stream records that end (or begin anew) a write of their key: a client's
+#: confirmation of that write is settled by them
+_SETTLES: Final = frozenset({"commit", "start", "abandon", "delete"})
+#: confirmed commits wait this long for the next frame to ride along with (one
+#: standby wake-up per put instead of two); nobody waits for them.
+#: PYMOONCAKE_HA_COMMIT_DEFER_MS overrides it (tests hold commits back with it)
+_DEFER_S: Final = 0.001
+#: at least every this many frames one asks to be acknowledged
+_ACK_EVERY: Final = 32
+#: a confirmation the stream has not settled after this long is stale (the
+#: leader answered that PutEnd with an error, or the client never sent it)
+_CONFIRM_TTL_S: Final = 60.0
+
+
+def _defer_from_env() -> float:
+    text = os.environ.get("PYMOONCAKE_HA_COMMIT_DEFER_MS", "")
+    if not text:
+        return _DEFER_S
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = -1.0
+    if not 0 <= ms <= 3_600_000:
+        log.warning("PYMOONCAKE_HA_COMMIT_DEFER_MS=%r is not 0..3600000; using 1", text)
+        return _DEFER_S
+    return ms / 1000
 
 
 class _Link:
@@ -118,6 +163,11 @@ class ReplicationHub:
         self.dropped = 0
         #: replies held for a standby's acknowledgement (a counter)
         self.held = 0
+        #: records of confirmed commits not shipped yet: they go with the next
+        #: frame, or after _DEFER_S (see :meth:`ship`)
+        self._deferred: list[list[Any]] = []
+        self._flush: asyncio.TimerHandle | None = None
+        self._defer_s = _defer_from_env()
 
     # --- state --------------------------------------------------------------------
 
@@ -132,6 +182,18 @@ class ReplicationHub:
     def in_sync(self) -> bool:
         return any(link.ready for link in self.links.values())
 
+    def ready_names(self) -> tuple[str, ...]:
+        """RPC addresses of the standbys in the commit barrier (for clients that
+        confirm their puts to them)."""
+        return tuple(sorted(ln.name for ln in self.links.values() if ln.ready))
+
+    def covered(self, confirmed: tuple[str, ...]) -> bool:
+        """A client confirms its put to ``confirmed``: is that every standby in
+        sync (so its PutEnd need not wait for one)?"""
+        if not confirmed:
+            return False
+        return all(ln.name in confirmed for ln in self.links.values() if ln.ready)
+
     def status(self) -> list[dict[str, Any]]:
         return [
             {"standby": ln.name, "acked": ln.acked, "ready": ln.ready, "seq": self.seq}
@@ -140,20 +202,36 @@ class ReplicationHub:
 
     # --- leader side ----------------------------------------------------------------
 
-    def ship(self, effects: list[Effect]) -> int:
+    def ship(self, effects: list[Effect], *, confirmed: bool = False) -> int:
         """Send ``effects`` to every standby; returns their sequence number if a reply
-        acknowledging them must wait for it (durable effects), else 0."""
+        acknowledging them must wait for it (durable effects), else 0.
+        ``confirmed``: they are the commits of puts whose clients confirm them to
+        every standby themselves (``HaConfirm``): nobody waits for them."""
         if not self.links:
+            self._deferred.clear()
             return 0
-        self.seq += 1
         records = [e.record() for e in effects]
         frees = any(isinstance(e, _FREES) for e in effects)
-        durable = any(not isinstance(e, WriteStarted) for e in effects)
-        # nobody waits for a batch of reservations only (a PutStart's): its frame
-        # asks for no acknowledgement, which saves the standby a write and the
-        # leader a wake-up per put (acknowledgements are cumulative: the put's
-        # PutEnd frame covers it)
-        ack = frees or durable
+        if confirmed and not frees:
+            # the commits of confirmed puts ride with the next frame (the next put's
+            # reservation, typically) instead of waking the standby once more: the
+            # standby already holds their clients' confirmations
+            self._deferred += records
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_later(self._defer_s, self.flush)
+            return 0
+        if self._deferred:
+            records = self._deferred + records
+            self._deferred = []
+        self.seq += 1
+        durable = not confirmed and any(not isinstance(e, WriteStarted) for e in effects)
+        # nobody waits for a batch of reservations only (a PutStart's), nor for
+        # confirmed commits: their frame asks for no acknowledgement, which saves
+        # the standby a write and the leader a wake-up per put (acknowledgements
+        # are cumulative: a later frame that asks covers it, see sync_point)
+        # ... but every _ACK_EVERY frames one asks anyway, so that what the leader
+        # knows of its standbys (lag, the sync timeout) stays current under load
+        ack = frees or durable or self.seq - self.ack_seq >= _ACK_EVERY
         if ack:
             self.ack_seq = self.seq
         for link in list(self.links.values()):
@@ -161,6 +239,30 @@ class ReplicationHub:
         if frees:
             self.free_seq = self.seq
         return self.seq if durable else 0
+
+    def flush(self) -> None:
+        """Ship the deferred commits now.  This frame asks to be acknowledged: it
+        goes when no other frame followed them for a while (the stream is idle),
+        and the acknowledgement brings the leader's view of its standbys up to date."""
+        self._flush = None
+        if self._deferred:
+            records, self._deferred = self._deferred, []
+            if self.links:
+                self.seq += 1
+                self.ack_seq = self.seq
+                for link in list(self.links.values()):
+                    self._send(link, FollowFrame(self.seq, tuple(records)))
+
+    def sync_point(self) -> int:
+        """The sequence number covering everything shipped so far, asking the
+        standbys to acknowledge it (an empty frame) if no frame since did."""
+        self.flush()
+        if self.links and self.seq > self.ack_seq:
+            self.seq += 1
+            self.ack_seq = self.seq
+            for link in list(self.links.values()):
+                self._send(link, FollowFrame(self.seq, ()))
+        return self.ack_seq
 
     def _send(self, link: _Link, frame: FollowFrame, *, ack: bool = True) -> None:
         transport = link.proto.transport
@@ -183,6 +285,7 @@ class ReplicationHub:
         self, proto: _RpcProtocol, req_id: int, req: msg.Follow, state: MasterState
     ) -> None:
         """Serve a new standby: the current state a slice at a time, then live."""
+        self.flush()  # the state sent next has these commits: they must not follow it
         link = _Link(proto, req_id, req.standby or str(proto.peer))
         self.links[proto] = link
         log.info("HA: standby %s connected; sending the current state", link.name)
@@ -279,6 +382,62 @@ class Follower:
         self.synced = False
         self.seq = 0
         self.leader = ""
+        #: key -> (writer, when): writes in progress their writer confirmed as
+        #: complete (``HaConfirm``), until the stream ends them; committed if this
+        #: standby becomes the leader first
+        self.confirmed: dict[str, tuple[str, float]] = {}
+        #: confirmations waiting for the next frame (:meth:`wait_applied`)
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def confirm(self, client_id: str, keys: tuple[str, ...], now: float) -> tuple[str, ...]:
+        """Remember ``keys`` as complete writes of ``client_id``; returns those this
+        standby cannot vouch for (unknown here yet, or not that client's)."""
+        state = self.state
+        if state is None or not self.synced:
+            return keys
+        confirmed = self.confirmed
+        while confirmed:  # drop stale ones (oldest first: insertion order)
+            first = next(iter(confirmed))
+            if now - confirmed[first][1] <= _CONFIRM_TTL_S:
+                break
+            del confirmed[first]
+        missing: list[str] = []
+        for key in keys:
+            obj = state.objects.get(key)
+            if obj is None or obj.writer != client_id:
+                missing.append(key)
+            elif obj.flags & BUSY:
+                ext = obj.ext
+                if ext is not None and ext.pending:  # an upsert: not confirmable
+                    missing.append(key)
+                else:
+                    confirmed.pop(key, None)
+                    confirmed[key] = (client_id, now)
+            elif not obj.flags & READABLE:
+                missing.append(key)
+            # else: committed already (the stream was first): nothing to remember
+        return tuple(missing)
+
+    async def wait_applied(self, timeout_s: float) -> None:
+        """Until the stream's next frame is applied (or ``timeout_s``)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            pass
+
+    def _applied(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def take_confirmed(self) -> list[tuple[str, str]]:
+        """The confirmed writes the stream did not end: (key, writer) each."""
+        out = [(k, w) for k, (w, _) in self.confirmed.items()]
+        self.confirmed.clear()
+        return out
 
     async def run(
         self, leader: str, view_version: int, on_state: Callable[[MasterState], None]
@@ -300,11 +459,7 @@ class Follower:
         self, leader: str, view_version: int, on_state: Callable[[MasterState], None]
     ) -> None:
         host, port = split_host_port(leader)
-        # the leader's RPC port speaks TLS when PYMOONCAKE_TLS_* are set: so must we
-        tls = self.security.client_ssl_context()
-        reader, writer = await asyncio.open_connection(
-            host, port or 50051, ssl=tls, server_hostname=host if tls is not None else None
-        )
+        reader, writer = await self._connect(host, port or 50051)
         try:
             key = self.security.key
             if key is not None:
@@ -327,13 +482,18 @@ class Follower:
                 while True:
                     frame = decoder.next_frame()
                     if not isinstance(frame, MasterReply):
+                        if self._waiters:
+                            self._applied()
                         return
                     if frame.code != 0:
                         raise MooncakeError(f"the leader refused to stream: {frame.value}")
                     value = frame.value
                     now = self._clock()
+                    confirmed = self.confirmed
                     for rec in value["effects"]:
                         state.apply(effect_from_record(rec), now)
+                        if confirmed and rec[0] in _SETTLES:
+                            confirmed.pop(rec[1], None)
                     self.seq = int(value["seq"])
                     if value.get("synced") and not live:
                         live = True
@@ -354,6 +514,26 @@ class Follower:
             await receiver.done
         finally:
             writer.close()
+
+    async def _connect(
+        self, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A leader on this host is reached on its abstract UNIX socket, as clients
+        do (no TCP stack on either side: a put ships frames to its standby), unless
+        PYMOONCAKE_SAME_HOST=0; else TCP, with TLS when PYMOONCAKE_TLS_* are set."""
+        if parse_bool_env("PYMOONCAKE_SAME_HOST", os.environ.get("PYMOONCAKE_SAME_HOST", "1")):
+            loop = asyncio.get_running_loop()
+            if await loop.run_in_executor(None, is_local_address, host):
+                names = [master_unix_name(h, port) for h in (host, "0.0.0.0", "::")]
+                for name in names:
+                    try:
+                        return await asyncio.open_unix_connection(name)
+                    except OSError:
+                        continue
+        tls = self.security.client_ssl_context()
+        return await asyncio.open_connection(
+            host, port, ssl=tls, server_hostname=host if tls is not None else None
+        )
 
 
 class _StreamReceiver(asyncio.Protocol):

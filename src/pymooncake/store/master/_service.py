@@ -54,7 +54,7 @@ from .._config import MasterConfig
 from .._master_client import IN_PROCESS_MASTER_PORTS
 from .._types import ErrorCode
 from ._admin import AdminHttp
-from ._effects import DURABLE
+from ._effects import DURABLE, WriteStarted
 from ._ha import Elector, HaConfig
 from ._handlers import build_handlers
 from ._index import SHARDS
@@ -487,15 +487,16 @@ class MasterService:
             journal.abort_compaction()
             raise
 
-    def _persist(self) -> int:
+    def _persist(self, *, confirmed: bool = False) -> int:
         """Journal the state changes and ship them to standbys before acknowledging
-        them; returns the sequence number replies must wait for (0: none)."""
+        them; returns the sequence number replies must wait for (0: none).
+        ``confirmed``: only commits of puts their clients confirm to the standbys."""
         effects = self.state.drain_effects()
         if not effects:
             return 0
         if self.journal is not None:
             self.journal.append([e for e in effects if isinstance(e, DURABLE)])
-        return self.hub.ship(effects)
+        return self.hub.ship(effects, confirmed=confirmed)
 
     # ------------------------------------------------------------------------------
     # HA
@@ -516,6 +517,21 @@ class MasterService:
             return True
         elector = self._elector
         return elector is not None and elector.role == "warmup"
+
+    def ha_confirm(self, req: msg.HaConfirm) -> tuple[str, ...]:
+        """A client confirms the puts it is ending at the leader (answered in any
+        role: only a standby in sync can vouch for them); returns the keys this
+        master cannot vouch for."""
+        follower = self._follower
+        if self.role != "standby" or follower is None:
+            return req.keys
+        return follower.confirm(req.client_id, req.keys, self._clock())
+
+    def may_confirm(self) -> bool:
+        """A standby following a leader (its stream may bring what a confirmation
+        lacks)."""
+        follower = self._follower
+        return self.role == "standby" and follower is not None and follower.synced
 
     def not_serving_reply(self) -> tuple[int, str]:
         leader = self.leader_address
@@ -594,9 +610,29 @@ class MasterService:
         self.state.promote(now)
         self.state.view_version = max(self.state.view_version, view)
         self.state.effects = []
+        if follower is not None and follower.synced:
+            self._commit_confirmed(follower, now)
         self._keep = keep
         self.leader_address = self.ha.advertise if self.ha is not None else ""
         self.role = "leader"
+
+    def _commit_confirmed(self, follower: Follower, now: float) -> None:
+        """Commit the writes their clients confirmed to this standby whose end the
+        previous leader's stream did not bring: the leader may have acknowledged
+        them without waiting for a standby (``HaConfirm``)."""
+        done = 0
+        for key, writer in follower.take_confirmed():
+            try:
+                self.state.put_end(writer, key, now)
+                done += 1
+            except StoreError as exc:  # revoked meanwhile: the stream settled it
+                log.info("HA: confirmed put of %r not committed: %s", key, exc)
+        if done:
+            log.warning(
+                "HA: committed %d put(s) the previous leader ended (their clients "
+                "confirmed them here) but whose commit had not reached this master",
+                done,
+            )
 
     def _lose_leadership(self, reason: str) -> None:
         self.role = "standby"
@@ -654,6 +690,10 @@ class MasterService:
         try:
             # the typed reply (wire/_master_reply_msgs.py) as the JSON value it sends
             code, value = 0, self._handlers[type(req)](req, self._clock()).to_wire()
+            if type(req) is msg.Ping and self.hub.links:
+                standbys = self.hub.ready_names()
+                if standbys:
+                    value["standbys"] = list(standbys)
         except StoreError as exc:
             self._count(name, failed=True)
             code, value = exc.code, exc.message
@@ -812,6 +852,12 @@ class MasterService:
             return False
         self._conns.add(conn)
         return True
+
+
+#: an HaConfirm of keys a standby does not know yet waits for up to this many
+#: stream frames, each for at most _CONFIRM_WAIT_S
+_CONFIRM_WAITS: Final = 3
+_CONFIRM_WAIT_S: Final = 0.002
 
 
 class _RpcProtocol(asyncio.BufferedProtocol):
@@ -1014,6 +1060,11 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         decoder = self._decoder
         out: list[bytes] = []
         served = False
+        # HA: what this batch's replies wait for beyond their own effects: 1 = every
+        # served request is a PutEnd its client confirms to every standby in sync
+        # (no wait for its own commit), 2 = a plain PutEnd (possibly repeated: wait
+        # for everything shipped before it)
+        ends = 0
         try:
             while not self._busy:
                 frame = decoder.next_frame()
@@ -1029,6 +1080,17 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 elif isinstance(req, msg.Follow) and svc.may_stream():
                     self._following = True
                     svc._spawn(svc.hub.follow(self, frame.id, req, svc.state))
+                elif isinstance(req, msg.HaConfirm):
+                    missing = svc.ha_confirm(req)
+                    if missing and svc.may_confirm():
+                        # the write's reservation is likely still in the stream's
+                        # socket (the leader ships it right after PutStart's reply):
+                        # answer once the next frame is in
+                        self._busy = True
+                        self._pause(4)
+                        svc._spawn(self._confirm_later(frame.id, req))
+                    else:
+                        out.append(self._encode(frame.id, 0, {"missing": list(missing)}))
                 elif not svc.serving():
                     out.append(encode_reply(frame.id, *svc.not_serving_reply()))
                 elif svc.is_scan(req):
@@ -1036,6 +1098,13 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                     self._pause(4)
                     svc._spawn(self._run_scan(frame.id, req))
                 else:
+                    if isinstance(req, (msg.PutEnd, msg.BatchPutEnd)):
+                        if not svc.hub.covered(req.confirmed):
+                            ends = 2
+                        elif not served:
+                            ends = 1
+                    elif ends == 1:
+                        ends = 0  # another request: its own effects are waited for
                     served = True
                     code, value = svc.dispatch(req)
                     out.append(self._encode(frame.id, code, value))
@@ -1060,7 +1129,14 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         else:
             self._partial_since = None
             svc.resume_readers()
-        seq = svc.hub.barrier(svc._persist())  # journal and replicate before acknowledging
+        if out and not self._held and svc.hub.links and self._reply_first(out, ends):
+            return
+        own = svc._persist()  # journal and replicate before acknowledging
+        if ends == 1:
+            own = 0  # the client has every standby confirm it (HaConfirm)
+        elif ends == 2:
+            own = max(own, svc.hub.sync_point())  # perhaps a repeated end: all before it
+        seq = svc.hub.barrier(own)
         if served and not svc.serving():
             self._fence()
             return
@@ -1070,6 +1146,29 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 self._hold(seq, data)
             else:
                 transport.write(data)
+
+    def _reply_first(self, out: list[bytes], ends: int) -> bool:
+        """HA: replies that wait for nothing go out before the stream frame of their
+        effects (writing to the standby first would let it preempt this process
+        before the client has its answer): the commits of PutEnds every standby
+        confirms (``ends == 1``; then shipped asking for no acknowledgement, and not
+        with a journal, which must have them first), and PutStart reservations (the
+        frame follows within this callback; a standby that gets the client's
+        confirmation first waits for it, ``_confirm_later``).  Returns False to take
+        the ordinary path."""
+        svc = self._svc
+        if ends == 1:
+            if svc.journal is not None:
+                return False
+        else:
+            pending = svc.state.effects
+            if ends or not pending or any(type(e) is not WriteStarted for e in pending):
+                return False
+        if svc.hub.barrier(0) or not svc.serving() or self._transport is None:
+            return False
+        self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        svc._persist(confirmed=ends == 1)
+        return True
 
     def _hold(self, seq: int, data: bytes) -> None:
         self._svc.hub.held += 1
@@ -1114,6 +1213,28 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 int(ErrorCode.INTERNAL_ERROR),
                 f"the master could not encode its reply: {exc!r}",
             )
+
+    async def _confirm_later(self, req_id: int, req: msg.HaConfirm) -> None:
+        """Answer an ``HaConfirm`` whose keys this standby did not know yet once its
+        stream brought them, or after a few milliseconds (the client then has the
+        leader wait for a standby instead)."""
+        svc = self._svc
+        try:
+            missing = req.keys
+            for _ in range(_CONFIRM_WAITS):
+                follower = svc._follower
+                if follower is None or not svc.may_confirm():
+                    break
+                await follower.wait_applied(_CONFIRM_WAIT_S)
+                missing = svc.ha_confirm(req)
+                if not missing:
+                    break
+            if self._transport is not None:
+                self._transport.write(self._encode(req_id, 0, {"missing": list(missing)}))
+        finally:
+            self._busy = False
+            self._resume(4)
+            self._process()  # requests that arrived meanwhile
 
     async def _run_scan(self, req_id: int, req: msg.Request) -> None:
         try:

@@ -1,0 +1,203 @@
+"""HA: a client confirms the puts it ends to the leader's standbys itself.
+
+With master HA the leader answers a put's PutEnd only once a standby has the
+commit, so that a failover loses no acknowledged put.  Done by the leader, that
+is a second round trip after the client's (leader -> standby -> leader).  This
+module takes it off the critical path: the heartbeat tells the client which
+standbys are in sync (``PingReply.standbys``); ending puts, the client sends
+``HaConfirm(keys)`` to each of them and ``PutEnd(confirmed=standbys)`` to the
+leader at the same moment, and counts the puts as done once all answered.  A
+standby remembers confirmed writes until its stream from the leader ends them;
+one that becomes the leader commits the rest (``_replication.py``).
+
+When a standby cannot vouch for a key (its stream is behind, it is gone, or it
+is no longer a standby) the client sends a plain PutEnd for it: ending a put
+again is harmless, and the leader answers a plain end only once a standby has
+everything shipped before it -- the protocol without confirmations.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .._authio import ClusterSecurity
+from .._logging import RepeatLimiter
+from ..errors import MalformedMessage, MooncakeError, StoreError
+from ..wire import _master_msgs as msg
+from ._master_client import MasterClient
+from ._types import ErrorCode
+
+__all__ = ["StandbyConfirms"]
+
+log = logging.getLogger("pymooncake.store")
+
+#: a standby that does not answer a confirmation within this long is skipped
+#: (the leader drops a silent standby from its barrier after --ha_sync_timeout_ms)
+_CONFIRM_TIMEOUT_S = 2.0
+_CONNECT_TIMEOUT_S = 0.5
+
+#: a master that is not (or no longer) the leader answers this
+_NOT_LEADER = int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
+
+#: (code, message) per key: 0 and None when the put ended
+Result = tuple[int, str | None]
+
+
+class StandbyConfirms:
+    """The standbys this client confirms its puts to (empty without HA)."""
+
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        security: ClusterSecurity | None = None,
+        same_host_rpc: bool = True,
+        gil_hold_s: float = 0.0,
+    ) -> None:
+        self.client_id = client_id
+        self._security = security
+        self._same_host = same_host_rpc
+        self._hold = gil_hold_s
+        self._lock = threading.Lock()
+        self._clients: dict[str, MasterClient] = {}
+        #: the standbys in sync, as the leader's latest heartbeat reply named them
+        self.standbys: tuple[str, ...] = ()
+        self._log = RepeatLimiter(log, every=60)
+        #: keys ended with every standby confirming them / ended again plainly
+        #: because a standby could not (counters, for tests and benchmarks)
+        self.confirmed_keys = 0
+        self.fallback_keys = 0
+
+    def update(self, standbys: tuple[str, ...]) -> None:
+        """The leader's heartbeat reply named ``standbys`` as in sync."""
+        if standbys == self.standbys:
+            return
+        with self._lock:
+            self.standbys = standbys
+            gone = [self._clients.pop(a) for a in list(self._clients) if a not in standbys]
+        for c in gone:
+            c.close()
+
+    def _client(self, address: str) -> MasterClient:
+        with self._lock:
+            client = self._clients.get(address)
+            if client is None:
+                client = self._clients[address] = MasterClient(
+                    address,
+                    timeout_s=_CONFIRM_TIMEOUT_S,
+                    connect_timeout_s=_CONNECT_TIMEOUT_S,
+                    same_host_rpc=self._same_host,
+                    security=self._security,
+                    reconnect_s=0.0,
+                    gil_hold_s=self._hold,
+                )
+            return client
+
+    def _skip(self, address: str, exc: MooncakeError) -> None:
+        """``address`` failed: leave it out until the next heartbeat names it again."""
+        self._log(
+            f"confirm:{address}",
+            logging.WARNING,
+            "HA: standby %s did not confirm puts (%s); the leader waits for its standby "
+            "instead until the next heartbeat",
+            address,
+            exc,
+        )
+        with self._lock:
+            self.standbys = tuple(a for a in self.standbys if a != address)
+
+    def end(self, master: MasterClient, keys: Sequence[str], *, batch: bool) -> list[Result]:
+        """End the puts of ``keys`` at the leader (``master``) with every standby
+        confirming them; (code, message) per key.
+
+        Raises:
+            RpcFailed / RpcTimeout: the leader could not be reached (as ``call``).
+        """
+        keys = tuple(keys)
+        standbys = self.standbys
+        request = self._request(keys, batch, standbys)
+        try:  # the leader first: its part is the longer one
+            leader: Callable[[], Any] | None = master.send(request)
+        except MooncakeError:
+            leader = None  # not connected now: call() below reconnects, finds the leader
+        finishes: list[tuple[str, Callable[[], Any]]] = []
+        unsure: set[str] = set()
+        for address in standbys:
+            try:
+                confirm = msg.HaConfirm(self.client_id, keys)
+                finishes.append((address, self._client(address).send(confirm)))
+            except MooncakeError as exc:
+                self._skip(address, exc)
+                unsure.update(keys)
+        try:
+            results = self._results(master, request, leader)
+        finally:
+            for address, finish in finishes:
+                try:
+                    unsure.update(finish().missing)
+                except MooncakeError as exc:
+                    self._skip(address, exc)
+                    unsure.update(keys)
+        redo = [i for i, k in enumerate(keys) if results[i][0] == 0 and k in unsure]
+        self.confirmed_keys += len(keys) - len(redo)
+        self.fallback_keys += len(redo)
+        if redo:
+            # a standby could not vouch for them: end them again, plainly (harmless),
+            # which the leader answers once a standby has everything before it
+            again = self._results(master, self._request(tuple(keys[i] for i in redo), batch, ()))
+            for i, result in zip(redo, again, strict=True):
+                results[i] = result
+        return results
+
+    def _request(
+        self, keys: tuple[str, ...], batch: bool, confirmed: tuple[str, ...]
+    ) -> msg.PutEnd | msg.BatchPutEnd:
+        if not batch and len(keys) == 1:
+            return msg.PutEnd(self.client_id, keys[0], confirmed=confirmed)
+        return msg.BatchPutEnd(self.client_id, keys, confirmed=confirmed)
+
+    def _results(
+        self,
+        master: MasterClient,
+        request: msg.PutEnd | msg.BatchPutEnd,
+        sent: Callable[[], Any] | None = None,
+    ) -> list[Result]:
+        """The leader's answer to ``request`` -- ``sent`` already (one attempt), else
+        (or when that attempt broke or met a master no longer leading) by ``call``,
+        which retries and follows the leader: ending a put again is harmless."""
+        single = isinstance(request, msg.PutEnd)
+        value: Any = None
+        if sent is not None:
+            try:
+                value = sent()
+            except StoreError as exc:
+                if exc.code != _NOT_LEADER:
+                    if not single:
+                        raise
+                    return [(exc.code, exc.message)]
+                sent = None
+            except MooncakeError:
+                sent = None
+        if sent is None:
+            try:
+                value = master.call(request)
+            except StoreError as exc:
+                if not single:
+                    raise
+                return [(exc.code, exc.message)]
+        if isinstance(request, msg.PutEnd):
+            return [(0, None)]
+        n = len(request.keys)
+        if len(value.codes) != n:
+            raise MalformedMessage(f"the master answered {len(value.codes)} of {n} keys")
+        return list(zip(value.codes, value.messages, strict=True))
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+            self.standbys = ()
+        for c in clients:
+            c.close()

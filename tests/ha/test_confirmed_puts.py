@@ -1,0 +1,116 @@
+"""Puts their clients confirm to the standby themselves (``HaConfirm``).
+
+The leader answers such a PutEnd without waiting for its standby, and ships the
+commit later (``PYMOONCAKE_HA_COMMIT_DEFER_MS`` holds it back here for a
+minute, so that only the client's confirmation can have told the standby).  A
+failover must still lose none of them; a standby that cannot confirm makes the
+client fall back to the leader's own barrier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pymooncake.store import StoreClient, StoreClientConfig
+from pymooncake.testing._etcd_server import EtcdCluster
+from pymooncake.testing._ha import HaMasters
+
+pytestmark = pytest.mark.slow
+TTL = 2
+MiB = 1 << 20
+
+
+def _value(key: str, size: int) -> bytes:
+    return random.Random(hashlib.sha256(key.encode()).digest()).randbytes(size)
+
+
+@pytest.fixture
+def held_back(etcd_cluster: EtcdCluster) -> Iterator[HaMasters]:
+    env = {"PYMOONCAKE_HA_COMMIT_DEFER_MS": "60000"}
+    with HaMasters(etcd_cluster.endpoints, 2, lease_ttl_s=TTL, env=env) as group:
+        yield group
+
+
+def _client(group: HaMasters) -> StoreClient:
+    client = StoreClient(
+        StoreClientConfig(
+            local_hostname="127.0.0.1",
+            metadata_server="P2PHANDSHAKE",
+            master_server_addr=group.client_address,
+            global_segment_size=64 * MiB,
+            local_buffer_size=16 * MiB,
+            cluster_id=group.cluster_id,
+            rpc_timeout_s=30.0,
+        )
+    )
+    return client
+
+
+def _knows_standby(client: StoreClient, group: HaMasters) -> str:
+    """Until the client's heartbeat named the standby in sync; its address."""
+    leader = group.leader()
+    group.wait_in_sync(leader)
+    deadline = time.monotonic() + 10
+    while not client.confirms.standbys:
+        assert time.monotonic() < deadline, "the heartbeat never named the standby"
+        time.sleep(0.05)
+    (standby,) = client.confirms.standbys
+    assert standby != leader.rpc
+    return standby
+
+
+def test_puts_acknowledged_before_their_commit_reached_the_standby_survive(
+    held_back: HaMasters,
+) -> None:
+    leader = held_back.leader()
+    with _client(held_back) as client:
+        _knows_standby(client, held_back)
+        singles = [f"one-{i}" for i in range(20)]
+        for k in singles:
+            assert client.put(k, _value(k, 4096)) is True
+        batch = [f"many-{i}" for i in range(16)]
+        assert all(r is True for r in client.put_many(batch, [[_value(k, 1000)] for k in batch]))
+        assert client.confirms.confirmed_keys == len(singles) + len(batch)
+        assert client.confirms.fallback_keys == 0
+        # each put's commit rode along with the next put's reservation; the batch's
+        # are still held back by the leader when it dies
+        leader.node.kill(signal.SIGKILL)
+        new, _waited = held_back.new_leader(leader)
+        found = new.node.wait_for(r"HA: committed (\d+) put\(s\) the previous leader ended")
+        assert int(found.group(1)) == len(batch)
+        for k in singles:
+            assert client.get(k) == _value(k, 4096), k
+        for k in batch:
+            assert client.get(k) == _value(k, 1000), k
+
+
+def test_a_standby_that_cannot_confirm_makes_the_leader_wait_for_it(
+    held_back: HaMasters,
+) -> None:
+    leader = held_back.leader()
+    with _client(held_back) as client:
+        standby = _knows_standby(client, held_back)
+        # the heartbeat must not repair the list meanwhile
+        client.confirms.update = lambda standbys: None  # type: ignore[method-assign]
+        # one standby answers, a second one (nobody listens there) cannot: the
+        # leader answers at once (both are named), the client ends the put again
+        # plainly, which the leader answers once the standby has everything
+        client.confirms.standbys = (standby, "127.0.0.1:1")
+        assert client.put("both", _value("both", 4096)) is True
+        assert client.confirms.fallback_keys == 1
+        # the unreachable one is skipped from then on; naming only a master that is
+        # no standby does not cover the leader's standby: it waits for it itself
+        assert list(client.confirms.standbys) == [standby]
+        client.confirms.standbys = ("127.0.0.1:1",)
+        assert client.put("plain", _value("plain", 4096)) is True
+        assert client.confirms.fallback_keys == 2
+        leader.node.kill(signal.SIGKILL)
+        held_back.new_leader(leader)
+        assert client.get("both") == _value("both", 4096)
+        assert client.get("plain") == _value("plain", 4096)
