@@ -112,6 +112,9 @@ _SETTLES: Final = frozenset({"commit", "start", "abandon", "delete"})
 #: standby wake-up per put instead of two); nobody waits for them.
 #: PYMOONCAKE_HA_COMMIT_DEFER_MS overrides it (tests hold commits back with it)
 _DEFER_S: Final = 0.001
+#: refused connections in a row after the stream ended that mean the leader's
+#: process is gone (see Elector.leader_gone)
+_REFUSALS_GONE: Final = 2
 #: at least every this many frames one asks to be acknowledged
 _ACK_EVERY: Final = 32
 #: a confirmation the stream has not settled after this long is stale (the
@@ -440,18 +443,34 @@ class Follower:
         return out
 
     async def run(
-        self, leader: str, view_version: int, on_state: Callable[[MasterState], None]
+        self,
+        leader: str,
+        view_version: int,
+        on_state: Callable[[MasterState], None],
+        on_gone: Callable[[str], None] | None = None,
     ) -> None:
         """Follow ``leader`` until cancelled, reconnecting with backoff.  A new
-        state replaces the current one (``on_state``) only once it is complete."""
+        state replaces the current one (``on_state``) only once it is complete.
+        ``on_gone(leader)``: the stream ended and the leader then refused
+        connections twice in a row (its process is gone), called once."""
         self.leader = leader
         pause = 0.1
+        refused = 0
+        told = False
         while True:
             try:
                 await self._follow_once(leader, view_version, on_state)
                 pause = 0.1
+            except ConnectionRefusedError as exc:
+                refused += 1
+                log.warning("HA: the leader at %s refuses connections: %s", leader, exc)
+                if self.synced and refused >= _REFUSALS_GONE and not told and on_gone:
+                    told = True
+                    on_gone(leader)
             except (OSError, MooncakeError, asyncio.IncompleteReadError) as exc:
                 log.warning("HA: following the leader at %s failed: %s; retrying", leader, exc)
+            else:
+                refused = 0
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..._authio import ClusterSecurity, HttpAuth, warn_open, warn_weak
+from ..._etcd import EtcdError
 from ..._httpd import HttpServer
 from ..._logging import RepeatLimiter
 from ..._net import bind_listener
@@ -592,7 +593,24 @@ class MasterService:
         if self._follow_task is not None:
             self._follow_task.cancel()
         self._follower = Follower(self.config, self.ha.advertise, self.security, clock=self._clock)
-        self._follow_task = asyncio.ensure_future(self._follower.run(leader, view, self._install))
+        self._follow_task = asyncio.ensure_future(
+            self._follower.run(leader, view, self._install, self._leader_gone)
+        )
+
+    def _leader_gone(self, leader: str) -> None:
+        """The leader's process is gone: have the elector revoke its lease (etcd
+        calls block: on a worker thread)."""
+        elector = self._elector
+        if elector is None:
+            return
+
+        def revoke() -> None:
+            try:
+                elector.leader_gone(leader)
+            except EtcdError as exc:
+                log.warning("HA: revoking the lease of the gone leader %s failed: %s", leader, exc)
+
+        self._spawn(asyncio.to_thread(revoke))
 
     def _become_leader(self, view: int, keep: Any) -> None:
         follower, self._follower = self._follower, None
