@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,9 @@ def main() -> int:
                         row = run_scenario(dep, scenario, load).row()
                         c.progress(f"{scenario} run {i + 1}: {row}")
                         data["runs"].append(row)
+                        # checked: free the space, so that later runs never fill the
+                        # pool (an eviction would count as a loss)
+                        client.remove_by_regex(f"^{re.escape(load.prefix)}", force=True)
     except KeyboardInterrupt:
         data["interrupted"] = True
     data["machine"]["loadavg_end"] = os.getloadavg()
