@@ -323,7 +323,7 @@ class StoreClient(WriteOps, ReadOps):
     def _ping_loop(self) -> None:
         while not self._stop.wait(self.config.ping_interval_s):
             try:
-                res = self.master.call(msg.Ping(self.client_id), patient=False)
+                res = self.master.call(msg.Ping(self.client_id), patient=False, idle_wait_s=0.1)
                 instance = res.instance
                 if self._master_instance and instance != self._master_instance:
                     # the master restarted (or, with HA, another master leads): an

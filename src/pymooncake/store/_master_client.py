@@ -169,6 +169,8 @@ class MasterClient:
         self._max_idle = max_idle
         self._idle: list[_Conn] = []
         self._lock = threading.Lock()
+        #: notified when a connection goes back to the pool
+        self._returned = threading.Condition(self._lock)
         self._ids = itertools.count(1)
         self._rids = itertools.count(1)
         self._outstanding: set[int] = set()
@@ -208,10 +210,14 @@ class MasterClient:
             c.sock.close()
         return True
 
-    def _checkout(self) -> tuple[_Conn, bool]:
+    def _checkout(self, idle_wait_s: float = 0.0) -> tuple[_Conn, bool]:
         with self._lock:
             if self._closed:
                 raise RpcFailed(f"master client for {self.address} is closed")
+            if not self._idle and idle_wait_s > 0:
+                # rather than open one more connection, wait a little for a call in
+                # flight to hand its connection back
+                self._returned.wait_for(lambda: self._idle or self._closed, idle_wait_s)
             if self._idle:
                 return self._idle.pop(), True
         if not self._host:
@@ -295,6 +301,7 @@ class MasterClient:
             current = conn.addr == (self._host, self._port)
             if current and not self._closed and len(self._idle) < self._max_idle:
                 self._idle.append(conn)
+                self._returned.notify()
                 return
         conn.sock.close()
 
@@ -356,7 +363,9 @@ class MasterClient:
             conn.decoder.feed(data)
         return replies
 
-    def _run(self, requests: Sequence[msg.Request], patient: bool = True) -> list[MasterReply]:
+    def _run(
+        self, requests: Sequence[msg.Request], patient: bool = True, idle_wait_s: float = 0.0
+    ) -> list[MasterReply]:
         name = requests[0].METHOD.value
         rids = [0] * len(requests)
         with self._lock:
@@ -371,7 +380,7 @@ class MasterClient:
                 metrics.rpc(req.METHOD)[0].inc()
         started = time.perf_counter_ns()
         try:
-            replies = self._run_frames(requests, rids, ack, name, patient)
+            replies = self._run_frames(requests, rids, ack, name, patient, idle_wait_s)
         finally:
             if any(rids):
                 with self._lock:
@@ -389,6 +398,7 @@ class MasterClient:
         ack: int,
         name: str,
         patient: bool,
+        idle_wait_s: float = 0.0,
     ) -> list[MasterReply]:
         deadline = time.monotonic() + self._timeout
         pause = 0.005
@@ -403,7 +413,7 @@ class MasterClient:
             )
             reused = False
             try:
-                conn, reused = self._checkout()
+                conn, reused = self._checkout(idle_wait_s)
             except RpcFailed:
                 # the master is down: wait (bounded) for it (or, with HA, a new
                 # leader) to come back if we knew it
@@ -483,20 +493,23 @@ class MasterClient:
 
     # --- calls -------------------------------------------------------------------------
 
-    def call(self, request: msg.Request, *, patient: bool = True) -> Any:
+    def call(self, request: msg.Request, *, patient: bool = True, idle_wait_s: float = 0.0) -> Any:
         """One request; returns its typed reply (``type(request).REPLY``,
         ``wire/_master_reply_msgs.py``), decoded and validated here.
 
         Args:
             patient: wait (``reconnect_s``) for a master that is restarting; False for
                 liveness probes, which must notice a dead master at once.
+            idle_wait_s: with no pooled connection free, wait this long for one to
+                come back before opening another (the heartbeat: a call it overlaps
+                need not cost the master one more connection).
 
         Raises:
             StoreError subclasses: the master refused (code as the reference's ErrorCode).
             RpcFailed / RpcTimeout: the master is unreachable or silent.
             InvalidReply: the reply does not have the shape of ``request``'s reply.
         """
-        (reply,) = self._run([request], patient)
+        (reply,) = self._run([request], patient, idle_wait_s)
         if reply.code != 0:
             if reply.code == ErrorCode.ILLEGAL_CLIENT and reply.value == NO_TOKEN_MESSAGE:
                 raise AuthenticationError(
@@ -574,6 +587,7 @@ class MasterClient:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._returned.notify_all()
             idle, self._idle = self._idle, []
         for c in idle:
             c.sock.close()
