@@ -87,7 +87,8 @@ def test_sigkill_of_the_leader_loses_no_acknowledged_object(masters: HaMasters) 
         # the standby sees the dead leader refuse connections and revokes its lease
         # (no waiting for etcd to expire it), then warms up for one TTL
         assert waited < 2 * TTL, f"failover took {waited:.1f} s"
-        new.node.wait_for(r"refuses connections \(its process is gone\); revoked its")
+        new.node.wait_for(r"HA: the leader at \S+ refuses connections")
+        new.node.wait_for(r"so that the election need not wait for it to expire")
         status = new.status()
         assert status["failovers"] == 1
         for k, n in zip(keys, sizes, strict=True):

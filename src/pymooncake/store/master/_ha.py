@@ -18,13 +18,14 @@ create-if-absent transaction bound to that lease.
   follow the leader's effect stream (``_replication.py``) so that their state
   equals the leader's, and watch the key; when it goes away they campaign.
 * A standby whose stream ended and whose leader then *refuses* connections
-  (no process listens on its RPC port: it died) revokes the leader's lease
-  instead of waiting up to a lease period for etcd to expire it
+  (no process listens on its RPC port: it died), or answers that it no longer
+  leads (it stopped serving at its lease deadline: cut off from etcd), revokes
+  the leader's lease instead of waiting for etcd to expire it
   (:meth:`Elector.leader_gone`).  Fencing still holds: the old leader stopped
   serving at its deadline, at most one lease period after its last renewal,
   which came before the revocation; the new leader serves one lease period
-  after it won, which came after.  A frozen or cut-off leader does not refuse
-  connections (the kernel still accepts them), so those wait for etcd.
+  after it won, which came after.  A frozen leader neither refuses connections
+  (the kernel still accepts them) nor answers, so that case waits for etcd.
 
 ``view_version`` is the etcd revision at which the leader created the key;
 clients see it in Ping replies.  Clients given ``etcd://h1:2379;h2:2379`` read
@@ -111,9 +112,9 @@ class Elector:
         self._etcd.close()
 
     def leader_gone(self, leader: str) -> bool:
-        """The leader at ``leader`` refuses connections (its process is gone):
-        revoke its lease so that the election starts now.  Blocking (etcd calls);
-        returns whether a lease was revoked."""
+        """The leader at ``leader`` refuses connections (its process is gone) or
+        says it no longer leads: revoke its lease so that the election starts now.
+        Blocking (etcd calls); returns whether a lease was revoked."""
         if self.role != "standby" or self.leader != leader:
             return False
         with EtcdClient(self.config.etcd_endpoints, timeout_s=2.0, connect_timeout_s=1.0) as etcd:
@@ -125,8 +126,9 @@ class Elector:
             revoked = etcd.lease_revoke(kv.lease)
         if revoked:
             log.warning(
-                "HA: the leader %s refuses connections (its process is gone); revoked its "
-                "etcd lease %x so that the election need not wait for it to expire",
+                "HA: the leader %s refuses connections (its process is gone) or no longer "
+                "leads; revoked its etcd lease %x so that the election need not wait for "
+                "it to expire",
                 leader,
                 kv.lease,
             )

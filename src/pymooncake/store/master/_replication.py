@@ -72,6 +72,7 @@ from ...wire import _master_msgs as msg
 from ...wire._master import master_unix_name
 from ...wire._master_reply_msgs import FollowFrame
 from .._config import MasterConfig
+from .._types import ErrorCode
 from ._effects import (
     Effect,
     ObjectDeleted,
@@ -115,6 +116,8 @@ _DEFER_S: Final = 0.001
 #: refused connections in a row after the stream ended that mean the leader's
 #: process is gone (see Elector.leader_gone)
 _REFUSALS_GONE: Final = 2
+#: the reply of a master that does not lead
+_NOT_LEADER: Final = int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
 #: at least every this many frames one asks to be acknowledged
 _ACK_EVERY: Final = 32
 #: a confirmation the stream has not settled after this long is stale (the
@@ -467,6 +470,13 @@ class Follower:
                 if self.synced and refused >= _REFUSALS_GONE and not told and on_gone:
                     told = True
                     on_gone(leader)
+            except _NoLongerLeader as exc:
+                # it stopped serving (its lease deadline passed: cut off from etcd) and
+                # says so: no need to wait for etcd's expiry of its lease either
+                log.warning("HA: the master at %s no longer leads: %s", leader, exc)
+                if self.synced and not told and on_gone:
+                    told = True
+                    on_gone(leader)
             except (OSError, MooncakeError, asyncio.IncompleteReadError) as exc:
                 log.warning("HA: following the leader at %s failed: %s; retrying", leader, exc)
             else:
@@ -504,6 +514,8 @@ class Follower:
                         if self._waiters:
                             self._applied()
                         return
+                    if frame.code == _NOT_LEADER:
+                        raise _NoLongerLeader(f"the leader refused to stream: {frame.value}")
                     if frame.code != 0:
                         raise MooncakeError(f"the leader refused to stream: {frame.value}")
                     value = frame.value
@@ -553,6 +565,10 @@ class Follower:
         return await asyncio.open_connection(
             host, port, ssl=tls, server_hostname=host if tls is not None else None
         )
+
+
+class _NoLongerLeader(MooncakeError):
+    """The master followed answered that it does not lead (any more)."""
 
 
 class _StreamReceiver(asyncio.Protocol):
