@@ -145,3 +145,35 @@ def test_a_frozen_leader_never_serves_again(masters: HaMasters) -> None:
         assert leader.role() != "leader"
         assert client.get("before") == b"1" * 100
         assert client.get("meanwhile") == b"2" * 100
+
+
+def test_a_probe_answered_by_a_standby_sends_the_next_one_to_the_leader(
+    masters: HaMasters,
+) -> None:
+    """A liveness probe (patient=False) is not retried when a standby answers it,
+    but the next one goes to the leader: a storage node, which only pings, once
+    kept pinging a master that had stepped down until the new leader expired it."""
+    from pymooncake._net import split_host_port
+
+    leader = masters.leader()
+    standby = next(m for m in masters.masters if m is not leader)
+    probe = MasterClient(
+        masters.client_address,
+        cluster_id=masters.cluster_id,
+        timeout_s=5.0,
+        same_host_rpc=False,
+    )
+    try:
+        assert probe.call(msg.Ping("probe"), patient=False).instance
+        assert probe.target == leader.rpc
+        # as right after a step-down: the client's connection leads to a standby
+        host, port = split_host_port(standby.rpc)
+        probe._drop_idle()
+        probe._host, probe._port = host, port or 0
+        with pytest.raises(StoreError) as info:
+            probe.call(msg.Ping("probe"), patient=False)
+        assert info.value.code == ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS
+        assert probe.target == leader.rpc
+        assert probe.call(msg.Ping("probe"), patient=False).instance
+    finally:
+        probe.close()

@@ -481,6 +481,10 @@ class MasterClient:
                 # leads to a master that refuses)
                 conn.sock.close()
                 if time.monotonic() + pause >= deadline or not patient:
+                    # not retried now, but the next call must not land here again: a
+                    # heartbeat-only client (a storage node) would keep pinging a
+                    # standby until the leader expired it
+                    self._find_leader()
                     return replies
                 attempt += 1
                 self.retries += 1
