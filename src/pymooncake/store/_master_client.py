@@ -458,9 +458,7 @@ class MasterClient:
                     f"{self._timeout:g} s (MC_RPC_TIMEOUT_MS); it is overloaded or hung"
                 ) from exc
             except (OSError, MalformedMessage) as exc:
-                conn.sock.close()
-                if reused:
-                    self._drop_idle()
+                self._discard(conn, reused)
                 # The master may have acted: send the same request ids again (it answers
                 # repeats from its reply cache), until the timeout.
                 attempt += 1
@@ -514,6 +512,10 @@ class MasterClient:
             InvalidReply: the reply does not have the shape of ``request``'s reply.
         """
         (reply,) = self._run([request], patient, idle_wait_s)
+        return self._typed(request, reply)
+
+    def _typed(self, request: msg.Request, reply: MasterReply) -> Any:
+        """The typed reply, or the refusal as an exception."""
         if reply.code != 0:
             if reply.code == ErrorCode.ILLEGAL_CLIENT and reply.value == NO_TOKEN_MESSAGE:
                 raise AuthenticationError(
@@ -522,6 +524,13 @@ class MasterClient:
                 )
             raise store_error(reply.code, str(reply.value))
         return _decode(request, reply.value)
+
+    def _discard(self, conn: _Conn, reused: bool) -> None:
+        """A connection broke: close it, and the pool with it if it was pooled
+        (the others are likely stale too: the master restarted)."""
+        conn.sock.close()
+        if reused:
+            self._drop_idle()
 
     def call_many(self, requests: Sequence[msg.Request]) -> list[tuple[int, Any]]:
         """Pipeline several requests on one connection; returns (code, typed reply)
@@ -548,9 +557,7 @@ class MasterClient:
         try:
             self._send(conn, encode_request(ident, request))
         except OSError as exc:
-            conn.sock.close()
-            if reused:
-                self._drop_idle()
+            self._discard(conn, reused)
             raise RpcFailed(
                 f"RPC {request.METHOD.value} to the master at {self.target} failed: {exc}"
             ) from exc
@@ -565,16 +572,12 @@ class MasterClient:
                     f"within {self._timeout:g} s"
                 ) from exc
             except (OSError, MalformedMessage) as exc:
-                conn.sock.close()
-                if reused:
-                    self._drop_idle()
+                self._discard(conn, reused)
                 raise RpcFailed(
                     f"RPC {request.METHOD.value} to the master at {self.target} failed: {exc}"
                 ) from exc
             self._checkin(conn)
-            if reply.code != 0:
-                raise store_error(reply.code, str(reply.value))
-            return _decode(request, reply.value)
+            return self._typed(request, reply)
 
         return finish
 

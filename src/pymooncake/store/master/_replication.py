@@ -229,7 +229,6 @@ class ReplicationHub:
         if self._deferred:
             records = self._deferred + records
             self._deferred = []
-        self.seq += 1
         durable = not confirmed and any(not isinstance(e, WriteStarted) for e in effects)
         # nobody waits for a batch of reservations only (a PutStart's), nor for
         # confirmed commits: their frame asks for no acknowledgement, which saves
@@ -237,11 +236,7 @@ class ReplicationHub:
         # are cumulative: a later frame that asks covers it, see sync_point)
         # ... but every _ACK_EVERY frames one asks anyway, so that what the leader
         # knows of its standbys (lag, the sync timeout) stays current under load
-        ack = frees or durable or self.seq - self.ack_seq >= _ACK_EVERY
-        if ack:
-            self.ack_seq = self.seq
-        for link in list(self.links.values()):
-            self._send(link, FollowFrame(self.seq, tuple(records)), ack=ack)
+        self._broadcast(records, ack=frees or durable or self.seq + 1 - self.ack_seq >= _ACK_EVERY)
         if frees:
             self.free_seq = self.seq
         return self.seq if durable else 0
@@ -254,21 +249,24 @@ class ReplicationHub:
         if self._deferred:
             records, self._deferred = self._deferred, []
             if self.links:
-                self.seq += 1
-                self.ack_seq = self.seq
-                for link in list(self.links.values()):
-                    self._send(link, FollowFrame(self.seq, tuple(records)))
+                self._broadcast(records, ack=True)
 
     def sync_point(self) -> int:
         """The sequence number covering everything shipped so far, asking the
         standbys to acknowledge it (an empty frame) if no frame since did."""
         self.flush()
         if self.links and self.seq > self.ack_seq:
-            self.seq += 1
-            self.ack_seq = self.seq
-            for link in list(self.links.values()):
-                self._send(link, FollowFrame(self.seq, ()))
+            self._broadcast([], ack=True)
         return self.ack_seq
+
+    def _broadcast(self, records: list[list[Any]], *, ack: bool) -> None:
+        """One frame of ``records``, with the next sequence number, to every standby."""
+        self.seq += 1
+        if ack:
+            self.ack_seq = self.seq
+        frame = FollowFrame(self.seq, tuple(records))
+        for link in list(self.links.values()):
+            self._send(link, frame, ack=ack)
 
     def _send(self, link: _Link, frame: FollowFrame, *, ack: bool = True) -> None:
         transport = link.proto.transport
