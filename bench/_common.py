@@ -275,6 +275,30 @@ def group_cpu_seconds(pgid: int) -> float:
 
 
 @contextlib.contextmanager
+def competitors(n: int, max_s: float = 3600.0) -> Iterator[list[int]]:
+    """``n`` CPU-bound processes (a pure-Python busy loop each) for the duration of the
+    block: the "busy host" of the issues' goals.  Each also exits by itself after
+    ``max_s`` (a bench killed hard leaves nothing spinning).  Yields their pids."""
+    code = f"import time\nend = time.monotonic() + {max_s}\nwhile time.monotonic() < end: pass\n"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(n)
+    ]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+@contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt so ``finally`` blocks stop the children."""
 

@@ -702,6 +702,9 @@ def render(data: dict[str, Any]) -> str:
     errs = [f"{r['impl']} run {r['run'] + 1}" for r in data["runs"] if "error" in r]
     if errs:
         lines.append(f"FAILED runs (see JSON `runs[].error`): {', '.join(errs)}")
+    busy = data["config"].get("competitors", 0)
+    if busy:
+        lines.append(f"Busy host: {busy} CPU-bound competitor process(es) ran throughout")
     lines.append(C.machine_line(data))
     return "\n".join(lines)
 
@@ -769,6 +772,7 @@ def driver_main(a: argparse.Namespace) -> int:
             "ref_env": C.REF_ENV,
             "worker_env": C.STORE_WORKER_ENV,
             "quick": a.quick,
+            "competitors": a.competitors,
             "argv": a.argv,
         },
         "impls": {impl: C.impl_version(C.base_impl(impl), py) for impl, py in pythons.items()},
@@ -777,7 +781,7 @@ def driver_main(a: argparse.Namespace) -> int:
     t_start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="store_bench-"))
     try:
-        with C.sigterm_as_interrupt():
+        with C.sigterm_as_interrupt(), C.competitors(a.competitors):
             for r in range(a.runs):
                 # ABBA: ref, py | py, ref | ... so neither always runs first
                 order = a.impls if r % 2 == 0 else list(reversed(a.impls))
@@ -837,6 +841,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="keys per batch call (32)")
     p.add_argument("--lease-ms", type=int, default=5000, help="master --default_kv_lease_ttl")
     p.add_argument("--keep-logs", action="store_true", help="keep every child's log")
+    p.add_argument(
+        "--competitors",
+        type=int,
+        default=0,
+        help="CPU-bound processes running throughout (a busy host; e.g. one per core)",
+    )
     p.add_argument("--buffer-bytes", type=int, default=C.GiB, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.argv = argv

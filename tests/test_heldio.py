@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pymooncake._heldio import held_socket
+from pymooncake._busypoll import GUARD, SpinGuard
+from pymooncake._heldio import DEFAULT_SPIN_S, held_socket, spin_from_env
 
 #: a peer in another process (a thread of ours would need the GIL to answer): it
 #: wakes our probe thread (pipe), then answers on the socket ``gap`` seconds later
@@ -133,3 +134,93 @@ def test_no_held_socket_for_tls_or_zero_hold(pair: tuple[socket.socket, socket.s
         assert held_socket(tls) is None
     finally:
         tls.close()
+
+
+@pytest.fixture
+def steady_guard(monkeypatch: pytest.MonkeyPatch) -> SpinGuard:
+    """The process's spin guard, made to tolerate the long polls of these tests."""
+    monkeypatch.setattr(GUARD, "gap_s", 10.0)
+    monkeypatch.setattr(GUARD, "off_until", 0.0)
+    return GUARD
+
+
+def test_a_reply_within_the_spin_is_polled_for_without_sleeping(
+    pair: tuple[socket.socket, socket.socket], steady_guard: SpinGuard
+) -> None:
+    """The first ``spin_s`` of the wait burns CPU (no sleep, no wake-up to pay);
+    a reply after it is still received, and the spinning stopped at ``spin_s``."""
+    a, b = pair
+    fast = held_socket(a, hold_s=2.0, spin_s=0.5)
+    assert fast is not None
+    proc = _spawn(_SENDER, b.fileno(), 0.15, 3, fds=(b.fileno(),))
+    try:
+        cpu0 = time.thread_time()
+        assert fast.recv() == b"xxx"
+        spun = time.thread_time() - cpu0
+    finally:
+        a.sendall(b"!")
+        proc.wait(30)
+    assert spun > 0.05  # it polled through most of the 150 ms
+
+    c, d = socket.socketpair()
+    try:
+        short = held_socket(c, hold_s=2.0, spin_s=0.05)
+        assert short is not None
+        proc = _spawn(_SENDER, d.fileno(), 0.4, 3, fds=(d.fileno(),))
+        try:
+            cpu0 = time.thread_time()
+            assert short.recv() == b"xxx"
+            spun = time.thread_time() - cpu0
+        finally:
+            c.sendall(b"!")
+            proc.wait(30)
+        assert spun < 0.25  # 50 ms of polling, then it slept for the rest of the 400 ms
+    finally:
+        c.close()
+        d.close()
+
+
+def test_a_spin_that_lost_the_cpu_sleeps(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gap between two polls (here: any) turns spinning off for the backoff."""
+    monkeypatch.setattr(GUARD, "gap_s", 0.0)
+    monkeypatch.setattr(GUARD, "backoff_s", 30.0)
+    monkeypatch.setattr(GUARD, "off_until", 0.0)
+    before = GUARD.backoffs
+    a, b = pair
+    held = held_socket(a, hold_s=2.0, spin_s=1.0)
+    assert held is not None
+    proc = _spawn(_SENDER, b.fileno(), 0.3, 3, fds=(b.fileno(),))
+    try:
+        cpu0 = time.thread_time()
+        assert held.recv() == b"xxx"
+        assert time.thread_time() - cpu0 < 0.15
+    finally:
+        a.sendall(b"!")
+        proc.wait(30)
+    assert GUARD.backoffs == before + 1
+    assert not GUARD.allowed(time.monotonic())
+
+
+def test_no_spin_sleeps_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    held = held_socket(a, hold_s=2.0, spin_s=0.0)
+    assert held is not None
+    proc = _spawn(_SENDER, b.fileno(), 0.3, 3, fds=(b.fileno(),))
+    try:
+        cpu0 = time.thread_time()
+        assert held.recv() == b"xxx"
+        assert time.thread_time() - cpu0 < 0.1
+    finally:
+        a.sendall(b"!")
+        proc.wait(30)
+
+
+def test_spin_from_env() -> None:
+    assert spin_from_env({}) == DEFAULT_SPIN_S
+    assert spin_from_env({"PYMOONCAKE_RPC_SPIN_US": " 250 "}) == pytest.approx(250e-6)
+    assert spin_from_env({"PYMOONCAKE_RPC_SPIN_US": "0"}) == 0.0
+    for bad in ("-1", "abc", "1.5", "2000000"):
+        with pytest.raises(ValueError, match="PYMOONCAKE_RPC_SPIN_US"):
+            spin_from_env({"PYMOONCAKE_RPC_SPIN_US": bad})

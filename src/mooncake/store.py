@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pymooncake._authio import ClusterSecurity
 from pymooncake._cascade import CascadeLog
-from pymooncake._heldio import DEFAULT_HOLD_S
+from pymooncake._heldio import DEFAULT_HOLD_S, spin_from_env
 from pymooncake._net import split_host_port
 from pymooncake.config import EngineConfig, parse_bool_env
 from pymooncake.errors import ConfigError, InvalidParams, MooncakeError, StoreError
@@ -324,6 +324,7 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
                 protocol=protocol,
                 rpc_timeout_s=float(os.environ.get("MC_RPC_TIMEOUT_MS", "30000")) / 1000.0,
                 gil_hold_s=_gil_hold_s(),
+                rpc_spin_s=spin_from_env(),
                 engine=engine_cfg,
                 metrics=ClientMetricsSettings.from_env(os.environ),
                 cluster_id=os.environ.get("MC_STORE_CLUSTER_ID", "").strip() or "mooncake_cluster",

@@ -218,6 +218,21 @@ def test_bad_values_exit_1() -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_a_bad_poll_window_exits_1_naming_the_variable() -> None:
+    proc = subprocess.run(
+        [*master_command(), "--rpc_address=127.0.0.1", "--port=0", "--metrics_port=0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYMOONCAKE_MASTER_POLL_US": "soon"},
+    )
+    assert proc.returncode == 1
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    assert "PYMOONCAKE_MASTER_POLL_US='soon'" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("flag", "feature"),
     [

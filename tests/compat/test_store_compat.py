@@ -14,6 +14,7 @@ test_distributed_object_store.py`` and ``test_replicated_distributed_object_stor
 from __future__ import annotations
 
 import ctypes
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -289,6 +290,22 @@ def test_setup_dict_unsupported_size_returns_nonzero(
 ) -> None:
     store = stores.track(MooncakeDistributedStore())
     assert store.setup(config_dict(cluster, segment, local)) != 0
+    assert store.health_check() == 1
+
+
+@pytest.mark.parametrize("var", ["PYMOONCAKE_RPC_SPIN_US", "PYMOONCAKE_GIL_HOLD_US"])
+def test_setup_with_a_bad_wait_setting_returns_nonzero(
+    cluster: LocalCluster,
+    stores: Stores,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    var: str,
+) -> None:
+    monkeypatch.setenv(var, "fast")
+    store = stores.track(MooncakeDistributedStore())
+    with caplog.at_level(logging.ERROR):
+        assert store.setup(*setup_args(cluster)) != 0
+    assert f"{var}='fast'" in caplog.text
     assert store.health_check() == 1
 
 

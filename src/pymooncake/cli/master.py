@@ -42,6 +42,7 @@ from typing import Any, Final
 
 from .. import __version__
 from .._authio import TOKEN_ENV, ClusterSecurity
+from .._busypoll import poll_window_from_env, run_polling
 from ..errors import ConfigError, MooncakeError, PortInUse
 from ..store import MasterConfig
 from ..store._config import parse_duration_ms
@@ -594,6 +595,13 @@ def read_token_file(path: str, *, what: str = "--cluster_token_file") -> str:
     return token
 
 
+def _poll_window() -> float:
+    try:
+        return poll_window_from_env()
+    except ValueError as exc:
+        raise _Refused(str(exc)) from exc
+
+
 def _security(values: dict[str, Any], env: Mapping[str, str] | None = None) -> ClusterSecurity:
     """Token and TLS of the master: PYMOONCAKE_CLUSTER_TOKEN / PYMOONCAKE_TLS_* from the
     environment, the token from ``--cluster_token_file`` when given.
@@ -793,6 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _validate(values)
         limits = _limits(values)
         security = _security(values)
+        poll_s = _poll_window()
         if values["rpc_interface"]:
             if values["rpc_address"] not in ("", "0.0.0.0"):
                 log.warning(
@@ -849,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     tune_gc_for_master()
     with contextlib.suppress(KeyboardInterrupt):  # a signal before the handlers were set
-        return asyncio.run(_serve(values, config, security, limits))
+        return run_polling(_serve(values, config, security, limits), poll_s)
     return 0
 
 

@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .._heldio import DEFAULT_HOLD_S
+from .._heldio import DEFAULT_HOLD_S, DEFAULT_SPIN_S
 from .._logging import RepeatLimiter
 from .._net import split_host_port
 from ..config import EngineConfig
@@ -81,6 +81,9 @@ class StoreClientConfig:
     #: round trip, not a 5 ms switch interval); 0 never holds the GIL.
     #: PYMOONCAKE_GIL_HOLD_US in the mooncake.store API.
     gil_hold_s: float = DEFAULT_HOLD_S
+    #: how much of that wait polls for the reply without sleeping (a sleeping
+    #: caller pays 20-30 us to be woken on a VM); PYMOONCAKE_RPC_SPIN_US.
+    rpc_spin_s: float = DEFAULT_SPIN_S
     ping_interval_s: float = 1.0
     #: MC_STORE_CLUSTER_ID: with an ``etcd://`` master address, which cluster's
     #: elected leader to use (``mooncake-store/<cluster_id>/master_view``)
@@ -161,6 +164,7 @@ class StoreClient(WriteOps, ReadOps):
             # PYMOONCAKE_SAME_HOST=0: TCP only, also to a master on this host
             same_host_rpc=engine_config.same_host_transport,
             gil_hold_s=config.gil_hold_s,
+            spin_s=config.rpc_spin_s,
         )
         #: HA: the standbys this client confirms its puts to (_ha_confirm.py)
         self.confirms = StandbyConfirms(
@@ -168,6 +172,7 @@ class StoreClient(WriteOps, ReadOps):
             security=engine_config.security,
             same_host_rpc=engine_config.same_host_transport,
             gil_hold_s=config.gil_hold_s,
+            spin_s=config.rpc_spin_s,
         )
         #: keys this process is writing (put/upsert started, not ended), to tell a
         #: concurrent put of another thread from an orphan of an earlier attempt

@@ -56,11 +56,13 @@ class StandbyConfirms:
         security: ClusterSecurity | None = None,
         same_host_rpc: bool = True,
         gil_hold_s: float = 0.0,
+        spin_s: float = 0.0,
     ) -> None:
         self.client_id = client_id
         self._security = security
         self._same_host = same_host_rpc
         self._hold = gil_hold_s
+        self._spin = spin_s
         self._lock = threading.Lock()
         self._clients: dict[str, MasterClient] = {}
         #: the standbys in sync, as the leader's latest heartbeat reply named them
@@ -93,6 +95,7 @@ class StandbyConfirms:
                     security=self._security,
                     reconnect_s=0.0,
                     gil_hold_s=self._hold,
+                    spin_s=self._spin,
                 )
             return client
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._authio import ClusterSecurity, client_handshake
-from .._heldio import DEFAULT_HOLD_S, HeldSocket, held_socket
+from .._heldio import DEFAULT_HOLD_S, DEFAULT_SPIN_S, HeldSocket, held_socket
 from .._net import connect_tcp, is_local_address, set_io_timeout, split_host_port
 from ..errors import (
     AuthenticationError,
@@ -128,6 +128,7 @@ class MasterClient:
             back (restart); 0 fails at once.
         gil_hold_s: how long a call waits for its reply with the GIL held before
             it waits the ordinary way (see the module docstring); 0 never holds it.
+        spin_s: how much of that wait polls without sleeping (``_heldio.py``).
     """
 
     def __init__(
@@ -143,6 +144,7 @@ class MasterClient:
         reconnect_s: float = 15.0,
         cluster_id: str = "mooncake_cluster",
         gil_hold_s: float = DEFAULT_HOLD_S,
+        spin_s: float = DEFAULT_SPIN_S,
     ) -> None:
         self.address = address
         self._leader: _LeaderView | None = None
@@ -184,6 +186,7 @@ class MasterClient:
         self._ssl = self._security.client_ssl_context() if self._security.tls else None
         self.retries = 0
         self._hold = gil_hold_s
+        self._spin = spin_s
         #: "unix" or "tcp": how the latest new connection reached the master
         self.last_transport = ""
 
@@ -270,7 +273,7 @@ class MasterClient:
         self.last_transport = "unix" if sock.family == socket.AF_UNIX else "tcp"
         self._ever_connected = True
         hold = 0.0 if addr[1] in IN_PROCESS_MASTER_PORTS else self._hold
-        return _Conn(sock, addr, held_socket(sock, hold)), False
+        return _Conn(sock, addr, held_socket(sock, hold, self._spin)), False
 
     def _connect_same_host(self) -> socket.socket | None:
         """The master's abstract UNIX socket when it runs on this host (same
