@@ -148,16 +148,18 @@ class HeldSocket:
             n = 0
         self.sock.sendall(memoryview(data)[n:])
 
-    def recv(self) -> bytes:
+    def recv(self, spin_s: float | None = None) -> bytes:
         """Bytes that arrived (at least one), waiting up to ``hold_s`` with the GIL
-        held, then in ``sock.recv`` (GIL released, the socket's timeout applies).
-        Returns b"" at EOF."""
+        held (polling for the first ``spin_s``, default: the socket's, at most
+        ``hold_s``), then in ``sock.recv`` (GIL released, the socket's timeout
+        applies).  Returns b"" at EOF."""
         assert _LIBC is not None
         recv, _, poll = _LIBC
         fd, addr, cap = self._fd, self._addr, len(self._buf)
+        spin = self._spin if spin_s is None else min(spin_s, self._hold_ms / 1000)
         now = time.monotonic()
-        if self._spin and GUARD.allowed(now):
-            stop = now + self._spin
+        if spin > 0 and GUARD.allowed(now):
+            stop = now + spin
             while True:
                 n = recv(fd, addr, cap, _DONTWAIT)  # type: ignore[operator]
                 if n >= 0:

@@ -19,6 +19,7 @@ from pymooncake._etcd import (
     EtcdError,
     EtcdLeaseNotFound,
     EtcdUnreachable,
+    KeepAlive,
     OpDelete,
     OpGet,
     OpPut,
@@ -298,6 +299,42 @@ def test_keep_alive_loses_the_lease_when_etcd_stops_answering() -> None:
         finally:
             cluster.members[0].resume()
             keep.close()
+
+
+def test_keep_alive_with_a_safety_margin_ends_its_deadline_early() -> None:
+    """A leader's lease (safety_s): the deadline stays safety_s before what etcd
+    granted, so a holder cut off from etcd gives up that much earlier."""
+    with EtcdCluster() as cluster, EtcdClient(cluster.endpoints, timeout_s=0.5) as client:
+        sent = time.monotonic()
+        lease = client.lease_grant(2)
+        lost = threading.Event()
+        keep = client.keep_alive(
+            lease.id,
+            lease.ttl_s,
+            interval_s=0.2,
+            on_lost=lambda r: lost.set(),
+            granted_at=sent,
+            safety_s=0.5,
+        )
+        try:
+            assert keep.deadline <= sent + lease.ttl_s - 0.5 + 1e-6
+            time.sleep(0.5)
+            assert keep.renewals >= 1
+            assert keep.remaining_s() <= lease.ttl_s - 0.5
+            now = time.monotonic()
+            deadline = keep.deadline  # the last renewal was sent before now
+            assert deadline <= now + lease.ttl_s - 0.5 + 1e-6
+            cluster.members[0].pause()
+            try:
+                assert lost.wait(4.0)
+                gave_up = time.monotonic()
+            finally:
+                cluster.members[0].resume()
+            assert deadline - 0.05 <= gave_up < deadline + 1.0
+        finally:
+            keep.close()
+    with pytest.raises(ValueError, match="safety"):
+        KeepAlive(None, 1, 2.0, interval_s=1.0, safety_s=1.0)  # type: ignore[arg-type]
 
 
 def test_one_shot_renewal_driven_by_the_caller(etcd_client: EtcdClient) -> None:

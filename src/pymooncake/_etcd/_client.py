@@ -470,10 +470,17 @@ class EtcdClient:
         interval_s: float | None = None,
         on_lost: Callable[[str], None] | None = None,
         granted_at: float | None = None,
+        safety_s: float = 0.0,
     ) -> KeepAlive:
         """Keep the lease alive from a background thread until closed; see :class:`KeepAlive`."""
         ka = KeepAlive(
-            self, lease_id, ttl_s, interval_s=interval_s, on_lost=on_lost, granted_at=granted_at
+            self,
+            lease_id,
+            ttl_s,
+            interval_s=interval_s,
+            on_lost=on_lost,
+            granted_at=granted_at,
+            safety_s=safety_s,
         )
         self._adopt(ka)
         return ka

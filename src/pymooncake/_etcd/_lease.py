@@ -6,7 +6,8 @@ not.  :class:`KeepAlive` renews every ``interval_s`` and keeps ``deadline``:
 the send time of the last successful renewal plus the TTL etcd granted then.
 The send time, not the reply time, because etcd restarts the TTL when it
 processes the renewal, which is after the send; so ``deadline`` is never later
-than etcd's own expiry, whatever the network delay.  (Clocks: only this
+than etcd's own expiry, whatever the network delay (``safety_s`` moves it
+earlier still).  (Clocks: only this
 host's monotonic clock is used.)
 
 When a renewal fails the thread retries quickly; once ``deadline`` passes, or
@@ -48,10 +49,13 @@ class KeepAlive:
         granted_at: ``time.monotonic()`` taken just before the grant request
             was sent (default: now, which is later than the truth by the
             grant's round trip).
+        safety_s: end ``deadline`` this much before etcd's earliest expiry (a
+            leader that gives up its lease early lets a standby take over
+            sooner after it was cut off from etcd).
 
     Raises:
         ValueError: a TTL or interval that is not positive, or an interval not
-            below the TTL.
+            below the TTL less ``safety_s``.
     """
 
     def __init__(
@@ -63,14 +67,19 @@ class KeepAlive:
         interval_s: float | None = None,
         on_lost: Callable[[str], None] | None = None,
         granted_at: float | None = None,
+        safety_s: float = 0.0,
     ) -> None:
         if ttl_s <= 0:
             raise ValueError(f"lease TTL must be positive, not {ttl_s}")
         interval = ttl_s / 3 if interval_s is None else interval_s
-        if not 0 < interval < ttl_s:
-            raise ValueError(f"keep-alive interval {interval} s must be in (0, TTL={ttl_s} s)")
+        if not 0 < interval < ttl_s - safety_s or safety_s < 0:
+            raise ValueError(
+                f"keep-alive interval {interval} s must be in (0, TTL={ttl_s} s - safety "
+                f"{safety_s} s), the safety >= 0"
+            )
         self.lease_id = lease_id
         self.ttl_s = ttl_s
+        self.safety_s = safety_s
         self.interval_s = interval
         self.renewals = 0
         self.failures = 0
@@ -78,7 +87,7 @@ class KeepAlive:
         self._last_error = ""
         self._client = client
         self._on_lost = on_lost
-        self._deadline = (time.monotonic() if granted_at is None else granted_at) + ttl_s
+        self._deadline = (time.monotonic() if granted_at is None else granted_at) + ttl_s - safety_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._lost = False
@@ -139,7 +148,7 @@ class KeepAlive:
             raise
         with self._lock:
             if not self._lost:
-                self._deadline = max(self._deadline, sent + ttl)
+                self._deadline = max(self._deadline, sent + ttl - self.safety_s)
                 self.renewals += 1
 
     def _mark_lost(self, reason: str) -> None:

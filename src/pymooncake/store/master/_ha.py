@@ -7,9 +7,10 @@ lease of ``lease_ttl_s`` (reference: 5 s) and tries to create
 ``mooncake-store/<cluster_id>/master_view`` -- value: its RPC address -- with a
 create-if-absent transaction bound to that lease.
 
-* The winner keeps the lease alive (``KeepAlive``: its ``deadline`` is never
-  later than etcd's own expiry) and **warms up** for one lease period before it
-  serves: by then any previous leader's lease has expired, and a previous
+* The winner keeps the lease alive (``KeepAlive``: its ``deadline`` is a quarter
+  lease period before etcd's earliest expiry, :data:`LEADER_SAFETY`) and **warms
+  up** for one lease period before it serves: by then any previous leader's
+  lease has expired, and a previous
   leader stops serving the moment its own deadline passes (``fenced``), even
   if it was frozen (SIGSTOP) and did not notice.  It serves until its lease is
   lost (etcd unreachable past the deadline, or the key revoked); then it stops
@@ -22,7 +23,7 @@ create-if-absent transaction bound to that lease.
   leads (it stopped serving at its lease deadline: cut off from etcd), revokes
   the leader's lease instead of waiting for etcd to expire it
   (:meth:`Elector.leader_gone`).  Fencing still holds: the old leader stopped
-  serving at its deadline, at most one lease period after its last renewal,
+  serving at its deadline, at most 3/4 of a lease period after its last renewal,
   which came before the revocation; the new leader serves one lease period
   after it won, which came after.  A frozen leader neither refuses connections
   (the kernel still accepts them) nor answers, so that case waits for etcd.
@@ -49,6 +50,11 @@ log = logging.getLogger("pymooncake.master.ha")
 
 #: reference DEFAULT_MASTER_VIEW_LEASE_TTL_SEC
 DEFAULT_LEASE_TTL_S: Final = 5
+#: the leader stops serving this share of a lease period before its lease could
+#: expire in etcd: cut off from etcd, it stops at most 3/4 of a period after its
+#: last renewal, and a standby that hears so takes over (after its warm-up of one
+#: period) within two periods of the cut
+LEADER_SAFETY: Final = 0.25
 #: how often a standby re-reads the key when its watch is quiet (reference: 200 ms poll)
 _POLL_S: Final = 1.0
 
@@ -170,6 +176,7 @@ class Elector:
             interval_s=min(1.0, lease.ttl_s / 3),
             on_lost=self._lease_lost,
             granted_at=granted_at,
+            safety_s=lease.ttl_s * LEADER_SAFETY,
         )
         try:
             self.role = "warmup"
