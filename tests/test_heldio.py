@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from pymooncake._busypoll import GUARD, SpinGuard
-from pymooncake._heldio import DEFAULT_SPIN_S, held_socket, spin_from_env
+from pymooncake._heldio import DEFAULT_SPIN_S, HeldSocket, held_socket, spin_from_env
 
 #: a peer in another process (a thread of ours would need the GIL to answer): it
 #: wakes our probe thread (pipe), then answers on the socket ``gap`` seconds later
@@ -136,11 +136,29 @@ def test_no_held_socket_for_tls_or_zero_hold(pair: tuple[socket.socket, socket.s
         tls.close()
 
 
+def _timed_recv(
+    held: HeldSocket, a: socket.socket, b: socket.socket, delay: float
+) -> tuple[bytes, float]:
+    """``held.recv()`` of 3 bytes a peer process sends ``delay`` seconds from now;
+    returns them and the CPU time this thread spent waiting."""
+    proc = _spawn(_SENDER, b.fileno(), delay, 3, fds=(b.fileno(),))
+    try:
+        cpu0 = time.thread_time()
+        data = held.recv()
+        return data, time.thread_time() - cpu0
+    finally:
+        a.sendall(b"!")
+        proc.wait(30)
+
+
 @pytest.fixture
 def steady_guard(monkeypatch: pytest.MonkeyPatch) -> SpinGuard:
-    """The process's spin guard, made to tolerate the long polls of these tests."""
+    """The process's spin guard, made to tolerate the long polls of these tests (and
+    to see a host that is never crowded: other tests may run beside this one)."""
     monkeypatch.setattr(GUARD, "gap_s", 10.0)
     monkeypatch.setattr(GUARD, "off_until", 0.0)
+    monkeypatch.setattr(GUARD, "runnable", lambda: 1)
+    monkeypatch.setattr(GUARD, "_next_check", 0.0)
     return GUARD
 
 
@@ -152,69 +170,44 @@ def test_a_reply_within_the_spin_is_polled_for_without_sleeping(
     a, b = pair
     fast = held_socket(a, hold_s=2.0, spin_s=0.5)
     assert fast is not None
-    proc = _spawn(_SENDER, b.fileno(), 0.15, 3, fds=(b.fileno(),))
-    try:
-        cpu0 = time.thread_time()
-        assert fast.recv() == b"xxx"
-        spun = time.thread_time() - cpu0
-    finally:
-        a.sendall(b"!")
-        proc.wait(30)
+    data, spun = _timed_recv(fast, a, b, 0.15)
+    assert data == b"xxx"
     assert spun > 0.05  # it polled through most of the 150 ms
 
     c, d = socket.socketpair()
     try:
         short = held_socket(c, hold_s=2.0, spin_s=0.05)
         assert short is not None
-        proc = _spawn(_SENDER, d.fileno(), 0.4, 3, fds=(d.fileno(),))
-        try:
-            cpu0 = time.thread_time()
-            assert short.recv() == b"xxx"
-            spun = time.thread_time() - cpu0
-        finally:
-            c.sendall(b"!")
-            proc.wait(30)
+        data, spun = _timed_recv(short, c, d, 0.4)
+        assert data == b"xxx"
         assert spun < 0.25  # 50 ms of polling, then it slept for the rest of the 400 ms
     finally:
         c.close()
         d.close()
 
 
-def test_a_spin_that_lost_the_cpu_sleeps(
-    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("preempted", [False, True], ids=["no-spin", "preempted"])
+def test_a_wait_that_does_not_spin_sleeps(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch, preempted: bool
 ) -> None:
-    """A gap between two polls (here: any) turns spinning off for the backoff."""
-    monkeypatch.setattr(GUARD, "gap_s", 0.0)
-    monkeypatch.setattr(GUARD, "backoff_s", 30.0)
-    monkeypatch.setattr(GUARD, "off_until", 0.0)
+    """No spin (``spin_s=0``), or a spin that lost the CPU -- a gap between two polls
+    (here: any gap) turns spinning off for the backoff: the wait sleeps."""
+    if preempted:
+        monkeypatch.setattr(GUARD, "gap_s", 0.0)
+        monkeypatch.setattr(GUARD, "backoff_s", 30.0)
+        monkeypatch.setattr(GUARD, "off_until", 0.0)
+        monkeypatch.setattr(GUARD, "runnable", lambda: 1)
+        monkeypatch.setattr(GUARD, "_next_check", 0.0)
     before = GUARD.backoffs
     a, b = pair
-    held = held_socket(a, hold_s=2.0, spin_s=1.0)
+    held = held_socket(a, hold_s=2.0, spin_s=1.0 if preempted else 0.0)
     assert held is not None
-    proc = _spawn(_SENDER, b.fileno(), 0.3, 3, fds=(b.fileno(),))
-    try:
-        cpu0 = time.thread_time()
-        assert held.recv() == b"xxx"
-        assert time.thread_time() - cpu0 < 0.15
-    finally:
-        a.sendall(b"!")
-        proc.wait(30)
-    assert GUARD.backoffs == before + 1
-    assert not GUARD.allowed(time.monotonic())
-
-
-def test_no_spin_sleeps_at_once(pair: tuple[socket.socket, socket.socket]) -> None:
-    a, b = pair
-    held = held_socket(a, hold_s=2.0, spin_s=0.0)
-    assert held is not None
-    proc = _spawn(_SENDER, b.fileno(), 0.3, 3, fds=(b.fileno(),))
-    try:
-        cpu0 = time.thread_time()
-        assert held.recv() == b"xxx"
-        assert time.thread_time() - cpu0 < 0.1
-    finally:
-        a.sendall(b"!")
-        proc.wait(30)
+    data, spent = _timed_recv(held, a, b, 0.3)
+    assert data == b"xxx"
+    assert spent < 0.15
+    assert GUARD.backoffs == before + preempted
+    if preempted:
+        assert not GUARD.allowed(time.monotonic())
 
 
 def test_spin_from_env() -> None:

@@ -43,7 +43,7 @@ import asyncio
 import os
 import selectors
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final, TypeVar
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "GUARD",
     "PollingSelector",
     "SpinGuard",
+    "micros_from_env",
     "poll_window_from_env",
     "run_polling",
 ]
@@ -100,11 +101,11 @@ class SpinGuard:
         "_cpus",
         "_crowded",
         "_next_check",
-        "_runnable",
         "backoff_s",
         "backoffs",
         "gap_s",
         "off_until",
+        "runnable",
     )
 
     def __init__(
@@ -120,7 +121,7 @@ class SpinGuard:
         #: how often polling was turned off (for tests and benchmarks)
         self.backoffs = 0
         self._check_s = check_s
-        self._runnable = runnable
+        self.runnable = runnable
         self._cpus = _usable_cpus()
         self._next_check = 0.0
         self._crowded = False
@@ -133,7 +134,7 @@ class SpinGuard:
             self._next_check = now + self._check_s
             # the reader counts itself, and a poller on the other side of a round
             # trip (a master) is runnable too: polling pays while these fit the CPUs
-            self._crowded = self._runnable() > self._cpus
+            self._crowded = self.runnable() > self._cpus
         return not self._crowded
 
     def preempted(self, now: float) -> None:
@@ -146,26 +147,39 @@ class SpinGuard:
 GUARD: Final = SpinGuard()
 
 
+def micros_from_env(
+    name: str, default_s: float, meaning: str, env: Mapping[str, str] | None = None
+) -> float:
+    """Seconds from the environment variable ``name``, given in whole microseconds
+    (0 to 1000000); ``default_s`` when it is unset or empty.
+
+    Raises:
+        ValueError: any other value; the message names the variable and ``meaning``.
+    """
+    text = (os.environ if env is None else env).get(name, "").strip()
+    if not text:
+        return default_s
+    try:
+        us = int(text)
+    except ValueError:
+        us = -1
+    if not 0 <= us <= 1_000_000:
+        raise ValueError(
+            f"{name}={text!r} is not a whole number of microseconds between 0 and 1000000 "
+            f"({meaning}; 0 = never)"
+        )
+    return us / 1e6
+
+
 def poll_window_from_env(default_s: float = DEFAULT_POLL_S) -> float:
     """The poll window in seconds from ``PYMOONCAKE_MASTER_POLL_US`` (0 turns polling off).
 
     Raises:
-        ValueError: the variable is set to something that is not a number of
-            microseconds >= 0 (the message names it).
+        ValueError: not a whole number of microseconds in [0, 1000000].
     """
-    raw = os.environ.get(_ENV, "").strip()
-    if not raw:
-        return default_s
-    try:
-        us = float(raw)
-    except ValueError:
-        us = -1.0
-    if not us >= 0 or us > 1e6:
-        raise ValueError(
-            f"{_ENV}={raw!r} is not a number of microseconds between 0 and 1000000 "
-            "(how long the master polls for the next request before it sleeps; 0 = never)"
-        )
-    return us * 1e-6
+    return micros_from_env(
+        _ENV, default_s, "how long the master polls for the next request before it sleeps"
+    )
 
 
 class PollingSelector(_Base):  # type: ignore[misc,valid-type]

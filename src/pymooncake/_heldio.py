@@ -44,7 +44,7 @@ import time
 from collections.abc import Mapping
 from typing import Final
 
-from ._busypoll import GUARD
+from ._busypoll import GUARD, micros_from_env
 
 __all__ = ["DEFAULT_HOLD_S", "DEFAULT_SPIN_S", "HeldSocket", "held_socket", "spin_from_env"]
 
@@ -60,22 +60,14 @@ def spin_from_env(env: Mapping[str, str] | None = None) -> float:
     """The spin in seconds from ``PYMOONCAKE_RPC_SPIN_US`` (unset: the default).
 
     Raises:
-        ValueError: not a whole number of microseconds in [0, 1000000] (the
-            message names the variable).
+        ValueError: not a whole number of microseconds in [0, 1000000].
     """
-    text = (os.environ if env is None else env).get(_SPIN_ENV, "").strip()
-    if not text:
-        return DEFAULT_SPIN_S
-    try:
-        us = int(text)
-    except ValueError:
-        us = -1
-    if not 0 <= us <= 1_000_000:
-        raise ValueError(
-            f"{_SPIN_ENV}={text!r} is not a whole number of microseconds between 0 and "
-            "1000000 (how long a master call polls for its reply before it sleeps; 0 = never)"
-        )
-    return us / 1e6
+    return micros_from_env(
+        _SPIN_ENV,
+        DEFAULT_SPIN_S,
+        "how long a master call polls for its reply before it sleeps",
+        env,
+    )
 
 
 class _PollFd(ctypes.Structure):
