@@ -803,23 +803,9 @@ class MasterService:
             parts: list[str] = []
             found = 0
             limit = self.limits.max_regex_results
-            async for keys in self.key_slices(req.pattern):
-                for piece in _pieces(keys):
-                    out = {
-                        key: [d.to_wire() for d in descs]
-                        for key, descs in st.replicas_of(piece, self._clock()).items()
-                    }
-                    found += len(out)
-                    if found > limit:
-                        raise InvalidParams(
-                            f"regular expression {req.pattern!r} matches more than {limit} "
-                            "keys; narrow it (the reply is a single frame)"
-                        )
-                    if out:
-                        parts.append(encode_json(out)[1:-1])
-                    await asyncio.sleep(0)
-            async for keys in self.key_slices(req.pattern, st.offload.disk_only_keys()):
-                out = {key: [w] for key in keys if (w := st.offload.wire(key)) is not None}
+
+            def add(out: dict[str, Any]) -> None:
+                nonlocal found
                 found += len(out)
                 if found > limit:
                     raise InvalidParams(
@@ -828,6 +814,18 @@ class MasterService:
                     )
                 if out:
                     parts.append(encode_json(out)[1:-1])
+
+            async for keys in self.key_slices(req.pattern):
+                for piece in _pieces(keys):
+                    add(
+                        {
+                            key: [d.to_wire() for d in descs]
+                            for key, descs in st.replicas_of(piece, self._clock()).items()
+                        }
+                    )
+                    await asyncio.sleep(0)
+            async for keys in self.key_slices(req.pattern, st.offload.disk_only_keys()):
+                add({key: [w] for key in keys if (w := st.offload.wire(key)) is not None})
             return RawJson("{" + ",".join(parts) + "}")
         if isinstance(req, msg.RemoveByRegex):
             removed = 0
