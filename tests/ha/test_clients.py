@@ -65,6 +65,7 @@ def test_a_storage_node_follows_the_leader_of_its_cluster_id(masters: HaMasters)
             f"--master_server_address={masters.client_address}",
             "--metadata_server=P2PHANDSHAKE",
             "--global_segment_size=16 MB",
+            "--port=0",  # dummy clients on a free port, not the default 50052
         ],
         {"MC_STORE_CLUSTER_ID": masters.cluster_id, "MC_TCP_BIND_ADDRESS": LOCAL},
     )
