@@ -1,5 +1,5 @@
-"""A hypothesis state machine over MasterState: random mounts, puts, upserts, reads,
-removals, evictions, expiries and ticks, with every index cross-checked after each
+"""A hypothesis state machine over MasterState: random mounts, puts (one by one and
+in batches), upserts, reads, removals, evictions, expiries and ticks, with every index cross-checked after each
 step and the journal (drained effects) replayed into a fresh state.
 
 Runs ``max_examples`` of the active hypothesis profile (tests/conftest.py: 60 in the
@@ -8,6 +8,7 @@ default run, ``HYPOTHESIS_PROFILE=long`` for thousands).
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Any
 
@@ -24,7 +25,7 @@ from hypothesis.stateful import (
 
 from pymooncake.errors import StoreError
 from pymooncake.store._config import MasterConfig
-from pymooncake.store._types import ReplicateConfig, SegmentInfo, SoftPinAction
+from pymooncake.store._types import ErrorCode, ReplicateConfig, SegmentInfo, SoftPinAction
 from pymooncake.store.master._effects import Effect
 from pymooncake.store.master._records import BUSY, READABLE
 from pymooncake.store.master._state import MasterState
@@ -154,6 +155,62 @@ class MasterMachine(RuleBasedStateMachine):
         )
         if self._try("start", start, client, key, size, config, self.now) is not None:
             self._try("end", end, client, key, self.now)
+
+    @rule(
+        client=clients,
+        batch=st.lists(st.tuples(keys, sizes), min_size=2, max_size=6),
+        config=configs(),
+        end=st.booleans(),
+    )
+    def batch_put(
+        self, client: str, batch: list[tuple[str, int]], config: ReplicateConfig, end: bool
+    ) -> None:
+        """BatchPutStart (put_start_many), then perhaps BatchPutEnd (put_end_many) of
+        what started.  A batch never answers differently from its keys put one by
+        one where that answer is certain: a readable key exists (unless a key
+        before it evicted it), a key repeated after its own start is being written."""
+        readable_before = {k for k, o in self.st.objects.items() if o.flags & READABLE}
+        evicted_before = self.st.metrics.evicted_keys
+        keys_ = [k for k, _ in batch]
+        out = self.st.put_start_many(client, keys_, [z for _, z in batch], config, self.now)
+        assert len(out) == len(batch)
+        started: list[str] = []
+        for i, (key, got) in enumerate(zip(keys_, out, strict=True)):
+            code = got.code if isinstance(got, StoreError) else 0
+            self.outcomes[f"batch_start:{code}"] = self.outcomes.get(f"batch_start:{code}", 0) + 1
+            if key in readable_before and self.st.metrics.evicted_keys == evicted_before:
+                assert code == ErrorCode.OBJECT_ALREADY_EXISTS
+            elif key in keys_[:i] and key in started:
+                assert code == ErrorCode.REPLICA_IS_NOT_READY
+            if code == 0:
+                obj = self.st.objects[key]
+                assert got is obj and obj.flags & BUSY and obj.writer == client
+                started.append(key)
+        if end and started:
+            for key, err in zip(
+                started, self.st.put_end_many(client, started, self.now), strict=True
+            ):
+                name = "batch_end" if err is None else f"batch_end:{err.code}"
+                self.outcomes[name] = self.outcomes.get(name, 0) + 1
+                if err is None:
+                    assert self.st.objects[key].flags & READABLE
+
+    @rule(client=clients, batch=st.lists(keys, min_size=2, max_size=6))
+    def batch_put_end(self, client: str, batch: list[str]) -> None:
+        """put_end_many answers each key as put_end would, on a copy of the state."""
+        twin = copy.deepcopy(self.st)
+        out = self.st.put_end_many(client, batch, self.now)
+        for key, err in zip(batch, out, strict=True):
+            try:
+                twin.put_end(client, key, self.now)
+                expected = 0
+            except StoreError as exc:
+                expected = exc.code
+            assert (0 if err is None else err.code) == expected, key
+        assert readable(twin) == readable(self.st)
+        assert [e.record() for e in twin.effects or []] == [
+            e.record() for e in self.st.effects or []
+        ]
 
     @rule(client=clients, key=keys)
     def put_end(self, client: str, key: str) -> None:

@@ -78,7 +78,7 @@ class WriteOps(ClientIO):
             for i, r in zip(retry, sub, strict=True):
                 results[i] = r
         if self.metrics is not None:
-            stored = sum(sum(len(p) for p in parts[i]) for i, r in enumerate(results) if r is True)
+            stored = sum(sum(map(len, parts[i])) for i, r in enumerate(results) if r is True)
             self.metrics.operation(True, op, stored, (time.perf_counter_ns() - started) // 1000)
         return results
 
@@ -93,7 +93,7 @@ class WriteOps(ClientIO):
     ) -> list[bool | StoreError]:
         n = len(keys)
         results: list[bool | StoreError] = [True] * n
-        sizes = [sum(len(p) for p in ps) for ps in parts]
+        sizes = [len(ps[0]) if len(ps) == 1 else sum(map(len, ps)) for ps in parts]
         self._claim(keys, upsert)
         try:
             try:
@@ -106,6 +106,7 @@ class WriteOps(ClientIO):
             writing: list[int] = []
             copies: dict[int, int] = {}  # replicas written per object
             transfer_start = time.perf_counter_ns()
+            own, copy_own = self.engine.segment_name, self._copy_own
             for i, (code, value) in enumerate(started):
                 if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
                     results[i] = False  # readable: the key is immutable (reference semantics)
@@ -115,8 +116,12 @@ class WriteOps(ClientIO):
                     continue
                 writing.append(i)
                 copies[i] = len(value)
+                ps = parts[i]
                 for endpoint, address in value:
-                    self._route_parts(i, endpoint, address, parts[i], True, per_endpoint, errors)
+                    if endpoint == own and len(ps) == 1 and len(ps[0]):
+                        copy_own(i, ps[0], address, True, errors)  # _route_parts' common case
+                    else:
+                        self._route_parts(i, endpoint, address, ps, True, per_endpoint, errors)
             self._run_transfers(per_endpoint, errors, unreachable)
             good = [i for i in writing if errors[i] is None]
             bad = [i for i in writing if errors[i] is not None]
@@ -234,9 +239,9 @@ class WriteOps(ClientIO):
         cols = self.master.call(batch(self.client_id, tuple(keys), tuple(sizes), params)).columns
         if len(cols) != len(keys):
             raise MalformedMessage(f"the master answered {len(cols)} of {len(keys)} keys")
+        places = cols.placements()
         return [
-            (code, [(r[0], r[1]) for r in reps] if code == 0 else cols.message(i))
-            for i, (code, reps) in enumerate(zip(cols.code, cols.replicas(), strict=True))
+            (code, places[i] if code == 0 else cols.message(i)) for i, code in enumerate(cols.code)
         ]
 
     def _maybe_started(self, keys: Sequence[str], upsert: bool) -> None:
@@ -283,6 +288,8 @@ class WriteOps(ClientIO):
         value = self.master.call(batch_end(self.client_id, tuple(keys[i] for i in good)))
         if len(value.codes) != len(good):
             raise MalformedMessage(f"the master answered {len(value.codes)} of {len(good)} keys")
+        if not any(value.codes):
+            return
         for i, c, v in zip(good, value.codes, value.messages, strict=True):
             if c != 0:
                 results[i] = store_error(c, f"{keys[i]!r}: {v}")

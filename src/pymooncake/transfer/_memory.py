@@ -377,6 +377,10 @@ class MemoryRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._snap = _Snapshot()
+        #: the last region find() returned, as (start, end, region, snapshot): most
+        #: lookups of a batch fall in the region of the one before (valid while
+        #: that snapshot is current)
+        self._last: tuple[int, int, Region, _Snapshot] | None = None
         self._slots: set[UseSlot] = set()
 
     # --- queries (lock-free) -----------------------------------------------
@@ -388,11 +392,18 @@ class MemoryRegistry:
     def find(self, addr: int, length: int) -> Region | None:
         """The region wholly containing ``[addr, addr+length)``, or None."""
         snap = self._snap
+        last = self._last
+        if last is not None and last[0] <= addr and addr + length <= last[1] and last[3] is snap:
+            return last[2]
         i = bisect.bisect_right(snap.starts, addr) - 1
         if i < 0:
             return None
         region = snap.regions[i]
-        return region if addr + length <= region.end else None
+        end = region.addr + region.length
+        if addr + length > end:
+            return None
+        self._last = (region.addr, end, region, snap)
+        return region
 
     def find_remote(self, addr: int, length: int) -> Region | None:
         """Like :meth:`find`, for requests from peers: also requires

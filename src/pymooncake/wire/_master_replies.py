@@ -139,6 +139,21 @@ class ReplicaColumns:
             j += n
             yield reps
 
+    def placements(self) -> list[list[tuple[str, int]]]:
+        """Per key, its replicas as (endpoint, address) (empty for a failed key):
+        what a writer needs of :meth:`replicas`, built faster."""
+        endpoints = [str(s[0]) for s in self.segs]
+        seg, addr = self.seg, self.addr
+        out: list[list[tuple[str, int]]] = []
+        j = 0
+        for n in self.counts:
+            if n == 1:
+                out.append([(endpoints[seg[j]], addr[j])])
+            else:
+                out.append([(endpoints[seg[k]], addr[k]) for k in range(j, j + n)])
+            j += n
+        return out
+
     def message(self, i: int) -> str:
         return self.messages.get(i, "")
 

@@ -270,6 +270,10 @@ class _ReplicasReply(Reply):
         return cls(cls._replicas(value, "replicas"))  # type: ignore[call-arg]
 
 
+#: one key's result in a BatchKeyResultsReply when it succeeded
+_SUCCESS: Final = [0, None]
+
+
 @dataclass(frozen=True, slots=True)
 class BatchKeyResultsReply(Reply):
     """``[[code, message or null], ...]``, one per key of the request: code 0 is
@@ -279,13 +283,19 @@ class BatchKeyResultsReply(Reply):
     messages: tuple[str | None, ...]
 
     def to_wire(self) -> list[list[Any]]:
+        if not any(self.codes):  # every key succeeded (the common batch)
+            return [[0, None] for _ in self.codes]
         return [[c, m] for c, m in zip(self.codes, self.messages, strict=True)]
 
     @classmethod
     def decode(cls: type[_R], value: Any) -> _R:
+        items = cls._list(value, "results")
+        n = len(items)
+        if items.count(_SUCCESS) == n:  # every key succeeded: one C-level pass
+            return cls((0,) * n, (None,) * n)  # type: ignore[call-arg]
         codes: list[int] = []
         messages: list[str | None] = []
-        for i, item in enumerate(cls._list(value, "results")):
+        for i, item in enumerate(items):
             if type(item) is not list or len(item) != 2:
                 cls._bad(f"results[{i}]", "is not [code, message]", item)
             code, text = item

@@ -104,17 +104,36 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
             _written(st.upsert_start_replicas(req.client_id, req.key, req.size, req.config, now))
         )
 
-    def batch_start(start: Callable[..., Obj], cls: type[rep.ColumnsReply]) -> Handler:
-        def handler(req: msg.BatchPutStart, now: float) -> rep.ColumnsReply:
+    def batch_start(
+        start: Callable[..., Obj],
+        cls: type[rep.ColumnsReply],
+        many: Callable[..., list[Obj | StoreError]] | None = None,
+    ) -> Handler:
+        """A columnar batch start: ``many`` starts every key at once when given,
+        else ``start`` is called per key."""
+
+        def each(req: msg.BatchPutStart, now: float) -> list[Obj | StoreError]:
             sizes, cfg, client = req.sizes, req.config, req.client_id
+            out: list[Obj | StoreError] = []
+            for i, key in enumerate(req.keys):
+                try:
+                    out.append(start(client, key, sizes[i], cfg, now))
+                except StoreError as exc:
+                    out.append(exc)
+            return out
+
+        def handler(req: msg.BatchPutStart, now: float) -> rep.ColumnsReply:
+            if many is not None:
+                started = many(req.client_id, req.keys, req.sizes, req.config, now)
+            else:
+                started = each(req, now)
             out = ReplicaColumnsBuilder(_describe)
             code, counts, seg_col, addr_col = out.code, out.counts, out.seg, out.addr
             index = out.index
-            for i, key in enumerate(req.keys):
-                try:
-                    obj = start(client, key, sizes[i], cfg, now)
-                except StoreError as exc:
-                    out.fail(exc.code, exc.message)
+            for obj in started:
+                if type(obj) is not Obj:
+                    assert isinstance(obj, StoreError)
+                    out.fail(obj.code, obj.message)
                     continue
                 code.append(0)
                 ext = obj.ext
@@ -131,6 +150,21 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
                     seg_col.append(out.segment_index(s))
                     addr_col.append(a)
             return cls(out.columns())
+
+        return handler
+
+    def batch_ended(
+        many: Callable[[str, Sequence[str], float], list[StoreError | None]],
+        cls: type[rep.BatchKeyResultsReply],
+    ) -> Handler:
+        def handler(req: msg.BatchPutEnd, now: float) -> rep.BatchKeyResultsReply:
+            errors = many(req.client_id, req.keys, now)
+            if not any(errors):
+                return cls((0,) * len(errors), (None,) * len(errors))
+            return cls(
+                tuple([0 if e is None else e.code for e in errors]),
+                tuple([None if e is None else e.message for e in errors]),
+            )
 
         return handler
 
@@ -236,8 +270,10 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         msg.PutRevoke: _done(
             rep.PutRevokeReply, lambda req, now: st.put_revoke(req.client_id, req.key, now)
         ),
-        msg.BatchPutStart: batch_start(st.put_start_replicas, rep.BatchPutStartReply),
-        msg.BatchPutEnd: batch_keyed(st.put_end, rep.BatchPutEndReply),
+        msg.BatchPutStart: batch_start(
+            st.put_start_replicas, rep.BatchPutStartReply, st.put_start_many
+        ),
+        msg.BatchPutEnd: batch_ended(st.put_end_many, rep.BatchPutEndReply),
         msg.BatchPutRevoke: batch_keyed(st.put_revoke, rep.BatchPutRevokeReply),
         msg.UpsertStart: upsert_start,
         msg.UpsertEnd: _done(

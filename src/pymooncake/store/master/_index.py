@@ -21,11 +21,13 @@ from typing import Final
 
 from ._records import Obj
 
-__all__ = ["SHARDS", "ObjectIndex"]
+__all__ = ["SHARDS", "SHARD_MASK", "ObjectIndex"]
 
 #: number of shards (a power of two)
 SHARDS: Final = 1024
 _MASK: Final = SHARDS - 1
+#: ``shards[hash(key) & SHARD_MASK]`` is the shard of ``key``
+SHARD_MASK: Final = _MASK
 
 
 class ObjectIndex:
@@ -51,8 +53,8 @@ class ObjectIndex:
         after inserting a new key into it directly, call :meth:`added`)."""
         return self.shards[hash(key) & _MASK]
 
-    def added(self) -> None:
-        self._count += 1
+    def added(self, count: int = 1) -> None:
+        self._count += count
 
     def add(self, key: str, obj: Obj) -> None:
         """Insert a key that is not present."""

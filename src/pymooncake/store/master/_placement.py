@@ -51,6 +51,21 @@ class Placement:
             live = self._live = [s for s in segments if not s.draining]
         return live
 
+    def first_choice(self, live_count: int) -> int:
+        """For a single-replica put under the ``random`` strategy, the index in the
+        live segments it tries first (the draw :meth:`allocate` makes)."""
+        return int(self._rng.random() * live_count) if live_count > 1 else 0
+
+    def simple(self, policy: ReplicationPolicy) -> bool:
+        """Whether ``policy`` places one replica by a random draw alone (the path
+        of :meth:`first_choice`)."""
+        return (
+            policy.replica_num == 1
+            and not policy.preferred_segments
+            and not policy.excluded_segments
+            and self.strategy == "random"
+        )
+
     def candidates(
         self, live: list[SegmentRecord], policy: ReplicationPolicy, writer_host: str
     ) -> list[SegmentRecord]:
@@ -80,16 +95,11 @@ class Placement:
         """Up to ``policy.replica_num`` ranges of ``size`` bytes in distinct
         segments (fewer, possibly none, when space is short)."""
         live = self.live(segments)
-        if (
-            policy.replica_num == 1
-            and not policy.preferred_segments
-            and not policy.excluded_segments
-            and self.strategy == "random"
-        ):
+        if self.simple(policy):
             # the common placement, without building a candidate list: this runs
             # once per key of every put
             n = len(live)
-            start = int(self._rng.random() * n) if n > 1 else 0
+            start = self.first_choice(n)
             for i in range(n):
                 seg = live[(start + i) % n]
                 got = seg.allocator.allocate(size)

@@ -50,7 +50,8 @@ import re
 import sys
 import uuid
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,7 @@ from ._effects import (
     WriteStarted,
 )
 from ._eviction import compact_segment, evict_segment
-from ._index import ObjectIndex
+from ._index import SHARD_MASK, ObjectIndex
 from ._offload import OFFLOAD_APPLY, OffloadState
 from ._placement import Placement
 from ._records import (
@@ -128,6 +129,8 @@ def _has_task(key: str) -> StoreError:
     )
 
 
+#: flags put_end_many reads to tell a plain put in progress (BUSY alone of these)
+_END_CHECKED = READABLE | BUSY | SOFT_PIN
 _ENABLE = int(SoftPinAction.ENABLE)
 _DISABLE = int(SoftPinAction.DISABLE)
 
@@ -184,14 +187,28 @@ class Metrics:
     value_size_counts: list[int] = field(default_factory=lambda: [0] * (len(VALUE_SIZE_BOUNDS) + 1))
     value_size_sum: int = 0
 
-    def observe_value_size(self, size: int) -> None:
-        self.value_size_counts[bisect_left(VALUE_SIZE_BOUNDS, size)] += 1
-        self.value_size_sum += size
+    def observe_value_size(self, size: int, count: int = 1) -> None:
+        self.value_size_counts[bisect_left(VALUE_SIZE_BOUNDS, size)] += count
+        self.value_size_sum += size * count
 
 
 def _policy_pin(config: Any) -> int:
     """The soft-pin action of a ReplicateConfig (``pin_action``) or wire params."""
     return int(config.pin_action)
+
+
+def _started(
+    start: Callable[[str, str, int, Any, float], Obj],
+    client_id: str,
+    key: str,
+    size: int,
+    config: Any,
+    now: float,
+) -> Obj | StoreError:
+    try:
+        return start(client_id, key, size, config, now)
+    except StoreError as exc:
+        return exc
 
 
 class MasterState:
@@ -598,6 +615,113 @@ class MasterState:
         self.metrics.observe_value_size(size)
         return obj
 
+    def put_start_many(
+        self, client_id: str, keys: Sequence[str], sizes: Sequence[int], config: Any, now: float
+    ) -> list[Obj | StoreError]:
+        """:meth:`put_start_replicas` of every key, in order: each key's record, or
+        the error that refused it.
+
+        The common batch -- new keys, one replica each, random placement -- takes
+        a fast path: each key draws its segment as :meth:`put_start_replicas`
+        would, the keys that drew one segment are reserved as one run of its
+        allocator (adjacent ranges, each freed on its own later), and records are
+        made without a call per key.  Any other key (present or repeated, in a
+        segment without room for the run, or any other placement) goes through
+        :meth:`put_start_replicas` at its place in the order, so the outcome of
+        every key is what a put of it alone would have had.
+        """
+        n = len(keys)
+        live = self._placement.live(self.segments.values())
+        places: list[tuple[SegmentRecord, int] | None] = [None] * n
+        pin_ttl: float | None = None
+        if n > 1 and live and self._placement.simple(config):
+            try:
+                pin_ttl = self._validate_put("k", 1, config)
+            except StoreError:
+                pass  # every key gets the config's error one by one
+            else:
+                self._reserve_runs(keys, sizes, live, places)
+        start_one = self.put_start_replicas
+        if not any(places):
+            return [
+                _started(start_one, client_id, k, z, config, now)
+                for k, z in zip(keys, sizes, strict=True)
+            ]
+        client = self._touch(client_id, now)
+        writer = client.id
+        flags = BUSY | (HARD_PIN if config.with_hard_pin else 0)
+        hard = bool(flags & HARD_PIN)
+        shards, inflight, held = self.objects.shards, self.inflight, client.inflight
+        size_ids, effects = self._sizes, self.effects
+        out: list[Obj | StoreError] = []
+        made = 0
+        for i, place in enumerate(places):
+            key, size = keys[i], sizes[i]
+            if place is None:
+                out.append(_started(start_one, client_id, key, size, config, now))
+                continue
+            seg, addr = place
+            shared = size_ids.get(size)
+            if shared is None:
+                shared = size
+                if len(size_ids) < 4096:
+                    size_ids[size] = size
+            obj = Obj(key, shared, seg, addr, writer, flags)
+            ext = obj.ext = ObjExt()
+            ext.started_at = now
+            ext.soft_pin_ttl_s = pin_ttl
+            shards[hash(key) & SHARD_MASK][key] = obj
+            made += 1
+            seg.order.append(obj)
+            inflight[key] = obj
+            held.add(key)
+            if effects is not None:
+                effects.append(
+                    WriteStarted(key, size, ((seg.id, addr),), writer, hard, False, pin_ttl)
+                )
+            out.append(obj)
+        self.objects.added(made)
+        observe = self.metrics.observe_value_size
+        for size, count in Counter(
+            sizes[i] for i, place in enumerate(places) if place is not None
+        ).items():
+            observe(size, count)
+        return out
+
+    def _reserve_runs(
+        self,
+        keys: Sequence[str],
+        sizes: Sequence[int],
+        live: list[SegmentRecord],
+        places: list[tuple[SegmentRecord, int] | None],
+    ) -> None:
+        """The fast path of :meth:`put_start_many`: set ``places[i]`` to the segment
+        and address reserved for each new, distinct, valid key whose segment had
+        room for its run; leave the others None."""
+        draw, n = self._placement.first_choice, len(live)
+        shards = self.objects.shards
+        runs: dict[int, list[int]] = {}
+        seen: set[str] = set()
+        for i, key in enumerate(keys):
+            if sizes[i] <= 0 or not key or key in seen or key in shards[hash(key) & SHARD_MASK]:
+                continue  # (refused or decided one by one)
+            seen.add(key)
+            choice = draw(n)
+            run = runs.get(choice)
+            if run is None:
+                runs[choice] = [i]
+            else:
+                run.append(i)
+        for choice, idxs in runs.items():
+            seg = live[choice]
+            needs = [reserved_size(sizes[i]) for i in idxs]
+            addr = seg.allocator.allocate_run(sum(needs), len(needs))
+            if addr is None:
+                continue  # one by one: they may fit elsewhere, or evict
+            for i, need in zip(idxs, needs, strict=True):
+                places[i] = (seg, addr)
+                addr += need
+
     def _writing(self, client_id: str, key: str) -> Obj:
         obj = self.objects.get(key)
         if obj is None or not obj.flags & BUSY:
@@ -612,6 +736,48 @@ class MasterState:
                 f"{client_tag(client_id)} did not start the put of {key!r} ({client_tag(obj.writer)} did)",
             )
         return obj
+
+    def put_end_many(
+        self, client_id: str, keys: Sequence[str], now: float
+    ) -> list[StoreError | None]:
+        """:meth:`put_end` of every key, in order: None for each ended, or the error.
+        A plain put's end (one replica, no pin) is made here; any other key
+        goes through :meth:`put_end`."""
+        out: list[StoreError | None] = []
+        client = self.clients.get(client_id)
+        if client is None:
+            client = self._touch(client_id, now)
+        else:
+            client.last_seen = now
+        shards, inflight, held = self.objects.shards, self.inflight, client.inflight
+        effects, end_one = self.effects, self.put_end
+        for key in keys:
+            obj = shards[hash(key) & SHARD_MASK].get(key)
+            ext = None if obj is None else obj.ext
+            if (
+                ext is None
+                or obj is None
+                or obj.flags & _END_CHECKED != BUSY
+                or obj.writer != client_id
+                or ext.pending
+                or ext.more
+                or ext.soft_pin_ttl_s is not None
+            ):
+                try:
+                    end_one(client_id, key, now)
+                except StoreError as exc:
+                    out.append(exc)
+                    continue
+                out.append(None)
+                continue
+            obj.flags = (obj.flags | READABLE) & ~BUSY
+            obj.ext = None
+            inflight.pop(key, None)
+            held.discard(key)
+            if effects is not None:
+                effects.append(self._commit_effect(key, obj))
+            out.append(None)
+        return out
 
     def put_end(self, client_id: str, key: str, now: float) -> None:
         """Make the replicas of a put readable.  Repeating it is harmless.
