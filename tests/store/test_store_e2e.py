@@ -418,6 +418,47 @@ def test_get_many_into_multipart_destinations(cluster: LocalCluster) -> None:
     b.engine.free(region.addr)
 
 
+def test_pointer_batches_across_regions_and_own_segment(cluster: LocalCluster) -> None:
+    """Batches of (address, size) pairs that hop between registered buffers, leave
+    them for unregistered memory, and land in the writer's own segment (local
+    copies) or a peer's: every value arrives intact and a short destination is
+    refused without being written."""
+    a = cluster.client(32 * MiB)
+    b = cluster.client(32 * MiB)
+    one, two = a.engine.allocate(MiB), a.engine.allocate(MiB)
+    raw = ctypes.create_string_buffer(64 * KiB)  # not registered: the engine's raw path
+    sizes = [1, 64, 4 * KiB, 100, 64 * KiB - 1, 7]
+    places = [(one, 0), (one, 64), (two, 0), (one, 8 * KiB), (two, 100 * KiB), (one, 999_999)]
+    values = [payload(n, i + 50) for i, n in enumerate(sizes)]
+    ptrs = []
+    for (region, off), v in zip(places, values, strict=True):
+        region.view[off : off + len(v)] = v
+        ptrs.append(region.addr + off)
+    raw.raw = values[1] + b"\0" * (64 * KiB - 64)
+    ptrs.append(ctypes.addressof(raw))
+    sizes.append(64)
+    values.append(values[1])
+    keys = [f"ptr-{i}" for i in range(len(sizes))]
+    res = a.put_many(keys, [[(p, n)] for p, n in zip(ptrs, sizes, strict=True)])
+    assert res == [True] * len(keys)
+    for reader in (a, b):
+        dst = reader.engine.allocate(MiB)
+        offs = [i * 70 * KiB % (MiB - 64 * KiB) for i in range(len(keys))]
+        got = reader.get_many_into(
+            keys, [[(dst.addr + o, n)] for o, n in zip(offs, sizes, strict=True)]
+        )
+        assert got == sizes
+        for o, v in zip(offs, values, strict=True):
+            assert bytes(dst.view[o : o + len(v)]) == v
+        # a destination one byte short is refused and left untouched
+        short = reader.get_many_into([keys[2]], [[(dst.addr + 512 * KiB, sizes[2] - 1)]])
+        assert isinstance(short[0], StoreError)
+        assert not any(dst.view[512 * KiB : 512 * KiB + sizes[2]])
+        reader.engine.free(dst.addr)
+    a.engine.free(one.addr)
+    a.engine.free(two.addr)
+
+
 @pytest.mark.parametrize("short_by", [1, 4 * KiB])
 def test_get_into_too_small_destination(cluster: LocalCluster, short_by: int) -> None:
     a = cluster.client(32 * MiB)

@@ -34,6 +34,45 @@ def test_add_find_remove() -> None:
         reg.remove(0x1000)
 
 
+def test_the_remembered_region_is_forgotten_with_its_registration() -> None:
+    reg = MemoryRegistry()
+    first = region(0x1000, 0x100)
+    reg.add(first)
+    assert reg.find(0x1010, 0x10) is first  # remembered
+    assert reg.find(0x10F0, 0x20) is None  # still checks the end
+    reg.remove(0x1000)
+    assert reg.find(0x1010, 0x10) is None
+    again = region(0x1000, 0x80)  # the same start, shorter: the old span must not be used
+    reg.add(again)
+    assert reg.find(0x1010, 0x10) is again
+    assert reg.find(0x1090, 0x10) is None
+
+
+def test_a_copier_copies_within_regions_and_refuses_the_rest() -> None:
+    reg = MemoryRegistry()
+    a, b = region(0x1000, 0x100), region(0x3000, 0x100)
+    local = region(0x5000, 0x100, remote=False)
+    for r in (a, b, local):
+        reg.add(r)
+    copy = reg.copier()
+    assert copy(0x1010, memoryview(b"abcd"), True)
+    assert copy(0x3000, memoryview(b"xy"), True)  # another region
+    assert copy(0x1020, memoryview(b"ef"), True)  # and back
+    out = bytearray(4)
+    assert copy(0x1010, memoryview(out), False)
+    assert bytes(out) == b"abcd"
+    assert bytes(a.view[0x20:0x22]) == b"ef" and bytes(b.view[:2]) == b"xy"
+    assert not copy(0x10FF, memoryview(b"zz"), True)  # crosses the end
+    assert not copy(0x2000, memoryview(b"z"), True)  # unregistered
+    assert not copy(0x5000, memoryview(b"z"), True)  # not remote-accessible
+    assert not copy(0x1000, memoryview(b""), True)  # empty
+    assert bytes(local.view[:1]) == b"\0"
+    reg.remove(0x1000)
+    assert not copy(0x1010, memoryview(b"q"), True)  # unregistered meanwhile
+    assert copy(0x3001, memoryview(b"q"), True)
+    assert bytes(b.view[:2]) == b"xq"
+
+
 def test_adjacent_regions_do_not_merge() -> None:
     reg = MemoryRegistry()
     reg.add(region(0x1000, 0x100))

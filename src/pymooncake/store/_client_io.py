@@ -71,6 +71,12 @@ def transfer_failed(message: str, cause: BaseException | None) -> StoreTransferF
     return err
 
 
+def outside_own(addr: int, n: int) -> PeerRejected:
+    """The master placed a replica in this client's own segment at a range that is
+    not registered here (the segment was unmounted or re-registered meanwhile)."""
+    return PeerRejected(f"address {addr:#x}+{n} is not inside this client's own segment")
+
+
 def _as_view(obj: Any) -> memoryview:
     view = memoryview(obj)
     if not view.c_contiguous:
@@ -187,6 +193,32 @@ class ClientIO:
                     )
             addr += n
 
+    def _parts_of(
+        self, values: Sequence[Sequence[Any]], part: Callable[[Any], Part]
+    ) -> list[list[Part]]:
+        """Each value's parts, as ``part(p)`` makes them from what the caller gave
+        (buffers, ``(address, size)`` pairs).  A value that is one pair inside the
+        registered host region of the pair before it is sliced from that region's
+        view directly: a batch of pointers into one buffer costs one region
+        search, not one per key."""
+        out: list[list[Part]] = []
+        lo = hi = 0
+        view: memoryview | None = None
+        find = self.engine.registry.find
+        for ps in values:
+            if len(ps) == 1 and type(ps[0]) is tuple and len(ps[0]) == 2:
+                addr, size = ps[0]
+                if type(addr) is int and type(size) is int and size > 0:
+                    if view is None or not (lo <= addr and addr + size <= hi):
+                        region = find(addr, size)
+                        if region is not None and region.backend is None:
+                            lo, hi, view = region.addr, region.addr + region.length, region.view
+                    if view is not None and lo <= addr and addr + size <= hi:
+                        out.append([view[addr - lo : addr - lo + size]])
+                        continue
+            out.append([part(p) for p in ps])
+        return out
+
     def _source_part(self, buffer: Any, size: int | None) -> Part:
         """Caller memory to store from (an address or a buffer; host or device).
 
@@ -209,8 +241,21 @@ class ClientIO:
         region = self.engine.registry.find_remote(addr, n)
         if region is None:
             if errors[idx] is None:
-                errors[idx] = PeerRejected(
-                    f"address {addr:#x}+{n} is not inside this client's own segment"
-                )
+                errors[idx] = outside_own(addr, n)
             return
         region.copy(addr, view, write)
+
+    def _copy_own_many(
+        self,
+    ) -> Callable[[int, Part, int, bool, list[BaseException | None]], None]:
+        """:meth:`_copy_own` for the parts of one batch (one region search for the
+        parts a region holds, see ``MemoryRegistry.copier``)."""
+        copy = self.engine.registry.copier()
+
+        def copy_own(
+            idx: int, view: Part, addr: int, write: bool, errors: list[BaseException | None]
+        ) -> None:
+            if not copy(addr, view, write) and errors[idx] is None:
+                errors[idx] = outside_own(addr, len(view))
+
+        return copy_own

@@ -110,9 +110,14 @@ class ReadOps(ClientIO):
         while pending:
             errors: list[BaseException | None] = [None] * n
             per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
+            own, copy_own = self.engine.segment_name, self._copy_own_many()
             for i in pending:
                 rep = self._pick(replicas[i], attempt)
-                self._route_parts(i, rep[0], rep[1], views[i], False, per_endpoint, errors)
+                ps = views[i]
+                if rep[0] == own and len(ps) == 1 and len(ps[0]):
+                    copy_own(i, ps[0], rep[1], False, errors)  # _route_parts' common case
+                else:
+                    self._route_parts(i, rep[0], rep[1], ps, False, per_endpoint, errors)
             self._run_transfers(per_endpoint, errors)
             attempt += 1
             failed = [i for i in pending if errors[i] is not None]
@@ -262,13 +267,16 @@ class ReadOps(ClientIO):
     ) -> list[int | StoreError]:
         if len(keys) != len(dests):
             raise InvalidParams(f"{len(keys)} keys but {len(dests)} destinations")
-        parts = [
-            [p if isinstance(p, (memoryview, DeviceSpan)) else self._dest_part(p, None) for p in ds]
-            for ds in dests
-        ]
+        parts = self._parts_of(
+            dests,
+            lambda p: p if isinstance(p, (memoryview, DeviceSpan)) else self._dest_part(p, None),
+        )
 
         def dest(i: int, size: int) -> Parts | StoreError:
-            room = sum(len(p) for p in parts[i])
+            ps = parts[i]
+            if len(ps) == 1 and len(ps[0]) >= size:  # one destination, large enough
+                return ps if len(ps[0]) == size else [ps[0][:size]]
+            room = sum(len(p) for p in ps)
             if room < size:
                 return store_error(
                     int(ErrorCode.INVALID_PARAMS),

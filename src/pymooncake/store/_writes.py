@@ -106,7 +106,7 @@ class WriteOps(ClientIO):
             writing: list[int] = []
             copies: dict[int, int] = {}  # replicas written per object
             transfer_start = time.perf_counter_ns()
-            own, copy_own = self.engine.segment_name, self._copy_own
+            own, copy_own = self.engine.segment_name, self._copy_own_many()
             for i, (code, value) in enumerate(started):
                 if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
                     results[i] = False  # readable: the key is immutable (reference semantics)
@@ -417,7 +417,7 @@ class WriteOps(ClientIO):
         ``(address, size)`` pairs).  Results per key: True, False (existed) or the error."""
         if len(keys) != len(values):
             raise InvalidParams(f"{len(keys)} keys but {len(values)} values")
-        parts = [[self._part(p) for p in ps] for ps in values]
+        parts = self._parts_of(values, self._part)
         if bytes_api:
             for k, ps in zip(keys, parts, strict=True):
                 self._bytes_api_limit(sum(len(p) for p in ps), f"put {k!r}")

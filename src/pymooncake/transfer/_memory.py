@@ -413,6 +413,46 @@ class MemoryRegistry:
         region = self.find(addr, length)
         return region if region is not None and region.remote_accessible else None
 
+    def copier(self) -> Callable[[int, memoryview | DeviceSpan, bool], bool]:
+        """``copy(addr, part, write)`` for a batch of copies between local parts and
+        remote-accessible registered memory (``write``: into ``[addr, +len(part))``),
+        as :meth:`find_remote` then :meth:`Region.copy`; False (nothing copied)
+        when the range is not registered.  The host region found for one copy
+        serves the next ones it covers while no registration changes: one search
+        per region, not per copy."""
+        lo = hi = 0
+        view: memoryview | None = None
+        snap = self._snap
+        find = self.find_remote
+
+        def copy(addr: int, part: memoryview | DeviceSpan, write: bool) -> bool:
+            nonlocal lo, hi, view, snap
+            n = len(part)
+            if (
+                view is not None
+                and self._snap is snap  # (no registration changed since)
+                and lo <= addr
+                and addr + n <= hi
+                and 0 < n < MEMMOVE_FROM
+                and type(part) is memoryview
+            ):
+                off = addr - lo
+                if write:
+                    view[off : off + n] = part
+                else:
+                    part[:] = view[off : off + n]
+                return True
+            snap = self._snap
+            region = find(addr, n)
+            if region is None:
+                return False
+            if region.backend is None:
+                lo, hi, view = region.addr, region.addr + region.length, region.view
+            region.copy(addr, part, write)
+            return True
+
+        return copy
+
     # --- pins (see the module docstring) ------------------------------------------
 
     def new_slot(self, abort: Callable[[], None] | None = None) -> UseSlot:

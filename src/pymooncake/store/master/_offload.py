@@ -415,9 +415,13 @@ class OffloadState:
         self.metrics.offload_queued += 1
         return True
 
+    def eager(self) -> bool:
+        """Whether objects are queued for offload as soon as they are written."""
+        return self.enabled and not self.config.offload_on_evict and bool(self.disks)
+
     def written(self, key: str) -> None:
         """A put/upsert of ``key`` ended: queue it for offload (eager mode)."""
-        if not self.enabled or self.config.offload_on_evict or not self.disks:
+        if not self.eager():
             return
         obj = self.st.objects.get(key)
         if obj is not None and obj.flags & READABLE and key not in self.replicas:
@@ -788,7 +792,8 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         return base[msg.PutStart](req, now)
 
     def batch_put_start(req: msg.BatchPutStart, now: float) -> rp.Reply:
-        disk = [k in off.replicas and k not in st.objects for k in req.keys]
+        on_disk = off.replicas
+        disk = [k in on_disk and k not in st.objects for k in req.keys] if on_disk else []
         if not any(disk):
             return base[msg.BatchPutStart](req, now)
         todo = [i for i, on_disk in enumerate(disk) if not on_disk]
@@ -826,9 +831,10 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         def handler(req: Any, now: float) -> rp.Reply:
             out = base[kind](req, now)
             assert isinstance(out, rp.BatchKeyResultsReply)
-            for key, code in zip(req.keys, out.codes, strict=True):
-                if code == 0:
-                    off.written(key)
+            if off.eager():
+                for key, code in zip(req.keys, out.codes, strict=True):
+                    if code == 0:
+                        off.written(key)
             return out
 
         return handler
