@@ -682,10 +682,12 @@ class MasterState:
             out.append(obj)
         self.objects.added(made)
         observe = self.metrics.observe_value_size
-        for size, count in Counter(
-            sizes[i] for i, place in enumerate(places) if place is not None
-        ).items():
-            observe(size, count)
+        if made == n and sizes.count(sizes[0]) == n:  # one size for the whole batch
+            observe(sizes[0], n)
+        else:
+            placed = Counter(sizes[i] for i, place in enumerate(places) if place is not None)
+            for size, count in placed.items():
+                observe(size, count)
         return out
 
     def _reserve_runs(
