@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -78,7 +79,10 @@ class WriteOps(ClientIO):
             for i, r in zip(retry, sub, strict=True):
                 results[i] = r
         if self.metrics is not None:
-            stored = sum(sum(map(len, parts[i])) for i, r in enumerate(results) if r is True)
+            if results.count(True) == len(results):
+                stored = sum(map(len, itertools.chain.from_iterable(parts)))
+            else:
+                stored = sum(sum(map(len, parts[i])) for i, r in enumerate(results) if r is True)
             self.metrics.operation(True, op, stored, (time.perf_counter_ns() - started) // 1000)
         return results
 
@@ -108,11 +112,11 @@ class WriteOps(ClientIO):
             transfer_start = time.perf_counter_ns()
             own, copy_own = self.engine.segment_name, self._copy_own_many()
             for i, (code, value) in enumerate(started):
-                if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
-                    results[i] = False  # readable: the key is immutable (reference semantics)
-                    continue
-                if code != 0:
-                    results[i] = store_error(code, f"{keys[i]!r}: {value}")
+                if code:
+                    if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
+                        results[i] = False  # readable: the key is immutable (reference semantics)
+                    else:
+                        results[i] = store_error(code, f"{keys[i]!r}: {value}")
                     continue
                 writing.append(i)
                 copies[i] = len(value)
