@@ -6,13 +6,19 @@ Pure: every method takes the current time ``now`` (seconds, monotonic) and
 either returns a result or raises a :class:`StoreError` carrying the
 reference's ``ErrorCode``.  No sockets, threads or clocks -- the asyncio
 service (``_service.py``) feeds it requests and periodic :meth:`tick` calls.
-Changes of durable state are emitted as typed effects (``_effects.py``).
+Changes of durable state are emitted as typed effects (``_effects.py``);
+applying them back (journal replay, a standby) and describing the state as
+effects (snapshots) is ``_replay.py``, the invariants tests check are
+``_validate.py``; placement, eviction order and the allocator have their own
+modules (``_placement.py``, ``_eviction.py``, ``_allocator.py``).
 
 * A **segment** is a client's registered memory range; the master only does
   offset arithmetic on it (one :class:`OffsetAllocator` each).
 * A **put** is two-phase: ``put_start`` allocates one contiguous buffer per
   replica, each in a segment with a distinct name; ``put_end`` makes the value
-  readable; ``put_revoke`` frees the buffers.  A key is immutable: ``put_start``
+  readable; ``put_revoke`` frees the buffers.  Batches (``put_start_many``,
+  ``put_end_many``) give each key the answer a put of it alone would get, with
+  the common keys (new, one replica) placed and ended without a call per key.  A key is immutable: ``put_start``
   on a readable key is OBJECT_ALREADY_EXISTS (the client reports success
   without writing).  A put of a key that another put is still writing is
   REPLICA_IS_NOT_READY: the caller waits for it to finish (then the key exists)
@@ -47,7 +53,6 @@ import itertools
 import math
 import random
 import re
-import sys
 import uuid
 from bisect import bisect_left
 from collections import Counter
@@ -58,26 +63,20 @@ from typing import Any
 from ...errors import StoreError, store_error
 from .._config import MasterConfig
 from .._types import ClientStatus, ErrorCode, ReplicaDesc, SegmentInfo, SoftPinAction
+from . import _replay, _validate
 from ._drain import DrainJobs
 from ._effects import (
-    DrainCreated,
-    DrainEnded,
     Effect,
     ObjectCommitted,
     ObjectDeleted,
-    ReplicationEnded,
-    ReplicationStarted,
     SegmentMounted,
     SegmentUnmounted,
-    TaskFinished,
-    TaskStarted,
-    TaskSubmitted,
     WriteEnded,
     WriteStarted,
 )
 from ._eviction import compact_segment, evict_segment
 from ._index import SHARD_MASK, ObjectIndex
-from ._offload import OFFLOAD_APPLY, OffloadState
+from ._offload import OffloadState
 from ._placement import Placement
 from ._records import (
     BUSY,
@@ -250,9 +249,9 @@ class MasterState:
         self._replaying = False
         #: copy/move tasks, the copies in progress, drain jobs (_tasks.py,
         #: _replicate.py, _drain.py)
-        self.tasks = TaskQueue(self.config, self._emit)
-        self.replication = Replications(self)
-        self.drains = DrainJobs(self)
+        self.tasks: TaskQueue = TaskQueue(self.config, self._emit)
+        self.replication: Replications = Replications(self)
+        self.drains: DrainJobs = DrainJobs(self)
         #: the SSD tier: LOCAL_DISK replicas and offload work (``_offload.py``)
         self.offload = OffloadState(self)
 
@@ -1392,207 +1391,28 @@ class MasterState:
 
     def apply(self, effect: Effect, now: float) -> None:
         """Apply one effect (replay, or a standby following a leader).  Allocators
-        are brought up to date by :meth:`finish_replay`."""
-        recording, self.effects = self.effects, None
-        self._replaying = True
-        try:
-            self._APPLY[type(effect)](self, effect, now)
-        finally:
-            self.effects = recording
-            self._replaying = False
-
-    def _apply_mount(self, ev: SegmentMounted, now: float) -> None:
-        if ev.info.id not in self.segments:
-            self._add_segment(ev.info, self._touch(ev.client_id, now))
-            self._dirty_allocators.add(ev.info.id)
-
-    def _apply_unmount(self, ev: SegmentUnmounted, now: float) -> None:
-        seg = self.segments.get(ev.segment_id)
-        if seg is not None:
-            self._drop_segment(seg)
-            self._dirty_allocators.discard(seg.id)
-
-    def _apply_commit(self, ev: ObjectCommitted, now: float) -> None:
-        old = self.objects.get(ev.key)
-        if old is not None:
-            self._dirty_allocators.update(seg.id for seg, _ in old.replicas())
-            self._forget(ev.key, old, free=False)
-        reps: list[Rep] = []
-        for seg_id, addr, _reserved in ev.replicas:
-            seg = self.segments.get(seg_id)
-            if seg is not None:
-                reps.append((seg, addr))
-                self._dirty_allocators.add(seg_id)
-        if not reps:
-            return
-        flags = READABLE | (HARD_PIN if ev.hard_pinned else 0)
-        client = self.clients.get(ev.writer)  # one string per writer, not per object
-        writer = client.id if client is not None else sys.intern(ev.writer)
-        obj = Obj(ev.key, self._size(ev.size), reps[0][0], reps[0][1], writer, flags)
-        if len(reps) > 1:
-            obj.extension().more = tuple(reps[1:])
-        self.objects.add(ev.key, obj)
-        for seg, _ in reps:
-            seg.order.append(obj)
-
-    def _apply_start(self, ev: WriteStarted, now: float) -> None:
-        reps: list[Rep] = []
-        for seg_id, addr in ev.replicas:
-            seg = self.segments.get(seg_id)
-            if seg is not None:
-                reps.append((seg, addr))
-                self._dirty_allocators.add(seg_id)
-        old = self.objects.get(ev.key)
-        if old is not None and old.flags & BUSY:
-            self._abandon(ev.key, old, discard=False, now=now)
-            old = self.objects.get(ev.key)
-        if not reps:
-            return
-        client = self._touch(ev.writer, now)
-        if ev.upsert and old is not None and old.flags & READABLE:
-            obj = old
-            current = obj.segments()
-            ext = obj.extension()
-            ext.pending = tuple(reps)
-            ext.pending_size = self._size(ev.size)
-            ext.repin = ev.soft_pin_ttl_s is not None
-            if ext.repin:
-                ext.soft_pin_ttl_s = ev.soft_pin_ttl_s
-            obj.flags |= BUSY | (HARD_PIN if ev.hard_pinned else 0)
-            obj.writer = client.id
-            for seg, _ in reps:  # the record gains the pending segments it is not in
-                if not any(seg is c for c in current):
-                    seg.order.append(obj)
-        else:
-            if old is not None:
-                self._dirty_allocators.update(seg.id for seg in old.segments())
-                self._forget(ev.key, old)
-            flags = BUSY | (HARD_PIN if ev.hard_pinned else 0)
-            obj = Obj(ev.key, self._size(ev.size), reps[0][0], reps[0][1], client.id, flags)
-            ext = obj.extension()
-            ext.soft_pin_ttl_s = ev.soft_pin_ttl_s
-            if len(reps) > 1:
-                ext.more = tuple(reps[1:])
-            self.objects.add(ev.key, obj)
-            for seg, _ in reps:
-                seg.order.append(obj)
-        ext.started_at = now
-        self.inflight.pop(ev.key, None)
-        self.inflight[ev.key] = obj
-        client.inflight.add(ev.key)
-
-    def _apply_abandon(self, ev: WriteEnded, now: float) -> None:
-        obj = self.objects.get(ev.key)
-        if obj is not None and obj.flags & BUSY:
-            self._abandon(ev.key, obj, discard=False, now=now)
-
-    def _apply_delete(self, ev: ObjectDeleted, now: float) -> None:
-        obj = self.objects.get(ev.key)
-        if obj is not None:
-            self._dirty_allocators.update(seg.id for seg, _ in obj.replicas())
-            self._forget(ev.key, obj, free=False)
-
-    _APPLY: dict[type, Callable[[MasterState, Any, float], None]] = {
-        SegmentMounted: _apply_mount,
-        SegmentUnmounted: _apply_unmount,
-        ObjectCommitted: _apply_commit,
-        ObjectDeleted: _apply_delete,
-        WriteStarted: _apply_start,
-        WriteEnded: _apply_abandon,
-        TaskSubmitted: lambda st, ev, now: st.tasks.apply_submitted(ev, now),
-        TaskStarted: lambda st, ev, now: st.tasks.apply_started(ev, now),
-        TaskFinished: lambda st, ev, now: st.tasks.apply_finished(ev, now),
-        ReplicationStarted: lambda st, ev, now: st.replication.apply_started(ev, now),
-        ReplicationEnded: lambda st, ev, now: st.replication.apply_ended(ev, now),
-        DrainCreated: lambda st, ev, now: st.drains.apply_created(ev, now),
-        DrainEnded: lambda st, ev, now: st.drains.apply_ended(ev, now),
-        **OFFLOAD_APPLY,
-    }
+        are brought up to date by :meth:`finish_replay` (``_replay.py``)."""
+        _replay.apply(self, effect, now)
 
     def finish_replay(self) -> None:
-        """Rebuild the allocators touched by :meth:`apply` from the objects (their
-        current and pending replicas).
-
-        Raises:
-            ValueError: restored replicas overlap or leave their segment.
-        """
-        for seg_id in self._dirty_allocators:
-            seg = self.segments.get(seg_id)
-            if seg is None:
-                continue
-            live: list[tuple[int, int]] = []
-            for obj in seg.order:  # (each live record is in a segment's deque once)
-                if not obj.flags:
-                    continue
-                reserved = reserved_size(obj.size)
-                live += [(addr, reserved) for s, addr in obj.replicas() if s is seg]
-                pending = obj.pending()
-                if pending:
-                    reserved = reserved_size(obj.extension().pending_size)
-                    live += [(addr, reserved) for s, addr in pending if s is seg]
-            live += [(addr, n) for s, addr, n in self.replication.ranges() if s is seg]
-            seg.allocator.rebuild(live)
-        self._dirty_allocators.clear()
+        """Rebuild the allocators that :meth:`apply` touched (``_replay.py``)."""
+        _replay.finish_replay(self)
 
     def promote(self, now: float) -> None:
-        """This state, built by applying a leader's effects, starts deciding: the
-        allocators are rebuilt and every known client gets a fresh ``client_ttl``
-        (none of them could ping a standby)."""
-        self.finish_replay()
-        for client in self.clients.values():
-            client.last_seen = now
-        for obj in self.inflight.values():
-            if obj.ext is not None:
-                obj.ext.started_at = now
-        self._last_tick = None
-        self.view_version += 1
+        """This state, built from a leader's effects, starts deciding (``_replay.py``)."""
+        _replay.promote(self, now)
 
     def snapshot_effects(self) -> list[Effect]:
-        """The current durable state as a minimal effect list (for compaction).
-        Walks everything: for small states and tests; the service snapshots shard
-        by shard (:meth:`segment_effects`, :meth:`shard_effects`)."""
-        out = self.segment_effects()
-        for i in range(len(self.objects.shards)):
-            out += self.shard_effects(i)
-        return out
+        """The current durable state as a minimal effect list (``_replay.py``)."""
+        return _replay.snapshot_effects(self)
 
     def segment_effects(self) -> list[Effect]:
-        """Segments, the task queue and drain jobs (small: bounded by their limits),
-        then the SSD tiers and their disk replicas."""
-        out: list[Effect] = [
-            SegmentMounted(seg.info, seg.client_id) for seg in self.segments.values()
-        ]
-        out += self.tasks.snapshot()
-        out += self.drains.snapshot()
-        return out + self.offload.snapshot_effects()
+        """Segments, tasks, drains and SSD tiers as effects (``_replay.py``)."""
+        return _replay.segment_effects(self)
 
     def shard_effects(self, shard: int, *, writes: bool = False) -> list[Effect]:
-        """Records of one shard's objects: their readable values, and with
-        ``writes`` also the writes in progress (what a standby needs)."""
-        out: list[Effect] = []
-        for key, obj in self.objects.shards[shard].items():
-            if obj.flags & READABLE:
-                out.append(self._commit_effect(key, obj))
-            if writes and obj.flags & BUSY:
-                out.append(self._start_effect(key, obj))
-            if writes and obj.flags & TASK:
-                out += [r for r in self.replication.snapshot() if r.key == key]
-        return out
-
-    @staticmethod
-    def _start_effect(key: str, obj: Obj) -> WriteStarted:
-        ext = obj.extension()
-        upsert = bool(obj.flags & READABLE)
-        reps = ext.pending if upsert else tuple(obj.replicas())
-        return WriteStarted(
-            key,
-            ext.pending_size if upsert else obj.size,
-            tuple((seg.id, addr) for seg, addr in reps),
-            obj.writer,
-            bool(obj.flags & HARD_PIN),
-            upsert,
-            ext.soft_pin_ttl_s,
-        )
+        """One index shard's objects as effects (``_replay.py``)."""
+        return _replay.shard_effects(self, shard, writes=writes)
 
     # ------------------------------------------------------------------------------
     # introspection
@@ -1618,67 +1438,6 @@ class MasterState:
         return out
 
     def validate(self) -> None:
-        """Assert every invariant and cross-check every index; tests call this
-        after each scenario."""
-        live: dict[str, list[tuple[int, int]]] = {sid: [] for sid in self.segments}
-        in_seg: dict[str, set[str]] = {sid: set() for sid in self.segments}
-        soft = 0
-        count = 0
-        for key, obj in self.objects.items():
-            count += 1
-            assert obj.key == key and obj.flags, f"{key}: record of another key, or dead"
-            reps = obj.replicas()
-            pending = obj.pending()
-            assert reps or pending, f"{key} has no replicas"
-            names = [s.name for s, _ in reps]
-            assert len(names) == len(set(names)), f"{key}: two replicas in one segment name"
-            for seg, addr in reps:
-                assert self.segments.get(seg.id) is seg, f"{key}: replica in a dropped segment"
-                live[seg.id].append((addr, reserved_size(obj.size)))
-                in_seg[seg.id].add(key)
-            if pending:
-                assert obj.flags & BUSY, f"{key}: pending replicas without a write in progress"
-                size = obj.extension().pending_size
-                for seg, addr in pending:
-                    assert self.segments.get(seg.id) is seg
-                    live[seg.id].append((addr, reserved_size(size)))
-                    in_seg[seg.id].add(key)
-            busy = bool(obj.flags & BUSY)
-            assert busy == (key in self.inflight), f"{key}: in-flight index disagrees"
-            if busy:
-                client = self.clients.get(obj.writer)
-                assert client is None or key in client.inflight
-                assert obj.ext is not None
-            else:
-                assert obj.flags & READABLE, f"{key}: neither readable nor being written"
-            if obj.flags & SOFT_PIN:
-                soft += 1
-        assert count == len(self.objects)
-        assert soft == self.soft_pinned, "soft-pin count disagrees"
-        for key in self.inflight:
-            assert key in self.objects
-        for client in self.clients.values():
-            for key in client.inflight:
-                writing = self.objects.get(key)
-                assert writing is not None and writing.flags & BUSY and writing.writer == client.id
-        staged = 0
-        for _, _, seg, addr, reserved in self._discards:
-            staged += reserved
-            if self.segments.get(seg.id) is seg:
-                live[seg.id].append((addr, reserved))
-        assert staged == self.metrics.discard_staging_bytes, "discarded-bytes gauge disagrees"
-        for seg, addr, reserved in self.replication.ranges():
-            live[seg.id].append((addr, reserved))
-        self.replication.validate()
-        self.tasks.validate()
-        for sid, seg in self.segments.items():
-            records = seg.live()
-            assert len(records) == len({id(o) for o in records}), f"segment {sid}: duplicate"
-            assert len(seg.order) - len(records) == seg.dead, f"segment {sid}: dead count"
-            assert {o.key for o in records} == in_seg[sid], f"segment {sid}: deque disagrees"
-            for o in records:
-                assert self.objects.get(o.key) is o, f"segment {sid}: stale record {o.key}"
-            assert seg.evict_debt >= 0
-            seg.allocator.validate(live[sid])
-            assert seg.client_id in self.clients, f"segment {sid} of unknown client"
-        self.offload.validate()
+        """Assert every invariant and cross-check every index (``_validate.py``);
+        tests call this after each scenario."""
+        _validate.validate(self)
