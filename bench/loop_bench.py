@@ -98,6 +98,17 @@ def serve(variant: str, path: str, objects: int, poll_s: float) -> None:
     buf = bytearray(1 << 16)
     view = memoryview(buf)
 
+    def answer(conn: socket.socket, closed: Callable[[socket.socket], None]) -> None:
+        """Read what ``conn`` sent and answer it (``closed(conn)`` at EOF)."""
+        n = conn.recv_into(buf)
+        if not n:
+            closed(conn)
+            conn.close()
+            return
+        reply = feed(view[:n])
+        if reply:
+            conn.send(reply)
+
     def selector() -> selectors.BaseSelector:
         return PollingSelector(poll_s) if poll_s > 0 else selectors.DefaultSelector()
 
@@ -111,15 +122,7 @@ def serve(variant: str, path: str, objects: int, poll_s: float) -> None:
                     conn.setblocking(False)
                     sel.register(conn, selectors.EVENT_READ, conn)
                     continue
-                conn = key.data
-                n = conn.recv_into(buf)
-                if not n:
-                    sel.unregister(conn)
-                    conn.close()
-                    continue
-                reply = feed(view[:n])
-                if reply:
-                    conn.send(reply)
+                answer(key.data, sel.unregister)
 
     loop = asyncio.SelectorEventLoop(selector())
     asyncio.set_event_loop(loop)
@@ -145,20 +148,10 @@ def serve(variant: str, path: str, objects: int, poll_s: float) -> None:
         loop.run_until_complete(main())
         return
 
-    def readable(conn: socket.socket) -> None:
-        n = conn.recv_into(buf)
-        if not n:
-            loop.remove_reader(conn)
-            conn.close()
-            return
-        reply = feed(view[:n])
-        if reply:
-            conn.send(reply)
-
     def accept() -> None:
         conn, _ = listener.accept()
         conn.setblocking(False)
-        loop.add_reader(conn, readable, conn)
+        loop.add_reader(conn, answer, conn, loop.remove_reader)
 
     loop.add_reader(listener, accept)
     loop.run_forever()

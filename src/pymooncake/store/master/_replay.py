@@ -40,7 +40,7 @@ from ._effects import (
     WriteStarted,
 )
 from ._offload import OFFLOAD_APPLY
-from ._records import BUSY, HARD_PIN, READABLE, TASK, Obj, Rep, reserved_size
+from ._records import BUSY, HARD_PIN, READABLE, TASK, Obj, reserved_size
 
 if TYPE_CHECKING:
     from ._state import MasterState
@@ -86,12 +86,7 @@ def _apply_commit(st: MasterState, ev: ObjectCommitted, now: float) -> None:
     if old is not None:
         st._dirty_allocators.update(seg.id for seg, _ in old.replicas())
         st._forget(ev.key, old, free=False)
-    reps: list[Rep] = []
-    for seg_id, addr, _reserved in ev.replicas:
-        seg = st.segments.get(seg_id)
-        if seg is not None:
-            reps.append((seg, addr))
-            st._dirty_allocators.add(seg_id)
+    reps = st._restored(ev.replicas)
     if not reps:
         return
     flags = READABLE | (HARD_PIN if ev.hard_pinned else 0)
@@ -106,12 +101,7 @@ def _apply_commit(st: MasterState, ev: ObjectCommitted, now: float) -> None:
 
 
 def _apply_start(st: MasterState, ev: WriteStarted, now: float) -> None:
-    reps: list[Rep] = []
-    for seg_id, addr in ev.replicas:
-        seg = st.segments.get(seg_id)
-        if seg is not None:
-            reps.append((seg, addr))
-            st._dirty_allocators.add(seg_id)
+    reps = st._restored(ev.replicas)
     old = st.objects.get(ev.key)
     if old is not None and old.flags & BUSY:
         st._abandon(ev.key, old, discard=False, now=now)

@@ -409,12 +409,7 @@ class Replications:
         src_seg = st.segments.get(ev.source[0])
         if obj is None or src_seg is None:
             return
-        targets: list[Rep] = []
-        for sid, addr in ev.targets:
-            seg = st.segments.get(sid)
-            if seg is not None:
-                targets.append((seg, addr))
-                st._dirty_allocators.add(sid)
+        targets = st._restored(ev.targets)
         self.active[ev.key] = Replication(
             ev.key, ev.move, ev.client, (src_seg, ev.source[1]), targets, obj.size, now
         )

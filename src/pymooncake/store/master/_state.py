@@ -259,6 +259,18 @@ class MasterState:
     # clients and segments
     # ------------------------------------------------------------------------------
 
+    def _restored(self, placed: Iterable[tuple[Any, ...]]) -> list[Rep]:
+        """The replicas of an applied effect, ``(segment id, address, ...)`` each, that
+        lie in segments mounted here, as (segment, address); their allocators are
+        rebuilt by ``finish_replay``."""
+        reps: list[Rep] = []
+        for seg_id, addr, *_ in placed:
+            seg = self.segments.get(seg_id)
+            if seg is not None:
+                reps.append((seg, addr))
+                self._dirty_allocators.add(seg_id)
+        return reps
+
     def _touch(self, client_id: str, now: float) -> ClientRecord:
         client = self.clients.get(client_id)
         if client is None:
