@@ -41,6 +41,8 @@ log = logging.getLogger("pymooncake.store")
 #: memory, which only the engine touches (it stages or IPC-copies it)
 Part = memoryview | DeviceSpan
 Parts = Sequence[Part]
+#: copy_own(idx, part, address, write, errors): a copy to/from this client's own segment
+CopyOwn = Callable[[int, Part, int, bool, list[BaseException | None]], None]
 #: op_name values of batch APIs: their transfers count as batch_put / batch_get latency
 BATCH_OPS = frozenset(
     {"put_batch", "batch_put_from", "upsert_batch", "batch_upsert_from", "get_batch",
@@ -176,17 +178,20 @@ class ClientIO:
         write: bool,
         per_endpoint: dict[str, list[tuple[int, TransferRequest]]],
         errors: list[BaseException | None],
+        copy_own: CopyOwn | None = None,
     ) -> None:
         """Plan item ``idx``'s parts, laid out back to back from ``addr`` in segment
-        ``endpoint``: parts in our own segment are copied right here, the others
-        are grouped per peer for :meth:`_run_transfers`."""
+        ``endpoint``: parts in our own segment are copied right here (by
+        ``copy_own``, a batch's :meth:`_copy_own_many`, else :meth:`_copy_own`),
+        the others are grouped per peer for :meth:`_run_transfers`."""
         own = endpoint == self.engine.segment_name
+        copy = copy_own or self._copy_own
         make = TransferRequest.write if write else TransferRequest.read
         for part in parts:
             n = len(part)
             if n:
                 if own:
-                    self._copy_own(idx, part, addr, write, errors)
+                    copy(idx, part, addr, write, errors)
                 else:
                     per_endpoint.setdefault(endpoint, []).append(
                         (idx, make(part, addr, segment=endpoint))
@@ -197,24 +202,19 @@ class ClientIO:
         self, values: Sequence[Sequence[Any]], part: Callable[[Any], Part]
     ) -> list[list[Part]]:
         """Each value's parts, as ``part(p)`` makes them from what the caller gave
-        (buffers, ``(address, size)`` pairs).  A value that is one pair inside the
-        registered host region of the pair before it is sliced from that region's
-        view directly: a batch of pointers into one buffer costs one region
-        search, not one per key."""
+        (buffers, ``(address, size)`` pairs).  A value that is one pair inside a
+        registered host region is sliced from that region's view through one
+        ``MemoryRegistry.window``: a batch of pointers into one buffer costs one
+        region search, not one per key."""
         out: list[list[Part]] = []
-        lo = hi = 0
-        view: memoryview | None = None
-        find = self.engine.registry.find
+        window = self.engine.registry.window(remote=False)
         for ps in values:
             if len(ps) == 1 and type(ps[0]) is tuple and len(ps[0]) == 2:
                 addr, size = ps[0]
-                if type(addr) is int and type(size) is int and size > 0:
-                    if view is None or not (lo <= addr and addr + size <= hi):
-                        region = find(addr, size)
-                        if region is not None and region.backend is None:
-                            lo, hi, view = region.addr, region.addr + region.length, region.view
-                    if view is not None and lo <= addr and addr + size <= hi:
-                        out.append([view[addr - lo : addr - lo + size]])
+                if type(addr) is int and type(size) is int:
+                    view = window(addr, size)
+                    if view is not None:
+                        out.append([view])
                         continue
             out.append([part(p) for p in ps])
         return out
@@ -245,9 +245,7 @@ class ClientIO:
             return
         region.copy(addr, view, write)
 
-    def _copy_own_many(
-        self,
-    ) -> Callable[[int, Part, int, bool, list[BaseException | None]], None]:
+    def _copy_own_many(self) -> CopyOwn:
         """:meth:`_copy_own` for the parts of one batch (one region search for the
         parts a region holds, see ``MemoryRegistry.copier``)."""
         copy = self.engine.registry.copier()

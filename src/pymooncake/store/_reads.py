@@ -110,14 +110,12 @@ class ReadOps(ClientIO):
         while pending:
             errors: list[BaseException | None] = [None] * n
             per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
-            own, copy_own = self.engine.segment_name, self._copy_own_many()
+            copy_own = self._copy_own_many()
             for i in pending:
                 rep = self._pick(replicas[i], attempt)
-                ps = views[i]
-                if rep[0] == own and len(ps) == 1 and len(ps[0]):
-                    copy_own(i, ps[0], rep[1], False, errors)  # _route_parts' common case
-                else:
-                    self._route_parts(i, rep[0], rep[1], ps, False, per_endpoint, errors)
+                self._route_parts(
+                    i, rep[0], rep[1], views[i], False, per_endpoint, errors, copy_own
+                )
             self._run_transfers(per_endpoint, errors)
             attempt += 1
             failed = [i for i in pending if errors[i] is not None]

@@ -110,7 +110,7 @@ class WriteOps(ClientIO):
             writing: list[int] = []
             copies: dict[int, int] = {}  # replicas written per object
             transfer_start = time.perf_counter_ns()
-            own, copy_own = self.engine.segment_name, self._copy_own_many()
+            copy_own = self._copy_own_many()
             for i, (code, value) in enumerate(started):
                 if code:
                     if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
@@ -120,12 +120,10 @@ class WriteOps(ClientIO):
                     continue
                 writing.append(i)
                 copies[i] = len(value)
-                ps = parts[i]
                 for endpoint, address in value:
-                    if endpoint == own and len(ps) == 1 and len(ps[0]):
-                        copy_own(i, ps[0], address, True, errors)  # _route_parts' common case
-                    else:
-                        self._route_parts(i, endpoint, address, ps, True, per_endpoint, errors)
+                    self._route_parts(
+                        i, endpoint, address, parts[i], True, per_endpoint, errors, copy_own
+                    )
             self._run_transfers(per_endpoint, errors, unreachable)
             good = [i for i in writing if errors[i] is None]
             bad = [i for i in writing if errors[i] is not None]

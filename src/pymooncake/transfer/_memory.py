@@ -413,41 +413,51 @@ class MemoryRegistry:
         region = self.find(addr, length)
         return region if region is not None and region.remote_accessible else None
 
+    def window(self, *, remote: bool) -> Callable[[int, int], memoryview | None]:
+        """``view(addr, n)`` for a batch of lookups: a view of ``[addr, +n)`` in a
+        registered host region (``remote``: remote-accessible ones only, as
+        :meth:`find_remote`), or None -- not registered, device memory, ``n <= 0``.
+        The region found for one lookup serves the next ones it covers while no
+        registration changes: one search per region, not per lookup."""
+        lo = hi = 0
+        view: memoryview | None = None
+        snap = self._snap
+        find = self.find_remote if remote else self.find
+
+        def lookup(addr: int, n: int) -> memoryview | None:
+            nonlocal lo, hi, view, snap
+            if view is None or self._snap is not snap or not (lo <= addr and addr + n <= hi):
+                snap = self._snap
+                region = find(addr, n)
+                if region is None or region.backend is not None:
+                    return None
+                lo, hi, view = region.addr, region.addr + region.length, region.view
+            return view[addr - lo : addr - lo + n] if n > 0 else None
+
+        return lookup
+
     def copier(self) -> Callable[[int, memoryview | DeviceSpan, bool], bool]:
         """``copy(addr, part, write)`` for a batch of copies between local parts and
         remote-accessible registered memory (``write``: into ``[addr, +len(part))``),
         as :meth:`find_remote` then :meth:`Region.copy`; False (nothing copied)
-        when the range is not registered.  The host region found for one copy
-        serves the next ones it covers while no registration changes: one search
-        per region, not per copy."""
-        lo = hi = 0
-        view: memoryview | None = None
-        snap = self._snap
+        when the range is not registered.  Small host copies go through one
+        :meth:`window` (one region search per region, not per copy)."""
+        window = self.window(remote=True)
         find = self.find_remote
 
         def copy(addr: int, part: memoryview | DeviceSpan, write: bool) -> bool:
-            nonlocal lo, hi, view, snap
             n = len(part)
-            if (
-                view is not None
-                and self._snap is snap  # (no registration changed since)
-                and lo <= addr
-                and addr + n <= hi
-                and 0 < n < MEMMOVE_FROM
-                and type(part) is memoryview
-            ):
-                off = addr - lo
-                if write:
-                    view[off : off + n] = part
-                else:
-                    part[:] = view[off : off + n]
-                return True
-            snap = self._snap
-            region = find(addr, n)
+            if type(part) is memoryview and n < MEMMOVE_FROM:
+                target = window(addr, n)
+                if target is not None:
+                    if write:
+                        target[:] = part
+                    else:
+                        part[:] = target
+                    return True
+            region = find(addr, n)  # device memory, large copies, or not registered
             if region is None:
                 return False
-            if region.backend is None:
-                lo, hi, view = region.addr, region.addr + region.length, region.view
             region.copy(addr, part, write)
             return True
 

@@ -283,8 +283,6 @@ class BatchKeyResultsReply(Reply):
     messages: tuple[str | None, ...]
 
     def to_wire(self) -> list[list[Any]]:
-        if not any(self.codes):  # every key succeeded (the common batch)
-            return [[0, None] for _ in self.codes]
         return [[c, m] for c, m in zip(self.codes, self.messages, strict=True)]
 
     @classmethod

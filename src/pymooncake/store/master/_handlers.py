@@ -12,6 +12,7 @@ message per key.  Whole-index requests (``*ByRegex``,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from ...errors import StoreError
@@ -21,7 +22,7 @@ from ...wire import _master_reply_msgs as rep
 from ...wire._master_replies import ReplicaColumnsBuilder
 from .._types import SegmentInfo
 from ._records import READABLE, REF, Obj, SegmentRecord, reps_wire
-from ._state import MasterState
+from ._state import MasterState, start_each
 from ._tasks import Task, TaskStatus, client_uuid
 
 __all__ = ["Handler", "build_handlers"]
@@ -112,21 +113,10 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         """A columnar batch start: ``many`` starts every key at once when given,
         else ``start`` is called per key."""
 
-        def each(req: msg.BatchPutStart, now: float) -> list[Obj | StoreError]:
-            sizes, cfg, client = req.sizes, req.config, req.client_id
-            out: list[Obj | StoreError] = []
-            for i, key in enumerate(req.keys):
-                try:
-                    out.append(start(client, key, sizes[i], cfg, now))
-                except StoreError as exc:
-                    out.append(exc)
-            return out
-
         def handler(req: msg.BatchPutStart, now: float) -> rep.ColumnsReply:
-            if many is not None:
-                started = many(req.client_id, req.keys, req.sizes, req.config, now)
-            else:
-                started = each(req, now)
+            started = (many or partial(start_each, start))(
+                req.client_id, req.keys, req.sizes, req.config, now
+            )
             out = ReplicaColumnsBuilder(_describe)
             code, counts, seg_col, addr_col = out.code, out.counts, out.seg, out.addr
             index = out.index

@@ -96,7 +96,14 @@ from ._records import (
 from ._replicate import Replications
 from ._tasks import TaskQueue
 
-__all__ = ["GetReplicaListResult", "MasterState", "Metrics", "PingResult", "client_tag"]
+__all__ = [
+    "GetReplicaListResult",
+    "MasterState",
+    "Metrics",
+    "PingResult",
+    "client_tag",
+    "start_each",
+]
 
 
 def client_tag(client_id: str) -> str:
@@ -208,6 +215,19 @@ def _started(
         return start(client_id, key, size, config, now)
     except StoreError as exc:
         return exc
+
+
+def start_each(
+    start: Callable[[str, str, int, Any, float], Obj],
+    client_id: str,
+    keys: Sequence[str],
+    sizes: Sequence[int],
+    config: Any,
+    now: float,
+) -> list[Obj | StoreError]:
+    """``start`` (``put_start_replicas``, ``upsert_start_replicas``) of every key
+    in order, one call each: the key's record, or the error that refused it."""
+    return [_started(start, client_id, k, z, config, now) for k, z in zip(keys, sizes, strict=True)]
 
 
 class MasterState:
@@ -654,16 +674,13 @@ class MasterState:
                 self._reserve_runs(keys, sizes, live, places)
         start_one = self.put_start_replicas
         if not any(places):
-            return [
-                _started(start_one, client_id, k, z, config, now)
-                for k, z in zip(keys, sizes, strict=True)
-            ]
+            return start_each(start_one, client_id, keys, sizes, config, now)
         client = self._touch(client_id, now)
         writer = client.id
         flags = BUSY | (HARD_PIN if config.with_hard_pin else 0)
         hard = bool(flags & HARD_PIN)
         shards, inflight, held = self.objects.shards, self.inflight, client.inflight
-        size_ids, effects = self._sizes, self.effects
+        size_of, effects = self._size, self.effects
         out: list[Obj | StoreError] = []
         made = 0
         for i, place in enumerate(places):
@@ -672,12 +689,7 @@ class MasterState:
                 out.append(_started(start_one, client_id, key, size, config, now))
                 continue
             seg, addr = place
-            shared = size_ids.get(size)
-            if shared is None:
-                shared = size
-                if len(size_ids) < 4096:
-                    size_ids[size] = size
-            obj = Obj(key, shared, seg, addr, writer, flags)
+            obj = Obj(key, size_of(size), seg, addr, writer, flags)
             ext = obj.ext = ObjExt()
             ext.started_at = now
             ext.soft_pin_ttl_s = pin_ttl
@@ -766,10 +778,9 @@ class MasterState:
         effects, end_one = self.effects, self.put_end
         for key in keys:
             obj = shards[hash(key) & SHARD_MASK].get(key)
-            ext = None if obj is None else obj.ext
             if (
-                ext is None
-                or obj is None
+                obj is None
+                or (ext := obj.ext) is None
                 or obj.flags & _END_CHECKED != BUSY
                 or obj.writer != client_id
                 or ext.pending
