@@ -76,6 +76,13 @@ class RawConn:
         return code, value
 
     def reply(self) -> tuple[int, int, Any]:
+        req_id, raw = self.reply_body()
+        code, value = json.loads(raw)
+        return req_id, code, value
+
+    def reply_body(self) -> tuple[int, bytes]:
+        """The next reply's id and undecoded JSON body (decoding a big reply holds
+        this process's GIL, which a master running in a thread here shares)."""
         while True:
             if len(self._buf) >= PREFIX.size:
                 length, kind, req_id = PREFIX.unpack_from(self._buf, 0)
@@ -83,8 +90,7 @@ class RawConn:
                     raw = bytes(self._buf[PREFIX.size : 4 + length])
                     del self._buf[: 4 + length]
                     assert kind == 1
-                    code, value = json.loads(raw)
-                    return req_id, code, value
+                    return req_id, raw
             data = self.sock.recv(1 << 16)
             if not data:
                 raise ConnectionResetError("the master closed the connection")

@@ -51,6 +51,40 @@ def _conn(address: str) -> socket.socket:
     return s
 
 
+def _settled_fds(timeout_s: float = 5.0) -> int:
+    """This process's open fds once the count stops changing (the master, a
+    thread here, accepts and closes its ends of connections on its own time)."""
+    deadline = time.monotonic() + timeout_s
+    last = len(os.listdir("/proc/self/fd"))
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = len(os.listdir("/proc/self/fd"))
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def test_preconnect_pools_connections_that_later_calls_reuse() -> None:
+    with _cluster() as cluster:
+        before = _settled_fds()
+        client = MasterClient(cluster.master_address, timeout_s=5, max_idle=4)
+        try:
+            client.preconnect(3)
+            # both ends of each connection live in this process
+            assert _settled_fds() == before + 2 * 3
+            client.preconnect(3)  # already pooled: nothing new
+            assert _settled_fds() == before + 2 * 3
+            client.preconnect(100)  # at most max_idle
+            assert _settled_fds() == before + 2 * 4
+            for _ in range(10):
+                assert client.call(msg.ServiceReady()) is not None
+            assert _settled_fds() == before + 2 * 4
+        finally:
+            client.close()
+        assert _settled_fds() == before
+
+
 def test_idle_connections_are_closed_and_active_ones_kept() -> None:
     with _cluster(idle_timeout_s=0.5) as cluster:
         address = cluster.master_address

@@ -142,6 +142,10 @@ class _Translator:
             return self._live.state.translate(addr, length)
 
 
+#: master connections opened when the service starts (see ``preconnect``)
+_MASTER_CONNECTIONS = 4
+
+
 def _peer_pid(sock: socket.socket) -> int:
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -199,6 +203,13 @@ class DummyService:
         ]
         for t in self._threads:
             t.start()
+        # Dummies call through this client concurrently (a thread per dummy
+        # connection, beside the client's own pings): open the master connections
+        # they will share now rather than one by one under their first burst.
+        try:
+            client.master.preconnect(_MASTER_CONNECTIONS)
+        except MooncakeError as exc:  # the calls open their own when it is back
+            log.warning("dummy-client service: no master connection yet: %s", exc)
 
     # ------------------------------------------------------------------------------
     # what the handlers call (ServiceContext)

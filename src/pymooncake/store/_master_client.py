@@ -308,6 +308,33 @@ class MasterClient:
                 return
         conn.sock.close()
 
+    def preconnect(self, count: int) -> None:
+        """Open connections until ``count`` are pooled (at most ``max_idle``), for
+        a client about to serve concurrent callers: their first calls then do not
+        each pay a connect, and the pool does not grow under their first burst.
+
+        Raises:
+            RpcFailed: the master cannot be reached.
+        """
+        held: list[_Conn] = []
+        try:  # holding the pooled ones while checking out makes the rest new
+            for _ in range(min(count, self._max_idle)):
+                conn, reused = self._checkout()
+                if not reused:  # one round trip: the master has taken it
+                    req_id = next(self._ids)
+                    try:
+                        self._exchange(conn, encode_request(req_id, msg.ServiceReady()), [req_id])
+                    except (OSError, MalformedMessage) as exc:
+                        conn.sock.close()
+                        raise RpcFailed(
+                            f"a new connection to the master at {self.target} broke at its "
+                            f"first request ({exc}); check the master's log"
+                        ) from exc
+                held.append(conn)
+        finally:
+            for conn in held:
+                self._checkin(conn)
+
     def _drop_idle(self) -> None:
         with self._lock:  # the pool went stale (master restarted): start afresh
             stale, self._idle = self._idle, []
