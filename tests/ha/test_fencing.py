@@ -146,3 +146,35 @@ def test_a_master_past_its_deadline_refuses_new_requests(master: ThreadedMaster)
         assert reply.code == -1010  # UNAVAILABLE_IN_CURRENT_STATUS: ask the new leader
     finally:
         client.close()
+
+
+def test_an_idle_leader_streams_a_heartbeat_its_standby_can_time(
+    master: ThreadedMaster,
+) -> None:
+    """Nothing happens on the store, yet the standby hears from its leader every
+    HEARTBEAT_S: silence means a frozen leader, not an idle one (see _ha.py)."""
+    from pymooncake.store.master._replication import HEARTBEAT_S
+
+    standby = _follow(master)
+    try:
+        decoder = MasterFrameDecoder(1 << 30)
+        started = time.monotonic()
+        arrivals: list[float] = []
+        seqs: list[int] = []
+        while time.monotonic() - started < 10 * HEARTBEAT_S:
+            (frame,) = _replies(standby, decoder, 1)
+            arrivals.append(time.monotonic())
+            seqs.append(frame.value["seq"])
+            assert frame.value["effects"] == []  # empty: nothing happened
+            # each asks to be acknowledged (its id has no no-ack bit)
+            assert frame.id == seqs[-1]
+            standby.sendall(encode_request(3 + len(seqs), msg.Ack(seqs[-1])))
+        assert len(arrivals) >= 5, arrivals
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        # the tick runs every 0.1 s: a heartbeat every HEARTBEAT_S, give or take one
+        assert max(gaps) < HEARTBEAT_S + 0.25, gaps
+        svc: MasterService = master.service
+        assert master.call(lambda _state: max(ln.acked for ln in svc.hub.links.values())) > 0
+    finally:
+        standby.close()

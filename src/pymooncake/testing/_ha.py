@@ -170,6 +170,21 @@ class HaMasters:
             time.sleep(0.05)
         raise RuntimeError(f"no standby got in sync with {leader.rpc} within {timeout_s:g} s")
 
+    def wait_replicated(self, leader: HaMaster, timeout_s: float = 30.0) -> None:
+        """Until a standby acknowledged everything ``leader`` had streamed when this
+        was called -- reservations too, which no reply waits for (an idle
+        leader's heartbeat asks for the acknowledgement within 0.2 s)."""
+        standbys = leader.status()["standbys"]
+        target = max((s["seq"] for s in standbys), default=0)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(s["acked"] >= target for s in leader.status()["standbys"]):
+                return
+            time.sleep(0.02)
+        raise RuntimeError(
+            f"no standby of {leader.rpc} acknowledged stream frame {target} within {timeout_s:g} s"
+        )
+
     def new_leader(self, old: HaMaster, timeout_s: float = 60.0) -> tuple[HaMaster, float]:
         """Wait for a leader other than ``old``; returns it and the seconds waited."""
         start = time.monotonic()

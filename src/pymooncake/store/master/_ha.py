@@ -25,8 +25,17 @@ create-if-absent transaction bound to that lease.
   (:meth:`Elector.leader_gone`).  Fencing still holds: the old leader stopped
   serving at its deadline, at most 3/4 of a lease period after its last renewal,
   which came before the revocation; the new leader serves one lease period
-  after it won, which came after.  A frozen leader neither refuses connections
-  (the kernel still accepts them) nor answers, so that case waits for etcd.
+  after it won, which came after.
+* **A frozen leader** (SIGSTOP, a hung process) neither refuses connections
+  (the kernel still accepts them) nor answers.  Its stream falls silent (a
+  leader sends at least an empty frame every ``HEARTBEAT_S``) and it stops
+  renewing its lease.  A standby that sees both -- no frame for
+  ``silent_after_s`` and etcd's remaining TTL of the leader's lease showing a
+  renewal missed by more than :data:`RENEWAL_SLACK_S` -- revokes that lease
+  rather than wait up to a lease period for etcd to expire it.  A leader that
+  is merely cut off from its standby keeps renewing (nothing is revoked); one
+  cut off from etcd keeps streaming (the path above).  Fencing holds as for a
+  dead leader: revoked, it renews no more.
 
 ``view_version`` is the etcd revision at which the leader created the key;
 clients see it in Ping replies.  Clients given ``etcd://h1:2379;h2:2379`` read
@@ -57,6 +66,9 @@ DEFAULT_LEASE_TTL_S: Final = 5
 LEADER_SAFETY: Final = 0.25
 #: how often a standby re-reads the key when its watch is quiet (reference: 200 ms poll)
 _POLL_S: Final = 1.0
+#: a leader's renewal must be this late, beyond its interval, before a standby
+#: whose stream fell silent revokes its lease (see "a frozen leader")
+RENEWAL_SLACK_S: Final = 0.25
 
 
 def master_view_key(cluster_id: str) -> str:
@@ -84,6 +96,9 @@ class Elector:
             the warm-up); ``keepalive.deadline`` bounds when it may serve.
         on_lost: ``(reason)`` -- leadership is gone; stop serving now.
         All are called on the elector's thread.
+        stream_silence: seconds since this standby last heard its leader's
+            stream (None: not following one); with ``silent_after_s``, the
+            standby's test for a frozen leader.
     """
 
     def __init__(
@@ -93,6 +108,8 @@ class Elector:
         on_standby: Callable[[str, int], None],
         on_leader: Callable[[int, KeepAlive], None],
         on_lost: Callable[[str], None],
+        stream_silence: Callable[[], float | None] | None = None,
+        silent_after_s: float = 1.0,
     ) -> None:
         self.config = config
         self.key = master_view_key(config.cluster_id)
@@ -100,6 +117,8 @@ class Elector:
         self._on_standby = on_standby
         self._on_leader = on_leader
         self._on_lost = on_lost
+        self._stream_silence = stream_silence
+        self._silent_after = silent_after_s
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mc-master-ha", daemon=True)
@@ -218,14 +237,54 @@ class Elector:
     def _wait_for_vacancy(self, revision: int) -> None:
         """Block until the leader key is gone (then the caller campaigns)."""
         watch = self._etcd.watch(self.key, start_revision=revision + 1)
+        # the frozen-leader test runs more often than the key is re-read
+        check_s = min(_POLL_S, max(0.05, self.config.lease_ttl_s / 8))
+        reread_at = time.monotonic() + _POLL_S
         try:
             while not self._stop.is_set():
-                resp = watch.get(timeout_s=_POLL_S)
+                resp = watch.get(timeout_s=check_s)
                 if resp is not None and any(ev.type == "DELETE" for ev in resp.events):
                     return
+                if self._revoked_frozen_leader():
+                    return
+                if resp is None and time.monotonic() < reread_at:
+                    continue
+                reread_at = time.monotonic() + _POLL_S
                 current = self._etcd.get(self.key)
                 if current is None:
                     return
                 self._follow(current.value.decode(errors="replace"), current.create_revision)
         finally:
             watch.close()
+
+    def _revoked_frozen_leader(self) -> bool:
+        """A standby's test for a frozen leader (module docstring): True if the
+        leader's lease was revoked (or is gone) and the election may start."""
+        silence = self._stream_silence() if self._stream_silence is not None else None
+        if silence is None or silence < self._silent_after or self.role != "standby":
+            return False
+        kv = self._etcd.get(self.key)
+        if kv is None:
+            return True
+        if not kv.lease or kv.value.decode(errors="replace") != self.leader:
+            return False  # another leader (the follower moves on) or no lease to judge
+        status = self._etcd.lease_time_to_live(kv.lease)
+        granted = status.granted_ttl_s or self.config.lease_ttl_s
+        interval = min(1.0, granted / 3)  # the leader's renewal interval (_campaign)
+        # etcd reports whole seconds, rounded down: the true remaining TTL is below
+        # ttl_s + 1, and a leader renewing on time keeps it above granted - interval
+        if status.ttl_s > 0 and status.ttl_s + 1 > granted - interval - RENEWAL_SLACK_S:
+            return False
+        revoked = self._etcd.lease_revoke(kv.lease)
+        log.warning(
+            "HA: the leader %s sent nothing for %.1f s and missed its etcd lease renewal "
+            "(%d s of %d s left): it is frozen or hung; %s its lease %x so that the "
+            "election need not wait for it to expire",
+            self.leader,
+            silence,
+            status.ttl_s,
+            granted,
+            "revoked" if revoked else "etcd had already dropped",
+            kv.lease,
+        )
+        return True

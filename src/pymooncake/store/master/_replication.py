@@ -123,6 +123,13 @@ _ACK_EVERY: Final = 32
 #: a confirmation the stream has not settled after this long is stale (the
 #: leader answered that PutEnd with an error, or the client never sent it)
 _CONFIRM_TTL_S: Final = 60.0
+#: an idle stream carries an empty frame at least this often, so that a standby
+#: tells a leader with nothing to say from one that stopped running (frozen:
+#: see Elector, "a frozen leader")
+HEARTBEAT_S: Final = 0.2
+#: a standby that heard nothing from its leader for this long asks etcd whether
+#: the leader still renews its lease (Elector: "a frozen leader")
+FROZEN_SILENCE_S: Final = 4 * HEARTBEAT_S
 
 
 def _defer_from_env() -> float:
@@ -174,6 +181,8 @@ class ReplicationHub:
         self._deferred: list[list[Any]] = []
         self._flush: asyncio.TimerHandle | None = None
         self._defer_s = _defer_from_env()
+        #: when the last frame went out (time.monotonic)
+        self.sent_at = 0.0
 
     # --- state --------------------------------------------------------------------
 
@@ -251,6 +260,16 @@ class ReplicationHub:
             if self.links:
                 self._broadcast(records, ack=True)
 
+    def heartbeat(self, now: float) -> None:
+        """An empty frame if nothing went to the standbys for :data:`HEARTBEAT_S`
+        (called by the leader's periodic tick).  It asks to be acknowledged, which
+        keeps what the leader knows of its standbys current while idle too."""
+        if self.links and now - self.sent_at >= HEARTBEAT_S:
+            if self._deferred:
+                self.flush()
+            else:
+                self._broadcast([], ack=True)
+
     def sync_point(self) -> int:
         """The sequence number covering everything shipped so far, asking the
         standbys to acknowledge it (an empty frame) if no frame since did."""
@@ -262,6 +281,7 @@ class ReplicationHub:
     def _broadcast(self, records: list[list[Any]], *, ack: bool) -> None:
         """One frame of ``records``, with the next sequence number, to every standby."""
         self.seq += 1
+        self.sent_at = time.monotonic()
         if ack:
             self.ack_seq = self.seq
         frame = FollowFrame(self.seq, tuple(records))
@@ -392,6 +412,16 @@ class Follower:
         self.confirmed: dict[str, tuple[str, float]] = {}
         #: confirmations waiting for the next frame (:meth:`wait_applied`)
         self._waiters: list[asyncio.Future[None]] = []
+        #: when the leader's stream last brought bytes (time.monotonic)
+        self.heard = 0.0
+
+    def silent_for(self, now: float) -> float | None:
+        """Seconds since the leader's stream last brought anything (it sends at
+        least every :data:`HEARTBEAT_S`); None before this standby was in sync.
+        Read from the elector's thread."""
+        if not self.synced:
+            return None
+        return now - self.heard
 
     def confirm(self, client_id: str, keys: tuple[str, ...], now: float) -> tuple[str, ...]:
         """Remember ``keys`` as complete writes of ``client_id``; returns those this
@@ -506,6 +536,7 @@ class Follower:
 
             def apply(decoder: MasterFrameDecoder) -> None:
                 nonlocal live
+                self.heard = time.monotonic()
                 while True:
                     frame = decoder.next_frame()
                     if not isinstance(frame, MasterReply):

@@ -63,7 +63,7 @@ from ._journal import Journal
 from ._metrics import MasterStats
 from ._offload import unlink_files, wrap_handlers
 from ._page import PAGE_OPEN_PATHS
-from ._replication import DEFAULT_SYNC_TIMEOUT_S, Follower, ReplicationHub
+from ._replication import DEFAULT_SYNC_TIMEOUT_S, FROZEN_SILENCE_S, Follower, ReplicationHub
 from ._replies import ReplyCache
 from ._scan import RegexScanner
 from ._state import MasterState
@@ -431,7 +431,9 @@ class MasterService:
                     drops = self.state.offload.take_fs_drops()
                     if drops:  # files of dropped DISK replicas (--root_fs_dir)
                         self._spawn(asyncio.to_thread(unlink_files, drops))
-                    self.hub.check(time.monotonic())
+                    mono = time.monotonic()
+                    self.hub.check(mono)
+                    self.hub.heartbeat(mono)
                     now = self._clock()
                 self.stats.sample(self.state)
                 self.replies.prune(now)
@@ -569,8 +571,18 @@ class MasterService:
             on_standby=lambda leader, view: self._soon(self._become_standby, leader, view),
             on_leader=lambda view, keep: self._soon(self._become_leader, view, keep),
             on_lost=lambda reason: self._soon(self._lose_leadership, reason),
+            stream_silence=self._stream_silence,
+            silent_after_s=FROZEN_SILENCE_S,
         )
         self._elector.start()
+
+    def _stream_silence(self) -> float | None:
+        """Seconds since the leader's stream last brought anything (the elector's
+        frozen-leader test; read from its thread)."""
+        follower = self._follower
+        if self.role != "standby" or follower is None:
+            return None
+        return follower.silent_for(time.monotonic())
 
     def _soon(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
