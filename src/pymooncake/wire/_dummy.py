@@ -10,18 +10,12 @@ memfd of each shared-memory region (``SCM_RIGHTS``).
 
 Theory of operation
 -------------------
-**RPC frames** (TCP ``--port``; both directions)::
-
-    u32  length     little-endian: bytes after this field
-    u8   kind       0 request, 1 reply
-    u32  id         little-endian request id, echoed by the reply
-    u8[] body       UTF-8 JSON: request [method, params]; reply [code, value]
-
-``code`` is the reference ``ErrorCode`` (0 = OK); on failure ``value`` is the
-message.  Object bytes never travel here: calls carry *addresses in the
-dummy's shared memory*, which the real client translates into its own
-mapping of the same pages.  The length is checked against the decoder's limit
-before a byte of the body is buffered; bodies must be strict JSON.
+**RPC frames** (TCP ``--port``; both directions) are the master's JSON frames
+(``_frames.py``): ``u32 length | u8 kind | u32 id |`` UTF-8 JSON, a request's
+body ``[method, params]``, a reply's ``[code, value]``.  ``code`` is the
+reference ``ErrorCode`` (0 = OK); on failure ``value`` is the message.  Object
+bytes never travel here: calls carry *addresses in the dummy's shared memory*,
+which the real client translates into its own mapping of the same pages.
 
 **Memory registration** (abstract UNIX socket, one request per connection)::
 
@@ -38,7 +32,6 @@ API) as in the reference's ``ShmRegisterRequest.is_local_buffer``.
 
 from __future__ import annotations
 
-import json
 import struct
 import uuid
 from dataclasses import dataclass
@@ -46,6 +39,7 @@ from enum import Enum
 from typing import Any, Final
 
 from ..errors import MalformedMessage
+from ._frames import REPLY, REQUEST, JsonFrameDecoder, json_frame
 from ._rpc import NEED_DATA, NeedData
 
 __all__ = [
@@ -75,10 +69,6 @@ DUMMY_PROTOCOL_VERSION: Final = "pymooncake-dummy/1"
 DUMMY_AUTH_CONTEXT: Final = b"dummy-rpc"
 #: a batch of tens of thousands of keys with their addresses fits comfortably
 DEFAULT_MAX_DUMMY_FRAME: Final = 64 << 20
-
-_PREFIX: Final = struct.Struct("<IBI")
-_REQUEST: Final = 0
-_REPLY: Final = 1
 
 
 def dummy_ipc_name(port: int) -> str:
@@ -127,32 +117,17 @@ class DummyReply:
     value: Any
 
 
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-_DECODE = json.JSONDecoder(parse_constant=_refuse_constant).decode
-
-
-def _frame(kind: int, req_id: int, head: Any, value: Any) -> bytes:
-    body = _ENCODE([head, value]).encode()
-    return _PREFIX.pack(len(body) + 5, kind, req_id) + body
-
-
 def encode_dummy_request(req_id: int, method: DummyMethod, params: Any) -> bytes:
     """One request frame."""
-    return _frame(_REQUEST, req_id, method.value, params)
+    return json_frame(REQUEST, req_id, method.value, params)
 
 
 def encode_dummy_reply(req_id: int, code: int, value: Any) -> bytes:
     """One reply frame (``code`` 0 with the result, or an ErrorCode with a message)."""
-    return _frame(_REPLY, req_id, code, value)
+    return json_frame(REPLY, req_id, code, value)
 
 
-class DummyFrameDecoder:
+class DummyFrameDecoder(JsonFrameDecoder):
     """Incremental decoder for both directions.
 
     Raises (from :meth:`next_frame`):
@@ -160,53 +135,30 @@ class DummyFrameDecoder:
             unknown method.  The connection should be closed.
     """
 
+    __slots__ = ()
+
     def __init__(self, max_length: int = DEFAULT_MAX_DUMMY_FRAME) -> None:
-        self._max = max_length
-        self._buf = bytearray()
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
+        super().__init__(
+            max_length,
+            "dummy-client RPC",
+            "the peer is not a pymooncake dummy client / mooncake_client of this version",
+        )
 
     def next_frame(self) -> DummyRequest | DummyReply | NeedData:
-        buf = self._buf
-        if len(buf) < _PREFIX.size:
+        parts = self.next_parts()
+        if parts is None:
             return NEED_DATA
-        length, kind, req_id = _PREFIX.unpack_from(buf, 0)
-        if length < 5 or length > self._max:
-            raise MalformedMessage(
-                f"dummy-client RPC frame length {length} is outside [5, {self._max}]; the peer "
-                "is not a pymooncake dummy client / mooncake_client of this version"
-            )
-        end = 4 + length
-        if len(buf) < end:
-            return NEED_DATA
-        body = bytes(buf[_PREFIX.size : end])
-        del buf[:end]
-        try:
-            decoded = _DECODE(body.decode())
-        except RecursionError:
-            raise MalformedMessage(f"dummy RPC frame {req_id} nests JSON too deeply") from None
-        except (ValueError, TypeError) as exc:
-            raise MalformedMessage(
-                f"dummy RPC frame {req_id} has an invalid body: {str(exc)[:200]}"
-            ) from None
-        if type(decoded) is not list or len(decoded) != 2:
-            raise MalformedMessage(f"dummy RPC frame {req_id} is not a [head, body] pair")
-        head, value = decoded
-        if kind == _REQUEST:
+        kind, req_id, head, value, _body = parts
+        if kind == REQUEST:
             method = _METHODS.get(head) if type(head) is str else None
             if method is None:
                 raise MalformedMessage(f"unknown dummy RPC method {str(head)[:100]!r}")
             return DummyRequest(req_id, method, value)
-        if kind == _REPLY:
+        if kind == REPLY:
             if type(head) is not int:
                 raise MalformedMessage(f"dummy RPC reply {req_id} carries a non-integer code")
             return DummyReply(req_id, head, value)
-        raise MalformedMessage(f"dummy RPC frame of unknown kind {kind}")
+        raise self.unknown_kind(kind)
 
 
 # --------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ from ...wire import (
 )
 from ...wire import _master_msgs as msg
 from ...wire._auth import FailureKind, ServerHandshake, looks_like_hello, no_token_reply
-from ...wire._master import NO_TOKEN_MESSAGE, PREFIX
+from ...wire._frames import PREFIX
+from ...wire._master import NO_TOKEN_MESSAGE
 from ...wire._master_reply_msgs import RemoveAllReply, RemoveByRegexReply
 from .._config import MasterConfig
 from .._master_client import IN_PROCESS_MASTER_PORTS

@@ -1,0 +1,148 @@
+"""JSON frames: the framing of the master RPC (``_master.py``) and of the
+dummy-client RPC (``_dummy.py``), which differ only in their methods.
+
+Theory of operation
+-------------------
+Each frame is::
+
+    u32  length     little-endian: bytes after this field
+    u8   kind       0 request, 1 reply
+    u32  id         little-endian request id, echoed by the reply
+    u8[] body       UTF-8 JSON: request [method, params]; reply [code, value]
+
+:class:`JsonFrameDecoder` splits a byte stream into frames and their decoded
+``[head, value]`` bodies; each protocol's decoder turns those into its own
+typed request and reply frames.  The length is checked against the decoder's
+limit before a byte of the body is buffered, and the body must be strict JSON:
+``NaN``/``Infinity``, invalid UTF-8 and nesting deep enough to exhaust the
+parser are refused as :class:`MalformedMessage` (the connection is then closed).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Final
+
+from ..errors import MalformedMessage
+
+__all__ = ["PREFIX", "REPLY", "REQUEST", "JsonFrameDecoder", "encode_json", "json_frame"]
+
+PREFIX: Final = struct.Struct("<IBI")
+REQUEST: Final = 0
+REPLY: Final = 1
+
+# Built once: json.dumps/loads with options construct a new encoder per call,
+# which costs microseconds on every RPC.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODE = json.JSONDecoder(parse_constant=_refuse_constant).decode
+
+
+def encode_json(value: Any) -> str:
+    """``value`` as compact JSON text (what a frame's body holds)."""
+    return _ENCODE(value)
+
+
+def json_frame(kind: int, req_id: int, head: Any, value: Any) -> bytes:
+    """One frame whose body is ``[head, value]``.
+
+    Raises:
+        UnicodeEncodeError: a string in ``value`` is not valid UTF-8 (lone
+            surrogates; the request boundaries refuse those).
+    """
+    body = _ENCODE([head, value]).encode()
+    return PREFIX.pack(len(body) + 5, kind, req_id) + body
+
+
+class JsonFrameDecoder:
+    """Incremental splitter of JSON frames, for both directions.
+
+    Args:
+        max_length: the longest frame accepted (its length field).
+        what: the protocol in messages ("master RPC").
+        stranger: what a frame length out of bounds says about the peer.
+    """
+
+    __slots__ = ("_buf", "_max", "_stranger", "_what")
+
+    def __init__(self, max_length: int, what: str, stranger: str) -> None:
+        self._max = max_length
+        self._what = what
+        self._stranger = stranger
+        self._buf = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes (copied: ``data`` may be reused by the caller)."""
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buf)
+
+    @property
+    def pending_length(self) -> int:
+        """Length of the frame being received (0 when no prefix is buffered)."""
+        if len(self._buf) < PREFIX.size:
+            return 0
+        return int(PREFIX.unpack_from(self._buf, 0)[0]) + 4
+
+    @property
+    def trailing(self) -> bytes:
+        return bytes(self._buf)
+
+    def complete_ids(self) -> list[int]:
+        """Ids of the complete frames buffered, read from their prefixes only (no
+        body is decoded; a frame that will fail to decode is included)."""
+        ids: list[int] = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= PREFIX.size:
+            length, _, req_id = PREFIX.unpack_from(buf, pos)
+            if length < 5 or length > self._max or len(buf) - pos < 4 + length:
+                break
+            ids.append(req_id)
+            pos += 4 + length
+        return ids
+
+    def next_parts(self) -> tuple[int, int, Any, Any, bytearray] | None:
+        """The next complete frame as ``(kind, id, head, value, raw body)``; None
+        until one is complete.
+
+        Raises:
+            MalformedMessage: a length out of bounds, or a body that is not a
+                strict-JSON ``[head, value]`` pair.
+        """
+        buf = self._buf
+        if len(buf) < PREFIX.size:
+            return None
+        length, kind, req_id = PREFIX.unpack_from(buf, 0)
+        if length < 5 or length > self._max:
+            raise MalformedMessage(
+                f"{self._what} frame length {length} is outside [5, {self._max}]; {self._stranger}"
+            )
+        end = 4 + length
+        if len(buf) < end:
+            return None
+        body = buf[PREFIX.size : end]
+        del buf[:end]
+        try:
+            decoded = _DECODE(body.decode())
+        except RecursionError:
+            raise MalformedMessage(f"{self._what} frame {req_id} nests JSON too deeply") from None
+        except (ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+            raise MalformedMessage(
+                f"{self._what} frame {req_id} has an invalid body: {str(exc)[:200]}"
+            ) from None
+        if type(decoded) is not list or len(decoded) != 2:
+            raise MalformedMessage(f"{self._what} frame {req_id} is not a [head, body] pair")
+        return kind, req_id, decoded[0], decoded[1], body
+
+    def unknown_kind(self, kind: int) -> MalformedMessage:
+        return MalformedMessage(f"{self._what} frame of unknown kind {kind}")
