@@ -6,17 +6,20 @@ and one node certificate); without the binary the tests are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from pymooncake import EngineConfig, TransferEngine
-from pymooncake._authio import ClusterSecurity
-from pymooncake.errors import MooncakeError
+from pymooncake._authio import ClusterSecurity, secure_client
+from pymooncake.errors import AuthenticationError, MooncakeError
 from pymooncake.transfer.metadata.http import HttpMetadataStore
 from pymooncake.transfer.metadata.server import MetadataServer
 
@@ -132,3 +135,63 @@ def test_engine_rpc_port_over_tls(config: EngineConfig, security: ClusterSecurit
     finally:
         a.close()
         b.close()
+
+
+def _one_peer(behave: Callable[[socket.socket], None]) -> tuple[socket.socket, threading.Thread]:
+    """A listener on 127.0.0.1 whose one accepted connection gets ``behave``."""
+    listener = socket.create_server((LOCAL, 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, contextlib.suppress(OSError):
+            behave(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_secure_client_tells_a_foreign_certificate_from_a_connection_that_ended(
+    security: ClusterSecurity, pki: Path
+) -> None:
+    """Every client connects through ``secure_client``: a certificate from another
+    CA is a configuration error whose message names the fix; a peer that closes
+    during the TLS handshake (a master restarting) is a connection error, which
+    callers retry.  The socket is closed either way."""
+    rogue = ClusterSecurity(
+        token=TOKEN,
+        tls_cert_file=str(pki / "rogue.pem"),
+        tls_key_file=str(pki / "rogue.key"),
+        tls_ca_file=str(pki / "ca.pem"),
+    ).server_ssl_context()
+    assert rogue is not None
+
+    def present_rogue(conn: socket.socket) -> None:
+        rogue.wrap_socket(conn, server_side=True).close()
+
+    cases: list[tuple[Callable[[socket.socket], None], type[BaseException], str | None]] = [
+        (present_rogue, AuthenticationError, "same cluster CA"),
+        (lambda conn: None, OSError, None),  # accepted, then closed at once
+    ]
+    for behave, error, text in cases:
+        listener, thread = _one_peer(behave)
+        sock = socket.create_connection(listener.getsockname(), timeout=5)
+        try:
+            with pytest.raises(error, match=text) as info:
+                secure_client(
+                    sock,
+                    ssl_context=security.client_ssl_context(),
+                    key=security.key,
+                    context=b"test",
+                    timeout_s=5.0,
+                    port="test port",
+                    peer="127.0.0.1:1",
+                    server_hostname=LOCAL,
+                )
+            if error is OSError:
+                assert not isinstance(info.value, AuthenticationError)
+            assert sock.fileno() == -1  # closed by secure_client
+        finally:
+            sock.close()
+            thread.join(5)
+            listener.close()

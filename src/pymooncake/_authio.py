@@ -64,6 +64,7 @@ __all__ = [
     "client_handshake_async",
     "describe_failure",
     "http_request",
+    "secure_client",
     "server_handshake",
     "server_handshake_async",
     "warn_open",
@@ -344,6 +345,58 @@ def client_handshake(
         OSError: the connection failed otherwise.
     """
     _run_blocking(ClientHandshake(key, context), sock, timeout_s, port, peer, first_request)
+
+
+def secure_client(
+    sock: socket.socket,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    key: ClusterKey | None,
+    context: bytes,
+    timeout_s: float,
+    port: str,
+    peer: str,
+    server_hostname: str | None = None,
+    first_request: bytes = b"",
+) -> socket.socket:
+    """TLS (with ``ssl_context``) and then the cluster-token handshake (with
+    ``key``) on a connected client socket: what every pymooncake client does
+    before its first request.  Returns the socket to use from now on (the TLS one
+    with TLS); on any failure ``sock`` is closed.
+
+    Args:
+        context, port, peer, first_request: as :func:`client_handshake`.
+        server_hostname: the name TLS checks the peer's certificate against.
+
+    Raises:
+        AuthenticationError: TLS or the handshake failed (the message names the fix).
+        OSError: the connection failed otherwise.
+    """
+    try:
+        if ssl_context is not None:
+            try:
+                sock = ssl_context.wrap_socket(sock, server_hostname=server_hostname)
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError):
+                raise  # the connection ended (a peer restarting): a connection error
+            except ssl.SSLError as exc:  # certificates, protocol: configuration
+                raise AuthenticationError(
+                    f"TLS with the {port} at {peer} failed: {exc}; both sides need "
+                    "certificates from the same cluster CA (PYMOONCAKE_TLS_CERT/_KEY/_CA)"
+                ) from exc
+        if key is not None:
+            client_handshake(
+                sock,
+                key,
+                context,
+                timeout_s=timeout_s,
+                port=port,
+                peer=peer,
+                first_request=first_request,
+            )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def server_handshake(

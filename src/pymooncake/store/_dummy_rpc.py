@@ -17,7 +17,7 @@ import socket
 import threading
 from typing import Any
 
-from .._authio import ClusterSecurity, client_handshake
+from .._authio import ClusterSecurity, secure_client
 from .._net import connect_tcp, set_io_timeout, split_host_port
 from ..errors import (
     AuthenticationError,
@@ -100,29 +100,22 @@ class DummyRpc:
         self._ssl = security.client_ssl_context() if security.tls else None
 
     def _connect(self) -> _Conn:
-        sock: socket.socket | None = None
         try:
-            sock = connect_tcp(
-                self.host, self.port, timeout_s=self._connect_timeout, what="real client"
+            sock = secure_client(
+                connect_tcp(
+                    self.host, self.port, timeout_s=self._connect_timeout, what="real client"
+                ),
+                ssl_context=self._ssl,
+                key=self._key,
+                context=DUMMY_AUTH_CONTEXT,
+                timeout_s=self._connect_timeout,
+                port="dummy-client RPC port of mooncake_client",
+                peer=self.address,
+                server_hostname=self.host,
             )
-            if self._ssl is not None:
-                sock = self._ssl.wrap_socket(sock, server_hostname=self.host)
-            if self._key is not None:
-                client_handshake(
-                    sock,
-                    self._key,
-                    DUMMY_AUTH_CONTEXT,
-                    timeout_s=self._connect_timeout,
-                    port="dummy-client RPC port of mooncake_client",
-                    peer=self.address,
-                )
         except AuthenticationError:
-            if sock is not None:
-                sock.close()
             raise
         except (MooncakeError, OSError) as exc:
-            if sock is not None:
-                sock.close()
             raise RpcFailed(
                 f"cannot reach the real client (mooncake_client) at {self.address}: {exc}. "
                 f"Start mooncake_client --port={self.port} on this host, or pass setup_dummy "

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .._authio import ClusterSecurity, client_handshake
+from .._authio import ClusterSecurity, secure_client
 from .._heldio import DEFAULT_HOLD_S, DEFAULT_SPIN_S, HeldSocket, held_socket
 from .._net import connect_tcp, is_local_address, set_io_timeout, split_host_port
 from ..errors import (
@@ -232,26 +232,25 @@ class MasterClient:
                     "--enable_ha=true with the same --etcd_endpoints and --cluster_id"
                 )
         addr = (self._host, self._port)
-        sock = self._connect_same_host()
         try:
+            sock = self._connect_same_host()
+            tls = None  # the same host's UNIX socket needs none
             if sock is None:
                 sock = connect_tcp(
                     self._host, self._port, timeout_s=self._connect_timeout, what="store master"
                 )
-                if self._ssl is not None:
-                    sock = self._ssl.wrap_socket(sock, server_hostname=self._host)
-            if self._key is not None:
-                client_handshake(
-                    sock,
-                    self._key,
-                    AUTH_CONTEXT,
-                    timeout_s=self._connect_timeout,
-                    port="master RPC port",
-                    peer=self.address,
-                )
+                tls = self._ssl
+            sock = secure_client(
+                sock,
+                ssl_context=tls,
+                key=self._key,
+                context=AUTH_CONTEXT,
+                timeout_s=self._connect_timeout,
+                port="master RPC port",
+                peer=self.address,
+                server_hostname=self._host,
+            )
         except AuthenticationError as exc:
-            if sock is not None:
-                sock.close()
             failure = exc.failure
             if isinstance(failure, AuthFailure) and failure.kind is FailureKind.TRUNCATED:
                 # the connection ended mid-handshake (a master restarting, a proxy or
@@ -263,8 +262,6 @@ class MasterClient:
                 ) from exc
             raise
         except (MooncakeError, OSError) as exc:
-            if sock is not None:
-                sock.close()
             raise RpcFailed(
                 f"cannot reach the master at {self.target}: {exc}. Check that mooncake_master is "
                 "running there and that master_server_addr / MOONCAKE_MASTER point at its --port"

@@ -37,6 +37,7 @@ import mmap
 import os
 import queue
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -44,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .._authio import ClusterSecurity, client_handshake, server_handshake
+from .._authio import ClusterSecurity, secure_client, server_handshake
 from .._net import bind_listener, connect_tcp, split_host_port
 from ..errors import (
     InvalidParams,
@@ -517,26 +518,28 @@ class OffloadReader:
         if port is None:
             raise InvalidParams(f"SSD read endpoint {endpoint!r} has no port")
         sock = connect_tcp(host, port, timeout_s=self._timeout, what="SSD read port")
-        try:
-            if self._ssl is not None:
-                sock = self._ssl.wrap_socket(sock, server_hostname=host)
-            self._auth(sock, endpoint)
-        except BaseException:
-            sock.close()
-            raise
-        return _Conn(sock, None)
+        return _Conn(self._secure(sock, endpoint, self._ssl, host), None)
 
-    def _auth(self, sock: socket.socket, endpoint: str) -> None:
-        if self._key is not None:
-            client_handshake(
-                sock,
-                self._key,
-                AUTH_CONTEXT,
-                timeout_s=self._timeout,
-                port="SSD read port",
-                peer=endpoint,
-            )
+    def _secure(
+        self,
+        sock: socket.socket,
+        endpoint: str,
+        tls: ssl.SSLContext | None = None,
+        host: str | None = None,
+    ) -> socket.socket:
+        """TLS (TCP only) and the cluster token, then the read timeout."""
+        sock = secure_client(
+            sock,
+            ssl_context=tls,
+            key=self._key,
+            context=AUTH_CONTEXT,
+            timeout_s=self._timeout,
+            port="SSD read port",
+            peer=endpoint,
+            server_hostname=host,
+        )
         sock.settimeout(self._timeout)
+        return sock
 
     def _connect_local(self, endpoint: str) -> _Conn | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -545,8 +548,8 @@ class OffloadReader:
         except OSError:
             sock.close()
             return None  # not on this host (or an older port): TCP
+        sock = self._secure(sock, endpoint)
         try:
-            self._auth(sock, endpoint)
             msg_, fds, _flags, _addr = socket.recv_fds(sock, _SHM_HEAD.size, 1)
             if len(msg_) != _SHM_HEAD.size or len(fds) != 1:
                 raise ConnectionError("the SSD read port sent no staging memory")

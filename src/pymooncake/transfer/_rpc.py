@@ -26,7 +26,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Final
 
-from .._authio import client_handshake, server_handshake_async
+from .._authio import secure_client, server_handshake_async
 from .._logging import RepeatLimiter
 from .._net import connect_tcp, join_host_port
 from ..errors import (
@@ -341,26 +341,19 @@ def rpc_call(
     sock = connect_tcp(host, port, timeout_s=connect_timeout_s, what=what)
     addr = join_host_port(host, port)
     try:
+        request = encode_frame_json(msg_type, body)
         if ssl_context is not None:
             sock.settimeout(timeout_s)
-            try:
-                sock = ssl_context.wrap_socket(sock)
-            except ssl.SSLError as exc:
-                raise AuthenticationError(
-                    f"TLS with {what} at {addr} failed: {exc}; both sides need certificates "
-                    "from the same cluster CA (PYMOONCAKE_TLS_CERT/_KEY/_CA)"
-                ) from exc
-        request = encode_frame_json(msg_type, body)
-        if key is not None:
-            client_handshake(
-                sock,
-                key,
-                AUTH_CONTEXT,
-                timeout_s=min(timeout_s, 30.0),
-                port=what,
-                peer=addr,
-                first_request=request,
-            )
+        sock = secure_client(
+            sock,
+            ssl_context=ssl_context,
+            key=key,
+            context=AUTH_CONTEXT,
+            timeout_s=min(timeout_s, 30.0),
+            port=what,
+            peer=addr,
+            first_request=request,
+        )
         sock.settimeout(timeout_s)
         if key is None:
             sock.sendall(request)

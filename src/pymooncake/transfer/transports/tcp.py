@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ..._authio import client_handshake
+from ..._authio import secure_client
 from ..._net import connect_tcp, join_host_port, set_io_timeout
 from ...errors import (
     AuthenticationError,
@@ -118,24 +118,20 @@ class _Pool:
         cfg = self._ctx.config
         what = f"TCP data port of segment {peer_name!r}"
         sock = connect_tcp(key[0], key[1], timeout_s=cfg.connect_timeout_s, what=what)
-        if self._key is not None:
-            try:
-                client_handshake(
-                    sock,
-                    self._key,
-                    AUTH_CONTEXT,
-                    timeout_s=max(cfg.connect_timeout_s, cfg.auth_timeout_s),
-                    port=what,
-                    peer=join_host_port(*key),
-                )
-            except OSError as exc:
-                sock.close()
-                raise PeerSocketError(
-                    f"authenticating with the {what} at {join_host_port(*key)} failed: {exc}"
-                ) from exc
-            except BaseException:
-                sock.close()
-                raise
+        try:
+            sock = secure_client(
+                sock,
+                ssl_context=None,  # the data port speaks plain TCP (docs/security.md)
+                key=self._key,
+                context=AUTH_CONTEXT,
+                timeout_s=max(cfg.connect_timeout_s, cfg.auth_timeout_s),
+                port=what,
+                peer=join_host_port(*key),
+            )
+        except OSError as exc:
+            raise PeerSocketError(
+                f"authenticating with the {what} at {join_host_port(*key)} failed: {exc}"
+            ) from exc
         return _Conn(sock, key)
 
     def checkin(self, conn: _Conn) -> None:
