@@ -86,3 +86,48 @@ def test_a_standby_follows_a_leader_over_tls_with_a_token(tmp_path: Path) -> Non
             loop.call_soon_threadsafe(task.cancel)
             thread.join(10)
             loop.close()
+
+
+def test_a_stream_frame_without_its_fields_is_refused_by_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A standby decodes each stream frame as a FollowFrame: a frame that lacks
+    ``seq`` ends that connection with a message naming the field (the standby
+    then reconnects), and nothing of it is applied."""
+    import logging
+    import socket
+
+    from pymooncake.wire import encode_reply
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def leader() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1 << 16)  # the Follow request
+            conn.sendall(encode_reply(1, 0, {"effects": [["seg", "x"]]}))  # no "seq"
+            conn.recv(1 << 16)  # until the standby hangs up
+
+    serving = threading.Thread(target=leader, daemon=True)
+    serving.start()
+    follower = Follower(MasterConfig(), "strict-standby", ClusterSecurity())
+    states: list[MasterState] = []
+
+    async def follow_once() -> None:
+        task = asyncio.ensure_future(follower.run(f"127.0.0.1:{port}", 0, states.append))
+        deadline = time.monotonic() + 10
+        while "frame.seq is missing" not in caplog.text and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="pymooncake.master"):
+            asyncio.run(follow_once())
+        assert "frame.seq is missing" in caplog.text
+        assert not states and follower.seq == 0 and not follower.synced
+    finally:
+        serving.join(5)
+        listener.close()

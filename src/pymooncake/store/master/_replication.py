@@ -547,15 +547,15 @@ class Follower:
                         raise _NoLongerLeader(f"the leader refused to stream: {frame.value}")
                     if frame.code != 0:
                         raise MooncakeError(f"the leader refused to stream: {frame.value}")
-                    value = frame.value
+                    stream = FollowFrame.decode(frame.value)
                     now = self._clock()
                     confirmed = self.confirmed
-                    for rec in value["effects"]:
+                    for rec in stream.effects:
                         state.apply(effect_from_record(rec), now)
                         if confirmed and rec[0] in _SETTLES:
                             confirmed.pop(rec[1], None)
-                    self.seq = int(value["seq"])
-                    if value.get("synced") and not live:
+                    self.seq = stream.seq
+                    if stream.synced and not live:
                         live = True
                         self.state = state
                         self.synced = True
