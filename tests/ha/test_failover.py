@@ -19,6 +19,7 @@ from pymooncake.errors import StoreError
 from pymooncake.store import StoreClient, StoreClientConfig
 from pymooncake.store._master_client import MasterClient
 from pymooncake.store._types import ErrorCode
+from pymooncake.store.master._replication import FROZEN_SILENCE_S
 from pymooncake.testing._etcd_server import EtcdCluster
 from pymooncake.testing._ha import HaMasters
 from pymooncake.wire import _master_msgs as msg
@@ -70,6 +71,15 @@ def test_one_leader_is_elected_and_serves(masters: HaMasters) -> None:
     with _client(masters) as client:
         assert client.put("k", b"v") is True
         assert client.get("k") == b"v"
+    # idle, the leader still streams: the standby never looks at a frozen leader
+    masters.wait_in_sync(leader)
+    assert leader.status()["stream"] is None  # a leader follows nobody
+    for _ in range(10):
+        stream = standby.status()["stream"]
+        assert stream["leader"] == leader.rpc and stream["synced"] is True
+        assert stream["applied_seq"] > 0
+        assert stream["silent_s"] < FROZEN_SILENCE_S, stream
+        time.sleep(0.2)
 
 
 def test_sigkill_of_the_leader_loses_no_acknowledged_object(masters: HaMasters) -> None:
