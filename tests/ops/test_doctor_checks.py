@@ -302,9 +302,36 @@ def test_master_pass_and_failures() -> None:
     ref = FakeProbes(listening=[("10.0.0.1", 50051)], master={addr: RpcFailed("closed")})
     r = check_master(inputs(master_server_address=addr), ref, [])
     assert r.status is Status.FAIL and "reference mooncake_master (coro_rpc)" in r.reason
-    r = check_master(inputs(master_server_address="etcd://10.0.0.1:2379"), up, [])
-    assert r.status is Status.FAIL and "HA" in r.reason
     assert check_master(inputs(), up, []).status is Status.SKIP
+
+
+def test_master_behind_etcd_is_found_as_the_guide_deploys_it() -> None:
+    """``etcd://`` (master HA): the doctor reads the leader from the masters'
+    election key, as clients do, and checks that master."""
+    addr = "10.0.0.1:50051"
+    ha = "etcd://10.0.0.9:2379;10.0.0.8:2379"
+    key = "mooncake-store/mooncake_cluster/master_view"
+    up = FakeProbes(
+        listening=[("10.0.0.1", 50051)],
+        master={addr: "pymooncake-master/3"},
+        metadata={key: addr.encode()},
+    )
+    r = check_master(inputs(master_server_address=ha), up, [])
+    assert r.status is Status.PASS, r.line()
+    assert "etcd at 10.0.0.9:2379 names 10.0.0.1:50051 the leader" in r.reason
+    assert "protocol pymooncake-master/3" in r.reason and r.details["ha"] is True
+    # nobody leads the cluster the clients name (MC_STORE_CLUSTER_ID)
+    r = check_master(inputs(master_server_address=ha, env={"MC_STORE_CLUSTER_ID": "other"}), up, [])
+    assert r.status is Status.FAIL and "no master leads cluster 'other'" in r.reason
+    assert "--cluster_id=other" in r.fix and "MC_STORE_CLUSTER_ID" in r.fix
+    # the leader named there is down
+    down = FakeProbes(master={addr: "pymooncake-master/3"}, metadata={key: addr.encode()})
+    r = check_master(inputs(master_server_address=ha), down, [])
+    assert r.status is Status.FAIL and "names 10.0.0.1:50051 the leader" in r.reason
+    assert "connection refused by 10.0.0.1:50051 (store master)" in r.reason
+    # masters elect through etcd only
+    r = check_master(inputs(master_server_address="redis://10.0.0.1:6379"), up, [])
+    assert r.status is Status.FAIL and "etcd only" in r.reason
 
 
 def test_master_on_loopback_only_fails_with_remote_peers() -> None:

@@ -24,6 +24,8 @@ from pymooncake.config import EngineConfig
 from pymooncake.ops import DoctorInputs, Status, SystemProbes, run_doctor
 from pymooncake.store.master import ThreadedMaster
 from pymooncake.testing import free_port
+from pymooncake.testing._etcd_server import EtcdCluster
+from pymooncake.testing._ha import HaMasters
 from pymooncake.transfer import TransferEngine
 from pymooncake.transfer.metadata.server import MetadataServer
 from pymooncake.wire import PROTOCOL_VERSION
@@ -324,3 +326,21 @@ def test_cli_as_a_subprocess_with_environment_settings(metadata: str) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "WARN  proxy" in proc.stdout and "PASS  metadata_server" in proc.stdout
+
+
+def test_a_master_behind_etcd_is_checked_through_its_leader(etcd_cluster: EtcdCluster) -> None:
+    """``master_server_address=etcd://...`` (master HA, as the guide deploys it):
+    the doctor reads the leader from the election key and checks that master."""
+    with HaMasters(etcd_cluster.endpoints, 1, lease_ttl_s=2) as group:
+        env = {"MC_STORE_CLUSTER_ID": group.cluster_id}
+        leader = group.leader()
+        r = doctor(master_server_address=group.client_address, env=env).by_check("master")
+        # (a WARN: this test's masters listen on loopback only)
+        assert r.status is not Status.FAIL, r.line()
+        assert f"names {leader.rpc} the leader of '{group.cluster_id}'" in r.reason
+        assert f"answers (protocol {PROTOCOL_VERSION})" in r.reason
+        # the clients name another cluster (MC_STORE_CLUSTER_ID unset: the default)
+        r = doctor(master_server_address=group.client_address).by_check("master")
+        assert r.status is Status.FAIL, r.line()
+        assert "no master leads cluster 'mooncake_cluster'" in r.reason
+        assert "--cluster_id=mooncake_cluster" in r.fix

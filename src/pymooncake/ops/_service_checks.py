@@ -382,23 +382,92 @@ def _rank(status: Status) -> int:
 
 
 def check_master(inputs: DoctorInputs, probes: Probes, remote_peers: Sequence[str]) -> CheckResult:
-    """The master answers ServiceReady with this client's protocol version."""
+    """The master answers ServiceReady with this client's protocol version; with
+    ``etcd://`` (HA), the leader named in etcd does."""
     address = inputs.master_server_address
     if not address:
         return CheckResult("master", Status.SKIP, "no master_server_address given")
+    via = ""
     if "://" in address:
-        return CheckResult(
-            "master",
-            Status.FAIL,
-            f"master_server_address {address!r} names an HA backend (etcd://, redis://): master "
-            "HA is not available in this pymooncake release",
-            "use the master's host:port",
-        )
+        scheme, _, rest = address.partition("://")
+        if scheme != "etcd":
+            return CheckResult(
+                "master",
+                Status.FAIL,
+                f"master_server_address {address!r} names HA backend {scheme!r}: masters "
+                "elect their leader through etcd only",
+                "use etcd://h1:2379;h2:2379 (the masters' --etcd_endpoints) or the master's "
+                "host:port",
+            )
+        found = _ha_leader(inputs, probes, rest)
+        if isinstance(found, CheckResult):
+            return found
+        address, via = found
     try:
         host, port = split_host_port(address)
     except MooncakeError as exc:
         return CheckResult("master", Status.FAIL, f"master_server_address {address!r}: {exc}", "")
     port = port or 50051
+    result = _check_master_at(inputs, probes, remote_peers, address, host, port)
+    if via:
+        result = CheckResult(
+            result.check,
+            result.status,
+            f"{via}; {result.reason}",
+            result.fix,
+            {**result.details, "ha": True},
+        )
+    return result
+
+
+def _ha_leader(
+    inputs: DoctorInputs, probes: Probes, endpoints: str
+) -> tuple[str, str] | CheckResult:
+    """The leading master's address from etcd, and a phrase saying where it was
+    read; or the FAIL saying why there is none."""
+    from ..store.master._ha import master_view_key
+
+    cluster_id = inputs.env.get("MC_STORE_CLUSTER_ID", "").strip() or "mooncake_cluster"
+    key = master_view_key(cluster_id)
+    problems: list[str] = []
+    for endpoint in etcd_endpoints(endpoints.replace(";", ",")):
+        try:
+            value = probes.etcd_get(endpoint, key, inputs.timeout_s)
+        except (OSError, MooncakeError, http.client.HTTPException, ValueError) as exc:
+            problems.append(f"{endpoint}: {exc}")
+            continue
+        details = {"etcd": endpoint, "key": key, "cluster_id": cluster_id}
+        if value is None:
+            return CheckResult(
+                "master",
+                Status.FAIL,
+                f"no master leads cluster {cluster_id!r}: etcd at {endpoint} has no {key}",
+                "start mooncake_master --enable_ha=true --etcd_endpoints=<these endpoints> "
+                f"--cluster_id={cluster_id}; the clients' MC_STORE_CLUSTER_ID must equal the "
+                "masters' --cluster_id",
+                details,
+            )
+        leader = value.decode(errors="replace")
+        return leader, f"etcd at {endpoint} names {leader} the leader of {cluster_id!r}"
+    return CheckResult(
+        "master",
+        Status.FAIL,
+        f"cannot read the master leader from etcd {endpoints!r} (Error from etcd client): "
+        + "; ".join(problems),
+        "start etcd on those endpoints (listening on an address this host reaches, not "
+        "127.0.0.1 only) and give clients the masters' --etcd_endpoints",
+        {"endpoints": endpoints},
+    )
+
+
+def _check_master_at(
+    inputs: DoctorInputs,
+    probes: Probes,
+    remote_peers: Sequence[str],
+    address: str,
+    host: str,
+    port: int,
+) -> CheckResult:
     addr = join_host_port(host, port)
     reach = probes.connect(host, port, inputs.timeout_s)
     if not reach.ok:
