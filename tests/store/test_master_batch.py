@@ -99,6 +99,79 @@ def test_keys_a_batch_cannot_place_fast_get_the_answer_of_a_put_alone() -> None:
     batch.validate()
 
 
+def test_a_batch_upsert_places_and_replaces_as_one_by_one_upserts_would() -> None:
+    """BatchUpsertStart: new keys take the put fast path (an upsert of an absent
+    key is a put), existing ones are replaced one by one; the end of either is
+    put_end_many's (``upsert_end`` is ``put_end``)."""
+    batch, single = _state(2), _state(2)
+    for st in (batch, single):
+        for key in ("old1", "old2"):
+            st.put_start("w", key, 100, ONE, 0.5)
+            st.put_end("w", key, 0.5)
+        st.put_start("other", "writing", 100, ONE, 0.5)
+        st.drain_effects()
+    keys = ["n1", "old1", "n2", "writing", "n1", "old2", "n3", ""]
+    sizes = [10, 200, 10, 10, 10, 300, 10, 10]
+    out = batch.upsert_start_many("w", keys, sizes, ONE, 1.0)
+    expected = []
+    for key, size in zip(keys, sizes, strict=True):
+        try:
+            single.upsert_start_replicas("w", key, size, ONE, 1.0)
+            expected.append(0)
+        except StoreError as exc:
+            expected.append(exc.code)
+    assert (
+        [_code(o) for o in out]
+        == expected
+        == [
+            0,
+            0,
+            0,
+            ErrorCode.OBJECT_REPLICA_BUSY,  # another client's write in flight
+            ErrorCode.OBJECT_REPLICA_BUSY,  # repeated: this batch writes it already
+            0,
+            0,
+            ErrorCode.INVALID_PARAMS,
+        ]
+    )
+
+    # (where each key lands may differ: the batch draws the new keys' segments
+    # before the replacements draw theirs, one by one they interleave)
+    def shape(st: MasterState) -> dict[str, tuple[int, int]]:
+        return {k: (o.size, o.flags) for k, o in st.objects.items()}
+
+    def kinds(st: MasterState) -> list[tuple[str, str]]:
+        return [(r[0], r[1]) for r in (e.record() for e in st.drain_effects())]
+
+    assert shape(batch) == shape(single)
+    assert kinds(batch) == kinds(single)
+    started = ["n1", "old1", "n2", "old2", "n3"]
+    for st in (batch, single):
+        assert st.put_end_many("w", started, 2.0) == [None] * 5
+        assert st.objects["old1"].size == 200 and st.objects["old2"].size == 300
+        assert all(st.objects[k].flags & (READABLE | BUSY) == READABLE for k in started)
+        st.validate()
+    assert shape(batch) == shape(single)
+    assert kinds(batch) == kinds(single)
+
+
+def test_a_batch_upsert_handler_answers_per_key() -> None:
+    st = _state(1)
+    handlers = build_handlers(st)
+    start = handlers[msg.BatchUpsertStart]
+    end = handlers[msg.BatchUpsertEnd]
+    keys = ("u1", "u2", "u1")
+    reply = start(msg.BatchUpsertStart("w", keys, (64, 64, 64), msg.ReplicateParams()), 1.0)
+    assert list(reply.columns.code) == [0, 0, ErrorCode.OBJECT_REPLICA_BUSY]
+    done = end(msg.BatchUpsertEnd("w", ("u1", "u2", "nope")), 1.0)
+    assert list(done.codes) == [0, 0, ErrorCode.OBJECT_NOT_FOUND]
+    replaced = start(msg.BatchUpsertStart("w", ("u1",), (128,), msg.ReplicateParams()), 2.0)
+    assert list(replaced.columns.code) == [0]
+    assert list(end(msg.BatchUpsertEnd("w", ("u1",)), 2.0).codes) == [0]
+    assert st.objects["u1"].size == 128
+    st.validate()
+
+
 def test_a_bad_config_refuses_every_key_with_its_own_error() -> None:
     st = _state(1)
     bad = ReplicateConfig(replica_num=0)

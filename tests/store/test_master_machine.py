@@ -161,27 +161,41 @@ class MasterMachine(RuleBasedStateMachine):
         batch=st.lists(st.tuples(keys, sizes), min_size=2, max_size=6),
         config=configs(),
         end=st.booleans(),
+        upsert=st.booleans(),
     )
     def batch_put(
-        self, client: str, batch: list[tuple[str, int]], config: ReplicateConfig, end: bool
+        self,
+        client: str,
+        batch: list[tuple[str, int]],
+        config: ReplicateConfig,
+        end: bool,
+        upsert: bool,
     ) -> None:
-        """BatchPutStart (put_start_many), then perhaps BatchPutEnd (put_end_many) of
-        what started.  A batch never answers differently from its keys put one by
-        one where that answer is certain: a readable key exists (unless a key
-        before it evicted it), a key repeated after its own start is being written."""
+        """BatchPutStart (put_start_many) or BatchUpsertStart (upsert_start_many),
+        then perhaps the batch end (put_end_many) of what started.  A batch never
+        answers differently from its keys put one by one where that answer is
+        certain: a readable key exists (a put; unless a key before it evicted it),
+        a key repeated after its own start is being written."""
         readable_before = {k for k, o in self.st.objects.items() if o.flags & READABLE}
         evicted_before = self.st.metrics.evicted_keys
         keys_ = [k for k, _ in batch]
-        out = self.st.put_start_many(client, keys_, [z for _, z in batch], config, self.now)
+        many = self.st.upsert_start_many if upsert else self.st.put_start_many
+        out = many(client, keys_, [z for _, z in batch], config, self.now)
         assert len(out) == len(batch)
         started: list[str] = []
+        busy = ErrorCode.OBJECT_REPLICA_BUSY if upsert else ErrorCode.REPLICA_IS_NOT_READY
         for i, (key, got) in enumerate(zip(keys_, out, strict=True)):
             code = got.code if isinstance(got, StoreError) else 0
-            self.outcomes[f"batch_start:{code}"] = self.outcomes.get(f"batch_start:{code}", 0) + 1
-            if key in readable_before and self.st.metrics.evicted_keys == evicted_before:
+            name = f"batch_{'upsert' if upsert else 'start'}:{code}"
+            self.outcomes[name] = self.outcomes.get(name, 0) + 1
+            if key in keys_[:i] and key in started:
+                assert code == busy
+            elif (
+                not upsert
+                and key in readable_before
+                and self.st.metrics.evicted_keys == evicted_before
+            ):
                 assert code == ErrorCode.OBJECT_ALREADY_EXISTS
-            elif key in keys_[:i] and key in started:
-                assert code == ErrorCode.REPLICA_IS_NOT_READY
             if code == 0:
                 obj = self.st.objects[key]
                 assert got is obj and obj.flags & BUSY and obj.writer == client

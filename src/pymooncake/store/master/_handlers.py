@@ -272,8 +272,10 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         msg.UpsertRevoke: _done(
             rep.UpsertRevokeReply, lambda req, now: st.upsert_revoke(req.client_id, req.key, now)
         ),
-        msg.BatchUpsertStart: batch_start(st.upsert_start_replicas, rep.BatchUpsertStartReply),
-        msg.BatchUpsertEnd: batch_keyed(st.upsert_end, rep.BatchUpsertEndReply),
+        msg.BatchUpsertStart: batch_start(
+            st.upsert_start_replicas, rep.BatchUpsertStartReply, st.upsert_start_many
+        ),
+        msg.BatchUpsertEnd: batch_ended(st.put_end_many, rep.BatchUpsertEndReply),
         msg.BatchUpsertRevoke: batch_keyed(st.upsert_revoke, rep.BatchUpsertRevokeReply),
         msg.GetReplicaList: get_replica_list,
         msg.BatchGetReplicaList: batch_get_replica_list,

@@ -646,11 +646,28 @@ class MasterState:
         self.metrics.observe_value_size(size)
         return obj
 
-    def put_start_many(
+    def upsert_start_many(
         self, client_id: str, keys: Sequence[str], sizes: Sequence[int], config: Any, now: float
     ) -> list[Obj | StoreError]:
-        """:meth:`put_start_replicas` of every key, in order: each key's record, or
-        the error that refused it.
+        """:meth:`upsert_start_replicas` of every key, in order.  An upsert of an
+        absent key is a put, so new keys take :meth:`put_start_many`'s fast path;
+        replacements go through :meth:`upsert_start_replicas` one by one.  Every
+        key gets the answer an upsert of it alone would get; only where a random
+        placement lands may differ (the new keys draw their segments first)."""
+        return self.put_start_many(client_id, keys, sizes, config, now, upsert=True)
+
+    def put_start_many(
+        self,
+        client_id: str,
+        keys: Sequence[str],
+        sizes: Sequence[int],
+        config: Any,
+        now: float,
+        *,
+        upsert: bool = False,
+    ) -> list[Obj | StoreError]:
+        """:meth:`put_start_replicas` (``upsert``: :meth:`upsert_start_replicas`)
+        of every key, in order: each key's record, or the error that refused it.
 
         The common batch -- new keys, one replica each, random placement -- takes
         a fast path: each key draws its segment as :meth:`put_start_replicas`
@@ -672,7 +689,7 @@ class MasterState:
                 pass  # every key gets the config's error one by one
             else:
                 self._reserve_runs(keys, sizes, live, places)
-        start_one = self.put_start_replicas
+        start_one = self.upsert_start_replicas if upsert else self.put_start_replicas
         if not any(places):
             return start_each(start_one, client_id, keys, sizes, config, now)
         client = self._touch(client_id, now)
