@@ -5,6 +5,7 @@ refuses anything else with InvalidReply naming the method and the field."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -334,7 +335,13 @@ def test_the_masters_own_replies_decode_to_themselves() -> None:
     seg2 = SegmentInfo(id="s2", name="hostB:1", base=1 << 41, size=64 << 20, host_id="hostB")
     params = msg.ReplicateParams()
     keys = ("a", "b", "c")
-    reqs: list[msg.Request] = [
+
+    def _at(key: str) -> str:
+        seg = st.objects[key].seg
+        assert seg is not None
+        return seg.name
+
+    reqs: list[msg.Request | Callable[[], msg.Request]] = [
         msg.ServiceReady(),
         msg.MountSegment("c1", seg.to_params()),
         msg.MountSegment("c2", seg2.to_params()),
@@ -355,7 +362,8 @@ def test_the_masters_own_replies_decode_to_themselves() -> None:
         msg.BatchUpsertEnd("c1", ("a", "u")),
         msg.CreateCopyTask("k", ("hostB:1",), "c1"),
         msg.FetchTasks("c1", 4),
-        msg.CopyStart("c1", "a", "hostA:1", ("hostB:1",)),
+        # from wherever "a" landed (random placement) to the other segment
+        lambda: msg.CopyStart("c1", "a", _at("a"), tuple({"hostA:1", "hostB:1"} - {_at("a")})),
         msg.CopyRevoke("c1", "a"),
         msg.Remove("u", False, "c1"),
         msg.BatchRemove(("b", "missing"), False, "c1"),
@@ -366,7 +374,8 @@ def test_the_masters_own_replies_decode_to_themselves() -> None:
     seen: set[type[r.Reply]] = set()
     from pymooncake.errors import StoreError
 
-    for now, req in enumerate(reqs, start=1):
+    for now, made in enumerate(reqs, start=1):
+        req = made if isinstance(made, msg.Request) else made()
         try:
             reply = h[type(req)](req, float(now))
         except StoreError:
