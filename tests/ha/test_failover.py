@@ -21,7 +21,7 @@ from pymooncake.store._master_client import MasterClient
 from pymooncake.store._types import ErrorCode
 from pymooncake.store.master._replication import FROZEN_SILENCE_S
 from pymooncake.testing._etcd_server import EtcdCluster
-from pymooncake.testing._ha import HaMasters
+from pymooncake.testing._ha import HaMaster, HaMasters
 from pymooncake.wire import _master_msgs as msg
 
 pytestmark = pytest.mark.slow
@@ -38,6 +38,11 @@ def _value(key: str, size: int) -> bytes:
 def masters(etcd_cluster: EtcdCluster) -> Iterator[HaMasters]:
     with HaMasters(etcd_cluster.endpoints, 2, lease_ttl_s=TTL) as group:
         yield group
+
+
+def _ha_log(master: HaMaster) -> str:
+    """The HA lines a master printed (why a failover took as long as it did)."""
+    return "its HA log:\n" + "".join(line for line in master.node.lines if "HA:" in line)[-4000:]
 
 
 def _client(group: HaMasters, segment: int = 64 * MiB) -> StoreClient:
@@ -96,7 +101,7 @@ def test_sigkill_of_the_leader_loses_no_acknowledged_object(masters: HaMasters) 
         new, waited = masters.new_leader(leader)
         # the standby sees the dead leader refuse connections and revokes its lease
         # (no waiting for etcd to expire it), then warms up for one TTL
-        assert waited < 2 * TTL, f"failover took {waited:.1f} s"
+        assert waited < 2 * TTL, f"failover took {waited:.1f} s; {_ha_log(new)}"
         new.node.wait_for(r"HA: the leader at \S+ refuses connections")
         new.node.wait_for(r"so that the election need not wait for it to expire")
         status = new.status()
@@ -143,7 +148,7 @@ def test_a_frozen_leader_never_serves_again(masters: HaMasters) -> None:
             new, waited = masters.new_leader(leader)
             # the standby saw the stream fall silent and the renewals stop, and
             # revoked the lease (about 1 s) instead of waiting for etcd's expiry
-            assert waited < 2 * TTL
+            assert waited < 2 * TTL, f"failover took {waited:.1f} s; {_ha_log(new)}"
             new.node.wait_for(r"missed its etcd lease renewal", timeout_s=5)
             assert client.put("meanwhile", b"2" * 100) is True
         finally:
