@@ -131,3 +131,47 @@ def test_a_stream_frame_without_its_fields_is_refused_by_name(
     finally:
         serving.join(5)
         listener.close()
+
+
+def test_a_standby_that_retried_before_its_sync_reports_a_dead_leader_at_once() -> None:
+    """The reconnect backoff (up to 1 s) of a standby that retried before its
+    stream got in sync -- the leader not up yet -- starts afresh once in sync: a
+    leader that then dies is reported gone after two quick refusals, not after
+    two 1-s pauses (which made a SIGKILL failover ~2 s late)."""
+    from pymooncake.store.master import ThreadedMaster
+    from pymooncake.testing import free_port
+
+    port = free_port()
+    follower = Follower(MasterConfig(), "retrying-standby", ClusterSecurity())
+    gone: list[float] = []
+
+    async def scenario() -> float:
+        task = asyncio.ensure_future(
+            follower.run(f"127.0.0.1:{port}", 0, lambda _s: None, lambda _l: gone.append(0.0))
+        )
+        try:
+            await asyncio.sleep(2.0)  # nobody listens yet: refusals, backoff up to 1 s
+            with ThreadedMaster(metrics_port=None, port=port) as master:
+                svc = master.service
+
+                def collect_effects(_state: object) -> None:
+                    svc.state.effects = []  # as an HA master does
+
+                master.call(collect_effects)
+                deadline = time.monotonic() + 10
+                while not follower.synced:
+                    assert time.monotonic() < deadline, "never in sync"
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.3)
+            died = time.monotonic()  # the master closed: its port refuses now
+            while not gone:
+                assert time.monotonic() < died + 10, "the dead leader was never reported"
+                await asyncio.sleep(0.01)
+            return time.monotonic() - died
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    took = asyncio.run(scenario())
+    assert took < 0.8, took  # 0.1 + 0.2 s of pauses, not 1 + 1

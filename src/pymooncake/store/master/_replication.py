@@ -414,6 +414,8 @@ class Follower:
         self._waiters: list[asyncio.Future[None]] = []
         #: when the leader's stream last brought bytes (time.monotonic)
         self.heard = 0.0
+        #: the current connection to the leader got in sync (see :meth:`run`)
+        self._in_sync_once = False
 
     def silent_for(self, now: float) -> float | None:
         """Seconds since the leader's stream last brought anything (it sends at
@@ -489,6 +491,7 @@ class Follower:
         refused = 0
         told = False
         while True:
+            self._in_sync_once = False
             try:
                 await self._follow_once(leader, view_version, on_state)
                 pause = 0.1
@@ -509,6 +512,11 @@ class Follower:
                 log.warning("HA: following the leader at %s failed: %s; retrying", leader, exc)
             else:
                 refused = 0
+            if self._in_sync_once:
+                # a stream that was in sync ended: a fresh start, not the backoff
+                # of the retries before it (those ran up to 1 s while the leader
+                # warmed up, and a dead leader's lease would be revoked ~2 s late)
+                pause, refused = 0.1, 0
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 
@@ -556,7 +564,7 @@ class Follower:
                             confirmed.pop(rec[1], None)
                     self.seq = stream.seq
                     if stream.synced and not live:
-                        live = True
+                        live = self._in_sync_once = True
                         self.state = state
                         self.synced = True
                         on_state(state)
