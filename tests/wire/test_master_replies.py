@@ -60,6 +60,12 @@ EXAMPLES: dict[type[r.Reply], tuple[Any, str]] = {
     r.UpsertStartReply: ([REP], '[[4398046511104,"127.0.0.1:17001",140000000000,4096,3,"seg-a"]]'),
     r.PromotionAllocStartReply: ([], "[]"),
     r.PutEndReply: (None, "null"),
+    r.ReserveSlotsReply: (
+        {"slots": [["\x01slot:ab:1", [REP]]], "ttl_s": 10.0},
+        '{"slots":[["\\u0001slot:ab:1",[[4398046511104,"127.0.0.1:17001",140000000000,4096,3,'
+        '"seg-a"]]]],"ttl_s":10.0}',
+    ),
+    r.CommitSlotReply: (None, "null"),
     r.PutRevokeReply: (None, "null"),
     r.UpsertEndReply: (None, "null"),
     r.UpsertRevokeReply: (None, "null"),
@@ -244,6 +250,12 @@ def test_columns_decode_keeps_the_lists() -> None:
         (r.ExistKeyReply, 1, ("ExistKey", "exists")),
         (r.UnmountSegmentReply, True, ("UnmountSegment", "count")),
         (r.RemoveReply, 0, ("Remove", "value")),
+        (r.ReserveSlotsReply, {"slots": [], "ttl_s": -1}, ("ReserveSlots", "ttl_s")),
+        (
+            r.ReserveSlotsReply,
+            {"slots": [["s", [[1]]]], "ttl_s": 1},
+            ("ReserveSlots", "slots[0][1]"),
+        ),
         (
             r.BatchGetReplicaListReply,
             {**EXAMPLES[r.BatchGetReplicaListReply][0], "seg": [1]},

@@ -53,6 +53,7 @@ __all__ = [
     "BatchUpsertEnd",
     "BatchUpsertRevoke",
     "BatchUpsertStart",
+    "CommitSlot",
     "CopyEnd",
     "CopyRevoke",
     "CopyStart",
@@ -82,6 +83,7 @@ __all__ = [
     "RemoveByRegex",
     "ReplicateParams",
     "Request",
+    "ReserveSlots",
     "SegmentParams",
     "ServiceReady",
     "UnmountSegment",
@@ -102,6 +104,8 @@ MAX_REGEX_CHARS: Final = 1024
 MAX_SEGMENTS: Final = 4096
 #: longest segment id / name / host id (transfer-engine names are host:port)
 MAX_NAME_CHARS: Final = 1024
+#: most buffers one ReserveSlots may ask for
+MAX_SLOTS: Final = 256
 #: most replicas one object may ask for
 MAX_REPLICAS: Final = 64
 _U64: Final = 1 << 64
@@ -125,6 +129,10 @@ class MasterMethod(str, Enum):
     BATCH_UPSERT_START = "BatchUpsertStart"
     BATCH_UPSERT_END = "BatchUpsertEnd"
     BATCH_UPSERT_REVOKE = "BatchUpsertRevoke"
+    #: pymooncake: reserve buffers for single puts to come, and make one of them
+    #: the value of a key (a small put in one round trip)
+    RESERVE_SLOTS = "ReserveSlots"
+    COMMIT_SLOT = "CommitSlot"
     GET_REPLICA_LIST = "GetReplicaList"
     BATCH_GET_REPLICA_LIST = "BatchGetReplicaList"
     GET_REPLICA_LIST_BY_REGEX = "GetReplicaListByRegex"
@@ -706,6 +714,72 @@ class BatchUpsertRevoke(_KeysOp):
 
 
 @dataclass(frozen=True, slots=True)
+class ReserveSlots(Mutation):
+    """pymooncake: reserve ``count`` buffers of ``size`` bytes, each placed as a
+    put of that size with ``config`` would be, for single puts to come.  Each is
+    a put in progress under a name the master makes up (no key can take it);
+    :class:`CommitSlot` makes one the value of a key, so that a put costs one
+    round trip (write, then commit) instead of two (start, write, end)."""
+
+    METHOD: ClassVar = MasterMethod.RESERVE_SLOTS
+    client_id: str
+    size: int
+    count: int
+    config: ReplicateParams = _DEFAULT_REPLICATE
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        out = _session_params(self)
+        out["size"] = self.size
+        out["count"] = self.count
+        if self.config is not _DEFAULT_REPLICATE:
+            out["config"] = self.config.to_wire()
+        return out
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> ReserveSlots:
+        client, rid, ack = _session(p)
+        size = _u64(_field(p, "size"), "size")
+        if size == 0:
+            raise _bad("size", "must be positive", size)
+        count = _u64(_field(p, "count"), "count")
+        if not 1 <= count <= MAX_SLOTS:
+            raise _bad("count", f"must be 1..{MAX_SLOTS}", count)
+        return cls(client, size, count, ReplicateParams.decode(p.get("config")), rid, ack)
+
+
+@dataclass(frozen=True, slots=True)
+class CommitSlot(Mutation):
+    """pymooncake: the buffer reserved as ``slot`` (by :class:`ReserveSlots`, and
+    written by this client) becomes the value of ``key``."""
+
+    METHOD: ClassVar = MasterMethod.COMMIT_SLOT
+    client_id: str
+    slot: str
+    key: str
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        out = _session_params(self)
+        out["slot"] = self.slot
+        out["key"] = self.key
+        return out
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> CommitSlot:
+        client, rid, ack = _session(p)
+        return cls(
+            client,
+            _text(_field(p, "slot"), "slot", empty=False),
+            _key(_field(p, "key")),
+            rid,
+            ack,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class _KeyRead(Request):
     key: str
 
@@ -1178,6 +1252,8 @@ _ALL: tuple[Any, ...] = (
     BatchPutRevoke,
     BatchUpsertEnd,
     BatchUpsertRevoke,
+    ReserveSlots,
+    CommitSlot,
     GetReplicaList,
     ExistKey,
     BatchGetReplicaList,

@@ -24,6 +24,7 @@ This module neither opens sockets nor touches master state.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, NoReturn, TypeVar
 
@@ -48,6 +49,7 @@ __all__ = [
     "BatchUpsertRevokeReply",
     "BatchUpsertStartReply",
     "ColumnsReply",
+    "CommitSlotReply",
     "CopyEndReply",
     "CopyRevokeReply",
     "CopyStartReply",
@@ -83,6 +85,7 @@ __all__ = [
     "RemoveReply",
     "ReplicaWire",
     "Reply",
+    "ReserveSlotsReply",
     "ServiceReadyReply",
     "TaskAssignment",
     "UnmountLocalDiskReply",
@@ -532,6 +535,40 @@ class PromotionAllocStartReply(_ReplicasReply):
 @dataclass(frozen=True, slots=True)
 class PutEndReply(DoneReply):
     METHOD: ClassVar = MasterMethod.PUT_END
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveSlotsReply(Reply):
+    """``{"slots": [[name, [replica, ...]], ...], "ttl_s": seconds}``: the buffers
+    reserved (possibly fewer than asked for: what fitted), and how long after
+    the request the client may still write into one and commit it."""
+
+    METHOD: ClassVar = MasterMethod.RESERVE_SLOTS
+    slots: tuple[tuple[str, tuple[ReplicaWire, ...]], ...]
+    ttl_s: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "slots": [[name, _replicas_wire(reps)] for name, reps in self.slots],
+            "ttl_s": self.ttl_s,
+        }
+
+    @classmethod
+    def decode(cls, value: Any) -> ReserveSlotsReply:
+        v = cls._dict(value, "value", ("slots", "ttl_s"))
+        ttl = v["ttl_s"]
+        if type(ttl) not in (int, float) or not 0 <= ttl < math.inf:
+            cls._bad("ttl_s", "is not a finite non-negative number", ttl)
+        slots = []
+        for i, item in enumerate(cls._list(v["slots"], "slots")):
+            name, reps = cls._list(item, f"slots[{i}]", 2)
+            slots.append((cls._str(name, f"slots[{i}][0]"), cls._replicas(reps, f"slots[{i}][1]")))
+        return cls(tuple(slots), float(ttl))
+
+
+@dataclass(frozen=True, slots=True)
+class CommitSlotReply(DoneReply):
+    METHOD: ClassVar = MasterMethod.COMMIT_SLOT
 
 
 @dataclass(frozen=True, slots=True)
@@ -1020,6 +1057,8 @@ _REPLIES: Final[dict[type[msg.Request], type[Reply] | None]] = {
     msg.BatchUpsertStart: BatchUpsertStartReply,
     msg.BatchUpsertEnd: BatchUpsertEndReply,
     msg.BatchUpsertRevoke: BatchUpsertRevokeReply,
+    msg.ReserveSlots: ReserveSlotsReply,
+    msg.CommitSlot: CommitSlotReply,
     msg.GetReplicaList: GetReplicaListReply,
     msg.BatchGetReplicaList: BatchGetReplicaListReply,
     msg.GetReplicaListByRegex: GetReplicaListByRegexReply,

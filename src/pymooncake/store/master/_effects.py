@@ -45,6 +45,7 @@ __all__ = [
     "TaskStarted",
     "TaskSubmitted",
     "WriteEnded",
+    "WriteRenamed",
     "WriteStarted",
     "effect_from_record",
 ]
@@ -127,6 +128,19 @@ class WriteEnded:
 
     def record(self) -> list[Any]:
         return ["abandon", self.key]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRenamed:
+    """The write in progress under the reserved name ``slot`` now writes ``key``
+    (a reserved buffer committed: ``CommitSlot``; an :class:`ObjectCommitted` of
+    ``key`` follows).  Like the other writes in flight, only standbys need it."""
+
+    slot: str
+    key: str
+
+    def record(self) -> list[Any]:
+        return ["rename", self.slot, self.key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +315,7 @@ Effect = (
     | ObjectDeleted
     | WriteStarted
     | WriteEnded
+    | WriteRenamed
     | TaskSubmitted
     | TaskStarted
     | TaskFinished
@@ -372,6 +387,10 @@ def _start(rec: list[Any]) -> Effect:
 
 def _abandon(rec: list[Any]) -> Effect:
     return WriteEnded(str(rec[1]))
+
+
+def _rename(rec: list[Any]) -> Effect:
+    return WriteRenamed(str(rec[1]), str(rec[2]))
 
 
 def _uuid(value: Any) -> tuple[int, int]:
@@ -465,6 +484,7 @@ _DECODERS: Final[dict[str, Callable[[list[Any]], Effect]]] = {
     "delete": _delete,
     "start": _start,
     "abandon": _abandon,
+    "rename": _rename,
 }
 
 

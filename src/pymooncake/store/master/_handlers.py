@@ -167,6 +167,12 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
 
         return handler
 
+    def reserve_slots(req: msg.ReserveSlots, now: float) -> rep.ReserveSlotsReply:
+        slots = st.reserve_slots(req.client_id, req.size, req.count, req.config, now)
+        return rep.ReserveSlotsReply(
+            tuple([(name, _written(obj)) for name, obj in slots]), st.slot_ttl()
+        )
+
     ttl_ms = st.config.default_kv_lease_ttl_ms
 
     def get_replica_list(req: msg.GetReplicaList, now: float) -> rep.GetReplicaListReply:
@@ -277,6 +283,11 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         ),
         msg.BatchUpsertEnd: batch_ended(st.put_end_many, rep.BatchUpsertEndReply),
         msg.BatchUpsertRevoke: batch_keyed(st.upsert_revoke, rep.BatchUpsertRevokeReply),
+        msg.ReserveSlots: reserve_slots,
+        msg.CommitSlot: _done(
+            rep.CommitSlotReply,
+            lambda req, now: st.commit_slot(req.client_id, req.slot, req.key, now),
+        ),
         msg.GetReplicaList: get_replica_list,
         msg.BatchGetReplicaList: batch_get_replica_list,
         msg.ExistKey: lambda req, now: rep.ExistKeyReply(st.exist_key(req.key, now)),

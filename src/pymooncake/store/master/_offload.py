@@ -806,6 +806,13 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
             _splice_failures(req.keys, disk, started.columns if started else None, exists_error)
         )
 
+    def commit_slot(req: msg.CommitSlot, now: float) -> Any:
+        if req.key in off.replicas and req.key not in st.objects:
+            raise exists_error(req.key)
+        out = base[msg.CommitSlot](req, now)
+        off.written(req.key)
+        return out
+
     def upsert_start(req: msg.UpsertStart, now: float) -> Any:
         out = base[msg.UpsertStart](req, now)
         off.remove(req.key)  # the value is being replaced: the file is stale
@@ -920,6 +927,7 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         msg.UpsertStart: upsert_start,
         msg.BatchUpsertStart: batch_upsert_start,
         msg.PutEnd: ended(msg.PutEnd),
+        msg.CommitSlot: commit_slot,
         msg.UpsertEnd: ended(msg.UpsertEnd),
         msg.BatchPutEnd: batch_ended(msg.BatchPutEnd),
         msg.BatchUpsertEnd: batch_ended(msg.BatchUpsertEnd),

@@ -37,6 +37,7 @@ from ._effects import (
     TaskStarted,
     TaskSubmitted,
     WriteEnded,
+    WriteRenamed,
     WriteStarted,
 )
 from ._offload import OFFLOAD_APPLY
@@ -148,6 +149,17 @@ def _apply_abandon(st: MasterState, ev: WriteEnded, now: float) -> None:
         st._abandon(ev.key, obj, discard=False, now=now)
 
 
+def _apply_rename(st: MasterState, ev: WriteRenamed, now: float) -> None:
+    obj = st.objects.get(ev.slot)
+    if obj is None or not obj.flags & BUSY:
+        return
+    old = st.objects.get(ev.key)
+    if old is not None:  # (the leader had no record of the key)
+        st._dirty_allocators.update(seg.id for seg in old.segments())
+        st._forget(ev.key, old, free=False)
+    st._rekey(ev.slot, ev.key, obj)
+
+
 def _apply_delete(st: MasterState, ev: ObjectDeleted, now: float) -> None:
     obj = st.objects.get(ev.key)
     if obj is not None:
@@ -162,6 +174,7 @@ _APPLY: dict[type, Callable[[MasterState, Any, float], None]] = {
     ObjectDeleted: _apply_delete,
     WriteStarted: _apply_start,
     WriteEnded: _apply_abandon,
+    WriteRenamed: _apply_rename,
     TaskSubmitted: lambda st, ev, now: st.tasks.apply_submitted(ev, now),
     TaskStarted: lambda st, ev, now: st.tasks.apply_started(ev, now),
     TaskFinished: lambda st, ev, now: st.tasks.apply_finished(ev, now),

@@ -72,6 +72,7 @@ from ._effects import (
     SegmentMounted,
     SegmentUnmounted,
     WriteEnded,
+    WriteRenamed,
     WriteStarted,
 )
 from ._eviction import compact_segment, evict_segment
@@ -97,6 +98,8 @@ from ._replicate import Replications
 from ._tasks import TaskQueue
 
 __all__ = [
+    "SLOT_PREFIX",
+    "SLOT_TTL_S",
     "GetReplicaListResult",
     "MasterState",
     "Metrics",
@@ -122,6 +125,16 @@ def client_tag(client_id: str) -> str:
 _COMPACT_MIN_DEAD = 4096
 #: read leases end on multiples of 1/8192 s (see MasterState.lease_deadline)
 _LEASE_STEPS = 8192
+
+
+#: reserved buffers (``reserve_slots``) are writes in progress under these names;
+#: keys cannot hold the control character, so no put can touch one
+SLOT_PREFIX = "\x01slot:"
+#: how long a client may keep a reserved buffer before writing and committing it
+#: (at most half of ``put_start_release_timeout``, after which the master would
+#: reclaim it); also how long a segment that replaces a dead one keeps the
+#: ranges its predecessor had reserved for other clients' writes
+SLOT_TTL_S = 10.0
 
 
 def _err(code: ErrorCode, message: str) -> StoreError:
@@ -264,6 +277,7 @@ class MasterState:
         #: the last put config that passed the checks, and its soft-pin ttl
         self._checked_config: Any = None
         self._checked_pin: float | None = None
+        self._slot_ids = itertools.count(1)
         #: applying effects (replay, a standby): allocators are rebuilt afterwards
         #: by finish_replay() instead of being updated range by range
         self._replaying = False
@@ -570,7 +584,7 @@ class MasterState:
         return obj.descs()
 
     def put_start_replicas(
-        self, client_id: str, key: str, size: int, config: Any, now: float
+        self, client_id: str, key: str, size: int, config: Any, now: float, observe: bool = True
     ) -> Obj:
         """Allocate replicas for a new object; returns its record (replicas being
         written).
@@ -643,7 +657,8 @@ class MasterState:
                     pin_ttl,
                 )
             )
-        self.metrics.observe_value_size(size)
+        if observe:
+            self.metrics.observe_value_size(size)
         return obj
 
     def upsert_start_many(
@@ -897,6 +912,89 @@ class MasterState:
         obj = self._writing(client_id, key)
         self._abandon(key, obj, discard=False, now=now)
         self._touch(client_id, now)
+
+    # --- reserved buffers: a put in one round trip ----------------------------------
+
+    def slot_ttl(self) -> float:
+        """How long after reserving a client may write a buffer and commit it."""
+        return min(SLOT_TTL_S, self.config.put_start_release_timeout_s / 2)
+
+    def reserve_slots(
+        self, client_id: str, size: int, count: int, config: Any, now: float
+    ) -> list[tuple[str, Obj]]:
+        """Reserve up to ``count`` buffers of ``size`` bytes for ``client_id``'s
+        single puts to come, each placed as a put of that size would be: puts in
+        progress under names no key can take (:data:`SLOT_PREFIX`).  Returns the
+        (name, record) of each; fewer than ``count`` when the pool ran out after
+        the first.
+
+        Raises:
+            NoAvailableHandle / InvalidParams: as :meth:`put_start_replicas`, when
+                not even one could be reserved.
+        """
+        out: list[tuple[str, Obj]] = []
+        tag = self.instance[:12]
+        for _ in range(count):
+            name = f"{SLOT_PREFIX}{tag}:{next(self._slot_ids)}"
+            try:
+                obj = self.put_start_replicas(client_id, name, size, config, now, observe=False)
+            except StoreError:
+                if not out:
+                    raise
+                break
+            out.append((name, obj))
+        return out
+
+    def commit_slot(self, client_id: str, slot: str, key: str, now: float) -> None:
+        """Make the buffer reserved as ``slot`` (and written by ``client_id``) the
+        value of ``key``: the put's end, with the key's own checks made now.
+
+        Raises:
+            ObjectNotFound: no such reservation of this client (it was reclaimed,
+                its segment went away, or the master restarted): the caller puts
+                the ordinary way.
+            ObjectExists: ``key`` is readable (the reservation stays).
+            ReplicaNotReady: another put of ``key`` is in progress (the
+                reservation stays).
+        """
+        obj = self.objects.get(slot)
+        if (
+            obj is None
+            or not slot.startswith(SLOT_PREFIX)
+            or obj.flags & (BUSY | READABLE) != BUSY
+            or obj.writer != client_id
+        ):
+            raise _err(
+                ErrorCode.OBJECT_NOT_FOUND,
+                f"buffer {slot[len(SLOT_PREFIX) :]!r} reserved for {key!r} by "
+                f"{client_tag(client_id)} is gone (reclaimed, its segment went away, or the "
+                "master restarted); the put is made the ordinary way",
+            )
+        current = self.objects.get(key)
+        if current is not None:
+            if current.flags & READABLE:
+                raise _err(ErrorCode.OBJECT_ALREADY_EXISTS, f"object {key!r} already exists")
+            raise _err(
+                ErrorCode.REPLICA_IS_NOT_READY,
+                f"object {key!r} is being written by {client_tag(current.writer)}; it becomes "
+                "readable when that put ends",
+            )
+        self._rekey(slot, key, obj)
+        self._emit(WriteRenamed(slot, key))
+        self.metrics.observe_value_size(obj.size)
+        self.put_end(client_id, key, now)
+
+    def _rekey(self, slot: str, key: str, obj: Obj) -> None:
+        """The write in progress ``obj`` under ``slot`` moves to ``key`` (absent)."""
+        self.objects.pop(slot)
+        self.inflight.pop(slot, None)
+        client = self.clients.get(obj.writer)
+        if client is not None:
+            client.inflight.discard(slot)
+            client.inflight.add(key)
+        obj.key = key
+        self.objects.add(key, obj)
+        self.inflight[key] = obj
 
     def _abandon(self, key: str, obj: Obj, *, discard: bool, now: float) -> None:
         self._emit(WriteEnded(key))

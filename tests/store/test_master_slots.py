@@ -1,0 +1,169 @@
+"""Reserved buffers (ReserveSlots / CommitSlot): a put in one round trip.
+
+MasterState with an injected clock; every scenario ends with ``validate()``."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from pymooncake.errors import ObjectExists, ObjectNotFound, ReplicaNotReady
+from pymooncake.store._config import MasterConfig
+from pymooncake.store._types import ReplicateConfig, SegmentInfo, SoftPinAction
+from pymooncake.store.master._effects import DURABLE, WriteRenamed, effect_from_record
+from pymooncake.store.master._state import SLOT_PREFIX, SLOT_TTL_S, MasterState
+
+MiB = 1 << 20
+ONE = ReplicateConfig()
+
+
+def seg(name: str, sid: str, base: int = 0x10000000, size: int = 16 * MiB) -> SegmentInfo:
+    return SegmentInfo(id=sid, name=name, base=base, size=size, host_id=name.split(":")[0])
+
+
+@pytest.fixture
+def st() -> Iterator[MasterState]:
+    s = MasterState(MasterConfig(client_ttl_s=10), rng=random.Random(7))
+    s.mount_segment("node", seg("a:1", "sa"), 0)
+    yield s
+    s.validate()
+
+
+def test_reserved_buffers_are_writes_no_key_can_touch(st: MasterState) -> None:
+    slots = st.reserve_slots("c1", 4096, 3, ONE, 1)
+    assert len(slots) == 3
+    names = [n for n, _ in slots]
+    assert len(set(names)) == 3 and all(n.startswith(SLOT_PREFIX) for n in names)
+    assert len({obj.addr for _, obj in slots}) == 3
+    assert st.segments["sa"].allocator.live_count == 3
+    # reserved buffers are writes in progress: nothing is readable
+    for name in names:
+        assert not st.exist_key(name, 1)
+    st.validate()
+
+
+def test_a_committed_buffer_is_the_keys_value(st: MasterState) -> None:
+    (name, obj), *_ = st.reserve_slots("c1", 4096, 2, ONE, 1)
+    addr = obj.addr
+    st.commit_slot("c1", name, "k", 2)
+    got = st.get_replica_list("k", 3)
+    assert got.size == 4096 and [r.address for r in got.replicas] == [addr]
+    assert name not in st.objects and "k" not in st.inflight
+    assert st.clients["c1"].inflight == {n for n in st.inflight}  # the other slot only
+    # committing the same buffer again finds nothing: it is the key's now
+    with pytest.raises(ObjectNotFound, match="ordinary way"):
+        st.commit_slot("c1", name, "k2", 3)
+    st.validate()
+
+
+def test_an_existing_key_leaves_the_buffer_reserved(st: MasterState) -> None:
+    st.put_start("c2", "k", 10, ONE, 1)
+    st.put_end("c2", "k", 1)
+    ((name, _),) = st.reserve_slots("c1", 4096, 1, ONE, 1)
+    with pytest.raises(ObjectExists):
+        st.commit_slot("c1", name, "k", 2)
+    st.put_start("c2", "busy", 10, ONE, 2)
+    with pytest.raises(ReplicaNotReady, match="being written"):
+        st.commit_slot("c1", name, "busy", 2)
+    assert name in st.inflight  # still ours: usable for another key
+    st.commit_slot("c1", name, "other", 3)
+    assert st.get_replica_list("other", 3).size == 4096
+
+
+def test_only_the_client_that_reserved_may_commit(st: MasterState) -> None:
+    ((name, _),) = st.reserve_slots("c1", 64, 1, ONE, 1)
+    with pytest.raises(ObjectNotFound):
+        st.commit_slot("c2", name, "k", 2)
+    # and no ordinary key can name a buffer of the reserved kind
+    st.put_start("c1", "plain", 64, ONE, 2)
+    with pytest.raises(ObjectNotFound):
+        st.commit_slot("c1", "plain", "k", 2)
+
+
+def test_buffers_go_with_their_client_and_segment(st: MasterState) -> None:
+    st.mount_segment("node2", seg("b:1", "sb", base=0x20000000), 0)
+    st.reserve_slots("c1", 4096, 8, ONE, 1)
+    assert len(st.inflight) == 8
+    st.expire_client("c1", 2)  # a dead writer's buffers go to the discard list
+    assert not st.inflight and not any(k.startswith(SLOT_PREFIX) for k in st.objects)
+    slots = st.reserve_slots("c3", 4096, 8, ONE, 3)
+    st.unmount_segment("node", "sa", 4)
+    st.unmount_segment("node2", "sb", 4)
+    for name, _ in slots:
+        with pytest.raises(ObjectNotFound):
+            st.commit_slot("c3", name, "k", 5)
+
+
+def test_reclaimed_after_put_start_release_timeout() -> None:
+    s = MasterState(MasterConfig(put_start_release_timeout_s=8.0))
+    s.mount_segment("node", seg("a:1", "sa"), 0)
+    assert s.slot_ttl() == 4.0  # half of the release timeout
+    assert MasterState().slot_ttl() == SLOT_TTL_S
+    ((name, _),) = s.reserve_slots("c1", 64, 1, ONE, 0)
+    s.ping("c1", 5)
+    s.tick(9.0)
+    with pytest.raises(ObjectNotFound):
+        s.commit_slot("c1", name, "k", 9.5)
+    s.validate()
+
+
+def test_fewer_buffers_when_the_pool_is_nearly_full() -> None:
+    s = MasterState(MasterConfig(client_ttl_s=10))
+    s.mount_segment("node", seg("a:1", "sa", size=1 * MiB), 0)
+    slots = s.reserve_slots("c1", 300 * 1024, 8, ONE, 0)
+    assert len(slots) == 3
+    s.validate()
+
+
+def test_pins_and_replicas_of_the_config_apply_at_commit(st: MasterState) -> None:
+    st.mount_segment("node2", seg("b:1", "sb", base=0x20000000), 0)
+    pinned = ReplicateConfig(replica_num=2, soft_pin_action=SoftPinAction.ENABLE)
+    ((name, _),) = st.reserve_slots("c1", 4096, 1, pinned, 1)
+    st.commit_slot("c1", name, "k", 2)
+    got = st.get_replica_list("k", 2)
+    assert {r.segment_id for r in got.replicas} == {"sa", "sb"}
+    assert st.soft_pinned == 1
+
+
+def test_value_size_histogram_counts_commits_not_reservations(st: MasterState) -> None:
+    slots = st.reserve_slots("c1", 4096, 4, ONE, 1)
+    assert sum(st.metrics.value_size_counts) == 0
+    st.commit_slot("c1", slots[0][0], "k", 2)
+    assert sum(st.metrics.value_size_counts) == 1
+    assert st.metrics.value_size_sum == 4096
+
+
+def test_effects_journal_the_commit_and_standbys_follow_the_rename() -> None:
+    leader = MasterState(MasterConfig(client_ttl_s=10), rng=random.Random(4))
+    leader.effects = []
+    standby = MasterState(MasterConfig(client_ttl_s=10))
+    journal: list[object] = []
+
+    def sync(now: float) -> None:
+        for e in leader.drain_effects():
+            e = effect_from_record(e.record())  # as the stream and the journal carry it
+            standby.apply(e, now)
+            if isinstance(e, DURABLE):
+                journal.append(e)
+
+    leader.mount_segment("node", seg("a:1", "sa"), 0)
+    slots = leader.reserve_slots("c1", 4096, 3, ONE, 1)
+    leader.commit_slot("c1", slots[0][0], "k1", 2)
+    renames = [e for e in leader.effects or [] if isinstance(e, WriteRenamed)]
+    assert renames == [WriteRenamed(slots[0][0], "k1")]
+    sync(2)
+    assert standby.get_replica_list("k1", 2).replicas[0].address == slots[0][1].addr
+    assert slots[1][0] in standby.inflight and slots[2][0] in standby.inflight
+    # a promoted standby lets the writer commit the buffers it still holds
+    standby.promote(3)
+    standby.commit_slot("c1", slots[1][0], "k2", 3)
+    standby.validate()
+    assert standby.segments["sa"].allocator.allocated == leader.segments["sa"].allocator.allocated
+    # the journal keeps the committed object only; a restart replays it
+    assert {type(e).__name__ for e in journal} == {"SegmentMounted", "ObjectCommitted"}
+    restored = MasterState(MasterConfig(client_ttl_s=10))
+    restored.replay(journal, 10)  # type: ignore[arg-type]
+    restored.validate()
+    assert set(restored.objects) == {"k1"}
