@@ -64,17 +64,23 @@ def setup() -> Iterator[tuple[LocalCluster, MasterProxy, StoreClient, StoreClien
                 writer.close()
 
 
-@pytest.mark.parametrize("method", ["PutStart", "PutEnd"])
+@pytest.mark.parametrize("method", ["PutStart", "PutEnd", "ReserveSlots", "CommitSlot"])
 def test_a_put_whose_reply_is_lost_is_stored_and_readable(
     setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient], method: str
 ) -> None:
-    _, proxy, node, writer = setup
-    value = _value(64 * KiB + 3, 1)
-    proxy.drop_replies(method)
-    assert writer.put("k", value) is True  # stored, not "existed"
-    assert proxy.dropped == {method: 1}
-    assert writer.get("k") == value
-    assert node.get("k") == value  # another client sees it too
+    cluster, proxy, node, writer = setup
+    if method in ("PutStart", "PutEnd"):  # the ordinary two-phase path
+        writer = _client(cluster, proxy.address, put_slot_bytes=0)
+    try:
+        value = _value(64 * KiB + 3, 1)
+        proxy.drop_replies(method)
+        assert writer.put("k", value) is True  # stored, not "existed"
+        assert proxy.dropped == {method: 1}
+        assert writer.get("k") == value
+        assert node.get("k") == value  # another client sees it too
+    finally:
+        if method in ("PutStart", "PutEnd"):
+            writer.close()
 
 
 @pytest.mark.parametrize("method", ["BatchPutStart", "BatchPutEnd"])
@@ -141,7 +147,7 @@ def test_an_application_retry_of_a_failed_put_stores_the_value(
     setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient],
 ) -> None:
     cluster, proxy, node, _ = setup
-    impatient = _client(cluster, proxy.address, rpc_timeout_s=1.0)
+    impatient = _client(cluster, proxy.address, rpc_timeout_s=1.0, put_slot_bytes=0)
     try:
         value = _value(100 * KiB, 7)
         proxy.drop_replies("PutStart", 10_000)  # every reply lost: the put must fail
@@ -164,7 +170,8 @@ def test_lost_replies_of_every_phase_in_a_row(
 ) -> None:
     """Each phase of 20 puts loses one reply; everything acknowledged is readable
     and nothing is left in flight."""
-    cluster, proxy, node, writer = setup
+    cluster, proxy, node, _ = setup
+    writer = _client(cluster, proxy.address, put_slot_bytes=0)  # two-phase single puts
     stored = {}
     for i in range(20):
         proxy.drop_replies(("PutStart", "PutEnd", "BatchPutStart", "BatchPutEnd")[i % 4])
@@ -181,6 +188,47 @@ def test_lost_replies_of_every_phase_in_a_row(
     assert node.get_many(list(stored)) == list(stored.values())
     inflight = cluster.master.call(lambda st: len(st.inflight))
     assert inflight == 0
+    writer.close()
+
+
+def test_lost_commits_of_reserved_buffers_in_a_row(
+    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient],
+) -> None:
+    """Single puts through reserved buffers (one round trip each): every commit
+    loses its reply; each put is stored exactly once and reports success."""
+    cluster, proxy, node, writer = setup
+    stored = {}
+    for i in range(12):
+        proxy.drop_replies("CommitSlot")
+        key, value = f"slot-{i}", _value(2000, i)
+        assert writer.put(key, value) is True
+        stored[key] = value
+    assert proxy.dropped == {"CommitSlot": 12}
+    assert node.get_many(list(stored)) == list(stored.values())
+    cluster.master.call(lambda st: st.validate())
+
+
+def test_a_reservation_whose_reply_is_lost_is_revoked_and_the_put_still_stored(
+    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient],
+) -> None:
+    """Every ReserveSlots reply lost: the put takes the ordinary path, and the
+    buffers the master did reserve (named after the client's batch) are revoked
+    by the heartbeat instead of staying reserved for put_start_release_timeout."""
+    cluster, proxy, node, _ = setup
+    impatient = _client(cluster, proxy.address, rpc_timeout_s=1.0)
+    try:
+        proxy.drop_replies("ReserveSlots", 10_000)
+        value = _value(3000, 9)
+        assert impatient.put("via-start", value) is True
+        assert proxy.dropped["ReserveSlots"] >= 2  # retried with the same request id
+        assert node.get("via-start") == value
+        deadline = time.monotonic() + 10.0
+        while cluster.master.call(lambda st: len(st.inflight)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cluster.master.call(lambda st: len(st.inflight)) == 0
+        cluster.master.call(lambda st: st.validate())
+    finally:
+        impatient.close()
 
 
 def test_a_connection_closed_during_the_token_handshake_is_retried() -> None:
@@ -218,7 +266,7 @@ def test_a_put_abandoned_after_a_lost_start_is_revoked_without_a_retry(
     master answers again, instead of leaving it reserved for
     put_start_release_timeout (600 s) unless the application happens to retry."""
     cluster, proxy, node, _ = setup
-    impatient = _client(cluster, proxy.address, rpc_timeout_s=1.0)
+    impatient = _client(cluster, proxy.address, rpc_timeout_s=1.0, put_slot_bytes=0)
     try:
         proxy.drop_replies(method, 10_000)
         with pytest.raises(MooncakeError):

@@ -113,7 +113,19 @@ def test_fewer_buffers_when_the_pool_is_nearly_full() -> None:
     s = MasterState(MasterConfig(client_ttl_s=10))
     s.mount_segment("node", seg("a:1", "sa", size=1 * MiB), 0)
     slots = s.reserve_slots("c1", 300 * 1024, 8, ONE, 0)
-    assert len(slots) == 3
+    # a third would pass 0.8 MiB: the high watermark (0.9) less 0.1 of headroom
+    assert len(slots) == 2
+    s.validate()
+
+
+def test_buffers_ahead_never_evict_only_the_one_for_the_put_at_hand_does() -> None:
+    s = MasterState(MasterConfig(client_ttl_s=10))
+    s.mount_segment("node", seg("a:1", "sa", size=1 * MiB), 0)
+    for i in range(16):  # full of readable objects
+        s.put_start("c2", f"o{i}", 64 * 1024, ONE, 0)
+        s.put_end("c2", f"o{i}", 0)
+    assert s.reserve_slots("c1", 64 * 1024, 8, ONE, 1)  # evicts for the first only
+    assert s.key_count() == 15 and s.slots_held() == 1
     s.validate()
 
 
@@ -167,3 +179,30 @@ def test_effects_journal_the_commit_and_standbys_follow_the_rename() -> None:
     restored.replay(journal, 10)  # type: ignore[arg-type]
     restored.validate()
     assert set(restored.objects) == {"k1"}
+
+
+def test_a_segment_replacing_a_dead_one_keeps_what_others_were_writing(
+    st: MasterState,
+) -> None:
+    """A storage node restarts under the same name while a writer holds buffers
+    in its old segment: the writer may still write them (it has not noticed),
+    and a new process's memory can sit at the same addresses."""
+    slots = st.reserve_slots("c1", 4096, 3, ONE, 1)
+    held = {obj.addr for _, obj in slots}
+    st.put_start("node", "own", 4096, ONE, 1)  # the dead node's own write: not kept
+    st.mount_segment("node-2", seg("a:1", "sa2"), 2)  # replaces (expires) "node"
+    assert "sa" not in st.segments and "node" not in st.clients
+    for i in range(40):
+        st.put_start("c2", f"n{i}", 4096, ONE, 3)
+        st.put_end("c2", f"n{i}", 3)
+    taken = {st.objects[f"n{i}"].addr for i in range(40)}
+    assert not held & taken
+    st.validate()
+    st.ping("c1", 2 + SLOT_TTL_S)
+    st.ping("c2", 2 + SLOT_TTL_S)
+    st.ping("node-2", 2 + SLOT_TTL_S)
+    st.tick(2 + SLOT_TTL_S + 0.1)  # then they return to the allocator
+    assert st.segments["sa2"].allocator.live_count == 40
+    for name, _ in slots:  # the buffers themselves are gone with the old segment
+        with pytest.raises(ObjectNotFound):
+            st.commit_slot("c1", name, "k", 13)

@@ -51,6 +51,7 @@ from ._ha_confirm import StandbyConfirms
 from ._master_client import MasterClient
 from ._metrics import ClientMetrics, ClientMetricsSettings
 from ._reads import ReadOps
+from ._slots import SlotPools, slot_bytes_from_env
 from ._ssd import OffloadReader, SsdSettings, SsdTier
 from ._tasks import TaskInfo, TaskRunner
 from ._types import ClientStatus, ReplicaDesc, ReplicaStatus, SegmentInfo
@@ -85,6 +86,11 @@ class StoreClientConfig:
     #: caller pays 20-30 us to be woken on a VM); PYMOONCAKE_RPC_SPIN_US.
     rpc_spin_s: float = DEFAULT_SPIN_S
     ping_interval_s: float = 1.0
+    #: bytes a client may hold reserved per value size for single puts (one
+    #: master round trip per put instead of two: ``_slots.py``); values above
+    #: half of it take the ordinary path; 0 turns it off.
+    #: PYMOONCAKE_PUT_SLOT_BYTES.
+    put_slot_bytes: int = field(default_factory=slot_bytes_from_env)
     #: MC_STORE_CLUSTER_ID: with an ``etcd://`` master address, which cluster's
     #: elected leader to use (``mooncake-store/<cluster_id>/master_view``)
     cluster_id: str = "mooncake_cluster"
@@ -185,6 +191,9 @@ class StoreClient(WriteOps, ReadOps):
         #: keys the heartbeat is revoking right now; a put of one waits for it
         self._revoking: set[str] = set()
         self._revoke_done = threading.Condition(self._writing_lock)
+        #: buffers reserved for single puts (_slots.py); not with HA, where a
+        #: reservation the leader never streamed would be lost with it
+        self.slots = SlotPools(0 if "://" in config.master_server_addr else config.put_slot_bytes)
         #: runs the copy/move tasks the master assigns to this client (_tasks.py)
         self._tasks = TaskRunner(self)
         #: the SSD tier (enable_ssd_offload), and the reader of others' tiers
@@ -344,6 +353,7 @@ class StoreClient(WriteOps, ReadOps):
                 self._master_instance = instance
                 self.confirms.update(res.standbys)
                 self._ping_ok = True
+                self._sweep_slots()
                 if res.status == ClientStatus.NEED_REMOUNT:
                     log.warning(
                         "master at %s does not know this client (it restarted or expired us); "
@@ -516,6 +526,10 @@ class StoreClient(WriteOps, ReadOps):
             reader.close()
         if self.metrics is not None:
             self.metrics.close()
+        slots = getattr(self, "slots", None)
+        held = slots.disable() if slots is not None else []
+        if held and getattr(self, "master", None) is not None:
+            self._revoke(held, False, quiet=True)  # their buffers return at once
         if unmount:
             for info in self._segments:
                 try:

@@ -32,6 +32,7 @@ from ._types import ReplicaDesc
 if TYPE_CHECKING:
     from ._client import StoreClientConfig
     from ._ha_confirm import StandbyConfirms
+    from ._slots import SlotPools
     from ._ssd import OffloadReader
 
 __all__ = ["BATCH_OPS", "ClientIO", "ObjectLocation", "Part", "Parts", "transfer_failed"]
@@ -107,6 +108,9 @@ class ClientIO:
     ssd_reader: OffloadReader
     #: the shared filesystem of DISK replicas (the master's --root_fs_dir), or ""
     fsdir: str
+    #: buffers reserved for single puts (``_slots.py``)
+    slots: SlotPools
+    _master_instance: str
 
     # ------------------------------------------------------------------------------
     # helpers

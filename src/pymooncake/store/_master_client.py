@@ -29,6 +29,7 @@ timeout is reported (RpcTimeout) and not retried.
 from __future__ import annotations
 
 import itertools
+import select
 import socket
 import threading
 import time
@@ -66,6 +67,9 @@ __all__ = ["AUTH_CONTEXT", "IN_PROCESS_MASTER_PORTS", "MasterClient"]
 _NOT_LEADER = int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
 #: HA: how long one attempt waits for a reply before the leader is looked up again
 _HA_SLICE_S = 2.0
+#: poll events of a connection the peer closed (buffered bytes do not count: a
+#: TLS connection may hold a session ticket nobody read)
+_CLOSED_EVENTS = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 #: the HMAC context of the master RPC port (the master uses the same)
 AUTH_CONTEXT = b"master-rpc"
@@ -189,6 +193,10 @@ class MasterClient:
         self._spin = spin_s
         #: "unix" or "tcp": how the latest new connection reached the master
         self.last_transport = ""
+        #: bumped whenever a connection broke or was found closed by the master,
+        #: or another master leads: what the master reserved for this client
+        #: before may be gone (``_slots.py``)
+        self.epoch = 0
 
     # --- connections ----------------------------------------------------------------
 
@@ -207,6 +215,7 @@ class MasterClient:
             return False
         with self._lock:
             self._host, self._port = found
+            self.epoch += 1
             stale, self._idle = self._idle, []
             self._unix_names = None if self._same_host else []
         for c in stale:
@@ -332,8 +341,33 @@ class MasterClient:
             for conn in held:
                 self._checkin(conn)
 
+    def idle_intact(self) -> bool:
+        """Whether no pooled connection was closed by the master (it exited or
+        restarted) since it was last used: one ``poll`` without waiting.  Closed
+        ones are dropped and :attr:`epoch` moves on."""
+        with self._lock:
+            conns = list(self._idle)
+        if not conns:
+            return True
+        poller = select.poll()
+        for c in conns:
+            fd = c.sock.fileno()
+            if fd >= 0:
+                poller.register(fd, _CLOSED_EVENTS)
+        closed = {fd for fd, _ in poller.poll(0)}
+        if not closed:
+            return True
+        with self._lock:
+            dead = [c for c in self._idle if c.sock.fileno() in closed]
+            self._idle = [c for c in self._idle if c not in dead]
+            self.epoch += 1
+        for c in dead:
+            c.sock.close()
+        return False
+
     def _drop_idle(self) -> None:
         with self._lock:  # the pool went stale (master restarted): start afresh
+            self.epoch += 1
             stale, self._idle = self._idle, []
         for c in stale:
             c.sock.close()
@@ -491,6 +525,7 @@ class MasterClient:
                 replies = self._exchange(conn, frames, ids, ha_wait, spin)
             except (BlockingIOError, TimeoutError) as exc:
                 conn.sock.close()
+                self.epoch += 1
                 if ha and time.monotonic() + pause < deadline:
                     attempt += 1
                     self.retries += 1
@@ -572,6 +607,7 @@ class MasterClient:
         """A connection broke: close it, and the pool with it if it was pooled
         (the others are likely stale too: the master restarted)."""
         conn.sock.close()
+        self.epoch += 1
         if reused:
             self._drop_idle()
 

@@ -25,6 +25,7 @@ from ..wire import _master_msgs as msg
 from ..wire import _offload_msgs as omsg
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
 from ._file_storage import write_object
+from ._slots import Slot, deadline
 from ._types import ErrorCode, ReplicateConfig
 
 __all__ = ["WriteOps"]
@@ -33,6 +34,8 @@ __all__ = ["WriteOps"]
 _unreachable_log = RepeatLimiter(log, every=100)
 #: ReplicateConfig is immutable: one default serves every call
 _DEFAULT_CONFIG = ReplicateConfig()
+#: a reservation refused for want of room: the ordinary put reports it
+_ROOM_CODES = (ErrorCode.NO_AVAILABLE_HANDLE, ErrorCode.INVALID_PARAMS)
 
 
 class WriteOps(ClientIO):
@@ -58,8 +61,14 @@ class WriteOps(ClientIO):
         """
         self._check_open()
         started = time.perf_counter_ns()
+        results: list[bool | StoreError] | None = None
+        if len(keys) == 1 and not upsert and self.slots.enabled:
+            one = self._put_in_slot(keys[0], parts[0], config, op)
+            if one is not None:
+                results = [one]
         unreachable: set[str] = set()
-        results = self._write_once(keys, parts, config, upsert, unreachable, op)
+        if results is None:
+            results = self._write_once(keys, parts, config, upsert, unreachable, op)
         retry = [i for i, r in enumerate(results) if isinstance(r, StoreTransferFailed)]
         if retry and unreachable:
             _unreachable_log(
@@ -142,6 +151,108 @@ class WriteOps(ClientIO):
         finally:
             self._unclaim(keys)
         return results
+
+    # --- one round trip: a reserved buffer (_slots.py) -------------------------------
+
+    def _put_in_slot(
+        self, key: str, parts: Parts, config: ReplicateConfig, op: str
+    ) -> bool | StoreError | None:
+        """Put one value through a buffer reserved ahead: write it, then commit it
+        under ``key``.  True stored, False the key existed, or the error; None
+        when the put must take the ordinary path (not eligible, no buffer could
+        be reserved, the buffer is gone, the write failed, another put writes
+        the key)."""
+        size = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
+        pools = self.slots
+        if not pools.eligible(size) or not key or self.confirms.standbys:
+            return None
+        master = self.master
+        master.idle_intact()  # a master that exited or restarted closed them
+        epoch = (master.epoch, self._master_instance)
+        params = config.to_params()
+        slot, stale = pools.take(size, params, epoch, time.monotonic())
+        if stale:
+            self._revoke_later(stale)
+        if slot is None:
+            slot = self._reserve(size, params, epoch)
+            if slot is None:
+                return None
+        per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
+        errors: list[BaseException | None] = [None]
+        transfer_start = time.perf_counter_ns()
+        copy_own = self._copy_own_many()
+        for endpoint, address in slot.places:
+            self._route_parts(0, endpoint, address, parts, True, per_endpoint, errors, copy_own)
+        self._run_transfers(per_endpoint, errors, set())
+        if errors[0] is not None:
+            # the holder may be gone: its other buffers too; the ordinary path
+            # writes elsewhere (or reports why it cannot)
+            self._revoke_later([slot.name, *pools.drop(size, params)])
+            return None
+        if self.metrics is not None:
+            self.metrics.transfer(
+                True,
+                size * len(slot.places),
+                (time.perf_counter_ns() - transfer_start) // 1000,
+                op in BATCH_OPS,
+            )
+        try:
+            self.master.call(msg.CommitSlot(self.client_id, slot.name, key))
+        except StoreError as exc:
+            code = exc.code
+            if code == ErrorCode.OBJECT_ALREADY_EXISTS:
+                self._revoke_later(pools.give_back(size, params, slot, epoch))
+                return False  # readable: the key is immutable (reference semantics)
+            if code == ErrorCode.REPLICA_IS_NOT_READY:
+                self._revoke_later(pools.give_back(size, params, slot, epoch))
+                return None  # the ordinary path waits for that put
+            if code == ErrorCode.OBJECT_NOT_FOUND:
+                self._revoke_later(pools.clear())  # the master lost what it held
+                return None
+            if isinstance(exc, RpcFailed):  # committed or not: revoking is harmless
+                self._revoke_later([slot.name])
+            else:
+                self._revoke_later(pools.give_back(size, params, slot, epoch))
+            return exc
+        if self.fsdir:
+            self._write_shared([key], [parts], [size], [0])
+        return True
+
+    def _reserve(self, size: int, params: msg.ReplicateParams, epoch: object) -> Slot | None:
+        """Reserve buffers of ``size``: the first is returned, the rest pooled.
+        None when none could be reserved (the ordinary path then reports why)."""
+        pools = self.slots
+        count = pools.next_count(size, params)
+        batch = pools.next_batch()
+        asked = time.monotonic()
+        try:
+            reply = self.master.call(msg.ReserveSlots(self.client_id, size, count, batch, params))
+        except StoreError as exc:
+            if isinstance(exc, RpcFailed):
+                # no answer: the master may have reserved them; they are named
+                # after the batch, so the heartbeat can revoke them all the same
+                self._revoke_later([msg.slot_name(self.client_id, batch, i) for i in range(count)])
+            elif exc.code not in _ROOM_CODES:
+                # a master without reservations (an older pymooncake): stop asking
+                log.info("put reservations are off: the master answered %s", exc)
+                self._revoke_later(pools.disable())
+            return None
+        until = deadline(asked, reply.ttl_s)
+        slots = [Slot(name, [(r[1], r[2]) for r in reps], until) for name, reps in reply.slots]
+        if not slots:
+            return None
+        self._revoke_later(pools.add(size, params, slots[1:], epoch))
+        return slots[0]
+
+    def _revoke_later(self, names: Sequence[str]) -> None:
+        """Reserved buffers nobody will write: the heartbeat revokes them."""
+        if names:
+            with self._writing_lock:
+                self._revoke_backlog.update((n, False) for n in names)
+
+    def _sweep_slots(self) -> None:
+        """Heartbeat: buffers past their deadline are revoked."""
+        self._revoke_later(self.slots.expired(time.monotonic()))
 
     # --- the two phases -----------------------------------------------------------
 

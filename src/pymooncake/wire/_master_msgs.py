@@ -42,6 +42,8 @@ __all__ = [
     "MAX_REGEX_CHARS",
     "MAX_SEGMENTS",
     "REQUEST_TYPES",
+    "SLOT_MARK",
+    "SLOT_PREFIX",
     "Ack",
     "BatchExistKey",
     "BatchGetReplicaList",
@@ -92,6 +94,7 @@ __all__ = [
     "UpsertStart",
     "check_surrogates",
     "decode_request",
+    "slot_name",
 ]
 
 #: longest key (characters); KV-cache keys of vLLM/SGLang/LMCache are < 300
@@ -104,6 +107,18 @@ MAX_REGEX_CHARS: Final = 1024
 MAX_SEGMENTS: Final = 4096
 #: longest segment id / name / host id (transfer-engine names are host:port)
 MAX_NAME_CHARS: Final = 1024
+#: reserved buffers (ReserveSlots) are writes in progress under names with this
+#: prefix; keys cannot hold the control character, so no put can touch one
+SLOT_PREFIX: Final = "\x01slot:"
+#: the first character of every reserved name (a cheap test)
+SLOT_MARK: Final = SLOT_PREFIX[0]
+
+
+def slot_name(client_id: str, batch: str, i: int) -> str:
+    """The master's name of buffer ``i`` of a client's reservation ``batch``."""
+    return f"{SLOT_PREFIX}{client_id}:{batch}:{i}"
+
+
 #: most buffers one ReserveSlots may ask for
 MAX_SLOTS: Final = 256
 #: most replicas one object may ask for
@@ -725,6 +740,10 @@ class ReserveSlots(Mutation):
     client_id: str
     size: int
     count: int
+    #: the client's name for this reservation: the buffers are named after it
+    #: (``<client_id>:<batch>:<i>``), so a client whose request got no answer
+    #: knows what to revoke
+    batch: str
     config: ReplicateParams = _DEFAULT_REPLICATE
     rid: int = 0
     ack: int = 0
@@ -733,6 +752,7 @@ class ReserveSlots(Mutation):
         out = _session_params(self)
         out["size"] = self.size
         out["count"] = self.count
+        out["batch"] = self.batch
         if self.config is not _DEFAULT_REPLICATE:
             out["config"] = self.config.to_wire()
         return out
@@ -746,7 +766,8 @@ class ReserveSlots(Mutation):
         count = _u64(_field(p, "count"), "count")
         if not 1 <= count <= MAX_SLOTS:
             raise _bad("count", f"must be 1..{MAX_SLOTS}", count)
-        return cls(client, size, count, ReplicateParams.decode(p.get("config")), rid, ack)
+        batch = _text(_field(p, "batch"), "batch", 64, empty=False)
+        return cls(client, size, count, batch, ReplicateParams.decode(p.get("config")), rid, ack)
 
 
 @dataclass(frozen=True, slots=True)

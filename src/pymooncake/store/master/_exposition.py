@@ -156,7 +156,7 @@ def metric_values(svc: MasterService) -> dict[str, int]:
     out: dict[str, int] = {
         "master_allocated_bytes": used,
         "master_total_capacity_bytes": cap,
-        "master_key_count": len(st.objects),
+        "master_key_count": st.key_count(),
         "master_soft_pin_key_count": st.soft_pinned,
         "master_active_clients": len(st.clients),
         "master_put_start_alloc_failures_total": m.put_alloc_failures,

@@ -168,7 +168,7 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         return handler
 
     def reserve_slots(req: msg.ReserveSlots, now: float) -> rep.ReserveSlotsReply:
-        slots = st.reserve_slots(req.client_id, req.size, req.count, req.config, now)
+        slots = st.reserve_slots(req.client_id, req.size, req.count, req.config, now, req.batch)
         return rep.ReserveSlotsReply(
             tuple([(name, _written(obj)) for name, obj in slots]), st.slot_ttl()
         )

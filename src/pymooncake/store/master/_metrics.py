@@ -47,8 +47,9 @@ HISTORY_S: Final = 600.0
 #: the reference's single-RPC counter bases -> the methods counted under each
 RPC_OPS: Final[dict[str, tuple[str, ...]]] = {
     "exist_key": ("ExistKey",),
-    "put_start": ("PutStart", "UpsertStart"),
-    "put_end": ("PutEnd", "UpsertEnd"),
+    # a committed reserved buffer is a put's start and end in one request
+    "put_start": ("PutStart", "UpsertStart", "CommitSlot"),
+    "put_end": ("PutEnd", "UpsertEnd", "CommitSlot"),
     "put_revoke": ("PutRevoke", "UpsertRevoke"),
     "get_replica_list": ("GetReplicaList",),
     "get_replica_list_by_regex": ("GetReplicaListByRegex",),
@@ -225,7 +226,7 @@ class MasterStats:
             evicted_bytes=m.evicted_bytes,
             allocated_bytes=used,
             capacity_bytes=cap,
-            keys=len(state.objects),
+            keys=state.key_count(),
         )
 
 

@@ -41,6 +41,7 @@ from ..._metrics import format_bytes
 from ...wire._auth import ClusterKey
 from ._exposition import role_state
 from ._records import READABLE
+from ._state import SLOT_MARK
 
 if TYPE_CHECKING:
     from ._service import MasterService
@@ -155,7 +156,7 @@ def cluster_view(svc: MasterService) -> dict[str, Any]:
                 "last_ping_s": round(silent, 1),
                 "status": "alive" if silent <= ttl / 2 else "late",
                 "segments": len(client.segments),
-                "writing": len(client.inflight),
+                "writing": sum(1 for k in client.inflight if k[:1] != SLOT_MARK),
             }
         )
     clients.sort(key=lambda c: (c["host"], c["id"]))
@@ -175,10 +176,10 @@ def cluster_view(svc: MasterService) -> dict[str, Any]:
         "totals": {
             "capacity_bytes": cap,
             "allocated_bytes": used,
-            "keys": len(st.objects),
+            "keys": st.key_count(),
             "readable_keys": len(st.objects) - writing_new,
             "soft_pinned_keys": st.soft_pinned,
-            "writing_keys": len(st.inflight),
+            "writing_keys": len(st.inflight) - st.slots_held(),
             "segments": len(st.segments),
             "clients": len(st.clients),
         },

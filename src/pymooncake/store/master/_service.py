@@ -67,7 +67,7 @@ from ._page import PAGE_OPEN_PATHS
 from ._replication import DEFAULT_SYNC_TIMEOUT_S, FROZEN_SILENCE_S, Follower, ReplicationHub
 from ._replies import ReplyCache
 from ._scan import RegexScanner
-from ._state import MasterState
+from ._state import SLOT_MARK, MasterState
 
 __all__ = ["AUTH_CONTEXT", "MasterLimits", "MasterService", "ServiceAddresses"]
 
@@ -777,9 +777,12 @@ class MasterService:
         objects = self.state.objects
         batch: list[str] = []
         shards = SHARDS if among is None else max(1, -(-len(among) // SLICE_KEYS))
+        # reserved buffers are writes under names no key can have: never listed
+        hidden = among is None and self.state.slots_held() > 0
         for i in range(shards):
             if among is None:
-                batch += objects.shard_keys(i)
+                keys = objects.shard_keys(i)
+                batch += [k for k in keys if k[:1] != SLOT_MARK] if hidden else keys
             else:
                 batch += among[i * SLICE_KEYS : (i + 1) * SLICE_KEYS]
             if len(batch) < SLICE_KEYS and i < shards - 1:

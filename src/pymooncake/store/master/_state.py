@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import StoreError, store_error
+from ...wire._master_msgs import SLOT_MARK, SLOT_PREFIX, slot_name
 from .._config import MasterConfig
 from .._types import ClientStatus, ErrorCode, ReplicaDesc, SegmentInfo, SoftPinAction
 from . import _replay, _validate
@@ -98,6 +99,7 @@ from ._replicate import Replications
 from ._tasks import TaskQueue
 
 __all__ = [
+    "SLOT_MARK",
     "SLOT_PREFIX",
     "SLOT_TTL_S",
     "GetReplicaListResult",
@@ -105,6 +107,7 @@ __all__ = [
     "Metrics",
     "PingResult",
     "client_tag",
+    "slot_name",
     "start_each",
 ]
 
@@ -127,14 +130,25 @@ _COMPACT_MIN_DEAD = 4096
 _LEASE_STEPS = 8192
 
 
-#: reserved buffers (``reserve_slots``) are writes in progress under these names;
-#: keys cannot hold the control character, so no put can touch one
-SLOT_PREFIX = "\x01slot:"
 #: how long a client may keep a reserved buffer before writing and committing it
 #: (at most half of ``put_start_release_timeout``, after which the master would
 #: reclaim it); also how long a segment that replaces a dead one keeps the
 #: ranges its predecessor had reserved for other clients' writes
 SLOT_TTL_S = 10.0
+
+
+#: reserved buffers beyond the first stay this far below the high watermark
+_SLOT_HEADROOM = 0.10
+#: segment names whose lost writes are remembered before expired ones are pruned
+_LOST_WRITES_MAX = 256
+
+
+def _ranges_written(obj: Obj, seg: SegmentRecord) -> list[tuple[int, int]]:
+    """The (address, reserved bytes) ``obj``'s write in progress holds in ``seg``."""
+    if obj.flags & READABLE:  # an upsert: what it writes is pending
+        size = obj.extension().pending_size
+        return [(a, reserved_size(size)) for s, a in obj.pending() if s is seg]
+    return [(a, reserved_size(obj.size)) for s, a in obj.replicas() if s is seg]
 
 
 def _err(code: ErrorCode, message: str) -> StoreError:
@@ -277,7 +291,9 @@ class MasterState:
         #: the last put config that passed the checks, and its soft-pin ttl
         self._checked_config: Any = None
         self._checked_pin: float | None = None
-        self._slot_ids = itertools.count(1)
+        #: segment name -> (until, ranges) other clients were writing when it went
+        #: away (``_keep_lost_writes``)
+        self._lost_writes: dict[str, tuple[float, list[tuple[int, int]]]] = {}
         #: applying effects (replay, a standby): allocators are rebuilt afterwards
         #: by finish_replay() instead of being updated range by range
         self._replaying = False
@@ -368,7 +384,27 @@ class MasterState:
                     f"segment {info.id} overlaps segment {seg.id} of {info.name!r}",
                 )
         self._emit(SegmentMounted(info, client_id))
-        self._add_segment(info, client)
+        self._keep_lost_writes(self._add_segment(info, client), now)
+
+    def _keep_lost_writes(self, seg: SegmentRecord, now: float) -> None:
+        """``seg`` replaces a segment of the same name that went away while other
+        clients were writing into it (a crashed storage node came back): a
+        writer that has not noticed may still write its old ranges, which in a
+        new process's memory can be the same addresses.  They stay reserved (on
+        the discard list) until no such write can come (:data:`SLOT_TTL_S`)."""
+        held = self._lost_writes.pop(seg.name, None)
+        if held is None or held[0] <= now:
+            return
+        until, ranges = held
+        base, end = seg.info.base, seg.info.base + seg.info.size
+        inside = [(a, n) for a, n in ranges if base <= a and a + n <= end]
+        if not inside:
+            return
+        seg.allocator.rebuild(inside)
+        for a, n in inside:
+            heapq.heappush(self._discards, (until, next(self._discard_seq), seg, a, n))
+            self.metrics.discarded_buffers += 1
+            self.metrics.discard_staging_bytes += n
 
     def _add_segment(self, info: SegmentInfo, client: ClientRecord) -> SegmentRecord:
         seg = SegmentRecord(info, client.id, next(self._seg_numbers))
@@ -396,9 +432,12 @@ class MasterState:
                 ErrorCode.SEGMENT_NOT_FOUND, f"{client_tag(client_id)} has no segment {segment_id}"
             )
         self._touch(client_id, now)
-        return self._drop_segment(seg)
+        return self._drop_segment(seg, now)
 
-    def _drop_segment(self, seg: SegmentRecord) -> int:
+    def _drop_segment(self, seg: SegmentRecord, now: float | None = None) -> int:
+        """Forget ``seg`` and its replicas.  With ``now``, the ranges other
+        clients were writing into it are remembered for a segment that replaces
+        it (:meth:`_keep_lost_writes`)."""
         self._emit(SegmentUnmounted(seg.id))
         self.replication.segment_dropped(seg)
         del self.segments[seg.id]
@@ -408,10 +447,18 @@ class MasterState:
             client.segments.discard(seg.id)
         affected = seg.live_count
         order = seg.order
+        lost: list[tuple[int, int]] = []
+        keep = now is not None and not self._replaying
         while order:  # consumes the deque (no copy of millions of entries)
             obj = order.popleft()
             if obj.flags:
+                if keep and obj.flags & BUSY and obj.writer != seg.client_id:
+                    lost += _ranges_written(obj, seg)
                 self._lose_replicas(obj.key, obj, seg)
+        if lost and now is not None:
+            if len(self._lost_writes) >= _LOST_WRITES_MAX:
+                self._lost_writes = {k: v for k, v in self._lost_writes.items() if v[0] > now}
+            self._lost_writes[seg.name] = (now + SLOT_TTL_S, lost)
         seg.dead = 0
         self.view_version += 1
         return affected
@@ -451,7 +498,7 @@ class MasterState:
         for seg_id in list(client.segments):
             seg = self.segments.get(seg_id)
             if seg is not None:
-                self._drop_segment(seg)
+                self._drop_segment(seg, now)
         # after its segments went: a drain job that follows these tasks then sees
         # nothing left to move there instead of queueing more for a dead client
         self.tasks.fail_client(client_id, "the client running the task expired", now)
@@ -584,7 +631,14 @@ class MasterState:
         return obj.descs()
 
     def put_start_replicas(
-        self, client_id: str, key: str, size: int, config: Any, now: float, observe: bool = True
+        self,
+        client_id: str,
+        key: str,
+        size: int,
+        config: Any,
+        now: float,
+        observe: bool = True,
+        evict: bool = True,
     ) -> Obj:
         """Allocate replicas for a new object; returns its record (replicas being
         written).
@@ -626,6 +680,8 @@ class MasterState:
             client.last_seen = now
         reps = self._placement.allocate(self.segments.values(), size, config, client.host_id)
         if not reps:
+            if not evict:
+                raise _err(ErrorCode.NO_AVAILABLE_HANDLE, f"no room for {key!r} without evicting")
             reps = self._allocate_or_evict(size, config, client.host_id, key, now)
         flags = BUSY | (HARD_PIN if config.with_hard_pin else 0)
         sizes = self._sizes
@@ -920,11 +976,11 @@ class MasterState:
         return min(SLOT_TTL_S, self.config.put_start_release_timeout_s / 2)
 
     def reserve_slots(
-        self, client_id: str, size: int, count: int, config: Any, now: float
+        self, client_id: str, size: int, count: int, config: Any, now: float, batch: str = "r"
     ) -> list[tuple[str, Obj]]:
         """Reserve up to ``count`` buffers of ``size`` bytes for ``client_id``'s
         single puts to come, each placed as a put of that size would be: puts in
-        progress under names no key can take (:data:`SLOT_PREFIX`).  Returns the
+        progress under names no key can take (:func:`slot_name`).  Returns the
         (name, record) of each; fewer than ``count`` when the pool ran out after
         the first.
 
@@ -933,17 +989,40 @@ class MasterState:
                 not even one could be reserved.
         """
         out: list[tuple[str, Obj]] = []
-        tag = self.instance[:12]
-        for _ in range(count):
-            name = f"{SLOT_PREFIX}{tag}:{next(self._slot_ids)}"
+        # the ones reserved ahead never evict, and leave room below the high
+        # watermark: idle reservations must not push other objects out
+        room = self.config.eviction_high_watermark_ratio - _SLOT_HEADROOM
+        for i in range(count):
+            name = slot_name(client_id, batch, i)
             try:
-                obj = self.put_start_replicas(client_id, name, size, config, now, observe=False)
+                obj = self.put_start_replicas(
+                    client_id, name, size, config, now, observe=False, evict=not out
+                )
             except StoreError:
                 if not out:
                     raise
                 break
+            if i and any(
+                s.allocator.allocated > room * s.allocator.capacity for s in obj.segments()
+            ):
+                self._abandon(name, obj, discard=False, now=now)
+                break
             out.append((name, obj))
         return out
+
+    def slots_held(self) -> int:
+        """Reserved buffers not committed yet (O(writes in progress))."""
+        return sum(1 for k in self.inflight if k[:1] == SLOT_MARK)
+
+    def key_count(self) -> int:
+        """Keys stored or being written (reserved buffers are not keys)."""
+        return len(self.objects) - self.slots_held()
+
+    def writing_new(self) -> int:
+        """Puts of new keys in progress (not upserts, not reserved buffers)."""
+        return sum(
+            1 for k, obj in self.inflight.items() if not obj.flags & READABLE and k[:1] != SLOT_MARK
+        )
 
     def commit_slot(self, client_id: str, slot: str, key: str, now: float) -> None:
         """Make the buffer reserved as ``slot`` (and written by ``client_id``) the
@@ -1566,7 +1645,7 @@ class MasterState:
         out: dict[str, Any] = {
             "capacity_bytes": self._capacity(),
             "allocated_bytes": self._used(),
-            "key_count": len(self.objects),
+            "key_count": self.key_count(),
             "segment_count": len(self.segments),
             "client_count": len(self.clients),
             "soft_pinned_keys": self.soft_pinned,

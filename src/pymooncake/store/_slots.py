@@ -1,0 +1,210 @@
+"""Buffers reserved ahead for single puts: a small put in one master round trip.
+
+Theory of operation
+-------------------
+An ordinary put asks the master twice: PutStart (where to write) and PutEnd
+(make it readable).  A client that puts values of one size again and again
+instead reserves several buffers of that size at once (``ReserveSlots``: each
+is placed as a put of that size would be, and held by the master as a write in
+progress under a name no key can take), then for each put writes into one and
+commits it under the key (``CommitSlot``): one round trip per put, plus one
+per reservation, whose size doubles each time a pool runs dry (up to
+``PYMOONCAKE_PUT_SLOT_BYTES`` per value size and config).
+
+A reserved buffer is only written while it is certainly still reserved:
+
+* it is used at most 3 s after it was asked for, and never within a margin of
+  the master's ``ttl_s`` (at most 10 s, and half its
+  ``put_start_release_timeout``); the heartbeat revokes the ones left over;
+* every pool is dropped when the master connection broke or was found closed,
+  or the master is a new instance (restarted): the new one does not know them;
+* a segment that replaces a dead one keeps the ranges its predecessor held for
+  other clients' writes reserved for that long (``MasterState``).
+
+A commit that finds the key already stored leaves the buffer reserved for the
+next put; a buffer the master no longer knows, a key another put is writing, a
+failed write or a master without this RPC send the put the ordinary way.  With
+HA (standbys confirming puts) reservations are not used: a reservation the
+leader answered but never streamed would be lost with it.
+
+Buffers left over (expired, dropped) are revoked by the heartbeat; the
+client's close revokes the rest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from ..errors import InvalidParams
+from ..wire._master_msgs import MAX_SLOTS, ReplicateParams
+
+__all__ = ["ENV", "Slot", "SlotPools", "deadline", "slot_bytes_from_env"]
+
+ENV: Final = "PYMOONCAKE_PUT_SLOT_BYTES"
+#: bytes one pool (one value size and config) may hold in reserve
+DEFAULT_BYTES: Final = 4 << 20
+#: a buffer is not used within this long of the master's deadline for it
+_MARGIN_S: Final = 1.0
+#: nor kept longer than this: a reservation nobody uses soon goes back (the
+#: heartbeat revokes it), so idle reservations hold little memory for long
+HOLD_S: Final = 3.0
+
+_Key = tuple[int, ReplicateParams]
+
+
+def slot_bytes_from_env(env: dict[str, str] | None = None) -> int:
+    """``PYMOONCAKE_PUT_SLOT_BYTES`` (unset: 4 MiB; 0 turns reservations off).
+
+    Raises:
+        InvalidParams: not a whole number of bytes >= 0.
+    """
+    raw = (os.environ if env is None else env).get(ENV, "")
+    if not raw.strip():
+        return DEFAULT_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InvalidParams(
+            f"{ENV}={raw!r}: expected the bytes a client may hold reserved per value size for "
+            "single puts (a whole number >= 0; 0 turns reservations off)"
+        )
+    return value
+
+
+def deadline(asked_at: float, ttl_s: float) -> float:
+    """When a buffer asked for at ``asked_at`` (before the request was sent) must
+    no longer be written: the master's ``ttl_s`` less a margin."""
+    return asked_at + min(HOLD_S, ttl_s - min(_MARGIN_S, ttl_s / 4))
+
+
+@dataclass(slots=True)
+class Slot:
+    """One reserved buffer: its name at the master, where to write each
+    replica, and when it must no longer be written (monotonic seconds)."""
+
+    name: str
+    places: list[tuple[str, int]]
+    expires: float
+
+
+class SlotPools:
+    """Reserved buffers by (value size, config), valid for one master epoch.
+
+    Args:
+        max_bytes: bytes one pool may hold (values above half of it are never
+            put through a reservation); 0 disables.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.enabled = max_bytes > 0
+        self._pools: dict[_Key, deque[Slot]] = {}
+        #: how many buffers the next reservation of a pool asks for
+        self._grant: dict[_Key, int] = {}
+        self._epoch: object = None
+        self._lock = threading.Lock()
+        self._batches = itertools.count(1)
+
+    def next_batch(self) -> str:
+        """A name for the next reservation, unique for this client."""
+        return str(next(self._batches))
+
+    def eligible(self, size: int) -> bool:
+        return self.enabled and 0 < size <= self.max_bytes // 2
+
+    def take(
+        self, size: int, params: ReplicateParams, epoch: object, now: float
+    ) -> tuple[Slot | None, list[str]]:
+        """A buffer of this pool still valid at ``now``, or None; and the names
+        of the buffers found expired or of an earlier epoch (to revoke)."""
+        key = (size, params)
+        with self._lock:
+            stale = self._new_epoch(epoch)
+            pool = self._pools.get(key)
+            while pool:
+                slot = pool.popleft()
+                if slot.expires > now:
+                    return slot, stale
+                stale.append(slot.name)
+            return None, stale
+
+    def next_count(self, size: int, params: ReplicateParams) -> int:
+        """How many to reserve now that the pool ran dry: one for the put at
+        hand and the rest ahead -- none the first time (a value size seen once
+        costs what an ordinary put costs and leaves nothing reserved), then
+        doubling each time, within ``max_bytes``."""
+        key = (size, params)
+        with self._lock:
+            last = self._grant.get(key)
+            count = min(1 if last is None else 2 * last, max(1, self.max_bytes // size), MAX_SLOTS)
+            self._grant[key] = count
+            return count
+
+    def add(
+        self, size: int, params: ReplicateParams, slots: Sequence[Slot], epoch: object
+    ) -> list[str]:
+        """Pool ``slots`` (reserved in ``epoch``); returns names to revoke
+        instead (the epoch changed meanwhile)."""
+        with self._lock:
+            if epoch != self._epoch:
+                return [s.name for s in slots]
+            self._pools.setdefault((size, params), deque()).extend(slots)
+            return []
+
+    def give_back(self, size: int, params: ReplicateParams, slot: Slot, epoch: object) -> list[str]:
+        """A buffer taken but not committed (the key existed) goes back first."""
+        with self._lock:
+            if epoch != self._epoch:
+                return [slot.name]
+            self._pools.setdefault((size, params), deque()).appendleft(slot)
+            return []
+
+    def drop(self, size: int, params: ReplicateParams) -> list[str]:
+        """Forget one pool (its buffers failed); returns their names."""
+        with self._lock:
+            pool = self._pools.pop((size, params), None)
+            self._grant.pop((size, params), None)
+            return [s.name for s in pool or ()]
+
+    def expired(self, now: float) -> list[str]:
+        """Take the buffers past their deadline out of every pool."""
+        out: list[str] = []
+        with self._lock:
+            for pool in self._pools.values():
+                keep = [s for s in pool if s.expires > now]
+                if len(keep) != len(pool):
+                    out += [s.name for s in pool if s.expires <= now]
+                    pool.clear()
+                    pool.extend(keep)
+        return out
+
+    def clear(self) -> list[str]:
+        """Forget every pool; returns the names they held."""
+        with self._lock:
+            return self._new_epoch(object())
+
+    def disable(self) -> list[str]:
+        self.enabled = False
+        return self.clear()
+
+    def _new_epoch(self, epoch: object) -> list[str]:
+        if epoch == self._epoch:
+            return []
+        names = [s.name for pool in self._pools.values() for s in pool]
+        self._pools.clear()
+        self._grant.clear()
+        self._epoch = epoch
+        return names
+
+    def held(self) -> int:
+        """Buffers held in all pools (tests, metrics)."""
+        with self._lock:
+            return sum(len(p) for p in self._pools.values())

@@ -1,0 +1,252 @@
+"""Single puts through buffers reserved ahead (``store/_slots.py``): one master
+round trip per put, the same answers as the ordinary path, and no write into a
+buffer the master may have handed to someone else.
+
+Real master (in this process, or ``mooncake_master`` subprocesses for restarts),
+real clients and sockets on 127.0.0.1; every wait is bounded."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from pymooncake.config import EngineConfig
+from pymooncake.errors import InvalidParams
+from pymooncake.store import MasterConfig, ReplicateConfig, StoreClient, StoreClientConfig
+from pymooncake.store._slots import DEFAULT_BYTES, ENV, slot_bytes_from_env
+from pymooncake.store.master._state import SLOT_PREFIX, MasterState
+from pymooncake.testing import LocalCluster, ProcessCluster, free_port
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+def _value(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _wait_until(cond: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def _count_calls(client: StoreClient) -> collections.Counter[str]:
+    """Count the master requests ``client`` sends, by method."""
+    counts: collections.Counter[str] = collections.Counter()
+    call = client.master.call
+
+    def counting(request: Any, **kw: Any) -> Any:
+        counts[request.METHOD.value] += 1
+        return call(request, **kw)
+
+    client.master.call = counting  # type: ignore[method-assign]
+    return counts
+
+
+def _stores(client: StoreClient, key: str) -> bool:
+    try:
+        return client.put(key, b"p" * 100) is not None
+    except Exception:  # not yet: the node has not re-mounted
+        return False
+
+
+def _reserved(cluster: LocalCluster) -> list[str]:
+    def names(st: MasterState) -> list[str]:
+        return [k for k in st.inflight if k.startswith(SLOT_PREFIX)]
+
+    result: list[str] = cluster.master.call(names)
+    return result
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(MasterConfig(client_ttl_s=5.0)) as c:
+        yield c
+
+
+def test_single_puts_take_one_round_trip(cluster: LocalCluster) -> None:
+    node = cluster.client(32 * MiB, 4 * MiB)
+    writer = cluster.client(0, 4 * MiB)
+    calls = _count_calls(writer)
+    values = {f"k{i}": _value(4 * KiB + i, i) for i in range(30)}
+    for key, value in values.items():
+        assert writer.put(key, value) is True
+    # every size differs: a reservation of one buffer per put (what PutStart
+    # cost), nothing left reserved
+    assert calls["CommitSlot"] == calls["ReserveSlots"] == 30
+    assert calls["PutStart"] == calls["PutEnd"] == 0
+    assert writer.slots.held() == 0
+    for key, value in values.items():
+        assert node.get(key) == value
+        assert writer.get(key) == value
+    # equal sizes share one pool: 1+2+4+8+16 buffers for 30 puts -> 5 reservations
+    calls.clear()
+    for i in range(30):
+        assert writer.put(f"same{i}", _value(8 * KiB, i)) is True
+    assert calls["CommitSlot"] == 30 and calls["ReserveSlots"] == 5
+    assert calls["PutStart"] == calls["PutEnd"] == 0
+    assert writer.slots.held() == 1 + 2 + 4 + 8 + 16 - 30
+    assert all(node.get(f"same{i}") == _value(8 * KiB, i) for i in range(30))
+
+
+def test_an_existing_key_answers_false_and_keeps_the_buffer(cluster: LocalCluster) -> None:
+    node = cluster.client(32 * MiB, 4 * MiB)
+    writer = cluster.client(0, 4 * MiB)
+    assert writer.put("k", _value(4 * KiB, 1)) is True
+    calls = _count_calls(writer)
+    assert writer.put("k", _value(4 * KiB, 2)) is False  # immutable, as before
+    assert calls == {"ReserveSlots": 1, "CommitSlot": 1}  # reserved 2: one for now
+    assert writer.slots.held() == 2  # the buffer it wrote waits for the next put
+    assert node.get("k") == _value(4 * KiB, 1)
+    assert writer.put("k2", _value(4 * KiB, 3)) is True
+    assert writer.put("k3", _value(4 * KiB, 4)) is True
+    assert calls == {"ReserveSlots": 1, "CommitSlot": 3} and writer.slots.held() == 0
+    assert node.get("k2") == _value(4 * KiB, 3)
+    assert node.get("k3") == _value(4 * KiB, 4)
+
+
+def test_large_values_configs_and_off_take_their_paths(cluster: LocalCluster) -> None:
+    node = cluster.client(64 * MiB, 16 * MiB)
+    small = cluster.client(0, 16 * MiB, put_slot_bytes=64 * KiB)
+    calls = _count_calls(small)
+    assert small.put("big", _value(40 * KiB, 1)) is True  # above half of the pool
+    assert calls["PutStart"] == 1 and calls["CommitSlot"] == 0
+    assert small.put("small", _value(20 * KiB, 2)) is True
+    assert calls["CommitSlot"] == 1
+    # a config is part of the pool: two replicas on two segments, via a buffer
+    cluster.client(64 * MiB, 4 * MiB)
+    two = ReplicateConfig(replica_num=2)
+    assert small.put("two", _value(20 * KiB, 3), two) is True
+    assert calls["CommitSlot"] == 2
+    assert len({r.segment_id for r in small.replicas("two")}) == 2
+    off = cluster.client(0, 4 * MiB, put_slot_bytes=0)
+    off_calls = _count_calls(off)
+    assert off.put("plain", _value(4 * KiB, 4)) is True
+    assert off_calls["PutStart"] == 1 and "ReserveSlots" not in off_calls
+    for key, value in (("big", 40 * KiB), ("small", 20 * KiB), ("two", 20 * KiB)):
+        assert len(node.get(key)) == value
+    assert node.get("plain") == _value(4 * KiB, 4)
+
+
+def test_close_and_the_heartbeat_give_buffers_back() -> None:
+    # put_start_release_timeout 2 s: a buffer may be used for 1 s less a margin
+    with LocalCluster(MasterConfig(client_ttl_s=5.0, put_start_release_timeout_s=2.0)) as c:
+        c.client(32 * MiB, 4 * MiB)
+        writer = c.client(0, 4 * MiB, ping_interval_s=0.1)
+        for i in range(4):  # reservations of 1, 2 (one ahead), -, 4 (three ahead)
+            writer.put(f"k{i}", _value(4 * KiB, i))
+        assert writer.slots.held() == 3 and len(_reserved(c)) == 3
+        # unused buffers past their deadline are revoked by the heartbeat
+        assert _wait_until(lambda: not _reserved(c), 3.0), _reserved(c)
+        assert writer.slots.held() == 0
+        assert writer.put("later", _value(4 * KiB, 9)) is True  # reserves anew
+        assert _reserved(c)
+        writer.close()
+        assert _reserved(c) == []  # close revoked what it held
+
+
+def test_a_buffer_whose_holder_left_sends_the_put_elsewhere(cluster: LocalCluster) -> None:
+    a = cluster.client(32 * MiB, 4 * MiB)
+    writer = cluster.client(0, 4 * MiB)
+    assert writer.put("first", _value(4 * KiB, 1)) is True
+    assert writer.put("first-b", _value(4 * KiB, 1)) is True
+    assert writer.slots.held() == 1
+    b = cluster.client(32 * MiB, 4 * MiB)
+    a.close()  # the buffers the writer holds were in a's segment
+    assert writer.put("second", _value(4 * KiB, 2)) is True
+    assert b.get("second") == _value(4 * KiB, 2)
+    with pytest.raises(Exception):  # noqa: B017 - gone with a's segment
+        b.get("first")
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert slot_bytes_from_env({}) == DEFAULT_BYTES
+    assert slot_bytes_from_env({ENV: "0"}) == 0
+    assert slot_bytes_from_env({ENV: "1048576"}) == MiB
+    for bad in ("-1", "4MiB", "1.5"):
+        with pytest.raises(InvalidParams, match=ENV):
+            slot_bytes_from_env({ENV: bad})
+    monkeypatch.setenv(ENV, "0")
+    assert StoreClientConfig(local_hostname="h").put_slot_bytes == 0
+
+
+# --- a master that restarts -------------------------------------------------------
+
+
+def _engine() -> EngineConfig:
+    return EngineConfig(
+        tcp_bind_address="127.0.0.1",
+        transfer_timeout_s=10.0,
+        connect_timeout_s=2.0,
+        rpc_io_timeout_s=5.0,
+    )
+
+
+def _process_client(cluster: ProcessCluster) -> StoreClient:
+    return StoreClient(
+        StoreClientConfig(
+            local_hostname="127.0.0.1",
+            metadata_server=cluster.metadata_url,
+            master_server_addr=cluster.master_address,
+            global_segment_size=0,
+            local_buffer_size=4 * MiB,
+            rpc_timeout_s=10.0,
+            rpc_connect_timeout_s=2.0,
+            ping_interval_s=5.0,  # no heartbeat in between: the put itself must notice
+            engine=_engine(),
+        )
+    )
+
+
+def test_a_restarted_master_never_sees_a_write_into_a_lost_buffer(tmp_path: Any) -> None:
+    """The writer holds buffers the master forgets in a restart (writes in flight
+    are not journaled).  Another client then fills the same memory with new
+    objects.  The writer's next puts must not land in its old buffers: every
+    object stays intact."""
+    flags = [
+        "--client_ttl=5",
+        f"--journal_path={tmp_path / 'journal'}",
+        f"--port={free_port()}",
+        f"--metrics_port={free_port()}",
+        f"--http_metadata_server_port={free_port()}",
+    ]
+    with ProcessCluster(flags) as cluster, contextlib.ExitStack() as stack:
+        cluster.node("4 MB")
+        writer = stack.enter_context(_process_client(cluster))
+        other = stack.enter_context(_process_client(cluster))
+        size = 64 * KiB
+        for i in range(5):  # reservations of 1, 2 and 4: 2 left
+            assert writer.put(f"w{i}", _value(size, i)) is True
+        assert writer.slots.held() == 2
+        cluster.restart_master()  # SIGKILL; the journal keeps w0..w4
+        # the storage node mounts its segment again (its heartbeat: NEED_REMOUNT)
+        assert _wait_until(lambda: _stores(other, "probe"), 15.0)
+        # the other client fills the segment: its new objects take the ranges of
+        # the writer's forgotten buffers
+        for i in range(40):
+            try:
+                other.put(f"o{i}", _value(size, 100 + i))
+            except Exception:
+                break
+        stored_other = [i for i in range(40) if other.exists(f"o{i}")]
+        assert stored_other, "the other client could not store anything"
+        for i in range(5, 12):
+            try:
+                writer.put(f"w{i}", _value(size, i))
+            except Exception:
+                pass
+        for i in stored_other:
+            assert other.get(f"o{i}") == _value(size, 100 + i), f"o{i} was overwritten"
+        for i in range(12):
+            if writer.exists(f"w{i}"):
+                assert writer.get(f"w{i}") == _value(size, i)
