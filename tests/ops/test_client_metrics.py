@@ -158,12 +158,14 @@ def test_store_client_records_rpcs_transfers_and_operations(cluster: LocalCluste
     assert value(fams, "mooncake_transfer_get_latency", "mooncake_transfer_get_latency_count") == 2
     batch_put = "mooncake_transfer_batch_put_latency"
     assert value(fams, batch_put, batch_put + "_count") == 1
-    assert value(fams, "mooncake_client_rpc_count", rpc_name="PutStart") == 1
+    # a single put: a reservation of one buffer and its commit (store/_slots.py)
+    assert value(fams, "mooncake_client_rpc_count", rpc_name="ReserveSlots") == 1
+    assert value(fams, "mooncake_client_rpc_count", rpc_name="CommitSlot") == 1
     assert value(fams, "mooncake_client_rpc_count", rpc_name="BatchPutStart") == 1
     assert value(fams, "mooncake_client_rpc_count", rpc_name="GetReplicaList") == 2
     assert value(fams, "mooncake_client_rpc_count", rpc_name="ServiceReady") == 1
     rpc_latency = "mooncake_client_rpc_latency"
-    assert value(fams, rpc_latency, rpc_latency + "_count", rpc_name="PutStart") == 1
+    assert value(fams, rpc_latency, rpc_latency + "_count", rpc_name="CommitSlot") == 1
     ops = "mooncake_transfer_write_operation_count"
     assert value(fams, ops, op_name="put") == 1
     assert value(fams, ops, op_name="put_batch") == 1
@@ -178,7 +180,7 @@ def test_store_client_records_rpcs_transfers_and_operations(cluster: LocalCluste
     assert total(efams, "tent_read_bytes_total") == 5000 + 2 * 3000 + 5000
     summary = reader.metrics.summary()
     assert "Total Write: 10.74 KB" in summary
-    assert "PutStart: count=1" in summary
+    assert "CommitSlot: count=1" in summary
     assert "put_batch: count=1, bytes=5.86 KB" in summary
     assert owner.metrics is not None and owner.metrics.read_bytes.value == 0
 

@@ -49,6 +49,7 @@ from pymooncake.store import (
     StoreClient,
 )
 from pymooncake.testing import LocalCluster
+from pymooncake.wire._master_msgs import SLOT_MARK
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -121,7 +122,8 @@ def wait_until(cond: Callable[[], bool], timeout_s: float, step_s: float = 0.05)
 
 
 def master_keys(cluster: LocalCluster) -> set[str]:
-    return set(cluster.master.call(lambda st: list(st.objects)))
+    """The master's keys (reserved put buffers are not keys)."""
+    return set(cluster.master.call(lambda st: [k for k in st.objects if k[:1] != SLOT_MARK]))
 
 
 def validate_master(cluster: LocalCluster) -> None:

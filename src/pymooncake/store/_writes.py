@@ -185,9 +185,10 @@ class WriteOps(ClientIO):
             self._route_parts(0, endpoint, address, parts, True, per_endpoint, errors, copy_own)
         self._run_transfers(per_endpoint, errors, set())
         if errors[0] is not None:
-            # the holder may be gone: its other buffers too; the ordinary path
-            # writes elsewhere (or reports why it cannot)
-            self._revoke_later([slot.name, *pools.drop(size, params)])
+            # the holder may be gone: its other buffers too (revoked now, as the
+            # ordinary path revokes a failed write); the ordinary path writes
+            # elsewhere (or reports why it cannot)
+            self._revoke([slot.name, *pools.drop(size, params)], False)
             return None
         if self.metrics is not None:
             self.metrics.transfer(

@@ -47,9 +47,9 @@ HISTORY_S: Final = 600.0
 #: the reference's single-RPC counter bases -> the methods counted under each
 RPC_OPS: Final[dict[str, tuple[str, ...]]] = {
     "exist_key": ("ExistKey",),
-    # a committed reserved buffer is a put's start and end in one request
+    # a CommitSlot is a put's start and end in one request (see reference_counts)
     "put_start": ("PutStart", "UpsertStart", "CommitSlot"),
-    "put_end": ("PutEnd", "UpsertEnd", "CommitSlot"),
+    "put_end": ("PutEnd", "UpsertEnd"),
     "put_revoke": ("PutRevoke", "UpsertRevoke"),
     "get_replica_list": ("GetReplicaList",),
     "get_replica_list_by_regex": ("GetReplicaListByRegex",),
@@ -241,6 +241,9 @@ def reference_counts(state: MasterState, stats: MasterStats) -> dict[str, int]:
         out[f"{base}_failures"] = sum(failures.get(m, 0) for m in methods)
     # the reference counts each key of a BatchRemove as a Remove request (and each
     # failed key as a failure)
+    # a CommitSlot that succeeded also ended its put (one that failed, like a
+    # PutStart that failed, never got that far)
+    out["put_end_requests"] += requests.get("CommitSlot", 0) - failures.get("CommitSlot", 0)
     removed = stats.batches.get("BatchRemove")
     if removed is not None:
         out["remove_requests"] += removed[0]

@@ -130,6 +130,11 @@ def cluster_view(svc: MasterService) -> dict[str, Any]:
     ttl = st.config.client_ttl_s
     segments = []
     cap = used = 0
+    reserved: dict[str, int] = {}  # reserved put buffers: memory in use, not objects
+    for key, obj in st.inflight.items():
+        if key[:1] == SLOT_MARK:
+            for s in obj.segments():
+                reserved[s.id] = reserved.get(s.id, 0) + 1
     for seg in st.segments.values():
         c, u = seg.allocator.capacity, seg.allocator.allocated
         cap += c
@@ -141,7 +146,7 @@ def cluster_view(svc: MasterService) -> dict[str, Any]:
                 "client_id": seg.client_id,
                 "capacity_bytes": c,
                 "allocated_bytes": u,
-                "objects": seg.live_count,
+                "objects": seg.live_count - reserved.get(seg.id, 0),
                 "status": "draining" if seg.draining else "ok",
             }
         )
