@@ -96,6 +96,9 @@ class MasterMachine(RuleBasedStateMachine):
         self.journal: list[Effect] = []
         self.seg_serial = 0
         self.outcomes: dict[str, int] = {}
+        #: reserved put buffers (ReserveSlots) by client, and a batch counter
+        self.slots: dict[str, list[str]] = {}
+        self.batches = 0
 
     # --- helpers ------------------------------------------------------------------
 
@@ -225,6 +228,35 @@ class MasterMachine(RuleBasedStateMachine):
         assert [e.record() for e in twin.effects or []] == [
             e.record() for e in self.st.effects or []
         ]
+
+    @rule(client=clients, size=sizes, config=configs(), count=st.integers(1, 4))
+    def reserve(self, client: str, size: int, config: ReplicateConfig, count: int) -> None:
+        """Buffers reserved ahead for single puts (ReserveSlots)."""
+        self.batches += 1
+        got = self._try(
+            "reserve",
+            self.st.reserve_slots,
+            client,
+            size,
+            count,
+            config,
+            self.now,
+            str(self.batches),
+        )
+        if got:
+            self.slots.setdefault(client, []).extend(name for name, _ in got)
+
+    @rule(client=clients, key=keys, data=st.data())
+    def commit(self, client: str, key: str, data: st.DataObject) -> None:
+        """A reserved buffer committed under a key (CommitSlot), or one whose
+        reservation is gone (expired, revoked, its segment went away)."""
+        mine = self.slots.get(client)
+        if not mine:
+            return
+        name = data.draw(st.sampled_from(mine))
+        self._try("commit", self.st.commit_slot, client, name, key, self.now)
+        if name not in self.st.objects:
+            mine.remove(name)
 
     @rule(client=clients, key=keys)
     def put_end(self, client: str, key: str) -> None:
