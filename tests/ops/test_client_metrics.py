@@ -158,10 +158,11 @@ def test_store_client_records_rpcs_transfers_and_operations(cluster: LocalCluste
     assert value(fams, "mooncake_transfer_get_latency", "mooncake_transfer_get_latency_count") == 2
     batch_put = "mooncake_transfer_batch_put_latency"
     assert value(fams, batch_put, batch_put + "_count") == 1
-    # a single put: a reservation of one buffer and its commit (store/_slots.py)
-    assert value(fams, "mooncake_client_rpc_count", rpc_name="ReserveSlots") == 1
+    # a single put and a batch of one size: a reservation each (of one buffer,
+    # then of two) and its commit (store/_slots.py)
+    assert value(fams, "mooncake_client_rpc_count", rpc_name="ReserveSlots") == 2
     assert value(fams, "mooncake_client_rpc_count", rpc_name="CommitSlot") == 1
-    assert value(fams, "mooncake_client_rpc_count", rpc_name="BatchPutStart") == 1
+    assert value(fams, "mooncake_client_rpc_count", rpc_name="BatchCommitSlots") == 1
     assert value(fams, "mooncake_client_rpc_count", rpc_name="GetReplicaList") == 2
     assert value(fams, "mooncake_client_rpc_count", rpc_name="ServiceReady") == 1
     rpc_latency = "mooncake_client_rpc_latency"

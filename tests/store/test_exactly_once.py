@@ -83,19 +83,26 @@ def test_a_put_whose_reply_is_lost_is_stored_and_readable(
             writer.close()
 
 
-@pytest.mark.parametrize("method", ["BatchPutStart", "BatchPutEnd"])
+@pytest.mark.parametrize("method", ["BatchPutStart", "BatchPutEnd", "BatchCommitSlots"])
 def test_put_batch_of_8_whose_reply_is_lost_stores_all_8(
     setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient], method: str
 ) -> None:
-    _, proxy, node, writer = setup
-    keys = [f"batch-{i}" for i in range(8)]
-    values = [_value(4 * KiB + i, i) for i in range(8)]
-    proxy.drop_replies(method)
-    results = writer.put_many(keys, [[v] for v in values], bytes_api=True)
-    assert proxy.dropped == {method: 1}
-    assert results == [True] * 8
-    assert writer.get_many(keys) == values
-    assert node.get_many(keys) == values
+    cluster, proxy, node, writer = setup
+    if method != "BatchCommitSlots":  # the ordinary two-phase path
+        writer = _client(cluster, proxy.address, put_slot_bytes=0)
+    try:
+        keys = [f"batch-{i}" for i in range(8)]
+        values = [_value(4 * KiB, i) for i in range(8)]
+        proxy.drop_replies(method)
+        results = writer.put_many(keys, [[v] for v in values], bytes_api=True)
+        assert proxy.dropped == {method: 1}
+        assert results == [True] * 8
+        assert writer.get_many(keys) == values
+        assert node.get_many(keys) == values
+        cluster.master.call(lambda st: st.validate())
+    finally:
+        if method != "BatchCommitSlots":
+            writer.close()
 
 
 @pytest.mark.parametrize("method", ["UpsertStart", "UpsertEnd"])

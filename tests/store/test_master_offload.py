@@ -197,6 +197,14 @@ def test_handlers_see_both_tiers() -> None:
     started = out.columns
     assert started.code == [int(ErrorCode.OBJECT_ALREADY_EXISTS), 0]
     assert [len(r) for r in started.replicas()] == [0, 1] and "exists" in started.message(0)
+    # a batch of reserved buffers: the key on disk keeps its buffer reserved
+    slots = [name for name, _ in st.reserve_slots("c1", 64, 2, ONE, 1, "b")]
+    committed = h[msg.BatchCommitSlots](msg.BatchCommitSlots("c1", tuple(slots), ("d", "s")), 1)
+    assert isinstance(committed, rp.BatchCommitSlotsReply)
+    assert committed.codes == (int(ErrorCode.OBJECT_ALREADY_EXISTS), 0)
+    assert "on disk" in (committed.messages[0] or "") and slots[0] in st.inflight
+    assert st.get_replica_list("s", 1).size == 64
+    h[msg.PutRevoke](msg.PutRevoke("c1", slots[0]), 1)
     h[msg.PutEnd](msg.PutEnd("c1", "n"), 1)
     got = h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("n", "d")), 1)
     assert isinstance(got, rp.BatchGetReplicaListReply)

@@ -9,11 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from pymooncake.errors import ObjectExists, ObjectNotFound, ReplicaNotReady
+from pymooncake.errors import InvalidParams, ObjectExists, ObjectNotFound, ReplicaNotReady
 from pymooncake.store._config import MasterConfig
-from pymooncake.store._types import ReplicateConfig, SegmentInfo, SoftPinAction
+from pymooncake.store._types import ErrorCode, ReplicateConfig, SegmentInfo, SoftPinAction
 from pymooncake.store.master._effects import DURABLE, WriteRenamed, effect_from_record
+from pymooncake.store.master._handlers import build_handlers
 from pymooncake.store.master._state import SLOT_PREFIX, SLOT_TTL_S, MasterState
+from pymooncake.wire import _master_msgs as msg
+from pymooncake.wire import _master_reply_msgs as rp
 
 MiB = 1 << 20
 ONE = ReplicateConfig()
@@ -70,6 +73,36 @@ def test_an_existing_key_leaves_the_buffer_reserved(st: MasterState) -> None:
     assert name in st.inflight  # still ours: usable for another key
     st.commit_slot("c1", name, "other", 3)
     assert st.get_replica_list("other", 3).size == 4096
+
+
+def test_a_batch_commit_answers_each_buffer_as_a_single_commit_would(st: MasterState) -> None:
+    h = build_handlers(st)
+    st.put_start("c2", "done", 10, ONE, 1)
+    st.put_end("c2", "done", 1)
+    st.put_start("c2", "busy", 10, ONE, 1)
+    names = [n for n, _ in st.reserve_slots("c1", 4096, 4, ONE, 1, "b")]
+    keys = ("a", "done", "busy", "b")
+    req = msg.BatchCommitSlots("c1", (*names[:3], names[0]), keys)  # names[0] twice
+    reply = h[msg.BatchCommitSlots](req, 2)
+    assert isinstance(reply, rp.BatchCommitSlotsReply)
+    assert reply.codes == (
+        0,
+        int(ErrorCode.OBJECT_ALREADY_EXISTS),
+        int(ErrorCode.REPLICA_IS_NOT_READY),
+        int(ErrorCode.OBJECT_NOT_FOUND),  # the first commit made it the value of "a"
+    )
+    assert reply.messages[0] is None and "being written" in (reply.messages[2] or "")
+    assert st.get_replica_list("a", 3).size == 4096
+    assert {names[1], names[2], names[3]} <= set(st.inflight)  # still reserved
+    # the wire form round-trips, and the request checks its columns
+    wire = msg.BatchCommitSlots("c1", ("s",), ("k",)).params()
+    assert msg.decode_request(msg.MasterMethod.BATCH_COMMIT_SLOTS, wire) == msg.BatchCommitSlots(
+        "c1", ("s",), ("k",)
+    )
+    with pytest.raises(InvalidParams, match="names 2 buffers for 1 keys"):
+        msg.decode_request(msg.MasterMethod.BATCH_COMMIT_SLOTS, {**wire, "slots": ["s", "t"]})
+    with pytest.raises(InvalidParams, match="slots must be a list"):
+        msg.decode_request(msg.MasterMethod.BATCH_COMMIT_SLOTS, {**wire, "slots": [""]})
 
 
 def test_only_the_client_that_reserved_may_commit(st: MasterState) -> None:

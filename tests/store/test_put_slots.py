@@ -99,6 +99,62 @@ def test_single_puts_take_one_round_trip(cluster: LocalCluster) -> None:
     assert all(node.get(f"same{i}") == _value(8 * KiB, i) for i in range(30))
 
 
+def test_batch_puts_take_one_round_trip(cluster: LocalCluster) -> None:
+    node = cluster.client(32 * MiB, 4 * MiB)
+    writer = cluster.client(0, 4 * MiB)
+    calls = _count_calls(writer)
+    stored: dict[str, bytes] = {}
+    for b in range(30):
+        keys = [f"b{b}-{i}" for i in range(8)]
+        values = [_value(4 * KiB, b * 8 + i) for i in range(8)]
+        assert writer.put_many(keys, [[v] for v in values]) == [True] * 8
+        stored.update(zip(keys, values, strict=True))
+    # the first batch reserves what it needs; then 16, 32, 64, 128 (8 for the
+    # batch at hand each time, the rest ahead): 30 batches, 5 reservations
+    assert calls["BatchCommitSlots"] == 30 and calls["ReserveSlots"] == 5
+    assert calls["BatchPutStart"] == calls["BatchPutEnd"] == calls["PutStart"] == 0
+    assert writer.slots.held() == 8 + 16 + 32 + 64 + 128 - 30 * 8
+    assert node.get_many(list(stored)) == list(stored.values())
+    assert writer.get_many(list(stored)) == list(stored.values())
+
+
+def test_batch_puts_answer_each_key_as_the_ordinary_path(cluster: LocalCluster) -> None:
+    node = cluster.client(32 * MiB, 4 * MiB)
+    writer = cluster.client(0, 4 * MiB)
+    calls = _count_calls(writer)
+    assert writer.put("old", _value(4 * KiB, 0)) is True
+    keys = ["new-a", "old", "new-b"]
+    values = [_value(4 * KiB, i) for i in (1, 2, 3)]
+    assert writer.put_many(keys, [[v] for v in values]) == [True, False, True]
+    assert calls["BatchCommitSlots"] == 1 and calls["BatchPutStart"] == 0
+    assert writer.slots.held() == 1  # reserved 3 for the batch: "old"'s went back
+    assert node.get_many(keys) == [values[0], _value(4 * KiB, 0), values[2]]
+    # an existing key among buffers from the pool: False for it, the others stored
+    assert writer.put_many(["old", "new-c"], [[values[1]], [values[2]]]) == [False, True]
+    # two sizes whose pools are both short: one ordinary batch, not two reservations
+    calls.clear()
+    two = [_value(5 * KiB, 4), _value(6 * KiB, 5)]
+    assert writer.put_many(["x5", "x6"], [[v] for v in two]) == [True, True]
+    assert calls["BatchPutStart"] == 1 and "ReserveSlots" not in calls
+    # a pooled size and one short size: one reservation, one commit
+    calls.clear()
+    mixed = [_value(4 * KiB, 6), _value(7 * KiB, 7)]
+    assert writer.put_many(["m4", "m7"], [[v] for v in mixed]) == [True, True]
+    assert calls["ReserveSlots"] == 1 and calls["BatchCommitSlots"] == 1
+    assert "BatchPutStart" not in calls
+    # more values of one size than a pool may hold: the ordinary path
+    small = cluster.client(0, 4 * MiB, put_slot_bytes=64 * KiB)
+    small_calls = _count_calls(small)
+    many = [_value(4 * KiB, 10 + i) for i in range(17)]  # 17 x 4 KiB > 64 KiB
+    assert small.put_many([f"big{i}" for i in range(17)], [[v] for v in many]) == [True] * 17
+    assert small_calls["BatchPutStart"] == 1 and "ReserveSlots" not in small_calls
+    # a key twice in one batch: the ordinary path answers as it always did
+    twice = writer.put_many(["t", "t"], [[values[0]], [values[1]]])
+    assert twice[0] is True and calls["BatchPutStart"] == 1
+    assert node.get_many(["x5", "x6", "m4", "m7"]) == [*two, *mixed]
+    assert node.get_many([f"big{i}" for i in range(17)]) == many
+
+
 def test_an_existing_key_answers_false_and_keeps_the_buffer(cluster: LocalCluster) -> None:
     node = cluster.client(32 * MiB, 4 * MiB)
     writer = cluster.client(0, 4 * MiB)

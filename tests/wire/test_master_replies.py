@@ -66,6 +66,10 @@ EXAMPLES: dict[type[r.Reply], tuple[Any, str]] = {
         '"seg-a"]]]],"ttl_s":10.0}',
     ),
     r.CommitSlotReply: (None, "null"),
+    r.BatchCommitSlotsReply: (
+        [[0, None], [-706, "object 'k' already exists"]],
+        "[[0,null],[-706,\"object 'k' already exists\"]]",
+    ),
     r.PutRevokeReply: (None, "null"),
     r.UpsertEndReply: (None, "null"),
     r.UpsertRevokeReply: (None, "null"),

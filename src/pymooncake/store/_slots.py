@@ -9,7 +9,9 @@ is placed as a put of that size would be, and held by the master as a write in
 progress under a name no key can take), then for each put writes into one and
 commits it under the key (``CommitSlot``): one round trip per put, plus one
 per reservation, whose size doubles each time a pool runs dry (up to
-``PYMOONCAKE_PUT_SLOT_BYTES`` per value size and config).
+``PYMOONCAKE_PUT_SLOT_BYTES`` per value size and config).  A batch put whose
+values fit the pools of their sizes does the same with ``BatchCommitSlots``:
+one round trip per batch instead of BatchPutStart + BatchPutEnd.
 
 A reserved buffer is only written while it is certainly still reserved:
 
@@ -120,6 +122,10 @@ class SlotPools:
     def eligible(self, size: int) -> bool:
         return self.enabled and 0 < size <= self.max_bytes // 2
 
+    def capacity(self, size: int) -> int:
+        """The most buffers a pool of values of ``size`` may hold."""
+        return min(self.max_bytes // size, MAX_SLOTS) if self.enabled and size > 0 else 0
+
     def take(
         self, size: int, params: ReplicateParams, epoch: object, now: float
     ) -> tuple[Slot | None, list[str]]:
@@ -136,15 +142,34 @@ class SlotPools:
                 stale.append(slot.name)
             return None, stale
 
-    def next_count(self, size: int, params: ReplicateParams) -> int:
-        """How many to reserve now that the pool ran dry: one for the put at
-        hand and the rest ahead -- none the first time (a value size seen once
-        costs what an ordinary put costs and leaves nothing reserved), then
-        doubling each time, within ``max_bytes``."""
+    def take_many(
+        self, size: int, params: ReplicateParams, count: int, epoch: object, now: float
+    ) -> tuple[list[Slot], list[str]]:
+        """Up to ``count`` buffers of this pool still valid at ``now``, and the
+        names of those found expired or of an earlier epoch (to revoke)."""
+        key = (size, params)
+        out: list[Slot] = []
+        with self._lock:
+            stale = self._new_epoch(epoch)
+            pool = self._pools.get(key)
+            while pool and len(out) < count:
+                slot = pool.popleft()
+                if slot.expires > now:
+                    out.append(slot)
+                else:
+                    stale.append(slot.name)
+            return out, stale
+
+    def next_count(self, size: int, params: ReplicateParams, need: int = 1) -> int:
+        """How many to reserve now that the pool ran dry: the ``need`` buffers
+        for the put(s) at hand and the rest ahead -- none the first time (a
+        value size seen once costs what an ordinary put costs and leaves nothing
+        reserved), then doubling each time, within ``max_bytes``."""
         key = (size, params)
         with self._lock:
             last = self._grant.get(key)
-            count = min(1 if last is None else 2 * last, max(1, self.max_bytes // size), MAX_SLOTS)
+            ahead = need if last is None else max(need, 2 * last)
+            count = max(1, min(ahead, self.max_bytes // size, MAX_SLOTS))
             self._grant[key] = count
             return count
 

@@ -62,11 +62,16 @@ class WriteOps(ClientIO):
         self._check_open()
         started = time.perf_counter_ns()
         results: list[bool | StoreError] | None = None
-        if len(keys) == 1 and not upsert and self.slots.enabled:
-            one = self._put_in_slot(keys[0], parts[0], config, op)
-            if one is not None:
-                results = [one]
         unreachable: set[str] = set()
+        if not upsert and self.slots.enabled:
+            if len(keys) == 1:
+                one = self._put_in_slot(keys[0], parts[0], config, op)
+                if one is not None:
+                    results = [one]
+            else:
+                some = self._put_many_in_slots(keys, parts, config, op)
+                if some is not None:
+                    results = self._write_rest(some, keys, parts, config, unreachable, op)
         if results is None:
             results = self._write_once(keys, parts, config, upsert, unreachable, op)
         retry = [i for i, r in enumerate(results) if isinstance(r, StoreTransferFailed)]
@@ -174,9 +179,10 @@ class WriteOps(ClientIO):
         if stale:
             self._revoke_later(stale)
         if slot is None:
-            slot = self._reserve(size, params, epoch)
-            if slot is None:
+            got = self._reserve(size, params, epoch)
+            if not got:
                 return None
+            slot = got[0]
         per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
         errors: list[BaseException | None] = [None]
         transfer_start = time.perf_counter_ns()
@@ -198,7 +204,7 @@ class WriteOps(ClientIO):
                 op in BATCH_OPS,
             )
         try:
-            self.master.call(msg.CommitSlot(self.client_id, slot.name, key))
+            master.call(msg.CommitSlot(self.client_id, slot.name, key))
         except StoreError as exc:
             code = exc.code
             if code == ErrorCode.OBJECT_ALREADY_EXISTS:
@@ -219,11 +225,149 @@ class WriteOps(ClientIO):
             self._write_shared([key], [parts], [size], [0])
         return True
 
-    def _reserve(self, size: int, params: msg.ReplicateParams, epoch: object) -> Slot | None:
-        """Reserve buffers of ``size``: the first is returned, the rest pooled.
-        None when none could be reserved (the ordinary path then reports why)."""
+    def _put_many_in_slots(
+        self, keys: Sequence[str], parts: Sequence[Parts], config: ReplicateConfig, op: str
+    ) -> list[bool | StoreError | None] | None:
+        """A batch put through buffers reserved ahead: write every value, then
+        commit them all in one ``BatchCommitSlots``.  None when the batch takes
+        the ordinary path (a value too large for the pools of its size, a key
+        twice, HA); else a result per key as :meth:`_put_in_slot` gives it (None:
+        that key takes the ordinary path)."""
         pools = self.slots
-        count = pools.next_count(size, params)
+        if self.confirms.standbys or len(set(keys)) != len(keys):
+            return None
+        n = len(keys)
+        sizes = [len(ps[0]) if len(ps) == 1 else sum(map(len, ps)) for ps in parts]
+        by_size: dict[int, list[int]] = {}
+        for i, size in enumerate(sizes):
+            by_size.setdefault(size, []).append(i)
+        if not all(
+            pools.eligible(size) and len(idx) <= pools.capacity(size)
+            for size, idx in by_size.items()
+        ) or not all(keys):
+            return None
+        master = self.master
+        master.idle_intact()  # a master that exited or restarted closed them
+        epoch = (master.epoch, self._master_instance)
+        params = config.to_params()
+        now = time.monotonic()
+        taken: dict[int, list[Slot]] = {}
+        for size, idx in by_size.items():
+            got, stale = pools.take_many(size, params, len(idx), epoch, now)
+            if stale:
+                self._revoke_later(stale)
+            taken[size] = got
+        short = [size for size, idx in by_size.items() if len(taken[size]) < len(idx)]
+        if len(short) > 1:
+            # one reservation per size would cost more round trips than the
+            # ordinary path's two: it puts the batch (the buffers stay pooled)
+            for size, got in taken.items():
+                for slot in reversed(got):
+                    self._revoke_later(pools.give_back(size, params, slot, epoch))
+            return None
+        for size in short:
+            taken[size] += self._reserve(size, params, epoch, len(by_size[size]) - len(taken[size]))
+        slots: list[Slot | None] = [None] * n
+        for size, idx in by_size.items():
+            for i, slot in zip(idx, taken[size], strict=False):
+                slots[i] = slot
+        results: list[bool | StoreError | None] = [None] * n
+        todo = [i for i in range(n) if slots[i] is not None]
+        if not todo:
+            return results
+        per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
+        errors: list[BaseException | None] = [None] * n
+        transfer_start = time.perf_counter_ns()
+        copy_own = self._copy_own_many()
+        for i in todo:
+            slot = slots[i]
+            assert slot is not None
+            for endpoint, address in slot.places:
+                self._route_parts(
+                    i, endpoint, address, parts[i], True, per_endpoint, errors, copy_own
+                )
+        self._run_transfers(per_endpoint, errors, set())
+        failed = [i for i in todo if errors[i] is not None]
+        if failed:
+            # their holders may be gone: revoke them and the pools of their
+            # sizes now; those keys take the ordinary path (which writes elsewhere)
+            names = [slots[i].name for i in failed]  # type: ignore[union-attr]
+            for size in {sizes[i] for i in failed}:
+                names += pools.drop(size, params)
+            self._revoke(names, False)
+            todo = [i for i in todo if errors[i] is None]
+            if not todo:
+                return results
+        if self.metrics is not None:
+            self.metrics.transfer(
+                True,
+                sum(sizes[i] * len(slots[i].places) for i in todo),  # type: ignore[union-attr]
+                (time.perf_counter_ns() - transfer_start) // 1000,
+                op in BATCH_OPS,
+            )
+        names = tuple([slots[i].name for i in todo])  # type: ignore[union-attr]
+        try:
+            reply = master.call(
+                msg.BatchCommitSlots(self.client_id, names, tuple([keys[i] for i in todo]))
+            )
+        except StoreError as exc:
+            if isinstance(exc, RpcFailed):  # committed or not: revoking is harmless
+                self._revoke_later(names)
+                for i in todo:
+                    results[i] = exc
+            else:  # refused as a whole: the ordinary path says why
+                self._revoke_later(names)
+            return results
+        if len(reply.codes) != len(todo):
+            raise MalformedMessage(f"the master answered {len(reply.codes)} of {len(todo)} keys")
+        lost = False
+        for i, code, text in zip(todo, reply.codes, reply.messages, strict=True):
+            if code == 0:
+                results[i] = True
+                continue
+            slot = slots[i]
+            assert slot is not None
+            if code == ErrorCode.OBJECT_NOT_FOUND:
+                lost = True  # the master lost what it held: the ordinary path
+                continue
+            self._revoke_later(pools.give_back(sizes[i], params, slot, epoch))
+            if code == ErrorCode.OBJECT_ALREADY_EXISTS:
+                results[i] = False  # readable: the key is immutable (reference semantics)
+            elif code != ErrorCode.REPLICA_IS_NOT_READY:  # not-ready: the ordinary path waits
+                results[i] = store_error(code, f"{keys[i]!r}: {text or ''}")
+        if lost:
+            self._revoke_later(pools.clear())
+        if self.fsdir:
+            self._write_shared(keys, parts, sizes, [i for i in todo if results[i] is True])
+        return results
+
+    def _write_rest(
+        self,
+        results: list[bool | StoreError | None],
+        keys: Sequence[str],
+        parts: Sequence[Parts],
+        config: ReplicateConfig,
+        unreachable: set[str],
+        op: str,
+    ) -> list[bool | StoreError]:
+        """The keys a batch through reserved buffers left (None) put the ordinary way."""
+        rest = [i for i, r in enumerate(results) if r is None]
+        if rest:
+            sub = self._write_once(
+                [keys[i] for i in rest], [parts[i] for i in rest], config, False, unreachable, op
+            )
+            for i, r in zip(rest, sub, strict=True):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    def _reserve(
+        self, size: int, params: msg.ReplicateParams, epoch: object, need: int = 1
+    ) -> list[Slot]:
+        """Reserve buffers of ``size``: up to ``need`` are returned, the rest
+        pooled.  Empty when none could be reserved (the ordinary path then
+        reports why)."""
+        pools = self.slots
+        count = pools.next_count(size, params, need)
         batch = pools.next_batch()
         asked = time.monotonic()
         try:
@@ -237,13 +381,11 @@ class WriteOps(ClientIO):
                 # a master without reservations (an older pymooncake): stop asking
                 log.info("put reservations are off: the master answered %s", exc)
                 self._revoke_later(pools.disable())
-            return None
+            return []
         until = deadline(asked, reply.ttl_s)
         slots = [Slot(name, [(r[1], r[2]) for r in reps], until) for name, reps in reply.slots]
-        if not slots:
-            return None
-        self._revoke_later(pools.add(size, params, slots[1:], epoch))
-        return slots[0]
+        self._revoke_later(pools.add(size, params, slots[need:], epoch))
+        return slots[:need]
 
     def _revoke_later(self, names: Sequence[str]) -> None:
         """Reserved buffers nobody will write: the heartbeat revokes them."""

@@ -45,6 +45,7 @@ __all__ = [
     "SLOT_MARK",
     "SLOT_PREFIX",
     "Ack",
+    "BatchCommitSlots",
     "BatchExistKey",
     "BatchGetReplicaList",
     "BatchPutEnd",
@@ -148,6 +149,9 @@ class MasterMethod(str, Enum):
     #: the value of a key (a small put in one round trip)
     RESERVE_SLOTS = "ReserveSlots"
     COMMIT_SLOT = "CommitSlot"
+    #: pymooncake: many reserved buffers made values of keys (a batch put in one
+    #: round trip)
+    BATCH_COMMIT_SLOTS = "BatchCommitSlots"
     GET_REPLICA_LIST = "GetReplicaList"
     BATCH_GET_REPLICA_LIST = "BatchGetReplicaList"
     GET_REPLICA_LIST_BY_REGEX = "GetReplicaListByRegex"
@@ -801,6 +805,37 @@ class CommitSlot(Mutation):
 
 
 @dataclass(frozen=True, slots=True)
+class BatchCommitSlots(Mutation):
+    """pymooncake: :class:`CommitSlot` for many buffers at once: ``slots[i]``
+    becomes the value of ``keys[i]``; answered with a code and message per key,
+    each as :class:`CommitSlot` would answer it."""
+
+    METHOD: ClassVar = MasterMethod.BATCH_COMMIT_SLOTS
+    client_id: str
+    slots: tuple[str, ...]
+    keys: tuple[str, ...]
+    rid: int = 0
+    ack: int = 0
+
+    def params(self) -> dict[str, Any]:
+        out = _session_params(self)
+        out["slots"] = list(self.slots)
+        out["keys"] = list(self.keys)
+        return out
+
+    @classmethod
+    def decode(cls, p: dict[str, Any]) -> BatchCommitSlots:
+        client, rid, ack = _session(p)
+        keys = _keys(_field(p, "keys"))
+        raw = _field(p, "slots")
+        if type(raw) is not list or not all(type(s) is str and s for s in raw):
+            raise _bad("slots", "must be a list of non-empty strings", raw)
+        if len(raw) != len(keys):
+            raise _bad("slots", f"names {len(raw)} buffers for {len(keys)} keys", len(raw))
+        return cls(client, tuple(raw), keys, rid, ack)
+
+
+@dataclass(frozen=True, slots=True)
 class _KeyRead(Request):
     key: str
 
@@ -1275,6 +1310,7 @@ _ALL: tuple[Any, ...] = (
     BatchUpsertRevoke,
     ReserveSlots,
     CommitSlot,
+    BatchCommitSlots,
     GetReplicaList,
     ExistKey,
     BatchGetReplicaList,

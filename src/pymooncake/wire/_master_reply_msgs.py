@@ -36,6 +36,7 @@ from ._master_replies import ReplicaColumns
 
 __all__ = [
     "REPLY_TYPES",
+    "BatchCommitSlotsReply",
     "BatchEvictDiskReplicaReply",
     "BatchExistKeyReply",
     "BatchGetReplicaListReply",
@@ -572,6 +573,11 @@ class CommitSlotReply(DoneReply):
 
 
 @dataclass(frozen=True, slots=True)
+class BatchCommitSlotsReply(BatchKeyResultsReply):
+    METHOD: ClassVar = MasterMethod.BATCH_COMMIT_SLOTS
+
+
+@dataclass(frozen=True, slots=True)
 class PutRevokeReply(DoneReply):
     METHOD: ClassVar = MasterMethod.PUT_REVOKE
 
@@ -1059,6 +1065,7 @@ _REPLIES: Final[dict[type[msg.Request], type[Reply] | None]] = {
     msg.BatchUpsertRevoke: BatchUpsertRevokeReply,
     msg.ReserveSlots: ReserveSlotsReply,
     msg.CommitSlot: CommitSlotReply,
+    msg.BatchCommitSlots: BatchCommitSlotsReply,
     msg.GetReplicaList: GetReplicaListReply,
     msg.BatchGetReplicaList: BatchGetReplicaListReply,
     msg.GetReplicaListByRegex: GetReplicaListByRegexReply,

@@ -33,13 +33,14 @@ _PROCESSING = 2  # ReplicaStatus.PROCESSING on the wire
 
 
 def _each(
-    cls: type[rep.BatchKeyResultsReply], keys: Sequence[str], fn: Callable[[str], None]
+    cls: type[rep.BatchKeyResultsReply], items: Sequence[Any], fn: Callable[[Any], None]
 ) -> rep.BatchKeyResultsReply:
+    """``fn`` on each of ``items`` (keys, or pairs with a key): a code and message each."""
     codes: list[int] = []
     messages: list[str | None] = []
-    for key in keys:
+    for item in items:
         try:
-            fn(key)
+            fn(item)
         except StoreError as exc:
             codes.append(exc.code)
             messages.append(exc.message)
@@ -287,6 +288,11 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         msg.CommitSlot: _done(
             rep.CommitSlotReply,
             lambda req, now: st.commit_slot(req.client_id, req.slot, req.key, now),
+        ),
+        msg.BatchCommitSlots: lambda req, now: _each(
+            rep.BatchCommitSlotsReply,
+            tuple(zip(req.slots, req.keys, strict=True)),
+            lambda pair: st.commit_slot(req.client_id, pair[0], pair[1], now),
         ),
         msg.GetReplicaList: get_replica_list,
         msg.BatchGetReplicaList: batch_get_replica_list,

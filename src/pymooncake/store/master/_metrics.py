@@ -80,8 +80,9 @@ BATCH_OPS: Final[dict[str, tuple[str, ...]]] = {
     "batch_query_ip": (),
     "batch_replica_clear": ("BatchReplicaClear",),
     "batch_get_replica_list": ("BatchGetReplicaList",),
-    "batch_put_start": ("BatchPutStart", "BatchUpsertStart"),
-    "batch_put_end": ("BatchPutEnd", "BatchUpsertEnd"),
+    # a BatchCommitSlots is a batch put's start and end in one request
+    "batch_put_start": ("BatchPutStart", "BatchUpsertStart", "BatchCommitSlots"),
+    "batch_put_end": ("BatchPutEnd", "BatchUpsertEnd", "BatchCommitSlots"),
     "batch_put_revoke": ("BatchPutRevoke", "BatchUpsertRevoke"),
 }
 
@@ -111,6 +112,7 @@ _BATCH_FAILED: Final[dict[type, Callable[[Any, Any], int]]] = {
     msg.BatchPutStart: lambda req, value: _failed_columns(value),
     msg.BatchUpsertStart: lambda req, value: _failed_columns(value),
     msg.BatchPutEnd: lambda req, value: _failed_pairs(value),
+    msg.BatchCommitSlots: lambda req, value: _failed_pairs(value),
     msg.BatchUpsertEnd: lambda req, value: _failed_pairs(value),
     msg.BatchPutRevoke: lambda req, value: _failed_pairs(value),
     msg.BatchUpsertRevoke: lambda req, value: _failed_pairs(value),

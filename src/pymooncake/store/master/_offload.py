@@ -813,6 +813,38 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         off.written(req.key)
         return out
 
+    def batch_commit_slots(req: msg.BatchCommitSlots, now: float) -> rp.Reply:
+        on_disk = off.replicas
+        disk = [k in on_disk and k not in st.objects for k in req.keys] if on_disk else []
+        if not any(disk):
+            out = base[msg.BatchCommitSlots](req, now)
+        else:
+            todo = [i for i, d in enumerate(disk) if not d]
+            sub = dataclasses.replace(
+                req, slots=tuple(req.slots[i] for i in todo), keys=tuple(req.keys[i] for i in todo)
+            )
+            done = base[msg.BatchCommitSlots](sub, now) if todo else None
+            assert done is None or isinstance(done, rp.BatchCommitSlotsReply)
+            rest = iter(zip(done.codes, done.messages, strict=True) if done else ())
+            codes: list[int] = []
+            messages: list[str | None] = []
+            for key, d in zip(req.keys, disk, strict=True):
+                if d:  # the buffer stays reserved, as for a single commit
+                    exc = exists_error(key)
+                    codes.append(exc.code)
+                    messages.append(exc.message)
+                else:
+                    code, text = next(rest)
+                    codes.append(code)
+                    messages.append(text)
+            out = rp.BatchCommitSlotsReply(tuple(codes), tuple(messages))
+        assert isinstance(out, rp.BatchKeyResultsReply)
+        if off.eager():
+            for key, code in zip(req.keys, out.codes, strict=True):
+                if code == 0:
+                    off.written(key)
+        return out
+
     def upsert_start(req: msg.UpsertStart, now: float) -> Any:
         out = base[msg.UpsertStart](req, now)
         off.remove(req.key)  # the value is being replaced: the file is stale
@@ -928,6 +960,7 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         msg.BatchUpsertStart: batch_upsert_start,
         msg.PutEnd: ended(msg.PutEnd),
         msg.CommitSlot: commit_slot,
+        msg.BatchCommitSlots: batch_commit_slots,
         msg.UpsertEnd: ended(msg.UpsertEnd),
         msg.BatchPutEnd: batch_ended(msg.BatchPutEnd),
         msg.BatchUpsertEnd: batch_ended(msg.BatchUpsertEnd),
