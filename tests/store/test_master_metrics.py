@@ -179,6 +179,9 @@ def test_counters_follow_puts_gets_batches_and_removes(cluster: LocalCluster) ->
     c.remove("b2")
     c.upsert("u", b"abc")
     c.upsert("u", b"abcd")
+    # two values of the size the single puts reserved buffers for: one
+    # BatchCommitSlots, counted as a batch put start and end of two items
+    assert c.put_many(["s1", "s2"], [[b"s" * 5000], [b"t" * 5000]]) == [True, True]
 
     text = scrape(cluster.metrics_url)
     parse(text)
@@ -198,12 +201,12 @@ def test_counters_follow_puts_gets_batches_and_removes(cluster: LocalCluster) ->
     assert v("master_mount_segment_requests_total") >= 1
     assert v("master_ping_requests_total") >= 0
     # batches: Req / partial / whole failures / items / failed items
-    assert v("master_batch_put_start_requests_total") == 3
+    assert v("master_batch_put_start_requests_total") == 4
     assert v("master_batch_put_start_failures_total") == 1
     assert v("master_batch_put_start_partial_successes_total") == 1
-    assert v("master_batch_put_start_items_total") == 6
+    assert v("master_batch_put_start_items_total") == 8
     assert v("master_batch_put_start_failed_items_total") == 3
-    assert v("master_batch_put_end_items_total") == 3
+    assert v("master_batch_put_end_items_total") == 5
     assert v("master_batch_get_replica_list_requests_total") == 1
     assert v("master_batch_get_replica_list_partial_successes_total") == 1
     assert v("master_batch_get_replica_list_items_total") == 2
@@ -216,8 +219,8 @@ def test_counters_follow_puts_gets_batches_and_removes(cluster: LocalCluster) ->
     assert v("total_get_nums_") == 4
     # gauges against the state
     keys = cluster.master.call(lambda st: sorted(k for k in st.objects if k[:1] != "\x01"))
-    assert keys == ["b3", "k", "u"]  # (reserved put buffers are not keys)
-    assert v("master_key_count") == v("mem_cache_nums_") == 3
+    assert keys == ["b3", "k", "s1", "s2", "u"]  # (reserved put buffers are not keys)
+    assert v("master_key_count") == v("mem_cache_nums_") == 5
     assert v("master_active_clients") == 1
     # the replaced upsert value goes through the discard list (released at the next
     # tick: nobody holds a read lease on it)
@@ -225,14 +228,16 @@ def test_counters_follow_puts_gets_batches_and_removes(cluster: LocalCluster) ->
     released = v("master_put_start_release_cnt")
     assert released in (0, 1)
     assert (v("master_put_start_discarded_staging_size") > 0) == (released == 0)
-    # value sizes of the objects started: 5000, 10, 20, 30, 3, 4 (refused puts count none)
-    assert v("master_value_size_bytes_count") == 6
+    # value sizes of the objects started: 5000, 10, 20, 30, 3, 4, 5000, 5000 (refused
+    # puts count none)
+    assert v("master_value_size_bytes_count") == 8
     assert value(text, "master_value_size_bytes_bucket", le="4096.000000") == 5
-    assert v("master_value_size_bytes_sum") == 5000 + 10 + 20 + 30 + 3 + 4
+    assert v("master_value_size_bytes_sum") == 3 * 5000 + 10 + 20 + 30 + 3 + 4
     # pymooncake's per-method view of the same requests
     assert value(text, "master_rpc_calls_total", method="UpsertStart") == 2
     assert value(text, "master_rpc_calls_total", method="CommitSlot") == 2
     assert value(text, "master_rpc_call_failures_total", method="CommitSlot") == 1
+    assert value(text, "master_rpc_calls_total", method="BatchCommitSlots") == 1
     cluster.master.call(lambda st: st.validate())
 
 
