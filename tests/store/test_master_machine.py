@@ -258,6 +258,33 @@ class MasterMachine(RuleBasedStateMachine):
         if name not in self.st.objects:
             mine.remove(name)
 
+    @rule(client=clients, batch=st.lists(keys, min_size=2, max_size=5), data=st.data())
+    def commit_many(self, client: str, batch: list[str], data: st.DataObject) -> None:
+        """Reserved buffers committed in one batch (BatchCommitSlots): each pair is
+        answered as commit_slot would answer it, on a copy of the state; a name
+        may repeat, or be another client's."""
+        names = sorted({n for mine in self.slots.values() for n in mine})
+        if not names:
+            return
+        slots = [data.draw(st.sampled_from(names)) for _ in batch]
+        twin = copy.deepcopy(self.st)
+        out = self.st.commit_slots_many(client, slots, batch, self.now)
+        for slot, key, err in zip(slots, batch, out, strict=True):
+            try:
+                twin.commit_slot(client, slot, key, self.now)
+                expected = 0
+            except StoreError as exc:
+                expected = exc.code
+            assert (0 if err is None else err.code) == expected, (slot, key)
+            name = "commit_many" if err is None else f"commit_many:{err.code}"
+            self.outcomes[name] = self.outcomes.get(name, 0) + 1
+        assert readable(twin) == readable(self.st)
+        assert [e.record() for e in twin.effects or []] == [
+            e.record() for e in self.st.effects or []
+        ]
+        for mine in self.slots.values():
+            mine[:] = [n for n in mine if n in self.st.objects]
+
     @rule(client=clients, key=keys)
     def put_end(self, client: str, key: str) -> None:
         self._try("put_end", self.st.put_end, client, key, self.now)

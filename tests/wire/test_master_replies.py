@@ -61,9 +61,19 @@ EXAMPLES: dict[type[r.Reply], tuple[Any, str]] = {
     r.PromotionAllocStartReply: ([], "[]"),
     r.PutEndReply: (None, "null"),
     r.ReserveSlotsReply: (
-        {"slots": [["\x01slot:ab:1", [REP]]], "ttl_s": 10.0},
-        '{"slots":[["\\u0001slot:ab:1",[[4398046511104,"127.0.0.1:17001",140000000000,4096,3,'
-        '"seg-a"]]]],"ttl_s":10.0}',
+        {
+            "cols": {
+                "code": [0, 0],
+                "msg": [],
+                "segs": [["127.0.0.1:17001", "seg-a", 1, 139999999936]],
+                "n": [1, 1],
+                "seg": [0, 0],
+                "addr": [140000000000, 140000004096],
+            },
+            "ttl_s": 10.0,
+        },
+        '{"cols":{"code":[0,0],"msg":[],"segs":[["127.0.0.1:17001","seg-a",1,139999999936]],'
+        '"n":[1,1],"seg":[0,0],"addr":[140000000000,140000004096]},"ttl_s":10.0}',
     ),
     r.CommitSlotReply: (None, "null"),
     r.BatchCommitSlotsReply: (
@@ -254,11 +264,11 @@ def test_columns_decode_keeps_the_lists() -> None:
         (r.ExistKeyReply, 1, ("ExistKey", "exists")),
         (r.UnmountSegmentReply, True, ("UnmountSegment", "count")),
         (r.RemoveReply, 0, ("Remove", "value")),
-        (r.ReserveSlotsReply, {"slots": [], "ttl_s": -1}, ("ReserveSlots", "ttl_s")),
+        (r.ReserveSlotsReply, {"cols": {}, "ttl_s": -1}, ("ReserveSlots", "ttl_s")),
         (
             r.ReserveSlotsReply,
-            {"slots": [["s", [[1]]]], "ttl_s": 1},
-            ("ReserveSlots", "slots[0][1]"),
+            {"cols": EXAMPLES[r.BatchPutStartReply][0], "ttl_s": 1},
+            ("ReserveSlots", "cols.code"),
         ),
         (
             r.BatchGetReplicaListReply,

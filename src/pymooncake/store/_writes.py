@@ -383,7 +383,12 @@ class WriteOps(ClientIO):
                 self._revoke_later(pools.disable())
             return []
         until = deadline(asked, reply.ttl_s)
-        slots = [Slot(name, [(r[1], r[2]) for r in reps], until) for name, reps in reply.slots]
+        name = msg.slot_name
+        client = self.client_id
+        slots = [
+            Slot(name(client, batch, i), places, until)
+            for i, places in enumerate(reply.columns.placements())
+        ]
         self._revoke_later(pools.add(size, params, slots[need:], epoch))
         return slots[:need]
 

@@ -540,31 +540,36 @@ class PutEndReply(DoneReply):
 
 @dataclass(frozen=True, slots=True)
 class ReserveSlotsReply(Reply):
-    """``{"slots": [[name, [replica, ...]], ...], "ttl_s": seconds}``: the buffers
-    reserved (possibly fewer than asked for: what fitted), and how long after
-    the request the client may still write into one and commit it."""
+    """``{"cols": columns, "ttl_s": seconds}``: the buffers reserved, in columns
+    as :class:`BatchPutStartReply` answers (every code 0), possibly fewer than
+    asked for (what fitted); buffer ``i`` is named ``slot_name(client, batch,
+    i)``.  ``ttl_s``: how long after the request the client may still write
+    into one and commit it."""
 
     METHOD: ClassVar = MasterMethod.RESERVE_SLOTS
-    slots: tuple[tuple[str, tuple[ReplicaWire, ...]], ...]
+    columns: ReplicaColumns
     ttl_s: float
 
+    def __len__(self) -> int:
+        return len(self.columns.code)
+
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "slots": [[name, _replicas_wire(reps)] for name, reps in self.slots],
-            "ttl_s": self.ttl_s,
-        }
+        return {"cols": BatchPutStartReply(self.columns).to_wire(), "ttl_s": self.ttl_s}
 
     @classmethod
     def decode(cls, value: Any) -> ReserveSlotsReply:
-        v = cls._dict(value, "value", ("slots", "ttl_s"))
+        v = cls._dict(value, "value", ("cols", "ttl_s"))
         ttl = v["ttl_s"]
         if type(ttl) not in (int, float) or not 0 <= ttl < math.inf:
             cls._bad("ttl_s", "is not a finite non-negative number", ttl)
-        slots = []
-        for i, item in enumerate(cls._list(v["slots"], "slots")):
-            name, reps = cls._list(item, f"slots[{i}]", 2)
-            slots.append((cls._str(name, f"slots[{i}][0]"), cls._replicas(reps, f"slots[{i}][1]")))
-        return cls(tuple(slots), float(ttl))
+        try:
+            columns = BatchPutStartReply.decode(v["cols"]).columns
+        except InvalidReply as exc:  # name this method and the field
+            text = str(exc).removeprefix(f"{BatchPutStartReply.METHOD.value} reply: ")
+            cls._bad("cols", f"is not a columnar start reply: {text}")
+        if any(columns.code):
+            cls._bad("cols.code", "holds a failed buffer (only reserved ones are listed)")
+        return cls(columns, float(ttl))
 
 
 @dataclass(frozen=True, slots=True)

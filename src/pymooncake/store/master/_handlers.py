@@ -11,7 +11,7 @@ message per key.  Whole-index requests (``*ByRegex``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -19,7 +19,7 @@ from ...errors import StoreError
 from ...wire import PROTOCOL_VERSION
 from ...wire import _master_msgs as msg
 from ...wire import _master_reply_msgs as rep
-from ...wire._master_replies import ReplicaColumnsBuilder
+from ...wire._master_replies import ReplicaColumns, ReplicaColumnsBuilder
 from .._types import SegmentInfo
 from ._records import READABLE, REF, Obj, SegmentRecord, reps_wire
 from ._state import MasterState, start_each
@@ -33,14 +33,13 @@ _PROCESSING = 2  # ReplicaStatus.PROCESSING on the wire
 
 
 def _each(
-    cls: type[rep.BatchKeyResultsReply], items: Sequence[Any], fn: Callable[[Any], None]
+    cls: type[rep.BatchKeyResultsReply], keys: Sequence[str], fn: Callable[[str], None]
 ) -> rep.BatchKeyResultsReply:
-    """``fn`` on each of ``items`` (keys, or pairs with a key): a code and message each."""
     codes: list[int] = []
     messages: list[str | None] = []
-    for item in items:
+    for key in keys:
         try:
-            fn(item)
+            fn(key)
         except StoreError as exc:
             codes.append(exc.code)
             messages.append(exc.message)
@@ -56,6 +55,34 @@ def _written(obj: Obj) -> tuple[rep.ReplicaWire, ...]:
     if pending:
         return rep.replicas_of(reps_wire(pending, obj.extension().pending_size, _PROCESSING))
     return rep.replicas_of(obj.wire())
+
+
+def start_columns(started: Iterable[Obj | StoreError]) -> ReplicaColumns:
+    """The columns of a batch start's reply: where to write each object (the
+    replicas being written), or why it was refused."""
+    out = ReplicaColumnsBuilder(_describe)
+    code, counts, seg_col, addr_col = out.code, out.counts, out.seg, out.addr
+    index = out.index
+    for obj in started:
+        if type(obj) is not Obj:
+            assert isinstance(obj, StoreError)
+            out.fail(obj.code, obj.message)
+            continue
+        code.append(0)
+        ext = obj.ext
+        if ext is None or (not ext.pending and not ext.more):
+            seg = obj.seg  # the common case: one replica, written in place
+            j = index.get(seg)
+            seg_col.append(out.segment_index(seg) if j is None else j)
+            addr_col.append(obj.addr)
+            counts.append(1)
+            continue
+        reps = ext.pending or obj.replicas()
+        counts.append(len(reps))
+        for s, a in reps:
+            seg_col.append(out.segment_index(s))
+            addr_col.append(a)
+    return out.columns()
 
 
 def _done(cls: type[rep.DoneReply], fn: Callable[[Any, float], object]) -> Handler:
@@ -118,38 +145,18 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
             started = (many or partial(start_each, start))(
                 req.client_id, req.keys, req.sizes, req.config, now
             )
-            out = ReplicaColumnsBuilder(_describe)
-            code, counts, seg_col, addr_col = out.code, out.counts, out.seg, out.addr
-            index = out.index
-            for obj in started:
-                if type(obj) is not Obj:
-                    assert isinstance(obj, StoreError)
-                    out.fail(obj.code, obj.message)
-                    continue
-                code.append(0)
-                ext = obj.ext
-                if ext is None or (not ext.pending and not ext.more):
-                    seg = obj.seg  # the common case: one replica, written in place
-                    j = index.get(seg)
-                    seg_col.append(out.segment_index(seg) if j is None else j)
-                    addr_col.append(obj.addr)
-                    counts.append(1)
-                    continue
-                reps = ext.pending or obj.replicas()
-                counts.append(len(reps))
-                for s, a in reps:
-                    seg_col.append(out.segment_index(s))
-                    addr_col.append(a)
-            return cls(out.columns())
+            return cls(start_columns(started))
 
         return handler
 
     def batch_ended(
-        many: Callable[[str, Sequence[str], float], list[StoreError | None]],
+        many: Callable[[str, Any, float], list[StoreError | None]],
         cls: type[rep.BatchKeyResultsReply],
     ) -> Handler:
+        """A per-key batch: ``many(client, request, now)`` gives each key's error."""
+
         def handler(req: msg.BatchPutEnd, now: float) -> rep.BatchKeyResultsReply:
-            errors = many(req.client_id, req.keys, now)
+            errors = many(req.client_id, req, now)
             if not any(errors):
                 return cls((0,) * len(errors), (None,) * len(errors))
             return cls(
@@ -170,9 +177,7 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
 
     def reserve_slots(req: msg.ReserveSlots, now: float) -> rep.ReserveSlotsReply:
         slots = st.reserve_slots(req.client_id, req.size, req.count, req.config, now, req.batch)
-        return rep.ReserveSlotsReply(
-            tuple([(name, _written(obj)) for name, obj in slots]), st.slot_ttl()
-        )
+        return rep.ReserveSlotsReply(start_columns([obj for _, obj in slots]), st.slot_ttl())
 
     ttl_ms = st.config.default_kv_lease_ttl_ms
 
@@ -270,7 +275,9 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         msg.BatchPutStart: batch_start(
             st.put_start_replicas, rep.BatchPutStartReply, st.put_start_many
         ),
-        msg.BatchPutEnd: batch_ended(st.put_end_many, rep.BatchPutEndReply),
+        msg.BatchPutEnd: batch_ended(
+            lambda client, req, now: st.put_end_many(client, req.keys, now), rep.BatchPutEndReply
+        ),
         msg.BatchPutRevoke: batch_keyed(st.put_revoke, rep.BatchPutRevokeReply),
         msg.UpsertStart: upsert_start,
         msg.UpsertEnd: _done(
@@ -282,17 +289,19 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         msg.BatchUpsertStart: batch_start(
             st.upsert_start_replicas, rep.BatchUpsertStartReply, st.upsert_start_many
         ),
-        msg.BatchUpsertEnd: batch_ended(st.put_end_many, rep.BatchUpsertEndReply),
+        msg.BatchUpsertEnd: batch_ended(
+            lambda client, req, now: st.put_end_many(client, req.keys, now),
+            rep.BatchUpsertEndReply,
+        ),
         msg.BatchUpsertRevoke: batch_keyed(st.upsert_revoke, rep.BatchUpsertRevokeReply),
         msg.ReserveSlots: reserve_slots,
         msg.CommitSlot: _done(
             rep.CommitSlotReply,
             lambda req, now: st.commit_slot(req.client_id, req.slot, req.key, now),
         ),
-        msg.BatchCommitSlots: lambda req, now: _each(
+        msg.BatchCommitSlots: batch_ended(
+            lambda client, req, now: st.commit_slots_many(client, req.slots, req.keys, now),
             rep.BatchCommitSlotsReply,
-            tuple(zip(req.slots, req.keys, strict=True)),
-            lambda pair: st.commit_slot(req.client_id, pair[0], pair[1], now),
         ),
         msg.GetReplicaList: get_replica_list,
         msg.BatchGetReplicaList: batch_get_replica_list,

@@ -58,6 +58,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ...errors import StoreError, store_error
@@ -736,9 +737,12 @@ class MasterState:
         now: float,
         *,
         upsert: bool = False,
+        observe: bool = True,
+        evict: bool = True,
     ) -> list[Obj | StoreError]:
         """:meth:`put_start_replicas` (``upsert``: :meth:`upsert_start_replicas`)
         of every key, in order: each key's record, or the error that refused it.
+        ``observe`` / ``evict``: as :meth:`put_start_replicas`'s (puts only).
 
         The common batch -- new keys, one replica each, random placement -- takes
         a fast path: each key draws its segment as :meth:`put_start_replicas`
@@ -760,7 +764,12 @@ class MasterState:
                 pass  # every key gets the config's error one by one
             else:
                 self._reserve_runs(keys, sizes, live, places)
-        start_one = self.upsert_start_replicas if upsert else self.put_start_replicas
+        start_one: Callable[..., Obj] = (
+            self.upsert_start_replicas if upsert else self.put_start_replicas
+        )
+        if not (observe and evict):
+            assert not upsert
+            start_one = partial(self.put_start_replicas, observe=observe, evict=evict)
         if not any(places):
             return start_each(start_one, client_id, keys, sizes, config, now)
         client = self._touch(client_id, now)
@@ -792,13 +801,15 @@ class MasterState:
                 )
             out.append(obj)
         self.objects.added(made)
-        observe = self.metrics.observe_value_size
+        if not observe:
+            return out
+        seen = self.metrics.observe_value_size
         if made == n and sizes.count(sizes[0]) == n:  # one size for the whole batch
-            observe(sizes[0], n)
+            seen(sizes[0], n)
         else:
             placed = Counter(sizes[i] for i, place in enumerate(places) if place is not None)
             for size, count in placed.items():
-                observe(size, count)
+                seen(size, count)
         return out
 
     def _reserve_runs(
@@ -988,10 +999,14 @@ class MasterState:
             NoAvailableHandle / InvalidParams: as :meth:`put_start_replicas`, when
                 not even one could be reserved.
         """
-        out: list[tuple[str, Obj]] = []
         # the ones reserved ahead never evict, and leave room below the high
         # watermark: idle reservations must not push other objects out
         room = self.config.eviction_high_watermark_ratio - _SLOT_HEADROOM
+        if count > 1 and self._placement.simple(config):
+            out = self._reserve_slots_at_once(client_id, size, count, config, now, batch, room)
+            if out:
+                return out
+        out = []
         for i in range(count):
             name = slot_name(client_id, batch, i)
             try:
@@ -1008,6 +1023,41 @@ class MasterState:
                 self._abandon(name, obj, discard=False, now=now)
                 break
             out.append((name, obj))
+        return out
+
+    def _reserve_slots_at_once(
+        self,
+        client_id: str,
+        size: int,
+        count: int,
+        config: Any,
+        now: float,
+        batch: str,
+        room: float,
+    ) -> list[tuple[str, Obj]]:
+        """:meth:`reserve_slots`'s common case: every live segment has room for
+        all of them below ``room``, so they are started as one batch
+        (:meth:`put_start_many`'s runs).  Empty when that did not place the
+        first (the caller reserves one by one)."""
+        live = self._placement.live(self.segments.values())
+        need = reserved_size(size) * count
+        if not live or any(
+            s.allocator.allocated + need > room * s.allocator.capacity for s in live
+        ):
+            return []
+        names = [slot_name(client_id, batch, i) for i in range(count)]
+        started = self.put_start_many(
+            client_id, names, [size] * count, config, now, observe=False, evict=False
+        )
+        out: list[tuple[str, Obj]] = []
+        for name, obj in zip(names, started, strict=True):
+            if type(obj) is not Obj:
+                break
+            out.append((name, obj))
+        # the names must run from 0 without a gap: the client derives them
+        for name, obj in zip(names[len(out) :], started[len(out) :], strict=True):
+            if type(obj) is Obj:
+                self._abandon(name, obj, discard=False, now=now)
         return out
 
     def slots_held(self) -> int:
@@ -1062,6 +1112,55 @@ class MasterState:
         self._emit(WriteRenamed(slot, key))
         self.metrics.observe_value_size(obj.size)
         self.put_end(client_id, key, now)
+
+    def commit_slots_many(
+        self, client_id: str, slots: Sequence[str], keys: Sequence[str], now: float
+    ) -> list[StoreError | None]:
+        """:meth:`commit_slot` of each pair, in order: None for each committed,
+        or the error.  A plain buffer (one replica, no pin) under a new key is
+        committed here; any other pair goes through :meth:`commit_slot`."""
+        out: list[StoreError | None] = []
+        client = self._touch(client_id, now)
+        shards, inflight, held = self.objects.shards, self.inflight, client.inflight
+        effects, commit_one = self.effects, self.commit_slot
+        committed: list[int] = []
+        for slot, key in zip(slots, keys, strict=True):
+            obj = shards[hash(slot) & SHARD_MASK].get(slot)
+            target = shards[hash(key) & SHARD_MASK]
+            if (
+                obj is None
+                or (ext := obj.ext) is None
+                or obj.flags & _END_CHECKED != BUSY
+                or obj.writer != client_id
+                or ext.pending
+                or ext.more
+                or ext.soft_pin_ttl_s is not None
+                or key in target
+                or not slot.startswith(SLOT_PREFIX)
+            ):
+                try:
+                    commit_one(client_id, slot, key, now)
+                except StoreError as exc:
+                    out.append(exc)
+                    continue
+                out.append(None)
+                continue
+            del shards[hash(slot) & SHARD_MASK][slot]
+            inflight.pop(slot, None)
+            held.discard(slot)
+            obj.key = key
+            target[key] = obj
+            obj.flags = (obj.flags | READABLE) & ~BUSY
+            obj.ext = None
+            if effects is not None:
+                effects.append(WriteRenamed(slot, key))
+                effects.append(self._commit_effect(key, obj))
+            committed.append(obj.size)
+            out.append(None)
+        if committed:
+            for size, n in Counter(committed).items():
+                self.metrics.observe_value_size(size, n)
+        return out
 
     def _rekey(self, slot: str, key: str, obj: Obj) -> None:
         """The write in progress ``obj`` under ``slot`` moves to ``key`` (absent)."""
