@@ -60,7 +60,9 @@ def _run(dep: HaDeployment, scenario: str, record: Callable[[str, object], None]
     assert run.corrupt == [] and run.corrupt_reads == 0, f"corrupt reads: {run.corrupt[:5]}"
     assert run.expired == [], f"healthy storage nodes expired: {run.expired}"
     # the client rode through: its calls waited for the new leader, none failed
-    assert run.load_errors == {}, f"client calls failed: {run.load_errors}"
+    assert run.load_errors == {}, (
+        f"client calls failed: {run.load_errors} {run.notes.get('error_messages', {})}"
+    )
     return run
 
 

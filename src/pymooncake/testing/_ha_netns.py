@@ -291,6 +291,8 @@ class _LoadCounts:
     get_errors: int = 0
     corrupt: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    #: the first message of each kind of error (what failed, and why)
+    messages: dict[str, str] = field(default_factory=dict)
 
 
 class ChecksumLoad:
@@ -370,6 +372,7 @@ class ChecksumLoad:
             else:
                 self.counts.get_errors += 1
             self.counts.errors[name] = self.counts.errors.get(name, 0) + 1
+            self.counts.messages.setdefault(name, str(exc)[:500])
 
     def _run(self, index: int) -> None:
         rng = random.Random(index)
@@ -579,7 +582,9 @@ def run_scenario(
         corrupt_reads=load.counts.corrupt,
         expired=dep.expired_nodes(new),
         load_errors=dict(load.counts.errors),
-        notes=notes,
+        notes={**notes, "error_messages": dict(load.counts.messages)}
+        if load.counts.messages
+        else notes,
     )
     # leave a leader and an in-sync standby for the next run
     for m in list(group.masters):
