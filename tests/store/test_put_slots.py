@@ -148,11 +148,35 @@ def test_batch_puts_answer_each_key_as_the_ordinary_path(cluster: LocalCluster) 
     many = [_value(4 * KiB, 10 + i) for i in range(17)]  # 17 x 4 KiB > 64 KiB
     assert small.put_many([f"big{i}" for i in range(17)], [[v] for v in many]) == [True] * 17
     assert small_calls["BatchPutStart"] == 1 and "ReserveSlots" not in small_calls
-    # a key twice in one batch: the ordinary path answers as it always did
-    twice = writer.put_many(["t", "t"], [[values[0]], [values[1]]])
-    assert twice[0] is True and calls["BatchPutStart"] == 1
     assert node.get_many(["x5", "x6", "m4", "m7"]) == [*two, *mixed]
     assert node.get_many([f"big{i}" for i in range(17)]) == many
+
+
+def test_buffers_reserved_ahead_make_room_for_a_put_that_needs_it(cluster: LocalCluster) -> None:
+    """Buffers reserved ahead never evict and cannot be evicted: a put that
+    finds no room while its client holds some gives them back and tries again."""
+    node = cluster.client(1 * MiB, 4 * MiB)
+    writer = cluster.client(0, 4 * MiB)
+    for b in range(2):  # batches of 4 reserve 4, then 8 (4 ahead)
+        keys = [f"b{b}-{i}" for i in range(4)]
+        assert writer.put_many(keys, [[_value(32 * KiB, i)] for i in range(4)]) == [True] * 4
+    assert writer.slots.held() == 4
+    assert writer.remove_many([f"b{b}-{i}" for b in range(2) for i in range(4)]) == [None] * 8
+    calls = _count_calls(writer)
+    filler = bytes(96 * KiB)
+    pinned = ReplicateConfig(with_hard_pin=True)
+    for i in range(10):  # 10 x 96 KiB: room for them only without the 4 x 32 KiB
+        assert writer.put(f"fill{i}", filler, pinned) is True, i
+    assert writer.slots.held() == 0 and not _reserved(cluster)
+    assert calls["PutStart"] >= 1  # the put that found no room went the ordinary way
+    assert node.get("fill9") == filler
+    # remove_all empties the store and gives back what the client held reserved
+    assert writer.remove_all(force=True) == 10
+    for i in range(2):  # a reservation of 1, then of 2: one ahead
+        writer.put(f"again{i}", _value(32 * KiB, i))
+    assert writer.slots.held() == 1
+    assert writer.remove_all(force=True) == 2
+    assert writer.slots.held() == 0 and not _reserved(cluster)
 
 
 def test_an_existing_key_answers_false_and_keeps_the_buffer(cluster: LocalCluster) -> None:

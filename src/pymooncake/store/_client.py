@@ -457,7 +457,11 @@ class StoreClient(WriteOps, ReadOps):
 
     def remove_all(self, force: bool = False) -> int:
         self._check_open()
-        return int(self.master.call(msg.RemoveAll(force, self.client_id)).count)
+        count = int(self.master.call(msg.RemoveAll(force, self.client_id)).count)
+        # the store is being emptied: this client's buffers reserved ahead go too
+        # (they would split the room the next puts get)
+        self.give_back_reserved()
+        return count
 
     # --- copy/move tasks (_tasks.py) -------------------------------------------------
 

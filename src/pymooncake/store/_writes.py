@@ -38,6 +38,10 @@ _DEFAULT_CONFIG = ReplicateConfig()
 _ROOM_CODES = (ErrorCode.NO_AVAILABLE_HANDLE, ErrorCode.INVALID_PARAMS)
 
 
+def _no_room(result: bool | StoreError) -> bool:
+    return isinstance(result, StoreError) and result.code == ErrorCode.NO_AVAILABLE_HANDLE
+
+
 class WriteOps(ClientIO):
     """put / put_parts / put_from / put_many / upsert / upsert_many."""
 
@@ -91,6 +95,16 @@ class WriteOps(ClientIO):
                 [keys[i] for i in retry], [parts[i] for i in retry], again, upsert, set(), op
             )
             for i, r in zip(retry, sub, strict=True):
+                results[i] = r
+        if any(map(_no_room, results)) and self.slots.held():
+            # buffers this client reserved ahead for other puts hold room this
+            # one needs (they never evict): give them back, then try once more
+            self.give_back_reserved()
+            short = [i for i, r in enumerate(results) if _no_room(r)]
+            sub = self._write_once(
+                [keys[i] for i in short], [parts[i] for i in short], config, upsert, set(), op
+            )
+            for i, r in zip(short, sub, strict=True):
                 results[i] = r
         if self.metrics is not None:
             if results.count(True) == len(results):
@@ -267,12 +281,11 @@ class WriteOps(ClientIO):
             return None
         for size in short:
             taken[size] += self._reserve(size, params, epoch, len(by_size[size]) - len(taken[size]))
-        slots: list[Slot | None] = [None] * n
+        slots: dict[int, Slot] = {}  # key index -> its buffer
         for size, idx in by_size.items():
-            for i, slot in zip(idx, taken[size], strict=False):
-                slots[i] = slot
+            slots.update(zip(idx, taken[size], strict=False))
         results: list[bool | StoreError | None] = [None] * n
-        todo = [i for i in range(n) if slots[i] is not None]
+        todo = sorted(slots)
         if not todo:
             return results
         per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
@@ -280,9 +293,7 @@ class WriteOps(ClientIO):
         transfer_start = time.perf_counter_ns()
         copy_own = self._copy_own_many()
         for i in todo:
-            slot = slots[i]
-            assert slot is not None
-            for endpoint, address in slot.places:
+            for endpoint, address in slots[i].places:
                 self._route_parts(
                     i, endpoint, address, parts[i], True, per_endpoint, errors, copy_own
                 )
@@ -291,32 +302,31 @@ class WriteOps(ClientIO):
         if failed:
             # their holders may be gone: revoke them and the pools of their
             # sizes now; those keys take the ordinary path (which writes elsewhere)
-            names = [slots[i].name for i in failed]  # type: ignore[union-attr]
+            gone = [slots[i].name for i in failed]
             for size in {sizes[i] for i in failed}:
-                names += pools.drop(size, params)
-            self._revoke(names, False)
+                gone += pools.drop(size, params)
+            self._revoke(gone, False)
             todo = [i for i in todo if errors[i] is None]
             if not todo:
                 return results
         if self.metrics is not None:
             self.metrics.transfer(
                 True,
-                sum(sizes[i] * len(slots[i].places) for i in todo),  # type: ignore[union-attr]
+                sum(sizes[i] * len(slots[i].places) for i in todo),
                 (time.perf_counter_ns() - transfer_start) // 1000,
                 op in BATCH_OPS,
             )
-        names = tuple([slots[i].name for i in todo])  # type: ignore[union-attr]
+        names = tuple([slots[i].name for i in todo])
         try:
             reply = master.call(
                 msg.BatchCommitSlots(self.client_id, names, tuple([keys[i] for i in todo]))
             )
         except StoreError as exc:
-            if isinstance(exc, RpcFailed):  # committed or not: revoking is harmless
-                self._revoke_later(names)
+            self._revoke_later(names)  # committed or not: revoking is harmless
+            if isinstance(exc, RpcFailed):
                 for i in todo:
                     results[i] = exc
-            else:  # refused as a whole: the ordinary path says why
-                self._revoke_later(names)
+            # else refused as a whole: the ordinary path says why
             return results
         if len(reply.codes) != len(todo):
             raise MalformedMessage(f"the master answered {len(reply.codes)} of {len(todo)} keys")
@@ -325,12 +335,10 @@ class WriteOps(ClientIO):
             if code == 0:
                 results[i] = True
                 continue
-            slot = slots[i]
-            assert slot is not None
             if code == ErrorCode.OBJECT_NOT_FOUND:
                 lost = True  # the master lost what it held: the ordinary path
                 continue
-            self._revoke_later(pools.give_back(sizes[i], params, slot, epoch))
+            self._revoke_later(pools.give_back(sizes[i], params, slots[i], epoch))
             if code == ErrorCode.OBJECT_ALREADY_EXISTS:
                 results[i] = False  # readable: the key is immutable (reference semantics)
             elif code != ErrorCode.REPLICA_IS_NOT_READY:  # not-ready: the ordinary path waits
@@ -391,6 +399,13 @@ class WriteOps(ClientIO):
         ]
         self._revoke_later(pools.add(size, params, slots[need:], epoch))
         return slots[:need]
+
+    def give_back_reserved(self) -> None:
+        """Revoke every buffer this client holds reserved ahead (they hold room
+        the next puts may need, and never evict)."""
+        held = self.slots.clear()
+        if held:
+            self._revoke(held, False)
 
     def _revoke_later(self, names: Sequence[str]) -> None:
         """Reserved buffers nobody will write: the heartbeat revokes them."""
