@@ -30,7 +30,9 @@ HA (standbys confirming puts) reservations are not used: a reservation the
 leader answered but never streamed would be lost with it.
 
 Buffers left over (expired, dropped) are revoked by the heartbeat; the
-client's close revokes the rest.
+client's close revokes the rest.  Buffers ahead hold room and never evict: a
+put refused for want of room revokes the ones its client holds and tries once
+more, and ``remove_all`` gives them back with the objects.
 """
 
 from __future__ import annotations

@@ -838,12 +838,7 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
                     codes.append(code)
                     messages.append(text)
             out = rp.BatchCommitSlotsReply(tuple(codes), tuple(messages))
-        assert isinstance(out, rp.BatchKeyResultsReply)
-        if off.eager():
-            for key, code in zip(req.keys, out.codes, strict=True):
-                if code == 0:
-                    off.written(key)
-        return out
+        return queue_written(req.keys, out)
 
     def upsert_start(req: msg.UpsertStart, now: float) -> Any:
         out = base[msg.UpsertStart](req, now)
@@ -866,17 +861,17 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
 
         return handler
 
-    def batch_ended(kind: type) -> Handler:
-        def handler(req: Any, now: float) -> rp.Reply:
-            out = base[kind](req, now)
-            assert isinstance(out, rp.BatchKeyResultsReply)
-            if off.eager():
-                for key, code in zip(req.keys, out.codes, strict=True):
-                    if code == 0:
-                        off.written(key)
-            return out
+    def queue_written(keys: Sequence[str], out: rp.Reply) -> rp.Reply:
+        """The keys a batch put ended (code 0 in ``out``) are queued for offload."""
+        assert isinstance(out, rp.BatchKeyResultsReply)
+        if off.eager():
+            for key, code in zip(keys, out.codes, strict=True):
+                if code == 0:
+                    off.written(key)
+        return out
 
-        return handler
+    def batch_ended(kind: type) -> Handler:
+        return lambda req, now: queue_written(req.keys, base[kind](req, now))
 
     def get_replica_list(req: msg.GetReplicaList, now: float) -> rp.Reply:
         try:

@@ -165,6 +165,22 @@ def _has_task(key: str) -> StoreError:
 
 #: flags put_end_many reads to tell a plain put in progress (BUSY alone of these)
 _END_CHECKED = READABLE | BUSY | SOFT_PIN
+
+
+def _plain_write(obj: Obj, client_id: str) -> bool:
+    """``obj`` is a put in progress of ``client_id`` with one replica, nothing
+    pending and no pin: the batch paths end it inline."""
+    ext = obj.ext
+    return (
+        ext is not None
+        and obj.flags & _END_CHECKED == BUSY
+        and obj.writer == client_id
+        and not ext.pending
+        and not ext.more
+        and ext.soft_pin_ttl_s is None
+    )
+
+
 _ENABLE = int(SoftPinAction.ENABLE)
 _DISABLE = int(SoftPinAction.DISABLE)
 
@@ -877,15 +893,7 @@ class MasterState:
         effects, end_one = self.effects, self.put_end
         for key in keys:
             obj = shards[hash(key) & SHARD_MASK].get(key)
-            if (
-                obj is None
-                or (ext := obj.ext) is None
-                or obj.flags & _END_CHECKED != BUSY
-                or obj.writer != client_id
-                or ext.pending
-                or ext.more
-                or ext.soft_pin_ttl_s is not None
-            ):
+            if obj is None or not _plain_write(obj, client_id):
                 try:
                     end_one(client_id, key, now)
                 except StoreError as exc:
@@ -1129,12 +1137,7 @@ class MasterState:
             target = shards[hash(key) & SHARD_MASK]
             if (
                 obj is None
-                or (ext := obj.ext) is None
-                or obj.flags & _END_CHECKED != BUSY
-                or obj.writer != client_id
-                or ext.pending
-                or ext.more
-                or ext.soft_pin_ttl_s is not None
+                or not _plain_write(obj, client_id)
                 or key in target
                 or not slot.startswith(SLOT_PREFIX)
             ):
