@@ -37,6 +37,7 @@ from pymooncake.wire._master_msgs import (
     MAX_REGEX_CHARS,
     MAX_REPLICAS,
     MAX_SEGMENTS,
+    MAX_SLOTS,
     MasterMethod,
     decode_request,
 )
@@ -534,6 +535,9 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "enable_offloading": st.booleans(),
     "register": st.booleans(),
     "shared": st.booleans(),
+    "slot": names,
+    "batch": names,
+    "count": st.integers(1, MAX_SLOTS),
 }
 
 
@@ -541,14 +545,19 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
 def requests(draw: st.DrawFn) -> msg.Request:
     cls = draw(st.sampled_from(msg._ALL))
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in ("rid", "ack"):
+    per_key = {"sizes": u64, "slots": names}  # one per key: drawn once the keys are
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("rid", "ack")]
+    for name in fields:
+        if name in per_key:
             continue
-        if f.name == "sizes":
+        if cls is msg.ReserveSlots and name == "size":  # a buffer of 0 bytes is refused
+            values["size"] = draw(st.integers(1, 2**64 - 1))
+            continue
+        values[name] = draw(_FIELDS[name])
+    for name in fields:
+        if name in per_key:
             n = len(values["keys"])
-            values["sizes"] = tuple(draw(st.lists(u64, min_size=n, max_size=n)))
-            continue
-        values[f.name] = draw(_FIELDS[f.name])
+            values[name] = tuple(draw(st.lists(per_key[name], min_size=n, max_size=n)))
     return cls(**values)
 
 
