@@ -114,3 +114,35 @@ def test_a_standby_that_cannot_confirm_makes_the_leader_wait_for_it(
         held_back.new_leader(leader)
         assert client.get("both") == _value("both", 4096)
         assert client.get("plain") == _value("plain", 4096)
+
+
+def test_a_leader_answer_later_than_one_attempt_still_acknowledges_the_put(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    """The PutEnd sent beside the confirmations waits one attempt (2 s with HA);
+    a leader holding its answer longer -- here for a frozen standby, until
+    ``--ha_sync_timeout_ms`` drops it; in a failover for a standby that rejoins
+    -- makes the client end the put again through the retrying path, which
+    succeeds: the put is acknowledged, not failed with RpcTimeout."""
+    flags = ["--ha_sync_timeout_ms=5000"]
+    with (
+        HaMasters(etcd_cluster.endpoints, 2, lease_ttl_s=TTL, flags=flags) as group,
+        _client(group) as client,
+    ):
+        standby_rpc = _knows_standby(client, group)
+        standby = next(m for m in group.masters if m.rpc == standby_rpc)
+        client.confirms.update = lambda standbys: None  # type: ignore[method-assign]
+        # a master that is no standby: the leader does not count the put as
+        # confirmed and holds its answer until its real standby acknowledges
+        client.confirms.standbys = ("127.0.0.1:1",)
+        standby.node.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert client.put("late", _value("late", 4096)) is True
+            waited = time.monotonic() - started
+        finally:
+            standby.node.proc.send_signal(signal.SIGCONT)
+        # the answer came when the leader dropped the frozen standby, after
+        # more than one attempt's wait
+        assert 2.0 < waited < 15.0, waited
+        assert client.get("late") == _value("late", 4096)

@@ -25,7 +25,7 @@ from typing import Any
 
 from .._authio import ClusterSecurity
 from .._logging import RepeatLimiter
-from ..errors import MalformedMessage, MooncakeError, StoreError
+from ..errors import MalformedMessage, MooncakeError, RpcFailed, StoreError
 from ..wire import _master_msgs as msg
 from ._master_client import MasterClient
 from ._types import ErrorCode
@@ -176,6 +176,11 @@ class StandbyConfirms:
         if sent is not None:
             try:
                 value = sent()
+            except RpcFailed:
+                # that one attempt broke or timed out (RpcTimeout too): the leader
+                # may be frozen, gone or busy re-syncing a standby; call() retries
+                # and follows the leader until the timeout
+                sent = None
             except StoreError as exc:
                 if exc.code != _NOT_LEADER:
                     if not single:

@@ -633,6 +633,11 @@ class MasterClient:
         """
         conn, reused = self._checkout()
         ident = next(self._ids)
+        # one attempt: with HA it waits one slice (a frozen leader must not hold the
+        # caller for the whole timeout; the caller retries with call(), which follows
+        # the leader), else the whole timeout
+        wait_s = min(_HA_SLICE_S, self._timeout) if self._leader is not None else self._timeout
+        set_io_timeout(conn.sock, wait_s)
         try:
             self._send(conn, encode_request(ident, request))
         except OSError as exc:
@@ -648,7 +653,7 @@ class MasterClient:
                 conn.sock.close()
                 raise RpcTimeout(
                     f"the master at {self.target} did not answer {request.METHOD.value} "
-                    f"within {self._timeout:g} s"
+                    f"within {wait_s:g} s"
                 ) from exc
             except (OSError, MalformedMessage) as exc:
                 self._discard(conn, reused)
