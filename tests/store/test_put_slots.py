@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from pymooncake.config import EngineConfig
-from pymooncake.errors import InvalidParams
+from pymooncake.errors import InvalidParams, StoreError
 from pymooncake.store import MasterConfig, ReplicateConfig, StoreClient, StoreClientConfig
 from pymooncake.store._slots import DEFAULT_BYTES, ENV, slot_bytes_from_env
 from pymooncake.store.master._state import SLOT_PREFIX, MasterState
@@ -150,6 +150,30 @@ def test_batch_puts_answer_each_key_as_the_ordinary_path(cluster: LocalCluster) 
     assert small_calls["BatchPutStart"] == 1 and "ReserveSlots" not in small_calls
     assert node.get_many(["x5", "x6", "m4", "m7"]) == [*two, *mixed]
     assert node.get_many([f"big{i}" for i in range(17)]) == many
+
+
+def test_a_batch_that_names_a_key_twice_writes_it_once(cluster: LocalCluster) -> None:
+    """Puts keep the first value (the repeat finds it: False), upserts the last;
+    neither waits for the repeat's start (it used to wait for the RPC timeout:
+    the second start found the first in progress, which ends only with the batch)."""
+    node = cluster.client(32 * MiB, 4 * MiB)
+    for slot_bytes in (DEFAULT_BYTES, 0):  # reserved buffers and the ordinary path
+        writer = cluster.client(0, 4 * MiB, put_slot_bytes=slot_bytes, rpc_timeout_s=20.0)
+        p = f"s{slot_bytes}-"
+        values = [_value(4 * KiB, i) for i in range(4)]
+        started = time.monotonic()
+        got = writer.put_many([p + "a", p + "b", p + "a", p + "a"], [[v] for v in values])
+        assert got == [True, True, False, False]
+        assert writer.put_many([p + "b", p + "b"], [[values[0]], [values[1]]]) == [False, False]
+        writer.upsert_many([p + "u", p + "u"], [[values[2]], [values[3]]])
+        assert time.monotonic() - started < 10.0  # no wait for a timeout
+        assert node.get_many([p + "a", p + "b", p + "u"]) == [values[0], values[1], values[3]]
+        # the first entry's error is the repeat's too
+        empty = cluster.client(0, 4 * MiB, put_slot_bytes=slot_bytes)
+        huge = [[b"x" * (40 * MiB)], [b"y" * (40 * MiB)]]
+        results = empty.put_many([p + "big", p + "big"], huge)
+        assert all(isinstance(r, StoreError) for r in results), results
+        assert type(results[0]) is type(results[1])
 
 
 def test_buffers_reserved_ahead_make_room_for_a_put_that_needs_it(cluster: LocalCluster) -> None:

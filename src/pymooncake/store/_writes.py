@@ -64,6 +64,8 @@ class WriteOps(ClientIO):
         ``op`` names the API for the operation metrics (the reference's op_name).
         """
         self._check_open()
+        if len(keys) > 1 and len(set(keys)) != len(keys):
+            return self._write_distinct(keys, parts, config, upsert, op)
         started = time.perf_counter_ns()
         results: list[bool | StoreError] | None = None
         unreachable: set[str] = set()
@@ -113,6 +115,32 @@ class WriteOps(ClientIO):
                 stored = sum(sum(map(len, parts[i])) for i, r in enumerate(results) if r is True)
             self.metrics.operation(True, op, stored, (time.perf_counter_ns() - started) // 1000)
         return results
+
+    def _write_distinct(
+        self,
+        keys: Sequence[str],
+        parts: Sequence[Parts],
+        config: ReplicateConfig,
+        upsert: bool,
+        op: str,
+    ) -> list[bool | StoreError]:
+        """A batch that names a key more than once writes it once, as if its
+        entries came one after another: a put stores the first value (the later
+        entries find it: False, "already existed", or the first one's error), an
+        upsert the last (every entry answers as that one did).  Written as given,
+        the second start would find the first in progress and wait for it until
+        the RPC timeout, while the first cannot end before the batch does."""
+        chosen: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if upsert or key not in chosen:
+                chosen[key] = i
+        idx = list(chosen.values())
+        sub = self._write_batch([keys[i] for i in idx], [parts[i] for i in idx], config, upsert, op)
+        result = dict(zip([keys[i] for i in idx], sub, strict=True))
+        return [
+            result[k] if upsert or chosen[k] == i or result[k] is not True else False
+            for i, k in enumerate(keys)
+        ]
 
     def _write_once(
         self,
@@ -244,11 +272,11 @@ class WriteOps(ClientIO):
     ) -> list[bool | StoreError | None] | None:
         """A batch put through buffers reserved ahead: write every value, then
         commit them all in one ``BatchCommitSlots``.  None when the batch takes
-        the ordinary path (a value too large for the pools of its size, a key
-        twice, HA); else a result per key as :meth:`_put_in_slot` gives it (None:
+        the ordinary path (a value too large for the pools of its size, HA; a
+        key named twice never gets here, see :meth:`_write_distinct`); else a result per key as :meth:`_put_in_slot` gives it (None:
         that key takes the ordinary path)."""
         pools = self.slots
-        if self.confirms.standbys or len(set(keys)) != len(keys):
+        if self.confirms.standbys:
             return None
         n = len(keys)
         sizes = [len(ps[0]) if len(ps) == 1 else sum(map(len, ps)) for ps in parts]
