@@ -385,7 +385,11 @@ def _half_writer(
 
 
 def test_writer_killed_mid_put_gives_its_key_back_after_client_ttl() -> None:
-    with _cluster() as cluster, contextlib.ExitStack() as stack:
+    # a longer client_ttl than the others': the live writer must stay alive
+    # through the second put's wait (the RPC timeout, 5 s) although a loaded
+    # machine may schedule its pings late (it pings every 0.2 s)
+    ttl_s = 3
+    with _cluster(f"--client_ttl={ttl_s}") as cluster, contextlib.ExitStack() as stack:
         _, seg = cluster.node("16 MB")
         client = stack.enter_context(_client(cluster))
         with _half_writer(cluster, "zombie", 4 * MiB, seg) as (proc, replicas):
@@ -402,7 +406,7 @@ def test_writer_killed_mid_put_gives_its_key_back_after_client_ttl() -> None:
                 client.remove("zombie", force=True)
             proc.kill()
             proc.wait(15)
-        assert _wait_until(lambda: "zombie" not in _keys(cluster), CLIENT_TTL_S + MARGIN_S), (
+        assert _wait_until(lambda: "zombie" not in _keys(cluster), ttl_s + MARGIN_S), (
             "the dead writer's unfinished put was not dropped after client_ttl"
         )
         assert _metric(cluster, "master_expired_clients_total") >= 1
