@@ -9,17 +9,21 @@ client fall back to the leader's own barrier.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import random
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from pymooncake.store import StoreClient, StoreClientConfig
+from pymooncake.errors import RpcTimeout
+from pymooncake.store import ReplicateConfig, StoreClient, StoreClientConfig
 from pymooncake.testing._etcd_server import EtcdCluster
 from pymooncake.testing._ha import HaMasters
+from pymooncake.wire import _master_msgs as msg
 
 pytestmark = pytest.mark.slow
 TTL = 2
@@ -37,7 +41,8 @@ def held_back(etcd_cluster: EtcdCluster) -> Iterator[HaMasters]:
         yield group
 
 
-def _client(group: HaMasters) -> StoreClient:
+def _client(group: HaMasters, put_slot_bytes: int | None = None) -> StoreClient:
+    more = {} if put_slot_bytes is None else {"put_slot_bytes": put_slot_bytes}
     client = StoreClient(
         StoreClientConfig(
             local_hostname="127.0.0.1",
@@ -47,9 +52,29 @@ def _client(group: HaMasters) -> StoreClient:
             local_buffer_size=16 * MiB,
             cluster_id=group.cluster_id,
             rpc_timeout_s=30.0,
+            **more,
         )
     )
     return client
+
+
+def _count_requests(client: StoreClient) -> collections.Counter[str]:
+    """The master requests ``client`` sends to the leader, by method."""
+    counts: collections.Counter[str] = collections.Counter()
+    master = client.master
+    call, send = master.call, master.send
+
+    def counting_call(request: Any, **kw: Any) -> Any:
+        counts[request.METHOD.value] += 1
+        return call(request, **kw)
+
+    def counting_send(request: Any) -> Any:
+        counts[request.METHOD.value] += 1
+        return send(request)
+
+    master.call = counting_call  # type: ignore[method-assign]
+    master.send = counting_send  # type: ignore[method-assign]
+    return counts
 
 
 def _knows_standby(client: StoreClient, group: HaMasters) -> str:
@@ -65,12 +90,17 @@ def _knows_standby(client: StoreClient, group: HaMasters) -> str:
     return standby
 
 
+@pytest.mark.parametrize("slots", [True, False], ids=["reserved-buffers", "start-end"])
 def test_puts_acknowledged_before_their_commit_reached_the_standby_survive(
-    held_back: HaMasters,
+    held_back: HaMasters, slots: bool
 ) -> None:
+    """Through buffers reserved ahead (one leader round trip per put: CommitSlot /
+    BatchCommitSlots beside HaConfirm of (buffer, key) pairs) and, with them
+    off, PutStart / PutEnd."""
     leader = held_back.leader()
-    with _client(held_back) as client:
+    with _client(held_back, None if slots else 0) as client:
         _knows_standby(client, held_back)
+        sent = _count_requests(client)
         singles = [f"one-{i}" for i in range(20)]
         for k in singles:
             assert client.put(k, _value(k, 4096)) is True
@@ -78,6 +108,12 @@ def test_puts_acknowledged_before_their_commit_reached_the_standby_survive(
         assert all(r is True for r in client.put_many(batch, [[_value(k, 1000)] for k in batch]))
         assert client.confirms.confirmed_keys == len(singles) + len(batch)
         assert client.confirms.fallback_keys == 0
+        if slots:
+            assert sent["CommitSlot"] == len(singles) and sent["BatchCommitSlots"] == 1
+            assert not {"PutStart", "PutEnd", "BatchPutStart", "BatchPutEnd"} & set(sent)
+        else:
+            assert sent["PutStart"] == sent["PutEnd"] == len(singles)
+            assert "ReserveSlots" not in sent
         # each put's commit rode along with the next put's reservation; the batch's
         # are still held back by the leader when it dies
         leader.node.kill(signal.SIGKILL)
@@ -146,3 +182,71 @@ def test_a_leader_answer_later_than_one_attempt_still_acknowledges_the_put(
         # more than one attempt's wait
         assert 2.0 < waited < 15.0, waited
         assert client.get("late") == _value("late", 4096)
+
+
+def test_buffers_reserved_ahead_are_answered_once_a_standby_has_them(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    """A client writes into buffers reserved ahead at any later time, possibly
+    after the leader died: the leader answers ReserveSlots only once a standby
+    acknowledged the reservation (a new leader then never hands the buffers out
+    to another put).  With the standby frozen, the answer waits until
+    ``--ha_sync_timeout_ms`` drops it from the barrier."""
+    flags = ["--ha_sync_timeout_ms=4000"]
+    with (
+        HaMasters(etcd_cluster.endpoints, 2, lease_ttl_s=TTL, flags=flags) as group,
+        _client(group) as client,
+    ):
+        standby_rpc = _knows_standby(client, group)
+        standby = next(m for m in group.masters if m.rpc == standby_rpc)
+        params = ReplicateConfig().to_params()
+
+        def reserve(batch: str) -> tuple[float, int]:
+            started = time.monotonic()
+            reply = client.master.call(msg.ReserveSlots(client.client_id, 4096, 4, batch, params))
+            return time.monotonic() - started, len(reply.columns)
+
+        waited, count = reserve("awake")
+        assert count == 4 and waited < 1.0, waited  # a standby round trip
+        standby.node.proc.send_signal(signal.SIGSTOP)
+        try:
+            waited, count = reserve("frozen")
+        finally:
+            standby.node.proc.send_signal(signal.SIGCONT)
+        assert count == 4
+        assert 3.0 < waited < 15.0, waited
+
+
+def test_a_commit_whose_answer_was_lost_is_acknowledged(etcd_cluster: EtcdCluster) -> None:
+    """The CommitSlot sent beside the confirmations reached the leader, which
+    committed; its answer never came.  Sent again (by ``call``), the leader no
+    longer holds the buffer: a plain end of the key tells the put is done."""
+    with (
+        HaMasters(etcd_cluster.endpoints, 2, lease_ttl_s=TTL) as group,
+        _client(group) as client,
+    ):
+        _knows_standby(client, group)
+        assert client.put("warm", _value("warm", 4096)) is True  # buffers reserved
+        master = client.master
+        send = master.send
+        lost: list[str] = []
+
+        def answer_lost(request: Any) -> Any:
+            finish = send(request)
+            if not isinstance(request, (msg.CommitSlot, msg.BatchCommitSlots)):
+                return finish
+
+            def lose() -> Any:
+                finish()  # the leader answered; the client never sees it
+                lost.append(request.METHOD.value)
+                raise RpcTimeout("the answer was lost (test)")
+
+            return lose
+
+        master.send = answer_lost  # type: ignore[method-assign]
+        assert client.put("single", _value("single", 4096)) is True
+        batch = [f"b{i}" for i in range(4)]
+        assert client.put_many(batch, [[_value(k, 4096)] for k in batch]) == [True] * 4
+        assert lost == ["CommitSlot", "BatchCommitSlots"]
+        for key in ("single", *batch):
+            assert client.get(key) == _value(key, 4096)

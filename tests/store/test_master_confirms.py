@@ -12,6 +12,7 @@ from pymooncake.store._types import ReplicateConfig, SegmentInfo
 from pymooncake.store.master._effects import effect_from_record
 from pymooncake.store.master._replication import _SETTLES, Follower
 from pymooncake.store.master._state import MasterState
+from pymooncake.wire._master_msgs import slot_name
 
 MiB = 1 << 20
 ONE = ReplicateConfig()
@@ -68,7 +69,8 @@ def test_the_stream_settles_a_confirmation_and_promotion_commits_the_rest() -> N
     state = follower.state
     assert state is not None
     state.promote(4)
-    for key, writer in follower.take_confirmed():
+    for key, writer, slot in follower.take_confirmed():
+        assert slot == ""
         state.put_end(writer, key, 4)
     assert state.get_replica_list("a", 5).size == 4096
     assert state.get_replica_list("b", 5).size == 4096
@@ -96,3 +98,38 @@ def test_a_standby_not_in_sync_vouches_for_nothing() -> None:
     follower.synced = False
     assert follower.confirm("c1", ("k",), 2) == ("k",)
     assert follower.confirmed == {}
+
+
+def test_puts_into_reserved_buffers_are_vouched_for_by_buffer_and_committed_on_promotion() -> None:
+    leader, follower = _pair()
+    slots = [name for name, _ in leader.reserve_slots("c1", 4096, 4, ONE, 1, batch="b")]
+    _ship(leader, follower, 1)
+    assert len(slots) == 4
+    # (buffer, key) pairs: the buffers are c1's reservations; another client's
+    # confirmation, and a buffer this standby does not know, are not vouched for
+    assert follower.confirm("c1", ("k0", "k1", "k2"), 2, tuple(slots[:3])) == ()
+    assert follower.confirm("c2", ("k3",), 2, (slots[3],)) == ("k3",)
+    assert follower.confirm("c1", ("k9",), 2, (slot_name("c1", "zz", 0),)) == ("k9",)
+    assert {k: v[2] for k, v in follower.confirmed.items()} == {
+        "k0": slots[0],
+        "k1": slots[1],
+        "k2": slots[2],
+    }
+    # k0's commit reaches the standby (a rename and a commit): settled; confirming
+    # it again finds the committed object (nothing to remember)
+    leader.commit_slot("c1", slots[0], "k0", 2)
+    _ship(leader, follower, 2)
+    assert set(follower.confirmed) == {"k1", "k2"}
+    assert follower.confirm("c1", ("k0",), 3, (slots[0],)) == ()
+    assert set(follower.confirmed) == {"k1", "k2"}
+    # k1 and k2 are acknowledged by the leader, which dies before shipping them
+    assert leader.commit_slots_many("c1", slots[1:3], ["k1", "k2"], 3) == [None, None]
+    state = follower.state
+    assert state is not None
+    state.promote(4)
+    for key, writer, slot in follower.take_confirmed():
+        state.commit_slot(writer, slot, key, 4)
+    for key in ("k0", "k1", "k2"):
+        assert state.get_replica_list(key, 5).size == 4096
+    assert slots[3] in state.objects  # still reserved: nobody committed it
+    state.validate()

@@ -191,9 +191,9 @@ class StoreClient(WriteOps, ReadOps):
         #: keys the heartbeat is revoking right now; a put of one waits for it
         self._revoking: set[str] = set()
         self._revoke_done = threading.Condition(self._writing_lock)
-        #: buffers reserved for single puts (_slots.py); not with HA, where a
-        #: reservation the leader never streamed would be lost with it
-        self.slots = SlotPools(0 if "://" in config.master_server_addr else config.put_slot_bytes)
+        #: buffers reserved for puts (_slots.py); with HA the leader answers a
+        #: reservation once a standby has it (a new leader never hands them out)
+        self.slots = SlotPools(config.put_slot_bytes)
         #: runs the copy/move tasks the master assigns to this client (_tasks.py)
         self._tasks = TaskRunner(self)
         #: the SSD tier (enable_ssd_offload), and the reader of others' tiers

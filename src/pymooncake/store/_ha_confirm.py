@@ -8,7 +8,10 @@ standbys are in sync (``PingReply.standbys``); ending puts, the client sends
 ``HaConfirm(keys)`` to each of them and ``PutEnd(confirmed=standbys)`` to the
 leader at the same moment, and counts the puts as done once all answered.  A
 standby remembers confirmed writes until its stream from the leader ends them;
-one that becomes the leader commits the rest (``_replication.py``).
+one that becomes the leader commits the rest (``_replication.py``).  A put
+written into a buffer reserved ahead is committed the same way: ``CommitSlot``
+(or ``BatchCommitSlots``) with ``confirmed`` to the leader, and ``HaConfirm``
+naming the buffer of each key to the standbys.
 
 When a standby cannot vouch for a key (its stream is behind, it is gone, or it
 is no longer a standby) the client sends a plain PutEnd for it: ending a put
@@ -41,6 +44,11 @@ _CONNECT_TIMEOUT_S = 0.5
 
 #: a master that is not (or no longer) the leader answers this
 _NOT_LEADER = int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
+#: a reserved buffer the leader does not hold (any more)
+_NOT_FOUND = int(ErrorCode.OBJECT_NOT_FOUND)
+
+#: the requests that end puts
+_End = msg.PutEnd | msg.BatchPutEnd | msg.CommitSlot | msg.BatchCommitSlots
 
 #: (code, message) per key: 0 and None when the put ended
 Result = tuple[int, str | None]
@@ -112,16 +120,26 @@ class StandbyConfirms:
         with self._lock:
             self.standbys = tuple(a for a in self.standbys if a != address)
 
-    def end(self, master: MasterClient, keys: Sequence[str], *, batch: bool) -> list[Result]:
+    def end(
+        self,
+        master: MasterClient,
+        keys: Sequence[str],
+        *,
+        batch: bool,
+        slots: Sequence[str] = (),
+    ) -> list[Result]:
         """End the puts of ``keys`` at the leader (``master``) with every standby
-        confirming them; (code, message) per key.
+        confirming them; (code, message) per key.  ``slots``: the puts were
+        written into these buffers reserved ahead (one per key), which the
+        leader commits under ``keys`` (``CommitSlot``) instead of ending puts.
 
         Raises:
             RpcFailed / RpcTimeout: the leader could not be reached (as ``call``).
         """
         keys = tuple(keys)
+        slots = tuple(slots)
         standbys = self.standbys
-        request = self._request(keys, batch, standbys)
+        request = self._request(keys, batch, standbys, slots)
         try:  # the leader first: its part is the longer one
             leader: Callable[[], Any] | None = master.send(request)
         except MooncakeError:
@@ -130,13 +148,15 @@ class StandbyConfirms:
         unsure: set[str] = set()
         for address in standbys:
             try:
-                confirm = msg.HaConfirm(self.client_id, keys)
+                confirm = msg.HaConfirm(self.client_id, keys, slots)
                 finishes.append((address, self._client(address).send(confirm)))
             except MooncakeError as exc:
                 self._skip(address, exc)
                 unsure.update(keys)
         try:
             results = self._results(master, request, leader)
+            if slots:
+                self._committed_before(master, keys, results)
         finally:
             for address, finish in finishes:
                 try:
@@ -156,22 +176,50 @@ class StandbyConfirms:
         return results
 
     def _request(
-        self, keys: tuple[str, ...], batch: bool, confirmed: tuple[str, ...]
-    ) -> msg.PutEnd | msg.BatchPutEnd:
+        self,
+        keys: tuple[str, ...],
+        batch: bool,
+        confirmed: tuple[str, ...],
+        slots: tuple[str, ...] = (),
+    ) -> _End:
+        client = self.client_id
         if not batch and len(keys) == 1:
-            return msg.PutEnd(self.client_id, keys[0], confirmed=confirmed)
-        return msg.BatchPutEnd(self.client_id, keys, confirmed=confirmed)
+            if slots:
+                return msg.CommitSlot(client, slots[0], keys[0], confirmed=confirmed)
+            return msg.PutEnd(client, keys[0], confirmed=confirmed)
+        if slots:
+            return msg.BatchCommitSlots(client, slots, keys, confirmed=confirmed)
+        return msg.BatchPutEnd(client, keys, confirmed=confirmed)
+
+    def _committed_before(
+        self, master: MasterClient, keys: tuple[str, ...], results: list[Result]
+    ) -> None:
+        """Keys whose buffer the leader did not find (OBJECT_NOT_FOUND) may have
+        been committed by an earlier attempt of the same request whose answer was
+        lost (the one sent beside the confirmations carries no request id, so the
+        leader's reply cache cannot answer its repeat): a plain end of the key,
+        harmless to repeat, tells.  A key really lost stays OBJECT_NOT_FOUND (the
+        caller puts it the ordinary way)."""
+        lost = [i for i, (code, _) in enumerate(results) if code == _NOT_FOUND]
+        if not lost:
+            return
+        again = self._results(
+            master, self._request(tuple(keys[i] for i in lost), len(lost) > 1, ())
+        )
+        for i, result in zip(lost, again, strict=True):
+            if result[0] == 0:
+                results[i] = result
 
     def _results(
         self,
         master: MasterClient,
-        request: msg.PutEnd | msg.BatchPutEnd,
+        request: _End,
         sent: Callable[[], Any] | None = None,
     ) -> list[Result]:
         """The leader's answer to ``request`` -- ``sent`` already (one attempt), else
         (or when that attempt broke or met a master no longer leading) by ``call``,
         which retries and follows the leader: ending a put again is harmless."""
-        single = isinstance(request, msg.PutEnd)
+        single = isinstance(request, (msg.PutEnd, msg.CommitSlot))
         value: Any = None
         if sent is not None:
             try:
@@ -196,7 +244,7 @@ class StandbyConfirms:
                 if not single:
                     raise
                 return [(exc.code, exc.message)]
-        if isinstance(request, msg.PutEnd):
+        if isinstance(request, (msg.PutEnd, msg.CommitSlot)):
             return [(0, None)]
         n = len(request.keys)
         if len(value.codes) != n:

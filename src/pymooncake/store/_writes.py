@@ -211,7 +211,7 @@ class WriteOps(ClientIO):
         the key)."""
         size = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
         pools = self.slots
-        if not pools.eligible(size) or not key or self.confirms.standbys:
+        if not pools.eligible(size) or not key:
             return None
         master = self.master
         master.idle_intact()  # a master that exited or restarted closed them
@@ -246,7 +246,12 @@ class WriteOps(ClientIO):
                 op in BATCH_OPS,
             )
         try:
-            master.call(msg.CommitSlot(self.client_id, slot.name, key))
+            if self.confirms.standbys:  # HA: the standbys confirm it in parallel
+                ((code, text),) = self.confirms.end(master, [key], batch=False, slots=[slot.name])
+                if code:
+                    raise store_error(code, text or "")
+            else:
+                master.call(msg.CommitSlot(self.client_id, slot.name, key))
         except StoreError as exc:
             code = exc.code
             if code == ErrorCode.OBJECT_ALREADY_EXISTS:
@@ -272,12 +277,10 @@ class WriteOps(ClientIO):
     ) -> list[bool | StoreError | None] | None:
         """A batch put through buffers reserved ahead: write every value, then
         commit them all in one ``BatchCommitSlots``.  None when the batch takes
-        the ordinary path (a value too large for the pools of its size, HA; a
-        key named twice never gets here, see :meth:`_write_distinct`); else a result per key as :meth:`_put_in_slot` gives it (None:
+        the ordinary path (a value too large for the pools of its size; a key
+        named twice never gets here, see :meth:`_write_distinct`); else a result per key as :meth:`_put_in_slot` gives it (None:
         that key takes the ordinary path)."""
         pools = self.slots
-        if self.confirms.standbys:
-            return None
         n = len(keys)
         sizes = [len(ps[0]) if len(ps) == 1 else sum(map(len, ps)) for ps in parts]
         by_size: dict[int, list[int]] = {}
@@ -345,10 +348,15 @@ class WriteOps(ClientIO):
                 op in BATCH_OPS,
             )
         names = tuple([slots[i].name for i in todo])
+        todo_keys = tuple([keys[i] for i in todo])
         try:
-            reply = master.call(
-                msg.BatchCommitSlots(self.client_id, names, tuple([keys[i] for i in todo]))
-            )
+            if self.confirms.standbys:  # HA: the standbys confirm them in parallel
+                ended = self.confirms.end(master, todo_keys, batch=True, slots=names)
+                codes = [code for code, _ in ended]
+                messages = [text for _, text in ended]
+            else:
+                reply = master.call(msg.BatchCommitSlots(self.client_id, names, todo_keys))
+                codes, messages = reply.codes, reply.messages
         except StoreError as exc:
             self._revoke_later(names)  # committed or not: revoking is harmless
             if isinstance(exc, RpcFailed):
@@ -356,10 +364,10 @@ class WriteOps(ClientIO):
                     results[i] = exc
             # else refused as a whole: the ordinary path says why
             return results
-        if len(reply.codes) != len(todo):
-            raise MalformedMessage(f"the master answered {len(reply.codes)} of {len(todo)} keys")
+        if len(codes) != len(todo):
+            raise MalformedMessage(f"the master answered {len(codes)} of {len(todo)} keys")
         lost = False
-        for i, code, text in zip(todo, reply.codes, reply.messages, strict=True):
+        for i, code, text in zip(todo, codes, messages, strict=True):
             if code == 0:
                 results[i] = True
                 continue

@@ -777,7 +777,8 @@ class ReserveSlots(Mutation):
 @dataclass(frozen=True, slots=True)
 class CommitSlot(Mutation):
     """pymooncake: the buffer reserved as ``slot`` (by :class:`ReserveSlots`, and
-    written by this client) becomes the value of ``key``."""
+    written by this client) becomes the value of ``key``.  ``confirmed``: as
+    :class:`PutEnd`'s (the client confirms the pair to those standbys itself)."""
 
     METHOD: ClassVar = MasterMethod.COMMIT_SLOT
     client_id: str
@@ -785,11 +786,14 @@ class CommitSlot(Mutation):
     key: str
     rid: int = 0
     ack: int = 0
+    confirmed: tuple[str, ...] = ()
 
     def params(self) -> dict[str, Any]:
         out = _session_params(self)
         out["slot"] = self.slot
         out["key"] = self.key
+        if self.confirmed:
+            out["confirmed"] = list(self.confirmed)
         return out
 
     @classmethod
@@ -801,6 +805,7 @@ class CommitSlot(Mutation):
             _key(_field(p, "key")),
             rid,
             ack,
+            _standbys(p.get("confirmed")),
         )
 
 
@@ -808,7 +813,7 @@ class CommitSlot(Mutation):
 class BatchCommitSlots(Mutation):
     """pymooncake: :class:`CommitSlot` for many buffers at once: ``slots[i]``
     becomes the value of ``keys[i]``; answered with a code and message per key,
-    each as :class:`CommitSlot` would answer it."""
+    each as :class:`CommitSlot` would answer it.  ``confirmed``: as :class:`PutEnd`'s."""
 
     METHOD: ClassVar = MasterMethod.BATCH_COMMIT_SLOTS
     client_id: str
@@ -816,23 +821,31 @@ class BatchCommitSlots(Mutation):
     keys: tuple[str, ...]
     rid: int = 0
     ack: int = 0
+    confirmed: tuple[str, ...] = ()
 
     def params(self) -> dict[str, Any]:
         out = _session_params(self)
         out["slots"] = list(self.slots)
         out["keys"] = list(self.keys)
+        if self.confirmed:
+            out["confirmed"] = list(self.confirmed)
         return out
 
     @classmethod
     def decode(cls, p: dict[str, Any]) -> BatchCommitSlots:
         client, rid, ack = _session(p)
         keys = _keys(_field(p, "keys"))
-        raw = _field(p, "slots")
-        if type(raw) is not list or not all(type(s) is str and s for s in raw):
-            raise _bad("slots", "must be a list of non-empty strings", raw)
-        if len(raw) != len(keys):
-            raise _bad("slots", f"names {len(raw)} buffers for {len(keys)} keys", len(raw))
-        return cls(client, tuple(raw), keys, rid, ack)
+        slots = _slot_names(_field(p, "slots"), len(keys))
+        return cls(client, slots, keys, rid, ack, _standbys(p.get("confirmed")))
+
+
+def _slot_names(raw: Any, n: int) -> tuple[str, ...]:
+    """The reserved buffers named for ``n`` keys, one each."""
+    if type(raw) is not list or not all(type(s) is str and s for s in raw):
+        raise _bad("slots", "must be a list of non-empty strings", raw)
+    if len(raw) != n:
+        raise _bad("slots", f"names {len(raw)} buffers for {n} keys", len(raw))
+    return tuple(raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1044,20 +1057,27 @@ class HaConfirm(Request):
     leader now.  A standby remembers the ones it knows as that client's writes
     in progress, and a standby that becomes the leader commits them, so the
     leader need not wait for its acknowledgement (``PutEnd.confirmed``).  Sent
-    to standbys; answered by any master (a leader knows nothing to confirm)."""
+    to standbys; answered by any master (a leader knows nothing to confirm).
+    ``slots`` (empty, or one per key): the puts were written into these buffers
+    reserved ahead and are committed under ``keys`` (``CommitSlot.confirmed``)."""
 
     METHOD: ClassVar = MasterMethod.HA_CONFIRM
     client_id: str
     keys: tuple[str, ...]
+    slots: tuple[str, ...] = ()
 
     def params(self) -> dict[str, Any]:
-        return {"client_id": self.client_id, "keys": list(self.keys)}
+        out = {"client_id": self.client_id, "keys": list(self.keys)}
+        if self.slots:
+            out["slots"] = list(self.slots)
+        return out
 
     @classmethod
     def decode(cls, p: dict[str, Any]) -> HaConfirm:
-        return cls(
-            _text(_field(p, "client_id"), "client_id", empty=False), _keys(_field(p, "keys"))
-        )
+        keys = _keys(_field(p, "keys"))
+        raw = p.get("slots")
+        slots = () if raw is None else _slot_names(raw, len(keys))
+        return cls(_text(_field(p, "client_id"), "client_id", empty=False), keys, slots)
 
 
 def _uuid(value: Any, what: str) -> tuple[int, int]:

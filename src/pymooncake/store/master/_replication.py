@@ -27,7 +27,9 @@ shipped without waiting: a put then costs one barrier, not two.  The price: a
 write still in progress more than a lease period after its leader died may
 land in buffers the new leader has handed out again (the new leader's warm-up
 of one lease period is the margin; writes of KV-cache blocks take
-milliseconds).  A standby that does not
+milliseconds).  Buffers reserved ahead (``ReserveSlots``) are written at any
+later time, so their reservation is durable: answered once a standby has it
+(:func:`unwaited_start`).  A standby that does not
 acknowledge within ``sync_timeout_s`` is dropped from the barrier (logged; it
 re-enters when it catches up), so a dead standby costs one timeout, not the
 service.
@@ -49,7 +51,10 @@ A standby that does not know a key yet (its stream is behind), or cannot be
 reached, makes the client send a plain PutEnd again: repeating an end is
 harmless, and a plain end waits for everything shipped before it.  The two
 round trips run in parallel, so HA costs a put one client-side send and
-receive instead of two more process wake-ups in sequence.
+receive instead of two more process wake-ups in sequence.  Puts through
+reserved buffers do the same with ``CommitSlot(confirmed=standbys)`` and
+``HaConfirm(keys, slots)``: a standby vouches for a (buffer, key) pair when the
+buffer is that client's reservation, and commits it under the key on promotion.
 Leases and the reply cache are not replicated: after a failover readers ask
 again, and a Remove retried across the failover may report OBJECT_NOT_FOUND.
 """
@@ -84,12 +89,12 @@ from ._effects import (
 )
 from ._index import SHARDS
 from ._records import BUSY, READABLE
-from ._state import MasterState
+from ._state import SLOT_PREFIX, MasterState
 
 if TYPE_CHECKING:
     from ._service import _RpcProtocol
 
-__all__ = ["DEFAULT_SYNC_TIMEOUT_S", "Follower", "ReplicationHub"]
+__all__ = ["DEFAULT_SYNC_TIMEOUT_S", "Follower", "ReplicationHub", "unwaited_start"]
 
 log = logging.getLogger("pymooncake.master.ha")
 
@@ -238,7 +243,7 @@ class ReplicationHub:
         if self._deferred:
             records = self._deferred + records
             self._deferred = []
-        durable = not confirmed and any(not isinstance(e, WriteStarted) for e in effects)
+        durable = not confirmed and not all(map(unwaited_start, effects))
         # nobody waits for a batch of reservations only (a PutStart's), nor for
         # confirmed commits: their frame asks for no acknowledgement, which saves
         # the standby a write and the leader a wake-up per put (acknowledgements
@@ -383,6 +388,23 @@ class ReplicationHub:
         self._advance()
 
 
+def unwaited_start(effect: Effect) -> bool:
+    """A PutStart's reservation: shipped without waiting for a standby (see
+    "The commit barrier").  Buffers reserved ahead (``ReserveSlots``) are not:
+    their client writes into them at any later time, possibly after this
+    leader died, so a standby must have them before their client does."""
+    return type(effect) is WriteStarted and not effect.key.startswith(SLOT_PREFIX)
+
+
+def _plain_busy(obj: Any) -> bool:
+    """A write in progress that a commit ends as it is (not an upsert's pending
+    replacement of a readable value)."""
+    if obj.flags & (BUSY | READABLE) != BUSY:
+        return False
+    ext = obj.ext
+    return ext is None or not ext.pending
+
+
 class Follower:
     """The standby's side: keeps a :class:`MasterState` equal to the leader's.
 
@@ -406,10 +428,10 @@ class Follower:
         self.synced = False
         self.seq = 0
         self.leader = ""
-        #: key -> (writer, when): writes in progress their writer confirmed as
-        #: complete (``HaConfirm``), until the stream ends them; committed if this
-        #: standby becomes the leader first
-        self.confirmed: dict[str, tuple[str, float]] = {}
+        #: key -> (writer, when, reserved buffer or ""): writes in progress their
+        #: writer confirmed as complete (``HaConfirm``), until the stream ends
+        #: them; committed if this standby becomes the leader first
+        self.confirmed: dict[str, tuple[str, float, str]] = {}
         #: confirmations waiting for the next frame (:meth:`wait_applied`)
         self._waiters: list[asyncio.Future[None]] = []
         #: when the leader's stream last brought bytes (time.monotonic)
@@ -425,8 +447,11 @@ class Follower:
             return None
         return now - self.heard
 
-    def confirm(self, client_id: str, keys: tuple[str, ...], now: float) -> tuple[str, ...]:
-        """Remember ``keys`` as complete writes of ``client_id``; returns those this
+    def confirm(
+        self, client_id: str, keys: tuple[str, ...], now: float, slots: tuple[str, ...] = ()
+    ) -> tuple[str, ...]:
+        """Remember ``keys`` as complete writes of ``client_id`` (written into the
+        reserved buffers ``slots``, one per key, when given); returns those this
         standby cannot vouch for (unknown here yet, or not that client's)."""
         state = self.state
         if state is None or not self.synced:
@@ -438,17 +463,27 @@ class Follower:
                 break
             del confirmed[first]
         missing: list[str] = []
-        for key in keys:
-            obj = state.objects.get(key)
+        objects = state.objects
+        for i, key in enumerate(keys):
+            slot = slots[i] if slots else ""
+            if slot:
+                buffer = objects.get(slot)
+                if buffer is not None and buffer.writer == client_id and _plain_busy(buffer):
+                    confirmed.pop(key, None)
+                    confirmed[key] = (client_id, now, slot)
+                    continue
+                # no such reservation here: committed already (the stream was
+                # first) when the key is that client's readable object
+            obj = objects.get(key)
             if obj is None or obj.writer != client_id:
                 missing.append(key)
             elif obj.flags & BUSY:
                 ext = obj.ext
-                if ext is not None and ext.pending:  # an upsert: not confirmable
+                if slot or (ext is not None and ext.pending):  # an upsert: not confirmable
                     missing.append(key)
                 else:
                     confirmed.pop(key, None)
-                    confirmed[key] = (client_id, now)
+                    confirmed[key] = (client_id, now, "")
             elif not obj.flags & READABLE:
                 missing.append(key)
             # else: committed already (the stream was first): nothing to remember
@@ -469,9 +504,10 @@ class Follower:
             if not w.done():
                 w.set_result(None)
 
-    def take_confirmed(self) -> list[tuple[str, str]]:
-        """The confirmed writes the stream did not end: (key, writer) each."""
-        out = [(k, w) for k, (w, _) in self.confirmed.items()]
+    def take_confirmed(self) -> list[tuple[str, str, str]]:
+        """The confirmed writes the stream did not end: (key, writer, reserved
+        buffer or "") each."""
+        out = [(k, w, slot) for k, (w, _, slot) in self.confirmed.items()]
         self.confirmed.clear()
         return out
 

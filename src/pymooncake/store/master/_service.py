@@ -56,7 +56,7 @@ from .._config import MasterConfig
 from .._master_client import IN_PROCESS_MASTER_PORTS
 from .._types import ErrorCode
 from ._admin import AdminHttp
-from ._effects import DURABLE, WriteStarted
+from ._effects import DURABLE
 from ._ha import Elector, HaConfig
 from ._handlers import build_handlers
 from ._index import SHARDS
@@ -64,7 +64,13 @@ from ._journal import Journal
 from ._metrics import MasterStats
 from ._offload import unlink_files, wrap_handlers
 from ._page import PAGE_OPEN_PATHS
-from ._replication import DEFAULT_SYNC_TIMEOUT_S, FROZEN_SILENCE_S, Follower, ReplicationHub
+from ._replication import (
+    DEFAULT_SYNC_TIMEOUT_S,
+    FROZEN_SILENCE_S,
+    Follower,
+    ReplicationHub,
+    unwaited_start,
+)
 from ._replies import ReplyCache
 from ._scan import RegexScanner
 from ._state import SLOT_MARK, MasterState
@@ -539,7 +545,7 @@ class MasterService:
         follower = self._follower
         if self.role != "standby" or follower is None:
             return req.keys
-        return follower.confirm(req.client_id, req.keys, self._clock())
+        return follower.confirm(req.client_id, req.keys, self._clock(), req.slots)
 
     def may_confirm(self) -> bool:
         """A standby following a leader (its stream may bring what a confirmation
@@ -662,9 +668,12 @@ class MasterService:
         previous leader's stream did not bring: the leader may have acknowledged
         them without waiting for a standby (``HaConfirm``)."""
         done = 0
-        for key, writer in follower.take_confirmed():
+        for key, writer, slot in follower.take_confirmed():
             try:
-                self.state.put_end(writer, key, now)
+                if slot:
+                    self.state.commit_slot(writer, slot, key, now)
+                else:
+                    self.state.put_end(writer, key, now)
                 done += 1
             except StoreError as exc:  # revoked meanwhile: the stream settled it
                 log.info("HA: confirmed put of %r not committed: %s", key, exc)
@@ -904,6 +913,9 @@ class MasterService:
         return True
 
 
+#: the requests that end puts and may name the standbys their client confirms
+#: them to (``confirmed``): answered without waiting for a standby when covered
+_ENDS: Final = (msg.PutEnd, msg.BatchPutEnd, msg.CommitSlot, msg.BatchCommitSlots)
 #: an HaConfirm of keys a standby does not know yet waits for up to this many
 #: stream frames, each for at most _CONFIRM_WAIT_S
 _CONFIRM_WAITS: Final = 3
@@ -1148,7 +1160,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                     self._pause(4)
                     svc._spawn(self._run_scan(frame.id, req))
                 else:
-                    if isinstance(req, (msg.PutEnd, msg.BatchPutEnd)):
+                    if isinstance(req, _ENDS):
                         if not svc.hub.covered(req.confirmed):
                             ends = 2
                         elif not served:
@@ -1212,7 +1224,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 return False
         else:
             pending = svc.state.effects
-            if ends or not pending or any(type(e) is not WriteStarted for e in pending):
+            if ends or not pending or not all(map(unwaited_start, pending)):
                 return False
         if svc.hub.barrier(0) or not svc.serving() or self._transport is None:
             return False
