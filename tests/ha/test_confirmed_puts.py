@@ -10,6 +10,8 @@ client fall back to the leader's own barrier.
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import hashlib
 import random
 import signal
@@ -22,7 +24,7 @@ import pytest
 from pymooncake.errors import RpcTimeout
 from pymooncake.store import ReplicateConfig, StoreClient, StoreClientConfig
 from pymooncake.testing._etcd_server import EtcdCluster
-from pymooncake.testing._ha import HaMasters
+from pymooncake.testing._ha import HaMaster, HaMasters
 from pymooncake.wire import _master_msgs as msg
 
 pytestmark = pytest.mark.slow
@@ -42,20 +44,18 @@ def held_back(etcd_cluster: EtcdCluster) -> Iterator[HaMasters]:
 
 
 def _client(group: HaMasters, put_slot_bytes: int | None = None) -> StoreClient:
-    more = {} if put_slot_bytes is None else {"put_slot_bytes": put_slot_bytes}
-    client = StoreClient(
-        StoreClientConfig(
-            local_hostname="127.0.0.1",
-            metadata_server="P2PHANDSHAKE",
-            master_server_addr=group.client_address,
-            global_segment_size=64 * MiB,
-            local_buffer_size=16 * MiB,
-            cluster_id=group.cluster_id,
-            rpc_timeout_s=30.0,
-            **more,
-        )
+    config = StoreClientConfig(
+        local_hostname="127.0.0.1",
+        metadata_server="P2PHANDSHAKE",
+        master_server_addr=group.client_address,
+        global_segment_size=64 * MiB,
+        local_buffer_size=16 * MiB,
+        cluster_id=group.cluster_id,
+        rpc_timeout_s=30.0,
     )
-    return client
+    if put_slot_bytes is not None:
+        config = dataclasses.replace(config, put_slot_bytes=put_slot_bytes)
+    return StoreClient(config)
 
 
 def _count_requests(client: StoreClient) -> collections.Counter[str]:
@@ -152,6 +152,22 @@ def test_a_standby_that_cannot_confirm_makes_the_leader_wait_for_it(
         assert client.get("plain") == _value("plain", 4096)
 
 
+@contextlib.contextmanager
+def _frozen_standby_setup(
+    etcd_cluster: EtcdCluster, sync_timeout_ms: int
+) -> Iterator[tuple[StoreClient, HaMaster]]:
+    """A leader that drops a silent standby from its barrier after
+    ``sync_timeout_ms``, a client that knows the standby, and the standby (which
+    the test freezes)."""
+    flags = [f"--ha_sync_timeout_ms={sync_timeout_ms}"]
+    with (
+        HaMasters(etcd_cluster.endpoints, 2, lease_ttl_s=TTL, flags=flags) as group,
+        _client(group) as client,
+    ):
+        standby_rpc = _knows_standby(client, group)
+        yield client, next(m for m in group.masters if m.rpc == standby_rpc)
+
+
 def test_a_leader_answer_later_than_one_attempt_still_acknowledges_the_put(
     etcd_cluster: EtcdCluster,
 ) -> None:
@@ -160,13 +176,7 @@ def test_a_leader_answer_later_than_one_attempt_still_acknowledges_the_put(
     ``--ha_sync_timeout_ms`` drops it; in a failover for a standby that rejoins
     -- makes the client end the put again through the retrying path, which
     succeeds: the put is acknowledged, not failed with RpcTimeout."""
-    flags = ["--ha_sync_timeout_ms=5000"]
-    with (
-        HaMasters(etcd_cluster.endpoints, 2, lease_ttl_s=TTL, flags=flags) as group,
-        _client(group) as client,
-    ):
-        standby_rpc = _knows_standby(client, group)
-        standby = next(m for m in group.masters if m.rpc == standby_rpc)
+    with _frozen_standby_setup(etcd_cluster, 5000) as (client, standby):
         client.confirms.update = lambda standbys: None  # type: ignore[method-assign]
         # a master that is no standby: the leader does not count the put as
         # confirmed and holds its answer until its real standby acknowledges
@@ -192,13 +202,7 @@ def test_buffers_reserved_ahead_are_answered_once_a_standby_has_them(
     acknowledged the reservation (a new leader then never hands the buffers out
     to another put).  With the standby frozen, the answer waits until
     ``--ha_sync_timeout_ms`` drops it from the barrier."""
-    flags = ["--ha_sync_timeout_ms=4000"]
-    with (
-        HaMasters(etcd_cluster.endpoints, 2, lease_ttl_s=TTL, flags=flags) as group,
-        _client(group) as client,
-    ):
-        standby_rpc = _knows_standby(client, group)
-        standby = next(m for m in group.masters if m.rpc == standby_rpc)
+    with _frozen_standby_setup(etcd_cluster, 4000) as (client, standby):
         params = ReplicateConfig().to_params()
 
         def reserve(batch: str) -> tuple[float, int]:
