@@ -26,8 +26,9 @@ A reserved buffer is only written while it is certainly still reserved:
 A commit that finds the key already stored leaves the buffer reserved for the
 next put; a buffer the master no longer knows, a key another put is writing, a
 failed write or a master without this RPC send the put the ordinary way.  With
-HA (standbys confirming puts) reservations are not used: a reservation the
-leader answered but never streamed would be lost with it.
+HA the leader answers a reservation only once a standby has it (a new leader
+never hands its buffers to another put), and the client confirms each commit
+to the standbys itself (``_ha_confirm.py``).
 
 Buffers left over (expired, dropped) are revoked by the heartbeat; the
 client's close revokes the rest.  Buffers ahead hold room and never evict: a
