@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import hashlib
 import random
 import signal
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from pymooncake.errors import RpcTimeout
-from pymooncake.store import ReplicateConfig, StoreClient, StoreClientConfig
+from pymooncake.store import ReplicateConfig, StoreClient
 from pymooncake.testing._etcd_server import EtcdCluster
 from pymooncake.testing._ha import HaMaster, HaMasters
 from pymooncake.wire import _master_msgs as msg
@@ -44,18 +43,8 @@ def held_back(etcd_cluster: EtcdCluster) -> Iterator[HaMasters]:
 
 
 def _client(group: HaMasters, put_slot_bytes: int | None = None) -> StoreClient:
-    config = StoreClientConfig(
-        local_hostname="127.0.0.1",
-        metadata_server="P2PHANDSHAKE",
-        master_server_addr=group.client_address,
-        global_segment_size=64 * MiB,
-        local_buffer_size=16 * MiB,
-        cluster_id=group.cluster_id,
-        rpc_timeout_s=30.0,
-    )
-    if put_slot_bytes is not None:
-        config = dataclasses.replace(config, put_slot_bytes=put_slot_bytes)
-    return StoreClient(config)
+    more = {} if put_slot_bytes is None else {"put_slot_bytes": put_slot_bytes}
+    return group.client(**more)
 
 
 def _count_requests(client: StoreClient) -> collections.Counter[str]:

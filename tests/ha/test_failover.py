@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from pymooncake.errors import StoreError
-from pymooncake.store import StoreClient, StoreClientConfig
+from pymooncake.store import StoreClient
 from pymooncake.store._master_client import MasterClient
 from pymooncake.store._types import ErrorCode
 from pymooncake.store.master._replication import FROZEN_SILENCE_S
@@ -46,17 +46,7 @@ def _ha_log(master: HaMaster) -> str:
 
 
 def _client(group: HaMasters, segment: int = 64 * MiB) -> StoreClient:
-    return StoreClient(
-        StoreClientConfig(
-            local_hostname="127.0.0.1",
-            metadata_server="P2PHANDSHAKE",
-            master_server_addr=group.client_address,
-            global_segment_size=segment,
-            local_buffer_size=16 * MiB,
-            cluster_id=group.cluster_id,
-            rpc_timeout_s=30.0,
-        )
-    )
+    return group.client(global_segment_size=segment)
 
 
 def test_one_leader_is_elected_and_serves(masters: HaMasters) -> None:

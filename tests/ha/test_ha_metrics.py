@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from pymooncake.store import StoreClient, StoreClientConfig
 from pymooncake.testing._etcd_server import EtcdCluster
 from pymooncake.testing._ha import HaMaster, HaMasters
 
@@ -45,16 +44,7 @@ def test_ha_gauges_summary_and_page_follow_replication(masters: HaMasters) -> No
     leader = masters.leader()
     standby = next(m for m in masters.masters if m is not leader)
     masters.wait_in_sync(leader)
-    client = StoreClient(
-        StoreClientConfig(
-            local_hostname="127.0.0.1",
-            metadata_server="P2PHANDSHAKE",
-            master_server_addr=masters.client_address,
-            global_segment_size=16 * MiB,
-            local_buffer_size=4 * MiB,
-            cluster_id=masters.cluster_id,
-        )
-    )
+    client = masters.client(global_segment_size=16 * MiB, local_buffer_size=4 * MiB)
     try:
         for i in range(10):
             assert client.put(f"ha-{i}", bytes([i]) * 1000)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from pymooncake._authio import http_request
-from pymooncake.store import ReplicateConfig, StoreClient, StoreClientConfig
+from pymooncake.store import ReplicateConfig, StoreClient
 from pymooncake.store._tasks import TaskStatus
 from pymooncake.store._types import ReplicaDesc
 from pymooncake.testing._etcd_server import EtcdCluster
@@ -31,17 +31,7 @@ def masters(etcd_cluster: EtcdCluster) -> Iterator[HaMasters]:
 
 
 def _client(group: HaMasters) -> StoreClient:
-    return StoreClient(
-        StoreClientConfig(
-            local_hostname="127.0.0.1",
-            metadata_server="P2PHANDSHAKE",
-            master_server_addr=group.client_address,
-            global_segment_size=16 * MiB,
-            local_buffer_size=4 * MiB,
-            cluster_id=group.cluster_id,
-            rpc_timeout_s=30.0,
-        )
-    )
+    return group.client(global_segment_size=16 * MiB, local_buffer_size=4 * MiB)
 
 
 def test_tasks_copies_in_flight_and_drain_jobs_survive_a_failover(masters: HaMasters) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..store import StoreClient, StoreClientConfig
 from ._cluster import LOCAL, NodeProcess, _spawn
 from ._netns import Host
 
@@ -105,6 +106,22 @@ class HaMasters:
     def client_address(self) -> str:
         """What clients pass as master_server_addr."""
         return f"etcd://{self.etcd_endpoints}"
+
+    def client(self, **config: Any) -> StoreClient:
+        """A store client of this cluster on 127.0.0.1 (P2P handshake metadata, a
+        64 MiB segment, a 30 s RPC timeout); ``config`` overrides any
+        :class:`StoreClientConfig` field.  The caller closes it."""
+        settings: dict[str, Any] = {
+            "local_hostname": LOCAL,
+            "metadata_server": "P2PHANDSHAKE",
+            "master_server_addr": self.client_address,
+            "global_segment_size": 64 << 20,
+            "local_buffer_size": 16 << 20,
+            "cluster_id": self.cluster_id,
+            "rpc_timeout_s": 30.0,
+            **config,
+        }
+        return StoreClient(StoreClientConfig(**settings))
 
     def start(self, host: str = LOCAL, netns: Host | None = None) -> HaMaster:
         """Start one more master bound to ``host`` (inside ``netns`` if given);

@@ -396,13 +396,11 @@ def unwaited_start(effect: Effect) -> bool:
     return type(effect) is WriteStarted and not effect.key.startswith(SLOT_PREFIX)
 
 
-def _plain_busy(obj: Any) -> bool:
-    """A write in progress that a commit ends as it is (not an upsert's pending
-    replacement of a readable value)."""
-    if obj.flags & (BUSY | READABLE) != BUSY:
-        return False
+def _upserting(obj: Any) -> bool:
+    """An upsert's replacement is in progress (not confirmable: a commit would
+    not end it as it is)."""
     ext = obj.ext
-    return ext is None or not ext.pending
+    return ext is not None and bool(ext.pending)
 
 
 class Follower:
@@ -468,7 +466,12 @@ class Follower:
             slot = slots[i] if slots else ""
             if slot:
                 buffer = objects.get(slot)
-                if buffer is not None and buffer.writer == client_id and _plain_busy(buffer):
+                if (
+                    buffer is not None
+                    and buffer.writer == client_id
+                    and buffer.flags & (BUSY | READABLE) == BUSY
+                    and not _upserting(buffer)
+                ):
                     confirmed.pop(key, None)
                     confirmed[key] = (client_id, now, slot)
                     continue
@@ -478,8 +481,7 @@ class Follower:
             if obj is None or obj.writer != client_id:
                 missing.append(key)
             elif obj.flags & BUSY:
-                ext = obj.ext
-                if slot or (ext is not None and ext.pending):  # an upsert: not confirmable
+                if slot or _upserting(obj):  # committed by the stream only, or an upsert
                     missing.append(key)
                 else:
                     confirmed.pop(key, None)
