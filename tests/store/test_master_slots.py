@@ -239,3 +239,22 @@ def test_a_segment_replacing_a_dead_one_keeps_what_others_were_writing(
     for name, _ in slots:  # the buffers themselves are gone with the old segment
         with pytest.raises(ObjectNotFound):
             st.commit_slot("c1", name, "k", 13)
+
+
+def test_what_a_replaced_segment_keeps_is_held_no_longer_than_a_write_can_come() -> None:
+    """A writer of a PutStart buffer loses it at put_start_release_timeout anyway
+    (the master reclaims it): with a short timeout, a replacing segment does not
+    hold the dead one's ranges for the whole SLOT_TTL_S."""
+    st = MasterState(MasterConfig(client_ttl_s=10, put_start_release_timeout_s=1.0))
+    st.mount_segment("node", seg("a:1", "sa"), 0)
+    assert st.lost_write_hold() == 1.0
+    st.put_start("c1", "w", 4096, ONE, 0.5)  # another client's write in flight
+    st.mount_segment("node-2", seg("a:1", "sa2"), 1)  # replaces (expires) "node"
+    held = st.segments["sa2"].allocator.allocated
+    assert held > 0
+    st.ping("c1", 2.1)
+    st.ping("node-2", 2.1)
+    st.tick(2.1)
+    assert st.segments["sa2"].allocator.allocated == 0
+    st.validate()
+    assert MasterState().lost_write_hold() == SLOT_TTL_S

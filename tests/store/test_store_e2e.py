@@ -1186,6 +1186,27 @@ def test_prefault_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     assert StoreClientConfig("127.0.0.1").prefault is True
 
 
+def test_a_short_client_ttl_shortens_the_heartbeat() -> None:
+    # 1 s pings under a 1 s ttl would expire a healthy client whenever one
+    # ping came a little late: the master tells its ttl, the client pings at a
+    # quarter of it; a period set in the config is kept as it is
+    with LocalCluster(_config(client_ttl_s=1.0)) as cluster:
+        short = cluster.client(0)
+        assert short._ping_every == pytest.approx(0.25)
+        fixed = cluster.client(0, ping_interval_s=0.6)
+        assert fixed._ping_every == pytest.approx(0.6)
+        pings = cluster.master.call(lambda st: st.clients[short.client_id].last_seen)
+        # a ping within a period (+ scheduling slack); the client stays through 3 ttls
+        assert wait_until(
+            lambda: cluster.master.call(lambda st: st.clients[short.client_id].last_seen) > pings,
+            2.0,
+        )
+        time.sleep(3.0)
+        assert cluster.master.call(lambda st: st.metrics.expired_clients) == 0
+    with LocalCluster(_config(client_ttl_s=30.0)) as cluster:
+        assert cluster.client(0)._ping_every == pytest.approx(1.0)  # the reference's period
+
+
 def test_an_expired_client_remounts_on_its_next_heartbeat() -> None:
     with LocalCluster(_config()) as cluster:
         a = cluster.client(16 * MiB, ping_interval_s=0.1)

@@ -45,8 +45,10 @@ EXAMPLES: dict[type[r.Reply], tuple[Any, str]] = {
             "instance": "a1b2",
             "tasks": 2,
             "standbys": ["10.0.0.2:50051"],
+            "client_ttl_ms": 10000,
         },
-        '{"view_version":3,"status":1,"instance":"a1b2","tasks":2,"standbys":["10.0.0.2:50051"]}',
+        '{"view_version":3,"status":1,"instance":"a1b2","tasks":2,"standbys":["10.0.0.2:50051"],'
+        '"client_ttl_ms":10000}',
     ),
     r.HaConfirmReply: ({"missing": ["k2"]}, '{"missing":["k2"]}'),
     r.MountSegmentReply: (None, "null"),

@@ -62,6 +62,11 @@ __all__ = ["ObjectLocation", "StoreClient", "StoreClientConfig"]
 log = logging.getLogger("pymooncake.store")
 
 
+#: the heartbeat period of a client whose master's client_ttl is 4 s or more
+#: (the reference's)
+DEFAULT_PING_INTERVAL_S = 1.0
+
+
 @dataclass(frozen=True)
 class StoreClientConfig:
     """Settings of a store client (names as the reference's ``setup`` arguments)."""
@@ -85,7 +90,10 @@ class StoreClientConfig:
     #: how much of that wait polls for the reply without sleeping (a sleeping
     #: caller pays 20-30 us to be woken on a VM); PYMOONCAKE_RPC_SPIN_US.
     rpc_spin_s: float = DEFAULT_SPIN_S
-    ping_interval_s: float = 1.0
+    #: heartbeat period; None: the reference's 1 s, or a quarter of the
+    #: master's client_ttl (told in each ping reply) when that is shorter.  A
+    #: value set here is used as it is.
+    ping_interval_s: float | None = None
     #: bytes a client may hold reserved per value size for single puts (one
     #: master round trip per put instead of two: ``_slots.py``); values above
     #: half of it take the ordinary path; 0 turns it off.
@@ -154,6 +162,10 @@ class StoreClient(WriteOps, ReadOps):
         self._ping_thread: threading.Thread | None = None
         self._ping_log = RepeatLimiter(log, every=60)
         self._ping_ok = True
+        #: the heartbeat period in use: ping_interval_s, or else 1 s or a quarter
+        #: of the master's client_ttl when that is shorter (a 1 s ttl with 1 s
+        #: pings would expire a client whenever one ping came a little late)
+        self._ping_every = config.ping_interval_s or DEFAULT_PING_INTERVAL_S
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         host, port = split_host_port(config.local_hostname)
         self.host_id = host
@@ -217,6 +229,7 @@ class StoreClient(WriteOps, ReadOps):
             self.master.call(msg.ReMountSegment(self.client_id, ()))
             pong = self.master.call(msg.Ping(self.client_id))
             self._master_instance = pong.instance
+            self._heed_ttl(pong.client_ttl_ms)
             self.confirms.update(pong.standbys)
             if config.global_segment_size > 0:
                 self.mount(config.global_segment_size)
@@ -334,10 +347,18 @@ class StoreClient(WriteOps, ReadOps):
         region = self.engine.registry.find(addr, 1) if addr else None
         return region.end if region is not None else 0
 
+    def _heed_ttl(self, client_ttl_ms: int) -> None:
+        """Ping at a quarter of the master's client_ttl when that is shorter
+        than the default period (0: the master did not say), unless the
+        config sets ``ping_interval_s``."""
+        if client_ttl_ms and self.config.ping_interval_s is None:
+            self._ping_every = min(DEFAULT_PING_INTERVAL_S, client_ttl_ms / 4000)
+
     def _ping_loop(self) -> None:
-        while not self._stop.wait(self.config.ping_interval_s):
+        while not self._stop.wait(self._ping_every):
             try:
                 res = self.master.call(msg.Ping(self.client_id), patient=False, idle_wait_s=0.1)
+                self._heed_ttl(res.client_ttl_ms)
                 instance = res.instance
                 if self._master_instance and instance != self._master_instance:
                     # the master restarted (or, with HA, another master leads): an

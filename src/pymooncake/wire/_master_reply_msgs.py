@@ -448,7 +448,8 @@ class PingReply(Reply):
     (ClientStatus), ``instance`` (changes when the master restarts) and how many
     copy/move ``tasks`` wait for this client (sent only when some do); with HA, the
     RPC addresses of the ``standbys`` in sync (sent only when there are some: the
-    client confirms its puts to them, ``HaConfirm``)."""
+    client confirms its puts to them, ``HaConfirm``); ``client_ttl_ms``, the
+    master's ``client_ttl`` (sent when known: a client pings well within it)."""
 
     METHOD: ClassVar = MasterMethod.PING
     view_version: int
@@ -456,6 +457,7 @@ class PingReply(Reply):
     instance: str
     tasks: int = 0
     standbys: tuple[str, ...] = ()
+    client_ttl_ms: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -467,6 +469,8 @@ class PingReply(Reply):
             out["tasks"] = self.tasks
         if self.standbys:
             out["standbys"] = list(self.standbys)
+        if self.client_ttl_ms:
+            out["client_ttl_ms"] = self.client_ttl_ms
         return out
 
     @classmethod
@@ -474,12 +478,14 @@ class PingReply(Reply):
         v = cls._dict(value, "ping", ("view_version", "status", "instance"))
         tasks = cls._int(v["tasks"], "tasks") if "tasks" in v else 0
         standbys = cls._strs(v["standbys"], "standbys") if "standbys" in v else ()
+        ttl_ms = cls._int(v["client_ttl_ms"], "client_ttl_ms") if "client_ttl_ms" in v else 0
         return cls(
             cls._int(v["view_version"], "view_version"),
             cls._int(v["status"], "status"),
             cls._str(v["instance"], "instance"),
             tasks,
             standbys,
+            ttl_ms,
         )
 
 

@@ -237,7 +237,11 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         res = st.ping(req.client_id, now)
         # tasks: copy/move tasks waiting for the client (it fetches them: FetchTasks)
         return rep.PingReply(
-            res.view_version, int(res.status), res.instance, st.tasks.pending_for(req.client_id)
+            res.view_version,
+            int(res.status),
+            res.instance,
+            st.tasks.pending_for(req.client_id),
+            client_ttl_ms=round(st.config.client_ttl_s * 1000),
         )
 
     def batch_replica_clear(req: msg.BatchReplicaClear, now: float) -> rep.Reply:

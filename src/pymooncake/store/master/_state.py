@@ -403,12 +403,20 @@ class MasterState:
         self._emit(SegmentMounted(info, client_id))
         self._keep_lost_writes(self._add_segment(info, client), now)
 
+    def lost_write_hold(self) -> float:
+        """How long the ranges others were writing into a dropped segment stay
+        reserved in a segment that replaces it: until no such write can come.  A
+        reserved buffer is written within :meth:`slot_ttl`; a put started with
+        PutStart is reclaimed after ``put_start_release_timeout`` anyway (the
+        master frees its buffers then), and :data:`SLOT_TTL_S` bounds both."""
+        return min(SLOT_TTL_S, self.config.put_start_release_timeout_s)
+
     def _keep_lost_writes(self, seg: SegmentRecord, now: float) -> None:
         """``seg`` replaces a segment of the same name that went away while other
         clients were writing into it (a crashed storage node came back): a
         writer that has not noticed may still write its old ranges, which in a
         new process's memory can be the same addresses.  They stay reserved (on
-        the discard list) until no such write can come (:data:`SLOT_TTL_S`)."""
+        the discard list) until no such write can come (:meth:`lost_write_hold`)."""
         held = self._lost_writes.pop(seg.name, None)
         if held is None or held[0] <= now:
             return
@@ -475,7 +483,7 @@ class MasterState:
         if lost and now is not None:
             if len(self._lost_writes) >= _LOST_WRITES_MAX:
                 self._lost_writes = {k: v for k, v in self._lost_writes.items() if v[0] > now}
-            self._lost_writes[seg.name] = (now + SLOT_TTL_S, lost)
+            self._lost_writes[seg.name] = (now + self.lost_write_hold(), lost)
         seg.dead = 0
         self.view_version += 1
         return affected
