@@ -111,20 +111,6 @@ class AdminHttp:
 
     def ha_status(self, request: HttpRequest) -> HttpResponse:
         svc = self._svc
-        follower = svc._follower  # set while this master follows a leader
-        silent = svc._stream_silence()
-        stream = (
-            None
-            if follower is None
-            else {
-                "leader": follower.leader,
-                "synced": follower.synced,
-                "applied_seq": follower.seq,
-                # seconds since the leader's stream last brought anything: an idle
-                # leader sends every 0.2 s, so more than ~1 s means it is stuck
-                "silent_s": None if silent is None else round(silent, 3),
-            }
-        )
         return _json(
             200,
             {
@@ -139,7 +125,7 @@ class AdminHttp:
                 "acknowledged_seq": svc.hub.acked,
                 "held_replies": svc.hub.held,
                 "dropped_standbys": svc.hub.dropped,
-                "stream": stream,
+                "stream": svc.stream_status(),
             },
         )
 

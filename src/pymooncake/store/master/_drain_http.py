@@ -109,7 +109,7 @@ class DrainHttp:
             job = svc.state.drains.create(segments, targets, concurrency, svc.now())
         except StoreError as exc:
             return _failed(exc)
-        svc._persist()
+        svc.persist()
         return _json(
             200,
             {
@@ -153,7 +153,7 @@ class DrainHttp:
             svc.state.drains.cancel(job_id, svc.now())
         except StoreError as exc:
             return _failed(exc)
-        svc._persist()
+        svc.persist()
         return _json(
             200,
             {

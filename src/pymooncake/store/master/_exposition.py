@@ -119,7 +119,7 @@ def ha_values(svc: MasterService) -> dict[str, int]:
     effect sequence it shipped and the one its standbys acknowledged; on a standby
     the sequence it applied (and its follower's state)."""
     hub = svc.hub
-    follower = svc._follower  # set while this master follows a leader
+    follower = svc.follower  # set while this master follows a leader
     if svc.role == "standby" and follower is not None:
         last = applied = follower.seq
         state = _STANDBY_WATCHING if follower.synced else _STANDBY_SYNCING

@@ -411,7 +411,7 @@ class MasterService:
         self.scanner.close()
         if self.journal is not None:
             self.journal.abort_compaction()
-            self._persist()
+            self.persist()
             self.journal.close()
 
     # ------------------------------------------------------------------------------
@@ -426,14 +426,14 @@ class MasterService:
                 if self.serving():  # a leader past its lease deadline decides nothing
                     started = time.perf_counter()
                     more = self.state.tick(now, HOUSEKEEPING_VISITS)
-                    self._persist()
+                    self.persist()
                     self._timed(started)
                     # eviction owed, dead entries: a slice per turn of the loop
                     while more and self.serving():
                         await asyncio.sleep(0)
                         started = time.perf_counter()
                         more = self.state.housekeeping(self._clock(), HOUSEKEEPING_VISITS)
-                        self._persist()
+                        self.persist()
                         self._timed(started)
                     drops = self.state.offload.take_fs_drops()
                     if drops:  # files of dropped DISK replicas (--root_fs_dir)
@@ -507,7 +507,7 @@ class MasterService:
             journal.abort_compaction()
             raise
 
-    def _persist(self, *, confirmed: bool = False) -> int:
+    def persist(self, *, confirmed: bool = False) -> int:
         """Journal the state changes and ship them to standbys before acknowledging
         them; returns the sequence number replies must wait for (0: none).
         ``confirmed``: only commits of puts their clients confirm to the standbys."""
@@ -582,6 +582,26 @@ class MasterService:
             silent_after_s=FROZEN_SILENCE_S,
         )
         self._elector.start()
+
+    @property
+    def follower(self) -> Follower | None:
+        """The leader's stream this master applies (set while it follows one)."""
+        return self._follower
+
+    def stream_status(self) -> dict[str, Any] | None:
+        """``/ha_status``'s view of the leader's stream; None when not following."""
+        follower = self._follower
+        if follower is None:
+            return None
+        silent = self._stream_silence()
+        return {
+            "leader": follower.leader,
+            "synced": follower.synced,
+            "applied_seq": follower.seq,
+            # seconds since the leader's stream last brought anything: an idle
+            # leader sends every 0.2 s, so more than ~1 s means it is stuck
+            "silent_s": None if silent is None else round(silent, 3),
+        }
 
     def _stream_silence(self) -> float | None:
         """Seconds since the leader's stream last brought anything (the elector's
@@ -773,7 +793,7 @@ class MasterService:
             self._count(name, failed=True)
             code = int(ErrorCode.INTERNAL_ERROR)
             value = f"internal error of the master handling {name}: {exc!r} (see the master log)"
-        self._persist()
+        self.persist()
         self.remember(req, code, value)
         return code, value
 
@@ -810,7 +830,7 @@ class MasterService:
         removed = 0
         for piece in _pieces(keys):
             removed += self.state.remove_keys(piece, force, self._clock())
-            self._persist()
+            self.persist()
             await asyncio.sleep(0)
         return removed
 
@@ -858,7 +878,7 @@ class MasterService:
                 removed += await self._remove_pieces(keys, req.force)
             async for keys in self.key_slices(req.pattern, st.offload.disk_only_keys()):
                 removed += st.offload.remove_keys(keys)  # LOCAL_DISK-only objects
-                self._persist()
+                self.persist()
             return RemoveByRegexReply(removed).to_wire()
         assert isinstance(req, msg.RemoveAll)
         removed = 0
@@ -1193,7 +1213,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
             svc.resume_readers()
         if out and not self._held and svc.hub.links and self._reply_first(out, ends):
             return
-        own = svc._persist()  # journal and replicate before acknowledging
+        own = svc.persist()  # journal and replicate before acknowledging
         if ends == 1:
             own = 0  # the client has every standby confirm it (HaConfirm)
         elif ends == 2:
@@ -1229,7 +1249,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         if svc.hub.barrier(0) or not svc.serving() or self._transport is None:
             return False
         self._transport.write(out[0] if len(out) == 1 else b"".join(out))
-        svc._persist(confirmed=ends == 1)
+        svc.persist(confirmed=ends == 1)
         return True
 
     def _hold(self, seq: int, data: bytes) -> None:
@@ -1284,7 +1304,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         try:
             missing = req.keys
             for _ in range(_CONFIRM_WAITS):
-                follower = svc._follower
+                follower = svc.follower
                 if follower is None or not svc.may_confirm():
                     break
                 await follower.wait_applied(_CONFIRM_WAIT_S)
@@ -1305,7 +1325,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 self._fence()
             elif self._transport is not None:
                 data = self._encode(req_id, code, value)
-                seq = self._svc.hub.barrier(self._svc._persist())
+                seq = self._svc.hub.barrier(self._svc.persist())
                 if self._held or seq > self._svc.hub.acked:
                     self._hold(seq, data)
                 else:
