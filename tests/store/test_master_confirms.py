@@ -9,9 +9,9 @@ import random
 from pymooncake._authio import ClusterSecurity
 from pymooncake.store._config import MasterConfig
 from pymooncake.store._types import ReplicateConfig, SegmentInfo
-from pymooncake.store.master._effects import effect_from_record
+from pymooncake.store.master._effects import ReplyKept, effect_from_record
 from pymooncake.store.master._replication import _SETTLES, Follower
-from pymooncake.store.master._state import MasterState
+from pymooncake.store.master._state import KEPT_REPLIES_MAX, MasterState
 from pymooncake.wire._master_msgs import slot_name
 
 MiB = 1 << 20
@@ -133,3 +133,30 @@ def test_puts_into_reserved_buffers_are_vouched_for_by_buffer_and_committed_on_p
         assert state.get_replica_list(key, 5).size == 4096
     assert slots[3] in state.objects  # still reserved: nobody committed it
     state.validate()
+
+
+def test_a_removal_s_answer_reaches_the_standby_and_survives_compaction() -> None:
+    """The answer a leader keeps with a removal (``keep_reply``) rides the stream
+    and the journal: a promoted standby or a restarted master answers the
+    client's retry of that Remove from it."""
+    leader, follower = _pair()
+    assert follower.state is not None
+    leader.put_start("c1", "k", 64, ONE, 1)
+    leader.put_end("c1", "k", 1)
+    leader.remove("k", True, 2)
+    leader.keep_reply("c1", 42, 0, None)
+    records = _ship(leader, follower, 2)
+    assert ["reply", "c1", 42, 0, None] in records
+    assert list(follower.state.kept_replies) == [ReplyKept("c1", 42, 0, None)]
+    # compaction (a journal rewrite, a new standby's full sync) keeps it
+    snap = [effect_from_record(e.record()) for e in follower.state.snapshot_effects()]
+    assert ReplyKept("c1", 42, 0, None) in snap
+    restored = MasterState(MasterConfig(client_ttl_s=10))
+    restored.replay(snap, 3)
+    assert list(restored.kept_replies) == [ReplyKept("c1", 42, 0, None)]
+    assert "k" not in restored.objects
+    # bounded: the most recent ones
+    for rid in range(KEPT_REPLIES_MAX + 5):
+        leader.keep_reply("c2", rid, 0, 1)
+    assert len(leader.kept_replies) == KEPT_REPLIES_MAX
+    assert leader.kept_replies[-1].rid == KEPT_REPLIES_MAX + 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from pymooncake import EngineConfig
 from pymooncake.errors import MooncakeError
 from pymooncake.store import StoreClient, StoreClientConfig
-from pymooncake.testing import ProcessCluster, free_port
+from pymooncake.testing import MasterProxy, ProcessCluster, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +91,66 @@ def test_without_a_journal_the_index_is_lost_like_the_reference(tmp_path: Path) 
             assert _eventually(lambda: client.put("k2", b"v2")) is True
         finally:
             client.close()
+
+
+def test_a_remove_retried_across_a_master_restart_reports_success(tmp_path: Path) -> None:
+    """The master removes the object and journals it, the reply is lost, and the
+    master is SIGKILLed before the client's retry (same request id) reaches it:
+    the restarted master answers that retry from the answer it journaled with
+    the removal, not OBJECT_NOT_FOUND (the object is gone either way)."""
+    flags = [
+        f"--port={free_port()}",
+        f"--http_metadata_server_port={free_port()}",
+        f"--journal_path={tmp_path / 'journal'}",
+        "--client_ttl=5",
+        "--default_kv_lease_ttl=200",
+    ]
+    with ProcessCluster(flags) as cluster, MasterProxy(cluster.master_address) as proxy:
+        cluster.node("16 MB")
+        client = StoreClient(
+            StoreClientConfig(
+                "127.0.0.1",
+                cluster.metadata_url,
+                proxy.address,
+                0,
+                16 << 20,
+                rpc_timeout_s=30,
+                engine=EngineConfig(tcp_bind_address="127.0.0.1", connect_timeout_s=2),
+            )
+        )
+        try:
+            assert client.put("gone", b"v" * 100)
+            assert client.put("kept", b"k" * 100)
+            time.sleep(0.3)  # past the read lease of the put
+            proxy.refuse()  # the retry finds no master until the restart is over
+            proxy.drop_replies("Remove")
+            outcome: list[BaseException | None] = []
+            remover = threading.Thread(target=lambda: outcome.append(_call(client, "gone")))
+            remover.start()
+            assert _wait(lambda: proxy.dropped.get("Remove") == 1, 20), "the Remove never ran"
+            cluster.restart_master()
+            proxy.refuse(False)
+            remover.join(40)
+            assert not remover.is_alive()
+            assert outcome == [None], f"the retried remove failed: {outcome}"
+            assert not client.exists("gone")
+            assert client.get("kept") == b"k" * 100
+        finally:
+            client.close()
+
+
+def _call(client: StoreClient, key: str) -> BaseException | None:
+    try:
+        client.remove(key)
+    except MooncakeError as exc:
+        return exc
+    return None
+
+
+def _wait(cond, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False

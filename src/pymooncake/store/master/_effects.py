@@ -39,6 +39,7 @@ __all__ = [
     "ObjectDeleted",
     "ReplicationEnded",
     "ReplicationStarted",
+    "ReplyKept",
     "SegmentMounted",
     "SegmentUnmounted",
     "TaskFinished",
@@ -149,6 +150,23 @@ class ObjectDeleted:
 
     def record(self) -> list[Any]:
         return ["delete", self.key]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyKept:
+    """The answer to a client's mutation whose retry would be answered
+    differently once it acted (a Remove retried after the object went is
+    OBJECT_NOT_FOUND): kept with the state, so a retry with the same request id
+    gets it from a restarted master or a new leader as from the reply cache
+    (``_replies.py``).  ``value`` is the reply's JSON value."""
+
+    client_id: str
+    rid: int
+    code: int
+    value: Any
+
+    def record(self) -> list[Any]:
+        return ["reply", self.client_id, self.rid, self.code, self.value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +345,7 @@ Effect = (
     | LocalDiskUnmounted
     | DiskReplicaAdded
     | DiskReplicaRemoved
+    | ReplyKept
 )
 #: the effect types a journal keeps (writes and copies in flight are not restored
 #: after a restart)
@@ -344,6 +363,7 @@ DURABLE: Final = (
     LocalDiskUnmounted,
     DiskReplicaAdded,
     DiskReplicaRemoved,
+    ReplyKept,
 )
 
 
@@ -466,6 +486,11 @@ def _disk_remove(rec: list[Any]) -> Effect:
     return DiskReplicaRemoved(str(rec[1]))
 
 
+def _reply(rec: list[Any]) -> Effect:
+    _, client, rid, code, value = rec
+    return ReplyKept(str(client), int(rid), int(code), value)
+
+
 _DECODERS: Final[dict[str, Callable[[list[Any]], Effect]]] = {
     "task": _task,
     "task_start": _task_start,
@@ -478,6 +503,7 @@ _DECODERS: Final[dict[str, Callable[[list[Any]], Effect]]] = {
     "ldisk_unmount": _ldisk_unmount,
     "disk_add": _disk_add,
     "disk_remove": _disk_remove,
+    "reply": _reply,
     "mount": _mount,
     "unmount": _unmount,
     "commit": _commit,

@@ -31,6 +31,7 @@ from ._effects import (
     ObjectDeleted,
     ReplicationEnded,
     ReplicationStarted,
+    ReplyKept,
     SegmentMounted,
     SegmentUnmounted,
     TaskFinished,
@@ -182,6 +183,7 @@ _APPLY: dict[type, Callable[[MasterState, Any, float], None]] = {
     ReplicationEnded: lambda st, ev, now: st.replication.apply_ended(ev, now),
     DrainCreated: lambda st, ev, now: st.drains.apply_created(ev, now),
     DrainEnded: lambda st, ev, now: st.drains.apply_ended(ev, now),
+    ReplyKept: lambda st, ev, now: st.kept_replies.append(ev),
     **OFFLOAD_APPLY,
 }
 
@@ -238,11 +240,12 @@ def snapshot_effects(st: MasterState) -> list[Effect]:
 
 def segment_effects(st: MasterState) -> list[Effect]:
     """Segments, the task queue and drain jobs (small: bounded by their limits),
-    then the SSD tiers and their disk replicas."""
+    then the SSD tiers and their disk replicas, and the answers kept for
+    retries."""
     out: list[Effect] = [SegmentMounted(seg.info, seg.client_id) for seg in st.segments.values()]
     out += st.tasks.snapshot()
     out += st.drains.snapshot()
-    return out + st.offload.snapshot_effects()
+    return out + st.offload.snapshot_effects() + list(st.kept_replies)
 
 
 def shard_effects(st: MasterState, shard: int, *, writes: bool = False) -> list[Effect]:

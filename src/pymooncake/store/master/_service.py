@@ -298,6 +298,7 @@ class MasterService:
             effects = self.journal.load()
             if effects:
                 self.state.replay(effects, self._clock())
+                self._load_kept_replies()
                 log.info(
                     "journal %s: restored %d segment(s) and %d object(s); clients have "
                     "client_ttl to come back",
@@ -675,6 +676,7 @@ class MasterService:
                 len(self.state.objects),
             )
         self.state.promote(now)
+        self._load_kept_replies()
         self.state.view_version = max(self.state.view_version, view)
         self.state.effects = []
         if follower is not None and follower.synced:
@@ -746,6 +748,17 @@ class MasterService:
     def remember(self, req: msg.Request, code: int, value: Any) -> None:
         if isinstance(req, msg.Mutation) and req.rid:
             self.replies.store(req.client_id, req.rid, req.ack, code, value, self._clock())
+            if code == 0 and type(req) in _KEPT_REPLIES:
+                # journaled and shipped with the removal: a retry that reaches a
+                # restarted master or a new leader gets this answer too
+                self.state.keep_reply(req.client_id, req.rid, code, value)
+
+    def _load_kept_replies(self) -> None:
+        """The answers a journal or the previous leader kept (``keep_reply``)
+        into the reply cache: retries of those requests get them."""
+        now = self._clock()
+        for kept in self.state.kept_replies:
+            self.replies.store(kept.client_id, kept.rid, 0, kept.code, kept.value, now)
 
     def is_scan(self, req: msg.Request) -> bool:
         return isinstance(req, _SCANS)
@@ -793,8 +806,8 @@ class MasterService:
             self._count(name, failed=True)
             code = int(ErrorCode.INTERNAL_ERROR)
             value = f"internal error of the master handling {name}: {exc!r} (see the master log)"
+        self.remember(req, code, value)  # (what it keeps is persisted with the change)
         self.persist()
-        self.remember(req, code, value)
         return code, value
 
     async def key_slices(
@@ -933,6 +946,9 @@ class MasterService:
         return True
 
 
+#: mutations whose retry would be answered differently once they acted: their
+#: answers are kept with the state (``MasterState.keep_reply``)
+_KEPT_REPLIES: Final = frozenset({msg.Remove, msg.BatchRemove, msg.RemoveByRegex, msg.RemoveAll})
 #: the requests that end puts and may name the standbys their client confirms
 #: them to (``confirmed``): answered without waiting for a standby when covered
 _ENDS: Final = (msg.PutEnd, msg.BatchPutEnd, msg.CommitSlot, msg.BatchCommitSlots)

@@ -55,7 +55,7 @@ import random
 import re
 import uuid
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -71,6 +71,7 @@ from ._effects import (
     Effect,
     ObjectCommitted,
     ObjectDeleted,
+    ReplyKept,
     SegmentMounted,
     SegmentUnmounted,
     WriteEnded,
@@ -142,6 +143,9 @@ SLOT_TTL_S = 10.0
 _SLOT_HEADROOM = 0.10
 #: segment names whose lost writes are remembered before expired ones are pruned
 _LOST_WRITES_MAX = 256
+#: answers of removals kept with the state for retries across a restart or a
+#: failover (:meth:`MasterState.keep_reply`): the most recent ones
+KEPT_REPLIES_MAX = 4096
 
 
 def _ranges_written(obj: Obj, seg: SegmentRecord) -> list[tuple[int, int]]:
@@ -311,6 +315,8 @@ class MasterState:
         #: segment name -> (until, ranges) other clients were writing when it went
         #: away (``_keep_lost_writes``)
         self._lost_writes: dict[str, tuple[float, list[tuple[int, int]]]] = {}
+        #: the most recent answers kept for retries (:meth:`keep_reply`)
+        self.kept_replies: deque[ReplyKept] = deque(maxlen=KEPT_REPLIES_MAX)
         #: applying effects (replay, a standby): allocators are rebuilt afterwards
         #: by finish_replay() instead of being updated range by range
         self._replaying = False
@@ -1692,6 +1698,15 @@ class MasterState:
     # ------------------------------------------------------------------------------
     # durability: effects and replay
     # ------------------------------------------------------------------------------
+
+    def keep_reply(self, client_id: str, rid: int, code: int, value: Any) -> None:
+        """Keep the answer to a client's mutation with the state (journaled and
+        shipped to standbys with the change it answers), for a mutation whose
+        retry would otherwise be answered differently once it acted: a restarted
+        master or a new leader answers the retry from it (``_replies.py``)."""
+        kept = ReplyKept(client_id, rid, code, value)
+        self.kept_replies.append(kept)
+        self._emit(kept)
 
     def _emit(self, effect: Effect) -> None:
         if self.effects is not None:
