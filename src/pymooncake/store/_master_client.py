@@ -331,7 +331,7 @@ class MasterClient:
                     try:
                         self._exchange(conn, encode_request(req_id, msg.ServiceReady()), [req_id])
                     except (OSError, MalformedMessage) as exc:
-                        conn.sock.close()
+                        self._discard(conn, False)
                         raise RpcFailed(
                             f"a new connection to the master at {self.target} broke at its "
                             f"first request ({exc}); check the master's log"

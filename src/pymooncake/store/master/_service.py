@@ -313,8 +313,13 @@ class MasterService:
             warn_open("master RPC, admin HTTP and metadata HTTP ports")
         warn_weak(key, "master")
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and soft - 64 < self._max_connections:
-            self._max_connections = max(16, soft - 64)
+        # room for the other files (64) and for what the two listeners accept in
+        # one turn of the loop before admit() runs (the victims it closes are
+        # closed a turn later): without it a burst of connections at the cap runs
+        # out of files, and asyncio then stops accepting for a second at a time
+        room = 64 + 2 * _ACCEPT_BURST
+        if soft != resource.RLIM_INFINITY and soft - room < self._max_connections:
+            self._max_connections = max(16, soft - room)
             log.info(
                 "master RPC: at most %d connections (open-file limit %d; raise it with "
                 "ulimit -n for more clients)",
@@ -325,7 +330,9 @@ class MasterService:
         ssl_ctx = self.security.server_ssl_context() if self.security.tls else None
         try:
             loop = asyncio.get_running_loop()
-            self._server = await loop.create_server(self._protocol, sock=sock, ssl=ssl_ctx)
+            self._server = await loop.create_server(
+                self._protocol, sock=sock, ssl=ssl_ctx, backlog=_ACCEPT_BURST
+            )
         except BaseException:
             sock.close()
             raise
@@ -336,7 +343,7 @@ class MasterService:
         # named after the listening address (a round trip ~10 us shorter).
         try:
             self._unix_server = await loop.create_unix_server(
-                self._protocol, master_unix_name(str(rpc[0]), int(rpc[1]))
+                self._protocol, master_unix_name(str(rpc[0]), int(rpc[1])), backlog=_ACCEPT_BURST
             )
         except OSError as exc:
             log.info("no same-host (UNIX socket) RPC listener: %s; clients use TCP", exc)
@@ -946,6 +953,9 @@ class MasterService:
         return True
 
 
+#: the listen backlog of the RPC listeners, which is also how many connections
+#: asyncio accepts in one turn of the loop (its default)
+_ACCEPT_BURST: Final = 100
 #: mutations whose retry would be answered differently once they acted: their
 #: answers are kept with the state (``MasterState.keep_reply``)
 _KEPT_REPLIES: Final = frozenset({msg.Remove, msg.BatchRemove, msg.RemoveByRegex, msg.RemoveAll})
