@@ -189,3 +189,37 @@ def test_a_probe_answered_by_a_standby_sends_the_next_one_to_the_leader(
         assert probe.call(msg.Ping("probe"), patient=False).instance
     finally:
         probe.close()
+
+
+def test_a_remove_retried_on_the_new_leader_gets_the_first_answer(masters: HaMasters) -> None:
+    """A Remove the old leader executed and streamed, whose reply was lost with
+    the leader, is retried on the new one with the same request id: the answer
+    the old leader kept with the removal (``ReplyKept``) answers it -- success,
+    not OBJECT_NOT_FOUND."""
+    leader = masters.leader()
+    with _client(masters) as client:
+        masters.wait_in_sync(leader)
+        assert client.put("gone", b"g" * 1000) is True
+        assert client.put("kept", b"k" * 1000) is True
+        time.sleep(0.3)  # past the read lease of the puts
+        writer = "remover-1"
+        # two fresh connections number their first request alike (rid 1): the
+        # second stands for the retry of the first on the new leader
+        first = MasterClient(leader.rpc, timeout_s=5.0, same_host_rpc=False)
+        try:
+            first.call(msg.Remove("gone", False, writer))
+        finally:
+            first.close()
+        masters.wait_replicated(leader)
+        leader.node.kill(signal.SIGKILL)
+        new, _ = masters.new_leader(leader)
+        retry = MasterClient(new.rpc, timeout_s=5.0, same_host_rpc=False)
+        try:
+            retry.call(msg.Remove("gone", False, writer))  # raised ObjectNotFound before
+            with pytest.raises(StoreError) as info:  # a new request id is a new remove
+                retry.call(msg.Remove("gone", False, writer))
+            assert info.value.code == ErrorCode.OBJECT_NOT_FOUND
+        finally:
+            retry.close()
+        assert not client.exists("gone")
+        assert client.get("kept") == b"k" * 1000
