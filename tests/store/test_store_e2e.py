@@ -867,6 +867,58 @@ def test_preferred_segments_and_local_reads(cluster: LocalCluster) -> None:
     assert calls == [reps[0].endpoint]
 
 
+def test_single_reads_of_an_object_in_our_own_segment() -> None:
+    """One key whose only replica is in the reader's own segment is copied without a
+    transfer plan (``ReadOps._read_own``): every read API, its errors, its lease
+    check and its metrics behave as on the general path."""
+    with LocalCluster(_config(default_kv_lease_ttl_ms=LEASE_MS)) as cluster:
+        me = cluster.client(32 * MiB, 1 * MiB)
+        other = cluster.client(32 * MiB)
+        mine = ReplicateConfig(preferred_segments=(me.hostname,))
+        values = {n: payload(n, n) for n in (1, 4 * KiB, 64 * KiB + 1, MiB)}
+        for n, value in values.items():
+            assert me.put(f"own-{n}", value, mine) is True
+            assert [r.endpoint for r in me.replicas(f"own-{n}")] == [me.hostname]
+        calls = record_endpoints(me)
+        before = me.metrics.read_bytes.value if me.metrics is not None else None
+        for n, value in values.items():
+            key = f"own-{n}"
+            got = me.get(key)
+            assert type(got) is bytes and got == value
+            dst = bytearray(n + 5)
+            assert me.get_into(key, dst) == n and bytes(dst[:n]) == value
+            assert not any(dst[n:]), "bytes past the object stay untouched"
+            if n > 1:  # two destination parts, filled in order
+                half = n // 2
+                a, b = bytearray(half), bytearray(n - half)
+                assert me.get_many_into([key], [[a, b]]) == [n]
+                assert bytes(a) + bytes(b) == value
+            (arr,) = me.get_many_alloc([key], lambda i, size: np.empty(size, np.uint8))
+            assert arr.tobytes() == value
+        assert calls == [], "our own segment is read by a copy, never a transfer"
+        if before is not None:
+            assert me.metrics is not None
+            reads = sum((4 if n > 1 else 3) * n for n in values)  # the calls above
+            assert me.metrics.read_bytes.value - before == reads
+        # a destination one byte short is refused and left untouched
+        short = bytearray(MiB - 1)
+        with pytest.raises(StoreError) as info:
+            me.get_into(f"own-{MiB}", short)
+        assert info.value.code == ErrorCode.INVALID_PARAMS and not any(short)
+        # the bytes API stays bounded by the local buffer (1 MiB here)
+        big = payload(MiB + 1, 9)
+        assert other.put("own-big", big, mine) is True
+        with pytest.raises(InvalidParams, match="local_buffer_size"):
+            me.get("own-big")
+        assert me.get_into("own-big", bytearray(len(big))) == len(big)
+        assert other.get("own-big") == big  # the general path reads the same bytes
+        # a read that outlives its lease is refused, as on the general path
+        (late,) = me.get_many_alloc(
+            ["own-4096"], lambda i, size: time.sleep(LEASE_S * 1.5) or bytearray(size)
+        )
+        assert isinstance(late, LeaseExpired) and "own-4096" in str(late)
+
+
 # ----------------------------------------------------------------------------------
 # eviction and pins
 # ----------------------------------------------------------------------------------
