@@ -73,6 +73,35 @@ def test_after_activity_a_blocking_select_polls(
     assert spent > 0.05
 
 
+def test_the_window_starts_when_the_work_ends(
+    sel_pair: tuple[PollingSelector, socket.socket, socket.socket],
+) -> None:
+    """A request the loop took longer than the window to handle (a big batch) still
+    leaves the whole window for the client's next one."""
+    sel, a, b = sel_pair
+    b.sendall(b"1")
+    assert sel.select(1.0)
+    a.recv(1)
+    assert sel.select(0) == []  # the loop runs the handler's callbacks ...
+    time.sleep(0.6)  # ... which take longer than the 0.5 s window
+    ready, spent = _timed_select(sel, a, b, 0.1)
+    assert ready and ready[0][0].fileobj is a
+    assert sel.polled_hits == 1  # the window opened after the work, not at the arrival
+    assert spent > 0.03
+
+
+def test_timers_alone_open_no_window(
+    sel_pair: tuple[PollingSelector, socket.socket, socket.socket],
+) -> None:
+    sel, a, b = sel_pair
+    assert sel.select(0.02) == []  # a timer came due
+    assert sel.select(0) == []  # its callbacks ran
+    ready, spent = _timed_select(sel, a, b, 0.3)
+    assert ready
+    assert spent < 0.15  # asleep until the byte came
+    assert sel.polled_hits == 0
+
+
 def test_an_idle_selector_sleeps_and_keeps_timeouts(
     sel_pair: tuple[PollingSelector, socket.socket, socket.socket],
 ) -> None:

@@ -917,6 +917,22 @@ def test_single_reads_of_an_object_in_our_own_segment() -> None:
             ["own-4096"], lambda i, size: time.sleep(LEASE_S * 1.5) or bytearray(size)
         )
         assert isinstance(late, LeaseExpired) and "own-4096" in str(late)
+        # batches copy their own-segment keys at once and transfer the others
+        theirs = payload(5000, 10)
+        assert other.put("theirs", theirs, ReplicateConfig(preferred_segments=(other.hostname,)))
+        keys = [*(f"own-{n}" for n in values), "theirs", "missing"]
+        sizes = [*values, len(theirs), 1]
+        dsts = [bytearray(n) for n in sizes]
+        calls.clear()
+        res = me.get_many_into(keys, [[d] for d in dsts])
+        assert res[:-1] == sizes[:-1] and isinstance(res[-1], ObjectNotFound)
+        assert [bytes(d) for d in dsts[:-1]] == [*values.values(), theirs]
+        assert calls == [other.hostname]
+        assert me.get_many(keys[:-1]) == [*values.values(), theirs]
+        late_many = me.get_many_alloc(
+            keys[:2], lambda i, size: time.sleep(LEASE_S * 0.8) or bytearray(size)
+        )
+        assert all(isinstance(r, LeaseExpired) for r in late_many)
 
 
 # ----------------------------------------------------------------------------------

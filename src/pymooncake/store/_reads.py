@@ -100,7 +100,12 @@ class ReadOps(ClientIO):
         results: list[int | StoreError] = [0] * n
         replicas: dict[int, list[Replica]] = {}
         views: dict[int, Parts] = {}
+        #: keys copied at once from the one replica in our own host memory
+        copied: list[int] = []
+        own = self.engine.segment_name
+        copy: Callable[[int, Part, bool], bool] | None = None
         lease_ttl = 0.0
+        transfer_start = time.perf_counter_ns()
         for i, (code, value) in enumerate(found):
             if code != 0:
                 results[i] = store_error(code, f"{keys[i]!r}: {value}")
@@ -112,13 +117,18 @@ class ReadOps(ClientIO):
             if isinstance(target, StoreError):
                 results[i] = target
                 continue
+            results[i] = size
+            if len(reps) == 1 and len(target) == 1 and reps[0][0] == own:
+                if copy is None:
+                    copy = self.engine.registry.copier()
+                if reps[0][2] not in _DISK_MARKERS and copy(reps[0][1], target[0], False):
+                    copied.append(i)
+                    continue
             replicas[i] = reps
             views[i] = target
-            results[i] = size
         if any(r[2] in _DISK_MARKERS for reps in replicas.values() for r in reps):
             self._read_disk(keys, replicas, views, results)
         pending = list(replicas)
-        transfer_start = time.perf_counter_ns()
         attempt = 0
         while pending:
             errors: list[BaseException | None] = [None] * n
@@ -138,12 +148,12 @@ class ReadOps(ClientIO):
                         f"reading {keys[i]!r} failed on every replica: {errors[i]}", errors[i]
                     )
             pending = [i for i in failed if attempt < len(replicas[i])]
-        if replicas and time.monotonic() > t0 + lease_ttl:
-            for i in replicas:
+        if (replicas or copied) and time.monotonic() > t0 + lease_ttl:
+            for i in (*replicas, *copied):
                 if not isinstance(results[i], StoreError):
                     results[i] = self._lease_expired(keys[i], lease_ttl)
         if self.metrics is not None:
-            self._read_metrics(op, results, bool(replicas), started, transfer_start)
+            self._read_metrics(op, results, bool(replicas or copied), started, transfer_start)
         return results
 
     def _read_metrics(
