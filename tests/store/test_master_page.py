@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from headless_chromium import Chromium
+from headless_chromium import Chromium, ChromiumError
 
 from pymooncake._authio import ClusterSecurity, http_request
 from pymooncake.store import MasterConfig
@@ -257,11 +257,21 @@ def test_without_a_token_login_is_not_needed(cluster: LocalCluster) -> None:
 # --- in a browser ---------------------------------------------------------------------------------
 
 
+#: what Chromium answers an evaluation that raced a navigation (a form submitted,
+#: a redirect followed): the page being left has no context any more; ask again
+_NAVIGATING = ("Inspected target navigated or closed", "Cannot find context with specified id")
+
+
 def _wait_for(browser: Chromium, expression: str, want: Any, timeout_s: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout_s
     got = None
     while time.monotonic() < deadline:
-        got = browser.evaluate(expression)
+        try:
+            got = browser.evaluate(expression)
+        except ChromiumError as exc:
+            if not any(text in str(exc) for text in _NAVIGATING):
+                raise
+            got = f"(navigating: {exc})"
         if got == want:
             return got
         time.sleep(0.2)
@@ -337,7 +347,8 @@ def test_chromium_logs_in_to_a_token_protected_page(
         assert browser.evaluate("document.querySelector('input[name=token]') !== null")
         assert browser.evaluate("document.getElementById('key-count')") is None
         browser.evaluate(f"document.querySelector('input[name=token]').value = {json.dumps(TOKEN)}")
-        browser.evaluate("document.querySelector('form').submit()")
+        # submitted on the next turn of the page's loop: the evaluation answers first
+        browser.evaluate("setTimeout(() => document.querySelector('form').submit(), 0)")
         _wait_for(browser, "document.getElementById('key-count')?.dataset.value", "0")
         _wait_for(
             browser,
