@@ -223,3 +223,35 @@ def test_a_remove_retried_on_the_new_leader_gets_the_first_answer(masters: HaMas
             retry.close()
         assert not client.exists("gone")
         assert client.get("kept") == b"k" * 1000
+
+
+def test_a_task_creation_retried_on_the_new_leader_gets_the_first_task(
+    masters: HaMasters,
+) -> None:
+    """A CreateCopyTask the old leader queued and streamed, whose reply was lost
+    with the leader, is retried on the new one with the same request id: it is
+    answered with the first task's id (kept with the state, ``ReplyKept``)
+    instead of queueing a second copy, which would fail once the first ran."""
+    leader = masters.leader()
+    with _client(masters) as source, _client(masters) as target:
+        masters.wait_in_sync(leader)
+        assert source.put("copied", b"c" * 1000) is True
+        (replica,) = source.replicas("copied")
+        names = {s.name for s in (*source.segments, *target.segments)}
+        (other,) = names - {replica.endpoint}
+        create = msg.CreateCopyTask("copied", (other,), "tasker-1")
+        # two fresh connections number their first request alike (rid 1): the
+        # second stands for the retry of the first on the new leader
+        first = MasterClient(leader.rpc, timeout_s=5.0, same_host_rpc=False)
+        try:
+            queued = first.call(create).task_id
+        finally:
+            first.close()
+        masters.wait_replicated(leader)
+        leader.node.kill(signal.SIGKILL)
+        new, _ = masters.new_leader(leader)
+        retry = MasterClient(new.rpc, timeout_s=5.0, same_host_rpc=False)
+        try:
+            assert retry.call(create).task_id == queued
+        finally:
+            retry.close()

@@ -957,8 +957,27 @@ class MasterService:
 #: asyncio accepts in one turn of the loop (its default)
 _ACCEPT_BURST: Final = 100
 #: mutations whose retry would be answered differently once they acted: their
-#: answers are kept with the state (``MasterState.keep_reply``)
-_KEPT_REPLIES: Final = frozenset({msg.Remove, msg.BatchRemove, msg.RemoveByRegex, msg.RemoveAll})
+#: answers are kept with the state (``MasterState.keep_reply``).  A retried
+#: removal would be OBJECT_NOT_FOUND, an unmount SEGMENT_NOT_FOUND, a replica
+#: clear would report no key, a task creation would queue a second task (which
+#: fails once the first ran), and a copy's or move's end would find no copy in
+#: progress (its task would be reported FAILED).  Retries of the others find
+#: what the first attempt did and answer the same (a put's end, a mount), or
+#: concern state a restart drops anyway (writes and copies in flight)
+_KEPT_REPLIES: Final = frozenset(
+    {
+        msg.Remove,
+        msg.BatchRemove,
+        msg.RemoveByRegex,
+        msg.RemoveAll,
+        msg.UnmountSegment,
+        msg.BatchReplicaClear,
+        msg.CreateCopyTask,
+        msg.CreateMoveTask,
+        msg.CopyEnd,
+        msg.MoveEnd,
+    }
+)
 #: the requests that end puts and may name the standbys their client confirms
 #: them to (``confirmed``): answered without waiting for a standby when covered
 _ENDS: Final = (msg.PutEnd, msg.BatchPutEnd, msg.CommitSlot, msg.BatchCommitSlots)
