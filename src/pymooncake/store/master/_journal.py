@@ -76,6 +76,11 @@ class Journal:
         self.snapshot_bytes = 0
         self._new_bytes = 0
 
+    @property
+    def fsyncs(self) -> bool:
+        """Whether every append is flushed to the disk (``--journal_fsync``)."""
+        return self._fsync
+
     def load(self) -> list[Effect]:
         """Effects in the file; a torn last line (crash mid-write) is ignored.
 

@@ -36,6 +36,7 @@ from ..._httpd import HttpServer
 from ..._logging import RepeatLimiter
 from ..._net import bind_listener
 from ...errors import InvalidParams, MalformedMessage, StoreError
+from ...transfer.metadata._snapshot import MetadataSnapshot
 from ...transfer.metadata.server import MetadataServer
 from ...wire import (
     DEFAULT_MAX_MASTER_FRAME,
@@ -350,7 +351,14 @@ class MasterService:
         metrics = metadata = None
         try:
             if self._metadata is not None:
-                self.metadata_server = MetadataServer()
+                # with a journal the entries survive a restart too: engines do not
+                # have to publish theirs again before transfers to them work
+                journal = self.journal
+                self.metadata_server = MetadataServer(
+                    snapshot=None
+                    if journal is None
+                    else MetadataSnapshot(f"{journal.path}.metadata", fsync=journal.fsyncs)
+                )
                 self._metadata_http = self.metadata_server.http_server(
                     *self._metadata, security=self.security
                 )

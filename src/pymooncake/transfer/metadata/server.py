@@ -56,6 +56,7 @@ from ..._authio import ClusterSecurity, HttpAuth, warn_weak
 from ..._httpd import HttpLimits, HttpRequest, HttpResponse, HttpServer, ThreadedHttpServer
 from ...errors import MalformedMessage
 from ...wire._rpc import loads_json
+from ._snapshot import MetadataSnapshot
 
 __all__ = ["AUTH_CONTEXT", "DEFAULT_METADATA_PATH", "MAX_KEY_CHARS", "MetadataServer", "etag"]
 
@@ -96,6 +97,10 @@ class MetadataServer:
         health_path: the health-check path.
         store: the dict holding key -> bytes; pass one to share it (the
             ``mooncake`` compatibility edge exposes it as ``store``).
+        snapshot: keep the entries in this file (``_snapshot.py``): loaded now
+            (unless ``store`` is given), saved after every change before it is
+            acknowledged.  A save that fails is logged and the change stands:
+            engines publish their entries again after a restart anyway.
     """
 
     def __init__(
@@ -104,13 +109,17 @@ class MetadataServer:
         path: str = DEFAULT_METADATA_PATH,
         health_path: str = DEFAULT_HEALTH_PATH,
         store: dict[str, bytes] | None = None,
+        snapshot: MetadataSnapshot | None = None,
     ) -> None:
         for what, value in (("path", path), ("health_path", health_path)):
             if not value.startswith("/"):
                 raise ValueError(f"metadata server {what} {value!r} must start with '/'")
         self._path = path
         self._health_path = health_path
-        self._store: dict[str, bytes] = {} if store is None else store
+        if store is None:
+            store = {} if snapshot is None else snapshot.load()
+        self._store: dict[str, bytes] = store
+        self._snapshot = snapshot
         self._lock = threading.Lock()
         self._methods: dict[str, Callable[[str, bytes], HttpResponse]] = {
             "GET": self._get,
@@ -215,8 +224,9 @@ class MetadataServer:
     def _put(self, key: str, body: bytes) -> HttpResponse:
         with self._lock:
             old = self._store.get(key) if "rpc_meta" in key else None
-            if old is None:
+            if old is None and self._store.get(key) != body:
                 self._store[key] = body
+                self._changed()
         if old is None:
             return _reply(200, "metadata updated", body)
         if old == body:
@@ -236,6 +246,7 @@ class MetadataServer:
             old = self._store.get(key)
             if old is None:
                 self._store[key] = body
+                self._changed()
         if old is None:
             return _reply(200, "metadata created", body)
         return _reply(412, "metadata exists", old)
@@ -247,6 +258,7 @@ class MetadataServer:
             match = old is not None and ("*" in wanted or etag(old) in wanted)
             if match:
                 del self._store[key]
+                self._changed()
         if old is None:
             return _reply(404, "metadata not found")
         if not match:
@@ -256,9 +268,25 @@ class MetadataServer:
     def _delete(self, key: str, _body: bytes) -> HttpResponse:
         with self._lock:
             found = self._store.pop(key, None) is not None
+            if found:
+                self._changed()
         if not found:
             return _reply(404, "metadata not found")
         return _reply(200, "metadata deleted")
+
+    def _changed(self) -> None:
+        """After a change, with the lock held: save the snapshot (if any)."""
+        if self._snapshot is None:
+            return
+        try:
+            self._snapshot.save(self._store)
+        except OSError as exc:
+            log.error(
+                "could not save the metadata snapshot %s: %s; the change is kept in memory "
+                "(after a restart engines publish their entries again); check the disk",
+                self._snapshot.path,
+                exc,
+            )
 
     # --- running ------------------------------------------------------------------
 
