@@ -12,6 +12,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -191,6 +192,25 @@ def test_a_probe_answered_by_a_standby_sends_the_next_one_to_the_leader(
         probe.close()
 
 
+def _on_a_new_leader(
+    masters: HaMasters, leader: HaMaster, request: msg.Request
+) -> tuple[Any, MasterClient]:
+    """Send ``request`` to ``leader`` and kill it once the standby has the
+    change; returns the answer and a fresh connection to the new leader (the
+    caller closes it).  Two fresh connections number their first request alike
+    (rid 1): sent there, ``request`` stands for the retry of a client whose
+    reply was lost with the old leader."""
+    first = MasterClient(leader.rpc, timeout_s=5.0, same_host_rpc=False)
+    try:
+        answer = first.call(request)
+    finally:
+        first.close()
+    masters.wait_replicated(leader)
+    leader.node.kill(signal.SIGKILL)
+    new, _ = masters.new_leader(leader)
+    return answer, MasterClient(new.rpc, timeout_s=5.0, same_host_rpc=False)
+
+
 def test_a_remove_retried_on_the_new_leader_gets_the_first_answer(masters: HaMasters) -> None:
     """A Remove the old leader executed and streamed, whose reply was lost with
     the leader, is retried on the new one with the same request id: the answer
@@ -202,22 +222,12 @@ def test_a_remove_retried_on_the_new_leader_gets_the_first_answer(masters: HaMas
         assert client.put("gone", b"g" * 1000) is True
         assert client.put("kept", b"k" * 1000) is True
         time.sleep(0.3)  # past the read lease of the puts
-        writer = "remover-1"
-        # two fresh connections number their first request alike (rid 1): the
-        # second stands for the retry of the first on the new leader
-        first = MasterClient(leader.rpc, timeout_s=5.0, same_host_rpc=False)
+        remove = msg.Remove("gone", False, "remover-1")
+        _, retry = _on_a_new_leader(masters, leader, remove)
         try:
-            first.call(msg.Remove("gone", False, writer))
-        finally:
-            first.close()
-        masters.wait_replicated(leader)
-        leader.node.kill(signal.SIGKILL)
-        new, _ = masters.new_leader(leader)
-        retry = MasterClient(new.rpc, timeout_s=5.0, same_host_rpc=False)
-        try:
-            retry.call(msg.Remove("gone", False, writer))  # raised ObjectNotFound before
+            retry.call(remove)  # raised ObjectNotFound before
             with pytest.raises(StoreError) as info:  # a new request id is a new remove
-                retry.call(msg.Remove("gone", False, writer))
+                retry.call(remove)
             assert info.value.code == ErrorCode.OBJECT_NOT_FOUND
         finally:
             retry.close()
@@ -240,18 +250,8 @@ def test_a_task_creation_retried_on_the_new_leader_gets_the_first_task(
         names = {s.name for s in (*source.segments, *target.segments)}
         (other,) = names - {replica.endpoint}
         create = msg.CreateCopyTask("copied", (other,), "tasker-1")
-        # two fresh connections number their first request alike (rid 1): the
-        # second stands for the retry of the first on the new leader
-        first = MasterClient(leader.rpc, timeout_s=5.0, same_host_rpc=False)
+        first, retry = _on_a_new_leader(masters, leader, create)
         try:
-            queued = first.call(create).task_id
-        finally:
-            first.close()
-        masters.wait_replicated(leader)
-        leader.node.kill(signal.SIGKILL)
-        new, _ = masters.new_leader(leader)
-        retry = MasterClient(new.rpc, timeout_s=5.0, same_host_rpc=False)
-        try:
-            assert retry.call(create).task_id == queued
+            assert retry.call(create).task_id == first.task_id
         finally:
             retry.close()
