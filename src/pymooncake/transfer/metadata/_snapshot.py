@@ -60,7 +60,10 @@ class MetadataSnapshot:
             out = {str(k): base64.b64decode(v, validate=True) for k, v in entries}
         except (ValueError, KeyError, TypeError) as exc:
             bad = f"{self.path}.bad"
-            os.replace(self.path, bad)
+            try:
+                os.replace(self.path, bad)
+            except OSError as move:
+                bad = f"nowhere ({move}); the next change overwrites it"
             log.warning(
                 "metadata snapshot %s is unreadable (%s); moved it to %s and starting with no "
                 "entries: engines publish theirs again when they see the master restarted",
