@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -107,9 +108,34 @@ def test_python_m_compat_module() -> None:
         assert code == 0, err.decode()
 
 
+def test_a_snapshot_keeps_the_entries_across_a_kill(tmp_path: Path) -> None:
+    """``--snapshot-path``: a server killed and started again serves what it had."""
+    path = tmp_path / "metadata.snapshot"
+    key = "/metadata?key=mooncake%2Fram%2Fcli"
+    meta = "/metadata?key=mooncake%2Frpc_meta%2Fcli"
+    argv = [*script_command(), "--snapshot-path", str(path), "--snapshot-fsync"]
+    for server in start(argv):
+        assert server.call("PUT", key, b'{"x":1}') == (200, b"metadata updated")
+        assert server.call("PUT", meta, b'{"p":1}') == (200, b"metadata updated")
+        assert server.call("PUT", "/metadata?key=gone", b"g") == (200, b"metadata updated")
+        assert server.call("DELETE", "/metadata?key=gone") == (200, b"metadata deleted")
+        server.stop(signal.SIGKILL)
+    for server in start(argv):
+        assert server.call("GET", key) == (200, b'{"x":1}')
+        assert server.call("GET", meta) == (200, b'{"p":1}')
+        assert server.call("PUT", meta, b'{"p":2}') == (400, b"Duplicate rpc_meta key not allowed")
+        assert server.call("GET", "/metadata?key=gone") == (404, b"metadata not found")
+        code, _, err = server.stop()
+        assert code == 0, err.decode()
+    for server in start(script_command()):  # without the flag: memory only
+        assert server.call("GET", key) == (404, b"metadata not found")
+        server.stop()
+
+
 def test_reference_flags_and_defaults() -> None:
     args = build_parser().parse_args([])
     assert (args.host, args.port, args.log_level) == ("0.0.0.0", 8080, "INFO")
+    assert (args.snapshot_path, args.snapshot_fsync) == ("", False)
     args = build_parser().parse_args(["--port", "0", "--log-level", "debug"])
     assert (args.port, args.log_level) == (0, "DEBUG")
 

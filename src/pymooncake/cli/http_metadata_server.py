@@ -1,7 +1,10 @@
 """``mooncake_http_metadata_server``: run the HTTP metadata server in the foreground.
 
 Usage: ``mooncake_http_metadata_server [--host 0.0.0.0] [--port 8080] [--log-level INFO]``
-(the reference's flags and defaults).  Once listening it prints one line to
+(the reference's flags and defaults).  pymooncake's ``--snapshot-path FILE`` keeps the
+entries in FILE across restarts (``--snapshot-fsync`` flushes it to the disk after
+every change); without it the entries live in memory only, as on the reference's
+servers, and a restarted server knows no engine until each engine starts again.  Once listening it prints one line to
 stdout, ``HTTP metadata server listening on http://HOST:PORT/metadata``, with
 the real port when ``--port 0`` was given.  SIGINT/SIGTERM stop it with exit
 status 0; a port that cannot be bound is reported on one stderr line and exit
@@ -23,6 +26,7 @@ from typing import Final
 
 from .._authio import ClusterSecurity
 from ..errors import MooncakeError, PortInUse
+from ..transfer.metadata._snapshot import MetadataSnapshot
 from ..transfer.metadata.server import MetadataServer
 from ._serve import lan_hint, stop_on_signals
 
@@ -64,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="INFO",
         help="logging level",
     )
+    parser.add_argument(
+        "--snapshot-path",
+        default="",
+        help="pymooncake: keep the entries in this file (rewritten after every change and "
+        "read at start-up), so that a restarted server still knows every engine; empty: "
+        "in memory only, as the reference",
+    )
+    parser.add_argument(
+        "--snapshot-fsync",
+        action="store_true",
+        help="pymooncake: flush the snapshot file to the disk after every change (a host "
+        "crash keeps it too)",
+    )
     return parser
 
 
@@ -85,13 +102,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     try:
-        return asyncio.run(_serve(args.host, args.port, security))
+        snapshot = (
+            MetadataSnapshot(args.snapshot_path, fsync=args.snapshot_fsync)
+            if args.snapshot_path
+            else None
+        )
+        return asyncio.run(_serve(args.host, args.port, security, snapshot))
     except KeyboardInterrupt:  # a signal that arrived before the handlers were installed
         return 0
 
 
-async def _serve(host: str, port: int, security: ClusterSecurity) -> int:
-    metadata = MetadataServer()
+async def _serve(
+    host: str, port: int, security: ClusterSecurity, snapshot: MetadataSnapshot | None = None
+) -> int:
+    metadata = MetadataServer(snapshot=snapshot)
     try:
         server = metadata.http_server(host, port, security=security)
         await server.start()
