@@ -27,7 +27,7 @@ from pymooncake import EngineConfig
 from pymooncake.errors import MooncakeError
 from pymooncake.store import ReplicateConfig, StoreClient, StoreClientConfig
 from pymooncake.store._tasks import TaskStatus
-from pymooncake.testing import MasterProxy, ProcessCluster, free_port
+from pymooncake.testing import MasterProxy, ProcessCluster, journaled_master_flags
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +44,9 @@ class Setup:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Setup]:
-    flags = [
-        f"--port={free_port()}",
-        f"--http_metadata_server_port={free_port()}",
-        f"--journal_path={tmp_path / 'journal'}",
-        "--client_ttl=5",
-        "--default_kv_lease_ttl=200",
-    ]
+    flags = journaled_master_flags(
+        tmp_path / "journal", "--client_ttl=5", "--default_kv_lease_ttl=200"
+    )
     with ProcessCluster(flags) as cluster, MasterProxy(cluster.master_address) as proxy:
         # engines find each other without the master's metadata server: a
         # restarted master's is empty until every engine re-published, and a

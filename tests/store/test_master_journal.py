@@ -12,7 +12,7 @@ import pytest
 from pymooncake import EngineConfig
 from pymooncake.errors import MooncakeError
 from pymooncake.store import StoreClient, StoreClientConfig
-from pymooncake.testing import MasterProxy, ProcessCluster, free_port
+from pymooncake.testing import MasterProxy, ProcessCluster, free_port, journaled_master_flags
 
 pytestmark = pytest.mark.slow
 
@@ -98,13 +98,9 @@ def test_a_remove_retried_across_a_master_restart_reports_success(tmp_path: Path
     master is SIGKILLed before the client's retry (same request id) reaches it:
     the restarted master answers that retry from the answer it journaled with
     the removal, not OBJECT_NOT_FOUND (the object is gone either way)."""
-    flags = [
-        f"--port={free_port()}",
-        f"--http_metadata_server_port={free_port()}",
-        f"--journal_path={tmp_path / 'journal'}",
-        "--client_ttl=5",
-        "--default_kv_lease_ttl=200",
-    ]
+    flags = journaled_master_flags(
+        tmp_path / "journal", "--client_ttl=5", "--default_kv_lease_ttl=200"
+    )
     with ProcessCluster(flags) as cluster, MasterProxy(cluster.master_address) as proxy:
         cluster.node("16 MB")
         client = StoreClient(

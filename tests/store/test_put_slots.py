@@ -21,7 +21,7 @@ from pymooncake.errors import InvalidParams, StoreError
 from pymooncake.store import MasterConfig, ReplicateConfig, StoreClient, StoreClientConfig
 from pymooncake.store._slots import DEFAULT_BYTES, ENV, slot_bytes_from_env
 from pymooncake.store.master._state import SLOT_PREFIX, MasterState
-from pymooncake.testing import LocalCluster, ProcessCluster, free_port
+from pymooncake.testing import LocalCluster, ProcessCluster, journaled_master_flags
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -317,13 +317,7 @@ def test_a_restarted_master_never_sees_a_write_into_a_lost_buffer(tmp_path: Any)
     are not journaled).  Another client then fills the same memory with new
     objects.  The writer's next puts must not land in its old buffers: every
     object stays intact."""
-    flags = [
-        "--client_ttl=5",
-        f"--journal_path={tmp_path / 'journal'}",
-        f"--port={free_port()}",
-        f"--metrics_port={free_port()}",
-        f"--http_metadata_server_port={free_port()}",
-    ]
+    flags = journaled_master_flags(tmp_path / "journal", "--client_ttl=5")
     with ProcessCluster(flags) as cluster, contextlib.ExitStack() as stack:
         cluster.node("4 MB")
         writer = stack.enter_context(_process_client(cluster))

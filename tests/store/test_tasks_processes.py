@@ -32,7 +32,7 @@ from pymooncake._authio import ClusterSecurity, http_request
 from pymooncake.errors import MooncakeError
 from pymooncake.store import ReplicateConfig, StoreClient, StoreClientConfig
 from pymooncake.store._tasks import TaskStatus
-from pymooncake.testing import ProcessCluster, free_port
+from pymooncake.testing import ProcessCluster, journaled_master_flags
 
 pytestmark = pytest.mark.slow
 
@@ -294,13 +294,7 @@ def test_drain_validation_and_cancel_over_http() -> None:
 
 
 def test_tasks_and_drain_jobs_survive_a_master_restart(tmp_path: Path) -> None:
-    flags = [
-        f"--port={free_port()}",
-        f"--http_metadata_server_port={free_port()}",
-        f"--metrics_port={free_port()}",
-        f"--journal_path={tmp_path / 'journal'}",
-        "--client_ttl=30",
-    ]
+    flags = journaled_master_flags(tmp_path / "journal", "--client_ttl=30")
     with ProcessCluster(flags) as cluster:
         _, a = cluster.node("16 MB")
         _, b = cluster.node("16 MB")

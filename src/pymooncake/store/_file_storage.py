@@ -44,6 +44,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from .._files import fsync_dir
 from ..errors import InvalidParams, MooncakeError
 
 __all__ = [
@@ -309,14 +310,6 @@ class FileStorage:
             skip = 0
         return os.pwritev(fd, rest, done)
 
-    @staticmethod
-    def _fsync_dir(d: str) -> None:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def drop(self, keys: Sequence[str]) -> list[FileEntry]:
         """Take ``keys`` out of the index (the master dropped their replicas);
         returns their entries for :meth:`unlink`."""
@@ -573,7 +566,7 @@ def write_object(
         FileStorage._remove(tmp)
         raise
     if fsync:
-        FileStorage._fsync_dir(d)
+        fsync_dir(d)
     return path, hlen, size
 
 

@@ -3,7 +3,7 @@ the project's commands as subprocesses, real etcd and Redis servers, several
 "hosts" in network namespaces, and the metadata backend conformance checks.
 pytest fixtures over these live in :mod:`pymooncake.testing.fixtures`."""
 
-from ._cluster import LocalCluster, NodeProcess, ProcessCluster, free_port
+from ._cluster import LocalCluster, NodeProcess, ProcessCluster, free_port, journaled_master_flags
 from ._etcd_server import EtcdCluster, EtcdMember, EtcdStartError
 from ._metadata_conformance import METADATA_CHECKS
 from ._netns import Host, NetnsError, NetnsNetwork, cleanup_stale, netns_unavailable_reason
@@ -30,6 +30,7 @@ __all__ = [
     "console_command",
     "find_tool",
     "free_port",
+    "journaled_master_flags",
     "netns_unavailable_reason",
     "read_stdout_until",
     "require_tool",

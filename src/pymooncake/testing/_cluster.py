@@ -30,7 +30,7 @@ from ..config import EngineConfig
 from ..store import MasterConfig, StoreClient, StoreClientConfig
 from ..store.master import ThreadedMaster
 
-__all__ = ["LocalCluster", "NodeProcess", "ProcessCluster", "free_port"]
+__all__ = ["LocalCluster", "NodeProcess", "ProcessCluster", "free_port", "journaled_master_flags"]
 
 LOCAL = "127.0.0.1"
 
@@ -42,6 +42,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOCAL, 0))
         return int(s.getsockname()[1])
+
+
+def journaled_master_flags(journal: str | os.PathLike[str], *more: str) -> list[str]:
+    """``mooncake_master`` flags for a :class:`ProcessCluster` whose master is
+    restarted (:meth:`ProcessCluster.restart_master`): its ports pinned (the
+    clients and nodes find it again) and its journal at ``journal``; then ``more``."""
+    return [
+        f"--port={free_port()}",
+        f"--http_metadata_server_port={free_port()}",
+        f"--metrics_port={free_port()}",
+        f"--journal_path={journal}",
+        *more,
+    ]
 
 
 class LocalCluster:

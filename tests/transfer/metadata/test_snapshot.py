@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pymooncake.store import StoreClient, StoreClientConfig
-from pymooncake.testing import ProcessCluster, free_port
+from pymooncake.testing import ProcessCluster, journaled_master_flags
 from pymooncake.transfer.metadata._snapshot import MetadataSnapshot
 from pymooncake.transfer.metadata.server import MetadataServer
 
@@ -95,12 +95,7 @@ def test_a_restarted_master_serves_the_descriptors_at_once(tmp_path: Path) -> No
     """Right after a restart from its journal, the master's metadata server has
     every engine's descriptor (before the engines noticed the restart), so a
     client that starts then reads from a storage node at once."""
-    flags = [
-        f"--port={free_port()}",
-        f"--http_metadata_server_port={free_port()}",
-        f"--journal_path={tmp_path / 'journal'}",
-        "--client_ttl=5",
-    ]
+    flags = journaled_master_flags(tmp_path / "journal", "--client_ttl=5")
     with ProcessCluster(flags) as cluster:
         _, segment = cluster.node("16 MB")
         writer = StoreClient(

@@ -28,6 +28,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from ..._files import fsync_parent
 from ...errors import MalformedMessage
 from ._effects import Effect, effect_from_record
 
@@ -48,15 +49,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename in ``path``'s directory durable."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -135,7 +127,7 @@ class Journal:
         finally:
             os.close(fd)
         os.replace(f"{self.path}.tmp", self.path)
-        _fsync_dir(self.path)
+        fsync_parent(self.path)
         self.close()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self.snapshot_bytes = self._new_bytes

@@ -30,6 +30,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, Final
 
+from ..._files import fsync_parent
+
 __all__ = ["MetadataSnapshot"]
 
 log = logging.getLogger("pymooncake.metadata.server")
@@ -99,8 +101,4 @@ class MetadataSnapshot:
             os.close(fd)
         os.replace(tmp, self.path)
         if self.fsync:
-            dfd = os.open(os.path.dirname(os.path.abspath(self.path)) or ".", os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_parent(self.path)
