@@ -13,6 +13,7 @@ from pymooncake.store import ErrorCode
 __all__ = ["store_code", "store_codes"]
 
 _store_log = logging.getLogger("mooncake.store")
+_BOOL = frozenset({bool})
 
 
 def store_code(exc: BaseException) -> int:
@@ -25,6 +26,8 @@ def store_code(exc: BaseException) -> int:
 def store_codes(results: Sequence[Any], what: str) -> list[int]:
     """Per-key results of a native batch call as the store's ints: errors become
     codes (logged at debug), True/False become 0, byte counts stay."""
+    if set(map(type, results)) <= _BOOL:  # every key put (or found): no per-key work
+        return [0] * len(results)
     out = []
     for r in results:
         if isinstance(r, BaseException):

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any
 
+from pymooncake.wire._master_reply_msgs import BatchPutEndReply, BatchPutStartReply
+
 PREFIX = struct.Struct("<IBI")
 
 
@@ -128,10 +130,11 @@ def populate(address: str, n: int, *, prefix: str = "k", batch: int = 10_000) ->
             code, value = c.request(
                 "BatchPutStart", {"client_id": client, "keys": keys, "sizes": [1] * len(keys)}
             )
-            # (a columnar reply: one code per key, see wire/_master_replies.py)
-            assert code == 0 and not any(value["code"]), value["msg"][:3]
+            # (a columnar reply, see wire/_master_replies.py)
+            assert code == 0, value
+            assert not any(BatchPutStartReply.decode(value).columns.code), value["msg"][:3]
             code, value = c.request("BatchPutEnd", {"client_id": client, "keys": keys})
-            assert code == 0 and all(r[0] == 0 for r in value), value[:3]
+            assert code == 0 and not any(BatchPutEndReply.decode(value).codes), value
     return client
 
 

@@ -288,6 +288,23 @@ def test_rule_sizes_parallel_to_keys() -> None:
     _refused(M.BATCH_PUT_START, {**base, "sizes": [1]}, "sizes must be a list of 2 integers")
     _refused(M.BATCH_PUT_START, {**base, "sizes": [1, -1]}, "sizes must hold integers", "-1")
     _refused(M.BATCH_PUT_START, {**base, "sizes": [1, 2.5]}, "sizes must hold integers")
+    _refused(M.BATCH_PUT_START, {**base, "sizes": -1}, "sizes must hold integers", "-1")
+    _refused(M.BATCH_PUT_START, {**base, "sizes": 2**64}, "sizes must hold integers")
+
+
+def test_one_size_for_every_key_travels_as_one_integer() -> None:
+    """A batch of equal sizes sends one integer; the master reads it as that size
+    for every key, and still reads the list an older client sends."""
+    one = msg.BatchPutStart("c", ("a", "b", "c"), (64, 64, 64))
+    assert one.params()["sizes"] == 64
+    assert decode_request(M.BATCH_PUT_START, one.params()) == one
+    mixed = msg.BatchPutStart("c", ("a", "b"), (64, 65))
+    assert mixed.params()["sizes"] == [64, 65]
+    assert decode_request(M.BATCH_PUT_START, mixed.params()) == mixed
+    listed = {**one.params(), "sizes": [64, 64, 64]}
+    assert decode_request(M.BATCH_PUT_START, listed) == one
+    empty = msg.BatchPutStart("c", (), ())
+    assert decode_request(M.BATCH_PUT_START, empty.params()) == empty
 
 
 def test_rule_booleans() -> None:

@@ -65,17 +65,18 @@ EXAMPLES: dict[type[r.Reply], tuple[Any, str]] = {
     r.ReserveSlotsReply: (
         {
             "cols": {
-                "code": [0, 0],
+                "k": 2,
+                "code": 0,
                 "msg": [],
                 "segs": [["127.0.0.1:17001", "seg-a", 1, 139999999936]],
-                "n": [1, 1],
-                "seg": [0, 0],
+                "n": 1,
+                "seg": 0,
                 "addr": [140000000000, 140000004096],
             },
             "ttl_s": 10.0,
         },
-        '{"cols":{"code":[0,0],"msg":[],"segs":[["127.0.0.1:17001","seg-a",1,139999999936]],'
-        '"n":[1,1],"seg":[0,0],"addr":[140000000000,140000004096]},"ttl_s":10.0}',
+        '{"cols":{"k":2,"code":0,"msg":[],"segs":[["127.0.0.1:17001","seg-a",1,139999999936]],'
+        '"n":1,"seg":0,"addr":[140000000000,140000004096]},"ttl_s":10.0}',
     ),
     r.CommitSlotReply: (None, "null"),
     r.BatchCommitSlotsReply: (
@@ -87,43 +88,45 @@ EXAMPLES: dict[type[r.Reply], tuple[Any, str]] = {
     r.UpsertRevokeReply: (None, "null"),
     r.BatchPutStartReply: (
         {
+            "k": 3,
             "code": [0, -706, 0],
             "msg": [[1, "object 'k1' already exists"]],
             "segs": [["127.0.0.1:17001", "seg-a", 1, 139999999936]],
             "n": [1, 0, 2],
-            "seg": [0, 0, 0],
+            "seg": 0,
             "addr": [140000000000, 140000004096, 140000008192],
         },
-        '{"code":[0,-706,0],"msg":[[1,"object \'k1\' already exists"]],'
+        '{"k":3,"code":[0,-706,0],"msg":[[1,"object \'k1\' already exists"]],'
         '"segs":[["127.0.0.1:17001","seg-a",1,139999999936]],"n":[1,0,2],'
-        '"seg":[0,0,0],"addr":[140000000000,140000004096,140000008192]}',
+        '"seg":0,"addr":[140000000000,140000004096,140000008192]}',
     ),
     r.BatchUpsertStartReply: (
-        {"code": [], "msg": [], "segs": [], "n": [], "seg": [], "addr": []},
-        '{"code":[],"msg":[],"segs":[],"n":[],"seg":[],"addr":[]}',
+        {"k": 0, "code": [], "msg": [], "segs": [], "n": [], "seg": [], "addr": []},
+        '{"k":0,"code":[],"msg":[],"segs":[],"n":[],"seg":[],"addr":[]}',
     ),
     r.BatchGetReplicaListReply: (
         {
+            "k": 2,
             "code": [0, -704],
             "msg": [[1, "object 'x' not found"]],
             "segs": [["127.0.0.1:17001", "seg-a", 1, 0]],
             "n": [1, 0],
-            "seg": [0],
+            "seg": 0,
             "addr": [64],
             "size": [4096, 0],
             "lease_ttl_ms": 5000,
         },
-        '{"code":[0,-704],"msg":[[1,"object \'x\' not found"]],'
-        '"segs":[["127.0.0.1:17001","seg-a",1,0]],"n":[1,0],"seg":[0],"addr":[64],'
+        '{"k":2,"code":[0,-704],"msg":[[1,"object \'x\' not found"]],'
+        '"segs":[["127.0.0.1:17001","seg-a",1,0]],"n":[1,0],"seg":0,"addr":[64],'
         '"size":[4096,0],"lease_ttl_ms":5000}',
     ),
     r.BatchPutEndReply: (
         [[0, None], [-704, "no put of 'b'"]],
         "[[0,null],[-704,\"no put of 'b'\"]]",
     ),
-    r.BatchPutRevokeReply: ([[0, None]], "[[0,null]]"),
-    r.BatchUpsertEndReply: ([], "[]"),
-    r.BatchUpsertRevokeReply: ([[0, None]], "[[0,null]]"),
+    r.BatchPutRevokeReply: (1, "1"),
+    r.BatchUpsertEndReply: (0, "0"),
+    r.BatchUpsertRevokeReply: (3, "3"),
     r.BatchRemoveReply: ([[0, None], [-705, "has a lease"]], '[[0,null],[-705,"has a lease"]]'),
     r.GetReplicaListReply: (
         {"replicas": [REP], "lease_ttl_ms": 5000, "size": 4096},
@@ -414,3 +417,65 @@ def test_the_masters_own_replies_decode_to_themselves() -> None:
         assert encode_json(type(reply).decode(json.loads(text)).to_wire()) == text
         seen.add(type(reply))
     assert len(seen) == 25, sorted(c.__name__ for c in seen)  # the requests above that succeed
+
+
+def test_uniform_columns_travel_as_one_integer() -> None:
+    """A batch of new keys in one segment: codes, counts, segment indices and
+    sizes are one integer each on the wire, the addresses stay a list, and the
+    decoded columns are the lists the client always had."""
+    cols = ReplicaColumns(
+        [0] * 4,
+        {},
+        [["127.0.0.1:17001", "seg-a", 1, 0]],
+        [1] * 4,
+        [0] * 4,
+        [64, 128, 192, 256],
+        [4096] * 4,
+        5000,
+    )
+    wire = r.BatchGetReplicaListReply(cols).to_wire()
+    assert wire == {
+        "k": 4, "code": 0, "msg": [], "segs": [["127.0.0.1:17001", "seg-a", 1, 0]],
+        "n": 1, "seg": 0, "addr": [64, 128, 192, 256], "size": 4096, "lease_ttl_ms": 5000,
+    }  # fmt: skip
+    assert r.BatchGetReplicaListReply.decode(json.loads(encode_json(wire))).columns == cols
+    ended = r.BatchPutEndReply((0,) * 1000, (None,) * 1000)
+    assert ended.to_wire() == 1000
+    assert r.BatchPutEndReply.decode(1000) == ended
+
+
+def test_the_earlier_list_forms_still_decode() -> None:
+    """A client upgraded before its master reads the replies that master sends:
+    every column a list, no "k", and ``[[0, null], ...]`` for a batch that
+    succeeded."""
+    old = {
+        "code": [0, 0], "msg": [], "segs": [["127.0.0.1:17001", "seg-a", 1, 0]],
+        "n": [1, 1], "seg": [0, 0], "addr": [64, 128], "size": [8, 8], "lease_ttl_ms": 5000,
+    }  # fmt: skip
+    new = r.BatchGetReplicaListReply.decode(old).to_wire()
+    assert new["code"] == 0 and new["n"] == 1 and new["size"] == 8 and new["k"] == 2
+    assert r.BatchGetReplicaListReply.decode(new) == r.BatchGetReplicaListReply.decode(old)
+    assert r.BatchPutEndReply.decode([[0, None]] * 3) == r.BatchPutEndReply.decode(3)
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ({"code": 0, "msg": [], "segs": [], "n": 1, "seg": [], "addr": []}, "code"),
+        ({"k": -1, "code": 0, "msg": [], "segs": [], "n": 1, "seg": 0, "addr": []}, "k"),
+        ({"k": 10**9, "code": 0, "msg": [], "segs": [], "n": 1, "seg": 0, "addr": []}, "k"),
+        ({"k": 2, "code": 0, "msg": [], "segs": [], "n": 1, "seg": 0, "addr": [1]}, "addr"),
+        ({"k": 1, "code": 0, "msg": [], "segs": [], "n": 10**9, "seg": 0, "addr": []}, "seg"),
+    ],
+)
+def test_uniform_columns_are_checked(value: dict[str, Any], field: str) -> None:
+    with pytest.raises(r.InvalidReply) as info:
+        r.BatchPutStartReply.decode(value)
+    assert "BatchPutStart" in str(info.value) and field in str(info.value)
+
+
+@pytest.mark.parametrize("value", [-1, 10**9, True])
+def test_a_count_of_successes_is_checked(value: Any) -> None:
+    with pytest.raises(r.InvalidReply) as info:
+        r.BatchPutEndReply.decode(value)
+    assert "BatchPutEnd" in str(info.value) and "results" in str(info.value)

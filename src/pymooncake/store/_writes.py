@@ -6,7 +6,9 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 from .._logging import RepeatLimiter
@@ -21,6 +23,7 @@ from ..errors import (
     store_error,
 )
 from ..transfer import TransferRequest
+from ..transfer._memory import MEMMOVE_FROM
 from ..wire import _master_msgs as msg
 from ..wire import _offload_msgs as omsg
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
@@ -80,7 +83,12 @@ class WriteOps(ClientIO):
                     results = self._write_rest(some, keys, parts, config, unreachable, op)
         if results is None:
             results = self._write_once(keys, parts, config, upsert, unreachable, op)
-        retry = [i for i, r in enumerate(results) if isinstance(r, StoreTransferFailed)]
+        failed = results.count(True) != len(results)
+        retry = (
+            [i for i, r in enumerate(results) if isinstance(r, StoreTransferFailed)]
+            if failed
+            else []
+        )
         if retry and unreachable:
             _unreachable_log(
                 ",".join(sorted(unreachable)),
@@ -98,7 +106,7 @@ class WriteOps(ClientIO):
             )
             for i, r in zip(retry, sub, strict=True):
                 results[i] = r
-        if any(map(_no_room, results)) and self.slots.held():
+        if failed and any(map(_no_room, results)) and self.slots.held():
             # buffers this client reserved ahead for other puts hold room this
             # one needs (they never evict): give them back, then try once more
             self.give_back_reserved()
@@ -164,9 +172,12 @@ class WriteOps(ClientIO):
             per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
             errors: list[BaseException | None] = [None] * n
             writing: list[int] = []
-            copies: dict[int, int] = {}  # replicas written per object
+            copies = [0] * n  # replicas written per object
             transfer_start = time.perf_counter_ns()
             copy_own = self._copy_own_many()
+            # the common key of a batch -- one small part, one replica, in our own
+            # segment -- is copied inline (what copy_own would do, without its calls)
+            own, window = self.engine.segment_name, self.engine.registry.window(remote=True)
             for i, (code, value) in enumerate(started):
                 if code:
                     if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
@@ -176,17 +187,32 @@ class WriteOps(ClientIO):
                     continue
                 writing.append(i)
                 copies[i] = len(value)
+                if len(value) == 1 and len(parts[i]) == 1:
+                    endpoint, address = value[0]
+                    part = parts[i][0]
+                    if endpoint == own and type(part) is memoryview and len(part) < MEMMOVE_FROM:
+                        target = window(address, len(part))
+                        if target is not None:
+                            target[:] = part
+                            continue
                 for endpoint, address in value:
                     self._route_parts(
                         i, endpoint, address, parts[i], True, per_endpoint, errors, copy_own
                     )
             self._run_transfers(per_endpoint, errors, unreachable)
-            good = [i for i in writing if errors[i] is None]
-            bad = [i for i in writing if errors[i] is not None]
+            if errors.count(None) == n:  # no write failed
+                good, bad = writing, []
+            else:
+                good = [i for i in writing if errors[i] is None]
+                bad = [i for i in writing if errors[i] is not None]
             if self.metrics is not None and writing:
+                if len(good) == n and copies.count(1) == n:  # every key, one replica each
+                    stored = sum(sizes)
+                else:
+                    stored = sum(sizes[i] * copies[i] for i in good)
                 self.metrics.transfer(
                     True,
-                    sum(sizes[i] * copies[i] for i in good),
+                    stored,
                     (time.perf_counter_ns() - transfer_start) // 1000,
                     op in BATCH_OPS,
                 )
@@ -284,8 +310,11 @@ class WriteOps(ClientIO):
         n = len(keys)
         sizes = [len(ps[0]) if len(ps) == 1 else sum(map(len, ps)) for ps in parts]
         by_size: dict[int, list[int]] = {}
-        for i, size in enumerate(sizes):
-            by_size.setdefault(size, []).append(i)
+        if n and sizes.count(sizes[0]) == n:  # (a batch is mostly of one size)
+            by_size[sizes[0]] = list(range(n))
+        else:
+            for i, size in enumerate(sizes):
+                by_size.setdefault(size, []).append(i)
         if not all(
             pools.eligible(size) and len(idx) <= pools.capacity(size)
             for size, idx in by_size.items()
@@ -474,13 +503,23 @@ class WriteOps(ClientIO):
                 self._revoke_done.wait(left)
             writing = self._writing
             backlog = self._revoke_backlog
+            if backlog:
+                for key in keys:
+                    backlog.discard((key, upsert))
+            if len(keys) > 1 and writing.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
+                writing.update(dict.fromkeys(keys, 1))  # the common batch: C-level
+                return
             for key in keys:
                 writing[key] = writing.get(key, 0) + 1
-                backlog.discard((key, upsert))
 
     def _unclaim(self, keys: Sequence[str]) -> None:
         with self._writing_lock:
             writing = self._writing
+            if len(keys) > 1 and list(map(writing.get, keys)).count(1) == len(keys):
+                # one claim each (no other put of this process writes them), and
+                # no key twice (a repeated one would count 2): drop them, C-level
+                deque(map(writing.pop, keys), maxlen=0)
+                return
             for key in keys:
                 left = writing.get(key, 1) - 1
                 if left:
@@ -509,9 +548,15 @@ class WriteOps(ClientIO):
         pause = 0.002
         revoked: set[str] = set()
         while todo:
+            first = len(todo) == len(keys)
             replies = self._start_rpc(
-                [keys[i] for i in todo], [sizes[i] for i in todo], params, upsert
+                list(keys) if first else [keys[i] for i in todo],
+                sizes if first else [sizes[i] for i in todo],
+                params,
+                upsert,
             )
+            if first and busy_code not in map(itemgetter(0), replies):
+                return replies  # the first round, and no key was being written
             again: list[int] = []
             orphans: list[str] = []
             for i, reply in zip(todo, replies, strict=True):
@@ -552,6 +597,8 @@ class WriteOps(ClientIO):
         if len(cols) != len(keys):
             raise MalformedMessage(f"the master answered {len(cols)} of {len(keys)} keys")
         places = cols.placements()
+        if cols.code.count(0) == len(keys):  # every key started: pairs made in C
+            return list(zip(cols.code, places, strict=True))
         return [
             (code, places[i] if code == 0 else cols.message(i)) for i, code in enumerate(cols.code)
         ]
@@ -597,7 +644,8 @@ class WriteOps(ClientIO):
         if not good:
             return
         batch_end = msg.BatchUpsertEnd if upsert else msg.BatchPutEnd
-        value = self.master.call(batch_end(self.client_id, tuple(keys[i] for i in good)))
+        good_keys = tuple(keys) if len(good) == len(keys) else tuple(keys[i] for i in good)
+        value = self.master.call(batch_end(self.client_id, good_keys))
         if len(value.codes) != len(good):
             raise MalformedMessage(f"the master answered {len(value.codes)} of {len(good)} keys")
         if not any(value.codes):

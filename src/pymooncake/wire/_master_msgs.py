@@ -253,6 +253,11 @@ def _key(value: Any, what: str = "key") -> str:
     return value
 
 
+#: the types a column of keys / of integers may hold (checked with one C-level set)
+_STR: Final = frozenset({str})
+_INT: Final = frozenset({int})
+
+
 def _keys(value: Any, what: str = "keys") -> tuple[str, ...]:
     if type(value) is not list:
         raise _bad(what, "must be a list of strings", value)
@@ -262,15 +267,15 @@ def _keys(value: Any, what: str = "keys") -> tuple[str, ...]:
     if not n:
         return ()
     # column-wise checks run in C; the per-key loop only runs to name the culprit
-    if not all(type(k) is str for k in value):
+    if not set(map(type, value)) <= _STR:
         bad = next(k for k in value if type(k) is not str)
         raise _bad(what, "must hold only strings", bad)
-    if min(map(len, value)) == 0:
+    if "" in value:
         raise InvalidParams(f"{what} holds an empty key")
     if max(map(len, value)) > MAX_KEY_CHARS:
         bad = next(k for k in value if len(k) > MAX_KEY_CHARS)
         raise _bad(what, f"holds a key longer than {MAX_KEY_CHARS} characters", bad)
-    if "\0".join(value).count("\0") != n - 1:
+    if "\0" in "".join(value):
         bad = next(k for k in value if "\0" in k)
         raise _bad(what, "holds a key with a NUL character", bad)
     return tuple(value)
@@ -283,12 +288,26 @@ def _u64(value: Any, what: str) -> int:
 
 
 def _sizes(value: Any, n: int) -> tuple[int, ...]:
+    """A batch's sizes: a list of ``n`` integers, or one integer when every key
+    has that size (see :func:`sizes_wire`)."""
+    if type(value) is int:
+        if not 0 <= value < _U64:
+            raise _bad("sizes", "must hold integers in [0, 2**64)", value)
+        return (value,) * n
     if type(value) is not list or len(value) != n:
         raise _bad("sizes", f"must be a list of {n} integers (one per key)", value)
-    if n and (not all(type(s) is int for s in value) or min(value) < 0 or max(value) >= _U64):
+    if n and (not set(map(type, value)) <= _INT or min(value) < 0 or max(value) >= _U64):
         bad = next(s for s in value if type(s) is not int or not 0 <= s < _U64)
         raise _bad("sizes", "must hold integers in [0, 2**64)", bad)
     return tuple(value)
+
+
+def sizes_wire(sizes: tuple[int, ...]) -> int | list[int]:
+    """The sizes of a batch as :func:`_sizes` reads them: one integer when they
+    are all the same (a batch of equal blocks, the common case), else the list."""
+    if sizes and sizes.count(sizes[0]) == len(sizes):
+        return sizes[0]
+    return list(sizes)
 
 
 def _bool(value: Any, what: str) -> bool:
@@ -585,7 +604,7 @@ class _BatchStart(Mutation):
     def params(self) -> dict[str, Any]:
         out = _session_params(self)
         out["keys"] = list(self.keys)
-        out["sizes"] = list(self.sizes)
+        out["sizes"] = sizes_wire(self.sizes)
         if self.config is not _DEFAULT_REPLICATE:
             out["config"] = self.config.to_wire()
         return out

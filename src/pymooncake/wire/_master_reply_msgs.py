@@ -180,6 +180,18 @@ class Reply:
         return items
 
     @classmethod
+    def _column(cls, value: Any, what: str, n: int | None) -> list[int]:
+        """A column of a columnar reply: a list, or one integer standing for
+        ``n`` copies of itself (see :func:`_uniform`)."""
+        if type(value) is int:
+            if n is None:
+                cls._bad(what, "is one integer but the reply does not say how many keys (k)")
+            if n > _MAX_COLUMN:
+                cls._bad(what, f"stands for {n} values (at most {_MAX_COLUMN})")
+            return [value] * n
+        return cls._ints(value, what, n)
+
+    @classmethod
     def _strs(cls, value: Any, what: str) -> tuple[str, ...]:
         items = cls._list(value, what)
         if items and not set(map(type, items)) <= _STR:
@@ -276,21 +288,34 @@ class _ReplicasReply(Reply):
 
 #: one key's result in a BatchKeyResultsReply when it succeeded
 _SUCCESS: Final = [0, None]
+#: the longest column a reply may stand for with one integer: every key of the
+#: largest batch with the most replicas each
+_MAX_COLUMN: Final = msg.MAX_BATCH_KEYS * msg.MAX_REPLICAS
 
 
 @dataclass(frozen=True, slots=True)
 class BatchKeyResultsReply(Reply):
     """``[[code, message or null], ...]``, one per key of the request: code 0 is
-    success (message null), else the reference ErrorCode and its message."""
+    success (message null), else the reference ErrorCode and its message.  A
+    batch in which every key succeeded is answered with the number of keys
+    alone (encoding and decoding a thousand ``[0, null]`` pairs cost more than
+    the rest of a BatchPutEnd's reply)."""
 
     codes: tuple[int, ...]
     messages: tuple[str | None, ...]
 
-    def to_wire(self) -> list[list[Any]]:
-        return [[c, m] for c, m in zip(self.codes, self.messages, strict=True)]
+    def to_wire(self) -> int | list[list[Any]]:
+        codes = self.codes
+        if codes.count(0) == len(codes):
+            return len(codes)
+        return [[c, m] for c, m in zip(codes, self.messages, strict=True)]
 
     @classmethod
     def decode(cls: type[_R], value: Any) -> _R:
+        if type(value) is int:
+            if not 0 <= value <= msg.MAX_BATCH_KEYS:
+                cls._bad("results", f"is not a count of keys (0..{msg.MAX_BATCH_KEYS})", value)
+            return cls((0,) * value, (None,) * value)  # type: ignore[call-arg]
         items = cls._list(value, "results")
         n = len(items)
         if items.count(_SUCCESS) == n:  # every key succeeded: one C-level pass
@@ -308,6 +333,15 @@ class BatchKeyResultsReply(Reply):
         return cls(tuple(codes), tuple(messages))  # type: ignore[call-arg]
 
 
+def _uniform(column: list[int], n: int) -> int | list[int]:
+    """A column whose ``n`` values are all one integer travels as that integer
+    (most columns of a batch of new keys are: codes 0, one replica each, one
+    segment, one size), which spares both sides the per-value JSON work."""
+    if n and column.count(column[0]) == n:
+        return column[0]
+    return column
+
+
 @dataclass(frozen=True, slots=True)
 class ColumnsReply(Reply):
     """A columnar batch reply (``_master_replies.py``), kept as its flat lists."""
@@ -321,16 +355,19 @@ class ColumnsReply(Reply):
 
     def to_wire(self) -> dict[str, Any]:
         c = self.columns
+        k = len(c.code)
         out: dict[str, Any] = {
-            "code": c.code,
+            "k": k,
+            "code": _uniform(c.code, k),
             "msg": [[i, m] for i, m in c.messages.items()],
             "segs": c.segs,
-            "n": c.counts,
-            "seg": c.seg,
+            "n": _uniform(c.counts, k),
+            "seg": _uniform(c.seg, len(c.seg)),
             "addr": c.addr,
         }
         if self.WITH_SIZES:
-            out["size"] = c.sizes
+            assert c.sizes is not None
+            out["size"] = _uniform(c.sizes, k)
             out["lease_ttl_ms"] = c.lease_ttl_ms
         return out
 
@@ -341,13 +378,16 @@ class ColumnsReply(Reply):
         if cls.WITH_SIZES:
             fields += ("size", "lease_ttl_ms")
         v = cls._dict(value, "reply", fields)
-        code = cls._ints(v["code"], "code")
+        k = v.get("k")
+        if k is not None and (type(k) is not int or not 0 <= k <= msg.MAX_BATCH_KEYS):
+            cls._bad("k", f"is not a count of keys (0..{msg.MAX_BATCH_KEYS})", k)
+        code = cls._column(v["code"], "code", k)
         n = len(code)
-        counts = cls._ints(v["n"], "n", n)
+        counts = cls._column(v["n"], "n", n)
         if counts and min(counts) < 0:
             cls._bad("n", "holds a negative count")
         total = sum(counts)
-        seg = cls._ints(v["seg"], "seg", total)
+        seg = cls._column(v["seg"], "seg", total)
         addr = cls._ints(v["addr"], "addr", total)
         segs = cls._list(v["segs"], "segs")
         for j, s in enumerate(segs):
@@ -374,7 +414,7 @@ class ColumnsReply(Reply):
             ):
                 cls._bad("msg", "is not a list of [key index, message]", item)
             messages[item[0]] = item[1]
-        sizes = cls._ints(v["size"], "size", n) if cls.WITH_SIZES else None
+        sizes = cls._column(v["size"], "size", n) if cls.WITH_SIZES else None
         ttl = cls._int(v["lease_ttl_ms"], "lease_ttl_ms") if cls.WITH_SIZES else 0
         return cls(ReplicaColumns(code, messages, segs, counts, seg, addr, sizes, ttl))
 

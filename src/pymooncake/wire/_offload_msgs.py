@@ -31,6 +31,7 @@ from ._master_msgs import (
     _sizes,
     _text,
     _u64,
+    sizes_wire,
 )
 
 __all__ = [
@@ -149,7 +150,7 @@ class NotifyOffloadSuccess(Mutation):
         out = {
             **_session_params(self),
             "keys": list(self.keys),
-            "sizes": list(self.sizes),
+            "sizes": sizes_wire(self.sizes),
             "register": self.register,
         }
         if self.shared:

@@ -88,14 +88,20 @@ BATCH_OPS: Final[dict[str, tuple[str, ...]]] = {
 
 
 def _failed_pairs(value: Any) -> int:
-    """Failed items of a ``[[code, value], ...]`` batch reply."""
+    """Failed items of a ``[[code, value], ...]`` batch reply (a count of keys
+    alone when none failed)."""
+    if type(value) is int:
+        return 0
     return sum(1 for code, _ in value if code)
 
 
 def _failed_columns(value: Any) -> int:
-    """Failed items of a columnar batch reply (``wire/_master_replies.py``)."""
-    codes: list[int] = value["code"]
-    return len(codes) - codes.count(0)
+    """Failed items of a columnar batch reply (``wire/_master_replies.py``; a
+    code column of one integer stands for that code for every key)."""
+    codes = value["code"]
+    if isinstance(codes, int):
+        return int(value["k"]) if codes else 0
+    return int(len(codes) - codes.count(0))
 
 
 def _failed_none(value: Any) -> int:

@@ -145,17 +145,17 @@ class ObjExt:
         "started_at",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, started_at: float = 0.0, soft_pin_ttl_s: float | None = None) -> None:
         #: replicas after the first
         self.more: tuple[Rep, ...] = ()
         #: replicas of an upsert in progress (the current ones stay readable)
         self.pending: tuple[Rep, ...] = ()
         self.pending_size = 0
         #: when the put or upsert in progress began
-        self.started_at = 0.0
+        self.started_at = started_at
         self.soft_pin_until = 0.0
         #: applied when the put/upsert in progress completes (None: no pin)
-        self.soft_pin_ttl_s: float | None = None
+        self.soft_pin_ttl_s = soft_pin_ttl_s
         #: the pending upsert (re)enables the soft pin when it completes
         self.repin = True
 

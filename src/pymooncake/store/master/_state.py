@@ -785,7 +785,7 @@ class MasterState:
         """
         n = len(keys)
         live = self._placement.live(self.segments.values())
-        places: list[tuple[SegmentRecord, int] | None] = [None] * n
+        places: list[tuple[SegmentRecord, int, dict[str, Obj]] | None] = [None] * n
         pin_ttl: float | None = None
         if n > 1 and live and self._placement.simple(config):
             try:
@@ -806,21 +806,22 @@ class MasterState:
         writer = client.id
         flags = BUSY | (HARD_PIN if config.with_hard_pin else 0)
         hard = bool(flags & HARD_PIN)
-        shards, inflight, held = self.objects.shards, self.inflight, client.inflight
+        inflight, held = self.inflight, client.inflight
         size_of, effects = self._size, self.effects
         out: list[Obj | StoreError] = []
         made = 0
-        for i, place in enumerate(places):
-            key, size = keys[i], sizes[i]
+        last_size = -1
+        stored_size = 0
+        for key, size, place in zip(keys, sizes, places, strict=True):
             if place is None:
                 out.append(_started(start_one, client_id, key, size, config, now))
                 continue
-            seg, addr = place
-            obj = Obj(key, size_of(size), seg, addr, writer, flags)
-            ext = obj.ext = ObjExt()
-            ext.started_at = now
-            ext.soft_pin_ttl_s = pin_ttl
-            shards[hash(key) & SHARD_MASK][key] = obj
+            seg, addr, shard = place
+            if size != last_size:  # (a batch is mostly of one size)
+                last_size, stored_size = size, size_of(size)
+            obj = Obj(key, stored_size, seg, addr, writer, flags)
+            obj.ext = ObjExt(now, pin_ttl)
+            shard[key] = obj
             made += 1
             seg.order.append(obj)
             inflight[key] = obj
@@ -847,19 +848,28 @@ class MasterState:
         keys: Sequence[str],
         sizes: Sequence[int],
         live: list[SegmentRecord],
-        places: list[tuple[SegmentRecord, int] | None],
+        places: list[tuple[SegmentRecord, int, dict[str, Obj]] | None],
     ) -> None:
         """The fast path of :meth:`put_start_many`: set ``places[i]`` to the segment
         and address reserved for each new, distinct, valid key whose segment had
-        room for its run; leave the others None."""
+        room for its run (and the key's shard of the index); leave the others None."""
         draw, n = self._placement.first_choice, len(live)
         shards = self.objects.shards
         runs: dict[int, list[int]] = {}
+        only: list[int] | None = None
+        if n == 1:  # one segment: no draw to make
+            only = runs[0] = []
         seen: set[str] = set()
+        found: list[dict[str, Obj]] = []
         for i, key in enumerate(keys):
-            if sizes[i] <= 0 or not key or key in seen or key in shards[hash(key) & SHARD_MASK]:
+            shard = shards[hash(key) & SHARD_MASK]
+            found.append(shard)
+            if sizes[i] <= 0 or not key or key in shard or key in seen:
                 continue  # (refused or decided one by one)
             seen.add(key)
+            if only is not None:
+                only.append(i)
+                continue
             choice = draw(n)
             run = runs.get(choice)
             if run is None:
@@ -867,13 +877,15 @@ class MasterState:
             else:
                 run.append(i)
         for choice, idxs in runs.items():
+            if not idxs:
+                continue
             seg = live[choice]
             needs = [reserved_size(sizes[i]) for i in idxs]
             addr = seg.allocator.allocate_run(sum(needs), len(needs))
             if addr is None:
                 continue  # one by one: they may fit elsewhere, or evict
             for i, need in zip(idxs, needs, strict=True):
-                places[i] = (seg, addr)
+                places[i] = (seg, addr, found[i])
                 addr += need
 
     def _writing(self, client_id: str, key: str) -> Obj:
@@ -897,7 +909,7 @@ class MasterState:
         """:meth:`put_end` of every key, in order: None for each ended, or the error.
         A plain put's end (one replica, no pin) is made here; any other key
         goes through :meth:`put_end`."""
-        out: list[StoreError | None] = []
+        out: list[StoreError | None] = [None] * len(keys)
         client = self.clients.get(client_id)
         if client is None:
             client = self._touch(client_id, now)
@@ -905,15 +917,21 @@ class MasterState:
             client.last_seen = now
         shards, inflight, held = self.objects.shards, self.inflight, client.inflight
         effects, end_one = self.effects, self.put_end
-        for key in keys:
+        for i, key in enumerate(keys):
             obj = shards[hash(key) & SHARD_MASK].get(key)
-            if obj is None or not _plain_write(obj, client_id):
+            if (  # not a plain write of this client's (:func:`_plain_write`, inline)
+                obj is None
+                or (ext := obj.ext) is None
+                or obj.flags & _END_CHECKED != BUSY
+                or obj.writer != client_id
+                or ext.pending
+                or ext.more
+                or ext.soft_pin_ttl_s is not None
+            ):
                 try:
                     end_one(client_id, key, now)
                 except StoreError as exc:
-                    out.append(exc)
-                    continue
-                out.append(None)
+                    out[i] = exc
                 continue
             obj.flags = (obj.flags | READABLE) & ~BUSY
             obj.ext = None
@@ -921,7 +939,6 @@ class MasterState:
             held.discard(key)
             if effects is not None:
                 effects.append(self._commit_effect(key, obj))
-            out.append(None)
         return out
 
     def put_end(self, client_id: str, key: str, now: float) -> None:
