@@ -89,7 +89,7 @@ def test_full_pool_put_evicts_what_it_needs_and_owes_the_rest() -> None:
     st.put_end("c", "new", 2.0)
     assert st.metrics.evicted_keys == 1
     seg = st.segments["s1"]
-    assert seg.evict_debt == n * 64 // 4
+    assert seg.evict_debt == n * 64 // 4 - 64  # the round, less what the put freed
     slices = 0
     more = st.tick(3.0, max_visits=100)
     while more:
@@ -97,7 +97,7 @@ def test_full_pool_put_evicts_what_it_needs_and_owes_the_rest() -> None:
         assert st.metrics.evicted_keys <= 1 + 100 * (slices + 1)
         more = st.housekeeping(3.0, max_visits=100)
     assert slices >= 9
-    assert st.metrics.evicted_keys == 1 + n // 4
+    assert st.metrics.evicted_keys == n // 4  # one round in all
     assert seg.evict_debt == 0
     # the oldest went first (CLOCK without reads is FIFO); the newest stays
     assert "key-0000000000" not in st.objects and "new" in st.objects

@@ -145,9 +145,34 @@ def test_reclaimed_after_put_start_release_timeout() -> None:
 def test_fewer_buffers_when_the_pool_is_nearly_full() -> None:
     s = MasterState(MasterConfig(client_ttl_s=10))
     s.mount_segment("node", seg("a:1", "sa", size=1 * MiB), 0)
+    assert s.config.eviction_high_watermark_ratio == 0.9
     slots = s.reserve_slots("c1", 300 * 1024, 8, ONE, 0)
-    # a third would pass 0.8 MiB: the high watermark (0.9) less 0.1 of headroom
-    assert len(slots) == 2
+    # a fourth would take the segment past its high watermark (0.9 MiB)
+    assert len(slots) == 3
+    s.validate()
+
+
+def test_buffers_ahead_fill_up_to_the_high_watermark_of_a_full_pool() -> None:
+    """A cache's steady state: the pool is full, a put evicts what it needs and the
+    background frees an eviction round; buffers reserved ahead may then use that
+    room up to the high watermark (they never evict), so the next puts take one
+    round trip."""
+    config = MasterConfig(client_ttl_s=10, eviction_high_watermark_ratio=1.0, eviction_ratio=0.25)
+    s = MasterState(config)
+    s.mount_segment("node", seg("a:1", "sa", size=1 * MiB), 0)
+    for i in range(16):  # full of readable objects
+        s.put_start("c2", f"o{i}", 64 * 1024, ONE, 0)
+        s.put_end("c2", f"o{i}", 0)
+    assert len(s.reserve_slots("c1", 64 * 1024, 8, ONE, 1)) == 1  # evicts for the first only
+    assert s.debt_raised  # an eviction round is owed to the background
+    while s.housekeeping(1.0):
+        pass
+    # the round is a quarter of the segment: the put's own eviction freed one
+    # object of it, the background the other three
+    freed = 16 - 1 - s.key_count()
+    assert freed == 3
+    assert len(s.reserve_slots("c1", 64 * 1024, 8, ONE, 1, "r2")) == freed
+    assert s.key_count() == 15 - freed  # nothing more was evicted for them
     s.validate()
 
 

@@ -203,6 +203,34 @@ def test_buffers_reserved_ahead_make_room_for_a_put_that_needs_it(cluster: Local
     assert writer.slots.held() == 0 and not _reserved(cluster)
 
 
+def test_puts_into_a_full_pool_keep_taking_one_round_trip() -> None:
+    """A cache's steady state: the pool is full (high watermark 1.0, as the
+    reference's shipped configs).  The put that finds no room evicts what it
+    needs and the master frees an eviction round at once -- not at its next tick
+    (set an hour away here) -- and buffers reserved ahead use that room, so the
+    puts after it take one round trip each and evict nothing more themselves."""
+    config = MasterConfig(client_ttl_s=5.0, eviction_high_watermark_ratio=1.0, eviction_ratio=0.25)
+    with LocalCluster(config, tick_interval_s=3600.0) as c:
+        node = c.client(1 * MiB, 4 * MiB)
+        writer = c.client(0, 4 * MiB)
+        keys = [f"old{i}" for i in range(32)]
+        assert node.put_many(keys, [[_value(32 * KiB, i)] for i in range(32)]) == [True] * 32
+        state = c.master.service.state
+        assert state.metrics.evicted_keys == 0
+        calls = _count_calls(writer)
+        assert writer.put("first", _value(4 * KiB, 99)) is True  # evicts for itself
+        # the round (a quarter of the segment) is freed without waiting for a tick
+        assert _wait_until(lambda: state.metrics.evicted_keys >= 8, 5.0)
+        evicted = state.metrics.evicted_keys
+        calls.clear()
+        for i in range(40):
+            assert writer.put(f"new{i}", _value(4 * KiB, i)) is True
+        assert calls["CommitSlot"] == 40 and calls["PutStart"] == 0
+        assert calls["ReserveSlots"] <= 6  # 1, 2, 4 ... doubling, not one per put
+        assert state.metrics.evicted_keys == evicted  # the room was there
+        assert all(node.get(f"new{i}") == _value(4 * KiB, i) for i in range(40))
+
+
 def test_an_existing_key_answers_false_and_keeps_the_buffer(cluster: LocalCluster) -> None:
     node = cluster.client(32 * MiB, 4 * MiB)
     writer = cluster.client(0, 4 * MiB)

@@ -176,6 +176,16 @@ class SlotPools:
             self._grant[key] = count
             return count
 
+    def granted(self, size: int, params: ReplicateParams, count: int) -> None:
+        """The master reserved only ``count`` of the buffers asked for (its
+        segments are near their high watermark): the next reservation doubles
+        from there, not from what was asked (asking for hundreds that do not fit
+        costs the master an allocation each)."""
+        key = (size, params)
+        with self._lock:
+            if key in self._grant:
+                self._grant[key] = max(1, count)
+
     def add(
         self, size: int, params: ReplicateParams, slots: Sequence[Slot], epoch: object
     ) -> list[str]:

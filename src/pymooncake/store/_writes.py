@@ -455,6 +455,8 @@ class WriteOps(ClientIO):
                 log.info("put reservations are off: the master answered %s", exc)
                 self._revoke_later(pools.disable())
             return []
+        if len(reply) < count:
+            pools.granted(size, params, len(reply))
         until = deadline(asked, reply.ttl_s)
         name = msg.slot_name
         client = self.client_id

@@ -241,6 +241,8 @@ class MasterService:
         self.metadata_server: MetadataServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: the eviction a request asked for, paid ahead of the tick (_housekeep_soon)
+        self._housekeeping: asyncio.Task[None] | None = None
         self._conns: set[_RpcProtocol] = set()
         self.buffered = 0
         self.refused_connections = 0
@@ -444,13 +446,8 @@ class MasterService:
                     more = self.state.tick(now, HOUSEKEEPING_VISITS)
                     self.persist()
                     self._timed(started)
-                    # eviction owed, dead entries: a slice per turn of the loop
-                    while more and self.serving():
-                        await asyncio.sleep(0)
-                        started = time.perf_counter()
-                        more = self.state.housekeeping(self._clock(), HOUSEKEEPING_VISITS)
-                        self.persist()
-                        self._timed(started)
+                    if more:
+                        await self._housekeep()
                     drops = self.state.offload.take_fs_drops()
                     if drops:  # files of dropped DISK replicas (--root_fs_dir)
                         self._spawn(asyncio.to_thread(unlink_files, drops))
@@ -468,6 +465,32 @@ class MasterService:
                     self._spawn(self._compact())
             except Exception:  # a bug here must not stop expiry for good
                 log.exception("master tick failed")
+
+    async def _housekeep(self) -> None:
+        """Eviction owed, dead entries: a slice per turn of the loop (requests are
+        served between two slices)."""
+        more = True
+        while more and self.serving():
+            await asyncio.sleep(0)
+            started = time.perf_counter()
+            more = self.state.housekeeping(self._clock(), HOUSEKEEPING_VISITS)
+            self.persist()
+            self._timed(started)
+
+    def _housekeep_soon(self) -> None:
+        """A request made a segment owe eviction (a put found the pool full): pay
+        it from the next turn of the loop rather than at the next tick, so that
+        the puts of the next 100 ms find room instead of each evicting for
+        itself first."""
+        self.state.debt_raised = False
+        task = self._housekeeping
+        if task is not None and not task.done():
+            return  # its next slice sees the new debt
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # (a direct call outside the service's loop: the tick pays it)
+        self._housekeeping = self._spawn(self._housekeep())
 
     def _timed(self, started: float) -> None:
         took = time.perf_counter() - started
@@ -802,6 +825,8 @@ class MasterService:
             value = f"internal error of the master handling {name}: {exc!r} (see the master log)"
         self.stats.record(req, code, value)
         self.remember(req, code, value)
+        if self.state.debt_raised:
+            self._housekeep_soon()
         return code, value
 
     async def dispatch_scan(self, req: msg.Request) -> tuple[int, Any]:

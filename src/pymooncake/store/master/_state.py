@@ -139,8 +139,6 @@ _LEASE_STEPS = 8192
 SLOT_TTL_S = 10.0
 
 
-#: reserved buffers beyond the first stay this far below the high watermark
-_SLOT_HEADROOM = 0.10
 #: segment names whose lost writes are remembered before expired ones are pruned
 _LOST_WRITES_MAX = 256
 #: answers of removals kept with the state for retries across a restart or a
@@ -302,6 +300,9 @@ class MasterState:
         self.effects: list[Effect] | None = None
         self._last_tick: float | None = None
         self._evict_now = 0.0
+        #: a segment was just asked to evict more (:meth:`_owe`): the service pays
+        #: it from the next turn of its loop instead of at the next tick
+        self.debt_raised = False
         self.stall_grace_count = 0
         #: size -> the int object of that size: objects of equal size share one
         #: (a KV cache has few distinct block sizes)
@@ -575,7 +576,10 @@ class MasterState:
                 progress = False
                 for seg in fits:
                     self._owe(seg, int(seg.allocator.capacity * self.config.eviction_ratio))
-                    if self._evict(seg, need, now, protect=key, allow_soft=allow_soft):
+                    freed = self._evict(seg, need, now, protect=key, allow_soft=allow_soft)
+                    if freed:
+                        # what this put freed counts towards the round: the rest is owed
+                        seg.evict_debt = max(0, seg.evict_debt - freed)
                         progress = True
                         reps = self._placement.allocate(segments, size, config, writer_host)
                         if reps:
@@ -1038,9 +1042,11 @@ class MasterState:
             NoAvailableHandle / InvalidParams: as :meth:`put_start_replicas`, when
                 not even one could be reserved.
         """
-        # the ones reserved ahead never evict, and leave room below the high
-        # watermark: idle reservations must not push other objects out
-        room = self.config.eviction_high_watermark_ratio - _SLOT_HEADROOM
+        # the ones reserved ahead never evict and never take a segment above the
+        # high watermark: they use room the background eviction keeps free (a full
+        # pool is a cache's steady state, where puts then still take one round
+        # trip), and idle ones never make the master evict by themselves
+        room = self.config.eviction_high_watermark_ratio
         if count > 1 and self._placement.simple(config):
             out = self._reserve_slots_at_once(client_id, size, count, config, now, batch, room)
             if out:
@@ -1612,6 +1618,7 @@ class MasterState:
         """Ask the background eviction to free ``nbytes`` in ``seg``."""
         if nbytes > seg.evict_debt:
             seg.evict_debt = nbytes
+            self.debt_raised = True
 
     def evict_above_watermark(self, now: float, max_visits: int | None = None) -> int:
         """Bring every segment below ``high watermark - eviction ratio``; returns bytes
