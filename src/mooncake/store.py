@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from pymooncake._authio import ClusterSecurity
 from pymooncake._cascade import CascadeLog
+from pymooncake._gcpause import gc_paused
 from pymooncake._heldio import DEFAULT_HOLD_S, spin_from_env
 from pymooncake._net import split_host_port
 from pymooncake.config import EngineConfig, parse_bool_env
@@ -516,12 +517,13 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
     def put_batch(
         self, keys: list[str], values: list[Any], config: ReplicateConfig | None = None
     ) -> int:
-        return self._int(
-            "put_batch",
-            lambda c: _raise_first(
-                c.put_many(keys, [[v] for v in values], self._cfg(config), bytes_api=True)
-            ),
-        )
+        with gc_paused(len(keys)):  # (pymooncake/_gcpause.py)
+            return self._int(
+                "put_batch",
+                lambda c: _raise_first(
+                    c.put_many(keys, [[v] for v in values], self._cfg(config), bytes_api=True)
+                ),
+            )
 
     def put_from(
         self, key: str, buffer_ptr: int, size: int, config: ReplicateConfig | None = None
@@ -583,7 +585,8 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
         self, what: str, keys: Sequence[str], fn: Callable[[StoreApi], Sequence[Any]]
     ) -> list[int]:
         try:
-            return store_codes(fn(self._c()), what)
+            with gc_paused(len(keys)):  # (pymooncake/_gcpause.py)
+                return store_codes(fn(self._c()), what)
         except (MooncakeError, ValueError, TypeError) as exc:
             self._failures.failed(what, exc)
             return [store_code(exc)] * len(keys)
@@ -637,7 +640,8 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
         def run(c: StoreApi) -> list[bytes]:
             return [r if isinstance(r, bytes) else b"" for r in c.get_many(keys)]
 
-        return self._value("get_batch", run, [b""])
+        with gc_paused(len(keys)):  # (pymooncake/_gcpause.py)
+            return self._value("get_batch", run, [b""])
 
     def get_buffer(self, key: str) -> BufferHandle | None:
         return self._value(f"get_buffer({key!r})", lambda c: c.get_buffer(key), None, self._MISS)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._gcpause import gc_paused
 from ..errors import (
     InvalidParams,
     LeaseExpired,
@@ -87,6 +88,16 @@ class ReadOps(ClientIO):
         ``grab(i, view)`` (a read-only view of it, valid during the call), which
         copies it out itself or returns an error."""
         self._check_open()
+        with gc_paused(len(keys)):  # (_gcpause.py: no full collections mid-batch)
+            return self._read_batch_now(keys, dests, op, grab)
+
+    def _read_batch_now(
+        self,
+        keys: Sequence[str],
+        dests: Callable[[int, int], Parts | StoreError],
+        op: str,
+        grab: Grab | None,
+    ) -> list[int | StoreError]:
         started = time.perf_counter_ns()
         n = len(keys)
         found, t0 = self._query(keys)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
 
+from .._gcpause import gc_paused
 from .._logging import RepeatLimiter
 from ..errors import (
     InvalidParams,
@@ -69,6 +70,17 @@ class WriteOps(ClientIO):
         self._check_open()
         if len(keys) > 1 and len(set(keys)) != len(keys):
             return self._write_distinct(keys, parts, config, upsert, op)
+        with gc_paused(len(keys)):  # (_gcpause.py: no full collections mid-batch)
+            return self._write_batch_now(keys, parts, config, upsert, op)
+
+    def _write_batch_now(
+        self,
+        keys: Sequence[str],
+        parts: Sequence[Parts],
+        config: ReplicateConfig,
+        upsert: bool,
+        op: str,
+    ) -> list[bool | StoreError]:
         started = time.perf_counter_ns()
         results: list[bool | StoreError] | None = None
         unreachable: set[str] = set()
