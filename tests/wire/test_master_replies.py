@@ -445,9 +445,10 @@ def test_uniform_columns_travel_as_one_integer() -> None:
 
 
 def test_the_earlier_list_forms_still_decode() -> None:
-    """A client upgraded before its master reads the replies that master sends:
-    every column a list, no "k", and ``[[0, null], ...]`` for a batch that
-    succeeded."""
+    """The list forms stay valid for every column (a column that is not uniform
+    is one): a reply with every column a list, without "k", and
+    ``[[0, null], ...]`` for a batch that succeeded decode to the same values
+    as their compact forms."""
     old = {
         "code": [0, 0], "msg": [], "segs": [["127.0.0.1:17001", "seg-a", 1, 0]],
         "n": [1, 1], "seg": [0, 0], "addr": [64, 128], "size": [8, 8], "lease_ttl_ms": 5000,

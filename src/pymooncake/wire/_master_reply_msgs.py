@@ -6,8 +6,8 @@ Requests are typed in ``_master_msgs.py``; this module gives every request type
 the type of its answer (``Request.REPLY``, linked at the bottom of this module).
 Each reply type has
 
-* ``to_wire()``: the JSON value the master sends, exactly as the protocol has
-  always carried it (``"pymooncake-master/2"``; the bytes do not change), and
+* ``to_wire()``: the JSON value the master sends (the bytes are pinned by
+  ``tests/wire/test_master_replies.py``; a change bumps ``PROTOCOL_VERSION``), and
 * ``decode(value)``: the inverse, which checks every type and shape once and
   raises :class:`InvalidReply` (a :class:`~pymooncake.errors.MalformedMessage`)
   naming the method and the field on anything else: a client never indexes
@@ -426,7 +426,7 @@ class ColumnsReply(Reply):
 
 @dataclass(frozen=True, slots=True)
 class ServiceReadyReply(Reply):
-    """The master's protocol version (``"pymooncake-master/2"``)."""
+    """The master's protocol version (``PROTOCOL_VERSION``, e.g. ``"pymooncake-master/7"``)."""
 
     METHOD: ClassVar = MasterMethod.SERVICE_READY
     version: str
