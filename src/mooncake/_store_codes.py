@@ -14,6 +14,7 @@ __all__ = ["store_code", "store_codes"]
 
 _store_log = logging.getLogger("mooncake.store")
 _BOOL = frozenset({bool})
+_INT = frozenset({int})
 
 
 def store_code(exc: BaseException) -> int:
@@ -26,8 +27,11 @@ def store_code(exc: BaseException) -> int:
 def store_codes(results: Sequence[Any], what: str) -> list[int]:
     """Per-key results of a native batch call as the store's ints: errors become
     codes (logged at debug), True/False become 0, byte counts stay."""
-    if set(map(type, results)) <= _BOOL:  # every key put (or found): no per-key work
+    kinds = set(map(type, results))
+    if kinds <= _BOOL:  # every key put (or found): no per-key work
         return [0] * len(results)
+    if kinds <= _INT:  # every key read: its byte count
+        return list(results)
     out = []
     for r in results:
         if isinstance(r, BaseException):

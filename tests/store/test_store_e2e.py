@@ -933,6 +933,27 @@ def test_single_reads_of_an_object_in_our_own_segment() -> None:
             keys[:2], lambda i, size: time.sleep(LEASE_S * 0.8) or bytearray(size)
         )
         assert all(isinstance(r, LeaseExpired) for r in late_many)
+        # a batch whose every key is ours is copied inline; the keys the inline
+        # copy cannot take (two destination parts, a large value, a short
+        # destination) still read as on the general path
+        own_keys = [f"own-{n}" for n in values]
+        calls.clear()
+        before = me.metrics.read_bytes.value if me.metrics is not None else None
+        dsts = [bytearray(n) for n in values]
+        split = (bytearray(2 * KiB), bytearray(2 * KiB))
+        shorter = bytearray(10)
+        parts: list[list[Any]] = [[d] for d in dsts] + [list(split), [shorter]]
+        res = me.get_many_into([*own_keys, "own-4096", "own-65537"], parts)
+        assert res[:-1] == [*values, 4 * KiB]
+        assert isinstance(res[-1], StoreError) and res[-1].code == ErrorCode.INVALID_PARAMS
+        assert [bytes(d) for d in dsts] == list(values.values())
+        assert bytes(split[0]) + bytes(split[1]) == values[4 * KiB]
+        assert not any(shorter)
+        assert calls == [], "our own segment is read by a copy, never a transfer"
+        if before is not None:
+            assert me.metrics is not None
+            assert me.metrics.read_bytes.value - before == sum(values) + 4 * KiB
+        assert me.get_many(own_keys) == list(values.values())
 
 
 # ----------------------------------------------------------------------------------

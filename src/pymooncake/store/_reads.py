@@ -16,9 +16,10 @@ from ..errors import (
     store_error,
 )
 from ..transfer import TransferRequest
+from ..transfer._memory import MEMMOVE_FROM
 from ..transfer.device import DeviceSpan
 from ..wire import _master_msgs as msg
-from ..wire._master_replies import Replica
+from ..wire._master_replies import Replica, ReplicaColumns
 from ._buffers import BufferHandle, make_handle, new_bytes
 from ._client_io import BATCH_OPS, ClientIO, ObjectLocation, Part, Parts, transfer_failed
 from ._ssd import read_shared
@@ -33,6 +34,7 @@ __all__ = ["ReadOps"]
 
 _COMPLETE = ReplicaStatus.COMPLETE
 _DISK_MARKERS = frozenset((LOCAL_DISK_SEGMENT, DISK_SEGMENT))
+_INT = frozenset({int})
 
 
 class ReadOps(ClientIO):
@@ -56,16 +58,73 @@ class ReadOps(ClientIO):
             return [(0, (res.size, res.lease_ttl_ms / 1000.0, reps))], t0
         if not keys:
             return [], t0
-        cols = self.master.call(msg.BatchGetReplicaList(tuple(keys))).columns
+        return self._found(self._columns(keys)), t0
+
+    def _columns(self, keys: Sequence[str]) -> ReplicaColumns:
+        """BatchGetReplicaList of ``keys`` (two or more), as the master's columns."""
+        cols: ReplicaColumns = self.master.call(msg.BatchGetReplicaList(tuple(keys))).columns
         if len(cols) != len(keys):
             raise MalformedMessage(f"the master answered {len(cols)} of {len(keys)} keys")
+        return cols
+
+    @staticmethod
+    def _found(cols: ReplicaColumns) -> list[Found]:
         sizes = cols.sizes
         assert sizes is not None
         ttl = cols.lease_ttl_ms / 1000.0
         return [
             (0, (sizes[i], ttl, reps)) if code == 0 else (code, cols.message(i))
             for i, (code, reps) in enumerate(zip(cols.code, cols.replicas(), strict=True))
-        ], t0
+        ]
+
+    def _all_in_own_memory(self, cols: ReplicaColumns) -> bool:
+        """Every key of the reply was found, with one replica, in this client's
+        own segment (no disk replica): the batch read of :meth:`_copy_own_batch`."""
+        n = len(cols)
+        return (
+            len(cols.segs) == 1
+            and cols.segs[0][0] == self.engine.segment_name
+            and cols.segs[0][1] not in _DISK_MARKERS
+            and cols.code.count(0) == n
+            and cols.counts.count(1) == n
+        )
+
+    def _copy_own_batch(
+        self,
+        cols: ReplicaColumns,
+        dests: Callable[[int, int], Parts | StoreError],
+        results: list[int | StoreError],
+        copied: list[int],
+        replicas: dict[int, list[Replica]],
+        views: dict[int, Parts],
+    ) -> None:
+        """A batch whose every key lies in our own memory (:meth:`_all_in_own_memory`):
+        each small value is copied into its one destination part from one region
+        window, inline (``copied``); any other key (a destination split in parts,
+        device memory, a large value, a range not registered) is left to the
+        general path in ``replicas``/``views``."""
+        sizes, addrs = cols.sizes, cols.addr
+        assert sizes is not None
+        window = self.engine.registry.window(remote=True)
+        every: list[list[Replica]] | None = None
+        for i, size in enumerate(sizes):
+            target = dests(i, size)
+            if isinstance(target, StoreError):
+                results[i] = target
+                continue
+            results[i] = size
+            if len(target) == 1:
+                part = target[0]
+                if type(part) is memoryview and len(part) < MEMMOVE_FROM:
+                    src = window(addrs[i], len(part))
+                    if src is not None:
+                        part[:] = src
+                        copied.append(i)
+                        continue
+            if every is None:
+                every = list(cols.replicas())
+            replicas[i] = every[i]
+            views[i] = target
 
     def _pick(self, replicas: Sequence[Replica], attempt: int) -> Replica:
         if len(replicas) == 1:
@@ -100,7 +159,16 @@ class ReadOps(ClientIO):
     ) -> list[int | StoreError]:
         started = time.perf_counter_ns()
         n = len(keys)
-        found, t0 = self._query(keys)
+        own_batch: ReplicaColumns | None = None
+        if n > 1:
+            t0 = time.monotonic()
+            cols = self._columns(keys)
+            if self._all_in_own_memory(cols):
+                own_batch, found = cols, []
+            else:
+                found = self._found(cols)
+        else:
+            found, t0 = self._query(keys)
         if n == 1 and found[0][0] == 0:
             moving = time.perf_counter_ns()
             one = self._read_own(keys[0], found[0][1], t0, dests, grab)
@@ -117,6 +185,9 @@ class ReadOps(ClientIO):
         copy: Callable[[int, Part, bool], bool] | None = None
         lease_ttl = 0.0
         transfer_start = time.perf_counter_ns()
+        if own_batch is not None:  # every key in our own memory: copied inline
+            lease_ttl = own_batch.lease_ttl_ms / 1000.0
+            self._copy_own_batch(own_batch, dests, results, copied, replicas, views)
         for i, (code, value) in enumerate(found):
             if code != 0:
                 results[i] = store_error(code, f"{keys[i]!r}: {value}")
@@ -174,7 +245,10 @@ class ReadOps(ClientIO):
         ``moved``: some bytes were read, from ``moving`` (perf_counter_ns) on)."""
         assert self.metrics is not None
         now = time.perf_counter_ns()
-        read = sum(r for r in results if not isinstance(r, StoreError))
+        if set(map(type, results)) <= _INT:  # every key read: one C-level sum
+            read = sum(results)  # type: ignore[arg-type]
+        else:
+            read = sum(r for r in results if not isinstance(r, StoreError))
         if moved:
             self.metrics.transfer(False, read, (now - moving) // 1000, op in BATCH_OPS)
         self.metrics.operation(False, op, read, (now - started) // 1000)
