@@ -14,7 +14,7 @@ import pytest
 
 from pymooncake import _gcpause
 from pymooncake._gcpause import GC_PAUSE_MIN_ITEMS, gc_paused
-from pymooncake.store import StoreClient, StoreClientConfig
+from pymooncake.store import StoreClient
 from pymooncake.testing import ProcessCluster
 
 MiB = 1 << 20
@@ -114,15 +114,7 @@ def test_large_batch_puts_and_gets_run_few_full_collections(
     gc.enable()
     with ProcessCluster() as cluster:
         cluster.node("64 MB")
-        client = StoreClient(
-            StoreClientConfig(
-                local_hostname="127.0.0.1",
-                metadata_server=cluster.metadata_url,
-                master_server_addr=cluster.master_address,
-                global_segment_size=0,
-                local_buffer_size=4 * MiB,
-            )
-        )
+        client = StoreClient(cluster.client_config(local_buffer_size=4 * MiB))
         try:
             with monkeypatch.context() as m:
                 m.setattr(_gcpause, "GC_PAUSE_MIN_ITEMS", 10**9)  # never pause

@@ -326,11 +326,7 @@ def _engine() -> EngineConfig:
 
 def _process_client(cluster: ProcessCluster) -> StoreClient:
     return StoreClient(
-        StoreClientConfig(
-            local_hostname="127.0.0.1",
-            metadata_server=cluster.metadata_url,
-            master_server_addr=cluster.master_address,
-            global_segment_size=0,
+        cluster.client_config(
             local_buffer_size=4 * MiB,
             rpc_timeout_s=10.0,
             rpc_connect_timeout_s=2.0,

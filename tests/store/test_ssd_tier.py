@@ -16,7 +16,7 @@ import pytest
 
 from mooncake._store_types import ReplicaDescriptor
 from pymooncake.errors import NoAvailableHandle, ObjectNotFound, StoreError
-from pymooncake.store import MasterConfig, StoreClient, StoreClientConfig
+from pymooncake.store import MasterConfig, StoreClient
 from pymooncake.store._file_storage import FileStorage
 from pymooncake.testing import LocalCluster
 from pymooncake.testing._cluster import ProcessCluster, free_port
@@ -209,11 +209,7 @@ def test_a_master_without_offload_refuses_the_tier(tmp_path: Path) -> None:
 
 def _pure_client(pc: ProcessCluster) -> StoreClient:
     return StoreClient(
-        StoreClientConfig(
-            local_hostname="127.0.0.1",
-            metadata_server=pc.metadata_url,
-            master_server_addr=pc.master_address,
-            global_segment_size=0,
+        pc.client_config(
             local_buffer_size=16 * MiB,
             rpc_timeout_s=20.0,
         )

@@ -933,8 +933,8 @@ def test_single_reads_of_an_object_in_our_own_segment() -> None:
             keys[:2], lambda i, size: time.sleep(LEASE_S * 0.8) or bytearray(size)
         )
         assert all(isinstance(r, LeaseExpired) for r in late_many)
-        # a batch whose every key is ours is copied inline; the keys the inline
-        # copy cannot take (two destination parts, a large value, a short
+        # a batch whose every key is ours is copied at once, whatever the value's
+        # size; the keys that cannot be (two destination parts, a short
         # destination) still read as on the general path
         own_keys = [f"own-{n}" for n in values]
         calls.clear()

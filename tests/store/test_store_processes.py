@@ -36,7 +36,7 @@ import pytest
 
 from pymooncake.config import EngineConfig
 from pymooncake.errors import ObjectNotFound, ReplicaNotReady
-from pymooncake.store import ReplicateConfig, StoreClient, StoreClientConfig
+from pymooncake.store import ReplicateConfig, StoreClient
 from pymooncake.testing import ProcessCluster, free_port
 
 pytestmark = pytest.mark.slow
@@ -60,10 +60,7 @@ def _engine() -> EngineConfig:
 
 def _client(cluster: ProcessCluster, segment_bytes: int = 0) -> StoreClient:
     return StoreClient(
-        StoreClientConfig(
-            local_hostname="127.0.0.1",
-            metadata_server=cluster.metadata_url,
-            master_server_addr=cluster.master_address,
+        cluster.client_config(
             global_segment_size=segment_bytes,
             local_buffer_size=16 * MiB,
             rpc_timeout_s=5.0,

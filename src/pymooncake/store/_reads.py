@@ -16,7 +16,6 @@ from ..errors import (
     store_error,
 )
 from ..transfer import TransferRequest
-from ..transfer._memory import MEMMOVE_FROM
 from ..transfer.device import DeviceSpan
 from ..wire import _master_msgs as msg
 from ..wire._master_replies import Replica, ReplicaColumns
@@ -99,13 +98,12 @@ class ReadOps(ClientIO):
         views: dict[int, Parts],
     ) -> None:
         """A batch whose every key lies in our own memory (:meth:`_all_in_own_memory`):
-        each small value is copied into its one destination part from one region
-        window, inline (``copied``); any other key (a destination split in parts,
-        device memory, a large value, a range not registered) is left to the
-        general path in ``replicas``/``views``."""
+        each value with one destination part is copied at once (``copied``); any
+        other key (a destination split in parts, a range not registered) is left to
+        the general path in ``replicas``/``views``."""
         sizes, addrs = cols.sizes, cols.addr
         assert sizes is not None
-        window = self.engine.registry.window(remote=True)
+        copy = self.engine.registry.copier()
         every: list[list[Replica]] | None = None
         for i, size in enumerate(sizes):
             target = dests(i, size)
@@ -113,14 +111,9 @@ class ReadOps(ClientIO):
                 results[i] = target
                 continue
             results[i] = size
-            if len(target) == 1:
-                part = target[0]
-                if type(part) is memoryview and len(part) < MEMMOVE_FROM:
-                    src = window(addrs[i], len(part))
-                    if src is not None:
-                        part[:] = src
-                        copied.append(i)
-                        continue
+            if len(target) == 1 and copy(addrs[i], target[0], False):
+                copied.append(i)
+                continue
             if every is None:
                 every = list(cols.replicas())
             replicas[i] = every[i]

@@ -24,7 +24,6 @@ from ..errors import (
     store_error,
 )
 from ..transfer import TransferRequest
-from ..transfer._memory import MEMMOVE_FROM
 from ..wire import _master_msgs as msg
 from ..wire import _offload_msgs as omsg
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
@@ -187,9 +186,9 @@ class WriteOps(ClientIO):
             copies = [0] * n  # replicas written per object
             transfer_start = time.perf_counter_ns()
             copy_own = self._copy_own_many()
-            # the common key of a batch -- one small part, one replica, in our own
-            # segment -- is copied inline (what copy_own would do, without its calls)
-            own, window = self.engine.segment_name, self.engine.registry.window(remote=True)
+            # the common key of a batch -- one part, one replica, in our own segment
+            # -- is copied right here, without planning it (_route_parts)
+            own, copy = self.engine.segment_name, self.engine.registry.copier()
             for i, (code, value) in enumerate(started):
                 if code:
                     if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:
@@ -201,12 +200,8 @@ class WriteOps(ClientIO):
                 copies[i] = len(value)
                 if len(value) == 1 and len(parts[i]) == 1:
                     endpoint, address = value[0]
-                    part = parts[i][0]
-                    if endpoint == own and type(part) is memoryview and len(part) < MEMMOVE_FROM:
-                        target = window(address, len(part))
-                        if target is not None:
-                            target[:] = part
-                            continue
+                    if endpoint == own and copy(address, parts[i][0], True):
+                        continue  # (a range not registered: the general path reports it)
                 for endpoint, address in value:
                     self._route_parts(
                         i, endpoint, address, parts[i], True, per_endpoint, errors, copy_own

@@ -272,6 +272,18 @@ class ProcessCluster:
             env[TOKEN_ENV] = self.token
         return env
 
+    def client_config(self, **overrides: Any) -> StoreClientConfig:
+        """The settings of a client of this cluster in the calling process (no
+        segment unless ``global_segment_size`` is among ``overrides``)."""
+        fields: dict[str, Any] = {
+            "local_hostname": LOCAL,
+            "metadata_server": self.metadata_url,
+            "master_server_addr": self.master_address,
+            "global_segment_size": 0,
+            **overrides,
+        }
+        return StoreClientConfig(**fields)
+
     def _remove_token_file(self) -> None:
         if self._token_dir is not None:
             self._token_dir.cleanup()

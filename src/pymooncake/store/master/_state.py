@@ -923,15 +923,7 @@ class MasterState:
         effects, end_one = self.effects, self.put_end
         for i, key in enumerate(keys):
             obj = shards[hash(key) & SHARD_MASK].get(key)
-            if (  # not a plain write of this client's (:func:`_plain_write`, inline)
-                obj is None
-                or (ext := obj.ext) is None
-                or obj.flags & _END_CHECKED != BUSY
-                or obj.writer != client_id
-                or ext.pending
-                or ext.more
-                or ext.soft_pin_ttl_s is not None
-            ):
+            if obj is None or not _plain_write(obj, client_id):
                 try:
                     end_one(client_id, key, now)
                 except StoreError as exc:
