@@ -330,7 +330,10 @@ def test_tasks_and_drain_jobs_survive_a_master_restart(tmp_path: Path) -> None:
                 "DRAINING",
                 "DRAINED",
             )
-            assert sorted(r.endpoint for r in client.replicas("done")) == sorted([a, b])
+            # the copy's two replicas survived; the restored drain job may already
+            # have moved the one in b to the only open segment left (idle's)
+            held = sorted(r.endpoint for r in client.replicas("done"))
+            assert held in (sorted([a, b]), sorted([a, idle.hostname])), held
         finally:
             client.close()
             idle.close()
