@@ -47,6 +47,7 @@ from typing import Final
 
 from ._authio import HttpAuth, warn_open
 from ._logging import RepeatLimiter
+from ._loop import raw_transport, release_transport
 from ._net import bind_listener, join_host_port
 from .errors import ClosedError
 from .wire._http import (
@@ -330,6 +331,7 @@ class HttpServer:
     ) -> None:
         task = asyncio.current_task()
         assert task is not None  # the task made by _accept
+        raw = raw_transport(writer.transport)
         try:
             if self._closing:  # close() came between _accept and this task's start
                 return
@@ -342,6 +344,7 @@ class HttpServer:
                 await self._close_writer(writer)
             finally:
                 self._open.pop(task, None)
+                release_transport(raw)
 
     def _drop_refused(self, writer: asyncio.StreamWriter) -> None:
         self._refusing.discard(writer)

@@ -13,9 +13,40 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["LoopThread"]
+__all__ = ["LoopThread", "raw_transport", "release_transport"]
 
 T = TypeVar("T")
+
+
+def raw_transport(transport: asyncio.BaseTransport) -> asyncio.BaseTransport | None:
+    """The socket transport under ``transport`` (itself, or the one under a TLS
+    transport), to pass to :func:`release_transport` once the connection is lost.
+    Take it while the connection is open: asyncio forgets it when TLS closes."""
+    ssl_protocol = getattr(transport, "_ssl_protocol", None)
+    if ssl_protocol is None:
+        return transport
+    raw: asyncio.BaseTransport | None = getattr(ssl_protocol, "_transport", None)
+    return raw
+
+
+def _no_read() -> None:
+    """Stands in for a released transport's read callback (never reads)."""
+
+
+def release_transport(transport: asyncio.BaseTransport | None) -> None:
+    """Break the reference cycle of a closed asyncio socket transport.
+
+    CPython's selector transports keep a bound method of themselves as their read
+    callback, so a transport that has closed is a reference cycle that only the
+    cyclic garbage collector frees -- and a master process freezes what survives a
+    collection (``store.master.tune_gc_for_master``), so it would never be freed.
+    Replacing the callback by a plain function after the close lets reference
+    counting free the transport (and its socket object) at once.  Call it only
+    after ``close()``/``abort()``: the transport reads nothing afterwards.  Harmless
+    for transports without that attribute.
+    """
+    if transport is not None and "_read_ready_cb" in getattr(transport, "__dict__", ()):
+        transport._read_ready_cb = _no_read  # type: ignore[attr-defined]
 
 
 class LoopThread:

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from .._authio import secure_client, server_handshake_async
 from .._logging import RepeatLimiter
+from .._loop import raw_transport, release_transport
 from .._net import connect_tcp, join_host_port
 from ..errors import (
     AuthenticationError,
@@ -272,11 +273,13 @@ class RpcServer:
             pass
         finally:
             self._tasks.discard(task)
+            raw = raw_transport(writer.transport)
             writer.close()
             try:
                 await writer.wait_closed()
             except (ConnectionError, OSError):
                 pass
+            release_transport(raw)
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object

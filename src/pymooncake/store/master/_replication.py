@@ -69,6 +69,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..._authio import ClusterSecurity, client_handshake_async
+from ..._loop import raw_transport, release_transport
 from ..._net import is_local_address, split_host_port
 from ...config import parse_bool_env
 from ...errors import MooncakeError
@@ -619,7 +620,9 @@ class Follower:
             transport.write(encode_request(1, msg.Follow(self.name, view_version)))
             await receiver.done
         finally:
+            raw = raw_transport(writer.transport)
             writer.close()
+            release_transport(raw)
 
     async def _connect(
         self, host: str, port: int

@@ -34,6 +34,7 @@ from ..._authio import ClusterSecurity, HttpAuth, warn_open, warn_weak
 from ..._etcd import EtcdError
 from ..._httpd import HttpServer
 from ..._logging import RepeatLimiter
+from ..._loop import raw_transport, release_transport
 from ..._net import bind_listener
 from ...errors import InvalidParams, MalformedMessage, StoreError
 from ...transfer.metadata._snapshot import MetadataSnapshot
@@ -1040,6 +1041,8 @@ class _RpcProtocol(asyncio.BufferedProtocol):
             else MasterFrameDecoder(service._max_frame)
         )
         self._transport: asyncio.Transport | None = None
+        #: the socket transport under it, released when the connection is lost
+        self._raw: asyncio.BaseTransport | None = None
         self.peer: object = None
         key = service.security.key
         self._auth: ServerHandshake | None = (
@@ -1066,6 +1069,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._raw = raw_transport(transport)
         self.peer = transport.get_extra_info("peername") or "local UNIX socket"
         if not self._svc.admit(self):
             transport.abort()
@@ -1083,6 +1087,8 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         self._account(0)
         self._held.clear()
         self._transport = None
+        release_transport(self._raw)
+        self._raw = None
         svc.resume_readers()
 
     @property
