@@ -11,8 +11,6 @@ thread or socket left behind.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,7 +27,6 @@ __all__ = [
     "addr",
     "new_cluster",
     "pattern",
-    "wait_until",
 ]
 
 LOCAL = "127.0.0.1"
@@ -53,19 +50,6 @@ def addr(array: np.ndarray) -> int:
 def pattern(n: int, seed: int) -> bytes:
     """``n`` reproducible, non-repeating bytes."""
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout_s: float = 5.0, interval_s: float = 0.05
-) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout_s`` passed; returns its last value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval_s)
 
 
 class Stores:

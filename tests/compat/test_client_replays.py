@@ -38,12 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from store_support import LEASE_MS, LOCAL, MiB, Stores, addr, new_cluster, wait_until
+from store_support import LEASE_MS, LOCAL, MiB, Stores, addr, new_cluster
 
 from mooncake.engine import TransferEngine
 from mooncake.mooncake_config import MooncakeConfig
 from mooncake.store import MooncakeDistributedStore, ReplicateConfig
-from pymooncake.testing import LocalCluster, free_port
+from pymooncake.testing import LocalCluster, free_port, wait_until
 
 P2P = "P2PHANDSHAKE"
 MOONCAKE_NO_AVAILABLE_HANDLE = -200  # vLLM's constant
@@ -554,7 +554,7 @@ def sglang_setup(
     # warm-up: put, retried like SGLang does, then is_exist == 1 and get == value
     key = "sglang_mooncake_store_warmup_key" + uuid.uuid4().hex
     value = bytes(4 * 1024)
-    assert wait_until(lambda: store.put(key, value) == 0, timeout_s=10, interval_s=0.2)
+    assert wait_until(lambda: store.put(key, value) == 0, timeout_s=10, step_s=0.2)
     assert store.is_exist(key) == 1
     assert store.get(key) == value
     return dropped

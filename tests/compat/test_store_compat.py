@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from store_support import LEASE_MS, LOCAL, MiB, Stores, addr, new_cluster, pattern, wait_until
+from store_support import LEASE_MS, LOCAL, MiB, Stores, addr, new_cluster, pattern
 
 import mooncake
 import mooncake.buffer_pool
@@ -38,7 +38,7 @@ from mooncake.store import (
     ReplicateConfig,
     SoftPinAction,
 )
-from pymooncake.testing import LocalCluster
+from pymooncake.testing import LocalCluster, wait_until
 
 # ErrorCode values (mooncake-store/include/types.h) and transfer-engine ERR_* codes
 NO_AVAILABLE_HANDLE = -200

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from store_support import LEASE_MS, LOCAL, MiB, Stores, addr, new_cluster, pattern, wait_until
+from store_support import LEASE_MS, LOCAL, MiB, Stores, addr, new_cluster, pattern
 
 from mooncake.store import (
     BufferPool,
@@ -25,7 +25,7 @@ from mooncake.store import (
     MooncakeDistributedStore,
     ReplicateConfig,
 )
-from pymooncake.testing import LocalCluster
+from pymooncake.testing import LocalCluster, wait_until
 
 INVALID_PARAMS = -600
 OBJECT_NOT_FOUND = -704

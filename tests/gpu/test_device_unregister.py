@@ -13,6 +13,7 @@ import pytest
 
 from pymooncake import EngineConfig, TransferEngine
 from pymooncake.errors import TransferFailed
+from pymooncake.testing import wait_until
 from pymooncake.transfer.device import DeviceBackend
 from pymooncake.transfer.transports.shm import ShmTransport
 from pymooncake.wire import STATUS, STATUS_OK, encode_header
@@ -21,15 +22,6 @@ from .conftest import LOCAL, DeviceMem, DevicePeer, pattern, sha
 
 Pair = tuple[TransferEngine, TransferEngine]
 SIZE = 1 << 20  # four staging chunks of gpu_config
-
-
-def _eventually(cond: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def test_unregister_waits_for_a_staged_device_write(engines: Pair, mem: DeviceMem) -> None:
@@ -43,7 +35,7 @@ def test_unregister_waits_for_a_staged_device_write(engines: Pair, mem: DeviceMe
     with socket.create_connection((LOCAL, port), timeout=10) as s:
         s.sendall(encode_header(SIZE, dev, is_write=True, v2=True) + head)
         # the first chunks reach device memory while the rest of the payload is pending
-        assert _eventually(lambda: mem.get(dev, 4096) == head[:4096])
+        assert wait_until(lambda: mem.get(dev, 4096) == head[:4096])
         done = threading.Event()
         t = threading.Thread(target=lambda: (b.unregister(dev), done.set()))
         t.start()
@@ -68,7 +60,7 @@ def test_unregister_cuts_a_stalled_device_write(gpu_config: EngineConfig, mem: D
         with socket.create_connection((LOCAL, port), timeout=10) as s:
             first = 2 * 256 * 1024 + 4096  # the first chunk is in device memory (lazy streams)
             s.sendall(encode_header(SIZE, dev, is_write=True, v2=True) + b"A" * first)
-            assert _eventually(lambda: mem.get(dev, 16) == b"A" * 16)  # in flight
+            assert wait_until(lambda: mem.get(dev, 16) == b"A" * 16)  # in flight
             start = time.monotonic()
             target.unregister(dev)
             assert time.monotonic() - start >= 0.25  # it waited, then cut the connection
@@ -80,7 +72,7 @@ def test_unregister_cuts_a_stalled_device_write(gpu_config: EngineConfig, mem: D
         time.sleep(0.1)
         assert b"B" not in mem.get(dev, SIZE)
         server = target.transport("tcp").server  # type: ignore[attr-defined]
-        assert _eventually(lambda: server.connections == 0)
+        assert wait_until(lambda: server.connections == 0)
     finally:
         target.close()
 

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from pymooncake.store import MasterConfig, StoreClient
 from pymooncake.store._dummy_client import DummyClient
 from pymooncake.store._dummy_io import SPECULATIVE_BYTES
 from pymooncake.store._dummy_service import DummyService, DummyServiceConfig
-from pymooncake.testing import LocalCluster, ProcessCluster, free_port
+from pymooncake.testing import LocalCluster, ProcessCluster, free_port, wait_until
 
 LOCAL = "127.0.0.1"
 MiB = 1 << 20
@@ -55,15 +55,6 @@ TOKEN = "dummy-test-token-0123456789abcdef"
 
 def pattern(n: int, seed: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,6 +27,7 @@ from pymooncake._authio import ClusterSecurity
 from pymooncake.store._master_client import MasterClient
 from pymooncake.store.master import ThreadedMaster
 from pymooncake.store.master._service import MasterLimits
+from pymooncake.testing import wait_until
 from pymooncake.wire import _master_msgs as msg
 from pymooncake.wire._auth import MAGIC
 
@@ -120,15 +120,6 @@ http_payloads = st.one_of(
 )
 
 
-def eventually(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def _poke(address: tuple[str, int], data: bytes, half_close: bool) -> None:
     with socket.create_connection(address, timeout=5) as s:
         try:
@@ -192,7 +183,7 @@ def test_fuzz_master_rpc_port(master: ThreadedMaster) -> None:
     def drained() -> tuple[int, int]:  # read on the master's loop: a consistent view
         return master.call(lambda _st: (service.connection_count, service.buffered))
 
-    assert eventually(lambda: drained() == (0, 0)), drained()
+    assert wait_until(lambda: drained() == (0, 0)), drained()
     after = _summary(master)  # validates every index
     counted = master.call(lambda st_: sum(st_.metrics.requests.values()))
     if service.security.token:
@@ -216,7 +207,7 @@ def test_fuzz_master_admin_http_port(master: ThreadedMaster) -> None:
     poke()
     admin = master.service._admin
     assert admin is not None
-    assert eventually(lambda: (admin.connections, admin.buffered_bytes) == (0, 0)), (
+    assert wait_until(lambda: (admin.connections, admin.buffered_bytes) == (0, 0)), (
         admin.connections,
         admin.buffered_bytes,
     )

@@ -11,7 +11,7 @@ import collections
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,7 +21,7 @@ from pymooncake.errors import InvalidParams, StoreError
 from pymooncake.store import MasterConfig, ReplicateConfig, StoreClient, StoreClientConfig
 from pymooncake.store._slots import DEFAULT_BYTES, ENV, slot_bytes_from_env
 from pymooncake.store.master._state import SLOT_PREFIX, MasterState
-from pymooncake.testing import LocalCluster, ProcessCluster, journaled_master_flags
+from pymooncake.testing import LocalCluster, ProcessCluster, journaled_master_flags, wait_until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -29,15 +29,6 @@ MiB = 1 << 20
 
 def _value(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
-
-
-def _wait_until(cond: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def _count_calls(client: StoreClient) -> collections.Counter[str]:
@@ -220,7 +211,7 @@ def test_puts_into_a_full_pool_keep_taking_one_round_trip() -> None:
         calls = _count_calls(writer)
         assert writer.put("first", _value(4 * KiB, 99)) is True  # evicts for itself
         # the round (a quarter of the segment) is freed without waiting for a tick
-        assert _wait_until(lambda: state.metrics.evicted_keys >= 8, 5.0)
+        assert wait_until(lambda: state.metrics.evicted_keys >= 8, 5.0)
         evicted = state.metrics.evicted_keys
         calls.clear()
         for i in range(40):
@@ -279,7 +270,7 @@ def test_close_and_the_heartbeat_give_buffers_back() -> None:
             writer.put(f"k{i}", _value(4 * KiB, i))
         assert writer.slots.held() == 3 and len(_reserved(c)) == 3
         # unused buffers past their deadline are revoked by the heartbeat
-        assert _wait_until(lambda: not _reserved(c), 3.0), _reserved(c)
+        assert wait_until(lambda: not _reserved(c), 3.0), _reserved(c)
         assert writer.slots.held() == 0
         assert writer.put("later", _value(4 * KiB, 9)) is True  # reserves anew
         assert _reserved(c)
@@ -352,7 +343,7 @@ def test_a_restarted_master_never_sees_a_write_into_a_lost_buffer(tmp_path: Any)
         assert writer.slots.held() == 2
         cluster.restart_master()  # SIGKILL; the journal keeps w0..w4
         # the storage node mounts its segment again (its heartbeat: NEED_REMOUNT)
-        assert _wait_until(lambda: _stores(other, "probe"), 15.0)
+        assert wait_until(lambda: _stores(other, "probe"), 15.0)
         # the other client fills the segment: its new objects take the ranges of
         # the writer's forgotten buffers
         for i in range(40):

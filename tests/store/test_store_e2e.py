@@ -48,7 +48,7 @@ from pymooncake.store import (
     SoftPinAction,
     StoreClient,
 )
-from pymooncake.testing import LocalCluster
+from pymooncake.testing import LocalCluster, wait_until
 from pymooncake.wire._master_msgs import SLOT_MARK
 
 KiB = 1 << 10
@@ -110,15 +110,6 @@ def metric(cluster_metrics_url: str, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
-
-
-def wait_until(cond: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step_s)
-    return cond()
 
 
 def master_keys(cluster: LocalCluster) -> set[str]:

@@ -27,7 +27,6 @@ import selectors
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -37,7 +36,7 @@ import pytest
 from pymooncake.config import EngineConfig
 from pymooncake.errors import ObjectNotFound, ReplicaNotReady
 from pymooncake.store import ReplicateConfig, StoreClient
-from pymooncake.testing import ProcessCluster, free_port
+from pymooncake.testing import ProcessCluster, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -104,15 +103,6 @@ def _metric(cluster: ProcessCluster, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def _wait_until(cond: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step_s)
-    return cond()
-
-
 def _payload(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
@@ -152,7 +142,7 @@ def test_objects_land_in_node_segments_and_die_with_the_node() -> None:
         n1.kill(signal.SIGKILL)
         # until the master notices, reads of n1's objects fail over or fail, never hang
         assert reader.get("both") == b"b" * 5000
-        assert _wait_until(lambda: not reader.exists("n1-0"), CLIENT_TTL_S + MARGIN_S), (
+        assert wait_until(lambda: not reader.exists("n1-0"), CLIENT_TTL_S + MARGIN_S), (
             "the dead node's replicas were not dropped within client_ttl"
         )
         for k in on1:
@@ -180,7 +170,7 @@ def test_a_node_restarted_under_the_same_name_serves_again() -> None:
         assert client.put("before", _payload(MiB, 1), prefer1) is True
         assert client.get("before") == _payload(MiB, 1)  # the client now knows n1's descriptor
         n1.kill(signal.SIGKILL)
-        assert _wait_until(lambda: seg1 not in _segments(cluster), CLIENT_TTL_S + MARGIN_S)
+        assert wait_until(lambda: seg1 not in _segments(cluster), CLIENT_TTL_S + MARGIN_S)
         # the same segment name again (a new process: new memory, new ports)
         _, again = cluster.node("16 MB", name=seg1)
         assert again == seg1
@@ -292,9 +282,9 @@ def test_master_restart_clients_remount_and_old_objects_are_lost() -> None:
 
         master2 = restart()
         # heartbeats get NEED_REMOUNT and re-mount every segment
-        assert _wait_until(
-            lambda: _segments(master2) == {node_seg, owner.hostname}, 3 + MARGIN_S
-        ), f"segments after restart: {_segments(master2)}"
+        assert wait_until(lambda: _segments(master2) == {node_seg, owner.hostname}, 3 + MARGIN_S), (
+            f"segments after restart: {_segments(master2)}"
+        )
         assert writer.health() and owner.health()
         # the reference's behaviour without snapshots/HA: object metadata is gone
         assert _keys(master2) == set()
@@ -321,7 +311,7 @@ def test_master_restart_new_clients_can_reach_remounted_segments() -> None:
         _, node_seg = cluster.node("16 MB")
         owner = stack.enter_context(_client(cluster, 16 * MiB))
         master2 = restart()
-        assert _wait_until(lambda: _segments(master2) == {node_seg, owner.hostname}, 3 + MARGIN_S)
+        assert wait_until(lambda: _segments(master2) == {node_seg, owner.hostname}, 3 + MARGIN_S)
         newcomer = stack.enter_context(_client(master2))
         for seg in (node_seg, owner.hostname):
             cfg = ReplicateConfig(preferred_segments=(seg,))
@@ -403,7 +393,7 @@ def test_writer_killed_mid_put_gives_its_key_back_after_client_ttl() -> None:
                 client.remove("zombie", force=True)
             proc.kill()
             proc.wait(15)
-        assert _wait_until(lambda: "zombie" not in _keys(cluster), ttl_s + MARGIN_S), (
+        assert wait_until(lambda: "zombie" not in _keys(cluster), ttl_s + MARGIN_S), (
             "the dead writer's unfinished put was not dropped after client_ttl"
         )
         assert _metric(cluster, "master_expired_clients_total") >= 1
@@ -424,7 +414,7 @@ def test_writer_killed_mid_put_space_is_reclaimed() -> None:
             proc.kill()
             proc.wait(15)
         # client_ttl (writer expired) + put_start_release_timeout (buffers returned)
-        assert _wait_until(
+        assert wait_until(
             lambda: _metric(cluster, "master_allocated_bytes") == 0, CLIENT_TTL_S + 1 + MARGIN_S
         ), "the dead writer's buffers were never returned to the allocator"
         # the whole segment is usable again: 12 MiB did not fit next to the 8 MiB zombie

@@ -15,13 +15,14 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from pymooncake import EngineConfig, NotifyMessage, TransferEngine
 from pymooncake._httpd import HttpLimits
 from pymooncake.errors import HandshakeRejected
+from pymooncake.testing import wait_until
 from pymooncake.transfer.metadata.server import MetadataServer
 from pymooncake.wire import (
     STATUS,
@@ -35,15 +36,6 @@ from pymooncake.wire import (
 )
 
 LOCAL = "127.0.0.1"
-
-
-def eventually(cond: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def closed_within(s: socket.socket, seconds: float) -> bool:
@@ -117,7 +109,7 @@ def test_rpc_connection_cap(engine: TransferEngine) -> None:
     assert rpc is not None
     held = [socket.create_connection((LOCAL, engine.rpc_port), timeout=5) for _ in range(8)]
     try:
-        assert eventually(lambda: rpc.connections == 8)
+        assert wait_until(lambda: rpc.connections == 8)
         with socket.create_connection((LOCAL, engine.rpc_port), timeout=5) as extra:
             try:
                 assert extra.recv(10) == b""
@@ -128,7 +120,7 @@ def test_rpc_connection_cap(engine: TransferEngine) -> None:
         for s in held:
             s.close()
     # capacity comes back once they are gone
-    assert eventually(lambda: rpc.connections == 0)
+    assert wait_until(lambda: rpc.connections == 0)
     assert rpc_reply(engine.rpc_port, encode_frame_json(MessageType.PROBE, {})) is not None
 
 
@@ -141,14 +133,14 @@ def test_rpc_aggregate_buffer_limit(engine: TransferEngine) -> None:
     b = socket.create_connection((LOCAL, engine.rpc_port), timeout=5)
     try:
         a.sendall(head + b"\x03")
-        assert eventually(lambda: rpc._buffered > 0)
+        assert wait_until(lambda: rpc._buffered > 0)
         b.sendall(head + b"\x03")
         assert b.recv(10) == b""  # refused before its payload is read
         assert rpc.refused_busy == 1
     finally:
         a.close()
         b.close()
-    assert eventually(lambda: rpc._buffered == 0)
+    assert wait_until(lambda: rpc._buffered == 0)
 
 
 @pytest.mark.parametrize(
@@ -243,7 +235,7 @@ def _idle_connections(engine: TransferEngine, n: int) -> None:
     rss_before = _rss_kib()
     conns = [socket.create_connection((LOCAL, port), timeout=5) for _ in range(n)]
     try:
-        assert eventually(lambda: tcp.stats["connections"] == n)
+        assert wait_until(lambda: tcp.stats["connections"] == n)
         time.sleep(0.2)
         assert threading.active_count() == threads_before  # not one thread more
         grown = _rss_kib() - rss_before
@@ -256,7 +248,7 @@ def _idle_connections(engine: TransferEngine, n: int) -> None:
     finally:
         for c in conns:
             c.close()
-    assert eventually(lambda: tcp.stats["connections"] == 0)
+    assert wait_until(lambda: tcp.stats["connections"] == 0)
 
 
 def test_a_connection_parked_while_the_engine_closes_is_closed(engine: TransferEngine) -> None:
@@ -270,7 +262,7 @@ def test_a_connection_parked_while_the_engine_closes_is_closed(engine: TransferE
     def serve_until_closed(conn, reader, slot):  # type: ignore[no-untyped-def]
         seen.append(conn.sock)
         serving.set()
-        assert eventually(lambda: server._closed)
+        assert wait_until(lambda: server._closed)
         return True  # "went idle: park it" -- after close() collected what to close
 
     server._serve = serve_until_closed
@@ -290,7 +282,7 @@ def test_data_connection_cap(config: EngineConfig) -> None:
         tcp = e.transport("tcp")
         held = [socket.create_connection((LOCAL, tcp.data_port), timeout=5) for _ in range(4)]
         try:
-            assert eventually(lambda: tcp.stats["connections"] == 4)
+            assert wait_until(lambda: tcp.stats["connections"] == 4)
             with socket.create_connection((LOCAL, tcp.data_port), timeout=5) as extra:
                 assert closed_within(extra, 3)
             assert tcp.stats["refused_connections"] == 1
@@ -314,7 +306,7 @@ def test_data_partial_header_and_stalled_payload_time_out(engine: TransferEngine
         start = time.monotonic()
         assert closed_within(stalled, 5)
         assert time.monotonic() - start < 4
-    assert eventually(lambda: tcp.stats["timed_out"] == 2)
+    assert wait_until(lambda: tcp.stats["timed_out"] == 2)
 
 
 def test_data_handshake_deadline(config: EngineConfig) -> None:
@@ -341,7 +333,7 @@ def test_rejection_log_limiter_is_keyed_by_host(
             with socket.create_connection((LOCAL, tcp.data_port), timeout=5) as s:
                 s.sendall(encode_header(8, 0x10, is_write=False, v2=True))
                 s.recv(8)
-    assert eventually(lambda: tcp.stats["requests_rejected"] == 50)
+    assert wait_until(lambda: tcp.stats["requests_rejected"] == 50)
     assert caplog.text.count("not within any registered buffer") == 1
     assert len(tcp.server._log) == 1
 
@@ -456,13 +448,13 @@ def test_metadata_aggregate_body_budget() -> None:
         first = socket.create_connection((LOCAL, port), timeout=5)
         try:
             first.sendall(b"PUT /metadata?key=a HTTP/1.1\r\nContent-Length: 80000\r\n\r\nxx")
-            assert eventually(lambda: server.buffered_bytes == 80000)
+            assert wait_until(lambda: server.buffered_bytes == 80000)
             data = _raw_http(port, b"PUT /metadata?key=b HTTP/1.1\r\nContent-Length: 30000\r\n\r\n")
             assert data.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in data
             assert server.refused_busy == 1
         finally:
             first.close()
-        assert eventually(lambda: server.buffered_bytes == 0)
+        assert wait_until(lambda: server.buffered_bytes == 0)
 
 
 def test_fair_turns_never_strand_buffered_requests(config: EngineConfig) -> None:

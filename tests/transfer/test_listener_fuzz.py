@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-from collections.abc import Callable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pymooncake import EngineConfig, TransferEngine
 from pymooncake._httpd import HttpLimits
+from pymooncake.testing import wait_until
 from pymooncake.transfer.metadata.server import MetadataServer
 from pymooncake.wire._auth import MAGIC
 
@@ -28,15 +27,6 @@ payloads = st.one_of(
     st.binary(max_size=200).map(lambda b: b"\x10\x00\x00\x00\x00\x00\x00\x00" + b),
     st.binary(max_size=200).map(lambda b: b"PUT /metadata?key=x HTTP/1.1\r\n" + b),
 )
-
-
-def eventually(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _poke(port: int, data: bytes, half_close: bool) -> None:
@@ -81,7 +71,7 @@ def _fuzz_engine(config: EngineConfig, token: str) -> None:
             _poke(tcp.data_port, data, half_close)
 
         poke_both()
-        assert eventually(lambda: rpc.connections == 0 and tcp.stats["connections"] == 0)
+        assert wait_until(lambda: rpc.connections == 0 and tcp.stats["connections"] == 0)
         assert memory == bytes(len(memory))
         # the listeners still work (worker threads may remain until they idle out)
         peer = _engine(config, token)
@@ -114,7 +104,7 @@ def test_fuzz_metadata_server() -> None:
             _poke(http.port, data, half_close)
 
         poke()
-        assert eventually(lambda: http.server.connections == 0)
+        assert wait_until(lambda: http.server.connections == 0)
         assert http.server.buffered_bytes == 0
         with socket.create_connection((LOCAL, http.port), timeout=5) as s:
             s.sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")

@@ -12,15 +12,15 @@ import http.client
 import json
 import logging
 import socket
-import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from pymooncake import EngineConfig, NotifyMessage, TransferEngine
 from pymooncake._authio import ClusterSecurity, http_request
 from pymooncake.errors import AuthenticationError, MooncakeError, TransferFailed
+from pymooncake.testing import wait_until
 from pymooncake.transfer.metadata.server import MetadataServer
 from pymooncake.wire import (
     STATUS,
@@ -58,15 +58,6 @@ def open_engine(config: EngineConfig) -> Iterator[TransferEngine]:
         yield e
     finally:
         e.close()
-
-
-def eventually(cond: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def recv_all(s: socket.socket, limit: int = 1 << 20) -> bytes:
@@ -165,7 +156,7 @@ def test_token_holders_work_together(config: EngineConfig) -> None:
         a.probe(b.segment_name)
         assert b.get_notifies() == [NotifyMessage("n", "m")]
         tcp = b.transport("tcp")
-        assert eventually(lambda: tcp.stats["requests_served"] >= 2)  # counted when parked
+        assert wait_until(lambda: tcp.stats["requests_served"] >= 2)  # counted when parked
         assert tcp.stats["auth_failures"] == 0
     finally:
         a.close()
@@ -205,7 +196,7 @@ def test_different_tokens_are_refused(config: EngineConfig) -> None:
             a.probe(b.segment_name)
         assert getattr(info.value.failure, "kind", None) is FailureKind.TOKEN_MISMATCH
         rpc = b._rpc
-        assert rpc is not None and eventually(lambda: rpc.auth_failures == 1)
+        assert rpc is not None and wait_until(lambda: rpc.auth_failures == 1)
     finally:
         a.close()
         b.close()

@@ -5,27 +5,19 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from pymooncake import EngineConfig, TransferEngine
 from pymooncake.errors import TransferFailed
+from pymooncake.testing import wait_until
 from pymooncake.testing._target import spawn_target
 from pymooncake.transfer.transports.shm import ShmTransport
 from pymooncake.wire import STATUS, STATUS_OK, encode_header
 
 LOCAL = "127.0.0.1"
 SIZE = 64 << 10
-
-
-def eventually(cond: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture
@@ -44,7 +36,7 @@ def test_tcp_write_racing_unregister_lands_nothing_afterwards(target: TransferEn
     with socket.create_connection((LOCAL, port), timeout=5) as s:
         # the header arrived before unregister; the payload is slow
         s.sendall(encode_header(SIZE, region.addr, is_write=True, v2=True) + b"A" * 1000)
-        assert eventually(lambda: buf[999] == ord("A"))
+        assert wait_until(lambda: buf[999] == ord("A"))
         start = time.monotonic()
         target.unregister(buf)
         waited = time.monotonic() - start
@@ -65,7 +57,7 @@ def test_unregister_waits_for_a_write_that_finishes_in_time(target: TransferEngi
     port = target.transport("tcp").data_port
     with socket.create_connection((LOCAL, port), timeout=5) as s:
         s.sendall(encode_header(SIZE, region.addr, is_write=True, v2=True) + b"A" * 1000)
-        assert eventually(lambda: buf[999] == ord("A"))
+        assert wait_until(lambda: buf[999] == ord("A"))
         done = threading.Event()
         t = threading.Thread(target=lambda: (target.unregister(buf), done.set()))
         t.start()
@@ -98,7 +90,7 @@ def test_free_with_a_write_in_flight_does_not_crash(target: TransferEngine) -> N
     port = target.transport("tcp").data_port
     with socket.create_connection((LOCAL, port), timeout=5) as s:
         s.sendall(encode_header(SIZE, region.addr, is_write=True, v2=True) + b"A" * 100)
-        assert eventually(lambda: region.view[99] == ord("A"))
+        assert wait_until(lambda: region.view[99] == ord("A"))
         target.free(region.addr)  # the mapping goes: the write must be cut first
         try:
             s.sendall(b"B" * (SIZE - 100))

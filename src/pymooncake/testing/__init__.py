@@ -7,7 +7,7 @@ from ._cluster import LocalCluster, NodeProcess, ProcessCluster, free_port, jour
 from ._etcd_server import EtcdCluster, EtcdMember, EtcdStartError
 from ._metadata_conformance import METADATA_CHECKS
 from ._netns import Host, NetnsError, NetnsNetwork, cleanup_stale, netns_unavailable_reason
-from ._proc import console_command, read_stdout_until
+from ._proc import console_command, read_stdout_until, wait_until
 from ._proxy import MasterProxy
 from ._redis_server import RedisServer, RedisStartError
 from ._tools import find_tool, require_tool, unavailable
@@ -35,4 +35,5 @@ __all__ = [
     "read_stdout_until",
     "require_tool",
     "unavailable",
+    "wait_until",
 ]

@@ -9,9 +9,22 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["console_command", "read_stdout_until"]
+__all__ = ["console_command", "read_stdout_until", "wait_until"]
+
+
+def wait_until(cond: Callable[[], object], timeout_s: float = 10.0, step_s: float = 0.01) -> bool:
+    """Poll ``cond`` every ``step_s`` until it is true or ``timeout_s`` passed (a
+    bounded wait for something another thread or process does).  Returns whether
+    it became true; it is asked once more at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step_s)
+    return bool(cond())
 
 
 def console_command(name: str, module: str) -> list[str]:
