@@ -44,12 +44,14 @@ def tune_gc_for_master() -> None:
     are still freed by reference counting when the master drops them.
 
     The cost: garbage *cycles* among objects that survived one collection are never
-    reclaimed.  The master's own structures break theirs when they let go (a
-    segment's eviction deque is swept when it unmounts, a dead record holds no
-    cycle), and asyncio's transports drop their protocols when they close;
-    ``tests/store/test_master_gc.py`` runs puts, reads, removals, refusals and
-    connection churn twice through a tuned process and checks that the second
-    round freezes nothing new.
+    reclaimed, so a master must leave none behind.  Its records hold no cycle that
+    outlives them (a segment's eviction deque is swept when it unmounts), and the
+    closed asyncio transports of its connections are released
+    (``_loop.release_transport``).  ``tests/store/test_master_gc.py`` runs
+    puts, reads, removals, refusals and connection churn against a tuned master
+    process, then unfreezes it: a full collection finds nothing to free.  A
+    process that also runs clients (``pymooncake cluster``) keeps them for its
+    lifetime anyway.
 
     Called by the ``mooncake_master`` and ``pymooncake cluster`` commands (never by
     the library on its own: the GC settings belong to the process).  Idempotent.
