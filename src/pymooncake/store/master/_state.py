@@ -59,7 +59,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 from ...errors import StoreError, store_error
 from ...wire._master_msgs import SLOT_MARK, SLOT_PREFIX, slot_name
@@ -274,6 +274,10 @@ def start_each(
     """``start`` (``put_start_replicas``, ``upsert_start_replicas``) of every key
     in order, one call each: the key's record, or the error that refused it."""
     return [_started(start, client_id, k, z, config, now) for k, z in zip(keys, sizes, strict=True)]
+
+
+#: flags whose records need _forget's extra steps (a write, a soft pin, a task)
+_SLOW_FORGET: Final = BUSY | SOFT_PIN | TASK
 
 
 class MasterState:
@@ -1601,6 +1605,19 @@ class MasterState:
             seg.order.append(obj)
             seg.dead += 1
             return 0
+        if obj.ext is None and obj.seg is seg and not obj.flags & _SLOW_FORGET:
+            # the common object: one replica, in seg, no write, pin or task to end --
+            # what _delete does, without its lists (an eviction round at 10M objects
+            # evicts 500,000 of them between requests)
+            key = obj.key
+            if self.effects is not None:
+                self.effects.append(ObjectDeleted(key))
+            self._free(seg, obj.addr, obj.size)
+            seg.dead += 1
+            obj.flags = 0
+            self.objects.pop(key)
+            self.metrics.evicted_keys += 1
+            return reserved_size(obj.size)
         in_seg = sum(1 for s, _ in obj.replicas() if s is seg)
         self._delete(obj.key, obj)
         self.metrics.evicted_keys += 1
