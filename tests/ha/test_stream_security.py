@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pymooncake.store._config import MasterConfig
 from pymooncake.store.master import ThreadedMaster
 from pymooncake.store.master._replication import Follower
 from pymooncake.store.master._state import MasterState
+from pymooncake.testing import make_test_pki
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="the openssl binary is needed to make test certificates"
@@ -32,20 +32,12 @@ TOKEN = "ha-stream-tls-test-secret-0123456789"
 
 
 def _pki(d: Path) -> ClusterSecurity:
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=ca")  # fmt: skip
-    openssl("req", "-new", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=node")
-    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "node.pem", "-days", "2")  # fmt: skip
+    pki = make_test_pki(d)
     return ClusterSecurity(
         token=TOKEN,
-        tls_cert_file=str(d / "node.pem"),
-        tls_key_file=str(d / "node.key"),
-        tls_ca_file=str(d / "ca.pem"),
+        tls_cert_file=str(pki.cert),
+        tls_key_file=str(pki.key),
+        tls_ca_file=str(pki.ca),
     )
 
 

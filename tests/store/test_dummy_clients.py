@@ -45,7 +45,7 @@ from pymooncake.store import MasterConfig, StoreClient
 from pymooncake.store._dummy_client import DummyClient
 from pymooncake.store._dummy_io import SPECULATIVE_BYTES
 from pymooncake.store._dummy_service import DummyService, DummyServiceConfig
-from pymooncake.testing import LocalCluster, ProcessCluster, free_port, wait_until
+from pymooncake.testing import LocalCluster, ProcessCluster, free_port, make_test_pki, wait_until
 
 LOCAL = "127.0.0.1"
 MiB = 1 << 20
@@ -602,24 +602,7 @@ def test_cluster_token_guards_the_rpc_port(
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificates")
 def test_rpc_port_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def openssl(*args: str) -> None:
-        subprocess.run(
-            ["openssl", *args], cwd=tmp_path, check=True, capture_output=True, timeout=60
-        )
-
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    openssl(
-        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=ca"
-    )
-    openssl("req", "-new", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=node")
-    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "node.pem", "-days", "2")  # fmt: skip
-    files = {
-        "PYMOONCAKE_TLS_CERT": str(tmp_path / "node.pem"),
-        "PYMOONCAKE_TLS_KEY": str(tmp_path / "node.key"),
-        "PYMOONCAKE_TLS_CA": str(tmp_path / "ca.pem"),
-        "PYMOONCAKE_CLUSTER_TOKEN": TOKEN,
-    }
+    files = make_test_pki(tmp_path).env(TOKEN)
     # A cluster of its own: the put through the real client may open another
     # master connection (its heartbeat runs meanwhile), which must go with it.
     with LocalCluster(MasterConfig(default_kv_lease_ttl_ms=LEASE_MS)) as own:

@@ -10,11 +10,14 @@ how the test runner collects.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ from pymooncake.config import EngineConfig
 from pymooncake.errors import ObjectNotFound, StoreError
 from pymooncake.store import ReplicateConfig, StoreClient, StoreClientConfig
 from pymooncake.store.master import MASTER_GC_YOUNG
+from pymooncake.testing import make_test_pki
 
 MiB = 1 << 20
 
@@ -32,13 +36,14 @@ MiB = 1 << 20
 _MASTER = textwrap.dedent(
     """
     import gc, json, sys
+    from pymooncake._authio import ClusterSecurity
     from pymooncake.store import MasterConfig
     from pymooncake.store.master import ThreadedMaster, tune_gc_for_master
 
     tune_gc_for_master()
     master = ThreadedMaster(
         MasterConfig(default_kv_lease_ttl_ms=50, client_ttl_s=5.0),
-        metadata_port=0, metrics_port=0,
+        metadata_port=0, metrics_port=0, security=ClusterSecurity.from_env(),
     )
     print(json.dumps({"rpc": master.rpc_address, "metadata": master.metadata_url,
                       "metrics": master.metrics_url}), flush=True)
@@ -71,7 +76,7 @@ def _ask(child: subprocess.Popen[str], command: str) -> dict[str, Any]:
     return reply
 
 
-def _one_round(cluster: dict[str, str], r: int) -> None:
+def _one_round(cluster: dict[str, str], r: int, engine: EngineConfig) -> None:
     """Puts, reads, refusals, removals, clients that come and go, an admin scrape."""
 
     def client(segment: int) -> StoreClient:
@@ -82,7 +87,7 @@ def _one_round(cluster: dict[str, str], r: int) -> None:
                 master_server_addr=cluster["rpc"],
                 global_segment_size=segment,
                 local_buffer_size=4 * MiB,
-                engine=EngineConfig(tcp_bind_address="127.0.0.1", connect_timeout_s=2.0),
+                engine=engine,
             )
         )
 
@@ -103,7 +108,9 @@ def _one_round(cluster: dict[str, str], r: int) -> None:
                 holder.get(k)
         with pytest.raises((StoreError, ValueError)):
             holder.put(keys[0], b"again", ReplicateConfig(replica_num=0))
-        with urllib.request.urlopen(cluster["metrics"] + "/metrics", timeout=10) as reply:
+        tls = engine.security.client_ssl_context()
+        url = cluster["metrics"] + "/metrics"
+        with urllib.request.urlopen(url, timeout=10, context=tls) as reply:
             assert reply.read()
         time.sleep(0.1)  # the read leases end
         for k in keys[:100]:
@@ -112,23 +119,42 @@ def _one_round(cluster: dict[str, str], r: int) -> None:
         holder.remove_by_regex(f"^churn-{r}-")
 
 
-def test_a_tuned_master_freezes_no_garbage_cycles() -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_a_tuned_master_freezes_no_garbage_cycles(
+    tls: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Everything a master's work leaves behind dies by reference counting: after
     three rounds of it, a full collection of the unfrozen process finds (almost)
-    nothing that freezing kept alive, and the process does not grow."""
+    nothing that freezing kept alive, and the process does not grow.  With TLS the
+    connections go over TCP (not the same-host UNIX socket), each under TLS."""
+    env = dict(os.environ)
+    engine = EngineConfig(tcp_bind_address="127.0.0.1", connect_timeout_s=2.0)
+    if tls:
+        if shutil.which("openssl") is None:
+            pytest.skip("the openssl command makes the test certificates")
+        pki = make_test_pki(tmp_path)
+        env.update(pki.env("gc-test-token"))
+        engine = engine.replace(
+            cluster_token="gc-test-token",
+            tls_cert_file=str(pki.cert),
+            tls_key_file=str(pki.key),
+            tls_ca_file=str(pki.ca),
+        )
+        monkeypatch.setenv("PYMOONCAKE_SAME_HOST", "0")
     with subprocess.Popen(
         [sys.executable, "-c", _MASTER],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env=env,
     ) as child:
         try:
             assert child.stdout is not None
             cluster = json.loads(child.stdout.readline())
             counts = []
             for r in range(3):
-                _one_round(cluster, r)
+                _one_round(cluster, r, engine)
                 report = _ask(child, "count")
                 counts.append(report["frozen"])
             assert report["hook"] == "_freeze_survivors"

@@ -7,6 +7,7 @@ from ._cluster import LocalCluster, NodeProcess, ProcessCluster, free_port, jour
 from ._etcd_server import EtcdCluster, EtcdMember, EtcdStartError
 from ._metadata_conformance import METADATA_CHECKS
 from ._netns import Host, NetnsError, NetnsNetwork, cleanup_stale, netns_unavailable_reason
+from ._pki import TestPki, make_test_pki
 from ._proc import console_command, read_stdout_until, wait_until
 from ._proxy import MasterProxy
 from ._redis_server import RedisServer, RedisStartError
@@ -26,11 +27,13 @@ __all__ = [
     "ProcessCluster",
     "RedisServer",
     "RedisStartError",
+    "TestPki",
     "cleanup_stale",
     "console_command",
     "find_tool",
     "free_port",
     "journaled_master_flags",
+    "make_test_pki",
     "netns_unavailable_reason",
     "read_stdout_until",
     "require_tool",

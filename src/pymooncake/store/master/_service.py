@@ -155,22 +155,28 @@ class ServiceAddresses:
     rpc: tuple[str, int]
     metrics: tuple[str, int] | None
     metadata: tuple[str, int] | None
+    #: the HTTP ports serve TLS (https URLs)
+    tls: bool = False
 
     @property
     def rpc_address(self) -> str:
         return f"{self.rpc[0]}:{self.rpc[1]}"
 
     @property
+    def _scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def metadata_url(self) -> str | None:
-        return (
-            None
-            if self.metadata is None
-            else f"http://{self.metadata[0]}:{self.metadata[1]}/metadata"
-        )
+        if self.metadata is None:
+            return None
+        return f"{self._scheme}://{self.metadata[0]}:{self.metadata[1]}/metadata"
 
     @property
     def metrics_url(self) -> str | None:
-        return None if self.metrics is None else f"http://{self.metrics[0]}:{self.metrics[1]}"
+        if self.metrics is None:
+            return None
+        return f"{self._scheme}://{self.metrics[0]}:{self.metrics[1]}"
 
 
 _SCANS: Final = (msg.GetReplicaListByRegex, msg.RemoveByRegex, msg.RemoveAll)
@@ -392,7 +398,7 @@ class MasterService:
             raise
         self.scanner.start()
         self._ticker = asyncio.create_task(self._tick_loop())
-        self.addresses = ServiceAddresses(rpc, metrics, metadata)
+        self.addresses = ServiceAddresses(rpc, metrics, metadata, tls=self.security.tls)
         if self.ha is not None:
             self._start_ha(rpc)
         return self.addresses
