@@ -1489,7 +1489,18 @@ class MasterState:
 
     def _delete(self, key: str, obj: Obj) -> int:
         """Drop a complete object and free its replicas; returns the bytes freed."""
-        self._emit(ObjectDeleted(key))
+        if self.effects is not None:
+            self.effects.append(ObjectDeleted(key))
+        seg = obj.seg
+        if obj.ext is None and seg is not None and not obj.flags & _SLOW_FORGET:
+            # the common object -- one replica, no write, pin or task to end -- without
+            # the lists of the general path (an eviction round at 10M objects deletes
+            # 500,000 of them between requests)
+            self._free(seg, obj.addr, obj.size)
+            seg.dead += 1  # its deque entry dies with it
+            obj.flags = 0
+            self.objects.pop(key)
+            return reserved_size(obj.size)
         freed = 0
         reserved = reserved_size(obj.size)
         for seg, addr in obj.replicas():
@@ -1605,20 +1616,12 @@ class MasterState:
             seg.order.append(obj)
             seg.dead += 1
             return 0
-        if obj.ext is None and obj.seg is seg and not obj.flags & _SLOW_FORGET:
-            # the common object: one replica, in seg, no write, pin or task to end --
-            # what _delete does, without its lists (an eviction round at 10M objects
-            # evicts 500,000 of them between requests)
-            key = obj.key
-            if self.effects is not None:
-                self.effects.append(ObjectDeleted(key))
-            self._free(seg, obj.addr, obj.size)
-            seg.dead += 1
-            obj.flags = 0
-            self.objects.pop(key)
-            self.metrics.evicted_keys += 1
-            return reserved_size(obj.size)
-        in_seg = sum(1 for s, _ in obj.replicas() if s is seg)
+        # (one replica, the common case, without building the list)
+        in_seg = (
+            int(obj.seg is seg)
+            if obj.ext is None
+            else sum(1 for s, _ in obj.replicas() if s is seg)
+        )
         self._delete(obj.key, obj)
         self.metrics.evicted_keys += 1
         return in_seg * reserved_size(obj.size)
