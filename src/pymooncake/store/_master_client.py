@@ -49,6 +49,7 @@ from ..errors import (
     store_error,
 )
 from ..wire import (
+    NEED_DATA,
     PROTOCOL_VERSION,
     MasterFrameDecoder,
     MasterReply,
@@ -177,6 +178,8 @@ class MasterClient:
         self._lock = threading.Lock()
         #: notified when a connection goes back to the pool
         self._returned = threading.Condition(self._lock)
+        #: callers waiting on ``_returned`` (a checkin without any skips the notify)
+        self._waiting = 0
         self._ids = itertools.count(1)
         self._rids = itertools.count(1)
         self._outstanding: set[int] = set()
@@ -229,7 +232,11 @@ class MasterClient:
             if not self._idle and idle_wait_s > 0:
                 # rather than open one more connection, wait a little for a call in
                 # flight to hand its connection back
-                self._returned.wait_for(lambda: self._idle or self._closed, idle_wait_s)
+                self._waiting += 1
+                try:
+                    self._returned.wait_for(lambda: self._idle or self._closed, idle_wait_s)
+                finally:
+                    self._waiting -= 1
             if self._idle:
                 return self._idle.pop(), True
         if not self._host:
@@ -310,7 +317,8 @@ class MasterClient:
             current = conn.addr == (self._host, self._port)
             if current and not self._closed and len(self._idle) < self._max_idle:
                 self._idle.append(conn)
-                self._returned.notify()
+                if self._waiting:
+                    self._returned.notify()
                 return
         conn.sock.close()
 
@@ -401,22 +409,12 @@ class MasterClient:
         ha_wait: Callable[[], bool] | None = None,
         spin_s: float | None = None,
     ) -> list[MasterReply]:
-        held = conn.held
-        if held is not None:
-
-            def recv() -> bytes:
-                return held.recv(spin_s)
-
-        else:
-            sock = conn.sock
-
-            def recv() -> bytes:
-                return sock.recv(1 << 16)
-
+        held, decoder = conn.held, conn.decoder
         replies: list[MasterReply] = []
-        while len(replies) < len(ids):
-            frame = conn.decoder.next_frame()
-            if isinstance(frame, MasterReply):
+        want = len(ids)
+        while len(replies) < want:
+            frame = decoder.next_frame() if decoder.buffered else NEED_DATA
+            if type(frame) is MasterReply:
                 if frame.id != ids[len(replies)]:
                     raise MalformedMessage(
                         f"reply {frame.id} does not match request {ids[len(replies)]}"
@@ -426,42 +424,51 @@ class MasterClient:
             if isinstance(frame, MasterRequest):
                 raise MalformedMessage("the master sent a request frame")
             try:
-                data = recv()
+                data = held.recv(spin_s) if held is not None else conn.sock.recv(1 << 16)
             except (BlockingIOError, TimeoutError):
                 if ha_wait is not None and ha_wait():
                     continue
                 raise
             if not data:
                 raise ConnectionResetError("the master closed the connection")
-            conn.decoder.feed(data)
+            decoder.feed(data)
         return replies
 
     def _run(
         self, requests: Sequence[msg.Request], patient: bool = True, idle_wait_s: float = 0.0
     ) -> list[MasterReply]:
-        name = requests[0].METHOD.value
         rids = [0] * len(requests)
-        with self._lock:
-            for i, req in enumerate(requests):
-                if isinstance(req, msg.Mutation) and req.client_id:
-                    rids[i] = next(self._rids)
-                    self._outstanding.add(rids[i])
-            ack = min(self._outstanding) if self._outstanding else 0
+        mutating = False
+        for i, req in enumerate(requests):
+            if isinstance(req, msg.Mutation) and req.client_id:
+                if not mutating:
+                    mutating = True
+                    self._lock.acquire()
+                rids[i] = next(self._rids)
+                self._outstanding.add(rids[i])
+        ack = 0
+        if mutating:
+            try:
+                ack = min(self._outstanding)
+            finally:
+                self._lock.release()
         metrics = self._metrics
+        pairs = None
         if metrics is not None:  # reference: counted when sent, latency once answered
-            for req in requests:
-                metrics.rpc(req.METHOD)[0].inc()
+            pairs = [metrics.rpc(req.METHOD) for req in requests]
+            for count, _ in pairs:
+                count.inc()
         started = time.perf_counter_ns()
         try:
-            replies = self._run_frames(requests, rids, ack, name, patient, idle_wait_s)
+            replies = self._run_frames(requests, rids, ack, patient, idle_wait_s)
         finally:
-            if any(rids):
+            if mutating:
                 with self._lock:
                     self._outstanding.difference_update(rids)
-        if metrics is not None:
+        if pairs is not None:
             latency_us = (time.perf_counter_ns() - started) // 1000
-            for req in requests:
-                metrics.rpc(req.METHOD)[1].observe(latency_us)
+            for _, latency in pairs:
+                latency.observe(latency_us)
         return replies
 
     def _run_frames(
@@ -469,7 +476,6 @@ class MasterClient:
         requests: Sequence[msg.Request],
         rids: list[int],
         ack: int,
-        name: str,
         patient: bool,
         idle_wait_s: float = 0.0,
     ) -> list[MasterReply]:
@@ -480,14 +486,21 @@ class MasterClient:
         ha = self._leader is not None
         # a batch keeps the master busy for longer (3-5 us per key): poll for its
         # reply a little longer, up to 8x the usual spin at 56 keys or more
-        keys = sum(len(getattr(r, "keys", ())) for r in requests)
-        spin = self._spin * min(1.0 + keys / 8, 8.0)
+        if len(requests) == 1:
+            keys = len(getattr(requests[0], "keys", ()))
+        else:
+            keys = sum(len(getattr(r, "keys", ())) for r in requests)
+        spin = self._spin * min(1.0 + keys / 8, 8.0) if keys else self._spin
         while True:
-            ids = [next(self._ids) for _ in requests]
-            frames = b"".join(
-                encode_request(i, r, rid=rid, ack=ack)
-                for i, r, rid in zip(ids, requests, rids, strict=True)
-            )
+            if len(requests) == 1:
+                ids = [next(self._ids)]
+                frames = encode_request(ids[0], requests[0], rid=rids[0], ack=ack)
+            else:
+                ids = [next(self._ids) for _ in requests]
+                frames = b"".join(
+                    encode_request(i, r, rid=rid, ack=ack)
+                    for i, r, rid in zip(ids, requests, rids, strict=True)
+                )
             reused = False
             try:
                 conn, reused = self._checkout(idle_wait_s)
@@ -531,10 +544,7 @@ class MasterClient:
                     self.retries += 1
                     self._find_leader()
                     continue
-                raise RpcTimeout(
-                    f"the master at {self.target} did not answer {name} within "
-                    f"{self._timeout:g} s (MC_RPC_TIMEOUT_MS); it is overloaded or hung"
-                ) from exc
+                raise self._silent(requests[0]) from exc
             except (OSError, MalformedMessage) as exc:
                 self._discard(conn, reused)
                 # The master may have acted: send the same request ids again (it answers
@@ -542,7 +552,7 @@ class MasterClient:
                 attempt += 1
                 if time.monotonic() + pause >= deadline:
                     raise RpcFailed(
-                        f"RPC {name} to the master at {self.target} failed: {exc} "
+                        f"RPC {requests[0].METHOD.value} to the master at {self.target} failed: {exc} "
                         f"({attempt} attempt(s) within {self._timeout:g} s)"
                     ) from exc
                 self.retries += 1
@@ -589,8 +599,64 @@ class MasterClient:
             RpcFailed / RpcTimeout: the master is unreachable or silent.
             InvalidReply: the reply does not have the shape of ``request``'s reply.
         """
+        if self._leader is None:
+            return self._typed(request, self._call_one(request, patient, idle_wait_s))
         (reply,) = self._run([request], patient, idle_wait_s)
         return self._typed(request, reply)
+
+    def _call_one(self, request: msg.Request, patient: bool, idle_wait_s: float) -> MasterReply:
+        """:meth:`_run` of one request to a master without HA, its first attempt made
+        here on a pooled connection: a single call (most of the store's calls) then
+        skips the retry loop's set-up.  Anything else -- no pooled connection, a
+        connection that broke -- continues in :meth:`_run_frames` with the same
+        request id, so the retries are the same."""
+        rid = ack = 0
+        if isinstance(request, msg.Mutation) and request.client_id:
+            with self._lock:
+                rid = next(self._rids)
+                self._outstanding.add(rid)
+                ack = min(self._outstanding)
+        metrics = self._metrics
+        pair = None
+        if metrics is not None:  # reference: counted when sent, latency once answered
+            pair = metrics.rpc(request.METHOD)
+            pair[0].inc()
+        started = time.perf_counter_ns()
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle and not self._closed else None
+            if conn is None or conn.held is None:
+                if conn is not None:
+                    self._checkin(conn)
+                (reply,) = self._run_frames([request], [rid], ack, patient, idle_wait_s)
+            else:
+                ident = next(self._ids)
+                try:
+                    conn.held.sendall(encode_request(ident, request, rid=rid, ack=ack))
+                    (reply,) = self._receive(conn, [ident])
+                except (BlockingIOError, TimeoutError) as exc:
+                    conn.sock.close()
+                    self.epoch += 1
+                    raise self._silent(request) from exc
+                except (OSError, MalformedMessage):
+                    self._discard(conn, True)
+                    self.retries += 1
+                    (reply,) = self._run_frames([request], [rid], ack, patient, idle_wait_s)
+                else:
+                    self._checkin(conn)
+        finally:
+            if rid:
+                with self._lock:
+                    self._outstanding.discard(rid)
+        if pair is not None:
+            pair[1].observe((time.perf_counter_ns() - started) // 1000)
+        return reply
+
+    def _silent(self, request: msg.Request) -> RpcTimeout:
+        return RpcTimeout(
+            f"the master at {self.target} did not answer {request.METHOD.value} within "
+            f"{self._timeout:g} s (MC_RPC_TIMEOUT_MS); it is overloaded or hung"
+        )
 
     def _typed(self, request: msg.Request, reply: MasterReply) -> Any:
         """The typed reply, or the refusal as an exception."""

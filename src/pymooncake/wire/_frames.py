@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
 from ..errors import MalformedMessage
@@ -33,15 +34,42 @@ REQUEST: Final = 0
 REPLY: Final = 1
 
 # Built once: json.dumps/loads with options construct a new encoder per call,
-# which costs microseconds on every RPC.
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# and even a kept JSONEncoder builds its C encoder on every encode; a frame is
+# encoded by one C encoder made here (no circular-reference bookkeeping: the
+# values are the master's own lists and dicts) and decoded by the C scanner
+# directly (the full decode only for text with surrounding whitespace or an error).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_C_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+_ENCODE: Callable[[Any], str]
+if _C_ENCODER is not None:
+    _ONE_SHOT = _C_ENCODER(
+        None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+
+    def _encode(value: Any) -> str:
+        return "".join(_ONE_SHOT(value, 0))
+
+    _ENCODE = _encode
+else:  # (no C accelerator)
+    _ENCODE = _ENCODER.encode
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-_DECODE = json.JSONDecoder(parse_constant=_refuse_constant).decode
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_SCAN: Callable[[str, int], tuple[Any, int]] = getattr(_DECODER, "scan_once")  # noqa: B009
+
+
+def _decode(text: str) -> Any:
+    try:
+        value, end = _SCAN(text, 0)
+    except StopIteration:
+        return _DECODER.decode(text)  # leading whitespace, or its error message
+    if end != len(text):
+        return _DECODER.decode(text)
+    return value
 
 
 def encode_json(value: Any) -> str:
@@ -133,7 +161,7 @@ class JsonFrameDecoder:
         body = buf[PREFIX.size : end]
         del buf[:end]
         try:
-            decoded = _DECODE(body.decode())
+            decoded = _decode(body.decode())
         except RecursionError:
             raise MalformedMessage(f"{self._what} frame {req_id} nests JSON too deeply") from None
         except (ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError

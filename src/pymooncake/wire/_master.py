@@ -65,10 +65,11 @@ def master_unix_name(host: str, port: int) -> str:
 _METHODS: Final = {m.value: m for m in MasterMethod}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MasterRequest:
     """A request frame: method and raw parameters (validated later, so that a bad
-    parameter is answered INVALID_PARAMS on the same connection)."""
+    parameter is answered INVALID_PARAMS on the same connection).  Not frozen: a
+    frozen dataclass pays ``object.__setattr__`` per field, on every request."""
 
     id: int
     method: MasterMethod
@@ -77,7 +78,7 @@ class MasterRequest:
     escapes: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MasterReply:
     id: int
     code: int
@@ -111,7 +112,8 @@ def encode_reply_json(req_id: int, code: int, value_json: str) -> bytes:
 
 
 def _has_surrogate_escape(body: bytes | bytearray) -> bool:
-    return b"\\ud" in body or b"\\uD" in body
+    # (one scan of a body without escapes, the common case)
+    return b"\\u" in body and (b"\\ud" in body or b"\\uD" in body)
 
 
 class MasterFrameDecoder(JsonFrameDecoder):

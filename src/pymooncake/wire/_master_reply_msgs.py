@@ -105,6 +105,8 @@ _R = TypeVar("_R", bound="Reply")
 _INT: Final = frozenset({int})
 _STR: Final = frozenset({str})
 _BOOL: Final = frozenset({bool})
+#: the element types of a replica in wire form (ReplicaWire)
+_REPLICA_TYPES: Final = (int, str, int, int, int, str)
 
 
 class InvalidReply(MalformedMessage):
@@ -215,7 +217,13 @@ class Reply:
 
     @classmethod
     def _replicas(cls, value: Any, what: str) -> tuple[ReplicaWire, ...]:
-        return tuple(cls._replica(r, f"{what}[{i}]") for i, r in enumerate(cls._list(value, what)))
+        out: list[ReplicaWire] = []
+        for i, r in enumerate(cls._list(value, what)):
+            if type(r) is list and len(r) == 6 and tuple(map(type, r)) == _REPLICA_TYPES:
+                out.append((r[0], r[1], r[2], r[3], r[4], r[5]))
+            else:  # (its name is formatted only for the error)
+                out.append(cls._replica(r, f"{what}[{i}]"))
+        return tuple(out)
 
     @classmethod
     def _uuid(cls, value: Any, what: str) -> tuple[int, int]:

@@ -1382,7 +1382,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
             return encode_reply_json(req_id, code, value.text)
         try:
             return encode_reply(req_id, code, value)
-        except (TypeError, ValueError) as exc:  # a bug: every value is JSON-able UTF-8
+        except (TypeError, ValueError, RecursionError) as exc:  # a bug: not JSON-able
             log.exception("master: cannot encode the reply to request %d", req_id)
             return encode_reply(
                 req_id,
