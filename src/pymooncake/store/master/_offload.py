@@ -900,7 +900,9 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
     def exist_key(req: msg.ExistKey, now: float) -> rp.Reply:
         out = base[msg.ExistKey](req, now)
         assert isinstance(out, rp.ExistKeyReply)
-        return rp.ExistKeyReply(out.exists or req.key in off.replicas)
+        if out.exists or not off.replicas:
+            return out
+        return rp.ExistKeyReply(req.key in off.replicas)
 
     def batch_exist_key(req: msg.BatchExistKey, now: float) -> rp.Reply:
         out = base[msg.BatchExistKey](req, now)
