@@ -399,7 +399,19 @@ class ReadOps(ClientIO):
         Returns the object size.  Raises InvalidParams if the destination is
         smaller than the object.
         """
-        (res,) = self._get_many_into([key], [[self._dest_part(buffer, size)]], "get_into")
+        part = self._dest_part(buffer, size)
+
+        def dest(i: int, size: int) -> Parts | StoreError:  # (one part: no parts list to plan)
+            if len(part) == size:
+                return [part]
+            if len(part) > size:
+                return [part[:size]]
+            return store_error(
+                int(ErrorCode.INVALID_PARAMS),
+                f"{key!r} is {size} bytes but the destination holds only {len(part)}",
+            )
+
+        (res,) = self._read_batch([key], dest, "get_into")
         if isinstance(res, StoreError):
             raise res
         return res
