@@ -4,7 +4,11 @@ Each call checks a connection out of a small pool, sends its frame and reads
 the reply in the calling thread (no hand-off to another thread, so a call
 costs one round trip).  ``call_many`` pipelines several requests on one
 connection.  Timeouts are kernel-side (SO_RCVTIMEO), so blocking waits
-release the GIL and cost no extra system calls.
+release the GIL and cost no extra system calls.  A single call to a master
+without HA makes its first attempt on a pooled connection without setting up
+the retry loop (``_call_one``: 5 us of Python per ``is_exist`` instead of 11);
+the loop takes over, with the same request id, when that attempt cannot be made
+or breaks.
 
 **Busy interpreters.**  A reply usually arrives within a fraction of a
 millisecond; waiting for it with the GIL released lets another Python thread of
