@@ -442,20 +442,12 @@ class MasterClient:
         self, requests: Sequence[msg.Request], patient: bool = True, idle_wait_s: float = 0.0
     ) -> list[MasterReply]:
         rids = [0] * len(requests)
-        mutating = False
-        for i, req in enumerate(requests):
-            if isinstance(req, msg.Mutation) and req.client_id:
-                if not mutating:
-                    mutating = True
-                    self._lock.acquire()
-                rids[i] = next(self._rids)
-                self._outstanding.add(rids[i])
-        ack = 0
-        if mutating:
-            try:
-                ack = min(self._outstanding)
-            finally:
-                self._lock.release()
+        with self._lock:
+            for i, req in enumerate(requests):
+                if isinstance(req, msg.Mutation) and req.client_id:
+                    rids[i] = next(self._rids)
+                    self._outstanding.add(rids[i])
+            ack = min(self._outstanding) if self._outstanding else 0
         metrics = self._metrics
         pairs = None
         if metrics is not None:  # reference: counted when sent, latency once answered
@@ -466,7 +458,7 @@ class MasterClient:
         try:
             replies = self._run_frames(requests, rids, ack, patient, idle_wait_s)
         finally:
-            if mutating:
+            if any(rids):
                 with self._lock:
                     self._outstanding.difference_update(rids)
         if pairs is not None:
@@ -490,21 +482,14 @@ class MasterClient:
         ha = self._leader is not None
         # a batch keeps the master busy for longer (3-5 us per key): poll for its
         # reply a little longer, up to 8x the usual spin at 56 keys or more
-        if len(requests) == 1:
-            keys = len(getattr(requests[0], "keys", ()))
-        else:
-            keys = sum(len(getattr(r, "keys", ())) for r in requests)
-        spin = self._spin * min(1.0 + keys / 8, 8.0) if keys else self._spin
+        keys = sum(len(getattr(r, "keys", ())) for r in requests)
+        spin = self._spin * min(1.0 + keys / 8, 8.0)
         while True:
-            if len(requests) == 1:
-                ids = [next(self._ids)]
-                frames = encode_request(ids[0], requests[0], rid=rids[0], ack=ack)
-            else:
-                ids = [next(self._ids) for _ in requests]
-                frames = b"".join(
-                    encode_request(i, r, rid=rid, ack=ack)
-                    for i, r, rid in zip(ids, requests, rids, strict=True)
-                )
+            ids = [next(self._ids) for _ in requests]
+            frames = b"".join(
+                encode_request(i, r, rid=rid, ack=ack)
+                for i, r, rid in zip(ids, requests, rids, strict=True)
+            )
             reused = False
             try:
                 conn, reused = self._checkout(idle_wait_s)
