@@ -451,7 +451,7 @@ class MasterClient:
         metrics = self._metrics
         pairs = None
         if metrics is not None:  # reference: counted when sent, latency once answered
-            pairs = [metrics.rpc(req.METHOD) for req in requests]
+            pairs = [metrics.rpc(req.NAME) for req in requests]
             for count, _ in pairs:
                 count.inc()
         started = time.perf_counter_ns()
@@ -608,7 +608,7 @@ class MasterClient:
         metrics = self._metrics
         pair = None
         if metrics is not None:  # reference: counted when sent, latency once answered
-            pair = metrics.rpc(request.METHOD)
+            pair = metrics.rpc(request.NAME)
             pair[0].inc()
         started = time.perf_counter_ns()
         try:

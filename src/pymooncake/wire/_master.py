@@ -91,7 +91,7 @@ def encode_request(req_id: int, request: Request, *, rid: int = 0, ack: int = 0)
     if rid:
         params["rid"] = rid
         params["ack"] = ack
-    return json_frame(REQUEST, req_id, request.METHOD.value, params)
+    return json_frame(REQUEST, req_id, request.NAME, params)
 
 
 def encode_reply(req_id: int, code: int, value: Any) -> bytes:

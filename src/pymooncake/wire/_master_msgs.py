@@ -426,8 +426,17 @@ class Request:
 
     __slots__ = ()
     METHOD: ClassVar[MasterMethod]
+    #: ``METHOD.value``, a plain class attribute (the enum's ``value`` is a
+    #: descriptor call, paid on every request by the master and the client)
+    NAME: ClassVar[str] = ""
     #: the type of the answer (``_master_reply_msgs.py``); None for a one-way message
     REPLY: ClassVar[Any] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        method = cls.__dict__.get("METHOD")
+        if method is not None:
+            cls.NAME = method.value
 
     def params(self) -> dict[str, Any]:
         raise NotImplementedError

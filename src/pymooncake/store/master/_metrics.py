@@ -187,9 +187,9 @@ class MasterStats:
         keys = getattr(req, "keys", ())
         items = len(keys)
         failed = failed_of(req, value) if code == 0 else items
-        row = self.batches.get(req.METHOD.value)
+        row = self.batches.get(req.NAME)
         if row is None:
-            row = self.batches[req.METHOD.value] = [0, 0, 0, 0]
+            row = self.batches[req.NAME] = [0, 0, 0, 0]
         row[0] += items
         row[1] += failed
         if code:
