@@ -1,0 +1,145 @@
+"""A single call's own first attempt (``MasterClient._call_one``) against a scripted
+master on a real socket: a pooled connection that breaks is retried with the same
+request id on a new one, and a silent master is reported within the RPC timeout.
+
+The scripted master is a thread that decodes the real frames and answers (or
+closes, or stays silent) as each test asks; it records every request it read.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from pymooncake.errors import RpcTimeout
+from pymooncake.store._master_client import MasterClient
+from pymooncake.wire import MasterFrameDecoder, MasterRequest, encode_reply
+from pymooncake.wire import _master_msgs as msg
+from pymooncake.wire._master_reply_msgs import ExistKeyReply, RemoveReply
+
+#: what the script does with a request: "answer", "close" or "ignore"
+Script = Callable[["Seen"], str]
+
+
+@dataclass(frozen=True)
+class Seen:
+    conn: int  # which accepted connection (0, 1, ...)
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass
+class ScriptedMaster:
+    script: Script
+    seen: list[Seen] = field(default_factory=list)
+    port: int = 0
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def serve(self, listener: socket.socket) -> None:
+        conns = 0
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return  # the test closed the listener
+            thread = threading.Thread(target=self._conn, args=(sock, conns), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+            conns += 1
+
+    def _conn(self, sock: socket.socket, index: int) -> None:
+        decoder = MasterFrameDecoder()
+        with sock:
+            while True:
+                data = sock.recv(1 << 16)
+                if not data:
+                    return
+                decoder.feed(data)
+                while isinstance(frame := decoder.next_frame(), MasterRequest):
+                    seen = Seen(index, frame.method.value, dict(frame.params))
+                    self.seen.append(seen)
+                    action = self.script(seen)
+                    if action == "close":
+                        return
+                    if action == "answer":
+                        value = True if frame.method is msg.MasterMethod.EXIST_KEY else None
+                        sock.sendall(encode_reply(frame.id, 0, value))
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[Script], ScriptedMaster]]:
+    started: list[tuple[socket.socket, threading.Thread, ScriptedMaster]] = []
+
+    def start(script: Script) -> ScriptedMaster:
+        listener = socket.create_server(("127.0.0.1", 0))
+        master = ScriptedMaster(script, port=listener.getsockname()[1])
+        thread = threading.Thread(target=master.serve, args=(listener,), daemon=True)
+        thread.start()
+        started.append((listener, thread, master))
+        return master
+
+    yield start
+    for listener, thread, master in started:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        listener.close()
+        thread.join(5)
+        for conn in master.threads:  # each ends when the client has closed its side
+            conn.join(5)
+
+
+def _client(master: ScriptedMaster, timeout_s: float = 5.0) -> MasterClient:
+    # TCP (no same-host UNIX socket) and the default GIL-holding wait: the single
+    # call's own attempt runs only on a pooled connection with a held socket
+    return MasterClient(f"127.0.0.1:{master.port}", timeout_s=timeout_s, same_host_rpc=False)
+
+
+def test_a_pooled_connection_that_breaks_is_retried_with_the_same_request_id(
+    scripted: Callable[[Script], ScriptedMaster],
+) -> None:
+    def script(seen: Seen) -> str:
+        # the master reads the removal on the first connection, then that
+        # connection breaks before any answer: it may or may not have acted
+        return "close" if seen.method == "Remove" and seen.conn == 0 else "answer"
+
+    master = scripted(script)
+    client = _client(master)
+    try:
+        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)  # pools connection 0
+        reply = client.call(msg.Remove("k", client_id="client-a"))
+    finally:
+        client.close()
+    assert reply == RemoveReply()
+    removes = [s for s in master.seen if s.method == "Remove"]
+    assert [s.conn for s in removes] == [0, 1]
+    assert removes[0].params["rid"] > 0
+    assert removes[1].params["rid"] == removes[0].params["rid"]  # answered from the cache
+    assert client.retries == 1
+
+
+def test_a_silent_master_is_reported_and_its_connection_not_reused(
+    scripted: Callable[[Script], ScriptedMaster],
+) -> None:
+    answered = threading.Event()
+
+    def script(seen: Seen) -> str:
+        if answered.is_set():
+            return "ignore" if seen.conn == 0 else "answer"
+        answered.set()
+        return "answer"
+
+    master = scripted(script)
+    client = _client(master, timeout_s=0.3)
+    try:
+        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)
+        with pytest.raises(RpcTimeout, match=r"did not answer ExistKey within 0\.3 s"):
+            client.call(msg.ExistKey("k"))
+        # the silent connection was closed: the next call opens another one
+        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)
+    finally:
+        client.close()
+    assert [s.conn for s in master.seen] == [0, 0, 1]
