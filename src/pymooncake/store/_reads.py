@@ -36,6 +36,28 @@ _DISK_MARKERS = frozenset((LOCAL_DISK_SEGMENT, DISK_SEGMENT))
 _INT = frozenset({int})
 
 
+def _fit(key: str, parts: Parts, size: int) -> Parts | StoreError:
+    """The first ``size`` bytes of destination ``parts`` (filled in order), or the
+    error when they hold less."""
+    if len(parts) == 1 and len(parts[0]) >= size:  # one destination, large enough
+        return parts if len(parts[0]) == size else [parts[0][:size]]
+    room = sum(len(p) for p in parts)
+    if room < size:
+        return store_error(
+            int(ErrorCode.INVALID_PARAMS),
+            f"{key!r} is {size} bytes but the destination holds only {room}",
+        )
+    out: list[Part] = []
+    left = size
+    for p in parts:
+        take = min(len(p), left)
+        out.append(p[:take])
+        left -= take
+        if not left:
+            break
+    return out
+
+
 class ReadOps(ClientIO):
     """get / get_many / get_into / get_many_into / get_buffer / locate / read_ranges."""
 
@@ -399,19 +421,8 @@ class ReadOps(ClientIO):
         Returns the object size.  Raises InvalidParams if the destination is
         smaller than the object.
         """
-        part = self._dest_part(buffer, size)
-
-        def dest(i: int, size: int) -> Parts | StoreError:  # (one part: no parts list to plan)
-            if len(part) == size:
-                return [part]
-            if len(part) > size:
-                return [part[:size]]
-            return store_error(
-                int(ErrorCode.INVALID_PARAMS),
-                f"{key!r} is {size} bytes but the destination holds only {len(part)}",
-            )
-
-        (res,) = self._read_batch([key], dest, "get_into")
+        parts = [self._dest_part(buffer, size)]  # (one part: no parts list to plan)
+        (res,) = self._read_batch([key], lambda i, size: _fit(key, parts, size), "get_into")
         if isinstance(res, StoreError):
             raise res
         return res
@@ -440,27 +451,7 @@ class ReadOps(ClientIO):
             lambda p: p if isinstance(p, (memoryview, DeviceSpan)) else self._dest_part(p, None),
         )
 
-        def dest(i: int, size: int) -> Parts | StoreError:
-            ps = parts[i]
-            if len(ps) == 1 and len(ps[0]) >= size:  # one destination, large enough
-                return ps if len(ps[0]) == size else [ps[0][:size]]
-            room = sum(len(p) for p in ps)
-            if room < size:
-                return store_error(
-                    int(ErrorCode.INVALID_PARAMS),
-                    f"{keys[i]!r} is {size} bytes but the destination holds only {room}",
-                )
-            out: list[Part] = []
-            left = size
-            for p in parts[i]:
-                take = min(len(p), left)
-                out.append(p[:take])
-                left -= take
-                if not left:
-                    break
-            return out
-
-        return self._read_batch(keys, dest, op)
+        return self._read_batch(keys, lambda i, size: _fit(keys[i], parts[i], size), op)
 
     def get_many_alloc(
         self, keys: Sequence[str], alloc: Callable[[int, int], Any]

@@ -201,29 +201,18 @@ class Reply:
         return tuple(items)
 
     @classmethod
-    def _replica(cls, value: Any, what: str) -> ReplicaWire:
-        r = cls._list(value, what, 6)
-        rid, endpoint, address, size, status, segment_id = r
-        if not (
-            type(rid) is int
-            and type(endpoint) is str
-            and type(address) is int
-            and type(size) is int
-            and type(status) is int
-            and type(segment_id) is str
-        ):
-            cls._bad(what, "is not [id, endpoint, address, size, status, segment id]", value)
-        return (rid, endpoint, address, size, status, segment_id)
+    def _replica(cls, value: Any, what: str, index: int | None = None) -> ReplicaWire:
+        """One replica in wire form; ``what`` (``what[index]`` with an index) names
+        it in the error, formatted only then."""
+        if type(value) is list and len(value) == 6 and tuple(map(type, value)) == _REPLICA_TYPES:
+            return (value[0], value[1], value[2], value[3], value[4], value[5])
+        name = what if index is None else f"{what}[{index}]"
+        cls._list(value, name, 6)
+        cls._bad(name, "is not [id, endpoint, address, size, status, segment id]", value)
 
     @classmethod
     def _replicas(cls, value: Any, what: str) -> tuple[ReplicaWire, ...]:
-        out: list[ReplicaWire] = []
-        for i, r in enumerate(cls._list(value, what)):
-            if type(r) is list and len(r) == 6 and tuple(map(type, r)) == _REPLICA_TYPES:
-                out.append((r[0], r[1], r[2], r[3], r[4], r[5]))
-            else:  # (its name is formatted only for the error)
-                out.append(cls._replica(r, f"{what}[{i}]"))
-        return tuple(out)
+        return tuple([cls._replica(r, what, i) for i, r in enumerate(cls._list(value, what))])
 
     @classmethod
     def _uuid(cls, value: Any, what: str) -> tuple[int, int]:

@@ -816,11 +816,9 @@ class MasterService:
         """Run one (non-scan) request against the state; returns (code, value or message)."""
         name = req.NAME
         self._count(name)
-        kept = isinstance(req, msg.Mutation) and req.rid  # (answered from the reply cache)
-        if kept:
-            hit = self.cached(req)
-            if hit is not None:
-                return hit
+        hit = self.cached(req)
+        if hit is not None:
+            return hit
         try:
             # the typed reply (wire/_master_reply_msgs.py) as the JSON value it sends
             code, value = 0, self._handlers[type(req)](req, self._clock()).to_wire()
@@ -837,8 +835,7 @@ class MasterService:
             code = int(ErrorCode.INTERNAL_ERROR)
             value = f"internal error of the master handling {name}: {exc!r} (see the master log)"
         self.stats.record(req, code, value)
-        if kept:
-            self.remember(req, code, value)
+        self.remember(req, code, value)
         if self.state.debt_raised:
             self._housekeep_soon()
         return code, value
