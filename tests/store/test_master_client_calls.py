@@ -1,6 +1,10 @@
 """A single call's own first attempt (``MasterClient._call_one``) against a scripted
 master on a real socket: a pooled connection that breaks is retried with the same
 request id on a new one, and a silent master is reported within the RPC timeout.
+With HA (a real etcd names the leader): a master that no longer leads hands the
+call to the new leader with the same request id, a slow leader is waited for on
+the same connection (the request is not sent twice), and a silent one that is
+replaced meanwhile hands the call on.
 
 The scripted master is a thread that decodes the real frames and answers (or
 closes, or stays silent) as each test asks; it records every request it read.
@@ -10,20 +14,29 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from pymooncake.errors import RpcTimeout
+from pymooncake._etcd import EtcdClient
+from pymooncake.errors import RpcTimeout, StoreError
+from pymooncake.store import _master_client
 from pymooncake.store._master_client import MasterClient
+from pymooncake.store._types import ErrorCode
+from pymooncake.store.master._ha import master_view_key
 from pymooncake.wire import MasterFrameDecoder, MasterRequest, encode_reply
 from pymooncake.wire import _master_msgs as msg
 from pymooncake.wire._master_reply_msgs import ExistKeyReply, RemoveReply
 
-#: what the script does with a request: "answer", "close" or "ignore"
+#: what the script does with a request: "answer", "close", "ignore", "refuse"
+#: (the code of a master that does not lead) or "slow" (answer after SLOW_S)
 Script = Callable[["Seen"], str]
+SLOW_S = 0.5
+NOT_LEADER = int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
+CLUSTER = "calls-test"
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,11 @@ class ScriptedMaster:
                     action = self.script(seen)
                     if action == "close":
                         return
-                    if action == "answer":
+                    if action == "refuse":
+                        sock.sendall(encode_reply(frame.id, NOT_LEADER, "not the leader"))
+                    if action == "slow":
+                        time.sleep(SLOW_S)
+                    if action in ("answer", "slow"):
                         value = True if frame.method is msg.MasterMethod.EXIST_KEY else None
                         sock.sendall(encode_reply(frame.id, 0, value))
 
@@ -143,3 +160,109 @@ def test_a_silent_master_is_reported_and_its_connection_not_reused(
     finally:
         client.close()
     assert [s.conn for s in master.seen] == [0, 0, 1]
+
+
+# --- with HA: the leader named in etcd -------------------------------------------------
+
+
+def _lead(etcd: EtcdClient, master: ScriptedMaster) -> None:
+    etcd.put(master_view_key(CLUSTER), f"127.0.0.1:{master.port}".encode())
+
+
+def _ha_client(etcd: EtcdClient, timeout_s: float = 5.0) -> MasterClient:
+    endpoints = ";".join(f"{e.host}:{e.port}" for e in etcd.endpoints)
+    return MasterClient(
+        f"etcd://{endpoints}", cluster_id=CLUSTER, timeout_s=timeout_s, same_host_rpc=False
+    )
+
+
+def _removes(master: ScriptedMaster) -> list[Seen]:
+    return [s for s in master.seen if s.method == "Remove"]
+
+
+def test_ha_a_master_that_no_longer_leads_hands_the_call_to_the_new_leader(
+    scripted: Callable[[Script], ScriptedMaster], etcd_client: EtcdClient
+) -> None:
+    old = scripted(lambda seen: "refuse" if seen.method == "Remove" else "answer")
+    new = scripted(lambda seen: "answer")
+    _lead(etcd_client, old)
+    client = _ha_client(etcd_client)
+    try:
+        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)  # pooled, to the old one
+        _lead(etcd_client, new)
+        assert client.call(msg.Remove("k", client_id="client-a")) == RemoveReply()
+        assert client.target == f"127.0.0.1:{new.port}"
+    finally:
+        client.close()
+    (refused,) = _removes(old)
+    (answered,) = _removes(new)
+    assert refused.params["rid"] > 0
+    assert answered.params["rid"] == refused.params["rid"]  # the same request, once acted on
+
+
+def test_ha_a_liveness_probe_gets_the_refusal_and_the_next_call_the_new_leader(
+    scripted: Callable[[Script], ScriptedMaster], etcd_client: EtcdClient
+) -> None:
+    old = scripted(lambda seen: "refuse" if seen.method == "Ping" else "answer")
+    new = scripted(lambda seen: "answer")
+    _lead(etcd_client, old)
+    client = _ha_client(etcd_client)
+    try:
+        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)
+        _lead(etcd_client, new)
+        with pytest.raises(StoreError) as refused:
+            client.call(msg.Ping("client-a"), patient=False)
+        assert refused.value.code == NOT_LEADER
+        assert [s.method for s in new.seen] == []  # not retried now ...
+        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)
+        assert [s.method for s in new.seen] == ["ExistKey"]  # ... but the next call goes there
+    finally:
+        client.close()
+
+
+def test_ha_a_slow_leader_is_waited_for_on_the_same_connection(
+    scripted: Callable[[Script], ScriptedMaster],
+    etcd_client: EtcdClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_master_client, "_HA_SLICE_S", 0.1)
+    leader = scripted(lambda seen: "slow" if seen.method == "Remove" else "answer")
+    _lead(etcd_client, leader)
+    client = _ha_client(etcd_client)
+    try:
+        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)
+        started = time.monotonic()
+        assert client.call(msg.Remove("k", client_id="client-a")) == RemoveReply()
+        assert time.monotonic() - started >= SLOW_S
+        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)
+    finally:
+        client.close()
+    # one removal, and every request on the first connection: it was kept
+    assert [(s.method, s.conn) for s in leader.seen] == [
+        ("ExistKey", 0),
+        ("Remove", 0),
+        ("ExistKey", 0),
+    ]
+
+
+def test_ha_a_silent_leader_replaced_meanwhile_hands_the_call_on(
+    scripted: Callable[[Script], ScriptedMaster],
+    etcd_client: EtcdClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_master_client, "_HA_SLICE_S", 0.1)
+    frozen = scripted(lambda seen: "ignore" if seen.method == "Remove" else "answer")
+    new = scripted(lambda seen: "answer")
+    _lead(etcd_client, frozen)
+    client = _ha_client(etcd_client)
+    switch = threading.Timer(0.3, _lead, (etcd_client, new))
+    try:
+        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)
+        switch.start()
+        assert client.call(msg.Remove("k", client_id="client-a")) == RemoveReply()
+    finally:
+        switch.join()
+        client.close()
+    (unanswered,) = _removes(frozen)
+    (answered,) = _removes(new)
+    assert answered.params["rid"] == unanswered.params["rid"]

@@ -286,7 +286,9 @@ class MasterClient:
                 f"cannot reach the master at {self.target}: {exc}. Check that mooncake_master is "
                 "running there and that master_server_addr / MOONCAKE_MASTER point at its --port"
             ) from exc
-        set_io_timeout(sock, self._timeout)
+        # with HA a wait is cut in slices (a frozen leader must not hold a call for
+        # its whole timeout: between slices the caller looks for a new leader)
+        set_io_timeout(sock, self._timeout if self._leader is None else _HA_SLICE_S)
         self.last_transport = "unix" if sock.family == socket.AF_UNIX else "tcp"
         self._ever_connected = True
         hold = 0.0 if addr[1] in IN_PROCESS_MASTER_PORTS else self._hold
@@ -474,8 +476,10 @@ class MasterClient:
         ack: int,
         patient: bool,
         idle_wait_s: float = 0.0,
+        deadline: float | None = None,
     ) -> list[MasterReply]:
-        deadline = time.monotonic() + self._timeout
+        if deadline is None:
+            deadline = time.monotonic() + self._timeout
         pause = 0.005
         attempt = 0
         down_since: float | None = None
@@ -588,17 +592,16 @@ class MasterClient:
             RpcFailed / RpcTimeout: the master is unreachable or silent.
             InvalidReply: the reply does not have the shape of ``request``'s reply.
         """
-        if self._leader is None:
-            return self._typed(request, self._call_one(request, patient, idle_wait_s))
-        (reply,) = self._run([request], patient, idle_wait_s)
-        return self._typed(request, reply)
+        return self._typed(request, self._call_one(request, patient, idle_wait_s))
 
     def _call_one(self, request: msg.Request, patient: bool, idle_wait_s: float) -> MasterReply:
-        """:meth:`_run` of one request to a master without HA, its first attempt made
-        here on a pooled connection: a single call (most of the store's calls) then
-        skips the retry loop's set-up.  Anything else -- no pooled connection, a
-        connection that broke -- continues in :meth:`_run_frames` with the same
-        request id, so the retries are the same."""
+        """:meth:`_run` of one request, its first attempt made here on a pooled
+        connection: a single call (most of the store's calls) then skips the retry
+        loop's set-up.  Anything else -- no pooled connection, a connection that
+        broke, with HA a master that no longer leads or a leader silent past its
+        slice -- continues in :meth:`_run_frames` with the same request id and
+        deadline, so the retries are the same."""
+        deadline = time.monotonic() + self._timeout
         rid = ack = 0
         if isinstance(request, msg.Mutation) and request.client_id:
             with self._lock:
@@ -617,28 +620,95 @@ class MasterClient:
             if conn is None or conn.held is None:
                 if conn is not None:
                     self._checkin(conn)
-                (reply,) = self._run_frames([request], [rid], ack, patient, idle_wait_s)
+                (reply,) = self._run_frames([request], [rid], ack, patient, idle_wait_s, deadline)
             else:
                 ident = next(self._ids)
                 try:
                     conn.held.sendall(encode_request(ident, request, rid=rid, ack=ack))
                     (reply,) = self._receive(conn, [ident])
                 except (BlockingIOError, TimeoutError) as exc:
-                    conn.sock.close()
-                    self.epoch += 1
-                    raise self._silent(request) from exc
+                    if self._leader is None:
+                        conn.sock.close()
+                        self.epoch += 1
+                        raise self._silent(request) from exc
+                    reply = self._ha_resume(conn, ident, request, rid, ack, patient, deadline)
                 except (OSError, MalformedMessage):
                     self._discard(conn, True)
                     self.retries += 1
-                    (reply,) = self._run_frames([request], [rid], ack, patient, idle_wait_s)
+                    (reply,) = self._run_frames(
+                        [request], [rid], ack, patient, idle_wait_s, deadline
+                    )
                 else:
-                    self._checkin(conn)
+                    if reply.code == _NOT_LEADER and self._leader is not None:
+                        reply = self._not_leader(conn, reply, request, rid, ack, patient, deadline)
+                    else:
+                        self._checkin(conn)
         finally:
             if rid:
                 with self._lock:
                     self._outstanding.discard(rid)
         if pair is not None:
             pair[1].observe((time.perf_counter_ns() - started) // 1000)
+        return reply
+
+    def _ha_resume(
+        self,
+        conn: _Conn,
+        ident: int,
+        request: msg.Request,
+        rid: int,
+        ack: int,
+        patient: bool,
+        deadline: float,
+    ) -> MasterReply:
+        """HA: the leader did not answer within a slice.  Keep waiting on this
+        connection while it is still the leader and time is left (as
+        :meth:`_run_frames` does; a slow request is not sent twice), else go on
+        in :meth:`_run_frames` (it finds the new leader) with the same request id."""
+
+        def ha_wait() -> bool:
+            return time.monotonic() + _HA_SLICE_S < deadline and not self._find_leader()
+
+        if ha_wait():
+            try:
+                (reply,) = self._receive(conn, [ident], ha_wait)
+            except (OSError, MalformedMessage):  # timeouts included
+                pass
+            else:
+                if reply.code != _NOT_LEADER:
+                    self._checkin(conn)
+                    return reply
+                return self._not_leader(conn, reply, request, rid, ack, patient, deadline)
+        conn.sock.close()
+        self.epoch += 1
+        if time.monotonic() >= deadline:
+            raise self._silent(request)
+        self.retries += 1
+        self._find_leader()
+        (reply,) = self._run_frames([request], [rid], ack, patient, 0.0, deadline)
+        return reply
+
+    def _not_leader(
+        self,
+        conn: _Conn,
+        refusal: MasterReply,
+        request: msg.Request,
+        rid: int,
+        ack: int,
+        patient: bool,
+        deadline: float,
+    ) -> MasterReply:
+        """HA: the master answering on ``conn`` no longer leads (``refusal``).  The
+        connection is closed (it leads to a master that refuses) and the leader looked
+        up again; a patient call goes on in :meth:`_run_frames` with the same request
+        id, a liveness probe returns the refusal (as :meth:`_run_frames` does)."""
+        conn.sock.close()
+        self.epoch += 1
+        self._find_leader()
+        if not patient or time.monotonic() >= deadline:
+            return refusal
+        self.retries += 1
+        (reply,) = self._run_frames([request], [rid], ack, patient, 0.0, deadline)
         return reply
 
     def _silent(self, request: msg.Request) -> RpcTimeout:
