@@ -141,6 +141,72 @@ def test_a_standby_that_cannot_confirm_makes_the_leader_wait_for_it(
         assert client.get("plain") == _value("plain", 4096)
 
 
+def test_lazily_confirmed_puts_survive_though_the_standby_never_answered(
+    held_back: HaMasters,
+) -> None:
+    """Commits of reserved buffers are confirmed lazily: the client posts the
+    confirmation and waits for the leader only.  With the standby frozen (it reads
+    and answers nothing) the puts are still acknowledged at once; the leader then
+    dies with their commits held back.  The standby reads the confirmations from
+    its socket when it runs again, before it takes over, and commits them."""
+    leader = held_back.leader()
+    with _client(held_back) as client:
+        assert client.confirms.lazy
+        standby_rpc = _knows_standby(client, held_back)
+        standby = next(m for m in held_back.masters if m.rpc == standby_rpc)
+        for i in range(40):  # buffers reserved ahead (each reservation needs the standby)
+            assert client.put(f"warm-{i}", _value(f"warm-{i}", 4096)) is True
+        sent = _count_requests(client)
+        keys = [f"frozen-{i}" for i in range(10)]
+        standby.node.proc.send_signal(signal.SIGSTOP)
+        try:
+            for k in keys:
+                started = time.monotonic()
+                assert client.put(k, _value(k, 4096)) is True
+                assert time.monotonic() - started < 1.0  # nobody waited for the standby
+            assert sent["CommitSlot"] == len(keys)
+            assert "ReserveSlots" not in sent and "PutEnd" not in sent
+            leader.node.kill(signal.SIGKILL)
+        finally:
+            standby.node.proc.send_signal(signal.SIGCONT)
+        new, _waited = held_back.new_leader(leader)
+        assert new is standby
+        found = new.node.wait_for(r"HA: committed (\d+) put\(s\) the previous leader ended")
+        assert int(found.group(1)) >= len(keys)
+        for k in keys:
+            assert client.get(k) == _value(k, 4096), k
+        assert client.confirms.fallback_keys == 0
+
+
+def test_a_lazy_confirmation_nobody_vouches_for_is_committed_again_at_the_leader(
+    held_back: HaMasters,
+) -> None:
+    """The client also confirms to a master that is no standby (the leader itself,
+    as after a stale heartbeat): its answer, read later, says it cannot vouch; the
+    client then commits the key again plainly, which the leader answers once the
+    standby has the commit -- so the put survives the leader's death even though
+    its commit is held back."""
+    leader = held_back.leader()
+    with _client(held_back) as client:
+        standby = _knows_standby(client, held_back)
+        client.confirms.update = lambda standbys: None  # type: ignore[method-assign]
+        assert client.put("warm", _value("warm", 4096)) is True  # buffers reserved
+        client.confirms.standbys = (standby, leader.rpc)
+        sent = _count_requests(client)
+        assert client.put("odd", _value("odd", 4096)) is True
+        assert sent["CommitSlot"] == 1
+        deadline = time.monotonic() + 10
+        while client.confirms.fallback_keys == 0:  # the leader answers on its tick
+            assert time.monotonic() < deadline, "the leader's answer never came"
+            time.sleep(0.05)
+            client.confirms.settle(client.master)
+        assert client.confirms.fallback_keys == 1
+        assert sent["CommitSlot"] == 2  # the plain one, after the put was acknowledged
+        leader.node.kill(signal.SIGKILL)
+        held_back.new_leader(leader)
+        assert client.get("odd") == _value("odd", 4096)
+
+
 @contextlib.contextmanager
 def _frozen_standby_setup(
     etcd_cluster: EtcdCluster, sync_timeout_ms: int

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from pymooncake._etcd import EtcdClient
-from pymooncake.errors import RpcTimeout, StoreError
+from pymooncake.errors import RpcFailed, RpcTimeout, StoreError
 from pymooncake.store import _master_client
 from pymooncake.store._master_client import MasterClient
 from pymooncake.store._types import ErrorCode
@@ -160,6 +160,65 @@ def test_a_silent_master_is_reported_and_its_connection_not_reused(
     finally:
         client.close()
     assert [s.conn for s in master.seen] == [0, 0, 1]
+
+
+# --- a link: requests posted without waiting --------------------------------------
+
+
+def _eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_link_posts_without_waiting_and_reads_the_answers_that_arrived(
+    scripted: Callable[[Script], ScriptedMaster],
+) -> None:
+    release = threading.Event()
+
+    def script(seen: Seen) -> str:
+        release.wait(5)  # nothing is answered until the test says so
+        return "answer"
+
+    master = scripted(script)
+    client = _client(master)
+    link = client.link()
+    try:
+        requests = [msg.ExistKey(f"k{i}") for i in range(3)]
+        for r in requests:
+            link.post(r)  # returns at once: the master answers nothing yet
+        assert link.answers() == [] and link.outstanding == 3
+        release.set()
+        got: list[tuple[Any, Any]] = []
+        _eventually(lambda: bool(got.extend(link.answers())) or len(got) == 3)
+        assert got == [(r, ExistKeyReply(True)) for r in requests]  # in order, typed
+        assert link.outstanding == 0
+    finally:
+        link.close()
+        client.close()
+
+
+def test_a_link_that_breaks_ends_what_it_had_posted_with_rpc_failed(
+    scripted: Callable[[Script], ScriptedMaster],
+) -> None:
+    master = scripted(lambda seen: "answer" if seen.params["key"] == "first" else "close")
+    client = _client(master)
+    link = client.link()
+    try:
+        link.post(msg.ExistKey("first"))
+        link.post(msg.ExistKey("second"))  # the master closes the link on reading it
+        got: list[tuple[Any, Any]] = []
+        _eventually(lambda: bool(got.extend(link.answers())) or len(got) == 2)
+        assert got[0] == (msg.ExistKey("first"), ExistKeyReply(True))
+        assert got[1][0] == msg.ExistKey("second")
+        assert isinstance(got[1][1], RpcFailed)
+        assert not link.open
+        with pytest.raises(RpcFailed, match=r"link to the master .* is closed"):
+            link.post(msg.ExistKey("third"))
+    finally:
+        link.close()
+        client.close()
 
 
 # --- with HA: the leader named in etcd -------------------------------------------------

@@ -632,3 +632,9 @@ def test_ha_confirm_request() -> None:
     _refused(M.HA_CONFIRM, {"client_id": "", "keys": ["a"]}, "client_id must not be empty")
     _refused(M.HA_CONFIRM, {"client_id": "c", "keys": "a"}, "keys")
     _refused(M.HA_CONFIRM, {"client_id": "c", "keys": [""]}, "empty key")
+    lazy = msg.HaConfirm("c", ("a",), ("slot-1",), lazy=True)
+    assert lazy.params() == {"client_id": "c", "keys": ["a"], "slots": ["slot-1"], "lazy": True}
+    assert decode_request(M.HA_CONFIRM, lazy.params()) == lazy
+    base = {"client_id": "c", "keys": ["a"]}
+    _refused(M.HA_CONFIRM, {**base, "slots": ["slot-1"], "lazy": 1}, "lazy must be true or false")
+    _refused(M.HA_CONFIRM, {**base, "lazy": True}, "lazy is only for commits of buffers")

@@ -373,6 +373,7 @@ class StoreClient(WriteOps, ReadOps):
                     self.engine.republish()
                 self._master_instance = instance
                 self.confirms.update(res.standbys)
+                self.confirms.settle(self.master)
                 self._ping_ok = True
                 self._sweep_slots()
                 if res.status == ClientStatus.NEED_REMOUNT:

@@ -32,9 +32,11 @@ timeout is reported (RpcTimeout) and not retried.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -746,6 +748,16 @@ class MasterClient:
             for q, r in zip(requests, self._run(requests), strict=True)
         ]
 
+    def link(self) -> MasterLink:
+        """A connection of its own (not pooled) for requests posted without waiting
+        for their answers (see :class:`MasterLink`); the caller closes it.
+
+        Raises:
+            RpcFailed: the master cannot be reached.
+        """
+        conn, _ = self._checkout()
+        return MasterLink(self, conn)
+
     def send(self, request: msg.Request) -> Callable[[], Any]:
         """Send ``request`` now; the returned function reads its typed reply (call
         it exactly once).  Lets a caller keep two masters working in parallel (a
@@ -809,6 +821,107 @@ class MasterClient:
             c.sock.close()
         if self._leader is not None:
             self._leader.close()
+
+
+class MasterLink:
+    """One connection of its own to a master for requests whose answers nobody
+    waits for (``MasterClient.link``): :meth:`post` sends at once, :meth:`answers`
+    reads whatever answers have arrived, without waiting.  Not thread-safe (the
+    caller serialises)."""
+
+    def __init__(self, client: MasterClient, conn: _Conn) -> None:
+        self._client = client
+        self._conn: _Conn | None = conn
+        self._ids = itertools.count(1)
+        #: requests posted and not answered yet, in order: (frame id, request)
+        self._posted: collections.deque[tuple[int, msg.Request]] = collections.deque()
+
+    @property
+    def open(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._posted)
+
+    def post(self, request: msg.Request) -> None:
+        """Send ``request`` (what the socket buffer does not take at once is sent
+        with the socket's timeout).
+
+        Raises:
+            RpcFailed: the link is closed or broke (it is closed then).
+        """
+        conn = self._conn
+        if conn is None:
+            raise RpcFailed(f"the link to the master at {self._client.target} is closed")
+        ident = next(self._ids)
+        try:
+            MasterClient._send(conn, encode_request(ident, request))
+        except OSError as exc:
+            self.close()
+            raise RpcFailed(
+                f"RPC {request.METHOD.value} to the master at {self._client.target} failed: {exc}"
+            ) from exc
+        self._posted.append((ident, request))
+
+    def answers(self) -> list[tuple[msg.Request, Any]]:
+        """(request, typed reply or the exception it ended with) for each answer
+        that has arrived, in order.  A link that broke or was closed ends every
+        request still posted with RpcFailed (the master may or may not have read
+        them)."""
+        conn = self._conn
+        if not self._posted:
+            return []
+        if conn is None:  # closed (or broken) with requests posted
+            failed = RpcFailed(f"the link to the master at {self._client.target} was closed")
+            closed: list[tuple[msg.Request, Any]] = [(r, failed) for _, r in self._posted]
+            self._posted.clear()
+            return closed
+        failure: MooncakeError | None = None
+        sock = conn.sock
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            while True:
+                data = sock.recv(1 << 16)
+                if not data:
+                    failure = RpcFailed(f"the master at {self._client.target} closed the link")
+                    break
+                conn.decoder.feed(data)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            pass
+        except OSError as exc:
+            failure = RpcFailed(f"the link to the master at {self._client.target} broke: {exc}")
+        finally:
+            if self._conn is not None:
+                sock.settimeout(timeout)
+        out: list[tuple[msg.Request, Any]] = []
+        try:
+            while self._posted and conn.decoder.buffered:
+                frame = conn.decoder.next_frame()
+                if type(frame) is not MasterReply:
+                    if isinstance(frame, MasterRequest):
+                        raise MalformedMessage("the master sent a request frame")
+                    break
+                ident, request = self._posted.popleft()
+                if frame.id != ident:
+                    raise MalformedMessage(f"reply {frame.id} does not match request {ident}")
+                try:
+                    out.append((request, self._client._typed(request, frame)))
+                except MooncakeError as exc:
+                    out.append((request, exc))
+        except MalformedMessage as exc:
+            failure = RpcFailed(f"the master at {self._client.target} answered garbage: {exc}")
+        if failure is not None:
+            out += [(request, failure) for _, request in self._posted]
+            self._posted.clear()
+            self.close()
+        return out
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.sock.close()
 
 
 def _decode(request: msg.Request, value: Any) -> Any:

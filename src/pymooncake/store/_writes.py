@@ -288,10 +288,10 @@ class WriteOps(ClientIO):
         except StoreError as exc:
             code = exc.code
             if code == ErrorCode.OBJECT_ALREADY_EXISTS:
-                self._revoke_later(pools.give_back(size, params, slot, epoch))
+                self._reuse_refused(size, params, slot, epoch)
                 return False  # readable: the key is immutable (reference semantics)
             if code == ErrorCode.REPLICA_IS_NOT_READY:
-                self._revoke_later(pools.give_back(size, params, slot, epoch))
+                self._reuse_refused(size, params, slot, epoch)
                 return None  # the ordinary path waits for that put
             if code == ErrorCode.OBJECT_NOT_FOUND:
                 self._revoke_later(pools.clear())  # the master lost what it held
@@ -299,7 +299,7 @@ class WriteOps(ClientIO):
             if isinstance(exc, RpcFailed):  # committed or not: revoking is harmless
                 self._revoke_later([slot.name])
             else:
-                self._revoke_later(pools.give_back(size, params, slot, epoch))
+                self._reuse_refused(size, params, slot, epoch)
             return exc
         if self.fsdir:
             self._write_shared([key], [parts], [size], [0])
@@ -410,7 +410,7 @@ class WriteOps(ClientIO):
             if code == ErrorCode.OBJECT_NOT_FOUND:
                 lost = True  # the master lost what it held: the ordinary path
                 continue
-            self._revoke_later(pools.give_back(sizes[i], params, slots[i], epoch))
+            self._reuse_refused(sizes[i], params, slots[i], epoch)
             if code == ErrorCode.OBJECT_ALREADY_EXISTS:
                 results[i] = False  # readable: the key is immutable (reference semantics)
             elif code != ErrorCode.REPLICA_IS_NOT_READY:  # not-ready: the ordinary path waits
@@ -439,6 +439,19 @@ class WriteOps(ClientIO):
             for i, r in zip(rest, sub, strict=True):
                 results[i] = r
         return results  # type: ignore[return-value]
+
+    def _reuse_refused(
+        self, size: int, params: msg.ReplicateParams, slot: Slot, epoch: object
+    ) -> None:
+        """The leader refused to commit ``slot`` (the key exists, or is being
+        written): pool it for the next put -- but with HA revoke it instead: a
+        standby may remember this client's confirmation of it under the refused
+        key, and would commit the buffer's next contents under that key if it
+        took over before the confirmation expired."""
+        if self.confirms.standbys:
+            self._revoke_later([slot.name])
+        else:
+            self._revoke_later(self.slots.give_back(size, params, slot, epoch))
 
     def _reserve(
         self, size: int, params: msg.ReplicateParams, epoch: object, need: int = 1

@@ -1087,17 +1087,23 @@ class HaConfirm(Request):
     leader need not wait for its acknowledgement (``PutEnd.confirmed``).  Sent
     to standbys; answered by any master (a leader knows nothing to confirm).
     ``slots`` (empty, or one per key): the puts were written into these buffers
-    reserved ahead and are committed under ``keys`` (``CommitSlot.confirmed``)."""
+    reserved ahead and are committed under ``keys`` (``CommitSlot.confirmed``).
+    ``lazy``: the client does not wait for the answer (commits of buffers reserved
+    ahead, ``store/_ha_confirm.py``); the standby then reads that connection only
+    when its stream brings a frame, and before it takes over as the leader."""
 
     METHOD: ClassVar = MasterMethod.HA_CONFIRM
     client_id: str
     keys: tuple[str, ...]
     slots: tuple[str, ...] = ()
+    lazy: bool = False
 
     def params(self) -> dict[str, Any]:
-        out = {"client_id": self.client_id, "keys": list(self.keys)}
+        out: dict[str, Any] = {"client_id": self.client_id, "keys": list(self.keys)}
         if self.slots:
             out["slots"] = list(self.slots)
+        if self.lazy:
+            out["lazy"] = True
         return out
 
     @classmethod
@@ -1105,7 +1111,10 @@ class HaConfirm(Request):
         keys = _keys(_field(p, "keys"))
         raw = p.get("slots")
         slots = () if raw is None else _slot_names(raw, len(keys))
-        return cls(_text(_field(p, "client_id"), "client_id", empty=False), keys, slots)
+        lazy = _bool(p.get("lazy", False), "lazy")
+        if lazy and not slots:
+            raise _bad("lazy", "is only for commits of buffers reserved ahead (slots)", lazy)
+        return cls(_text(_field(p, "client_id"), "client_id", empty=False), keys, slots, lazy)
 
 
 def _uuid(value: Any, what: str) -> tuple[int, int]:

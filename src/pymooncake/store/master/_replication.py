@@ -437,6 +437,9 @@ class Follower:
         self.heard = 0.0
         #: the current connection to the leader got in sync (see :meth:`run`)
         self._in_sync_once = False
+        #: called after each read of the stream was applied (the service reads
+        #: the confirmations clients posted without waiting then)
+        self.on_frame: Callable[[], None] | None = None
 
     def silent_for(self, now: float) -> float | None:
         """Seconds since the leader's stream last brought anything (it sends at
@@ -589,6 +592,8 @@ class Follower:
                     if not isinstance(frame, MasterReply):
                         if self._waiters:
                             self._applied()
+                        if self.on_frame is not None:
+                            self.on_frame()
                         return
                     if frame.code == _NOT_LEADER:
                         raise _NoLongerLeader(f"the leader refused to stream: {frame.value}")

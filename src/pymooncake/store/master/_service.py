@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import re
 import resource
+import select
 import socket
 import time
 from collections import deque
@@ -260,6 +262,11 @@ class MasterService:
         self.evicted_connections = 0
         #: connections paused because the buffered-bytes budget was spent
         self.memory_paused: set[_RpcProtocol] = set()
+        #: HA: connections of clients that post confirmations without waiting, by
+        #: file descriptor, and a poll object over them (one system call finds
+        #: those with bytes, however many clients there are)
+        self.lazy: dict[int, _RpcProtocol] = {}
+        self._lazy_poll = select.poll()
         # one read buffer for every connection: reads happen one at a time on the
         # loop, and each is copied into its connection's decoder at once
         self._read_buffer = memoryview(bytearray(READ_CHUNK))
@@ -465,6 +472,8 @@ class MasterService:
                     self.hub.check(mono)
                     self.hub.heartbeat(mono)
                     now = self._clock()
+                if self.lazy:  # answered while no stream frame comes (or posted here
+                    self.drain_lazy()  # by a client that still takes us for a standby)
                 self.stats.sample(self.state)
                 self.replies.prune(now)
                 mono = time.monotonic()
@@ -597,6 +606,24 @@ class MasterService:
             return req.keys
         return follower.confirm(req.client_id, req.keys, self._clock(), req.slots)
 
+    def drain_lazy(self) -> None:
+        """Process the confirmations clients posted without waiting (their
+        connections are not read when bytes arrive, see ``_RpcProtocol._go_lazy``):
+        after each frame of the leader's stream, on each tick, and before this
+        master takes over as the leader."""
+        for fd, _ in self._lazy_poll.poll(0):
+            conn = self.lazy.get(fd)
+            if conn is not None:
+                conn.drain()
+
+    def add_lazy(self, fd: int, conn: _RpcProtocol) -> None:
+        self.lazy[fd] = conn
+        self._lazy_poll.register(fd, select.POLLIN)
+
+    def drop_lazy(self, fd: int) -> None:
+        if self.lazy.pop(fd, None) is not None:
+            self._lazy_poll.unregister(fd)
+
     def may_confirm(self) -> bool:
         """A standby following a leader (its stream may bring what a confirmation
         lacks)."""
@@ -682,6 +709,7 @@ class MasterService:
         if self._follow_task is not None:
             self._follow_task.cancel()
         self._follower = Follower(self.config, self.ha.advertise, self.security, clock=self._clock)
+        self._follower.on_frame = self.drain_lazy
         self._follow_task = asyncio.ensure_future(
             self._follower.run(leader, view, self._install, self._leader_gone)
         )
@@ -702,6 +730,9 @@ class MasterService:
         self._spawn(asyncio.to_thread(revoke))
 
     def _become_leader(self, view: int, keep: Any) -> None:
+        # the confirmations clients posted without waiting: still as a standby (a
+        # put they confirm may have been acknowledged by the previous leader)
+        self.drain_lazy()
         follower, self._follower = self._follower, None
         if self._follow_task is not None:
             self._follow_task.cancel()
@@ -1029,6 +1060,8 @@ _ENDS: Final = (msg.PutEnd, msg.BatchPutEnd, msg.CommitSlot, msg.BatchCommitSlot
 #: stream frames, each for at most _CONFIRM_WAIT_S
 _CONFIRM_WAITS: Final = 3
 _CONFIRM_WAIT_S: Final = 0.002
+#: most bytes one read of a lazy connection takes (it is read until empty)
+_LAZY_READ: Final = 1 << 16
 
 
 class _RpcProtocol(asyncio.BufferedProtocol):
@@ -1060,12 +1093,16 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         )
         self._sniff = key is None  # no token: refuse (explain to) clients that have one
         self._busy = False  # a whole-index request is running
-        self._paused = 0  # reasons: 1 write backpressure, 2 memory, 4 busy
+        self._paused = 0  # reasons: 1 write backpressure, 2 memory, 4 busy, 8 lazy
         self._buffered = 0
         self._opened = time.monotonic()
         self._last_active = self._opened
         self._partial_since: float | None = None
         self._following = False  # a standby's stream (HA)
+        #: a client's lazy confirmations (HA): read when the stream brings a frame
+        #: (:meth:`drain`), not when they arrive
+        self.lazy = False
+        self._lazy_fd = -1
         #: replies waiting for a standby's acknowledgement: (sequence, frames)
         self._held: collections.deque[tuple[int, bytes]] = collections.deque()
         self.held_since = 0.0
@@ -1092,6 +1129,8 @@ class _RpcProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         svc = self._svc
         svc._conns.discard(self)
+        if self.lazy:
+            svc.drop_lazy(self._lazy_fd)
         svc.memory_paused.discard(self)
         svc.hub.lost(self)
         self._account(0)
@@ -1136,6 +1175,41 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         return ""
 
     # --- flow control -------------------------------------------------------------
+
+    # --- lazy confirmations (HA) ---------------------------------------------------
+
+    def _go_lazy(self) -> None:
+        """The client posts confirmations on this connection without waiting for
+        the answers: stop reading it when bytes arrive (which would wake this
+        standby once per put); :meth:`MasterService.drain_lazy` reads it when the
+        leader's stream brings a frame, on the master's tick, and before this
+        master takes over as the leader.  Not over TLS (its bytes are read by the
+        transport only): such a connection is read as any other."""
+        transport = self._transport
+        if transport is None or transport.get_extra_info("sslcontext") is not None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        self.lazy = True
+        self._lazy_fd = sock.fileno()
+        self._pause(8)
+        self._svc.add_lazy(self._lazy_fd, self)
+
+    def drain(self) -> None:
+        """Process what the client posted on this lazy connection so far."""
+        while self._transport is not None:
+            try:
+                data = os.read(self._lazy_fd, _LAZY_READ)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.abort()
+                return
+            if not data:
+                self.abort()  # the client closed it (no reader noticed: paused)
+                return
+            self.data_received(data)
 
     def _pause(self, reason: int) -> None:
         if not self._paused and self._transport is not None:
@@ -1257,8 +1331,10 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                     self._following = True
                     svc._spawn(svc.hub.follow(self, frame.id, req, svc.state))
                 elif isinstance(req, msg.HaConfirm):
+                    if req.lazy and not self.lazy:
+                        self._go_lazy()
                     missing = svc.ha_confirm(req)
-                    if missing and svc.may_confirm():
+                    if missing and svc.may_confirm() and not req.lazy:
                         # the write's reservation is likely still in the stream's
                         # socket (the leader ships it right after PutStart's reply):
                         # answer once the next frame is in
