@@ -58,6 +58,7 @@ __all__ = [
     "SpinGuard",
     "micros_from_env",
     "poll_window_from_env",
+    "polling_selector",
     "run_polling",
 ]
 
@@ -242,6 +243,15 @@ class PollingSelector(_Base):  # type: ignore[misc,valid-type]
                 ready = base_select(None if timeout is None else max(0.0, timeout - (now - start)))
             self._active = bool(ready)
         return ready
+
+
+def polling_selector(loop: asyncio.AbstractEventLoop) -> PollingSelector | None:
+    """The :class:`PollingSelector` of ``loop`` (made by :func:`run_polling`), or
+    None: its owner may change ``window_s`` (an HA standby does not poll: nothing
+    it answers is waited for, and its polls would take the CPU from its leader
+    and clients)."""
+    selector = getattr(loop, "_selector", None)  # asyncio.SelectorEventLoop's
+    return selector if isinstance(selector, PollingSelector) else None
 
 
 def run_polling(coro: Coroutine[Any, Any, T], window_s: float) -> T:

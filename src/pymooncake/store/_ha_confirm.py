@@ -86,6 +86,10 @@ _NOT_LEADER = int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
 #: a reserved buffer the leader does not hold (any more)
 _NOT_FOUND = int(ErrorCode.OBJECT_NOT_FOUND)
 
+#: a put reads the answers to lazy confirmations once this many are outstanding
+#: (one system call saved per put; the heartbeat reads them too)
+_ANSWERS_EVERY = 32
+
 #: the requests that end puts
 _End = msg.PutEnd | msg.BatchPutEnd | msg.CommitSlot | msg.BatchCommitSlots
 
@@ -270,7 +274,8 @@ class StandbyConfirms:
         with self._link_lock:
             link = self._links.get(address)
             if link is not None:
-                late += self._unvouched(link)
+                if link.outstanding >= _ANSWERS_EVERY:  # (else the heartbeat reads them)
+                    late += self._unvouched(link)
                 if link.open:
                     try:
                         link.post(confirm)

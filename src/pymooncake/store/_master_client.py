@@ -86,13 +86,28 @@ IN_PROCESS_MASTER_PORTS: set[int] = set()
 
 
 class _Conn:
-    __slots__ = ("addr", "decoder", "held", "sock")
+    __slots__ = ("addr", "decoder", "held", "io_timeout", "sock")
 
-    def __init__(self, sock: socket.socket, addr: tuple[str, int], held: HeldSocket | None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        addr: tuple[str, int],
+        held: HeldSocket | None,
+        io_timeout: float,
+    ) -> None:
         self.sock = sock
         self.addr = addr  # the master it was opened to (with HA: who led then)
         self.held = held
         self.decoder = MasterFrameDecoder()
+        #: the socket's kernel send/receive timeout (set_io_timeout), seconds
+        self.io_timeout = io_timeout
+
+    def timeout(self, seconds: float) -> None:
+        """Set the socket's send/receive timeout (two system calls, skipped when
+        it has that one already)."""
+        if seconds != self.io_timeout:
+            set_io_timeout(self.sock, seconds)
+            self.io_timeout = seconds
 
 
 class _LeaderView:
@@ -290,11 +305,12 @@ class MasterClient:
             ) from exc
         # with HA a wait is cut in slices (a frozen leader must not hold a call for
         # its whole timeout: between slices the caller looks for a new leader)
-        set_io_timeout(sock, self._timeout if self._leader is None else _HA_SLICE_S)
+        io_timeout = self._timeout if self._leader is None else _HA_SLICE_S
+        set_io_timeout(sock, io_timeout)
         self.last_transport = "unix" if sock.family == socket.AF_UNIX else "tcp"
         self._ever_connected = True
         hold = 0.0 if addr[1] in IN_PROCESS_MASTER_PORTS else self._hold
-        return _Conn(sock, addr, held_socket(sock, hold, self._spin)), False
+        return _Conn(sock, addr, held_socket(sock, hold, self._spin), io_timeout), False
 
     def _connect_same_host(self) -> socket.socket | None:
         """The master's abstract UNIX socket when it runs on this host (same
@@ -524,7 +540,7 @@ class MasterClient:
             if ha:
                 # a leader may be frozen or gone without closing connections: wait in
                 # short slices and look for a new leader in between
-                set_io_timeout(conn.sock, _HA_SLICE_S)
+                conn.timeout(_HA_SLICE_S)
 
                 def ha_wait() -> bool:
                     return time.monotonic() + _HA_SLICE_S < deadline and not self._find_leader()
@@ -774,7 +790,7 @@ class MasterClient:
         # caller for the whole timeout; the caller retries with call(), which follows
         # the leader), else the whole timeout
         wait_s = min(_HA_SLICE_S, self._timeout) if self._leader is not None else self._timeout
-        set_io_timeout(conn.sock, wait_s)
+        conn.timeout(wait_s)
         try:
             self._send(conn, encode_request(ident, request))
         except OSError as exc:
@@ -879,11 +895,12 @@ class MasterLink:
             return closed
         failure: MooncakeError | None = None
         sock = conn.sock
-        timeout = sock.gettimeout()
-        sock.settimeout(0.0)
+        tls = isinstance(sock, ssl.SSLSocket)  # (takes no recv flags)
+        if tls:
+            sock.settimeout(0.0)
         try:
             while True:
-                data = sock.recv(1 << 16)
+                data = sock.recv(1 << 16) if tls else sock.recv(1 << 16, socket.MSG_DONTWAIT)
                 if not data:
                     failure = RpcFailed(f"the master at {self._client.target} closed the link")
                     break
@@ -893,8 +910,8 @@ class MasterLink:
         except OSError as exc:
             failure = RpcFailed(f"the link to the master at {self._client.target} broke: {exc}")
         finally:
-            if self._conn is not None:
-                sock.settimeout(timeout)
+            if tls:
+                sock.settimeout(None)  # blocking again: the kernel timeouts apply
         out: list[tuple[msg.Request, Any]] = []
         try:
             while self._posted and conn.decoder.buffered:

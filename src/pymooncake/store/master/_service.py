@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..._authio import ClusterSecurity, HttpAuth, warn_open, warn_weak
+from ..._busypoll import PollingSelector, polling_selector
 from ..._etcd import EtcdError
 from ..._httpd import HttpServer
 from ..._logging import RepeatLimiter
@@ -278,10 +279,12 @@ class MasterService:
         self.journal = Journal(journal_path, fsync=journal_fsync) if journal_path else None
         self.replies = ReplyCache(self.limits.reply_cache_ttl_s)
         self.scanner = RegexScanner(self.limits.regex_deadline_s)
-        #: HA: "leader" (serving), "standby", "warmup" or "starting"; without HA
-        #: a master always leads
         self.ha = ha
-        self.role = "starting" if ha is not None else "leader"
+        #: the event loop's polling selector (run_polling) and its window: only a
+        #: leader polls (see the ``role`` setter)
+        self._selector: PollingSelector | None = None
+        self._poll_window = 0.0
+        self._role = "starting" if ha is not None else "leader"
         self.hub = ReplicationHub(ha_sync_timeout_s)
         self._elector: Elector | None = None
         self._keep: Any = None  # the leader's etcd KeepAlive (its deadline fences us)
@@ -300,6 +303,26 @@ class MasterService:
         self.stats = MasterStats()
 
     @property
+    def role(self) -> str:
+        """HA: "leader" (serving), "standby", "warmup" or "starting"; without HA a
+        master always leads."""
+        return self._role
+
+    @role.setter
+    def role(self, value: str) -> None:
+        self._role = value
+        self._poll_for_role()
+
+    def _poll_for_role(self) -> None:
+        """Only a leader polls for requests before it sleeps: a standby answers
+        nothing anybody waits for (its stream frames, the confirmations clients
+        post without waiting), and its polls would take the CPU from the leader
+        and the clients where they share cores."""
+        selector = self._selector
+        if selector is not None:
+            selector.window_s = self._poll_window if self._role == "leader" else 0.0
+
+    @property
     def connection_count(self) -> int:
         """Open RPC connections."""
         return len(self._conns)
@@ -314,6 +337,10 @@ class MasterService:
             PortInUse / PeerSocketError: a port cannot be bound (message names it).
         """
         self._loop = asyncio.get_running_loop()
+        self._selector = polling_selector(self._loop)
+        if self._selector is not None:
+            self._poll_window = self._selector.window_s
+            self._poll_for_role()
         if self.journal is not None:
             effects = self.journal.load()
             if effects:
