@@ -12,21 +12,26 @@ closes, or stays silent) as each test asks; it records every request it read.
 
 from __future__ import annotations
 
+import shutil
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pymooncake._authio import ClusterSecurity
 from pymooncake._etcd import EtcdClient
 from pymooncake.errors import RpcFailed, RpcTimeout, StoreError
 from pymooncake.store import _master_client
 from pymooncake.store._master_client import MasterClient
 from pymooncake.store._types import ErrorCode
 from pymooncake.store.master._ha import master_view_key
+from pymooncake.testing import make_test_pki
 from pymooncake.wire import MasterFrameDecoder, MasterRequest, encode_reply
 from pymooncake.wire import _master_msgs as msg
 from pymooncake.wire._master_reply_msgs import ExistKeyReply, RemoveReply
@@ -52,6 +57,7 @@ class ScriptedMaster:
     seen: list[Seen] = field(default_factory=list)
     port: int = 0
     threads: list[threading.Thread] = field(default_factory=list)
+    tls: ssl.SSLContext | None = None  # serve over TLS with this (server) context
 
     def serve(self, listener: socket.socket) -> None:
         conns = 0
@@ -67,6 +73,8 @@ class ScriptedMaster:
 
     def _conn(self, sock: socket.socket, index: int) -> None:
         decoder = MasterFrameDecoder()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True)
         with sock:
             while True:
                 data = sock.recv(1 << 16)
@@ -89,12 +97,12 @@ class ScriptedMaster:
 
 
 @pytest.fixture
-def scripted() -> Iterator[Callable[[Script], ScriptedMaster]]:
+def scripted() -> Iterator[Callable[..., ScriptedMaster]]:
     started: list[tuple[socket.socket, threading.Thread, ScriptedMaster]] = []
 
-    def start(script: Script) -> ScriptedMaster:
+    def start(script: Script, tls: ssl.SSLContext | None = None) -> ScriptedMaster:
         listener = socket.create_server(("127.0.0.1", 0))
-        master = ScriptedMaster(script, port=listener.getsockname()[1])
+        master = ScriptedMaster(script, port=listener.getsockname()[1], tls=tls)
         thread = threading.Thread(target=master.serve, args=(listener,), daemon=True)
         thread.start()
         started.append((listener, thread, master))
@@ -194,6 +202,33 @@ def test_a_link_posts_without_waiting_and_reads_the_answers_that_arrived(
         _eventually(lambda: bool(got.extend(link.answers())) or len(got) == 3)
         assert got == [(r, ExistKeyReply(True)) for r in requests]  # in order, typed
         assert link.outstanding == 0
+    finally:
+        link.close()
+        client.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the certificates")
+def test_a_link_over_tls_reads_the_answers_that_arrived(
+    scripted: Callable[..., ScriptedMaster], tmp_path: Path
+) -> None:
+    pki = make_test_pki(tmp_path)
+    security = ClusterSecurity(
+        tls_cert_file=str(pki.cert), tls_key_file=str(pki.key), tls_ca_file=str(pki.ca)
+    )
+    master = scripted(lambda seen: "answer", security.server_ssl_context())
+    client = MasterClient(
+        f"127.0.0.1:{master.port}", timeout_s=5.0, same_host_rpc=False, security=security
+    )
+    link = client.link()
+    try:
+        requests = [msg.ExistKey(f"k{i}") for i in range(3)]
+        for r in requests:
+            link.post(r)
+        got: list[tuple[Any, Any]] = []
+        _eventually(lambda: bool(got.extend(link.answers())) or len(got) == 3)
+        assert got == [(r, ExistKeyReply(True)) for r in requests]
+        link.post(msg.ExistKey("again"))  # the socket is blocking again after a read
+        _eventually(lambda: bool(got.extend(link.answers())) or len(got) == 4)
     finally:
         link.close()
         client.close()
