@@ -195,10 +195,7 @@ class StandbyConfirms:
             return self._end_lazily(master, keys, batch, slots)
         standbys = self.standbys
         request = self._request(keys, batch, standbys, slots)
-        try:  # the leader first: its part is the longer one
-            leader: Callable[[], Any] | None = master.send(request)
-        except MooncakeError:
-            leader = None  # not connected now: call() below reconnects, finds the leader
+        leader = self._send(master, request)  # the leader first: its part is the longer one
         finishes: list[tuple[str, Callable[[], Any]]] = []
         unsure: set[str] = set()
         for address in standbys:
@@ -230,6 +227,16 @@ class StandbyConfirms:
                 results[i] = result
         return results
 
+    @staticmethod
+    def _send(master: MasterClient, request: _End) -> Callable[[], Any] | None:
+        """One attempt at ``request`` to the leader, its answer read later; None
+        when the leader is not connected now (:meth:`_results` then calls, which
+        reconnects and finds the leader)."""
+        try:
+            return master.send(request)
+        except MooncakeError:
+            return None
+
     def _end_lazily(
         self, master: MasterClient, keys: tuple[str, ...], batch: bool, slots: tuple[str, ...]
     ) -> list[Result]:
@@ -237,10 +244,7 @@ class StandbyConfirms:
         to the standbys without waiting for the answers (module docstring)."""
         standbys = self.standbys
         request = self._request(keys, batch, standbys, slots)
-        try:  # the leader first: its part is the longer one
-            leader: Callable[[], Any] | None = master.send(request)
-        except MooncakeError:
-            leader = None  # not connected now: call() below reconnects, finds the leader
+        leader = self._send(master, request)  # the leader first: its part is the longer one
         confirm = msg.HaConfirm(self.client_id, keys, slots, lazy=True)
         unsure = False
         late: list[tuple[str, str]] = []
