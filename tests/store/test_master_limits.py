@@ -158,6 +158,47 @@ def test_connections_beyond_the_cap_do_not_lock_honest_clients_out() -> None:
                 s.close()
 
 
+def test_a_lazy_connection_is_not_evicted_to_admit_others() -> None:
+    """A connection a client posts HA confirmations on without waiting is read
+    only now and then (``_RpcProtocol._go_lazy``): bytes it holds unread may be
+    confirmations, so the connection cap never evicts it as idle."""
+    with _cluster(max_connections=20) as cluster:
+        address = cluster.master_address
+        client = MasterClient(address, timeout_s=5, same_host_rpc=False)
+        link = client.link()
+        confirm = msg.HaConfirm("client-a", ("k",), ("slot-1",), lazy=True)
+        try:
+            link.post(confirm)
+            got: list[object] = []
+            deadline = time.monotonic() + 5
+            while not got:  # this master is no standby: it answers (on its tick)
+                assert time.monotonic() < deadline, "the lazy connection was never read"
+                time.sleep(0.02)
+                got += link.answers()
+            svc = cluster.master.service
+            assert len(svc.lazy) == 1
+            hogs = [_conn(address) for _ in range(60)]
+            try:
+                time.sleep(0.2)
+                assert svc.evicted_connections > 0
+                link.post(confirm)
+                got = []
+                deadline = time.monotonic() + 5
+                while not got:
+                    assert time.monotonic() < deadline, "no answer after the hogs came"
+                    time.sleep(0.02)
+                    got += link.answers()
+                ((_request, answer),) = got
+                assert answer.missing == ("k",)  # answered, not failed: still connected
+                assert len(svc.lazy) == 1
+            finally:
+                for s in hogs:
+                    s.close()
+        finally:
+            link.close()
+            client.close()
+
+
 _MASTER_UNDER_RLIMIT = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

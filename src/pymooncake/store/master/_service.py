@@ -1176,8 +1176,9 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         return self._last_active
 
     def evictable(self) -> bool:
-        """Idle: nothing being received or answered (or still authenticating)."""
-        if self._transport is None:
+        """Idle: nothing being received or answered (or still authenticating).  A
+        lazy connection never is: bytes it holds unread may be confirmations."""
+        if self._transport is None or self.lazy:
             return False
         return self._auth is not None or (not self._busy and self._partial_since is None)
 
