@@ -178,14 +178,14 @@ def test_lazily_confirmed_puts_survive_though_the_standby_never_answered(
         assert client.confirms.fallback_keys == 0
 
 
-def test_a_lazy_confirmation_nobody_vouches_for_is_committed_again_at_the_leader(
+def test_a_lazy_confirmation_nobody_vouches_for_makes_the_client_wait_for_a_standby(
     held_back: HaMasters,
 ) -> None:
     """The client also confirms to a master that is no standby (the leader itself,
     as after a stale heartbeat): its answer, read later, says it cannot vouch; the
-    client then commits the key again plainly, which the leader answers once the
-    standby has the commit -- so the put survives the leader's death even though
-    its commit is held back."""
+    client then sends the leader a barrier (a commit it refuses once a standby has
+    everything before it, the held-back commit included), so the put survives the
+    leader's death."""
     leader = held_back.leader()
     with _client(held_back) as client:
         standby = _knows_standby(client, held_back)
@@ -201,7 +201,7 @@ def test_a_lazy_confirmation_nobody_vouches_for_is_committed_again_at_the_leader
             time.sleep(0.05)
             client.confirms.settle(client.master)
         assert client.confirms.fallback_keys == 1
-        assert sent["CommitSlot"] == 2  # the plain one, after the put was acknowledged
+        assert sent["CommitSlot"] == 2  # the barrier, after the put was acknowledged
         leader.node.kill(signal.SIGKILL)
         held_back.new_leader(leader)
         assert client.get("odd") == _value("odd", 4096)

@@ -31,10 +31,9 @@ leader only.  The standby does not read that connection when bytes arrive; it
 reads it after each frame of the leader's stream (it wakes for those anyway),
 on its tick, and -- what makes the put durable -- before it takes over as the
 leader, so a confirmation in its socket buffer is never lost to a failover.
-The answers are read later, without waiting: a key a standby could not vouch
-for is committed again plainly (its buffer is consumed by the first commit, so
-a repeat changes nothing and is answered once a standby has everything before
-it).  The window this leaves: a put acknowledged by a leader that then dies is
+The answers are read later, without waiting: when a standby could not vouch
+for a key, the client sends the leader a barrier (the commit of a buffer that
+never exists, refused only once a standby has everything shipped before it).  The window this leaves: a put acknowledged by a leader that then dies is
 lost if its confirmation never reached the standby either -- the writer's host
 died, or was cut off from the standby, within the moment after the put.  With
 ``PYMOONCAKE_HA_LAZY_CONFIRM=0`` the client waits for the standby's answer (such
@@ -257,8 +256,8 @@ class StandbyConfirms:
         results = self._results(master, request, leader)
         self._committed_before(master, keys, results)
         if unsure:
-            # a standby may not have the confirmation: commit again plainly (the
-            # buffer is consumed: a repeat is answered once a standby has the commit)
+            # a standby may not have the confirmation: wait for the leader's standby
+            # to have the commits instead (a barrier)
             late += [
                 (k, s) for (code, _), k, s in zip(results, keys, slots, strict=True) if not code
             ]
@@ -313,7 +312,7 @@ class StandbyConfirms:
 
     def settle(self, master: MasterClient) -> None:
         """Read the standbys' answers to lazy confirmations that arrived (the
-        heartbeat calls this) and commit again plainly what they could not vouch for."""
+        heartbeat calls this); for what they could not vouch for, a barrier."""
         if not self._links:
             return
         late: list[tuple[str, str]] = []
@@ -323,9 +322,13 @@ class StandbyConfirms:
         self._repair(master, late)
 
     def _repair(self, master: MasterClient, late: list[tuple[str, str]]) -> None:
-        """Commit the (key, buffer) pairs again plainly: a buffer the first commit
-        consumed is not found (nothing changes), and the leader answers that only
-        once a standby has everything shipped before it -- that commit included."""
+        """Standbys could not vouch for the (key, buffer) pairs: make sure a standby
+        has what the leader acknowledged.  One barrier does: the commit of a buffer
+        no reservation is ever named after (reservations count from 1), which the
+        leader refuses -- without changing anything -- only once a standby has
+        everything it shipped before, those commits included.  (Committing the
+        buffers again would do the same, but could store a key whose commit the
+        leader had refused and that was removed since.)"""
         if not late:
             return
         self.fallback_keys += len(late)
@@ -333,16 +336,18 @@ class StandbyConfirms:
             "confirm:late",
             logging.INFO,
             "HA: a standby could not vouch for %d put(s) confirmed without waiting "
-            "(e.g. %r); committed them again at the leader",
+            "(e.g. %r); waited for the leader's standby to have them",
             len(late),
             late[0][0],
         )
-        keys = tuple(k for k, _ in late)
-        slots = tuple(s for _, s in late)
+        barrier = msg.CommitSlot(self.client_id, msg.slot_name(self.client_id, "0", 0), late[0][0])
         try:
-            self._results(master, self._request(keys, len(late) > 1, (), slots))
+            master.call(barrier)
+        except StoreError as exc:
+            if exc.code != _NOT_FOUND:
+                log.warning("HA: the barrier for %d put(s) failed: %s", len(late), exc)
         except MooncakeError as exc:
-            log.warning("HA: committing %d put(s) again at the leader failed: %s", len(late), exc)
+            log.warning("HA: the barrier for %d put(s) failed: %s", len(late), exc)
 
     def _request(
         self,

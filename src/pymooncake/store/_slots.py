@@ -116,6 +116,8 @@ class SlotPools:
         self._grant: dict[_Key, int] = {}
         self._epoch: object = None
         self._lock = threading.Lock()
+        #: (from 1: no reservation is named after batch "0", which HA clients use
+        #: as a commit the leader always refuses, see ``_ha_confirm._repair``)
         self._batches = itertools.count(1)
 
     def next_batch(self) -> str:
