@@ -1202,8 +1202,6 @@ class _RpcProtocol(asyncio.BufferedProtocol):
             return f"idle for more than {limits.idle_timeout_s:g} s"
         return ""
 
-    # --- flow control -------------------------------------------------------------
-
     # --- lazy confirmations (HA) ---------------------------------------------------
 
     def _go_lazy(self) -> None:
@@ -1226,7 +1224,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
 
     def drain(self) -> None:
         """Process what the client posted on this lazy connection so far."""
-        while self._transport is not None:
+        while self._transport is not None and not self._transport.is_closing():
             try:
                 data = os.read(self._lazy_fd, _LAZY_READ)
             except (BlockingIOError, InterruptedError):
@@ -1238,6 +1236,8 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 self.abort()  # the client closed it (no reader noticed: paused)
                 return
             self.data_received(data)
+
+    # --- flow control -------------------------------------------------------------
 
     def _pause(self, reason: int) -> None:
         if not self._paused and self._transport is not None:
