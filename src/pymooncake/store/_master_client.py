@@ -40,7 +40,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._authio import ClusterSecurity, secure_client
 from .._heldio import DEFAULT_HOLD_S, DEFAULT_SPIN_S, HeldSocket, held_socket
@@ -108,6 +108,17 @@ class _Conn:
         if seconds != self.io_timeout:
             set_io_timeout(self.sock, seconds)
             self.io_timeout = seconds
+
+
+class _Pending(NamedTuple):
+    """HA: a single call whose first attempt did not settle it -- what its retry
+    through ``_run_frames`` needs (made only on that path)."""
+
+    request: msg.Request
+    rid: int
+    ack: int
+    patient: bool
+    deadline: float
 
 
 class _LeaderView:
@@ -649,7 +660,8 @@ class MasterClient:
                         conn.sock.close()
                         self.epoch += 1
                         raise self._silent(request) from exc
-                    reply = self._ha_resume(conn, ident, request, rid, ack, patient, deadline)
+                    pending = _Pending(request, rid, ack, patient, deadline)
+                    reply = self._ha_resume(conn, ident, pending)
                 except (OSError, MalformedMessage):
                     self._discard(conn, True)
                     self.retries += 1
@@ -658,7 +670,8 @@ class MasterClient:
                     )
                 else:
                     if reply.code == _NOT_LEADER and self._leader is not None:
-                        reply = self._not_leader(conn, reply, request, rid, ack, patient, deadline)
+                        pending = _Pending(request, rid, ack, patient, deadline)
+                        reply = self._not_leader(conn, reply, pending)
                     else:
                         self._checkin(conn)
         finally:
@@ -669,20 +682,12 @@ class MasterClient:
             pair[1].observe((time.perf_counter_ns() - started) // 1000)
         return reply
 
-    def _ha_resume(
-        self,
-        conn: _Conn,
-        ident: int,
-        request: msg.Request,
-        rid: int,
-        ack: int,
-        patient: bool,
-        deadline: float,
-    ) -> MasterReply:
+    def _ha_resume(self, conn: _Conn, ident: int, pending: _Pending) -> MasterReply:
         """HA: the leader did not answer within a slice.  Keep waiting on this
         connection while it is still the leader and time is left (as
         :meth:`_run_frames` does; a slow request is not sent twice), else go on
         in :meth:`_run_frames` (it finds the new leader) with the same request id."""
+        deadline = pending.deadline
 
         def ha_wait() -> bool:
             return time.monotonic() + _HA_SLICE_S < deadline and not self._find_leader()
@@ -696,26 +701,15 @@ class MasterClient:
                 if reply.code != _NOT_LEADER:
                     self._checkin(conn)
                     return reply
-                return self._not_leader(conn, reply, request, rid, ack, patient, deadline)
+                return self._not_leader(conn, reply, pending)
         conn.sock.close()
         self.epoch += 1
         if time.monotonic() >= deadline:
-            raise self._silent(request)
-        self.retries += 1
+            raise self._silent(pending.request)
         self._find_leader()
-        (reply,) = self._run_frames([request], [rid], ack, patient, 0.0, deadline)
-        return reply
+        return self._retry(pending)
 
-    def _not_leader(
-        self,
-        conn: _Conn,
-        refusal: MasterReply,
-        request: msg.Request,
-        rid: int,
-        ack: int,
-        patient: bool,
-        deadline: float,
-    ) -> MasterReply:
+    def _not_leader(self, conn: _Conn, refusal: MasterReply, pending: _Pending) -> MasterReply:
         """HA: the master answering on ``conn`` no longer leads (``refusal``).  The
         connection is closed (it leads to a master that refuses) and the leader looked
         up again; a patient call goes on in :meth:`_run_frames` with the same request
@@ -723,10 +717,15 @@ class MasterClient:
         conn.sock.close()
         self.epoch += 1
         self._find_leader()
-        if not patient or time.monotonic() >= deadline:
+        if not pending.patient or time.monotonic() >= pending.deadline:
             return refusal
+        return self._retry(pending)
+
+    def _retry(self, pending: _Pending) -> MasterReply:
+        """The single call's request again, through :meth:`_run_frames`."""
         self.retries += 1
-        (reply,) = self._run_frames([request], [rid], ack, patient, 0.0, deadline)
+        p = pending
+        (reply,) = self._run_frames([p.request], [p.rid], p.ack, p.patient, 0.0, p.deadline)
         return reply
 
     def _silent(self, request: msg.Request) -> RpcTimeout:
