@@ -12,6 +12,7 @@ closes, or stays silent) as each test asks; it records every request it read.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
@@ -274,20 +275,30 @@ def _removes(master: ScriptedMaster) -> list[Seen]:
     return [s for s in master.seen if s.method == "Remove"]
 
 
+@contextlib.contextmanager
+def _leader_switched(
+    scripted: Callable[[Script], ScriptedMaster], etcd: EtcdClient, refused: str
+) -> Iterator[tuple[ScriptedMaster, ScriptedMaster, MasterClient]]:
+    """An HA client with a connection pooled to ``old`` (which refuses ``refused``
+    requests as no longer the leader), after etcd named ``new`` the leader."""
+    old = scripted(lambda seen: "refuse" if seen.method == refused else "answer")
+    new = scripted(lambda seen: "answer")
+    _lead(etcd, old)
+    client = _ha_client(etcd)
+    try:
+        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)  # pooled, to the old one
+        _lead(etcd, new)
+        yield old, new, client
+    finally:
+        client.close()
+
+
 def test_ha_a_master_that_no_longer_leads_hands_the_call_to_the_new_leader(
     scripted: Callable[[Script], ScriptedMaster], etcd_client: EtcdClient
 ) -> None:
-    old = scripted(lambda seen: "refuse" if seen.method == "Remove" else "answer")
-    new = scripted(lambda seen: "answer")
-    _lead(etcd_client, old)
-    client = _ha_client(etcd_client)
-    try:
-        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)  # pooled, to the old one
-        _lead(etcd_client, new)
+    with _leader_switched(scripted, etcd_client, "Remove") as (old, new, client):
         assert client.call(msg.Remove("k", client_id="client-a")) == RemoveReply()
         assert client.target == f"127.0.0.1:{new.port}"
-    finally:
-        client.close()
     (refused,) = _removes(old)
     (answered,) = _removes(new)
     assert refused.params["rid"] > 0
@@ -297,21 +308,13 @@ def test_ha_a_master_that_no_longer_leads_hands_the_call_to_the_new_leader(
 def test_ha_a_liveness_probe_gets_the_refusal_and_the_next_call_the_new_leader(
     scripted: Callable[[Script], ScriptedMaster], etcd_client: EtcdClient
 ) -> None:
-    old = scripted(lambda seen: "refuse" if seen.method == "Ping" else "answer")
-    new = scripted(lambda seen: "answer")
-    _lead(etcd_client, old)
-    client = _ha_client(etcd_client)
-    try:
-        assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)
-        _lead(etcd_client, new)
+    with _leader_switched(scripted, etcd_client, "Ping") as (_old, new, client):
         with pytest.raises(StoreError) as refused:
             client.call(msg.Ping("client-a"), patient=False)
         assert refused.value.code == NOT_LEADER
         assert [s.method for s in new.seen] == []  # not retried now ...
         assert client.call(msg.ExistKey("k")) == ExistKeyReply(True)
         assert [s.method for s in new.seen] == ["ExistKey"]  # ... but the next call goes there
-    finally:
-        client.close()
 
 
 def test_ha_a_slow_leader_is_waited_for_on_the_same_connection(
