@@ -114,6 +114,16 @@ def store(dummies: Dummies) -> MooncakeDistributedStore:
 
 
 @pytest.fixture
+def own_real() -> Iterator[StoreClient]:
+    """A real client of a cluster of its own, for tests that start services on it:
+    each service pools master connections on its client, and a put through it may
+    open another while the client's heartbeat runs -- they go with that cluster
+    rather than counting as leaks of the module's client."""
+    with LocalCluster(MasterConfig(default_kv_lease_ttl_ms=LEASE_MS)) as own:
+        yield own.client(64 * MiB, 0)
+
+
+@pytest.fixture
 def own_store() -> Iterator[MooncakeDistributedStore]:
     """A dummy of a cluster of its own: tests whose concurrency opens more
     connections and engine workers, which must go with that cluster."""
@@ -547,8 +557,9 @@ def test_mixed_put_and_put_tensor_from_two_threads(own_store: MooncakeDistribute
 
 
 def test_a_silent_dummy_is_unmapped_and_registers_again(
-    real: StoreClient, caplog: pytest.LogCaptureFixture
+    own_real: StoreClient, caplog: pytest.LogCaptureFixture
 ) -> None:
+    real = own_real
     config = DummyServiceConfig(host=LOCAL, port=0, ttl_s=0.6, monitor_interval_s=0.1)
     with DummyService(real, config) as svc:
         store = MooncakeDistributedStore()
@@ -572,8 +583,9 @@ def test_a_silent_dummy_is_unmapped_and_registers_again(
 
 
 def test_cluster_token_guards_the_rpc_port(
-    real: StoreClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    own_real: StoreClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    real = own_real
     secure = DummyServiceConfig(host=LOCAL, port=0, security=ClusterSecurity(token=TOKEN))
     with DummyService(real, secure) as svc:
         store = MooncakeDistributedStore()
@@ -601,23 +613,21 @@ def test_cluster_token_guards_the_rpc_port(
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificates")
-def test_rpc_port_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rpc_port_over_tls(
+    own_real: StoreClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     files = make_test_pki(tmp_path).env(TOKEN)
-    # A cluster of its own: the put through the real client may open another
-    # master connection (its heartbeat runs meanwhile), which must go with it.
-    with LocalCluster(MasterConfig(default_kv_lease_ttl_ms=LEASE_MS)) as own:
-        real = own.client(64 * MiB, 0)
-        for k, v in files.items():
-            monkeypatch.setenv(k, v)
-        config = DummyServiceConfig(host=LOCAL, port=0, security=ClusterSecurity.from_env())
-        with DummyService(real, config) as svc:
-            store = MooncakeDistributedStore()
-            try:
-                assert store.setup_dummy(MiB, MiB, svc.address) == 0
-                assert store.put("tls_key", b"over tls") == 0
-                assert store.get("tls_key") == b"over tls"
-            finally:
-                store.close()
+    for k, v in files.items():
+        monkeypatch.setenv(k, v)
+    config = DummyServiceConfig(host=LOCAL, port=0, security=ClusterSecurity.from_env())
+    with DummyService(own_real, config) as svc:
+        store = MooncakeDistributedStore()
+        try:
+            assert store.setup_dummy(MiB, MiB, svc.address) == 0
+            assert store.put("tls_key", b"over tls") == 0
+            assert store.get("tls_key") == b"over tls"
+        finally:
+            store.close()
 
 
 def test_a_second_service_on_the_same_port_is_refused(
