@@ -140,7 +140,7 @@ def test_a_poller_that_lost_the_cpu_stops_polling() -> None:
     """A gap between two polls (here: any gap) turns polling off for the backoff,
     for every poller sharing the guard."""
     a, b = socket.socketpair()
-    guard = SpinGuard(gap_s=0.0, backoff_s=30.0, runnable=lambda: 1)
+    guard = SpinGuard(gap_s=0.0, backoff_s=30.0, first_backoff_s=30.0, runnable=lambda: 1)
     sel = PollingSelector(window_s=0.5, guard=guard)
     sel.register(a, selectors.EVENT_READ)
     try:
@@ -198,8 +198,30 @@ def test_poll_window_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
             poll_window_from_env()
 
 
+def test_backoffs_double_while_gaps_recur_and_start_short_again() -> None:
+    """A gap turns polling off for first_backoff_s; a gap within as long after
+    polling resumed (a host that stays busy) for twice the last backoff, up to
+    backoff_s; a gap after a calm stretch for first_backoff_s again."""
+    guard = SpinGuard(backoff_s=1.0, first_backoff_s=0.02, runnable=lambda: 1)
+    now = 100.0
+    offs = []
+    for _ in range(8):  # each gap right after polling resumed
+        guard.preempted(now)
+        offs.append(round(guard.off_until - now, 6))
+        assert not guard.allowed(now + offs[-1] / 2)
+        now = guard.off_until + 0.001
+        assert guard.allowed(now)
+    assert offs == [0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0, 1.0]
+    now += 5.0  # calm: polling worked for seconds
+    guard.preempted(now)
+    assert guard.off_until - now == pytest.approx(0.02)
+    assert guard.backoffs == 9
+
+
 def test_a_crowded_host_is_not_polled_on() -> None:
-    """More runnable tasks than CPUs: nobody polls (counted at most every check_s)."""
+    """More runnable tasks than CPUs at two counts in a row (at most one every
+    check_s): nobody polls.  One crowded count is a moment's burst of another
+    process (an HA standby applying its stream), which polling outlasts."""
     count = [1]
     calls: list[int] = []
 
@@ -211,10 +233,15 @@ def test_a_crowded_host_is_not_polled_on() -> None:
     assert guard.allowed(100.0)
     count[0] = 10_000  # more than any machine's CPUs
     assert guard.allowed(100.1)  # not counted again yet
-    assert not guard.allowed(100.6)
-    assert len(calls) == 2
+    assert guard.allowed(100.6)  # crowded once
+    assert guard.allowed(100.7)  # not counted again yet
+    assert not guard.allowed(101.2)  # crowded twice in a row
+    assert not guard.allowed(101.8)
+    assert len(calls) == 4
     count[0] = 1
-    assert guard.allowed(101.2)
+    assert guard.allowed(102.4)
+    count[0] = 10_000
+    assert guard.allowed(103.0)  # the run starts again
     # the real count: the reader itself is runnable
     real = SpinGuard()
     assert real.runnable() >= 1

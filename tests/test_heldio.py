@@ -195,6 +195,8 @@ def test_a_wait_that_does_not_spin_sleeps(
     if preempted:
         monkeypatch.setattr(GUARD, "gap_s", 0.0)
         monkeypatch.setattr(GUARD, "backoff_s", 30.0)
+        monkeypatch.setattr(GUARD, "first_backoff_s", 30.0)
+        monkeypatch.setattr(GUARD, "_backoff", 30.0)
         monkeypatch.setattr(GUARD, "off_until", 0.0)
         monkeypatch.setattr(GUARD, "runnable", lambda: 1)
         monkeypatch.setattr(GUARD, "_next_check", 0.0)

@@ -33,9 +33,21 @@ once (measured: a 4 KiB put beside one CPU-bound process per core took 568 us
 at the median and 4.3 ms at p99 with polling, 192 us / 465 us without).  So
 every poll loop watches the clock between two of its polls: a gap longer than
 :attr:`SpinGuard.gap_s` means the poller lost the CPU, and :data:`GUARD` then
-turns polling off in this process for :attr:`SpinGuard.backoff_s`.  Before
+turns polling off in this process: for 20 ms, and for twice as long each time
+the next gap comes within as long after polling resumed, up to 1 s.  Before
 that happens, the guard looks at the tasks runnable on the host (every 50 ms,
-/proc/loadavg): with more of them than CPUs, nobody polls.
+/proc/loadavg): with more of them than CPUs at two counts in a row, nobody
+polls.
+
+**A moment's burst is not a busy host.**  With master HA three processes share
+the cores: client, leader and a standby that wakes every millisecond or so to
+apply the leader's stream.  Its bursts once cost the leader and the client
+their polling for a full second each time (one gap, one crowded count), so HA
+puts ran without polling most of the time (measured: 4 KiB HA puts at 1.3x
+and 64 KiB at 1.4x of HA off, median over five set-ups; with short backoffs
+and two crowded counts in a row 1.17-1.21x and 1.16-1.18x).  A host that stays
+busy still turns polling off within two counts, and its recurring gaps double
+the backoff back to a second within a few tenths of one.
 
 Only for a loop that owns its process's GIL (the ``mooncake_master`` process):
 a loop thread beside other Python threads would take the GIL from them on every
@@ -97,18 +109,22 @@ class SpinGuard:
             preempted (one poll takes a microsecond or two; on an idle 2-vCPU VM
             gaps of 50-150 us are common and one of 0.8 ms was seen in 2 s,
             while a CPU-bound competitor takes the CPU for 2.5-5 ms).
-        backoff_s: how long polling stays off afterwards.
+        backoff_s: the longest polling stays off after a gap.
+        first_backoff_s: how long it stays off after a gap that came long after
+            the last backoff ended; doubled for each gap that comes sooner.
         check_s: how often the runnable tasks are counted (a read of /proc/loadavg).
         runnable: counts them (tests pass their own).
     """
 
     __slots__ = (
+        "_backoff",
         "_check_s",
         "_cpus",
         "_crowded",
         "_next_check",
         "backoff_s",
         "backoffs",
+        "first_backoff_s",
         "gap_s",
         "off_until",
         "runnable",
@@ -119,10 +135,14 @@ class SpinGuard:
         gap_s: float = 1e-3,
         backoff_s: float = 1.0,
         check_s: float = 0.05,
+        first_backoff_s: float = 0.02,
         runnable: Callable[[], int] = _runnable_tasks,
     ) -> None:
         self.gap_s = gap_s
         self.backoff_s = backoff_s
+        self.first_backoff_s = first_backoff_s
+        #: how long the last backoff lasted
+        self._backoff = first_backoff_s
         self.off_until = 0.0
         #: how often polling was turned off (for tests and benchmarks)
         self.backoffs = 0
@@ -130,7 +150,9 @@ class SpinGuard:
         self.runnable = runnable
         self._cpus = _usable_cpus()
         self._next_check = 0.0
-        self._crowded = False
+        #: counts in a row that found more runnable tasks than CPUs (one alone is
+        #: a moment's burst of another process, which polling outlasts)
+        self._crowded = 0
 
     def allowed(self, now: float) -> bool:
         """May a poller poll at ``now`` (time.monotonic())?"""
@@ -140,12 +162,19 @@ class SpinGuard:
             self._next_check = now + self._check_s
             # the reader counts itself, and a poller on the other side of a round
             # trip (a master) is runnable too: polling pays while these fit the CPUs
-            self._crowded = self.runnable() > self._cpus
-        return not self._crowded
+            self._crowded = self._crowded + 1 if self.runnable() > self._cpus else 0
+        return self._crowded < 2
 
     def preempted(self, now: float) -> None:
-        """A poller saw a gap: polling stops until ``now + backoff_s``."""
-        self.off_until = now + self.backoff_s
+        """A poller saw a gap at ``now``: polling stops for ``first_backoff_s``, or
+        for twice as long as the last time (up to ``backoff_s``) when the gap came
+        within that long after polling resumed -- a host that stays busy, not a
+        moment's burst of another process."""
+        if now - self.off_until < self._backoff:
+            self._backoff = min(self._backoff * 2, self.backoff_s)
+        else:
+            self._backoff = min(self.first_backoff_s, self.backoff_s)
+        self.off_until = now + self._backoff
         self.backoffs += 1
 
 
