@@ -147,7 +147,7 @@ def test_fewer_buffers_when_the_pool_is_nearly_full() -> None:
     s.mount_segment("node", seg("a:1", "sa", size=1 * MiB), 0)
     assert s.config.eviction_high_watermark_ratio == 0.9
     slots = s.reserve_slots("c1", 300 * 1024, 8, ONE, 0)
-    # a fourth would take the segment past its high watermark (0.9 MiB)
+    # a fourth would not fit (and the ones ahead never evict)
     assert len(slots) == 3
     s.validate()
 
@@ -173,6 +173,32 @@ def test_buffers_ahead_fill_up_to_the_high_watermark_of_a_full_pool() -> None:
     assert freed == 3
     assert len(s.reserve_slots("c1", 64 * 1024, 8, ONE, 1, "r2")) == freed
     assert s.key_count() == 15 - freed  # nothing more was evicted for them
+    s.validate()
+
+
+def test_buffers_ahead_use_the_room_above_the_high_watermark() -> None:
+    """A pool kept between its high watermark (0.9, the default) and full: the put
+    that found it full owes a round down to high watermark - eviction ratio (what
+    the tick would ask), and buffers ahead then take the room up to the
+    segment's capacity without evicting -- not one buffer per reservation, which
+    cost every put a reservation and a commit (and with HA a standby's answer)."""
+    s = MasterState(MasterConfig(client_ttl_s=10))
+    assert s.config.eviction_high_watermark_ratio == 0.9
+    s.mount_segment("node", seg("a:1", "sa", size=1 * MiB), 0)
+    for i in range(16):  # full of readable objects
+        s.put_start("c2", f"o{i}", 64 * 1024, ONE, 0)
+        s.put_end("c2", f"o{i}", 0)
+    assert len(s.reserve_slots("c1", 64 * 1024, 8, ONE, 1)) == 1  # evicts for the first only
+    while s.housekeeping(1.0):
+        pass
+    alloc = s.segments["sa"].allocator
+    assert alloc.allocated <= 0.9 * alloc.capacity  # the round went below the watermark
+    evicted = s.metrics.evicted_keys
+    room = (alloc.capacity - alloc.allocated) // (64 * 1024)
+    assert room >= 2
+    ahead = s.reserve_slots("c1", 64 * 1024, 8, ONE, 1, "r2")
+    assert len(ahead) == min(room, 8)  # up to full, past the watermark
+    assert s.metrics.evicted_keys == evicted  # nothing was evicted for them
     s.validate()
 
 
