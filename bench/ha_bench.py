@@ -6,7 +6,10 @@ lives in this process, contributes its own segment and puts/gets 4 KiB, 64 KiB
 and 1 MiB values.  Rounds alternate between the variants so that drift hits
 both.  These puts go through buffers reserved ahead: with HA the reservation
 waits for a standby, each commit is confirmed to the standby without waiting
-(docs/design.md, "Lazy confirmations").  Goal (issue 9): HA put p50 within
+(docs/design.md, "Lazy confirmations").  The "full pool" rows (``--full``)
+first fill each client's segment 1.25 times over and then only put, so that
+eviction makes the room of every put, as in a cache's steady state.  Goal
+(issue 9): HA put p50 within
 1.25x of HA off.  On a shared 2-vCPU host both variants swing between two
 modes from one set-up of the processes to the next: ``--runs`` repeats the
 whole set-up and reports the median ratio.
@@ -36,6 +39,8 @@ from pymooncake.testing._etcd_server import EtcdCluster
 from pymooncake.testing._ha import HaMasters
 
 MiB = 1 << 20
+#: each client's segment (the "full pool" rows first fill it 1.25 times over)
+SEGMENT = 512 * MiB
 
 
 def _single_master() -> tuple[Any, str]:
@@ -62,7 +67,7 @@ def _client(address: str, cluster_id: str = "mooncake_cluster") -> StoreClient:
             local_hostname="127.0.0.1",
             metadata_server="P2PHANDSHAKE",
             master_server_addr=address,
-            global_segment_size=512 * MiB,
+            global_segment_size=SEGMENT,
             local_buffer_size=32 * MiB,
             cluster_id=cluster_id,
         )
@@ -86,12 +91,33 @@ def _round(client: StoreClient, tag: str, size: int, n: int) -> dict[str, list[f
     return {"put": put, "get": get}
 
 
+def _fill(client: StoreClient, tag: str) -> None:
+    """Fill ``client``'s segment 1.25 times over with 1 MiB values: from here on
+    every put finds the pool full (a cache's steady state) and eviction makes room."""
+    value = os.urandom(MiB)
+    for i in range(SEGMENT * 5 // 4 // MiB):
+        client.put(f"{tag}-fill-{i}", value)
+
+
+def _put_round(client: StoreClient, tag: str, size: int, n: int) -> list[float]:
+    """``n`` timed puts into a full pool (kept: eviction frees the oldest)."""
+    value = os.urandom(size)
+    keys = [f"{tag}-{size}-{time.monotonic_ns()}-{i}" for i in range(n)]
+    out: list[float] = []
+    for k in keys:
+        t = time.perf_counter()
+        client.put(k, value)
+        out.append((time.perf_counter() - t) * 1e6)
+    return out
+
+
 def _one_run(
-    etcd_bin: str, sizes: list[int], rounds: int, ops: int, run: int
+    etcd_bin: str, sizes: list[int], full: list[int], rounds: int, ops: int, run: int
 ) -> tuple[dict[str, dict[int, dict[str, list[float]]]], dict[str, Any]]:
     """One set-up of every process (etcd, the HA pair, the single master, the two
     clients), ``rounds`` alternated rounds per size: the per-round medians of each
-    variant, and the leader's HA status."""
+    variant, and the leader's HA status.  Then, for the ``full`` sizes, the same
+    into full pools (puts only; under the key ``-size``)."""
     results: dict[str, dict[int, dict[str, list[float]]]] = {"off": {}, "ha": {}}
     with EtcdCluster(binary=etcd_bin) as etcd, HaMasters(etcd.endpoints, 2, lease_ttl_s=5) as ha:
         single, rpc = _single_master()
@@ -112,6 +138,19 @@ def _one_run(
                             slot = results[name].setdefault(size, {"put": [], "get": []})
                             slot["put"].append(statistics.median(got["put"]))
                             slot["get"].append(statistics.median(got["get"]))
+                if full:
+                    for name, client in clients.items():
+                        c.progress(f"run {run + 1}: filling the {name} pool")
+                        _fill(client, name)
+                for r in range(rounds if full else 0):
+                    for size in full:
+                        for name in ("off", "ha") if r % 2 == 0 else ("ha", "off"):
+                            c.progress(
+                                f"run {run + 1} round {r + 1} full pool {c.size_label(size)} {name}"
+                            )
+                            put = _put_round(clients[name], name, size, ops)
+                            slot = results[name].setdefault(-size, {"put": [], "get": []})
+                            slot["put"].append(statistics.median(put))
                 status = leader.status()
                 confirms = clients["ha"].confirms
                 status["client_confirmed_keys"] = confirms.confirmed_keys
@@ -138,6 +177,11 @@ def main() -> int:
     ap.add_argument("--ops", type=int, default=400)
     ap.add_argument("--sizes", default="4K,64K,1M")
     ap.add_argument(
+        "--full",
+        default="4K,1M",
+        help="value sizes also put into full pools (eviction making room; '' for none)",
+    )
+    ap.add_argument(
         "--runs",
         type=int,
         default=1,
@@ -149,6 +193,7 @@ def main() -> int:
     if args.quick:
         args.rounds, args.ops = 1, 100
     sizes = [c.parse_size(s) for s in args.sizes.split(",")]
+    full = [c.parse_size(s) for s in args.full.split(",") if s.strip()]
     etcd_bin = shutil.which("etcd")
     if etcd_bin is None:
         print("ha_bench needs Debian's etcd-server (apt-get install etcd-server)", file=sys.stderr)
@@ -157,7 +202,7 @@ def main() -> int:
     started = time.monotonic()
     runs = []
     for run in range(args.runs):
-        results, status = _one_run(etcd_bin, sizes, args.rounds, args.ops, run)
+        results, status = _one_run(etcd_bin, sizes, full, args.rounds, args.ops, run)
         cases = []
         for size in sizes:
             off, on = results["off"][size], results["ha"][size]
@@ -171,7 +216,17 @@ def main() -> int:
             row["put_ratio"] = row["put_p50_ha_us"] / row["put_p50_off_us"]
             row["get_ratio"] = row["get_p50_ha_us"] / row["get_p50_off_us"]
             cases.append(row)
-        runs.append({"cases": cases, "ha_status": status})
+        full_cases = []
+        for size in full:
+            off, on = results["off"][-size], results["ha"][-size]
+            row = {
+                "size": size,
+                "put_p50_off_us": statistics.median(off["put"]),
+                "put_p50_ha_us": statistics.median(on["put"]),
+            }
+            row["put_ratio"] = row["put_p50_ha_us"] / row["put_p50_off_us"]
+            full_cases.append(row)
+        runs.append({"cases": cases, "full_cases": full_cases, "ha_status": status})
     machine["loadavg_end"] = os.getloadavg()
     data: dict[str, Any] = {
         "machine": machine,
@@ -201,6 +256,21 @@ def main() -> int:
                 col("get_ratio", "{:.2f}"),
             ]
         )
+    for i, size in enumerate(full):
+        per_full = [r["full_cases"][i] for r in runs]
+        put_ratio = statistics.median(x["put_ratio"] for x in per_full)
+        rows.append(
+            [
+                f"{c.size_label(size)}, full pool",
+                _range([x["put_p50_off_us"] for x in per_full], "{:.0f}"),
+                _range([x["put_p50_ha_us"] for x in per_full], "{:.0f}"),
+                _range([x["put_ratio"] for x in per_full]),
+                c.check(put_ratio <= 1.25),
+                "-",
+                "-",
+                "-",
+            ]
+        )
     text = (
         "### Store latency with master HA (leader + 1 standby in sync) vs without "
         "(us, median of round medians; with --runs: median (min-max) over runs)\n\n"
@@ -211,7 +281,9 @@ def main() -> int:
     fallbacks = sum(r["ha_status"]["client_fallback_keys"] for r in runs)
     text += (
         f"\n{args.runs} run(s) x {args.rounds} round(s) x {args.ops} ops per size and variant; "
-        f"puts a standby could not vouch for: {fallbacks}\n" + c.machine_line(data)
+        f"puts a standby could not vouch for: {fallbacks}; full pool: each client's "
+        f"{SEGMENT // MiB} MiB segment first filled 1.25 times over with 1 MiB values, "
+        "then puts only (eviction makes room)\n" + c.machine_line(data)
     )
     c.publish("ha_bench", data, text)
     return 0
