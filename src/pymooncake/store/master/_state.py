@@ -1638,9 +1638,9 @@ class MasterState:
         """What one eviction round frees in ``seg``: ``eviction_ratio`` of it, and
         at least enough to bring it below ``high watermark - eviction ratio``.  A
         put that found the pool full owes the same as the tick's watermark check
-        (which would ask for the rest within 100 ms): the room it leaves below
-        the high watermark is where buffers reserved ahead go (``reserve_slots``),
-        so the puts after it take one round trip each."""
+        (which would ask for the rest within 100 ms): the room it leaves is where
+        buffers reserved ahead go (``reserve_slots``), so the puts after it take
+        one round trip each."""
         alloc = seg.allocator
         ratio = self.config.eviction_ratio
         if ratio <= 0:  # no rounds: a put evicts what it needs, nothing more
