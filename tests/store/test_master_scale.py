@@ -179,3 +179,51 @@ def test_a_failed_allocation_leaves_no_eviction_debt() -> None:
         pass
     assert st.exist_key("plain", 1.1)  # not evicted for the refused put
     st.validate()
+
+
+def test_a_request_found_during_a_housekeeping_slice_goes_before_the_next_one() -> None:
+    """Background eviction runs a slice per turn of the loop; a request that
+    arrived during a slice is served before the next slice (it waits for the one
+    in progress only), and the records a slice visits follow the slice's cost."""
+    import asyncio
+    import socket
+    import time
+
+    from pymooncake.store.master import _service
+    from pymooncake.store.master._service import MasterService
+
+    log: list[str] = []
+    visits: list[int] = []
+    a, b = socket.socketpair()
+
+    def slow_housekeeping(now: float, max_visits: int | None = None) -> bool:
+        visits.append(max_visits or 0)
+        log.append("slice")
+        if len(visits) == 1:
+            b.send(b"x")  # a request arrives while this slice runs
+        time.sleep(0.002)  # each slice ten times the target: visits must shrink
+        return len(visits) < 4
+
+    async def run() -> None:
+        svc = MasterService(metrics_port=None)
+        svc.state.housekeeping = slow_housekeeping  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+
+        def request() -> None:
+            a.recv(1)
+            log.append("request")
+
+        loop.add_reader(a.fileno(), request)
+        try:
+            await svc._housekeep()
+        finally:
+            loop.remove_reader(a.fileno())
+
+    try:
+        asyncio.run(run())
+    finally:
+        a.close()
+        b.close()
+    assert log == ["slice", "request", "slice", "slice", "slice"]
+    assert visits[0] == _service.HOUSEKEEPING_VISITS
+    assert visits[1] < visits[0] / 4 and visits[-1] >= 16  # toward 0.1 ms, within bounds
