@@ -74,15 +74,24 @@ def _client(address: str, cluster_id: str = "mooncake_cluster") -> StoreClient:
     )
 
 
-def _round(client: StoreClient, tag: str, size: int, n: int) -> dict[str, list[float]]:
-    value = os.urandom(size)
-    put: list[float] = []
-    get: list[float] = []
-    keys = [f"{tag}-{size}-{time.monotonic_ns()}-{i}" for i in range(n)]
+def _keys(tag: str, size: int, n: int) -> list[str]:
+    return [f"{tag}-{size}-{time.monotonic_ns()}-{i}" for i in range(n)]
+
+
+def _timed_puts(client: StoreClient, keys: list[str], value: bytes) -> list[float]:
+    """Put ``value`` under each key; the time of each put (us)."""
+    out: list[float] = []
     for k in keys:
         t = time.perf_counter()
         client.put(k, value)
-        put.append((time.perf_counter() - t) * 1e6)
+        out.append((time.perf_counter() - t) * 1e6)
+    return out
+
+
+def _round(client: StoreClient, tag: str, size: int, n: int) -> dict[str, list[float]]:
+    keys = _keys(tag, size, n)
+    put = _timed_puts(client, keys, os.urandom(size))
+    get: list[float] = []
     for k in keys:
         t = time.perf_counter()
         client.get(k)
@@ -101,14 +110,7 @@ def _fill(client: StoreClient, tag: str) -> None:
 
 def _put_round(client: StoreClient, tag: str, size: int, n: int) -> list[float]:
     """``n`` timed puts into a full pool (kept: eviction frees the oldest)."""
-    value = os.urandom(size)
-    keys = [f"{tag}-{size}-{time.monotonic_ns()}-{i}" for i in range(n)]
-    out: list[float] = []
-    for k in keys:
-        t = time.perf_counter()
-        client.put(k, value)
-        out.append((time.perf_counter() - t) * 1e6)
-    return out
+    return _timed_puts(client, _keys(tag, size, n), os.urandom(size))
 
 
 def _one_run(

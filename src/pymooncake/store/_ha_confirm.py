@@ -33,7 +33,8 @@ on its tick, and -- what makes the put durable -- before it takes over as the
 leader, so a confirmation in its socket buffer is never lost to a failover.
 The answers are read later, without waiting: when a standby could not vouch
 for a key, the client sends the leader a barrier (the commit of a buffer that
-never exists, refused only once a standby has everything shipped before it).  The window this leaves: a put acknowledged by a leader that then dies is
+never exists, refused only once a standby has everything shipped before it).
+The window this leaves: a put acknowledged by a leader that then dies is
 lost if its confirmation never reached the standby either -- the writer's host
 died, or was cut off from the standby, within the moment after the put.  With
 ``PYMOONCAKE_HA_LAZY_CONFIRM=0`` the client waits for the standby's answer (such
@@ -343,11 +344,9 @@ class StandbyConfirms:
         barrier = msg.CommitSlot(self.client_id, msg.slot_name(self.client_id, "0", 0), late[0][0])
         try:
             master.call(barrier)
-        except StoreError as exc:
-            if exc.code != _NOT_FOUND:
+        except MooncakeError as exc:  # "not found" is the barrier's expected answer
+            if not (isinstance(exc, StoreError) and exc.code == _NOT_FOUND):
                 log.warning("HA: the barrier for %d put(s) failed: %s", len(late), exc)
-        except MooncakeError as exc:
-            log.warning("HA: the barrier for %d put(s) failed: %s", len(late), exc)
 
     def _request(
         self,
