@@ -555,14 +555,28 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "slot": names,
     "batch": names,
     "count": st.integers(1, MAX_SLOTS),
+    "lazy": st.booleans(),
+    "evict": st.booleans(),
 }
+#: fields drawn once the keys are: one per key
+_PER_KEY = {"sizes": u64, "slots": names}
+
+
+def test_every_request_field_is_drawn() -> None:
+    """The property test below samples some of the request types per run: a
+    field it cannot draw must fail here, in every run."""
+    for cls in msg._ALL:
+        for f in dataclasses.fields(cls):
+            assert f.name in _FIELDS or f.name in _PER_KEY or f.name in ("rid", "ack"), (
+                f"{cls.__name__}.{f.name}: add a strategy to _FIELDS"
+            )
 
 
 @st.composite
 def requests(draw: st.DrawFn) -> msg.Request:
     cls = draw(st.sampled_from(msg._ALL))
     values: dict[str, Any] = {}
-    per_key = {"sizes": u64, "slots": names}  # one per key: drawn once the keys are
+    per_key = _PER_KEY
     fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("rid", "ack")]
     for name in fields:
         if name in per_key:
@@ -575,6 +589,8 @@ def requests(draw: st.DrawFn) -> msg.Request:
         if name in per_key:
             n = len(values["keys"])
             values[name] = tuple(draw(st.lists(per_key[name], min_size=n, max_size=n)))
+    if values.get("lazy") and not values.get("slots"):
+        values["lazy"] = False  # (only commits of reserved buffers are lazy)
     return cls(**values)
 
 
