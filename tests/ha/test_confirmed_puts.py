@@ -48,7 +48,9 @@ def _client(group: HaMasters, put_slot_bytes: int | None = None) -> StoreClient:
 
 
 def _count_requests(client: StoreClient) -> collections.Counter[str]:
-    """The master requests ``client`` sends to the leader, by method."""
+    """The master requests ``client`` sends to the leader, by method (a
+    reservation sent ahead of need, whose answer no put waits for until its
+    pool is empty, as "ReserveSlots ahead")."""
     counts: collections.Counter[str] = collections.Counter()
     master = client.master
     call, send = master.call, master.send
@@ -58,7 +60,8 @@ def _count_requests(client: StoreClient) -> collections.Counter[str]:
         return call(request, **kw)
 
     def counting_send(request: Any) -> Any:
-        counts[request.METHOD.value] += 1
+        ahead = isinstance(request, msg.ReserveSlots) and not request.evict
+        counts[request.METHOD.value + (" ahead" if ahead else "")] += 1
         return send(request)
 
     master.call = counting_call  # type: ignore[method-assign]
@@ -141,21 +144,28 @@ def test_a_standby_that_cannot_confirm_makes_the_leader_wait_for_it(
         assert client.get("plain") == _value("plain", 4096)
 
 
+@pytest.mark.parametrize("warm", [30, 40])
 def test_lazily_confirmed_puts_survive_though_the_standby_never_answered(
-    held_back: HaMasters,
+    held_back: HaMasters, warm: int
 ) -> None:
     """Commits of reserved buffers are confirmed lazily: the client posts the
     confirmation and waits for the leader only.  With the standby frozen (it reads
     and answers nothing) the puts are still acknowledged at once; the leader then
     dies with their commits held back.  The standby reads the confirmations from
-    its socket when it runs again, before it takes over, and commits them."""
+    its socket when it runs again, before it takes over, and commits them.
+
+    After 30 puts the client's pool holds 20 buffers; after 40, 10, and the
+    fifth put of the freeze sends the next reservation ahead: no put waits for
+    it (it waits for the standby), and the leader streams the commits it held
+    back before that reservation, so the standby has those from its stream."""
     leader = held_back.leader()
     with _client(held_back) as client:
         assert client.confirms.lazy
         standby_rpc = _knows_standby(client, held_back)
         standby = next(m for m in held_back.masters if m.rpc == standby_rpc)
-        for i in range(40):  # buffers reserved ahead (each reservation needs the standby)
+        for i in range(warm):  # buffers reserved ahead (each reservation needs the standby)
             assert client.put(f"warm-{i}", _value(f"warm-{i}", 4096)) is True
+        assert client.slots.held() == 50 - warm  # reservations of 1, 2, 4, 7, 13, 23
         sent = _count_requests(client)
         keys = [f"frozen-{i}" for i in range(10)]
         standby.node.proc.send_signal(signal.SIGSTOP)
@@ -166,13 +176,18 @@ def test_lazily_confirmed_puts_survive_though_the_standby_never_answered(
                 assert time.monotonic() - started < 1.0  # nobody waited for the standby
             assert sent["CommitSlot"] == len(keys)
             assert "ReserveSlots" not in sent and "PutEnd" not in sent
+            assert sent["ReserveSlots ahead"] == (warm == 40)
             leader.node.kill(signal.SIGKILL)
         finally:
             standby.node.proc.send_signal(signal.SIGCONT)
         new, _waited = held_back.new_leader(leader)
         assert new is standby
         found = new.node.wait_for(r"HA: committed (\d+) put\(s\) the previous leader ended")
-        assert int(found.group(1)) >= len(keys)
+        assert int(found.group(1)) >= (len(keys) if warm == 30 else 1)
+        # the reservation sent ahead got no answer: the next puts reserve anew at
+        # the new leader (and the lost one's buffers are revoked)
+        for i in range(25):
+            assert client.put(f"after-{i}", _value(f"after-{i}", 4096)) is True
         for k in keys:
             assert client.get(k) == _value(k, 4096), k
         assert client.confirms.fallback_keys == 0

@@ -32,16 +32,45 @@ def _value(n: int, seed: int) -> bytes:
 
 
 def _count_calls(client: StoreClient) -> collections.Counter[str]:
-    """Count the master requests ``client`` sends, by method."""
+    """Count the master requests ``client`` sends, by method (reservations sent
+    ahead, without waiting for their answers, also count as "ahead")."""
     counts: collections.Counter[str] = collections.Counter()
-    call = client.master.call
+    call, send = client.master.call, client.master.send
 
     def counting(request: Any, **kw: Any) -> Any:
         counts[request.METHOD.value] += 1
         return call(request, **kw)
 
+    def sending(request: Any) -> Any:
+        counts[request.METHOD.value] += 1
+        counts["ahead"] += 1
+        return send(request)
+
     client.master.call = counting  # type: ignore[method-assign]
+    client.master.send = sending  # type: ignore[method-assign]
     return counts
+
+
+def _asked(client: StoreClient) -> list[int]:
+    """The buffers each ReserveSlots of ``client`` asks for, in order."""
+    asked: list[int] = []
+    call, send = client.master.call, client.master.send
+
+    def note(request: Any) -> None:
+        if request.METHOD.value == "ReserveSlots":
+            asked.append(request.count)
+
+    def calling(request: Any, **kw: Any) -> Any:
+        note(request)
+        return call(request, **kw)
+
+    def sending(request: Any) -> Any:
+        note(request)
+        return send(request)
+
+    client.master.call = calling  # type: ignore[method-assign]
+    client.master.send = sending  # type: ignore[method-assign]
+    return asked
 
 
 def _stores(client: StoreClient, key: str) -> bool:
@@ -80,13 +109,21 @@ def test_single_puts_take_one_round_trip(cluster: LocalCluster) -> None:
     for key, value in values.items():
         assert node.get(key) == value
         assert writer.get(key) == value
-    # equal sizes share one pool: 1+2+4+8+16 buffers for 30 puts -> 5 reservations
+    # equal sizes share one pool
     calls.clear()
+    asked = _asked(writer)
     for i in range(30):
         assert writer.put(f"same{i}", _value(8 * KiB, i)) is True
-    assert calls["CommitSlot"] == 30 and calls["ReserveSlots"] == 5
+    # 1 for the first put, 2 for the second (one ahead); then the pool is
+    # refilled before it runs dry: the put that leaves a quarter of the last
+    # reservation (at least one) sends the next one, for what the pool lacks of
+    # twice that -- 4 (0 left), 7 (1 left of 4), 13 (1 of 7), 23 (3 of 13) --
+    # and the put that finds the pool empty reads its answer
+    assert asked == [1, 2, 4, 7, 13, 23]
+    assert calls["CommitSlot"] == 30 and calls["ReserveSlots"] == 6
+    assert calls["ahead"] == 4  # only the first two waited for their reservation
     assert calls["PutStart"] == calls["PutEnd"] == 0
-    assert writer.slots.held() == 1 + 2 + 4 + 8 + 16 - 30
+    assert writer.slots.held() == 1 + 2 + 4 + 7 + 13 + 23 - 30
     assert all(node.get(f"same{i}") == _value(8 * KiB, i) for i in range(30))
 
 
@@ -233,7 +270,9 @@ def test_an_existing_key_answers_false_and_keeps_the_buffer(cluster: LocalCluste
     assert node.get("k") == _value(4 * KiB, 1)
     assert writer.put("k2", _value(4 * KiB, 3)) is True
     assert writer.put("k3", _value(4 * KiB, 4)) is True
-    assert calls == {"ReserveSlots": 1, "CommitSlot": 3} and writer.slots.held() == 0
+    # k2 left one buffer of the two: the next reservation (3) went ahead
+    assert calls == {"ReserveSlots": 2, "ahead": 1, "CommitSlot": 3}
+    assert writer.slots.held() == 0  # (the 3 are counted once their answer is read)
     assert node.get("k2") == _value(4 * KiB, 3)
     assert node.get("k3") == _value(4 * KiB, 4)
 
@@ -276,6 +315,37 @@ def test_close_and_the_heartbeat_give_buffers_back() -> None:
         assert _reserved(c)
         writer.close()
         assert _reserved(c) == []  # close revoked what it held
+
+
+def test_reservations_sent_ahead_that_no_put_reads_are_pooled_or_given_back() -> None:
+    # put_start_release_timeout 2 s: a buffer may be used for 1 s less a margin
+    with LocalCluster(MasterConfig(client_ttl_s=5.0, put_start_release_timeout_s=2.0)) as c:
+        c.client(32 * MiB, 4 * MiB)
+        writer = c.client(0, 4 * MiB, ping_interval_s=0.1)
+        for i in range(3):  # reservations of 1, 2; the third put sends 4 ahead
+            writer.put(f"k{i}", _value(4 * KiB, i))
+        assert writer.slots.held() == 0 and writer.slots.ahead() == 1
+        # no put reads it: the heartbeat does (the connection goes back to the
+        # pool), pools the buffers, and revokes them at their deadline
+        assert wait_until(lambda: writer.slots.held() == 4, 3.0)
+        assert writer.slots.ahead() == 0 and len(_reserved(c)) == 4
+        assert wait_until(lambda: not _reserved(c), 3.0), _reserved(c)
+        assert writer.slots.held() == 0
+
+        # puts until one is sent ahead again: remove_all and close give back
+        # what it reserved, and what the pool holds
+        for closing in (False, True):
+            for i in range(50):
+                writer.put(f"again{closing}{i}", _value(4 * KiB, i))
+                if writer.slots.ahead():
+                    break
+            assert writer.slots.ahead() == 1
+            if closing:
+                writer.close()
+            else:
+                writer.remove_all(force=True)
+            assert writer.slots.held() == writer.slots.ahead() == 0
+            assert _reserved(c) == []
 
 
 def test_a_buffer_whose_holder_left_sends_the_put_elsewhere(cluster: LocalCluster) -> None:
@@ -338,9 +408,12 @@ def test_a_restarted_master_never_sees_a_write_into_a_lost_buffer(tmp_path: Any)
         writer = stack.enter_context(_process_client(cluster))
         other = stack.enter_context(_process_client(cluster))
         size = 64 * KiB
-        for i in range(5):  # reservations of 1, 2 and 4: 2 left
+        # reservations of 1, 2 and 4 (sent ahead by w2), and 7 sent ahead by w5
+        # (it left one): its answer is read after the restart, and its buffers,
+        # of the master's previous instance, must never be written
+        for i in range(6):
             assert writer.put(f"w{i}", _value(size, i)) is True
-        assert writer.slots.held() == 2
+        assert writer.slots.held() == 1 and writer.slots.ahead() == 1
         cluster.restart_master()  # SIGKILL; the journal keeps w0..w4
         # the storage node mounts its segment again (its heartbeat: NEED_REMOUNT)
         assert wait_until(lambda: _stores(other, "probe"), 15.0)
@@ -353,7 +426,7 @@ def test_a_restarted_master_never_sees_a_write_into_a_lost_buffer(tmp_path: Any)
                 break
         stored_other = [i for i in range(40) if other.exists(f"o{i}")]
         assert stored_other, "the other client could not store anything"
-        for i in range(5, 12):
+        for i in range(6, 12):
             try:
                 writer.put(f"w{i}", _value(size, i))
             except Exception:

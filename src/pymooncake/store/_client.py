@@ -553,7 +553,11 @@ class StoreClient(WriteOps, ReadOps):
         if self.metrics is not None:
             self.metrics.close()
         slots = getattr(self, "slots", None)
-        held = slots.disable() if slots is not None else []
+        held: list[str] = []
+        if slots is not None:
+            if getattr(self, "master", None) is not None:
+                held += self._settle_aheads(None)  # (their answers are read first)
+            held += slots.disable()
         if held and getattr(self, "master", None) is not None:
             self._revoke(held, False, quiet=True)  # their buffers return at once
         if unmount:

@@ -9,7 +9,13 @@ is placed as a put of that size would be, and held by the master as a write in
 progress under a name no key can take), then for each put writes into one and
 commits it under the key (``CommitSlot``): one round trip per put, plus one
 per reservation, whose size doubles each time a pool runs dry (up to
-``PYMOONCAKE_PUT_SLOT_BYTES`` per value size and config).  A batch put whose
+``PYMOONCAKE_PUT_SLOT_BYTES`` per value size and config).  Once a pool has
+grown, the put that takes one of its last buffers (a quarter of the last
+reservation, at least one) sends the next reservation without waiting for its
+answer (``MasterClient.send``), and the put that finds the pool empty reads it:
+a reservation costs a put nothing then (with HA it waits for a standby, ~0.5 ms,
+as long as a put of 1 MiB).  Its buffers count in the pool's bytes: it asks for
+what the pool lacks of its size.  A batch put whose
 values fit the pools of their sizes does the same with ``BatchCommitSlots``:
 one round trip per batch instead of BatchPutStart + BatchPutEnd.
 
@@ -42,14 +48,14 @@ import itertools
 import os
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ..errors import InvalidParams
 from ..wire._master_msgs import MAX_SLOTS, ReplicateParams
 
-__all__ = ["ENV", "Slot", "SlotPools", "deadline", "slot_bytes_from_env"]
+__all__ = ["ENV", "Ahead", "Slot", "SlotPools", "deadline", "slot_bytes_from_env"]
 
 ENV: Final = "PYMOONCAKE_PUT_SLOT_BYTES"
 #: bytes one pool (one value size and config) may hold in reserve
@@ -100,6 +106,22 @@ class Slot:
     expires: float
 
 
+@dataclass(slots=True)
+class Ahead:
+    """A reservation sent before its pool ran dry, its answer not read yet.
+
+    ``finish`` reads the answer (call it exactly once: whoever took this from
+    :meth:`SlotPools.take_ahead` or :meth:`SlotPools.aheads` does).  ``epoch``
+    is the pools' epoch when it was sent: buffers of an older one are revoked.
+    """
+
+    batch: str
+    count: int
+    asked: float
+    epoch: object
+    finish: Callable[[], Any]
+
+
 class SlotPools:
     """Reserved buffers by (value size, config), valid for one master epoch.
 
@@ -115,6 +137,8 @@ class SlotPools:
         #: how many buffers the next reservation of a pool asks for
         self._grant: dict[_Key, int] = {}
         self._epoch: object = None
+        #: reservations sent ahead, by pool; None while one is being sent
+        self._ahead: dict[_Key, Ahead | None] = {}
         self._lock = threading.Lock()
         #: (from 1: no reservation is named after batch "0", which HA clients use
         #: as a commit the leader always refuses, see ``_ha_confirm._repair``)
@@ -188,6 +212,65 @@ class SlotPools:
             if key in self._grant:
                 self._grant[key] = max(1, count)
 
+    def plan_ahead(self, size: int, params: ReplicateParams) -> int:
+        """How many buffers to reserve ahead now that a put took one of this
+        pool's (0: none, the pool holds enough or a reservation ahead is on its
+        way).  A count > 0 books the pool's one reservation ahead: the caller
+        then calls :meth:`sent_ahead` or :meth:`unplan_ahead`."""
+        key = (size, params)
+        with self._lock:
+            last = self._grant.get(key)
+            if last is None or key in self._ahead or not self.enabled:
+                return 0
+            pool = self._pools.get(key)
+            left = len(pool) if pool is not None else 0
+            if left > max(1, last // 4):
+                return 0
+            count = min(2 * last, self.max_bytes // size, MAX_SLOTS) - left
+            if count < 1:
+                return 0
+            self._grant[key] = count
+            self._ahead[key] = None
+            return count
+
+    def sent_ahead(self, size: int, params: ReplicateParams, ahead: Ahead) -> bool:
+        """The reservation booked by :meth:`plan_ahead` is on its way; False when
+        the pools were cleared meanwhile (the caller reads and revokes it)."""
+        key = (size, params)
+        with self._lock:
+            if key not in self._ahead or self._ahead[key] is not None:
+                return False
+            self._ahead[key] = ahead
+            return True
+
+    def unplan_ahead(self, size: int, params: ReplicateParams) -> None:
+        """The reservation booked by :meth:`plan_ahead` was not sent."""
+        with self._lock:
+            if self._ahead.get((size, params), False) is None:
+                del self._ahead[(size, params)]
+
+    def take_ahead(self, size: int, params: ReplicateParams) -> Ahead | None:
+        """This pool's reservation sent ahead, now the caller's to read; None if
+        there is none (or it is still being sent)."""
+        key = (size, params)
+        with self._lock:
+            ahead = self._ahead.get(key)
+            if ahead is None:
+                return None
+            del self._ahead[key]
+            return ahead
+
+    def aheads(self, sent_before: float | None = None) -> list[tuple[int, ReplicateParams, Ahead]]:
+        """Take the reservations sent ahead (before ``sent_before``, or all):
+        the heartbeat pools the ones nobody read, close revokes them."""
+        out: list[tuple[int, ReplicateParams, Ahead]] = []
+        with self._lock:
+            for key, ahead in list(self._ahead.items()):
+                if ahead is not None and (sent_before is None or ahead.asked < sent_before):
+                    del self._ahead[key]
+                    out.append((key[0], key[1], ahead))
+        return out
+
     def add(
         self, size: int, params: ReplicateParams, slots: Sequence[Slot], epoch: object
     ) -> list[str]:
@@ -208,7 +291,9 @@ class SlotPools:
             return []
 
     def drop(self, size: int, params: ReplicateParams) -> list[str]:
-        """Forget one pool (its buffers failed); returns their names."""
+        """Forget one pool (its buffers failed); returns their names.  (Its
+        reservation ahead, if any, stays: a buffer of it that fails is dropped
+        in turn.)"""
         with self._lock:
             pool = self._pools.pop((size, params), None)
             self._grant.pop((size, params), None)
@@ -227,7 +312,9 @@ class SlotPools:
         return out
 
     def clear(self) -> list[str]:
-        """Forget every pool; returns the names they held."""
+        """Forget every pool; returns the names they held.  Reservations sent
+        ahead stay (their answers are still to be read: :meth:`aheads`), but of
+        an older epoch now."""
         with self._lock:
             return self._new_epoch(object())
 
@@ -243,6 +330,11 @@ class SlotPools:
         self._grant.clear()
         self._epoch = epoch
         return names
+
+    def ahead(self) -> int:
+        """Reservations sent ahead whose answers nobody read yet (tests, metrics)."""
+        with self._lock:
+            return sum(1 for a in self._ahead.values() if a is not None)
 
     def held(self) -> int:
         """Buffers held in all pools (tests, metrics)."""

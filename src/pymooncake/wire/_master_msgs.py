@@ -779,6 +779,9 @@ class ReserveSlots(Mutation):
     config: ReplicateParams = _DEFAULT_REPLICATE
     rid: int = 0
     ack: int = 0
+    #: False: none of them may evict (buffers asked for before they are needed,
+    #: "ahead" on the wire); True: the first may, as the put at hand would
+    evict: bool = True
 
     def params(self) -> dict[str, Any]:
         out = _session_params(self)
@@ -787,6 +790,8 @@ class ReserveSlots(Mutation):
         out["batch"] = self.batch
         if self.config is not _DEFAULT_REPLICATE:
             out["config"] = self.config.to_wire()
+        if not self.evict:
+            out["ahead"] = True
         return out
 
     @classmethod
@@ -799,7 +804,9 @@ class ReserveSlots(Mutation):
         if not 1 <= count <= MAX_SLOTS:
             raise _bad("count", f"must be 1..{MAX_SLOTS}", count)
         batch = _text(_field(p, "batch"), "batch", 64, empty=False)
-        return cls(client, size, count, batch, ReplicateParams.decode(p.get("config")), rid, ack)
+        ahead = _bool(p.get("ahead", False), "ahead")
+        config = ReplicateParams.decode(p.get("config"))
+        return cls(client, size, count, batch, config, rid, ack, not ahead)
 
 
 @dataclass(frozen=True, slots=True)
