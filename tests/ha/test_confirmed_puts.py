@@ -144,7 +144,7 @@ def test_a_standby_that_cannot_confirm_makes_the_leader_wait_for_it(
         assert client.get("plain") == _value("plain", 4096)
 
 
-@pytest.mark.parametrize("warm", [30, 40])
+@pytest.mark.parametrize("warm", [32, 50])
 def test_lazily_confirmed_puts_survive_though_the_standby_never_answered(
     held_back: HaMasters, warm: int
 ) -> None:
@@ -154,18 +154,23 @@ def test_lazily_confirmed_puts_survive_though_the_standby_never_answered(
     dies with their commits held back.  The standby reads the confirmations from
     its socket when it runs again, before it takes over, and commits them.
 
-    After 30 puts the client's pool holds 20 buffers; after 40, 10, and the
-    fifth put of the freeze sends the next reservation ahead: no put waits for
-    it (it waits for the standby), and the leader streams the commits it held
-    back before that reservation, so the standby has those from its stream."""
+    The client's pools hold 32 buffers of 4 KiB (128 KiB: pools that small
+    reserve ahead); it reserves 1, 2, 4, 8, 16 and 32 (the last four sent
+    ahead; each is answered once the standby has it, and all of them are
+    read before the freeze).  After 32 puts its pool holds 31; after 50 it
+    holds 13, and the fifth put of the freeze sends the next reservation
+    ahead: no put waits for it (it waits for the standby), and the leader
+    streams the commits it held back before that reservation, so the standby
+    has those from its stream."""
     leader = held_back.leader()
-    with _client(held_back) as client:
+    with _client(held_back, put_slot_bytes=128 << 10) as client:
         assert client.confirms.lazy
         standby_rpc = _knows_standby(client, held_back)
         standby = next(m for m in held_back.masters if m.rpc == standby_rpc)
         for i in range(warm):  # buffers reserved ahead (each reservation needs the standby)
             assert client.put(f"warm-{i}", _value(f"warm-{i}", 4096)) is True
-        assert client.slots.held() == 50 - warm  # reservations of 1, 2, 4, 7, 13, 23
+        assert client.slots.held() == {32: 31, 50: 13}[warm]
+        assert client.slots.ahead() == 0
         sent = _count_requests(client)
         keys = [f"frozen-{i}" for i in range(10)]
         standby.node.proc.send_signal(signal.SIGSTOP)
@@ -176,21 +181,22 @@ def test_lazily_confirmed_puts_survive_though_the_standby_never_answered(
                 assert time.monotonic() - started < 1.0  # nobody waited for the standby
             assert sent["CommitSlot"] == len(keys)
             assert "ReserveSlots" not in sent and "PutEnd" not in sent
-            assert sent["ReserveSlots ahead"] == (warm == 40)
+            assert sent["ReserveSlots ahead"] == (warm == 50)
             leader.node.kill(signal.SIGKILL)
         finally:
             standby.node.proc.send_signal(signal.SIGCONT)
         new, _waited = held_back.new_leader(leader)
         assert new is standby
         found = new.node.wait_for(r"HA: committed (\d+) put\(s\) the previous leader ended")
-        assert int(found.group(1)) >= (len(keys) if warm == 30 else 1)
-        # the reservation sent ahead got no answer: the next puts reserve anew at
-        # the new leader (and the lost one's buffers are revoked)
-        for i in range(25):
-            assert client.put(f"after-{i}", _value(f"after-{i}", 4096)) is True
+        assert int(found.group(1)) >= (len(keys) if warm == 32 else 1)
         for k in keys:
             assert client.get(k) == _value(k, 4096), k
         assert client.confirms.fallback_keys == 0
+        # (50: the reservation sent ahead got no answer) the next puts reserve
+        # anew at the new leader
+        for i in range(25):
+            assert client.put(f"after-{i}", _value(f"after-{i}", 4096)) is True
+        assert all(client.get(f"after-{i}") == _value(f"after-{i}", 4096) for i in range(25))
 
 
 def test_a_lazy_confirmation_nobody_vouches_for_makes_the_client_wait_for_a_standby(

@@ -109,21 +109,24 @@ def test_single_puts_take_one_round_trip(cluster: LocalCluster) -> None:
     for key, value in values.items():
         assert node.get(key) == value
         assert writer.get(key) == value
-    # equal sizes share one pool
+    # equal sizes share one pool (of at most 32 buffers here: pools that small
+    # reserve ahead, see _slots.py)
+    writer.slots.max_bytes = 32 * 8 * KiB
     calls.clear()
     asked = _asked(writer)
     for i in range(30):
         assert writer.put(f"same{i}", _value(8 * KiB, i)) is True
     # 1 for the first put, 2 for the second (one ahead); then the pool is
     # refilled before it runs dry: the put that leaves a quarter of the last
-    # reservation (at least one) sends the next one, for what the pool lacks of
-    # twice that -- 4 (0 left), 7 (1 left of 4), 13 (1 of 7), 23 (3 of 13) --
-    # and the put that finds the pool empty reads its answer
-    assert asked == [1, 2, 4, 7, 13, 23]
+    # reservation (at least one) sends the next one, twice that -- 4 (0 left),
+    # 8 (1 left of 4), 16 (2 of 8), 32 (4 of 16) -- and the put that finds the
+    # pool empty reads its answer
+    assert asked == [1, 2, 4, 8, 16, 32]
     assert calls["CommitSlot"] == 30 and calls["ReserveSlots"] == 6
     assert calls["ahead"] == 4  # only the first two waited for their reservation
     assert calls["PutStart"] == calls["PutEnd"] == 0
-    assert writer.slots.held() == 1 + 2 + 4 + 7 + 13 + 23 - 30
+    assert writer.slots.held() == 1 + 2 + 4 + 8 + 16 - 30
+    assert writer.slots.ahead() == 1  # the 32: read by the put that needs it
     assert all(node.get(f"same{i}") == _value(8 * KiB, i) for i in range(30))
 
 
@@ -270,9 +273,7 @@ def test_an_existing_key_answers_false_and_keeps_the_buffer(cluster: LocalCluste
     assert node.get("k") == _value(4 * KiB, 1)
     assert writer.put("k2", _value(4 * KiB, 3)) is True
     assert writer.put("k3", _value(4 * KiB, 4)) is True
-    # k2 left one buffer of the two: the next reservation (3) went ahead
-    assert calls == {"ReserveSlots": 2, "ahead": 1, "CommitSlot": 3}
-    assert writer.slots.held() == 0  # (the 3 are counted once their answer is read)
+    assert calls == {"ReserveSlots": 1, "CommitSlot": 3} and writer.slots.held() == 0
     assert node.get("k2") == _value(4 * KiB, 3)
     assert node.get("k3") == _value(4 * KiB, 4)
 
@@ -321,7 +322,8 @@ def test_reservations_sent_ahead_that_no_put_reads_are_pooled_or_given_back() ->
     # put_start_release_timeout 2 s: a buffer may be used for 1 s less a margin
     with LocalCluster(MasterConfig(client_ttl_s=5.0, put_start_release_timeout_s=2.0)) as c:
         c.client(32 * MiB, 4 * MiB)
-        writer = c.client(0, 4 * MiB, ping_interval_s=0.1)
+        # pools of 16 buffers (pools of at most 32 reserve ahead)
+        writer = c.client(0, 4 * MiB, ping_interval_s=0.1, put_slot_bytes=64 * KiB)
         for i in range(3):  # reservations of 1, 2; the third put sends 4 ahead
             writer.put(f"k{i}", _value(4 * KiB, i))
         assert writer.slots.held() == 0 and writer.slots.ahead() == 1
@@ -389,6 +391,7 @@ def _process_client(cluster: ProcessCluster) -> StoreClient:
     return StoreClient(
         cluster.client_config(
             local_buffer_size=4 * MiB,
+            put_slot_bytes=1 * MiB,  # 16 buffers of 64 KiB: reserved ahead
             rpc_timeout_s=10.0,
             rpc_connect_timeout_s=2.0,
             ping_interval_s=5.0,  # no heartbeat in between: the put itself must notice
