@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import random
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -348,6 +349,40 @@ def test_reservations_sent_ahead_that_no_put_reads_are_pooled_or_given_back() ->
                 writer.remove_all(force=True)
             assert writer.slots.held() == writer.slots.ahead() == 0
             assert _reserved(c) == []
+
+
+def test_threads_sharing_a_pool_that_reserves_ahead(cluster: LocalCluster) -> None:
+    """Four threads put values of one size through one client whose pool (16
+    buffers) reserves ahead: one reservation ahead at a time, read by whichever
+    put finds the pool empty (the others reserve themselves); every value is
+    stored intact and nothing stays reserved after close."""
+    node = cluster.client(64 * MiB, 4 * MiB)
+    writer = cluster.client(0, 4 * MiB, put_slot_bytes=1 * MiB)
+    calls = _count_calls(writer)
+    size = 64 * KiB
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            for i in range(40):
+                assert writer.put(f"t{t}-{i}", _value(size, t * 1000 + i)) is True
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    assert calls["CommitSlot"] == 160 and calls["PutStart"] == 0
+    assert calls["ahead"] >= 1
+    for t in range(4):
+        keys = [f"t{t}-{i}" for i in range(40)]
+        assert node.get_many(keys) == [_value(size, t * 1000 + i) for i in range(40)]
+    writer.close()
+    assert _reserved(cluster) == []
+    cluster.master.call(lambda st: st.validate())
 
 
 def test_a_buffer_whose_holder_left_sends_the_put_elsewhere(cluster: LocalCluster) -> None:
