@@ -92,8 +92,10 @@ def _load() -> tuple[object, object, object] | None:
 
 
 _LIBC = _load()
-_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0)
-_NOSIGNAL: Final = getattr(socket, "MSG_NOSIGNAL", 0)
+# plain ints: socket's flags are IntFlag members, whose "|" (enum.__or__) costs
+# ~0.5 us of Python per send (0.03 us for ints; found profiling the put path)
+_DONTWAIT: Final = int(getattr(socket, "MSG_DONTWAIT", 0))
+_SEND_FLAGS: Final = _DONTWAIT | int(getattr(socket, "MSG_NOSIGNAL", 0))
 _POLLIN: Final = getattr(select, "POLLIN", 1)
 _AGAIN: Final = (errno.EAGAIN, errno.EWOULDBLOCK)
 
@@ -130,7 +132,7 @@ class HeldSocket:
         the rest with ``sock.sendall``."""
         assert _LIBC is not None
         _, send, _ = _LIBC
-        n = send(self._fd, data, len(data), _DONTWAIT | _NOSIGNAL)  # type: ignore[operator]
+        n = send(self._fd, data, len(data), _SEND_FLAGS)  # type: ignore[operator]
         if n == len(data):
             return
         if n < 0:
