@@ -238,38 +238,6 @@ def test_a_reservation_whose_reply_is_lost_is_revoked_and_the_put_still_stored(
         impatient.close()
 
 
-def test_a_reservation_sent_ahead_whose_reply_is_lost_is_revoked(
-    setup: tuple[LocalCluster, MasterProxy, StoreClient, StoreClient],
-) -> None:
-    """A reservation sent ahead (before its pool runs dry, its answer read by
-    the put that finds the pool empty) is not retried: when its answer is lost,
-    that put asks the master again, and the buffers of the lost one are revoked."""
-    cluster, proxy, node, _ = setup
-    values = {f"a{i}": _value(4 * KiB, i) for i in range(4)}
-    keys = list(values)
-    # pools of 16 buffers (pools of at most 32 reserve ahead)
-    with _client(cluster, proxy.address, put_slot_bytes=64 * KiB) as writer:
-        assert writer.put(keys[0], values[keys[0]]) is True  # reserves 1
-        assert writer.put(keys[1], values[keys[1]]) is True  # reserves 2: one ahead
-        proxy.drop_replies("ReserveSlots", 1)
-        assert writer.put(keys[2], values[keys[2]]) is True  # takes it; sends 4 ahead
-        assert writer.slots.ahead() == 1
-        assert writer.put(keys[3], values[keys[3]]) is True  # reads the loss; asks again
-        assert proxy.dropped["ReserveSlots"] == 1 and writer.slots.ahead() == 0
-        assert node.get_many(keys) == list(values.values())
-
-        def unexpected() -> set[str]:
-            """Buffers reserved at the master that the writer does not hold."""
-            pooled = {s.name for pool in writer.slots._pools.values() for s in pool}
-            return set(cluster.master.call(lambda st: list(st.inflight))) - pooled
-
-        deadline = time.monotonic() + 10.0  # the heartbeat revokes the lost ones
-        while unexpected() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert unexpected() == set()
-        cluster.master.call(lambda st: st.validate())
-
-
 def test_a_connection_closed_during_the_token_handshake_is_retried() -> None:
     """A master restarting or a proxy resetting connections can end a connection
     in the middle of the cluster-token handshake: that is a broken connection, to be

@@ -9,13 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pymooncake.errors import (
-    InvalidParams,
-    ObjectExists,
-    ObjectNotFound,
-    ReplicaNotReady,
-    StoreError,
-)
+from pymooncake.errors import InvalidParams, ObjectExists, ObjectNotFound, ReplicaNotReady
 from pymooncake.store._config import MasterConfig
 from pymooncake.store._types import ErrorCode, ReplicateConfig, SegmentInfo, SoftPinAction
 from pymooncake.store.master._effects import DURABLE, WriteRenamed, effect_from_record
@@ -315,29 +309,3 @@ def test_what_a_replaced_segment_keeps_is_held_no_longer_than_a_write_can_come()
     assert st.segments["sa2"].allocator.allocated == 0
     st.validate()
     assert MasterState().lost_write_hold() == SLOT_TTL_S
-
-
-def test_a_reservation_sent_ahead_of_need_evicts_nothing() -> None:
-    """A client asks for its next buffers before its pool runs dry (``evict``
-    False, "ahead" on the wire): in a full pool that is refused instead of
-    evicting for a put that may never come; the put that finds the pool empty
-    asks again, and its first buffer evicts."""
-    s = MasterState(MasterConfig(client_ttl_s=10))
-    s.mount_segment("node", seg("a:1", "sa", size=1 * MiB), 0)
-    for i in range(16):  # full of readable objects
-        s.put_start("c2", f"o{i}", 64 * 1024, ONE, 0)
-        s.put_end("c2", f"o{i}", 0)
-    with pytest.raises(StoreError) as info:
-        s.reserve_slots("c1", 64 * 1024, 4, ONE, 1, "a1", evict=False)
-    assert info.value.code == ErrorCode.NO_AVAILABLE_HANDLE
-    assert s.key_count() == 16 and s.slots_held() == 0 and not s.debt_raised
-    assert len(s.reserve_slots("c1", 64 * 1024, 4, ONE, 1, "a2")) == 1  # the put at hand
-    assert s.key_count() == 15
-    # the wire flag reaches the state through the handler
-    handlers = build_handlers(s)
-    req = msg.ReserveSlots("c1", 64 * 1024, 2, "a3", evict=False)
-    assert msg.ReserveSlots.decode(req.params()) == req and req.params()["ahead"] is True
-    with pytest.raises(StoreError):
-        handlers[msg.ReserveSlots](req, 2)
-    assert s.key_count() == 15
-    s.validate()

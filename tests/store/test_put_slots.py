@@ -33,45 +33,16 @@ def _value(n: int, seed: int) -> bytes:
 
 
 def _count_calls(client: StoreClient) -> collections.Counter[str]:
-    """Count the master requests ``client`` sends, by method (reservations sent
-    ahead, without waiting for their answers, also count as "ahead")."""
+    """Count the master requests ``client`` sends, by method."""
     counts: collections.Counter[str] = collections.Counter()
-    call, send = client.master.call, client.master.send
+    call = client.master.call
 
     def counting(request: Any, **kw: Any) -> Any:
         counts[request.METHOD.value] += 1
         return call(request, **kw)
 
-    def sending(request: Any) -> Any:
-        counts[request.METHOD.value] += 1
-        counts["ahead"] += 1
-        return send(request)
-
     client.master.call = counting  # type: ignore[method-assign]
-    client.master.send = sending  # type: ignore[method-assign]
     return counts
-
-
-def _asked(client: StoreClient) -> list[int]:
-    """The buffers each ReserveSlots of ``client`` asks for, in order."""
-    asked: list[int] = []
-    call, send = client.master.call, client.master.send
-
-    def note(request: Any) -> None:
-        if request.METHOD.value == "ReserveSlots":
-            asked.append(request.count)
-
-    def calling(request: Any, **kw: Any) -> Any:
-        note(request)
-        return call(request, **kw)
-
-    def sending(request: Any) -> Any:
-        note(request)
-        return send(request)
-
-    client.master.call = calling  # type: ignore[method-assign]
-    client.master.send = sending  # type: ignore[method-assign]
-    return asked
 
 
 def _stores(client: StoreClient, key: str) -> bool:
@@ -110,24 +81,13 @@ def test_single_puts_take_one_round_trip(cluster: LocalCluster) -> None:
     for key, value in values.items():
         assert node.get(key) == value
         assert writer.get(key) == value
-    # equal sizes share one pool (of at most 32 buffers here: pools that small
-    # reserve ahead, see _slots.py)
-    writer.slots.max_bytes = 32 * 8 * KiB
+    # equal sizes share one pool: 1+2+4+8+16 buffers for 30 puts -> 5 reservations
     calls.clear()
-    asked = _asked(writer)
     for i in range(30):
         assert writer.put(f"same{i}", _value(8 * KiB, i)) is True
-    # 1 for the first put, 2 for the second (one ahead); then the pool is
-    # refilled before it runs dry: the put that leaves a quarter of the last
-    # reservation (at least one) sends the next one, twice that -- 4 (0 left),
-    # 8 (1 left of 4), 16 (2 of 8), 32 (4 of 16) -- and the put that finds the
-    # pool empty reads its answer
-    assert asked == [1, 2, 4, 8, 16, 32]
-    assert calls["CommitSlot"] == 30 and calls["ReserveSlots"] == 6
-    assert calls["ahead"] == 4  # only the first two waited for their reservation
+    assert calls["CommitSlot"] == 30 and calls["ReserveSlots"] == 5
     assert calls["PutStart"] == calls["PutEnd"] == 0
     assert writer.slots.held() == 1 + 2 + 4 + 8 + 16 - 30
-    assert writer.slots.ahead() == 1  # the 32: read by the put that needs it
     assert all(node.get(f"same{i}") == _value(8 * KiB, i) for i in range(30))
 
 
@@ -319,43 +279,11 @@ def test_close_and_the_heartbeat_give_buffers_back() -> None:
         assert _reserved(c) == []  # close revoked what it held
 
 
-def test_reservations_sent_ahead_that_no_put_reads_are_pooled_or_given_back() -> None:
-    # put_start_release_timeout 2 s: a buffer may be used for 1 s less a margin
-    with LocalCluster(MasterConfig(client_ttl_s=5.0, put_start_release_timeout_s=2.0)) as c:
-        c.client(32 * MiB, 4 * MiB)
-        # pools of 16 buffers (pools of at most 32 reserve ahead)
-        writer = c.client(0, 4 * MiB, ping_interval_s=0.1, put_slot_bytes=64 * KiB)
-        for i in range(3):  # reservations of 1, 2; the third put sends 4 ahead
-            writer.put(f"k{i}", _value(4 * KiB, i))
-        assert writer.slots.held() == 0 and writer.slots.ahead() == 1
-        # no put reads it: the heartbeat does (the connection goes back to the
-        # pool), pools the buffers, and revokes them at their deadline
-        assert wait_until(lambda: writer.slots.held() == 4, 3.0)
-        assert writer.slots.ahead() == 0 and len(_reserved(c)) == 4
-        assert wait_until(lambda: not _reserved(c), 3.0), _reserved(c)
-        assert writer.slots.held() == 0
-
-        # puts until one is sent ahead again: remove_all and close give back
-        # what it reserved, and what the pool holds
-        for closing in (False, True):
-            for i in range(50):
-                writer.put(f"again{closing}{i}", _value(4 * KiB, i))
-                if writer.slots.ahead():
-                    break
-            assert writer.slots.ahead() == 1
-            if closing:
-                writer.close()
-            else:
-                writer.remove_all(force=True)
-            assert writer.slots.held() == writer.slots.ahead() == 0
-            assert _reserved(c) == []
-
-
-def test_threads_sharing_a_pool_that_reserves_ahead(cluster: LocalCluster) -> None:
-    """Four threads put values of one size through one client whose pool (16
-    buffers) reserves ahead: one reservation ahead at a time, read by whichever
-    put finds the pool empty (the others reserve themselves); every value is
-    stored intact and nothing stays reserved after close."""
+def test_threads_sharing_one_pool(cluster: LocalCluster) -> None:
+    """Four threads put values of one size through one client (one pool of
+    reserved buffers, refilled by whichever put finds it empty): every value is
+    stored intact, each put took one commit, and nothing stays reserved after
+    close."""
     node = cluster.client(64 * MiB, 4 * MiB)
     writer = cluster.client(0, 4 * MiB, put_slot_bytes=1 * MiB)
     calls = _count_calls(writer)
@@ -376,7 +304,6 @@ def test_threads_sharing_a_pool_that_reserves_ahead(cluster: LocalCluster) -> No
         th.join(60)
     assert not errors, errors
     assert calls["CommitSlot"] == 160 and calls["PutStart"] == 0
-    assert calls["ahead"] >= 1
     for t in range(4):
         keys = [f"t{t}-{i}" for i in range(40)]
         assert node.get_many(keys) == [_value(size, t * 1000 + i) for i in range(40)]
@@ -426,7 +353,6 @@ def _process_client(cluster: ProcessCluster) -> StoreClient:
     return StoreClient(
         cluster.client_config(
             local_buffer_size=4 * MiB,
-            put_slot_bytes=1 * MiB,  # 16 buffers of 64 KiB: reserved ahead
             rpc_timeout_s=10.0,
             rpc_connect_timeout_s=2.0,
             ping_interval_s=5.0,  # no heartbeat in between: the put itself must notice
@@ -446,12 +372,9 @@ def test_a_restarted_master_never_sees_a_write_into_a_lost_buffer(tmp_path: Any)
         writer = stack.enter_context(_process_client(cluster))
         other = stack.enter_context(_process_client(cluster))
         size = 64 * KiB
-        # reservations of 1, 2 and 4 (sent ahead by w2), and 7 sent ahead by w5
-        # (it left one): its answer is read after the restart, and its buffers,
-        # of the master's previous instance, must never be written
-        for i in range(6):
+        for i in range(5):  # reservations of 1, 2 and 4: 2 left
             assert writer.put(f"w{i}", _value(size, i)) is True
-        assert writer.slots.held() == 1 and writer.slots.ahead() == 1
+        assert writer.slots.held() == 2
         cluster.restart_master()  # SIGKILL; the journal keeps w0..w4
         # the storage node mounts its segment again (its heartbeat: NEED_REMOUNT)
         assert wait_until(lambda: _stores(other, "probe"), 15.0)
@@ -464,7 +387,7 @@ def test_a_restarted_master_never_sees_a_write_into_a_lost_buffer(tmp_path: Any)
                 break
         stored_other = [i for i in range(40) if other.exists(f"o{i}")]
         assert stored_other, "the other client could not store anything"
-        for i in range(6, 12):
+        for i in range(5, 12):
             try:
                 writer.put(f"w{i}", _value(size, i))
             except Exception:

@@ -556,7 +556,6 @@ _FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "batch": names,
     "count": st.integers(1, MAX_SLOTS),
     "lazy": st.booleans(),
-    "evict": st.booleans(),
 }
 #: fields drawn once the keys are: one per key
 _PER_KEY = {"sizes": u64, "slots": names}

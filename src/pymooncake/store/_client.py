@@ -553,11 +553,7 @@ class StoreClient(WriteOps, ReadOps):
         if self.metrics is not None:
             self.metrics.close()
         slots = getattr(self, "slots", None)
-        held: list[str] = []
-        if slots is not None:
-            if getattr(self, "master", None) is not None:
-                held += self._settle_aheads(None)  # (their answers are read first)
-            held += slots.disable()
+        held = slots.disable() if slots is not None else []
         if held and getattr(self, "master", None) is not None:
             self._revoke(held, False, quiet=True)  # their buffers return at once
         if unmount:

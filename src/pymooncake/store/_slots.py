@@ -9,24 +9,11 @@ is placed as a put of that size would be, and held by the master as a write in
 progress under a name no key can take), then for each put writes into one and
 commits it under the key (``CommitSlot``): one round trip per put, plus one
 per reservation, whose size doubles each time a pool runs dry (up to
-``PYMOONCAKE_PUT_SLOT_BYTES``, 16 MiB, per value size and config).  A batch
-put whose values fit the pools of their sizes does the same with
-``BatchCommitSlots``: one round trip per batch instead of BatchPutStart +
-BatchPutEnd.
-
-A pool of large values (at most 32 buffers: values of 512 KiB and more under
-16 MiB) runs dry often, and a reservation with HA waits for a standby (~0.5
-ms, as long as a put of 1 MiB).  Once such a pool has grown, the put that
-takes one of its last buffers (a quarter of the last reservation, at least
-one) sends the next reservation without waiting for its answer
-(``MasterClient.send``), and the put that finds the pool empty reads it: the
-round trip is hidden behind the puts in between (1 MiB puts with HA: p90 970
--> 590 us).  While it is on its way a pool may hold a quarter more than its
-bytes.  Pools of smaller values reserve rarely, and the master's work for
-their large reservations would run beside the puts that follow (measured on
-two cores: the HA put's median rose from 74 to 92 us at 4 KiB), so they wait
-for it.  (With 4 MiB pools, 4 buffers of 1 MiB, half of the puts met a
-reservation on its way, which rose their median by 15 %; hence 16 MiB.)
+``PYMOONCAKE_PUT_SLOT_BYTES``, 16 MiB, per value size and config: with HA a
+reservation waits for a standby, ~0.5 ms, and 4 MiB pools made one put of
+1 MiB in four wait for one -- an HA put p90 of ~970 us against ~600 with 16).  A batch put whose
+values fit the pools of their sizes does the same with ``BatchCommitSlots``:
+one round trip per batch instead of BatchPutStart + BatchPutEnd.
 
 A reserved buffer is only written while it is certainly still reserved:
 
@@ -57,24 +44,18 @@ import itertools
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from ..errors import InvalidParams
 from ..wire._master_msgs import MAX_SLOTS, ReplicateParams
 
-__all__ = ["ENV", "Ahead", "Slot", "SlotPools", "deadline", "slot_bytes_from_env"]
+__all__ = ["ENV", "Slot", "SlotPools", "deadline", "slot_bytes_from_env"]
 
 ENV: Final = "PYMOONCAKE_PUT_SLOT_BYTES"
-#: bytes one pool (one value size and config) may hold in reserve (a quarter
-#: more while its next reservation is on its way)
+#: bytes one pool (one value size and config) may hold in reserve
 DEFAULT_BYTES: Final = 16 << 20
-#: pools of at most this many buffers reserve ahead (larger ones reserve
-#: rarely, and the master's work for a large reservation, one record per
-#: buffer on the leader and on each standby, would run beside the puts that
-#: follow it: measured, 4 KiB puts' HA median 74 -> 92 us on two cores)
-AHEAD_MAX_BUFFERS: Final = 32
 #: a buffer is not used within this long of the master's deadline for it
 _MARGIN_S: Final = 1.0
 #: nor kept longer than this: a reservation nobody uses soon goes back (the
@@ -121,22 +102,6 @@ class Slot:
     expires: float
 
 
-@dataclass(slots=True)
-class Ahead:
-    """A reservation sent before its pool ran dry, its answer not read yet.
-
-    ``finish`` reads the answer (call it exactly once: whoever took this from
-    :meth:`SlotPools.take_ahead` or :meth:`SlotPools.aheads` does).  ``epoch``
-    is the pools' epoch when it was sent: buffers of an older one are revoked.
-    """
-
-    batch: str
-    count: int
-    asked: float
-    epoch: object
-    finish: Callable[[], Any]
-
-
 class SlotPools:
     """Reserved buffers by (value size, config), valid for one master epoch.
 
@@ -152,8 +117,6 @@ class SlotPools:
         #: how many buffers the next reservation of a pool asks for
         self._grant: dict[_Key, int] = {}
         self._epoch: object = None
-        #: reservations sent ahead, by pool; None while one is being sent
-        self._ahead: dict[_Key, Ahead | None] = {}
         self._lock = threading.Lock()
         #: (from 1: no reservation is named after batch "0", which HA clients use
         #: as a commit the leader always refuses, see ``_ha_confirm._repair``)
@@ -227,68 +190,6 @@ class SlotPools:
             if key in self._grant:
                 self._grant[key] = max(1, count)
 
-    def plan_ahead(self, size: int, params: ReplicateParams) -> int:
-        """How many buffers to reserve ahead now that a put took one of this
-        pool's (0: none, the pool holds enough or a reservation ahead is on its
-        way).  A count > 0 books the pool's one reservation ahead: the caller
-        then calls :meth:`sent_ahead` or :meth:`unplan_ahead`."""
-        key = (size, params)
-        with self._lock:
-            last = self._grant.get(key)
-            if (
-                last is None
-                or key in self._ahead
-                or not self.enabled
-                or self.max_bytes // size > AHEAD_MAX_BUFFERS
-            ):
-                return 0
-            pool = self._pools.get(key)
-            left = len(pool) if pool is not None else 0
-            if left > max(1, last // 4):
-                return 0
-            count = min(2 * last, self.max_bytes // size, MAX_SLOTS)
-            self._grant[key] = count
-            self._ahead[key] = None
-            return count
-
-    def sent_ahead(self, size: int, params: ReplicateParams, ahead: Ahead) -> bool:
-        """The reservation booked by :meth:`plan_ahead` is on its way; False when
-        the pools were cleared meanwhile (the caller reads and revokes it)."""
-        key = (size, params)
-        with self._lock:
-            if key not in self._ahead or self._ahead[key] is not None:
-                return False
-            self._ahead[key] = ahead
-            return True
-
-    def unplan_ahead(self, size: int, params: ReplicateParams) -> None:
-        """The reservation booked by :meth:`plan_ahead` was not sent."""
-        with self._lock:
-            if self._ahead.get((size, params), False) is None:
-                del self._ahead[(size, params)]
-
-    def take_ahead(self, size: int, params: ReplicateParams) -> Ahead | None:
-        """This pool's reservation sent ahead, now the caller's to read; None if
-        there is none (or it is still being sent)."""
-        key = (size, params)
-        with self._lock:
-            ahead = self._ahead.get(key)
-            if ahead is None:
-                return None
-            del self._ahead[key]
-            return ahead
-
-    def aheads(self, sent_before: float | None = None) -> list[tuple[int, ReplicateParams, Ahead]]:
-        """Take the reservations sent ahead (before ``sent_before``, or all):
-        the heartbeat pools the ones nobody read, close revokes them."""
-        out: list[tuple[int, ReplicateParams, Ahead]] = []
-        with self._lock:
-            for key, ahead in list(self._ahead.items()):
-                if ahead is not None and (sent_before is None or ahead.asked < sent_before):
-                    del self._ahead[key]
-                    out.append((key[0], key[1], ahead))
-        return out
-
     def add(
         self, size: int, params: ReplicateParams, slots: Sequence[Slot], epoch: object
     ) -> list[str]:
@@ -309,9 +210,7 @@ class SlotPools:
             return []
 
     def drop(self, size: int, params: ReplicateParams) -> list[str]:
-        """Forget one pool (its buffers failed); returns their names.  (Its
-        reservation ahead, if any, stays: a buffer of it that fails is dropped
-        in turn.)"""
+        """Forget one pool (its buffers failed); returns their names."""
         with self._lock:
             pool = self._pools.pop((size, params), None)
             self._grant.pop((size, params), None)
@@ -330,9 +229,7 @@ class SlotPools:
         return out
 
     def clear(self) -> list[str]:
-        """Forget every pool; returns the names they held.  Reservations sent
-        ahead stay (their answers are still to be read: :meth:`aheads`), but of
-        an older epoch now."""
+        """Forget every pool; returns the names they held."""
         with self._lock:
             return self._new_epoch(object())
 
@@ -348,11 +245,6 @@ class SlotPools:
         self._grant.clear()
         self._epoch = epoch
         return names
-
-    def ahead(self) -> int:
-        """Reservations sent ahead whose answers nobody read yet (tests, metrics)."""
-        with self._lock:
-            return sum(1 for a in self._ahead.values() if a is not None)
 
     def held(self) -> int:
         """Buffers held in all pools (tests, metrics)."""

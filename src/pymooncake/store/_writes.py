@@ -28,7 +28,7 @@ from ..wire import _master_msgs as msg
 from ..wire import _offload_msgs as omsg
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
 from ._file_storage import write_object
-from ._slots import Ahead, Slot, deadline
+from ._slots import Slot, deadline
 from ._types import ErrorCode, ReplicateConfig
 
 __all__ = ["WriteOps"]
@@ -39,9 +39,6 @@ _unreachable_log = RepeatLimiter(log, every=100)
 _DEFAULT_CONFIG = ReplicateConfig()
 #: a reservation refused for want of room: the ordinary put reports it
 _ROOM_CODES = (ErrorCode.NO_AVAILABLE_HANDLE, ErrorCode.INVALID_PARAMS)
-#: a reservation sent ahead that no put read within this long is read by the
-#: heartbeat (its connection goes back to the pool, its buffers wait in theirs)
-_AHEAD_UNREAD_S = 0.5
 
 
 def _no_room(result: bool | StoreError) -> bool:
@@ -261,8 +258,6 @@ class WriteOps(ClientIO):
             if not got:
                 return None
             slot = got[0]
-        else:
-            self._reserve_ahead(size, params, epoch)
         per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
         errors: list[BaseException | None] = [None]
         transfer_start = time.perf_counter_ns()
@@ -462,20 +457,8 @@ class WriteOps(ClientIO):
         self, size: int, params: msg.ReplicateParams, epoch: object, need: int = 1
     ) -> list[Slot]:
         """Reserve buffers of ``size``: up to ``need`` are returned, the rest
-        pooled.  The pool's reservation sent ahead is read first, if any; then
-        the master is asked for what is still missing.  Empty when none could be
-        reserved (the ordinary path then reports why)."""
-        ahead = self.slots.take_ahead(size, params)
-        got = self._read_ahead(size, params, ahead, epoch) if ahead is not None else []
-        if len(got) < need:
-            return got + self._reserve_now(size, params, epoch, need - len(got))
-        self._revoke_later(self.slots.add(size, params, got[need:], epoch))
-        return got[:need]
-
-    def _reserve_now(
-        self, size: int, params: msg.ReplicateParams, epoch: object, need: int
-    ) -> list[Slot]:
-        """:meth:`_reserve`'s round trip to the master."""
+        pooled.  Empty when none could be reserved (the ordinary path then
+        reports why)."""
         pools = self.slots
         count = pools.next_count(size, params, need)
         batch = pools.next_batch()
@@ -486,105 +469,28 @@ class WriteOps(ClientIO):
             if isinstance(exc, RpcFailed):
                 # no answer: the master may have reserved them; they are named
                 # after the batch, so the heartbeat can revoke them all the same
-                self._revoke_later(self._batch_names(batch, count))
+                self._revoke_later([msg.slot_name(self.client_id, batch, i) for i in range(count)])
             elif exc.code not in _ROOM_CODES:
                 # a master without reservations (an older pymooncake): stop asking
                 log.info("put reservations are off: the master answered %s", exc)
                 self._revoke_later(pools.disable())
             return []
-        slots = self._granted(size, params, batch, count, asked, reply)
-        self._revoke_later(pools.add(size, params, slots[need:], epoch))
-        return slots[:need]
-
-    def _granted(
-        self,
-        size: int,
-        params: msg.ReplicateParams,
-        batch: str,
-        count: int,
-        asked: float,
-        reply: Any,
-    ) -> list[Slot]:
-        """The buffers a ReserveSlots of ``count`` answered with."""
         if len(reply) < count:
-            self.slots.granted(size, params, len(reply))
+            pools.granted(size, params, len(reply))
         until = deadline(asked, reply.ttl_s)
         name = msg.slot_name
         client = self.client_id
-        return [
+        slots = [
             Slot(name(client, batch, i), places, until)
             for i, places in enumerate(reply.columns.placements())
         ]
-
-    def _batch_names(self, batch: str, count: int) -> list[str]:
-        return [msg.slot_name(self.client_id, batch, i) for i in range(count)]
-
-    def _reserve_ahead(self, size: int, params: msg.ReplicateParams, epoch: object) -> None:
-        """A put took a buffer of a pool that now runs low: send its next
-        reservation without waiting for the answer (read by the put that finds
-        the pool empty, see :meth:`_reserve`; or by the heartbeat)."""
-        pools = self.slots
-        count = pools.plan_ahead(size, params)
-        if not count:
-            return
-        batch = pools.next_batch()
-        asked = time.monotonic()
-        try:
-            # (none of them may evict: they are for puts that may never come)
-            request = msg.ReserveSlots(self.client_id, size, count, batch, params, evict=False)
-            finish = self.master.send(request)
-        except MooncakeError as exc:
-            # not sent, or not whole: the pool reserves when it runs dry instead
-            pools.unplan_ahead(size, params)
-            if isinstance(exc, RpcFailed):
-                self._revoke_later(self._batch_names(batch, count))
-            return
-        ahead = Ahead(batch, count, asked, epoch, finish)
-        if not pools.sent_ahead(size, params, ahead):  # the pools were cleared meanwhile
-            self._revoke_later([s.name for s in self._read_ahead(size, params, ahead, ahead.epoch)])
-
-    def _read_ahead(
-        self, size: int, params: msg.ReplicateParams, ahead: Ahead, epoch: object
-    ) -> list[Slot]:
-        """The buffers of a reservation sent ahead that can be written now (sent
-        in ``epoch``, not expired); the rest are revoked.  Empty when it failed:
-        the caller asks the master again (:meth:`MasterClient.call` follows a new
-        leader and retries, which a reservation sent ahead does not)."""
-        try:
-            reply = ahead.finish()
-        except MooncakeError as exc:
-            if isinstance(exc, RpcFailed):
-                self._revoke_later(self._batch_names(ahead.batch, ahead.count))
-            return []  # refused (no room, not the leader): asked again by call()
-        slots = self._granted(size, params, ahead.batch, ahead.count, ahead.asked, reply)
-        now = time.monotonic()
-        if ahead.epoch != epoch:
-            self._revoke_later([s.name for s in slots])
-            return []
-        if slots and slots[0].expires <= now:  # (all of them expire together)
-            self._revoke_later([s.name for s in slots])
-            return []
-        return slots
-
-    def _settle_aheads(self, sent_before: float | None) -> list[str]:
-        """Read the reservations sent ahead (before ``sent_before``, or all) that
-        no put has read: their buffers are pooled for the next puts, or (all:
-        giving every buffer back) returned by name, to revoke."""
-        pools = self.slots
-        names: list[str] = []
-        for size, params, ahead in pools.aheads(sent_before):
-            slots = self._read_ahead(size, params, ahead, ahead.epoch)
-            if sent_before is None:
-                names += [s.name for s in slots]
-            else:
-                self._revoke_later(pools.add(size, params, slots, ahead.epoch))
-        return names
+        self._revoke_later(pools.add(size, params, slots[need:], epoch))
+        return slots[:need]
 
     def give_back_reserved(self) -> None:
         """Revoke every buffer this client holds reserved ahead (they hold room
-        the next puts may need, and never evict), reservations sent ahead too."""
-        held = self._settle_aheads(None)
-        held += self.slots.clear()
+        the next puts may need, and never evict)."""
+        held = self.slots.clear()
         if held:
             self._revoke(held, False)
 
@@ -595,11 +501,8 @@ class WriteOps(ClientIO):
                 self._revoke_backlog.update((n, False) for n in names)
 
     def _sweep_slots(self) -> None:
-        """Heartbeat: reservations sent ahead that no put read for a while are
-        read (their buffers pooled); buffers past their deadline are revoked."""
-        now = time.monotonic()
-        self._settle_aheads(now - _AHEAD_UNREAD_S)
-        self._revoke_later(self.slots.expired(now))
+        """Heartbeat: buffers past their deadline are revoked."""
+        self._revoke_later(self.slots.expired(time.monotonic()))
 
     # --- the two phases -----------------------------------------------------------
 

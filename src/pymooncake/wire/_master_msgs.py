@@ -779,9 +779,6 @@ class ReserveSlots(Mutation):
     config: ReplicateParams = _DEFAULT_REPLICATE
     rid: int = 0
     ack: int = 0
-    #: False: none of them may evict (buffers asked for before they are needed,
-    #: "ahead" on the wire); True: the first may, as the put at hand would
-    evict: bool = True
 
     def params(self) -> dict[str, Any]:
         out = _session_params(self)
@@ -790,8 +787,6 @@ class ReserveSlots(Mutation):
         out["batch"] = self.batch
         if self.config is not _DEFAULT_REPLICATE:
             out["config"] = self.config.to_wire()
-        if not self.evict:
-            out["ahead"] = True
         return out
 
     @classmethod
@@ -804,9 +799,7 @@ class ReserveSlots(Mutation):
         if not 1 <= count <= MAX_SLOTS:
             raise _bad("count", f"must be 1..{MAX_SLOTS}", count)
         batch = _text(_field(p, "batch"), "batch", 64, empty=False)
-        ahead = _bool(p.get("ahead", False), "ahead")
-        config = ReplicateParams.decode(p.get("config"))
-        return cls(client, size, count, batch, config, rid, ack, not ahead)
+        return cls(client, size, count, batch, ReplicateParams.decode(p.get("config")), rid, ack)
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,9 +176,7 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         return handler
 
     def reserve_slots(req: msg.ReserveSlots, now: float) -> rep.ReserveSlotsReply:
-        slots = st.reserve_slots(
-            req.client_id, req.size, req.count, req.config, now, req.batch, req.evict
-        )
+        slots = st.reserve_slots(req.client_id, req.size, req.count, req.config, now, req.batch)
         return rep.ReserveSlotsReply(start_columns([obj for _, obj in slots]), st.slot_ttl())
 
     ttl_ms = st.config.default_kv_lease_ttl_ms

@@ -1026,21 +1026,13 @@ class MasterState:
         return min(SLOT_TTL_S, self.config.put_start_release_timeout_s / 2)
 
     def reserve_slots(
-        self,
-        client_id: str,
-        size: int,
-        count: int,
-        config: Any,
-        now: float,
-        batch: str = "r",
-        evict: bool = True,
+        self, client_id: str, size: int, count: int, config: Any, now: float, batch: str = "r"
     ) -> list[tuple[str, Obj]]:
         """Reserve up to ``count`` buffers of ``size`` bytes for ``client_id``'s
         single puts to come, each placed as a put of that size would be: puts in
         progress under names no key can take (:func:`slot_name`).  Returns the
         (name, record) of each; fewer than ``count`` when the pool ran out after
-        the first.  ``evict`` False: not even the first evicts (a client asking
-        before its pool runs dry; the put that finds it dry asks with True).
+        the first.
 
         Raises:
             NoAvailableHandle / InvalidParams: as :meth:`put_start_replicas`, when
@@ -1064,7 +1056,7 @@ class MasterState:
             name = slot_name(client_id, batch, i)
             try:
                 obj = self.put_start_replicas(
-                    client_id, name, size, config, now, observe=False, evict=evict and not out
+                    client_id, name, size, config, now, observe=False, evict=not out
                 )
             except StoreError:
                 if not out:
