@@ -43,9 +43,6 @@ __all__ = ["DEFAULT_REGEX_DEADLINE_S", "RegexScanner", "linear_pattern"]
 #: a slice of keys (a few thousand) must be matched within this many seconds;
 #: a plain pattern needs microseconds per key
 DEFAULT_REGEX_DEADLINE_S: Final = 2.0
-#: keys a pattern that cannot backtrack is matched against per turn of the loop
-#: (~0.2-0.4 ms)
-_IN_LOOP_KEYS: Final = 2048
 _U32 = struct.Struct("<I")
 _HEAD = struct.Struct("<BI")
 
@@ -158,16 +155,8 @@ class RegexScanner:
             if self._closed:
                 raise InvalidParams("the master is shutting down")
             self.in_process += 1
-            # (compress/map: the loop over the keys runs in C; a slice of a large
-            # index can hold a shard of ~10k keys: matched a piece at a time)
-            search = compiled.search
-            found: list[int] = []
-            for start in range(0, len(keys), _IN_LOOP_KEYS):
-                piece = keys[start : start + _IN_LOOP_KEYS]
-                found += compress(range(start, start + len(piece)), map(search, piece))
-                if start + _IN_LOOP_KEYS < len(keys):
-                    await asyncio.sleep(0)
-            return found
+            # (compress/map: the loop over the keys runs in C)
+            return list(compress(range(len(keys)), map(compiled.search, keys)))
         request = b"".join(
             (
                 _U32.pack(len(p := pattern.encode())),
