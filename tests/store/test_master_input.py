@@ -14,12 +14,9 @@ master's only event loop for seconds; the 200k-object scan blocked it ~0.8 s.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import logging
-import random
-import re
 import socket
 import statistics
 import time
@@ -30,7 +27,6 @@ from master_support import Pinger, RawConn, body, frame, populate
 
 from pymooncake._authio import http_request
 from pymooncake.store import MasterConfig, StoreClient
-from pymooncake.store.master import _scan
 from pymooncake.testing import LocalCluster
 
 MiB = 1 << 20
@@ -145,56 +141,6 @@ def test_a_catastrophic_regex_is_refused_without_blocking_others(
     # nothing was removed; a sane pattern works again (a new worker)
     assert all(honest.exists(f"{key}{i}") for i in range(4))
     assert honest.remove_by_regex("^" + key[:3], force=True) == 4
-
-
-@pytest.mark.parametrize(
-    "pattern",
-    ["^ms-f000000000[0-9]$", "^k00", "abc", r"^a.c\d", "(?i)^AB(c)[^x]$", r"\bkv\b"],
-)
-def test_a_pattern_that_cannot_backtrack_is_matched_in_the_loop(pattern: str) -> None:
-    """Literals, classes, ``.``, anchors and groups of them cost ``re.search`` at
-    most their length per start position: matched in the loop (no worker, no
-    copies through pipes), with the worker's answers."""
-    assert _scan.linear_pattern(pattern) is not None
-    rng = random.Random(pattern)
-    alphabet = "abcABkms-f0123456789 x_"
-    keys = ["".join(rng.choices(alphabet, k=rng.randint(0, 16))) for _ in range(3000)]
-    keys += ["ms-f0000000003", "k001", "xabcx", "a.c5", "abcd", "abc", "kv x", "ABc"]
-
-    async def both() -> tuple[list[int], list[int], int, int]:
-        scanner = _scan.RegexScanner()
-        try:
-            here = await scanner.match(pattern, keys)
-            scanner._linear = (pattern, None)  # the worker's way, for comparison
-            there = await scanner.match(pattern, keys)
-            return here, there, scanner.in_process, int(scanner._proc is not None)
-        finally:
-            scanner.close()
-
-    here, there, in_process, worker = asyncio.run(both())
-    assert here == there == [i for i, k in enumerate(keys) if re.search(pattern, k)]
-    assert here  # (each pattern matches some keys)
-    assert in_process == 1 and worker == 1
-
-
-@pytest.mark.parametrize(
-    "pattern", ["^(a+)+$", ".*a.*b.*c", "ab|cd", "a?a?a?aaa", r"(a)\1", "x{2}", "(?=a+)a", "a*"]
-)
-def test_a_pattern_that_may_backtrack_goes_to_the_worker(pattern: str) -> None:
-    assert _scan.linear_pattern(pattern) is None
-
-
-def test_a_prefix_removal_never_starts_the_regex_worker(
-    cluster: LocalCluster, honest: StoreClient
-) -> None:
-    for i in range(20):
-        assert honest.put(f"pre{i:02d}", b"v") is True
-    scanner = cluster.master.service.scanner
-    worker = scanner._proc
-    assert honest.remove_by_regex("^pre0[0-4]", force=True) == 5
-    assert scanner.in_process >= 1 and scanner._proc is worker
-    assert honest.remove_by_regex("^pre", force=True) == 15
-    assert scanner._proc is worker
 
 
 @pytest.fixture

@@ -13,80 +13,27 @@ syntax ``re`` accepts works; costs are bounded by time, not by a subset.
 
 The event loop only copies one slice of keys at a time (see ``_index.py``) and
 awaits the worker's answer on a non-blocking pipe.
-
-A pattern that cannot backtrack -- literals, character classes, ``.``, anchors
-and groups of those, without repetition, alternation or backreferences (the
-common ``^prefix`` of a cache's keys) -- costs ``re.search`` at most its own
-length per starting position of a key, so it is matched here, in the loop, a
-slice at a time (4,096 keys: well under a millisecond): the worker's two copies
-of every key through pipes were most of such a scan (a removal by a prefix over
-10,000 keys: 8.8 ms against the reference's 6.5).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
-import re
 import struct
 import subprocess
 import sys
 from array import array
-from itertools import compress
-from typing import Any, Final
+from typing import Final
 
 from ...errors import InvalidParams
 
-__all__ = ["DEFAULT_REGEX_DEADLINE_S", "RegexScanner", "linear_pattern"]
+__all__ = ["DEFAULT_REGEX_DEADLINE_S", "RegexScanner"]
 
 #: a slice of keys (a few thousand) must be matched within this many seconds;
 #: a plain pattern needs microseconds per key
 DEFAULT_REGEX_DEADLINE_S: Final = 2.0
 _U32 = struct.Struct("<I")
 _HEAD = struct.Struct("<BI")
-
-
-def _load_parser() -> tuple[Any, frozenset[Any], Any]:
-    """``re``'s own parser (a private module: without it, every pattern goes to
-    the worker), the opcodes that cannot backtrack, and SUBPATTERN."""
-    try:
-        parser = importlib.import_module("re._parser")
-        ops = importlib.import_module("re._constants")
-        flat = frozenset({ops.LITERAL, ops.NOT_LITERAL, ops.IN, ops.ANY, ops.AT, ops.CATEGORY})
-        return parser, flat, ops.SUBPATTERN
-    except (ImportError, AttributeError):  # pragma: no cover - another Python
-        return None, frozenset(), None
-
-
-_PARSER, _FLAT_OPS, _SUBPATTERN = _load_parser()
-
-
-def linear_pattern(pattern: str) -> re.Pattern[str] | None:
-    """``pattern`` compiled when matching it cannot backtrack (literals, classes,
-    ``.``, anchors, groups of those); None for anything else (the worker)."""
-    if _PARSER is None:
-        return None
-    try:
-        tree = _PARSER.parse(pattern)
-    except (re.error, RecursionError, OverflowError):
-        return None
-    if not _flat(tree):
-        return None
-    try:
-        return re.compile(pattern)
-    except (re.error, RecursionError, OverflowError):
-        return None
-
-
-def _flat(items: Any) -> bool:
-    for op, av in items:
-        if op is _SUBPATTERN:
-            if not _flat(av[-1]):
-                return False
-        elif op not in _FLAT_OPS:
-            return False
-    return True
 
 
 class RegexScanner:
@@ -103,9 +50,6 @@ class RegexScanner:
         self._lock = asyncio.Lock()
         self._closed = False
         self.killed = 0
-        #: slices matched in the loop (patterns that cannot backtrack)
-        self.in_process = 0
-        self._linear: tuple[str, re.Pattern[str] | None] | None = None
 
     def start(self) -> None:
         """Spawn the worker now (it then costs nothing until the first query)."""
@@ -148,15 +92,6 @@ class RegexScanner:
         """
         if not keys:
             return []
-        if self._linear is None or self._linear[0] != pattern:
-            self._linear = (pattern, linear_pattern(pattern))
-        compiled = self._linear[1]
-        if compiled is not None:
-            if self._closed:
-                raise InvalidParams("the master is shutting down")
-            self.in_process += 1
-            # (compress/map: the loop over the keys runs in C)
-            return list(compress(range(len(keys)), map(compiled.search, keys)))
         request = b"".join(
             (
                 _U32.pack(len(p := pattern.encode())),
