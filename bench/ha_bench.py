@@ -89,7 +89,7 @@ def _timed_puts(client: StoreClient, keys: list[str], value: bytes) -> list[floa
 
 
 def _p90(values: list[float]) -> float:
-    return sorted(values)[len(values) * 9 // 10]
+    return c.percentile(sorted(values), 90)
 
 
 def _round(client: StoreClient, tag: str, size: int, n: int) -> dict[str, list[float]]:

@@ -4,8 +4,11 @@ entries.  (bench/master_scale.py measures the same through real processes.)"""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import socket
 import sys
+import time
 import tracemalloc
 
 import pytest
@@ -13,7 +16,9 @@ import pytest
 from pymooncake.errors import StoreError
 from pymooncake.store._config import MasterConfig
 from pymooncake.store._types import ErrorCode, ReplicateConfig, SegmentInfo
+from pymooncake.store.master import _service
 from pymooncake.store.master._handlers import build_handlers
+from pymooncake.store.master._service import MasterService
 from pymooncake.store.master._state import MasterState
 from pymooncake.wire import _master_msgs as msg
 
@@ -185,13 +190,6 @@ def test_a_request_found_during_a_housekeeping_slice_goes_before_the_next_one() 
     """Background eviction runs a slice per turn of the loop; a request that
     arrived during a slice is served before the next slice (it waits for the one
     in progress only), and the records a slice visits follow the slice's cost."""
-    import asyncio
-    import socket
-    import time
-
-    from pymooncake.store.master import _service
-    from pymooncake.store.master._service import MasterService
-
     log: list[str] = []
     visits: list[int] = []
     a, b = socket.socketpair()
