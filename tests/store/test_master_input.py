@@ -14,9 +14,12 @@ master's only event loop for seconds; the 200k-object scan blocked it ~0.8 s.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
+import random
+import re
 import socket
 import statistics
 import time
@@ -27,6 +30,7 @@ from master_support import Pinger, RawConn, body, frame, populate
 
 from pymooncake._authio import http_request
 from pymooncake.store import MasterConfig, StoreClient
+from pymooncake.store.master import _scan
 from pymooncake.testing import LocalCluster
 
 MiB = 1 << 20
@@ -181,6 +185,73 @@ def test_regex_over_200k_objects_does_not_stall_other_clients(
     assert took > 0.05
     assert len(latencies) > 10
     assert max(latencies) < 0.05, (sorted(latencies)[-5:], took)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["^ms-f000000000[0-9]$", "^k00", "abc", r"^a.c\d", "(?i)^AB(c)[^x]$", r"\bkv\b"],
+)
+def test_a_pattern_that_cannot_backtrack_is_matched_in_the_loop(pattern: str) -> None:
+    """Literals, classes, ``.``, anchors and groups of them cost ``re.search`` at
+    most their length per start position: a small scan matches them in the loop
+    (no copies through the worker's pipes), with the worker's answers."""
+    assert _scan.linear_pattern(pattern) is not None
+    rng = random.Random(pattern)
+    alphabet = "abcABkms-f0123456789 x_"
+    keys = ["".join(rng.choices(alphabet, k=rng.randint(0, 16))) for _ in range(5000)]
+    keys += ["ms-f0000000003", "k001", "xabcx", "a.c5", "abcd", "abc", "kv x", "ABc"]
+
+    async def both() -> tuple[list[str], list[str], bool]:
+        scanner = _scan.RegexScanner()
+        try:
+            compiled = scanner.in_loop_pattern(pattern, len(keys))
+            assert compiled is not None
+            here = await scanner.match_here(compiled, keys)
+            there = [keys[j] for j in await scanner.match(pattern, keys)]
+            return here, there, scanner.in_loop == 1
+        finally:
+            scanner.close()
+
+    here, there, counted = asyncio.run(both())
+    assert here == there == [k for k in keys if re.search(pattern, k)]
+    assert here and counted  # (each pattern matches some keys)
+
+
+@pytest.mark.parametrize(
+    "pattern", ["^(a+)+$", ".*a.*b.*c", "ab|cd", "a?a?a?aaa", r"(a)\1", "x{2}", "(?=a+)a", "a*"]
+)
+def test_a_pattern_that_may_backtrack_goes_to_the_worker(pattern: str) -> None:
+    assert _scan.linear_pattern(pattern) is None
+    assert _scan.RegexScanner().in_loop_pattern(pattern, 10) is None
+
+
+def test_only_small_scans_are_matched_in_the_loop() -> None:
+    """A scan matched in the loop never blocks, so the master's other threads get
+    the GIL only at the switch interval; over a large index the worker's pipe
+    waits hand it over (the 200k-object test above)."""
+    scanner = _scan.RegexScanner()
+    assert scanner.in_loop_pattern("^k00", _scan.IN_LOOP_MAX_KEYS) is not None
+    assert scanner.in_loop_pattern("^k00", _scan.IN_LOOP_MAX_KEYS + 1) is None
+
+
+def test_a_prefix_removal_over_a_small_index_never_starts_the_regex_worker(
+    cluster: LocalCluster, honest: StoreClient
+) -> None:
+    for i in range(20):
+        assert honest.put(f"pre{i:02d}", b"v") is True
+    scanner = cluster.master.service.scanner
+    worker = scanner._proc
+    assert honest.remove_by_regex("^pre0[0-4]", force=True) == 5
+    assert scanner.in_loop >= 1 and scanner._proc is worker
+    with RawConn(cluster.master_address, timeout_s=30) as raw:
+        code, found = raw.request("GetReplicaListByRegex", {"pattern": "^pre1"})
+    assert code == 0 and sorted(found) == [f"pre1{i}" for i in range(10)]
+    assert honest.remove_by_regex("^pre", force=True) == 15
+    assert scanner.in_loop >= 3 and scanner._proc is worker
+    # a pattern that may backtrack still goes to the worker
+    assert honest.put("pre-x", b"v") is True
+    assert honest.remove_by_regex("^pre-x|^none", force=True) == 1
+    assert scanner.in_loop >= 3
 
 
 # ---------------------------------------------------------------------------------

@@ -954,6 +954,12 @@ class MasterService:
         shards = SHARDS if among is None else max(1, -(-len(among) // SLICE_KEYS))
         # reserved buffers are writes under names no key can have: never listed
         hidden = among is None and self.state.slots_held() > 0
+        # a small scan with a plain pattern is matched here (see _scan.py)
+        here = None
+        if pattern is not None:
+            here = self.scanner.in_loop_pattern(
+                pattern, len(objects) if among is None else len(among)
+            )
         for i in range(shards):
             if among is None:
                 keys = objects.shard_keys(i)
@@ -966,6 +972,8 @@ class MasterService:
                 continue
             if pattern is None:
                 hits = batch
+            elif here is not None:
+                hits = await self.scanner.match_here(here, batch)
             else:
                 hits = [batch[j] for j in await self.scanner.match(pattern, batch)]
             batch = []
