@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from pymooncake.testing import NetnsNetwork, cleanup_stale
+from pymooncake.testing._netns import STATE_DIR
 from pymooncake.testing._tools import find_tool
 from pymooncake.testing.fixtures import require_netns
 
@@ -151,5 +152,6 @@ def test_leftovers_of_a_killed_run_are_cleaned_up() -> None:
         proc.kill()  # a test run killed before it could clean up
         proc.communicate(timeout=10)
     assert info["netns"] in _namespaces()
-    assert info["tag"] in cleanup_stale()
+    # (cleanup_stale logs what it could not remove: pytest shows it on failure)
+    assert info["tag"] in cleanup_stale(), sorted(p.name for p in STATE_DIR.glob("*"))
     assert info["netns"] not in _namespaces() and info["tag"] not in _links()

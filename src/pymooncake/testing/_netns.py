@@ -244,9 +244,25 @@ def cleanup_stale() -> list[str]:
             continue
         if _pid_alive(int(state.get("pid", 0))):
             continue
-        if not _remove(state):
-            path.unlink(missing_ok=True)
-            removed.append(str(state.get("tag", path.stem)))
+        problems = _remove(state)
+        if problems:
+            # a namespace's interfaces go away asynchronously after `ip netns del`
+            # (the kernel's cleanup work queue): a veth or the bridge may be busy
+            # for a moment; once more before the record is kept for the next run
+            time.sleep(0.2)
+            problems = _remove(state)
+        if problems:
+            log.warning(
+                "netns: could not remove the leftovers of run %s (process %s): %s; "
+                "kept %s for the next cleanup",
+                state.get("tag", path.stem),
+                state.get("pid"),
+                "; ".join(problems),
+                path,
+            )
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(str(state.get("tag", path.stem)))
     return removed
 
 
