@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import random
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +22,13 @@ from pymooncake.errors import InvalidParams, StoreError
 from pymooncake.store import MasterConfig, ReplicateConfig, StoreClient, StoreClientConfig
 from pymooncake.store._slots import DEFAULT_BYTES, ENV, slot_bytes_from_env
 from pymooncake.store.master._state import SLOT_PREFIX, MasterState
-from pymooncake.testing import LocalCluster, ProcessCluster, journaled_master_flags, wait_until
+from pymooncake.testing import (
+    LocalCluster,
+    ProcessCluster,
+    journaled_master_flags,
+    run_threads,
+    wait_until,
+)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -288,21 +294,12 @@ def test_threads_sharing_one_pool(cluster: LocalCluster) -> None:
     writer = cluster.client(0, 4 * MiB, put_slot_bytes=1 * MiB)
     calls = _count_calls(writer)
     size = 64 * KiB
-    errors: list[BaseException] = []
 
     def worker(t: int) -> None:
-        try:
-            for i in range(40):
-                assert writer.put(f"t{t}-{i}", _value(size, t * 1000 + i)) is True
-        except BaseException as exc:  # (reported below)
-            errors.append(exc)
+        for i in range(40):
+            assert writer.put(f"t{t}-{i}", _value(size, t * 1000 + i)) is True
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert not errors, errors
+    run_threads([functools.partial(worker, t) for t in range(4)])
     assert calls["CommitSlot"] == 160 and calls["PutStart"] == 0
     for t in range(4):
         keys = [f"t{t}-{i}" for i in range(40)]

@@ -12,6 +12,7 @@ iterations and in time.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import itertools
 import json
@@ -48,7 +49,7 @@ from pymooncake.store import (
     SoftPinAction,
     StoreClient,
 )
-from pymooncake.testing import LocalCluster, wait_until
+from pymooncake.testing import LocalCluster, run_threads, wait_until
 from pymooncake.wire._master_msgs import SLOT_MARK
 
 KiB = 1 << 10
@@ -593,7 +594,6 @@ def test_upsert_readers_never_see_torn_values(cluster: LocalCluster) -> None:
     versions = [checked(payload(size - _HDR.size, v)) for v in range(6)]
     writer.put("hot", versions[0])
     stop = threading.Event()
-    errors: list[BaseException] = []
     seen: list[int] = []
     upserts = 0
 
@@ -606,32 +606,21 @@ def test_upsert_readers_never_see_torn_values(cluster: LocalCluster) -> None:
                     break
                 writer.upsert("hot", versions[i % len(versions)])
                 upserts += 1
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
         finally:
             stop.set()
 
     def read_loop(client: StoreClient) -> None:
-        try:
-            for _ in range(2000):
-                if stop.is_set():
-                    break
-                try:
-                    value = client.get("hot")
-                except LeaseExpired:
-                    continue  # a stalled read is reported, never returned torn
-                verify(value)
-                seen.append(versions.index(value))
-        except BaseException as exc:
-            errors.append(exc)
+        for _ in range(2000):
+            if stop.is_set():
+                break
+            try:
+                value = client.get("hot")
+            except LeaseExpired:
+                continue  # a stalled read is reported, never returned torn
+            verify(value)
+            seen.append(versions.index(value))
 
-    threads = [threading.Thread(target=upsert_loop)]
-    threads += [threading.Thread(target=read_loop, args=(r,)) for r in readers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors, errors
+    run_threads([upsert_loop, *(functools.partial(read_loop, r) for r in readers)], 30)
     assert upserts >= 5 and len(seen) >= 10
     assert len(set(seen)) >= 2, "readers never observed a new value"
 
@@ -1101,7 +1090,6 @@ def test_concurrent_writers_and_readers_only_see_whole_values(cluster: LocalClus
     sizes = (1, 4 * KiB, 64 * KiB + 3, 300 * KiB)
     verified = [0]
     tolerated = [0]
-    errors: list[BaseException] = []
     lock = threading.Lock()
     # transient outcomes of racing with other threads; anything else is a failure
     benign = (ObjectNotFound, ReplicaNotReady, ObjectHasLease, LeaseExpired)
@@ -1118,47 +1106,39 @@ def test_concurrent_writers_and_readers_only_see_whole_values(cluster: LocalClus
         rng = random.Random(n)
         client = clients[n % len(clients)]
         deadline = time.monotonic() + 2.5
-        try:
-            for _ in range(400):
-                if time.monotonic() > deadline:
-                    break
-                key = rng.choice(keys)
-                op = rng.random()
-                try:
-                    if op < 0.25:
-                        cfg = ReplicateConfig(replica_num=rng.choice((1, 2)))
-                        client.put(key, value_for(key, rng), cfg)
-                    elif op < 0.40:
-                        client.upsert(key, value_for(key, rng))
-                    elif op < 0.50:
-                        client.remove(key)
-                    elif op < 0.60:
-                        for k, got in zip(keys[:3], client.get_many(keys[:3]), strict=True):
-                            if isinstance(got, bytes):
-                                check(k, got)
-                                with lock:
-                                    verified[0] += 1
-                            elif not isinstance(got, benign):
-                                raise got
-                    else:
-                        check(key, client.get(key))
-                        with lock:
-                            verified[0] += 1
-                except benign:
+        for _ in range(400):
+            if time.monotonic() > deadline:
+                break
+            key = rng.choice(keys)
+            op = rng.random()
+            try:
+                if op < 0.25:
+                    cfg = ReplicateConfig(replica_num=rng.choice((1, 2)))
+                    client.put(key, value_for(key, rng), cfg)
+                elif op < 0.40:
+                    client.upsert(key, value_for(key, rng))
+                elif op < 0.50:
+                    client.remove(key)
+                elif op < 0.60:
+                    for k, got in zip(keys[:3], client.get_many(keys[:3]), strict=True):
+                        if isinstance(got, bytes):
+                            check(k, got)
+                            with lock:
+                                verified[0] += 1
+                        elif not isinstance(got, benign):
+                            raise got
+                else:
+                    check(key, client.get(key))
                     with lock:
-                        tolerated[0] += 1
-                except StoreError as exc:
-                    if exc.code != ErrorCode.OBJECT_REPLICA_BUSY:  # racing upserts
-                        raise
-        except BaseException as exc:
-            errors.append(exc)
+                        verified[0] += 1
+            except benign:
+                with lock:
+                    tolerated[0] += 1
+            except StoreError as exc:
+                if exc.code != ErrorCode.OBJECT_REPLICA_BUSY:  # racing upserts
+                    raise
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors, errors
+    run_threads([functools.partial(worker, n) for n in range(6)], 30)
     assert verified[0] >= 20
     # the master's bookkeeping is consistent afterwards and every survivor verifies
     validate_master(cluster)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
-import threading
 import time
 
 import numpy as np
@@ -34,6 +34,7 @@ from pymooncake.errors import (
     TooManyRequests,
     TransferFailed,
 )
+from pymooncake.testing import run_threads
 from pymooncake.transfer.metadata import MemoryMetadataStore
 from pymooncake.transfer.metadata.server import MetadataServer
 
@@ -215,28 +216,19 @@ def test_own_segment_is_a_memcpy(engine_pair: Pair) -> None:
 def test_many_threads_share_one_engine(engine_pair: Pair) -> None:
     a, b = engine_pair
     target = b.allocate(8 << 20)
-    errors: list[BaseException] = []
 
     def worker(tid: int) -> None:
-        try:
-            rng = random.Random(tid)
-            for i in range(40):
-                n = rng.randint(1, 64 << 10)
-                off = tid * (1 << 20)
-                data = rand(n)
-                a.write(b.segment_name, data, target.addr + off)
-                out = bytearray(n)
-                a.read(b.segment_name, out, target.addr + off)
-                assert out == data, (tid, i)
-        except BaseException as exc:
-            errors.append(exc)
+        rng = random.Random(tid)
+        for i in range(40):
+            n = rng.randint(1, 64 << 10)
+            off = tid * (1 << 20)
+            data = rand(n)
+            a.write(b.segment_name, data, target.addr + off)
+            out = bytearray(n)
+            a.read(b.segment_name, out, target.addr + off)
+            assert out == data, (tid, i)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors[0]
+    run_threads([functools.partial(worker, t) for t in range(8)])
 
 
 def test_async_batches_and_statuses(engine_pair: Pair) -> None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import http.client
 import socket
-import threading
 import urllib.parse
 from collections.abc import Iterator
 
 import pytest
 
 from pymooncake._httpd import HttpLimits, ThreadedHttpServer
+from pymooncake.testing import run_threads
 from pymooncake.transfer.metadata.server import MetadataServer
 
 
@@ -293,8 +294,6 @@ def test_client_vanishing_mid_request_does_not_hurt(srv: ThreadedHttpServer) -> 
 
 
 def test_concurrent_clients(srv: ThreadedHttpServer, metadata: MetadataServer) -> None:
-    errors: list[BaseException] = []
-
     def client(n: int) -> None:
         c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
         try:
@@ -304,16 +303,9 @@ def test_concurrent_clients(srv: ThreadedHttpServer, metadata: MetadataServer) -
                 assert call(c, "GET", target(key))[2] == f"{n}:{i}".encode()
             # every client races for the same rpc_meta key: exactly one body wins
             call(c, "PUT", target("rpc_meta/shared"), str(n).encode())
-        except BaseException as exc:
-            errors.append(exc)
         finally:
             c.close()
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors, errors
+    run_threads([functools.partial(client, n) for n in range(8)], 30)
     assert len(metadata.keys()) == 8 * 30 + 1
     assert metadata.get("rpc_meta/shared") in {str(n).encode() for n in range(8)}

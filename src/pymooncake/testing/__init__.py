@@ -11,6 +11,7 @@ from ._pki import TestPki, make_test_pki
 from ._proc import console_command, read_stdout_until, wait_until
 from ._proxy import MasterProxy
 from ._redis_server import RedisServer, RedisStartError
+from ._threads import run_threads
 from ._tools import find_tool, require_tool, unavailable
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "netns_unavailable_reason",
     "read_stdout_until",
     "require_tool",
+    "run_threads",
     "unavailable",
     "wait_until",
 ]
