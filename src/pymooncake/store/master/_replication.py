@@ -129,6 +129,9 @@ _ACK_EVERY: Final = 32
 #: a confirmation the stream has not settled after this long is stale (the
 #: leader answered that PutEnd with an error, or the client never sent it)
 _CONFIRM_TTL_S: Final = 60.0
+#: reserved buffers the stream committed that a standby remembers (with their
+#: keys), for confirmations read after the commit and a removal of the key
+_RENAMED_KEPT: Final = 8192
 #: an idle stream carries an empty frame at least this often, so that a standby
 #: tells a leader with nothing to say from one that stopped running (frozen:
 #: see Elector, "a frozen leader")
@@ -431,6 +434,10 @@ class Follower:
         #: writer confirmed as complete (``HaConfirm``), until the stream ends
         #: them; committed if this standby becomes the leader first
         self.confirmed: dict[str, tuple[str, float, str]] = {}
+        #: reserved buffer -> key: the latest commits of buffers the stream brought
+        #: (:data:`_RENAMED_KEPT`); a confirmation of one of them is settled even
+        #: when the key was removed or evicted by the time it is read
+        self.renamed: dict[str, str] = {}
         #: confirmations waiting for the next frame (:meth:`wait_applied`)
         self._waiters: list[asyncio.Future[None]] = []
         #: when the leader's stream last brought bytes (time.monotonic)
@@ -479,6 +486,11 @@ class Follower:
                     confirmed.pop(key, None)
                     confirmed[key] = (client_id, now, slot)
                     continue
+                if self.renamed.get(slot) == key:
+                    # the stream committed this buffer under this key (a lazy
+                    # confirmation is read after the frames that came meanwhile,
+                    # which may also have removed or evicted the key)
+                    continue
                 # no such reservation here: committed already (the stream was
                 # first) when the key is that client's readable object
             obj = objects.get(key)
@@ -494,6 +506,20 @@ class Follower:
                 missing.append(key)
             # else: committed already (the stream was first): nothing to remember
         return tuple(missing)
+
+    def settle(self, rec: list[Any]) -> None:
+        """The bookkeeping of confirmations after the stream's record ``rec`` was
+        applied: a write it ends is no longer remembered as confirmed; a reserved
+        buffer it commits is remembered with its key (``renamed``)."""
+        kind = rec[0]
+        if kind in _SETTLES:
+            if self.confirmed:
+                self.confirmed.pop(rec[1], None)
+        elif kind == "rename":
+            renamed = self.renamed
+            renamed[rec[1]] = rec[2]
+            if len(renamed) > _RENAMED_KEPT:
+                del renamed[next(iter(renamed))]
 
     async def wait_applied(self, timeout_s: float) -> None:
         """Until the stream's next frame is applied (or ``timeout_s``)."""
@@ -601,11 +627,10 @@ class Follower:
                         raise MooncakeError(f"the leader refused to stream: {frame.value}")
                     stream = FollowFrame.decode(frame.value)
                     now = self._clock()
-                    confirmed = self.confirmed
+                    settle = self.settle
                     for rec in stream.effects:
                         state.apply(effect_from_record(rec), now)
-                        if confirmed and rec[0] in _SETTLES:
-                            confirmed.pop(rec[1], None)
+                        settle(rec)
                     self.seq = stream.seq
                     if stream.synced and not live:
                         live = self._in_sync_once = True
