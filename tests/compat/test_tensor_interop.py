@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -31,6 +30,7 @@ torch = pytest.importorskip("torch")
 from pymooncake.store._tensor import AxisSpec, ShardManifest, TensorHeader, parse_header  # noqa: E402
 from pymooncake.store._tensor_array import describe  # noqa: E402
 from pymooncake.store._tensor_store import shard_of  # noqa: E402
+from pymooncake.testing import free_port  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
@@ -133,12 +133,6 @@ def test_bytes_match_both_ways(tmp_path: Path) -> None:
         assert (tmp_path / f"back_{case['name']}.bin").read_bytes() == bytes(encode(t)[304:]), case[
             "name"
         ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_sharded_objects_and_manifests_match_and_join(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 from urllib.parse import quote
+
+from pymooncake.testing import free_port
 
 HERE: Final = Path(__file__).resolve().parent
 REPO_ROOT: Final = HERE.parents[1]
@@ -44,13 +45,6 @@ MiB: Final = 1 << 20
 
 class RefPeerError(AssertionError):
     """The reference peer failed, died, or did not answer in time."""
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bind to port 0, read, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def unique_name() -> str:

@@ -29,19 +29,11 @@ from .._authio import TOKEN_ENV, ClusterSecurity
 from ..config import EngineConfig
 from ..store import MasterConfig, StoreClient, StoreClientConfig
 from ..store.master import ThreadedMaster
+from ._ports import free_port
 
 __all__ = ["LocalCluster", "NodeProcess", "ProcessCluster", "free_port", "journaled_master_flags"]
 
 LOCAL = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (for commands that need one up front)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return int(s.getsockname()[1])
 
 
 def journaled_master_flags(journal: str | os.PathLike[str], *more: str) -> list[str]:
