@@ -154,6 +154,7 @@ def test_a_lazy_confirmation_read_after_its_key_was_removed_is_vouched_for() -> 
     # bounded: the most recent commits of buffers
     for i in range(_RENAMED_KEPT + 3):
         follower.settle(["rename", f"slot{i}", f"key{i}"])
+        follower.settle(["commit", f"key{i}", 1, [], False, "c1"])
     assert len(follower.renamed) == _RENAMED_KEPT
     assert "slot0" not in follower.renamed and follower.renamed[f"slot{_RENAMED_KEPT + 2}"]
 

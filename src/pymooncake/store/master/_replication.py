@@ -438,6 +438,9 @@ class Follower:
         #: (:data:`_RENAMED_KEPT`); a confirmation of one of them is settled even
         #: when the key was removed or evicted by the time it is read
         self.renamed: dict[str, str] = {}
+        #: key -> reserved buffer: a rename whose commit is not applied yet (the
+        #: two travel in one frame; kept apart all the same)
+        self._renaming: dict[str, str] = {}
         #: confirmations waiting for the next frame (:meth:`wait_applied`)
         self._waiters: list[asyncio.Future[None]] = []
         #: when the leader's stream last brought bytes (time.monotonic)
@@ -510,16 +513,22 @@ class Follower:
     def settle(self, rec: list[Any]) -> None:
         """The bookkeeping of confirmations after the stream's record ``rec`` was
         applied: a write it ends is no longer remembered as confirmed; a reserved
-        buffer it commits is remembered with its key (``renamed``)."""
+        buffer it commits (a rename, then the key's commit) is remembered with its
+        key (``renamed``)."""
         kind = rec[0]
         if kind in _SETTLES:
             if self.confirmed:
                 self.confirmed.pop(rec[1], None)
+            if self._renaming:
+                slot = self._renaming.pop(rec[1], None)
+                if slot is not None and kind == "commit":
+                    # remembered once the commit that follows the rename is applied
+                    renamed = self.renamed
+                    renamed[slot] = rec[1]
+                    if len(renamed) > _RENAMED_KEPT:
+                        del renamed[next(iter(renamed))]
         elif kind == "rename":
-            renamed = self.renamed
-            renamed[rec[1]] = rec[2]
-            if len(renamed) > _RENAMED_KEPT:
-                del renamed[next(iter(renamed))]
+            self._renaming[rec[2]] = rec[1]
 
     async def wait_applied(self, timeout_s: float) -> None:
         """Until the stream's next frame is applied (or ``timeout_s``)."""
