@@ -115,9 +115,11 @@ class HaMachine(RuleBasedStateMachine):
         del self.pending[:upto]
 
     def _replied(self) -> None:
-        """A reply of the leader goes out only once a standby holds the last frame
-        that freed buffers (a reply may hand them out again: ``ReplicationHub.
-        barrier``), so the standby applies the stream up to its last such frame."""
+        """Called before a request whose reply waits for nothing of its own (a
+        PutStart, a confirmed PutEnd or CommitSlot): that reply still goes out
+        only once a standby holds the last frame that freed buffers before it (a
+        reply may hand them out again: ``ReplicationHub.barrier``), so the standby
+        applies the stream up to its last such frame."""
         last = max(
             (i for i, f in enumerate(self.pending) if any(r[0] in _FREES for r in f)), default=-1
         )
@@ -154,8 +156,8 @@ class HaMachine(RuleBasedStateMachine):
     def plain_put(self, client: str, key: str, size: int) -> None:
         """PutStart, then a PutEnd whose reply waits until a standby holds
         everything shipped before it."""
-        ok = self._try("start", self.leader.put_start, client, key, size, ONE, self.now)
         self._replied()
+        ok = self._try("start", self.leader.put_start, client, key, size, ONE, self.now)
         if not ok or not self._try("end", self.leader.put_end, client, key, self.now):
             return
         self._deliver()  # (its barrier: everything shipped before the reply)
@@ -168,18 +170,16 @@ class HaMachine(RuleBasedStateMachine):
         the leader and a confirmation to the standby, whose answer is awaited; a
         confirmation that finds nothing waits for the next frame, and what the
         standby still cannot vouch for is ended again plainly."""
-        ok = self._try("start", self.leader.put_start, client, key, size, ONE, self.now)
         self._replied()
-        if not ok:
+        if not self._try("start", self.leader.put_start, client, key, size, ONE, self.now):
             return
         self._deliver(early)  # some of the stream may have arrived before the confirmation
         missing = self.standby.confirm(client, (key,), self.now)
         if missing:
             self._deliver()  # the next frame
             missing = self.standby.confirm(client, (key,), self.now)
-        ok = self._try("end", self.leader.put_end, client, key, self.now)
         self._replied()
-        if not ok:
+        if not self._try("end", self.leader.put_end, client, key, self.now):
             return
         if missing:
             self._count("confirm:missing")
@@ -209,9 +209,8 @@ class HaMachine(RuleBasedStateMachine):
         if not mine:
             return
         name, size = mine.pop(data.draw(st.integers(0, len(mine) - 1)))
-        ok = self._try("commit", self.leader.commit_slot, client, name, key, self.now)
         self._replied()
-        if not ok:
+        if not self._try("commit", self.leader.commit_slot, client, name, key, self.now):
             return
         self.posted.append((client, key, name))
         self.acked[key] = size
