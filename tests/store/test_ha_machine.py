@@ -84,6 +84,7 @@ class HaMachine(RuleBasedStateMachine):
         #: buffers reserved ahead (delivered to the standby): client -> [(name, size)]
         self.slots: dict[str, list[tuple[str, int]]] = {c: [] for c in CLIENTS}
         self.batches = 0
+        self.serial = 0
         self.failed_over = False
         self.counts: dict[str, int] = {}
 
@@ -139,13 +140,18 @@ class HaMachine(RuleBasedStateMachine):
 
     # --- set-up -------------------------------------------------------------------
 
+    def _mount(self, client: str, serial: int) -> None:
+        i = CLIENTS.index(client)
+        info = SegmentInfo(
+            id=f"{client}-s{serial}", name=f"host{i}:1", base=0x100_0000 * serial, size=SEG_BYTES
+        )
+        self.leader.mount_segment(client, info, self.now)
+
     @initialize()
     def mount_all(self) -> None:
-        for i, client in enumerate(CLIENTS):
-            info = SegmentInfo(
-                id=f"{client}-s", name=f"host{i}:1", base=0x100_0000 * (i + 1), size=SEG_BYTES
-            )
-            self.leader.mount_segment(client, info, self.now)
+        for client in CLIENTS:
+            self.serial += 1
+            self._mount(client, self.serial)
         self._shipped()
         self._deliver()
 
@@ -214,6 +220,40 @@ class HaMachine(RuleBasedStateMachine):
             return
         self.posted.append((client, key, name))
         self.acked[key] = size
+
+    @precondition(lambda self: not self.failed_over)
+    @rule(client=clients, batch=st.lists(keys, min_size=2, max_size=4, unique=True))
+    def lazy_commit_many(self, client: str, batch: list[str]) -> None:
+        """BatchCommitSlots: each pair answered as commit_slot would, one
+        confirmation posted for the pairs the leader committed."""
+        mine = self.slots[client]
+        pairs = [mine.pop(0) for _ in range(min(len(batch), len(mine)))]
+        if not pairs:
+            return
+        names = [name for name, _ in pairs]
+        self._replied()
+        out = self.leader.commit_slots_many(client, names, batch[: len(names)], self.now)
+        self._shipped()
+        for (name, size), key, err in zip(pairs, batch, out, strict=False):
+            if err is None:
+                self._count("commit_many")
+                self.posted.append((client, key, name))
+                self.acked[key] = size
+            else:
+                self._count(f"commit_many:{err.code}")
+
+    @precondition(lambda self: not self.failed_over)
+    @rule(client=clients, remount=st.booleans())
+    def expire(self, client: str, remount: bool) -> None:
+        """A client the leader expires (its segment and objects go, its writes in
+        flight are revoked), perhaps back at once with a new segment."""
+        self.leader.expire_client(client, self.now)
+        self._shipped()
+        self.slots[client].clear()
+        if remount:
+            self.serial += 1
+            self._mount(client, self.serial)
+            self._shipped()
 
     # --- the stream and the standby ---------------------------------------------------
 
