@@ -4,8 +4,8 @@ starts), chosen where the kernel's own choices cannot land.
 Binding port 0, reading the port and closing the socket returns a port that the
 kernel may hand to the next outgoing connection of any process (its ephemeral
 range, ``net.ipv4.ip_local_port_range``, 32768-60999 by default) before the
-command binds it: on a busy test run a master then failed to start with "address
-in use".  :func:`free_port` instead picks at random among the ports below that
+command binds it, and the command then fails with "address in use" (a race that
+shared/CONVENTIONS.md names; not seen failing here).  :func:`free_port` instead picks at random among the ports below that
 range, which only explicit binds use, checks that the port can be bound now, and
 never hands out the same port twice in one process.
 """
