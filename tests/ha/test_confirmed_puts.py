@@ -115,6 +115,26 @@ def test_puts_acknowledged_before_their_commit_reached_the_standby_survive(
             assert client.get(k) == _value(k, 1000), k
 
 
+def test_an_upsert_right_after_a_confirmed_put_survives_a_failover(held_back: HaMasters) -> None:
+    """An upsert's end is never confirmed to the standby (it could not tell the
+    replacement's confirmation from the earlier put's, whose commit the leader
+    still holds back): it ends plainly, so the leader answers once a standby has
+    everything shipped before, and the replacement survives the leader's death
+    (tests/store/test_ha_machine.py: a model that confirmed upserts lost them)."""
+    leader = held_back.leader()
+    with _client(held_back, 0) as client:
+        _knows_standby(client, held_back)
+        old, new = _value("u-old", 4096), _value("u-new", 8192)
+        assert client.put("u", old) is True
+        assert client.confirms.confirmed_keys == 1
+        sent = _count_requests(client)
+        client.upsert("u", new)
+        assert sent["UpsertEnd"] == 1 and "PutEnd" not in sent, sent  # ended plainly
+        leader.node.kill(signal.SIGKILL)
+        held_back.new_leader(leader)
+        assert client.get("u") == new
+
+
 def test_a_standby_that_cannot_confirm_makes_the_leader_wait_for_it(
     held_back: HaMasters,
 ) -> None:

@@ -193,6 +193,22 @@ class HaMachine(RuleBasedStateMachine):
         self.acked[key] = size
 
     @precondition(lambda self: not self.failed_over)
+    @rule(client=clients, key=keys, size=sizes)
+    def upsert(self, client: str, key: str, size: int) -> None:
+        """An upsert (insert or replace; the old value stays readable until the
+        end), always ended plainly: clients never confirm upserts
+        (``_writes._finish``), because a standby could not tell the confirmation
+        of a replacement whose start it has not applied yet from one of the
+        key's earlier write (a model that confirmed them lost upserts here)."""
+        self._replied()
+        if not self._try("upsert", self.leader.upsert_start, client, key, size, ONE, self.now):
+            return
+        if not self._try("upsert_end", self.leader.upsert_end, client, key, self.now):
+            return
+        self._deliver()
+        self.acked[key] = size
+
+    @precondition(lambda self: not self.failed_over)
     @rule(client=clients, size=sizes, count=st.integers(1, 4))
     def reserve(self, client: str, size: int, count: int) -> None:
         """ReserveSlots: answered once a standby has the reservation."""
@@ -354,7 +370,10 @@ class HaMachine(RuleBasedStateMachine):
         self.now += dt
         state.tick(self.now)
         for key in list(_readable(state))[:1]:
-            state.remove(key, True, self.now)
+            try:
+                state.remove(key, True, self.now)
+            except StoreError:  # (being written: an upsert)
+                self._count("new_leader:remove-refused")
 
     # --- invariants ---------------------------------------------------------------------
 
