@@ -11,9 +11,10 @@ commits it under the key (``CommitSlot``): one round trip per put, plus one
 per reservation, whose size doubles each time a pool runs dry (up to
 ``PYMOONCAKE_PUT_SLOT_BYTES``, 16 MiB, per value size and config: with HA a
 reservation waits for a standby, ~0.5 ms, and 4 MiB pools made one put of
-1 MiB in four wait for one -- an HA put p90 of ~970 us against ~600 with 16).  A batch put whose
-values fit the pools of their sizes does the same with ``BatchCommitSlots``:
-one round trip per batch instead of BatchPutStart + BatchPutEnd.
+1 MiB in four wait for one -- an HA put p90 of ~970 us against ~600 with 16).
+A batch put whose values fit the pools of their sizes does the same with
+``BatchCommitSlots``: one round trip per batch instead of BatchPutStart +
+BatchPutEnd.
 
 A reserved buffer is only written while it is certainly still reserved:
 

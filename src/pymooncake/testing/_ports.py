@@ -22,8 +22,9 @@ __all__ = ["free_port"]
 #: the lowest port handed out (below: well-known and registered services'
 #: defaults that a test host may run, e.g. etcd 2379, Redis 6379)
 _FLOOR: Final = 20000
-#: the kernel's default ephemeral range, when /proc does not say
-_DEFAULT_EPHEMERAL: Final = (32768, 60999)
+#: the start of the kernel's default ephemeral range (32768-60999), when /proc
+#: does not say
+_DEFAULT_EPHEMERAL_LOW: Final = 32768
 _handed: set[int] = set()
 _lock = threading.Lock()
 _rng = random.SystemRandom()
@@ -34,7 +35,7 @@ def _ephemeral_low() -> int:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
-        return _DEFAULT_EPHEMERAL[0]
+        return _DEFAULT_EPHEMERAL_LOW
 
 
 def _bindable(host: str, port: int) -> bool:
