@@ -705,6 +705,9 @@ def render(data: dict[str, Any]) -> str:
     busy = data["config"].get("competitors", 0)
     if busy:
         lines.append(f"Busy host: {busy} CPU-bound competitor process(es) ran throughout")
+    pin = data["config"].get("pin_cpu")
+    if pin is not None:
+        lines.append(f"Every process ran on CPU {pin} (--pin-cpu)")
     lines.append(C.machine_line(data))
     return "\n".join(lines)
 
@@ -773,11 +776,14 @@ def driver_main(a: argparse.Namespace) -> int:
             "worker_env": C.STORE_WORKER_ENV,
             "quick": a.quick,
             "competitors": a.competitors,
+            "pin_cpu": a.pin_cpu,
             "argv": a.argv,
         },
         "impls": {impl: C.impl_version(C.base_impl(impl), py) for impl, py in pythons.items()},
         "runs": [],
     }
+    if a.pin_cpu is not None:  # inherited by every process started from here on
+        os.sched_setaffinity(0, {a.pin_cpu})
     t_start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="store_bench-"))
     try:
@@ -846,6 +852,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=0,
         help="CPU-bound processes running throughout (a busy host; e.g. one per core)",
+    )
+    p.add_argument(
+        "--pin-cpu",
+        type=int,
+        default=None,
+        help="run every process (master, A, B, competitors) on this one CPU: the mode "
+        "in which a busy host's scheduler often keeps a client and its master, made "
+        "deterministic (each call then costs the CPU time of both sides)",
     )
     p.add_argument("--buffer-bytes", type=int, default=C.GiB, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

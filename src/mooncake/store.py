@@ -199,7 +199,7 @@ _DICT_KEYS = set(_POSITIONAL) | {"ipc_socket_path", *_SETUP_KEYWORDS}
 
 def _gil_hold_s() -> float:
     """PYMOONCAKE_GIL_HOLD_US: microseconds a master call may wait with the GIL held
-    (default 2000; 0 turns it off, see pymooncake/_heldio.py)."""
+    (default 4000; 0 turns it off, see pymooncake/_heldio.py)."""
     text = os.environ.get("PYMOONCAKE_GIL_HOLD_US", "").strip()
     if not text:
         return DEFAULT_HOLD_S
