@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import ssl
 import subprocess
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from pymooncake._busypoll import GUARD, SpinGuard
-from pymooncake._heldio import DEFAULT_SPIN_S, HeldSocket, held_socket, spin_from_env
+from pymooncake._heldio import DEFAULT_SPIN_S, HeldSocket, held_socket, ready_now, spin_from_env
 
 #: a peer in another process (a thread of ours would need the GIL to answer): it
 #: wakes our probe thread (pipe), then answers on the socket ``gap`` seconds later
@@ -113,6 +114,42 @@ def test_a_long_wait_falls_back_and_large_sends_complete(
     thread.join(30)
     assert not thread.is_alive()
     assert received == b"y" * (4 << 20)
+
+
+def test_ready_now_names_the_closed_connections_and_keeps_the_gil() -> None:
+    """``ready_now`` reports the sockets whose peer closed, and never gives up the GIL:
+    a thread that became runnable before the calls runs only after them (a
+    ``select.poll`` would hand it the GIL at the first call; beside a busy thread
+    taking it back costs a switch interval, which made every put wait for one)."""
+    events = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+    (a, b), (c, d) = socket.socketpair(), socket.socketpair()
+    rfd, wfd = os.pipe()
+    ran: list[bool] = []
+    old = sys.getswitchinterval()
+    try:
+        d.close()
+        assert ready_now([a.fileno(), c.fileno()], events) == {c.fileno()}
+        assert ready_now([a.fileno()], events) == set()
+        thread = threading.Thread(target=lambda: ran.append(bool(os.read(rfd, 1))))
+        thread.start()
+        time.sleep(0.05)  # the thread blocks in read (GIL released)
+        sys.setswitchinterval(5.0)  # no forced hand-over during the calls below
+        os.write(wfd, b"x")
+        until = time.monotonic() + 0.05
+        while time.monotonic() < until:  # the thread is woken and waits for the GIL
+            pass
+        for _ in range(100):
+            ready_now([a.fileno(), c.fileno()], events)
+        assert not ran
+        sys.setswitchinterval(old)
+        thread.join(10)
+        assert ran == [True]
+    finally:
+        sys.setswitchinterval(old)
+        for s in (a, b, c):
+            s.close()
+        os.close(rfd)
+        os.close(wfd)
 
 
 def test_eof(pair: tuple[socket.socket, socket.socket]) -> None:

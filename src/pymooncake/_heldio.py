@@ -54,12 +54,19 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 from ._busypoll import GUARD, micros_from_env
 
-__all__ = ["DEFAULT_HOLD_S", "DEFAULT_SPIN_S", "HeldSocket", "held_socket", "spin_from_env"]
+__all__ = [
+    "DEFAULT_HOLD_S",
+    "DEFAULT_SPIN_S",
+    "HeldSocket",
+    "held_socket",
+    "ready_now",
+    "spin_from_env",
+]
 
 #: how long a wait may keep the GIL: many master round trips, under the 5 ms
 #: switch interval it saves, and at least one scheduler tick (see "Why 4 ms")
@@ -191,6 +198,21 @@ class HeldSocket:
             if not self._hold_ms or poll(ctypes.byref(self._pfd), 1, self._hold_ms) <= 0:  # type: ignore[operator]
                 break  # nothing within the hold (or interrupted): wait the ordinary way
         return self.sock.recv(cap)
+
+
+def ready_now(fds: Sequence[int], events: int) -> set[int] | None:
+    """The descriptors of ``fds`` that have any of ``events`` now (``poll`` with no
+    timeout), asked with the GIL held: ``select.poll`` releases the GIL even for
+    a zero timeout, and beside a busy Python thread getting it back costs up to
+    the 5 ms switch interval.  None where libc cannot be called (use
+    ``select.poll``)."""
+    if _LIBC is None:
+        return None
+    _, _, poll = _LIBC
+    arr = (_PollFd * len(fds))(*[_PollFd(fd, events, 0) for fd in fds])
+    if poll(arr, len(fds), 0) <= 0:  # type: ignore[operator]
+        return set()  # nothing, or interrupted: asked again at the next call
+    return {p.fd for p in arr if p.revents}
 
 
 def held_socket(

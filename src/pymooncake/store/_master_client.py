@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .._authio import ClusterSecurity, secure_client
-from .._heldio import DEFAULT_HOLD_S, DEFAULT_SPIN_S, HeldSocket, held_socket
+from .._heldio import DEFAULT_HOLD_S, DEFAULT_SPIN_S, HeldSocket, held_socket, ready_now
 from .._net import connect_tcp, is_local_address, set_io_timeout, split_host_port
 from ..errors import (
     AuthenticationError,
@@ -392,12 +392,13 @@ class MasterClient:
             conns = list(self._idle)
         if not conns:
             return True
-        poller = select.poll()
-        for c in conns:
-            fd = c.sock.fileno()
-            if fd >= 0:
+        fds = [fd for fd in (c.sock.fileno() for c in conns) if fd >= 0]
+        closed = ready_now(fds, _CLOSED_EVENTS)  # with the GIL held: see ready_now
+        if closed is None:
+            poller = select.poll()
+            for fd in fds:
                 poller.register(fd, _CLOSED_EVENTS)
-        closed = {fd for fd, _ in poller.poll(0)}
+            closed = {fd for fd, _ in poller.poll(0)}
         if not closed:
             return True
         with self._lock:
