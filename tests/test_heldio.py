@@ -15,7 +15,15 @@ from collections.abc import Iterator
 import pytest
 
 from pymooncake._busypoll import GUARD, SpinGuard
-from pymooncake._heldio import DEFAULT_SPIN_S, HeldSocket, held_socket, ready_now, spin_from_env
+from pymooncake._heldio import (
+    DEFAULT_SPIN_S,
+    HeldSocket,
+    held_socket,
+    ready_now,
+    recv_into_held,
+    send_held,
+    spin_from_env,
+)
 
 #: a peer in another process (a thread of ours would need the GIL to answer): it
 #: wakes our probe thread (pipe), then answers on the socket ``gap`` seconds later
@@ -150,6 +158,33 @@ def test_ready_now_names_the_closed_connections_and_keeps_the_gil() -> None:
             s.close()
         os.close(rfd)
         os.close(wfd)
+
+
+def test_recv_into_held_and_send_held(pair: tuple[socket.socket, socket.socket]) -> None:
+    """The TCP transport's small waits: data within the hold is received into the
+    view; nothing within it is None (the caller waits the ordinary way); EOF is 0."""
+    a, b = pair
+    view = memoryview(bytearray(16))
+    started = time.monotonic()
+    assert recv_into_held(a, view, 20) is None
+    assert time.monotonic() - started >= 0.015
+    send_held(b, b"hello")
+    assert recv_into_held(a, view, 20) == 5
+    assert bytes(view[:5]) == b"hello"
+    big = os.urandom(4 << 20)  # more than the socket buffer: the rest the ordinary way
+    got = bytearray()
+
+    def reader() -> None:
+        while len(got) < len(big):
+            got.extend(a.recv(1 << 20))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    send_held(b, big)
+    thread.join(30)
+    assert bytes(got) == big
+    b.close()
+    assert recv_into_held(a, view, 20) == 0
 
 
 def test_eof(pair: tuple[socket.socket, socket.socket]) -> None:

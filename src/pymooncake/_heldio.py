@@ -65,6 +65,8 @@ __all__ = [
     "HeldSocket",
     "held_socket",
     "ready_now",
+    "recv_into_held",
+    "send_held",
     "spin_from_env",
 ]
 
@@ -150,17 +152,9 @@ class HeldSocket:
     def sendall(self, data: bytes) -> None:
         """Send ``data``: what the socket buffer takes at once with the GIL held,
         the rest with ``sock.sendall``."""
-        assert _LIBC is not None
-        _, send, _ = _LIBC
-        n = send(self._fd, data, len(data), _SEND_FLAGS)  # type: ignore[operator]
-        if n == len(data):
-            return
-        if n < 0:
-            err = ctypes.get_errno()
-            if err not in _AGAIN and err != errno.EINTR:
-                raise OSError(err, os.strerror(err))
-            n = 0
-        self.sock.sendall(memoryview(data)[n:])
+        n = _send_prefix(self._fd, data)
+        if n != len(data):
+            self.sock.sendall(memoryview(data)[n:])
 
     def recv(self, spin_s: float | None = None) -> bytes:
         """Bytes that arrived (at least one), waiting up to ``hold_s`` with the GIL
@@ -198,6 +192,61 @@ class HeldSocket:
             if not self._hold_ms or poll(ctypes.byref(self._pfd), 1, self._hold_ms) <= 0:  # type: ignore[operator]
                 break  # nothing within the hold (or interrupted): wait the ordinary way
         return self.sock.recv(cap)
+
+
+def _send_prefix(fd: int, data: bytes) -> int:
+    """Send what the socket buffer of ``fd`` takes now, with the GIL held; returns
+    how much (0 when it is full or the call was interrupted).
+
+    Raises:
+        OSError: the socket failed.
+    """
+    assert _LIBC is not None
+    _, send, _ = _LIBC
+    n = send(fd, data, len(data), _SEND_FLAGS)  # type: ignore[operator]
+    if n >= 0:
+        return int(n)
+    err = ctypes.get_errno()
+    if err not in _AGAIN and err != errno.EINTR:
+        raise OSError(err, os.strerror(err))
+    return 0
+
+
+def send_held(sock: socket.socket, data: bytes) -> None:
+    """``sock.sendall(data)`` on a blocking, plain socket, the part that fits its
+    send buffer sent with the GIL held (all of a small message)."""
+    n = _send_prefix(sock.fileno(), data) if _LIBC is not None else 0
+    if n != len(data):
+        sock.sendall(memoryview(data)[n:])
+
+
+def recv_into_held(sock: socket.socket, view: memoryview, hold_ms: int) -> int | None:
+    """``sock.recv_into(view)`` with the GIL held, waiting at most ``hold_ms`` for
+    the first byte (see "Why 4 ms" for that bound); returns the bytes received
+    (0: EOF), or None when nothing came within the hold, the call was
+    interrupted or libc cannot be called: then receive the ordinary way.
+
+    Raises:
+        OSError: the socket failed.
+    """
+    if _LIBC is None or not len(view):
+        return None
+    recv, _, poll = _LIBC
+    fd = sock.fileno()
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    for _ in range(2):
+        n = recv(fd, addr, len(view), _DONTWAIT)  # type: ignore[operator]
+        if n >= 0:
+            return int(n)
+        err = ctypes.get_errno()
+        if err not in _AGAIN:
+            if err == errno.EINTR:
+                return None  # the ordinary path runs the signal handlers
+            raise OSError(err, os.strerror(err))
+        pfd = _PollFd(fd, _POLLIN, 0)
+        if poll(ctypes.byref(pfd), 1, hold_ms) <= 0:  # type: ignore[operator]
+            return None
+    return None
 
 
 def ready_now(fds: Sequence[int], events: int) -> set[int] | None:

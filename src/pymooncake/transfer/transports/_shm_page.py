@@ -20,6 +20,7 @@ TCP for it).
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -30,7 +31,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ...errors import PeerSocketError
 from ...wire import U64_MAX
@@ -57,6 +58,19 @@ _OFD_SETLK: Final = getattr(fcntl, "F_OFD_SETLK", None)
 _OFD_SETLKW: Final = getattr(fcntl, "F_OFD_SETLKW", None)
 
 
+def _load_fcntl() -> Any:
+    try:
+        fn = ctypes.PyDLL(None, use_errno=True).fcntl  # PyDLL: the call keeps the GIL
+    except (OSError, AttributeError):  # pragma: no cover - no libc
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_char_p)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_held_fcntl: Final = _load_fcntl()
+
+
 def _ofd_lock(fd: int, kind: int, start: int, *, wait: bool) -> bool:
     """Lock (``F_RDLCK``/``F_WRLCK``) or unlock (``F_UNLCK``) byte ``start`` of ``fd``
     (the copy locks of ``shm.py``: one byte per buffer, at the buffer's address).
@@ -66,6 +80,17 @@ def _ofd_lock(fd: int, kind: int, start: int, *, wait: bool) -> bool:
     if _OFD_SETLK is None or _OFD_SETLKW is None:  # pragma: no cover - not Linux
         return True
     data = _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0)
+    if _held_fcntl is not None:
+        # first without waiting and with the GIL held (fcntl.fcntl gives it up, which
+        # beside a busy Python thread costs up to a 5 ms switch interval to get back);
+        # a conflicting lock (the owner unregistering that buffer) waits the usual way
+        if _held_fcntl(fd, _OFD_SETLK, data) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err not in (errno.EAGAIN, errno.EACCES):
+            raise OSError(err, os.strerror(err))
+        if not wait:
+            return False
     try:
         fcntl.fcntl(fd, _OFD_SETLKW if wait else _OFD_SETLK, data)
     except OSError as exc:

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from ..._heldio import recv_into_held
+
 __all__ = ["IOV_MAX", "PeerClosed", "SocketReader", "sendmsg_all"]
 
 #: Linux UIO_MAXIOV
@@ -102,6 +104,7 @@ class SocketReader:
         "_pending",
         "_recv_into",
         "_start",
+        "hold_ms",
         "patience",
         "sock",
     )
@@ -124,6 +127,11 @@ class SocketReader:
         #: seconds a receive may go on timing out (short SO_RCVTIMEO) without
         #: progress before BlockingIOError reaches the caller; None: at once
         self.patience: float | None = None
+        #: an initiator's connection: wait up to this long for the small items
+        #: (status frames, small payloads) with the GIL held (``_heldio``): beside a
+        #: busy Python thread of this process, a wait that gives up the GIL costs
+        #: up to the 5 ms switch interval.  0: never (servers, large payloads)
+        self.hold_ms = 0
         if sock is not None:
             self.attach(sock, b"", before_block, pending)
 
@@ -197,10 +205,12 @@ class SocketReader:
             self._mv[:n] = self._mv[self._start : self._end]
             self._start, self._end = 0, n
         while self._end - self._start < need:
-            if greedy:
-                got = self._recv(self._mv[self._end :])
-            else:
-                got = self._recv(self._mv[self._end : self._start + need])
+            view = self._mv[self._end :] if greedy else self._mv[self._end : self._start + need]
+            got = None
+            if self.hold_ms and self.sock is not None:
+                got = recv_into_held(self.sock, view, self.hold_ms)
+            if got is None:
+                got = self._recv(view)
             if not got:
                 raise PeerClosed("peer closed the connection")
             self._end += got

@@ -114,6 +114,11 @@ class _Conn:
             pass
 
 
+#: data ports served by this process: an initiator never waits for their replies with
+#: the GIL held (the serving thread needs it to answer)
+IN_PROCESS_DATA_PORTS: set[int] = set()
+
+
 class DataServer:
     """The data-port listener (see the module docstring)."""
 
@@ -159,6 +164,7 @@ class DataServer:
         )
         self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
+        IN_PROCESS_DATA_PORTS.add(self.port)
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel.register(self._sock, selectors.EVENT_READ, "accept")
@@ -184,6 +190,7 @@ class DataServer:
             if self._closed:
                 return
             self._closed = True
+            IN_PROCESS_DATA_PORTS.discard(self.port)
             busy = [c for c in self._active.values() if c is not None]
             workers = list(self._active)
             self._work_cv.notify_all()

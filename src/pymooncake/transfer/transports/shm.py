@@ -62,9 +62,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ..._heldio import ready_now
 from ..._logging import RepeatLimiter
 from ...errors import DeviceError, PeerRejected, PeerSocketError
-from .._memory import Region, buffer_address
+from .._memory import MEMMOVE_FROM, Region, buffer_address
 from ..device._interface import DeviceBackend, IpcHandle
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
 from ._shm_page import RegistryPage, _Entry, _ofd_lock, _PeerPage, host_identity
@@ -86,9 +87,15 @@ class _IoVec(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+#: the same functions called with the GIL held, for copies below MEMMOVE_FROM: a
+#: 4 KiB copy takes a microsecond, while giving the GIL up costs a caller beside a
+#: busy Python thread up to its 5 ms switch interval to get it back
+_held_libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _pvm_read = getattr(_libc, "process_vm_readv", None)
 _pvm_write = getattr(_libc, "process_vm_writev", None)
-for _fn in (_pvm_read, _pvm_write):
+_held_pvm_read = getattr(_held_libc, "process_vm_readv", None)
+_held_pvm_write = getattr(_held_libc, "process_vm_writev", None)
+for _fn in (_pvm_read, _pvm_write, _held_pvm_read, _held_pvm_write):
     if _fn is not None:
         _fn.argtypes = (
             ctypes.c_int,
@@ -100,6 +107,9 @@ for _fn in (_pvm_read, _pvm_write):
         )
         _fn.restype = ctypes.c_ssize_t
 _memmove = ctypes.memmove
+_held_memmove = _held_libc.memmove
+_held_memmove.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_held_memmove.restype = ctypes.c_void_p
 _libc.mmap.argtypes = (
     ctypes.c_void_p,
     ctypes.c_size_t,
@@ -130,7 +140,10 @@ def _pvm(pid: int, local_addr: int, remote_addr: int, n: int, write: bool) -> No
     Raises:
         OSError: the kernel refused or the peer is gone.
     """
-    fn = _pvm_write if write else _pvm_read
+    if n < MEMMOVE_FROM:
+        fn = _held_pvm_write if write else _held_pvm_read
+    else:
+        fn = _pvm_write if write else _pvm_read
     if fn is None:
         raise OSError(errno.ENOSYS, "process_vm_readv/writev unavailable")
     done = 0
@@ -175,8 +188,10 @@ class _PeerState:
     def alive(self) -> bool:
         if self.pidfd < 0:
             return True
-        readable, _, _ = select.select([self.pidfd], [], [], 0)
-        return not readable
+        ready = ready_now([self.pidfd], select.POLLIN)  # keeps the GIL
+        if ready is None:
+            ready = set(select.select([self.pidfd], [], [], 0)[0])
+        return not ready
 
 
 class ShmTransport(Transport):
@@ -571,10 +586,11 @@ class ShmTransport(Transport):
                 if entry.fd >= 0:
                     base = self._mapping(state, entry)
                     remote = base + (s.remote_addr - entry.addr)
+                    move = _held_memmove if n < MEMMOVE_FROM else _memmove
                     if s.is_write:
-                        _memmove(remote, local, n)
+                        move(remote, local, n)
                     else:
-                        _memmove(local, remote, n)
+                        move(local, remote, n)
                     self.slices_mapped += 1
                 elif state.pvm_ok:
                     _pvm(pid, local, s.remote_addr, n, s.is_write)

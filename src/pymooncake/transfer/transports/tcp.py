@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from ..._authio import secure_client
+from ..._heldio import DEFAULT_HOLD_S, send_held
 from ..._net import connect_tcp, join_host_port, set_io_timeout
 from ...errors import (
     AuthenticationError,
@@ -47,7 +48,7 @@ from ...errors import (
 from ...wire import HEADER, STATUS, STATUS_AUTH_REQUIRED, STATUS_MAGIC, STATUS_OK, V2_FLAG
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
 from ._sockio import PeerClosed, SocketReader, sendmsg_all
-from ._tcp_server import AUTH_CONTEXT, DataServer
+from ._tcp_server import AUTH_CONTEXT, IN_PROCESS_DATA_PORTS, DataServer
 
 __all__ = ["TcpTransport"]
 
@@ -59,6 +60,9 @@ _READ_WINDOW: Final = 256
 _WRITE_WINDOW: Final = 512
 #: payloads from this size on are received in place (headers read exactly)
 _GREEDY_LIMIT: Final = 64 * 1024
+#: WRITE windows up to this size are joined and sent with the GIL held (``_heldio``)
+_HELD_BYTES: Final = 64 * 1024
+_HELD_SLICES: Final = 64
 _pack_header = HEADER.pack
 _unpack_status = STATUS.unpack_from
 
@@ -84,12 +88,15 @@ class _AuthRequired(Exception):
 
 
 class _Conn:
-    __slots__ = ("key", "reader", "reused", "sock", "timeout")
+    __slots__ = ("held", "key", "reader", "reused", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
         self.sock = sock
         self.key = key
         self.reader = SocketReader(sock)
+        if key[1] not in IN_PROCESS_DATA_PORTS:  # never hold the GIL its server needs
+            self.reader.hold_ms = int(DEFAULT_HOLD_S * 1000)
+        self.held = bool(self.reader.hold_ms)
         self.reused = False
         self.timeout: float | None = None
 
@@ -362,7 +369,10 @@ class TcpTransport(Transport):
             iov.append(s.local)
         send_error: BaseException | None = None
         try:
-            sendmsg_all(conn.sock, iov)
+            if conn.held and j - i <= _HELD_SLICES and sum(map(len, iov)) <= _HELD_BYTES:
+                send_held(conn.sock, b"".join(iov))  # a copy of a few KiB, GIL kept
+            else:
+                sendmsg_all(conn.sock, iov)
         except OSError as exc:
             send_error = exc
         if not flag:
@@ -394,7 +404,10 @@ class TcpTransport(Transport):
             _pack_header(pending[k].length, pending[k].remote_addr, flag) for k in range(i, j)
         )
         try:
-            conn.sock.sendall(headers)
+            if conn.held:
+                send_held(conn.sock, headers)
+            else:
+                conn.sock.sendall(headers)
         except OSError as exc:
             raise _Broken(i, exc) from None
         reader = conn.reader
