@@ -24,6 +24,7 @@ from pymooncake._heldio import (
     send_held,
     spin_from_env,
 )
+from pymooncake.testing import gil_probe
 
 #: a peer in another process (a thread of ours would need the GIL to answer): it
 #: wakes our probe thread (pipe), then answers on the socket ``gap`` seconds later
@@ -131,33 +132,17 @@ def test_ready_now_names_the_closed_connections_and_keeps_the_gil() -> None:
     taking it back costs a switch interval, which made every put wait for one)."""
     events = select.POLLRDHUP | select.POLLHUP | select.POLLERR
     (a, b), (c, d) = socket.socketpair(), socket.socketpair()
-    rfd, wfd = os.pipe()
-    ran: list[bool] = []
-    old = sys.getswitchinterval()
     try:
         d.close()
         assert ready_now([a.fileno(), c.fileno()], events) == {c.fileno()}
         assert ready_now([a.fileno()], events) == set()
-        thread = threading.Thread(target=lambda: ran.append(bool(os.read(rfd, 1))))
-        thread.start()
-        time.sleep(0.05)  # the thread blocks in read (GIL released)
-        sys.setswitchinterval(5.0)  # no forced hand-over during the calls below
-        os.write(wfd, b"x")
-        until = time.monotonic() + 0.05
-        while time.monotonic() < until:  # the thread is woken and waits for the GIL
-            pass
-        for _ in range(100):
-            ready_now([a.fileno(), c.fileno()], events)
-        assert not ran
-        sys.setswitchinterval(old)
-        thread.join(10)
-        assert ran == [True]
+        with gil_probe() as probe:
+            for _ in range(100):
+                ready_now([a.fileno(), c.fileno()], events)
+        assert not probe.released
     finally:
-        sys.setswitchinterval(old)
         for s in (a, b, c):
             s.close()
-        os.close(rfd)
-        os.close(wfd)
 
 
 def test_recv_into_held_and_send_held(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -6,14 +6,13 @@ after)."""
 from __future__ import annotations
 
 import os
-import sys
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from pymooncake import EngineConfig, TransferEngine
+from pymooncake.testing import gil_probe
 from pymooncake.testing._target import TargetProcess, spawn_target
 from pymooncake.transfer.transports import tcp
 from pymooncake.transfer.transports._tcp_server import IN_PROCESS_DATA_PORTS
@@ -43,34 +42,18 @@ def test_small_transfers_to_another_process_never_give_up_the_gil(
     4 ms to answer, and then the wait falls back to the ordinary one by design.)"""
     monkeypatch.setattr(tcp, "DEFAULT_HOLD_S", 5.0)
     engine = TransferEngine(LOCAL, config=tcp_only)
-    rfd, wfd = os.pipe()
-    ran: list[bool] = []
-    old = sys.getswitchinterval()
     try:
         out = bytearray(os.urandom(4096))
         back = bytearray(4096)
         engine.write(target.segment, out, target.plain)  # connects (and may wait)
-        thread = threading.Thread(target=lambda: ran.append(bool(os.read(rfd, 1))))
-        thread.start()
-        time.sleep(0.05)  # the thread blocks in read (GIL released)
-        sys.setswitchinterval(5.0)  # no forced hand-over during the transfers
-        os.write(wfd, b"x")
-        until = time.monotonic() + 0.05
-        while time.monotonic() < until:  # the thread is woken and waits for the GIL
-            pass
-        for i in range(20):
-            engine.write(target.segment, out, target.plain + 4096 * i)
-            engine.read(target.segment, back, target.plain + 4096 * i)
-            assert back == out
-        assert not ran
-        sys.setswitchinterval(old)
-        thread.join(10)
-        assert ran == [True]
+        with gil_probe() as probe:
+            for i in range(20):
+                engine.write(target.segment, out, target.plain + 4096 * i)
+                engine.read(target.segment, back, target.plain + 4096 * i)
+                assert back == out
+        assert not probe.released
     finally:
-        sys.setswitchinterval(old)
         engine.close()
-        os.close(rfd)
-        os.close(wfd)
 
 
 def test_a_target_in_this_process_is_waited_for_the_ordinary_way(

@@ -5,6 +5,7 @@ pytest fixtures over these live in :mod:`pymooncake.testing.fixtures`."""
 
 from ._cluster import LocalCluster, NodeProcess, ProcessCluster, free_port, journaled_master_flags
 from ._etcd_server import EtcdCluster, EtcdMember, EtcdStartError
+from ._gil import GilProbe, gil_probe
 from ._metadata_conformance import METADATA_CHECKS
 from ._netns import Host, NetnsError, NetnsNetwork, cleanup_stale, netns_unavailable_reason
 from ._pki import TestPki, make_test_pki
@@ -19,6 +20,7 @@ __all__ = [
     "EtcdCluster",
     "EtcdMember",
     "EtcdStartError",
+    "GilProbe",
     "Host",
     "LocalCluster",
     "MasterProxy",
@@ -33,6 +35,7 @@ __all__ = [
     "console_command",
     "find_tool",
     "free_port",
+    "gil_probe",
     "journaled_master_flags",
     "make_test_pki",
     "netns_unavailable_reason",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -94,7 +95,9 @@ class _Conn:
         self.sock = sock
         self.key = key
         self.reader = SocketReader(sock)
-        if key[1] not in IN_PROCESS_DATA_PORTS:  # never hold the GIL its server needs
+        # plain sockets only (the data port never speaks TLS), and never towards a
+        # server of this process: its thread needs the GIL to answer
+        if not isinstance(sock, ssl.SSLSocket) and key[1] not in IN_PROCESS_DATA_PORTS:
             self.reader.hold_ms = int(DEFAULT_HOLD_S * 1000)
         self.held = bool(self.reader.hold_ms)
         self.reused = False
