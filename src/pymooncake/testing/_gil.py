@@ -7,10 +7,16 @@ kernel has surely woken the thread, which now only waits for the GIL.  It can
 run only when the block releases the GIL -- a socket call, ``select``, ``sleep``,
 a lock wait.  This is how the tests check that calls beside a busy Python thread
 do not pay the switch interval (``pymooncake/_heldio.py``).
+
+A release is seen when it lasts long enough for the waiting thread to be
+scheduled: any wait, but not always a release around a system call that
+returns at once (the caller may take the GIL back first).  So a test repeats
+the calls it checks; a block that keeps the GIL is never reported as releasing it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import threading
@@ -20,6 +26,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 __all__ = ["GilProbe", "gil_probe"]
+
+_held_write = ctypes.PyDLL(None, use_errno=True).write  # PyDLL: keeps the GIL
+_held_write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+_held_write.restype = ctypes.c_ssize_t
 
 
 @dataclass
@@ -46,7 +56,10 @@ def gil_probe(settle_s: float = 0.05) -> Iterator[GilProbe]:
     try:
         time.sleep(settle_s)  # the thread blocks in read (GIL released)
         sys.setswitchinterval(max(old, 5.0))  # no forced hand-over from here on
-        os.write(wfd, b"x")
+        # written with the GIL held (os.write gives it up: the woken thread could
+        # take it before the block even starts)
+        if _held_write(wfd, b"x", 1) != 1:
+            raise OSError(ctypes.get_errno(), "gil_probe: cannot wake the probe thread")
         until = time.monotonic() + settle_s
         while time.monotonic() < until:  # the thread is woken and waits for the GIL
             pass
