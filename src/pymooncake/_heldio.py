@@ -55,7 +55,7 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 from ._busypoll import GUARD, micros_from_env
 
@@ -63,6 +63,7 @@ __all__ = [
     "DEFAULT_HOLD_S",
     "DEFAULT_SPIN_S",
     "HeldSocket",
+    "held_function",
     "held_socket",
     "ready_now",
     "recv_into_held",
@@ -96,20 +97,39 @@ class _PollFd(ctypes.Structure):
     _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
 
 
-def _load() -> tuple[object, object, object] | None:
+def _open_libc() -> ctypes.PyDLL | None:
     if os.name != "posix":
         return None
     try:
-        libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: calls keep the GIL
-        recv, send, poll = libc.recv, libc.send, libc.poll
-    except (OSError, AttributeError):
+        return ctypes.PyDLL(None, use_errno=True)  # PyDLL: calls keep the GIL
+    except OSError:
         return None
-    recv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    recv.restype = ctypes.c_ssize_t
-    send.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    send.restype = ctypes.c_ssize_t
-    poll.argtypes = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int]
-    poll.restype = ctypes.c_int
+
+
+_HELD_LIBC: Final = _open_libc()
+
+
+def held_function(name: str, argtypes: tuple[Any, ...], restype: Any) -> Any:
+    """libc's ``name``, called with the GIL held (``ctypes.PyDLL``), typed; None
+    where libc or the function is missing.  Only for calls that return at once
+    or wait a bounded moment: the whole process stops while one runs."""
+    fn = getattr(_HELD_LIBC, name, None) if _HELD_LIBC is not None else None
+    if fn is None:
+        return None
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+def _load() -> tuple[object, object, object] | None:
+    io = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    recv = held_function("recv", io, ctypes.c_ssize_t)
+    send = held_function("send", io, ctypes.c_ssize_t)
+    poll = held_function(
+        "poll", (ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int), ctypes.c_int
+    )
+    if recv is None or send is None or poll is None:
+        return None
     return recv, send, poll
 
 
@@ -162,7 +182,7 @@ class HeldSocket:
         ``hold_s``), then in ``sock.recv`` (GIL released, the socket's timeout
         applies).  Returns b"" at EOF."""
         assert _LIBC is not None
-        recv, _, poll = _LIBC
+        recv, _, _ = _LIBC
         fd, addr, cap = self._fd, self._addr, len(self._buf)
         spin = self._spin if spin_s is None else min(spin_s, self._hold_ms / 1000)
         now = time.monotonic()
@@ -180,17 +200,9 @@ class HeldSocket:
                     break
                 if now >= stop:
                     break
-        for _ in range(2):
-            n = recv(fd, addr, cap, _DONTWAIT)  # type: ignore[operator]
-            if n >= 0:
-                return ctypes.string_at(addr, n)
-            err = ctypes.get_errno()
-            if err not in _AGAIN:
-                if err == errno.EINTR:
-                    break  # let the ordinary path run the signal handlers
-                raise OSError(err, os.strerror(err))
-            if not self._hold_ms or poll(ctypes.byref(self._pfd), 1, self._hold_ms) <= 0:  # type: ignore[operator]
-                break  # nothing within the hold (or interrupted): wait the ordinary way
+        n = _recv_within(fd, addr, cap, self._hold_ms, self._pfd)
+        if n is not None:
+            return ctypes.string_at(addr, n)
         return self.sock.recv(cap)
 
 
@@ -231,32 +243,45 @@ def recv_into_held(sock: socket.socket, view: memoryview, hold_ms: int) -> int |
     """
     if _LIBC is None or not len(view):
         return None
-    recv, _, poll = _LIBC
-    fd = sock.fileno()
     addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    fd = sock.fileno()
+    return _recv_within(fd, addr, len(view), hold_ms, _PollFd(fd, _POLLIN, 0))
+
+
+def _recv_within(fd: int, addr: int, cap: int, hold_ms: int, pfd: _PollFd) -> int | None:
+    """Receive up to ``cap`` bytes at ``addr`` with the GIL held, waiting at most
+    ``hold_ms`` for the first; the count (0: EOF), or None when nothing came within
+    the hold or a signal interrupted the wait (the ordinary path runs its handler).
+
+    Raises:
+        OSError: the socket failed.
+    """
+    assert _LIBC is not None
+    recv, _, poll = _LIBC
     for _ in range(2):
-        n = recv(fd, addr, len(view), _DONTWAIT)  # type: ignore[operator]
+        n = recv(fd, addr, cap, _DONTWAIT)  # type: ignore[operator]
         if n >= 0:
             return int(n)
         err = ctypes.get_errno()
         if err not in _AGAIN:
             if err == errno.EINTR:
-                return None  # the ordinary path runs the signal handlers
+                return None
             raise OSError(err, os.strerror(err))
-        pfd = _PollFd(fd, _POLLIN, 0)
-        if poll(ctypes.byref(pfd), 1, hold_ms) <= 0:  # type: ignore[operator]
+        if not hold_ms or poll(ctypes.byref(pfd), 1, hold_ms) <= 0:  # type: ignore[operator]
             return None
     return None
 
 
-def ready_now(fds: Sequence[int], events: int) -> set[int] | None:
+def ready_now(fds: Sequence[int], events: int) -> set[int]:
     """The descriptors of ``fds`` that have any of ``events`` now (``poll`` with no
     timeout), asked with the GIL held: ``select.poll`` releases the GIL even for
     a zero timeout, and beside a busy Python thread getting it back costs up to
-    the 5 ms switch interval.  None where libc cannot be called (use
-    ``select.poll``)."""
+    the 5 ms switch interval (``select.poll`` only where libc cannot be called)."""
     if _LIBC is None:
-        return None
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, events)
+        return {fd for fd, _ in poller.poll(0)}
     _, _, poll = _LIBC
     arr = (_PollFd * len(fds))(*[_PollFd(fd, events, 0) for fd in fds])
     if poll(arr, len(fds), 0) <= 0:  # type: ignore[operator]

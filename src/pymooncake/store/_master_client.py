@@ -394,11 +394,6 @@ class MasterClient:
             return True
         fds = [fd for fd in (c.sock.fileno() for c in conns) if fd >= 0]
         closed = ready_now(fds, _CLOSED_EVENTS)  # with the GIL held: see ready_now
-        if closed is None:
-            poller = select.poll()
-            for fd in fds:
-                poller.register(fd, _CLOSED_EVENTS)
-            closed = {fd for fd, _ in poller.poll(0)}
         if not closed:
             return True
         with self._lock:

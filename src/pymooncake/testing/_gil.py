@@ -25,11 +25,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from .._heldio import held_function
+
 __all__ = ["GilProbe", "gil_probe"]
 
-_held_write = ctypes.PyDLL(None, use_errno=True).write  # PyDLL: keeps the GIL
-_held_write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
-_held_write.restype = ctypes.c_ssize_t
+_held_write = held_function(
+    "write", (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t), ctypes.c_ssize_t
+)
 
 
 @dataclass

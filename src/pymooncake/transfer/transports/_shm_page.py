@@ -31,8 +31,9 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
+from ..._heldio import held_function
 from ...errors import PeerSocketError
 from ...wire import U64_MAX
 from .._memory import Region
@@ -58,17 +59,10 @@ _OFD_SETLK: Final = getattr(fcntl, "F_OFD_SETLK", None)
 _OFD_SETLKW: Final = getattr(fcntl, "F_OFD_SETLKW", None)
 
 
-def _load_fcntl() -> Any:
-    try:
-        fn = ctypes.PyDLL(None, use_errno=True).fcntl  # PyDLL: the call keeps the GIL
-    except (OSError, AttributeError):  # pragma: no cover - no libc
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_char_p)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_held_fcntl: Final = _load_fcntl()
+#: fcntl called with the GIL held (``_heldio``), for lock attempts that do not wait
+_held_fcntl: Final = held_function(
+    "fcntl", (ctypes.c_int, ctypes.c_int, ctypes.c_char_p), ctypes.c_int
+)
 
 
 def _ofd_lock(fd: int, kind: int, start: int, *, wait: bool) -> bool:

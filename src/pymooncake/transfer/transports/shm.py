@@ -62,7 +62,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..._heldio import ready_now
+from ..._heldio import held_function, ready_now
 from ..._logging import RepeatLimiter
 from ...errors import DeviceError, PeerRejected, PeerSocketError
 from .._memory import MEMMOVE_FROM, Region, buffer_address
@@ -87,29 +87,30 @@ class _IoVec(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_PVM_ARGS: Final = (
+    ctypes.c_int,
+    ctypes.POINTER(_IoVec),
+    ctypes.c_ulong,
+    ctypes.POINTER(_IoVec),
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+)
+_pvm_read = getattr(_libc, "process_vm_readv", None)
+_pvm_write = getattr(_libc, "process_vm_writev", None)
+for _fn in (_pvm_read, _pvm_write):
+    if _fn is not None:
+        _fn.argtypes = _PVM_ARGS
+        _fn.restype = ctypes.c_ssize_t
+_memmove = ctypes.memmove
 #: the same functions called with the GIL held, for copies below MEMMOVE_FROM: a
 #: 4 KiB copy takes a microsecond, while giving the GIL up costs a caller beside a
 #: busy Python thread up to its 5 ms switch interval to get it back
-_held_libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_pvm_read = getattr(_libc, "process_vm_readv", None)
-_pvm_write = getattr(_libc, "process_vm_writev", None)
-_held_pvm_read = getattr(_held_libc, "process_vm_readv", None)
-_held_pvm_write = getattr(_held_libc, "process_vm_writev", None)
-for _fn in (_pvm_read, _pvm_write, _held_pvm_read, _held_pvm_write):
-    if _fn is not None:
-        _fn.argtypes = (
-            ctypes.c_int,
-            ctypes.POINTER(_IoVec),
-            ctypes.c_ulong,
-            ctypes.POINTER(_IoVec),
-            ctypes.c_ulong,
-            ctypes.c_ulong,
-        )
-        _fn.restype = ctypes.c_ssize_t
-_memmove = ctypes.memmove
-_held_memmove = _held_libc.memmove
-_held_memmove.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-_held_memmove.restype = ctypes.c_void_p
+_held_pvm_read = held_function("process_vm_readv", _PVM_ARGS, ctypes.c_ssize_t) or _pvm_read
+_held_pvm_write = held_function("process_vm_writev", _PVM_ARGS, ctypes.c_ssize_t) or _pvm_write
+_held_memmove = (
+    held_function("memmove", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t), ctypes.c_void_p)
+    or _memmove
+)
 _libc.mmap.argtypes = (
     ctypes.c_void_p,
     ctypes.c_size_t,
@@ -188,10 +189,7 @@ class _PeerState:
     def alive(self) -> bool:
         if self.pidfd < 0:
             return True
-        ready = ready_now([self.pidfd], select.POLLIN)  # keeps the GIL
-        if ready is None:
-            ready = set(select.select([self.pidfd], [], [], 0)[0])
-        return not ready
+        return not ready_now([self.pidfd], select.POLLIN)  # keeps the GIL
 
 
 class ShmTransport(Transport):

@@ -89,7 +89,7 @@ class _AuthRequired(Exception):
 
 
 class _Conn:
-    __slots__ = ("held", "key", "reader", "reused", "sock", "timeout")
+    __slots__ = ("key", "reader", "reused", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
         self.sock = sock
@@ -99,7 +99,6 @@ class _Conn:
         # server of this process: its thread needs the GIL to answer
         if not isinstance(sock, ssl.SSLSocket) and key[1] not in IN_PROCESS_DATA_PORTS:
             self.reader.hold_ms = int(DEFAULT_HOLD_S * 1000)
-        self.held = bool(self.reader.hold_ms)
         self.reused = False
         self.timeout: float | None = None
 
@@ -372,7 +371,7 @@ class TcpTransport(Transport):
             iov.append(s.local)
         send_error: BaseException | None = None
         try:
-            if conn.held and j - i <= _HELD_SLICES and sum(map(len, iov)) <= _HELD_BYTES:
+            if conn.reader.hold_ms and j - i <= _HELD_SLICES and sum(map(len, iov)) <= _HELD_BYTES:
                 send_held(conn.sock, b"".join(iov))  # a copy of a few KiB, GIL kept
             else:
                 sendmsg_all(conn.sock, iov)
@@ -407,7 +406,7 @@ class TcpTransport(Transport):
             _pack_header(pending[k].length, pending[k].remote_addr, flag) for k in range(i, j)
         )
         try:
-            if conn.held:
+            if conn.reader.hold_ms:
                 send_held(conn.sock, headers)
             else:
                 conn.sock.sendall(headers)
