@@ -274,6 +274,43 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / tick
 
 
+def sched_ns(pid: int, group: bool = False) -> tuple[int, int]:
+    """(ran, waited): nanoseconds every thread of process ``pid`` has run on a CPU
+    and has waited runnable for one (the first two fields of each
+    /proc/<pid>/task/<tid>/schedstat), summed; with ``group``, of every process in
+    process group ``pid`` (a reference console script is a Python wrapper around
+    the ELF child that does the work).  Threads that exited are not counted, so
+    take both snapshots of a phase while its processes live.  (0, 0) where /proc
+    has no schedstat."""
+    if group:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[2]) == pid:
+                            pids.append(entry)
+                except (OSError, ValueError, IndexError):
+                    continue
+    else:
+        pids = [str(pid)]
+    ran = waited = 0
+    for p in pids:
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/schedstat") as f:
+                    fields = f.read().split()
+                ran += int(fields[0])
+                waited += int(fields[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    return ran, waited
+
+
 @contextlib.contextmanager
 def competitors(n: int, max_s: float = 3600.0) -> Iterator[list[int]]:
     """``n`` CPU-bound processes (a pure-Python busy loop each) for the duration of the

@@ -54,6 +54,8 @@ IMPL_ENV = {"ref": {}, "py": {}, "pytcp": {"PYMOONCAKE_SAME_HOST": "0"}}
 SCENARIOS = ("2proc", "1proc")
 APIS = ("bytes", "zcopy", "batch")
 LAT_OPS = ("put", "get", "is_exist", "remove")
+#: per small call: CPU of the caller's process and of the master, and their waits for a CPU
+CPU_FIELDS = ("cpu_client_us", "cpu_master_us", "wait_client_us", "wait_master_us")
 DEFAULT_SIZES = "4K,64K,1M,8M,32M"
 QUICK_SIZES = "4K,1M,32M"
 #: warm-up: put_from 32 MiB objects over this share of A's segment, then remove them. The
@@ -502,7 +504,9 @@ def run_impl(impl: str, run: int, python: str, a: argparse.Namespace, tmp: Path)
             ]
             lat_timeout = 60 + n * 0.02
             for op, w, p in plan:
+                before = C.sched_ns(w.pid), C.sched_ns(procs.master.pid, group=True)
                 r = w.call("lat", lat_timeout, op=op, size=size, n=n, prefix=p)
+                r.update(_cpu_per_call(before, (w.pid, procs.master.pid), n))
                 res["latency"].append({"scenario": scen, "op": op, "keys": n, **r})
                 C.progress(
                     f"  {impl} {scen} {op:8}: p50 {r['p50_us']:.0f} us p99 {r['p99_us']:.0f} us "
@@ -521,6 +525,23 @@ def run_impl(impl: str, run: int, python: str, a: argparse.Namespace, tmp: Path)
     finally:
         procs.stop()
     return res
+
+
+def _cpu_per_call(
+    before: tuple[tuple[int, int], tuple[int, int]], pids: tuple[int, int], n: int
+) -> dict[str, float]:
+    """What the caller's process and the master's process group spent per call since
+    ``before`` (their :func:`C.sched_ns`): CPU time (every thread) and time spent
+    runnable but waiting for a CPU, in us.  On a busy host a small call's latency
+    tracks the CPU of both sides: they run one after the other, and every
+    microsecond of it is taken from, and waited for behind, the competitors."""
+    client = C.sched_ns(pids[0])
+    master = C.sched_ns(pids[1], group=True)
+    out = {}
+    for side, old, now in (("client", before[0], client), ("master", before[1], master)):
+        out[f"cpu_{side}_us"] = (now[0] - old[0]) / n / 1e3
+        out[f"wait_{side}_us"] = (now[1] - old[1]) / n / 1e3
+    return out
 
 
 def _others(impls: list[str]) -> list[str]:
@@ -569,8 +590,8 @@ def _summaries(data: dict[str, Any], a: argparse.Namespace) -> None:
             s = {"scenario": scen, "op": op}
             for impl in a.impls:
                 got = [x for x in of(impl, "latency") if (x["scenario"], x["op"]) == (scen, op)]
-                for k in ("p50_us", "p99_us", "ops_s"):
-                    s[f"{k}_{impl}"] = C.summary([x[k] for x in got])
+                for k in ("p50_us", "p99_us", "ops_s", *CPU_FIELDS):
+                    s[f"{k}_{impl}"] = C.summary([x[k] for x in got if k in x])
                 s[f"fails_{impl}"] = sum(x["fails"] for x in got)
             for o in others:
                 s[f"p50_ratio_{o}"] = C.ratio(s.get(f"p50_us_{o}"), s.get("p50_us_ref"))
@@ -600,6 +621,41 @@ def _summaries(data: dict[str, Any], a: argparse.Namespace) -> None:
 
 def _r(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def _us(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def _render_cpu(latency: list[dict[str, Any]], impls: list[str]) -> list[str]:
+    """The CPU each side spent per small call (see :func:`_cpu_per_call`)."""
+    header = ["scenario", "op"]
+    for i in impls:
+        header += [f"client {i}", f"master {i}", f"both {i}", f"waited {i}"]
+    rows = []
+    for x in latency:
+        row = [x["scenario"], x["op"]]
+        for i in impls:
+            c, m, wc, wm = (
+                (x.get(f"{k}_{i}") or {}).get("median")
+                for k in ("cpu_client_us", "cpu_master_us", "wait_client_us", "wait_master_us")
+            )
+            row += [
+                _us(c),
+                _us(m),
+                _us(c + m if c is not None and m is not None else None),
+                _us(wc + wm if wc is not None and wm is not None else None),
+            ]
+        rows.append(row)
+    return [
+        "### CPU per small call (us, median over runs): the caller's process (every thread), "
+        "the master's, both, and how long both waited runnable for a CPU",
+        "",
+        C.markdown_table(header, rows),
+        "",
+        "On a busy host a small call's p50 tracks `both`: client and master run one after "
+        "the other, each behind the competitors.",
+    ]
 
 
 def render(data: dict[str, Any]) -> str:
@@ -669,6 +725,7 @@ def render(data: dict[str, Any]) -> str:
             f"Goal {o} p50 <= ref for every op: {C.check(g['small_op_p50_le_ref_every_op'])} "
             f"({g['small_op_cases']})"
         )
+    lines += ["", *_render_cpu(sm["latency"], impls)]
     lines += [
         "",
         "### Memory (MiB, median (min-max) over runs): peak RSS (VmHWM), and of the RSS at "
