@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEVICE_VIEW",
+    "PVM_ARGS",
+    "IoVec",
     "MemoryRegistry",
     "Region",
     "UseSlot",
@@ -58,39 +60,56 @@ __all__ = [
     "allocate_shared",
     "buffer_address",
     "is_host_memory",
+    "pvm_read",
+    "pvm_write",
     "view_at",
 ]
 
 
-class _IoVec(ctypes.Structure):
+class IoVec(ctypes.Structure):
+    """``struct iovec``: one (address, length) of a ``process_vm_readv``/``writev``."""
+
     _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_pvm_read: Any = getattr(_libc, "process_vm_readv", None)
-if _pvm_read is not None:
-    _pvm_read.argtypes = (
-        ctypes.c_int,
-        ctypes.POINTER(_IoVec),
-        ctypes.c_ulong,
-        ctypes.POINTER(_IoVec),
-        ctypes.c_ulong,
-        ctypes.c_ulong,
-    )
-    _pvm_read.restype = ctypes.c_ssize_t
+#: the argument types of ``process_vm_readv``/``writev`` (pid, local iovecs and
+#: count, remote iovecs and count, flags)
+PVM_ARGS: Final = (
+    ctypes.c_int,
+    ctypes.POINTER(IoVec),
+    ctypes.c_ulong,
+    ctypes.POINTER(IoVec),
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+)
+
+
+def _libc_function(name: str) -> Any:
+    """libc's ``name`` typed as a ``process_vm_*`` call (GIL released while it
+    runs), or None where libc lacks it."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), name, None)
+    if fn is not None:
+        fn.argtypes = PVM_ARGS
+        fn.restype = ctypes.c_ssize_t
+    return fn
+
+
+#: ``process_vm_readv``/``writev``, or None where libc lacks them
+pvm_read: Final[Any] = _libc_function("process_vm_readv")
+pvm_write: Final[Any] = _libc_function("process_vm_writev")
 
 
 def _readable_pvm(addrs: tuple[int, ...]) -> bool | None:
     """Each address readable, asked through process_vm_readv on ourselves; None
     when the call is unavailable (seccomp, old kernel)."""
-    if _pvm_read is None:
+    if pvm_read is None:
         return None
     probe = ctypes.create_string_buffer(1)
-    local = _IoVec(ctypes.addressof(probe), 1)
+    local = IoVec(ctypes.addressof(probe), 1)
     pid = os.getpid()
     for addr in addrs:
-        remote = _IoVec(addr, 1)
-        if _pvm_read(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != 1:
+        remote = IoVec(addr, 1)
+        if pvm_read(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != 1:
             err = ctypes.get_errno()
             if err in (errno.ENOSYS, errno.EPERM):
                 return None

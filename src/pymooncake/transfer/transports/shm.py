@@ -65,7 +65,7 @@ from typing import Any, Final
 from ..._heldio import held_function, ready_now
 from ..._logging import RepeatLimiter
 from ...errors import DeviceError, PeerRejected, PeerSocketError
-from .._memory import MEMMOVE_FROM, Region, buffer_address
+from .._memory import MEMMOVE_FROM, PVM_ARGS, IoVec, Region, buffer_address, pvm_read, pvm_write
 from ..device._interface import DeviceBackend, IpcHandle
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
 from ._shm_page import RegistryPage, _Entry, _ofd_lock, _PeerPage, host_identity
@@ -82,31 +82,13 @@ _FIELD: Final = "pymooncake_shm"
 # --------------------------------------------------------------------------------
 
 
-class _IoVec(ctypes.Structure):
-    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
-
-
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_PVM_ARGS: Final = (
-    ctypes.c_int,
-    ctypes.POINTER(_IoVec),
-    ctypes.c_ulong,
-    ctypes.POINTER(_IoVec),
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-)
-_pvm_read = getattr(_libc, "process_vm_readv", None)
-_pvm_write = getattr(_libc, "process_vm_writev", None)
-for _fn in (_pvm_read, _pvm_write):
-    if _fn is not None:
-        _fn.argtypes = _PVM_ARGS
-        _fn.restype = ctypes.c_ssize_t
 _memmove = ctypes.memmove
 #: the same functions called with the GIL held, for copies below MEMMOVE_FROM: a
 #: 4 KiB copy takes a microsecond, while giving the GIL up costs a caller beside a
 #: busy Python thread up to its 5 ms switch interval to get it back
-_held_pvm_read = held_function("process_vm_readv", _PVM_ARGS, ctypes.c_ssize_t) or _pvm_read
-_held_pvm_write = held_function("process_vm_writev", _PVM_ARGS, ctypes.c_ssize_t) or _pvm_write
+_held_pvm_read = held_function("process_vm_readv", PVM_ARGS, ctypes.c_ssize_t) or pvm_read
+_held_pvm_write = held_function("process_vm_writev", PVM_ARGS, ctypes.c_ssize_t) or pvm_write
 _held_memmove = (
     held_function("memmove", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t), ctypes.c_void_p)
     or _memmove
@@ -144,13 +126,13 @@ def _pvm(pid: int, local_addr: int, remote_addr: int, n: int, write: bool) -> No
     if n < MEMMOVE_FROM:
         fn = _held_pvm_write if write else _held_pvm_read
     else:
-        fn = _pvm_write if write else _pvm_read
+        fn = pvm_write if write else pvm_read
     if fn is None:
         raise OSError(errno.ENOSYS, "process_vm_readv/writev unavailable")
     done = 0
     while done < n:
-        local = _IoVec(local_addr + done, n - done)
-        remote = _IoVec(remote_addr + done, n - done)
+        local = IoVec(local_addr + done, n - done)
+        remote = IoVec(remote_addr + done, n - done)
         got = fn(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
         if got < 0:
             err = ctypes.get_errno()
