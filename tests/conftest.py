@@ -7,10 +7,14 @@ memfds, pipes): what a test starts, it must stop.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -71,6 +75,26 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if extra_fds:
         msgs.append("leaked fds: " + ", ".join(_describe(fd) for fd in sorted(extra_fds)))
     pytest.fail("; ".join(msgs))
+
+
+@pytest.fixture
+def load_bench() -> Callable[[str], ModuleType]:
+    """Imports ``bench/<name>.py`` (with ``bench/`` on the path while it loads, for its
+    ``import _common``): the benches are scripts, not a package."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+
+    def load(name: str) -> ModuleType:
+        sys.path.insert(0, str(bench))
+        try:
+            spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        finally:
+            sys.path.remove(str(bench))
+
+    return load
 
 
 @pytest.fixture

@@ -4,34 +4,20 @@ per-call table that shows where a busy host's latency goes."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 pytestmark = pytest.mark.skipif(
     not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/schedstat").exists(),
     reason="needs /proc/<pid>/task/<tid>/schedstat (Linux with schedstats)",
 )
-
-
-def _load(name: str) -> ModuleType:
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _burn(seconds: float) -> None:
@@ -40,8 +26,10 @@ def _burn(seconds: float) -> None:
         pass
 
 
-def test_a_process_counts_the_cpu_its_threads_ran() -> None:
-    c = _load("_common")
+def test_a_process_counts_the_cpu_its_threads_ran(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    c = load_bench("_common")
     ran0, waited0 = c.sched_ns(os.getpid())
     _burn(0.05)
     ran1, waited1 = c.sched_ns(os.getpid())
@@ -49,8 +37,10 @@ def test_a_process_counts_the_cpu_its_threads_ran() -> None:
     assert waited1 >= waited0 >= 0
 
 
-def test_a_process_group_counts_every_member_and_a_reaped_pid_counts_nothing() -> None:
-    c = _load("_common")
+def test_a_process_group_counts_every_member_and_a_reaped_pid_counts_nothing(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    c = load_bench("_common")
     # a wrapper and its child, like a reference console script around its ELF binary:
     # only the child burns CPU, the group total must include it
     code = (
@@ -77,8 +67,10 @@ def test_a_process_group_counts_every_member_and_a_reaped_pid_counts_nothing() -
     assert c.sched_ns(wrapper.pid) == (0, 0)  # reaped: nothing left to count
 
 
-def test_store_bench_reports_both_sides_per_call() -> None:
-    sb = _load("store_bench")
+def test_store_bench_reports_both_sides_per_call(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    sb = load_bench("store_bench")
     me = os.getpid()
     before = sb.C.sched_ns(me), sb.C.sched_ns(os.getpgid(me), group=True)
     _burn(0.02)

@@ -4,25 +4,9 @@ latencies of a side that refused those puts are times of refusals, not of puts."
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _master_scale() -> ModuleType:
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("master_scale", BENCH / "master_scale.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _run(impl: str, p50: float, fails: int, put_p50: float) -> dict[str, Any]:
@@ -35,8 +19,7 @@ def _run(impl: str, p50: float, fails: int, put_p50: float) -> dict[str, Any]:
     }
 
 
-def _score(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    ms = _master_scale()
+def _score(ms: ModuleType, runs: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     a = argparse.Namespace(
         levels=[10_000],
         impls=["ref", "py"],
@@ -51,9 +34,13 @@ def _score(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     return data["goals"], ms.render(data, a)
 
 
-def test_refused_full_pool_puts_lose_their_latency_cells() -> None:
+def test_refused_full_pool_puts_lose_their_latency_cells(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
     # the reference answers faster because it refuses every put; ours stores them
-    goals, text = _score([_run("ref", 40.0, 1000, 50.0), _run("py", 100.0, 0, 60.0)])
+    goals, text = _score(
+        load_bench("master_scale"), [_run("ref", 40.0, 1000, 50.0), _run("py", 100.0, 0, 60.0)]
+    )
     # put p50/p99 are behind (60 > 50); the three full-pool latencies count for py,
     # and "puts failed" (0 against 1000) too
     assert goals["cells_at_least_ref"] == "4/6"
@@ -61,8 +48,12 @@ def test_refused_full_pool_puts_lose_their_latency_cells() -> None:
     assert "time refusals" in text
 
 
-def test_when_both_sides_store_the_times_are_compared() -> None:
-    goals, text = _score([_run("ref", 40.0, 3, 50.0), _run("py", 100.0, 0, 40.0)])
+def test_when_both_sides_store_the_times_are_compared(
+    load_bench: Callable[[str], ModuleType],
+) -> None:
+    goals, text = _score(
+        load_bench("master_scale"), [_run("ref", 40.0, 3, 50.0), _run("py", 100.0, 0, 40.0)]
+    )
     # put p50/p99 ahead, full-pool p50/p99/max behind, puts failed ahead
     assert goals["cells_at_least_ref"] == "3/6"
     assert goals["full_pool_refused_by_one_side"] == []
