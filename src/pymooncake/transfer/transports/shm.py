@@ -62,7 +62,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..._heldio import held_function, ready_now
+from ..._heldio import PollOne, held_function
 from ..._logging import RepeatLimiter
 from ...errors import DeviceError, PeerRejected, PeerSocketError
 from .._memory import MEMMOVE_FROM, PVM_ARGS, IoVec, Region, buffer_address, pvm_read, pvm_write
@@ -168,10 +168,16 @@ class _PeerState:
     ipc_failed: set[bytes] = field(default_factory=set)
     ipc_stale: list[tuple[DeviceBackend, int]] = field(default_factory=list)
 
+    #: polls ``pidfd`` (readable once the peer exited); built on first use
+    exited: PollOne | None = None
+
     def alive(self) -> bool:
         if self.pidfd < 0:
             return True
-        return not ready_now([self.pidfd], select.POLLIN)  # keeps the GIL
+        exited = self.exited
+        if exited is None or exited.fd != self.pidfd:
+            exited = self.exited = PollOne(self.pidfd, select.POLLIN)
+        return not exited.ready()  # keeps the GIL
 
 
 class ShmTransport(Transport):
