@@ -4,8 +4,8 @@ Locating the two interpreters and their variants' environments, starting and
 always stopping child process groups, the Transfer Engine target handshake, the
 Store benches' master, JSON-line workers and value pattern, statistics and table
 cells, machine facts and writing result JSON. Nothing here imports pymooncake or
-mooncake, so the scripts that use it (their worker roles included) run unchanged
-under the reference's venv as well as ours.
+mooncake (but :func:`free_ports`, where it can), so the scripts that use it (their
+worker roles included) run unchanged under the reference's venv as well as ours.
 """
 
 from __future__ import annotations
@@ -436,6 +436,17 @@ MASTER_READY_RE = re.compile(r"Master service started on \S+:\d+")
 
 
 def free_ports(k: int) -> list[int]:
+    """``k`` distinct ports on HOST for servers a bench is about to start.  A driver
+    (run by our interpreter) takes them from ``pymooncake.testing.free_port``:
+    below the kernel's ephemeral range, so that no outgoing connection of the
+    host takes one between this call and the server's bind.  Under an interpreter
+    without pymooncake (the reference's venv), the kernel's choice of port 0."""
+    try:
+        from pymooncake.testing import free_port
+    except ImportError:
+        pass
+    else:
+        return [free_port(HOST) for _ in range(k)]
     socks = []
     try:
         for _ in range(k):

@@ -653,8 +653,9 @@ def _render_cpu(latency: list[dict[str, Any]], impls: list[str]) -> list[str]:
         "",
         C.markdown_table(header, rows),
         "",
-        "On a busy host a small call's p50 tracks `both`: client and master run one after "
-        "the other, each behind the competitors.",
+        "Means over the loop (compare with 1e6 / ops/s, not with the p50). On a busy host "
+        "a small call's time follows `both`: client and master run one after the other, "
+        "each behind the competitors.",
     ]
 
 
