@@ -132,19 +132,23 @@ def held_function(name: str, argtypes: tuple[Any, ...] | None, restype: Any) -> 
     return fn
 
 
-def _load() -> tuple[object, object, object] | None:
-    io = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    recv = held_function("recv", io, ctypes.c_ssize_t)
-    send = held_function("send", io, ctypes.c_ssize_t)
-    poll = held_function(
-        "poll", (ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int), ctypes.c_int
+def _load() -> tuple[Any, Any, Any] | None:
+    """(recv, send, poll).  ``recv`` and ``poll`` wait for replies, the hottest
+    calls, and are untyped (see :func:`held_function`): ``recv(fd, c_void_p,
+    c_size_t, flags)`` and ``poll(pollfds, c_ulong, timeout_ms)``."""
+    recv = held_function("recv", None, ctypes.c_ssize_t)
+    send = held_function(
+        "send", (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_ssize_t
     )
+    poll = held_function("poll", None, ctypes.c_int)
     if recv is None or send is None or poll is None:
         return None
     return recv, send, poll
 
 
 _LIBC = _load()
+#: ``poll``'s nfds for one descriptor (untyped calls take it as a ready c_ulong)
+_ONE_FD: Final = ctypes.c_ulong(1)
 # plain ints: socket's flags are IntFlag members, whose "|" (enum.__or__) costs
 # ~0.5 us of Python per send (0.03 us for ints; found profiling the put path)
 _DONTWAIT: Final = int(getattr(socket, "MSG_DONTWAIT", 0))
@@ -163,7 +167,7 @@ class HeldSocket:
         spin_s: how much of ``hold_s`` polls without sleeping.
     """
 
-    __slots__ = ("_addr", "_buf", "_fd", "_hold_ms", "_pfd", "_spin", "sock")
+    __slots__ = ("_addr", "_buf", "_cap", "_fd", "_hold_ms", "_pfd", "_spin", "_to", "sock")
 
     def __init__(
         self,
@@ -178,7 +182,10 @@ class HeldSocket:
         self._spin = max(0.0, min(spin_s, hold_s))
         self._buf = (ctypes.c_char * bufsize)()
         self._addr = ctypes.addressof(self._buf)
-        self._pfd = _PollFd(self._fd, _POLLIN, 0)
+        # the untyped recv's arguments, built once
+        self._to = ctypes.c_void_p(self._addr)
+        self._cap = ctypes.c_size_t(bufsize)
+        self._pfd = ctypes.byref(_PollFd(self._fd, _POLLIN, 0))
 
     def sendall(self, data: bytes) -> None:
         """Send ``data``: what the socket buffer takes at once with the GIL held,
@@ -194,13 +201,13 @@ class HeldSocket:
         applies).  Returns b"" at EOF."""
         assert _LIBC is not None
         recv, _, _ = _LIBC
-        fd, addr, cap = self._fd, self._addr, len(self._buf)
+        fd, addr, to, cap = self._fd, self._addr, self._to, self._cap
         spin = self._spin if spin_s is None else min(spin_s, self._hold_ms / 1000)
         now = time.monotonic()
         if spin > 0 and GUARD.allowed(now):
             stop = now + spin
             while True:
-                n = recv(fd, addr, cap, _DONTWAIT)  # type: ignore[operator]
+                n = recv(fd, to, cap, _DONTWAIT)
                 if n >= 0:
                     return ctypes.string_at(addr, n)
                 if ctypes.get_errno() not in _AGAIN:
@@ -211,10 +218,10 @@ class HeldSocket:
                     break
                 if now >= stop:
                     break
-        n = _recv_within(fd, addr, cap, self._hold_ms, self._pfd)
+        n = _recv_within(fd, to, cap, self._hold_ms, self._pfd)
         if n is not None:
             return ctypes.string_at(addr, n)
-        return self.sock.recv(cap)
+        return self.sock.recv(len(self._buf))
 
 
 def _send_prefix(fd: int, data: bytes) -> int:
@@ -226,7 +233,7 @@ def _send_prefix(fd: int, data: bytes) -> int:
     """
     assert _LIBC is not None
     _, send, _ = _LIBC
-    n = send(fd, data, len(data), _SEND_FLAGS)  # type: ignore[operator]
+    n = send(fd, data, len(data), _SEND_FLAGS)
     if n >= 0:
         return int(n)
     err = ctypes.get_errno()
@@ -254,14 +261,16 @@ def recv_into_held(sock: socket.socket, view: memoryview, hold_ms: int) -> int |
     """
     if _LIBC is None or not len(view):
         return None
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    to = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(view)))
     fd = sock.fileno()
-    return _recv_within(fd, addr, len(view), hold_ms, _PollFd(fd, _POLLIN, 0))
+    pfd = ctypes.byref(_PollFd(fd, _POLLIN, 0))
+    return _recv_within(fd, to, ctypes.c_size_t(len(view)), hold_ms, pfd)
 
 
-def _recv_within(fd: int, addr: int, cap: int, hold_ms: int, pfd: _PollFd) -> int | None:
-    """Receive up to ``cap`` bytes at ``addr`` with the GIL held, waiting at most
-    ``hold_ms`` for the first; the count (0: EOF), or None when nothing came within
+def _recv_within(fd: int, to: Any, cap: Any, hold_ms: int, pfd: Any) -> int | None:
+    """Receive up to ``cap`` (a ``c_size_t``) bytes at ``to`` (a ``c_void_p``) with
+    the GIL held, waiting at most ``hold_ms`` for the first (``pfd``: a ``byref``
+    of the socket's pollfd); the count (0: EOF), or None when nothing came within
     the hold or a signal interrupted the wait (the ordinary path runs its handler).
 
     Raises:
@@ -270,7 +279,7 @@ def _recv_within(fd: int, addr: int, cap: int, hold_ms: int, pfd: _PollFd) -> in
     assert _LIBC is not None
     recv, _, poll = _LIBC
     for _ in range(2):
-        n = recv(fd, addr, cap, _DONTWAIT)  # type: ignore[operator]
+        n = recv(fd, to, cap, _DONTWAIT)
         if n >= 0:
             return int(n)
         err = ctypes.get_errno()
@@ -278,7 +287,7 @@ def _recv_within(fd: int, addr: int, cap: int, hold_ms: int, pfd: _PollFd) -> in
             if err == errno.EINTR:
                 return None
             raise OSError(err, os.strerror(err))
-        if not hold_ms or poll(ctypes.byref(pfd), 1, hold_ms) <= 0:  # type: ignore[operator]
+        if not hold_ms or poll(pfd, _ONE_FD, hold_ms) <= 0:
             return None
     return None
 
@@ -295,7 +304,7 @@ def ready_now(fds: Sequence[int], events: int) -> set[int]:
         return {fd for fd, _ in poller.poll(0)}
     _, _, poll = _LIBC
     arr = (_PollFd * len(fds))(*[_PollFd(fd, events, 0) for fd in fds])
-    if poll(arr, len(fds), 0) <= 0:  # type: ignore[operator]
+    if poll(arr, ctypes.c_ulong(len(fds)), 0) <= 0:
         return set()  # nothing, or interrupted: asked again at the next call
     return {p.fd for p in arr if p.revents}
 
@@ -315,16 +324,11 @@ class PollOne:
 
     def ready(self) -> bool:
         """Whether the descriptor has any of the events (or an error, a hang-up) now."""
-        if _POLL_UNTYPED is None:
+        if _LIBC is None:
             return bool(ready_now([self.fd], self._pfd.events))
         # one descriptor: poll counts it when its revents are set (threads that ask
         # at once share the structure's revents, which is not read)
-        return bool(_POLL_UNTYPED(self._ref, _ONE_FD, 0) > 0)
-
-
-#: poll without argtypes (see held_function), for PollOne: nfds as a ready c_ulong
-_POLL_UNTYPED: Final = held_function("poll", None, ctypes.c_int)
-_ONE_FD: Final = ctypes.c_ulong(1)
+        return bool(_LIBC[2](self._ref, _ONE_FD, 0) > 0)
 
 
 def held_socket(
