@@ -363,3 +363,34 @@ def test_ha_a_silent_leader_replaced_meanwhile_hands_the_call_on(
     (unanswered,) = _removes(frozen)
     (answered,) = _removes(new)
     assert answered.params["rid"] == unanswered.params["rid"]
+
+
+def test_idle_intact_drops_the_connections_the_master_closed() -> None:
+    """Before a slot put the client checks its pooled connections for a master that
+    closed them (it exited or restarted): the closed one is dropped and the epoch
+    moves on, the open one stays; and the check never gives up the GIL (beside a
+    busy Python thread that would cost every put a switch interval)."""
+    from pymooncake.testing import gil_probe
+
+    client = MasterClient("127.0.0.1:1", same_host_rpc=False)
+    (a, b), (c, d) = socket.socketpair(), socket.socketpair()
+    try:
+        client._idle = [
+            _master_client._Conn(a, ("127.0.0.1", 1), None, 1.0),
+            _master_client._Conn(c, ("127.0.0.1", 1), None, 1.0),
+        ]
+        with gil_probe() as probe:
+            for _ in range(100):
+                assert client.idle_intact()
+        assert not probe.released
+        assert client.epoch == 0
+        d.close()  # the master's end of the second connection
+        assert not client.idle_intact()
+        assert client.epoch == 1
+        assert [conn.sock for conn in client._idle] == [a]
+        assert c.fileno() == -1  # closed by the client
+        assert client.idle_intact()
+    finally:
+        client.close()
+        for s in (a, b, c):
+            s.close()

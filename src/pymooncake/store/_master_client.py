@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .._authio import ClusterSecurity, secure_client
-from .._heldio import DEFAULT_HOLD_S, DEFAULT_SPIN_S, HeldSocket, held_socket, ready_now
+from .._heldio import DEFAULT_HOLD_S, DEFAULT_SPIN_S, HeldSocket, PollOne, held_socket
 from .._net import connect_tcp, is_local_address, set_io_timeout, split_host_port
 from ..errors import (
     AuthenticationError,
@@ -86,7 +86,7 @@ IN_PROCESS_MASTER_PORTS: set[int] = set()
 
 
 class _Conn:
-    __slots__ = ("addr", "decoder", "held", "io_timeout", "sock")
+    __slots__ = ("addr", "decoder", "hangup", "held", "io_timeout", "sock")
 
     def __init__(
         self,
@@ -101,6 +101,8 @@ class _Conn:
         self.decoder = MasterFrameDecoder()
         #: the socket's kernel send/receive timeout (set_io_timeout), seconds
         self.io_timeout = io_timeout
+        #: did the master close it (asked with the GIL held; see idle_intact)
+        self.hangup = PollOne(sock.fileno(), _CLOSED_EVENTS)
 
     def timeout(self, seconds: float) -> None:
         """Set the socket's send/receive timeout (two system calls, skipped when
@@ -386,18 +388,18 @@ class MasterClient:
 
     def idle_intact(self) -> bool:
         """Whether no pooled connection was closed by the master (it exited or
-        restarted) since it was last used: one ``poll`` without waiting.  Closed
+        restarted) since it was last used: a ``poll`` each, without waiting.  Closed
         ones are dropped and :attr:`epoch` moves on."""
         with self._lock:
             conns = list(self._idle)
         if not conns:
             return True
-        fds = [fd for fd in (c.sock.fileno() for c in conns) if fd >= 0]
-        closed = ready_now(fds, _CLOSED_EVENTS)  # with the GIL held: see ready_now
-        if not closed:
+        # (a poll per connection, its pollfd built once: cheaper than one ready_now
+        # that builds an array each time, for the one or two a pool usually holds)
+        dead = [c for c in conns if c.sock.fileno() >= 0 and c.hangup.ready()]
+        if not dead:
             return True
         with self._lock:
-            dead = [c for c in self._idle if c.sock.fileno() in closed]
             self._idle = [c for c in self._idle if c not in dead]
             self.epoch += 1
         for c in dead:
