@@ -111,8 +111,8 @@ _HELD_LIBC: Final = _open_libc()
 
 
 def held_function(name: str, argtypes: tuple[Any, ...] | None, restype: Any) -> Any:
-    """libc's ``name``, called with the GIL held (``ctypes.PyDLL``), typed; None
-    where libc or the function is missing.  Only for calls that return at once
+    """libc's ``name``, called with the GIL held (``ctypes.PyDLL``), with the
+    given argument and result types; None where libc or the function is missing.  Only for calls that return at once
     or wait a bounded moment: the whole process stops while one runs.
 
     Each caller gets its own function object.  ``argtypes`` None leaves ctypes'
