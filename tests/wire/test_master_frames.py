@@ -140,6 +140,34 @@ def test_surrogate_escapes_are_flagged() -> None:
         decode_request(frame.method, frame.params, escapes=frame.escapes)
 
 
+def test_next_request_gives_what_the_master_serves() -> None:
+    """The master's own read of a request: the same parts as ``next_frame``, no
+    frame object; a reply frame from a client is refused."""
+    d = MasterFrameDecoder()
+    raw = json.dumps(["ExistKey", {"key": "a\ud800"}]).encode()
+    d.feed(EXIST_KEY_FRAME + _prefix(len(raw) + 5, 0, 2) + raw + REMOVE_FRAME[:30])
+    assert d.next_request() == (7, MasterMethod.EXIST_KEY, {"key": "k"}, False)
+    assert d.next_request() == (2, MasterMethod.EXIST_KEY, {"key": "a\ud800"}, True)
+    assert d.next_request() is None and d.buffered == 30
+    d.feed(REMOVE_FRAME[30:] + OK_REPLY_FRAME)
+    parts = d.next_request()
+    assert parts is not None and parts[0] == 258 and parts[1] is MasterMethod.REMOVE
+    assert not parts[3]
+    assert decode_request(parts[1], parts[2]) == msg.Remove("a", False, "c", 5, 3)
+    with pytest.raises(MalformedMessage, match="a client sent a reply frame"):
+        d.next_request()
+    with pytest.raises(MalformedMessage, match="unknown kind 2"):
+        _next_request(_frame(b"[1,2]", kind=2))
+    with pytest.raises(MalformedMessage, match="unknown master RPC method"):
+        _next_request(_frame(b'["NoSuchMethod",{}]'))
+
+
+def _next_request(data: bytes) -> object:
+    d = MasterFrameDecoder()
+    d.feed(data)
+    return d.next_request()
+
+
 # ---------------------------------------------------------------------------------
 # frames the decoder refuses (the connection is closed)
 # ---------------------------------------------------------------------------------

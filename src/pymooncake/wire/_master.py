@@ -133,6 +133,28 @@ class MasterFrameDecoder(JsonFrameDecoder):
             "the peer is not a pymooncake master/client of this version",
         )
 
+    def next_request(self) -> tuple[int, MasterMethod, Any, bool] | None:
+        """The next complete request frame as ``(id, method, params, escapes)``
+        (see :class:`MasterRequest`; the master serves these without building a
+        frame object per request); None until one is complete.
+
+        Raises:
+            MalformedMessage: as :meth:`next_frame`, and for a reply frame (a
+                client sent one to the master).
+        """
+        parts = self.next_parts()
+        if parts is None:
+            return None
+        kind, req_id, head, value, body = parts
+        if kind != REQUEST:
+            if kind == REPLY:
+                raise MalformedMessage("a client sent a reply frame")
+            raise self.unknown_kind(kind)
+        method = _METHODS.get(head) if type(head) is str else None
+        if method is None:
+            raise MalformedMessage(f"unknown master RPC method {str(head)[:100]!r}")
+        return req_id, method, value, b"\\u" in body and _has_surrogate_escape(body)
+
     def next_frame(self) -> MasterRequest | MasterReply | NeedData:
         parts = self.next_parts()
         if parts is None:

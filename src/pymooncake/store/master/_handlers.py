@@ -309,7 +309,9 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         ),
         msg.GetReplicaList: get_replica_list,
         msg.BatchGetReplicaList: batch_get_replica_list,
-        msg.ExistKey: lambda req, now: rep.ExistKeyReply(st.exist_key(req.key, now)),
+        msg.ExistKey: lambda req, now: rep.ExistKeyReply(
+            st.exists(req.key, st.lease_deadline(now))
+        ),
         msg.BatchExistKey: batch_exist_key,
         msg.Remove: _done(rep.RemoveReply, lambda req, now: st.remove(req.key, req.force, now)),
         msg.BatchRemove: lambda req, now: _each(

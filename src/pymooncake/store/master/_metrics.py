@@ -127,6 +127,8 @@ _BATCH_FAILED: Final[dict[type, Callable[[Any, Any], int]]] = {
     msg.BatchExistKey: lambda req, value: _failed_none(value),
     msg.BatchReplicaClear: _failed_clear,
 }
+#: the request types :meth:`MasterStats.record` counts (the others skip the call)
+BATCH_STATS: Final = frozenset(_BATCH_FAILED)
 
 
 @dataclass(frozen=True, slots=True)
