@@ -132,3 +132,34 @@ def test_same_host_copy_in_flight_holds_unregister(config: EngineConfig) -> None
     finally:
         initiator.close()
         proc.close()
+
+
+def test_the_last_peer_is_remembered_until_it_is_forgotten(config: EngineConfig) -> None:
+    """A transfer asks for its peer's same-host state twice and a loop of them for
+    the same peer each time: the last answer is kept, and dropped with the peer
+    (``forget_peer``) or when that state is closing, so the next lookup attaches
+    again instead of falling back to TCP for good."""
+    proc = spawn_target()
+    initiator = TransferEngine(LOCAL, config=config)
+    try:
+        shm = initiator.transport("shm")
+        assert isinstance(shm, ShmTransport)
+        peer = initiator.segment(proc.segment)
+        first = shm._peer(peer)
+        assert first is not None and shm._peer(peer) is first
+        shm.forget_peer(peer)  # a restarted peer, say: its state is released
+        assert first.closing
+        second = shm._peer(peer)
+        assert second is not None and second is not first and not second.closing
+        # a state released behind the cache's back (close of a racing thread) is
+        # not handed out either
+        with shm._lock:
+            shm._peers.clear()
+        shm._release(second)
+        third = shm._peer(peer)
+        assert third is not None and third is not second
+        initiator.write(proc.segment, bytearray(b"y" * 16), proc.plain)
+        assert shm.stats["slices_pvm"] == 1 and shm.stats["slices_fallback"] == 0
+    finally:
+        initiator.close()
+        proc.close()

@@ -17,7 +17,7 @@ import ctypes
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Final
 
 from ..transfer._memory import view_at
 from .master._allocator import OffsetAllocator
@@ -36,14 +36,21 @@ except AttributeError:  # pragma: no cover - not CPython
     _HAVE_CAPI = False
 
 
+#: below this size a bytearray converted at the end is cheaper than a ``bytes``
+#: written in place (measured: 1.3 us for 4 KiB and 2.8 for 32 KiB, allocation,
+#: view and the final copy, against 4.1 us for the three ctypes calls)
+_SMALL: Final = 32 << 10
+
+
 def new_bytes(n: int) -> tuple[bytes | bytearray, memoryview]:
-    """An unshared ``bytes`` of length ``n`` and a writable view of its contents.
+    """An unshared ``bytes`` of length ``n`` and a writable view of its contents
+    (a ``bytearray`` below ``_SMALL`` bytes: the caller converts it).
 
     The caller must fill the view completely before handing the object out.
     """
     if n <= 0:
         return b"", memoryview(bytearray(0))
-    if _HAVE_CAPI:
+    if _HAVE_CAPI and n >= _SMALL:
         obj = _from_size(None, n)
         addr = _as_string(obj)
         if addr:

@@ -192,6 +192,10 @@ class ShmTransport(Transport):
         self._host = host_identity()
         self._pid = os.getpid()
         self._peers: dict[tuple[int, str], _PeerState | None] = {}
+        #: the last peer looked up and its state: a transfer asks twice (the
+        #: engine's ``can_reach``, then ``execute``), and a loop of gets asks for
+        #: the same peer every time; cleared whenever ``_peers`` loses an entry
+        self._recent: tuple[Peer | None, _PeerState | None] = (None, None)
         self._lock = threading.Lock()
         self._fallback: Transport | None = None
         self._notes = RepeatLimiter(log, every=1_000_000)
@@ -300,6 +304,14 @@ class ShmTransport(Transport):
         return winner
 
     def _peer(self, peer: Peer) -> _PeerState | None:
+        recent = self._recent
+        if recent[0] is peer and (recent[1] is None or not recent[1].closing):
+            return recent[1]
+        state = self._lookup(peer)
+        self._recent = (peer, state)
+        return state
+
+    def _lookup(self, peer: Peer) -> _PeerState | None:
         info = peer.desc.extra.get(_FIELD)
         if not isinstance(info, dict) or info.get("host") != self._host or not self._host:
             return None
@@ -321,6 +333,7 @@ class ShmTransport(Transport):
         if isinstance(info, dict):
             with self._lock:
                 state = self._peers.pop((int(info.get("pid", -1)), str(info.get("token"))), None)
+                self._recent = (None, None)
             if state is not None:
                 self._release(state)
 
@@ -646,6 +659,7 @@ class ShmTransport(Transport):
         with self._lock:
             peers = [p for p in self._peers.values() if p is not None]
             self._peers.clear()
+            self._recent = (None, None)
         for state in peers:
             self._release(state)
         if self._page is not None:
