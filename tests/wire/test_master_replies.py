@@ -265,6 +265,23 @@ def test_columns_decode_keeps_the_lists() -> None:
         (r.PutStartReply, [[1, "e", 2, 3, 4]], ("PutStart", "replicas[0]")),
         (r.PutStartReply, [[1, "e", 2, 3, True, "s"]], ("PutStart", "replicas[0]")),
         (r.GetReplicaListReply, {"replicas": [], "size": 1}, ("GetReplicaList", "lease_ttl_ms")),
+        # past the inline check of the common shape, the field checks name the fault
+        (
+            r.GetReplicaListReply,
+            {"replicas": [REP, [1, "e", 2, 3, 4]], "lease_ttl_ms": 1, "size": 1},
+            ("GetReplicaList", "replicas[1]"),
+        ),
+        (
+            r.GetReplicaListReply,
+            {"replicas": [REP], "lease_ttl_ms": 1.0, "size": 1},
+            ("GetReplicaList", "lease_ttl_ms"),
+        ),
+        (
+            r.GetReplicaListReply,
+            {"replicas": (REP,), "lease_ttl_ms": 1, "size": 1},
+            ("GetReplicaList", "replicas"),
+        ),
+        (r.GetReplicaListReply, [REP], ("GetReplicaList", "reply")),
         (r.PingReply, {"view_version": 1, "status": "1", "instance": ""}, ("Ping", "status")),
         (r.ExistKeyReply, 1, ("ExistKey", "exists")),
         (r.UnmountSegmentReply, True, ("UnmountSegment", "count")),

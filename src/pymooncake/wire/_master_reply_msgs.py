@@ -699,6 +699,16 @@ class GetReplicaListReply(Reply):
 
     @classmethod
     def decode(cls, value: Any) -> GetReplicaListReply:
+        if type(value) is dict:  # every get's reply: the common shape checked inline
+            reps, ttl, size = value.get("replicas"), value.get("lease_ttl_ms"), value.get("size")
+            if type(reps) is list and type(ttl) is int and type(size) is int:
+                out: list[ReplicaWire] = []
+                for r in reps:
+                    if type(r) is not list or len(r) != 6 or tuple(map(type, r)) != _REPLICA_TYPES:
+                        break  # the checks below say what is wrong
+                    out.append((r[0], r[1], r[2], r[3], r[4], r[5]))
+                else:
+                    return cls(tuple(out), ttl, size)
         v = cls._dict(value, "reply", ("replicas", "lease_ttl_ms", "size"))
         return cls(
             cls._replicas(v["replicas"], "replicas"),

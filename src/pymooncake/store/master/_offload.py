@@ -883,6 +883,8 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
             return rp.GetReplicaListReply(
                 rp.replicas_of(found["replicas"]), found["lease_ttl_ms"], found["size"]
             )
+        if not off.replicas:
+            return reply  # (no disk replica at all: the common case, one check)
         assert isinstance(reply, rp.GetReplicaListReply)
         wire = off.wire(req.key)
         if wire is not None:
