@@ -93,7 +93,11 @@ class ScriptedMaster:
                     if action == "slow":
                         time.sleep(SLOW_S)
                     if action in ("answer", "slow"):
-                        value = True if frame.method is msg.MasterMethod.EXIST_KEY else None
+                        value: Any = None
+                        if frame.method is msg.MasterMethod.EXIST_KEY:
+                            value = True
+                        elif frame.method is msg.MasterMethod.BATCH_EXIST_KEY:
+                            value = [True] * len(frame.params["keys"])
                         sock.sendall(encode_reply(frame.id, 0, value))
 
 
@@ -394,3 +398,35 @@ def test_idle_intact_drops_the_connections_the_master_closed() -> None:
         client.close()
         for s in (a, b, c):
             s.close()
+
+
+def test_a_batch_polls_longer_for_its_reply(
+    scripted: Callable[..., ScriptedMaster], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch keeps the master busy for a few microseconds per key: its reply is
+    polled for longer than a single key's, on the single call's own attempt as on
+    the retry path (the spin once got lost on the first)."""
+    from pymooncake._heldio import HeldSocket
+
+    spins: list[float | None] = []
+    recv = HeldSocket.recv
+
+    def recording(self: HeldSocket, spin_s: float | None = None) -> bytes:
+        spins.append(spin_s)
+        return recv(self, spin_s)
+
+    monkeypatch.setattr(HeldSocket, "recv", recording)
+    master = scripted(lambda seen: "answer")
+    client = _client(master)
+    try:
+        client.call(msg.ExistKey("warm"))  # pools a connection
+        spins.clear()
+        client.call(msg.ExistKey("one"))
+        assert spins and spins[0] is None  # the socket's own spin
+        spins.clear()
+        reply = client.call(msg.BatchExistKey(tuple(f"k{i}" for i in range(32))))
+        assert list(reply.exists) == [True] * 32
+        assert spins and spins[0] == pytest.approx(client._spin * 5)  # 1 + 32 / 8
+        assert client._spin_for(1000) == pytest.approx(client._spin * 8)  # capped
+    finally:
+        client.close()

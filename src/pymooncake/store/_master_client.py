@@ -511,10 +511,7 @@ class MasterClient:
         attempt = 0
         down_since: float | None = None
         ha = self._leader is not None
-        # a batch keeps the master busy for longer (3-5 us per key): poll for its
-        # reply a little longer, up to 8x the usual spin at 56 keys or more
-        keys = sum(len(getattr(r, "keys", ())) for r in requests)
-        spin = self._spin * min(1.0 + keys / 8, 8.0)
+        spin = self._spin_for(sum(len(getattr(r, "keys", ())) for r in requests))
         while True:
             ids = [next(self._ids) for _ in requests]
             frames = b"".join(
@@ -621,6 +618,12 @@ class MasterClient:
         """
         return self._typed(request, self._call_one(request, patient, idle_wait_s))
 
+    def _spin_for(self, keys: int) -> float:
+        """How long to poll for the reply to requests naming ``keys`` keys in all: a
+        batch keeps the master busy for longer (3-5 us per key), so its reply is
+        polled for a little longer, up to 8x the usual spin at 56 keys or more."""
+        return self._spin * min(1.0 + keys / 8, 8.0)
+
     def _call_one(self, request: msg.Request, patient: bool, idle_wait_s: float) -> MasterReply:
         """:meth:`_run` of one request, its first attempt made here on a pooled
         connection: a single call (most of the store's calls) then skips the retry
@@ -652,7 +655,12 @@ class MasterClient:
                 ident = next(self._ids)
                 try:
                     conn.held.sendall(encode_request(ident, request, rid=rid, ack=ack))
-                    (reply,) = self._receive(conn, [ident])
+                    spin = (
+                        self._spin_for(len(request.keys))  # type: ignore[attr-defined]
+                        if type(request) in msg.KEYED_REQUESTS
+                        else None
+                    )
+                    (reply,) = self._receive(conn, [ident], None, spin)
                 except (BlockingIOError, TimeoutError) as exc:
                     if self._leader is None:
                         conn.sock.close()

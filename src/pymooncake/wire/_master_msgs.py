@@ -1398,6 +1398,11 @@ from ._offload_msgs import OFFLOAD_REQUESTS  # noqa: E402  (they build on the ru
 
 _ALL += OFFLOAD_REQUESTS
 
+#: the request types that carry a ``keys`` tuple (batches)
+KEYED_REQUESTS: Final[frozenset[type[Request]]] = frozenset(
+    cls for cls in _ALL if "keys" in getattr(cls, "__dataclass_fields__", {})
+)
+
 #: method -> its request type's decoder (an explicit table, one entry per method)
 REQUEST_TYPES: Final[dict[MasterMethod, Callable[[dict[str, Any]], Request]]] = {
     cls.METHOD: cls.decode for cls in _ALL
