@@ -412,6 +412,24 @@ def test_get_many_into_multipart_destinations(cluster: LocalCluster) -> None:
     b.engine.free(region.addr)
 
 
+def test_one_key_from_a_peer_into_several_parts(cluster: LocalCluster) -> None:
+    """A single key another client holds is read with one engine call (no batch
+    plan): parts filled back to back, an empty part skipped, the object's size
+    returned; a missing key and a short destination answer as in a batch."""
+    a = cluster.client(32 * MiB)
+    b = cluster.client(32 * MiB)
+    value = payload(100 * KiB + 7, 3)
+    assert a.put("one-parts", value) is True
+    parts = [bytearray(10), bytearray(0), bytearray(len(value) - 10 + 4)]
+    assert b.get_many_into(["one-parts"], [parts]) == [len(value)]
+    assert (bytes(parts[0]) + bytes(parts[2]))[: len(value)] == value
+    assert b.get("one-parts") == value
+    (missing,) = b.get_many_into(["one-absent"], [[bytearray(8)]])
+    assert isinstance(missing, ObjectNotFound)
+    (short,) = b.get_many_into(["one-parts"], [[bytearray(len(value) - 1)]])
+    assert isinstance(short, StoreError)
+
+
 def test_pointer_batches_across_regions_and_own_segment(cluster: LocalCluster) -> None:
     """Batches of (address, size) pairs that hop between registered buffers, leave
     them for unregistered memory, and land in the writer's own segment (local
