@@ -72,9 +72,9 @@ def _decode(text: str) -> Any:
     return value
 
 
-def encode_json(value: Any) -> str:
-    """``value`` as compact JSON text (what a frame's body holds)."""
-    return _ENCODE(value)
+#: ``value`` as compact JSON text (what a frame's body holds): the encoder
+#: itself, not a function calling it (one call less on every frame)
+encode_json: Final[Callable[[Any], str]] = _ENCODE
 
 
 def json_frame(kind: int, req_id: int, head: Any, value: Any) -> bytes:

@@ -867,9 +867,14 @@ class MasterService:
                 return REQUEST_TYPES[method](params)  # (decode_request's common case)
             return msg.decode_request(method, params, escapes=escapes)
         except InvalidParams as exc:
-            self._count(method.value)
-            self._count(method.value, failed=True)
-            return int(ErrorCode.INVALID_PARAMS), f"{method.value}: {exc.message}"
+            return self.refuse(method, exc)
+
+    def refuse(self, method: msg.MasterMethod, exc: InvalidParams) -> tuple[int, Any]:
+        """The (code, message) answering a request whose parameters are invalid
+        (counted as a request of ``method`` and as a failure)."""
+        self._count(method.value)
+        self._count(method.value, failed=True)
+        return int(ErrorCode.INVALID_PARAMS), f"{method.value}: {exc.message}"
 
     def _count(self, name: str, *, failed: bool = False) -> None:
         counters = self.state.metrics.failures if failed else self.state.metrics.requests
@@ -1163,6 +1168,10 @@ class _RpcProtocol(asyncio.BufferedProtocol):
 
     def __init__(self, service: MasterService) -> None:
         self._svc = service
+        #: the service's shared read buffer, and the buffered bytes up to which all
+        #: of it may be read into (``MasterService.read_window``)
+        self._rbuf = service._read_buffer
+        self._roomy = service.limits.max_buffered_bytes - READ_CHUNK
         self._decoder = (
             MasterFrameDecoder()
             if service._max_frame is None
@@ -1326,10 +1335,12 @@ class _RpcProtocol(asyncio.BufferedProtocol):
     # --- data ---------------------------------------------------------------------
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._svc.buffered <= self._roomy:  # (read_window's common case, inline)
+            return self._rbuf
         return self._svc.read_window()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._svc._read_buffer[:nbytes])
+        self.data_received(self._rbuf[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes from the peer (``data`` is only valid during this call)."""
@@ -1408,7 +1419,14 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 if frame is None:
                     break
                 req_id, method, params, escapes = frame
-                req = svc.decode(method, params, escapes)
+                req: msg.Request | tuple[int, Any]
+                if type(params) is dict and not escapes:  # (decode's common case)
+                    try:
+                        req = REQUEST_TYPES[method](params)
+                    except InvalidParams as exc:
+                        req = svc.refuse(method, exc)
+                else:
+                    req = svc.decode(method, params, escapes)
                 if isinstance(req, tuple):  # refused: (code, message)
                     out.append(encode_reply(req_id, *req))
                     continue
