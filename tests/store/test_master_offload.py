@@ -234,3 +234,27 @@ def test_an_unknown_client_remounts_its_segments_before_its_disk() -> None:
     assert exc.value.code == ErrorCode.CLIENT_NOT_FOUND
     assert "ghost" not in st.clients  # its ping still gets NEED_REMOUNT
     assert st.offload.heartbeat("ghost", 0, 0, 0)["remount"] is True
+
+
+def test_a_removal_drops_the_disk_copy_only_when_the_tier_holds_anything() -> None:
+    """The Remove handler asks the SSD tier to drop the key's disk replica only
+    while the tier holds something (``busy``): with no disk replica, offload or
+    promotion at all a removal costs it nothing; with one, both copies go."""
+    st = _state()
+    h = wrap_handlers(st, build_handlers(st))
+    st.mount_segment("c1", _seg("a:1"), 0)
+    _put(st, "plain", 64, 0)
+    assert not st.offload.busy()
+    h[msg.Remove](msg.Remove("plain", False, "c1"), 1)
+    assert "plain" not in st.objects and not st.offload.busy()
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    _put(st, "both", 64, 1)
+    assert st.offload.heartbeat("c1", 0, 0, 1.0)["offload"]  # the copy to disk starts
+    assert st.offload.busy()  # (an offload in flight)
+    assert st.offload.notify("c1", ["both"], [64], False, 2.0) == [0]
+    assert "both" in st.offload.replicas and st.offload.busy()
+    h[msg.Remove](msg.Remove("both", False, "c1"), 2)
+    assert "both" not in st.objects and "both" not in st.offload.replicas
+    with pytest.raises(ObjectNotFound):
+        h[msg.Remove](msg.Remove("both", False, "c1"), 3)
+    st.validate()

@@ -885,6 +885,9 @@ class _KeyRead(Request):
 
     @classmethod
     def decode(cls, p: dict[str, Any]) -> Any:
+        key = p.get("key")  # the valid case inline (every get/is_exist); _key explains
+        if type(key) is str and 0 < len(key) <= MAX_KEY_CHARS and "\0" not in key:
+            return cls(key)
         return cls(_key(_field(p, "key")))
 
 
@@ -947,6 +950,21 @@ class Remove(Mutation):
 
     @classmethod
     def decode(cls, p: dict[str, Any]) -> Remove:
+        key, force = p.get("key"), p.get("force", False)
+        client, rid, ack = p.get("client_id", ""), p.get("rid", 0), p.get("ack", 0)
+        if (  # the valid case inline (every remove); the checks below explain
+            type(key) is str
+            and 0 < len(key) <= MAX_KEY_CHARS
+            and "\0" not in key
+            and type(force) is bool
+            and type(client) is str
+            and len(client) <= MAX_NAME_CHARS
+            and type(rid) is int
+            and 0 <= rid < _U64
+            and type(ack) is int
+            and 0 <= ack < _U64
+        ):
+            return cls(key, force, client, rid, ack)
         client, rid, ack = _session(p, client_required=False)
         return cls(_key(_field(p, "key")), _bool(p.get("force", False), "force"), client, rid, ack)
 

@@ -303,6 +303,11 @@ class OffloadState:
             self.remove(key)
             self.metrics.disk_evicted += 1
 
+    def busy(self) -> bool:
+        """Is there any disk replica, offload or promotion at all (else
+        :meth:`remove` has nothing to do for any key)?"""
+        return bool(self.replicas or self.tasks or self.evict_after or self.promoting)
+
     def remove(self, key: str) -> bool:
         """Drop ``key``'s disk replica (removed or replaced); its owner is told to
         delete the file on its next heartbeat.  Cancels its offload/promotion."""
@@ -921,7 +926,8 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
             if exc.code != _NOT_FOUND or not off.remove(req.key):
                 raise
             return rp.RemoveReply()
-        off.remove(req.key)
+        if off.busy():
+            off.remove(req.key)
         return rp.RemoveReply()
 
     def batch_remove(req: msg.BatchRemove, now: float) -> rp.Reply:

@@ -887,11 +887,15 @@ class MasterService:
 
     def remember(self, req: msg.Request, code: int, value: Any) -> None:
         if isinstance(req, msg.Mutation) and req.rid:
-            self.replies.store(req.client_id, req.rid, req.ack, code, value, self._clock())
-            if code == 0 and type(req) in _KEPT_REPLIES:
-                # journaled and shipped with the removal: a retry that reaches a
-                # restarted master or a new leader gets this answer too
-                self.state.keep_reply(req.client_id, req.rid, code, value)
+            self._remember(req, code, value, self._clock())
+
+    def _remember(self, req: msg.Mutation, code: int, value: Any, now: float) -> None:
+        """Keep the answer to a mutation with a request id (``remember`` checks)."""
+        self.replies.store(req.client_id, req.rid, req.ack, code, value, now)
+        if code == 0 and type(req) in _KEPT_REPLIES:
+            # journaled and shipped with the removal: a retry that reaches a
+            # restarted master or a new leader gets this answer too
+            self.state.keep_reply(req.client_id, req.rid, code, value)
 
     def _load_kept_replies(self) -> None:
         """The answers a journal or the previous leader kept (``keep_reply``)
@@ -910,14 +914,15 @@ class MasterService:
         name = req.NAME
         counts = self.state.metrics.requests
         counts[name] = counts.get(name, 0) + 1
-        mutation = isinstance(req, msg.Mutation) and req.rid
-        if mutation:
-            hit = self.cached(req)
+        mutation = req if isinstance(req, msg.Mutation) and req.rid else None
+        if mutation is not None:
+            hit = self.replies.lookup(mutation.client_id, mutation.rid)
             if hit is not None:
                 return hit
+        now = self._clock()
         try:
             # the typed reply (wire/_master_reply_msgs.py) as the JSON value it sends
-            code, value = 0, self._handlers[kind](req, self._clock()).to_wire()
+            code, value = 0, self._handlers[kind](req, now).to_wire()
             if kind is msg.Ping and self.hub.links:
                 standbys = self.hub.ready_names()
                 if standbys:
@@ -932,8 +937,8 @@ class MasterService:
             value = f"internal error of the master handling {name}: {exc!r} (see the master log)"
         if kind in BATCH_STATS:
             self.stats.record(req, code, value)
-        if mutation:
-            self.remember(req, code, value)
+        if mutation is not None:
+            self._remember(mutation, code, value, now)
         if self.state.debt_raised:
             self._housekeep_soon()
         return code, value
