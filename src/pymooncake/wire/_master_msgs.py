@@ -946,7 +946,11 @@ class Remove(Mutation):
     ack: int = 0
 
     def params(self) -> dict[str, Any]:
-        return {**_session_params(self), "key": self.key, "force": self.force}
+        out = {"client_id": self.client_id, "key": self.key, "force": self.force}
+        if self.rid:  # (_session_params, inline: every remove)
+            out["rid"] = self.rid
+            out["ack"] = self.ack
+        return out
 
     @classmethod
     def decode(cls, p: dict[str, Any]) -> Remove:
