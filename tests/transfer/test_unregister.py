@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -13,6 +15,7 @@ from pymooncake import EngineConfig, TransferEngine
 from pymooncake.errors import TransferFailed
 from pymooncake.testing import wait_until
 from pymooncake.testing._target import spawn_target
+from pymooncake.transfer.transports._base import Peer
 from pymooncake.transfer.transports.shm import ShmTransport
 from pymooncake.wire import STATUS, STATUS_OK, encode_header
 
@@ -103,14 +106,26 @@ def test_free_with_a_write_in_flight_does_not_crash(target: TransferEngine) -> N
         assert s.recv(8) == STATUS.pack(STATUS_OK)
 
 
-def test_same_host_copy_in_flight_holds_unregister(config: EngineConfig) -> None:
-    """A peer process copying (shared lock held) keeps the owner's unregister waiting."""
+@contextlib.contextmanager
+def _same_host_peer(
+    config: EngineConfig,
+) -> Iterator[tuple[Any, TransferEngine, ShmTransport, Peer]]:
+    """A target process, an initiator engine here, its same-host transport and
+    the target's Peer."""
     proc = spawn_target()
     initiator = TransferEngine(LOCAL, config=config)
     try:
         shm = initiator.transport("shm")
         assert isinstance(shm, ShmTransport)
-        peer = initiator.segment(proc.segment)
+        yield proc, initiator, shm, initiator.segment(proc.segment)
+    finally:
+        initiator.close()
+        proc.close()
+
+
+def test_same_host_copy_in_flight_holds_unregister(config: EngineConfig) -> None:
+    """A peer process copying (shared lock held) keeps the owner's unregister waiting."""
+    with _same_host_peer(config) as (proc, initiator, shm, peer):
         initiator.write(proc.segment, bytearray(b"x" * 16), proc.plain)
         assert shm.stats["slices_pvm"] == 1  # it went over the same-host path
         state = shm._peer(peer)
@@ -129,9 +144,6 @@ def test_same_host_copy_in_flight_holds_unregister(config: EngineConfig) -> None
         assert done.is_set()
         with pytest.raises(TransferFailed, match="not within any buffer"):
             initiator.write(proc.segment, bytearray(16), proc.plain)
-    finally:
-        initiator.close()
-        proc.close()
 
 
 def test_the_last_peer_is_remembered_until_it_is_forgotten(config: EngineConfig) -> None:
@@ -139,12 +151,7 @@ def test_the_last_peer_is_remembered_until_it_is_forgotten(config: EngineConfig)
     the same peer each time: the last answer is kept, and dropped with the peer
     (``forget_peer``) or when that state is closing, so the next lookup attaches
     again instead of falling back to TCP for good."""
-    proc = spawn_target()
-    initiator = TransferEngine(LOCAL, config=config)
-    try:
-        shm = initiator.transport("shm")
-        assert isinstance(shm, ShmTransport)
-        peer = initiator.segment(proc.segment)
+    with _same_host_peer(config) as (proc, initiator, shm, peer):
         first = shm._peer(peer)
         assert first is not None and shm._peer(peer) is first
         shm.forget_peer(peer)  # a restarted peer, say: its state is released
@@ -160,6 +167,3 @@ def test_the_last_peer_is_remembered_until_it_is_forgotten(config: EngineConfig)
         assert third is not None and third is not second
         initiator.write(proc.segment, bytearray(b"y" * 16), proc.plain)
         assert shm.stats["slices_pvm"] == 1 and shm.stats["slices_fallback"] == 0
-    finally:
-        initiator.close()
-        proc.close()
