@@ -349,3 +349,19 @@ def test_malformed_admin_http_requests_get_an_error_status(
         assert 400 <= status < 500, response[:200]
     _admin_ok(cluster)
     _no_traceback(caplog)
+
+
+def test_every_request_type_is_routed_by_its_own_type() -> None:
+    """The master routes a request by its exact type (one dict lookup, not a chain
+    of isinstance checks): a request type derived from a routed one (a scan, an
+    end of a put, an HA message) must have its own entry, or it would be served
+    as a plain request."""
+    from pymooncake.store.master._service import _ROUTES
+    from pymooncake.wire import _master_msgs as msg
+
+    types = [decode.__self__ for decode in msg.REQUEST_TYPES.values()]  # type: ignore[attr-defined]
+    assert len(types) == len(msg.MasterMethod)
+    for cls in types:
+        for routed, route in _ROUTES.items():
+            if issubclass(cls, routed):
+                assert _ROUTES.get(cls) == route, f"{cls.__name__} derives from {routed.__name__}"
