@@ -511,7 +511,7 @@ class MasterClient:
         attempt = 0
         down_since: float | None = None
         ha = self._leader is not None
-        spin = self._spin_for(sum(len(getattr(r, "keys", ())) for r in requests))
+        spin = self._spin_for(sum(map(_key_count, requests)))
         while True:
             ids = [next(self._ids) for _ in requests]
             frames = b"".join(
@@ -655,11 +655,8 @@ class MasterClient:
                 ident = next(self._ids)
                 try:
                     conn.held.sendall(encode_request(ident, request, rid=rid, ack=ack))
-                    spin = (
-                        self._spin_for(len(request.keys))  # type: ignore[attr-defined]
-                        if type(request) in msg.KEYED_REQUESTS
-                        else None
-                    )
+                    keys = _key_count(request)
+                    spin = self._spin_for(keys) if keys else None
                     (reply,) = self._receive(conn, [ident], None, spin)
                 except (BlockingIOError, TimeoutError) as exc:
                     if self._leader is None:
@@ -944,6 +941,13 @@ class MasterLink:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.sock.close()
+
+
+def _key_count(request: msg.Request) -> int:
+    """How many keys a request names (a batch's ``keys``; 0 for the others)."""
+    if type(request) in msg.KEYED_REQUESTS:
+        return len(request.keys)  # type: ignore[attr-defined]
+    return 0
 
 
 def _decode(request: msg.Request, value: Any) -> Any:

@@ -861,10 +861,9 @@ class MasterService:
         self, method: msg.MasterMethod, params: Any, escapes: bool
     ) -> msg.Request | tuple[int, Any]:
         """The typed request (``MasterFrameDecoder.next_request``'s parts), or the
-        (code, message) refusing it."""
+        (code, message) refusing it.  (``_RpcProtocol._process`` decodes the common
+        case, a dict without surrogate escapes, itself.)"""
         try:
-            if type(params) is dict and not escapes:
-                return REQUEST_TYPES[method](params)  # (decode_request's common case)
             return msg.decode_request(method, params, escapes=escapes)
         except InvalidParams as exc:
             return self.refuse(method, exc)
