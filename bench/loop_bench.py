@@ -2,12 +2,15 @@
 
 Issue 8 asks whether the master's RPC loop pays more than it must per request:
 "profile asyncio vs a plain selector loop; keep whichever is faster, measured".
-This bench serves the same requests three ways, in a child process, and measures
+This bench serves the same requests four ways, in a child process, and measures
 round trips from a client process:
 
-* ``asyncio``: what ``mooncake_master`` runs -- an ``asyncio`` ``BufferedProtocol``
-  per connection on a ``SelectorEventLoop`` whose selector is the master's
-  ``PollingSelector``;
+* ``asyncio``: an ``asyncio`` ``BufferedProtocol`` per connection on a
+  ``SelectorEventLoop`` whose selector is the master's ``PollingSelector`` (what
+  ``mooncake_master`` ran until the twenty-second session);
+* ``rpcloop``: what ``mooncake_master`` runs -- the same protocol served by
+  ``pymooncake._rpcloop`` (``RpcLoop``: connections read and answered straight
+  from the selector's result, ``StreamConn`` as their transport);
 * ``add_reader``: the same loop, sockets served by ``loop.add_reader`` callbacks
   (no transports or protocols);
 * ``selector``: no asyncio at all -- ``PollingSelector.select()`` in a ``while``
@@ -45,7 +48,7 @@ from typing import Any
 
 import _common as C
 
-VARIANTS = ("asyncio", "add_reader", "selector")
+VARIANTS = ("asyncio", "rpcloop", "add_reader", "selector")
 
 
 # ================================================================= server role
@@ -124,22 +127,31 @@ def serve(variant: str, path: str, objects: int, poll_s: float) -> None:
                     continue
                 answer(key.data, sel.unregister)
 
+    class Proto(asyncio.BufferedProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            return view
+
+        def buffer_updated(self, nbytes: int) -> None:
+            reply = feed(view[:nbytes])
+            if reply:
+                self.transport.write(reply)
+
+    if variant == "rpcloop":
+        from pymooncake._rpcloop import RpcLoop, RpcServer
+
+        rpc_loop = RpcLoop(selector())
+        asyncio.set_event_loop(rpc_loop)
+        RpcServer(rpc_loop, Proto, listener)
+        rpc_loop.run_forever()
+        return
+
     loop = asyncio.SelectorEventLoop(selector())
     asyncio.set_event_loop(loop)
 
     if variant == "asyncio":
-
-        class Proto(asyncio.BufferedProtocol):
-            def connection_made(self, transport: Any) -> None:
-                self.transport = transport
-
-            def get_buffer(self, sizehint: int) -> memoryview:
-                return view
-
-            def buffer_updated(self, nbytes: int) -> None:
-                reply = feed(view[:nbytes])
-                if reply:
-                    self.transport.write(reply)
 
         async def main() -> None:
             server = await loop.create_unix_server(Proto, sock=listener)

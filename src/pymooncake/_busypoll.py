@@ -63,6 +63,8 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final, TypeVar
 
+from ._rpcloop import RpcLoop
+
 __all__ = [
     "DEFAULT_POLL_S",
     "GUARD",
@@ -284,11 +286,10 @@ def polling_selector(loop: asyncio.AbstractEventLoop) -> PollingSelector | None:
 
 
 def run_polling(coro: Coroutine[Any, Any, T], window_s: float) -> T:
-    """``asyncio.run(coro)`` on a loop whose selector polls for ``window_s``
-    after activity (plain ``asyncio.run`` when ``window_s`` is 0)."""
-    if window_s <= 0:
-        return asyncio.run(coro)
-    loop = asyncio.SelectorEventLoop(PollingSelector(window_s))
+    """``asyncio.run(coro)`` on the master's loop: an :class:`~._rpcloop.RpcLoop`
+    (RPC connections served inline) whose selector polls for ``window_s`` after
+    activity (a plain selector when ``window_s`` is 0)."""
+    loop = RpcLoop(PollingSelector(window_s) if window_s > 0 else None)
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(coro)

@@ -50,10 +50,15 @@ def release_transport(transport: asyncio.BaseTransport | None) -> None:
 
 
 class LoopThread:
-    """Runs an event loop in a daemon thread until :meth:`close`."""
+    """Runs an event loop in a daemon thread until :meth:`close`.
 
-    def __init__(self, name: str) -> None:
-        self._loop = asyncio.new_event_loop()
+    Args:
+        name: the thread's name.
+        loop: the loop to run (default: a new one of asyncio's policy).
+    """
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop if loop is not None else asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False

@@ -29,8 +29,9 @@ import pytest
 from master_support import Pinger, RawConn, body, frame, populate
 
 from pymooncake._authio import http_request
+from pymooncake._rpcloop import RpcLoop, StreamConn
 from pymooncake.store import MasterConfig, StoreClient
-from pymooncake.store.master import _scan
+from pymooncake.store.master import ThreadedMaster, _scan
 from pymooncake.testing import LocalCluster
 
 MiB = 1 << 20
@@ -365,3 +366,22 @@ def test_every_request_type_is_routed_by_its_own_type() -> None:
         for routed, route in _ROUTES.items():
             if issubclass(cls, routed):
                 assert _ROUTES.get(cls) == route, f"{cls.__name__} derives from {routed.__name__}"
+
+
+def test_master_process_loop_serves_rpc_inline() -> None:
+    """``ThreadedMaster`` (like ``mooncake_master``) runs an ``RpcLoop``: plain RPC
+    connections are ``StreamConn`` transports served from the selector's result."""
+    with ThreadedMaster(metadata_port=None, metrics_port=None) as master:
+        assert isinstance(master._loop.loop, RpcLoop)
+
+        async def transports() -> list[type]:
+            return [type(c.transport) for c in master.service._conns]
+
+        with RawConn(master.rpc_address) as conn:
+            assert conn.request("ServiceReady", {})[0] == 0
+            assert conn.request("ExistKey", {"key": "nothing"}) == (0, False)
+            assert master._loop.run(transports(), timeout=5) == [StreamConn]
+        deadline = time.monotonic() + 5
+        while master._loop.run(transports(), timeout=5) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the closed connection is dropped by the master
+        assert master._loop.run(transports(), timeout=5) == []

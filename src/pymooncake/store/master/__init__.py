@@ -7,6 +7,7 @@ import gc
 from typing import Any, Final
 
 from ..._loop import LoopThread
+from ..._rpcloop import RpcLoop
 from .._config import MasterConfig
 from ._allocator import OffsetAllocator
 from ._service import MasterService, ServiceAddresses
@@ -78,7 +79,9 @@ class ThreadedMaster:
 
     def __init__(self, config: MasterConfig | None = None, **service_kwargs: Any) -> None:
         self._closed = False
-        self._loop = LoopThread("mc-master")
+        # the loop mooncake_master runs (without its polling: a thread beside the
+        # caller's must not take the GIL from them on every poll)
+        self._loop = LoopThread("mc-master", RpcLoop())
         self.service = MasterService(config, **service_kwargs)
         try:
             self.addresses: ServiceAddresses = self._loop.run(self.service.start(), timeout=30)

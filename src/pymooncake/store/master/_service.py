@@ -39,6 +39,7 @@ from ..._httpd import HttpServer
 from ..._logging import RepeatLimiter
 from ..._loop import raw_transport, release_transport
 from ..._net import bind_listener
+from ..._rpcloop import RpcLoop, RpcServer
 from ...errors import InvalidParams, MalformedMessage, StoreError
 from ...transfer.metadata._snapshot import MetadataSnapshot
 from ...transfer.metadata.server import MetadataServer
@@ -254,8 +255,8 @@ class MasterService:
         self._metadata = (metadata_host, metadata_port) if metadata_port is not None else None
         self._tick_interval = tick_interval_s
         self._handlers = wrap_handlers(self.state, build_handlers(self.state))
-        self._server: asyncio.base_events.Server | None = None
-        self._unix_server: asyncio.base_events.Server | None = None
+        self._server: asyncio.base_events.Server | RpcServer | None = None
+        self._unix_server: asyncio.base_events.Server | RpcServer | None = None
         self._admin: HttpServer | None = None
         self._metadata_http: HttpServer | None = None
         self.metadata_server: MetadataServer | None = None
@@ -385,11 +386,19 @@ class MasterService:
             )
         sock = bind_listener(self._host, port=self._port, backlog=1024, what="master RPC listener")
         ssl_ctx = self.security.server_ssl_context() if self.security.tls else None
+        loop = asyncio.get_running_loop()
+        # on the master's own loop (mooncake_master), plain connections are served
+        # inline by the selector (_rpcloop.py); TLS keeps asyncio's transports
+        inline = loop if isinstance(loop, RpcLoop) and ssl_ctx is None else None
         try:
-            loop = asyncio.get_running_loop()
-            self._server = await loop.create_server(
-                self._protocol, sock=sock, ssl=ssl_ctx, backlog=_ACCEPT_BURST
-            )
+            if inline is not None:
+                self._server = RpcServer(
+                    inline, self._protocol, sock, burst=_ACCEPT_BURST, what="master RPC listener"
+                )
+            else:
+                self._server = await loop.create_server(
+                    self._protocol, sock=sock, ssl=ssl_ctx, backlog=_ACCEPT_BURST
+                )
         except BaseException:
             sock.close()
             raise
@@ -398,10 +407,20 @@ class MasterService:
         IN_PROCESS_MASTER_PORTS.add(self._in_process_port)
         # Same-host clients skip TCP: the same protocol on an abstract UNIX socket
         # named after the listening address (a round trip ~10 us shorter).
+        unix_name = master_unix_name(str(rpc[0]), int(rpc[1]))
         try:
-            self._unix_server = await loop.create_unix_server(
-                self._protocol, master_unix_name(str(rpc[0]), int(rpc[1])), backlog=_ACCEPT_BURST
-            )
+            if inline is not None:
+                self._unix_server = RpcServer(
+                    inline,
+                    self._protocol,
+                    _unix_listener(unix_name),
+                    burst=_ACCEPT_BURST,
+                    what="master same-host RPC listener",
+                )
+            else:
+                self._unix_server = await loop.create_unix_server(
+                    self._protocol, unix_name, backlog=_ACCEPT_BURST
+                )
         except OSError as exc:
             log.info("no same-host (UNIX socket) RPC listener: %s; clients use TCP", exc)
         metrics = metadata = None
@@ -1110,6 +1129,21 @@ class MasterService:
 #: the listen backlog of the RPC listeners, which is also how many connections
 #: asyncio accepts in one turn of the loop (its default)
 _ACCEPT_BURST: Final = 100
+
+
+def _unix_listener(name: str) -> socket.socket:
+    """A listening UNIX stream socket bound to ``name`` (abstract when it starts
+    with a NUL byte), as ``loop.create_unix_server`` would make it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(name)
+        sock.listen(_ACCEPT_BURST)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 #: mutations whose retry would be answered differently once they acted: their
 #: answers are kept with the state (``MasterState.keep_reply``).  A retried
 #: removal would be OBJECT_NOT_FOUND, an unmount SEGMENT_NOT_FOUND, a replica
