@@ -544,6 +544,48 @@ def test_put_from_get_into(store: MooncakeDistributedStore) -> None:
     assert store.remove("zero_copy_key", force=True) == 0
 
 
+def test_batch_get_into_own_memory_copies_each_value_directly(
+    store: MooncakeDistributedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Values in our own segment read into one registered buffer take the direct
+    path (one slice assignment per value, no per-destination views); a
+    destination too small fails alone; destinations in two buffers take the
+    general path with the same results."""
+    from pymooncake.store._reads import ReadOps
+
+    general = []
+    real = ReadOps._copy_own_batch
+    monkeypatch.setattr(
+        ReadOps, "_copy_own_batch", lambda self, *a: general.append(1) or real(self, *a)
+    )
+    values = [pattern(1000 + 500 * i, seed=i) for i in range(4)]
+    keys = [f"direct_key_{i}" for i in range(4)]
+    for k, v in zip(keys, values, strict=True):
+        assert store.put(k, v) == 0
+    dst = np.full(16 * 1024, 0xEE, np.uint8)
+    other = np.full(4096, 0xEE, np.uint8)
+    assert store.register_buffer(addr(dst), dst.nbytes) == 0
+    assert store.register_buffer(addr(other), other.nbytes) == 0
+    try:
+        ptrs = [addr(dst) + i * 4096 for i in range(4)]
+        got = store.batch_get_into(keys, ptrs, [4096, 4096, 100, 4096])
+        assert got[:2] == [len(values[0]), len(values[1])] and got[3] == len(values[3])
+        assert got[2] == INVALID_PARAMS  # 2000 bytes into 100: this key alone fails
+        for i in (0, 1, 3):
+            assert dst[i * 4096 : i * 4096 + len(values[i])].tobytes() == values[i]
+        assert (dst[2 * 4096 : 3 * 4096] == 0xEE).all()  # nothing written for it
+        assert general == []
+
+        # one destination in another registered buffer: the general path, same answers
+        mixed = store.batch_get_into(keys[:2], [ptrs[0], addr(other)], [4096, 4096])
+        assert mixed == [len(values[0]), len(values[1])]
+        assert other[: len(values[1])].tobytes() == values[1]
+        assert general == [1]
+    finally:
+        assert store.unregister_buffer(addr(dst)) == 0
+        assert store.unregister_buffer(addr(other)) == 0
+
+
 def test_put_from_with_metadata(store: MooncakeDistributedStore) -> None:
     data = np.frombuffer(pattern(3000, seed=1), np.uint8).copy()
     meta = np.frombuffer(b"META" * 7, np.uint8).copy()

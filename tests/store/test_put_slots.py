@@ -116,6 +116,45 @@ def test_batch_puts_take_one_round_trip(cluster: LocalCluster) -> None:
     assert writer.get_many(list(stored)) == list(stored.values())
 
 
+def test_batch_puts_into_own_buffers_copy_each_value_directly(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose reserved buffers all lie in the writer's own segment writes
+    each value with one slice assignment, without planning transfers; values a
+    copy would move without the GIL (256 KiB and more) and buffers in a peer's
+    segment take the general path; every value reads back."""
+    from pymooncake.store._client_io import ClientIO
+
+    planned: list[str] = []
+    real = ClientIO._route_parts
+    monkeypatch.setattr(
+        ClientIO,
+        "_route_parts",
+        lambda self, i, endpoint, *a: planned.append(endpoint) or real(self, i, endpoint, *a),
+    )
+    own = cluster.client(32 * MiB, 4 * MiB)
+    stored: dict[str, bytes] = {}
+    for b in range(4):
+        keys = [f"own{b}-{i}" for i in range(8)]
+        values = [_value(4 * KiB, 100 + b * 8 + i) for i in range(8)]
+        assert own.put_many(keys, [[v] for v in values]) == [True] * 8
+        stored.update(zip(keys, values, strict=True))
+    assert planned == []
+    big = [_value(256 * KiB, 7), _value(256 * KiB, 8)]
+    assert own.put_many(["big0", "big1"], [[v] for v in big]) == [True, True]
+    assert len(planned) == 2  # large values: the general path (memmove, GIL released)
+    stored.update(big0=big[0], big1=big[1])
+    planned.clear()
+    writer = cluster.client(0, 4 * MiB)  # no segment: the buffers are the node's
+    keys = [f"peer{i}" for i in range(4)]
+    values = [_value(4 * KiB, 200 + i) for i in range(4)]
+    assert writer.put_many(keys, [[v] for v in values]) == [True] * 4
+    assert planned == [own.engine.segment_name] * 4
+    stored.update(zip(keys, values, strict=True))
+    assert own.get_many(list(stored)) == list(stored.values())
+    assert writer.get_many(list(stored)) == list(stored.values())
+
+
 def test_batch_puts_answer_each_key_as_the_ordinary_path(cluster: LocalCluster) -> None:
     node = cluster.client(32 * MiB, 4 * MiB)
     writer = cluster.client(0, 4 * MiB)

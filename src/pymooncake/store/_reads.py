@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .._gcpause import gc_paused
@@ -17,6 +18,7 @@ from ..errors import (
     store_error,
 )
 from ..transfer import TransferRequest
+from ..transfer._memory import MEMMOVE_FROM
 from ..transfer.device import DeviceSpan
 from ..wire import _master_msgs as msg
 from ..wire._master_replies import Replica, ReplicaColumns
@@ -35,6 +37,19 @@ __all__ = ["ReadOps"]
 _COMPLETE = ReplicaStatus.COMPLETE
 _DISK_MARKERS = frozenset((LOCAL_DISK_SEGMENT, DISK_SEGMENT))
 _INT = frozenset({int})
+
+
+@dataclass(frozen=True, slots=True)
+class Direct:
+    """Destinations that are one ``(address, size)`` pair each, all inside one
+    registered host region (``view``, starting at ``base``): a batch read whose
+    every value lies in our own memory copies each value with one slice
+    assignment (:meth:`ReadOps._copy_own_direct`), without a view per
+    destination or the per-key planning of the general path."""
+
+    view: memoryview
+    base: int
+    pointers: list[tuple[int, int]]
 
 
 def _fit(key: str, parts: Parts, size: int) -> Parts | StoreError:
@@ -142,6 +157,46 @@ class ReadOps(ClientIO):
             replicas[i] = every[i]
             views[i] = target
 
+    def _copy_own_direct(
+        self,
+        cols: ReplicaColumns,
+        direct: Direct,
+        keys: Sequence[str],
+        results: list[int | StoreError],
+        copied: list[int],
+    ) -> bool:
+        """:meth:`_copy_own_batch` for pointer destinations in one registered host
+        region: each value is one slice assignment between that region and the
+        one of our segment holding every value.  False (nothing done) when the
+        values do not all lie in one host region of ours, or one is large enough
+        to be copied without the GIL (``MEMMOVE_FROM``: the general path does)."""
+        sizes, addrs = cols.sizes, cols.addr
+        assert sizes is not None
+        if not sizes or max(sizes) >= MEMMOVE_FROM:
+            return False
+        lo = min(addrs)
+        hi = max(map(int.__add__, addrs, sizes))
+        region = self.engine.registry.find_remote(lo, hi - lo)
+        if region is None or region.backend is not None:
+            return False
+        src, src_base = region.view, region.addr  # (held: the segment stays mapped)
+        dst, dst_base = direct.view, direct.base
+        pointers = direct.pointers
+        for i, size in enumerate(sizes):
+            at, room = pointers[i]
+            if room < size:
+                results[i] = store_error(
+                    int(ErrorCode.INVALID_PARAMS),
+                    f"{keys[i]!r} is {size} bytes but the destination holds only {room}",
+                )
+                continue
+            a = addrs[i] - src_base
+            d = at - dst_base
+            dst[d : d + size] = src[a : a + size]
+            results[i] = size
+            copied.append(i)
+        return True
+
     def _pick(self, replicas: Sequence[Replica], attempt: int) -> Replica:
         if len(replicas) == 1:
             return replicas[0]
@@ -155,16 +210,18 @@ class ReadOps(ClientIO):
         dests: Callable[[int, int], Parts | StoreError],
         op: str = "get_batch",
         grab: Grab | None = None,
+        direct: Direct | None = None,
     ) -> list[int | StoreError]:
         """Read many objects.  ``dests(i, size)`` gives the views to fill for key i
         (whose total must equal ``size``) or an error to report instead.  ``op``
         names the API for the operation metrics (the reference's op_name).  A single
         object in this process's own host memory may instead be handed to
         ``grab(i, view)`` (a read-only view of it, valid during the call), which
-        copies it out itself or returns an error."""
+        copies it out itself or returns an error.  ``direct``: the same
+        destinations as pointers into one registered region (see :class:`Direct`)."""
         self._check_open()
         with gc_paused(len(keys)):  # (_gcpause.py: no full collections mid-batch)
-            return self._read_batch_now(keys, dests, op, grab)
+            return self._read_batch_now(keys, dests, op, grab, direct)
 
     def _read_batch_now(
         self,
@@ -172,6 +229,7 @@ class ReadOps(ClientIO):
         dests: Callable[[int, int], Parts | StoreError],
         op: str,
         grab: Grab | None,
+        direct: Direct | None = None,
     ) -> list[int | StoreError]:
         started = time.perf_counter_ns()
         n = len(keys)
@@ -205,7 +263,10 @@ class ReadOps(ClientIO):
         transfer_start = time.perf_counter_ns()
         if own_batch is not None:  # every key in our own memory: copied inline
             lease_ttl = own_batch.lease_ttl_ms / 1000.0
-            self._copy_own_batch(own_batch, dests, results, copied, replicas, views)
+            if direct is None or not self._copy_own_direct(
+                own_batch, direct, keys, results, copied
+            ):
+                self._copy_own_batch(own_batch, dests, results, copied, replicas, views)
         for i, (code, value) in enumerate(found):
             if code != 0:
                 results[i] = store_error(code, f"{keys[i]!r}: {value}")
@@ -491,12 +552,50 @@ class ReadOps(ClientIO):
     ) -> list[int | StoreError]:
         if len(keys) != len(dests):
             raise InvalidParams(f"{len(keys)} keys but {len(dests)} destinations")
-        parts = self._parts_of(
-            dests,
-            lambda p: p if isinstance(p, (memoryview, DeviceSpan)) else self._dest_part(p, None),
-        )
 
-        return self._read_batch(keys, lambda i, size: _fit(keys[i], parts[i], size), op)
+        def make_parts() -> list[list[Part]]:
+            return self._parts_of(
+                dests,
+                lambda p: (
+                    p if isinstance(p, (memoryview, DeviceSpan)) else self._dest_part(p, None)
+                ),
+            )
+
+        direct = self._direct(dests) if len(keys) > 1 else None
+        if direct is None:
+            parts = make_parts()
+            return self._read_batch(keys, lambda i, size: _fit(keys[i], parts[i], size), op)
+        lazy: list[list[list[Part]]] = []  # the views, made only if the general path runs
+
+        def fit(i: int, size: int) -> Parts | StoreError:
+            if not lazy:
+                lazy.append(make_parts())
+            return _fit(keys[i], lazy[0][i], size)
+
+        return self._read_batch(keys, fit, op, direct=direct)
+
+    def _direct(self, dests: Sequence[Sequence[Any]]) -> Direct | None:
+        """:class:`Direct` when every destination is one ``(address, size)`` pair
+        (size > 0) and all of them lie in one registered host region; else None."""
+        pointers: list[tuple[int, int]] = []
+        for ps in dests:
+            if len(ps) != 1:
+                return None
+            p = ps[0]
+            if type(p) is not tuple or len(p) != 2:
+                return None
+            at, n = p
+            if type(at) is not int or type(n) is not int or n <= 0 or at < 0:
+                return None
+            pointers.append(p)
+        if not pointers:
+            return None
+        lo = min(at for at, _ in pointers)
+        hi = max(at + n for at, n in pointers)
+        region = self.engine.registry.find(lo, hi - lo)
+        if region is None or region.backend is not None:
+            return None
+        return Direct(region.view, region.addr, pointers)
 
     def get_many_alloc(
         self, keys: Sequence[str], alloc: Callable[[int, int], Any]

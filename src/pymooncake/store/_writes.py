@@ -24,6 +24,7 @@ from ..errors import (
     store_error,
 )
 from ..transfer import TransferRequest
+from ..transfer._memory import MEMMOVE_FROM
 from ..wire import _master_msgs as msg
 from ..wire import _offload_msgs as omsg
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
@@ -358,13 +359,14 @@ class WriteOps(ClientIO):
         per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
         errors: list[BaseException | None] = [None] * n
         transfer_start = time.perf_counter_ns()
-        copy_own = self._copy_own_many()
-        for i in todo:
-            for endpoint, address in slots[i].places:
-                self._route_parts(
-                    i, endpoint, address, parts[i], True, per_endpoint, errors, copy_own
-                )
-        self._run_transfers(per_endpoint, errors, set())
+        if not self._write_own_direct([slots[i] for i in todo], [parts[i] for i in todo]):
+            copy_own = self._copy_own_many()
+            for i in todo:
+                for endpoint, address in slots[i].places:
+                    self._route_parts(
+                        i, endpoint, address, parts[i], True, per_endpoint, errors, copy_own
+                    )
+            self._run_transfers(per_endpoint, errors, set())
         failed = [i for i in todo if errors[i] is not None]
         if failed:
             # their holders may be gone: revoke them and the pools of their
@@ -439,6 +441,39 @@ class WriteOps(ClientIO):
             for i, r in zip(rest, sub, strict=True):
                 results[i] = r
         return results  # type: ignore[return-value]
+
+    def _write_own_direct(self, slots: Sequence[Slot], parts: Sequence[Parts]) -> bool:
+        """Write a batch whose every value is one view going to one buffer in our
+        own segment, all in one host region of ours: one slice assignment each
+        (the common batch put through buffers reserved ahead).  False (nothing
+        written) for any other batch, or one with a value large enough to be
+        copied without the GIL (``MEMMOVE_FROM``); the general path then does."""
+        own = self.engine.segment_name
+        addrs: list[int] = []
+        views: list[memoryview] = []
+        for slot, ps in zip(slots, parts, strict=True):
+            places = slot.places
+            if len(places) != 1 or len(ps) != 1 or places[0][0] != own:
+                return False
+            view = ps[0]
+            if type(view) is not memoryview:
+                return False
+            addrs.append(places[0][1])
+            views.append(view)
+        if not views:
+            return False
+        sizes = list(map(len, views))
+        if max(sizes) >= MEMMOVE_FROM or min(sizes) <= 0:
+            return False
+        lo = min(addrs)
+        region = self.engine.registry.find_remote(lo, max(map(int.__add__, addrs, sizes)) - lo)
+        if region is None or region.backend is not None:
+            return False
+        segment, base = region.view, region.addr  # (held: the segment stays mapped)
+        for address, view, size in zip(addrs, views, sizes, strict=True):
+            at = address - base
+            segment[at : at + size] = view
+        return True
 
     def _reuse_refused(
         self, size: int, params: msg.ReplicateParams, slot: Slot, epoch: object
