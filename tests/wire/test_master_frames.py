@@ -681,3 +681,12 @@ def test_ha_confirm_request() -> None:
     base = {"client_id": "c", "keys": ["a"]}
     _refused(M.HA_CONFIRM, {**base, "slots": ["slot-1"], "lazy": 1}, "lazy must be true or false")
     _refused(M.HA_CONFIRM, {**base, "lazy": True}, "lazy is only for commits of buffers")
+
+
+def test_slot_names_are_the_names_of_each_buffer() -> None:
+    from pymooncake.wire._master_msgs import SLOT_PREFIX, slot_name, slot_names
+
+    names = slot_names("client-1", "7", 300)
+    assert names == [slot_name("client-1", "7", i) for i in range(300)]
+    assert len(set(names)) == 300 and all(n.startswith(SLOT_PREFIX) for n in names)
+    assert slot_names("c", "1", 0) == []

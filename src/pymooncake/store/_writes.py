@@ -504,7 +504,7 @@ class WriteOps(ClientIO):
             if isinstance(exc, RpcFailed):
                 # no answer: the master may have reserved them; they are named
                 # after the batch, so the heartbeat can revoke them all the same
-                self._revoke_later([msg.slot_name(self.client_id, batch, i) for i in range(count)])
+                self._revoke_later(msg.slot_names(self.client_id, batch, count))
             elif exc.code not in _ROOM_CODES:
                 # a master without reservations (an older pymooncake): stop asking
                 log.info("put reservations are off: the master answered %s", exc)
@@ -513,11 +513,12 @@ class WriteOps(ClientIO):
         if len(reply) < count:
             pools.granted(size, params, len(reply))
         until = deadline(asked, reply.ttl_s)
-        name = msg.slot_name
-        client = self.client_id
+        places = reply.columns.placements()
         slots = [
-            Slot(name(client, batch, i), places, until)
-            for i, places in enumerate(reply.columns.placements())
+            Slot(name, where, until)
+            for name, where in zip(
+                msg.slot_names(self.client_id, batch, len(places)), places, strict=True
+            )
         ]
         self._revoke_later(pools.add(size, params, slots[need:], epoch))
         return slots[:need]

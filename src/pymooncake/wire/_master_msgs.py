@@ -96,6 +96,7 @@ __all__ = [
     "check_surrogates",
     "decode_request",
     "slot_name",
+    "slot_names",
 ]
 
 #: longest key (characters); KV-cache keys of vLLM/SGLang/LMCache are < 300
@@ -118,6 +119,12 @@ SLOT_MARK: Final = SLOT_PREFIX[0]
 def slot_name(client_id: str, batch: str, i: int) -> str:
     """The master's name of buffer ``i`` of a client's reservation ``batch``."""
     return f"{SLOT_PREFIX}{client_id}:{batch}:{i}"
+
+
+def slot_names(client_id: str, batch: str, count: int) -> list[str]:
+    """:func:`slot_name` of buffers ``0 .. count-1`` of a reservation."""
+    head = f"{SLOT_PREFIX}{client_id}:{batch}:"
+    return [f"{head}{i}" for i in range(count)]
 
 
 #: most buffers one ReserveSlots may ask for

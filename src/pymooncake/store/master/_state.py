@@ -62,7 +62,7 @@ from functools import partial
 from typing import Any, Final
 
 from ...errors import StoreError, store_error
-from ...wire._master_msgs import SLOT_MARK, SLOT_PREFIX, slot_name
+from ...wire._master_msgs import SLOT_MARK, SLOT_PREFIX, slot_name, slot_names
 from .._config import MasterConfig
 from .._types import ClientStatus, ErrorCode, ReplicaDesc, SegmentInfo, SoftPinAction
 from . import _replay, _validate
@@ -1082,7 +1082,7 @@ class MasterState:
         need = reserved_size(size) * count
         if not live or any(s.allocator.allocated + need > s.allocator.capacity for s in live):
             return []
-        names = [slot_name(client_id, batch, i) for i in range(count)]
+        names = slot_names(client_id, batch, count)
         started = self.put_start_many(
             client_id, names, [size] * count, config, now, observe=False, evict=False
         )
