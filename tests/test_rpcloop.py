@@ -211,6 +211,28 @@ def test_a_protocol_bug_is_reported_and_drops_only_that_connection(
     assert isinstance(bad.lost[0], RuntimeError)
 
 
+def test_an_empty_read_buffer_is_a_protocol_bug(loop: RpcLoop) -> None:
+    class NoRoom(Echo):
+        def get_buffer(self, sizehint: int) -> memoryview:
+            return memoryview(b"")
+
+    proto = NoRoom()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda lp, ctx: reported.append(ctx))
+
+    async def main() -> None:
+        _, peer = _pair(loop, proto)
+        try:
+            peer.sendall(b"x")
+            await asyncio.wait_for(proto.lost_event.wait(), 5)
+        finally:
+            peer.close()
+
+    loop.run_until_complete(main())
+    assert "empty buffer" in str(reported[0]["exception"])
+    assert isinstance(proto.lost[0], RuntimeError)
+
+
 def test_abort_inside_connection_made_never_reads(loop: RpcLoop) -> None:
     class Refuse(Echo):
         def connection_made(self, transport: Any) -> None:

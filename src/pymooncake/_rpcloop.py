@@ -146,6 +146,8 @@ class StreamConn(asyncio.Transport):
         """The selector found the socket ready (``mask``: read and/or write)."""
         if mask & _READ and self._reading and not self._closing:
             buffer = self._get_buffer(-1)
+            if not len(buffer):  # (asyncio refuses it the same way)
+                raise RuntimeError("the protocol's get_buffer() returned an empty buffer")
             try:
                 n = self._sock.recv_into(buffer)
             except (BlockingIOError, InterruptedError):
