@@ -876,7 +876,8 @@ class BatchCommitSlots(Mutation):
 
 def _slot_names(raw: Any, n: int) -> tuple[str, ...]:
     """The reserved buffers named for ``n`` keys, one each."""
-    if type(raw) is not list or not all(type(s) is str and s for s in raw):
+    # (column-wise checks, in C)
+    if type(raw) is not list or not set(map(type, raw)) <= _STR or "" in raw:
         raise _bad("slots", "must be a list of non-empty strings", raw)
     if len(raw) != n:
         raise _bad("slots", f"names {len(raw)} buffers for {n} keys", len(raw))

@@ -1156,28 +1156,33 @@ class MasterState:
         """:meth:`commit_slot` of each pair, in order: None for each committed,
         or the error.  A plain buffer (one replica, no pin) under a new key is
         committed here; any other pair goes through :meth:`commit_slot`."""
-        out: list[StoreError | None] = []
+        out: list[StoreError | None] = [None] * len(keys)
         client = self._touch(client_id, now)
         shards, inflight, held = self.objects.shards, self.inflight, client.inflight
         effects, commit_one = self.effects, self.commit_slot
         committed: list[int] = []
-        for slot, key in zip(slots, keys, strict=True):
-            obj = shards[hash(slot) & SHARD_MASK].get(slot)
+        for i, (slot, key) in enumerate(zip(slots, keys, strict=True)):
+            source = shards[hash(slot) & SHARD_MASK]
+            obj = source.get(slot)
             target = shards[hash(key) & SHARD_MASK]
-            if (
-                obj is None
-                or not _plain_write(obj, client_id)
+            ext = None if obj is None else obj.ext
+            if (  # (_plain_write inline: a put in progress of this client, one replica)
+                ext is None
+                or obj.flags & _END_CHECKED != BUSY  # type: ignore[union-attr]
+                or obj.writer != client_id  # type: ignore[union-attr]
+                or ext.pending
+                or ext.more
+                or ext.soft_pin_ttl_s is not None
                 or key in target
                 or not slot.startswith(SLOT_PREFIX)
             ):
                 try:
                     commit_one(client_id, slot, key, now)
                 except StoreError as exc:
-                    out.append(exc)
-                    continue
-                out.append(None)
+                    out[i] = exc
                 continue
-            del shards[hash(slot) & SHARD_MASK][slot]
+            assert obj is not None
+            del source[slot]
             inflight.pop(slot, None)
             held.discard(slot)
             obj.key = key
@@ -1188,10 +1193,12 @@ class MasterState:
                 effects.append(WriteRenamed(slot, key))
                 effects.append(self._commit_effect(key, obj))
             committed.append(obj.size)
-            out.append(None)
         if committed:
-            for size, n in Counter(committed).items():
-                self.metrics.observe_value_size(size, n)
+            if committed.count(committed[0]) == len(committed):  # (one size: no Counter)
+                self.metrics.observe_value_size(committed[0], len(committed))
+            else:
+                for size, n in Counter(committed).items():
+                    self.metrics.observe_value_size(size, n)
         return out
 
     def _rekey(self, slot: str, key: str, obj: Obj) -> None:
