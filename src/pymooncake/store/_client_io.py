@@ -30,6 +30,7 @@ from ._metrics import ClientMetrics
 from ._types import ReplicaDesc
 
 if TYPE_CHECKING:
+    from ..transfer._memory import Region
     from ._client import StoreClientConfig
     from ._ha_confirm import StandbyConfirms
     from ._slots import SlotPools
@@ -210,6 +211,11 @@ class ClientIO:
         registered host region is sliced from that region's view through one
         ``MemoryRegistry.window``: a batch of pointers into one buffer costs one
         region search, not one per key."""
+        found = self._pointer_region(values)
+        if found is not None:  # (the common batch: one region, one slice per value)
+            region, pairs = found
+            whole, base = region.view, region.addr
+            return [[whole[at - base : at - base + n]] for at, n in pairs]
         out: list[list[Part]] = []
         window = self.engine.registry.window(remote=False)
         for ps in values:
@@ -222,6 +228,32 @@ class ClientIO:
                         continue
             out.append([part(p) for p in ps])
         return out
+
+    def _pointer_region(
+        self, values: Sequence[Sequence[Any]]
+    ) -> tuple[Region, list[tuple[int, int]]] | None:
+        """When every value is one ``(address, size)`` pair (size > 0) and all of
+        them lie in one registered host region: that region and the pairs; else
+        None (also for fewer than two values)."""
+        if len(values) < 2:
+            return None
+        pairs: list[tuple[int, int]] = []
+        for ps in values:
+            if len(ps) != 1:
+                return None
+            p = ps[0]
+            if type(p) is not tuple or len(p) != 2:
+                return None
+            at, n = p
+            if type(at) is not int or type(n) is not int or n <= 0 or at < 0:
+                return None
+            pairs.append(p)
+        lo = min(at for at, _ in pairs)
+        hi = max(at + n for at, n in pairs)
+        region = self.engine.registry.find(lo, hi - lo)
+        if region is None or region.backend is not None:
+            return None
+        return region, pairs
 
     def _source_part(self, buffer: Any, size: int | None) -> Part:
         """Caller memory to store from (an address or a buffer; host or device).

@@ -561,7 +561,7 @@ class ReadOps(ClientIO):
                 ),
             )
 
-        direct = self._direct(dests) if len(keys) > 1 else None
+        direct = self._direct(dests)
         if direct is None:
             parts = make_parts()
             return self._read_batch(keys, lambda i, size: _fit(keys[i], parts[i], size), op)
@@ -577,24 +577,10 @@ class ReadOps(ClientIO):
     def _direct(self, dests: Sequence[Sequence[Any]]) -> Direct | None:
         """:class:`Direct` when every destination is one ``(address, size)`` pair
         (size > 0) and all of them lie in one registered host region; else None."""
-        pointers: list[tuple[int, int]] = []
-        for ps in dests:
-            if len(ps) != 1:
-                return None
-            p = ps[0]
-            if type(p) is not tuple or len(p) != 2:
-                return None
-            at, n = p
-            if type(at) is not int or type(n) is not int or n <= 0 or at < 0:
-                return None
-            pointers.append(p)
-        if not pointers:
+        found = self._pointer_region(dests)
+        if found is None:
             return None
-        lo = min(at for at, _ in pointers)
-        hi = max(at + n for at, n in pointers)
-        region = self.engine.registry.find(lo, hi - lo)
-        if region is None or region.backend is not None:
-            return None
+        region, pointers = found
         return Direct(region.view, region.addr, pointers)
 
     def get_many_alloc(
