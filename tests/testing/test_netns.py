@@ -98,6 +98,20 @@ def test_loopback_of_one_host_is_not_another_hosts(netns: Callable[[int], NetnsN
     assert out.stdout.strip() == b"ConnectionRefusedError"
 
 
+def test_fixed_service_ports_are_never_an_outgoing_connections(
+    netns: Callable[[int], NetnsNetwork],
+) -> None:
+    """Inside each host the master and dummy-client ports (50051-50060) are
+    reserved: the kernel does not give them to outgoing connections, which
+    could otherwise take one before a storage node binds it; the test process's
+    own namespace is left as it was."""
+    net = netns(1)
+    got = net.hosts[0].run(["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"])
+    assert got.stdout.decode().strip() == "50051-50060"
+    with open("/proc/sys/net/ipv4/ip_local_reserved_ports") as f:
+        assert "50051" not in f.read()
+
+
 def test_a_cut_link_drops_packets_until_reconnected(netns: Callable[[int], NetnsNetwork]) -> None:
     net = netns(1)
     host = net.hosts[0]

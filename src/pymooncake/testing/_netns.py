@@ -82,6 +82,33 @@ def _ip(*args: str, netns: str | None = None, check: bool = True) -> str:
     return proc.stdout.decode(errors="replace")
 
 
+#: fixed ports the deployments bind inside a host that lie in the kernel's
+#: ephemeral range (master RPC 50051, mooncake_client's dummy-client port 50052):
+#: an outgoing connection made first (to etcd, the master) could take one of them
+_SERVICE_PORTS: Final = "50051-50060"
+
+
+def _reserve_service_ports(netns: str) -> None:
+    """Keep the kernel from giving :data:`_SERVICE_PORTS` to outgoing connections
+    in ``netns`` (``net.ipv4.ip_local_reserved_ports`` is per namespace; seen once:
+    a storage node's own etcd connection took 50052 before its listener bound it).
+    Best effort: a namespace where it cannot be set keeps the kernel's default."""
+    subprocess.run(
+        [
+            _ip_path(),
+            "netns",
+            "exec",
+            netns,
+            "sh",
+            "-c",
+            f"echo {_SERVICE_PORTS} > /proc/sys/net/ipv4/ip_local_reserved_ports",
+        ],
+        capture_output=True,
+        timeout=_IP_TIMEOUT_S,
+        check=False,
+    )
+
+
 def netns_unavailable_reason() -> str | None:
     """None when namespaces can be built here, else why not (not root, no ``ip``,
     namespaces refused by the kernel or the container)."""
@@ -332,6 +359,7 @@ class NetnsNetwork:
         _ip("addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", "eth0", netns=netns)
         _ip("link", "set", "eth0", "up", netns=netns)
         _ip("link", "set", "lo", "up", netns=netns)
+        _reserve_service_ports(netns)
         _ip("link", "set", veth, "master", self.bridge)
         _ip("link", "set", veth, "up")
         return Host(i, netns, address, veth, self)
