@@ -255,8 +255,14 @@ class MasterMachine(RuleBasedStateMachine):
             return
         name = data.draw(st.sampled_from(mine))
         self._try("commit", self.st.commit_slot, client, name, key, self.now)
-        if name not in self.st.objects:
+        if not self._reserved(name):
             mine.remove(name)
+
+    def _reserved(self, name: str) -> bool:
+        """Whether the buffer ``name`` is still reserved (a record, or a run's)."""
+        head, _, tail = name.rpartition(":")
+        run = self.st.slot_runs.get(head)
+        return name in self.st.objects or (run is not None and bool(run.free[int(tail)]))
 
     @rule(client=clients, batch=st.lists(keys, min_size=2, max_size=5), data=st.data())
     def commit_many(self, client: str, batch: list[str], data: st.DataObject) -> None:
@@ -283,7 +289,7 @@ class MasterMachine(RuleBasedStateMachine):
             e.record() for e in self.st.effects or []
         ]
         for mine in self.slots.values():
-            mine[:] = [n for n in mine if n in self.st.objects]
+            mine[:] = [n for n in mine if self._reserved(n)]
 
     @rule(client=clients, key=keys)
     def put_end(self, client: str, key: str) -> None:
@@ -399,3 +405,60 @@ class MasterMachine(RuleBasedStateMachine):
 
 MasterMachine.TestCase.settings = settings(stateful_step_count=40)
 TestMasterMachine = MasterMachine.TestCase
+
+
+class RunMachine(MasterMachine):
+    """The same without a journal (``effects`` None), where reservations are held
+    as runs (``_slot_runs.py``) as the service makes them: every rule that looks
+    at writes in progress meets runs, and spills them, as the master would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.st.effects = None
+
+    @rule(client=clients, size=sizes, config=configs(), count=st.integers(1, 6))
+    def reserve(self, client: str, size: int, config: ReplicateConfig, count: int) -> None:
+        """ReserveSlots as its handler serves it: a run when it can be one."""
+        self.batches += 1
+        batch = str(self.batches)
+        run = self.st.reserve_slot_run(client, size, count, config, self.now, batch)
+        if run is not None:
+            self.outcomes["reserve_run"] = self.outcomes.get("reserve_run", 0) + 1
+            names = [f"{run.head}:{i}" for i in range(run.count)]
+            self.slots.setdefault(client, []).extend(names)
+            return
+        got = self._try(
+            "reserve", self.st.reserve_slots, client, size, count, config, self.now, batch
+        )
+        if got:
+            self.slots.setdefault(client, []).extend(name for name, _ in got)
+
+    @rule(go=st.integers(0, 2))
+    def spill(self, go: int) -> None:
+        """What every request outside RUN_SAFE does first."""
+        if not go:
+            self.st.spill_slot_runs()
+
+    @invariant()
+    def replay_reproduces_readable_objects(self) -> None:
+        assert self.st.effects is None  # (nothing is journaled without effects)
+
+
+RunMachine.TestCase.settings = settings(stateful_step_count=40)
+TestRunMachine = RunMachine.TestCase
+
+
+def test_the_run_machine_reaches_runs_and_their_commits() -> None:
+    """The variant's rules make runs and commit from them (not a vacuous machine)."""
+    machine = RunMachine()
+    machine.mount_all()
+    for _ in range(3):
+        machine.reserve("c0", 64, ReplicateConfig(), 4)
+    assert machine.outcomes.get("reserve_run") == 3 and len(machine.st.slot_runs) == 3
+    names = list(machine.slots["c0"])
+    out = machine.st.commit_slots_many("c0", names[:3], ["k0", "k1", "k0"], machine.now)
+    assert [e is None for e in out] == [True, True, False]
+    machine.st.validate()
+    machine.st.spill_slot_runs()
+    assert not machine.st.slot_runs
+    machine.st.validate()

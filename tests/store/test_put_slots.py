@@ -60,7 +60,9 @@ def _stores(client: StoreClient, key: str) -> bool:
 
 def _reserved(cluster: LocalCluster) -> list[str]:
     def names(st: MasterState) -> list[str]:
-        return [k for k in st.inflight if k.startswith(SLOT_PREFIX)]
+        # per-buffer records, and the buffers the runs still hold (_slot_runs.py)
+        held = [f"{run.head}:{i}" for run in st.slot_runs.values() for i, _, _ in run.held()]
+        return [k for k in st.inflight if k.startswith(SLOT_PREFIX)] + held
 
     result: list[str] = cluster.master.call(names)
     return result

@@ -22,6 +22,7 @@ from ...wire import _master_reply_msgs as rep
 from ...wire._master_replies import ReplicaColumns, ReplicaColumnsBuilder
 from .._types import SegmentInfo
 from ._records import READABLE, REF, Obj, SegmentRecord, reps_wire
+from ._slot_runs import SlotRun
 from ._state import MasterState, start_each
 from ._tasks import Task, TaskStatus, client_uuid
 
@@ -82,6 +83,21 @@ def start_columns(started: Iterable[Obj | StoreError]) -> ReplicaColumns:
         for s, a in reps:
             seg_col.append(out.segment_index(s))
             addr_col.append(a)
+    return out.columns()
+
+
+def run_columns(run: SlotRun) -> ReplicaColumns:
+    """The columns of a reservation held as a run: buffer ``i`` at the address
+    :meth:`SlotRun.place` gives (every one reserved, one replica each)."""
+    out = ReplicaColumnsBuilder(_describe)
+    n = run.count
+    out.code += [0] * n
+    out.counts += [1] * n
+    stride = run.stride
+    ends = [p[0] for p in run.parts[1:]] + [n]
+    for (first, seg, addr), end in zip(run.parts, ends, strict=True):
+        out.seg += [out.segment_index(seg)] * (end - first)
+        out.addr += range(addr, addr + (end - first) * stride, stride)
     return out.columns()
 
 
@@ -176,6 +192,9 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
         return handler
 
     def reserve_slots(req: msg.ReserveSlots, now: float) -> rep.ReserveSlotsReply:
+        run = st.reserve_slot_run(req.client_id, req.size, req.count, req.config, now, req.batch)
+        if run is not None:
+            return rep.ReserveSlotsReply(run_columns(run), st.slot_ttl())
         slots = st.reserve_slots(req.client_id, req.size, req.count, req.config, now, req.batch)
         return rep.ReserveSlotsReply(start_columns([obj for _, obj in slots]), st.slot_ttl())
 

@@ -937,6 +937,8 @@ class MasterService:
             hit = self.replies.lookup(mutation.client_id, mutation.rid)
             if hit is not None:
                 return hit
+        if self.state.slot_runs and kind not in RUN_SAFE:
+            self.state.spill_slot_runs()
         now = self._clock()
         try:
             # the typed reply (wire/_master_reply_msgs.py) as the JSON value it sends
@@ -965,6 +967,7 @@ class MasterService:
         """Run a whole-index request a slice at a time."""
         name = req.NAME
         self._count(name)
+        self.state.spill_slot_runs()
         hit = self.cached(req)
         if hit is not None:
             return hit
@@ -1168,6 +1171,26 @@ _KEPT_REPLIES: Final = frozenset(
 )
 #: the requests that end puts and may name the standbys their client confirms
 #: them to (``confirmed``): answered without waiting for a standby when covered
+#: requests that cannot touch a reserved buffer held as a run (``_slot_runs.py``):
+#: they leave the runs as they are; any other request spills them first
+RUN_SAFE: Final = frozenset(
+    {
+        msg.ReserveSlots,
+        msg.CommitSlot,
+        msg.BatchCommitSlots,
+        msg.Ping,
+        msg.ExistKey,
+        msg.BatchExistKey,
+        msg.GetReplicaList,
+        msg.BatchGetReplicaList,
+        msg.PutStart,
+        msg.BatchPutStart,
+        msg.PutEnd,
+        msg.BatchPutEnd,
+        msg.Remove,
+        msg.BatchRemove,
+    }
+)
 _ENDS: Final = (msg.PutEnd, msg.BatchPutEnd, msg.CommitSlot, msg.BatchCommitSlots)
 #: how ``_RpcProtocol._process`` routes a request, by its type (one dict lookup):
 #: most are answered at once (_PLAIN); the others have a branch of their own

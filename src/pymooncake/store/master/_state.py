@@ -36,6 +36,10 @@ modules (``_placement.py``, ``_eviction.py``, ``_allocator.py``).
 * **Clients** ping; one silent for ``client_ttl`` is expired: its segments are
   unmounted (their replicas disappear) and its unfinished puts revoked.  An
   unknown client's ping is answered NEED_REMOUNT (master restarted).
+* **Reserved buffers** (``ReserveSlots``) are puts in progress under names no
+  key can take, committed under a key by ``commit_slot``; without a journal or
+  HA a reservation is held as one record until then (``_slot_runs.py``), and
+  whatever looks at writes in progress first spills it into per-buffer records.
 * Buffers of a preempted or abandoned put may still be written by a slow
   writer, so they go to a *discard* heap and return to the allocator only after
   ``put_start_release_timeout``.
@@ -65,7 +69,7 @@ from ...errors import StoreError, store_error
 from ...wire._master_msgs import SLOT_MARK, SLOT_PREFIX, slot_name, slot_names
 from .._config import MasterConfig
 from .._types import ClientStatus, ErrorCode, ReplicaDesc, SegmentInfo, SoftPinAction
-from . import _replay, _validate
+from . import _replay, _slot_runs, _validate
 from ._drain import DrainJobs
 from ._effects import (
     Effect,
@@ -98,6 +102,7 @@ from ._records import (
     reserved_size,
 )
 from ._replicate import Replications
+from ._slot_runs import SlotRun
 from ._tasks import TaskQueue
 
 __all__ = [
@@ -152,6 +157,18 @@ def _ranges_written(obj: Obj, seg: SegmentRecord) -> list[tuple[int, int]]:
         size = obj.extension().pending_size
         return [(a, reserved_size(size)) for s, a in obj.pending() if s is seg]
     return [(a, reserved_size(obj.size)) for s, a in obj.replicas() if s is seg]
+
+
+def _key_taken(key: str, current: Obj) -> StoreError:
+    """Why a reserved buffer cannot become ``key``'s value: it is stored, or
+    another put is writing it (the reservation stays)."""
+    if current.flags & READABLE:
+        return _err(ErrorCode.OBJECT_ALREADY_EXISTS, f"object {key!r} already exists")
+    return _err(
+        ErrorCode.REPLICA_IS_NOT_READY,
+        f"object {key!r} is being written by {client_tag(current.writer)}; it becomes "
+        "readable when that put ends",
+    )
 
 
 def _err(code: ErrorCode, message: str) -> StoreError:
@@ -292,6 +309,8 @@ class MasterState:
         self.clients: dict[str, ClientRecord] = {}
         #: objects being written, in the order their write started
         self.inflight: dict[str, Obj] = {}
+        #: reservations held as one record each, by name prefix (``_slot_runs.py``)
+        self.slot_runs: dict[str, SlotRun] = {}
         self._discards: list[tuple[float, int, SegmentRecord, int, int]] = []
         self._discard_seq = itertools.count()
         self._seg_numbers = itertools.count(1)
@@ -462,6 +481,7 @@ class MasterState:
         Raises:
             StoreError(SEGMENT_NOT_FOUND): unknown id or another client's segment.
         """
+        self.spill_slot_runs()
         seg = self.segments.get(segment_id)
         if seg is None or seg.client_id != client_id:
             raise _err(
@@ -527,6 +547,7 @@ class MasterState:
 
     def expire_client(self, client_id: str, now: float) -> None:
         """Forget a client: unmount its segments, revoke its unfinished puts."""
+        self.spill_slot_runs()
         client = self.clients.pop(client_id, None)
         if client is None:
             return
@@ -1015,6 +1036,7 @@ class MasterState:
 
     def put_revoke(self, client_id: str, key: str, now: float) -> None:
         """Abort a put: its buffers are freed (the writer says it stopped writing)."""
+        self.spill_slot_runs()
         obj = self._writing(client_id, key)
         self._abandon(key, obj, discard=False, now=now)
         self._touch(client_id, now)
@@ -1065,6 +1087,27 @@ class MasterState:
             out.append((name, obj))
         return out
 
+    def reserve_slot_run(
+        self, client_id: str, size: int, count: int, config: Any, now: float, batch: str
+    ) -> SlotRun | None:
+        """:meth:`reserve_slots`' common case held as one record (``_slot_runs.py``):
+        nothing records effects, several buffers of a config placed by a draw
+        alone, and every live segment has room for all of them.  None otherwise
+        (the caller reserves with :meth:`reserve_slots`)."""
+        if count < 2 or self.effects is not None or not self._placement.simple(config):
+            return None
+        live = self._placement.live(self.segments.values())
+        need = reserved_size(size) * count
+        if not live or any(s.allocator.allocated + need > s.allocator.capacity for s in live):
+            return None
+        return _slot_runs.reserve(self, client_id, size, count, config, now, batch, live)
+
+    def spill_slot_runs(self) -> None:
+        """Turn the runs into per-buffer writes in progress (``_slot_runs.spill``):
+        called first by whatever looks at writes in progress."""
+        if self.slot_runs:
+            _slot_runs.spill(self)
+
     def _reserve_slots_at_once(
         self,
         client_id: str,
@@ -1098,12 +1141,15 @@ class MasterState:
         return out
 
     def slots_held(self) -> int:
-        """Reserved buffers not committed yet (O(writes in progress))."""
+        """Reserved buffers not committed yet (O(writes in progress + runs))."""
+        return self._slots_in_flight() + _slot_runs.held_count(self)
+
+    def _slots_in_flight(self) -> int:
         return sum(1 for k in self.inflight if k[:1] == SLOT_MARK)
 
     def key_count(self) -> int:
         """Keys stored or being written (reserved buffers are not keys)."""
-        return len(self.objects) - self.slots_held()
+        return len(self.objects) - self._slots_in_flight()
 
     def writing_new(self) -> int:
         """Puts of new keys in progress (not upserts, not reserved buffers)."""
@@ -1124,6 +1170,17 @@ class MasterState:
                 reservation stays).
         """
         obj = self.objects.get(slot)
+        if obj is None and self.slot_runs:
+            found = _slot_runs.find(self, client_id, slot)
+            if found is not None:
+                shard = self.objects.shard(key)
+                current = shard.get(key)
+                if current is not None:
+                    raise _key_taken(key, current)
+                self._touch(client_id, now)
+                made = _slot_runs.commit(self, *found, key, shard)
+                self.metrics.observe_value_size(made.size)
+                return
         if (
             obj is None
             or not slot.startswith(SLOT_PREFIX)
@@ -1138,13 +1195,7 @@ class MasterState:
             )
         current = self.objects.get(key)
         if current is not None:
-            if current.flags & READABLE:
-                raise _err(ErrorCode.OBJECT_ALREADY_EXISTS, f"object {key!r} already exists")
-            raise _err(
-                ErrorCode.REPLICA_IS_NOT_READY,
-                f"object {key!r} is being written by {client_tag(current.writer)}; it becomes "
-                "readable when that put ends",
-            )
+            raise _key_taken(key, current)
         self._rekey(slot, key, obj)
         self._emit(WriteRenamed(slot, key))
         self.metrics.observe_value_size(obj.size)
@@ -1161,10 +1212,32 @@ class MasterState:
         shards, inflight, held = self.objects.shards, self.inflight, client.inflight
         effects, commit_one = self.effects, self.commit_slot
         committed: list[int] = []
+        runs, tails, made = self.slot_runs, _slot_runs.TAILS, 0
         for i, (slot, key) in enumerate(zip(slots, keys, strict=True)):
+            target = shards[hash(key) & SHARD_MASK]
+            if runs:  # (_slot_runs.find and .commit inline)
+                head, _, tail = slot.rpartition(":")
+                run = runs.get(head)
+                j = -1 if run is None else tails.get(tail, -1)
+                if 0 <= j < run.count and run.free[j] and run.client_id == client_id:  # type: ignore[union-attr]
+                    assert run is not None
+                    if key not in target:
+                        if run.single is None:
+                            seg, addr = run.place(j)
+                        else:
+                            seg, addr = run.single, run.base + j * run.stride
+                        made_obj = Obj(key, run.size, seg, addr, client_id, run.done_flags)
+                        target[key] = made_obj
+                        seg.order.append(made_obj)
+                        run.free[j] = 0
+                        run.left -= 1
+                        if not run.left:
+                            del runs[head]
+                        made += 1
+                        committed.append(run.size)
+                        continue
             source = shards[hash(slot) & SHARD_MASK]
             obj = source.get(slot)
-            target = shards[hash(key) & SHARD_MASK]
             ext = None if obj is None else obj.ext
             if (  # (_plain_write inline: a put in progress of this client, one replica)
                 ext is None
@@ -1193,6 +1266,8 @@ class MasterState:
                 effects.append(WriteRenamed(slot, key))
                 effects.append(self._commit_effect(key, obj))
             committed.append(obj.size)
+        if made:
+            self.objects.added(made)
         if committed:
             if committed.count(committed[0]) == len(committed):  # (one size: no Counter)
                 self.metrics.observe_value_size(committed[0], len(committed))
@@ -1542,6 +1617,7 @@ class MasterState:
         return self.remove_keys([k for k in self.objects if rx.search(k)], force, now)
 
     def remove_all(self, force: bool, now: float) -> int:
+        self.spill_slot_runs()
         return self.remove_keys(list(self.objects), force, now)
 
     def remove_keys(self, keys: Iterable[str], force: bool, now: float) -> int:
@@ -1711,6 +1787,7 @@ class MasterState:
         buffers, evict above the high watermark (the first slice of
         :meth:`housekeeping`, bounded by ``max_visits``).  Returns whether
         housekeeping work remains."""
+        self.spill_slot_runs()  # (expiries, drains and tasks look at writes in progress)
         ttl = self.config.client_ttl_s
         if self._last_tick is not None and now - self._last_tick > ttl / 2:
             # The master itself stalled (paused, swapped, overloaded): pings may
@@ -1794,14 +1871,17 @@ class MasterState:
 
     def snapshot_effects(self) -> list[Effect]:
         """The current durable state as a minimal effect list (``_replay.py``)."""
+        self.spill_slot_runs()
         return _replay.snapshot_effects(self)
 
     def segment_effects(self) -> list[Effect]:
         """Segments, tasks, drains and SSD tiers as effects (``_replay.py``)."""
+        self.spill_slot_runs()
         return _replay.segment_effects(self)
 
     def shard_effects(self, shard: int, *, writes: bool = False) -> list[Effect]:
         """One index shard's objects as effects (``_replay.py``)."""
+        self.spill_slot_runs()
         return _replay.shard_effects(self, shard, writes=writes)
 
     # ------------------------------------------------------------------------------

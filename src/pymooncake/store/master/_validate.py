@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import _slot_runs
 from ._records import BUSY, READABLE, SOFT_PIN, reserved_size
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def validate(st: MasterState) -> None:
         if st.segments.get(seg.id) is seg:
             live[seg.id].append((addr, reserved))
     assert staged == st.metrics.discard_staging_bytes, "discarded-bytes gauge disagrees"
+    _slot_runs.validate(st, live)
     for seg, addr, reserved in st.replication.ranges():
         live[seg.id].append((addr, reserved))
     st.replication.validate()
