@@ -23,6 +23,7 @@ from ..errors import (
     TransferFailed,
 )
 from ..transfer import TransferEngine, TransferRequest
+from ..transfer._memory import MEMMOVE_FROM
 from ..transfer.device import DeviceSpan
 from ._buffers import LocalBuffer
 from ._master_client import MasterClient
@@ -254,6 +255,19 @@ class ClientIO:
         if region is None or region.backend is not None:
             return None
         return region, pairs
+
+    def _own_small_span(self, addrs: Sequence[int], sizes: Sequence[int]) -> Region | None:
+        """The host region of our segment that holds every ``[addr, addr + size)``,
+        when each value is small enough to be copied with a slice assignment under
+        the GIL (below ``MEMMOVE_FROM``; larger ones are copied without it); else
+        None.  The direct copies of same-process batches start here."""
+        if not sizes or max(sizes) >= MEMMOVE_FROM:
+            return None
+        lo = min(addrs)
+        region = self.engine.registry.find_remote(lo, max(map(int.__add__, addrs, sizes)) - lo)
+        if region is None or region.backend is not None:
+            return None
+        return region
 
     def _source_part(self, buffer: Any, size: int | None) -> Part:
         """Caller memory to store from (an address or a buffer; host or device).

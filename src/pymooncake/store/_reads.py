@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .._gcpause import gc_paused
@@ -18,7 +17,7 @@ from ..errors import (
     store_error,
 )
 from ..transfer import TransferRequest
-from ..transfer._memory import MEMMOVE_FROM
+from ..transfer._memory import Region
 from ..transfer.device import DeviceSpan
 from ..wire import _master_msgs as msg
 from ..wire._master_replies import Replica, ReplicaColumns
@@ -39,17 +38,12 @@ _DISK_MARKERS = frozenset((LOCAL_DISK_SEGMENT, DISK_SEGMENT))
 _INT = frozenset({int})
 
 
-@dataclass(frozen=True, slots=True)
-class Direct:
-    """Destinations that are one ``(address, size)`` pair each, all inside one
-    registered host region (``view``, starting at ``base``): a batch read whose
-    every value lies in our own memory copies each value with one slice
-    assignment (:meth:`ReadOps._copy_own_direct`), without a view per
-    destination or the per-key planning of the general path."""
-
-    view: memoryview
-    base: int
-    pointers: list[tuple[int, int]]
+#: destinations that are one ``(address, size)`` pair each, all inside one
+#: registered host region (``ClientIO._pointer_region``): a batch read whose every
+#: value lies in our own memory copies each value with one slice assignment
+#: (:meth:`ReadOps._copy_own_direct`), without a view per destination or the
+#: per-key planning of the general path
+Direct = tuple[Region, list[tuple[int, int]]]
 
 
 def _fit(key: str, parts: Parts, size: int) -> Parts | StoreError:
@@ -172,16 +166,12 @@ class ReadOps(ClientIO):
         to be copied without the GIL (``MEMMOVE_FROM``: the general path does)."""
         sizes, addrs = cols.sizes, cols.addr
         assert sizes is not None
-        if not sizes or max(sizes) >= MEMMOVE_FROM:
-            return False
-        lo = min(addrs)
-        hi = max(map(int.__add__, addrs, sizes))
-        region = self.engine.registry.find_remote(lo, hi - lo)
-        if region is None or region.backend is not None:
+        region = self._own_small_span(addrs, sizes)
+        if region is None:
             return False
         src, src_base = region.view, region.addr  # (held: the segment stays mapped)
-        dst, dst_base = direct.view, direct.base
-        pointers = direct.pointers
+        dst_region, pointers = direct
+        dst, dst_base = dst_region.view, dst_region.addr
         for i, size in enumerate(sizes):
             at, room = pointers[i]
             if room < size:
@@ -561,7 +551,7 @@ class ReadOps(ClientIO):
                 ),
             )
 
-        direct = self._direct(dests)
+        direct = self._pointer_region(dests)
         if direct is None:
             parts = make_parts()
             return self._read_batch(keys, lambda i, size: _fit(keys[i], parts[i], size), op)
@@ -573,15 +563,6 @@ class ReadOps(ClientIO):
             return _fit(keys[i], lazy[0][i], size)
 
         return self._read_batch(keys, fit, op, direct=direct)
-
-    def _direct(self, dests: Sequence[Sequence[Any]]) -> Direct | None:
-        """:class:`Direct` when every destination is one ``(address, size)`` pair
-        (size > 0) and all of them lie in one registered host region; else None."""
-        found = self._pointer_region(dests)
-        if found is None:
-            return None
-        region, pointers = found
-        return Direct(region.view, region.addr, pointers)
 
     def get_many_alloc(
         self, keys: Sequence[str], alloc: Callable[[int, int], Any]

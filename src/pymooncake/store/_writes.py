@@ -24,7 +24,6 @@ from ..errors import (
     store_error,
 )
 from ..transfer import TransferRequest
-from ..transfer._memory import MEMMOVE_FROM
 from ..wire import _master_msgs as msg
 from ..wire import _offload_msgs as omsg
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
@@ -463,11 +462,8 @@ class WriteOps(ClientIO):
         if not views:
             return False
         sizes = list(map(len, views))
-        if max(sizes) >= MEMMOVE_FROM or min(sizes) <= 0:
-            return False
-        lo = min(addrs)
-        region = self.engine.registry.find_remote(lo, max(map(int.__add__, addrs, sizes)) - lo)
-        if region is None or region.backend is not None:
+        region = None if min(sizes) <= 0 else self._own_small_span(addrs, sizes)
+        if region is None:
             return False
         segment, base = region.view, region.addr  # (held: the segment stays mapped)
         for address, view, size in zip(addrs, views, sizes, strict=True):
