@@ -1096,11 +1096,19 @@ class MasterState:
         (the caller reserves with :meth:`reserve_slots`)."""
         if count < 2 or self.effects is not None or not self._placement.simple(config):
             return None
-        live = self._placement.live(self.segments.values())
-        need = reserved_size(size) * count
-        if not live or any(s.allocator.allocated + need > s.allocator.capacity for s in live):
+        live = self._room_for_all(size, count)
+        if not live:
             return None
         return _slot_runs.reserve(self, client_id, size, count, config, now, batch, live)
+
+    def _room_for_all(self, size: int, count: int) -> list[SegmentRecord]:
+        """The live segments when every one of them has room for ``count`` buffers
+        of ``size`` (whichever a buffer draws), else an empty list."""
+        live = self._placement.live(self.segments.values())
+        need = reserved_size(size) * count
+        if any(s.allocator.allocated + need > s.allocator.capacity for s in live):
+            return []
+        return live
 
     def spill_slot_runs(self) -> None:
         """Turn the runs into per-buffer writes in progress (``_slot_runs.spill``):
@@ -1121,9 +1129,7 @@ class MasterState:
         all of them, so they are started as one batch
         (:meth:`put_start_many`'s runs).  Empty when that did not place the
         first (the caller reserves one by one)."""
-        live = self._placement.live(self.segments.values())
-        need = reserved_size(size) * count
-        if not live or any(s.allocator.allocated + need > s.allocator.capacity for s in live):
+        if not self._room_for_all(size, count):
             return []
         names = slot_names(client_id, batch, count)
         started = self.put_start_many(
