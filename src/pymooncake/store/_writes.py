@@ -509,13 +509,17 @@ class WriteOps(ClientIO):
         if len(reply) < count:
             pools.granted(size, params, len(reply))
         until = deadline(asked, reply.ttl_s)
-        places = reply.columns.placements()
-        slots = [
-            Slot(name, where, until)
-            for name, where in zip(
-                msg.slot_names(self.client_id, batch, len(places)), places, strict=True
-            )
-        ]
+        cols = reply.columns
+        names = msg.slot_names(self.client_id, batch, len(cols))
+        if cols.counts.count(1) == len(names):  # one replica each (the common config)
+            endpoints = [str(seg[0]) for seg in cols.segs]
+            slots = [
+                Slot(name, [(endpoints[j], addr)], until)
+                for name, j, addr in zip(names, cols.seg, cols.addr, strict=True)
+            ]
+        else:
+            places = cols.placements()
+            slots = [Slot(name, where, until) for name, where in zip(names, places, strict=True)]
         self._revoke_later(pools.add(size, params, slots[need:], epoch))
         return slots[:need]
 
