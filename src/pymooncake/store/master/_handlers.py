@@ -94,8 +94,7 @@ def run_columns(run: SlotRun) -> ReplicaColumns:
     out.code += [0] * n
     out.counts += [1] * n
     stride = run.stride
-    ends = [p[0] for p in run.parts[1:]] + [n]
-    for (first, seg, addr), end in zip(run.parts, ends, strict=True):
+    for first, end, seg, addr in run.spans():
         out.seg += [out.segment_index(seg)] * (end - first)
         out.addr += range(addr, addr + (end - first) * stride, stride)
     return out.columns()

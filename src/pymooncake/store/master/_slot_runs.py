@@ -109,12 +109,17 @@ class SlotRun:
         first, seg, addr = parts[k]
         return seg, addr + (i - first) * self.stride
 
+    def spans(self) -> list[tuple[int, int, SegmentRecord, int]]:
+        """Each part as (first index, end index, segment, first address)."""
+        return [
+            (first, end, seg, addr) for (first, seg, addr), end in _ends(self.parts, self.count)
+        ]
+
     def held(self) -> list[tuple[int, SegmentRecord, int]]:
         """(index, segment, address) of every buffer still reserved."""
         free, stride = self.free, self.stride
         out = []
-        bounds = [p[0] for p in self.parts[1:]] + [self.count]
-        for (first, seg, addr), end in zip(self.parts, bounds, strict=True):
+        for first, end, seg, addr in self.spans():
             out += [(i, seg, addr + (i - first) * stride) for i in range(first, end) if free[i]]
         return out
 
@@ -162,7 +167,7 @@ def reserve(
             continue
         addr = seg.allocator.allocate_run(stride * c, c)
         if addr is None:  # no contiguous room there: give back what was taken
-            for (start, part_seg, part_addr), end in zip(parts, _ends(parts, first), strict=True):
+            for (start, part_seg, part_addr), end in _ends(parts, first):
                 for j in range(end - start):
                     part_seg.allocator.free(part_addr + j * stride, stride)
             return None
@@ -175,9 +180,9 @@ def reserve(
     return run
 
 
-def _ends(parts: list[Part], count: int) -> list[int]:
-    """Where each part's buffers end (the next part's first index, or ``count``)."""
-    return [p[0] for p in parts[1:]] + [count]
+def _ends(parts: list[Part], count: int) -> list[tuple[Part, int]]:
+    """Each part with the index its buffers end at (the next part's first, or ``count``)."""
+    return list(zip(parts, [p[0] for p in parts[1:]] + [count], strict=True))
 
 
 def find(st: MasterState, client_id: str, slot: str) -> tuple[SlotRun, int] | None:
