@@ -25,6 +25,7 @@ import ctypes
 import json
 import logging
 import sys
+import threading
 from typing import Any
 
 from mooncake.store import MooncakeDistributedStore
@@ -32,9 +33,20 @@ from mooncake.store import MooncakeDistributedStore
 POOL_BUFFER = 1 << 20
 
 
+_OUT = threading.Lock()
+
+
+def _say(kind: str, text: str) -> None:
+    """One whole line on stdout: a reply and a log line from the dummy's own
+    threads must never interleave (``print`` writes its pieces one by one)."""
+    with _OUT:
+        sys.stdout.write(f"{kind} {text}\n")
+        sys.stdout.flush()
+
+
 class _Lines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        print("LOG", self.format(record), flush=True)
+        _say("LOG", self.format(record))
 
 
 def main() -> int:
@@ -81,11 +93,11 @@ def main() -> int:
             result = store.health_check()
         elif op == "close":
             result = store.close()
-            print("REPLY", json.dumps(result), flush=True)
+            _say("REPLY", json.dumps(result))
             return 0
         else:
             result = f"unknown op {op!r}"
-        print("REPLY", json.dumps(result), flush=True)
+        _say("REPLY", json.dumps(result))
     store.close()
     return 0
 
