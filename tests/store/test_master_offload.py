@@ -4,12 +4,13 @@ disk effects through a journal record round trip (replay / a standby)."""
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
 import pytest
 
-from pymooncake.errors import ObjectExists, ObjectNotFound, StoreError
+from pymooncake.errors import ObjectExists, ObjectNotFound, ReplicaNotReady, StoreError
 from pymooncake.store._config import MasterConfig
 from pymooncake.store._types import LOCAL_DISK_SEGMENT, ErrorCode, ReplicateConfig, SegmentInfo
 from pymooncake.store.master._effects import (
@@ -20,10 +21,12 @@ from pymooncake.store.master._effects import (
 )
 from pymooncake.store.master._handlers import build_handlers
 from pymooncake.store.master._offload import CountMinSketch, wrap_handlers
+from pymooncake.store.master._records import READABLE
 from pymooncake.store.master._state import MasterState
 from pymooncake.wire import _master_msgs as msg
 from pymooncake.wire import _master_reply_msgs as rp
 from pymooncake.wire import _offload_msgs as omsg
+from pymooncake.wire._master import encode_json
 
 MiB = 1 << 20
 ONE = ReplicateConfig()
@@ -131,6 +134,41 @@ def test_promotion_is_admitted_at_the_threshold() -> None:
         st.offload.promotion_start("c1", "k", 4096, 3)
     with pytest.raises(ObjectNotFound):
         st.offload.promotion_start("c1", "nope", 1, 3)
+    st.validate()
+
+
+def test_reads_during_a_promotion_are_served_from_the_disk_replica() -> None:
+    """While a promotion writes the memory copy of a disk-only key, a read is
+    answered with the disk replica (the same value), single and in a batch --
+    not ReplicaNotReady for a key whose value is on disk all along; once the
+    memory copy is written, reads see both replicas."""
+    st = _state(promotion_on_hit=True, promotion_admission_threshold=1)
+    h = wrap_handlers(st, build_handlers(st))
+    st.mount_segment("c1", _seg("a:1"), 0)
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    assert st.offload.notify("c1", ["k"], [4096], True, 0) == [0]
+    st.offload.promotion_start("c1", "k", 4096, 1)
+    assert not st.objects["k"].flags & READABLE  # its memory copy is being written
+    reply = h[msg.GetReplicaList](msg.GetReplicaList("k"), 1)
+    assert isinstance(reply, rp.GetReplicaListReply)
+    assert reply.size == 4096 and [r[5] for r in reply.replicas] == [LOCAL_DISK_SEGMENT]
+    got = h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("k", "x")), 1)
+    assert isinstance(got, rp.BatchGetReplicaListReply)
+    cols = rp.BatchGetReplicaListReply.decode(json.loads(encode_json(got.to_wire()))).columns
+    assert cols.code == [0, int(ErrorCode.OBJECT_NOT_FOUND)] and cols.sizes == [4096, 0]
+    assert [r[2] for r in next(iter(cols.replicas()))] == [LOCAL_DISK_SEGMENT]
+    assert h[msg.ExistKey](msg.ExistKey("k"), 1) == rp.ExistKeyReply(True)
+    # a key being written that has no disk replica is still not ready
+    st.put_start("c1", "w", 64, ONE, 1)
+    with pytest.raises(ReplicaNotReady):
+        h[msg.GetReplicaList](msg.GetReplicaList("w"), 1)
+    got = h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("w", "k")), 1)
+    assert isinstance(got, rp.BatchGetReplicaListReply)
+    assert got.columns.code == [int(ErrorCode.REPLICA_IS_NOT_READY), 0]
+    st.put_end("c1", "k", 2)
+    reply = h[msg.GetReplicaList](msg.GetReplicaList("k"), 2)
+    assert isinstance(reply, rp.GetReplicaListReply)
+    assert sorted(r[5] == LOCAL_DISK_SEGMENT for r in reply.replicas) == [False, True]
     st.validate()
 
 

@@ -694,6 +694,9 @@ OFFLOAD_APPLY: Final[dict[type, Callable[[Any, Any, float], None]]] = {
 
 Handler = Callable[[Any, float], rp.Reply]
 _NOT_FOUND: Final = int(ErrorCode.OBJECT_NOT_FOUND)
+#: a read that finds no readable memory value: none, or one being written (a
+#: promotion; puts and upserts never write a key that keeps a disk replica)
+_NO_MEMORY_VALUE: Final = frozenset((_NOT_FOUND, int(ErrorCode.REPLICA_IS_NOT_READY)))
 #: the segment number disk replicas are listed under in columnar replies
 _DISK_SEG_NUM: Final = 0xFFFFFF
 
@@ -742,7 +745,8 @@ def _add_disk_columns(
 ) -> ReplicaColumns:
     """A columnar BatchGetReplicaList reply with the keys' disk replicas added:
     after the memory replicas of a key, or as its only replica (a disk-only key
-    read: counted, and maybe admitted for promotion)."""
+    read, or one whose promotion is still writing its memory copy: counted, and
+    maybe admitted for promotion)."""
     code, counts, sizes = out.code, out.counts, out.sizes
     assert sizes is not None
     segs = out.segs
@@ -756,7 +760,7 @@ def _add_disk_columns(
         seg += out.seg[at : at + n]
         addr += out.addr[at : at + n]
         at += n
-        if code[i] == _NOT_FOUND and key in off.replicas:
+        if code[i] in _NO_MEMORY_VALUE and key in off.replicas:
             found = off.read(key)
             if found is None:
                 continue
@@ -882,7 +886,9 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         try:
             reply = base[msg.GetReplicaList](req, now)
         except StoreError as exc:
-            found = off.read(req.key) if exc.code == _NOT_FOUND else None
+            # not in memory, or its memory copy is still being written (a promotion
+            # from this very disk replica): the disk replica answers
+            found = off.read(req.key) if exc.code in _NO_MEMORY_VALUE else None
             if found is None:
                 raise
             return rp.GetReplicaListReply(
