@@ -925,16 +925,18 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
             tuple([e or k in replicas for e, k in zip(out.exists, req.keys, strict=True)])
         )
 
+    remove_in_memory = base[msg.Remove]
+
     def remove(req: msg.Remove, now: float) -> rp.Reply:
         try:
-            base[msg.Remove](req, now)
+            done = remove_in_memory(req, now)
         except StoreError as exc:
             if exc.code != _NOT_FOUND or not off.remove(req.key):
                 raise
             return rp.RemoveReply()
         if off.busy():
             off.remove(req.key)
-        return rp.RemoveReply()
+        return done
 
     def batch_remove(req: msg.BatchRemove, now: float) -> rp.Reply:
         out = base[msg.BatchRemove](req, now)

@@ -910,9 +910,10 @@ class MasterService:
     def _remember(self, req: msg.Mutation, code: int, value: Any, now: float) -> None:
         """Keep the answer to a mutation with a request id (``remember`` checks)."""
         self.replies.store(req.client_id, req.rid, req.ack, code, value, now)
-        if code == 0 and type(req) in _KEPT_REPLIES:
+        if code == 0 and self.state.effects is not None and type(req) in _KEPT_REPLIES:
             # journaled and shipped with the removal: a retry that reaches a
-            # restarted master or a new leader gets this answer too
+            # restarted master or a new leader gets this answer too (a master
+            # without journal or HA restarts empty: nothing to keep it for)
             self.state.keep_reply(req.client_id, req.rid, code, value)
 
     def _load_kept_replies(self) -> None:
