@@ -390,7 +390,7 @@ class ShmTransport(Transport):
         with state.lock:
             state.users -= 1
             last = state.users == 0
-            if last:
+            if last and (state.stale or state.ipc_stale):
                 self._unmap_stale(state)
             finish = last and state.closing
         if finish:
@@ -550,7 +550,9 @@ class ShmTransport(Transport):
                     self._share(state, entry.addr)
                     held.add(entry.addr)
                     # the owner may have unregistered it before our lock: look again
-                    if state.page.find(s.remote_addr, n) != entry:
+                    # (the same entry object while the page did not change)
+                    again = state.page.find(s.remote_addr, n)
+                    if again is not entry and again != entry:
                         entry = None
             except (PeerSocketError, OSError) as exc:
                 finished.append((s, PeerSocketError(f"same-host peer pid {pid}: {exc}")))
