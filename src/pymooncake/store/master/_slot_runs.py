@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 from ...errors import StoreError
-from ...wire._master_msgs import MAX_SLOTS, SLOT_PREFIX
+from ...wire._master_msgs import SLOT_INDEXES, SLOT_PREFIX
 from ._records import BUSY, HARD_PIN, READABLE, Obj, ObjExt, SegmentRecord, reserved_size
 
 if TYPE_CHECKING:
@@ -44,8 +44,9 @@ __all__ = ["SlotRun", "commit", "find", "held_count", "reserve", "spill", "valid
 
 #: a run's buffers are grouped by segment: (first buffer index, segment, its address)
 Part = tuple[int, SegmentRecord, int]
-#: the last part of a buffer's name -> its index (the names a run gives out)
-TAILS: Final = {str(i): i for i in range(MAX_SLOTS)}
+#: the last part of a buffer's name -> its index (the names a run gives out; the
+#: inverse of the client's table of them)
+TAILS: Final = {tail: i for i, tail in enumerate(SLOT_INDEXES)}
 
 
 class SlotRun:
