@@ -158,6 +158,9 @@ def test_reads_during_a_promotion_are_served_from_the_disk_replica() -> None:
     assert cols.code == [0, int(ErrorCode.OBJECT_NOT_FOUND)] and cols.sizes == [4096, 0]
     assert [r[2] for r in next(iter(cols.replicas()))] == [LOCAL_DISK_SEGMENT]
     assert h[msg.ExistKey](msg.ExistKey("k"), 1) == rp.ExistKeyReply(True)
+    # a removal waits for the promotion, and says so
+    with pytest.raises(ReplicaNotReady, match="being promoted from the SSD tier"):
+        h[msg.Remove](msg.Remove("k", True), 1)
     # a key being written that has no disk replica is still not ready
     st.put_start("c1", "w", 64, ONE, 1)
     with pytest.raises(ReplicaNotReady):
@@ -169,6 +172,8 @@ def test_reads_during_a_promotion_are_served_from_the_disk_replica() -> None:
     reply = h[msg.GetReplicaList](msg.GetReplicaList("k"), 2)
     assert isinstance(reply, rp.GetReplicaListReply)
     assert sorted(r[5] == LOCAL_DISK_SEGMENT for r in reply.replicas) == [False, True]
+    h[msg.Remove](msg.Remove("k", True), 2)  # both copies
+    assert "k" not in st.objects and "k" not in st.offload.replicas
     st.validate()
 
 

@@ -694,9 +694,10 @@ OFFLOAD_APPLY: Final[dict[type, Callable[[Any, Any, float], None]]] = {
 
 Handler = Callable[[Any, float], rp.Reply]
 _NOT_FOUND: Final = int(ErrorCode.OBJECT_NOT_FOUND)
+_NOT_READY: Final = int(ErrorCode.REPLICA_IS_NOT_READY)
 #: a read that finds no readable memory value: none, or one being written (a
 #: promotion; puts and upserts never write a key that keeps a disk replica)
-_NO_MEMORY_VALUE: Final = frozenset((_NOT_FOUND, int(ErrorCode.REPLICA_IS_NOT_READY)))
+_NO_MEMORY_VALUE: Final = frozenset((_NOT_FOUND, _NOT_READY))
 #: the segment number disk replicas are listed under in columnar replies
 _DISK_SEG_NUM: Final = 0xFFFFFF
 
@@ -931,6 +932,12 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         try:
             done = remove_in_memory(req, now)
         except StoreError as exc:
+            if exc.code == _NOT_READY and req.key in off.replicas:
+                raise _err(
+                    ErrorCode.REPLICA_IS_NOT_READY,
+                    f"object {req.key!r} is being promoted from the SSD tier into memory "
+                    "(it was read often); retry the removal in a moment",
+                ) from None
             if exc.code != _NOT_FOUND or not off.remove(req.key):
                 raise
             return rp.RemoveReply()
