@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from pymooncake.errors import ObjectExists, ObjectNotFound, ReplicaNotReady, StoreError
+from pymooncake.errors import (
+    ObjectExists,
+    ObjectHasLease,
+    ObjectNotFound,
+    ReplicaNotReady,
+    StoreError,
+)
 from pymooncake.store._config import MasterConfig
 from pymooncake.store._types import LOCAL_DISK_SEGMENT, ErrorCode, ReplicateConfig, SegmentInfo
 from pymooncake.store.master._effects import (
@@ -173,6 +179,32 @@ def test_reads_during_a_promotion_are_served_from_the_disk_replica() -> None:
     assert isinstance(reply, rp.GetReplicaListReply)
     assert sorted(r[5] == LOCAL_DISK_SEGMENT for r in reply.replicas) == [False, True]
     h[msg.Remove](msg.Remove("k", True), 2)  # both copies
+    assert "k" not in st.objects and "k" not in st.offload.replicas
+    st.validate()
+
+
+def test_a_removal_refused_for_an_offload_says_so() -> None:
+    """An object handed out for offloading is pinned until its client reports the
+    file: a removal without force is refused with a message naming the offload
+    task (not a reader's lease), single and in a batch; a reader's own lease
+    keeps the usual message; force removes it."""
+    st = _state()
+    h = wrap_handlers(st, build_handlers(st))
+    st.mount_segment("c1", _seg("a:1"), 0)
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    _put(st, "k", 4096, 0)
+    assert [w[0] for w in st.offload.heartbeat("c1", 0, 0, 1)["offload"]] == ["k"]
+    with pytest.raises(ObjectHasLease, match="copied to the SSD tier by client 'c1'"):
+        h[msg.Remove](msg.Remove("k"), 2)
+    out = h[msg.BatchRemove](msg.BatchRemove(("k",)), 2)
+    assert isinstance(out, rp.BatchRemoveReply)
+    assert out.codes == (int(ErrorCode.OBJECT_HAS_LEASE),)
+    assert "offload task" in (out.messages[0] or "")
+    assert st.offload.notify("c1", ["k"], [4096], False, 3) == [0]  # written: unpinned
+    h[msg.GetReplicaList](msg.GetReplicaList("k"), 3)  # a reader's lease
+    with pytest.raises(ObjectHasLease, match="leased to a reader"):
+        h[msg.Remove](msg.Remove("k"), 3)
+    h[msg.Remove](msg.Remove("k", True), 3)
     assert "k" not in st.objects and "k" not in st.offload.replicas
     st.validate()
 

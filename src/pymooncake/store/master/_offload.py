@@ -695,6 +695,7 @@ OFFLOAD_APPLY: Final[dict[type, Callable[[Any, Any, float], None]]] = {
 Handler = Callable[[Any, float], rp.Reply]
 _NOT_FOUND: Final = int(ErrorCode.OBJECT_NOT_FOUND)
 _NOT_READY: Final = int(ErrorCode.REPLICA_IS_NOT_READY)
+_HAS_LEASE: Final = int(ErrorCode.OBJECT_HAS_LEASE)
 #: a read that finds no readable memory value: none, or one being written (a
 #: promotion; puts and upserts never write a key that keeps a disk replica)
 _NO_MEMORY_VALUE: Final = frozenset((_NOT_FOUND, _NOT_READY))
@@ -926,18 +927,37 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
             tuple([e or k in replicas for e, k in zip(out.exists, req.keys, strict=True)])
         )
 
+    def held_by_tier(key: str, code: int, now: float) -> StoreError | None:
+        """A removal of ``key`` refused with ``code`` because the SSD tier is
+        working on it, said as such (the memory state's message speaks of a
+        write or of a reader's lease); None for any other refusal."""
+        if code == _NOT_READY and key in off.replicas:
+            return _err(
+                ErrorCode.REPLICA_IS_NOT_READY,
+                f"object {key!r} is being promoted from the SSD tier into memory "
+                "(it was read often); retry the removal in a moment",
+            )
+        task = off.tasks.get(key) if code == _HAS_LEASE else None
+        obj = st.objects.get(key) if task is not None else None
+        if task is None or obj is None or obj.lease_until != task.pin:
+            return None  # (a lease above the task's pin is a reader's)
+        return _err(
+            ErrorCode.OBJECT_HAS_LEASE,
+            f"object {key!r} is being copied to the SSD tier by client {task.client_id!r} "
+            f"(an offload task, at most {max(task.deadline - now, 0.0):.1f} s more); retry "
+            "once it is written (its client reports within a heartbeat) or remove it with "
+            "force=True",
+        )
+
     remove_in_memory = base[msg.Remove]
 
     def remove(req: msg.Remove, now: float) -> rp.Reply:
         try:
             done = remove_in_memory(req, now)
         except StoreError as exc:
-            if exc.code == _NOT_READY and req.key in off.replicas:
-                raise _err(
-                    ErrorCode.REPLICA_IS_NOT_READY,
-                    f"object {req.key!r} is being promoted from the SSD tier into memory "
-                    "(it was read often); retry the removal in a moment",
-                ) from None
+            better = held_by_tier(req.key, exc.code, now)
+            if better is not None:
+                raise better from None
             if exc.code != _NOT_FOUND or not off.remove(req.key):
                 raise
             return rp.RemoveReply()
@@ -955,6 +975,10 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
                 off.remove(key)
             elif code == _NOT_FOUND and off.remove(key):
                 codes[i], messages[i] = 0, None
+            elif code != _NOT_FOUND:
+                better = held_by_tier(key, code, now)
+                if better is not None:
+                    messages[i] = better.message
         return rp.BatchRemoveReply(tuple(codes), tuple(messages))
 
     def each(values: Sequence[int]) -> rp.NotifyOffloadSuccessReply:
