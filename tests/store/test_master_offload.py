@@ -4,6 +4,7 @@ disk effects through a journal record round trip (replay / a standby)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from typing import Any
@@ -28,6 +29,7 @@ from pymooncake.store.master._effects import (
 from pymooncake.store.master._handlers import build_handlers
 from pymooncake.store.master._offload import CountMinSketch, wrap_handlers
 from pymooncake.store.master._records import READABLE
+from pymooncake.store.master._service import MasterService, RawJson
 from pymooncake.store.master._state import MasterState
 from pymooncake.wire import _master_msgs as msg
 from pymooncake.wire import _master_reply_msgs as rp
@@ -164,6 +166,7 @@ def test_reads_during_a_promotion_are_served_from_the_disk_replica() -> None:
     assert cols.code == [0, int(ErrorCode.OBJECT_NOT_FOUND)] and cols.sizes == [4096, 0]
     assert [r[2] for r in next(iter(cols.replicas()))] == [LOCAL_DISK_SEGMENT]
     assert h[msg.ExistKey](msg.ExistKey("k"), 1) == rp.ExistKeyReply(True)
+    assert st.offload.disk_only_keys() == ["k"]  # (whole-index listings find it)
     # a removal waits for the promotion, and says so
     with pytest.raises(ReplicaNotReady, match="being promoted from the SSD tier"):
         h[msg.Remove](msg.Remove("k", True), 1)
@@ -178,8 +181,29 @@ def test_reads_during_a_promotion_are_served_from_the_disk_replica() -> None:
     reply = h[msg.GetReplicaList](msg.GetReplicaList("k"), 2)
     assert isinstance(reply, rp.GetReplicaListReply)
     assert sorted(r[5] == LOCAL_DISK_SEGMENT for r in reply.replicas) == [False, True]
+    assert st.offload.disk_only_keys() == []
     h[msg.Remove](msg.Remove("k", True), 2)  # both copies
     assert "k" not in st.objects and "k" not in st.offload.replicas
+    st.validate()
+
+
+def test_a_regex_listing_during_a_promotion_lists_the_disk_replica() -> None:
+    """GetReplicaListByRegex (the service's whole-index scan) lists a key whose
+    promotion is still writing its memory copy with its disk replica: it was
+    missing from the listing (not readable in memory, and not disk-only)."""
+    svc = MasterService(
+        MasterConfig(client_ttl_s=10, enable_offload=True, promotion_on_hit=True),
+        metrics_port=None,
+    )
+    st = svc.state
+    st.mount_segment("c1", _seg("a:1"), 0)
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    assert st.offload.notify("c1", ["k", "other"], [4096, 4096], True, 0) == [0, 0]
+    st.offload.promotion_start("c1", "k", 4096, 1)
+    code, value = asyncio.run(svc.dispatch_scan(msg.GetReplicaListByRegex("^k$")))
+    assert code == 0 and isinstance(value, RawJson)
+    listed = json.loads(value.text)
+    assert list(listed) == ["k"] and [r[5] for r in listed["k"]] == [LOCAL_DISK_SEGMENT]
     st.validate()
 
 

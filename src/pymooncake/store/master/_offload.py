@@ -341,8 +341,16 @@ class OffloadState:
         return n
 
     def disk_only_keys(self) -> list[str]:
-        objects = self.st.objects
-        return [k for k in self.replicas if k not in objects]
+        """Keys whose only readable value is a disk replica: none in memory, or
+        one a promotion is still writing (whole-index listings and removals;
+        :meth:`remove_keys` leaves the latter to the memory state)."""
+        get = self.st.objects.get
+        out = []
+        for key in self.replicas:
+            obj = get(key)
+            if obj is None or not obj.flags & READABLE:
+                out.append(key)
+        return out
 
     def wire(self, key: str) -> list[Any] | None:
         """The LOCAL_DISK replica of ``key`` as the master RPC sends it."""
