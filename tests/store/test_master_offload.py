@@ -167,6 +167,22 @@ def test_reads_during_a_promotion_are_served_from_the_disk_replica() -> None:
     assert [r[2] for r in next(iter(cols.replicas()))] == [LOCAL_DISK_SEGMENT]
     assert h[msg.ExistKey](msg.ExistKey("k"), 1) == rp.ExistKeyReply(True)
     assert st.offload.disk_only_keys() == ["k"]  # (whole-index listings find it)
+    # the key exists: a put is refused as for any key on disk, an upsert waits
+    with pytest.raises(ObjectExists, match="on disk"):
+        h[msg.PutStart](msg.PutStart("c2", "k", 64, msg.ReplicateParams()), 1)
+    started = h[msg.BatchPutStart](msg.BatchPutStart("c2", ("k",), (64,), msg.ReplicateParams()), 1)
+    assert isinstance(started, rp.BatchPutStartReply)
+    assert started.columns.code == [int(ErrorCode.OBJECT_ALREADY_EXISTS)]
+    busy = int(ErrorCode.OBJECT_REPLICA_BUSY)
+    with pytest.raises(StoreError, match="being promoted from the SSD tier") as refused:
+        h[msg.UpsertStart](msg.UpsertStart("c2", "k", 64, msg.ReplicateParams()), 1)
+    assert refused.value.code == busy
+    upserts = h[msg.BatchUpsertStart](
+        msg.BatchUpsertStart("c2", ("k",), (64,), msg.ReplicateParams()), 1
+    )
+    assert isinstance(upserts, rp.BatchUpsertStartReply)
+    assert upserts.columns.code == [busy] and "promoted" in upserts.columns.message(0)
+    assert "k" in st.offload.replicas  # refused: the disk value stays
     # a removal waits for the promotion, and says so
     with pytest.raises(ReplicaNotReady, match="being promoted from the SSD tier"):
         h[msg.Remove](msg.Remove("k", True), 1)

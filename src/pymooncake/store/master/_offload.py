@@ -704,6 +704,7 @@ Handler = Callable[[Any, float], rp.Reply]
 _NOT_FOUND: Final = int(ErrorCode.OBJECT_NOT_FOUND)
 _NOT_READY: Final = int(ErrorCode.REPLICA_IS_NOT_READY)
 _HAS_LEASE: Final = int(ErrorCode.OBJECT_HAS_LEASE)
+_BUSY: Final = int(ErrorCode.OBJECT_REPLICA_BUSY)
 #: a read that finds no readable memory value: none, or one being written (a
 #: promotion; puts and upserts never write a key that keeps a disk replica)
 _NO_MEMORY_VALUE: Final = frozenset((_NOT_FOUND, _NOT_READY))
@@ -805,14 +806,18 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
     def exists_error(key: str) -> StoreError:
         return _err(ErrorCode.OBJECT_ALREADY_EXISTS, f"object {key!r} already exists (on disk)")
 
+    # A put of a key with a disk replica is refused here: the key exists, whether
+    # its memory copy is absent, readable, or being written by a promotion (the
+    # memory state would call the last "being written" by the disk's owner).
+
     def put_start(req: msg.PutStart, now: float) -> Any:
-        if req.key in off.replicas and req.key not in st.objects:
+        if req.key in off.replicas:
             raise exists_error(req.key)
         return base[msg.PutStart](req, now)
 
     def batch_put_start(req: msg.BatchPutStart, now: float) -> rp.Reply:
         on_disk = off.replicas
-        disk = [k in on_disk and k not in st.objects for k in req.keys] if on_disk else []
+        disk = [k in on_disk for k in req.keys] if on_disk else []
         if not any(disk):
             return base[msg.BatchPutStart](req, now)
         todo = [i for i, on_disk in enumerate(disk) if not on_disk]
@@ -826,7 +831,7 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         )
 
     def commit_slot(req: msg.CommitSlot, now: float) -> Any:
-        if req.key in off.replicas and req.key not in st.objects:
+        if req.key in off.replicas:
             raise exists_error(req.key)
         out = base[msg.CommitSlot](req, now)
         off.written(req.key)
@@ -834,7 +839,7 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
 
     def batch_commit_slots(req: msg.BatchCommitSlots, now: float) -> rp.Reply:
         on_disk = off.replicas
-        disk = [k in on_disk and k not in st.objects for k in req.keys] if on_disk else []
+        disk = [k in on_disk for k in req.keys] if on_disk else []
         if not any(disk):
             out = base[msg.BatchCommitSlots](req, now)
         else:
@@ -859,17 +864,42 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
             out = rp.BatchCommitSlotsReply(tuple(codes), tuple(messages))
         return queue_written(req.keys, out)
 
+    def promoting_error(key: str) -> StoreError:
+        return _err(
+            ErrorCode.OBJECT_REPLICA_BUSY,
+            f"object {key!r} is being promoted from the SSD tier into memory (it was read "
+            "often); retry the upsert in a moment",
+        )
+
+    def promoting(key: str) -> bool:
+        """A promotion is writing ``key``'s memory copy (from its disk replica)."""
+        obj = st.objects.get(key) if key in off.replicas else None
+        return obj is not None and not obj.flags & READABLE
+
     def upsert_start(req: msg.UpsertStart, now: float) -> Any:
-        out = base[msg.UpsertStart](req, now)
+        try:
+            out = base[msg.UpsertStart](req, now)
+        except StoreError as exc:
+            if exc.code == _BUSY and promoting(req.key):
+                raise promoting_error(req.key) from None
+            raise
         off.remove(req.key)  # the value is being replaced: the file is stale
         return out
 
     def batch_upsert_start(req: msg.BatchUpsertStart, now: float) -> rp.Reply:
         out = base[msg.BatchUpsertStart](req, now)
         assert isinstance(out, rp.BatchUpsertStartReply)
-        for key, code in zip(req.keys, out.columns.code, strict=True):
+        cols = out.columns
+        messages = cols.messages
+        for i, (key, code) in enumerate(zip(req.keys, cols.code, strict=True)):
             if code == 0:
                 off.remove(key)
+            elif code == _BUSY and promoting(key):
+                if messages is cols.messages:
+                    messages = dict(messages)
+                messages[i] = promoting_error(key).message
+        if messages is not cols.messages:
+            out = rp.BatchUpsertStartReply(dataclasses.replace(cols, messages=messages))
         return out
 
     def ended(kind: type) -> Handler:
