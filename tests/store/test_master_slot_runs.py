@@ -256,6 +256,27 @@ def test_a_segment_without_adjacent_room_gives_back_what_was_taken() -> None:
     b.validate()
 
 
+def test_a_lone_segment_without_adjacent_room_leaves_it_to_the_per_buffer_path() -> None:
+    """The segment drawn first (here the only one) has the bytes but no adjacent
+    room: nothing was taken yet, and the reservation is made buffer by buffer
+    (this once raised out of the give-back loop: an internal error answered to
+    the client's ReserveSlots)."""
+    st = MasterState(MasterConfig(client_ttl_s=10), rng=random.Random(3))
+    st.mount_segment("node", seg("a:1", "sa", 0x10000000, 64 * 4096), 0)
+    a = st.segments["sa"].allocator
+    taken = [a.allocate(4096) for _ in range(64)]
+    for i, got in enumerate(taken):
+        assert got is not None
+        if i % 2:
+            a.free(*got)
+    live_before = a.live_count
+    assert st.reserve_slot_run("c1", 4096, 8, ONE, 1.0, "1") is None
+    assert not st.slot_runs and a.live_count == live_before
+    slots = st.reserve_slots("c1", 4096, 8, ONE, 1.0, "1")
+    assert len(slots) == 8 and a.live_count == live_before + 8
+    a.validate()  # (the test's own allocations have no records: no st.validate())
+
+
 def test_the_runs_validate_checks_what_it_counts(st: MasterState) -> None:
     _reserve(st, "c1", 4, "1")
     (run,) = st.slot_runs.values()

@@ -182,7 +182,10 @@ def reserve(
 
 
 def _ends(parts: list[Part], count: int) -> list[tuple[Part, int]]:
-    """Each part with the index its buffers end at (the next part's first, or ``count``)."""
+    """Each part with the index its buffers end at (the next part's first, or
+    ``count``); none for no parts (a reservation whose first segment had no room)."""
+    if not parts:
+        return []
     return list(zip(parts, [p[0] for p in parts[1:]] + [count], strict=True))
 
 
