@@ -102,6 +102,9 @@ def test_offload_on_evict_pins_then_lets_go() -> None:
     with pytest.raises(StoreError) as exc:  # nothing may go before it is on disk
         st.put_start("c1", "c", MiB, ONE, 1.0)
     assert exc.value.code == ErrorCode.NO_AVAILABLE_HANDLE
+    h = wrap_handlers(st, build_handlers(st))
+    with pytest.raises(ObjectHasLease, match="kept in memory until its owner copies it"):
+        h[msg.Remove](msg.Remove("a"), 1.0)
     work = st.offload.heartbeat("c1", 0, 0, 1.0)
     keys = [w[0] for w in work["offload"]]
     assert keys and set(keys) <= {"a", "b"}
@@ -109,6 +112,72 @@ def test_offload_on_evict_pins_then_lets_go() -> None:
     st.put_start("c1", "c", MiB, ONE, 2.0)  # now an offloaded object is evicted
     st.put_end("c1", "c", 2.0)
     assert any(k not in st.objects and k in st.offload.replicas for k in keys)
+    st.validate()
+
+
+@pytest.mark.parametrize("read", ["get", "exists", "batch"])
+@pytest.mark.parametrize("how", ["reported", "timed out", "evict pin", "removed"])
+def test_a_reader_s_lease_outlives_the_ssd_tier_s_pin(how: str, read: str) -> None:
+    """A read while the SSD tier pins an object (an offload task, or kept for
+    offload by eviction) takes a lease like any read: when the pin ends, the
+    object keeps that lease -- it is not evicted, removed without force or
+    replaced under the reader (the pin's end once restored the lease from
+    before the pin, and the memory went to the next put while the reader
+    copied from it: another key's bytes read as this one's)."""
+    evict = how == "evict pin"
+    st = _state(offload_on_evict=evict)
+    st.mount_segment("c1", _seg("a:1", 2 * MiB), 0)
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    _put(st, "a", MiB, 0)
+    if evict:
+        _put(st, "b", MiB, 0)
+        with pytest.raises(StoreError):  # eviction pins both for offload
+            st.put_start("c1", "c", MiB, ONE, 1.0)
+        assert "a" in st.offload.evict_after
+    else:
+        assert st.offload.heartbeat("c1", 0, 0, 1.0)["offload"][0][0] == "a"
+        assert "a" in st.offload.tasks
+    h = wrap_handlers(st, build_handlers(st))
+    if read == "get":
+        h[msg.GetReplicaList](msg.GetReplicaList("a"), 1.5)
+    elif read == "exists":
+        assert h[msg.ExistKey](msg.ExistKey("a"), 1.5) == rp.ExistKeyReply(True)
+    else:
+        h[msg.BatchGetReplicaList](msg.BatchGetReplicaList(("a", "x")), 1.5)
+    assert st.objects["a"].lease_until >= 1.5 + st.config.lease_ttl_s  # (the pin's, for now)
+    if how == "reported":
+        assert st.offload.notify("c1", ["a"], [MiB], False, 1.6) == [0]
+    elif how == "timed out":
+        st.offload.tick(1.0 + st.config.offload_task_timeout_s + 1)
+    elif evict:
+        st.offload.heartbeat("c1", 0, 0, 1.6)
+        assert st.offload.notify("c1", ["a", "b"], [MiB, MiB], False, 1.6) == [0, 0]
+    else:
+        st.offload.remove("a")  # (an upsert starting drops the tier's work)
+    assert "a" not in st.offload.tasks and "a" not in st.offload.evict_after
+    reader_until = 1.5 + st.config.lease_ttl_s
+    assert st.objects["a"].lease_until >= reader_until
+    with pytest.raises(ObjectHasLease):
+        st.remove("a", False, 1.7)
+    st.validate()
+
+
+def test_unmounting_the_tier_lets_go_of_what_eviction_kept_for_it() -> None:
+    """Objects eviction kept in memory for an offload of a client whose tier goes
+    away (unmounted, or the client expired) are no longer kept: their queue went
+    with the tier, and they were pinned for good (never evicted)."""
+    st = _state(offload_on_evict=True)
+    st.mount_segment("c1", _seg("a:1", 2 * MiB), 0)
+    st.offload.mount("c1", "e:1", 1 << 30, True, 0)
+    _put(st, "a", MiB, 0)
+    _put(st, "b", MiB, 0)
+    with pytest.raises(StoreError):
+        st.put_start("c1", "c", MiB, ONE, 1.0)
+    assert st.offload.evict_after == {"a", "b"} and set(st.offload.read_leases) == {"a", "b"}
+    st.offload.unmount("c1")
+    assert not st.offload.evict_after and not st.offload.read_leases
+    assert st.objects["a"].lease_until == 0.0 and st.objects["b"].lease_until == 0.0
+    st.put_start("c1", "c", MiB, ONE, 2.0)  # eviction takes one of them now
     st.validate()
 
 
@@ -236,15 +305,19 @@ def test_a_removal_refused_for_an_offload_says_so() -> None:
     assert [w[0] for w in st.offload.heartbeat("c1", 0, 0, 1)["offload"]] == ["k"]
     with pytest.raises(ObjectHasLease, match="copied to the SSD tier by client 'c1'"):
         h[msg.Remove](msg.Remove("k"), 2)
-    out = h[msg.BatchRemove](msg.BatchRemove(("k",)), 2)
+    h[msg.GetReplicaList](msg.GetReplicaList("k"), 2)  # a reader during the pin
+    with pytest.raises(ObjectHasLease, match=r"leased to a reader for 0\.9\d\d s more \(and"):
+        h[msg.Remove](msg.Remove("k"), 2.05)
+    assert st.config.lease_ttl_s == 1.0
+    out = h[msg.BatchRemove](msg.BatchRemove(("k",)), 3.1)
     assert isinstance(out, rp.BatchRemoveReply)
     assert out.codes == (int(ErrorCode.OBJECT_HAS_LEASE),)
     assert "offload task" in (out.messages[0] or "")
-    assert st.offload.notify("c1", ["k"], [4096], False, 3) == [0]  # written: unpinned
-    h[msg.GetReplicaList](msg.GetReplicaList("k"), 3)  # a reader's lease
+    assert st.offload.notify("c1", ["k"], [4096], False, 3.2) == [0]  # written: unpinned
+    h[msg.GetReplicaList](msg.GetReplicaList("k"), 3.2)  # a reader's lease
     with pytest.raises(ObjectHasLease, match="leased to a reader"):
-        h[msg.Remove](msg.Remove("k"), 3)
-    h[msg.Remove](msg.Remove("k", True), 3)
+        h[msg.Remove](msg.Remove("k"), 3.3)
+    h[msg.Remove](msg.Remove("k", True), 3.3)
     assert "k" not in st.objects and "k" not in st.offload.replicas
     st.validate()
 

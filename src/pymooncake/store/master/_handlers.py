@@ -208,6 +208,7 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
     ) -> rep.BatchGetReplicaListReply:
         lease = st.lease_deadline(now)  # one float shared by the batch
         read, get = st.read, st.objects.get
+        pinned = st.offload.read_leases  # (objects the SSD tier pins: see read())
         out = ReplicaColumnsBuilder(_describe, sizes=True)
         code, counts, seg_col, addr_col = out.code, out.counts, out.seg, out.addr
         sizes, index = out.sizes, out.index
@@ -224,6 +225,8 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
             # read() inlined: extend the lease, mark referenced
             if obj.lease_until < lease:
                 obj.lease_until = lease
+            elif pinned:
+                st.offload.read_pinned(key, lease)
             obj.flags |= REF
             hits += 1
             hit_bytes += obj.size

@@ -147,9 +147,6 @@ class DiskRep:
 class _Task:
     client_id: str
     deadline: float
-    #: the lease the object had before the task pinned it
-    saved_lease: float
-    pin: float
 
 
 @dataclass
@@ -181,7 +178,12 @@ class OffloadState:
         self.queues: dict[str, dict[str, None]] = {}
         self.queued = 0
         #: keys kept in memory because eviction picked them (offload_on_evict)
-        self.evict_after: dict[str, float] = {}
+        self.evict_after: set[str] = set()
+        #: keys the tier pins in memory (an offload task, or kept for offload by
+        #: eviction) -> the read lease they would hold without the pin: the one
+        #: from before it, raised by every read made during it (:meth:`read_pinned`),
+        #: and theirs again when the pin ends (:meth:`_unpin`)
+        self.read_leases: dict[str, float] = {}
         self.tasks: dict[str, _Task] = {}
         self.promote_queues: dict[str, dict[str, None]] = {}
         self.promote_queued = 0
@@ -263,7 +265,12 @@ class OffloadState:
             self.replicas.pop(key, None)
         for key in [k for k, t in self.tasks.items() if t.client_id == client_id]:
             self._end_task(key)
-        self.queued -= len(self.queues.pop(client_id, {}))
+        queue = self.queues.pop(client_id, {})
+        self.queued -= len(queue)
+        for key in queue:  # kept for an offload that will not come: eviction may take them
+            if key in self.evict_after:
+                self.evict_after.discard(key)
+                self._unpin(key)
         self.promote_queued -= len(self.promote_queues.pop(client_id, {}))
         for key in [k for k, t in self.promoting.items() if t.client_id == client_id]:
             del self.promoting[key]
@@ -327,8 +334,40 @@ class OffloadState:
     def _cancel(self, key: str) -> None:
         if key in self.tasks:
             self._end_task(key)
-        self.evict_after.pop(key, None)
+        if key in self.evict_after:
+            self.evict_after.discard(key)
+            self._unpin(key)
         self.promoting.pop(key, None)
+
+    # --- pins ------------------------------------------------------------------------
+    #
+    # The tier keeps an object it copies to disk in memory, so that its bytes are
+    # not reused meanwhile, by raising its lease (nothing evicts, moves away or
+    # removes without force a leased object).  Reads during the pin take their
+    # leases as always; the pin remembers them, and gives them back when it ends:
+    # the object then stays for as long as its readers need it.
+
+    def _pin(self, key: str, obj: Obj, until: float) -> None:
+        self.read_leases.setdefault(key, obj.lease_until)
+        if obj.lease_until < until:
+            obj.lease_until = until
+
+    def _unpin(self, key: str) -> None:
+        lease = self.read_leases.pop(key, None)
+        obj = self.st.objects.get(key)
+        if lease is not None and obj is not None:
+            obj.lease_until = lease
+
+    def read_pinned(self, key: str, lease_until: float) -> None:
+        """A read granted ``key`` a lease to ``lease_until`` that its record did
+        not take (its lease was later: perhaps this tier's pin)."""
+        held = self.read_leases.get(key)
+        if held is not None and held < lease_until:
+            self.read_leases[key] = lease_until
+
+    def reader_lease(self, key: str, obj: Obj) -> float:
+        """Until when readers hold ``obj`` (its lease without this tier's pin)."""
+        return self.read_leases.get(key, obj.lease_until)
 
     def remove_keys(self, keys: Iterable[str]) -> int:
         """Drop the disk replicas of those ``keys`` that have no memory value
@@ -451,8 +490,8 @@ class OffloadState:
             return False
         if not self._queue(key, obj):
             return not self.config.offload_force_evict and self._owner_disk(obj) is not None
-        self.evict_after[key] = obj.lease_until
-        obj.lease_until = max(obj.lease_until, now + self.config.offload_task_timeout_s)
+        self.evict_after.add(key)
+        self._pin(key, obj, now + self.config.offload_task_timeout_s)
         return True
 
     def heartbeat(self, client_id: str, used: int, capacity: int, now: float) -> dict[str, Any]:
@@ -478,14 +517,12 @@ class OffloadState:
             if obj is not None and obj.flags & READABLE and not obj.flags & BUSY:
                 rep = next(((s, a) for s, a in obj.replicas() if s.client_id == client_id), None)
             if obj is None or rep is None or key in self.replicas:
-                saved = self.evict_after.pop(key, None)
-                if obj is not None and saved is not None:
-                    obj.lease_until = saved
+                if key in self.evict_after:
+                    self.evict_after.discard(key)
+                    self._unpin(key)
                 continue
-            saved = self.evict_after.get(key, obj.lease_until)
-            pin = max(obj.lease_until, now + timeout)
-            obj.lease_until = pin
-            self.tasks[key] = _Task(client_id, now + timeout, saved, pin)
+            self._pin(key, obj, now + timeout)
+            self.tasks[key] = _Task(client_id, now + timeout)
             offload.append([key, obj.size, rep[0].id, rep[1]])
             budget -= obj.size
             self.metrics.offload_handed_out += 1
@@ -498,19 +535,17 @@ class OffloadState:
             drep = self.replicas.get(key)
             if drep is None or drep.client_id != client_id or key in objects:
                 continue
-            self.promoting[key] = _Task(client_id, now + timeout, 0.0, 0.0)
+            self.promoting[key] = _Task(client_id, now + timeout)
             promote.append([key, drep.size])
         drops = self.drops.pop(client_id, [])
         return {"offload": offload, "promote": promote, "drop": drops}
 
     def _end_task(self, key: str) -> None:
         task = self.tasks.pop(key, None)
-        self.evict_after.pop(key, None)
-        if task is None:
-            return
-        obj = self.st.objects.get(key)
-        if obj is not None and obj.lease_until == task.pin:
-            obj.lease_until = task.saved_lease  # unpin (a reader's later lease stays)
+        kept = key in self.evict_after
+        self.evict_after.discard(key)
+        if task is not None or kept:
+            self._unpin(key)
 
     def notify_shared(self, client_id: str, keys: Sequence[str], sizes: Sequence[int]) -> list[int]:
         """``client_id`` wrote ``keys`` to the shared filesystem: DISK replicas of
@@ -648,6 +683,12 @@ class OffloadState:
             assert key in self.by_client.get(rep.client_id, ()), f"{key}: by_client disagrees"
         assert sum(len(q) for q in self.queues.values()) == self.queued
         assert sum(len(q) for q in self.promote_queues.values()) == self.promote_queued
+        # a pin is an offload task or an eviction's keep, and holds at least what
+        # its readers were granted
+        assert set(self.read_leases) == set(self.tasks) | self.evict_after, "pins disagree"
+        for key, lease in self.read_leases.items():
+            obj = self.st.objects.get(key)
+            assert obj is None or obj.lease_until >= lease, f"{key}: pin below a read lease"
 
 
 def unlink_files(paths: Iterable[str]) -> None:
@@ -975,10 +1016,24 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
                 f"object {key!r} is being promoted from the SSD tier into memory "
                 "(it was read often); retry the removal in a moment",
             )
-        task = off.tasks.get(key) if code == _HAS_LEASE else None
-        obj = st.objects.get(key) if task is not None else None
-        if task is None or obj is None or obj.lease_until != task.pin:
-            return None  # (a lease above the task's pin is a reader's)
+        obj = st.objects.get(key) if code == _HAS_LEASE and key in off.read_leases else None
+        if obj is None:
+            return None
+        readers = off.reader_lease(key, obj) - now
+        if readers > 0:
+            return _err(
+                ErrorCode.OBJECT_HAS_LEASE,
+                f"object {key!r} is leased to a reader for {readers:.3f} s more (and being "
+                "copied to the SSD tier); use force=True to remove it anyway",
+            )
+        task = off.tasks.get(key)
+        if task is None:
+            return _err(
+                ErrorCode.OBJECT_HAS_LEASE,
+                f"object {key!r} is kept in memory until its owner copies it to the SSD tier "
+                "(eviction picked it, --offload_on_evict); retry once it is written (its "
+                "client's next heartbeats) or remove it with force=True",
+            )
         return _err(
             ErrorCode.OBJECT_HAS_LEASE,
             f"object {key!r} is being copied to the SSD tier by client {task.client_id!r} "

@@ -1510,6 +1510,8 @@ class MasterState:
             raise _err(ErrorCode.REPLICA_IS_NOT_READY, f"object {key!r} is still being written")
         if obj.lease_until < lease_until:
             obj.lease_until = lease_until
+        elif self.offload.read_leases:  # perhaps pinned by the SSD tier: kept there
+            self.offload.read_pinned(key, lease_until)
         obj.flags = flags | REF
         metrics = self.metrics
         metrics.get_hits += 1
@@ -1525,6 +1527,8 @@ class MasterState:
             return False
         if obj.lease_until < lease_until:
             obj.lease_until = lease_until
+        elif self.offload.read_leases:  # perhaps pinned by the SSD tier: kept there
+            self.offload.read_pinned(key, lease_until)
         obj.flags |= REF
         return True
 
