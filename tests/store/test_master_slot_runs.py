@@ -15,6 +15,7 @@ from pymooncake.errors import ObjectExists, ObjectNotFound, ReplicaNotReady
 from pymooncake.store._config import MasterConfig
 from pymooncake.store._types import ReplicateConfig, SegmentInfo, SoftPinAction
 from pymooncake.store.master import _slot_runs
+from pymooncake.store.master._allocator import OffsetAllocator
 from pymooncake.store.master._handlers import build_handlers
 from pymooncake.store.master._records import BUSY, HARD_PIN, READABLE
 from pymooncake.store.master._service import RUN_SAFE, MasterService
@@ -237,17 +238,22 @@ def test_reservations_that_cannot_be_a_run_are_per_buffer_records(st: MasterStat
     assert st.objects["pinned"].flags & (READABLE | BUSY | HARD_PIN) == READABLE | HARD_PIN
 
 
+def _fragment(allocator: OffsetAllocator) -> None:
+    """Every other 4 KiB buffer of a 64-buffer segment taken: half of it free, no
+    two adjacent buffers free."""
+    taken = [allocator.allocate(4096) for _ in range(64)]
+    for i, got in enumerate(taken):
+        assert got is not None
+        if i % 2:
+            allocator.free(*got)
+
+
 def test_a_segment_without_adjacent_room_gives_back_what_was_taken() -> None:
     st = MasterState(MasterConfig(client_ttl_s=10), rng=random.Random(3))
     st.mount_segment("node", seg("a:1", "sa", 0x10000000, 64 * 4096), 0)
     st.mount_segment("node", seg("b:1", "sb", 0x40000000, 64 * 4096), 0)
-    # fragment b: every other 4 KiB buffer taken, so no two adjacent are free
     b = st.segments["sb"].allocator
-    taken = [b.allocate(4096) for _ in range(64)]
-    for i, got in enumerate(taken):
-        assert got is not None
-        if i % 2:
-            b.free(*got)
+    _fragment(b)
     live_before = (st.segments["sa"].allocator.live_count, b.live_count)
     run = st.reserve_slot_run("c1", 4096, 8, ONE, 1.0, "1")
     assert run is None and not st.slot_runs
@@ -264,11 +270,7 @@ def test_a_lone_segment_without_adjacent_room_leaves_it_to_the_per_buffer_path()
     st = MasterState(MasterConfig(client_ttl_s=10), rng=random.Random(3))
     st.mount_segment("node", seg("a:1", "sa", 0x10000000, 64 * 4096), 0)
     a = st.segments["sa"].allocator
-    taken = [a.allocate(4096) for _ in range(64)]
-    for i, got in enumerate(taken):
-        assert got is not None
-        if i % 2:
-            a.free(*got)
+    _fragment(a)
     live_before = a.live_count
     assert st.reserve_slot_run("c1", 4096, 8, ONE, 1.0, "1") is None
     assert not st.slot_runs and a.live_count == live_before
