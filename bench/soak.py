@@ -63,9 +63,13 @@ TOKEN_BYTES = 32
 
 def make_value(key: str, rng: random.Random, max_bytes: int) -> bytes:
     size = int(2 ** rng.uniform(10, max(10.0, max_bytes.bit_length() - 1)))
-    payload = rng.randbytes(size)
+    return pack_value(key, rng.randbytes(size))
+
+
+def pack_value(key: str, payload: bytes) -> bytes:
+    """``payload`` behind the header :func:`check_value` reads."""
     digest = hashlib.md5(key.encode()).digest()
-    return HEADER.pack(zlib.crc32(payload), size, digest) + payload
+    return HEADER.pack(zlib.crc32(payload), len(payload), digest) + payload
 
 
 def check_value(key: str, value: bytes) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import os
 import random
 import shutil
@@ -34,11 +33,10 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from typing import Any
 
 import _common as C
-from soak import HEADER, check_value
+from soak import HEADER, check_value, pack_value
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -47,10 +45,7 @@ MiB = 1 << 20
 def make_value(key: str, rng: random.Random, nbytes: int) -> bytes:
     """A checksummed value (``soak.py``'s header) of ``nbytes``: one size for all, as
     KV-cache blocks are (a freed range is then exactly what the next write takes)."""
-    size = nbytes - HEADER.size
-    payload = rng.randbytes(size)
-    digest = hashlib.md5(key.encode()).digest()
-    return HEADER.pack(zlib.crc32(payload), size, digest) + payload
+    return pack_value(key, rng.randbytes(nbytes - HEADER.size))
 
 
 def run_once(run: int, a: argparse.Namespace) -> dict[str, Any]:
