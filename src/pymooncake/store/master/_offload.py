@@ -905,24 +905,24 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
             out = rp.BatchCommitSlotsReply(tuple(codes), tuple(messages))
         return queue_written(req.keys, out)
 
-    def promoting_error(key: str) -> StoreError:
-        return _err(
-            ErrorCode.OBJECT_REPLICA_BUSY,
-            f"object {key!r} is being promoted from the SSD tier into memory (it was read "
-            "often); retry the upsert in a moment",
-        )
-
     def promoting(key: str) -> bool:
         """A promotion is writing ``key``'s memory copy (from its disk replica)."""
         obj = st.objects.get(key) if key in off.replicas else None
         return obj is not None and not obj.flags & READABLE
+
+    def promoting_error(key: str, code: ErrorCode, what: str) -> StoreError:
+        return _err(
+            code,
+            f"object {key!r} is being promoted from the SSD tier into memory (it was read "
+            f"often); retry the {what} in a moment",
+        )
 
     def upsert_start(req: msg.UpsertStart, now: float) -> Any:
         try:
             out = base[msg.UpsertStart](req, now)
         except StoreError as exc:
             if exc.code == _BUSY and promoting(req.key):
-                raise promoting_error(req.key) from None
+                raise promoting_error(req.key, ErrorCode.OBJECT_REPLICA_BUSY, "upsert") from None
             raise
         off.remove(req.key)  # the value is being replaced: the file is stale
         return out
@@ -938,7 +938,7 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
             elif code == _BUSY and promoting(key):
                 if messages is cols.messages:
                     messages = dict(messages)
-                messages[i] = promoting_error(key).message
+                messages[i] = promoting_error(key, ErrorCode.OBJECT_REPLICA_BUSY, "upsert").message
         if messages is not cols.messages:
             out = rp.BatchUpsertStartReply(dataclasses.replace(cols, messages=messages))
         return out
@@ -1010,12 +1010,8 @@ def wrap_handlers(st: MasterState, handlers: dict[type, Handler]) -> dict[type, 
         """A removal of ``key`` refused with ``code`` because the SSD tier is
         working on it, said as such (the memory state's message speaks of a
         write or of a reader's lease); None for any other refusal."""
-        if code == _NOT_READY and key in off.replicas:
-            return _err(
-                ErrorCode.REPLICA_IS_NOT_READY,
-                f"object {key!r} is being promoted from the SSD tier into memory "
-                "(it was read often); retry the removal in a moment",
-            )
+        if code == _NOT_READY and promoting(key):
+            return promoting_error(key, ErrorCode.REPLICA_IS_NOT_READY, "removal")
         obj = st.objects.get(key) if code == _HAS_LEASE and key in off.read_leases else None
         if obj is None:
             return None
