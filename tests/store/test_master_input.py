@@ -294,11 +294,20 @@ def _no_traceback(caplog: pytest.LogCaptureFixture) -> None:
         "short-length",
     ],
 )
+@pytest.mark.parametrize("first", [False, True], ids=["first-read", "after-a-request"])
 def test_malformed_rpc_frames_get_an_error_or_a_clean_close(
-    cluster: LocalCluster, honest: StoreClient, caplog: pytest.LogCaptureFixture, data: bytes
+    cluster: LocalCluster,
+    honest: StoreClient,
+    caplog: pytest.LogCaptureFixture,
+    data: bytes,
+    first: bool,
 ) -> None:
+    """Also after a request was answered: a read that holds one whole frame is
+    then decoded where it lies, without the decoder's buffer (``whole_request``)."""
     caplog.set_level(logging.INFO)
     with RawConn(cluster.master_address) as raw:
+        if first:
+            assert raw.request("ServiceReady", {})[0] == 0
         raw.send(data)
         if not raw.closed_by_peer(3.0):
             # still open: then it must have answered with an error, and keep serving

@@ -162,6 +162,72 @@ def test_next_request_gives_what_the_master_serves() -> None:
         _next_request(_frame(b'["NoSuchMethod",{}]'))
 
 
+def test_whole_request_reads_one_frame_where_it_lies() -> None:
+    """The master's read of a client waiting for each answer: one whole request
+    frame in the read buffer, decoded there; anything else is left to the
+    buffered path (None), which also explains a bad frame."""
+    d = MasterFrameDecoder()
+    window = bytearray(64) + b"\xee" * 16  # a read buffer larger than the read
+    window[: len(EXIST_KEY_FRAME)] = EXIST_KEY_FRAME
+    view = memoryview(window)
+    assert d.whole_request(view, len(EXIST_KEY_FRAME)) == (
+        7,
+        MasterMethod.EXIST_KEY,
+        {"key": "k"},
+        False,
+    )
+    assert d.buffered == 0
+    raw = json.dumps(["ExistKey", {"key": "a\ud800"}]).encode()
+    escaped = _frame(raw, req_id=2)
+    assert d.whole_request(escaped, len(escaped)) == (
+        2,
+        MasterMethod.EXIST_KEY,
+        {"key": "a\ud800"},
+        True,
+    )
+    two = EXIST_KEY_FRAME + REMOVE_FRAME
+    for data, nbytes in [
+        (two, len(two)),  # two frames: pipelined
+        (EXIST_KEY_FRAME, len(EXIST_KEY_FRAME) - 1),  # part of one
+        (EXIST_KEY_FRAME[:8], 8),  # part of a prefix
+        (OK_REPLY_FRAME, len(OK_REPLY_FRAME)),  # a reply from a client
+        (_frame(b"[1,2]", kind=2), 10),  # an unknown kind
+    ]:
+        assert d.whole_request(data, nbytes) is None, data
+    assert MasterFrameDecoder(16).whole_request(REMOVE_FRAME, len(REMOVE_FRAME)) is None
+    d.feed(EXIST_KEY_FRAME[:3])  # something buffered: the next bytes continue it
+    assert d.whole_request(REMOVE_FRAME, len(REMOVE_FRAME)) is None
+    for body, match in [
+        (b"[0,true", "invalid body"),
+        (b"\xff\xfe", "invalid body"),
+        (b'{"a":1}', r"not a \[head, body\] pair"),
+        (b'["NoSuchMethod",{}]', "unknown master RPC method"),
+    ]:
+        with pytest.raises(MalformedMessage, match=match):
+            MasterFrameDecoder().whole_request(_frame(body), len(body) + 9)
+
+
+@given(st.binary(max_size=120), st.integers(0, 3))
+def test_whole_request_agrees_with_the_buffered_path(body: bytes, pad: int) -> None:
+    """Whatever one read holds, reading it where it lies gives what feeding it
+    gives: the same request, the same refusal, or None (then fed)."""
+    data = _frame(body, req_id=9) + b"\0" * pad
+    try:
+        fast: object = MasterFrameDecoder(64).whole_request(memoryview(data), len(data))
+    except MalformedMessage as exc:
+        fast = ("malformed", str(exc))
+    buffered = MasterFrameDecoder(64)
+    buffered.feed(data)
+    try:
+        slow: object = buffered.next_request()
+    except MalformedMessage as exc:
+        slow = ("malformed", str(exc))
+    if fast is None:
+        assert pad or len(body) + 5 > 64  # more than one frame, or one too long
+    else:
+        assert fast == slow
+
+
 def _next_request(data: bytes) -> object:
     d = MasterFrameDecoder()
     d.feed(data)

@@ -148,7 +148,7 @@ class DummyFrameDecoder(JsonFrameDecoder):
         parts = self.next_parts()
         if parts is None:
             return NEED_DATA
-        kind, req_id, head, value, _body = parts
+        kind, req_id, head, value, _text = parts
         if kind == REQUEST:
             method = _METHODS.get(head) if type(head) is str else None
             if method is None:

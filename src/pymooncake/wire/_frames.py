@@ -139,8 +139,8 @@ class JsonFrameDecoder:
             pos += 4 + length
         return ids
 
-    def next_parts(self) -> tuple[int, int, Any, Any, bytearray] | None:
-        """The next complete frame as ``(kind, id, head, value, raw body)``; None
+    def next_parts(self) -> tuple[int, int, Any, Any, str] | None:
+        """The next complete frame as ``(kind, id, head, value, body text)``; None
         until one is complete.
 
         Raises:
@@ -160,8 +160,15 @@ class JsonFrameDecoder:
             return None
         body = buf[PREFIX.size : end]
         del buf[:end]
+        return self._parts(kind, req_id, body)
+
+    def _parts(
+        self, kind: int, req_id: int, body: bytearray | memoryview
+    ) -> tuple[int, int, Any, Any, str]:
+        """:meth:`next_parts` of a frame's body (``body``: its bytes)."""
         try:
-            decoded = _decode(body.decode())
+            text = str(body, "utf-8")
+            decoded = _decode(text)
         except RecursionError:
             raise MalformedMessage(f"{self._what} frame {req_id} nests JSON too deeply") from None
         except (ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
@@ -170,7 +177,7 @@ class JsonFrameDecoder:
             ) from None
         if type(decoded) is not list or len(decoded) != 2:
             raise MalformedMessage(f"{self._what} frame {req_id} is not a [head, body] pair")
-        return kind, req_id, decoded[0], decoded[1], body
+        return kind, req_id, decoded[0], decoded[1], text
 
     def unknown_kind(self, kind: int) -> MalformedMessage:
         return MalformedMessage(f"{self._what} frame of unknown kind {kind}")

@@ -111,9 +111,10 @@ def encode_reply_json(req_id: int, code: int, value_json: str) -> bytes:
     return PREFIX.pack(len(body) + 5, REPLY, req_id) + body
 
 
-def _has_surrogate_escape(body: bytes | bytearray) -> bool:
-    # (one scan of a body without escapes, the common case)
-    return b"\\u" in body and (b"\\ud" in body or b"\\uD" in body)
+def _has_surrogate_escape(text: str) -> bool:
+    # (a str's ``in``: a bytes ``in`` first tries the operand as an integer and
+    # formats a TypeError each time)
+    return "\\u" in text and ("\\ud" in text or "\\uD" in text)
 
 
 class MasterFrameDecoder(JsonFrameDecoder):
@@ -142,10 +143,37 @@ class MasterFrameDecoder(JsonFrameDecoder):
             MalformedMessage: as :meth:`next_frame`, and for a reply frame (a
                 client sent one to the master).
         """
-        parts = self.next_parts()
+        return self._request(self.next_parts())
+
+    def whole_request(
+        self, data: bytearray | memoryview, nbytes: int
+    ) -> tuple[int, MasterMethod, Any, bool] | None:
+        """:meth:`next_request` of ``data[:nbytes]`` when those bytes are exactly
+        one whole request frame and nothing is buffered (a client that waits for
+        each answer: nearly every read), decoded where they lie, without passing
+        through the buffer; None for anything else (:meth:`feed` it then, which
+        also explains a bad frame).
+
+        Raises:
+            MalformedMessage: the body is not a strict-JSON ``[head, value]`` pair.
+        """
+        if self._buf or nbytes < PREFIX.size:
+            return None
+        length, kind, req_id = PREFIX.unpack_from(data, 0)
+        if length + 4 != nbytes or length > self._max or kind != REQUEST:
+            return None
+        _, _, head, value, text = self._parts(kind, req_id, data[PREFIX.size : nbytes])
+        method = _METHODS.get(head) if type(head) is str else None
+        if method is None:
+            raise MalformedMessage(f"unknown master RPC method {str(head)[:100]!r}")
+        return req_id, method, value, "\\u" in text and _has_surrogate_escape(text)
+
+    def _request(
+        self, parts: tuple[int, int, Any, Any, str] | None
+    ) -> tuple[int, MasterMethod, Any, bool] | None:
         if parts is None:
             return None
-        kind, req_id, head, value, body = parts
+        kind, req_id, head, value, text = parts
         if kind != REQUEST:
             if kind == REPLY:
                 raise MalformedMessage("a client sent a reply frame")
@@ -153,18 +181,18 @@ class MasterFrameDecoder(JsonFrameDecoder):
         method = _METHODS.get(head) if type(head) is str else None
         if method is None:
             raise MalformedMessage(f"unknown master RPC method {str(head)[:100]!r}")
-        return req_id, method, value, b"\\u" in body and _has_surrogate_escape(body)
+        return req_id, method, value, "\\u" in text and _has_surrogate_escape(text)
 
     def next_frame(self) -> MasterRequest | MasterReply | NeedData:
         parts = self.next_parts()
         if parts is None:
             return NEED_DATA
-        kind, req_id, head, value, body = parts
+        kind, req_id, head, value, text = parts
         if kind == REQUEST:
             method = _METHODS.get(head) if type(head) is str else None
             if method is None:
                 raise MalformedMessage(f"unknown master RPC method {str(head)[:100]!r}")
-            return MasterRequest(req_id, method, value, _has_surrogate_escape(body))
+            return MasterRequest(req_id, method, value, _has_surrogate_escape(text))
         if kind == REPLY:
             if type(head) is not int:
                 raise MalformedMessage(f"reply {req_id} carries a non-integer code {head!r}")

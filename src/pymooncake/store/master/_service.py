@@ -1402,6 +1402,23 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         return self._svc.read_window()
 
     def buffer_updated(self, nbytes: int) -> None:
+        if (
+            self._auth is None
+            and not self._sniff
+            and not self._busy  # (else a request waits in the decoder: feed it)
+            and self._transport is not None
+        ):
+            # a client waiting for each answer sends one request per read: served
+            # from the read buffer where it lies (data_received feeds the decoder)
+            try:
+                frame = self._decoder.whole_request(self._rbuf, nbytes)
+            except MalformedMessage as exc:
+                self._malformed(exc)
+                return
+            if frame is not None:
+                self._last_active = time.monotonic()
+                self._process(frame)
+                return
         self.data_received(self._rbuf[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
@@ -1461,7 +1478,9 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         self._auth = None
         return auth.trailing
 
-    def _process(self) -> None:
+    def _process(self, first: tuple[int, msg.MasterMethod, Any, bool] | None = None) -> None:
+        """Serve the requests buffered (``first``: one already decoded) and send
+        their replies, in order."""
         transport = self._transport
         if transport is None:
             return
@@ -1475,12 +1494,17 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         # (no wait for its own commit), 2 = a plain PutEnd (possibly repeated: wait
         # for everything shipped before it)
         ends = 0
+        frame = first
         try:
             while not self._busy:
-                frame = decoder.next_request()
-                if frame is None:
-                    break
+                if first is None:
+                    frame = decoder.next_request()
+                    if frame is None:
+                        break
+                elif frame is None:
+                    break  # (buffer_updated's one request, served: nothing is buffered)
                 req_id, method, params, escapes = frame
+                frame = None
                 req: msg.Request | tuple[int, Any]
                 if type(params) is dict and not escapes:  # (decode's common case)
                     try:
@@ -1536,28 +1560,10 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                     code, value = svc.dispatch(req)
                     out.append(self._encode(req_id, code, value))
         except MalformedMessage as exc:
-            svc._bad(
-                "bad-frame",
-                logging.WARNING,
-                "master RPC: closing connection from %s: %s",
-                self.peer,
-                exc,
-            )
-            transport.abort()
+            self._malformed(exc)
             return
-        buffered = decoder.buffered
-        if buffered != self._buffered:
-            self._account(buffered)
-        if buffered:
-            if self._partial_since is None:
-                self._partial_since = time.monotonic()
-            if svc.buffered > svc.limits.max_buffered_bytes:
-                self._pause(2)
-                svc.memory_paused.add(self)
-        else:
-            self._partial_since = None
-            if svc.memory_paused:
-                svc.resume_readers()
+        if first is None:  # (else nothing was buffered, before or after)
+            self._buffered_changed()
         hub = svc.hub
         if not hub.links and not svc.state.effects and not self._held:
             # no standby, no state change to journal: the replies wait for nothing
@@ -1584,6 +1590,36 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 self._hold(seq, data)
             else:
                 transport.write(data)
+
+    def _buffered_changed(self) -> None:
+        """After the decoder took a read: account what it holds against the
+        service's budget, pausing this connection when over it, and resume the
+        connections paused for memory once this one holds nothing."""
+        svc = self._svc
+        buffered = self._decoder.buffered
+        if buffered != self._buffered:
+            self._account(buffered)
+        if buffered:
+            if self._partial_since is None:
+                self._partial_since = time.monotonic()
+            if svc.buffered > svc.limits.max_buffered_bytes:
+                self._pause(2)
+                svc.memory_paused.add(self)
+        else:
+            self._partial_since = None
+            if svc.memory_paused:
+                svc.resume_readers()
+
+    def _malformed(self, exc: MalformedMessage) -> None:
+        self._svc._bad(
+            "bad-frame",
+            logging.WARNING,
+            "master RPC: closing connection from %s: %s",
+            self.peer,
+            exc,
+        )
+        if self._transport is not None:
+            self._transport.abort()
 
     def _reply_first(self, out: list[bytes], ends: int) -> bool:
         """HA: replies that wait for nothing go out before the stream frame of their
