@@ -38,7 +38,8 @@ from pymooncake.wire import _master_msgs as msg
 from pymooncake.wire._master_reply_msgs import ExistKeyReply, RemoveReply
 
 #: what the script does with a request: "answer", "close", "ignore", "refuse"
-#: (the code of a master that does not lead) or "slow" (answer after SLOW_S)
+#: (the code of a master that does not lead), "slow" (answer after SLOW_S) or
+#: "pieces" (answer in three sends, 20 ms apart)
 Script = Callable[["Seen"], str]
 SLOW_S = 0.5
 NOT_LEADER = int(ErrorCode.UNAVAILABLE_IN_CURRENT_STATUS)
@@ -92,13 +93,20 @@ class ScriptedMaster:
                         sock.sendall(encode_reply(frame.id, NOT_LEADER, "not the leader"))
                     if action == "slow":
                         time.sleep(SLOW_S)
-                    if action in ("answer", "slow"):
+                    if action in ("answer", "slow", "pieces"):
                         value: Any = None
                         if frame.method is msg.MasterMethod.EXIST_KEY:
                             value = True
                         elif frame.method is msg.MasterMethod.BATCH_EXIST_KEY:
                             value = [True] * len(frame.params["keys"])
-                        sock.sendall(encode_reply(frame.id, 0, value))
+                        reply = encode_reply(frame.id, 0, value)
+                        if action != "pieces":
+                            sock.sendall(reply)
+                            continue
+                        # part of the prefix, the rest of it and part of the body, the rest
+                        for piece in (reply[:3], reply[3:11], reply[11:]):
+                            sock.sendall(piece)
+                            time.sleep(0.02)
 
 
 @pytest.fixture
@@ -149,6 +157,23 @@ def test_a_pooled_connection_that_breaks_is_retried_with_the_same_request_id(
     assert removes[0].params["rid"] > 0
     assert removes[1].params["rid"] == removes[0].params["rid"]  # answered from the cache
     assert client.retries == 1
+
+
+def test_an_answer_that_arrives_in_pieces_is_put_together(
+    scripted: Callable[[Script], ScriptedMaster],
+) -> None:
+    """A read holding one whole answer is decoded where it lies; one that holds
+    part of it goes through the decoder's buffer until the rest arrives."""
+    master = scripted(lambda seen: "pieces" if seen.params.get("key") == "split" else "answer")
+    client = _client(master)
+    try:
+        assert client.call(msg.ExistKey("whole")) == ExistKeyReply(True)
+        assert client.call(msg.ExistKey("split")) == ExistKeyReply(True)
+        assert client.call(msg.ExistKey("whole")) == ExistKeyReply(True)  # same connection
+    finally:
+        client.close()
+    assert {s.conn for s in master.seen} == {0}
+    assert client.retries == 0
 
 
 def test_a_silent_master_is_reported_and_its_connection_not_reused(

@@ -228,6 +228,52 @@ def test_whole_request_agrees_with_the_buffered_path(body: bytes, pad: int) -> N
         assert fast == slow
 
 
+def test_whole_reply_reads_the_answer_a_client_waits_for() -> None:
+    """A client's read that holds exactly one whole reply frame is decoded without
+    the buffer; anything else is left to the buffered path (None)."""
+    d = MasterFrameDecoder()
+    assert d.whole_reply(OK_REPLY_FRAME) == MasterReply(7, 0, True)
+    assert d.buffered == 0
+    for data in [
+        OK_REPLY_FRAME + OK_REPLY_FRAME,  # two answers (a pipelined batch)
+        OK_REPLY_FRAME[:-1],  # part of one
+        OK_REPLY_FRAME[:5],  # part of a prefix
+        EXIST_KEY_FRAME,  # a request
+        _frame(b"[1,2]", kind=2),  # an unknown kind
+    ]:
+        assert d.whole_reply(data) is None, data
+    assert MasterFrameDecoder(6).whole_reply(OK_REPLY_FRAME) is None  # too long
+    d.feed(OK_REPLY_FRAME[:3])  # something buffered: the next bytes continue it
+    assert d.whole_reply(OK_REPLY_FRAME) is None
+    for body, match in [
+        (b"[0,true", "invalid body"),
+        (b"[0,NaN]", "invalid body"),
+        (b'["x",1]', "non-integer code"),
+        (b"[0]", r"not a \[head, body\] pair"),
+    ]:
+        with pytest.raises(MalformedMessage, match=match):
+            MasterFrameDecoder().whole_reply(_frame(body, kind=1))
+
+
+@given(st.binary(max_size=120), st.integers(0, 3))
+def test_whole_reply_agrees_with_the_buffered_path(body: bytes, pad: int) -> None:
+    data = _frame(body, kind=1, req_id=9) + b"\0" * pad
+    try:
+        fast: object = MasterFrameDecoder(64).whole_reply(data)
+    except MalformedMessage as exc:
+        fast = ("malformed", str(exc))
+    buffered = MasterFrameDecoder(64)
+    buffered.feed(data)
+    try:
+        slow: object = buffered.next_frame()
+    except MalformedMessage as exc:
+        slow = ("malformed", str(exc))
+    if fast is None:
+        assert pad or len(body) + 5 > 64  # more than one frame, or one too long
+    else:
+        assert fast == slow
+
+
 def _next_request(data: bytes) -> object:
     d = MasterFrameDecoder()
     d.feed(data)

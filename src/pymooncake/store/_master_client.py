@@ -60,6 +60,7 @@ from ..wire import (
     MasterFrameDecoder,
     MasterReply,
     MasterRequest,
+    NeedData,
     encode_request,
     master_unix_name,
 )
@@ -446,25 +447,29 @@ class MasterClient:
         replies: list[MasterReply] = []
         want = len(ids)
         while len(replies) < want:
-            frame = decoder.next_frame() if decoder.buffered else NEED_DATA
-            if type(frame) is MasterReply:
-                if frame.id != ids[len(replies)]:
-                    raise MalformedMessage(
-                        f"reply {frame.id} does not match request {ids[len(replies)]}"
-                    )
-                replies.append(frame)
-                continue
-            if isinstance(frame, MasterRequest):
-                raise MalformedMessage("the master sent a request frame")
-            try:
-                data = held.recv(spin_s) if held is not None else conn.sock.recv(1 << 16)
-            except (BlockingIOError, TimeoutError):
-                if ha_wait is not None and ha_wait():
+            frame: MasterRequest | MasterReply | NeedData | None = (
+                decoder.next_frame() if decoder.buffered else NEED_DATA
+            )
+            if frame is NEED_DATA:
+                try:
+                    data = held.recv(spin_s) if held is not None else conn.sock.recv(1 << 16)
+                except (BlockingIOError, TimeoutError):
+                    if ha_wait is not None and ha_wait():
+                        continue
+                    raise
+                if not data:
+                    raise ConnectionResetError("the master closed the connection")
+                frame = decoder.whole_reply(data)  # (one answer per read: most calls)
+                if frame is None:
+                    decoder.feed(data)
                     continue
-                raise
-            if not data:
-                raise ConnectionResetError("the master closed the connection")
-            decoder.feed(data)
+            if type(frame) is not MasterReply:
+                raise MalformedMessage("the master sent a request frame")
+            if frame.id != ids[len(replies)]:
+                raise MalformedMessage(
+                    f"reply {frame.id} does not match request {ids[len(replies)]}"
+                )
+            replies.append(frame)
         return replies
 
     def _run(

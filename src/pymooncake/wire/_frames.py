@@ -163,7 +163,7 @@ class JsonFrameDecoder:
         return self._parts(kind, req_id, body)
 
     def _parts(
-        self, kind: int, req_id: int, body: bytearray | memoryview
+        self, kind: int, req_id: int, body: bytes | bytearray | memoryview
     ) -> tuple[int, int, Any, Any, str]:
         """:meth:`next_parts` of a frame's body (``body``: its bytes)."""
         try:

@@ -183,6 +183,25 @@ class MasterFrameDecoder(JsonFrameDecoder):
             raise MalformedMessage(f"unknown master RPC method {str(head)[:100]!r}")
         return req_id, method, value, "\\u" in text and _has_surrogate_escape(text)
 
+    def whole_reply(self, data: bytes) -> MasterReply | None:
+        """The reply ``data`` holds when it is exactly one whole reply frame and
+        nothing is buffered (a client's read of the answer it waits for),
+        decoded without passing through the buffer; None for anything else
+        (:meth:`feed` it then, which also explains a bad frame).
+
+        Raises:
+            MalformedMessage: the body is not a strict-JSON ``[code, value]`` pair.
+        """
+        if self._buf or len(data) < PREFIX.size:
+            return None
+        length, kind, req_id = PREFIX.unpack_from(data, 0)
+        if length + 4 != len(data) or length > self._max or kind != REPLY:
+            return None
+        _, _, head, value, _ = self._parts(kind, req_id, data[PREFIX.size :])
+        if type(head) is not int:
+            raise MalformedMessage(f"reply {req_id} carries a non-integer code {head!r}")
+        return MasterReply(req_id, head, value)
+
     def next_frame(self) -> MasterRequest | MasterReply | NeedData:
         parts = self.next_parts()
         if parts is None:
