@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -207,27 +208,6 @@ def test_whole_request_reads_one_frame_where_it_lies() -> None:
             MasterFrameDecoder().whole_request(_frame(body), len(body) + 9)
 
 
-@given(st.binary(max_size=120), st.integers(0, 3))
-def test_whole_request_agrees_with_the_buffered_path(body: bytes, pad: int) -> None:
-    """Whatever one read holds, reading it where it lies gives what feeding it
-    gives: the same request, the same refusal, or None (then fed)."""
-    data = _frame(body, req_id=9) + b"\0" * pad
-    try:
-        fast: object = MasterFrameDecoder(64).whole_request(memoryview(data), len(data))
-    except MalformedMessage as exc:
-        fast = ("malformed", str(exc))
-    buffered = MasterFrameDecoder(64)
-    buffered.feed(data)
-    try:
-        slow: object = buffered.next_request()
-    except MalformedMessage as exc:
-        slow = ("malformed", str(exc))
-    if fast is None:
-        assert pad or len(body) + 5 > 64  # more than one frame, or one too long
-    else:
-        assert fast == slow
-
-
 def test_whole_reply_reads_the_answer_a_client_waits_for() -> None:
     """A client's read that holds exactly one whole reply frame is decoded without
     the buffer; anything else is left to the buffered path (None)."""
@@ -255,23 +235,32 @@ def test_whole_reply_reads_the_answer_a_client_waits_for() -> None:
             MasterFrameDecoder().whole_reply(_frame(body, kind=1))
 
 
-@given(st.binary(max_size=120), st.integers(0, 3))
-def test_whole_reply_agrees_with_the_buffered_path(body: bytes, pad: int) -> None:
-    data = _frame(body, kind=1, req_id=9) + b"\0" * pad
+def _outcome(read: Callable[[], object]) -> object:
     try:
-        fast: object = MasterFrameDecoder(64).whole_reply(data)
+        return read()
     except MalformedMessage as exc:
-        fast = ("malformed", str(exc))
+        return ("malformed", str(exc))
+
+
+@given(st.binary(max_size=120), st.integers(0, 3), st.sampled_from([0, 1]))
+def test_a_whole_frame_read_agrees_with_the_buffered_path(body: bytes, pad: int, kind: int) -> None:
+    """Whatever one read holds, reading it where it lies gives what feeding it
+    gives (the same request or reply, the same refusal), or None (then fed): the
+    master's ``whole_request`` (kind 0) and the client's ``whole_reply`` (kind 1)."""
+    data = _frame(body, kind=kind, req_id=9) + b"\0" * pad
+    fast = MasterFrameDecoder(64)
     buffered = MasterFrameDecoder(64)
     buffered.feed(data)
-    try:
-        slow: object = buffered.next_frame()
-    except MalformedMessage as exc:
-        slow = ("malformed", str(exc))
-    if fast is None:
+    if kind == 0:
+        got = _outcome(lambda: fast.whole_request(memoryview(data), len(data)))
+        want = _outcome(buffered.next_request)
+    else:
+        got = _outcome(lambda: fast.whole_reply(data))
+        want = _outcome(buffered.next_frame)
+    if got is None:
         assert pad or len(body) + 5 > 64  # more than one frame, or one too long
     else:
-        assert fast == slow
+        assert got == want
 
 
 def _next_request(data: bytes) -> object:

@@ -155,18 +155,15 @@ class MasterFrameDecoder(JsonFrameDecoder):
         also explains a bad frame).
 
         Raises:
-            MalformedMessage: the body is not a strict-JSON ``[head, value]`` pair.
+            MalformedMessage: the body is not a strict-JSON ``[head, value]`` pair,
+                or names no method.
         """
         if self._buf or nbytes < PREFIX.size:
             return None
         length, kind, req_id = PREFIX.unpack_from(data, 0)
         if length + 4 != nbytes or length > self._max or kind != REQUEST:
             return None
-        _, _, head, value, text = self._parts(kind, req_id, data[PREFIX.size : nbytes])
-        method = _METHODS.get(head) if type(head) is str else None
-        if method is None:
-            raise MalformedMessage(f"unknown master RPC method {str(head)[:100]!r}")
-        return req_id, method, value, "\\u" in text and _has_surrogate_escape(text)
+        return self._request(self._parts(kind, req_id, data[PREFIX.size : nbytes]))
 
     def _request(
         self, parts: tuple[int, int, Any, Any, str] | None
