@@ -162,6 +162,25 @@ class JsonFrameDecoder:
         del buf[:end]
         return self._parts(kind, req_id, body)
 
+    def whole_parts(
+        self, data: bytes | bytearray | memoryview, nbytes: int, kind: int
+    ) -> tuple[int, int, Any, Any, str] | None:
+        """:meth:`next_parts` of ``data[:nbytes]`` when those bytes are exactly one
+        whole frame of ``kind`` and nothing is buffered (a peer that waits for each
+        answer: nearly every read), decoded where they lie, without passing through
+        the buffer; None for anything else (:meth:`feed` it then, which also
+        explains a bad frame).
+
+        Raises:
+            MalformedMessage: the body is not a strict-JSON ``[head, value]`` pair.
+        """
+        if self._buf or nbytes < PREFIX.size:
+            return None
+        length, got, req_id = PREFIX.unpack_from(data, 0)
+        if length + 4 != nbytes or length > self._max or got != kind:
+            return None
+        return self._parts(kind, req_id, memoryview(data)[PREFIX.size : nbytes])
+
     def _parts(
         self, kind: int, req_id: int, body: bytes | bytearray | memoryview
     ) -> tuple[int, int, Any, Any, str]:

@@ -148,22 +148,14 @@ class MasterFrameDecoder(JsonFrameDecoder):
     def whole_request(
         self, data: bytearray | memoryview, nbytes: int
     ) -> tuple[int, MasterMethod, Any, bool] | None:
-        """:meth:`next_request` of ``data[:nbytes]`` when those bytes are exactly
-        one whole request frame and nothing is buffered (a client that waits for
-        each answer: nearly every read), decoded where they lie, without passing
-        through the buffer; None for anything else (:meth:`feed` it then, which
-        also explains a bad frame).
+        """:meth:`next_request` of a read that is exactly one whole request frame
+        (``JsonFrameDecoder.whole_parts``); None for anything else (feed it).
 
         Raises:
             MalformedMessage: the body is not a strict-JSON ``[head, value]`` pair,
                 or names no method.
         """
-        if self._buf or nbytes < PREFIX.size:
-            return None
-        length, kind, req_id = PREFIX.unpack_from(data, 0)
-        if length + 4 != nbytes or length > self._max or kind != REQUEST:
-            return None
-        return self._request(self._parts(kind, req_id, data[PREFIX.size : nbytes]))
+        return self._request(self.whole_parts(data, nbytes, REQUEST))
 
     def _request(
         self, parts: tuple[int, int, Any, Any, str] | None
@@ -181,23 +173,14 @@ class MasterFrameDecoder(JsonFrameDecoder):
         return req_id, method, value, "\\u" in text and _has_surrogate_escape(text)
 
     def whole_reply(self, data: bytes) -> MasterReply | None:
-        """The reply ``data`` holds when it is exactly one whole reply frame and
-        nothing is buffered (a client's read of the answer it waits for),
-        decoded without passing through the buffer; None for anything else
-        (:meth:`feed` it then, which also explains a bad frame).
+        """The reply of a client's read that is exactly one whole reply frame
+        (``JsonFrameDecoder.whole_parts``); None for anything else (feed it).
 
         Raises:
             MalformedMessage: the body is not a strict-JSON ``[code, value]`` pair.
         """
-        if self._buf or len(data) < PREFIX.size:
-            return None
-        length, kind, req_id = PREFIX.unpack_from(data, 0)
-        if length + 4 != len(data) or length > self._max or kind != REPLY:
-            return None
-        _, _, head, value, _ = self._parts(kind, req_id, data[PREFIX.size :])
-        if type(head) is not int:
-            raise MalformedMessage(f"reply {req_id} carries a non-integer code {head!r}")
-        return MasterReply(req_id, head, value)
+        parts = self.whole_parts(data, len(data), REPLY)
+        return None if parts is None else _reply(parts[1], parts[2], parts[3])
 
     def next_frame(self) -> MasterRequest | MasterReply | NeedData:
         parts = self.next_parts()
@@ -210,7 +193,11 @@ class MasterFrameDecoder(JsonFrameDecoder):
                 raise MalformedMessage(f"unknown master RPC method {str(head)[:100]!r}")
             return MasterRequest(req_id, method, value, _has_surrogate_escape(text))
         if kind == REPLY:
-            if type(head) is not int:
-                raise MalformedMessage(f"reply {req_id} carries a non-integer code {head!r}")
-            return MasterReply(req_id, head, value)
+            return _reply(req_id, head, value)
         raise self.unknown_kind(kind)
+
+
+def _reply(req_id: int, head: Any, value: Any) -> MasterReply:
+    if type(head) is not int:
+        raise MalformedMessage(f"reply {req_id} carries a non-integer code {head!r}")
+    return MasterReply(req_id, head, value)
