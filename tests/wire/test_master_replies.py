@@ -438,7 +438,7 @@ def test_the_masters_own_replies_decode_to_themselves() -> None:
 
 def test_uniform_columns_travel_as_one_integer() -> None:
     """A batch of new keys in one segment: codes, counts, segment indices and
-    sizes are one integer each on the wire, the addresses stay a list, and the
+    sizes are one integer each on the wire, adjacent addresses one run, and the
     decoded columns are the lists the client always had."""
     cols = ReplicaColumns(
         [0] * 4,
@@ -453,9 +453,79 @@ def test_uniform_columns_travel_as_one_integer() -> None:
     wire = r.BatchGetReplicaListReply(cols).to_wire()
     assert wire == {
         "k": 4, "code": 0, "msg": [], "segs": [["127.0.0.1:17001", "seg-a", 1, 0]],
-        "n": 1, "seg": 0, "addr": [64, 128, 192, 256], "size": 4096, "lease_ttl_ms": 5000,
+        "n": 1, "seg": 0, "addr_runs": [[64, 64, 4]], "size": 4096, "lease_ttl_ms": 5000,
     }  # fmt: skip
-    assert r.BatchGetReplicaListReply.decode(json.loads(encode_json(wire))).columns == cols
+    decoded = r.BatchGetReplicaListReply.decode(json.loads(encode_json(wire))).columns
+    assert decoded == cols and decoded.addr == [64, 128, 192, 256]
+
+
+@pytest.mark.parametrize(
+    ("addr", "runs"),
+    [
+        ([64, 128, 192], None),  # too short to look at
+        ([64, 128, 192, 300], None),  # the last one is off the run
+        ([64, 128, 200, 256], None),  # one in the middle is
+        ([256, 192, 128, 64], None),  # descending
+        ([64, 64, 64, 64], None),  # no stride
+        ([0, 4096, 8192, 12288, 16384], [[0, 4096, 5]]),
+    ],
+)
+def test_an_address_column_travels_as_a_run_only_when_it_is_one(
+    addr: list[int], runs: list[list[int]] | None
+) -> None:
+    n = len(addr)
+    cols = ReplicaColumns([0] * n, {}, [["h:1", "seg-a", 1, 0]], [1] * n, [0] * n, addr, None, 0)
+    wire = r.BatchPutStartReply(cols).to_wire()
+    assert wire.get("addr_runs") == runs and wire.get("addr") == (addr if runs is None else None)
+    assert r.BatchPutStartReply.decode(json.loads(encode_json(wire))).columns.addr == addr
+
+
+def test_runs_the_master_built_travel_as_built() -> None:
+    """A reservation held as a run in two segments: its columns name the runs
+    (``run_columns``); they travel as they are and decode to every address."""
+    addr = [
+        *range(1 << 30, (1 << 30) + 3 * 4096, 4096),
+        *range(1 << 34, (1 << 34) + 2 * 4096, 4096),
+    ]
+    cols = ReplicaColumns(
+        [0] * 5, {}, [["h:1", "a", 1, 1 << 30], ["h:2", "b", 2, 1 << 34]], [1] * 5,
+        [0, 0, 0, 1, 1], addr, None, 0, [[1 << 30, 4096, 3], [1 << 34, 4096, 2]],
+    )  # fmt: skip
+    reply = r.ReserveSlotsReply(cols, 10.0)
+    text = encode_json(reply.to_wire())
+    assert '"addr_runs":[[1073741824,4096,3],[17179869184,4096,2]]' in text
+    back = r.ReserveSlotsReply.decode(json.loads(text))
+    assert back == reply and back.columns.addr == addr
+    assert encode_json(back.to_wire()) == text
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [[64, 64, 3]],  # 3 addresses for 4 replicas
+        [[64, 64, 5]],
+        [[64, 0, 4]],  # no stride
+        [[-64, 64, 4]],
+        [[64, 64, 0], [64, 64, 4]],  # an empty run
+        [[64, 64]],
+        [[64, 64.0, 4]],
+        [[64, True, 4]],
+        [64, 64, 4],
+        {"first": 64},
+    ],
+)
+def test_address_runs_are_checked(runs: Any) -> None:
+    value = {"k": 4, "code": 0, "msg": [], "segs": [["h:1", "s", 1, 0]], "n": 1, "seg": 0,
+             "addr_runs": runs}  # fmt: skip
+    with pytest.raises(r.InvalidReply) as info:
+        r.BatchPutStartReply.decode(value)
+    assert "BatchPutStart" in str(info.value) and "addr_runs" in str(info.value)
+
+
+def test_a_reply_without_addresses_is_refused() -> None:
+    value = {"k": 1, "code": 0, "msg": [], "segs": [["h:1", "s", 1, 0]], "n": 1, "seg": 0}
+    with pytest.raises(r.InvalidReply, match="addr is missing"):
+        r.BatchPutStartReply.decode(value)
     ended = r.BatchPutEndReply((0,) * 1000, (None,) * 1000)
     assert ended.to_wire() == 1000
     assert r.BatchPutEndReply.decode(1000) == ended

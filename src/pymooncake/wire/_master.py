@@ -45,8 +45,9 @@ DEFAULT_MAX_MASTER_FRAME: Final = 64 << 20
 #: bumped on incompatible changes (4: ReserveSlots / CommitSlot; 5: BatchCommitSlots;
 #: 6: reserved buffers with HA: CommitSlot.confirmed, HaConfirm.slots; 7: a uniform
 #: column of a columnar reply and a batch's equal sizes as one integer, a batch that
-#: wholly succeeded answered with its key count); ServiceReady returns it
-PROTOCOL_VERSION: Final = "pymooncake-master/7"
+#: wholly succeeded answered with its key count; 8: an address column as runs,
+#: ``addr_runs``); ServiceReady returns it
+PROTOCOL_VERSION: Final = "pymooncake-master/8"
 #: a master with a cluster token answers a request sent without authenticating
 #: with this message (code ILLEGAL_CLIENT) and closes the connection
 NO_TOKEN_MESSAGE: Final = (

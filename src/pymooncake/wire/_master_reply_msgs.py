@@ -339,6 +339,31 @@ def _uniform(column: list[int], n: int) -> int | list[int]:
     return column
 
 
+#: an address column at least this long is looked at for being one run
+_MIN_RUN: Final = 4
+
+
+def _address_runs(c: ReplicaColumns) -> list[list[int]] | None:
+    """The address column as runs ``[first, stride, count]``: the ones the master
+    built, or the whole column when it is one arithmetic run (a batch of new
+    keys of one size is usually placed in adjacent buffers); else None.  The
+    last address is compared first, so a column of scattered addresses (a
+    batch read) costs one comparison."""
+    if c.addr_runs is not None:
+        return c.addr_runs
+    addr = c.addr
+    n = len(addr)
+    if n < _MIN_RUN:
+        return None
+    first = addr[0]
+    stride = addr[1] - first
+    if stride <= 0 or addr[-1] != first + (n - 1) * stride:
+        return None
+    if addr != list(range(first, addr[-1] + 1, stride)):
+        return None
+    return [[first, stride, n]]
+
+
 @dataclass(frozen=True, slots=True)
 class ColumnsReply(Reply):
     """A columnar batch reply (``_master_replies.py``), kept as its flat lists."""
@@ -360,8 +385,12 @@ class ColumnsReply(Reply):
             "segs": c.segs,
             "n": _uniform(c.counts, k),
             "seg": _uniform(c.seg, len(c.seg)),
-            "addr": c.addr,
         }
+        runs = _address_runs(c)
+        if runs is None:
+            out["addr"] = c.addr
+        else:
+            out["addr_runs"] = runs
         if self.WITH_SIZES:
             assert c.sizes is not None
             out["size"] = _uniform(c.sizes, k)
@@ -371,7 +400,7 @@ class ColumnsReply(Reply):
     @classmethod
     def decode(cls: type[_R], value: Any) -> _R:
         assert issubclass(cls, ColumnsReply)
-        fields: tuple[str, ...] = ("code", "msg", "segs", "n", "seg", "addr")
+        fields: tuple[str, ...] = ("code", "msg", "segs", "n", "seg")
         if cls.WITH_SIZES:
             fields += ("size", "lease_ttl_ms")
         v = cls._dict(value, "reply", fields)
@@ -380,12 +409,21 @@ class ColumnsReply(Reply):
             cls._bad("k", f"is not a count of keys (0..{msg.MAX_BATCH_KEYS})", k)
         code = cls._column(v["code"], "code", k)
         n = len(code)
-        counts = cls._column(v["n"], "n", n)
-        if counts and min(counts) < 0:
+        raw = v["n"]
+        counts = cls._column(raw, "n", n)
+        # (a column sent as one integer is checked as that integer)
+        if (raw if type(raw) is int else min(counts, default=0)) < 0:
             cls._bad("n", "holds a negative count")
-        total = sum(counts)
-        seg = cls._column(v["seg"], "seg", total)
-        addr = cls._ints(v["addr"], "addr", total)
+        total = raw * n if type(raw) is int else sum(counts)
+        raw = v["seg"]
+        seg = cls._column(raw, "seg", total)
+        runs = v.get("addr_runs")
+        if runs is not None:
+            addr = cls._runs(runs, "addr_runs", total)
+        elif "addr" in v:
+            addr = cls._ints(v["addr"], "addr", total)
+        else:
+            cls._bad("reply.addr", "is missing (and so is addr_runs)")
         segs = cls._list(v["segs"], "segs")
         for j, s in enumerate(segs):
             if not (
@@ -397,7 +435,11 @@ class ColumnsReply(Reply):
                 and type(s[3]) is int
             ):
                 cls._bad(f"segs[{j}]", "is not [endpoint, segment id, number, base]", s)
-        if seg and (min(seg) < 0 or max(seg) >= len(segs)):
+        if seg and (
+            not 0 <= raw < len(segs)
+            if type(raw) is int
+            else (min(seg) < 0 or max(seg) >= len(segs))
+        ):
             cls._bad("seg", "holds a segment index out of range")
         messages: dict[int, str] = {}
         for item in cls._list(v["msg"], "msg"):
@@ -413,7 +455,31 @@ class ColumnsReply(Reply):
             messages[item[0]] = item[1]
         sizes = cls._column(v["size"], "size", n) if cls.WITH_SIZES else None
         ttl = cls._int(v["lease_ttl_ms"], "lease_ttl_ms") if cls.WITH_SIZES else 0
-        return cls(ReplicaColumns(code, messages, segs, counts, seg, addr, sizes, ttl))
+        return cls(ReplicaColumns(code, messages, segs, counts, seg, addr, sizes, ttl, runs))
+
+    @classmethod
+    def _runs(cls, value: Any, what: str, total: int) -> list[int]:
+        """The addresses of ``addr_runs`` (``[first, stride, count]`` each: stride
+        and count > 0, ``total`` addresses in all), checked before any is made."""
+        runs = cls._list(value, what)
+        for run in runs:
+            if not (
+                type(run) is list
+                and len(run) == 3
+                and set(map(type, run)) == _INT
+                and run[0] >= 0
+                and run[1] > 0
+                and run[2] > 0
+            ):
+                cls._bad(
+                    what, "holds a run that is not [first address >= 0, stride > 0, count > 0]", run
+                )
+        if sum(run[2] for run in runs) != total:
+            cls._bad(what, f"does not hold {total} addresses", value)
+        addr: list[int] = []
+        for first, stride, count in runs:
+            addr += range(first, first + count * stride, stride)
+        return addr
 
 
 # ---------------------------------------------------------------------------------
@@ -423,7 +489,7 @@ class ColumnsReply(Reply):
 
 @dataclass(frozen=True, slots=True)
 class ServiceReadyReply(Reply):
-    """The master's protocol version (``PROTOCOL_VERSION``, e.g. ``"pymooncake-master/7"``)."""
+    """The master's protocol version (``PROTOCOL_VERSION``, e.g. ``"pymooncake-master/8"``)."""
 
     METHOD: ClassVar = MasterMethod.SERVICE_READY
     version: str

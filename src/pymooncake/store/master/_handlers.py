@@ -94,10 +94,12 @@ def run_columns(run: SlotRun) -> ReplicaColumns:
     out.code += [0] * n
     out.counts += [1] * n
     stride = run.stride
+    runs = []
     for first, end, seg, addr in run.spans():
         out.seg += [out.segment_index(seg)] * (end - first)
         out.addr += range(addr, addr + (end - first) * stride, stride)
-    return out.columns()
+        runs.append([addr, stride, end - first])
+    return out.columns(addr_runs=runs)
 
 
 def _done(cls: type[rep.DoneReply], fn: Callable[[Any, float], object]) -> Handler:
