@@ -20,7 +20,7 @@ import pytest
 from pymooncake.config import EngineConfig
 from pymooncake.errors import InvalidParams, StoreError
 from pymooncake.store import MasterConfig, ReplicateConfig, StoreClient, StoreClientConfig
-from pymooncake.store._slots import DEFAULT_BYTES, ENV, slot_bytes_from_env
+from pymooncake.store._slots import DEFAULT_BYTES, ENV, make_slots, slot_bytes_from_env
 from pymooncake.store.master._state import SLOT_PREFIX, MasterState
 from pymooncake.testing import (
     LocalCluster,
@@ -373,6 +373,22 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             slot_bytes_from_env({ENV: bad})
     monkeypatch.setenv(ENV, "0")
     assert StoreClientConfig(local_hostname="h").put_slot_bytes == 0
+
+
+def test_slots_of_a_reservation_are_built_per_segment() -> None:
+    """Each buffer gets its own name, the endpoint of its segment and its address
+    (one segment, or several), and the deadline; names and addresses must pair up."""
+    names = ["b:0", "b:1", "b:2"]
+    one = make_slots(names, ["h:1"], [0, 0, 0], [64, 128, 192], 5.0)
+    assert one == [
+        ("b:0", (("h:1", 64),), 5.0),
+        ("b:1", (("h:1", 128),), 5.0),
+        ("b:2", (("h:1", 192),), 5.0),
+    ]
+    two = make_slots(names, ["h:1", "h:2"], [1, 0, 1], [64, 128, 192], 7.0)
+    assert [places for _, places, _ in two] == [(("h:2", 64),), (("h:1", 128),), (("h:2", 192),)]
+    with pytest.raises(ValueError, match="3 buffer names for 2 addresses"):
+        make_slots(names, ["h:1"], [0, 0], [64, 128], 5.0)
 
 
 # --- a master that restarts -------------------------------------------------------

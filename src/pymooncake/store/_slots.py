@@ -46,13 +46,13 @@ import os
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from itertools import repeat
 from typing import Final
 
 from ..errors import InvalidParams
 from ..wire._master_msgs import MAX_SLOTS, ReplicateParams
 
-__all__ = ["ENV", "Slot", "SlotPools", "deadline", "slot_bytes_from_env"]
+__all__ = ["ENV", "Slot", "SlotPools", "deadline", "make_slots", "slot_bytes_from_env"]
 
 ENV: Final = "PYMOONCAKE_PUT_SLOT_BYTES"
 #: bytes one pool (one value size and config) may hold in reserve
@@ -93,14 +93,29 @@ def deadline(asked_at: float, ttl_s: float) -> float:
     return asked_at + min(HOLD_S, ttl_s - min(_MARGIN_S, ttl_s / 4))
 
 
-@dataclass(slots=True)
-class Slot:
-    """One reserved buffer: its name at the master, where to write each
-    replica, and when it must no longer be written (monotonic seconds)."""
+#: One reserved buffer: ``(name, places, expires)``: its name at the master,
+#: where to write each replica (``(endpoint, address)`` pairs) and when it must
+#: no longer be written (monotonic seconds).  A plain tuple: a reservation makes
+#: hundreds at once, and :func:`make_slots` builds them in C loops (``zip``) --
+#: ~0.1 us each where a dataclass instance cost ~0.7 us (190 us per 256).
+Slot = tuple[str, Sequence[tuple[str, int]], float]
 
-    name: str
-    places: list[tuple[str, int]]
-    expires: float
+
+def make_slots(
+    names: Sequence[str],
+    endpoints: Sequence[str],
+    seg: Sequence[int],
+    addr: Sequence[int],
+    expires: float,
+) -> list[Slot]:
+    """The slots of a reservation whose buffers have one replica each: buffer
+    ``i`` is named ``names[i]`` and lies at ``addr[i]`` of the segment whose
+    endpoint is ``endpoints[seg[i]]``."""
+    if len(names) != len(addr):
+        raise ValueError(f"{len(names)} buffer names for {len(addr)} addresses")
+    where = repeat(endpoints[0]) if len(endpoints) == 1 else map(endpoints.__getitem__, seg)
+    # (repeat never ends: the lengths were compared above)
+    return list(zip(names, zip(zip(where, addr, strict=False)), repeat(expires)))
 
 
 class SlotPools:
@@ -145,9 +160,9 @@ class SlotPools:
             pool = self._pools.get(key)
             while pool:
                 slot = pool.popleft()
-                if slot.expires > now:
+                if slot[2] > now:  # (not expired)
                     return slot, stale
-                stale.append(slot.name)
+                stale.append(slot[0])
             return None, stale
 
     def take_many(
@@ -162,10 +177,10 @@ class SlotPools:
             pool = self._pools.get(key)
             while pool and len(out) < count:
                 slot = pool.popleft()
-                if slot.expires > now:
+                if slot[2] > now:  # (not expired)
                     out.append(slot)
                 else:
-                    stale.append(slot.name)
+                    stale.append(slot[0])
             return out, stale
 
     def next_count(self, size: int, params: ReplicateParams, need: int = 1) -> int:
@@ -198,7 +213,7 @@ class SlotPools:
         instead (the epoch changed meanwhile)."""
         with self._lock:
             if epoch != self._epoch:
-                return [s.name for s in slots]
+                return [s[0] for s in slots]
             self._pools.setdefault((size, params), deque()).extend(slots)
             return []
 
@@ -206,7 +221,7 @@ class SlotPools:
         """A buffer taken but not committed (the key existed) goes back first."""
         with self._lock:
             if epoch != self._epoch:
-                return [slot.name]
+                return [slot[0]]
             self._pools.setdefault((size, params), deque()).appendleft(slot)
             return []
 
@@ -215,16 +230,16 @@ class SlotPools:
         with self._lock:
             pool = self._pools.pop((size, params), None)
             self._grant.pop((size, params), None)
-            return [s.name for s in pool or ()]
+            return [s[0] for s in pool or ()]
 
     def expired(self, now: float) -> list[str]:
         """Take the buffers past their deadline out of every pool."""
         out: list[str] = []
         with self._lock:
             for pool in self._pools.values():
-                keep = [s for s in pool if s.expires > now]
+                keep = [s for s in pool if s[2] > now]
                 if len(keep) != len(pool):
-                    out += [s.name for s in pool if s.expires <= now]
+                    out += [s[0] for s in pool if s[2] <= now]
                     pool.clear()
                     pool.extend(keep)
         return out
@@ -241,7 +256,7 @@ class SlotPools:
     def _new_epoch(self, epoch: object) -> list[str]:
         if epoch == self._epoch:
             return []
-        names = [s.name for pool in self._pools.values() for s in pool]
+        names = [s[0] for pool in self._pools.values() for s in pool]
         self._pools.clear()
         self._grant.clear()
         self._epoch = epoch

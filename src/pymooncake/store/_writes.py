@@ -28,7 +28,7 @@ from ..wire import _master_msgs as msg
 from ..wire import _offload_msgs as omsg
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
 from ._file_storage import write_object
-from ._slots import Slot, deadline
+from ._slots import Slot, deadline, make_slots
 from ._types import ErrorCode, ReplicateConfig
 
 __all__ = ["WriteOps"]
@@ -262,29 +262,30 @@ class WriteOps(ClientIO):
         errors: list[BaseException | None] = [None]
         transfer_start = time.perf_counter_ns()
         copy_own = self._copy_own_many()
-        for endpoint, address in slot.places:
+        name, places, _ = slot
+        for endpoint, address in places:
             self._route_parts(0, endpoint, address, parts, True, per_endpoint, errors, copy_own)
         self._run_transfers(per_endpoint, errors, set())
         if errors[0] is not None:
             # the holder may be gone: its other buffers too (revoked now, as the
             # ordinary path revokes a failed write); the ordinary path writes
             # elsewhere (or reports why it cannot)
-            self._revoke([slot.name, *pools.drop(size, params)], False)
+            self._revoke([name, *pools.drop(size, params)], False)
             return None
         if self.metrics is not None:
             self.metrics.transfer(
                 True,
-                size * len(slot.places),
+                size * len(places),
                 (time.perf_counter_ns() - transfer_start) // 1000,
                 op in BATCH_OPS,
             )
         try:
             if self.confirms.standbys:  # HA: the standbys confirm it in parallel
-                ((code, text),) = self.confirms.end(master, [key], batch=False, slots=[slot.name])
+                ((code, text),) = self.confirms.end(master, [key], batch=False, slots=[name])
                 if code:
                     raise store_error(code, text or "")
             else:
-                master.call(msg.CommitSlot(self.client_id, slot.name, key))
+                master.call(msg.CommitSlot(self.client_id, name, key))
         except StoreError as exc:
             code = exc.code
             if code == ErrorCode.OBJECT_ALREADY_EXISTS:
@@ -297,7 +298,7 @@ class WriteOps(ClientIO):
                 self._revoke_later(pools.clear())  # the master lost what it held
                 return None
             if isinstance(exc, RpcFailed):  # committed or not: revoking is harmless
-                self._revoke_later([slot.name])
+                self._revoke_later([name])
             else:
                 self._reuse_refused(size, params, slot, epoch)
             return exc
@@ -361,7 +362,7 @@ class WriteOps(ClientIO):
         if not self._write_own_direct([slots[i] for i in todo], [parts[i] for i in todo]):
             copy_own = self._copy_own_many()
             for i in todo:
-                for endpoint, address in slots[i].places:
+                for endpoint, address in slots[i][1]:
                     self._route_parts(
                         i, endpoint, address, parts[i], True, per_endpoint, errors, copy_own
                     )
@@ -370,7 +371,7 @@ class WriteOps(ClientIO):
         if failed:
             # their holders may be gone: revoke them and the pools of their
             # sizes now; those keys take the ordinary path (which writes elsewhere)
-            gone = [slots[i].name for i in failed]
+            gone = [slots[i][0] for i in failed]
             for size in {sizes[i] for i in failed}:
                 gone += pools.drop(size, params)
             self._revoke(gone, False)
@@ -380,11 +381,11 @@ class WriteOps(ClientIO):
         if self.metrics is not None:
             self.metrics.transfer(
                 True,
-                sum(sizes[i] * len(slots[i].places) for i in todo),
+                sum(sizes[i] * len(slots[i][1]) for i in todo),
                 (time.perf_counter_ns() - transfer_start) // 1000,
                 op in BATCH_OPS,
             )
-        names = tuple([slots[i].name for i in todo])
+        names = tuple([slots[i][0] for i in todo])
         todo_keys = tuple([keys[i] for i in todo])
         try:
             if self.confirms.standbys:  # HA: the standbys confirm them in parallel
@@ -450,8 +451,7 @@ class WriteOps(ClientIO):
         own = self.engine.segment_name
         addrs: list[int] = []
         views: list[memoryview] = []
-        for slot, ps in zip(slots, parts, strict=True):
-            places = slot.places
+        for (_, places, _), ps in zip(slots, parts, strict=True):
             if len(places) != 1 or len(ps) != 1 or places[0][0] != own:
                 return False
             view = ps[0]
@@ -480,7 +480,7 @@ class WriteOps(ClientIO):
         key, and would commit the buffer's next contents under that key if it
         took over before the confirmation expired."""
         if self.confirms.standbys:
-            self._revoke_later([slot.name])
+            self._revoke_later([slot[0]])
         else:
             self._revoke_later(self.slots.give_back(size, params, slot, epoch))
 
@@ -513,13 +513,9 @@ class WriteOps(ClientIO):
         names = msg.slot_names(self.client_id, batch, len(cols))
         if cols.counts.count(1) == len(names):  # one replica each (the common config)
             endpoints = [str(seg[0]) for seg in cols.segs]
-            slots = [
-                Slot(name, [(endpoints[j], addr)], until)
-                for name, j, addr in zip(names, cols.seg, cols.addr, strict=True)
-            ]
+            slots = make_slots(names, endpoints, cols.seg, cols.addr, until)
         else:
-            places = cols.placements()
-            slots = [Slot(name, where, until) for name, where in zip(names, places, strict=True)]
+            slots = list(zip(names, cols.placements(), itertools.repeat(until)))
         self._revoke_later(pools.add(size, params, slots[need:], epoch))
         return slots[:need]
 
