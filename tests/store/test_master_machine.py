@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -28,7 +29,8 @@ from pymooncake.store._config import MasterConfig
 from pymooncake.store._types import ErrorCode, ReplicateConfig, SegmentInfo, SoftPinAction
 from pymooncake.store.master._effects import Effect
 from pymooncake.store.master._records import BUSY, READABLE
-from pymooncake.store.master._state import MasterState
+from pymooncake.store.master._state import SLOT_PREFIX, MasterState
+from pymooncake.wire import _master_msgs as msg
 
 # HYPOTHESIS_PROFILE=long runs thousands of examples: minutes, not the default 300 s
 pytestmark = pytest.mark.timeout(3600)
@@ -274,7 +276,14 @@ class MasterMachine(RuleBasedStateMachine):
             return
         slots = [data.draw(st.sampled_from(names)) for _ in batch]
         twin = copy.deepcopy(self.st)
-        out = self.st.commit_slots_many(client, slots, batch, self.now)
+        # named as a client names its own buffers (runs of its reservations), or by name
+        own = f"{SLOT_PREFIX}{client}:"
+        named: Sequence[str] = slots
+        if all(s.startswith(own) for s in slots) and data.draw(st.booleans()):
+            pairs = [s[len(own) :].rpartition(":") for s in slots]
+            named = msg.SlotRuns.of(client, [(b, int(i)) for b, _, i in pairs])
+            assert list(named) == slots
+        out = self.st.commit_slots_many(client, named, batch, self.now)
         for slot, key, err in zip(slots, batch, out, strict=True):
             try:
                 twin.commit_slot(client, slot, key, self.now)

@@ -13,7 +13,7 @@ import pytest
 
 from pymooncake.errors import ObjectExists, ObjectNotFound, ReplicaNotReady
 from pymooncake.store._config import MasterConfig
-from pymooncake.store._types import ReplicateConfig, SegmentInfo, SoftPinAction
+from pymooncake.store._types import ErrorCode, ReplicateConfig, SegmentInfo, SoftPinAction
 from pymooncake.store.master import _slot_runs
 from pymooncake.store.master._allocator import OffsetAllocator
 from pymooncake.store.master._handlers import build_handlers
@@ -111,6 +111,54 @@ def test_refused_commits_leave_the_buffer_reserved(st: MasterState) -> None:
     st.commit_slots_many("c1", [n1, n2], ["x", "y"], 3)
     assert not st.slot_runs and st.key_count() == 4  # k, busy (in progress), x, y
     st.validate()
+
+
+def _runs(client: str, names: list[str]) -> msg.SlotRuns:
+    """``names`` (buffers of ``client``'s reservations) as a client's batch commit names them."""
+    head = f"{SLOT_PREFIX}{client}:"
+    pairs = [n[len(head) :].rpartition(":") for n in names]
+    return msg.SlotRuns.of(client, [(b, int(i)) for b, _, i in pairs])
+
+
+def test_a_commit_named_by_runs_answers_as_one_named_by_buffers() -> None:
+    """The same commits, named by runs of the client's reservations and by
+    buffer names, on two copies of one state: the same answers and keys, also
+    for a buffer committed twice, a key that exists, a run past the reservation's
+    end, runs of reservations that were spilled into per-buffer records, one of
+    a reservation the master never made, and runs that name another client."""
+
+    def scenario(by_runs: bool) -> tuple[list[int], dict[str, int]]:
+        st = MasterState(MasterConfig(client_ttl_s=10), rng=random.Random(7))
+        st.mount_segment("node", seg("a:1", "sa", 0x10000000), 0)
+        first = [n for n, _ in _reserve(st, "c1", 4, "1")]
+        second = [n for n, _ in _reserve(st, "c1", 3, "2")]
+        _slot_runs.spill(st)  # reservations 1 and 2 become per-buffer records ...
+        third = [n for n, _ in _reserve(st, "c1", 4, "3")]  # ... and 3 stays a run
+        st.put_start("w", "busy", 10, ONE, 1)
+        codes: list[int] = []
+
+        def commit(client: str, names: list[str], keys: list[str]) -> None:
+            named = _runs(client, names) if by_runs else names
+            out = st.commit_slots_many(client, named, keys, 2)
+            codes.extend(0 if e is None else e.code for e in out)
+
+        commit("c1", [*first[:3], third[1], *second[:2]], ["a", "b", "c", "d", "e", "f"])
+        commit("c1", [first[0], first[3], third[2]], ["g", "a", "busy"])  # taken, exists, busy
+        commit("c1", [msg.slot_name("c1", "1", 5), msg.slot_name("c1", "9", 0)], ["h", "i"])
+        commit("c2", [msg.slot_name("c2", "3", 0)], ["j"])  # c2 reserved nothing
+        commit("c1", [third[3], second[2], third[0]], ["k", "l", "m"])
+        st.validate()
+        keys = {k: st.objects[k].addr for k in "abcdefghijklm" if k in st.objects}
+        return codes, keys
+
+    assert scenario(by_runs=True) == scenario(by_runs=False)
+    codes, keys = scenario(by_runs=True)
+    assert codes[:6] == [0] * 6 and codes[-3:] == [0] * 3 and len(keys) == 9
+    assert codes[6:9] == [
+        int(ErrorCode.OBJECT_NOT_FOUND),
+        int(ErrorCode.OBJECT_ALREADY_EXISTS),
+        int(ErrorCode.REPLICA_IS_NOT_READY),
+    ]
 
 
 def test_spilled_runs_are_the_per_buffer_writes_a_reservation_made_before(

@@ -4,8 +4,10 @@ MasterState with an injected clock; every scenario ends with ``validate()``."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -103,6 +105,51 @@ def test_a_batch_commit_answers_each_buffer_as_a_single_commit_would(st: MasterS
         msg.decode_request(msg.MasterMethod.BATCH_COMMIT_SLOTS, {**wire, "slots": ["s", "t"]})
     with pytest.raises(InvalidParams, match="slots must be a list"):
         msg.decode_request(msg.MasterMethod.BATCH_COMMIT_SLOTS, {**wire, "slots": [""]})
+
+
+def test_a_batch_commit_may_name_its_buffers_by_runs(st: MasterState) -> None:
+    """A client names the buffers it commits by runs of its reservations
+    (``slot_runs`` on the wire); the master, holding them as per-buffer records
+    here, commits the buffers those runs name."""
+    h = build_handlers(st)
+    names = [n for n, _ in st.reserve_slots("c1", 4096, 4, ONE, 1, "b")]
+    runs = msg.SlotRuns.of("c1", [("b", 2), ("b", 3), ("b", 0)])
+    assert list(runs) == [names[2], names[3], names[0]] and runs == (names[2], names[3], names[0])
+    req = msg.BatchCommitSlots("c1", runs, ("x", "y", "z"))
+    wire = req.params()
+    assert wire["slot_runs"] == [["b", 2, 2], ["b", 0, 1]] and "slots" not in wire
+    back = msg.decode_request(msg.MasterMethod.BATCH_COMMIT_SLOTS, json.loads(json.dumps(wire)))
+    assert back == req and isinstance(back, msg.BatchCommitSlots)
+    assert isinstance(back.slots, msg.SlotRuns) and back.slots.runs == runs.runs
+    reply = h[msg.BatchCommitSlots](back, 2)
+    assert isinstance(reply, rp.BatchCommitSlotsReply) and reply.codes == (0, 0, 0)
+    assert [st.get_replica_list(k, 3).size for k in "xyz"] == [4096] * 3
+    assert names[1] in st.inflight and not {names[0], names[2], names[3]} & set(st.inflight)
+    # runs of another client's reservations travel as names
+    other = msg.BatchCommitSlots("c2", runs, ("x", "y", "z")).params()
+    assert other["slots"] == [names[2], names[3], names[0]] and "slot_runs" not in other
+
+
+@pytest.mark.parametrize(
+    ("runs", "rule"),
+    [
+        ([["b", 0, 2]], "names 2 buffers for 1 keys"),
+        ([["b", 0, 1], ["b", 1, 1]], "at most 1 runs"),
+        ([["b", 0, 0]], "runs within"),
+        ([["b", -1, 1]], "runs within"),
+        ([["b", 256, 1]], "runs within"),
+        ([["b", 255, 2]], "runs within"),
+        ([["", 0, 1]], "runs within"),
+        ([[7, 0, 1]], "runs within"),
+        ([["b", 0.0, 1]], "runs within"),
+        ([["b", 0]], "runs within"),
+        ("b:0", "list of at most"),
+    ],
+)
+def test_runs_of_a_batch_commit_are_checked(runs: Any, rule: str) -> None:
+    wire = {"client_id": "c1", "keys": ["k"], "slot_runs": runs}
+    with pytest.raises(InvalidParams, match=rule):
+        msg.decode_request(msg.MasterMethod.BATCH_COMMIT_SLOTS, wire)
 
 
 def test_only_the_client_that_reserved_may_commit(st: MasterState) -> None:

@@ -20,7 +20,14 @@ import pytest
 from pymooncake.config import EngineConfig
 from pymooncake.errors import InvalidParams, StoreError
 from pymooncake.store import MasterConfig, ReplicateConfig, StoreClient, StoreClientConfig
-from pymooncake.store._slots import DEFAULT_BYTES, ENV, make_slots, slot_bytes_from_env
+from pymooncake.store._slots import (
+    DEFAULT_BYTES,
+    ENV,
+    make_slots,
+    single_places,
+    slot_bytes_from_env,
+    slot_runs,
+)
 from pymooncake.store.master._state import SLOT_PREFIX, MasterState
 from pymooncake.testing import (
     LocalCluster,
@@ -29,6 +36,7 @@ from pymooncake.testing import (
     run_threads,
     wait_until,
 )
+from pymooncake.wire._master_msgs import slot_name
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -377,18 +385,31 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_slots_of_a_reservation_are_built_per_segment() -> None:
     """Each buffer gets its own name, the endpoint of its segment and its address
-    (one segment, or several), and the deadline; names and addresses must pair up."""
+    (one segment, or several), the deadline, and its reservation and index."""
     names = ["b:0", "b:1", "b:2"]
-    one = make_slots(names, ["h:1"], [0, 0, 0], [64, 128, 192], 5.0)
+    one = make_slots(names, single_places(["h:1"], [0, 0, 0], [64, 128, 192]), 5.0, "b")
     assert one == [
-        ("b:0", (("h:1", 64),), 5.0),
-        ("b:1", (("h:1", 128),), 5.0),
-        ("b:2", (("h:1", 192),), 5.0),
+        ("b:0", (("h:1", 64),), 5.0, "b", 0),
+        ("b:1", (("h:1", 128),), 5.0, "b", 1),
+        ("b:2", (("h:1", 192),), 5.0, "b", 2),
     ]
-    two = make_slots(names, ["h:1", "h:2"], [1, 0, 1], [64, 128, 192], 7.0)
-    assert [places for _, places, _ in two] == [(("h:2", 64),), (("h:1", 128),), (("h:2", 192),)]
-    with pytest.raises(ValueError, match="3 buffer names for 2 addresses"):
-        make_slots(names, ["h:1"], [0, 0], [64, 128], 5.0)
+    two = make_slots(names, single_places(["h:1", "h:2"], [1, 0, 1], [64, 128, 192]), 7.0, "b")
+    assert [s[1] for s in two] == [(("h:2", 64),), (("h:1", 128),), (("h:2", 192),)]
+
+
+def test_a_batch_commit_names_its_buffers_by_runs() -> None:
+    """Buffers taken in order from reservations travel as runs; one given back
+    and taken again out of order starts a run of its own."""
+    slots = [
+        make_slots([""] * 4, single_places(["h:1"], [0] * 4, [0] * 4), 1.0, "7"),
+        make_slots([""] * 4, single_places(["h:1"], [0] * 4, [0] * 4), 1.0, "8"),
+    ]
+    taken = [slots[0][3], *slots[0][1:3], *slots[1][:2]]
+    runs = slot_runs("c", taken)
+    assert runs.runs == (("7", 3, 1), ("7", 1, 2), ("8", 0, 2)) and len(runs) == 5
+    assert list(runs) == [
+        slot_name("c", b, i) for b, i in [("7", 3), ("7", 1), ("7", 2), ("8", 0), ("8", 1)]
+    ]
 
 
 # --- a master that restarts -------------------------------------------------------

@@ -170,8 +170,12 @@ def test_put_get_every_size(p2p: bool) -> None:
 @pytest.mark.parametrize("size", SIZES, ids=lambda n: f"{n}B")
 def test_every_method_at_every_size(cluster: LocalCluster, size: int) -> None:
     """One pass over the whole StoreClient surface with one object size."""
-    a = cluster.client(48 * MiB, 16 * MiB)
-    b = cluster.client(48 * MiB, 16 * MiB)
+    # room for every 8 MiB value of the test (56 MiB), the buffers the clients
+    # reserve ahead and an upsert's new replicas in either segment: puts are placed
+    # at random, and with 48 MiB each one segment now and then passed its high
+    # watermark and evicted a key the test reads back (~1 run in 60)
+    a = cluster.client(96 * MiB, 16 * MiB)
+    b = cluster.client(96 * MiB, 16 * MiB)
     value, other = payload(size, 1), payload(size, 2)
     cut = size // 3
     # writes

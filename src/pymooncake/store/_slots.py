@@ -45,14 +45,23 @@ import itertools
 import os
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
 from typing import Final
 
 from ..errors import InvalidParams
-from ..wire._master_msgs import MAX_SLOTS, ReplicateParams
+from ..wire._master_msgs import MAX_SLOTS, ReplicateParams, SlotRuns
 
-__all__ = ["ENV", "Slot", "SlotPools", "deadline", "make_slots", "slot_bytes_from_env"]
+__all__ = [
+    "ENV",
+    "Slot",
+    "SlotPools",
+    "deadline",
+    "make_slots",
+    "single_places",
+    "slot_bytes_from_env",
+    "slot_runs",
+]
 
 ENV: Final = "PYMOONCAKE_PUT_SLOT_BYTES"
 #: bytes one pool (one value size and config) may hold in reserve
@@ -93,29 +102,40 @@ def deadline(asked_at: float, ttl_s: float) -> float:
     return asked_at + min(HOLD_S, ttl_s - min(_MARGIN_S, ttl_s / 4))
 
 
-#: One reserved buffer: ``(name, places, expires)``: its name at the master,
-#: where to write each replica (``(endpoint, address)`` pairs) and when it must
-#: no longer be written (monotonic seconds).  A plain tuple: a reservation makes
-#: hundreds at once, and :func:`make_slots` builds them in C loops (``zip``) --
-#: ~0.1 us each where a dataclass instance cost ~0.7 us (190 us per 256).
-Slot = tuple[str, Sequence[tuple[str, int]], float]
+#: One reserved buffer: ``(name, places, expires, batch, index)``: its name at
+#: the master, where to write each replica (``(endpoint, address)`` pairs), when
+#: it must no longer be written (monotonic seconds), and the reservation and
+#: index it is named after (a batch commit names its buffers by runs of those:
+#: ``SlotRuns``).  A plain tuple: a reservation makes hundreds at once, and
+#: :func:`make_slots` builds them in C loops (``zip``) -- ~0.2 us each where a
+#: dataclass instance cost ~0.7 us (190 us per 256).
+Slot = tuple[str, Sequence[tuple[str, int]], float, str, int]
 
 
 def make_slots(
     names: Sequence[str],
-    endpoints: Sequence[str],
-    seg: Sequence[int],
-    addr: Sequence[int],
+    places: Iterable[Sequence[tuple[str, int]]],
     expires: float,
+    batch: str,
 ) -> list[Slot]:
-    """The slots of a reservation whose buffers have one replica each: buffer
-    ``i`` is named ``names[i]`` and lies at ``addr[i]`` of the segment whose
-    endpoint is ``endpoints[seg[i]]``."""
-    if len(names) != len(addr):
-        raise ValueError(f"{len(names)} buffer names for {len(addr)} addresses")
+    """The slots of reservation ``batch``: buffer ``i`` is named ``names[i]``
+    and written at ``places[i]``."""
+    # (repeat never ends: the slots are as many as the names)
+    return list(zip(names, places, repeat(expires), repeat(batch), range(len(names)), strict=False))
+
+
+def single_places(
+    endpoints: Sequence[str], seg: Sequence[int], addr: Sequence[int]
+) -> Iterator[tuple[tuple[str, int]]]:
+    """The places of buffers with one replica each: buffer ``i`` lies at
+    ``addr[i]`` of the segment whose endpoint is ``endpoints[seg[i]]``."""
     where = repeat(endpoints[0]) if len(endpoints) == 1 else map(endpoints.__getitem__, seg)
-    # (repeat never ends: the lengths were compared above)
-    return list(zip(names, zip(zip(where, addr, strict=False)), repeat(expires)))
+    return zip(zip(where, addr, strict=False))
+
+
+def slot_runs(client_id: str, slots: Sequence[Slot]) -> SlotRuns:
+    """How a batch commit names ``slots``: as runs of their reservations."""
+    return SlotRuns.of(client_id, [(s[3], s[4]) for s in slots])
 
 
 class SlotPools:

@@ -7,7 +7,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -28,7 +28,7 @@ from ..wire import _master_msgs as msg
 from ..wire import _offload_msgs as omsg
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
 from ._file_storage import write_object
-from ._slots import Slot, deadline, make_slots
+from ._slots import Slot, deadline, make_slots, single_places, slot_runs
 from ._types import ErrorCode, ReplicateConfig
 
 __all__ = ["WriteOps"]
@@ -262,7 +262,7 @@ class WriteOps(ClientIO):
         errors: list[BaseException | None] = [None]
         transfer_start = time.perf_counter_ns()
         copy_own = self._copy_own_many()
-        name, places, _ = slot
+        name, places = slot[0], slot[1]
         for endpoint, address in places:
             self._route_parts(0, endpoint, address, parts, True, per_endpoint, errors, copy_own)
         self._run_transfers(per_endpoint, errors, set())
@@ -385,14 +385,16 @@ class WriteOps(ClientIO):
                 (time.perf_counter_ns() - transfer_start) // 1000,
                 op in BATCH_OPS,
             )
-        names = tuple([slots[i][0] for i in todo])
         todo_keys = tuple([keys[i] for i in todo])
+        names: Sequence[str]
         try:
             if self.confirms.standbys:  # HA: the standbys confirm them in parallel
+                names = tuple([slots[i][0] for i in todo])
                 ended = self.confirms.end(master, todo_keys, batch=True, slots=names)
                 codes = [code for code, _ in ended]
                 messages = [text for _, text in ended]
             else:
+                names = slot_runs(self.client_id, [slots[i] for i in todo])
                 reply = master.call(msg.BatchCommitSlots(self.client_id, names, todo_keys))
                 codes, messages = reply.codes, reply.messages
         except StoreError as exc:
@@ -451,7 +453,7 @@ class WriteOps(ClientIO):
         own = self.engine.segment_name
         addrs: list[int] = []
         views: list[memoryview] = []
-        for (_, places, _), ps in zip(slots, parts, strict=True):
+        for (_, places, *_), ps in zip(slots, parts, strict=True):
             if len(places) != 1 or len(ps) != 1 or places[0][0] != own:
                 return False
             view = ps[0]
@@ -513,9 +515,12 @@ class WriteOps(ClientIO):
         names = msg.slot_names(self.client_id, batch, len(cols))
         if cols.counts.count(1) == len(names):  # one replica each (the common config)
             endpoints = [str(seg[0]) for seg in cols.segs]
-            slots = make_slots(names, endpoints, cols.seg, cols.addr, until)
+            places: Iterable[Sequence[tuple[str, int]]] = single_places(
+                endpoints, cols.seg, cols.addr
+            )
         else:
-            slots = list(zip(names, cols.placements(), itertools.repeat(until)))
+            places = cols.placements()
+        slots = make_slots(names, places, until, batch)
         self._revoke_later(pools.add(size, params, slots[need:], epoch))
         return slots[:need]
 

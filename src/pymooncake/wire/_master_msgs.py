@@ -29,10 +29,11 @@ This module neither opens sockets nor touches master state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar, Final
+from itertools import chain, repeat
+from typing import Any, ClassVar, Final, overload
 
 from ..errors import InvalidParams
 
@@ -90,6 +91,7 @@ __all__ = [
     "ReserveSlots",
     "SegmentParams",
     "ServiceReady",
+    "SlotRuns",
     "UnmountSegment",
     "UpsertEnd",
     "UpsertRevoke",
@@ -134,6 +136,92 @@ def slot_names(client_id: str, batch: str, count: int) -> list[str]:
 MAX_SLOTS: Final = 256
 #: the index part of the names of a reservation's buffers, by index
 SLOT_INDEXES: Final = tuple(str(i) for i in range(MAX_SLOTS))
+
+
+class SlotRuns(Sequence[str]):
+    """The names of reserved buffers given as runs of one reservation each:
+    ``(batch, first, count)`` stands for buffers ``first .. first + count - 1``
+    of ``client_id``'s reservation ``batch`` (:func:`slot_names`).
+
+    How a batch commit names its buffers (``BatchCommitSlots``): 32 buffers
+    taken in order from one reservation are one run on the wire instead of 32
+    names of ~50 characters, and the master's commit finds each buffer from its
+    run and index without parsing a name (``MasterState.commit_slots_many``).
+    As a sequence it holds the names themselves (made when first asked for)."""
+
+    __slots__ = ("_names", "client_id", "runs", "total")
+
+    def __init__(self, client_id: str, runs: Sequence[tuple[str, int, int]]) -> None:
+        self.client_id = client_id
+        self.runs: tuple[tuple[str, int, int], ...] = tuple(
+            (batch, first, count) for batch, first, count in runs
+        )
+        #: buffers named (``count`` is Sequence's method)
+        self.total = sum(count for _, _, count in self.runs)
+        self._names: list[str] | None = None
+
+    @classmethod
+    def of(cls, client_id: str, pairs: Sequence[tuple[str, int]]) -> SlotRuns:
+        """The runs of buffers named by ``(batch, index)``, in order."""
+        runs: list[list[Any]] = []
+        last: list[Any] = ["", -2, 0]
+        for batch, i in pairs:
+            if i == last[1] + last[2] and batch == last[0]:
+                last[2] += 1
+            else:
+                last = [batch, i, 1]
+                runs.append(last)
+        return cls(client_id, runs)  # type: ignore[arg-type]
+
+    def heads(self) -> Iterator[str]:
+        """Per buffer, its name up to the index (``SLOT_PREFIX<client>:<batch>``)."""
+        client = f"{SLOT_PREFIX}{self.client_id}:"
+        return chain.from_iterable(repeat(client + batch, count) for batch, _, count in self.runs)
+
+    def indexes(self) -> Iterator[int]:
+        """Per buffer, its index in its reservation."""
+        return chain.from_iterable(range(first, first + count) for _, first, count in self.runs)
+
+    def names(self) -> list[str]:
+        names = self._names
+        if names is None:
+            names = []
+            for batch, first, count in self.runs:
+                head = f"{SLOT_PREFIX}{self.client_id}:{batch}:"
+                if first + count <= len(SLOT_INDEXES):
+                    names += [head + i for i in SLOT_INDEXES[first : first + count]]
+                else:
+                    names += [f"{head}{i}" for i in range(first, first + count)]
+            self._names = names
+        return names
+
+    def __len__(self) -> int:
+        return self.total
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        return self.names()[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SlotRuns):
+            return self.client_id == other.client_id and self.runs == other.runs
+        if isinstance(other, (tuple, list)):
+            return self.names() == list(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.names()))
+
+    def __repr__(self) -> str:
+        return f"SlotRuns({self.client_id!r}, {list(self.runs)!r})"
+
+
 #: most replicas one object may ask for
 MAX_REPLICAS: Final = 64
 _U64: Final = 1 << 64
@@ -857,7 +945,8 @@ class BatchCommitSlots(Mutation):
 
     METHOD: ClassVar = MasterMethod.BATCH_COMMIT_SLOTS
     client_id: str
-    slots: tuple[str, ...]
+    #: the buffers' names, or their runs (``slot_runs`` on the wire)
+    slots: tuple[str, ...] | SlotRuns
     keys: tuple[str, ...]
     rid: int = 0
     ack: int = 0
@@ -865,7 +954,11 @@ class BatchCommitSlots(Mutation):
 
     def params(self) -> dict[str, Any]:
         out = _session_params(self)
-        out["slots"] = list(self.slots)
+        slots = self.slots
+        if type(slots) is SlotRuns and slots.client_id == self.client_id:
+            out["slot_runs"] = [list(run) for run in slots.runs]
+        else:
+            out["slots"] = list(slots)
         out["keys"] = list(self.keys)
         if self.confirmed:
             out["confirmed"] = list(self.confirmed)
@@ -875,8 +968,41 @@ class BatchCommitSlots(Mutation):
     def decode(cls, p: dict[str, Any]) -> BatchCommitSlots:
         client, rid, ack = _session(p)
         keys = _keys(_field(p, "keys"))
-        slots = _slot_names(_field(p, "slots"), len(keys))
+        runs = p.get("slot_runs")
+        slots: tuple[str, ...] | SlotRuns
+        if runs is not None:
+            slots = _slot_runs(client, runs, len(keys))
+        else:
+            slots = _slot_names(_field(p, "slots"), len(keys))
         return cls(client, slots, keys, rid, ack, _standbys(p.get("confirmed")))
+
+
+def _slot_runs(client_id: str, raw: Any, n: int) -> SlotRuns:
+    """The buffers of ``n`` keys as runs ``[batch, first, count]`` of the
+    client's reservations (each index below :data:`MAX_SLOTS`)."""
+    if type(raw) is not list or len(raw) > n:
+        raise _bad("slot_runs", f"must be a list of at most {n} runs", raw)
+    for run in raw:
+        if not (
+            type(run) is list
+            and len(run) == 3
+            and type(run[0]) is str
+            and 0 < len(run[0]) <= MAX_NAME_CHARS
+            and type(run[1]) is int
+            and type(run[2]) is int
+            and run[1] >= 0
+            and run[2] > 0
+            and run[1] + run[2] <= MAX_SLOTS
+        ):
+            raise _bad(
+                "slot_runs",
+                f"must hold [reservation, first index, count] runs within 0..{MAX_SLOTS - 1}",
+                run,
+            )
+    runs = SlotRuns(client_id, raw)
+    if runs.total != n:
+        raise _bad("slot_runs", f"names {runs.total} buffers for {n} keys", raw)
+    return runs
 
 
 def _slot_names(raw: Any, n: int) -> tuple[str, ...]:

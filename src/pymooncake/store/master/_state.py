@@ -63,10 +63,18 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import repeat
 from typing import Any, Final
 
 from ...errors import StoreError, store_error
-from ...wire._master_msgs import SLOT_MARK, SLOT_PREFIX, slot_name, slot_names
+from ...wire._master_msgs import (
+    SLOT_INDEXES,
+    SLOT_MARK,
+    SLOT_PREFIX,
+    SlotRuns,
+    slot_name,
+    slot_names,
+)
 from .._config import MasterConfig
 from .._types import ClientStatus, ErrorCode, ReplicaDesc, SegmentInfo, SoftPinAction
 from . import _replay, _slot_runs, _validate
@@ -1213,35 +1221,62 @@ class MasterState:
         """:meth:`commit_slot` of each pair, in order: None for each committed,
         or the error.  A plain buffer (one replica, no pin) under a new key is
         committed here; any other pair goes through :meth:`commit_slot`."""
-        out: list[StoreError | None] = [None] * len(keys)
+        n = len(keys)
+        if len(slots) != n:
+            raise ValueError(f"{len(slots)} buffers for {n} keys")
+        out: list[StoreError | None] = [None] * n
         client = self._touch(client_id, now)
         shards, inflight, held = self.objects.shards, self.inflight, client.inflight
         effects, commit_one = self.effects, self.commit_slot
         committed: list[int] = []
-        runs, tails, made = self.slot_runs, _slot_runs.TAILS, 0
-        for i, (slot, key) in enumerate(zip(slots, keys, strict=True)):
+        runs, made = self.slot_runs, 0
+        # each buffer's run (its name up to the index) and index in it: from the
+        # runs a client named them by, else parsed from the names (only worth it
+        # while reservations are held as runs)
+        names: Sequence[str] | None = None
+        heads: Iterable[str | None]
+        indexes: Iterable[int]
+        if not runs:
+            names = slots
+            heads, indexes = repeat(None), repeat(-1)
+        elif type(slots) is SlotRuns and slots.client_id == client_id:
+            heads, indexes = slots.heads(), slots.indexes()
+        else:
+            names = slots
+            parts = [slot.rpartition(":") for slot in slots]
+            tails = _slot_runs.TAILS
+            heads = [p[0] for p in parts]
+            indexes = [tails.get(p[2], -1) for p in parts]
+        last_head: str | None = None
+        run: SlotRun | None = None
+        # (heads and indexes are as long as keys, or endless: the lengths were compared)
+        for i, (head, j, key) in enumerate(zip(heads, indexes, keys, strict=False)):
             target = shards[hash(key) & SHARD_MASK]
-            if runs:  # (_slot_runs.find and .commit inline)
-                head, _, tail = slot.rpartition(":")
-                run = runs.get(head)
-                j = -1 if run is None else tails.get(tail, -1)
-                if 0 <= j < run.count and run.free[j] and run.client_id == client_id:  # type: ignore[union-attr]
-                    assert run is not None
-                    if key not in target:
-                        if run.single is None:
-                            seg, addr = run.place(j)
-                        else:
-                            seg, addr = run.single, run.base + j * run.stride
-                        made_obj = Obj(key, run.size, seg, addr, client_id, run.done_flags)
-                        target[key] = made_obj
-                        seg.order.append(made_obj)
-                        run.free[j] = 0
-                        run.left -= 1
-                        if not run.left:
-                            del runs[head]
-                        made += 1
-                        committed.append(run.size)
-                        continue
+            if j >= 0:  # (_slot_runs.find and .commit inline)
+                if head is not last_head:
+                    last_head, run = head, runs.get(head)  # type: ignore[arg-type]
+                if (
+                    run is not None
+                    and j < run.count
+                    and run.free[j]
+                    and run.client_id == client_id
+                    and key not in target
+                ):
+                    if run.single is None:
+                        seg, addr = run.place(j)
+                    else:
+                        seg, addr = run.single, run.base + j * run.stride
+                    made_obj = Obj(key, run.size, seg, addr, client_id, run.done_flags)
+                    target[key] = made_obj
+                    seg.order.append(made_obj)
+                    run.free[j] = 0
+                    run.left -= 1
+                    if not run.left:
+                        del runs[head]  # type: ignore[arg-type]
+                    made += 1
+                    committed.append(run.size)
+                    continue
+            slot = names[i] if names is not None else f"{head}:{SLOT_INDEXES[j]}"
             source = shards[hash(slot) & SHARD_MASK]
             obj = source.get(slot)
             ext = None if obj is None else obj.ext
