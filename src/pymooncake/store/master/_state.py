@@ -67,14 +67,7 @@ from itertools import repeat
 from typing import Any, Final
 
 from ...errors import StoreError, store_error
-from ...wire._master_msgs import (
-    SLOT_INDEXES,
-    SLOT_MARK,
-    SLOT_PREFIX,
-    SlotRuns,
-    slot_name,
-    slot_names,
-)
+from ...wire._master_msgs import SLOT_MARK, SLOT_PREFIX, SlotRuns, slot_name, slot_names
 from .._config import MasterConfig
 from .._types import ClientStatus, ErrorCode, ReplicaDesc, SegmentInfo, SoftPinAction
 from . import _replay, _slot_runs, _validate
@@ -1276,7 +1269,7 @@ class MasterState:
                     made += 1
                     committed.append(run.size)
                     continue
-            slot = names[i] if names is not None else f"{head}:{SLOT_INDEXES[j]}"
+            slot = names[i] if names is not None else f"{head}:{j}"
             source = shards[hash(slot) & SHARD_MASK]
             obj = source.get(slot)
             ext = None if obj is None else obj.ext
