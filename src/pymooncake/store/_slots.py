@@ -46,7 +46,6 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import repeat
 from typing import Final
 
 from ..errors import InvalidParams
@@ -121,7 +120,16 @@ def make_slots(
     """The slots of reservation ``batch``: buffer ``i`` is named ``names[i]``
     and written at ``places[i]``."""
     # (repeat never ends: the slots are as many as the names)
-    return list(zip(names, places, repeat(expires), repeat(batch), range(len(names)), strict=False))
+    return list(
+        zip(
+            names,
+            places,
+            itertools.repeat(expires),
+            itertools.repeat(batch),
+            range(len(names)),
+            strict=False,
+        )
+    )
 
 
 def single_places(
@@ -129,7 +137,10 @@ def single_places(
 ) -> Iterator[tuple[tuple[str, int]]]:
     """The places of buffers with one replica each: buffer ``i`` lies at
     ``addr[i]`` of the segment whose endpoint is ``endpoints[seg[i]]``."""
-    where = repeat(endpoints[0]) if len(endpoints) == 1 else map(endpoints.__getitem__, seg)
+    if len(endpoints) == 1:
+        where: Iterable[str] = itertools.repeat(endpoints[0])
+    else:
+        where = map(endpoints.__getitem__, seg)
     return zip(zip(where, addr, strict=False))
 
 

@@ -453,7 +453,8 @@ class WriteOps(ClientIO):
         own = self.engine.segment_name
         addrs: list[int] = []
         views: list[memoryview] = []
-        for (_, places, *_), ps in zip(slots, parts, strict=True):
+        for slot, ps in zip(slots, parts, strict=True):
+            places = slot[1]
             if len(places) != 1 or len(ps) != 1 or places[0][0] != own:
                 return False
             view = ps[0]

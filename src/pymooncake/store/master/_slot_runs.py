@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 from ...errors import StoreError
-from ...wire._master_msgs import SLOT_INDEXES, SLOT_PREFIX
+from ...wire._master_msgs import SLOT_INDEXES, SLOT_PREFIX, slot_head
 from ._records import BUSY, HARD_PIN, READABLE, Obj, ObjExt, SegmentRecord, reserved_size
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ def reserve(
             return None  # (a soft pin is applied at commit: the per-buffer path)
     except StoreError:
         return None  # refused: the per-buffer path raises the config's error
-    head = f"{SLOT_PREFIX}{client_id}:{batch}"
+    head = slot_head(client_id, batch)
     if head in st.slot_runs or f"{head}:0" in st.objects:
         return None  # (a repeated reservation name: answered as before)
     stored = st._size(size)

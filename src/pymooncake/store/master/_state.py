@@ -1223,23 +1223,17 @@ class MasterState:
         effects, commit_one = self.effects, self.commit_slot
         committed: list[int] = []
         runs, made = self.slot_runs, 0
-        # each buffer's run (its name up to the index) and index in it: from the
-        # runs a client named them by, else parsed from the names (only worth it
-        # while reservations are held as runs)
+        # each buffer's run (its name up to the index) and index in it, from the
+        # runs a client names them by; buffers named one by one (HA clients, whose
+        # masters hold no runs) go through commit_slot, which also finds a run's
         names: Sequence[str] | None = None
         heads: Iterable[str | None]
         indexes: Iterable[int]
-        if not runs:
-            names = slots
-            heads, indexes = repeat(None), repeat(-1)
-        elif type(slots) is SlotRuns and slots.client_id == client_id:
+        if runs and type(slots) is SlotRuns and slots.client_id == client_id:
             heads, indexes = slots.heads(), slots.indexes()
         else:
             names = slots
-            parts = [slot.rpartition(":") for slot in slots]
-            tails = _slot_runs.TAILS
-            heads = [p[0] for p in parts]
-            indexes = [tails.get(p[2], -1) for p in parts]
+            heads, indexes = repeat(None), repeat(-1)
         last_head: str | None = None
         run: SlotRun | None = None
         # (heads and indexes are as long as keys, or endless: the lengths were compared)
