@@ -208,6 +208,121 @@ def test_whole_request_reads_one_frame_where_it_lies() -> None:
             MasterFrameDecoder().whole_request(_frame(body), len(body) + 9)
 
 
+def _key_read_frame(method: str, key: str, req_id: int = 3) -> bytes:
+    return encode_request(
+        req_id, msg.ExistKey(key) if method == "ExistKey" else msg.GetReplicaList(key)
+    )
+
+
+def _general(data: bytes) -> tuple[int, MasterMethod, str] | None:
+    """What the general path makes of one whole request frame: ``(id, method,
+    key)`` of a valid ExistKey / GetReplicaList, None for anything else."""
+    try:
+        frame = MasterFrameDecoder().whole_request(data, len(data))
+    except MalformedMessage:
+        return None
+    if frame is None or frame[1] not in (MasterMethod.EXIST_KEY, MasterMethod.GET_REPLICA_LIST):
+        return None
+    try:
+        req = msg.decode_request(frame[1], frame[2], escapes=frame[3])
+    except InvalidParams:
+        return None
+    assert isinstance(req, (msg.ExistKey, msg.GetReplicaList))
+    return frame[0], frame[1], req.key
+
+
+@pytest.mark.parametrize("method", ["ExistKey", "GetReplicaList"])
+@pytest.mark.parametrize(
+    "key",
+    ["k", "kv-cache/layer.3/blk-00017", "ключ-€-鍵-🔑", "a" * MAX_KEY_CHARS, " spaced key "],
+    ids=["one-char", "path", "unicode", "longest", "spaces"],
+)
+def test_whole_key_read_finds_what_clients_send_for_get_and_is_exist(method: str, key: str) -> None:
+    """``get`` and ``is_exist`` frames as this package's clients encode them are
+    read without the JSON decoder, into exactly what the general path makes of
+    them, from a read buffer larger than the read."""
+    data = _key_read_frame(method, key)
+    window = bytearray(len(data) + 32)
+    window[: len(data)] = data
+    got = MasterFrameDecoder().whole_key_read(memoryview(window), len(data))
+    assert got == (3, MasterMethod(method), key)
+    assert got == _general(data)
+
+
+def test_whole_key_read_leaves_every_other_frame_to_the_general_path() -> None:
+    """Anything but one whole ``[method, {"key": plain key}]`` request is None:
+    other methods and members, escapes, characters JSON or the key rules refuse,
+    bytes that are not UTF-8, part of a frame or more than one, a reply, a frame
+    over the limit, and a read that continues buffered bytes."""
+    d = MasterFrameDecoder()
+    bodies = [
+        b'["ExistKey",{"key":"a","x":"b"}]',  # another member after the key
+        b'["ExistKey",{"x":"b","key":"a"}]',  # ... or before it
+        b'["ExistKey", {"key": "a"}]',  # whitespace
+        b'["ExistKey",{"key":"a\\u0041"}]',  # an escape
+        b'["ExistKey",{"key":"a\\"b"}]',  # an escaped quote
+        b'["ExistKey",{"key":"a\tb"}]',  # a raw control character: invalid JSON
+        b'["ExistKey",{"key":"a\x00b"}]',  # NUL
+        b'["ExistKey",{"key":"a\x7fb"}]',  # DEL: valid, but left to the general path
+        b'["ExistKey",{"key":"a\xe2\x80\xa8b"}]',  # U+2028 (not printable)
+        b'["ExistKey",{"key":"\xff\xfe"}]',  # not UTF-8
+        b'["ExistKey",{"key":"\xed\xa0\x80"}]',  # an encoded surrogate: not UTF-8
+        b'["ExistKey",{"key":""}]',  # empty
+        b'["ExistKey",{"key":"' + b"a" * (MAX_KEY_CHARS + 1) + b'"}]',  # too long
+        b'["ExistKey",{"key":3}]',  # not a string
+        b'["ExistKey",{"key":"}]',  # truncated JSON
+        b'["ExistKeys",{"key":"a"}]',  # another name
+        b'["GetReplicaListByRegex",{"key":"a"}]',
+        b'["GetReplicaList",{"keys":"a"}]',
+        b'["Remove",{"key":"a"}]',
+        b'["ExistKey",{"key":"a"}]]',  # trailing bytes
+        b"[]",
+    ]
+    for body in bodies:
+        data = _frame(body)
+        assert d.whole_key_read(data, len(data)) is None, body
+    good = _key_read_frame("ExistKey", "k")
+    for data, nbytes in [
+        (good + good, 2 * len(good)),  # two frames: pipelined
+        (good, len(good) - 1),  # part of one
+        (good[:8], 8),  # part of a prefix
+        (_frame(b'["ExistKey",{"key":"k"}]', kind=1), 29),  # a reply frame
+        (_frame(b'["ExistKey",{"key":"k"}]', kind=2), 29),  # an unknown kind
+    ]:
+        assert d.whole_key_read(data, nbytes) is None, data
+    assert MasterFrameDecoder(16).whole_key_read(good, len(good)) is None  # over the limit
+    d.feed(good[:3])  # something buffered: the next bytes continue it
+    assert d.whole_key_read(good, len(good)) is None
+
+
+_NASTY = st.text(
+    st.sampled_from(
+        ['"', "\\", "\x00", "\x1f", "\x7f", "\u2028", "\ud800", "a", "é", "🔑", " ", "}", "]"]
+    ),
+    max_size=12,
+)
+
+
+@given(method=st.sampled_from(["ExistKey", "GetReplicaList"]), key=_NASTY, raw=st.booleans())
+def test_whole_key_read_never_disagrees_with_the_general_path(
+    method: str, key: str, raw: bool
+) -> None:
+    """For any key, encoded as a client does or spliced raw into the frame (bytes
+    no client sends), the key read either declines or gives exactly what the
+    general path makes of the same frame -- never a request it would refuse."""
+    if raw:
+        head = f'["{method}",{{"key":"'.encode()
+        data = _frame(head + key.encode("utf-8", "surrogatepass") + b'"}]')
+    else:
+        try:
+            data = _key_read_frame(method, key)
+        except UnicodeEncodeError:  # a lone surrogate: the client refuses it first
+            return
+    got = MasterFrameDecoder().whole_key_read(data, len(data))
+    if got is not None:
+        assert got == _general(data)
+
+
 def test_whole_reply_reads_the_answer_a_client_waits_for() -> None:
     """A client's read that holds exactly one whole reply frame is decoded without
     the buffer; anything else is left to the buffered path (None)."""

@@ -1208,6 +1208,16 @@ _ROUTES: Final[dict[type, int]] = {
     **dict.fromkeys(_SCANS, _SCAN),
     **dict.fromkeys(_ENDS, _END),
 }
+#: the requests ``whole_key_read`` finds (``_RpcProtocol._key_read``), by method
+_KEY_READ_TYPES: Final[dict[msg.MasterMethod, Callable[[str], msg.Request]]] = {
+    msg.MasterMethod.EXIST_KEY: msg.ExistKey,
+    msg.MasterMethod.GET_REPLICA_LIST: msg.GetReplicaList,
+}
+#: ExistKey's two answers: the body of a ``[0, exists]`` reply
+_BOOL_BODIES: Final = {
+    False: encode_json([0, False]).encode(),
+    True: encode_json([0, True]).encode(),
+}
 #: an HaConfirm of keys a standby does not know yet waits for up to this many
 #: stream frames, each for at most _CONFIRM_WAIT_S
 _CONFIRM_WAITS: Final = 3
@@ -1410,6 +1420,11 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         ):
             # a client waiting for each answer sends one request per read: served
             # from the read buffer where it lies (data_received feeds the decoder)
+            read = self._decoder.whole_key_read(self._rbuf, nbytes)
+            if read is not None:
+                self._last_active = time.monotonic()
+                self._key_read(*read)
+                return
             try:
                 frame = self._decoder.whole_request(self._rbuf, nbytes)
             except MalformedMessage as exc:
@@ -1420,6 +1435,28 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 self._process(frame)
                 return
         self.data_received(self._rbuf[:nbytes])
+
+    def _key_read(self, req_id: int, method: msg.MasterMethod, key: str) -> None:
+        """Serve an ``ExistKey`` / ``GetReplicaList`` the decoder read without its
+        JSON decoder (``whole_key_read``): when its reply waits for nothing (no
+        standby, nothing held), straight through :meth:`MasterService.dispatch`,
+        as :meth:`_process` would; else through :meth:`_process`."""
+        svc = self._svc
+        if svc.hub.links or self._held or not svc.serving():
+            self._process((req_id, method, {"key": key}, False))
+            return
+        transport = self._transport
+        assert transport is not None  # (buffer_updated's condition)
+        code, value = svc.dispatch(_KEY_READ_TYPES[method](key))
+        if svc.state.effects:  # e.g. the SSD tier promoting what was read: journaled first
+            self._send(transport, [self._encode(req_id, code, value)], True, 0)
+        elif not svc.serving():
+            self._fence()
+        elif code == 0 and type(value) is bool:  # ExistKey's answer, its body made once
+            body = _BOOL_BODIES[value]
+            transport.write(PREFIX.pack(len(body) + 5, REPLY, req_id) + body)
+        else:
+            transport.write(self._encode(req_id, code, value))
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes from the peer (``data`` is only valid during this call)."""
@@ -1564,6 +1601,15 @@ class _RpcProtocol(asyncio.BufferedProtocol):
             return
         if first is None:  # (else nothing was buffered, before or after)
             self._buffered_changed()
+        self._send(transport, out, served, ends)
+
+    def _send(
+        self, transport: asyncio.Transport, out: list[bytes], served: bool, ends: int
+    ) -> None:
+        """Send the replies ``out`` of requests just served (``served``: any went to
+        the state; ``ends``: see :meth:`_process`) once what they acknowledge is
+        journaled and shipped to the standbys: now, or held until they confirm."""
+        svc = self._svc
         hub = svc.hub
         if not hub.links and not svc.state.effects and not self._held:
             # no standby, no state change to journal: the replies wait for nothing
