@@ -287,7 +287,7 @@ def test_a_regex_listing_during_a_promotion_lists_the_disk_replica() -> None:
     st.offload.promotion_start("c1", "k", 4096, 1)
     code, value = asyncio.run(svc.dispatch_scan(msg.GetReplicaListByRegex("^k$")))
     assert code == 0 and isinstance(value, RawJson)
-    listed = json.loads(value.text)
+    listed = json.loads(value)
     assert list(listed) == ["k"] and [r[5] for r in listed["k"]] == [LOCAL_DISK_SEGMENT]
     st.validate()
 

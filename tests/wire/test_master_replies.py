@@ -233,8 +233,29 @@ def test_byte_exact_and_round_trip(cls: type[r.Reply]) -> None:
     assert encode_json(value) == text  # the example is what the master sends
     x = cls.decode(json.loads(text))
     assert encode_json(x.to_wire()) == text
+    assert x.to_json() == text  # (made by hand where JSON_TEXT says so)
     assert cls.decode(x.to_wire()) == x
     assert encode_reply(7, 0, x.to_wire()) == encode_reply(7, 0, value)
+
+
+_TEXT = st.text(st.sampled_from(['"', "\\", "\x00", "\x1f", "\u2028", "a", "é", "🔑", ":", "/"]))
+_U64 = st.integers(0, (1 << 64) - 1)
+
+
+@given(
+    replicas=st.lists(st.tuples(_U64, _TEXT, _U64, _U64, st.integers(0, 5), _TEXT), max_size=4),
+    ttl=_U64,
+    size=_U64,
+)
+def test_a_get_reply_made_by_hand_is_the_json_encoder_s_text(
+    replicas: list[tuple[int, str, int, int, int, str]], ttl: int, size: int
+) -> None:
+    """GetReplicaListReply.to_json (every get's reply, text made without the JSON
+    encoder) is exactly what encoding its wire value gives, for any names."""
+    x = r.GetReplicaListReply(tuple(replicas), ttl, size)
+    assert x.JSON_TEXT
+    assert x.to_json() == encode_json(x.to_wire())
+    assert r.GetReplicaListReply.decode(json.loads(x.to_json())) == x
 
 
 def test_optional_fields_left_out_as_before() -> None:

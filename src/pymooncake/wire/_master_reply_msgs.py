@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _json_str
 from typing import Any, ClassVar, Final, NoReturn, TypeVar
 
 from ..errors import MalformedMessage
 from . import _master_msgs as msg
 from . import _offload_msgs as omsg
+from ._frames import encode_json
 from ._master_msgs import MasterMethod
 from ._master_replies import ReplicaColumns
 
@@ -125,8 +127,15 @@ class Reply:
     __slots__ = ()
     METHOD: ClassVar[MasterMethod]
 
+    #: :meth:`to_json` is faster than encoding :meth:`to_wire` (the master sends it)
+    JSON_TEXT: ClassVar[bool] = False
+
     def to_wire(self) -> Any:
         raise NotImplementedError
+
+    def to_json(self) -> str:
+        """:meth:`to_wire` as compact JSON text (what a reply frame carries)."""
+        return encode_json(self.to_wire())
 
     @classmethod
     def decode(cls: type[_R], value: Any) -> _R:
@@ -756,12 +765,23 @@ class GetReplicaListReply(Reply):
     lease_ttl_ms: int
     size: int
 
+    JSON_TEXT: ClassVar[bool] = True
+
     def to_wire(self) -> dict[str, Any]:
         return {
             "replicas": _replicas_wire(self.replicas),
             "lease_ttl_ms": self.lease_ttl_ms,
             "size": self.size,
         }
+
+    def to_json(self) -> str:
+        # every get's reply: the text made directly, a third of the JSON encoder's
+        # time for this shape (the replica's fields are (int, str, int, int, int, str))
+        text = _json_str
+        reps = ",".join(
+            [f"[{r[0]},{text(r[1])},{r[2]},{r[3]},{r[4]},{text(r[5])}]" for r in self.replicas]
+        )
+        return f'{{"replicas":[{reps}],"lease_ttl_ms":{self.lease_ttl_ms},"size":{self.size}}}'
 
     @classmethod
     def decode(cls, value: Any) -> GetReplicaListReply:

@@ -193,11 +193,10 @@ class ServiceAddresses:
 _SCANS: Final = (msg.GetReplicaListByRegex, msg.RemoveByRegex, msg.RemoveAll)
 
 
-@dataclass(frozen=True, slots=True)
-class RawJson:
+class RawJson(str):
     """A reply value already encoded as JSON text."""
 
-    text: str
+    __slots__ = ()
 
 
 def _request_id(data: bytes) -> int | None:
@@ -941,13 +940,18 @@ class MasterService:
         if self.state.slot_runs and kind not in RUN_SAFE:
             self.state.spill_slot_runs()
         now = self._clock()
+        value: Any
         try:
             # the typed reply (wire/_master_reply_msgs.py) as the JSON value it sends
-            code, value = 0, self._handlers[kind](req, now).to_wire()
-            if kind is msg.Ping and self.hub.links:
-                standbys = self.hub.ready_names()
-                if standbys:
-                    value["standbys"] = list(standbys)
+            reply = self._handlers[kind](req, now)
+            if reply.JSON_TEXT:  # (every get's reply: its text made directly)
+                code, value = 0, RawJson(reply.to_json())
+            else:
+                code, value = 0, reply.to_wire()
+                if kind is msg.Ping and self.hub.links:
+                    standbys = self.hub.ready_names()
+                    if standbys:
+                        value["standbys"] = list(standbys)
         except StoreError as exc:
             self._count(name, failed=True)
             code, value = exc.code, exc.message
@@ -1723,7 +1727,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
 
     def _encode(self, req_id: int, code: int, value: Any) -> bytes:
         if type(value) is RawJson:
-            return encode_reply_json(req_id, code, value.text)
+            return encode_reply_json(req_id, code, value)
         try:
             body = encode_json([code, value]).encode()  # (encode_reply, inline)
             return PREFIX.pack(len(body) + 5, REPLY, req_id) + body
