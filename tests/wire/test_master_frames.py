@@ -31,6 +31,7 @@ from pymooncake.wire import (
     encode_request,
 )
 from pymooncake.wire import _master_msgs as msg
+from pymooncake.wire._frames import REQUEST, json_frame
 from pymooncake.wire._master_msgs import (
     MAX_BATCH_KEYS,
     MAX_KEY_CHARS,
@@ -321,6 +322,38 @@ def test_whole_key_read_never_disagrees_with_the_general_path(
     got = MasterFrameDecoder().whole_key_read(data, len(data))
     if got is not None:
         assert got == _general(data)
+
+
+@given(method=st.sampled_from(["ExistKey", "GetReplicaList"]), key=_NASTY)
+def test_key_reads_are_encoded_as_every_request(method: str, key: str) -> None:
+    """``encode_request`` makes a get's / is_exist's text directly: the same bytes
+    as the general encoder, for any key (a lone surrogate is refused alike)."""
+    request = msg.ExistKey(key) if method == "ExistKey" else msg.GetReplicaList(key)
+    try:
+        general = json_frame(REQUEST, 9, method, {"key": key})
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            encode_request(9, request)
+        return
+    assert encode_request(9, request) == general
+
+
+@pytest.mark.parametrize("body", [b"[0,true]", b"[0,false]", b"[0,null]"])
+def test_short_replies_are_read_as_the_decoder_reads_them(body: bytes) -> None:
+    """is_exist's and remove's answers, found by their bytes: the same reply the
+    general path makes; the same bytes in a frame that is not exactly one whole
+    reply are left to it."""
+    data = _frame(body, kind=1, req_id=4)
+    general = MasterFrameDecoder()
+    general.feed(data)
+    assert MasterFrameDecoder().whole_reply(data) == general.next_frame()
+    assert MasterFrameDecoder().whole_reply(data) == MasterReply(4, 0, json.loads(body)[1])
+    assert MasterFrameDecoder().whole_reply(_frame(body, kind=0)) is None  # a request
+    wrong_length = _prefix(len(body) + 6, 1, 4) + body
+    assert MasterFrameDecoder().whole_reply(wrong_length) is None
+    buffered = MasterFrameDecoder()
+    buffered.feed(data[:3])
+    assert buffered.whole_reply(data) is None
 
 
 def test_whole_reply_reads_the_answer_a_client_waits_for() -> None:

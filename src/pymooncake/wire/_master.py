@@ -19,11 +19,12 @@ request with INVALID_PARAMS instead of closing the connection.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _json_str
 from typing import Any, Final
 
 from ..errors import MalformedMessage
 from ._frames import PREFIX, REPLY, REQUEST, JsonFrameDecoder, encode_json, json_frame
-from ._master_msgs import MAX_KEY_CHARS, MasterMethod, Request
+from ._master_msgs import MAX_KEY_CHARS, ExistKey, GetReplicaList, MasterMethod, Request
 from ._rpc import NEED_DATA, NeedData
 
 __all__ = [
@@ -74,6 +75,7 @@ _KEY_READS: Final = {
     for m in (MasterMethod.EXIST_KEY, MasterMethod.GET_REPLICA_LIST)
 }
 assert len(_KEY_READS) == 2  # (one method per first letter)
+_KEY_READ_TYPES: Final = frozenset({ExistKey, GetReplicaList})
 _KEY_READ_END: Final = b'"}]'
 
 
@@ -99,6 +101,9 @@ class MasterReply:
 
 def encode_request(req_id: int, request: Request, *, rid: int = 0, ack: int = 0) -> bytes:
     """One request frame; ``rid``/``ack`` (mutations) enable the master's reply cache."""
+    if type(request) in _KEY_READ_TYPES:  # every get and is_exist: text made directly
+        body = f'["{request.NAME}",{{"key":{_json_str(request.key)}}}]'.encode()  # type: ignore[attr-defined]
+        return PREFIX.pack(len(body) + 5, REQUEST, req_id) + body
     params = request.params()
     if rid:
         params["rid"] = rid
@@ -233,7 +238,14 @@ class MasterFrameDecoder(JsonFrameDecoder):
         Raises:
             MalformedMessage: the body is not a strict-JSON ``[code, value]`` pair.
         """
-        parts = self.whole_parts(data, len(data), REPLY)
+        n = len(data)
+        if 17 <= n <= 18 and not self._buf:  # (is_exist's and remove's answers, found whole)
+            value = _SHORT_REPLIES.get(data[PREFIX.size :], _NOT_SHORT)
+            if value is not _NOT_SHORT:
+                length, kind, req_id = PREFIX.unpack_from(data, 0)
+                if length + 4 == n and kind == REPLY and length <= self._max:
+                    return MasterReply(req_id, 0, value)
+        parts = self.whole_parts(data, n, REPLY)
         return None if parts is None else _reply(parts[1], parts[2], parts[3])
 
     def next_frame(self) -> MasterRequest | MasterReply | NeedData:
@@ -249,6 +261,16 @@ class MasterFrameDecoder(JsonFrameDecoder):
         if kind == REPLY:
             return _reply(req_id, head, value)
         raise self.unknown_kind(kind)
+
+
+#: the bodies of the commonest short replies (``ExistKey``'s, ``Remove``'s), by
+#: their exact bytes: what the JSON decoder makes of them
+_SHORT_REPLIES: Final[dict[bytes, Any]] = {
+    b"[0,true]": True,
+    b"[0,false]": False,
+    b"[0,null]": None,
+}
+_NOT_SHORT: Final = object()
 
 
 def _reply(req_id: int, head: Any, value: Any) -> MasterReply:
