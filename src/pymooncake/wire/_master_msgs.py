@@ -35,6 +35,7 @@ from enum import Enum
 from itertools import chain, repeat
 from typing import Any, ClassVar, Final, overload
 
+from .._frozen import fast_frozen_inits
 from ..errors import InvalidParams
 
 __all__ = [
@@ -1596,3 +1597,6 @@ def decode_request(method: MasterMethod, params: Any, *, escapes: bool = True) -
 
 # every request type's REPLY is set there (it imports this module)
 from . import _master_reply_msgs as _master_reply_msgs  # noqa: E402
+
+# cheaper construction of the values above: one or two per call (_frozen.py)
+fast_frozen_inits(globals())

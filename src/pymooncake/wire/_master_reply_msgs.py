@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring as _json_str
 from typing import Any, ClassVar, Final, NoReturn, TypeVar
 
+from .._frozen import fast_frozen_inits
 from ..errors import MalformedMessage
 from . import _master_msgs as msg
 from . import _offload_msgs as omsg
@@ -1258,3 +1259,7 @@ def reply_type(request: msg.Request | type[msg.Request]) -> type[Reply] | None:
     """The reply type of a request (or request type)."""
     rep: type[Reply] | None = request.REPLY
     return rep
+
+
+# cheaper construction of the values above: one or two per call (_frozen.py)
+fast_frozen_inits(globals())

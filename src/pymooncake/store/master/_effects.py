@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ..._frozen import fast_frozen_inits
 from ...errors import MalformedMessage
 from .._types import SegmentInfo
 
@@ -526,3 +527,7 @@ def effect_from_record(rec: Any) -> Effect:
         return _DECODERS[rec[0]](rec)
     except (IndexError, KeyError, TypeError, ValueError) as exc:
         raise MalformedMessage(f"malformed {rec[0]} record ({exc}): {str(rec)[:100]}") from None
+
+
+# cheaper construction of the values above: one or two per call (_frozen.py)
+fast_frozen_inits(globals())

@@ -55,7 +55,7 @@ def _written(obj: Obj) -> tuple[rep.ReplicaWire, ...]:
     pending = obj.pending()
     if pending:
         return rep.replicas_of(reps_wire(pending, obj.extension().pending_size, _PROCESSING))
-    return rep.replicas_of(obj.wire())
+    return obj.wire()
 
 
 def start_columns(started: Iterable[Obj | StoreError]) -> ReplicaColumns:
@@ -203,7 +203,7 @@ def build_handlers(st: MasterState) -> dict[type, Handler]:
 
     def get_replica_list(req: msg.GetReplicaList, now: float) -> rep.GetReplicaListReply:
         obj = st.read(req.key, st.lease_deadline(now))
-        return rep.GetReplicaListReply(rep.replicas_of(obj.wire()), ttl_ms, obj.size)
+        return rep.GetReplicaListReply(obj.wire(), ttl_ms, obj.size)
 
     def batch_get_replica_list(
         req: msg.BatchGetReplicaList, now: float

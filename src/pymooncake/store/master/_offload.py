@@ -623,7 +623,7 @@ class OffloadState:
         self.metrics.disk_evicted += n
         return n
 
-    def promotion_start(self, client_id: str, key: str, size: int, now: float) -> list[list[Any]]:
+    def promotion_start(self, client_id: str, key: str, size: int, now: float) -> Sequence[Any]:
         """Allocate memory for promoting the disk-only ``key`` of ``client_id``.
 
         Raises:

@@ -253,18 +253,19 @@ class Obj:
             for seg, addr in self.replicas()
         ]
 
-    def wire(self) -> list[list[object]]:
-        """Readable replicas as the master RPC sends them (``ReplicaDesc.to_wire``)."""
+    def wire(self) -> tuple[tuple[int, str, int, int, int, str], ...]:
+        """Readable replicas as the master RPC sends them (``ReplicaDesc.to_wire``;
+        the typed replies' ``ReplicaWire`` tuples, built once: every get's)."""
         size = self.size
         seg = self.seg
         if seg is None:
-            return []
+            return ()
         st = 3 if self.flags & READABLE else 2  # ReplicaStatus COMPLETE / PROCESSING
-        first = [seg.replica_id(self.addr), seg.name, self.addr, size, st, seg.id]
+        first = (seg.replica_id(self.addr), seg.name, self.addr, size, st, seg.id)
         ext = self.ext
         if ext is None or not ext.more:
-            return [first]
-        return [first] + [[s.replica_id(a), s.name, a, size, st, s.id] for s, a in ext.more]
+            return (first,)
+        return (first, *[(s.replica_id(a), s.name, a, size, st, s.id) for s, a in ext.more])
 
 
 def reps_wire(reps: list[Rep] | tuple[Rep, ...], size: int, status: int) -> list[list[object]]:
