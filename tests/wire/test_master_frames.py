@@ -235,8 +235,15 @@ def _general(data: bytes) -> tuple[int, MasterMethod, str] | None:
 @pytest.mark.parametrize("method", ["ExistKey", "GetReplicaList"])
 @pytest.mark.parametrize(
     "key",
-    ["k", "kv-cache/layer.3/blk-00017", "ключ-€-鍵-🔑", "a" * MAX_KEY_CHARS, " spaced key "],
-    ids=["one-char", "path", "unicode", "longest", "spaces"],
+    [
+        "k",
+        "kv-cache/layer.3/blk-00017",
+        "ключ-€-鍵-🔑",
+        "a" * MAX_KEY_CHARS,
+        "🔑" * MAX_KEY_CHARS,
+        " spaced key ",
+    ],
+    ids=["one-char", "path", "unicode", "longest", "longest-in-bytes", "spaces"],
 )
 def test_whole_key_read_finds_what_clients_send_for_get_and_is_exist(method: str, key: str) -> None:
     """``get`` and ``is_exist`` frames as this package's clients encode them are

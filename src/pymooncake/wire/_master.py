@@ -77,6 +77,10 @@ _KEY_READS: Final = {
 assert len(_KEY_READS) == 2  # (one method per first letter)
 _KEY_READ_TYPES: Final = frozenset({ExistKey, GetReplicaList})
 _KEY_READ_END: Final = b'"}]'
+#: the longest such frame: a key of MAX_KEY_CHARS characters of 4 UTF-8 bytes each
+_KEY_READ_MAX: Final = (
+    PREFIX.size + max(len(h) for h, _ in _KEY_READS.values()) + 4 * MAX_KEY_CHARS + 3
+)
 
 
 @dataclass(slots=True)
@@ -186,15 +190,15 @@ class MasterFrameDecoder(JsonFrameDecoder):
         None for anything else, which then takes :meth:`whole_request` or
         :meth:`feed` (which also explain a bad frame); never raises.
         """
-        if self._buf or nbytes < PREFIX.size + 8:
+        if self._buf or not PREFIX.size + 8 <= nbytes <= _KEY_READ_MAX:
+            return None
+        read = _KEY_READS.get(data[PREFIX.size + 2])  # (other requests: no copy)
+        if read is None:
             return None
         length, kind, req_id = PREFIX.unpack_from(data, 0)
         if length + 4 != nbytes or kind != REQUEST or length > self._max:
             return None
         body = bytes(data[PREFIX.size : nbytes])
-        read = _KEY_READS.get(body[2])
-        if read is None:
-            return None
         head, method = read
         start = len(head)
         end = len(body) - 3
