@@ -115,7 +115,24 @@ def test_classes_it_cannot_reproduce_keep_their_own_init() -> None:
     class NoSlots:
         a: int
 
-    for cls in (WithFactory, WithPostInit, WithInitVar, KeywordOnly, NotInit, NotFrozen, NoSlots):
+    @dataclass(frozen=True, slots=True)
+    class OwnInit:
+        a: int
+
+        def __init__(self, a: int) -> None:  # (dataclasses keeps a written __init__)
+            object.__setattr__(self, "a", abs(a))
+
+    assert OwnInit(-2).a == 2
+    for cls in (
+        WithFactory,
+        WithPostInit,
+        WithInitVar,
+        KeywordOnly,
+        NotInit,
+        NotFrozen,
+        NoSlots,
+        OwnInit,
+    ):
         init = cls.__init__
         assert fast_frozen_init(cls) is False, cls.__name__
         assert cls.__init__ is init

@@ -35,13 +35,15 @@ def _reproducible(cls: type) -> list[dataclasses.Field[Any]] | None:
     if hasattr(cls, "__post_init__"):
         return None
     fields = dataclasses.fields(cls)
-    # the generated __init__ takes exactly the fields, positionally (an InitVar
+    # the generated __init__ (dataclasses compiles it from a string; one written in
+    # the class body is kept) takes exactly the fields, positionally (an InitVar
     # would be a parameter that is no field)
     code = getattr(cls.__dict__.get("__init__"), "__code__", None)
     if (
         code is None
+        or code.co_filename != "<string>"
         or code.co_kwonlyargcount
-        or (code.co_varnames[1 : code.co_argcount] != tuple(f.name for f in fields))
+        or code.co_varnames[1 : code.co_argcount] != tuple(f.name for f in fields)
     ):
         return None
     for f in fields:
