@@ -24,7 +24,7 @@ from pymooncake.store.master import _service
 from pymooncake.testing import LocalCluster
 from pymooncake.wire import _master_msgs as msg
 from pymooncake.wire import encode_reply, encode_request
-from pymooncake.wire._master import _KEY_READS
+from pymooncake.wire._master import _KEY_READS, KEY_READ_TYPES
 
 MiB = 1 << 20
 OBJECT_NOT_FOUND = -704
@@ -78,10 +78,10 @@ def _general(conn: RawConn, request: msg.Request) -> tuple[int, Any]:
     return conn.request(request.NAME, request.params())
 
 
-def test_the_service_serves_every_method_the_decoder_finds() -> None:
-    assert set(_service._KEY_READ_TYPES) == {method for _, method in _KEY_READS.values()}
-    for method, cls in _service._KEY_READ_TYPES.items():
-        assert cls("k").METHOD is method  # type: ignore[attr-defined]
+def test_every_key_read_type_is_its_method_s_request() -> None:
+    assert {method for _, method in _KEY_READS.values()} == set(KEY_READ_TYPES)
+    for method, cls in KEY_READ_TYPES.items():
+        assert cls("k").METHOD is method
 
 
 def test_key_reads_answer_count_and_lease_as_the_general_path(

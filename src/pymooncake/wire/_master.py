@@ -70,12 +70,16 @@ _METHODS: Final = {m.value: m for m in MasterMethod}
 #: ``is_exist``, read by :meth:`MasterFrameDecoder.whole_key_read` without the JSON
 #: decoder.  Keyed by the body's third byte (the method name's first letter):
 #: ``(the body up to the key's first character, method)``
-_KEY_READS: Final = {
-    ord(m.value[0]): (f'["{m.value}",{{"key":"'.encode(), m)
-    for m in (MasterMethod.EXIST_KEY, MasterMethod.GET_REPLICA_LIST)
+#: the request type of each such method (what the master builds of one)
+KEY_READ_TYPES: Final[dict[MasterMethod, type[ExistKey] | type[GetReplicaList]]] = {
+    MasterMethod.EXIST_KEY: ExistKey,
+    MasterMethod.GET_REPLICA_LIST: GetReplicaList,
 }
-assert len(_KEY_READS) == 2  # (one method per first letter)
-_KEY_READ_TYPES: Final = frozenset({ExistKey, GetReplicaList})
+_KEY_READS: Final = {
+    ord(m.value[0]): (f'["{m.value}",{{"key":"'.encode(), m) for m in KEY_READ_TYPES
+}
+assert len(_KEY_READS) == len(KEY_READ_TYPES)  # (one method per first letter)
+_KEY_READ_CLASSES: Final = frozenset(KEY_READ_TYPES.values())
 _KEY_READ_END: Final = b'"}]'
 #: the longest such frame: a key of MAX_KEY_CHARS characters of 4 UTF-8 bytes each
 _KEY_READ_MAX: Final = (
@@ -105,7 +109,7 @@ class MasterReply:
 
 def encode_request(req_id: int, request: Request, *, rid: int = 0, ack: int = 0) -> bytes:
     """One request frame; ``rid``/``ack`` (mutations) enable the master's reply cache."""
-    if type(request) in _KEY_READ_TYPES:  # every get and is_exist: text made directly
+    if type(request) in _KEY_READ_CLASSES:  # every get and is_exist: text made directly
         body = f'["{request.NAME}",{{"key":{_json_str(request.key)}}}]'.encode()  # type: ignore[attr-defined]
         return PREFIX.pack(len(body) + 5, REQUEST, req_id) + body
     params = request.params()

@@ -54,7 +54,7 @@ from ...wire import (
 from ...wire import _master_msgs as msg
 from ...wire._auth import FailureKind, ServerHandshake, looks_like_hello, no_token_reply
 from ...wire._frames import PREFIX, REPLY
-from ...wire._master import NO_TOKEN_MESSAGE
+from ...wire._master import KEY_READ_TYPES, NO_TOKEN_MESSAGE
 from ...wire._master_msgs import REQUEST_TYPES
 from ...wire._master_reply_msgs import RemoveAllReply, RemoveByRegexReply
 from .._config import MasterConfig
@@ -1212,11 +1212,6 @@ _ROUTES: Final[dict[type, int]] = {
     **dict.fromkeys(_SCANS, _SCAN),
     **dict.fromkeys(_ENDS, _END),
 }
-#: the requests ``whole_key_read`` finds (``_RpcProtocol._key_read``), by method
-_KEY_READ_TYPES: Final[dict[msg.MasterMethod, Callable[[str], msg.Request]]] = {
-    msg.MasterMethod.EXIST_KEY: msg.ExistKey,
-    msg.MasterMethod.GET_REPLICA_LIST: msg.GetReplicaList,
-}
 #: ExistKey's two answers: the body of a ``[0, exists]`` reply
 _BOOL_BODIES: Final = {
     False: encode_json([0, False]).encode(),
@@ -1451,7 +1446,7 @@ class _RpcProtocol(asyncio.BufferedProtocol):
             return
         transport = self._transport
         assert transport is not None  # (buffer_updated's condition)
-        code, value = svc.dispatch(_KEY_READ_TYPES[method](key))
+        code, value = svc.dispatch(KEY_READ_TYPES[method](key))
         if svc.state.effects:  # e.g. the SSD tier promoting what was read: journaled first
             self._send(transport, [self._encode(req_id, code, value)], True, 0)
         elif not svc.serving():
