@@ -66,15 +66,15 @@ def master_unix_name(host: str, port: int) -> str:
 
 _METHODS: Final = {m.value: m for m in MasterMethod}
 
-#: the requests whose whole body is ``[method, {"key": key}]``: every ``get`` and
-#: ``is_exist``, read by :meth:`MasterFrameDecoder.whole_key_read` without the JSON
-#: decoder.  Keyed by the body's third byte (the method name's first letter):
-#: ``(the body up to the key's first character, method)``
-#: the request type of each such method (what the master builds of one)
+#: the requests whose whole body is ``[method, {"key": key}]`` (every ``get`` and
+#: ``is_exist``), read by :meth:`MasterFrameDecoder.whole_key_read` without the JSON
+#: decoder: the request type of each such method (what the master builds of one)
 KEY_READ_TYPES: Final[dict[MasterMethod, type[ExistKey] | type[GetReplicaList]]] = {
     MasterMethod.EXIST_KEY: ExistKey,
     MasterMethod.GET_REPLICA_LIST: GetReplicaList,
 }
+#: keyed by the body's third byte (the method name's first letter): ``(the body up
+#: to the key's first character, method)``
 _KEY_READS: Final = {
     ord(m.value[0]): (f'["{m.value}",{{"key":"'.encode(), m) for m in KEY_READ_TYPES
 }
