@@ -38,6 +38,7 @@ from pymooncake.store._dummy_client import DummyClient, DummyClientConfig
 from pymooncake.store._http import ClientHttpServer, client_http_settings, start_client_http_server
 from pymooncake.store._metrics import ClientMetricsSettings
 from pymooncake.store._sessions import PutSessions
+from pymooncake.store._types import DEFAULT_REPLICATE_CONFIG
 from pymooncake.transfer import TransferEngine as _NativeEngine
 
 from ._buffer_pool import (
@@ -171,7 +172,7 @@ def _pointer_parts(
 
 
 #: the native ReplicateConfig is immutable: one default serves every call
-_DEFAULT_NATIVE_CONFIG = _NativeConfig()
+_DEFAULT_NATIVE_CONFIG = DEFAULT_REPLICATE_CONFIG
 
 # --------------------------------------------------------------------------------
 # the store

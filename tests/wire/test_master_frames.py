@@ -946,3 +946,39 @@ def test_slot_names_are_the_names_of_each_buffer() -> None:
     assert names == [slot_name("client-1", "7", i) for i in range(300)]
     assert len(set(names)) == 300 and all(n.startswith(SLOT_PREFIX) for n in names)
     assert slot_names("c", "1", 0) == []
+
+
+#: each field of a CommitSlot's parameters: mostly valid, else one of the edges
+#: the checks draw (absent, empty, NUL, one past a bound, a wrong type)
+_ABSENT: Any = object()
+_commit_fields = {
+    "client_id": st.sampled_from(["c", "n" * MAX_NAME_CHARS, "", "n" * (MAX_NAME_CHARS + 1), 7]),
+    "slot": st.sampled_from(["s", "n" * MAX_NAME_CHARS, "", "n" * (MAX_NAME_CHARS + 1), None]),
+    "key": st.sampled_from(["k", "k" * MAX_KEY_CHARS, "", "a\0b", "k" * (MAX_KEY_CHARS + 1), 1]),
+    "rid": st.sampled_from([0, 5, 2**64 - 1, -1, 2**64, True, "1"]),
+    "ack": st.sampled_from([0, 3, 2**64 - 1, -1, 2**64, 2.0]),
+}
+
+
+@given(
+    st.fixed_dictionaries(
+        {name: st.one_of(values, st.just(_ABSENT)) for name, values in _commit_fields.items()}
+    ),
+    st.dictionaries(st.sampled_from(sorted(_commit_fields)), json_values, max_size=2),
+)
+def test_commit_slot_inline_case_agrees_with_the_checked_path(
+    fields: dict[str, Any], other: dict[str, Any]
+) -> None:
+    """``CommitSlot.decode`` reads every single put's request inline; with a
+    ``confirmed`` member (null: no standby) it takes the field-by-field checks,
+    which must give the same request, or refuse whatever the inline case does."""
+    params = {k: v for k, v in fields.items() if v is not _ABSENT}
+    for p in (params, {**params, **other}):
+
+        def outcome(q: dict[str, Any]) -> Any:
+            try:
+                return msg.CommitSlot.decode(q)
+            except InvalidParams:
+                return InvalidParams
+
+        assert outcome(p) == outcome({**p, "confirmed": None})

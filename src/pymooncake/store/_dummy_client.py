@@ -60,12 +60,12 @@ from ._dummy_local import DummyMemory, span_of
 from ._dummy_rpc import DummyRpc
 from ._shm import ShmRegion, shm_registry
 from ._tasks import TaskInfo
-from ._types import ErrorCode, ReplicaDesc, ReplicateConfig
+from ._types import DEFAULT_REPLICATE_CONFIG, ErrorCode, ReplicaDesc, ReplicateConfig
 
 __all__ = ["DummyClient", "DummyClientConfig"]
 
 log = logging.getLogger("pymooncake.store.dummy")
-_DEFAULT_CONFIG = ReplicateConfig()
+_DEFAULT_CONFIG = DEFAULT_REPLICATE_CONFIG
 
 
 @dataclass(frozen=True)

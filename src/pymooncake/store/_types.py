@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from ..wire._master_msgs import ReplicateParams, SegmentParams
 
 __all__ = [
+    "DEFAULT_REPLICATE_CONFIG",
     "DISK_SEGMENT",
     "LOCAL_DISK_SEGMENT",
     "REPLICA_DISK",
@@ -139,7 +140,8 @@ class ReplicateConfig:
 
     def to_params(self) -> ReplicateParams:
         """The config as the master RPC carries it."""
-        if self == _DEFAULT_CONFIG:
+        # (most calls pass the one default object: no field-by-field comparison)
+        if self is DEFAULT_REPLICATE_CONFIG or self == DEFAULT_REPLICATE_CONFIG:
             return _DEFAULT_PARAMS
         return ReplicateParams(
             replica_num=self.replica_num,
@@ -167,7 +169,8 @@ class ReplicateConfig:
         )
 
 
-_DEFAULT_CONFIG = ReplicateConfig()
+#: the configuration of a call that passes none (one object: ``to_params`` knows it)
+DEFAULT_REPLICATE_CONFIG: Final = ReplicateConfig()
 _DEFAULT_PARAMS = ReplicateParams()
 
 

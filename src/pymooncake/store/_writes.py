@@ -29,14 +29,14 @@ from ..wire import _offload_msgs as omsg
 from ._client_io import BATCH_OPS, ClientIO, Part, Parts, _as_view, log, transfer_failed
 from ._file_storage import write_object
 from ._slots import Slot, deadline, make_slots, single_places, slot_runs
-from ._types import ErrorCode, ReplicateConfig
+from ._types import DEFAULT_REPLICATE_CONFIG, ErrorCode, ReplicateConfig
 
 __all__ = ["WriteOps"]
 
 #: one line per set of unreachable segments, then every 100th repeat with the count
 _unreachable_log = RepeatLimiter(log, every=100)
 #: ReplicateConfig is immutable: one default serves every call
-_DEFAULT_CONFIG = ReplicateConfig()
+_DEFAULT_CONFIG = DEFAULT_REPLICATE_CONFIG
 #: a reservation refused for want of room: the ordinary put reports it
 _ROOM_CODES = (ErrorCode.NO_AVAILABLE_HANDLE, ErrorCode.INVALID_PARAMS)
 
@@ -258,14 +258,20 @@ class WriteOps(ClientIO):
             if not got:
                 return None
             slot = got[0]
-        per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
         errors: list[BaseException | None] = [None]
         transfer_start = time.perf_counter_ns()
-        copy_own = self._copy_own_many()
         name, places = slot[0], slot[1]
-        for endpoint, address in places:
-            self._route_parts(0, endpoint, address, parts, True, per_endpoint, errors, copy_own)
-        self._run_transfers(per_endpoint, errors, set())
+        if len(places) == 1 and len(parts) == 1 and places[0][0] == self.engine.segment_name:
+            # (the commonest put of a client with a segment: one part, one replica,
+            # in its own segment -- copied right here, without planning it)
+            self._copy_own(0, parts[0], places[0][1], True, errors)
+        else:
+            per_endpoint: dict[str, list[tuple[int, TransferRequest]]] = {}
+            copy_own = self._copy_own_many()
+            for endpoint, address in places:
+                self._route_parts(0, endpoint, address, parts, True, per_endpoint, errors, copy_own)
+            if per_endpoint:
+                self._run_transfers(per_endpoint, errors, set())
         if errors[0] is not None:
             # the holder may be gone: its other buffers too (revoked now, as the
             # ordinary path revokes a failed write); the ordinary path writes

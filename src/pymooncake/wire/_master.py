@@ -38,6 +38,7 @@ __all__ = [
     "encode_reply",
     "encode_reply_json",
     "encode_request",
+    "encode_short_reply",
     "master_unix_name",
 ]
 
@@ -271,14 +272,23 @@ class MasterFrameDecoder(JsonFrameDecoder):
         raise self.unknown_kind(kind)
 
 
-#: the bodies of the commonest short replies (``ExistKey``'s, ``Remove``'s), by
-#: their exact bytes: what the JSON decoder makes of them
-_SHORT_REPLIES: Final[dict[bytes, Any]] = {
-    b"[0,true]": True,
-    b"[0,false]": False,
-    b"[0,null]": None,
+#: the bodies of the commonest replies, by the value they carry: ``ExistKey``'s
+#: answers and the ``null`` of every request that succeeds without a value (every
+#: remove and single put); :func:`encode_short_reply` sends them, ``whole_reply``
+#: reads them by their bytes.  (Keyed by value: look up only ``None`` and bools,
+#: since ``1 == True``.)
+_SHORT_BODIES: Final[dict[bool | None, bytes]] = {
+    value: encode_json([0, value]).encode() for value in (None, True, False)
 }
+_SHORT_REPLIES: Final[dict[bytes, Any]] = {body: value for value, body in _SHORT_BODIES.items()}
 _NOT_SHORT: Final = object()
+
+
+def encode_short_reply(req_id: int, value: bool | None) -> bytes:
+    """The reply frame of a request that succeeded with ``value`` (None, True or
+    False): :func:`encode_reply` of ``(req_id, 0, value)``, its body made once."""
+    body = _SHORT_BODIES[value]
+    return PREFIX.pack(len(body) + 5, REPLY, req_id) + body
 
 
 def _reply(req_id: int, head: Any, value: Any) -> MasterReply:

@@ -933,6 +933,23 @@ class CommitSlot(Mutation):
 
     @classmethod
     def decode(cls, p: dict[str, Any]) -> CommitSlot:
+        client, slot, key = p.get("client_id"), p.get("slot"), p.get("key")
+        rid, ack = p.get("rid", 0), p.get("ack", 0)
+        if (  # the valid case inline (every single put); the checks below explain
+            type(key) is str
+            and 0 < len(key) <= MAX_KEY_CHARS
+            and "\0" not in key
+            and type(slot) is str
+            and 0 < len(slot) <= MAX_NAME_CHARS
+            and type(client) is str
+            and 0 < len(client) <= MAX_NAME_CHARS
+            and type(rid) is int
+            and 0 <= rid < _U64
+            and type(ack) is int
+            and 0 <= ack < _U64
+            and "confirmed" not in p
+        ):
+            return cls(client, slot, key, rid, ack)
         client, rid, ack = _session(p)
         return cls(
             client,

@@ -103,11 +103,13 @@ def run_columns(run: SlotRun) -> ReplicaColumns:
 
 
 def _done(cls: type[rep.DoneReply], fn: Callable[[Any, float], object]) -> Handler:
-    """A handler for ``fn`` that answers ``cls()`` (null on the wire)."""
+    """A handler for ``fn`` that answers ``cls()`` (null on the wire; one
+    instance: it holds nothing)."""
+    done = cls()
 
     def handler(req: Any, now: float) -> rep.Reply:
         fn(req, now)
-        return cls()
+        return done
 
     return handler
 

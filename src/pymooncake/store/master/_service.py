@@ -54,7 +54,7 @@ from ...wire import (
 from ...wire import _master_msgs as msg
 from ...wire._auth import FailureKind, ServerHandshake, looks_like_hello, no_token_reply
 from ...wire._frames import PREFIX, REPLY
-from ...wire._master import KEY_READ_TYPES, NO_TOKEN_MESSAGE
+from ...wire._master import KEY_READ_TYPES, NO_TOKEN_MESSAGE, encode_short_reply
 from ...wire._master_msgs import REQUEST_TYPES
 from ...wire._master_reply_msgs import RemoveAllReply, RemoveByRegexReply
 from .._config import MasterConfig
@@ -1212,11 +1212,6 @@ _ROUTES: Final[dict[type, int]] = {
     **dict.fromkeys(_SCANS, _SCAN),
     **dict.fromkeys(_ENDS, _END),
 }
-#: ExistKey's two answers: the body of a ``[0, exists]`` reply
-_BOOL_BODIES: Final = {
-    False: encode_json([0, False]).encode(),
-    True: encode_json([0, True]).encode(),
-}
 #: an HaConfirm of keys a standby does not know yet waits for up to this many
 #: stream frames, each for at most _CONFIRM_WAIT_S
 _CONFIRM_WAITS: Final = 3
@@ -1451,9 +1446,8 @@ class _RpcProtocol(asyncio.BufferedProtocol):
             self._send(transport, [self._encode(req_id, code, value)], True, 0)
         elif not svc.serving():
             self._fence()
-        elif code == 0 and type(value) is bool:  # ExistKey's answer, its body made once
-            body = _BOOL_BODIES[value]
-            transport.write(PREFIX.pack(len(body) + 5, REPLY, req_id) + body)
+        elif code == 0 and type(value) is bool:  # ExistKey's answer
+            transport.write(encode_short_reply(req_id, value))
         else:
             transport.write(self._encode(req_id, code, value))
 
@@ -1721,6 +1715,8 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         return not held
 
     def _encode(self, req_id: int, code: int, value: Any) -> bytes:
+        if code == 0 and (value is None or type(value) is bool):  # (every remove, put end)
+            return encode_short_reply(req_id, value)
         if type(value) is RawJson:
             return encode_reply_json(req_id, code, value)
         try:
