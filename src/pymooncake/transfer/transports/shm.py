@@ -65,7 +65,16 @@ from typing import Any, Final
 from ..._heldio import PollOne, held_function
 from ..._logging import RepeatLimiter
 from ...errors import DeviceError, PeerRejected, PeerSocketError
-from .._memory import MEMMOVE_FROM, PVM_ARGS, IoVec, Region, buffer_address, pvm_read, pvm_write
+from .._memory import (
+    MEMMOVE_FROM,
+    PVM_ARGS,
+    IoVec,
+    Region,
+    buffer_address,
+    pvm_read,
+    pvm_write,
+    view_at,
+)
 from ..device._interface import DeviceBackend, IpcHandle
 from ._base import Peer, Slice, SliceCallback, Transport, TransportContext
 from ._shm_page import RegistryPage, _Entry, _ofd_lock, _PeerPage, host_identity
@@ -167,6 +176,9 @@ class _PeerState:
     ipc: dict[bytes, tuple[DeviceBackend, int]] = field(default_factory=dict)
     ipc_failed: set[bytes] = field(default_factory=set)
     ipc_stale: list[tuple[DeviceBackend, int]] = field(default_factory=list)
+    #: mapped address -> a byte view of that whole mapping (small copies are
+    #: slice assignments, made while the mapping is in use: dropped with it)
+    views: dict[int, memoryview] = field(default_factory=dict)
 
     #: polls ``pidfd`` (readable once the peer exited); built on first use
     exited: PollOne | None = None
@@ -350,6 +362,7 @@ class ShmTransport(Transport):
     def _unmap_stale(state: _PeerState) -> None:
         """Unmap buffers the owner unregistered (only while no transfer uses them)."""
         for addr, length in state.stale:
+            state.views.pop(addr, None)
             _libc.munmap(addr, length)
         state.stale.clear()
         for backend, base in state.ipc_stale:
@@ -365,6 +378,7 @@ class ShmTransport(Transport):
 
     @staticmethod
     def _unmap_all(state: _PeerState) -> None:
+        state.views.clear()
         for (_, length), addr in state.maps.items():
             _libc.munmap(addr, length)
         state.maps.clear()
@@ -582,19 +596,31 @@ class ShmTransport(Transport):
                     continue
                 finished.append((s, None))
                 continue
-            local = buffer_address(s.local)
             try:
                 if entry.fd >= 0:
                     base = self._mapping(state, entry)
-                    remote = base + (s.remote_addr - entry.addr)
-                    move = _held_memmove if n < MEMMOVE_FROM else _memmove
-                    if s.is_write:
-                        move(remote, local, n)
+                    at = s.remote_addr - entry.addr
+                    local_view = s.local
+                    if n < MEMMOVE_FROM and type(local_view) is memoryview and len(local_view) == n:
+                        # (a small copy: two slices and an assignment, with the GIL
+                        # held, cheaper than taking addresses for a memmove)
+                        view = state.views.get(base)
+                        if view is None:
+                            view = state.views[base] = view_at(base, entry.length)
+                        if s.is_write:
+                            view[at : at + n] = local_view
+                        else:
+                            local_view[:] = view[at : at + n]
                     else:
-                        move(local, remote, n)
+                        local = buffer_address(s.local)
+                        move = _held_memmove if n < MEMMOVE_FROM else _memmove
+                        if s.is_write:
+                            move(base + at, local, n)
+                        else:
+                            move(local, base + at, n)
                     self.slices_mapped += 1
                 elif state.pvm_ok:
-                    _pvm(pid, local, s.remote_addr, n, s.is_write)
+                    _pvm(pid, buffer_address(s.local), s.remote_addr, n, s.is_write)
                     self.slices_pvm += 1
                 else:
                     fallback.append(s)
