@@ -32,6 +32,7 @@ from pymooncake.wire import (
 )
 from pymooncake.wire import _master_msgs as msg
 from pymooncake.wire._frames import REQUEST, json_frame
+from pymooncake.wire._master import encode_short_reply
 from pymooncake.wire._master_msgs import (
     MAX_BATCH_KEYS,
     MAX_KEY_CHARS,
@@ -361,6 +362,15 @@ def test_short_replies_are_read_as_the_decoder_reads_them(body: bytes) -> None:
     buffered = MasterFrameDecoder()
     buffered.feed(data[:3])
     assert buffered.whole_reply(data) is None
+
+
+@pytest.mark.parametrize("value", [None, True, False])
+def test_short_replies_are_sent_as_every_reply(value: bool | None) -> None:
+    """``encode_short_reply`` (a remove's, a put's commit, an is_exist's answer):
+    the bytes of the general encoder, which the client reads back by its table."""
+    data = encode_short_reply(2**32 - 1, value)
+    assert data == encode_reply(2**32 - 1, 0, value)
+    assert MasterFrameDecoder().whole_reply(data) == MasterReply(2**32 - 1, 0, value)
 
 
 def test_whole_reply_reads_the_answer_a_client_waits_for() -> None:
