@@ -1449,8 +1449,6 @@ class _RpcProtocol(asyncio.BufferedProtocol):
             self._send(transport, [self._encode(req_id, code, value)], True, 0)
         elif not svc.serving():
             self._fence()
-        elif code == 0 and type(value) is bool:  # ExistKey's answer
-            transport.write(encode_short_reply(req_id, value))
         else:
             transport.write(self._encode(req_id, code, value))
 

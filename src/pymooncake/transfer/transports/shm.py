@@ -93,15 +93,12 @@ _FIELD: Final = "pymooncake_shm"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _memmove = ctypes.memmove
-#: the same functions called with the GIL held, for copies below MEMMOVE_FROM: a
-#: 4 KiB copy takes a microsecond, while giving the GIL up costs a caller beside a
-#: busy Python thread up to its 5 ms switch interval to get it back
+#: process_vm_readv/writev called with the GIL held, for copies below MEMMOVE_FROM:
+#: a 4 KiB copy takes a microsecond, while giving the GIL up costs a caller beside a
+#: busy Python thread up to its 5 ms switch interval to get it back (small copies
+#: into mapped buffers are slice assignments, which hold it too)
 _held_pvm_read = held_function("process_vm_readv", PVM_ARGS, ctypes.c_ssize_t) or pvm_read
 _held_pvm_write = held_function("process_vm_writev", PVM_ARGS, ctypes.c_ssize_t) or pvm_write
-_held_memmove = (
-    held_function("memmove", (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t), ctypes.c_void_p)
-    or _memmove
-)
 _libc.mmap.argtypes = (
     ctypes.c_void_p,
     ctypes.c_size_t,
@@ -600,24 +597,20 @@ class ShmTransport(Transport):
                 if entry.fd >= 0:
                     base = self._mapping(state, entry)
                     at = s.remote_addr - entry.addr
-                    local_view = s.local
-                    if n < MEMMOVE_FROM and type(local_view) is memoryview and len(local_view) == n:
+                    if n < MEMMOVE_FROM:
                         # (a small copy: two slices and an assignment, with the GIL
                         # held, cheaper than taking addresses for a memmove)
                         view = state.views.get(base)
                         if view is None:
                             view = state.views[base] = view_at(base, entry.length)
                         if s.is_write:
-                            view[at : at + n] = local_view
+                            view[at : at + n] = s.local
                         else:
-                            local_view[:] = view[at : at + n]
+                            s.local[:] = view[at : at + n]
+                    elif s.is_write:  # (memmove without the GIL)
+                        _memmove(base + at, buffer_address(s.local), n)
                     else:
-                        local = buffer_address(s.local)
-                        move = _held_memmove if n < MEMMOVE_FROM else _memmove
-                        if s.is_write:
-                            move(base + at, local, n)
-                        else:
-                            move(local, base + at, n)
+                        _memmove(buffer_address(s.local), base + at, n)
                     self.slices_mapped += 1
                 elif state.pvm_ok:
                     _pvm(pid, buffer_address(s.local), s.remote_addr, n, s.is_write)
