@@ -18,10 +18,12 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import random
 import re
 import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -31,8 +33,8 @@ from master_support import Pinger, RawConn, body, frame, populate
 from pymooncake._authio import http_request
 from pymooncake._rpcloop import RpcLoop, StreamConn
 from pymooncake.store import MasterConfig, StoreClient
-from pymooncake.store.master import ThreadedMaster, _scan
-from pymooncake.testing import LocalCluster
+from pymooncake.store.master import ThreadedMaster, _scan, _service
+from pymooncake.testing import LocalCluster, console_command, read_stdout_until
 
 MiB = 1 << 20
 INVALID_PARAMS = -600
@@ -226,13 +228,121 @@ def test_a_pattern_that_may_backtrack_goes_to_the_worker(pattern: str) -> None:
     assert _scan.RegexScanner().in_loop_pattern(pattern, 10) is None
 
 
-def test_only_small_scans_are_matched_in_the_loop() -> None:
-    """A scan matched in the loop never blocks, so the master's other threads get
-    the GIL only at the switch interval; over a large index the worker's pipe
-    waits hand it over (the 200k-object test above)."""
+def test_only_small_scans_are_matched_in_the_loop_of_an_embedded_master() -> None:
+    """A scan matched in the loop never blocks, so the other threads of a process
+    that embeds the master get the GIL only at the switch interval; over a large
+    index the worker's pipe waits hand it over (the 200k-object test above).  A
+    scanner whose loop owns its process (``mooncake_master``) has no such bound."""
     scanner = _scan.RegexScanner()
     assert scanner.in_loop_pattern("^k00", _scan.IN_LOOP_MAX_KEYS) is not None
     assert scanner.in_loop_pattern("^k00", _scan.IN_LOOP_MAX_KEYS + 1) is None
+    alone = _scan.RegexScanner(in_loop_max_keys=None)
+    assert alone.in_loop_pattern("^k00", 10**8) is not None
+    assert alone.in_loop_pattern("^(k0+)+$", 10) is None  # (backtracks: the worker)
+    assert _service.MasterService(metrics_port=None).scanner.in_loop_max_keys == (
+        _scan.IN_LOOP_MAX_KEYS
+    )
+    owner = _service.MasterService(metrics_port=None, owns_process=True)
+    assert owner.scanner.in_loop_max_keys is None
+
+
+def test_matching_in_the_loop_keeps_each_turn_short_whatever_the_keys() -> None:
+    """Pieces are sized from the pace of the last one: 20,000 keys of 4,000
+    characters searched for a literal anywhere (~5-10 us a key, ~0.2 s in all)
+    leave the loop's other tasks a turn every few milliseconds, and short keys
+    go in large pieces; the result is ``re.search``'s."""
+    rng = random.Random(7)
+    long_keys = ["".join(rng.choices("abcdef", k=4000)) + str(i) for i in range(20_000)]
+    long_keys[123] = "x" * 3000 + "zq9" + "y" * 997
+    short_keys = [f"k{i:07d}" for i in range(200_000)]
+
+    async def scan(keys: list[str], pattern: str) -> tuple[list[str], float, int, int]:
+        scanner = _scan.RegexScanner(in_loop_max_keys=None)
+        compiled = scanner.in_loop_pattern(pattern, len(keys))
+        assert compiled is not None
+        gaps: list[float] = []
+        done = False
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not done:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        try:
+            found = await scanner.match_here(compiled, keys)
+        finally:
+            done = True
+            await task
+            scanner.close()
+        return found, max(gaps), len(gaps), scanner._piece
+
+    found, worst, turns, piece = asyncio.run(scan(long_keys, "zq9"))
+    assert found == [long_keys[123]]
+    # (each piece aims at IN_LOOP_PIECE_S; the first of 512 keys takes a few ms)
+    assert worst < 0.05, worst
+    assert turns > 40 and piece < 512, (turns, piece)
+    found, worst, turns, piece = asyncio.run(scan(short_keys, "^k00001[0-4]"))
+    assert found == [k for k in short_keys if re.search("^k00001[0-4]", k)]
+    assert len(found) == 50
+    assert piece > 1024 and worst < 0.05, (piece, worst)
+
+
+def test_the_master_command_matches_plain_patterns_over_a_large_index_in_its_loop() -> None:
+    """``mooncake_master`` owns its process: a removal by a prefix over 20,000
+    keys (more than an embedded master matches in its loop) never reaches the
+    regex worker (whose pipes cost a million-key removal ~200 ms more), a
+    pattern that may backtrack does; /metrics counts both."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    argv = ["--rpc_address=127.0.0.1", "--rpc_port=0", "--metrics_port=0"]
+    with subprocess.Popen(
+        [*console_command("mooncake_master", "pymooncake.cli.master"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as proc:
+        try:
+            lines = read_stdout_until(proc, re.compile(r"Master service started on ([0-9.:]+)"))
+            address = re.search(r"started on ([0-9.]+:[0-9]+)", lines[-1]).group(1)  # type: ignore[union-attr]
+            metrics = next(
+                re.search(r"(http://[0-9.]+:[0-9]+) ", line).group(1)  # type: ignore[union-attr]
+                for line in lines
+                if line.startswith("Metrics and admin HTTP server")
+            )
+            n = _scan.IN_LOOP_MAX_KEYS + 4000
+            populate(address, n)
+
+            def counters() -> tuple[float, float]:
+                status, body = http_request("GET", metrics + "/metrics")
+                assert status == 200
+                text = body.decode()
+                return tuple(  # type: ignore[return-value]
+                    float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+                    for name in (
+                        "master_regex_loop_slices_total",
+                        "master_regex_worker_slices_total",
+                    )
+                )
+
+            with RawConn(address, timeout_s=60) as raw:
+                code, found = raw.request("GetReplicaListByRegex", {"pattern": "^k001000[0-4]$"})
+                assert code == 0 and sorted(found) == [f"k001000{i}" for i in range(5)]
+                code, value = raw.request("RemoveByRegex", {"pattern": "^k0000", "force": True})
+                assert (code, value) == (0, 1000)
+                in_loop, in_worker = counters()
+                assert in_loop >= 2 * (n // 4096) and in_worker == 0, (in_loop, in_worker)
+                code, value = raw.request(
+                    "RemoveByRegex", {"pattern": "^(k0010+)+1$|^none", "force": True}
+                )
+                assert (code, value) == (0, 1)
+                assert counters()[1] > 0
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=15)
 
 
 def test_a_prefix_removal_over_a_small_index_never_starts_the_regex_worker(

@@ -734,6 +734,7 @@ async def _run(
         ha_sync_timeout_s=values["ha_sync_timeout_ms"] / 1000.0,
         security=security,
         limits=limits,
+        owns_process=True,
     )
     reporter: asyncio.Task[None] | None = None
     try:

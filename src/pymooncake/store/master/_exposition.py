@@ -73,6 +73,21 @@ _EXTRAS: Final[tuple[tuple[str, str, str], ...]] = (
         "counter",
         "RPC connections refused at the connection limit",
     ),
+    (
+        "master_regex_loop_slices_total",
+        "counter",
+        "Key slices of *ByRegex scans matched in the event loop (patterns that cannot backtrack)",
+    ),
+    (
+        "master_regex_worker_slices_total",
+        "counter",
+        "Key slices of *ByRegex scans matched in the regex worker process",
+    ),
+    (
+        "master_regex_worker_kills_total",
+        "counter",
+        "Regex workers killed for running past --regex_timeout_ms on a slice (backtracking)",
+    ),
     ("master_rpc_calls_total", "counter", "RPC requests received, by method"),
     ("master_rpc_call_failures_total", "counter", "RPC requests answered with an error, by method"),
     ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds"),
@@ -288,6 +303,9 @@ def render_metrics(svc: MasterService) -> str:
         "master_tick_seconds_recent_max": round(max(svc.recent_ticks, default=0.0), 6),
         "master_rpc_connections": svc.connection_count,
         "master_refused_connections_total": svc.refused_connections,
+        "master_regex_loop_slices_total": svc.scanner.in_loop,
+        "master_regex_worker_slices_total": svc.scanner.in_worker,
+        "master_regex_worker_kills_total": svc.scanner.killed,
     }
     for name, kind, help_text in _EXTRAS:
         if name in extras:

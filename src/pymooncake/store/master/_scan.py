@@ -14,18 +14,26 @@ syntax ``re`` accepts works; costs are bounded by time, not by a subset.
 The event loop only copies one slice of keys at a time (see ``_index.py``) and
 awaits the worker's answer on a non-blocking pipe.
 
-Small scans stay in the process.  Copying every key twice through the worker's
-pipes was most of a removal by a prefix over 10,000 keys (8.8 ms against the
-reference's 6.5).  A pattern that cannot backtrack -- literals, character
+Plain patterns stay in the process where they can.  Copying every key twice
+through the worker's pipes was most of a removal by a prefix (over 10,000 keys
+8.8 ms against the reference's 6.5; over a million 458 against 472, and 259-277
+matched in the loop).  A pattern that cannot backtrack -- literals, character
 classes, ``.``, anchors and groups of those, without repetition, alternation or
 backreferences (the common ``^prefix`` of a cache's keys) -- costs ``re.search``
-at most its own length per start position, so over an index of at most
-:data:`IN_LOOP_MAX_KEYS` keys it is matched in the loop (~2 ms for 16k keys),
-2,048 keys per turn.  Larger scans always use the worker, whose pipe waits give
-the GIL away: a scan matched in the loop never blocks, and over 200k keys it
-left the master process's other threads the GIL only at the 5 ms switch
-interval, 150 ms in all for some of their calls (tried and reverted in the
-seventeenth session).
+at most its own length per start position, so it is matched in the loop, a
+piece at a time: each piece is sized from the time the last one took, so that a
+turn of the loop stays near :data:`IN_LOOP_PIECE_S` whatever the keys' lengths.
+
+How large a scan may run in the loop depends on the process around it
+(``in_loop_max_keys``).  A scan in the loop never blocks, so the process's other
+Python threads get the GIL only at the 5 ms switch interval: over 200k keys a
+client thread beside a master embedded in its process waited 150 ms for some
+calls (tried and reverted in the seventeenth session), never with the worker,
+whose pipe waits give the GIL away.  An embedded master therefore matches only
+scans of up to :data:`IN_LOOP_MAX_KEYS` keys in the loop (~2 ms for 16k keys).
+The ``mooncake_master`` process has no such thread (its loop serves every
+client; the HA elector's etcd calls and short file jobs tolerate a few ms), so
+it matches plain patterns in the loop at any size.
 """
 
 from __future__ import annotations
@@ -37,13 +45,20 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from array import array
 from itertools import compress
 from typing import Any, Final
 
 from ...errors import InvalidParams
 
-__all__ = ["DEFAULT_REGEX_DEADLINE_S", "IN_LOOP_MAX_KEYS", "RegexScanner", "linear_pattern"]
+__all__ = [
+    "DEFAULT_REGEX_DEADLINE_S",
+    "IN_LOOP_MAX_KEYS",
+    "IN_LOOP_PIECE_S",
+    "RegexScanner",
+    "linear_pattern",
+]
 
 #: a slice of keys (a few thousand) must be matched within this many seconds;
 #: a plain pattern needs microseconds per key
@@ -51,8 +66,11 @@ DEFAULT_REGEX_DEADLINE_S: Final = 2.0
 #: scans of at most this many keys match a pattern that cannot backtrack in the
 #: loop instead of the worker
 IN_LOOP_MAX_KEYS: Final = 16_384
-#: keys matched in the loop per turn of it (~0.25 ms for a prefix)
-_IN_LOOP_PIECE: Final = 2048
+#: the time a piece of an in-loop scan aims at (one turn of the loop)
+IN_LOOP_PIECE_S: Final = 0.25e-3
+#: keys in the first piece of in-loop matching, and the bounds of the later ones
+_FIRST_PIECE: Final = 512
+_PIECE_BOUNDS: Final = (16, 16384)
 _U32 = struct.Struct("<I")
 _HEAD = struct.Struct("<BI")
 
@@ -103,15 +121,28 @@ class RegexScanner:
     killed for exceeding the deadline is replaced on the next query.
     """
 
-    def __init__(self, deadline_s: float = DEFAULT_REGEX_DEADLINE_S) -> None:
+    def __init__(
+        self,
+        deadline_s: float = DEFAULT_REGEX_DEADLINE_S,
+        *,
+        in_loop_max_keys: int | None = IN_LOOP_MAX_KEYS,
+    ) -> None:
         self.deadline_s = deadline_s
+        #: scans of more keys go to the worker even with a plain pattern (None:
+        #: no bound; see the module docstring)
+        self.in_loop_max_keys = in_loop_max_keys
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        #: workers killed for running past the deadline (catastrophic backtracking)
         self.killed = 0
-        #: scans matched in the loop (small, with a pattern that cannot backtrack)
+        #: slices of keys matched in the loop (patterns that cannot backtrack)
         self.in_loop = 0
+        #: slices of keys matched by the worker
+        self.in_worker = 0
         self._linear: tuple[str, re.Pattern[str] | None] | None = None
+        #: keys per piece of in-loop matching, as the last piece's pace gave it
+        self._piece = _FIRST_PIECE
 
     def start(self) -> None:
         """Spawn the worker now (it then costs nothing until the first query)."""
@@ -148,7 +179,7 @@ class RegexScanner:
     def in_loop_pattern(self, pattern: str, total: int) -> re.Pattern[str] | None:
         """``pattern`` compiled when a scan of ``total`` keys should match it in
         the loop (:meth:`match_here`), else None (the worker: :meth:`match`)."""
-        if total > IN_LOOP_MAX_KEYS:
+        if self.in_loop_max_keys is not None and total > self.in_loop_max_keys:
             return None
         if self._linear is None or self._linear[0] != pattern:
             self._linear = (pattern, linear_pattern(pattern))
@@ -162,11 +193,23 @@ class RegexScanner:
         self.in_loop += 1
         search = compiled.search
         found: list[str] = []
-        for start in range(0, len(keys), _IN_LOOP_PIECE):
+        low, high = _PIECE_BOUNDS
+        size = self._piece  # (the pace of the last call: a scan makes many)
+        start = 0
+        clock = time.perf_counter
+        while start < len(keys):
             if start:
                 await asyncio.sleep(0)
-            piece = keys[start : start + _IN_LOOP_PIECE]
+            began = clock()
+            piece = keys[start : start + size]
             found += compress(piece, map(search, piece))  # (the loop over keys runs in C)
+            n = len(piece)
+            start += n
+            # the next piece aims at IN_LOOP_PIECE_S at this piece's pace, and at
+            # most doubles (one short piece says little)
+            took = clock() - began
+            size = max(low, min(high, 2 * size, int(n * IN_LOOP_PIECE_S / max(took, 1e-7))))
+        self._piece = size
         return found
 
     async def match(self, pattern: str, keys: list[str]) -> list[int]:
@@ -178,6 +221,7 @@ class RegexScanner:
         """
         if not keys:
             return []
+        self.in_worker += 1
         request = b"".join(
             (
                 _U32.pack(len(p := pattern.encode())),

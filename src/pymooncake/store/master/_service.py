@@ -77,7 +77,7 @@ from ._replication import (
     unwaited_start,
 )
 from ._replies import ReplyCache
-from ._scan import RegexScanner
+from ._scan import IN_LOOP_MAX_KEYS, RegexScanner
 from ._state import SLOT_MARK, MasterState
 
 __all__ = ["AUTH_CONTEXT", "MasterLimits", "MasterService", "ServiceAddresses"]
@@ -224,6 +224,11 @@ class MasterService:
             with a token every RPC connection and the admin and metadata HTTP
             ports authenticate.
         limits: see :class:`MasterLimits`.
+        owns_process: the master's event loop is the only thread of its process
+            that serves anyone (the ``mooncake_master`` command): whole-index
+            scans with a pattern that cannot backtrack are matched in the loop at
+            any size, which would starve other busy threads of the GIL (see
+            ``_scan.py``).
     """
 
     def __init__(
@@ -245,6 +250,7 @@ class MasterService:
         limits: MasterLimits | None = None,
         ha: HaConfig | None = None,
         ha_sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S,
+        owns_process: bool = False,
     ) -> None:
         self.config = config or MasterConfig()
         self.state = MasterState(self.config)
@@ -288,7 +294,10 @@ class MasterService:
         self.addresses: ServiceAddresses | None = None
         self.journal = Journal(journal_path, fsync=journal_fsync) if journal_path else None
         self.replies = ReplyCache(self.limits.reply_cache_ttl_s)
-        self.scanner = RegexScanner(self.limits.regex_deadline_s)
+        self.scanner = RegexScanner(
+            self.limits.regex_deadline_s,
+            in_loop_max_keys=None if owns_process else IN_LOOP_MAX_KEYS,
+        )
         self.ha = ha
         #: the event loop's polling selector (run_polling) and its window: only a
         #: leader polls (see the ``role`` setter)
