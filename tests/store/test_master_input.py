@@ -32,6 +32,7 @@ from master_support import Pinger, RawConn, body, frame, populate
 
 from pymooncake._authio import http_request
 from pymooncake._rpcloop import RpcLoop, StreamConn
+from pymooncake.errors import InvalidParams
 from pymooncake.store import MasterConfig, StoreClient
 from pymooncake.store.master import ThreadedMaster, _scan, _service
 from pymooncake.testing import LocalCluster, console_command, read_stdout_until
@@ -290,6 +291,50 @@ def test_matching_in_the_loop_keeps_each_turn_short_whatever_the_keys() -> None:
     assert found == [k for k in short_keys if re.search("^k00001[0-4]", k)]
     assert len(found) == 50
     assert piece > 1024 and worst < 0.05, (piece, worst)
+
+
+def test_a_long_plain_pattern_through_long_keys_keeps_the_deadline_in_the_loop() -> None:
+    """A pattern that cannot backtrack still costs its length per character: 255
+    classes searched through 4,096-character keys take ~2-3 ms a key.  In the
+    loop that is one key per turn, and the slice fails at the deadline with the
+    worker's message (which would have been killed there)."""
+    pattern = "[ab]" * 255 + "c"
+    keys = ["ab" * 2048] * 400
+
+    async def scan() -> tuple[BaseException | None, float]:
+        scanner = _scan.RegexScanner(0.2, in_loop_max_keys=None)
+        compiled = scanner.in_loop_pattern(pattern, len(keys))
+        assert compiled is not None
+        gaps: list[float] = []
+        done = False
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not done:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        error: BaseException | None = None
+        try:
+            await scanner.match_here(compiled, keys)
+        except InvalidParams as exc:
+            error = exc
+        finally:
+            done = True
+            await task
+            scanner.close()
+        return error, max(gaps)
+
+    started = time.monotonic()
+    error, worst = asyncio.run(scan())
+    assert isinstance(error, InvalidParams), error
+    assert "took more than 0.2 s on 400 keys" in str(error) and "[ab][ab]" in str(error)
+    assert time.monotonic() - started < 5
+    assert worst < 0.1, worst
 
 
 def test_the_master_command_matches_plain_patterns_over_a_large_index_in_its_loop() -> None:

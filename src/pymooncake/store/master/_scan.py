@@ -69,8 +69,8 @@ IN_LOOP_MAX_KEYS: Final = 16_384
 #: the time a piece of an in-loop scan aims at (one turn of the loop)
 IN_LOOP_PIECE_S: Final = 0.25e-3
 #: keys in the first piece of in-loop matching, and the bounds of the later ones
-_FIRST_PIECE: Final = 512
-_PIECE_BOUNDS: Final = (16, 16384)
+_FIRST_PIECE: Final = 8
+_PIECE_BOUNDS: Final = (1, 16384)
 _U32 = struct.Struct("<I")
 _HEAD = struct.Struct("<BI")
 
@@ -141,8 +141,10 @@ class RegexScanner:
         #: slices of keys matched by the worker
         self.in_worker = 0
         self._linear: tuple[str, re.Pattern[str] | None] | None = None
-        #: keys per piece of in-loop matching, as the last piece's pace gave it
+        #: keys per piece of in-loop matching, as the last piece's pace gave it,
+        #: and the pattern it was matching
         self._piece = _FIRST_PIECE
+        self._piece_of: re.Pattern[str] | None = None
 
     def start(self) -> None:
         """Spawn the worker now (it then costs nothing until the first query)."""
@@ -187,15 +189,26 @@ class RegexScanner:
 
     async def match_here(self, compiled: re.Pattern[str], keys: list[str]) -> list[str]:
         """The ``keys`` that ``compiled`` finds, matched in this loop a piece at a
-        time (only for what :meth:`in_loop_pattern` allowed)."""
+        time (only for what :meth:`in_loop_pattern` allowed).
+
+        Raises:
+            InvalidParams: matching them took longer than the deadline (a pattern
+                that cannot backtrack still costs its length per character: a
+                1,000-character pattern searched through 4,096-character keys
+                takes milliseconds per key).
+        """
         if self._closed:
             raise InvalidParams("the master is shutting down")
         self.in_loop += 1
         search = compiled.search
         found: list[str] = []
         low, high = _PIECE_BOUNDS
-        size = self._piece  # (the pace of the last call: a scan makes many)
+        # the pace of the last call when it matched this pattern (a scan makes
+        # many calls); a new pattern starts small: its cost per key is unknown
+        size = self._piece if self._piece_of is compiled else _FIRST_PIECE
+        self._piece_of = compiled
         start = 0
+        spent = 0.0  # matching this slice, against the deadline (as the worker's)
         clock = time.perf_counter
         while start < len(keys):
             if start:
@@ -208,6 +221,9 @@ class RegexScanner:
             # the next piece aims at IN_LOOP_PIECE_S at this piece's pace, and at
             # most doubles (one short piece says little)
             took = clock() - began
+            spent += took
+            if spent > self.deadline_s:
+                raise self._too_slow(compiled.pattern, len(keys))
             size = max(low, min(high, 2 * size, int(n * IN_LOOP_PIECE_S / max(took, 1e-7))))
         self._piece = size
         return found
@@ -240,12 +256,7 @@ class RegexScanner:
                 )
             except asyncio.TimeoutError:
                 self._kill()
-                raise InvalidParams(
-                    f"regular expression {pattern!r} took more than {self.deadline_s:g} s on "
-                    f"{len(keys)} keys (catastrophic backtracking: nested or adjacent quantifiers "
-                    "such as (a+)+ or .*a.*b.*c); simplify it, e.g. anchor it with ^ and use "
-                    "a literal prefix"
-                ) from None
+                raise self._too_slow(pattern, len(keys)) from None
             except OSError as exc:
                 self._kill()
                 raise InvalidParams(f"regex worker failed on {pattern!r}: {exc}") from exc
@@ -256,6 +267,14 @@ class RegexScanner:
         if sys.byteorder != "little":
             hits.byteswap()
         return hits.tolist()
+
+    def _too_slow(self, pattern: str, n: int) -> InvalidParams:
+        return InvalidParams(
+            f"regular expression {pattern!r} took more than {self.deadline_s:g} s on {n} keys "
+            "(catastrophic backtracking: nested or adjacent quantifiers such as (a+)+ or "
+            ".*a.*b.*c, or a long pattern searched through long keys); simplify it, e.g. "
+            "anchor it with ^ and use a literal prefix"
+        )
 
     async def _exchange(self, proc: subprocess.Popen[bytes], request: bytes) -> tuple[int, bytes]:
         assert proc.stdin is not None and proc.stdout is not None
