@@ -247,18 +247,15 @@ def test_only_small_scans_are_matched_in_the_loop_of_an_embedded_master() -> Non
     assert owner.scanner.in_loop_max_keys is None
 
 
-def test_matching_in_the_loop_keeps_each_turn_short_whatever_the_keys() -> None:
-    """Pieces are sized from the pace of the last one: 20,000 keys of 4,000
-    characters searched for a literal anywhere (~5-10 us a key, ~0.2 s in all)
-    leave the loop's other tasks a turn every few milliseconds, and short keys
-    go in large pieces; the result is ``re.search``'s."""
-    rng = random.Random(7)
-    long_keys = ["".join(rng.choices("abcdef", k=4000)) + str(i) for i in range(20_000)]
-    long_keys[123] = "x" * 3000 + "zq9" + "y" * 997
-    short_keys = [f"k{i:07d}" for i in range(200_000)]
+def _match_in_loop(
+    pattern: str, keys: list[str], deadline_s: float = 2.0
+) -> tuple[list[str] | InvalidParams, float, int, int]:
+    """``match_here`` of ``keys`` by a scanner whose loop owns its process, beside
+    a task that records the gaps between its turns: (found or the error, the
+    longest gap in seconds, the turns that task got, the last piece's size)."""
 
-    async def scan(keys: list[str], pattern: str) -> tuple[list[str], float, int, int]:
-        scanner = _scan.RegexScanner(in_loop_max_keys=None)
+    async def scan() -> tuple[list[str] | InvalidParams, float, int, int]:
+        scanner = _scan.RegexScanner(deadline_s, in_loop_max_keys=None)
         compiled = scanner.in_loop_pattern(pattern, len(keys))
         assert compiled is not None
         gaps: list[float] = []
@@ -274,20 +271,36 @@ def test_matching_in_the_loop_keeps_each_turn_short_whatever_the_keys() -> None:
 
         task = asyncio.ensure_future(ticker())
         await asyncio.sleep(0)
+        found: list[str] | InvalidParams
         try:
             found = await scanner.match_here(compiled, keys)
+        except InvalidParams as exc:
+            found = exc
         finally:
             done = True
             await task
             scanner.close()
         return found, max(gaps), len(gaps), scanner._piece
 
-    found, worst, turns, piece = asyncio.run(scan(long_keys, "zq9"))
+    return asyncio.run(scan())
+
+
+def test_matching_in_the_loop_keeps_each_turn_short_whatever_the_keys() -> None:
+    """Pieces are sized from the pace of the last one: 20,000 keys of 4,000
+    characters searched for a literal anywhere (a few us a key, tens of ms in
+    all) leave the loop's other tasks a turn every fraction of a millisecond, and
+    short keys go in large pieces; the result is ``re.search``'s."""
+    rng = random.Random(7)
+    long_keys = ["".join(rng.choices("abcdef", k=4000)) + str(i) for i in range(20_000)]
+    long_keys[123] = "x" * 3000 + "zq9" + "y" * 997
+    short_keys = [f"k{i:07d}" for i in range(200_000)]
+
+    found, worst, turns, piece = _match_in_loop("zq9", long_keys)
     assert found == [long_keys[123]]
-    # (each piece aims at IN_LOOP_PIECE_S; the first of 512 keys takes a few ms)
+    # (each piece aims at IN_LOOP_PIECE_S: a few dozen long keys)
     assert worst < 0.05, worst
     assert turns > 40 and piece < 512, (turns, piece)
-    found, worst, turns, piece = asyncio.run(scan(short_keys, "^k00001[0-4]"))
+    found, worst, turns, piece = _match_in_loop("^k00001[0-4]", short_keys)
     assert found == [k for k in short_keys if re.search("^k00001[0-4]", k)]
     assert len(found) == 50
     assert piece > 1024 and worst < 0.05, (piece, worst)
@@ -298,39 +311,8 @@ def test_a_long_plain_pattern_through_long_keys_keeps_the_deadline_in_the_loop()
     classes searched through 4,096-character keys take ~2-3 ms a key.  In the
     loop that is one key per turn, and the slice fails at the deadline with the
     worker's message (which would have been killed there)."""
-    pattern = "[ab]" * 255 + "c"
-    keys = ["ab" * 2048] * 400
-
-    async def scan() -> tuple[BaseException | None, float]:
-        scanner = _scan.RegexScanner(0.2, in_loop_max_keys=None)
-        compiled = scanner.in_loop_pattern(pattern, len(keys))
-        assert compiled is not None
-        gaps: list[float] = []
-        done = False
-
-        async def ticker() -> None:
-            last = time.perf_counter()
-            while not done:
-                await asyncio.sleep(0)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-
-        task = asyncio.ensure_future(ticker())
-        await asyncio.sleep(0)
-        error: BaseException | None = None
-        try:
-            await scanner.match_here(compiled, keys)
-        except InvalidParams as exc:
-            error = exc
-        finally:
-            done = True
-            await task
-            scanner.close()
-        return error, max(gaps)
-
     started = time.monotonic()
-    error, worst = asyncio.run(scan())
+    error, worst, _turns, _piece = _match_in_loop("[ab]" * 255 + "c", ["ab" * 2048] * 400, 0.2)
     assert isinstance(error, InvalidParams), error
     assert "took more than 0.2 s on 400 keys" in str(error) and "[ab][ab]" in str(error)
     assert time.monotonic() - started < 5
