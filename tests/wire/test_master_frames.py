@@ -32,7 +32,7 @@ from pymooncake.wire import (
 )
 from pymooncake.wire import _master_msgs as msg
 from pymooncake.wire._frames import REQUEST, json_frame
-from pymooncake.wire._master import encode_short_reply
+from pymooncake.wire._master import encode_request_generally, encode_short_reply
 from pymooncake.wire._master_msgs import (
     MAX_BATCH_KEYS,
     MAX_KEY_CHARS,
@@ -344,6 +344,83 @@ def test_key_reads_are_encoded_as_every_request(method: str, key: str) -> None:
             encode_request(9, request)
         return
     assert encode_request(9, request) == general
+
+
+_IDS = st.one_of(st.just(0), st.integers(min_value=1, max_value=2**63 - 1))
+
+
+def _same_as_general(request: msg.Request, rid: int, ack: int) -> None:
+    try:
+        general = encode_request_generally(11, request, rid=rid, ack=ack)
+    except UnicodeEncodeError:  # a lone surrogate: refused alike
+        with pytest.raises(UnicodeEncodeError):
+            encode_request(11, request, rid=rid, ack=ack)
+        return
+    assert encode_request(11, request, rid=rid, ack=ack) == general
+    # and the master reads back the request that was meant
+    frame = MasterFrameDecoder()
+    frame.feed(general)
+    got = frame.next_request()
+    assert got is not None and got[0] == 11
+
+
+@given(
+    key=_NASTY,
+    client=_NASTY,
+    force=st.booleans(),
+    rid=_IDS,
+    ack=_IDS,
+    own_rid=_IDS,
+)
+def test_removes_are_encoded_as_every_request(
+    key: str, client: str, force: bool, rid: int, ack: int, own_rid: int
+) -> None:
+    """``encode_request`` makes a remove's text directly (ids passed to it or
+    none; a request carrying its own id takes the general path): the general
+    encoder's bytes for any key and client id."""
+    _same_as_general(msg.Remove(key, force, client, rid=own_rid, ack=own_rid), rid, ack)
+
+
+@given(
+    key=_NASTY,
+    slot=_NASTY,
+    client=_NASTY,
+    rid=_IDS,
+    ack=_IDS,
+    own_rid=_IDS,
+    confirmed=st.lists(_NASTY, max_size=2),
+)
+def test_slot_commits_are_encoded_as_every_request(
+    key: str, slot: str, client: str, rid: int, ack: int, own_rid: int, confirmed: list[str]
+) -> None:
+    """The same for a single put's ``CommitSlot`` (standbys' confirmations and a
+    request's own id: the general path)."""
+    request = msg.CommitSlot(
+        client, slot, key, rid=own_rid, ack=own_rid, confirmed=tuple(confirmed)
+    )
+    _same_as_general(request, rid, ack)
+
+
+def test_a_direct_text_declines_what_it_does_not_spell() -> None:
+    """Values of another type than the fields' (no caller sends them) are left
+    to the general encoder, which spells them as JSON does."""
+    odd = [
+        msg.Remove("k", 1, "c"),  # type: ignore[arg-type]
+        msg.Remove(b"k", True, "c"),  # type: ignore[arg-type]
+        msg.CommitSlot("c", None, "k"),  # type: ignore[arg-type]
+        msg.ExistKey(7),  # type: ignore[arg-type]
+    ]
+    for request in odd:
+        try:
+            general = encode_request_generally(3, request, rid=2, ack=1)
+        except TypeError:  # bytes: JSON has no spelling for them either
+            with pytest.raises(TypeError):
+                encode_request(3, request, rid=2, ack=1)
+            continue
+        assert encode_request(3, request, rid=2, ack=1) == general
+    assert encode_request(3, msg.Remove("k", True, "c"), rid=True, ack=1) == (
+        encode_request_generally(3, msg.Remove("k", True, "c"), rid=True, ack=1)
+    )
 
 
 @pytest.mark.parametrize("body", [b"[0,true]", b"[0,false]", b"[0,null]"])
