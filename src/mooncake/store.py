@@ -171,9 +171,6 @@ def _pointer_parts(
     return [list(zip(ps, ns, strict=True)) for ps, ns in zip(all_ptrs, all_sizes, strict=True)]
 
 
-#: the native ReplicateConfig is immutable: one default serves every call
-_DEFAULT_NATIVE_CONFIG = DEFAULT_REPLICATE_CONFIG
-
 # --------------------------------------------------------------------------------
 # the store
 # --------------------------------------------------------------------------------
@@ -461,7 +458,7 @@ class MooncakeDistributedStore(RangeReads, SessionOps, SegmentOps, ParallelOps):
 
     @staticmethod
     def _cfg(config: ReplicateConfig | None) -> _NativeConfig:
-        return config.to_native() if config is not None else _DEFAULT_NATIVE_CONFIG
+        return config.to_native() if config is not None else DEFAULT_REPLICATE_CONFIG
 
     # --- memory registration ----------------------------------------------------------
 

@@ -65,7 +65,6 @@ from ._types import DEFAULT_REPLICATE_CONFIG, ErrorCode, ReplicaDesc, ReplicateC
 __all__ = ["DummyClient", "DummyClientConfig"]
 
 log = logging.getLogger("pymooncake.store.dummy")
-_DEFAULT_CONFIG = DEFAULT_REPLICATE_CONFIG
 
 
 @dataclass(frozen=True)
@@ -494,14 +493,16 @@ class DummyClient:
         """Store ``value`` (staged through the local buffer unless it lies in
         registered shared memory); False if the key existed."""
         return self._one(
-            self.io.write([key], [[value]], config or _DEFAULT_CONFIG, False, "put")[0]
+            self.io.write([key], [[value]], config or DEFAULT_REPLICATE_CONFIG, False, "put")[0]
         )
 
     def put_parts(
         self, key: str, parts: Sequence[Any], config: ReplicateConfig | None = None
     ) -> bool:
         return self._one(
-            self.io.write([key], [list(parts)], config or _DEFAULT_CONFIG, False, "put_parts")[0]
+            self.io.write(
+                [key], [list(parts)], config or DEFAULT_REPLICATE_CONFIG, False, "put_parts"
+            )[0]
         )
 
     def put_from(
@@ -509,7 +510,7 @@ class DummyClient:
     ) -> bool:
         span = span_of(buffer, size, writable=False)
         return self._one(
-            self.io.write([key], [[span]], config or _DEFAULT_CONFIG, False, "put_from")[0]
+            self.io.write([key], [[span]], config or DEFAULT_REPLICATE_CONFIG, False, "put_from")[0]
         )
 
     def put_many(
@@ -523,10 +524,12 @@ class DummyClient:
         if len(keys) != len(values):
             raise InvalidParams(f"{len(keys)} keys but {len(values)} values")
         op = "put_batch" if bytes_api else "batch_put_from"
-        return self.io.write(keys, values, config or _DEFAULT_CONFIG, False, op)
+        return self.io.write(keys, values, config or DEFAULT_REPLICATE_CONFIG, False, op)
 
     def upsert(self, key: str, value: Any, config: ReplicateConfig | None = None) -> None:
-        self._one(self.io.write([key], [[value]], config or _DEFAULT_CONFIG, True, "upsert")[0])
+        self._one(
+            self.io.write([key], [[value]], config or DEFAULT_REPLICATE_CONFIG, True, "upsert")[0]
+        )
 
     def upsert_many(
         self,
@@ -536,7 +539,7 @@ class DummyClient:
     ) -> list[bool | StoreError]:
         if len(keys) != len(values):
             raise InvalidParams(f"{len(keys)} keys but {len(values)} values")
-        return self.io.write(keys, values, config or _DEFAULT_CONFIG, True, "upsert_batch")
+        return self.io.write(keys, values, config or DEFAULT_REPLICATE_CONFIG, True, "upsert_batch")
 
     # ------------------------------------------------------------------------------
     # reads

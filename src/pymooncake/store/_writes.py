@@ -35,8 +35,6 @@ __all__ = ["WriteOps"]
 
 #: one line per set of unreachable segments, then every 100th repeat with the count
 _unreachable_log = RepeatLimiter(log, every=100)
-#: ReplicateConfig is immutable: one default serves every call
-_DEFAULT_CONFIG = DEFAULT_REPLICATE_CONFIG
 #: a reservation refused for want of room: the ordinary put reports it
 _ROOM_CODES = (ErrorCode.NO_AVAILABLE_HANDLE, ErrorCode.INVALID_PARAMS)
 
@@ -819,7 +817,7 @@ class WriteOps(ClientIO):
     def _put_views(self, key: str, views: Parts, config: ReplicateConfig | None, op: str) -> bool:
         self._bytes_api_limit(sum(len(v) for v in views), f"put {key!r}")
         return self._raise_or(
-            self._write_batch([key], [views], config or _DEFAULT_CONFIG, False, op)[0]
+            self._write_batch([key], [views], config or DEFAULT_REPLICATE_CONFIG, False, op)[0]
         )
 
     def put_from(
@@ -828,7 +826,9 @@ class WriteOps(ClientIO):
         """Store ``size`` bytes from registered memory (an address or a buffer) without staging."""
         view = self._source_part(buffer, size)
         return self._raise_or(
-            self._write_batch([key], [[view]], config or _DEFAULT_CONFIG, False, "put_from")[0]
+            self._write_batch(
+                [key], [[view]], config or DEFAULT_REPLICATE_CONFIG, False, "put_from"
+            )[0]
         )
 
     def put_many(
@@ -848,7 +848,7 @@ class WriteOps(ClientIO):
             for k, ps in zip(keys, parts, strict=True):
                 self._bytes_api_limit(sum(len(p) for p in ps), f"put {k!r}")
         op = "put_batch" if bytes_api else "batch_put_from"
-        return self._write_batch(keys, parts, config or _DEFAULT_CONFIG, False, op)
+        return self._write_batch(keys, parts, config or DEFAULT_REPLICATE_CONFIG, False, op)
 
     def _part(self, p: Any) -> Part:
         if isinstance(p, tuple):
@@ -861,7 +861,7 @@ class WriteOps(ClientIO):
         views = [_as_view(value)]
         self._bytes_api_limit(len(views[0]), f"upsert {key!r}")
         self._raise_or(
-            self._write_batch([key], [views], config or _DEFAULT_CONFIG, True, "upsert")[0]
+            self._write_batch([key], [views], config or DEFAULT_REPLICATE_CONFIG, True, "upsert")[0]
         )
 
     def upsert_many(
@@ -875,4 +875,4 @@ class WriteOps(ClientIO):
         pointers = bool(values) and bool(values[0]) and isinstance(values[0][0], tuple)
         parts = [[self._part(p) for p in ps] for ps in values]
         op = "batch_upsert_from" if pointers else "upsert_batch"
-        return self._write_batch(keys, parts, config or _DEFAULT_CONFIG, True, op)
+        return self._write_batch(keys, parts, config or DEFAULT_REPLICATE_CONFIG, True, op)

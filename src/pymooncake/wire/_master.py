@@ -134,14 +134,13 @@ def _session_tail(rid: int, ack: int) -> str | None:
 
 def _remove_text(req: Remove, rid: int, ack: int) -> str | None:
     tail = _session_tail(rid, ack)
-    force = _JSON_BOOLS.get(req.force) if type(req.force) is bool else None
-    if req.rid or tail is None or force is None:  # (the general path then)
+    if req.rid or tail is None or type(req.force) is not bool:  # (the general path then)
         return None
     if type(req.client_id) is not str or type(req.key) is not str:
         return None
     return (
         f'["Remove",{{"client_id":{_json_str(req.client_id)},"key":{_json_str(req.key)},'
-        f'"force":{force}{tail}}}]'
+        f'"force":{"true" if req.force else "false"}{tail}}}]'
     )
 
 
@@ -157,7 +156,6 @@ def _commit_slot_text(req: CommitSlot, rid: int, ack: int) -> str | None:
     )
 
 
-_JSON_BOOLS: Final = {True: "true", False: "false"}
 #: the commonest requests (every get, is_exist, remove and single put's commit),
 #: their body text made directly: the general encoder's bytes (a property test
 #: says so) in a third of its time; None from one of these means "not the usual
