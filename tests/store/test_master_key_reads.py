@@ -24,7 +24,7 @@ from pymooncake.store.master import _service
 from pymooncake.testing import LocalCluster
 from pymooncake.wire import _master_msgs as msg
 from pymooncake.wire import encode_reply, encode_request
-from pymooncake.wire._master import _KEY_READS, KEY_READ_TYPES
+from pymooncake.wire._master import _KEY_READ_FIRST, _KEY_READ_METHODS, KEY_READ_TYPES
 
 MiB = 1 << 20
 OBJECT_NOT_FOUND = -704
@@ -79,7 +79,8 @@ def _general(conn: RawConn, request: msg.Request) -> tuple[int, Any]:
 
 
 def test_every_key_read_type_is_its_method_s_request() -> None:
-    assert {method for _, method in _KEY_READS.values()} == set(KEY_READ_TYPES)
+    assert set(_KEY_READ_METHODS.values()) == set(KEY_READ_TYPES)
+    assert {name[0] for name in _KEY_READ_METHODS} == _KEY_READ_FIRST
     for method, cls in KEY_READ_TYPES.items():
         assert cls("k").METHOD is method
 

@@ -43,6 +43,7 @@ from pymooncake.wire._master_msgs import (
     MAX_SLOTS,
     MasterMethod,
     decode_request,
+    slot_name,
 )
 
 PREFIX = struct.Struct("<IBI")
@@ -399,6 +400,191 @@ def test_slot_commits_are_encoded_as_every_request(
         client, slot, key, rid=own_rid, ack=own_rid, confirmed=tuple(confirmed)
     )
     _same_as_general(request, rid, ack)
+
+
+# ---------------------------------------------------------------------------------
+# a remove and a single put's commit, read without the JSON decoder
+# ---------------------------------------------------------------------------------
+
+
+def _general_request(data: bytes) -> tuple[int, msg.Request] | None:
+    """What the general path makes of one whole request frame: ``(id, request)``,
+    None where it refuses the frame or its parameters."""
+    try:
+        frame = MasterFrameDecoder().whole_request(data, len(data))
+    except MalformedMessage:
+        return None
+    if frame is None:
+        return None
+    try:
+        return frame[0], decode_request(frame[1], frame[2], escapes=frame[3])
+    except InvalidParams:
+        return None
+
+
+_CLIENT = "3f2b0a4e-6c1d-4a8e-9b7f-0d2c5e8a1b34"
+_SLOT = slot_name(_CLIENT, "b17x0", 42)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        msg.Remove("k", False, _CLIENT),
+        msg.Remove("kv-cache/layer.3/blk-00017", True, _CLIENT),
+        msg.Remove("ключ-€-鍵-🔑 key", False, ""),  # (no client id: a removal may omit it)
+        msg.Remove("🔑" * MAX_KEY_CHARS, True, "c" * MAX_NAME_CHARS),
+        msg.CommitSlot(_CLIENT, _SLOT, "k"),
+        msg.CommitSlot(_CLIENT, "plain-slot-name", "ключ-€-鍵-🔑"),
+        msg.CommitSlot("c" * MAX_NAME_CHARS, _SLOT, "a" * MAX_KEY_CHARS),
+    ],
+    ids=[
+        "remove",
+        "remove-forced",
+        "remove-unicode",
+        "remove-longest",
+        "commit",
+        "commit-plain-slot",
+        "commit-longest",
+    ],
+)
+@pytest.mark.parametrize("ids", [(0, 0), (5, 3), (2**64 - 1, 2**64 - 1)])
+def test_whole_mutation_reads_removes_and_commits_as_clients_send_them(
+    request_: msg.Remove | msg.CommitSlot, ids: tuple[int, int]
+) -> None:
+    """A remove and a single put's commit as this package's clients encode them
+    (reply-cache ids or none) are read without the JSON decoder, into exactly
+    the request the general path makes of the frame, from a larger read buffer."""
+    data = encode_request(3, request_, rid=ids[0], ack=ids[1])
+    window = bytearray(len(data) + 32)
+    window[: len(data)] = data
+    got = MasterFrameDecoder().whole_mutation(memoryview(window), len(data))
+    assert got is not None
+    assert got == _general_request(data)
+    assert got[1] == dataclasses.replace(request_, rid=ids[0], ack=ids[1])
+
+
+def test_whole_mutation_leaves_every_other_frame_to_the_general_path() -> None:
+    """Anything but one whole remove or commit in the clients' own spelling is
+    None: other members, order or spacing, escapes (but a buffer name's leading
+    U+0001 as the encoder writes it), values the request's checks refuse, ids
+    that are not plain unsigned 64-bit integers, bytes that are not UTF-8, part
+    of a frame or more than one, a reply, a frame over the limit, and a read
+    that continues buffered bytes."""
+    d = MasterFrameDecoder()
+    rm = b'["Remove",{"client_id":"c","key":'
+    cs = b'["CommitSlot",{"client_id":"c","slot":'
+    bodies = [
+        rm + b'"k","force":false,"rid":1}]',  # an id without its ack
+        rm + b'"k","force":false,"ack":1,"rid":1}]',  # the ids in another order
+        rm + b'"k","force":false,"rid":01,"ack":1}]',  # a leading zero: invalid JSON
+        rm + b'"k","force":false,"rid":-1,"ack":1}]',  # a sign
+        rm + b'"k","force":false,"rid":1.0,"ack":1}]',  # not an integer
+        rm + b'"k","force":false,"rid":1e3,"ack":1}]',
+        rm + b'"k","force":false,"rid":18446744073709551616,"ack":1}]',  # 2**64
+        rm + b'"k","force":0}]',  # not a boolean
+        rm + b'"k","force":null}]',
+        rm + b'"k"}]',  # force left to its default
+        rm + b'"k","force":false,"x":1}]',  # another member
+        b'["Remove",{"key":"k","client_id":"c","force":false}]',  # another order
+        b'["Remove", {"client_id":"c","key":"k","force":false}]',  # whitespace
+        rm + b'"a\\u0041","force":false}]',  # an escape in the key
+        rm + b'"a\\"b","force":false}]',
+        rm + b'"a\tb","force":false}]',  # a raw control character: invalid JSON
+        rm + b'"a\x00b","force":false}]',
+        rm + b'"\xff\xfe","force":false}]',  # not UTF-8
+        rm + b'"\xed\xa0\x80","force":false}]',  # an encoded surrogate
+        rm + b'"","force":false}]',  # empty key
+        rm + b'"' + b"a" * (MAX_KEY_CHARS + 1) + b'","force":false}]',  # too long
+        b'["Remove",{"client_id":"' + b"c" * (MAX_NAME_CHARS + 1) + b'","key":"k","force":true}]',
+        rm + b'"k","force":false}]]',  # trailing bytes
+        b'["RemoveAll",{"client_id":"c","key":"k","force":false}]',  # another method
+        b'["RemoveByRegex",{"client_id":"c","key":"k","force":false}]',
+        cs + b'"s","key":"k","confirmed":["x"]}]',  # a standby's confirmation
+        cs + b'"\\u0001\\u0001s","key":"k"}]',  # a second escape
+        cs + b'"\\u0002s","key":"k"}]',  # another escape
+        cs + b'"\\u0001","key":""}]',  # an empty key
+        cs + b'"","key":"k"}]',  # an empty buffer name
+        b'["CommitSlot",{"client_id":"","slot":"s","key":"k"}]',  # a commit needs its client
+        cs + b'"s","key":"k","rid":1,"ack":1,"rid":2,"ack":2}]',
+        b'["CommitSlots",{"client_id":"c","slot":"s","key":"k"}]',
+        b"[]",
+    ]
+    for body in bodies:
+        data = _frame(body)
+        assert d.whole_mutation(data, len(data)) is None, body
+    good = encode_request(4, msg.Remove("k", False, "c"), rid=2, ack=1)
+    for data, nbytes in [
+        (good + good, 2 * len(good)),  # two frames: pipelined
+        (good, len(good) - 1),  # part of one
+        (good[:8], 8),  # part of a prefix
+        (good[:4] + b"\x01" + good[5:], len(good)),  # a reply frame
+        (good[:4] + b"\x02" + good[5:], len(good)),  # an unknown kind
+    ]:
+        assert d.whole_mutation(data, nbytes) is None, data
+    assert MasterFrameDecoder(16).whole_mutation(good, len(good)) is None  # over the limit
+    d.feed(good[:3])  # something buffered: the next bytes continue it
+    assert d.whole_mutation(good, len(good)) is None
+    # a buffer name that is U+0001 alone is a name like any other
+    data = _frame(cs + b'"\\u0001","key":"k"}]')
+    assert d.whole_mutation(data, len(data)) is None  # (still buffered above)
+    assert MasterFrameDecoder().whole_mutation(data, len(data)) == _general_request(data)
+
+
+_BIG_IDS = st.one_of(_IDS, st.integers(min_value=2**64 - 2, max_value=2**64 + 2))
+
+
+@given(
+    which=st.sampled_from(["Remove", "CommitSlot"]),
+    key=_NASTY,
+    client=_NASTY,
+    slot=st.one_of(_NASTY, _NASTY.map(lambda s: "\x01" + s)),
+    force=st.booleans(),
+    rid=_BIG_IDS,
+    ack=_BIG_IDS,
+    raw=st.booleans(),
+)
+def test_whole_mutation_never_disagrees_with_the_general_path(
+    which: str, key: str, client: str, slot: str, force: bool, rid: int, ack: int, raw: bool
+) -> None:
+    """For any strings and ids, encoded as a client does or spliced raw into the
+    frame (bytes no client sends), the read either declines or gives exactly the
+    request the general path makes of the same frame -- never one it refuses."""
+    if raw:
+
+        def q(text: str) -> bytes:
+            return b'"' + text.encode("utf-8", "surrogatepass") + b'"'
+
+        tail = b',"rid":%d,"ack":%d' % (rid, ack) if rid else b""
+        if which == "Remove":
+            flag = b"true" if force else b"false"
+            body = b'["Remove",{"client_id":%s,"key":%s,"force":%s%s}]' % (
+                q(client),
+                q(key),
+                flag,
+                tail,
+            )
+        else:
+            body = b'["CommitSlot",{"client_id":%s,"slot":%s,"key":%s%s}]' % (
+                q(client),
+                q(slot),
+                q(key),
+                tail,
+            )
+        data = _frame(body)
+    else:
+        request: msg.Request = (
+            msg.Remove(key, force, client)
+            if which == "Remove"
+            else msg.CommitSlot(client, slot, key)
+        )
+        try:
+            data = encode_request(1, request, rid=rid, ack=ack)
+        except UnicodeEncodeError:  # a lone surrogate: the client refuses it first
+            return
+    got = MasterFrameDecoder().whole_mutation(data, len(data))
+    if got is not None:
+        assert got == _general_request(data)
+        assert got[0] == 1
 
 
 def test_a_direct_text_declines_what_it_does_not_spell() -> None:

@@ -1431,6 +1431,12 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 self._last_active = time.monotonic()
                 self._key_read(*read)
                 return
+            done = self._decoder.whole_mutation(self._rbuf, nbytes)
+            if done is not None:  # (a remove, a single put's commit)
+                self._last_active = time.monotonic()
+                self._process(done)
+                return
+            frame: tuple[int, msg.MasterMethod, Any, bool] | None
             try:
                 frame = self._decoder.whole_request(self._rbuf, nbytes)
             except MalformedMessage as exc:
@@ -1518,9 +1524,13 @@ class _RpcProtocol(asyncio.BufferedProtocol):
         self._auth = None
         return auth.trailing
 
-    def _process(self, first: tuple[int, msg.MasterMethod, Any, bool] | None = None) -> None:
-        """Serve the requests buffered (``first``: one already decoded) and send
-        their replies, in order."""
+    def _process(
+        self,
+        first: tuple[int, msg.MasterMethod, Any, bool] | tuple[int, msg.Request] | None = None,
+    ) -> None:
+        """Serve the requests buffered (``first``: one already read, as a frame's
+        parts or as the request ``whole_mutation`` made of it) and send their
+        replies, in order."""
         transport = self._transport
         if transport is None:
             return
@@ -1543,16 +1553,19 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                         break
                 elif frame is None:
                     break  # (buffer_updated's one request, served: nothing is buffered)
-                req_id, method, params, escapes = frame
-                frame = None
                 req: msg.Request | tuple[int, Any]
-                if type(params) is dict and not escapes:  # (decode's common case)
-                    try:
-                        req = REQUEST_TYPES[method](params)
-                    except InvalidParams as exc:
-                        req = svc.refuse(method, exc)
+                if len(frame) == 2:  # (read whole by the decoder: whole_mutation)
+                    req_id, req = frame
                 else:
-                    req = svc.decode(method, params, escapes)
+                    req_id, method, params, escapes = frame
+                    if type(params) is dict and not escapes:  # (decode's common case)
+                        try:
+                            req = REQUEST_TYPES[method](params)
+                        except InvalidParams as exc:
+                            req = svc.refuse(method, exc)
+                    else:
+                        req = svc.decode(method, params, escapes)
+                frame = None
                 if isinstance(req, tuple):  # refused: (code, message)
                     out.append(encode_reply(req_id, *req))
                     continue
