@@ -45,6 +45,7 @@ from pymooncake.wire._master_msgs import (
     decode_request,
     slot_name,
 )
+from pymooncake.wire._master_reply_msgs import GetReplicaListReply
 
 PREFIX = struct.Struct("<IBI")
 
@@ -661,6 +662,95 @@ def test_whole_reply_reads_the_answer_a_client_waits_for() -> None:
     ]:
         with pytest.raises(MalformedMessage, match=match):
             MasterFrameDecoder().whole_reply(_frame(body, kind=1))
+
+
+def _as_get_reply(read: Callable[[], object]) -> object:
+    """What a client's typed decode makes of the reply ``read()`` gives: the
+    reply with its value a ``GetReplicaListReply``, a refusal as it came, None
+    (not read), or the name of the error raised."""
+    try:
+        frame = read()
+        if frame is None:
+            return None
+        assert isinstance(frame, MasterReply)
+        if frame.code != 0:
+            return frame
+        return MasterReply(frame.id, 0, GetReplicaListReply.decode(frame.value))
+    except MalformedMessage as exc:  # (InvalidReply is one)
+        return type(exc).__name__
+
+
+def _typed_get(data: bytes) -> object:
+    """:func:`_as_get_reply` of the general path: the buffered decoder."""
+    d = MasterFrameDecoder()
+    d.feed(data)
+    return _as_get_reply(d.next_frame)
+
+
+def test_a_get_reply_is_read_typed() -> None:
+    """A get's reply naming one replica, as the master writes it, is read
+    without the JSON decoder into the typed reply, which the typed decode passes
+    on; other replies and shapes take the general path."""
+    reply = GetReplicaListReply(((1 << 40, "127.0.0.1:15432", 7, 4096, 0, "tcp"),), 5000, 4096)
+    data = encode_reply_json(9, 0, reply.to_json())
+    got = MasterFrameDecoder().whole_reply(data)
+    assert got == MasterReply(9, 0, reply) and type(got.value) is GetReplicaListReply
+    assert GetReplicaListReply.decode(got.value) is got.value
+    assert got == _typed_get(data)
+    two = GetReplicaListReply(reply.replicas * 2, 5000, 4096)
+    for other in [
+        encode_reply_json(9, 0, two.to_json()),  # two replicas: the general path
+        encode_reply_json(9, 0, reply.to_json().replace(":4096}", ":" + "9" * 21 + "}")),
+        encode_reply_json(9, 0, reply.to_json().replace("tcp", "t\\u0063p")),  # an escape
+        encode_reply_json(9, 0, reply.to_json() + " "),
+        encode_reply_json(9, -704, '"object not found"'),
+    ]:
+        got = MasterFrameDecoder().whole_reply(other)
+        assert got is None or type(got.value) is not GetReplicaListReply, other
+    # past Python's digit limit: refused as the general path refuses it
+    huge = encode_reply_json(9, 0, reply.to_json().replace(":4096}", ":" + "9" * 5000 + "}"))
+    assert _as_get_reply(lambda: MasterFrameDecoder().whole_reply(huge)) == "MalformedMessage"
+    assert _typed_get(huge) == "MalformedMessage"
+
+
+_JSON_INTS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70), st.sampled_from([0, -1, 2**64 - 1])
+)
+
+
+@given(
+    ints=st.lists(_JSON_INTS, min_size=5, max_size=5),
+    segment=_NASTY,
+    transport=_NASTY,
+    raw=st.booleans(),
+)
+def test_a_get_reply_read_typed_never_disagrees_with_the_general_path(
+    ints: list[int], segment: str, transport: str, raw: bool
+) -> None:
+    """For any integers and strings, written as the master does or spliced raw
+    (bytes no master sends), the typed read gives the general path's reply or
+    declines to it (None: fed to the buffer)."""
+    a, b, c, ttl, size = ints
+    if raw:
+
+        def q(text: str) -> str:
+            return '"' + text + '"'
+
+        text = (
+            f'{{"replicas":[[{a},{q(segment)},{b},{c},0,{q(transport)}]],'
+            f'"lease_ttl_ms":{ttl},"size":{size}}}'
+        )
+        body = ("[0," + text + "]").encode("utf-8", "surrogatepass")
+        data = _frame(body, kind=1, req_id=4)
+    else:
+        reply = GetReplicaListReply(((a, segment, b, c, 0, transport),), ttl, size)
+        try:
+            data = encode_reply_json(4, 0, reply.to_json())
+        except UnicodeEncodeError:  # a lone surrogate: never in a master's names
+            return
+    got = _as_get_reply(lambda: MasterFrameDecoder().whole_reply(data))
+    if got is not None:
+        assert got == _typed_get(data)
 
 
 def _outcome(read: Callable[[], object]) -> object:

@@ -46,6 +46,8 @@ Part = memoryview | DeviceSpan
 Parts = Sequence[Part]
 #: copy_own(idx, part, address, write, errors): a copy to/from this client's own segment
 CopyOwn = Callable[[int, Part, int, bool, list[BaseException | None]], None]
+#: ``MemoryRegistry.copier()``: ``copy(addr, part, write)``, False when not registered
+Copier = Callable[[int, Part, bool], bool]
 #: op_name values of batch APIs: their transfers count as batch_put / batch_get latency
 BATCH_OPS = frozenset(
     {"put_batch", "batch_put_from", "upsert_batch", "batch_upsert_from", "get_batch",
@@ -295,10 +297,12 @@ class ClientIO:
             return
         region.copy(addr, view, write)
 
-    def _copy_own_many(self) -> CopyOwn:
+    def _copy_own_many(self, copy: Copier | None = None) -> CopyOwn:
         """:meth:`_copy_own` for the parts of one batch (one region search for the
-        parts a region holds, see ``MemoryRegistry.copier``)."""
-        copy = self.engine.registry.copier()
+        parts a region holds, see ``MemoryRegistry.copier``; ``copy``: the batch's
+        copier when it has one already)."""
+        if copy is None:
+            copy = self.engine.registry.copier()
 
         def copy_own(
             idx: int, view: Part, addr: int, write: bool, errors: list[BaseException | None]

@@ -183,10 +183,10 @@ class WriteOps(ClientIO):
             writing: list[int] = []
             copies = [0] * n  # replicas written per object
             transfer_start = time.perf_counter_ns()
-            copy_own = self._copy_own_many()
             # the common key of a batch -- one part, one replica, in our own segment
             # -- is copied right here, without planning it (_route_parts)
             own, copy = self.engine.segment_name, self.engine.registry.copier()
+            copy_own = self._copy_own_many(copy)
             for i, (code, value) in enumerate(started):
                 if code:
                     if code == ErrorCode.OBJECT_ALREADY_EXISTS and not upsert:

@@ -36,6 +36,7 @@ from ._master_msgs import (
     Remove,
     Request,
 )
+from ._master_reply_msgs import GetReplicaListReply
 from ._rpc import NEED_DATA, NeedData
 
 __all__ = [
@@ -175,6 +176,36 @@ def _commit_slot_of(groups: tuple[Any, ...]) -> CommitSlot | None:
     ):
         return None
     return CommitSlot(client, slot, key, rid, ack)
+
+
+#: a JSON integer of at most 20 digits (``int()`` reads it as JSON does; longer
+#: ones take the general path, which also refuses those past Python's digit limit)
+_INT: Final = rb"(-?(?:0|[1-9][0-9]{0,19}))"
+#: a get's reply naming one replica, as the master writes it
+#: (``GetReplicaListReply.to_json``), read by :meth:`MasterFrameDecoder.whole_reply`
+#: without the JSON decoder
+_GET_REPLY_HEAD: Final = b'[0,{"replicas":[['
+_GET_REPLY_BODY: Final = re.compile(
+    re.escape(_GET_REPLY_HEAD)
+    + b",".join([_INT, _PLAIN_STR, _INT, _INT, _INT, _PLAIN_STR])
+    + rb'\]\],"lease_ttl_ms":'
+    + _INT
+    + rb',"size":'
+    + _INT
+    + rb"\}\]"
+)
+
+
+def _get_reply_of(groups: tuple[Any, ...]) -> GetReplicaListReply | None:
+    """The reply ``GetReplicaListReply.decode`` makes of a body
+    ``_GET_REPLY_BODY`` matched (its groups); None where a string is not UTF-8."""
+    a, segment_b, b, c, d, transport_b, ttl, size = groups
+    try:
+        segment, transport = segment_b.decode(), transport_b.decode()
+    except UnicodeDecodeError:
+        return None
+    replica = (int(a), segment, int(b), int(c), int(d), transport)
+    return GetReplicaListReply((replica,), int(ttl), int(size))
 
 
 #: keyed by the body's third byte (the method name's first letter)
@@ -423,16 +454,29 @@ class MasterFrameDecoder(JsonFrameDecoder):
         """The reply of a client's read that is exactly one whole reply frame
         (``JsonFrameDecoder.whole_parts``); None for anything else (feed it).
 
+        A get's reply naming one replica, as the master writes it, is read
+        without the JSON decoder and its value is then the typed
+        ``GetReplicaListReply`` (which ``GetReplicaListReply.decode`` passes on):
+        ~1.4 us against ~2.7 through the decoder and the typed decode.
+
         Raises:
             MalformedMessage: the body is not a strict-JSON ``[code, value]`` pair.
         """
         n = len(data)
-        if 17 <= n <= 18 and not self._buf:  # (is_exist's and remove's answers, found whole)
-            value = _SHORT_REPLIES.get(data[PREFIX.size :], _NOT_SHORT)
-            if value is not _NOT_SHORT:
+        if not self._buf:
+            if 17 <= n <= 18:  # (is_exist's and remove's answers, found whole)
+                value = _SHORT_REPLIES.get(data[PREFIX.size :], _NOT_SHORT)
+                if value is not _NOT_SHORT:
+                    length, kind, req_id = PREFIX.unpack_from(data, 0)
+                    if length + 4 == n and kind == REPLY and length <= self._max:
+                        return MasterReply(req_id, 0, value)
+            elif data.startswith(_GET_REPLY_HEAD, PREFIX.size):  # (a get's answer)
                 length, kind, req_id = PREFIX.unpack_from(data, 0)
                 if length + 4 == n and kind == REPLY and length <= self._max:
-                    return MasterReply(req_id, 0, value)
+                    match = _GET_REPLY_BODY.fullmatch(data, PREFIX.size)
+                    got = None if match is None else _get_reply_of(match.groups())
+                    if got is not None:
+                        return MasterReply(req_id, 0, got)
         parts = self.whole_parts(data, n, REPLY)
         return None if parts is None else _reply(parts[1], parts[2], parts[3])
 

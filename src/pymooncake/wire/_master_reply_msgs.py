@@ -786,6 +786,8 @@ class GetReplicaListReply(Reply):
 
     @classmethod
     def decode(cls, value: Any) -> GetReplicaListReply:
+        if type(value) is cls:  # (read typed from its frame: MasterFrameDecoder.whole_reply)
+            return value
         if type(value) is dict:  # every get's reply: the common shape checked inline
             reps, ttl, size = value.get("replicas"), value.get("lease_ttl_ms"), value.get("size")
             if type(reps) is list and type(ttl) is int and type(size) is int:
