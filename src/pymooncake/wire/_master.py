@@ -27,6 +27,7 @@ from typing import Any, Final
 from ..errors import MalformedMessage
 from ._frames import PREFIX, REPLY, REQUEST, JsonFrameDecoder, encode_json, json_frame
 from ._master_msgs import (
+    _U64,
     MAX_KEY_CHARS,
     MAX_NAME_CHARS,
     CommitSlot,
@@ -135,7 +136,6 @@ _COMMIT_SLOT_BODY: Final = re.compile(
     + _PLAIN_STR
     + _SESSION_END
 )
-_U64: Final = 1 << 64
 
 
 def _remove_of(groups: tuple[Any, ...]) -> Remove | None:
