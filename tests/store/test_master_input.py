@@ -303,7 +303,10 @@ def test_matching_in_the_loop_keeps_each_turn_short_whatever_the_keys() -> None:
     found, worst, turns, piece = _match_in_loop("^k00001[0-4]", short_keys)
     assert found == [k for k in short_keys if re.search("^k00001[0-4]", k)]
     assert len(found) == 50
-    assert piece > 1024 and worst < 0.05, (piece, worst)
+    # thousands of short keys a piece here; the average piece (which a piece slowed
+    # by the host, as the last one may be, barely moves) stays far above the long
+    # keys' pieces on slower machines too
+    assert len(short_keys) / turns > 256 and worst < 0.05, (turns, piece, worst)
 
 
 def test_a_long_plain_pattern_through_long_keys_keeps_the_deadline_in_the_loop() -> None:
