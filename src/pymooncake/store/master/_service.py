@@ -1436,7 +1436,6 @@ class _RpcProtocol(asyncio.BufferedProtocol):
                 self._last_active = time.monotonic()
                 self._process(done)
                 return
-            frame: tuple[int, msg.MasterMethod, Any, bool] | None
             try:
                 frame = self._decoder.whole_request(self._rbuf, nbytes)
             except MalformedMessage as exc:
